@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SAMPLE := sample_models/digits_cnn
+
+.PHONY: setup demo test bench samples clean
+
+# The virtual environment is rebuilt when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	@mkdir -p build/demo
+	$(BIN)/qconvert quantize $(SAMPLE)/model.onnx --data $(SAMPLE)/calib --eval $(SAMPLE)/eval \
+		-o build/demo/digits_cnn.int8.onnx --report build/demo/report.json --force
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench
+
+# Retrains the bundled sample models (needs torch and scikit-learn, dev-only).
+samples: setup
+	$(BIN)/python -m pip install --quiet -e '.[samples]'
+	$(BIN)/python tools/make_samples.py --out sample_models
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

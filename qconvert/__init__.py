@@ -1,0 +1,17 @@
+"""qconvert: post-training quantization of ONNX models.
+
+Example::
+
+    import qconvert
+    report = qconvert.quantize("model.onnx", "model.int8.onnx", data="calib/")
+    print(report.size_ratio)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from qconvert.api import inspect, quantize
+from qconvert.errors import QconvertError
+
+__all__ = ["QconvertError", "__version__", "inspect", "quantize"]

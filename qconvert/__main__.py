@@ -1,0 +1,5 @@
+"""Lets `python -m qconvert` run the command line."""
+
+from qconvert.cli import main
+
+main()

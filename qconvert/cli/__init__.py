@@ -1,0 +1,71 @@
+"""The `qconvert` command line: a thin layer over `qconvert.api`.
+
+Errors a user can cause print one line and exit with their code (see `qconvert.errors`);
+anything else is a bug and prints a traceback with a request to report it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from qconvert import __version__
+from qconvert.cli import _console
+from qconvert.cli.inspect import inspect_command
+from qconvert.cli.quantize import quantize_command
+from qconvert.errors import EXIT_USAGE, QconvertError
+
+EXIT_BUG = 70
+EXIT_INTERRUPTED = 130
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+@click.version_option(__version__, "--version", prog_name="qconvert")
+@click.option("--debug", is_flag=True, help="Show a traceback for every error.")
+def cli(debug: bool) -> None:
+    """Post-training quantization of ONNX models.
+
+    \b
+      qconvert quantize model.onnx --data calib/ -o model.int8.onnx
+      qconvert inspect  model.onnx
+
+    Exit codes: 0 success, 1 a compare gate failed, 2 usage error, 3 bad input
+    (model, data, calibration file), 4 the produced model failed verification.
+    """
+
+
+cli.add_command(quantize_command)
+cli.add_command(inspect_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs the command line and exits with the documented code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("QCONVERT_DEBUG") == "1"
+    try:
+        code = cli.main(args=args, prog_name="qconvert", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code if exc.exit_code else EXIT_USAGE
+    except QconvertError as exc:
+        if debug:
+            traceback.print_exc()
+        _console.error(str(exc))
+        code = exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _console.error("interrupted; nothing was written.")
+        code = EXIT_INTERRUPTED
+    except Exception:  # a bug: show everything and ask for a report
+        traceback.print_exc()
+        _console.error(
+            "qconvert hit an internal error. Please report it with the traceback above."
+        )
+        code = EXIT_BUG
+    sys.exit(code or 0)

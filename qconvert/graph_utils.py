@@ -1,0 +1,34 @@
+"""Small helpers over onnx_ir graphs that planning and passes share."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's array if it is a constant initializer, not overridable as a graph input."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Registers `array` as a new initializer named `name` and returns its value."""
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of the graph: inputs, initializers and node outputs."""
+    values = {value.name: value for value in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        values.update((output.name, output) for output in node.outputs)
+    return values

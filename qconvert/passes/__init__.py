@@ -1,0 +1,6 @@
+"""Graph passes on onnx_ir models: each one transformation, no I/O."""
+
+from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
+from qconvert.passes.qdq import InsertQDQPass
+
+__all__ = ["FoldBatchNormPass", "InsertQDQPass", "UpgradeOpsetPass", "prepare"]

@@ -1,0 +1,137 @@
+"""Apply a `QuantPlan` as QuantizeLinear/DequantizeLinear pairs (the QDQ format).
+
+1. Activation T: `Q(T) -> DQ -> T'`, and every consumer of T reads T'. onnxruntime
+   recognizes `DQ -> op -> Q` groups and runs them as integer kernels.
+2. Weight W: stored as its integer tensor W_q and read through `DQ(W_q)` (per axis when the
+   plan says so); the float W is dropped.
+3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ.
+4. A Relu/Clip the plan folds: Q reads the clamp's input, and the clamp node is removed.
+
+Graph outputs keep their names and stay float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from qconvert import qparams
+from qconvert.graph_utils import add_initializer, values_by_name
+from qconvert.names import NameAllocator
+from qconvert.plan import QuantPlan, Role, TensorDecision
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Rewrites the model as the plan says, with Q/DQ nodes (see the module docstring)."""
+
+    def __init__(self, *, plan: QuantPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = NameAllocator(graph)
+        values = values_by_name(graph)
+        folded = {fold.output: fold for fold in self.plan.folds.values()}
+        for decision in self.plan.tensors.values():
+            value = values[decision.name]
+            if decision.role is Role.ACTIVATION:
+                source = values[folded[value.name].source] if value.name in folded else value
+                _quantize_activation(graph, names, value, source, decision)
+            else:
+                _quantize_constant(graph, names, value, decision)
+        for fold in self.plan.folds.values():
+            clamp = values[fold.output].producer()
+            graph.remove(clamp, safe=True)
+        RemoveUnusedNodesPass()(model)
+        TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=bool(self.plan.tensors))
+
+
+def _quantize_activation(
+    graph: ir.Graph,
+    names: NameAllocator,
+    value: ir.Value,
+    source: ir.Value,
+    decision: TensorDecision,
+) -> None:
+    """Inserts Q(source) -> DQ and points every reader of `value` at the DQ output."""
+    scale, zero_point = _parameter_values(graph, names, decision)
+    dequantized = ir.Value(name=names.fresh(f"{decision.name}_dequantized"))
+    # Readers are redirected first, so the new QuantizeLinear keeps reading the float value.
+    value.replace_all_uses_with(dequantized)
+    quantize = ir.node(
+        "QuantizeLinear",
+        [source, scale, zero_point],
+        name=names.fresh(f"{decision.name}_QuantizeLinear"),
+        outputs=[ir.Value(name=names.fresh(f"{decision.name}_quantized"))],
+    )
+    dequantize = ir.node(
+        "DequantizeLinear",
+        [quantize.outputs[0], scale, zero_point],
+        name=names.fresh(f"{decision.name}_DequantizeLinear"),
+        outputs=[dequantized],
+    )
+    _copy_type(source, quantize.outputs[0], decision.qparams.dtype)
+    _copy_type(source, dequantized, None)
+    graph.extend([quantize, dequantize])
+
+
+def _quantize_constant(
+    graph: ir.Graph, names: NameAllocator, value: ir.Value, decision: TensorDecision
+) -> None:
+    """Stores a weight or bias as integers, read through DequantizeLinear."""
+    params = decision.qparams
+    array = value.const_value.numpy()
+    if decision.role is Role.BIAS:
+        # int32 holds any bias at this scale unless the weights are all but zero.
+        info = np.iinfo(np.int32)
+        integers = np.clip(
+            np.rint(array.astype(np.float64) / params.scale.astype(np.float64)),
+            info.min,
+            info.max,
+        ).astype(np.int32)
+    else:
+        integers = qparams.quantize(array, params)
+    stored = add_initializer(graph, names.fresh(f"{decision.name}_quantized"), integers)
+    scale, zero_point = _parameter_values(graph, names, decision)
+    attributes = {"axis": params.axis} if params.axis is not None else {}
+    dequantize = ir.node(
+        "DequantizeLinear",
+        [stored, scale, zero_point],
+        attributes=attributes,
+        name=names.fresh(f"{decision.name}_DequantizeLinear"),
+        outputs=[
+            ir.Value(
+                name=names.fresh(f"{decision.name}_dequantized"),
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(ir.DataType.FLOAT),
+            )
+        ],
+    )
+    value.replace_all_uses_with(dequantize.outputs[0])
+    graph.extend([dequantize])
+    graph.initializers.pop(value.name, None)
+
+
+def _parameter_values(
+    graph: ir.Graph, names: NameAllocator, decision: TensorDecision
+) -> tuple[ir.Value, ir.Value]:
+    params = decision.qparams
+    per_axis = params.axis is not None
+    scale = params.scale if per_axis else params.scale.reshape(())
+    zero_point = params.zero_point if per_axis else params.zero_point.reshape(())
+    return (
+        add_initializer(graph, names.fresh(f"{decision.name}_scale"), scale),
+        add_initializer(graph, names.fresh(f"{decision.name}_zero_point"), zero_point),
+    )
+
+
+def _copy_type(source: ir.Value, target: ir.Value, dtype: np.dtype | None) -> None:
+    if source.shape is not None:
+        target.shape = source.shape
+    if dtype is not None:
+        target.type = ir.TensorType(ir.DataType.from_numpy(dtype))
+    elif source.type is not None:
+        target.type = source.type

@@ -1,0 +1,165 @@
+"""Scale and zero-point math, in one place.
+
+Affine quantization maps a real value r to an integer q in [qmin, qmax]:
+
+    q = saturate(round_half_to_even(r / scale) + zero_point)
+    r ≈ (q - zero_point) * scale
+
+which is exactly what ONNX QuantizeLinear/DequantizeLinear compute. For a real range
+[rmin, rmax], first widened to contain 0 so that zero is represented exactly (padding and
+Relu depend on it):
+
+    scale      = (rmax - rmin) / (qmax - qmin)
+    zero_point = round(qmin - rmin / scale)            (asymmetric)
+    zero_point = (qmin + qmax) / 2, rounded up          (symmetric: rmax = -rmin = max|r|)
+
+Worked example, uint8 asymmetric, range [-1, 3]:
+    scale = 4 / 255 = 0.015686..., zero_point = round(0 + 1 / 0.015686) = round(63.75) = 64.
+
+Symmetric int8 uses [-127, 127] (not -128): the range is then symmetric around 0, so the
+int8 x int8 products of the integer kernels never need the lone -128 case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+# A scale below this would make r / scale overflow float32; such ranges are treated as zero.
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class QParams:
+    """Quantization parameters of one tensor: per tensor (axis None) or per channel."""
+
+    scale: npt.NDArray[np.float32]
+    zero_point: np.ndarray
+    axis: int | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The integer type the tensor is quantized to."""
+        return self.zero_point.dtype
+
+    def same_as(self, other: QParams) -> bool:
+        """True when both describe the same mapping (same scale, zero point, axis, type)."""
+        return (
+            self.axis == other.axis
+            and self.dtype == other.dtype
+            and np.array_equal(self.scale, other.scale)
+            and np.array_equal(self.zero_point, other.zero_point)
+        )
+
+
+def integer_range(
+    dtype: npt.DTypeLike, *, symmetric: bool = False, reduce_range: bool = False
+) -> tuple[int, int]:
+    """The [qmin, qmax] a quantized tensor of `dtype` uses.
+
+    `reduce_range` keeps one bit free (7-bit weights), for CPUs without VNNI where u8 x s8
+    products summed in pairs can saturate int16.
+    """
+    dtype = np.dtype(dtype)
+    info = np.iinfo(dtype)
+    qmin, qmax = int(info.min), int(info.max)
+    if reduce_range:
+        if dtype == np.uint8:
+            return 0, 127
+        if dtype == np.int8:
+            return -64, 64 if symmetric else 63
+    if symmetric and qmin < 0:
+        qmin = -qmax
+    return qmin, qmax
+
+
+def range_qparams(
+    rmin: npt.ArrayLike,
+    rmax: npt.ArrayLike,
+    dtype: npt.DTypeLike,
+    *,
+    symmetric: bool,
+    reduce_range: bool = False,
+    axis: int | None = None,
+) -> QParams:
+    """Quantization parameters for the real range [rmin, rmax] (scalars or one per channel)."""
+    dtype = np.dtype(dtype)
+    qmin, qmax = integer_range(dtype, symmetric=symmetric, reduce_range=reduce_range)
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if symmetric:
+        absmax = np.maximum(-rmin, rmax)
+        rmin, rmax = -absmax, absmax
+    # The zero point is derived from the float32 scale that is stored, not a wider one.
+    scale = ((rmax - rmin) / (qmax - qmin)).astype(np.float32)
+    degenerate = scale < _TINY
+    scale = np.where(degenerate, np.float32(1.0), scale)
+    if symmetric:
+        zero_point = np.full_like(scale, (qmin + qmax + 1) // 2)
+    else:
+        zero_point = np.clip(np.round(qmin - rmin.astype(np.float32) / scale), qmin, qmax)
+    zero_point = np.where(degenerate, 0 if qmin <= 0 <= qmax else qmin, zero_point)
+    return QParams(
+        scale=np.asarray(scale, dtype=np.float32),
+        zero_point=np.asarray(zero_point).astype(dtype),
+        axis=axis,
+    )
+
+
+def weight_qparams(
+    weights: npt.NDArray[np.floating],
+    dtype: npt.DTypeLike,
+    *,
+    axis: int | None,
+    symmetric: bool = True,
+    reduce_range: bool = False,
+) -> QParams:
+    """Parameters for a constant tensor, per tensor (axis None) or per slice along `axis`."""
+    if axis is None:
+        rmin, rmax = weights.min(initial=0.0), weights.max(initial=0.0)
+    else:
+        other_axes = tuple(i for i in range(weights.ndim) if i != axis % weights.ndim)
+        rmin = weights.min(axis=other_axes, initial=0.0)
+        rmax = weights.max(axis=other_axes, initial=0.0)
+    return range_qparams(
+        rmin, rmax, dtype, symmetric=symmetric, reduce_range=reduce_range, axis=axis
+    )
+
+
+def quantize(values: npt.ArrayLike, qparams: QParams) -> np.ndarray:
+    """QuantizeLinear in numpy: round half to even, then saturate."""
+    values = np.asarray(values, dtype=np.float32)
+    scale, zero_point = _broadcastable(qparams, values.ndim)
+    info = np.iinfo(qparams.dtype)
+    quantized = np.rint(values / scale) + zero_point.astype(np.float64)
+    return np.clip(quantized, info.min, info.max).astype(qparams.dtype)
+
+
+def dequantize(quantized: np.ndarray, qparams: QParams) -> npt.NDArray[np.float32]:
+    """DequantizeLinear in numpy."""
+    scale, zero_point = _broadcastable(qparams, quantized.ndim)
+    shifted = quantized.astype(np.int64) - zero_point.astype(np.int64)
+    return (shifted * scale).astype(np.float32)
+
+
+def bias_qparams(input_scale: np.ndarray, weight_scale: np.ndarray) -> QParams:
+    """int32 bias parameters: scale = input scale x weight scale, zero point 0.
+
+    The integer kernels accumulate x_q * w_q in int32 at exactly that scale, so the bias
+    is added without rescaling.
+    """
+    scale = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    scale = np.where(scale < _TINY, np.float32(1.0), scale).astype(np.float32)
+    axis = 0 if scale.ndim == 1 else None
+    return QParams(scale=scale, zero_point=np.zeros_like(scale, dtype=np.int32), axis=axis)
+
+
+def _broadcastable(qparams: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    scale, zero_point = qparams.scale, qparams.zero_point
+    if qparams.axis is not None and scale.ndim == 1:
+        shape = [1] * ndim
+        shape[qparams.axis % ndim] = scale.size
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return scale, zero_point

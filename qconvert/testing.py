@@ -1,0 +1,139 @@
+"""Tiny models built in code, and numeric assertions, for qconvert's tests and for users'.
+
+Example::
+
+    from qconvert import testing
+    model = testing.conv_bn_relu()
+    testing.save(model, tmp_path / "model.onnx")
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+from qconvert.metrics import sqnr_db
+from qconvert.runtime import make_session
+
+
+def _weights(rng: np.random.Generator, *shape: int, scale: float = 0.5) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _model(text: str, initializers: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(array, name) for name, array in initializers.items()
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def conv_bn_relu(channels: int = 8, *, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu -> MaxPool -> Flatten -> Gemm, input [N,3,8,8]."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        conv_bn_relu (float[N,3,8,8] input) => (float[N,10] logits) {
+            conv = Conv <pads = [1,1,1,1], kernel_shape = [3,3]> (input, conv_w, conv_b)
+            bn = BatchNormalization (conv, bn_scale, bn_bias, bn_mean, bn_var)
+            relu = Relu (bn)
+            pool = MaxPool <kernel_shape = [2,2], strides = [2,2]> (relu)
+            flat = Flatten (pool)
+            logits = Gemm <transB = 1> (flat, fc_w, fc_b)
+        }
+    """
+    return _model(
+        text,
+        {
+            "conv_w": _weights(rng, c, 3, 3, 3),
+            "conv_b": _weights(rng, c, scale=0.1),
+            "bn_scale": (1 + 0.2 * rng.standard_normal(c)).astype(np.float32),
+            "bn_bias": _weights(rng, c, scale=0.1),
+            "bn_mean": _weights(rng, c, scale=0.1),
+            "bn_var": (0.5 + rng.random(c)).astype(np.float32),
+            "fc_w": _weights(rng, 10, c * 16, scale=0.1),
+            "fc_b": _weights(rng, 10, scale=0.1),
+        },
+    )
+
+
+def matmul_add(k: int = 16, n: int = 8, *, seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """MatMul with a constant weight, then Add: input [N,4,K] -> [N,4,n]."""
+    rng = np.random.default_rng(seed)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
+        matmul_add (float[N,4,{k}] input) => (float[N,4,{n}] output) {{
+            mm = MatMul (input, w)
+            output = Add (mm, b)
+        }}
+    """
+    return _model(text, {"w": _weights(rng, k, n), "b": _weights(rng, n, scale=0.1)})
+
+
+def save(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Writes `model` to `path` and returns the path."""
+    path = Path(path)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def random_inputs(
+    model: onnx.ModelProto, *, batch: int = 1, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Standard-normal float32 feeds for every input; dynamic dims become `batch`."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [
+            d.dim_value if d.HasField("dim_value") else batch
+            for d in value.type.tensor_type.shape.dim
+        ]
+        feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def write_samples(folder: str | Path, samples: list[dict[str, np.ndarray]]) -> Path:
+    """Writes samples as `s00000.npy` (one input) or `.npz` files; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, feeds in enumerate(samples):
+        if len(feeds) == 1:
+            np.save(folder / f"s{index:05d}.npy", next(iter(feeds.values())))
+        else:
+            np.savez(folder / f"s{index:05d}.npz", **feeds)
+    return folder
+
+
+def count_ops(model: onnx.ModelProto | str | Path) -> Counter:
+    """Op types of the main graph, with counts."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load_model(str(model))
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def output_sqnr(
+    reference: onnx.ModelProto | str | Path,
+    candidate: onnx.ModelProto | str | Path,
+    feeds_list: list[dict[str, np.ndarray]],
+) -> float:
+    """SQNR (dB) of the candidate's first output against the reference's, over all feeds."""
+    sessions = [make_session(_as_bytes_or_path(m)) for m in (reference, candidate)]
+    signal = noise = 0.0
+    for feeds in feeds_list:
+        ref, cand = (np.asarray(s.run(None, feeds)[0], dtype=np.float64) for s in sessions)
+        signal += float(np.sum(ref**2))
+        noise += float(np.sum((ref - cand) ** 2))
+    return sqnr_db(signal, noise)
+
+
+def _as_bytes_or_path(model: onnx.ModelProto | str | Path) -> bytes | str:
+    return model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

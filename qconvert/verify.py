@@ -1,0 +1,46 @@
+"""Verification of every written model: the ONNX checker, then onnxruntime loads and runs it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from qconvert.dataset import Feeds
+from qconvert.errors import VerificationError
+from qconvert.runtime import make_session
+
+
+def verify_model(model_bytes: bytes, feeds: Feeds) -> None:
+    """Checks that the model is valid ONNX, loads in onnxruntime and runs on `feeds`.
+
+    Raises:
+        VerificationError: with the stage that failed and onnxruntime's or the checker's words.
+    """
+    try:
+        onnx.checker.check_model(onnx.load_model_from_string(model_bytes))
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(
+            f"The converted model fails the ONNX checker: {_line(exc)}"
+        ) from None
+    try:
+        session = make_session(model_bytes)
+    except Exception as exc:  # onnxruntime raises its own exception types, not one base
+        raise VerificationError(
+            f"onnxruntime cannot load the converted model: {_line(exc)}"
+        ) from None
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # as above
+        raise VerificationError(
+            f"onnxruntime cannot run the converted model: {_line(exc)}"
+        ) from None
+    for meta, array in zip(session.get_outputs(), outputs, strict=True):
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise VerificationError(
+                f"The converted model's output '{meta.name}' holds NaN or Inf on the smoke sample."
+            )
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]

@@ -1,0 +1,100 @@
+"""Scale/zero-point math against values computed by hand, and against onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from qconvert import qparams
+from qconvert.runtime import make_session
+
+
+def test_asymmetric_uint8_by_hand():
+    # [-1, 3]: scale = 4/255, zero point = round(1 / (4/255)) = round(63.75) = 64.
+    p = qparams.range_qparams(-1.0, 3.0, np.uint8, symmetric=False)
+    assert p.scale == np.float32(4.0 / 255.0)
+    assert p.zero_point == 64
+    assert p.zero_point.dtype == np.uint8
+
+
+def test_symmetric_int8_uses_127_both_sides():
+    # max |r| = 2.54 -> scale = 2 * 2.54 / 254 = 0.02, zero point 0.
+    p = qparams.range_qparams(-1.0, 2.54, np.int8, symmetric=True)
+    assert p.scale == np.float32(0.02)
+    assert p.zero_point == 0
+    assert qparams.integer_range(np.int8, symmetric=True) == (-127, 127)
+
+
+def test_symmetric_uint8_puts_zero_in_the_middle():
+    p = qparams.range_qparams(-1.0, 1.0, np.uint8, symmetric=True)
+    assert p.zero_point == 128
+    assert p.scale == np.float32(2.0 / 255.0)
+
+
+def test_all_zero_tensor_gets_scale_one_not_zero():
+    p = qparams.range_qparams(0.0, 0.0, np.uint8, symmetric=False)
+    assert p.scale == 1.0
+    assert p.zero_point == 0
+    q = qparams.weight_qparams(np.zeros((4, 3), np.float32), np.int8, axis=0)
+    np.testing.assert_array_equal(q.scale, np.ones(4, np.float32))
+
+
+def test_range_that_excludes_zero_is_widened_to_contain_it():
+    # [2, 5] becomes [0, 5]: scale = 5/255, zero point 0, and 0.0 is exactly representable.
+    p = qparams.range_qparams(2.0, 5.0, np.uint8, symmetric=False)
+    assert p.scale == np.float32(5.0 / 255.0)
+    assert p.zero_point == 0
+    # [-4, -1] becomes [-4, 0]: zero point at the top.
+    n = qparams.range_qparams(-4.0, -1.0, np.uint8, symmetric=False)
+    assert n.zero_point == 255
+
+
+def test_per_channel_weights_one_scale_per_slice_of_the_axis():
+    w = np.array([[1.0, -2.0], [0.5, 0.25], [-127.0, 3.0]], dtype=np.float32)
+    p = qparams.weight_qparams(w, np.int8, axis=0)
+    np.testing.assert_array_equal(p.scale, np.float32([2.0, 0.5, 127.0]) / np.float32(127.0))
+    np.testing.assert_array_equal(p.zero_point, np.zeros(3, np.int8))
+    np.testing.assert_array_equal(qparams.quantize(w, p)[:, 0], [64, 127, -127])
+    columns = qparams.weight_qparams(w, np.int8, axis=1)
+    np.testing.assert_allclose(columns.scale, np.float32([127.0, 3.0]) / 127.0, rtol=1e-7)
+
+
+def test_reduce_range_keeps_seven_bits():
+    assert qparams.integer_range(np.uint8, reduce_range=True) == (0, 127)
+    assert qparams.integer_range(np.int8, symmetric=True, reduce_range=True) == (-64, 64)
+
+
+def test_bias_scale_is_input_scale_times_weight_scale():
+    p = qparams.bias_qparams(np.float32(0.5), np.float32([0.1, 0.2]))
+    np.testing.assert_array_equal(p.scale, np.float32([0.05, 0.1]))
+    assert p.zero_point.dtype == np.int32
+    assert p.axis == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_numpy_quantize_matches_onnxruntime_quantize_linear(dtype):
+    rng = np.random.default_rng(0)
+    # Values on exact half steps check round-half-to-even; large values check saturation.
+    x = np.concatenate(
+        [rng.standard_normal(200) * 3, np.arange(-10, 10) * 0.05 + 0.025, [1e6, -1e6]]
+    ).astype(np.float32)
+    p = qparams.range_qparams(-2.0, 2.5, dtype, symmetric=False)
+    onnx_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])],
+        "q",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [x.size])],
+        [onnx.helper.make_tensor_value_info("y", onnx_type, [x.size])],
+        [
+            onnx.numpy_helper.from_array(p.scale.reshape(()), "s"),
+            onnx.numpy_helper.from_array(p.zero_point.reshape(()), "z"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (expected,) = make_session(model.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_array_equal(qparams.quantize(x, p), expected)
+    roundtrip = qparams.dequantize(qparams.quantize(x[:200], p), p)
+    inside = (x[:200] > -2.0) & (x[:200] < 2.5)
+    assert np.max(np.abs(roundtrip - x[:200])[inside]) <= p.scale / 2 + 1e-6

@@ -1,0 +1,155 @@
+"""Static int8 QDQ on tiny graphs built in code, run in onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from conftest import sha256
+
+import qconvert
+from qconvert import testing
+
+
+def _optimized_ops(path, tmp_path) -> list[str]:
+    """The op types onnxruntime actually runs after its QDQ fusions."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [
+        node.op_type for node in onnx.load_model(options.optimized_model_filepath).graph.node
+    ]
+
+
+def test_conv_bn_relu_layout_and_fidelity(tiny_cnn, tmp_path):
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(tiny_cnn, out, data=tmp_path / "calib")
+    ops = testing.count_ops(out)
+    # BatchNormalization folded, Relu absorbed by the uint8 zero point, MaxPool and Flatten
+    # reuse their input's parameters: one Q per activation, one DQ per quantized tensor.
+    assert "BatchNormalization" not in ops and "Relu" not in ops
+    assert ops["QuantizeLinear"] == 4  # input, relu, pool, flat
+    assert ops["DequantizeLinear"] == 8  # the 4 activations, 2 weights, 2 biases
+    assert report.conversion.quantized_ops == {
+        "Conv": 1,
+        "Flatten": 1,
+        "Gemm": 1,
+        "MaxPool": 1,
+        "Relu": 1,
+    }
+    assert (
+        report.conversion.folded_clamps == ("relu",)
+        or len(report.conversion.folded_clamps) == 1
+    )
+    model = onnx.load_model(str(out))
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    quantized_weights = [
+        n for n in types if n.endswith("weight_quantized") or n == "fc_w_quantized"
+    ]
+    assert quantized_weights and all(
+        types[n] == onnx.TensorProto.INT8 for n in quantized_weights
+    )
+    assert types["fc_b_quantized"] == onnx.TensorProto.INT32
+    assert types["input_zero_point"] == onnx.TensorProto.UINT8
+    feeds = [testing.random_inputs(testing.conv_bn_relu(), seed=100 + i) for i in range(16)]
+    sqnr = testing.output_sqnr(tiny_cnn, out, feeds)
+    assert sqnr >= 25.0, f"SQNR {sqnr:.1f} dB"
+
+
+def test_onnxruntime_fuses_the_groups_into_integer_kernels(tiny_cnn, tmp_path):
+    out = tmp_path / "q.onnx"
+    qconvert.quantize(tiny_cnn, out, data=tmp_path / "calib")
+    ops = _optimized_ops(out, tmp_path)
+    assert "QLinearConv" in ops
+    assert "QGemm" in ops
+    assert "Conv" not in ops and "Gemm" not in ops
+    assert ops.count("DequantizeLinear") == 0  # no float island left between the kernels
+
+
+def test_per_channel_weight_axis_and_per_tensor_option(tiny_cnn, tmp_path):
+    per_channel = tmp_path / "pc.onnx"
+    per_tensor = tmp_path / "pt.onnx"
+    qconvert.quantize(tiny_cnn, per_channel, data=tmp_path / "calib")
+    qconvert.quantize(tiny_cnn, per_tensor, data=tmp_path / "calib", per_channel=False)
+
+    def weight_scales(path):
+        model = onnx.load_model(str(path))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {
+            n.input[0]: (
+                inits[n.input[1]].shape,
+                [a.i for a in n.attribute if a.name == "axis"],
+            )
+            for n in model.graph.node
+            if n.op_type == "DequantizeLinear"
+            and inits.get(n.input[0]) is not None
+            and inits[n.input[0]].dtype == np.int8
+        }
+
+    pc = weight_scales(per_channel)
+    assert sorted(v[0] for v in pc.values()) == [(8,), (10,)]
+    assert all(axis == [0] for _, axis in pc.values())  # Conv: out channels; Gemm transB: rows
+    pt = weight_scales(per_tensor)
+    assert all(shape == () and axis == [] for shape, axis in pt.values())
+
+
+def test_matmul_with_constant_weight(tmp_path):
+    model = testing.matmul_add()
+    path = testing.save(model, tmp_path / "mm.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(16)]
+    )
+    out = tmp_path / "q.onnx"
+    qconvert.quantize(path, out, data=tmp_path / "calib")
+    ops = testing.count_ops(out)
+    assert ops["MatMul"] == 1 and ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 3
+    feeds = [testing.random_inputs(model, seed=50 + i) for i in range(8)]
+    assert testing.output_sqnr(path, out, feeds) >= 25.0
+
+
+def test_old_opset_is_upgraded_to_13(tmp_path):
+    model = testing.matmul_add(opset=11)
+    path = testing.save(model, tmp_path / "old.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(4)]
+    )
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(path, out, data=tmp_path / "calib")
+    assert report.conversion.opset_before == 11 and report.conversion.opset_after == 13
+    written = {o.domain: o.version for o in onnx.load_model(str(out)).opset_import}
+    assert written[""] == 13
+
+
+def test_same_inputs_give_byte_identical_output(tiny_cnn, tmp_path):
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    qconvert.quantize(tiny_cnn, first, data=tmp_path / "calib")
+    qconvert.quantize(tiny_cnn, second, data=tmp_path / "calib")
+    assert sha256(first) == sha256(second)
+
+
+def test_json_report_holds_the_same_facts(run_cli, tiny_cnn, tmp_path):
+    out, report = tmp_path / "q.onnx", tmp_path / "report.json"
+    result = run_cli(
+        "quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--report", report
+    )
+    assert result.code == 0, result.err
+    data = json.loads(report.read_text())
+    assert data["schema_version"] == 1
+    conversion = data["conversion"]
+    assert conversion["converted_bytes"] == out.stat().st_size
+    assert conversion["float_bytes"] == tiny_cnn.stat().st_size
+    assert (
+        conversion["size_ratio"] == conversion["converted_bytes"] / conversion["float_bytes"]
+    )
+    assert conversion["quantized_ops"]["Conv"] == 1
+    assert "quantized size" in result.out and "Conv x1" in result.out
+
+
+def test_json_flag_prints_only_json(run_cli, tiny_cnn, tmp_path):
+    result = run_cli(
+        "quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", tmp_path / "q.onnx", "--json"
+    )
+    assert result.code == 0
+    assert json.loads(result.out)["command"] == "quantize"
