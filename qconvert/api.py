@@ -17,7 +17,7 @@ from qconvert.compare import compare_models, load_labels
 from qconvert.dataset import DirectorySource, input_specs
 from qconvert.errors import ConfigError
 from qconvert.inspection import ModelSummary, summarize
-from qconvert.passes import InsertQDQPass, prepare
+from qconvert.passes import DropIntermediateShapesPass, InsertQDQPass, prepare
 from qconvert.plan import make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
@@ -83,6 +83,7 @@ def quantize(
         plan = make_plan(prepared, chosen, ranges)
     with _timed(timings, "rewrite"):
         quantized = InsertQDQPass(plan=plan)(prepared).model
+        DropIntermediateShapesPass()(quantized)
         quantized.producer_name = "qconvert"
         quantized_bytes = model_io.to_bytes(quantized)
     with _timed(timings, "verify"):
