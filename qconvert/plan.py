@@ -127,6 +127,11 @@ class _Planner:
 
     def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
         for index in rule.activations:
+            if constant_array(node.inputs[index]) is not None:
+                # All-constant arithmetic is folded by onnxruntime; quantizing it gains nothing.
+                self._decide(node, False, f"input {index} is a constant: stays float")
+                return
+        for index in rule.activations:
             self._plan_activation(node.inputs[index], f"input of {node.name}")
         weight_params: dict[int, qparams.QParams] = {}
         for index, axis_of in rule.weights.items():
