@@ -11,10 +11,27 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pathlib import Path
+
 from qconvert import model as model_io
-from qconvert.calibration import calibrate_tensors, tensors_to_calibrate
+from qconvert.calibration import (
+    Calibration,
+    CollectSettings,
+    RangeMethod,
+    collect_statistics,
+    derive_ranges,
+    merge_calibrations,
+    read_calibration,
+    tensors_to_calibrate,
+    write_trt_cache,
+)
 from qconvert.compare import compare_models, load_labels
-from qconvert.dataset import DirectorySource, input_specs
+from qconvert.dataset import (
+    DirectorySource,
+    ImagePreprocessing,
+    input_specs,
+    synthetic_sample,
+)
 from qconvert.errors import ConfigError
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.passes import DropIntermediateShapesPass, InsertQDQPass, prepare
@@ -31,7 +48,11 @@ def quantize(
     model: PathLike,
     output: PathLike,
     *,
-    data: PathLike,
+    data: PathLike | None = None,
+    calib: PathLike | None = None,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    images: ImagePreprocessing | None = None,
     scheme: str = "int8",
     per_channel: bool = True,
     eval_data: PathLike | None = None,
@@ -44,7 +65,12 @@ def quantize(
     Args:
         model: the float ONNX model; it is only read.
         output: where the quantized model goes (refused if it exists, unless `force`).
-        data: a folder of calibration samples.
+        data: a folder of calibration samples, calibrated on the fly.
+        calib: a calibration file from `calibrate` (instead of `data`).
+        method: how ranges are derived from the statistics: minmax, percentile, entropy
+            or mse (see `qconvert.calibration.ranges`).
+        percentile: the share of values kept by the percentile method, in percent.
+        images: the preprocessing of image folders (`data` and `eval_data`).
         scheme: a name from `qconvert.schemes.SCHEMES`.
         per_channel: one weight scale per output channel (else one per tensor).
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
@@ -61,6 +87,11 @@ def quantize(
             f"Unknown scheme '{scheme}'.", hint=f"choose from {', '.join(SCHEMES)}."
         )
     chosen = SCHEMES[scheme].with_options(per_channel=per_channel)
+    range_method = RangeMethod(
+        name=method, percentile=percentile, bits=chosen.activation_dtype.itemsize * 8
+    )
+    if (data is None) == (calib is None):
+        raise ConfigError("Pass calibration data or a calibration file (one of the two).")
     output = model_io.check_output_path(output, force=force)
     if report is not None:
         check_report_path(report)
@@ -69,16 +100,23 @@ def quantize(
     with _timed(timings, "load"):
         float_model = model_io.load_model(model)
         opset_before = float_model.opset_imports.get("", 1)
-        source = DirectorySource(data, input_specs(float_model))
+        specs = input_specs(float_model)
+        source = DirectorySource(data, specs, images=images) if data is not None else None
+        calibration = read_calibration(calib) if calib is not None else None
+        if calibration is not None:
+            calibration.check_model(model_io.fingerprint(model), calib, str(model))
         evaluation = (
-            DirectorySource(eval_data, source.specs) if eval_data is not None else None
+            DirectorySource(eval_data, specs, images=images) if eval_data is not None else None
         )
+    if source is not None:
+        # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper.
+        settings = CollectSettings(histogram_values=0 if method == "minmax" else 1024)
+        with _timed(timings, "calibrate"), progress.task("Calibrating", len(source)) as advance:
+            calibration = _calibrate(model, float_model, source, settings, advance)
     with _timed(timings, "prepare"):
         prepared = prepare(float_model, min_opset=chosen.min_opset)
-    with _timed(timings, "calibrate"), progress.task("Calibrating", len(source)) as advance:
-        ranges = calibrate_tensors(
-            prepared, source, tensors_to_calibrate(prepared), on_sample=advance
-        )
+    with _timed(timings, "ranges"):
+        ranges = derive_ranges(calibration.observers, range_method)
     with _timed(timings, "plan"):
         plan = make_plan(prepared, chosen, ranges)
     with _timed(timings, "rewrite"):
@@ -87,7 +125,8 @@ def quantize(
         quantized.producer_name = "qconvert"
         quantized_bytes = model_io.to_bytes(quantized)
     with _timed(timings, "verify"):
-        verify_model(quantized_bytes, source.first().feeds)
+        smoke = source.first() if source is not None else synthetic_sample(specs)
+        verify_model(quantized_bytes, smoke.feeds)
     with _timed(timings, "save"):
         model_io.write_atomically(output, quantized_bytes)
 
@@ -109,7 +148,7 @@ def quantize(
             plan,
             opsets=(opset_before, quantized.opset_imports.get("", 1)),
             sizes=(model_io.file_size(model), model_io.file_size(output)),
-            samples=len(source),
+            samples=calibration.samples,
         ),
         comparison=comparison,
         seconds=timings,
@@ -117,6 +156,107 @@ def quantize(
     if report is not None:
         result.write(report)
     return result
+
+
+def calibrate(
+    model: PathLike,
+    data: PathLike,
+    *,
+    output: PathLike | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    images: ImagePreprocessing | None = None,
+    trt_cache: PathLike | None = None,
+    trt_method: RangeMethod = RangeMethod(name="entropy"),
+    force: bool = False,
+    progress: Progress = SILENT,
+) -> Calibration:
+    """Runs `model` on the samples of `data` and returns (and writes) their statistics.
+
+    One calibration serves every range method and every scheme: `quantize(calib=...)`
+    derives the ranges from it.
+
+    Args:
+        model: the float ONNX model; it is only read.
+        data: a folder of samples, in any layout `qconvert.dataset` reads.
+        output: the calibration file to write (JSON); None writes nothing.
+        samples: use a random subset of this many samples (reproducible from `seed`).
+        seed: the seed of that subset.
+        batch_size: samples per onnxruntime run; needs a dynamic batch dim.
+        images: the preprocessing of an image folder.
+        trt_cache: also write the ranges as a TensorRT calibration cache here.
+        trt_method: the range method of that cache.
+        force: overwrite existing output files.
+        progress: receives progress, one step per sample.
+    """
+    outputs = [Path(p) for p in (output, trt_cache) if p is not None]
+    for path in outputs:
+        model_io.check_output_path(path, force=force)
+    float_model = model_io.load_model(model)
+    specs = input_specs(float_model)
+    if batch_size > 1:
+        static = [spec.name for spec in specs if not spec.dims or spec.dims[0] is not None]
+        if static:
+            raise ConfigError(
+                f"--batch-size {batch_size} needs a dynamic batch dim, but input "
+                f"'{static[0]}' has a static one.",
+                hint="use --batch-size 1 for this model.",
+            )
+    source = DirectorySource(data, specs, images=images)
+    if samples is not None:
+        source = source.subset(samples, seed=seed)
+    settings = CollectSettings(batch_size=batch_size)
+    with progress.task("Calibrating", len(source)) as advance:
+        calibration = _calibrate(model, float_model, source, settings, advance)
+    if output is not None:
+        model_io.write_atomically(Path(output), calibration.to_json().encode("utf-8"))
+    if trt_cache is not None:
+        ranges = derive_ranges(calibration.observers, trt_method)
+        write_trt_cache(Path(trt_cache), ranges, method=trt_method.name)
+    return calibration
+
+
+def merge(
+    calibrations: list[PathLike], output: PathLike | None = None, *, force: bool = False
+) -> Calibration:
+    """Merges calibration files of parts of a data set: the same as one run over all."""
+    if len(calibrations) < 2:
+        raise ConfigError("--merge needs at least two calibration files.")
+    if output is not None:
+        model_io.check_output_path(output, force=force)
+    merged = merge_calibrations([(str(p), read_calibration(p)) for p in calibrations])
+    if output is not None:
+        model_io.write_atomically(Path(output), merged.to_json().encode("utf-8"))
+    return merged
+
+
+def _calibrate(
+    path: PathLike,
+    float_model,
+    source: DirectorySource,
+    settings: CollectSettings,
+    advance,
+) -> Calibration:
+    """Statistics of `float_model` on `source`.
+
+    Calibration runs the model prepared at its own opset (names fixed, BatchNormalization
+    folded): the tensors are those every scheme plans with, whatever opset it then needs.
+    """
+    calibrated = prepare(float_model.clone(), min_opset=1)
+    observers = collect_statistics(
+        calibrated,
+        source,
+        tensors_to_calibrate(calibrated),
+        settings=settings,
+        on_sample=advance,
+    )
+    return Calibration(
+        model_sha256=model_io.fingerprint(path),
+        model_file=Path(path).name,
+        samples=len(source),
+        observers=observers,
+    )
 
 
 def inspect(model: PathLike) -> ModelSummary:
@@ -131,4 +271,4 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = round(time.perf_counter() - start, 4)
 
 
-__all__ = ["inspect", "quantize"]
+__all__ = ["calibrate", "inspect", "merge", "quantize"]

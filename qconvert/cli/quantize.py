@@ -7,6 +7,12 @@ from pathlib import Path
 import click
 
 from qconvert.cli import _console, _render
+from qconvert.cli._options import (
+    image_options,
+    image_preprocessing,
+    method_option,
+    percentile_option,
+)
 from qconvert.schemes import SCHEMES
 
 
@@ -23,8 +29,17 @@ from qconvert.schemes import SCHEMES
     "--data",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folder of calibration samples (.npy or .npz, one sample a file).",
+    help="Folder of calibration samples (see `qconvert calibrate --help` for layouts).",
 )
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A calibration file from `qconvert calibrate`, instead of --data.",
+)
+@method_option
+@percentile_option
+@image_options
 @click.option(
     "--scheme",
     type=click.Choice(sorted(SCHEMES)),
@@ -58,12 +73,16 @@ def quantize_command(
     model: Path,
     output: Path | None,
     data: Path | None,
+    calib: Path | None,
+    method: str,
+    percentile: float,
     scheme: str,
     per_channel: bool,
     eval_data: Path | None,
     report: Path | None,
     as_json: bool,
     force: bool,
+    **image: object,
 ) -> None:
     """Quantize MODEL with ranges calibrated on --data and write the result.
 
@@ -72,14 +91,22 @@ def quantize_command(
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
 
-    if data is None:
-        raise click.UsageError(f"scheme '{scheme}' needs calibration data: pass --data DIR.")
+    if data is None and calib is None:
+        raise click.UsageError(
+            f"scheme '{scheme}' needs calibration data: pass --data DIR or --calib FILE."
+        )
+    if data is not None and calib is not None:
+        raise click.UsageError("pass --data or --calib, not both.")
     output = output if output is not None else model.with_suffix(f".{scheme}.onnx")
     progress = _console.BarProgress() if _console.interactive() and not as_json else None
     result = api.quantize(
         model,
         output,
         data=data,
+        calib=calib,
+        method=method,
+        percentile=percentile,
+        images=image_preprocessing(image),
         scheme=scheme,
         per_channel=per_channel,
         eval_data=eval_data,
