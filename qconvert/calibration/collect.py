@@ -52,7 +52,7 @@ class CollectSettings:
 
     batch_size: int = 1
     histogram_values: int = 1024
-    chunk_bytes: int = 16 << 20
+    chunk_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -122,10 +122,16 @@ class TensorObserver:
             return
         scaled = np.multiply(sample, np.float32(math.ldexp(1.0, -self.exponent)), dtype=np.float32)
         np.floor(scaled, out=scaled)
-        scaled -= np.float32(self.first_bin)
-        # Exact arithmetic keeps every index in range; the clip only guards odd subnormals.
-        np.clip(scaled, 0, self.bins.size - 1, out=scaled)
-        self.bins += np.bincount(scaled.astype(np.intp).ravel(), minlength=self.bins.size)
+        indices = scaled.astype(np.intp).ravel()
+        indices -= self.first_bin
+        try:
+            counts = np.bincount(indices, minlength=self.bins.size)
+        except ValueError:  # a negative index: only odd subnormals can round that way
+            counts = np.bincount(np.maximum(indices, 0), minlength=self.bins.size)
+        if counts.size > self.bins.size:  # likewise, past the last bin
+            counts[self.bins.size - 1] += counts[self.bins.size :].sum()
+            counts = counts[: self.bins.size]
+        self.bins += counts
 
     def merge(self, other: TensorObserver) -> None:
         """Folds another observer in: the result equals one pass over both inputs."""
