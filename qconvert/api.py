@@ -10,7 +10,6 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-
 from pathlib import Path
 
 from qconvert import model as model_io
@@ -42,6 +41,7 @@ from qconvert.schemes import SCHEMES
 from qconvert.verify import verify_model
 
 PathLike = str | os.PathLike[str]
+_TRT_METHOD = RangeMethod(name="entropy")  # TensorRT's own default calibrator
 
 
 def quantize(
@@ -109,9 +109,15 @@ def quantize(
             DirectorySource(eval_data, specs, images=images) if eval_data is not None else None
         )
     if source is not None:
-        # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper.
-        settings = CollectSettings(histogram_values=0 if method == "minmax" else 1024)
-        with _timed(timings, "calibrate"), progress.task("Calibrating", len(source)) as advance:
+        # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
+        # other methods histogram exactly as `calibrate` does, so --data equals --calib.
+        settings = CollectSettings()
+        if method == "minmax":
+            settings = CollectSettings(histogram_values=0)
+        with (
+            _timed(timings, "calibrate"),
+            progress.task("Calibrating", len(source)) as advance,
+        ):
             calibration = _calibrate(model, float_model, source, settings, advance)
     with _timed(timings, "prepare"):
         prepared = prepare(float_model, min_opset=chosen.min_opset)
@@ -168,7 +174,7 @@ def calibrate(
     batch_size: int = 1,
     images: ImagePreprocessing | None = None,
     trt_cache: PathLike | None = None,
-    trt_method: RangeMethod = RangeMethod(name="entropy"),
+    trt_method: RangeMethod = _TRT_METHOD,
     force: bool = False,
     progress: Progress = SILENT,
 ) -> Calibration:

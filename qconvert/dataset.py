@@ -172,7 +172,8 @@ class DirectorySource:
     def _sample(self, entry: _Entry) -> Sample:
         arrays = entry.read()
         return Sample(
-            entry.source, {spec.name: _checked(entry.source, spec, arrays) for spec in self.specs}
+            entry.source,
+            {spec.name: _checked(entry.source, spec, arrays) for spec in self.specs},
         )
 
 
@@ -217,6 +218,7 @@ def _discover(
 
 def _natural(paths: list[Path]) -> list[Path]:
     """Sorted so that test_data_set_10 follows test_data_set_9."""
+
     def key(path: Path) -> list:
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
@@ -258,7 +260,9 @@ def _test_data_entry(folder: Path, specs: tuple[InputSpec, ...]) -> _Entry:
 
         files = _natural([p for p in folder.glob("input_*.pb") if p.is_file()])
         if not files:
-            raise CalibrationDataError(f"Test data folder '{folder}' holds no input_*.pb files.")
+            raise CalibrationDataError(
+                f"Test data folder '{folder}' holds no input_*.pb files."
+            )
         tensors = []
         for path in files:
             tensor = onnx.TensorProto()
@@ -465,7 +469,10 @@ class _ImageReader:
             return image.resize((width, height), resample)
         factor = max(height / image.height, width / image.width)
         scaled = image.resize(
-            (max(width, round(image.width * factor)), max(height, round(image.height * factor))),
+            (
+                max(width, round(image.width * factor)),
+                max(height, round(image.height * factor)),
+            ),
             resample,
         )
         left = (scaled.width - width) // 2
@@ -502,5 +509,7 @@ def _checked(source: str, spec: InputSpec, arrays: dict[str, np.ndarray]) -> np.
                 f"the model expects {spec.describe()}."
             )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise CalibrationDataError(f"Input '{spec.name}' in '{source}' holds NaN or Inf values.")
+        raise CalibrationDataError(
+            f"Input '{spec.name}' in '{source}' holds NaN or Inf values."
+        )
     return array

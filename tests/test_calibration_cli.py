@@ -57,11 +57,21 @@ def test_default_output_is_beside_the_model(run_cli, tiny_cnn, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_quantize_with_calib_equals_quantize_with_data(run_cli, tiny_cnn, tmp_path, calibrated, method):
+def test_quantize_with_calib_equals_quantize_with_data(
+    run_cli, tiny_cnn, tmp_path, calibrated, method
+):
     from_file, on_the_fly = tmp_path / "a.onnx", tmp_path / "b.onnx"
     common = ("--method", method)
-    assert run_cli("quantize", tiny_cnn, "--calib", calibrated, "-o", from_file, *common).code == 0
-    assert run_cli("quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", on_the_fly, *common).code == 0
+    assert (
+        run_cli("quantize", tiny_cnn, "--calib", calibrated, "-o", from_file, *common).code
+        == 0
+    )
+    assert (
+        run_cli(
+            "quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", on_the_fly, *common
+        ).code
+        == 0
+    )
     assert from_file.read_bytes() == on_the_fly.read_bytes()
 
 
@@ -69,7 +79,9 @@ def test_methods_give_different_models(run_cli, tiny_cnn, tmp_path, calibrated):
     outputs = {}
     for method in METHODS:
         out = tmp_path / f"{method}.onnx"
-        result = run_cli("quantize", tiny_cnn, "--calib", calibrated, "--method", method, "-o", out)
+        result = run_cli(
+            "quantize", tiny_cnn, "--calib", calibrated, "--method", method, "-o", out
+        )
         assert result.code == 0, result.err
         outputs[method] = out.read_bytes()
     assert len(set(outputs.values())) == len(METHODS)
@@ -87,7 +99,9 @@ def test_merge_of_two_halves_equals_one_run(run_cli, tmp_path):
         (target / path.name).write_bytes(path.read_bytes())
         (halves[2] / path.name).write_bytes(path.read_bytes())
     for half in halves:
-        result = run_cli("calibrate", model, "--data", half, "-o", tmp_path / f"{half.name}.json")
+        result = run_cli(
+            "calibrate", model, "--data", half, "-o", tmp_path / f"{half.name}.json"
+        )
         assert result.code == 0, result.err
     merged = tmp_path / "merged.json"
     result = run_cli(
@@ -110,16 +124,27 @@ def test_batched_calibration_matches_unbatched_minmax(run_cli, tmp_path):
         (data / path.name).write_bytes(path.read_bytes())
     for batch in ("1", "16"):
         result = run_cli(
-            "calibrate", folder / "model.onnx", "--data", data, "-o", tmp_path / f"b{batch}.json",
-            "--batch-size", batch,
+            "calibrate",
+            folder / "model.onnx",
+            "--data",
+            data,
+            "-o",
+            tmp_path / f"b{batch}.json",
+            "--batch-size",
+            batch,
         )
         assert result.code == 0, result.err
-    one, sixteen = read_calibration(tmp_path / "b1.json"), read_calibration(tmp_path / "b16.json")
+    one, sixteen = (
+        read_calibration(tmp_path / "b1.json"),
+        read_calibration(tmp_path / "b16.json"),
+    )
     assert one.samples == sixteen.samples == 40
     for name, observer in one.observers.items():
         other = sixteen.observers[name]
         assert other.count == observer.count
-        np.testing.assert_allclose([other.min, other.max], [observer.min, observer.max], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            [other.min, other.max], [observer.min, observer.max], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_batch_size_needs_a_dynamic_batch_dim(run_cli, tmp_path):
@@ -128,7 +153,9 @@ def test_batch_size_needs_a_dynamic_batch_dim(run_cli, tmp_path):
     path = testing.save(model, tmp_path / "static.onnx")
     testing.write_samples(tmp_path / "calib", [testing.random_inputs(model, seed=0)])
     out = tmp_path / "c.json"
-    result = run_cli("calibrate", path, "--data", tmp_path / "calib", "-o", out, "--batch-size", "4")
+    result = run_cli(
+        "calibrate", path, "--data", tmp_path / "calib", "-o", out, "--batch-size", "4"
+    )
     _assert_clean_failure(result, out, "--batch-size 4", "'input'", "static", code=2)
 
 
@@ -143,7 +170,9 @@ def test_samples_of_different_lengths_work_for_every_method(run_cli, tmp_path, m
     ]
     testing.write_samples(tmp_path / "calib", samples)
     calib = tmp_path / "seq.calib.json"
-    result = run_cli("calibrate", path, "--data", tmp_path / "calib", "-o", calib, "--batch-size", "4")
+    result = run_cli(
+        "calibrate", path, "--data", tmp_path / "calib", "-o", calib, "--batch-size", "4"
+    )
     assert result.code == 0, result.err
     stats = read_calibration(calib).observers
     assert stats["tokens"].count == 8 * sum(s["tokens"].shape[1] for s in samples)
@@ -159,8 +188,16 @@ def test_samples_of_different_lengths_work_for_every_method(run_cli, tmp_path, m
 def test_samples_takes_a_seeded_subset(run_cli, tiny_cnn, tmp_path):
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         result = run_cli(
-            "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", tmp_path / f"{name}.json",
-            "--samples", "5", "--seed", seed,
+            "calibrate",
+            tiny_cnn,
+            "--data",
+            tmp_path / "calib",
+            "-o",
+            tmp_path / f"{name}.json",
+            "--samples",
+            "5",
+            "--seed",
+            seed,
         )
         assert result.code == 0, result.err
     a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
@@ -169,11 +206,21 @@ def test_samples_takes_a_seeded_subset(run_cli, tiny_cnn, tmp_path):
     assert a["tensors"] != c["tensors"]
 
 
-def test_trt_cache_holds_scales_as_big_endian_float_hex(run_cli, tiny_cnn, tmp_path, calibrated):
+def test_trt_cache_holds_scales_as_big_endian_float_hex(
+    run_cli, tiny_cnn, tmp_path, calibrated
+):
     out, cache = tmp_path / "again.json", tmp_path / "model.cache"
     result = run_cli(
-        "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--trt-cache", cache,
-        "--trt-method", "minmax",
+        "calibrate",
+        tiny_cnn,
+        "--data",
+        tmp_path / "calib",
+        "-o",
+        out,
+        "--trt-cache",
+        cache,
+        "--trt-method",
+        "minmax",
     )
     assert result.code == 0, result.err
     lines = cache.read_text().splitlines()
@@ -190,8 +237,14 @@ def test_trt_cache_holds_scales_as_big_endian_float_hex(run_cli, tiny_cnn, tmp_p
 def test_trt_cache_default_is_entropy(run_cli, tiny_cnn, tmp_path):
     cache = tmp_path / "model.cache"
     result = run_cli(
-        "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", tmp_path / "c.json",
-        "--trt-cache", cache,
+        "calibrate",
+        tiny_cnn,
+        "--data",
+        tmp_path / "calib",
+        "-o",
+        tmp_path / "c.json",
+        "--trt-cache",
+        cache,
     )
     assert result.code == 0, result.err
     assert cache.read_text().startswith("TRT-8601-EntropyCalibration2\n")
@@ -248,7 +301,9 @@ def test_npz_missing_an_input(run_cli, tmp_path):
 
 def test_samples_zero(run_cli, tiny_cnn, tmp_path):
     out = tmp_path / "c.json"
-    result = run_cli("calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--samples", "0")
+    result = run_cli(
+        "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--samples", "0"
+    )
     _assert_clean_failure(result, out, "--samples 0", "at least 1")
 
 
@@ -256,7 +311,9 @@ def test_calibration_file_of_another_model(run_cli, tiny_cnn, tmp_path, calibrat
     other = testing.save(testing.conv_bn_relu(seed=1), tmp_path / "other.onnx")
     out = tmp_path / "out.onnx"
     result = run_cli("quantize", other, "--calib", calibrated, "-o", out)
-    _assert_clean_failure(result, out, "model.calib.json", "made for another model", "other.onnx")
+    _assert_clean_failure(
+        result, out, "model.calib.json", "made for another model", "other.onnx"
+    )
 
 
 @pytest.mark.parametrize(
@@ -264,12 +321,31 @@ def test_calibration_file_of_another_model(run_cli, tiny_cnn, tmp_path, calibrat
     [
         (lambda text: text[: len(text) // 2], ("truncated or corrupt",)),
         (lambda text: "\x00\x01garbage" + text, ("truncated or corrupt",)),
-        (lambda text: text.replace('"version": 1', '"version": 7'), ("format version 7", "reads version 1")),
-        (lambda text: text.replace('"qconvert-calibration"', '"something-else"'), ("is not a qconvert calibration file",)),
-        (lambda text: text.replace('"bin_exponent"', '"exponent"', 1), ("is corrupt", "'bin_exponent' is missing")),
-        (lambda text: text.replace('"bins": [', '"bins": [-5, ', 1), ("is corrupt", "not counts")),
+        (
+            lambda text: text.replace('"version": 1', '"version": 7'),
+            ("format version 7", "reads version 1"),
+        ),
+        (
+            lambda text: text.replace('"qconvert-calibration"', '"something-else"'),
+            ("is not a qconvert calibration file",),
+        ),
+        (
+            lambda text: text.replace('"bin_exponent"', '"exponent"', 1),
+            ("is corrupt", "'bin_exponent' is missing"),
+        ),
+        (
+            lambda text: text.replace('"bins": [', '"bins": [-5, ', 1),
+            ("is corrupt", "not counts"),
+        ),
     ],
-    ids=["truncated", "garbage", "future-version", "not-calibration", "missing-field", "bad-bins"],
+    ids=[
+        "truncated",
+        "garbage",
+        "future-version",
+        "not-calibration",
+        "missing-field",
+        "bad-bins",
+    ],
 )
 def test_damaged_calibration_file(run_cli, tiny_cnn, tmp_path, calibrated, damage, fragments):
     broken = tmp_path / "broken.json"
@@ -282,7 +358,9 @@ def test_damaged_calibration_file(run_cli, tiny_cnn, tmp_path, calibrated, damag
 def test_merge_of_files_from_different_models(run_cli, tiny_cnn, tmp_path, calibrated):
     other = testing.save(testing.conv_bn_relu(seed=2), tmp_path / "other.onnx")
     other_calib = tmp_path / "other.calib.json"
-    assert run_cli("calibrate", other, "--data", tmp_path / "calib", "-o", other_calib).code == 0
+    assert (
+        run_cli("calibrate", other, "--data", tmp_path / "calib", "-o", other_calib).code == 0
+    )
     out = tmp_path / "merged.json"
     result = run_cli("calibrate", "--merge", calibrated, other_calib, "-o", out)
     _assert_clean_failure(result, out, "Cannot merge", "different models")
@@ -313,6 +391,11 @@ def test_existing_output_is_kept_without_force(run_cli, tiny_cnn, tmp_path):
 
 def test_onnx_model_is_never_modified(run_cli, tiny_cnn, tmp_path):
     before = tiny_cnn.read_bytes()
-    assert run_cli("calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", tmp_path / "c.json").code == 0
+    assert (
+        run_cli(
+            "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", tmp_path / "c.json"
+        ).code
+        == 0
+    )
     assert tiny_cnn.read_bytes() == before
     onnx.checker.check_model(str(tiny_cnn))

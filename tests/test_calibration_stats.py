@@ -22,10 +22,13 @@ def _observe(*parts: np.ndarray) -> TensorObserver:
 
 
 def _same(a: TensorObserver, b: TensorObserver) -> bool:
-    return (
-        (a.min, a.max, a.count, a.exponent, a.first_bin) == (b.min, b.max, b.count, b.exponent, b.first_bin)
-        and np.array_equal(a.bins, b.bins)
-    )
+    return (a.min, a.max, a.count, a.exponent, a.first_bin) == (
+        b.min,
+        b.max,
+        b.count,
+        b.exponent,
+        b.first_bin,
+    ) and np.array_equal(a.bins, b.bins)
 
 
 def _gaussian_with_outliers(n=1_000_000, outliers=(50.0, -40.0), per_side=20, seed=0):
@@ -63,8 +66,10 @@ def test_range_growth_rebins_exactly():
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_merge_equals_one_pass_whatever_the_split(split):
     rng = np.random.default_rng(split)
-    parts = [rng.standard_normal(3000).astype(np.float32) * s + o for s, o in
-             ((1, 0), (0.01, 5), (20, -3), (2, 100), (0.5, 0), (3, 3))]
+    parts = [
+        rng.standard_normal(3000).astype(np.float32) * s + o
+        for s, o in ((1, 0), (0.01, 5), (20, -3), (2, 100), (0.5, 0), (3, 3))
+    ]
     whole = _observe(*parts)
     merged = _observe(*parts[:split])
     merged.merge(_observe(*parts[split:]))
@@ -143,7 +148,9 @@ def test_entropy_clips_outliers_of_a_gaussian():
 
 
 def test_entropy_of_relu_output_is_not_fooled_by_the_zero_spike():
-    values = np.maximum(np.random.default_rng(3).standard_normal(500_000), 0).astype(np.float32)
+    values = np.maximum(np.random.default_rng(3).standard_normal(500_000), 0).astype(
+        np.float32
+    )
     values[:5] = 60.0
     result = tensor_range(_observe(values), RangeMethod(name="entropy"))
     assert result.min == 0.0
@@ -159,7 +166,9 @@ def test_entropy_keeps_a_uniform_distribution_whole():
 def _brute_force_mse(values: np.ndarray, threshold: float, steps: float) -> float:
     step = threshold / steps
     clipped = np.clip(values, -threshold, threshold)
-    return float(np.sum((values - clipped) ** 2) + np.sum(np.abs(values) <= threshold) * step**2 / 12)
+    return float(
+        np.sum((values - clipped) ** 2) + np.sum(np.abs(values) <= threshold) * step**2 / 12
+    )
 
 
 def test_mse_finds_the_brute_force_optimum_and_clips_rare_outliers():
@@ -233,7 +242,10 @@ def test_merging_files_equals_one_run():
     rng = np.random.default_rng(7)
     a, b = rng.standard_normal(5000) * 2, rng.standard_normal(7000) * 9 + 1
     merged = merge_calibrations(
-        [("a", _calibration(t=a.astype(np.float32))), ("b", _calibration(t=b.astype(np.float32)))]
+        [
+            ("a", _calibration(t=a.astype(np.float32))),
+            ("b", _calibration(t=b.astype(np.float32))),
+        ]
     )
     assert merged.samples == 6
     assert _same(merged.observers["t"], _observe(a.astype(np.float32), b.astype(np.float32)))

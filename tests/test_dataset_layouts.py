@@ -77,7 +77,7 @@ def test_corrupt_pb_names_the_file(tmp_path):
     folder = tmp_path / "data" / "test_data_set_0"
     folder.mkdir(parents=True)
     (folder / "input_0.pb").write_bytes(b"\xff\xff\xff not a tensor")
-    with pytest.raises(CalibrationDataError, match="input_0.pb' could not be read"):
+    with pytest.raises(CalibrationDataError, match=r"input_0\.pb' could not be read"):
         list(DirectorySource(tmp_path / "data", specs))
 
 
@@ -143,9 +143,7 @@ def test_images_with_stated_preprocessing(tmp_path):
     pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
     (tmp_path / "images").mkdir()
     _write_image(tmp_path / "images" / "a.png", pixels)
-    preprocessing = ImagePreprocessing(
-        mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), color="BGR"
-    )
+    preprocessing = ImagePreprocessing(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), color="BGR")
     source = DirectorySource(tmp_path / "images", specs, images=preprocessing)
     assert source.layout == "images"
     (sample,) = list(source)
@@ -161,9 +159,13 @@ def test_images_nhwc_grayscale_resized_and_cropped(tmp_path):
     gray = np.tile(np.arange(8, dtype=np.uint8) * 30, (4, 1))  # 4 high, 8 wide: a ramp
     (tmp_path / "images").mkdir()
     _write_image(tmp_path / "images" / "g.png", gray)
-    resized = list(DirectorySource(tmp_path / "images", specs, images=ImagePreprocessing(scale=1.0)))
+    resized = list(
+        DirectorySource(tmp_path / "images", specs, images=ImagePreprocessing(scale=1.0))
+    )
     cropped = list(
-        DirectorySource(tmp_path / "images", specs, images=ImagePreprocessing(scale=1.0, crop=True))
+        DirectorySource(
+            tmp_path / "images", specs, images=ImagePreprocessing(scale=1.0, crop=True)
+        )
     )
     assert resized[0].feeds["image"].shape == (1, 4, 4, 1)
     # Crop keeps the middle of the ramp at full resolution (columns 2..5).
@@ -181,9 +183,11 @@ def test_image_size_from_options_for_dynamic_dims(tmp_path):
     _, specs = _specs(onnx.parser.parse_model(text), tmp_path)
     (tmp_path / "images").mkdir()
     _write_image(tmp_path / "images" / "a.jpg", np.zeros((10, 12, 3), np.uint8))
-    with pytest.raises(CalibrationDataError, match="dynamic image size.*--image-size"):
+    with pytest.raises(CalibrationDataError, match=r"dynamic image size.*--image-size"):
         DirectorySource(tmp_path / "images", specs)
-    source = DirectorySource(tmp_path / "images", specs, images=ImagePreprocessing(size=(5, 7)))
+    source = DirectorySource(
+        tmp_path / "images", specs, images=ImagePreprocessing(size=(5, 7))
+    )
     assert source.first().feeds["image"].shape == (1, 3, 5, 7)
 
 
@@ -209,8 +213,18 @@ def test_calibrate_cli_reads_an_image_folder(run_cli, tmp_path):
         _write_image(folder / f"{index}.png", np.full((9, 9, 3), 60 * index, np.uint8))
     out = tmp_path / "c.json"
     result = run_cli(
-        "calibrate", path, "--data", folder, "-o", out, "--mean", "0.5", "--std", "0.5",
-        "--image-size", "6",
+        "calibrate",
+        path,
+        "--data",
+        folder,
+        "-o",
+        out,
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--image-size",
+        "6",
     )
     assert result.code == 0, result.err
     from qconvert.calibration import read_calibration

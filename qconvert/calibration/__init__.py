@@ -1,5 +1,4 @@
-"""Calibration: run the float model on samples and keep, per tensor, the statistics that
-quantization ranges are derived from.
+"""Calibration: per-tensor statistics of the float model on samples, and ranges from them.
 
 Statistics are streamed: each chunk of runs updates per-tensor observers and is dropped, so
 memory does not grow with the number of samples. They merge exactly (`observers`), are

@@ -146,7 +146,9 @@ def _batches(samples: Iterable[Sample], batch_size: int) -> Iterator[_Batch]:
         feeds = {
             name: np.concatenate([s.feeds[name] for s in pending]) for name in pending[0].feeds
         }
-        return _Batch(feeds, len(pending), f"{pending[0].source} (and the next {len(pending) - 1})")
+        return _Batch(
+            feeds, len(pending), f"{pending[0].source} (and the next {len(pending) - 1})"
+        )
 
     for sample in samples:
         if pending and not _same_shapes(pending[0].feeds, sample.feeds):
@@ -167,7 +169,7 @@ def _same_shapes(a: Feeds, b: Feeds) -> bool:
 def _run(session, names: tuple[str, ...], batch: _Batch) -> list[np.ndarray]:
     try:
         return list(session.run(names, batch.feeds)) if names else []
-    except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
         raise CalibrationDataError(
             f"onnxruntime failed on sample '{batch.source}': {str(exc).splitlines()[0]}"
         ) from None
@@ -215,7 +217,9 @@ class _Chunk:
         binding = self.bindings[slot]
         if binding is None:
             binding = self.session.io_binding()
-            for name, buffer in zip(self.names[self.fed :], self.buffers[self.fed :], strict=True):
+            for name, buffer in zip(
+                self.names[self.fed :], self.buffers[self.fed :], strict=True
+            ):
                 view = buffer[slot]
                 binding.bind_output(
                     name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
@@ -225,7 +229,7 @@ class _Chunk:
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         try:
             self.session.run_with_iobinding(binding)
-        except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
             raise CalibrationDataError(
                 f"onnxruntime failed on sample '{batch.source}': {str(exc).splitlines()[0]}"
             ) from None

@@ -160,7 +160,11 @@ def _observer(name: str, entry: dict) -> TensorObserver:
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
         raise ValueError(f"tensor '{name}' has range [{low}, {high}]")
     observer = TensorObserver.from_state(
-        min=low, max=high, count=count, exponent=exponent, first_bin=first,
+        min=low,
+        max=high,
+        count=count,
+        exponent=exponent,
+        first_bin=first,
         bins=np.asarray(bins, dtype=np.int64),
     )
     expected = TensorObserver.from_state(

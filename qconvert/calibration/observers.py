@@ -120,7 +120,9 @@ class TensorObserver:
         sample = values if histogram_values is None else histogram_values
         if sample.size == 0:
             return
-        scaled = np.multiply(sample, np.float32(math.ldexp(1.0, -self.exponent)), dtype=np.float32)
+        scaled = np.multiply(
+            sample, np.float32(math.ldexp(1.0, -self.exponent)), dtype=np.float32
+        )
         np.floor(scaled, out=scaled)
         indices = scaled.astype(np.intp).ravel()
         indices -= self.first_bin

@@ -154,14 +154,11 @@ def entropy_bins(counts: np.ndarray, levels: int) -> int:
         # bin to a count of eps instead of making the divergence infinite.
         cross = np.where((p_level > 0) & (level_sum == 0), -p_level * math.log(_EPS), cross)
         last_p = last + outliers
-        p_log_p = (
-            sums_log[kept - 1]
-            + np.where(last_p > 0, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0)
+        p_log_p = sums_log[kept - 1] + np.where(
+            last_p > 0, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0
         )
         divergence = (
-            (p_log_p + cross.sum(axis=1)) / total
-            - math.log(total)
-            + np.log(total - outliers)
+            (p_log_p + cross.sum(axis=1)) / total - math.log(total) + np.log(total - outliers)
         )
     divergence = np.where(np.isnan(divergence), np.inf, divergence)
     if not np.isfinite(divergence).any():

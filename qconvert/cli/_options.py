@@ -16,7 +16,9 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str | None):
     try:
         return tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers.") from None
+        raise click.BadParameter(
+            f"'{value}' is not a comma-separated list of numbers."
+        ) from None
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None):

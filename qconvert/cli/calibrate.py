@@ -67,9 +67,10 @@ from qconvert.cli._options import (
 @image_options
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
-    """Run MODEL on the samples of --data and write per-tensor statistics (min, max and a
-    mergeable histogram) to a calibration file, from which `quantize --calib` derives ranges
-    by any --method.
+    """Write the calibration statistics of MODEL on the samples of --data.
+
+    Per tensor: min, max and a mergeable histogram, from which `quantize --calib` derives
+    ranges by any --method.
 
     \b
       qconvert calibrate model.onnx --data calib/ -o model.calib.json
