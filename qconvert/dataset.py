@@ -25,6 +25,7 @@ lazily, one at a time, so memory does not grow with the size of the folder.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import re
@@ -37,6 +38,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert.errors import CalibrationDataError, ConfigError
+
+_log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.npy"
 SAMPLE_SUFFIXES = (".npy", ".npz")
@@ -163,6 +166,13 @@ class DirectorySource:
                 f"--samples {count} selects no samples; it must be at least 1."
             )
         if count >= len(self):
+            if count > len(self):
+                _log.warning(
+                    "--samples %d: '%s' holds only %d samples; using them all.",
+                    count,
+                    self.folder,
+                    len(self),
+                )
             return self
         chosen = np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False))
         subset = copy.copy(self)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from qconvert.calibration.ranges import METHODS
 from qconvert.cli import _console
 from qconvert.cli._options import (
     image_options,
@@ -58,7 +59,7 @@ from qconvert.cli._options import (
 )
 @click.option(
     "--trt-method",
-    type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+    type=click.Choice(METHODS),
     default="entropy",
     show_default=True,
     help="The range method of the TensorRT cache.",
