@@ -214,6 +214,9 @@ class _Chunk:
         slot = self.filled
         for buffer, name in zip(self.buffers[: self.fed], self.names, strict=False):
             buffer[slot] = batch.feeds[name]
+        self.filled += 1
+        if self.fed == len(self.names):
+            return  # only graph inputs are calibrated: nothing to run
         binding = self.bindings[slot]
         if binding is None:
             binding = self.session.io_binding()
@@ -233,7 +236,6 @@ class _Chunk:
             raise CalibrationDataError(
                 f"onnxruntime failed on sample '{batch.source}': {str(exc).splitlines()[0]}"
             ) from None
-        self.filled += 1
 
     def flush(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
         """Folds the filled slots into the observers."""
