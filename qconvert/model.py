@@ -70,6 +70,8 @@ def load_model(path: str | os.PathLike[str], limits: LoadLimits = LoadLimits()) 
         ) from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"Model file '{path}' is not an ONNX model (it holds no graph).")
+    if not proto.graph.output:
+        raise ModelLoadError(f"Model file '{path}' declares no graph outputs.")
     for tensor in _all_tensors(proto.graph):
         _check_tensor_size(path, tensor, limits)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -128,6 +130,8 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
         )
     if not path.parent.is_dir():
         raise OutputError(f"Output folder '{path.parent}' does not exist.")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"Could not write '{path}': its folder is not writable.")
     return path
 
 
@@ -145,9 +149,12 @@ def save_model(model: ir.Model, path: str | os.PathLike[str], *, force: bool) ->
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Writes `data` to `path` so that readers see either the old file or the whole new one."""
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    try:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as exc:
+        raise OutputError(f"Could not write '{path}': {exc.strerror or exc}.") from None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)

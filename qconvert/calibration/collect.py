@@ -31,8 +31,8 @@ import onnx_ir as ir
 from qconvert import ops
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
 from qconvert.dataset import Feeds, Sample
-from qconvert.errors import CalibrationDataError, ConfigError
-from qconvert.runtime import make_session
+from qconvert.errors import CalibrationDataError, ConfigError, ModelLoadError
+from qconvert.runtime import describe_error, make_session
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
@@ -94,7 +94,12 @@ def collect_statistics(
     inputs = {value.name for value in model.graph.inputs}
     fed = tuple(name for name in tensor_names if name in inputs)
     exposed = tuple(name for name in tensor_names if name not in inputs)
-    session = make_session(_expose(model, exposed))
+    try:
+        session = make_session(_expose(model, exposed))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise ModelLoadError(
+            f"onnxruntime cannot load the model: {describe_error(exc)}"
+        ) from None
     observers = {name: TensorObserver() for name in tensor_names}
     chunk: _Chunk | None = None
     for batch in _batches(samples, settings.batch_size):
@@ -171,7 +176,7 @@ def _run(session, names: tuple[str, ...], batch: _Batch) -> list[np.ndarray]:
         return list(session.run(names, batch.feeds)) if names else []
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
         raise CalibrationDataError(
-            f"onnxruntime failed on sample '{batch.source}': {str(exc).splitlines()[0]}"
+            f"onnxruntime failed on sample '{batch.source}': {describe_error(exc)}"
         ) from None
 
 
@@ -234,7 +239,7 @@ class _Chunk:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
             raise CalibrationDataError(
-                f"onnxruntime failed on sample '{batch.source}': {str(exc).splitlines()[0]}"
+                f"onnxruntime failed on sample '{batch.source}': {describe_error(exc)}"
             ) from None
 
     def flush(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
