@@ -399,3 +399,24 @@ def test_onnx_model_is_never_modified(run_cli, tiny_cnn, tmp_path):
     )
     assert tiny_cnn.read_bytes() == before
     onnx.checker.check_model(str(tiny_cnn))
+
+
+def test_data_and_calib_together_is_a_usage_error(run_cli, tiny_cnn, tmp_path, calibrated):
+    out = tmp_path / "out.onnx"
+    result = run_cli(
+        "quantize", tiny_cnn, "--data", tmp_path / "calib", "--calib", calibrated, "-o", out
+    )
+    assert result.code == 2
+    assert "--data or --calib" in result.err
+    assert not out.exists()
+
+
+def test_api_calibrate_returns_statistics_without_writing(tiny_cnn, tmp_path):
+    import qconvert
+
+    before = set(tmp_path.iterdir())
+    calibration = qconvert.calibrate(tiny_cnn, tmp_path / "calib", samples=8, seed=1)
+    assert calibration.samples == 8
+    assert set(tmp_path.iterdir()) == before
+    ranges = derive_ranges(calibration.observers, RangeMethod(name="entropy"))
+    assert ranges["relu"].min == 0.0 and ranges["relu"].max > 0

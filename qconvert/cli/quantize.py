@@ -84,7 +84,10 @@ def quantize_command(
     force: bool,
     **image: object,
 ) -> None:
-    """Quantize MODEL with ranges calibrated on --data and write the result.
+    """Quantize MODEL and write the result.
+
+    Activation ranges come from --data (calibrated now) or --calib (a file written by
+    `qconvert calibrate`), derived by --method.
 
     The input model is never modified; the output is written only after it passes the ONNX
     checker and runs in onnxruntime.
