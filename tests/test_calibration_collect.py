@@ -60,3 +60,34 @@ def test_large_tensors_histogram_a_strided_subset(tmp_path):
     )
     assert minmax_only["input"].histogram_count == 0
     assert minmax_only["input"].max == observed["input"].max
+
+
+def test_outputs_whose_shape_depends_on_the_data(tmp_path):
+    # NonZero's output length depends on the values, not only on the input shape.
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        data_dependent (float[N,6] x) => (float[M] output) {
+            r = Relu (x)
+            flat = Reshape (r, minus_one)
+            positions = NonZero (flat)
+            idx = Reshape (positions, minus_one)
+            picked = Gather (flat, idx)
+            output = Identity (picked)
+        }
+    """
+    import onnx
+
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")
+    )
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(f"s{i}", {"x": rng.standard_normal((1, 6)).astype(np.float32)}) for i in range(6)
+    ]
+    observed = collect_statistics(model, samples, ["r", "picked"])
+    relu = np.concatenate([np.maximum(s.feeds["x"], 0).ravel() for s in samples])
+    assert observed["picked"].count == int(np.count_nonzero(relu))
+    assert observed["picked"].max == float(relu.max())
+    assert observed["r"].count == 36

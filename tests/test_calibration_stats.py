@@ -250,3 +250,10 @@ def test_merging_files_equals_one_run():
     assert merged.samples == 6
     assert _same(merged.observers["t"], _observe(a.astype(np.float32), b.astype(np.float32)))
     assert math.isclose(merged.observers["t"].max, float(np.float32(max(a.max(), b.max()))))
+
+
+def test_command_line_offers_every_method():
+    from qconvert.calibration.ranges import METHODS
+    from qconvert.cli._options import METHODS as CLI_METHODS
+
+    assert CLI_METHODS == METHODS

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from qconvert import ops
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
@@ -37,6 +38,9 @@ from qconvert.runtime import describe_error, make_session
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
 _MAX_SLOTS = 256
+# A run into slots can fail when an output's shape changes; that is handled, not logged.
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +117,12 @@ def collect_statistics(
         else:
             if chunk.full:
                 chunk.flush(observers, settings.histogram_values)
-            chunk.run(batch)
+            if not chunk.run(batch):
+                # An output's shape depends on the data (NonZero, TopK, ...): start a new
+                # chunk from a plain run, which also reports a genuine failure.
+                chunk.flush(observers, settings.histogram_values)
+                first = [batch.feeds[name] for name in fed] + _run(session, exposed, batch)
+                chunk = _Chunk(session, signature, fed, exposed, first, batch.count, settings)
         if on_sample is not None:
             for _ in range(batch.count):
                 on_sample()
@@ -215,13 +224,14 @@ class _Chunk:
     def full(self) -> bool:
         return self.filled == self.slots
 
-    def run(self, batch: _Batch) -> None:
+    def run(self, batch: _Batch) -> bool:
+        """Runs `batch` into the next slot; False if its outputs do not fit the slots."""
         slot = self.filled
         for buffer, name in zip(self.buffers[: self.fed], self.names, strict=False):
             buffer[slot] = batch.feeds[name]
         self.filled += 1
         if self.fed == len(self.names):
-            return  # only graph inputs are calibrated: nothing to run
+            return True  # only graph inputs are calibrated: nothing to run
         binding = self.bindings[slot]
         if binding is None:
             binding = self.session.io_binding()
@@ -236,11 +246,11 @@ class _Chunk:
         for name, array in batch.feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
-            raise CalibrationDataError(
-                f"onnxruntime failed on sample '{batch.source}': {describe_error(exc)}"
-            ) from None
+            self.session.run_with_iobinding(binding, _QUIET)
+        except Exception:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
+            self.filled -= 1
+            return False
+        return True
 
     def flush(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
         """Folds the filled slots into the observers."""

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from qconvert.calibration.ranges import METHODS
 from qconvert.cli import _console
 from qconvert.cli._options import (
+    METHODS,
     image_options,
     image_preprocessing,
     percentile_option,
