@@ -10,11 +10,14 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def make_session(
-    model: bytes | str, *, threads: int = 0, optimize: bool = True
+    model: bytes | str, *, threads: int = 0, optimize: bool = True, quiet: bool = False
 ) -> ort.InferenceSession:
-    """A CPU session for `model` (bytes or a path); 0 threads lets onnxruntime choose."""
+    """A CPU session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
+
+    `quiet` silences onnxruntime's own error log, for callers that handle every failure.
+    """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

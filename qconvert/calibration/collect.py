@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from qconvert import ops
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
@@ -38,9 +37,6 @@ from qconvert.runtime import describe_error, make_session
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
 _MAX_SLOTS = 256
-# A run into slots can fail when an output's shape changes; that is handled, not logged.
-_QUIET = ort.RunOptions()
-_QUIET.log_severity_level = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,7 +95,8 @@ def collect_statistics(
     fed = tuple(name for name in tensor_names if name in inputs)
     exposed = tuple(name for name in tensor_names if name not in inputs)
     try:
-        session = make_session(_expose(model, exposed))
+        # Quiet: a run into slots fails when an output's shape changes, and is handled.
+        session = make_session(_expose(model, exposed), quiet=True)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise ModelLoadError(
             f"onnxruntime cannot load the model: {describe_error(exc)}"
@@ -246,7 +243,7 @@ class _Chunk:
         for name, array in batch.feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         try:
-            self.session.run_with_iobinding(binding, _QUIET)
+            self.session.run_with_iobinding(binding)
         except Exception:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
             self.filled -= 1
             return False
