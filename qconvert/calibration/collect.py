@@ -104,22 +104,18 @@ def collect_statistics(
     observers = {name: TensorObserver() for name in tensor_names}
     chunk: _Chunk | None = None
     for batch in _batches(samples, settings.batch_size):
-        signature = tuple((name, a.shape, a.dtype.str) for name, a in batch.feeds.items())
-        if chunk is None or chunk.signature != signature:
-            if chunk is not None:
-                chunk.flush(observers, settings.histogram_values)
-            # The first run of a new signature tells the output shapes to allocate.
-            first = [batch.feeds[name] for name in fed] + _run(session, exposed, batch)
-            chunk = _Chunk(session, signature, fed, exposed, first, batch.count, settings)
-        else:
+        ran = False
+        if chunk is not None and chunk.signature == _signature(batch.feeds):
             if chunk.full:
                 chunk.flush(observers, settings.histogram_values)
-            if not chunk.run(batch):
-                # An output's shape depends on the data (NonZero, TopK, ...): start a new
-                # chunk from a plain run, which also reports a genuine failure.
+            ran = chunk.run(batch)
+        if not ran:
+            # A new input signature, or an output whose shape depends on the data (NonZero,
+            # TopK, ...): a plain run tells the shapes to allocate, or reports the failure.
+            if chunk is not None:
                 chunk.flush(observers, settings.histogram_values)
-                first = [batch.feeds[name] for name in fed] + _run(session, exposed, batch)
-                chunk = _Chunk(session, signature, fed, exposed, first, batch.count, settings)
+            first = [batch.feeds[name] for name in fed] + _run(session, exposed, batch)
+            chunk = _Chunk(session, fed, exposed, first, batch, settings)
         if on_sample is not None:
             for _ in range(batch.count):
                 on_sample()
@@ -173,6 +169,10 @@ def _batches(samples: Iterable[Sample], batch_size: int) -> Iterator[_Batch]:
         yield joined()
 
 
+def _signature(feeds: Feeds) -> tuple:
+    return tuple((name, array.shape, array.dtype.str) for name, array in feeds.items())
+
+
 def _same_shapes(a: Feeds, b: Feeds) -> bool:
     return all(a[name].shape == b[name].shape for name in a)
 
@@ -196,24 +196,29 @@ class _Chunk:
     def __init__(
         self,
         session,
-        signature: tuple,
         fed: tuple[str, ...],
         exposed: tuple[str, ...],
         first: list[np.ndarray],
-        samples_per_run: int,
+        batch: _Batch,
         settings: CollectSettings,
     ) -> None:
         self.session = session
-        self.signature = signature
+        self.signature = _signature(batch.feeds)
         self.names = fed + exposed
         self.fed = len(fed)
-        self.samples_per_run = samples_per_run
+        self.samples_per_run = batch.count
         run_bytes = max(1, sum(array.nbytes for array in first))
         self.slots = max(1, min(_MAX_SLOTS, settings.chunk_bytes // run_bytes))
         # np.empty does not touch memory: slots never used cost nothing.
         self.buffers = [np.empty((self.slots, *a.shape), dtype=a.dtype) for a in first]
         for buffer, array in zip(self.buffers, first, strict=True):
             buffer[0] = array
+        # The model's inputs get slots too, bound once: a run then copies its feeds in.
+        fed_buffers = dict(zip(fed, self.buffers, strict=False))
+        self.inputs = {
+            name: fed_buffers.get(name, np.empty((self.slots, *array.shape), array.dtype))
+            for name, array in batch.feeds.items()
+        }
         self.bindings: list = [None] * self.slots
         self.filled = 1
 
@@ -224,30 +229,36 @@ class _Chunk:
     def run(self, batch: _Batch) -> bool:
         """Runs `batch` into the next slot; False if its outputs do not fit the slots."""
         slot = self.filled
-        for buffer, name in zip(self.buffers[: self.fed], self.names, strict=False):
+        for name, buffer in self.inputs.items():
             buffer[slot] = batch.feeds[name]
         self.filled += 1
         if self.fed == len(self.names):
             return True  # only graph inputs are calibrated: nothing to run
         binding = self.bindings[slot]
         if binding is None:
-            binding = self.session.io_binding()
-            for name, buffer in zip(
-                self.names[self.fed :], self.buffers[self.fed :], strict=True
-            ):
-                view = buffer[slot]
-                binding.bind_output(
-                    name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
-                )
-            self.bindings[slot] = binding
-        for name, array in batch.feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            binding = self._bind(slot)
         try:
             self.session.run_with_iobinding(binding)
         except Exception:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
             self.filled -= 1
             return False
         return True
+
+    def _bind(self, slot: int):
+        binding = self.session.io_binding()
+        for name, buffer in self.inputs.items():
+            view = buffer[slot]
+            binding.bind_input(
+                name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
+            )
+        outputs = zip(self.names[self.fed :], self.buffers[self.fed :], strict=True)
+        for name, buffer in outputs:
+            view = buffer[slot]
+            binding.bind_output(
+                name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
+            )
+        self.bindings[slot] = binding
+        return binding
 
     def flush(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
         """Folds the filled slots into the observers."""
