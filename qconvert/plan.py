@@ -86,19 +86,32 @@ class QuantPlan:
 
 
 def make_plan(
-    model: ir.Model, scheme: StaticScheme, ranges: Mapping[str, TensorRange]
+    model: ir.Model,
+    scheme: StaticScheme,
+    ranges: Mapping[str, TensorRange],
+    *,
+    excluded: frozenset[str] = frozenset(),
 ) -> QuantPlan:
-    """Plans the static quantization of `model` with `scheme` and calibrated `ranges`."""
-    return _Planner(model, scheme, ranges).run()
+    """Plans the static quantization of `model` with `scheme` and calibrated `ranges`.
+
+    Nodes named in `excluded` stay float; their neighbours still quantize the tensors they
+    share with them.
+    """
+    return _Planner(model, scheme, ranges, excluded).run()
 
 
 class _Planner:
     def __init__(
-        self, model: ir.Model, scheme: StaticScheme, ranges: Mapping[str, TensorRange]
+        self,
+        model: ir.Model,
+        scheme: StaticScheme,
+        ranges: Mapping[str, TensorRange],
+        excluded: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = model.graph
         self.scheme = scheme
         self.ranges = ranges
+        self.excluded = excluded
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
         self.folds: dict[str, ClampFold] = {}
@@ -107,7 +120,9 @@ class _Planner:
         for node in self.graph:
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
-            if node.op_type in ops.QUANTIZED:
+            if node.name in self.excluded:
+                self._decide(node, False, "excluded: stays float")
+            elif node.op_type in ops.QUANTIZED:
                 self._plan_quantized(node, ops.QUANTIZED[node.op_type])
             elif node.op_type in ops.PASS_THROUGH:
                 self._plan_pass_through(node)
@@ -234,7 +249,11 @@ class _Planner:
         if output.is_graph_output() or output.name in self.tensors:
             return
         clamp = _single_clamp_consumer(output)
-        if clamp is not None and not clamp.outputs[0].is_graph_output():
+        if (
+            clamp is not None
+            and clamp.name not in self.excluded
+            and not clamp.outputs[0].is_graph_output()
+        ):
             clamped = clamp.outputs[0]
             params = self._activation_params(clamped.name, clamped.name)
             if _clamp_is_exact(params, ops.clamp_bounds(clamp)):
