@@ -28,7 +28,7 @@ from qconvert.errors import CalibrationDataError, ConfigError, OutputError
 from qconvert.gates import Gates, check_gates
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.latency import LatencyConfig
-from qconvert.passes import InsertQDQPass, prepare
+from qconvert.passes import DropIntermediateShapesPass, InsertQDQPass, prepare
 from qconvert.plan import make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
@@ -96,6 +96,7 @@ def quantize(
         plan = make_plan(prepared, chosen, ranges)
     with _timed(timings, "rewrite"):
         quantized = InsertQDQPass(plan=plan)(prepared).model
+        DropIntermediateShapesPass()(quantized)
         quantized.producer_name = "qconvert"
         quantized_bytes = model_io.to_bytes(quantized)
     with _timed(timings, "verify"):

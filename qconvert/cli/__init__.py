@@ -7,6 +7,7 @@ anything else is a bug and prints a traceback with a request to report it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -20,7 +21,19 @@ from qconvert.cli.quantize import quantize_command
 from qconvert.errors import EXIT_USAGE, QconvertError
 
 EXIT_BUG = 70
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temporary files) runs.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 @click.group(
@@ -50,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     """Runs the command line and exits with the documented code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("QCONVERT_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = cli.main(args=args, prog_name="qconvert", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -63,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         _console.error(str(exc))
         code = exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _console.error("interrupted; nothing was written.")
+        _console.error("interrupted; no output was written.")
         code = EXIT_INTERRUPTED
+    except Terminated:
+        _console.error("terminated; no output was written.")
+        code = EXIT_TERMINATED
     except Exception:  # a bug: show everything and ask for a report
         traceback.print_exc()
         _console.error(
