@@ -216,6 +216,7 @@ def compare_models(
         (
             _session(reference, "reference", layers.reference_model),
             _session(candidate, "candidate", layers.candidate_model),
+            _session(candidate, "candidate", layers.isolated_model),
         )
         if layers is not None
         else None
@@ -254,9 +255,12 @@ def compare_models(
                 hits[0] += int(np.argmax(np.asarray(expected[0]).reshape(-1)) == label)
                 hits[1] += int(np.argmax(np.asarray(actual[0]).reshape(-1)) == label)
             if layers is not None and layer_sessions is not None:
+                inside = _run(layer_sessions[0], layers.reference_names, sample, "reference")
+                cut_sample = Sample(sample.source, layers.isolated_feeds(sample.feeds, inside))
                 layers.update(
-                    _run(layer_sessions[0], layers.reference_names, sample, "reference"),
+                    inside,
                     _run(layer_sessions[1], layers.candidate_names, sample, "candidate"),
+                    _run(layer_sessions[2], layers.candidate_names, cut_sample, "candidate"),
                 )
             if writer is not None:
                 writer.add(sample.source, expected)
@@ -314,7 +318,9 @@ def compare_models(
 
 def _session(side: Side, role: str, model: bytes | None = None):
     try:
-        return make_session(side.model if model is None else model, provider=side.provider)
+        return make_session(
+            side.model if model is None else model, provider=side.provider, spin=False
+        )
     except Exception as exc:  # onnxruntime raises its own exception types, not one base
         raise ModelLoadError(
             f"onnxruntime cannot load the {role} model '{side.path}': {_line(exc)}"

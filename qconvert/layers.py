@@ -13,13 +13,24 @@ Matching, for every float tensor T that a node of the reference writes:
 
 The layer a pair belongs to is the candidate node that computes it: the producer of the
 matched tensor, looking through QuantizeLinear/DequantizeLinear. That is the node to
-exclude from quantization. Each layer is listed once, with its worst tensor; the list is
-sorted by SQNR, worst first.
+exclude from quantization.
 
+Two numbers per tensor:
+
+- SQNR: the candidate as it runs, against the reference. Errors accumulate through the
+  network, so this includes the noise of every layer before, and the last layers look worst
+  whatever their own share.
+- local SQNR: the layer alone. A third session runs the candidate cut at every tensor both
+  models name alike: each reader of such a tensor T reads the reference's T instead of the
+  candidate's. A layer then sees exact inputs (quantized again by its own Q/DQ, as in the
+  candidate), and its output error is its own: input and weight rounding, integer kernel,
+  output rounding.
+
+Each layer is listed once, with its worst tensor by local SQNR, and the list is sorted by
+local SQNR, worst first: the top entry is the node whose own quantization costs the most.
 Exposing a tensor stops onnxruntime from fusing across it (a Conv between Q and DQ then
 runs in float on dequantized values), so per-layer numbers can differ slightly from the
-whole-model ones. Errors accumulate through the network: a layer's SQNR includes the noise
-of every layer before it.
+whole-model ones.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ class LayerMetrics:
     op_type: str
     tensor: str
     candidate_tensor: str
+    local_sqnr_db: float
     sqnr_db: float
     cosine: float
     max_abs_error: float
@@ -69,46 +81,73 @@ class LayerMetrics:
 
 
 class LayerComparison:
-    """Matches two models' tensors, exposes them, and streams their differences."""
+    """Matches two models' tensors, exposes them, and streams their differences.
+
+    Three models come out: the reference and the candidate with the matched tensors
+    exposed, and the candidate cut at the shared names (see the module docstring), whose
+    extra inputs are fed from the reference run.
+    """
 
     def __init__(self, reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
         reference = onnx.shape_inference.infer_shapes(reference)
         candidate = onnx.shape_inference.infer_shapes(candidate)
         self.pairs = match_tensors(reference, candidate)
-        self.reference_model = expose(reference, [p.reference_tensor for p in self.pairs])
-        self.candidate_model = expose(candidate, [p.candidate_tensor for p in self.pairs])
-        self._accumulators = [OutputAccumulator(p.reference_tensor) for p in self.pairs]
+        self.cuts = shared_tensors(reference, candidate)
+        self.reference_names = list(
+            dict.fromkeys([*(p.reference_tensor for p in self.pairs), *self.cuts])
+        )
+        self.candidate_names = [pair.candidate_tensor for pair in self.pairs]
+        self.reference_model = expose(reference, self.reference_names)
+        self.candidate_model = expose(candidate, self.candidate_names)
+        isolated, self.cut_inputs = cut(candidate, self.cuts, _element_types(reference))
+        self.isolated_model = expose(isolated, self.candidate_names)
+        self._whole = [
+            OutputAccumulator(p.reference_tensor, classify=False) for p in self.pairs
+        ]
+        self._local = [
+            OutputAccumulator(p.reference_tensor, classify=False) for p in self.pairs
+        ]
 
-    @property
-    def reference_names(self) -> list[str]:
-        """The reference tensors to fetch, in pair order."""
-        return [pair.reference_tensor for pair in self.pairs]
+    def isolated_feeds(
+        self, feeds: dict[str, np.ndarray], reference: list[np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The feeds of the cut candidate: the sample's, plus the reference's tensors."""
+        values = dict(zip(self.reference_names, reference, strict=True))
+        return {
+            **feeds,
+            **{name: values[tensor] for tensor, name in self.cut_inputs.items()},
+        }
 
-    @property
-    def candidate_names(self) -> list[str]:
-        """The candidate tensors to fetch, in pair order."""
-        return [pair.candidate_tensor for pair in self.pairs]
-
-    def update(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:
-        """Adds one sample's tensors, fetched in pair order."""
-        for accumulator, ref, cand in zip(
-            self._accumulators, reference, candidate, strict=True
+    def update(
+        self,
+        reference: list[np.ndarray],
+        candidate: list[np.ndarray],
+        isolated: list[np.ndarray],
+    ) -> None:
+        """Adds one sample: the reference's tensors (`reference_names` order) and the
+        candidate's and the cut candidate's (`candidate_names` order)."""
+        values = dict(zip(self.reference_names, reference, strict=True))
+        for pair, whole, local, cand, alone in zip(
+            self.pairs, self._whole, self._local, candidate, isolated, strict=True
         ):
-            if np.shape(ref) == np.shape(cand):
-                accumulator.update(ref, cand)
+            ref = values[pair.reference_tensor]
+            if np.shape(ref) == np.shape(cand) == np.shape(alone):
+                whole.update(ref, cand)
+                local.update(ref, alone)
 
     def result(self) -> tuple[LayerMetrics, ...]:
-        """One entry per layer (its worst tensor), worst SQNR first."""
+        """One entry per layer (its worst tensor), worst local SQNR first."""
         worst: dict[str, LayerMetrics] = {}
-        for pair, accumulator in zip(self.pairs, self._accumulators, strict=True):
-            if not accumulator.count:
+        for pair, whole, local in zip(self.pairs, self._whole, self._local, strict=True):
+            if not whole.count:
                 continue
-            metrics = accumulator.result()
+            metrics = whole.result()
             layer = LayerMetrics(
                 node=pair.node,
                 op_type=pair.op_type,
                 tensor=pair.reference_tensor,
                 candidate_tensor=pair.candidate_tensor,
+                local_sqnr_db=local.result().sqnr_db,
                 sqnr_db=metrics.sqnr_db,
                 cosine=metrics.cosine,
                 max_abs_error=metrics.max_abs_error,
@@ -118,6 +157,51 @@ class LayerComparison:
             if known is None or _order(layer) < _order(known):
                 worst[pair.node] = layer
         return tuple(sorted(worst.values(), key=_order))
+
+
+def shared_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[str]:
+    """Float tensors that nodes of both models write under the same name."""
+    reference_types = _element_types(reference)
+    written = {output for node in candidate.graph.node for output in node.output}
+    return [
+        tensor
+        for node in reference.graph.node
+        if node.op_type != "Constant"
+        for tensor in node.output
+        if tensor in written and reference_types.get(tensor) in _FLOAT_TYPES
+    ]
+
+
+def cut(
+    model: onnx.ModelProto, tensors: list[str], types: dict[str, int]
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of `model` whose nodes read each of `tensors` from a new graph input.
+
+    The producers still write the tensors (so they can be measured); only the readers
+    change. Returns the copy and {tensor: new input name}.
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    taken = {name for node in result.graph.node for name in (*node.input, *node.output)}
+    taken |= {value.name for value in result.graph.input}
+    inputs: dict[str, str] = {}
+    for tensor in tensors:
+        name, counter = f"{tensor}.reference", 0
+        while name in taken:
+            counter += 1
+            name = f"{tensor}.reference_{counter}"
+        taken.add(name)
+        inputs[tensor] = name
+        result.graph.input.append(
+            onnx.helper.make_tensor_value_info(
+                name, types.get(tensor, onnx.TensorProto.FLOAT), None
+            )
+        )
+    for node in result.graph.node:
+        for index, name in enumerate(node.input):
+            if name in inputs:
+                node.input[index] = inputs[name]
+    return result, inputs
 
 
 def match_tensors(
@@ -186,7 +270,8 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     }
 
 
-def _order(layer: LayerMetrics) -> tuple[float, str]:
+def _order(layer: LayerMetrics) -> tuple[float, float, str]:
     # NaN sorts first: a layer that produced NaN is the worst of all.
-    sqnr = -np.inf if np.isnan(layer.sqnr_db) else layer.sqnr_db
-    return (sqnr, layer.node)
+    local = -np.inf if np.isnan(layer.local_sqnr_db) else layer.local_sqnr_db
+    whole = -np.inf if np.isnan(layer.sqnr_db) else layer.sqnr_db
+    return (local, whole, layer.node)

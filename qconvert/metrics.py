@@ -47,10 +47,15 @@ class OutputMetrics:
 
 
 class OutputAccumulator:
-    """Streams reference/candidate pairs of one output into sums."""
+    """Streams reference/candidate pairs of one output into sums.
 
-    def __init__(self, name: str) -> None:
+    `classify` turns on the classifier metrics (top-1, top-5) for classifier-like outputs;
+    intermediate tensors leave it off.
+    """
+
+    def __init__(self, name: str, *, classify: bool = True) -> None:
         self.name = name
+        self.classify = classify
         self.signal = 0.0
         self.noise = 0.0
         self.dot = 0.0
@@ -65,21 +70,31 @@ class OutputAccumulator:
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Adds one batch of outputs of the same shape."""
-        ref = np.asarray(reference, dtype=np.float64)
-        cand = np.asarray(candidate, dtype=np.float64)
+        ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+        cand = np.asarray(candidate, dtype=np.float64).reshape(-1)
         error = ref - cand
-        self.signal += float(np.sum(ref * ref))
-        self.noise += float(np.sum(error * error))
-        self.dot += float(np.sum(ref * cand))
-        self.candidate_energy += float(np.sum(cand * cand))
+        abs_error = np.abs(error)
+        sums = (
+            float(ref @ ref),
+            float(error @ error),
+            float(ref @ cand),
+            float(cand @ cand),
+            float(abs_error.sum()),
+        )
+        self.signal += sums[0]
+        self.noise += sums[1]
+        self.dot += sums[2]
+        self.candidate_energy += sums[3]
+        self.sum_abs += sums[4]
         if error.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(error))))
-        self.sum_abs += float(np.sum(np.abs(error)))
+            self.max_abs = max(self.max_abs, float(abs_error.max()))
         self.count += error.size
-        self.nonfinite[0] += int(error.size - np.count_nonzero(np.isfinite(ref)))
-        self.nonfinite[1] += int(error.size - np.count_nonzero(np.isfinite(cand)))
-        if is_classifier_like(np.asarray(reference)):
-            classes = ref.shape[-1]
+        if not all(math.isfinite(value) for value in sums):
+            self.nonfinite[0] += int(ref.size - np.count_nonzero(np.isfinite(ref)))
+            self.nonfinite[1] += int(cand.size - np.count_nonzero(np.isfinite(cand)))
+        reference = np.asarray(reference)
+        if self.classify and is_classifier_like(reference):
+            classes = reference.shape[-1]
             ref_rows, cand_rows = ref.reshape(-1, classes), cand.reshape(-1, classes)
             self.rows += ref_rows.shape[0]
             self.rows_agreeing += int(

@@ -28,8 +28,8 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
         outputs       [{name, sqnr_db, cosine, max_abs_error, mean_abs_error,
                         relative_error, top1_agreement, top5_overlap, values,
                         nonfinite_reference, nonfinite_candidate}]
-        layers        null | [{node, op_type, tensor, candidate_tensor, sqnr_db, cosine,
-                        max_abs_error, mean_abs_error}], worst SQNR first
+        layers        null | [{node, op_type, tensor, candidate_tensor, local_sqnr_db, sqnr_db,
+                        cosine, max_abs_error, mean_abs_error}], worst local SQNR first
     }
     gates           [{gate, threshold, measured, unit, passed}]
     passed          bool: every gate passed

@@ -123,20 +123,24 @@ def render_html(report: Report) -> str:
             )
         )
         if comparison.layers:
-            parts.append("<h2>Per-layer SQNR, worst first</h2>")
+            parts.append("<h2>Per-layer SQNR, worst local SQNR first</h2>")
             parts.append(
                 _sqnr_chart(
-                    [(f"{layer.node} ({layer.op_type})", layer.sqnr_db) for layer in comparison.layers]
+                    [
+                        (f"{layer.node} ({layer.op_type})", layer.local_sqnr_db, layer.sqnr_db)
+                        for layer in comparison.layers
+                    ]
                 )
             )
             parts.append(
                 _table(
-                    ["node", "op", "tensor", "SQNR dB", "cosine", "max abs err"],
+                    ["node", "op", "tensor", "local SQNR dB", "SQNR dB", "cosine", "max abs err"],
                     [
                         [
                             layer.node,
                             layer.op_type,
                             layer.candidate_tensor,
+                            fmt.db(layer.local_sqnr_db),
                             fmt.db(layer.sqnr_db),
                             f"{layer.cosine:.5f}",
                             fmt.number(layer.max_abs_error),
@@ -147,7 +151,9 @@ def render_html(report: Report) -> str:
             )
         else:
             parts.append("<h2>SQNR per output</h2>")
-            parts.append(_sqnr_chart([(out.name, out.sqnr_db) for out in comparison.outputs]))
+            parts.append(
+                _sqnr_chart([(out.name, None, out.sqnr_db) for out in comparison.outputs])
+            )
     if report.gates:
         parts.append("<h2>Gates</h2>")
         rows = [
@@ -172,19 +178,36 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _sqnr_chart(entries: list[tuple[str, float]]) -> str:
-    """Horizontal bars, one per entry; infinite SQNR draws a full bar marked inf."""
-    finite = [value for _, value in entries if math.isfinite(value)]
-    top = max([*finite, 1.0])
-    bars = []
-    for index, (label, value) in enumerate(entries):
-        length = _PLOT_WIDTH if not math.isfinite(value) else max(0.0, value) / top * _PLOT_WIDTH
-        if math.isnan(value):
-            length = 0.0
-        bars.append(
-            _bar(index, label, length, "#54a24b" if value >= 30 else "#e45756", fmt.db(value))
-        )
-    return _svg("SQNR (dB), longer is better", bars, len(entries))
+def _sqnr_chart(entries: list[tuple[str, float | None, float]]) -> str:
+    """Per entry, a bar of its local SQNR (when given) and one of its SQNR in the model.
+
+    Infinite SQNR (no error) draws a full bar marked inf.
+    """
+    values = [v for _, local, whole in entries for v in (local, whole) if v is not None]
+    top = max([v for v in values if math.isfinite(v)] + [1.0])
+    bars, row = [], 0
+    for label, local, whole in entries:
+        for kind, value, colour in (
+            ("local", local, _REFERENCE_COLOUR),
+            ("in model", whole, _CANDIDATE_COLOUR),
+        ):
+            if value is None:
+                continue
+            if math.isnan(value):
+                length = 0.0
+            elif math.isinf(value):
+                length = _PLOT_WIDTH if value > 0 else 0.0
+            else:
+                length = max(0.0, value) / top * _PLOT_WIDTH
+            name = label if kind == "local" or local is None else ""
+            bars.append(_bar(row, name, length, colour, f"{fmt.db(value)} dB {kind}"))
+            row += 1
+    legend = (
+        "SQNR (dB), longer is better: blue = the layer alone (local), orange = in the model"
+        if any(local is not None for _, local, _ in entries)
+        else "SQNR (dB), longer is better"
+    )
+    return _svg(legend, bars, row)
 
 
 def _pair_chart(title: str, entries: list[tuple[str, float | None]], show) -> str:
@@ -208,7 +231,7 @@ def _bar(index: int, label: str, length: float, colour: str, value: str) -> str:
 
 
 def _svg(title: str, bars: list[str], count: int) -> str:
-    width = _LABEL_WIDTH + _PLOT_WIDTH + 90
+    width = _LABEL_WIDTH + _PLOT_WIDTH + 140
     height = 30 + count * (_BAR_HEIGHT + 6)
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

@@ -104,13 +104,14 @@ def render_markdown(report: Report) -> str:
         )
         if comparison.layers is not None:
             lines += _table(
-                "Layers, worst SQNR first",
-                ["node", "op", "tensor", "SQNR dB", "cosine", "max abs err"],
+                "Layers, worst local SQNR first",
+                ["node", "op", "tensor", "local SQNR dB", "SQNR dB", "cosine", "max abs err"],
                 [
                     [
                         layer.node,
                         layer.op_type,
                         layer.candidate_tensor,
+                        fmt.db(layer.local_sqnr_db),
                         fmt.db(layer.sqnr_db),
                         f"{layer.cosine:.5f}",
                         fmt.number(layer.max_abs_error),

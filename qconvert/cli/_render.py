@@ -99,14 +99,16 @@ def _comparison(comparison: Comparison) -> None:
         )
     stdout.print(outputs)
     if comparison.layers is not None:
-        layers = Table(title="Layers, worst SQNR first", title_justify="left")
-        for column in ("node", "op", "tensor", "SQNR dB", "cosine", "max |err|"):
-            layers.add_column(column, justify="right" if "SQNR" in column else "left")
+        layers = Table(title="Layers, worst local SQNR first", title_justify="left")
+        columns = ("node", "op", "tensor", "local SQNR dB", "SQNR dB", "cosine", "max |err|")
+        for column in columns:
+            layers.add_column(column, justify="left" if column in columns[:3] else "right")
         for layer in comparison.layers:
             layers.add_row(
                 layer.node,
                 layer.op_type,
                 layer.candidate_tensor,
+                fmt.db(layer.local_sqnr_db),
                 fmt.db(layer.sqnr_db),
                 f"{layer.cosine:.5f}",
                 fmt.number(layer.max_abs_error),
