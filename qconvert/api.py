@@ -62,7 +62,7 @@ def quantize(
         per_channel: one weight scale per output channel (else one per tensor).
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
             float and quantized models are compared on it and the result goes in the report.
-        report: a file to write the report to (`.json`).
+        report: a file to write the report to (`.json`, `.md` or `.html`).
         force: overwrite an existing output.
         progress: receives progress of the long steps.
 

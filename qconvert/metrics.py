@@ -74,11 +74,13 @@ class OutputAccumulator:
         cand = np.asarray(candidate, dtype=np.float64).reshape(-1)
         error = ref - cand
         abs_error = np.abs(error)
+        # einsum, not `@`: a BLAS dot wakes BLAS's own thread pool, which fights
+        # onnxruntime's for the cores and made small products a thousand times slower.
         sums = (
-            float(ref @ ref),
-            float(error @ error),
-            float(ref @ cand),
-            float(cand @ cand),
+            float(np.einsum("i,i->", ref, ref)),
+            float(np.einsum("i,i->", error, error)),
+            float(np.einsum("i,i->", ref, cand)),
+            float(np.einsum("i,i->", cand, cand)),
             float(abs_error.sum()),
         )
         self.signal += sums[0]
