@@ -25,7 +25,7 @@ from qconvert.compare import (
 )
 from qconvert.dataset import DirectorySource, Sample, input_specs
 from qconvert.errors import CalibrationDataError, ConfigError, OutputError
-from qconvert.gates import Gates, check_gates
+from qconvert.gates import NO_GATES, Gates, check_gates
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.latency import LatencyConfig
 from qconvert.passes import DropIntermediateShapesPass, InsertQDQPass, prepare
@@ -135,7 +135,7 @@ def compare(
     *,
     data: PathLike,
     labels: PathLike | None = None,
-    gates: Gates = Gates(),
+    gates: Gates = NO_GATES,
     check_finite: bool = False,
     providers: tuple[str, str] = ("cpu", "cpu"),
     latency: LatencyConfig | None = None,

@@ -27,6 +27,7 @@ from qconvert.dataset import LABELS_FILE, Sample
 from qconvert.errors import (
     AccuracyGateError,
     CalibrationDataError,
+    ConfigError,
     ModelLoadError,
     ModelMismatchError,
 )
@@ -186,7 +187,8 @@ def check_interfaces(
     if len(ref_outputs) != len(cand_outputs):
         raise ModelMismatchError(
             f"Models '{names[0]}' and '{names[1]}' give {len(ref_outputs)} and "
-            f"{len(cand_outputs)} outputs: {_listing(ref_outputs)} vs {_listing(cand_outputs)}."
+            f"{len(cand_outputs)} outputs: "
+            f"{_listing(ref_outputs)} vs {_listing(cand_outputs)}."
         )
     if ref_outputs != cand_outputs:
         raise ModelMismatchError(
@@ -204,9 +206,7 @@ def compare_models(
     options: CompareOptions = CompareOptions(),
     on_sample: Callable[[], None] | None = None,
 ) -> Comparison:
-    """Streams every sample through both models and measures the candidate against the
-    reference (see the module docstring).
-    """
+    """Measures the candidate against the reference on every sample (see the module doc)."""
     saved = reference if isinstance(reference, SavedOutputs) else None
     reference_session = None if saved else _session(reference, "reference")
     candidate_session = _session(candidate, "candidate")
@@ -284,7 +284,9 @@ def compare_models(
         if not saved:
             latencies[0] = _latency(reference, first, options.latency)
         latencies[1] = _latency(candidate, first, options.latency)
-    accuracies = [hit / count if options.labels is not None and count else None for hit in hits]
+    accuracies = [
+        hit / count if options.labels is not None and count else None for hit in hits
+    ]
     if saved is not None:
         reference_run = ModelRun(
             path=saved.model,
@@ -321,7 +323,7 @@ def _session(side: Side, role: str, model: bytes | None = None):
         return make_session(
             side.model if model is None else model, provider=side.provider, spin=False
         )
-    except Exception as exc:  # onnxruntime raises its own exception types, not one base
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
         raise ModelLoadError(
             f"onnxruntime cannot load the {role} model '{side.path}': {_line(exc)}"
         ) from None
@@ -330,7 +332,7 @@ def _session(side: Side, role: str, model: bytes | None = None):
 def _latency(side: Side, sample: Sample, config: LatencyConfig) -> Latency:
     try:
         session = make_session(side.model, threads=config.threads, provider=side.provider)
-    except Exception as exc:  # as in _session
+    except Exception as exc:  # noqa: BLE001 - as in _session
         raise ModelLoadError(
             f"onnxruntime cannot load the model '{side.path}': {_line(exc)}"
         ) from None
@@ -340,7 +342,7 @@ def _latency(side: Side, sample: Sample, config: LatencyConfig) -> Latency:
 def _run(session, names: list[str] | None, sample: Sample, role: str) -> list[np.ndarray]:
     try:
         return session.run(names, sample.feeds)
-    except Exception as exc:  # as in _session
+    except Exception as exc:  # noqa: BLE001 - as in _session
         raise CalibrationDataError(
             f"onnxruntime failed to run the {role} model on sample '{sample.source}': "
             f"{_line(exc)}"
@@ -348,7 +350,8 @@ def _run(session, names: list[str] | None, sample: Sample, role: str) -> list[np
 
 
 def _layer_comparison(reference: Side | SavedOutputs, candidate: Side) -> LayerComparison:
-    assert not isinstance(reference, SavedOutputs)  # the API refuses this combination
+    if isinstance(reference, SavedOutputs):
+        raise ConfigError("--per-layer needs the reference model, not --load-outputs.")
     return LayerComparison(_proto(reference), _proto(candidate))
 
 

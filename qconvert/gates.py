@@ -100,7 +100,12 @@ class GateResult:
         if self.measured is not None:
             measured += unit
         bound = ">=" if self.gate.startswith("min-") else "<="
-        return f"{self.gate}: measured {measured}, needs {bound} {_number(self.threshold)}{unit}"
+        return (
+            f"{self.gate}: measured {measured}, needs {bound} {_number(self.threshold)}{unit}"
+        )
+
+
+NO_GATES = Gates()
 
 
 def load_gates(path: str | Path) -> Gates:

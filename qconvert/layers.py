@@ -99,8 +99,16 @@ class LayerComparison:
         self.candidate_names = [pair.candidate_tensor for pair in self.pairs]
         self.reference_model = expose(reference, self.reference_names)
         self.candidate_model = expose(candidate, self.candidate_names)
-        isolated, self.cut_inputs = cut(candidate, self.cuts, _element_types(reference))
+        candidate_types = _element_types(candidate)
+        isolated, self.cut_inputs = cut(candidate, self.cuts, candidate_types)
         self.isolated_model = expose(isolated, self.candidate_names)
+        # The reference's values go in as the candidate's type (an fp16 model reads fp16).
+        self._cut_dtypes = {
+            tensor: onnx.helper.tensor_dtype_to_np_dtype(
+                candidate_types.get(tensor, onnx.TensorProto.FLOAT)
+            )
+            for tensor in self.cuts
+        }
         self._whole = [
             OutputAccumulator(p.reference_tensor, classify=False) for p in self.pairs
         ]
@@ -115,7 +123,10 @@ class LayerComparison:
         values = dict(zip(self.reference_names, reference, strict=True))
         return {
             **feeds,
-            **{name: values[tensor] for tensor, name in self.cut_inputs.items()},
+            **{
+                name: np.asarray(values[tensor], dtype=self._cut_dtypes[tensor])
+                for tensor, name in self.cut_inputs.items()
+            },
         }
 
     def update(
@@ -124,8 +135,11 @@ class LayerComparison:
         candidate: list[np.ndarray],
         isolated: list[np.ndarray],
     ) -> None:
-        """Adds one sample: the reference's tensors (`reference_names` order) and the
-        candidate's and the cut candidate's (`candidate_names` order)."""
+        """Adds one sample's tensors.
+
+        The reference's come in `reference_names` order; the candidate's and the cut
+        candidate's in `candidate_names` order.
+        """
         values = dict(zip(self.reference_names, reference, strict=True))
         for pair, whole, local, cand, alone in zip(
             self.pairs, self._whole, self._local, candidate, isolated, strict=True
@@ -249,12 +263,16 @@ def expose(model: onnx.ModelProto, tensors: Iterable[str]) -> bytes:
     for name in tensors:
         if name not in existing:
             element_type = types.get(name, onnx.TensorProto.FLOAT)
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, element_type, None))
+            exposed.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, element_type, None)
+            )
             existing.add(name)
     return exposed.SerializeToString()
 
 
-def _computing_node(tensor: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+def _computing_node(
+    tensor: str, producers: dict[str, onnx.NodeProto]
+) -> onnx.NodeProto | None:
     node = producers.get(tensor)
     while node is not None and node.op_type in _QDQ_OPS:
         node = producers.get(node.input[0])

@@ -99,9 +99,7 @@ class OutputAccumulator:
             classes = reference.shape[-1]
             ref_rows, cand_rows = ref.reshape(-1, classes), cand.reshape(-1, classes)
             self.rows += ref_rows.shape[0]
-            self.rows_agreeing += int(
-                np.sum(ref_rows.argmax(-1) == cand_rows.argmax(-1))
-            )
+            self.rows_agreeing += int(np.sum(ref_rows.argmax(-1) == cand_rows.argmax(-1)))
             self.top_k_hits += float(np.sum(top_k_overlap(ref_rows, cand_rows)))
 
     def result(self) -> OutputMetrics:

@@ -121,7 +121,7 @@ class Report:
 
     @property
     def size_ratio(self) -> float | None:
-        """Converted size over float size, when a conversion ran or a comparison measured it."""
+        """Converted over float size, from the conversion or else the comparison."""
         if self.conversion is not None:
             return self.conversion.size_ratio
         return self.comparison.size_ratio if self.comparison is not None else None

@@ -134,7 +134,15 @@ def render_html(report: Report) -> str:
             )
             parts.append(
                 _table(
-                    ["node", "op", "tensor", "local SQNR dB", "SQNR dB", "cosine", "max abs err"],
+                    [
+                        "node",
+                        "op",
+                        "tensor",
+                        "local SQNR dB",
+                        "SQNR dB",
+                        "cosine",
+                        "max abs err",
+                    ],
                     [
                         [
                             layer.node,

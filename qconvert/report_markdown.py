@@ -42,7 +42,12 @@ def render_markdown(report: Report) -> str:
         ref, cand = comparison.reference, comparison.candidate
         rows = [
             ["model", f"`{ref.path}`", f"`{cand.path}`", ""],
-            ["size", fmt.size(ref.bytes), fmt.size(cand.bytes), fmt.ratio(comparison.size_ratio)],
+            [
+                "size",
+                fmt.size(ref.bytes),
+                fmt.size(cand.bytes),
+                fmt.ratio(comparison.size_ratio),
+            ],
         ]
         if comparison.reference_accuracy is not None:
             rows.append(

@@ -45,7 +45,7 @@ def make_session(
 
 
 def resolve_provider(name: str) -> str:
-    """onnxruntime's name for a provider a user named (`cpu`, `cuda`, or the full name).
+    """Onnxruntime's name for a provider a user named (`cpu`, `cuda`, or the full name).
 
     Raises:
         ConfigError: the provider is unknown or not available in this onnxruntime build.

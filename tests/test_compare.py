@@ -70,7 +70,9 @@ def _assert_bad_input(result, *fragments, absent=()):
     assert "Traceback" not in result.err
     for path in absent:
         assert not Path(path).exists()
-        assert not [p for p in Path(path).parent.iterdir() if p.name.startswith(f".{path.name}.")]
+        assert not [
+            p for p in Path(path).parent.iterdir() if p.name.startswith(f".{path.name}.")
+        ]
 
 
 # --- the numbers --------------------------------------------------------------------------
@@ -87,7 +89,9 @@ def test_report_numbers_match_an_independent_computation(run_cli, pair):
     signal = noise = 0.0
     hits = [0, 0]
     for index, path in enumerate(sorted(evaluation.glob("s*.npy"))):
-        ref, cand = (s.run(None, {"input": np.load(path)})[0].astype(np.float64) for s in sessions)
+        ref, cand = (
+            s.run(None, {"input": np.load(path)})[0].astype(np.float64) for s in sessions
+        )
         signal += float(np.sum(ref**2))
         noise += float(np.sum((ref - cand) ** 2))
         hits[0] += int(ref.argmax() == labels[index])
@@ -205,7 +209,7 @@ def test_saved_outputs_replace_the_reference_model(run_cli, pair, tmp_path):
 
 
 def test_saved_outputs_from_other_data_are_refused(run_cli, pair, tmp_path, tiny_cnn):
-    reference, candidate, evaluation = pair
+    _, candidate, _ = pair
     saved = tmp_path / "reference_outputs.npz"
     assert _compare(run_cli, pair, "--save-outputs", saved).code == 0
     result = run_cli(
@@ -217,7 +221,13 @@ def test_saved_outputs_from_other_data_are_refused(run_cli, pair, tmp_path, tiny
 def test_load_outputs_takes_one_model(run_cli, pair, tmp_path):
     reference, candidate, evaluation = pair
     result = run_cli(
-        "compare", reference, candidate, "--load-outputs", tmp_path / "x.npz", "--data", evaluation
+        "compare",
+        reference,
+        candidate,
+        "--load-outputs",
+        tmp_path / "x.npz",
+        "--data",
+        evaluation,
     )
     assert result.code == 2
     assert "expected CANDIDATE, got 2" in result.err
@@ -286,7 +296,10 @@ def test_gates_from_a_toml_file_and_options_override_it(run_cli, pair, tmp_path)
     failing = _compare(run_cli, pair, "--gates", gates, "--json")
     assert failing.code == 1
     assert "min-sqnr: measured" in failing.err
-    assert [g["gate"] for g in json.loads(failing.out)["gates"]] == ["min-sqnr", "max-size-ratio"]
+    assert [g["gate"] for g in json.loads(failing.out)["gates"]] == [
+        "min-sqnr",
+        "max-size-ratio",
+    ]
     passing = _compare(run_cli, pair, "--gates", gates, "--min-sqnr", "0", "--json")
     assert passing.code == 0, passing.err
     assert [g["threshold"] for g in json.loads(passing.out)["gates"]] == [0.0, 10.0]
@@ -360,8 +373,10 @@ def test_markdown_report_renders_as_tables(run_cli, pair, tmp_path):
     assert "<th>SQNR dB</th>" in html and "<td>logits</td>" in html
     assert "<td>min-sqnr</td>" in html and "<td>pass</td>" in html
     lines = text.splitlines()
-    header = lines.index("| output | SQNR dB | cosine | max abs err | mean abs err | rel err "
-                         "| top-1 agree | top-5 overlap |")
+    header = lines.index(
+        "| output | SQNR dB | cosine | max abs err | mean abs err | rel err "
+        "| top-1 agree | top-5 overlap |"
+    )
     assert set(lines[header + 1].replace("|", "").split()) == {"---"}
     assert lines[header + 2].startswith("| logits | ")
 
@@ -415,9 +430,7 @@ def test_data_that_fits_one_model_but_not_the_other(run_cli, tmp_path):
         tmp_path / "data", [{"input": np.ones((1, 4, 16), np.float32)}]
     )
     saved = tmp_path / "outputs.npz"
-    result = run_cli(
-        "compare", reference, candidate, "--data", data, "--save-outputs", saved
-    )
+    result = run_cli("compare", reference, candidate, "--data", data, "--save-outputs", saved)
     _assert_bad_input(
         result,
         "s00000.npy",
@@ -460,7 +473,11 @@ def test_gates_file_with_an_unknown_gate(run_cli, pair, tmp_path):
     report = tmp_path / "report.json"
     result = _compare(run_cli, pair, "--gates", gates, "--report", report)
     _assert_bad_input(
-        result, "qconvert.toml", "unknown gate 'max-top5-drop'", "known gates:", absent=[report]
+        result,
+        "qconvert.toml",
+        "unknown gate 'max-top5-drop'",
+        "known gates:",
+        absent=[report],
     )
 
 
@@ -491,3 +508,77 @@ def test_wrong_number_of_models_is_a_usage_error(run_cli, pair):
     result = run_cli("compare", reference, "--data", evaluation)
     assert result.code == 2
     assert "expected REFERENCE CANDIDATE, got 1" in result.err
+
+
+# --- other kinds of candidate -------------------------------------------------------------
+
+
+def test_fp16_candidate_with_per_layer(run_cli, pair, tmp_path):
+    from onnxconverter_common import float16
+
+    reference, _, evaluation = pair
+    fp16 = float16.convert_float_to_float16(
+        onnx.load_model(str(reference)), keep_io_types=True
+    )
+    candidate = testing.save(fp16, tmp_path / "model.fp16.onnx")
+    report = _json(run_cli, (reference, candidate, evaluation), "--per-layer")
+    comparison = report["comparison"]
+    assert comparison["outputs"][0]["sqnr_db"] > 50
+    assert comparison["outputs"][0]["top1_agreement"] == 1.0
+    layers = {layer["node"]: layer for layer in comparison["layers"]}
+    assert {"conv", "bn", "relu", "pool", "flat"} <= layers.keys()
+    assert all(layer["local_sqnr_db"] > 50 for layer in layers.values())
+
+
+def test_per_layer_on_a_qdq_model_from_onnxruntimes_quantizer(run_cli, pair, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    reference, _, evaluation = pair
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.files = iter(sorted((tmp_path / "calib").glob("s*.npy")))
+
+        def get_next(self):
+            path = next(self.files, None)
+            return None if path is None else {"input": np.load(path)}
+
+    candidate = tmp_path / "model.ort.int8.onnx"
+    quantize_static(str(reference), str(candidate), Reader(), quant_format=QuantFormat.QDQ)
+    report = _json(run_cli, (reference, candidate, evaluation), "--per-layer")
+    layers = report["comparison"]["layers"]
+    assert layers, "tensor names match, so layers are listed"
+    assert [layer["local_sqnr_db"] for layer in layers] == sorted(
+        layer["local_sqnr_db"] for layer in layers
+    )
+
+
+def test_quantize_eval_writes_the_same_report_as_markdown(run_cli, pair, tmp_path):
+    reference, _, evaluation = pair
+    out, report = tmp_path / "q.onnx", tmp_path / "report.md"
+    result = run_cli(
+        "quantize",
+        reference,
+        "--data",
+        tmp_path / "calib",
+        "--eval",
+        evaluation,
+        "-o",
+        out,
+        "--report",
+        report,
+    )
+    assert result.code == 0, result.err
+    text = report.read_text()
+    assert text.startswith(f"# qconvert quantize: `{reference}`")
+    for heading in ("## Conversion", "## Reference vs candidate on 24 samples", "## Outputs"):
+        assert heading in text
+    assert "| accuracy | 87.50% |" in text
+
+
+def test_help_lists_compare(run_cli):
+    result = run_cli("--help")
+    assert "compare" in result.out
+    result = run_cli("compare", "--help")
+    for option in ("--max-top1-drop", "--gates", "--per-layer", "--load-outputs", "--json"):
+        assert option in result.out

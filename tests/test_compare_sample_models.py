@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLES
 
 import qconvert
-from conftest import SAMPLES
 from qconvert import model as model_io
 from qconvert.calibration import calibrate_tensors, tensors_to_calibrate
 from qconvert.dataset import DirectorySource, input_specs
@@ -68,7 +68,9 @@ def test_float_vs_int8_accuracy_and_drop_match_an_independent_count(run_cli, dws
     assert comparison["samples"] == 500
     assert comparison["reference_accuracy"] == pytest.approx(accuracy[0])
     assert comparison["candidate_accuracy"] == pytest.approx(accuracy[1])
-    assert comparison["accuracy_drop_points"] == pytest.approx(100 * (accuracy[0] - accuracy[1]))
+    assert comparison["accuracy_drop_points"] == pytest.approx(
+        100 * (accuracy[0] - accuracy[1])
+    )
     assert accuracy[0] > 0.95  # a trained model, not noise
 
 
@@ -99,7 +101,9 @@ def test_html_report_opens_in_chromium_and_shows_the_chart(per_layer_report, tmp
     _, html = per_layer_report
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium is not installed: run `make test-setup` (Debian package chromium)")
+        pytest.skip(
+            "chromium is not installed: run `make test-setup` (Debian package chromium)"
+        )
     text = html.read_text()
     assert text.count("<svg") == 2  # size bars, per-layer SQNR (no latency asked)
     flags = [
@@ -125,7 +129,9 @@ def test_html_report_opens_in_chromium_and_shows_the_chart(per_layer_report, tmp
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "<svg" in dom.stdout and "block1_dw_conv" in dom.stdout
     assert dom.stdout.count("<rect") >= 2 * 12  # two bars per layer
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    console = [
+        line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line
+    ]
     assert console == []
     shot = tmp_path / "report.png"
     done = subprocess.run(
@@ -207,7 +213,9 @@ def _read_png(path: Path) -> tuple[int, int, np.ndarray]:
     assert depth == 8 and colour_type in (2, 6) and interlace == 0, header
     channels = 3 if colour_type == 2 else 4
     stride = width * channels
-    rows = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, stride + 1)
+    rows = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(
+        height, stride + 1
+    )
     image = np.zeros((height, stride), np.uint8)
     above = np.zeros(stride, np.uint8)
     for y in range(height):
@@ -216,8 +224,10 @@ def _read_png(path: Path) -> tuple[int, int, np.ndarray]:
             current = line.copy()
         elif kind == 1:  # Sub: a running sum along each channel
             current = (
-                np.cumsum(line.reshape(width, channels).astype(np.int64), axis=0) & 0xFF
-            ).astype(np.uint8).reshape(-1)
+                (np.cumsum(line.reshape(width, channels).astype(np.int64), axis=0) & 0xFF)
+                .astype(np.uint8)
+                .reshape(-1)
+            )
         elif kind == 2:  # Up
             current = line + above
         else:  # Average (3) and Paeth (4) depend on the decoded left neighbour

@@ -60,9 +60,15 @@ def _gate_option(name: str, help_text: str):
     "--threads", type=int, default=1, show_default=True, help="Intra-op threads for --latency."
 )
 @click.option(
-    "--runs", type=int, default=50, show_default=True, help="Timed runs per model for --latency."
+    "--runs",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Timed runs per model for --latency.",
 )
-@click.option("--per-layer", is_flag=True, help="Also compare intermediate tensors, worst first.")
+@click.option(
+    "--per-layer", is_flag=True, help="Also compare intermediate tensors, worst first."
+)
 @click.option(
     "--save-outputs",
     type=click.Path(path_type=Path),
@@ -104,9 +110,11 @@ def compare_command(
     report: Path | None,
     as_json: bool,
 ) -> None:
-    """Run REFERENCE and CANDIDATE on the samples in --data and report, per output, SQNR,
-    cosine similarity, absolute and relative error, top-1 agreement and top-5 overlap, plus
-    accuracy (with labels), sizes and, with --latency, median and p90 latency.
+    """Run REFERENCE and CANDIDATE on the samples in --data and report the difference.
+
+    Per output: SQNR, cosine similarity, absolute and relative error, top-1 agreement and
+    top-5 overlap; accuracy (with labels), sizes and, with --latency, median and p90
+    latency.
 
     \b
       qconvert compare model.onnx model.int8.onnx --data eval/ --max-top1-drop 1
