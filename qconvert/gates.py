@@ -94,15 +94,15 @@ class GateResult:
     passed: bool
 
     def describe(self) -> str:
-        """One line: `min-sqnr: measured 21.3 dB, threshold 25 dB`."""
-        measured = "not measured" if self.measured is None else _number(self.measured)
+        """One line: `min-sqnr: measured 21.3 dB, needs >= 25 dB`."""
         unit = f" {self.unit}" if self.unit else ""
-        if self.measured is not None:
-            measured += unit
-        bound = ">=" if self.gate.startswith("min-") else "<="
-        return (
-            f"{self.gate}: measured {measured}, needs {bound} {_number(self.threshold)}{unit}"
+        measured = (
+            "not measured"
+            if self.measured is None
+            else f"measured {_number(self.measured)}{unit}"
         )
+        bound = ">=" if self.gate.startswith("min-") else "<="
+        return f"{self.gate}: {measured}, needs {bound} {_number(self.threshold)}{unit}"
 
 
 NO_GATES = Gates()

@@ -218,6 +218,29 @@ def test_saved_outputs_from_other_data_are_refused(run_cli, pair, tmp_path, tiny
     _assert_bad_input(result, "reference_outputs.npz", "was not made on this data")
 
 
+def test_a_gate_that_cannot_be_measured_fails(run_cli, pair, tmp_path):
+    _, candidate, evaluation = pair
+    saved = tmp_path / "reference_outputs.npz"
+    assert _compare(run_cli, pair, "--save-outputs", saved).code == 0
+    # Saved outputs carry no reference latency, so the latency ratio is unknown.
+    result = run_cli(
+        "compare",
+        candidate,
+        "--load-outputs",
+        saved,
+        "--data",
+        evaluation,
+        "--max-latency-ratio",
+        "1000",
+        "--runs",
+        "3",
+    )
+    assert result.code == 1
+    assert result.err.strip() == (
+        "Error: gate failed: max-latency-ratio: not measured, needs <= 1000"
+    )
+
+
 def test_load_outputs_takes_one_model(run_cli, pair, tmp_path):
     reference, candidate, evaluation = pair
     result = run_cli(
