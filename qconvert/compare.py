@@ -211,16 +211,7 @@ def compare_models(
     reference_session = None if saved else _session(reference, "reference")
     candidate_session = _session(candidate, "candidate")
     names = [output.name for output in candidate_session.get_outputs()]
-    layers = _layer_comparison(reference, candidate) if options.per_layer else None
-    layer_sessions = (
-        (
-            _session(reference, "reference", layers.reference_model),
-            _session(candidate, "candidate", layers.candidate_model),
-            _session(candidate, "candidate", layers.isolated_model),
-        )
-        if layers is not None
-        else None
-    )
+    layers = _PerLayer(reference, candidate) if options.per_layer else None
     writer = (
         OutputsWriter(
             options.save_outputs,
@@ -234,7 +225,6 @@ def compare_models(
     accumulators = [OutputAccumulator(name) for name in names]
     hits = [0, 0]
     first: Sample | None = None
-    seen = 0
     try:
         for index, sample in enumerate(samples):
             first = first or sample
@@ -251,26 +241,19 @@ def compare_models(
                 _check_shapes(accumulator.name, ref, cand, sample)
                 accumulator.update(ref, cand)
             if options.labels is not None:
-                label = options.labels[index]
-                hits[0] += int(np.argmax(np.asarray(expected[0]).reshape(-1)) == label)
-                hits[1] += int(np.argmax(np.asarray(actual[0]).reshape(-1)) == label)
-            if layers is not None and layer_sessions is not None:
-                inside = _run(layer_sessions[0], layers.reference_names, sample, "reference")
-                cut_sample = Sample(sample.source, layers.isolated_feeds(sample.feeds, inside))
-                layers.update(
-                    inside,
-                    _run(layer_sessions[1], layers.candidate_names, sample, "candidate"),
-                    _run(layer_sessions[2], layers.candidate_names, cut_sample, "candidate"),
-                )
+                for side, outputs in enumerate((expected, actual)):
+                    prediction = np.argmax(np.asarray(outputs[0]).reshape(-1))
+                    hits[side] += int(prediction == options.labels[index])
+            if layers is not None:
+                layers.add(sample)
             if writer is not None:
                 writer.add(sample.source, expected)
-            seen += 1
             if on_sample is not None:
                 on_sample()
-        if saved is not None and seen != len(saved.samples):
+        if saved is not None and count != len(saved.samples):
             raise CalibrationDataError(
                 f"Saved outputs file '{saved.path}' holds {len(saved.samples)} samples; "
-                f"the data folder holds {seen}."
+                f"the data folder holds {count}."
             )
         if writer is not None:
             writer.close()
@@ -287,24 +270,24 @@ def compare_models(
     accuracies = [
         hit / count if options.labels is not None and count else None for hit in hits
     ]
-    if saved is not None:
-        reference_run = ModelRun(
-            path=saved.model,
-            bytes=saved.model_bytes,
-            provider=f"saved outputs '{saved.path}'",
-            accuracy=accuracies[0],
-        )
-    else:
-        reference_run = ModelRun(
-            path=reference.path,
-            bytes=reference.bytes,
-            provider=reference.provider,
-            accuracy=accuracies[0],
-            latency=latencies[0],
-        )
     return Comparison(
         samples=count,
-        reference=reference_run,
+        reference=(
+            ModelRun(
+                path=saved.model,
+                bytes=saved.model_bytes,
+                provider=f"saved outputs '{saved.path}'",
+                accuracy=accuracies[0],
+            )
+            if saved is not None
+            else ModelRun(
+                path=reference.path,
+                bytes=reference.bytes,
+                provider=reference.provider,
+                accuracy=accuracies[0],
+                latency=latencies[0],
+            )
+        ),
         candidate=ModelRun(
             path=candidate.path,
             bytes=candidate.bytes,
@@ -316,6 +299,31 @@ def compare_models(
         labels=options.labels_path,
         layers=layers.result() if layers is not None else None,
     )
+
+
+class _PerLayer:
+    """The three sessions of a per-layer comparison (see `layers`), fed one sample a time."""
+
+    def __init__(self, reference: Side | SavedOutputs, candidate: Side) -> None:
+        if isinstance(reference, SavedOutputs):
+            raise ConfigError("--per-layer needs the reference model, not --load-outputs.")
+        self.layers = LayerComparison(_proto(reference), _proto(candidate))
+        self.reference = _session(reference, "reference", self.layers.reference_model)
+        self.candidate = _session(candidate, "candidate", self.layers.candidate_model)
+        self.isolated = _session(candidate, "candidate", self.layers.isolated_model)
+
+    def add(self, sample: Sample) -> None:
+        layers = self.layers
+        inside = _run(self.reference, layers.reference_names, sample, "reference")
+        cut_sample = Sample(sample.source, layers.isolated_feeds(sample.feeds, inside))
+        layers.update(
+            inside,
+            _run(self.candidate, layers.candidate_names, sample, "candidate"),
+            _run(self.isolated, layers.candidate_names, cut_sample, "candidate"),
+        )
+
+    def result(self) -> tuple[LayerMetrics, ...]:
+        return self.layers.result()
 
 
 def _session(side: Side, role: str, model: bytes | None = None):
@@ -347,12 +355,6 @@ def _run(session, names: list[str] | None, sample: Sample, role: str) -> list[np
             f"onnxruntime failed to run the {role} model on sample '{sample.source}': "
             f"{_line(exc)}"
         ) from None
-
-
-def _layer_comparison(reference: Side | SavedOutputs, candidate: Side) -> LayerComparison:
-    if isinstance(reference, SavedOutputs):
-        raise ConfigError("--per-layer needs the reference model, not --load-outputs.")
-    return LayerComparison(_proto(reference), _proto(candidate))
 
 
 def _proto(side: Side) -> onnx.ModelProto:
