@@ -15,7 +15,9 @@ def _gate_option(name: str, help_text: str):
 
 
 @click.command("compare", short_help="Compare a converted model with its reference.")
-@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.argument(
+    "models", nargs=-1, type=click.Path(path_type=Path), metavar="[REFERENCE] CANDIDATE"
+)
 @click.option(
     "--data",
     type=click.Path(path_type=Path),
