@@ -34,7 +34,7 @@ from qconvert.errors import (
 from qconvert.latency import Latency, LatencyConfig, measure_latency
 from qconvert.layers import LayerComparison, LayerMetrics
 from qconvert.metrics import OutputAccumulator, OutputMetrics
-from qconvert.runtime import make_session
+from qconvert.runtime import describe_error, make_session
 from qconvert.saved_outputs import OutputsWriter, SavedOutputs
 
 CPU = "CPUExecutionProvider"
@@ -333,7 +333,7 @@ def _session(side: Side, role: str, model: bytes | None = None):
         )
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
         raise ModelLoadError(
-            f"onnxruntime cannot load the {role} model '{side.path}': {_line(exc)}"
+            f"onnxruntime cannot load the {role} model '{side.path}': {describe_error(exc)}"
         ) from None
 
 
@@ -342,7 +342,7 @@ def _latency(side: Side, sample: Sample, config: LatencyConfig) -> Latency:
         session = make_session(side.model, threads=config.threads, provider=side.provider)
     except Exception as exc:  # noqa: BLE001 - as in _session
         raise ModelLoadError(
-            f"onnxruntime cannot load the model '{side.path}': {_line(exc)}"
+            f"onnxruntime cannot load the model '{side.path}': {describe_error(exc)}"
         ) from None
     return measure_latency(session, sample.feeds, config)
 
@@ -353,7 +353,7 @@ def _run(session, names: list[str] | None, sample: Sample, role: str) -> list[np
     except Exception as exc:  # noqa: BLE001 - as in _session
         raise CalibrationDataError(
             f"onnxruntime failed to run the {role} model on sample '{sample.source}': "
-            f"{_line(exc)}"
+            f"{describe_error(exc)}"
         ) from None
 
 
@@ -399,7 +399,3 @@ def _real_inputs(model: ir.Model) -> list[str]:
 
 def _listing(names: Iterable[str]) -> str:
     return "(" + ", ".join(names) + ")"
-
-
-def _line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0]

@@ -70,6 +70,8 @@ def load_model(path: str | os.PathLike[str], limits: LoadLimits = LoadLimits()) 
         ) from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"Model file '{path}' is not an ONNX model (it holds no graph).")
+    if not proto.graph.output:
+        raise ModelLoadError(f"Model file '{path}' declares no graph outputs.")
     for tensor in _all_tensors(proto.graph):
         _check_tensor_size(path, tensor, limits)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

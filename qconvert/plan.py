@@ -16,7 +16,7 @@ each node is or is not quantized.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
 
@@ -60,9 +60,10 @@ class NodeDecision:
 
 @dataclass(frozen=True, slots=True)
 class ClampFold:
-    """A Relu/Clip dropped because quantizing `source` with its output's parameters clamps."""
+    """Relu/Clip nodes dropped because quantizing `source` with the parameters of `output`
+    (the last clamp's output) already clamps as they do."""
 
-    node: str
+    nodes: tuple[str, ...]
     source: str
     output: str
 
@@ -74,7 +75,7 @@ class QuantPlan:
     scheme: StaticScheme
     tensors: Mapping[str, TensorDecision]
     nodes: tuple[NodeDecision, ...]
-    folds: Mapping[str, ClampFold]
+    folds: tuple[ClampFold, ...]
 
     def quantized_nodes(self) -> tuple[NodeDecision, ...]:
         """The nodes that run on quantized inputs."""
@@ -114,7 +115,7 @@ class _Planner:
         self.excluded = excluded
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
-        self.folds: dict[str, ClampFold] = {}
+        self.folds: list[ClampFold] = []
 
     def run(self) -> QuantPlan:
         for node in self.graph:
@@ -132,7 +133,7 @@ class _Planner:
             scheme=self.scheme,
             tensors=MappingProxyType(dict(self.tensors)),
             nodes=tuple(self.nodes.values()),
-            folds=MappingProxyType(dict(self.folds)),
+            folds=tuple(self.folds),
         )
 
     def _decide(self, node: ir.Node, quantized: bool, reason: str) -> None:
@@ -141,6 +142,17 @@ class _Planner:
         )
 
     def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
+        for index in rule.activations:
+            if constant_array(node.inputs[index]) is not None:
+                # All-constant arithmetic is folded by onnxruntime; quantizing it gains nothing.
+                self._decide(node, False, f"input {index} is a constant: stays float")
+                return
+            seen = self.ranges.get(node.inputs[index].name)
+            if seen is not None and seen.min == seen.max == 0.0:
+                # No scale fits a tensor never seen non-zero, and the bias would be stored
+                # at an arbitrary one; the node is cheap to leave alone.
+                self._decide(node, False, f"input {index} is zero on every sample: stays float")
+                return
         for index in rule.activations:
             self._plan_activation(node.inputs[index], f"input of {node.name}")
         weight_params: dict[int, qparams.QParams] = {}
@@ -239,6 +251,21 @@ class _Planner:
         ):
             return  # a bias the integer kernels cannot add as is stays float
         input_params = self.tensors[node.inputs[input_index].name].qparams
+        weight_name = node.inputs[weight_index].name
+        fitted = qparams.fit_weight_scale_to_bias(
+            weight,
+            constant_array(node.inputs[weight_index]),
+            input_params.scale,
+            constant_array(bias),
+        )
+        if fitted is not weight:
+            decision = self.tensors[weight_name]
+            self.tensors[weight_name] = replace(
+                decision,
+                qparams=fitted,
+                reason=f"{decision.reason}, scale set so the int32 bias is exact",
+            )
+            weight = fitted
         params = qparams.bias_qparams(input_params.scale, weight.scale)
         self.tensors[bias.name] = TensorDecision(
             bias.name, Role.BIAS, params, f"bias of {node.name}, int32"
@@ -248,28 +275,54 @@ class _Planner:
         output = node.outputs[0]
         if output.is_graph_output() or output.name in self.tensors:
             return
-        clamp = _single_clamp_consumer(output)
-        if (
-            clamp is not None
-            and clamp.name not in self.excluded
-            and not clamp.outputs[0].is_graph_output()
-        ):
-            clamped = clamp.outputs[0]
+        chain = _clamp_chain(output)
+        # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
+        # is quantized with the Clip's output range, not the Relu's wider one. An excluded
+        # clamp stays a node of its own, so the run stops before it.
+        for position, clamp in enumerate(chain):
+            if clamp.name in self.excluded:
+                chain = chain[:position]
+                break
+        for length in range(len(chain), 0, -1):
+            clamps = chain[:length]
+            clamped = clamps[-1].outputs[0]
             params = self._activation_params(clamped.name, clamped.name)
-            if _clamp_is_exact(params, ops.clamp_bounds(clamp)):
-                self.tensors[clamped.name] = TensorDecision(
-                    clamped.name,
-                    Role.ACTIVATION,
-                    params,
-                    f"output of {node.name}, absorbs {clamp.op_type} {clamp.name}",
-                )
-                self.folds[clamp.name] = ClampFold(clamp.name, output.name, clamped.name)
+            if not _clamp_is_exact(params, _combined_bounds(clamps)):
+                continue
+            names = tuple(clamp.name or "" for clamp in clamps)
+            self.tensors[clamped.name] = TensorDecision(
+                clamped.name,
+                Role.ACTIVATION,
+                params,
+                f"output of {node.name}, absorbs {', '.join(names)}",
+            )
+            self.folds.append(ClampFold(names, output.name, clamped.name))
+            for clamp in clamps:
                 self._decide(clamp, True, f"folded into the quantization of {node.name}")
-                return
+            return
         params = self._activation_params(output.name, output.name)
         self.tensors[output.name] = TensorDecision(
             output.name, Role.ACTIVATION, params, f"output of {node.name}"
         )
+
+
+def _clamp_chain(value: ir.Value) -> list[ir.Node]:
+    """The Relu/Clip nodes that follow `value` one after another, each the only reader."""
+    chain = []
+    while (clamp := _single_clamp_consumer(value)) is not None:
+        if clamp.outputs[0].is_graph_output():
+            break
+        chain.append(clamp)
+        value = clamp.outputs[0]
+    return chain
+
+
+def _combined_bounds(clamps: list[ir.Node]) -> tuple[float, float] | None:
+    """The bounds of applying `clamps` in turn (None if any bound is not constant)."""
+    bounds = [ops.clamp_bounds(clamp) for clamp in clamps]
+    if any(b is None for b in bounds):
+        return None
+    return max(low for low, _ in bounds), min(high for _, high in bounds)
 
 
 def _single_clamp_consumer(value: ir.Value) -> ir.Node | None:

@@ -100,7 +100,7 @@ class Conversion:
             converted_bytes=sizes[1],
             calibration_samples=samples,
             quantized_ops=dict(sorted(quantized.items())),
-            folded_clamps=tuple(sorted(plan.folds)),
+            folded_clamps=tuple(sorted(name for fold in plan.folds for name in fold.nodes)),
             float_nodes=tuple(
                 FloatNode(node.name, node.op_type, node.reason) for node in plan.float_nodes()
             ),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import onnxruntime as ort
 
 from qconvert.errors import ConfigError
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 # Short names users type, for the execution providers a team is likely to ship on.
 PROVIDERS = {
@@ -58,3 +62,9 @@ def resolve_provider(name: str) -> str:
             hint=f"available: {', '.join(available)}.",
         )
     return full
+
+
+def describe_error(error: BaseException) -> str:
+    """onnxruntime's message for `error` on one line, without its status-code prefix."""
+    text = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return _ORT_PREFIX.sub("", text)

@@ -171,7 +171,7 @@ def _quantize_leaving_float(node_name: str) -> bytes:
     quantized = InsertQDQPass(plan=plan)(prepared).model
     DropIntermediateShapesPass()(quantized)
     proto = onnx.load_model_from_string(model_io.to_bytes(quantized))
-    folded = {fold.output: fold for fold in plan.folds.values()}
+    folded = {fold.output: fold for fold in plan.folds}
     clamps = {
         node.name: node for node in onnx.load_model(str(DWSEP / "model.onnx")).graph.node
     }
@@ -184,7 +184,7 @@ def _quantize_leaving_float(node_name: str) -> bytes:
             continue
         tensor = name.removesuffix("_dequantized")
         if tensor in folded:
-            clamp = clamps[folded[tensor].node]
+            clamp = clamps[folded[tensor].nodes[-1]]
             clip = onnx.helper.make_node(
                 "Clip", [name, *clamp.input[1:]], [f"{tensor}_float"], name=f"{tensor}_float"
             )

@@ -6,6 +6,7 @@ anything else is a bug and prints a traceback with a request to report it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -59,10 +60,23 @@ cli.add_command(inspect_command)
 cli.add_command(compare_command)
 
 
+def _configure_logging(debug: bool) -> None:
+    """qconvert's warnings as one line each on stderr; libraries' chatter only with --debug."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("Warning: %(message)s"))
+    logger = logging.getLogger("qconvert")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logger.propagate = False
+    # onnx_ir logs failed shape inference with a traceback; planning copes without it.
+    logging.getLogger("onnx_ir").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the command line and exits with the documented code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("QCONVERT_DEBUG") == "1"
+    _configure_logging(debug)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = cli.main(args=args, prog_name="qconvert", standalone_mode=False)
