@@ -96,7 +96,8 @@ def render_html(report: Report) -> str:
                     ]
                 )
         parts.append(_table(["", "reference", "candidate"], rows))
-        parts.append("<h2>Size and latency</h2>")
+        timed = ref.latency is not None or cand.latency is not None
+        parts.append("<h2>Size and latency</h2>" if timed else "<h2>Size</h2>")
         bars = [("size, reference", ref.bytes), ("size, candidate", cand.bytes)]
         parts.append(_pair_chart("Model size (bytes)", bars, fmt.size))
         if ref.latency is not None or cand.latency is not None:
