@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qconvert.api import calibrate, inspect, quantize
+from qconvert.api import calibrate, compare, inspect, quantize
 from qconvert.errors import QconvertError
 
-__all__ = ["QconvertError", "__version__", "calibrate", "inspect", "quantize"]
+__all__ = ["QconvertError", "__version__", "calibrate", "compare", "inspect", "quantize"]

@@ -87,19 +87,32 @@ class QuantPlan:
 
 
 def make_plan(
-    model: ir.Model, scheme: StaticScheme, ranges: Mapping[str, TensorRange]
+    model: ir.Model,
+    scheme: StaticScheme,
+    ranges: Mapping[str, TensorRange],
+    *,
+    excluded: frozenset[str] = frozenset(),
 ) -> QuantPlan:
-    """Plans the static quantization of `model` with `scheme` and calibrated `ranges`."""
-    return _Planner(model, scheme, ranges).run()
+    """Plans the static quantization of `model` with `scheme` and calibrated `ranges`.
+
+    Nodes named in `excluded` stay float; their neighbours still quantize the tensors they
+    share with them.
+    """
+    return _Planner(model, scheme, ranges, excluded).run()
 
 
 class _Planner:
     def __init__(
-        self, model: ir.Model, scheme: StaticScheme, ranges: Mapping[str, TensorRange]
+        self,
+        model: ir.Model,
+        scheme: StaticScheme,
+        ranges: Mapping[str, TensorRange],
+        excluded: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = model.graph
         self.scheme = scheme
         self.ranges = ranges
+        self.excluded = excluded
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
         self.folds: list[ClampFold] = []
@@ -108,7 +121,9 @@ class _Planner:
         for node in self.graph:
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
-            if node.op_type in ops.QUANTIZED:
+            if node.name in self.excluded:
+                self._decide(node, False, "excluded: stays float")
+            elif node.op_type in ops.QUANTIZED:
                 self._plan_quantized(node, ops.QUANTIZED[node.op_type])
             elif node.op_type in ops.PASS_THROUGH:
                 self._plan_pass_through(node)
@@ -262,7 +277,12 @@ class _Planner:
             return
         chain = _clamp_chain(output)
         # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
-        # is quantized with the Clip's output range, not the Relu's wider one.
+        # is quantized with the Clip's output range, not the Relu's wider one. An excluded
+        # clamp stays a node of its own, so the run stops before it.
+        for position, clamp in enumerate(chain):
+            if clamp.name in self.excluded:
+                chain = chain[:position]
+                break
         for length in range(len(chain), 0, -1):
             clamps = chain[:length]
             clamped = clamps[-1].outputs[0]
