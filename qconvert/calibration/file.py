@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qconvert.calibration.observers import MAX_BINS, TensorObserver
+from qconvert.calibration.observers import MAX_BINS, TensorObserver, histogram_layout
 from qconvert.errors import CalibrationFileError
 
 FORMAT = "qconvert-calibration"
@@ -167,15 +167,7 @@ def _observer(name: str, entry: dict) -> TensorObserver:
         first_bin=first,
         bins=np.asarray(bins, dtype=np.int64),
     )
-    expected = TensorObserver.from_state(
-        min=low, max=high, count=0, exponent=exponent, first_bin=first, bins=np.zeros(0)
-    )
-    expected._extend(low, high)
-    if (expected.exponent, expected.first_bin, expected.bins.size) != (
-        exponent,
-        first,
-        len(bins),
-    ):
+    if histogram_layout(low, high) != (exponent, first, len(bins)):
         raise ValueError(f"tensor '{name}' has bins that do not match its range")
     return observer
 

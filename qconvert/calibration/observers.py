@@ -60,6 +60,13 @@ def bin_exponent(low: float, high: float) -> int:
     return exponent
 
 
+def histogram_layout(low: float, high: float) -> tuple[int, int, int]:
+    """(bin exponent, first bin, number of bins) of the histogram of [low, high]."""
+    exponent = bin_exponent(low, high)
+    first = math.floor(math.ldexp(low, -exponent))
+    return exponent, first, math.floor(math.ldexp(high, -exponent)) - first + 1
+
+
 def _fits(low: float, high: float, exponent: int) -> bool:
     first = math.floor(math.ldexp(low, -exponent))
     last = math.floor(math.ldexp(high, -exponent))
@@ -155,9 +162,7 @@ class TensorObserver:
         """Widens the range to [low, high], re-binning the histogram when it must."""
         if self.count and low >= self.min and high <= self.max:
             return
-        exponent = bin_exponent(low, high)
-        first = math.floor(math.ldexp(low, -exponent))
-        size = math.floor(math.ldexp(high, -exponent)) - first + 1
+        exponent, first, size = histogram_layout(low, high)
         if self.count == 0:
             bins = np.zeros(size, dtype=np.int64)
         else:
