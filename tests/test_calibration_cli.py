@@ -337,6 +337,10 @@ def test_calibration_file_of_another_model(run_cli, tiny_cnn, tmp_path, calibrat
             lambda text: text.replace('"bins": [', '"bins": [-5, ', 1),
             ("is corrupt", "not counts"),
         ),
+        (
+            lambda text: text.replace('"first_bin": 0,', '"first_bin": 5,', 1),
+            ("is corrupt", "do not match its range"),
+        ),
     ],
     ids=[
         "truncated",
@@ -345,6 +349,7 @@ def test_calibration_file_of_another_model(run_cli, tiny_cnn, tmp_path, calibrat
         "not-calibration",
         "missing-field",
         "bad-bins",
+        "bins-off-range",
     ],
 )
 def test_damaged_calibration_file(run_cli, tiny_cnn, tmp_path, calibrated, damage, fragments):
