@@ -123,7 +123,7 @@ def read_calibration(path: str | os.PathLike[str]) -> Calibration:
         )
     try:
         return _parse(document)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
         raise CalibrationFileError(
             f"Calibration file '{path}' is corrupt: {_describe(exc)}."
         ) from None
@@ -181,8 +181,10 @@ def _integer(value: object, what: str, *, signed: bool = False) -> int:
 def _describe(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"the entry {exc} is missing"
-    if isinstance(exc, TypeError):
+    if isinstance(exc, TypeError | AttributeError | IndexError):
         return "an entry has the wrong type"
+    if isinstance(exc, OverflowError):
+        return "a number is out of range"
     return str(exc)
 
 
