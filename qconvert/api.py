@@ -6,47 +6,67 @@ list of stages: load -> prepare -> calibrate -> plan -> rewrite -> verify -> sav
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+import onnx_ir as ir
+
 from qconvert import model as model_io
 from qconvert.calibration import calibrate_tensors, tensors_to_calibrate
 from qconvert.compare import compare_models, load_labels
-from qconvert.dataset import DirectorySource, input_specs
-from qconvert.errors import ConfigError
+from qconvert.config import Format, QuantizeConfig
+from qconvert.cpu import lacks_vnni
+from qconvert.dataset import DirectorySource, Feeds, InputSpec, input_specs
+from qconvert.errors import ConfigError, UnsupportedModelError
 from qconvert.inspection import ModelSummary, summarize
-from qconvert.passes import InsertQDQPass, prepare
-from qconvert.plan import make_plan
+from qconvert.passes import (
+    CastToFloat16Pass,
+    DynamicQuantizeMatMulPass,
+    InsertQDQPass,
+    QDQToQOperatorPass,
+    StoreWeightsAsFloat16Pass,
+    prepare,
+)
+from qconvert.plan import QuantPlan, make_dynamic_plan, make_float16_plan, make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
-from qconvert.schemes import SCHEMES
+from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
+from qconvert.selection import NodeSelection
 from qconvert.verify import verify_model
 
 PathLike = str | os.PathLike[str]
+
+logger = logging.getLogger("qconvert")
+
+_MICROSOFT = "com.microsoft"
 
 
 def quantize(
     model: PathLike,
     output: PathLike,
     *,
-    data: PathLike,
-    scheme: str = "int8",
-    per_channel: bool = True,
+    data: PathLike | None = None,
+    config: QuantizeConfig | None = None,
     eval_data: PathLike | None = None,
     report: PathLike | None = None,
     force: bool = False,
     progress: Progress = SILENT,
 ) -> Report:
-    """Quantizes `model` with calibration samples from `data` and writes `output`.
+    """Quantizes `model` as `config` says and writes `output`.
 
     Args:
         model: the float ONNX model; it is only read.
         output: where the quantized model goes (refused if it exists, unless `force`).
-        data: a folder of calibration samples.
-        scheme: a name from `qconvert.schemes.SCHEMES`.
-        per_channel: one weight scale per output channel (else one per tensor).
+            A model whose weights live in external data is written with its tensors in
+            `<output name>.data` beside it.
+        data: a folder of calibration samples (static schemes need it; int8-dynamic, fp16
+            and fp16-weights do not).
+        config: scheme, format and controls; `QuantizeConfig()` is int8 QDQ.
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
             float and quantized models are compared on it and the result goes in the report.
         report: a file to write the report to (`.json`).
@@ -55,12 +75,20 @@ def quantize(
 
     Returns:
         The report: sizes, what was quantized and what was not, and the comparison.
+
+    Example::
+
+        config = QuantizeConfig(scheme="16x8", exclude=("head.*",))
+        report = qconvert.quantize("model.onnx", "model.16x8.onnx", data="calib/",
+                                   config=config)
     """
-    if scheme not in SCHEMES:
+    config = config if config is not None else QuantizeConfig()
+    scheme = config.resolve_scheme()
+    if scheme.needs_calibration and data is None:
         raise ConfigError(
-            f"Unknown scheme '{scheme}'.", hint=f"choose from {', '.join(SCHEMES)}."
+            f"--scheme {config.scheme} needs calibration data: pass --data DIR.",
+            hint="int8-dynamic, fp16 and fp16-weights need none.",
         )
-    chosen = SCHEMES[scheme].with_options(per_channel=per_channel)
     output = model_io.check_output_path(output, force=force)
     if report is not None:
         check_report_path(report)
@@ -68,27 +96,59 @@ def quantize(
 
     with _timed(timings, "load"):
         float_model = model_io.load_model(model)
+        model_io.check_convertible(float_model, model)
         opset_before = float_model.opset_imports.get("", 1)
-        source = DirectorySource(data, input_specs(float_model))
-        evaluation = (
-            DirectorySource(eval_data, source.specs) if eval_data is not None else None
-        )
+        if config.opset is not None and config.opset < opset_before:
+            raise ConfigError(
+                f"--opset {config.opset} is below the model's opset {opset_before}; "
+                "qconvert only upgrades.",
+                hint=f"pass --opset {opset_before} or later, or leave it out.",
+            )
+        external = model_io.uses_external_data(model)
+        if external:
+            model_io.load_external_tensors(float_model)
+        specs = input_specs(float_model)
+        source = DirectorySource(data, specs) if scheme.needs_calibration else None
+        evaluation = DirectorySource(eval_data, specs) if eval_data is not None else None
+    if isinstance(scheme, StaticScheme | DynamicScheme) and not scheme.reduce_range:
+        if lacks_vnni():
+            logger.warning(
+                "This CPU lacks VNNI: onnxruntime's u8 x s8 kernels can saturate here. "
+                "Pass --reduce-range (7-bit weights) for models that will run on it."
+            )
+    selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
     with _timed(timings, "prepare"):
-        prepared = prepare(float_model, min_opset=chosen.min_opset)
-    with _timed(timings, "calibrate"), progress.task("Calibrating", len(source)) as advance:
-        ranges = calibrate_tensors(
-            prepared, source, tensors_to_calibrate(prepared), on_sample=advance
-        )
+        prepared, qdq_domain = _prepare(float_model, config)
+        selection.warn_unmatched(prepared.graph)
+    ranges = {}
+    if source is not None:
+        with (
+            _timed(timings, "calibrate"),
+            progress.task("Calibrating", len(source)) as advance,
+        ):
+            ranges = calibrate_tensors(
+                prepared, source, tensors_to_calibrate(prepared), on_sample=advance
+            )
     with _timed(timings, "plan"):
-        plan = make_plan(prepared, chosen, ranges)
+        plan = _plan(prepared, scheme, config, selection, ranges)
+        plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
     with _timed(timings, "rewrite"):
-        quantized = InsertQDQPass(plan=plan)(prepared).model
-        quantized.producer_name = "qconvert"
-        quantized_bytes = model_io.to_bytes(quantized)
-    with _timed(timings, "verify"):
-        verify_model(quantized_bytes, source.first().feeds)
-    with _timed(timings, "save"):
-        model_io.write_atomically(output, quantized_bytes)
+        converted = _rewrite(prepared, plan, config, qdq_domain)
+        converted.producer_name = "qconvert"
+    feeds = source.first().feeds if source is not None else _smoke_feeds(specs)
+    if external:
+        with _timed(timings, "save"):  # the model is verified in place before the rename
+            model_io.save_with_external_data(
+                converted, output, verify=lambda staged: verify_model(staged, feeds)
+            )
+        converted_for_compare: bytes | str = str(output)
+    else:
+        with _timed(timings, "verify"):
+            converted_bytes = model_io.to_bytes(converted)
+            verify_model(converted_bytes, feeds)
+        with _timed(timings, "save"):
+            model_io.write_atomically(output, converted_bytes)
+        converted_for_compare = converted_bytes
 
     comparison = None
     if evaluation is not None:
@@ -98,7 +158,7 @@ def quantize(
             progress.task("Evaluating", len(evaluation)) as advance,
         ):
             comparison = compare_models(
-                str(model), quantized_bytes, evaluation, labels=labels, on_sample=advance
+                str(model), converted_for_compare, evaluation, labels=labels, on_sample=advance
             )
     result = Report(
         command="quantize",
@@ -106,9 +166,9 @@ def quantize(
         output=str(output),
         conversion=Conversion.from_plan(
             plan,
-            opsets=(opset_before, quantized.opset_imports.get("", 1)),
+            opsets=(opset_before, converted.opset_imports.get("", 1)),
             sizes=(model_io.file_size(model), model_io.file_size(output)),
-            samples=len(source),
+            samples=len(source) if source is not None else 0,
         ),
         comparison=comparison,
         seconds=timings,
@@ -116,6 +176,115 @@ def quantize(
     if report is not None:
         result.write(report)
     return result
+
+
+def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, str]:
+    """Prepares the model; returns it and the domain its Q/DQ nodes go in.
+
+    int16 Q/DQ need ai.onnx opset 21. When the ONNX converter cannot raise the model that
+    far, onnxruntime's com.microsoft Q/DQ (int16 at any opset) are used instead.
+    """
+    target = config.target_opset
+    try:
+        return prepare(model, min_opset=target), ""
+    except UnsupportedModelError:
+        int16 = target == INT16_MIN_OPSET and config.opset is None and config.min_opset == target
+        if not int16:
+            raise
+    logger.warning(
+        "The model cannot be upgraded to opset %d; writing int16 Q/DQ in the %s domain.",
+        INT16_MIN_OPSET,
+        _MICROSOFT,
+    )
+    return prepare(model, min_opset=13), _MICROSOFT
+
+
+def _plan(
+    model: ir.Model,
+    scheme: StaticScheme | DynamicScheme | Float16Scheme,
+    config: QuantizeConfig,
+    selection: NodeSelection,
+    ranges: dict,
+) -> QuantPlan:
+    if isinstance(scheme, StaticScheme):
+        plan = make_plan(
+            model, scheme, ranges, selection=selection, overrides=config.overrides
+        )
+        return dataclasses.replace(plan, format=config.format.value)
+    if isinstance(scheme, DynamicScheme):
+        return make_dynamic_plan(
+            model, scheme, selection=selection, overrides=config.overrides
+        )
+    return make_float16_plan(model, scheme, selection=selection, overrides=config.overrides)
+
+
+def _rewrite(
+    model: ir.Model, plan: QuantPlan, config: QuantizeConfig, qdq_domain: str
+) -> ir.Model:
+    scheme = plan.scheme
+    if isinstance(scheme, StaticScheme):
+        passes = [InsertQDQPass(plan=plan, domain=qdq_domain)]
+        if config.format is Format.QOP:
+            passes.append(QDQToQOperatorPass())
+    elif isinstance(scheme, DynamicScheme):
+        passes = [DynamicQuantizeMatMulPass(plan=plan)]
+    elif scheme.storage_only:
+        passes = [StoreWeightsAsFloat16Pass(plan=plan)]
+    else:
+        passes = [CastToFloat16Pass(plan=plan, keep_io_types=scheme.keep_io_types)]
+    return ir.passes.PassManager(passes)(model).model
+
+
+def _with_notes(
+    plan: QuantPlan,
+    config: QuantizeConfig,
+    opset_before: int,
+    prepared: ir.Model,
+    qdq_domain: str,
+) -> QuantPlan:
+    """Adds what the report must say about opsets, domains and speed."""
+    notes = list(plan.notes)
+    opset_after = prepared.opset_imports.get("", 1)
+    if opset_after != opset_before:
+        notes.append(
+            f"The model was upgraded from opset {opset_before} to {opset_after} with the "
+            "ONNX version converter."
+        )
+    int16 = any(
+        decision.qparams.dtype.itemsize == 2 for decision in plan.tensors.values()
+    )
+    if int16:
+        where = (
+            f"onnxruntime's {_MICROSOFT} QuantizeLinear/DequantizeLinear (the upgrade to "
+            f"opset {INT16_MIN_OPSET} failed)"
+            if qdq_domain
+            else f"standard ai.onnx QuantizeLinear/DequantizeLinear at opset {opset_after}"
+        )
+        notes.append(f"int16 activations use {where}.")
+        notes.append(
+            "onnxruntime has no int16 kernels on CPU: it dequantizes around every op, so "
+            "16x8 runs slower than float there. It buys size and accuracy, not CPU speed."
+        )
+    if config.format is Format.QOP:
+        notes.append(
+            "qop: Conv, MatMul and Gemm groups are written as QLinearConv, QLinearMatMul "
+            f"and {_MICROSOFT} QGemm; groups that do not fit stay QDQ."
+        )
+    return dataclasses.replace(plan, notes=tuple(notes))
+
+
+def _smoke_feeds(specs: tuple[InputSpec, ...]) -> Feeds:
+    """Inputs for the verification run when no data was given: seeded normal floats,
+    zeros elsewhere, dynamic dims 1."""
+    rng = np.random.default_rng(0)
+    feeds: Feeds = {}
+    for spec in specs:
+        shape = tuple(1 if dim is None else dim for dim in spec.dims)
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feeds
 
 
 def inspect(model: PathLike) -> ModelSummary:

@@ -63,3 +63,7 @@ class VerificationError(QconvertError):
     """The produced model failed the checker or did not load and run in onnxruntime."""
 
     exit_code = EXIT_VERIFICATION
+
+
+class OverrideFileError(QconvertError):
+    """An override file is unreadable, or names a node, tensor or scheme that does not exist."""

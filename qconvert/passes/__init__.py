@@ -1,6 +1,18 @@
 """Graph passes on onnx_ir models: each one transformation, no I/O."""
 
+from qconvert.passes.dynamic import DynamicQuantizeMatMulPass
+from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
+from qconvert.passes.qop import QDQToQOperatorPass
 
-__all__ = ["FoldBatchNormPass", "InsertQDQPass", "UpgradeOpsetPass", "prepare"]
+__all__ = [
+    "CastToFloat16Pass",
+    "DynamicQuantizeMatMulPass",
+    "FoldBatchNormPass",
+    "InsertQDQPass",
+    "QDQToQOperatorPass",
+    "StoreWeightsAsFloat16Pass",
+    "UpgradeOpsetPass",
+    "prepare",
+]

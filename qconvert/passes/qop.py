@@ -1,0 +1,185 @@
+"""Rewrite a QDQ model in the QOperator format: integer operators instead of DQ -> op -> Q.
+
+Runs after `InsertQDQPass` and turns each group whose inputs all come from 8-bit
+DequantizeLinear nodes into one integer operator:
+
+1. `DQ(x), DQ(w), DQ(b) -> Conv -> Q(y)` becomes
+   `QLinearConv(x_q, x_scale, x_zero, w_q, w_scale, w_zero, y_scale, y_zero, b_q)`.
+2. `DQ(a), DQ(b) -> MatMul -> Q(y)` becomes `QLinearMatMul(a_q, ..., b_q, ..., y_scale, y_zero)`.
+3. `DQ(a), DQ(b), DQ(c) -> Gemm [-> Q(y)]` becomes com.microsoft `QGemm`; without the Q
+   (a graph output) QGemm writes float directly.
+4. `DQ(x) -> MaxPool/Reshape/Flatten/... -> Q(y)` with the same parameters on both sides
+   runs on the integers: `MaxPool(x_q) -> y_q`.
+
+The integer kernels compute what the QDQ group describes: sum((x_q - x_zero) (w_q -
+w_zero)) in int32, plus b_q, rescaled by x_scale w_scale / y_scale, rounded and saturated.
+A group that does not match (a 16-bit tensor, a float bias, a Conv writing a graph output)
+keeps its QDQ form, which onnxruntime runs as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from qconvert import ops
+from qconvert.names import NameAllocator
+
+MICROSOFT = "com.microsoft"
+_EIGHT_BIT = (ir.DataType.UINT8, ir.DataType.INT8)
+
+
+class QDQToQOperatorPass(ir.passes.InPlacePass):
+    """Fuses QDQ groups into integer operators (see the module docstring)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = NameAllocator(graph)
+        modified = False
+        for node in list(graph):
+            if node.op_type in _COMPUTE:
+                modified |= _COMPUTE[node.op_type](graph, names, node)
+            elif node.op_type in ops.PASS_THROUGH:
+                modified |= _pass_through(node)
+        if modified:
+            if any(node.domain == MICROSOFT for node in graph):
+                model.opset_imports.setdefault(MICROSOFT, 1)
+            RemoveUnusedNodesPass()(model)
+            TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _dequantized(value: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(integers, scale, zero point) when `value` is the output of an 8-bit DQ."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain:
+        return None
+    if len(producer.inputs) < 3 or producer.inputs[2] is None:
+        return None
+    integers = producer.inputs[0]
+    if integers.dtype not in _EIGHT_BIT and integers.dtype != ir.DataType.INT32:
+        return None
+    return integers, producer.inputs[1], producer.inputs[2]
+
+
+def _quantized_output(node: ir.Node) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+    """(Q node, scale, zero point) when the node's only reader is an 8-bit Q."""
+    output = node.outputs[0]
+    consumers = output.consumers()
+    if output.is_graph_output() or len(consumers) != 1:
+        return None
+    quantize = consumers[0]
+    if quantize.op_type != "QuantizeLinear" or quantize.domain or len(quantize.inputs) < 3:
+        return None
+    if quantize.outputs[0].dtype not in _EIGHT_BIT:
+        return None
+    return quantize, quantize.inputs[1], quantize.inputs[2]
+
+
+def _replace(graph: ir.Graph, node: ir.Node, new: ir.Node, old_output: ir.Value) -> None:
+    """Puts `new` in `node`'s place; readers of `old_output` read `new`'s output."""
+    new.outputs[0].shape = old_output.shape
+    new.outputs[0].type = old_output.type
+    graph.insert_after(node, new)
+    old_output.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+
+
+def _conv(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
+    x, w = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    b = _dequantized(bias) if bias is not None else None
+    out = _quantized_output(node)
+    if x is None or w is None or out is None or (bias is not None and b is None):
+        return False
+    quantize, y_scale, y_zero = out
+    inputs = [*x, *w, y_scale, y_zero] + ([b[0]] if b is not None else [])
+    new = ir.node(
+        "QLinearConv",
+        inputs,
+        attributes=dict(node.attributes),
+        name=names.fresh(f"{node.name}_quant"),
+        outputs=[ir.Value(name=names.fresh(f"{node.outputs[0].name}_quantized"))],
+    )
+    _replace(graph, quantize, new, quantize.outputs[0])
+    return True
+
+
+def _matmul(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
+    a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    out = _quantized_output(node)
+    if a is None or b is None or out is None:
+        return False
+    quantize, y_scale, y_zero = out
+    new = ir.node(
+        "QLinearMatMul",
+        [*a, *b, y_scale, y_zero],
+        name=names.fresh(f"{node.name}_quant"),
+        outputs=[ir.Value(name=names.fresh(f"{node.outputs[0].name}_quantized"))],
+    )
+    _replace(graph, quantize, new, quantize.outputs[0])
+    return True
+
+
+def _gemm(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
+    a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    c = _dequantized(bias) if bias is not None else None
+    if a is None or b is None or (bias is not None and c is None):
+        return False
+    if node.attributes.get_float("beta", 1.0) != 1.0:
+        return False
+    attributes = {
+        name: attr
+        for name, attr in node.attributes.items()
+        if name in ("alpha", "transA", "transB")
+    }
+    inputs: list[ir.Value | None] = [*a, *b, c[0] if c is not None else None]
+    out = _quantized_output(node)
+    if out is not None:
+        quantize, y_scale, y_zero = out
+        inputs += [y_scale, y_zero]
+        replaced, old_output = quantize, quantize.outputs[0]
+    else:
+        replaced, old_output = node, node.outputs[0]  # QGemm writes float directly
+    name = old_output.name
+    new = ir.node(
+        "QGemm",
+        inputs,
+        attributes=attributes,
+        domain=MICROSOFT,
+        name=names.fresh(f"{node.name}_quant"),
+        outputs=[ir.Value(name=names.fresh(f"{node.outputs[0].name}_quantized"))],
+    )
+    _replace(graph, replaced, new, old_output)
+    if out is None:
+        graph.remove(node, safe=True)
+        new.outputs[0].name = name  # the graph output keeps its name
+    return True
+
+
+def _pass_through(node: ir.Node) -> bool:
+    source = _dequantized(node.inputs[0])
+    out = _quantized_output(node)
+    if source is None or out is None or source[0].dtype not in _EIGHT_BIT:
+        return False
+    quantize, y_scale, y_zero = out
+    if not (_same_constant(source[1], y_scale) and _same_constant(source[2], y_zero)):
+        return False
+    node.replace_input_with(0, source[0])
+    output = node.outputs[0]
+    output.type = source[0].type
+    quantize.outputs[0].replace_all_uses_with(output)
+    return True
+
+
+def _same_constant(first: ir.Value, second: ir.Value) -> bool:
+    if first is second:
+        return True
+    if first.const_value is None or second.const_value is None:
+        return False
+    a, b = first.const_value.numpy(), second.const_value.numpy()
+    return a.dtype == b.dtype and np.array_equal(a, b)
+
+
+_COMPUTE = {"Conv": _conv, "MatMul": _matmul, "Gemm": _gemm}
