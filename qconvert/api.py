@@ -89,6 +89,12 @@ def quantize(
             f"--scheme {config.scheme} needs calibration data: pass --data DIR.",
             hint="int8-dynamic, fp16 and fp16-weights need none.",
         )
+    if eval_data is not None and not config.keep_io_types:
+        raise ConfigError(
+            "--eval does not go with --no-keep-io-types: the float and converted models "
+            "would need different input types.",
+            hint="evaluate with --keep-io-types (the default).",
+        )
     output = model_io.check_output_path(output, force=force)
     if report is not None:
         check_report_path(report)
@@ -136,6 +142,7 @@ def quantize(
         converted = _rewrite(prepared, plan, config, qdq_domain)
         converted.producer_name = "qconvert"
     feeds = source.first().feeds if source is not None else _smoke_feeds(specs)
+    feeds = _as_input_types(converted, feeds)
     if external:
         with _timed(timings, "save"):  # the model is verified in place before the rename
             model_io.save_with_external_data(
@@ -271,6 +278,17 @@ def _with_notes(
             f"and {_MICROSOFT} QGemm; groups that do not fit stay QDQ."
         )
     return dataclasses.replace(plan, notes=tuple(notes))
+
+
+def _as_input_types(model: ir.Model, feeds: Feeds) -> Feeds:
+    """The feeds cast to the converted model's input types (float16 without keep-io)."""
+    dtypes = {value.name: value.dtype for value in model.graph.inputs}
+    return {
+        name: array.astype(dtypes[name].numpy())
+        if dtypes.get(name) is not None and dtypes[name].numpy() != array.dtype
+        else array
+        for name, array in feeds.items()
+    }
 
 
 def _smoke_feeds(specs: tuple[InputSpec, ...]) -> Feeds:
