@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: setup demo test bench samples clean
+.PHONY: setup demo test bench fuzz samples clean
 
 # The virtual environment is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# A long fuzz campaign over the same properties the test suite checks briefly.
+fuzz: setup
+	QCONVERT_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q tests/robustness -k fuzz
 
 bench: setup
 	$(BIN)/python -m bench

@@ -27,6 +27,7 @@ from qconvert.inspection import ModelSummary, summarize
 from qconvert.passes import (
     CastToFloat16Pass,
     DynamicQuantizeMatMulPass,
+    DropIntermediateShapesPass,
     InsertQDQPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
@@ -111,8 +112,6 @@ def quantize(
                 hint=f"pass --opset {opset_before} or later, or leave it out.",
             )
         external = model_io.uses_external_data(model)
-        if external:
-            model_io.load_external_tensors(float_model)
         specs = input_specs(float_model)
         source = DirectorySource(data, specs) if scheme.needs_calibration else None
         evaluation = DirectorySource(eval_data, specs) if eval_data is not None else None
@@ -140,6 +139,7 @@ def quantize(
         plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
     with _timed(timings, "rewrite"):
         converted = _rewrite(prepared, plan, config, qdq_domain)
+        DropIntermediateShapesPass()(converted)
         converted.producer_name = "qconvert"
     feeds = source.first().feeds if source is not None else _smoke_feeds(specs)
     feeds = _as_input_types(converted, feeds)

@@ -1,9 +1,14 @@
 """Loading and saving ONNX models.
 
-Loading checks the file before anything else sees it: it exists, it is ONNX, it passes the
-ONNX checker. Saving is atomic: the model is written to a temporary file beside the target
-and renamed into place, so an interrupted or failed run never leaves a partial output. The
-input file is only ever read.
+Loading treats the file as untrusted and checks it before anything else sees it, in this
+order: it exists and fits protobuf's 2 GB limit; it parses as ONNX (without reading any
+external data); every external-data reference stays inside the model's folder (no absolute
+path, no `..`, no symlink leading out); no tensor declares more bytes than `LoadLimits`
+allow; and it passes the ONNX checker. Only then are weights read.
+
+Saving is atomic: the model is written to a temporary file beside the target and renamed
+into place, so an interrupted or failed run never leaves a partial output. The input file
+is only ever read.
 
 A model whose weights live in external data (any model over protobuf's 2 GB limit) is
 saved the same way: `save_with_external_data` writes the model and its `<name>.data` file
@@ -15,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -29,30 +36,55 @@ from qconvert import ops
 from qconvert.errors import ModelLoadError, OutputError, UnsupportedModelError
 
 _HASH_CHUNK = 1 << 20
+PROTOBUF_LIMIT = 2**31 - 1
 OLDEST_OPSET = 7
 """onnxruntime runs ai.onnx opset 7 and later; older models are refused, not upgraded."""
 
 
-def load_model(path: str | os.PathLike[str]) -> ir.Model:
-    """Reads and checks the model at `path`.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadLimits:
+    """Bounds a model must respect before any of its weights are read.
+
+    Attributes:
+        max_tensor_bytes: the most bytes one tensor may declare (dims x element size).
+            A file can declare a tensor far larger than the machine's memory; it is refused
+            up front instead of failing (or swapping) halfway through a run.
+    """
+
+    max_tensor_bytes: int = 16 * 2**30
+
+
+def load_model(path: str | os.PathLike[str], limits: LoadLimits = LoadLimits()) -> ir.Model:
+    """Reads and checks the model at `path` (see the module docstring for the checks).
 
     Raises:
-        ModelLoadError: the file is missing, is not an ONNX model, is truncated, or fails the
-            ONNX checker.
+        ModelLoadError: the file is missing, is not an ONNX model, is truncated, refers to
+            data outside its folder, declares a tensor over the limit, or fails the checker.
     """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"Model file '{path}' does not exist.")
     if not path.is_file():
         raise ModelLoadError(f"Model path '{path}' is not a file.")
+    if path.stat().st_size > PROTOBUF_LIMIT:
+        raise ModelLoadError(
+            f"Model file '{path}' is over protobuf's 2 GB limit.",
+            hint="models this large must keep their weights in external data files.",
+        )
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
+        proto = onnx.load_model(str(path), format="protobuf", load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(
             f"Model file '{path}' is not a readable ONNX model ({_first_line(exc)})."
         ) from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"Model file '{path}' is not an ONNX model (it holds no graph).")
+    if not proto.graph.output:
+        raise ModelLoadError(f"Model file '{path}' declares no graph outputs.")
+    for tensor in _all_tensors(proto.graph):
+        _check_tensor_size(path, tensor, limits)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _check_external_location(path, tensor)
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, DecodeError, RuntimeError, ValueError) as exc:
@@ -60,7 +92,10 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
             f"Model file '{path}' fails the ONNX checker: {_first_line(exc)}"
         ) from None
     try:
-        return ir.load(path)
+        model = ir.load(path)
+        # Weights are held in memory from here on, so the model can be handed to
+        # onnxruntime as bytes and saved anywhere without dangling file references.
+        return ir.external_data.load_to_model(model)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(
             f"Model file '{path}' could not be read: {_first_line(exc)}"
@@ -115,7 +150,7 @@ def file_size(path: str | os.PathLike[str]) -> int:
     proto = onnx.load_model(str(path), load_external_data=False)
     locations = {
         entry.value
-        for tensor in _all_initializers(proto.graph)
+        for tensor in _all_tensors(proto.graph)
         if tensor.data_location == onnx.TensorProto.EXTERNAL
         for entry in tensor.external_data
         if entry.key == "location"
@@ -128,31 +163,8 @@ def uses_external_data(path: str | os.PathLike[str]) -> bool:
     proto = onnx.load_model(str(path), load_external_data=False)
     return any(
         tensor.data_location == onnx.TensorProto.EXTERNAL
-        for tensor in _all_initializers(proto.graph)
+        for tensor in _all_tensors(proto.graph)
     )
-
-
-# Below this many bytes of tensors, a model is read fully into memory, so it can be
-# serialized as one protobuf (which cannot exceed 2 GB) for onnxruntime and the checker.
-INLINE_LIMIT = 1_500_000_000
-
-
-def load_external_tensors(model: ir.Model) -> bool:
-    """Reads external tensors into memory when the whole model fits in one protobuf.
-
-    Returns:
-        True when the model now holds all its tensors; False when it is too large and
-        keeps reading them from its external data file.
-    """
-    total = sum(
-        value.const_value.nbytes
-        for value in model.graph.initializers.values()
-        if value.const_value is not None
-    )
-    if total > INLINE_LIMIT:
-        return False
-    ir.external_data.load_to_model(model)
-    return True
 
 
 def save_with_external_data(
@@ -232,15 +244,75 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _all_initializers(graph: onnx.GraphProto):
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers and Constant-style attributes, subgraphs too."""
     yield from graph.initializer
     for node in graph.node:
         for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attribute.g)
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            elif attribute.type == onnx.AttributeProto.TENSORS:
+                yield from attribute.tensors
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attribute.g)
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for subgraph in attribute.graphs:
-                    yield from _all_initializers(subgraph)
+                    yield from _all_tensors(subgraph)
+
+
+def _check_tensor_size(path: Path, tensor: onnx.TensorProto, limits: LoadLimits) -> None:
+    if any(dim < 0 for dim in tensor.dims):
+        raise ModelLoadError(f"Model file '{path}': tensor '{tensor.name}' has a negative dim.")
+    itemsize = _ELEMENT_BYTES.get(tensor.data_type, 8)
+    declared = math.prod(tensor.dims) * itemsize
+    if declared > limits.max_tensor_bytes:
+        raise ModelLoadError(
+            f"Model file '{path}': tensor '{tensor.name}' declares {declared:,} bytes, over "
+            f"the limit of {limits.max_tensor_bytes:,}.",
+            hint="raise the limit with --max-tensor-bytes if the machine can hold it.",
+        )
+
+
+def _check_external_location(path: Path, tensor: onnx.TensorProto) -> None:
+    """Refuses external data that would be read from outside the model's folder."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    problem = None
+    if not location:
+        problem = "has no location"
+    elif os.path.isabs(location) or Path(location).drive:
+        problem = f"points to the absolute path '{location}'"
+    elif ".." in Path(location).parts:
+        problem = f"points outside the model's folder ('{location}')"
+    else:
+        folder = path.parent.resolve()
+        target = (path.parent / location).resolve()
+        if not target.is_relative_to(folder):
+            problem = f"is a link leading outside the model's folder ('{location}')"
+        elif not target.is_file():
+            problem = f"refers to '{location}', which does not exist"
+    if problem is not None:
+        raise ModelLoadError(
+            f"Model file '{path}': the external data of tensor '{tensor.name}' {problem}.",
+            hint="external data files must sit beside the model, named relative to it.",
+        )
+
+
+_ELEMENT_BYTES = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT16: 2,
+    onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.INT64: 8,
+    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.DOUBLE: 8,
+    onnx.TensorProto.UINT32: 4,
+    onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BFLOAT16: 2,
+}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -258,6 +258,11 @@ class _Planner:
             return
         scheme = self._node_scheme(node)
         for index in rule.activations:
+            if constant_array(node.inputs[index]) is not None:
+                # All-constant arithmetic is folded by onnxruntime; quantizing it gains nothing.
+                self._decide(node, False, f"input {index} is a constant: stays float")
+                return
+        for index in rule.activations:
             self._plan_activation(node.inputs[index], f"input of {node.name}")
         weight_params: dict[int, qparams.QParams] = {}
         for index, axis_of in rule.weights.items():

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import onnxruntime as ort
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def make_session(
@@ -15,3 +19,9 @@ def make_session(
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def describe_error(error: BaseException) -> str:
+    """onnxruntime's message for `error` on one line, without its status-code prefix."""
+    text = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return _ORT_PREFIX.sub("", text)

@@ -7,7 +7,7 @@ import onnx
 
 from qconvert.dataset import Feeds
 from qconvert.errors import VerificationError
-from qconvert.runtime import make_session
+from qconvert.runtime import describe_error, make_session
 
 
 def verify_model(model: bytes | str, feeds: Feeds) -> None:
@@ -25,19 +25,19 @@ def verify_model(model: bytes | str, feeds: Feeds) -> None:
             onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
     except onnx.checker.ValidationError as exc:
         raise VerificationError(
-            f"The converted model fails the ONNX checker: {_line(exc)}"
+            f"The converted model fails the ONNX checker: {describe_error(exc)}"
         ) from None
     try:
         session = make_session(model)
-    except Exception as exc:  # onnxruntime raises its own exception types, not one base
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise VerificationError(
-            f"onnxruntime cannot load the converted model: {_line(exc)}"
+            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
         ) from None
     try:
         outputs = session.run(None, feeds)
-    except Exception as exc:  # as above
+    except Exception as exc:  # noqa: BLE001 - as above
         raise VerificationError(
-            f"onnxruntime cannot run the converted model: {_line(exc)}"
+            f"onnxruntime cannot run the converted model: {describe_error(exc)}"
         ) from None
     for meta, array in zip(session.get_outputs(), outputs, strict=True):
         array = np.asarray(array)
@@ -45,7 +45,3 @@ def verify_model(model: bytes | str, feeds: Feeds) -> None:
             raise VerificationError(
                 f"The converted model's output '{meta.name}' holds NaN or Inf on the smoke sample."
             )
-
-
-def _line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0]

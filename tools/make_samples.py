@@ -236,16 +236,16 @@ class SampleNet(nn.Module):
 
 
 class DigitsCNN(SampleNet):
-    """Plain CNN: 2x (Conv3x3 + BN + ReLU + MaxPool2) -> Flatten -> FC 512-64-10."""
+    """Plain CNN: 2x (Conv3x3 + BN + ReLU + MaxPool2) -> Flatten -> FC 1024-128-10."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(16, eps=BN_EPS)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(32, eps=BN_EPS)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, N_CLASSES)
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32, eps=BN_EPS)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(64, eps=BN_EPS)
+        self.fc1 = nn.Linear(64 * 4 * 4, 128)
+        self.fc2 = nn.Linear(128, N_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[N,1,16,16]`` images to ``[N,10]`` logits."""
@@ -271,10 +271,10 @@ class DigitsCNN(SampleNet):
 
 #: depthwise-separable blocks: (in_channels, out_channels, depthwise stride)
 DWSEP_BLOCKS: list[tuple[int, int, int]] = [
-    (16, 32, 1),
-    (32, 64, 2),
-    (64, 128, 1),
-    (128, 128, 2),
+    (32, 64, 1),
+    (64, 128, 2),
+    (128, 256, 1),
+    (256, 256, 2),
 ]
 
 
@@ -283,8 +283,8 @@ class DigitsDWSep(SampleNet):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(16, eps=BN_EPS)
+        self.stem = nn.Conv2d(1, 32, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(32, eps=BN_EPS)
         self.dw = nn.ModuleList()
         self.dw_bn = nn.ModuleList()
         self.pw = nn.ModuleList()
@@ -331,10 +331,10 @@ class DigitsDWSep(SampleNet):
         )
 
 
-D_MODEL = 64
+D_MODEL = 128
 N_HEADS = 4
 D_HEAD = D_MODEL // N_HEADS
-D_FF = 128
+D_FF = 256
 N_LAYERS = 2
 N_TOKENS = IMG
 
@@ -493,8 +493,8 @@ SPECS: list[Spec] = [
     Spec(
         "digits_cnn",
         DigitsCNN,
-        "Conv(1→16,3x3)+BN+ReLU → MaxPool → Conv(16→32,3x3)+BN+ReLU → MaxPool → Flatten → "
-        "Gemm(512→64)+ReLU → Gemm(64→10)",
+        "Conv(1→32,3x3)+BN+ReLU → MaxPool → Conv(32→64,3x3)+BN+ReLU → MaxPool → Flatten → "
+        "Gemm(1024→128)+ReLU → Gemm(128→10)",
         (1, IMG, IMG),
         epochs=30,
         lr=1e-3,
@@ -502,9 +502,9 @@ SPECS: list[Spec] = [
     Spec(
         "digits_dwsep",
         DigitsDWSep,
-        "Conv(1→16,3x3)+BN+ReLU6 → 4x [DWConv 3x3 (stride 1,2,1,2)+BN+ReLU6 → "
+        "Conv(1→32,3x3)+BN+ReLU6 → 4x [DWConv 3x3 (stride 1,2,1,2)+BN+ReLU6 → "
         "PWConv 1x1+BN+ReLU6] "
-        "(16→32→64→128→128 ch) → GlobalAveragePool → Flatten → Gemm(128→10)",
+        "(32→64→128→256→256 ch) → GlobalAveragePool → Flatten → Gemm(256→10)",
         (1, IMG, IMG),
         epochs=40,
         lr=2e-3,
@@ -512,10 +512,10 @@ SPECS: list[Spec] = [
     Spec(
         "digits_transformer",
         DigitsTransformer,
-        "rows as 16 tokens → MatMul embed(16→64)+bias+pos → 2x pre-LN encoder layer "
+        "rows as 16 tokens → MatMul embed(16→128)+bias+pos → 2x pre-LN encoder layer "
         "[LN → 4-head self-attention (MatMul/Softmax) → residual; "
-        "LN → FFN 64→128 GELU(Erf) → 64 → residual] "
-        "→ LN → ReduceMean(tokens) → Gemm(64→10)",
+        "LN → FFN 128→256 GELU(Erf) → 128 → residual] "
+        "→ LN → ReduceMean(tokens) → Gemm(128→10)",
         (IMG, IMG),
         epochs=80,
         lr=1e-3,

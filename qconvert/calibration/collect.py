@@ -11,8 +11,8 @@ import onnx_ir as ir
 from qconvert import ops
 from qconvert.calibration.observers import MinMaxObserver, TensorRange
 from qconvert.dataset import Sample
-from qconvert.errors import CalibrationDataError
-from qconvert.runtime import make_session
+from qconvert.errors import CalibrationDataError, ModelLoadError
+from qconvert.runtime import describe_error, make_session
 
 _FLOAT_TYPES = {
     ir.DataType.FLOAT,
@@ -52,14 +52,17 @@ def calibrate_tensors(
 ) -> dict[str, TensorRange]:
     """Streams `samples` through `model` and returns the range of each tensor."""
     tensor_names = tuple(tensor_names)
-    session = make_session(_expose(model, tensor_names))
+    try:
+        session = make_session(_expose(model, tensor_names))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise ModelLoadError(f"onnxruntime cannot load the model: {describe_error(exc)}") from None
     observers = {name: MinMaxObserver() for name in tensor_names}
     for sample in samples:
         try:
             outputs = session.run(tensor_names, sample.feeds)
-        except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
             raise CalibrationDataError(
-                f"onnxruntime failed on sample '{sample.source}': {str(exc).splitlines()[0]}"
+                f"onnxruntime failed on sample '{sample.source}': {describe_error(exc)}"
             ) from None
         for name, array in zip(tensor_names, outputs, strict=True):
             observers[name].update(np.asarray(array))

@@ -6,7 +6,9 @@ anything else is a bug and prints a traceback with a request to report it.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -19,7 +21,19 @@ from qconvert.cli.quantize import quantize_command
 from qconvert.errors import EXIT_USAGE, QconvertError
 
 EXIT_BUG = 70
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temporary files) runs.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 @click.group(
@@ -43,10 +57,24 @@ cli.add_command(quantize_command)
 cli.add_command(inspect_command)
 
 
+def _configure_logging(debug: bool) -> None:
+    """qconvert's warnings as one line each on stderr; libraries' chatter only with --debug."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("Warning: %(message)s"))
+    logger = logging.getLogger("qconvert")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logger.propagate = False
+    # onnx_ir logs failed shape inference with a traceback; planning copes without it.
+    logging.getLogger("onnx_ir").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the command line and exits with the documented code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("QCONVERT_DEBUG") == "1"
+    _configure_logging(debug)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = cli.main(args=args, prog_name="qconvert", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -60,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         _console.error(str(exc))
         code = exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _console.error("interrupted; nothing was written.")
+        _console.error("interrupted; no output was written.")
         code = EXIT_INTERRUPTED
+    except Terminated:
+        _console.error("terminated; no output was written.")
+        code = EXIT_TERMINATED
     except Exception:  # a bug: show everything and ask for a report
         traceback.print_exc()
         _console.error(

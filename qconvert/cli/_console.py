@@ -7,7 +7,6 @@ accident). Progress bars appear only on a terminal and never in CI.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -57,17 +56,3 @@ class BarProgress:
             task_id = bar.add_task(description, total=total)
             yield lambda: bar.advance(task_id)
 
-
-class _WarningHandler(logging.Handler):
-    """Shows the library's warnings as `Warning:` lines on stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        warning(record.getMessage())
-
-
-def show_library_warnings() -> None:
-    """Routes warnings logged under `qconvert` to stderr (once per process)."""
-    library = logging.getLogger("qconvert")
-    if not any(isinstance(handler, _WarningHandler) for handler in library.handlers):
-        handler = _WarningHandler(level=logging.WARNING)
-        library.addHandler(handler)

@@ -153,7 +153,6 @@ def quantize_command(
     from qconvert.config import QuantizeConfig
     from qconvert.overrides import load_overrides
 
-    _console.show_library_warnings()
     config = QuantizeConfig(
         scheme=scheme,
         format=format_,

@@ -1,5 +1,6 @@
 """Graph passes on onnx_ir models: each one transformation, no I/O."""
 
+from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizeMatMulPass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
@@ -8,6 +9,7 @@ from qconvert.passes.qop import QDQToQOperatorPass
 
 __all__ = [
     "CastToFloat16Pass",
+    "DropIntermediateShapesPass",
     "DynamicQuantizeMatMulPass",
     "FoldBatchNormPass",
     "InsertQDQPass",

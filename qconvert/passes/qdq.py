@@ -37,15 +37,18 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = NameAllocator(graph)
+        parameters = _ParameterStore(graph, names)
         values = values_by_name(graph)
         folded = {fold.output: fold for fold in self.plan.folds.values()}
         for decision in self.plan.tensors.values():
             value = values[decision.name]
             if decision.role is Role.ACTIVATION:
                 source = values[folded[value.name].source] if value.name in folded else value
-                _quantize_activation(graph, names, value, source, decision, self.domain)
+                _quantize_activation(
+                    graph, names, parameters, value, source, decision, self.domain
+                )
             else:
-                _quantize_constant(graph, names, value, decision, self.domain)
+                _quantize_constant(graph, names, parameters, value, decision, self.domain)
         for fold in self.plan.folds.values():
             clamp = values[fold.output].producer()
             graph.remove(clamp, safe=True)
@@ -59,13 +62,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
 def _quantize_activation(
     graph: ir.Graph,
     names: NameAllocator,
+    parameters: _ParameterStore,
     value: ir.Value,
     source: ir.Value,
     decision: TensorDecision,
     domain: str,
 ) -> None:
     """Inserts Q(source) -> DQ and points every reader of `value` at the DQ output."""
-    scale, zero_point = _parameter_values(graph, names, decision)
+    scale, zero_point = parameters.get(decision)
     dequantized = ir.Value(name=names.fresh(f"{decision.name}_dequantized"))
     # Readers are redirected first, so the new QuantizeLinear keeps reading the float value.
     value.replace_all_uses_with(dequantized)
@@ -91,6 +95,7 @@ def _quantize_activation(
 def _quantize_constant(
     graph: ir.Graph,
     names: NameAllocator,
+    parameters: _ParameterStore,
     value: ir.Value,
     decision: TensorDecision,
     domain: str,
@@ -109,11 +114,14 @@ def _quantize_constant(
     else:
         integers = qparams.quantize(array, params)
     stored = add_initializer(graph, names.fresh(f"{decision.name}_quantized"), integers)
-    scale, zero_point = _parameter_values(graph, names, decision)
+    scale, zero_point = parameters.get(decision)
     attributes = {"axis": params.axis} if params.axis is not None else {}
+    # An int32 bias has zero point 0, DequantizeLinear's default: storing it would only
+    # add bytes (onnxruntime's fusions accept the bias without it).
+    inputs = [stored, scale] if decision.role is Role.BIAS else [stored, scale, zero_point]
     dequantize = ir.node(
         "DequantizeLinear",
-        [stored, scale, zero_point],
+        inputs,
         attributes=attributes,
         domain=domain,
         name=names.fresh(f"{decision.name}_DequantizeLinear"),
@@ -130,17 +138,32 @@ def _quantize_constant(
     graph.initializers.pop(value.name, None)
 
 
-def _parameter_values(
-    graph: ir.Graph, names: NameAllocator, decision: TensorDecision
-) -> tuple[ir.Value, ir.Value]:
-    params = decision.qparams
-    per_axis = params.axis is not None
-    scale = params.scale if per_axis else params.scale.reshape(())
-    zero_point = params.zero_point if per_axis else params.zero_point.reshape(())
-    return (
-        add_initializer(graph, names.fresh(f"{decision.name}_scale"), scale),
-        add_initializer(graph, names.fresh(f"{decision.name}_zero_point"), zero_point),
-    )
+class _ParameterStore:
+    """Scale and zero-point initializers, one per distinct value.
+
+    Tensors that share parameters (a MaxPool's output and its input, say) then share the
+    initializers too: a smaller file, and onnxruntime sees at a glance that they match.
+    """
+
+    def __init__(self, graph: ir.Graph, names: NameAllocator) -> None:
+        self.graph = graph
+        self.names = names
+        self.stored: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+
+    def get(self, decision: TensorDecision) -> tuple[ir.Value, ir.Value]:
+        params = decision.qparams
+        per_axis = params.axis is not None
+        scale = params.scale if per_axis else params.scale.reshape(())
+        zero_point = params.zero_point if per_axis else params.zero_point.reshape(())
+        key = (scale.shape, scale.tobytes(), zero_point.dtype.str, zero_point.tobytes())
+        if key not in self.stored:
+            self.stored[key] = (
+                add_initializer(self.graph, self.names.fresh(f"{decision.name}_scale"), scale),
+                add_initializer(
+                    self.graph, self.names.fresh(f"{decision.name}_zero_point"), zero_point
+                ),
+            )
+        return self.stored[key]
 
 
 def _copy_type(source: ir.Value, target: ir.Value, dtype: np.dtype | None) -> None:

@@ -50,15 +50,19 @@ class QDQToQOperatorPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
 
-def _dequantized(value: ir.Value | None) -> tuple[ir.Value, ir.Value, ir.Value] | None:
-    """(integers, scale, zero point) when `value` is the output of an 8-bit DQ."""
+def _dequantized(value: ir.Value | None) -> tuple[ir.Value, ...] | None:
+    """(integers, scale, zero point) when `value` is the output of an 8-bit DQ, or
+    (integers,) when it is an int32 bias's DQ (its zero point is 0 and may be left out).
+    """
     producer = value.producer() if value is not None else None
     if producer is None or producer.op_type != "DequantizeLinear" or producer.domain:
         return None
-    if len(producer.inputs) < 3 or producer.inputs[2] is None:
-        return None
     integers = producer.inputs[0]
-    if integers.dtype not in _EIGHT_BIT and integers.dtype != ir.DataType.INT32:
+    if integers.dtype == ir.DataType.INT32:
+        return (integers,)
+    if integers.dtype not in _EIGHT_BIT or len(producer.inputs) < 3:
+        return None
+    if producer.inputs[2] is None:
         return None
     return integers, producer.inputs[1], producer.inputs[2]
 
@@ -90,7 +94,7 @@ def _conv(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     b = _dequantized(bias) if bias is not None else None
     out = _quantized_output(node)
-    if x is None or w is None or out is None or (bias is not None and b is None):
+    if not _eight_bit(x, w) or out is None or (bias is not None and b is None):
         return False
     quantize, y_scale, y_zero = out
     inputs = [*x, *w, y_scale, y_zero] + ([b[0]] if b is not None else [])
@@ -108,7 +112,7 @@ def _conv(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
 def _matmul(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
     a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
     out = _quantized_output(node)
-    if a is None or b is None or out is None:
+    if not _eight_bit(a, b) or out is None:
         return False
     quantize, y_scale, y_zero = out
     new = ir.node(
@@ -125,7 +129,7 @@ def _gemm(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
     a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     c = _dequantized(bias) if bias is not None else None
-    if a is None or b is None or (bias is not None and c is None):
+    if not _eight_bit(a, b) or (bias is not None and c is None):
         return False
     if node.attributes.get_float("beta", 1.0) != 1.0:
         return False
@@ -161,7 +165,7 @@ def _gemm(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
 def _pass_through(node: ir.Node) -> bool:
     source = _dequantized(node.inputs[0])
     out = _quantized_output(node)
-    if source is None or out is None or source[0].dtype not in _EIGHT_BIT:
+    if not _eight_bit(source) or out is None:
         return False
     quantize, y_scale, y_zero = out
     if not (_same_constant(source[1], y_scale) and _same_constant(source[2], y_zero)):
@@ -171,6 +175,10 @@ def _pass_through(node: ir.Node) -> bool:
     output.type = source[0].type
     quantize.outputs[0].replace_all_uses_with(output)
     return True
+
+
+def _eight_bit(*groups: tuple[ir.Value, ...] | None) -> bool:
+    return all(group is not None and len(group) == 3 for group in groups)
 
 
 def _same_constant(first: ir.Value, second: ir.Value) -> bool:

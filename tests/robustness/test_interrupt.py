@@ -1,0 +1,65 @@
+"""Ctrl-C and SIGTERM during quantize: one line, exit 130/143, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+
+def _slow_model(path):
+    """Six 1024x1024 MatMul+Relu layers: tens of milliseconds per sample."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "input"
+    for i in range(6):
+        w = (rng.standard_normal((1024, 1024)) / 32).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(onnx.helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"mm{i}"))
+        out = "output" if i == 5 else f"relu{i}"
+        nodes.append(onnx.helper.make_node("Relu", [f"mm{i}"], [out], name=f"relu{i}"))
+        x = out
+    graph = onnx.helper.make_graph(
+        nodes,
+        "slow",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 64, 1024])],
+        [onnx.helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 64, 1024])],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["sigint", "sigterm"],
+)
+def test_signal_during_calibration_leaves_nothing(tmp_path, signum, code, word):
+    model = tmp_path / "slow.onnx"
+    _slow_model(model)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "s00000.npy", np.ones((1, 64, 1024), np.float32))
+    for i in range(1, 2000):  # the same sample many times: minutes of work, little disk
+        os.symlink(calib / "s00000.npy", calib / f"s{i:05d}.npy")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qconvert", "quantize", str(model), "--data", str(calib),
+         "-o", str(out_dir / "q.onnx")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(4.0)  # past start-up, inside calibration
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert err.strip() == f"Error: {word}; no output was written."
+    assert list(out_dir.iterdir()) == []
