@@ -26,8 +26,8 @@ from qconvert.errors import ConfigError, UnsupportedModelError
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.passes import (
     CastToFloat16Pass,
-    DynamicQuantizeMatMulPass,
     DropIntermediateShapesPass,
+    DynamicQuantizeMatMulPass,
     InsertQDQPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
@@ -195,8 +195,8 @@ def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, str]:
     try:
         return prepare(model, min_opset=target), ""
     except UnsupportedModelError:
-        int16 = target == INT16_MIN_OPSET and config.opset is None and config.min_opset == target
-        if not int16:
+        scheme_asked_21 = config.opset is None and config.min_opset == INT16_MIN_OPSET
+        if not (target == INT16_MIN_OPSET and scheme_asked_21):
             raise
     logger.warning(
         "The model cannot be upgraded to opset %d; writing int16 Q/DQ in the %s domain.",
@@ -292,8 +292,10 @@ def _as_input_types(model: ir.Model, feeds: Feeds) -> Feeds:
 
 
 def _smoke_feeds(specs: tuple[InputSpec, ...]) -> Feeds:
-    """Inputs for the verification run when no data was given: seeded normal floats,
-    zeros elsewhere, dynamic dims 1."""
+    """Inputs for the verification run when no data was given.
+
+    Floats are seeded normal values, other types zeros; dynamic dims are 1.
+    """
     rng = np.random.default_rng(0)
     feeds: Feeds = {}
     for spec in specs:

@@ -21,7 +21,6 @@ from qconvert.schemes import (
     INT16_MIN_OPSET,
     SCHEMES,
     DynamicScheme,
-    Float16Scheme,
     Scheme,
     StaticScheme,
 )

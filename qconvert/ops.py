@@ -161,7 +161,7 @@ def float16_refusal(node: ir.Node, opset: int) -> str | None:
 
 @cache
 def float16_slots(op_type: str, opset: int) -> tuple[bool, ...]:
-    """Per formal input then output of the op's schema: may it be float16?
+    """Per formal input, then output, of the op's schema: whether it may be float16.
 
     The last formal parameter of a variadic op stands for all the extra ones.
     """

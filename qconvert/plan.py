@@ -131,8 +131,9 @@ def make_plan(
 def check_overrides(
     model: ir.Model, overrides: Overrides, *, static: bool, scheme: str
 ) -> None:
-    """Fails on an override naming a node or tensor the model lacks, or one the scheme
-    cannot apply.
+    """Fails on an override the model or the scheme cannot take.
+
+    That is a node or tensor the model lacks, or a precision the scheme cannot apply.
 
     Raises:
         OverrideFileError: naming the file and the offending entry.
@@ -453,7 +454,9 @@ def make_dynamic_plan(
         if weight.name not in tensors:
             array = constant_array(weight)
             # The output column is the last axis of B, or the first when Gemm transposes it.
-            axis = (0 if node.attributes.get_int("transB", 0) else 1) if scheme.per_channel else None
+            axis = None
+            if scheme.per_channel:
+                axis = 0 if node.attributes.get_int("transB", 0) else 1
             params = qparams.weight_qparams(
                 array, scheme.weight_dtype, axis=axis, reduce_range=scheme.reduce_range
             )
@@ -495,7 +498,8 @@ def _dynamic_refusal(node: ir.Node) -> str | None:
     if node.inputs[0].dtype not in (None, ir.DataType.FLOAT):
         return "its input is not float32"
     if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1:
+        alpha = node.attributes.get_float("alpha", 1.0)
+        if node.attributes.get_int("transA", 0) or alpha != 1:
             return "Gemm with transA or alpha != 1 stays float"
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             if constant_array(node.inputs[2]) is None:
@@ -510,8 +514,7 @@ def make_float16_plan(
     selection: NodeSelection | None = None,
     overrides: Overrides | None = None,
 ) -> QuantPlan:
-    """Plans fp16 (nodes that compute in float16) or fp16-weights (initializers stored
-    as float16).
+    """Plans fp16 (nodes computing in float16) or fp16-weights (float16 initializers).
 
     A node stays float32 when the op policy table blocks it (no float16 form, float32-only
     inputs, values that overflow float16), when one of its weights exceeds the float16

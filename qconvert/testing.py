@@ -84,7 +84,8 @@ def matmul_layernorm_exp(k: int = 16, *, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     text = f"""
         <ir_version: 8, opset_import: ["" : 17]>
-        matmul_layernorm_exp (float[N,{k}] input) => (float[N,{k}] probs, float[N,{k}] growth) {{
+        matmul_layernorm_exp (float[N,{k}] input)
+            => (float[N,{k}] probs, float[N,{k}] growth) {{
             mm = MatMul (input, w)
             norm = LayerNormalization <axis = -1> (mm, gamma, beta)
             probs = Softmax <axis = -1> (norm)

@@ -109,9 +109,12 @@ def test_override_file_toml_sets_a_node_float_and_a_tensor_int16(tiny_cnn, tmp_p
     inits = {t.name: t for t in onnx.load_model(str(out)).graph.initializer}
     assert inits["input_zero_point"].data_type == onnx.TensorProto.INT16
     assert report.conversion.opset_after == 21  # int16 needs opset 21
-    assert testing.output_sqnr(
-        tiny_cnn, out, [testing.random_inputs(testing.conv_bn_relu(), seed=9)]
-    ) >= 25.0
+    assert (
+        testing.output_sqnr(
+            tiny_cnn, out, [testing.random_inputs(testing.conv_bn_relu(), seed=9)]
+        )
+        >= 25.0
+    )
 
 
 def test_override_file_json_puts_one_node_in_16x8(tmp_path):
@@ -146,7 +149,14 @@ def test_override_file_json_puts_one_node_in_16x8(tmp_path):
         ('{"layers": {}}', ".json", ("unknown table 'layers'",)),
         ("[nodes\n", ".toml", ("could not be read",)),
     ],
-    ids=["unknown-node", "unknown-tensor", "unknown-scheme", "unknown-type", "bad-table", "bad"],
+    ids=[
+        "unknown-node",
+        "unknown-tensor",
+        "unknown-scheme",
+        "unknown-type",
+        "bad-table",
+        "bad",
+    ],
 )
 def test_bad_override_file_exits_3(run_cli, tiny_cnn, tmp_path, content, suffix, fragments):
     overrides = tmp_path / f"overrides{suffix}"
@@ -203,8 +213,10 @@ def test_lacks_vnni_reads_the_cpu_flags(monkeypatch):
     [
         (
             ("--format", "qop", "--scheme", "fp16"),
-            ("--format qop does not go with --scheme fp16", "use --format qop with "
-             "--scheme int8, or --format qdq with --scheme fp16"),
+            (
+                "--format qop does not go with --scheme fp16",
+                "use --format qop with --scheme int8, or --format qdq with --scheme fp16",
+            ),
         ),
         (("--format", "qop", "--scheme", "16x8"), ("--format qop does not go with",)),
         (
@@ -225,12 +237,20 @@ def test_lacks_vnni_reads_the_cpu_flags(monkeypatch):
         (("--opset", "15"), ("--opset 15 is below the model's opset 17",)),
     ],
     ids=[
-        "qop-fp16", "qop-16x8", "activation-type-16x8", "reduce-range-fp16",
-        "symmetric-dynamic", "no-keep-io-int8", "opset-too-low-16x8", "opset-range",
+        "qop-fp16",
+        "qop-16x8",
+        "activation-type-16x8",
+        "reduce-range-fp16",
+        "symmetric-dynamic",
+        "no-keep-io-int8",
+        "opset-too-low-16x8",
+        "opset-range",
         "opset-below-model",
     ],
 )
-def test_incompatible_options_are_usage_errors(run_cli, tiny_cnn, tmp_path, options, fragments):
+def test_incompatible_options_are_usage_errors(
+    run_cli, tiny_cnn, tmp_path, options, fragments
+):
     out, result = _quantize(run_cli, tiny_cnn, tmp_path, *options)
     _assert_clean_failure(result, 2, out, *fragments)
 
@@ -255,7 +275,9 @@ def test_schemes_without_data_run_from_the_cli(run_cli, tiny_cnn, tmp_path, sche
 
 def test_already_quantized_model_is_refused(run_cli, tiny_cnn, tmp_path):
     quantized = tmp_path / "q.onnx"
-    assert run_cli("quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", quantized).code == 0
+    assert (
+        run_cli("quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", quantized).code == 0
+    )
     out, result = _quantize(run_cli, quantized, tmp_path)
     _assert_clean_failure(result, 3, out, "q.onnx", "is already quantized", "QuantizeLinear")
 
@@ -290,6 +312,14 @@ def test_scheme_help_says_16x8_is_slow_on_cpu(run_cli):
     assert result.code == 0
     text = " ".join(result.out.split())
     assert "no int16 kernels on CPU, so it runs SLOWER than float there" in text
-    for option in ("--format", "--exclude", "--include-only", "--overrides", "--opset",
-                   "--keep-io-types", "--reduce-range", "--activation-type"):
+    for option in (
+        "--format",
+        "--exclude",
+        "--include-only",
+        "--overrides",
+        "--opset",
+        "--keep-io-types",
+        "--reduce-range",
+        "--activation-type",
+    ):
         assert option in text

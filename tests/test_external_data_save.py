@@ -51,8 +51,9 @@ def test_external_data_model_is_saved_with_data_beside_the_output(
     )
     assert _external_locations(out) == {"q.onnx.data"}
     assert sorted(p.name for p in out_folder.iterdir()) == ["q.onnx", "q.onnx.data"]
-    feeds = [testing.random_inputs(testing.conv_bn_relu(channels=16), seed=50 + i)
-             for i in range(4)]
+    feeds = [
+        testing.random_inputs(testing.conv_bn_relu(channels=16), seed=50 + i) for i in range(4)
+    ]
     bound = 25.0 if scheme in ("int8", "int8-dynamic") else 35.0
     assert testing.output_sqnr(external_cnn, out, feeds) >= bound
     # The input is untouched: its own data file is still the only one it names.

@@ -119,10 +119,15 @@ def test_fp16_converts_weights_keeps_io_float32_and_blocks_exp(tmp_path):
     inits = _initializers(out)
     assert inits["w_float16"].dtype == np.float16
     assert "w" not in inits  # no float32 copy left behind
-    elem = {v.name: v.type.tensor_type.elem_type for v in (*written.graph.input,
-                                                           *written.graph.output)}
-    assert elem == {"input": onnx.TensorProto.FLOAT, "probs": onnx.TensorProto.FLOAT,
-                    "growth": onnx.TensorProto.FLOAT}
+    elem = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*written.graph.input, *written.graph.output)
+    }
+    assert elem == {
+        "input": onnx.TensorProto.FLOAT,
+        "probs": onnx.TensorProto.FLOAT,
+        "growth": onnx.TensorProto.FLOAT,
+    }
     exp = next(n for n in written.graph.node if n.op_type == "Exp")
     cast_in = next(n for n in written.graph.node if exp.input[0] in n.output)
     assert cast_in.op_type == "Cast"  # Exp reads float32 again

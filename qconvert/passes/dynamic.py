@@ -143,7 +143,7 @@ class DynamicQuantizeMatMulPass(ir.passes.InPlacePass):
 
 
 def _gemm_bias(node: ir.Node) -> np.ndarray | None:
-    """beta * C of a Gemm, or None."""
+    """Beta * C of a Gemm, or None."""
     if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
         return None
     beta = node.attributes.get_float("beta", 1.0)

@@ -5,7 +5,8 @@ DequantizeLinear nodes into one integer operator:
 
 1. `DQ(x), DQ(w), DQ(b) -> Conv -> Q(y)` becomes
    `QLinearConv(x_q, x_scale, x_zero, w_q, w_scale, w_zero, y_scale, y_zero, b_q)`.
-2. `DQ(a), DQ(b) -> MatMul -> Q(y)` becomes `QLinearMatMul(a_q, ..., b_q, ..., y_scale, y_zero)`.
+2. `DQ(a), DQ(b) -> MatMul -> Q(y)` becomes
+   `QLinearMatMul(a_q, a_scale, a_zero, b_q, b_scale, b_zero, y_scale, y_zero)`.
 3. `DQ(a), DQ(b), DQ(c) -> Gemm [-> Q(y)]` becomes com.microsoft `QGemm`; without the Q
    (a graph output) QGemm writes float directly.
 4. `DQ(x) -> MaxPool/Reshape/Flatten/... -> Q(y)` with the same parameters on both sides
@@ -51,8 +52,10 @@ class QDQToQOperatorPass(ir.passes.InPlacePass):
 
 
 def _dequantized(value: ir.Value | None) -> tuple[ir.Value, ...] | None:
-    """(integers, scale, zero point) when `value` is the output of an 8-bit DQ, or
-    (integers,) when it is an int32 bias's DQ (its zero point is 0 and may be left out).
+    """The inputs of the DQ that writes `value`, when it can feed an integer operator.
+
+    (integers, scale, zero point) for an 8-bit DQ; (integers,) for an int32 bias's DQ
+    (its zero point is 0 and may be left out).
     """
     producer = value.producer() if value is not None else None
     if producer is None or producer.op_type != "DequantizeLinear" or producer.domain:
