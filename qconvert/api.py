@@ -46,6 +46,10 @@ logger = logging.getLogger("qconvert")
 
 _MICROSOFT = "com.microsoft"
 
+CALIBRATION_LIMIT = model_io.PROTOBUF_LIMIT
+"""The most bytes of weights a model may hold to be calibrated: the calibration stage hands
+onnxruntime the model as one protobuf."""
+
 
 def quantize(
     model: PathLike,
@@ -112,6 +116,13 @@ def quantize(
                 hint=f"pass --opset {opset_before} or later, or leave it out.",
             )
         external = model_io.uses_external_data(model)
+        if scheme.needs_calibration and _tensor_bytes(float_model) > CALIBRATION_LIMIT:
+            raise UnsupportedModelError(
+                f"Model '{model}' holds over 2 GB of weights: calibration hands the model "
+                f"to onnxruntime as one protobuf, which cannot exceed 2 GB, so --scheme "
+                f"{config.scheme} cannot calibrate it yet.",
+                hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
+            )
         specs = input_specs(float_model)
         source = DirectorySource(data, specs) if scheme.needs_calibration else None
         evaluation = DirectorySource(eval_data, specs) if eval_data is not None else None
@@ -289,6 +300,14 @@ def _as_input_types(model: ir.Model, feeds: Feeds) -> Feeds:
         else array
         for name, array in feeds.items()
     }
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(
+        value.const_value.nbytes
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+    )
 
 
 def _smoke_feeds(specs: tuple[InputSpec, ...]) -> Feeds:
