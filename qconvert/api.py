@@ -27,7 +27,7 @@ from qconvert.inspection import ModelSummary, summarize
 from qconvert.passes import (
     CastToFloat16Pass,
     DropIntermediateShapesPass,
-    DynamicQuantizeMatMulPass,
+    DynamicQuantizePass,
     InsertQDQPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
@@ -245,7 +245,7 @@ def _rewrite(
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
     elif isinstance(scheme, DynamicScheme):
-        passes = [DynamicQuantizeMatMulPass(plan=plan)]
+        passes = [DynamicQuantizePass(plan=plan)]
     elif scheme.storage_only:
         passes = [StoreWeightsAsFloat16Pass(plan=plan)]
     else:

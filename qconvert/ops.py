@@ -108,10 +108,12 @@ def is_quantizable(op_type: str) -> bool:
     return op_type in QUANTIZED
 
 
-DYNAMIC: frozenset[str] = frozenset({"MatMul", "Gemm"})
+DYNAMIC: frozenset[str] = frozenset({"MatMul", "Gemm", "LSTM"})
+"""LSTM becomes onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 W and R)."""
 
 DYNAMIC_FLOAT_REASONS: dict[str, str] = {
     "Conv": "int8-dynamic leaves Conv float: ConvInteger is slower than float on CPU",
+    "GRU": "onnxruntime has no dynamically quantized GRU kernel: stays float",
 }
 
 _OVERFLOWS = "its float16 result overflows (above 65504) for moderate inputs: stays float32"

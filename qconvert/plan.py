@@ -450,20 +450,10 @@ def make_dynamic_plan(
         if reason is not None:
             nodes.append(NodeDecision(name, node.op_type, False, reason))
             continue
-        weight = node.inputs[1]
-        if weight.name not in tensors:
-            array = constant_array(weight)
-            # The output column is the last axis of B, or the first when Gemm transposes it.
-            axis = None
-            if scheme.per_channel:
-                axis = 0 if node.attributes.get_int("transB", 0) else 1
-            params = qparams.weight_qparams(
-                array, scheme.weight_dtype, axis=axis, reduce_range=scheme.reduce_range
-            )
-            granularity = "per column" if axis is not None else "per tensor"
-            tensors[weight.name] = TensorDecision(
-                weight.name, Role.WEIGHT, params, f"weight of {name}, {granularity}"
-            )
+        weights = node.inputs[1:3] if node.op_type == "LSTM" else node.inputs[1:2]
+        for weight in weights:
+            if weight.name not in tensors:
+                tensors[weight.name] = _dynamic_weight(node, weight, scheme)
         nodes.append(NodeDecision(name, node.op_type, True, "quantized dynamically"))
     return QuantPlan(
         scheme=scheme,
@@ -471,15 +461,60 @@ def make_dynamic_plan(
         nodes=tuple(nodes),
         folds=MappingProxyType({}),
         format="dynamic",
-        notes=(
+        notes=_dynamic_notes(nodes),
+    )
+
+
+def _dynamic_notes(nodes: list[NodeDecision]) -> tuple[str, ...]:
+    done = {node.op_type for node in nodes if node.quantized}
+    present = {node.op_type for node in nodes}
+    notes = []
+    if done & {"MatMul", "Gemm"}:
+        notes.append(
             "int8-dynamic: each MatMul/Gemm with a constant weight became "
             "DynamicQuantizeLinear + MatMulInteger (uint8 activations x int8 weights) + "
             "a float rescale; onnxruntime fuses each group into one DynamicQuantizeMatMul "
-            "kernel.",
+            "kernel."
+        )
+    if "LSTM" in done:
+        notes.append(
+            "int8-dynamic: each LSTM became com.microsoft DynamicQuantizeLSTM (int8 W and R, "
+            "X and H quantized at every step)."
+        )
+    if "GRU" in present:
+        notes.append("int8-dynamic leaves GRU float: onnxruntime has no such kernel.")
+    if "Conv" in present:
+        notes.append(
             "int8-dynamic leaves Conv float: onnxruntime's ConvInteger runs several times "
-            "slower than float Conv on CPU. Use --scheme int8 for conv nets.",
-        ),
+            "slower than float Conv on CPU. Use --scheme int8 for conv nets."
+        )
+    return tuple(notes)
+
+
+def _dynamic_weight(node: ir.Node, weight: ir.Value, scheme: DynamicScheme) -> TensorDecision:
+    """int8 symmetric parameters of one weight of a MatMul, Gemm or LSTM.
+
+    MatMul/Gemm: one scale per output column (the last axis of B, the first when Gemm
+    transposes it). LSTM's W and R, (directions, 4 x hidden, K): one scale per row of
+    each direction (the weights are flattened to (directions x 4 x hidden, K) for that),
+    or one per direction.
+    """
+    array = constant_array(weight)
+    name = node.name or ""
+    if node.op_type == "LSTM":
+        if scheme.per_channel:
+            array = array.reshape(-1, array.shape[-1])
+        axis: int | None = 0
+        granularity = "per row" if scheme.per_channel else "per direction"
+    elif scheme.per_channel:
+        axis = 0 if node.attributes.get_int("transB", 0) else 1
+        granularity = "per column"
+    else:
+        axis, granularity = None, "per tensor"
+    params = qparams.weight_qparams(
+        array, scheme.weight_dtype, axis=axis, reduce_range=scheme.reduce_range
     )
+    return TensorDecision(weight.name, Role.WEIGHT, params, f"weight of {name}, {granularity}")
 
 
 def _dynamic_refusal(node: ir.Node) -> str | None:
@@ -490,6 +525,11 @@ def _dynamic_refusal(node: ir.Node) -> str | None:
         return "not in the op table: stays float"
     if node.domain not in ("", "ai.onnx"):
         return "custom domain: stays float"
+    if node.op_type == "LSTM":
+        arrays = [constant_array(v) for v in node.inputs[1:3]]
+        if any(a is None or a.dtype != np.float32 or a.ndim != 3 for a in arrays):
+            return "its W and R are not constant 3-D float32 tensors"
+        return None
     weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None:
         return "its second input is not a constant weight (activation x activation)"

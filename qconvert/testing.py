@@ -102,6 +102,26 @@ def matmul_layernorm_exp(k: int = 16, *, seed: int = 0) -> onnx.ModelProto:
     )
 
 
+def lstm(input_size: int = 16, hidden: int = 32, *, seed: int = 0) -> onnx.ModelProto:
+    """One forward LSTM over a sequence: input [T,N,input_size] -> Y [T,1,N,hidden]."""
+    rng = np.random.default_rng(seed)
+    h, k = hidden, input_size
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        lstm (float[T,N,{k}] input) => (float[T,1,N,{h}] output) {{
+            output = LSTM <hidden_size = {h}> (input, w, r, b)
+        }}
+    """
+    return _model(
+        text,
+        {
+            "w": _weights(rng, 1, 4 * h, k, scale=0.3),
+            "r": _weights(rng, 1, 4 * h, h, scale=0.2),
+            "b": _weights(rng, 1, 8 * h, scale=0.1),
+        },
+    )
+
+
 def integer_only(*, opset: int = 17) -> onnx.ModelProto:
     """A model with no float tensor at all: int64 input -> Add -> int64 output."""
     text = f"""

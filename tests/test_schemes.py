@@ -266,3 +266,39 @@ def test_fp16_model_keeps_running_when_a_weight_exceeds_float16(tmp_path):
     reasons = {node.op_type: node.reason for node in report.conversion.float_nodes}
     assert "exceeds the float16 range" in reasons["MatMul"]
     assert testing.output_sqnr(path, out, _feeds(model)) >= 50.0
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-row", "per-direction"])
+def test_int8_dynamic_lstm_becomes_dynamic_quantize_lstm(tmp_path, per_channel):
+    model = testing.lstm(input_size=16, hidden=32)
+    path = testing.save(model, tmp_path / "lstm.onnx")
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(
+        path, out, config=QuantizeConfig(scheme="int8-dynamic", per_channel=per_channel)
+    )
+    assert testing.count_ops(out) == {"DynamicQuantizeLSTM": 1}
+    inits = _initializers(out)
+    assert inits["w_quantized"].shape == (1, 16, 128)  # (directions, K, 4 x hidden)
+    assert inits["r_quantized"].dtype == np.int8
+    assert inits["w_scale"].shape == ((1, 128) if per_channel else (1,))
+    assert any("DynamicQuantizeLSTM" in note for note in report.conversion.notes)
+    rng = np.random.default_rng(7)
+    feeds = [{"input": rng.standard_normal((8, 2, 16)).astype(np.float32)} for _ in range(4)]
+    sqnr = testing.output_sqnr(path, out, feeds)
+    assert sqnr >= 25.0, f"SQNR {sqnr:.1f} dB"
+
+
+def test_int8_dynamic_leaves_gru_float_and_says_why(tmp_path):
+    model = testing.lstm()
+    node = model.graph.node[0]
+    node.op_type = "GRU"  # same inputs, with 3 gates instead of 4
+    for tensor in model.graph.initializer:
+        rows = {"w": 96, "r": 96, "b": 192}[tensor.name]
+        array = onnx.numpy_helper.to_array(tensor)
+        sliced = np.ascontiguousarray(array[:, :rows])
+        tensor.CopyFrom(onnx.numpy_helper.from_array(sliced, tensor.name))
+    path = testing.save(model, tmp_path / "gru.onnx")
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(path, out, config=QuantizeConfig(scheme="int8-dynamic"))
+    assert testing.count_ops(out) == {"GRU": 1}
+    assert "no dynamically quantized GRU kernel" in report.conversion.float_nodes[0].reason

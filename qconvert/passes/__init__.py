@@ -1,7 +1,7 @@
 """Graph passes on onnx_ir models: each one transformation, no I/O."""
 
 from qconvert.passes.cleanup import DropIntermediateShapesPass
-from qconvert.passes.dynamic import DynamicQuantizeMatMulPass
+from qconvert.passes.dynamic import DynamicQuantizePass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
@@ -10,7 +10,7 @@ from qconvert.passes.qop import QDQToQOperatorPass
 __all__ = [
     "CastToFloat16Pass",
     "DropIntermediateShapesPass",
-    "DynamicQuantizeMatMulPass",
+    "DynamicQuantizePass",
     "FoldBatchNormPass",
     "InsertQDQPass",
     "QDQToQOperatorPass",

@@ -13,6 +13,11 @@ kernel (com.microsoft), which is the fast path on CPU.
 
 A Gemm (transA 0, alpha 1) becomes the same group on W (transposed when transB is set),
 followed by `Add(Y, beta * C)` when it has a C.
+
+An LSTM becomes onnxruntime's com.microsoft `DynamicQuantizeLSTM`, which quantizes X and
+H at each step and multiplies them by int8 W and R. It takes W and R transposed, as
+(directions, K, 4 x hidden), with scales and zero points of shape (directions, 4 x hidden)
+(one per row) or (directions,) (one per direction); the other inputs are the LSTM's own.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from qconvert.graph_utils import add_initializer
 from qconvert.names import NameAllocator
 from qconvert.plan import QuantPlan
 
+_MICROSOFT = "com.microsoft"
 
-class DynamicQuantizeMatMulPass(ir.passes.InPlacePass):
-    """Rewrites each planned MatMul/Gemm as dynamic int8 (see the module docstring)."""
+
+class DynamicQuantizePass(ir.passes.InPlacePass):
+    """Rewrites each planned MatMul, Gemm and LSTM as dynamic int8 (see the docstring)."""
 
     def __init__(self, *, plan: QuantPlan) -> None:
         super().__init__()
@@ -44,7 +51,11 @@ class DynamicQuantizeMatMulPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.name not in chosen:
                 continue
-            self._rewrite(graph, names, node, stored)
+            if node.op_type == "LSTM":
+                self._rewrite_lstm(graph, names, node)
+                model.opset_imports.setdefault(_MICROSOFT, 1)
+            else:
+                self._rewrite(graph, names, node, stored)
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)
@@ -125,6 +136,51 @@ class DynamicQuantizeMatMulPass(ir.passes.InPlacePass):
         graph.insert_after(node, new_nodes)
         graph.remove(node, safe=True)
         result.name, result.shape, result.type = name, shape, type_
+
+    def _rewrite_lstm(self, graph: ir.Graph, names: NameAllocator, node: ir.Node) -> None:
+        quantized = []
+        for value in node.inputs[1:3]:
+            array = value.const_value.numpy()
+            params = self.plan.tensors[value.name].qparams
+            directions, rows, columns = array.shape
+            per_row = params.scale.size == directions * rows
+            flat = array.reshape(directions * rows, columns) if per_row else array
+            integers = qparams.quantize(flat, params).reshape(directions, rows, columns)
+            shape = (directions, rows) if per_row else (directions,)
+            quantized.append(
+                (
+                    add_initializer(
+                        graph,
+                        names.fresh(f"{value.name}_quantized"),
+                        np.ascontiguousarray(integers.transpose(0, 2, 1)),
+                    ),
+                    add_initializer(
+                        graph, names.fresh(f"{value.name}_scale"), params.scale.reshape(shape)
+                    ),
+                    add_initializer(
+                        graph,
+                        names.fresh(f"{value.name}_zero_point"),
+                        params.zero_point.reshape(shape),
+                    ),
+                )
+            )
+        (w_q, w_scale, w_zero), (r_q, r_scale, r_zero) = quantized
+        rest = [node.inputs[i] if i < len(node.inputs) else None for i in range(3, 8)]
+        lstm = ir.node(
+            "DynamicQuantizeLSTM",
+            [node.inputs[0], w_q, r_q, *rest, w_scale, w_zero, r_scale, r_zero],
+            attributes=dict(node.attributes),
+            domain=_MICROSOFT,
+            name=names.fresh(f"{node.name}_quant"),
+            num_outputs=len(node.outputs),
+        )
+        graph.insert_after(node, lstm)
+        for old, new in zip(node.outputs, lstm.outputs, strict=True):
+            name, shape, type_ = old.name, old.shape, old.type
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+            old.name = None
+            new.name, new.shape, new.type = name, shape, type_
+        graph.remove(node, safe=True)
 
     def _store_weight(
         self, graph: ir.Graph, names: NameAllocator, weight: ir.Value, transposed: bool
