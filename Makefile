@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: setup demo test bench fuzz samples clean
+.PHONY: setup test-setup demo test bench fuzz samples clean
 
 # The virtual environment is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -21,7 +21,15 @@ demo: setup
 	$(BIN)/qconvert quantize $(SAMPLE)/model.onnx --data $(SAMPLE)/calib --eval $(SAMPLE)/eval \
 		-o build/demo/digits_cnn.int8.onnx --report build/demo/report.json --force
 
-test: setup
+# The HTML report test opens the report in headless Chromium (Debian's `chromium` package).
+# Installed here, only when absent and only where apt-get is available.
+test-setup: setup
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| ! command -v apt-get >/dev/null 2>&1 \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends chromium)
+
+test: test-setup
 	$(BIN)/python -m pytest -q
 
 # A long fuzz campaign over the same properties the test suite checks briefly.

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qconvert.api import inspect, quantize
+from qconvert.api import compare, inspect, quantize
 from qconvert.config import QuantizeConfig
 from qconvert.errors import QconvertError
 
-__all__ = ["QconvertError", "QuantizeConfig", "__version__", "inspect", "quantize"]
+__all__ = ["QconvertError", "QuantizeConfig", "__version__", "compare", "inspect", "quantize"]

@@ -67,3 +67,17 @@ class VerificationError(QconvertError):
 
 class OverrideFileError(QconvertError):
     """An override file is unreadable, or names a node, tensor or scheme that does not exist."""
+
+
+class ModelMismatchError(QconvertError):
+    """Two models that should take the same inputs and give the same outputs do not."""
+
+
+class GatesFileError(QconvertError):
+    """A gates file is missing, is not TOML, or names an unknown gate or a bad threshold."""
+
+
+class AccuracyGateError(QconvertError):
+    """A compare gate failed, or a model's outputs hold NaN or Inf under --check-finite."""
+
+    exit_code = EXIT_GATE_FAILED

@@ -208,6 +208,8 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
         )
     if not path.parent.is_dir():
         raise OutputError(f"Output folder '{path.parent}' does not exist.")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"Could not write '{path}': its folder is not writable.")
     return path
 
 
@@ -225,9 +227,12 @@ def save_model(model: ir.Model, path: str | os.PathLike[str], *, force: bool) ->
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Writes `data` to `path` so that readers see either the old file or the whole new one."""
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    try:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as exc:
+        raise OutputError(f"Could not write '{path}': {exc.strerror or exc}.") from None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)

@@ -21,7 +21,7 @@ each node is or is not quantized.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
 
@@ -76,9 +76,10 @@ class NodeDecision:
 
 @dataclass(frozen=True, slots=True)
 class ClampFold:
-    """A Relu/Clip dropped because quantizing `source` with its output's parameters clamps."""
+    """Relu/Clip nodes dropped because quantizing `source` with the parameters of `output`
+    (the last clamp's output) already clamps as they do."""
 
-    node: str
+    nodes: tuple[str, ...]
     source: str
     output: str
 
@@ -100,7 +101,7 @@ class QuantPlan:
     scheme: Scheme
     tensors: Mapping[str, TensorDecision]
     nodes: tuple[NodeDecision, ...]
-    folds: Mapping[str, ClampFold]
+    folds: tuple[ClampFold, ...]
     format: str = "qdq"
     float16_tensors: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -119,13 +120,19 @@ def make_plan(
     scheme: StaticScheme,
     ranges: Mapping[str, TensorRange],
     *,
+    excluded: frozenset[str] = frozenset(),
     selection: NodeSelection | None = None,
     overrides: Overrides | None = None,
 ) -> QuantPlan:
-    """Plans the static quantization of `model` with `scheme` and calibrated `ranges`."""
+    """Plans the static quantization of `model` with `scheme` and calibrated `ranges`.
+
+    Nodes named in `excluded`, or left float by `selection` or `overrides`, stay float;
+    their neighbours still quantize the tensors they share with them.
+    """
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=True, scheme=scheme.name)
-    return _Planner(model, scheme, ranges, selection or NodeSelection(), overrides).run()
+    selection = selection or NodeSelection()
+    return _Planner(model, scheme, ranges, excluded, selection, overrides).run()
 
 
 def check_overrides(
@@ -167,8 +174,13 @@ def check_overrides(
 
 
 def _skip_reason(
-    node: ir.Node, selection: NodeSelection, overrides: Overrides
+    node: ir.Node,
+    selection: NodeSelection,
+    overrides: Overrides,
+    excluded: frozenset[str] = frozenset(),
 ) -> str | None:
+    if node.name in excluded:
+        return "excluded: stays float"
     if overrides.nodes.get(node.name or "") == FLOAT:
         return f"set to float by {overrides.source}"
     return selection.skip_reason(node)
@@ -180,23 +192,25 @@ class _Planner:
         model: ir.Model,
         scheme: StaticScheme,
         ranges: Mapping[str, TensorRange],
+        excluded: frozenset[str],
         selection: NodeSelection,
         overrides: Overrides,
     ) -> None:
         self.graph = model.graph
         self.scheme = scheme
         self.ranges = ranges
+        self.excluded = excluded
         self.selection = selection
         self.overrides = overrides
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
-        self.folds: dict[str, ClampFold] = {}
+        self.folds: list[ClampFold] = []
 
     def run(self) -> QuantPlan:
         for node in self.graph:
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
-            skip = _skip_reason(node, self.selection, self.overrides)
+            skip = self._skip_reason(node)
             if skip is not None:
                 self._decide(node, False, skip)
             elif node.op_type in ops.QUANTIZED:
@@ -209,8 +223,11 @@ class _Planner:
             scheme=self.scheme,
             tensors=MappingProxyType(dict(self.tensors)),
             nodes=tuple(self.nodes.values()),
-            folds=MappingProxyType(dict(self.folds)),
+            folds=tuple(self.folds),
         )
+
+    def _skip_reason(self, node: ir.Node) -> str | None:
+        return _skip_reason(node, self.selection, self.overrides, self.excluded)
 
     def _decide(self, node: ir.Node, quantized: bool, reason: str) -> None:
         self.nodes[node.name or ""] = NodeDecision(
@@ -240,7 +257,7 @@ class _Planner:
             for node in nodes
             if node is not None
             and node.name not in self.nodes
-            and _skip_reason(node, self.selection, self.overrides) is None
+            and self._skip_reason(node) is None
         ] or [self.scheme]
         return max(schemes, key=lambda s: (s.activation_dtype.itemsize, s is self.scheme))
 
@@ -262,6 +279,12 @@ class _Planner:
             if constant_array(node.inputs[index]) is not None:
                 # All-constant arithmetic is folded by onnxruntime; quantizing it gains nothing.
                 self._decide(node, False, f"input {index} is a constant: stays float")
+                return
+            seen = self.ranges.get(node.inputs[index].name)
+            if seen is not None and seen.min == seen.max == 0.0:
+                # No scale fits a tensor never seen non-zero, and the bias would be stored
+                # at an arbitrary one; the node is cheap to leave alone.
+                self._decide(node, False, f"input {index} is zero on every sample: stays float")
                 return
         for index in rule.activations:
             self._plan_activation(node.inputs[index], f"input of {node.name}")
@@ -365,6 +388,21 @@ class _Planner:
         ):
             return  # a bias the integer kernels cannot add as is stays float
         input_params = self.tensors[node.inputs[input_index].name].qparams
+        weight_name = node.inputs[weight_index].name
+        fitted = qparams.fit_weight_scale_to_bias(
+            weight,
+            constant_array(node.inputs[weight_index]),
+            input_params.scale,
+            constant_array(bias),
+        )
+        if fitted is not weight:
+            decision = self.tensors[weight_name]
+            self.tensors[weight_name] = replace(
+                decision,
+                qparams=fitted,
+                reason=f"{decision.reason}, scale set so the int32 bias is exact",
+            )
+            weight = fitted
         params = qparams.bias_qparams(input_params.scale, weight.scale)
         self.tensors[bias.name] = TensorDecision(
             bias.name, Role.BIAS, params, f"bias of {node.name}, int32"
@@ -378,29 +416,54 @@ class _Planner:
             or self._overridden_float(output)
         ):
             return
-        clamp = _single_clamp_consumer(output)
-        if (
-            clamp is not None
-            and not clamp.outputs[0].is_graph_output()
-            and not self._overridden_float(clamp.outputs[0])
-            and _skip_reason(clamp, self.selection, self.overrides) is None
-        ):
-            clamped = clamp.outputs[0]
+        chain = _clamp_chain(output)
+        # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
+        # is quantized with the Clip's output range, not the Relu's wider one. An excluded
+        # clamp stays a node of its own, so the run stops before it.
+        for position, clamp in enumerate(chain):
+            if self._skip_reason(clamp) is not None or self._overridden_float(clamp.outputs[0]):
+                chain = chain[:position]
+                break
+        for length in range(len(chain), 0, -1):
+            clamps = chain[:length]
+            clamped = clamps[-1].outputs[0]
             params = self._activation_params(clamped, clamped.name)
-            if _clamp_is_exact(params, ops.clamp_bounds(clamp)):
-                self.tensors[clamped.name] = TensorDecision(
-                    clamped.name,
-                    Role.ACTIVATION,
-                    params,
-                    f"output of {node.name}, absorbs {clamp.op_type} {clamp.name}",
-                )
-                self.folds[clamp.name] = ClampFold(clamp.name, output.name, clamped.name)
+            if not _clamp_is_exact(params, _combined_bounds(clamps)):
+                continue
+            names = tuple(clamp.name or "" for clamp in clamps)
+            self.tensors[clamped.name] = TensorDecision(
+                clamped.name,
+                Role.ACTIVATION,
+                params,
+                f"output of {node.name}, absorbs {', '.join(names)}",
+            )
+            self.folds.append(ClampFold(names, output.name, clamped.name))
+            for clamp in clamps:
                 self._decide(clamp, True, f"folded into the quantization of {node.name}")
-                return
+            return
         params = self._activation_params(output, output.name)
         self.tensors[output.name] = TensorDecision(
             output.name, Role.ACTIVATION, params, f"output of {node.name}"
         )
+
+
+def _clamp_chain(value: ir.Value) -> list[ir.Node]:
+    """The Relu/Clip nodes that follow `value` one after another, each the only reader."""
+    chain = []
+    while (clamp := _single_clamp_consumer(value)) is not None:
+        if clamp.outputs[0].is_graph_output():
+            break
+        chain.append(clamp)
+        value = clamp.outputs[0]
+    return chain
+
+
+def _combined_bounds(clamps: list[ir.Node]) -> tuple[float, float] | None:
+    """The bounds of applying `clamps` in turn (None if any bound is not constant)."""
+    bounds = [ops.clamp_bounds(clamp) for clamp in clamps]
+    if any(b is None for b in bounds):
+        return None
+    return max(low for low, _ in bounds), min(high for _, high in bounds)
 
 
 def _single_clamp_consumer(value: ir.Value) -> ir.Node | None:
@@ -459,7 +522,7 @@ def make_dynamic_plan(
         scheme=scheme,
         tensors=MappingProxyType(tensors),
         nodes=tuple(nodes),
-        folds=MappingProxyType({}),
+        folds=(),
         format="dynamic",
         notes=_dynamic_notes(nodes),
     )
@@ -606,7 +669,7 @@ def make_float16_plan(
         scheme=scheme,
         tensors=MappingProxyType({}),
         nodes=tuple(nodes),
-        folds=MappingProxyType({}),
+        folds=(),
         format="float16",
         float16_tensors=stored,
         notes=notes,

@@ -164,10 +164,57 @@ def bias_qparams(input_scale: np.ndarray, weight_scale: np.ndarray) -> QParams:
     return QParams(scale=scale, zero_point=np.zeros_like(scale, dtype=np.int32), axis=axis)
 
 
+# Biases are kept within half the int32 range: the integer kernels add the x_q * w_q
+# products to the bias in the same int32 accumulator, and those need headroom too.
+BIAS_LIMIT = 2**30
+
+
+def fit_weight_scale_to_bias(
+    weight: QParams, weights: np.ndarray, input_scale: np.ndarray, bias: np.ndarray
+) -> QParams:
+    """Weight parameters chosen so that `bias` is stored in int32 without loss.
+
+    The bias is stored as round(b / (input scale x weight scale)). Two cases break it:
+
+    1. A tiny input scale (an input of magnitude 1e-6, say) makes the quotient overflow
+       int32, and clipping it would silently lose the bias. The weight scale of those
+       channels is raised to |b| / (input scale x BIAS_LIMIT), trading a little weight
+       resolution for a correct bias.
+    2. An all-zero weight channel has no natural scale (1.0 by convention), and with it the
+       bias scale can be coarser than the bias itself, which then rounds to 0. Any scale
+       represents zero weights exactly, so such channels take the finest scale the bias
+       allows, |b| / (input scale x BIAS_LIMIT).
+
+    Returns `weight` itself when nothing needs to change.
+    """
+    needed = np.abs(bias.astype(np.float64)) / (float(input_scale) * BIAS_LIMIT)
+    # "All zero" as stored: denormal weights quantize to zero as well.
+    stored_zero = quantize(weights, weight) == weight.zero_point.reshape(
+        _broadcast_shape(weight, weights.ndim)
+    )
+    if weight.axis is None:
+        zero_weights = bool(np.all(stored_zero))
+        needed = np.max(needed, initial=0.0)
+    else:
+        other_axes = tuple(i for i in range(weights.ndim) if i != weight.axis % weights.ndim)
+        zero_weights = np.all(stored_zero, axis=other_axes)
+    current = weight.scale.astype(np.float64)
+    scale = np.where(zero_weights & (needed > 0), needed, np.maximum(current, needed))
+    scale = np.maximum(scale, _TINY)  # a denormal bias must not make the scale 0
+    if np.array_equal(scale, current):
+        return weight
+    return QParams(scale=scale.astype(np.float32), zero_point=weight.zero_point, axis=weight.axis)
+
+
+def _broadcast_shape(qparams: QParams, ndim: int) -> tuple[int, ...]:
+    """The shape that lines per-axis parameters up with a tensor of rank `ndim`."""
+    if qparams.axis is None or qparams.scale.ndim != 1:
+        return qparams.scale.shape
+    shape = [1] * ndim
+    shape[qparams.axis % ndim] = qparams.scale.size
+    return tuple(shape)
+
+
 def _broadcastable(qparams: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    scale, zero_point = qparams.scale, qparams.zero_point
-    if qparams.axis is not None and scale.ndim == 1:
-        shape = [1] * ndim
-        shape[qparams.axis % ndim] = scale.size
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    return scale, zero_point
+    shape = _broadcast_shape(qparams, ndim)
+    return qparams.scale.reshape(shape), qparams.zero_point.reshape(shape)

@@ -1,6 +1,41 @@
-"""One Report object for every verb, written as JSON and shown on the terminal by the CLI.
+"""One Report object for every verb, rendered four ways.
 
-The JSON schema is versioned (`schema_version`); fields are only ever added within a version.
+The terminal table lives with the command line (`qconvert.cli._render`); the three file
+formats live here and follow the report file's suffix:
+
+- `.json`: the documented schema below, for scripts (`--json` prints the same to stdout);
+- `.md`: Markdown tables, for CI job summaries and pull-request comments (`report_markdown`);
+- `.html`: one self-contained page with a per-layer SQNR chart and size/latency bars drawn
+  as inline SVG, no network assets (`report_html`).
+
+JSON schema, version 1 (`schema_version`; fields are only ever added within a version):
+
+    schema_version  int, 1
+    command         "quantize" | "compare"
+    model           str: the input (quantize) or reference (compare) model
+    output          str | null: the written model (quantize)
+    conversion      null | {scheme, format, opset_before, opset_after, float_bytes,
+                    converted_bytes, size_ratio, calibration_samples, quantized_ops {op: n},
+                    folded_clamps [str], float_nodes [{name, op_type, reason}]}
+    comparison      null | {
+        samples       int
+        labels        str | null: the labels file accuracy was scored with
+        reference, candidate   {path, bytes, provider, accuracy (0..1 | null),
+                                latency null | {median_ms, p90_ms, runs, threads}}
+        reference_accuracy, candidate_accuracy   0..1 | null
+        accuracy_drop_points   float | null: (reference - candidate) x 100
+        size_ratio, latency_ratio   float | null: candidate / reference
+        outputs       [{name, sqnr_db, cosine, max_abs_error, mean_abs_error,
+                        relative_error, top1_agreement, top5_overlap, values,
+                        nonfinite_reference, nonfinite_candidate}]
+        layers        null | [{node, op_type, tensor, candidate_tensor, local_sqnr_db, sqnr_db,
+                        cosine, max_abs_error, mean_abs_error}], worst local SQNR first
+    }
+    gates           [{gate, threshold, measured, unit, passed}]
+    passed          bool: every gate passed
+    seconds         {stage: seconds}
+
+Infinite numbers are written as the strings "inf" and "-inf", NaN as null.
 """
 
 from __future__ import annotations
@@ -12,12 +47,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qconvert.compare import Comparison
-from qconvert.errors import ConfigError
+from qconvert.errors import ConfigError, OutputError
+from qconvert.gates import GateResult
 from qconvert.model import write_atomically
 from qconvert.plan import QuantPlan
 
 SCHEMA_VERSION = 1
-REPORT_SUFFIXES = (".json",)
+REPORT_SUFFIXES = (".json", ".md", ".html")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +101,7 @@ class Conversion:
             converted_bytes=sizes[1],
             calibration_samples=samples,
             quantized_ops=dict(sorted(quantized.items())),
-            folded_clamps=tuple(sorted(plan.folds)),
+            folded_clamps=tuple(sorted(name for fold in plan.folds for name in fold.nodes)),
             float_nodes=tuple(
                 FloatNode(node.name, node.op_type, node.reason) for node in plan.float_nodes()
             ),
@@ -83,34 +119,78 @@ class Report:
     conversion: Conversion | None = None
     comparison: Comparison | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    gates: tuple[GateResult, ...] = ()
 
     @property
     def size_ratio(self) -> float | None:
-        """Converted size over float size, when a conversion ran."""
-        return self.conversion.size_ratio if self.conversion else None
+        """Converted over float size, from the conversion or else the comparison."""
+        if self.conversion is not None:
+            return self.conversion.size_ratio
+        return self.comparison.size_ratio if self.comparison is not None else None
+
+    @property
+    def failed_gates(self) -> tuple[GateResult, ...]:
+        """The gates that did not pass."""
+        return tuple(gate for gate in self.gates if not gate.passed)
+
+    @property
+    def passed(self) -> bool:
+        """True when every gate passed (or none was set)."""
+        return not self.failed_gates
 
     def to_dict(self) -> dict:
         """The JSON-ready form (the documented schema)."""
-        data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        conversion = None
         if self.conversion is not None:
-            data["conversion"]["size_ratio"] = self.conversion.size_ratio
-        if self.comparison is not None:
-            data["comparison"]["accuracy_drop_points"] = self.comparison.accuracy_drop_points
+            conversion = {**asdict(self.conversion), "size_ratio": self.conversion.size_ratio}
+        data = {
+            "schema_version": SCHEMA_VERSION,
+            "command": self.command,
+            "model": self.model,
+            "output": self.output,
+            "conversion": conversion,
+            "comparison": (
+                _comparison_dict(self.comparison) if self.comparison is not None else None
+            ),
+            "gates": [asdict(gate) for gate in self.gates],
+            "passed": self.passed,
+            "seconds": dict(self.seconds),
+        }
         return _json_safe(data)
 
     def to_json(self) -> str:
         """The report as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
+    def to_markdown(self) -> str:
+        """The report as Markdown tables."""
+        from qconvert.report_markdown import render_markdown
+
+        return render_markdown(self)
+
+    def to_html(self) -> str:
+        """The report as one self-contained HTML page."""
+        from qconvert.report_html import render_html
+
+        return render_html(self)
+
     def write(self, path: str | Path) -> None:
         """Writes the report; the format follows the file's suffix."""
         path = Path(path)
         check_report_path(path)
-        write_atomically(path, self.to_json().encode())
+        text = {".json": self.to_json, ".md": self.to_markdown, ".html": self.to_html}[
+            path.suffix
+        ]()
+        write_atomically(path, text.encode())
 
 
 def check_report_path(path: str | Path) -> None:
-    """Fails before any work when the report cannot be written to `path`."""
+    """Fails before any work when the report cannot be written to `path`.
+
+    Raises:
+        ConfigError: the suffix names no known format (a usage error).
+        OutputError: the folder does not exist.
+    """
     path = Path(path)
     if path.suffix not in REPORT_SUFFIXES:
         raise ConfigError(
@@ -118,7 +198,23 @@ def check_report_path(path: str | Path) -> None:
             hint=f"use one of: {', '.join(REPORT_SUFFIXES)}.",
         )
     if not path.parent.is_dir():
-        raise ConfigError(f"Report folder '{path.parent}' does not exist.")
+        raise OutputError(f"Report folder '{path.parent}' does not exist.")
+
+
+def _comparison_dict(comparison: Comparison) -> dict:
+    data = asdict(comparison)
+    outputs = data.pop("outputs")
+    layers = data.pop("layers")
+    data.update(
+        reference_accuracy=comparison.reference_accuracy,
+        candidate_accuracy=comparison.candidate_accuracy,
+        accuracy_drop_points=comparison.accuracy_drop_points,
+        size_ratio=comparison.size_ratio,
+        latency_ratio=comparison.latency_ratio,
+        outputs=outputs,
+        layers=layers,
+    )
+    return data
 
 
 def _json_safe(value):

@@ -6,19 +6,62 @@ import re
 
 import onnxruntime as ort
 
+from qconvert.errors import ConfigError
+
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+# Short names users type, for the execution providers a team is likely to ship on.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
 
 
 def make_session(
-    model: bytes | str, *, threads: int = 0, optimize: bool = True
+    model: bytes | str,
+    *,
+    threads: int = 0,
+    optimize: bool = True,
+    provider: str = "CPUExecutionProvider",
+    spin: bool = True,
 ) -> ort.InferenceSession:
-    """A CPU session for `model` (bytes or a path); 0 threads lets onnxruntime choose."""
+    """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
+
+    A provider other than the CPU one gets the CPU provider behind it, for the ops it lacks.
+    `spin=False` keeps idle worker threads from busy-waiting: sessions that take turns (a
+    comparison runs two to four) otherwise starve each other of cores.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    providers = [provider]
+    if provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    return ort.InferenceSession(model, options, providers=providers)
+
+
+def resolve_provider(name: str) -> str:
+    """Onnxruntime's name for a provider a user named (`cpu`, `cuda`, or the full name).
+
+    Raises:
+        ConfigError: the provider is unknown or not available in this onnxruntime build.
+    """
+    full = PROVIDERS.get(name.lower(), name)
+    available = ort.get_available_providers()
+    if full not in available:
+        raise ConfigError(
+            f"Execution provider '{name}' is not available in this onnxruntime build.",
+            hint=f"available: {', '.join(available)}.",
+        )
+    return full
 
 
 def describe_error(error: BaseException) -> str:

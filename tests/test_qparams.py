@@ -98,3 +98,29 @@ def test_numpy_quantize_matches_onnxruntime_quantize_linear(dtype):
     roundtrip = qparams.dequantize(qparams.quantize(x[:200], p), p)
     inside = (x[:200] > -2.0) & (x[:200] < 2.5)
     assert np.max(np.abs(roundtrip - x[:200])[inside]) <= p.scale / 2 + 1e-6
+
+
+def test_weight_scale_is_raised_so_a_large_bias_fits_int32():
+    # Input scale 1e-8 and weight scale 0.01 would store the bias 0.5 as 5e9: over int32.
+    weights = np.array([[1.27, -0.5]], np.float32)
+    weight = qparams.weight_qparams(weights, np.int8, axis=None)
+    assert weight.scale == np.float32(0.01)
+    fitted = qparams.fit_weight_scale_to_bias(weight, weights, np.float32(1e-8), np.float32([0.5]))
+    expected = 0.5 / (1e-8 * 2**30)
+    assert fitted.scale == pytest.approx(expected, rel=1e-6)
+    bias = qparams.bias_qparams(np.float32(1e-8), fitted.scale)
+    assert abs(0.5 / bias.scale) <= 2**30 * (1 + 1e-6)
+
+
+def test_all_zero_weight_channel_takes_the_finest_scale_its_bias_allows():
+    weights = np.array([[0.0, 0.0], [1.27, 0.0]], np.float32)
+    weight = qparams.weight_qparams(weights, np.int8, axis=0)
+    np.testing.assert_array_equal(weight.scale, np.float32([1.0, 0.01]))
+    bias = np.float32([0.3, 0.2])
+    fitted = qparams.fit_weight_scale_to_bias(weight, weights, np.float32(0.1), bias)
+    assert fitted.scale[0] == pytest.approx(0.3 / (0.1 * 2**30), rel=1e-6)
+    assert fitted.scale[1] == np.float32(0.01)  # a real channel keeps its scale
+    untouched = qparams.fit_weight_scale_to_bias(
+        weight, weights, np.float32(0.1), np.float32([0.0, 0.2])
+    )
+    assert untouched is weight

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from conftest import sha256
@@ -39,10 +40,7 @@ def test_conv_bn_relu_layout_and_fidelity(tiny_cnn, tmp_path):
         "MaxPool": 1,
         "Relu": 1,
     }
-    assert (
-        report.conversion.folded_clamps == ("relu",)
-        or len(report.conversion.folded_clamps) == 1
-    )
+    assert len(report.conversion.folded_clamps) == 1
     model = onnx.load_model(str(out))
     types = {t.name: t.data_type for t in model.graph.initializer}
     quantized_weights = [
@@ -158,3 +156,40 @@ def test_json_flag_prints_only_json(run_cli, tiny_cnn, tmp_path):
     )
     assert result.code == 0
     assert json.loads(result.out)["command"] == "quantize"
+
+
+def test_relu_then_clip_fold_into_one_quantization_with_the_clip_range(tmp_path):
+    rng = np.random.default_rng(0)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        chain (float[N,2,4,4] input) => (float[N,3,4,4] output) {
+            conv = Conv <kernel_shape = [1,1]> (input, w1, b1)
+            relu = Relu (conv)
+            clip = Clip (relu, lo, hi)
+            output = Conv <kernel_shape = [1,1]> (clip, w2, b2)
+        }
+    """
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(a, n)
+        for n, a in {
+            "w1": (rng.standard_normal((3, 2, 1, 1)) * 20).astype(np.float32),
+            "b1": np.zeros(3, np.float32),
+            "lo": np.float32(0.0),
+            "hi": np.float32(6.0),
+            "w2": rng.standard_normal((3, 3, 1, 1)).astype(np.float32),
+            "b2": np.zeros(3, np.float32),
+        }.items()
+    )
+    path = testing.save(model, tmp_path / "chain.onnx")
+    samples = [testing.random_inputs(model, seed=i) for i in range(16)]
+    testing.write_samples(tmp_path / "calib", samples)
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(path, out, data=tmp_path / "calib")
+    ops = testing.count_ops(out)
+    assert "Relu" not in ops and "Clip" not in ops
+    assert len(report.conversion.folded_clamps) == 2
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load_model(str(out)).graph.initializer}
+    # Quantized with the Clip's [0, 6] range, not the Relu's much wider one.
+    assert inits["clip_scale"] == pytest.approx(6.0 / 255, rel=1e-3)
+    assert testing.output_sqnr(path, out, samples) >= 30

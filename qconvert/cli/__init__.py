@@ -16,6 +16,7 @@ import click
 
 from qconvert import __version__
 from qconvert.cli import _console
+from qconvert.cli.compare import compare_command
 from qconvert.cli.inspect import inspect_command
 from qconvert.cli.quantize import quantize_command
 from qconvert.errors import EXIT_USAGE, QconvertError
@@ -46,6 +47,7 @@ def cli(debug: bool) -> None:
 
     \b
       qconvert quantize model.onnx --data calib/ -o model.int8.onnx
+      qconvert compare  model.onnx model.int8.onnx --data eval/ --max-top1-drop 1
       qconvert inspect  model.onnx
 
     Exit codes: 0 success, 1 a compare gate failed, 2 usage error, 3 bad input
@@ -55,6 +57,7 @@ def cli(debug: bool) -> None:
 
 cli.add_command(quantize_command)
 cli.add_command(inspect_command)
+cli.add_command(compare_command)
 
 
 def _configure_logging(debug: bool) -> None:

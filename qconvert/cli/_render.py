@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from qconvert import formatting as fmt
 from qconvert.cli._console import stdout
 from qconvert.inspection import ModelSummary
 from qconvert.report import Report
+
+if TYPE_CHECKING:
+    from qconvert.compare import Comparison
 
 
 def report(result: Report) -> None:
@@ -41,29 +45,92 @@ def report(result: Report) -> None:
             for node in conversion.float_nodes:
                 floats.add_row(node.name, node.op_type, node.reason)
             stdout.print(floats)
-    comparison = result.comparison
-    if comparison is not None:
-        table = Table(
-            title=f"Float vs quantized on {comparison.samples} samples", title_justify="left"
+    if result.comparison is not None:
+        _comparison(result.comparison)
+    if result.gates:
+        _gates(result)
+
+
+def _comparison(comparison: Comparison) -> None:
+    ref, cand = comparison.reference, comparison.candidate
+    table = Table(
+        title=f"Reference vs candidate on {comparison.samples} samples", title_justify="left"
+    )
+    for column in ("", "reference", "candidate", "candidate / reference"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("model", ref.path, cand.path, "")
+    table.add_row(
+        "size", fmt.size(ref.bytes), fmt.size(cand.bytes), fmt.ratio(comparison.size_ratio)
+    )
+    if comparison.reference_accuracy is not None:
+        table.add_row(
+            "accuracy",
+            fmt.percent(comparison.reference_accuracy),
+            fmt.percent(comparison.candidate_accuracy),
+            f"drop {fmt.points(comparison.accuracy_drop_points)}",
         )
-        for column in ("output", "SQNR dB", "cosine", "max |err|", "top-1 agree"):
-            table.add_column(column, justify="right" if column != "output" else "left")
-        for out in comparison.outputs:
-            agreement = "-" if out.top1_agreement is None else f"{out.top1_agreement:.2%}"
-            table.add_row(
-                out.name,
-                _db(out.sqnr_db),
-                f"{out.cosine:.5f}",
-                f"{out.max_abs_error:.4g}",
-                agreement,
+    if ref.latency is not None or cand.latency is not None:
+        table.add_row(
+            "latency median",
+            fmt.milliseconds(ref.latency.median_ms if ref.latency else None),
+            fmt.milliseconds(cand.latency.median_ms if cand.latency else None),
+            fmt.ratio(comparison.latency_ratio),
+        )
+        table.add_row(
+            "latency p90",
+            fmt.milliseconds(ref.latency.p90_ms if ref.latency else None),
+            fmt.milliseconds(cand.latency.p90_ms if cand.latency else None),
+            "",
+        )
+    table.add_row("provider", ref.provider, cand.provider, "")
+    stdout.print(table)
+    outputs = Table(title="Outputs", title_justify="left")
+    columns = ("output", "SQNR dB", "cosine", "max |err|", "mean |err|", "rel err")
+    for column in (*columns, "top-1 agree", "top-5 overlap"):
+        outputs.add_column(column, justify="left" if column == "output" else "right")
+    for out in comparison.outputs:
+        outputs.add_row(
+            out.name,
+            fmt.db(out.sqnr_db),
+            f"{out.cosine:.5f}",
+            fmt.number(out.max_abs_error),
+            fmt.number(out.mean_abs_error),
+            fmt.number(out.relative_error),
+            fmt.percent(out.top1_agreement),
+            fmt.percent(out.top5_overlap),
+        )
+    stdout.print(outputs)
+    if comparison.layers is not None:
+        layers = Table(title="Layers, worst local SQNR first", title_justify="left")
+        columns = ("node", "op", "tensor", "local SQNR dB", "SQNR dB", "cosine", "max |err|")
+        for column in columns:
+            layers.add_column(column, justify="left" if column in columns[:3] else "right")
+        for layer in comparison.layers:
+            layers.add_row(
+                layer.node,
+                layer.op_type,
+                layer.candidate_tensor,
+                fmt.db(layer.local_sqnr_db),
+                fmt.db(layer.sqnr_db),
+                f"{layer.cosine:.5f}",
+                fmt.number(layer.max_abs_error),
             )
-        stdout.print(table)
-        if comparison.reference_accuracy is not None:
-            stdout.print(
-                f"accuracy: float {comparison.reference_accuracy:.2%}, "
-                f"quantized {comparison.candidate_accuracy:.2%}, "
-                f"drop {comparison.accuracy_drop_points:+.2f} points"
-            )
+        stdout.print(layers)
+
+
+def _gates(result: Report) -> None:
+    table = Table(title="Gates", title_justify="left")
+    for column in ("gate", "threshold", "measured", "result"):
+        table.add_column(column, justify="left" if column == "gate" else "right")
+    for gate in result.gates:
+        table.add_row(
+            gate.gate,
+            fmt.number(gate.threshold),
+            "not measured" if gate.measured is None else fmt.number(gate.measured),
+            "pass" if gate.passed else "FAIL",
+            style=None if gate.passed else "bold red",
+        )
+    stdout.print(table)
 
 
 def summary(path: Path, info: ModelSummary) -> None:
@@ -95,7 +162,3 @@ def _bytes(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return str(count)
-
-
-def _db(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.2f}"

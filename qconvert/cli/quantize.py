@@ -117,7 +117,7 @@ SCHEME_HELP = (
     "--report",
     type=click.Path(path_type=Path),
     default=None,
-    help="Also write the report to this file (.json).",
+    help="Also write the report to this file (.json, .md or .html).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")

@@ -5,7 +5,7 @@
 2. Weight W: stored as its integer tensor W_q and read through `DQ(W_q)` (per axis when the
    plan says so); the float W is dropped.
 3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ.
-4. A Relu/Clip the plan folds: Q reads the clamp's input, and the clamp node is removed.
+4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
 
 Graph outputs keep their names and stay float.
 
@@ -39,7 +39,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         names = NameAllocator(graph)
         parameters = _ParameterStore(graph, names)
         values = values_by_name(graph)
-        folded = {fold.output: fold for fold in self.plan.folds.values()}
+        folded = {fold.output: fold for fold in self.plan.folds}
         for decision in self.plan.tensors.values():
             value = values[decision.name]
             if decision.role is Role.ACTIVATION:
@@ -49,11 +49,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 )
             else:
                 _quantize_constant(graph, names, parameters, value, decision, self.domain)
-        for fold in self.plan.folds.values():
-            clamp = values[fold.output].producer()
-            graph.remove(clamp, safe=True)
         if self.domain and self.plan.tensors:
             model.opset_imports.setdefault(self.domain, 1)
+        # Folded clamps and replaced float weights are no longer read: drop them.
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.plan.tensors))

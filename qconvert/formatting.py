@@ -1,0 +1,53 @@
+"""Numbers as the reports show them, the same in every rendering."""
+
+from __future__ import annotations
+
+import math
+
+
+def db(value: float | None) -> str:
+    """Decibels with two decimals; inf as "inf"."""
+    if value is None or math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.2f}"
+
+
+def percent(share: float | None) -> str:
+    """A share in 0..1 as a percentage with two decimals."""
+    return "-" if share is None or math.isnan(share) else f"{share:.2%}"
+
+
+def points(value: float | None) -> str:
+    """Percentage points, signed."""
+    return "-" if value is None else f"{value:+.2f} points"
+
+
+def ratio(value: float | None) -> str:
+    """A ratio as `0.443x`."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}x"
+
+
+def number(value: float | None) -> str:
+    """Four significant digits."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.4g}"
+
+
+def size(count: int | None) -> str:
+    """Bytes in B, KiB, MiB or GiB."""
+    if count is None:
+        return "-"
+    amount = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if amount < 1024 or unit == "GiB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    return str(count)
+
+
+def milliseconds(value: float | None) -> str:
+    """Milliseconds with three significant decimals."""
+    return "-" if value is None else f"{value:.3f} ms"
