@@ -122,6 +122,27 @@ def lstm(input_size: int = 16, hidden: int = 32, *, seed: int = 0) -> onnx.Model
     )
 
 
+def conv_and_matmul_outputs(*, seed: int = 0) -> onnx.ModelProto:
+    """A Conv and a MatMul that each write a graph output (no op reads them afterwards)."""
+    rng = np.random.default_rng(seed)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        conv_and_matmul_outputs (float[N,3,8,8] input, float[N,16] vector)
+            => (float[N,4,8,8] feature, float[N,8] projection) {
+            feature = Conv <pads = [1,1,1,1]> (input, w, b)
+            projection = MatMul (vector, m)
+        }
+    """
+    return _model(
+        text,
+        {
+            "w": _weights(rng, 4, 3, 3, 3),
+            "b": _weights(rng, 4, scale=0.1),
+            "m": _weights(rng, 16, 8),
+        },
+    )
+
+
 def integer_only(*, opset: int = 17) -> onnx.ModelProto:
     """A model with no float tensor at all: int64 input -> Add -> int64 output."""
     text = f"""

@@ -302,3 +302,29 @@ def test_int8_dynamic_leaves_gru_float_and_says_why(tmp_path):
     report = qconvert.quantize(path, out, config=QuantizeConfig(scheme="int8-dynamic"))
     assert testing.count_ops(out) == {"GRU": 1}
     assert "no dynamically quantized GRU kernel" in report.conversion.float_nodes[0].reason
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_qop_float_outputs_use_conv_integer_and_matmul_integer(tmp_path, per_channel):
+    model = testing.conv_and_matmul_outputs()
+    path = testing.save(model, tmp_path / "m.onnx")
+    calib = testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(8)]
+    )
+    out = tmp_path / "q.onnx"
+    qconvert.quantize(
+        path, out, data=calib, config=QuantizeConfig(format="qop", per_channel=per_channel)
+    )
+    ops = testing.count_ops(out)
+    assert ops["ConvInteger"] == 1 and ops["MatMulInteger"] == 1
+    assert "Conv" not in ops and "MatMul" not in ops and "DequantizeLinear" not in ops
+    written = onnx.load_model(str(out))
+    assert [o.name for o in written.graph.output] == ["feature", "projection"]
+    feeds = [testing.random_inputs(model, seed=50 + i) for i in range(4)]
+    sessions = [make_session(str(p)) for p in (path, out)]
+    for name in ("feature", "projection"):
+        ref, cand = (
+            np.concatenate([s.run([name], f)[0].ravel() for f in feeds]) for s in sessions
+        )
+        sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - cand) ** 2))
+        assert sqnr >= 25.0, f"{name}: SQNR {sqnr:.1f} dB"

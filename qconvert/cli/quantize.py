@@ -14,7 +14,8 @@ SCHEME_HELP = (
     "CPU). 16x8: int16 activations, int8 weights, opset 21; closer to float than int8, "
     "but onnxruntime has no int16 kernels on CPU, so it runs SLOWER than float there. "
     "int8-dynamic: int8 MatMul/Gemm weights, activations quantized at run time, no data "
-    "needed (transformers; Conv stays float). fp16: float16 weights and compute, float32 "
+    "needed (transformers; LSTM too; Conv stays float). fp16: float16 weights and compute, "
+    "float32 "
     "inputs/outputs. fp16-weights: float16 storage, float32 compute (for CPUs)."
 )
 
@@ -49,7 +50,7 @@ SCHEME_HELP = (
     default="qdq",
     show_default=True,
     help="qdq: QuantizeLinear/DequantizeLinear around float ops. qop: integer operators "
-    "(QLinearConv, QLinearMatMul, QGemm), int8 only.",
+    "(QLinearConv, QLinearMatMul, QGemm, ConvInteger, MatMulInteger), int8 only.",
 )
 @click.option(
     "--activation-type",

@@ -11,6 +11,12 @@ DequantizeLinear nodes into one integer operator:
    (a graph output) QGemm writes float directly.
 4. `DQ(x) -> MaxPool/Reshape/Flatten/... -> Q(y)` with the same parameters on both sides
    runs on the integers: `MaxPool(x_q) -> y_q`.
+5. A Conv or MatMul whose output stays float (a graph output) becomes the integer op with a
+   float rescale: `ConvInteger(x_q, w_q, x_zero, 0) [+ b_q] -> Cast -> Mul(x_scale w_scale)`
+   and `MatMulInteger(a_q, b_q, a_zero, b_zero) -> Cast -> Mul(a_scale b_scale)`.
+   onnxruntime's ConvInteger takes only a per-tensor weight zero point; qconvert's weights
+   are symmetric (zero point 0 in every channel), so one scalar 0 stands for all of them
+   and the per-channel scales go into the rescale.
 
 The integer kernels compute what the QDQ group describes: sum((x_q - x_zero) (w_q -
 w_zero)) in int32, plus b_q, rescaled by x_scale w_scale / y_scale, rounded and saturated.
@@ -25,6 +31,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qconvert import ops
+from qconvert.graph_utils import add_initializer
 from qconvert.names import NameAllocator
 
 MICROSOFT = "com.microsoft"
@@ -97,8 +104,10 @@ def _conv(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     b = _dequantized(bias) if bias is not None else None
     out = _quantized_output(node)
-    if not _eight_bit(x, w) or out is None or (bias is not None and b is None):
+    if not _eight_bit(x, w) or (bias is not None and b is None):
         return False
+    if out is None:
+        return _integer_with_float_output(graph, names, node, x, w, b)
     quantize, y_scale, y_zero = out
     inputs = [*x, *w, y_scale, y_zero] + ([b[0]] if b is not None else [])
     new = ir.node(
@@ -115,8 +124,10 @@ def _conv(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
 def _matmul(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
     a, b = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
     out = _quantized_output(node)
-    if not _eight_bit(a, b) or out is None:
+    if not _eight_bit(a, b):
         return False
+    if out is None:
+        return _integer_with_float_output(graph, names, node, a, b, None)
     quantize, y_scale, y_zero = out
     new = ir.node(
         "QLinearMatMul",
@@ -162,6 +173,92 @@ def _gemm(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
     if out is None:
         graph.remove(node, safe=True)
         new.outputs[0].name = name  # the graph output keeps its name
+    return True
+
+
+def _integer_with_float_output(
+    graph: ir.Graph,
+    names: NameAllocator,
+    node: ir.Node,
+    x: tuple[ir.Value, ...],
+    w: tuple[ir.Value, ...],
+    bias: tuple[ir.Value, ...] | None,
+) -> bool:
+    """ConvInteger/MatMulInteger, plus the int32 bias, then Cast and one float rescale."""
+    x_q, x_scale, x_zero = x
+    w_q, w_scale, w_zero = w
+    arrays = [v.const_value for v in (x_scale, w_scale, w_zero)]
+    if any(a is None for a in arrays):
+        return False
+    x_scale_array, w_scale_array, w_zero_array = (a.numpy() for a in arrays)
+    conv = node.op_type == "Conv"
+    if conv and np.any(w_zero_array != 0):
+        return False  # ConvInteger takes a per-tensor weight zero point only
+    # The rescale broadcasts over the output channel: axis 1 of a Conv, the last of MatMul.
+    rescale = (x_scale_array.astype(np.float32) * w_scale_array.astype(np.float32)).astype(
+        np.float32
+    )
+    rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else 4
+    channel_shape = (1, -1) + (1,) * (rank - 2)
+    if conv and rescale.ndim == 1:
+        rescale = rescale.reshape(channel_shape)
+    base = node.name or "node"
+    if conv:
+        zero = add_initializer(
+            graph, names.fresh(f"{base}_weight_zero_point"), np.zeros((), w_zero_array.dtype)
+        )
+        integer = ir.node(
+            "ConvInteger",
+            [x_q, w_q, x_zero, zero],
+            attributes=dict(node.attributes),
+            name=names.fresh(f"{base}_ConvInteger"),
+            outputs=[ir.Value(name=names.fresh(f"{base}_int32"))],
+        )
+    else:
+        integer = ir.node(
+            "MatMulInteger",
+            [x_q, w_q, x_zero, w_zero],
+            name=names.fresh(f"{base}_MatMulInteger"),
+            outputs=[ir.Value(name=names.fresh(f"{base}_int32"))],
+        )
+    new_nodes = [integer]
+    accumulated = integer.outputs[0]
+    if bias is not None:
+        b_q = bias[0]
+        if b_q.const_value is None:
+            return False
+        b_array = b_q.const_value.numpy().reshape(channel_shape).astype(np.int32)
+        b_value = add_initializer(graph, names.fresh(f"{base}_bias_int32"), b_array)
+        add = ir.node(
+            "Add",
+            [accumulated, b_value],
+            name=names.fresh(f"{base}_bias_Add"),
+            outputs=[ir.Value(name=names.fresh(f"{base}_biased_int32"))],
+        )
+        new_nodes.append(add)
+        accumulated = add.outputs[0]
+    cast = ir.node(
+        "Cast",
+        [accumulated],
+        attributes={"to": ir.DataType.FLOAT},
+        name=names.fresh(f"{base}_Cast"),
+        outputs=[ir.Value(name=names.fresh(f"{base}_float"))],
+    )
+    scale = add_initializer(graph, names.fresh(f"{base}_rescale"), rescale)
+    mul = ir.node(
+        "Mul",
+        [cast.outputs[0], scale],
+        name=names.fresh(f"{base}_rescale_Mul"),
+        outputs=[ir.Value(name=names.fresh(f"{base}_rescaled"))],
+    )
+    new_nodes += [cast, mul]
+    output = node.outputs[0]
+    name, shape, type_ = output.name, output.shape, output.type
+    output.replace_all_uses_with(mul.outputs[0], replace_graph_outputs=True)
+    graph.insert_after(node, new_nodes)
+    graph.remove(node, safe=True)
+    output.name = None
+    mul.outputs[0].name, mul.outputs[0].shape, mul.outputs[0].type = name, shape, type_
     return True
 
 
