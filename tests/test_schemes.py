@@ -235,12 +235,25 @@ def test_reduce_range_keeps_weights_in_seven_bits(tiny_cnn, tmp_path):
     assert weights and all(np.abs(w.astype(int)).max() == 64 for w in weights)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "16x8", "int8-dynamic", "fp16", "fp16-weights"])
-def test_same_inputs_same_options_byte_identical(tiny_cnn, tmp_path, scheme):
+@pytest.mark.parametrize(
+    ("scheme", "fmt"),
+    [
+        ("int8", "qdq"),
+        ("int8", "qop"),
+        ("16x8", "qdq"),
+        ("int8-dynamic", "qdq"),
+        ("fp16", "qdq"),
+        ("fp16-weights", "qdq"),
+    ],
+)
+def test_same_inputs_same_options_byte_identical(tiny_cnn, tmp_path, scheme, fmt):
     first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
     for out in (first, second):
         qconvert.quantize(
-            tiny_cnn, out, data=tmp_path / "calib", config=QuantizeConfig(scheme=scheme)
+            tiny_cnn,
+            out,
+            data=tmp_path / "calib",
+            config=QuantizeConfig(scheme=scheme, format=fmt),
         )
     assert sha256(first) == sha256(second)
 
