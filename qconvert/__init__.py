@@ -11,8 +11,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qconvert.api import compare, inspect, quantize
+from qconvert.api import calibrate, compare, inspect, quantize
 from qconvert.config import QuantizeConfig
 from qconvert.errors import QconvertError
 
-__all__ = ["QconvertError", "QuantizeConfig", "__version__", "compare", "inspect", "quantize"]
+__all__ = [
+    "QconvertError",
+    "QuantizeConfig",
+    "__version__",
+    "calibrate",
+    "compare",
+    "inspect",
+    "quantize",
+]

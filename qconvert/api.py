@@ -14,11 +14,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
 from qconvert import model as model_io
-from qconvert.calibration import calibrate_tensors, tensors_to_calibrate
+from qconvert.calibration import (
+    Calibration,
+    CollectSettings,
+    RangeMethod,
+    collect_statistics,
+    derive_ranges,
+    merge_calibrations,
+    read_calibration,
+    tensors_to_calibrate,
+    write_trt_cache,
+)
 from qconvert.compare import (
     CompareOptions,
     Comparison,
@@ -30,7 +39,14 @@ from qconvert.compare import (
 )
 from qconvert.config import Format, QuantizeConfig
 from qconvert.cpu import lacks_vnni
-from qconvert.dataset import DirectorySource, Feeds, InputSpec, Sample, input_specs
+from qconvert.dataset import (
+    DirectorySource,
+    Feeds,
+    ImagePreprocessing,
+    Sample,
+    input_specs,
+    synthetic_sample,
+)
 from qconvert.errors import (
     CalibrationDataError,
     ConfigError,
@@ -64,6 +80,8 @@ logger = logging.getLogger("qconvert")
 
 _MICROSOFT = "com.microsoft"
 
+_TRT_METHOD = RangeMethod(name="entropy")  # TensorRT's own default calibrator
+
 CALIBRATION_LIMIT = model_io.PROTOBUF_LIMIT
 """The most bytes of weights a model may hold to be calibrated: the calibration stage hands
 onnxruntime the model as one protobuf."""
@@ -74,6 +92,10 @@ def quantize(
     output: PathLike,
     *,
     data: PathLike | None = None,
+    calib: PathLike | None = None,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    images: ImagePreprocessing | None = None,
     config: QuantizeConfig | None = None,
     eval_data: PathLike | None = None,
     report: PathLike | None = None,
@@ -87,8 +109,13 @@ def quantize(
         output: where the quantized model goes (refused if it exists, unless `force`).
             A model whose weights live in external data is written with its tensors in
             `<output name>.data` beside it.
-        data: a folder of calibration samples (static schemes need it; int8-dynamic, fp16
-            and fp16-weights do not).
+        data: a folder of calibration samples, calibrated on the fly (static schemes need
+            it or `calib`; int8-dynamic, fp16 and fp16-weights need neither).
+        calib: a calibration file from `calibrate` (instead of `data`).
+        method: how ranges are derived from the statistics: minmax, percentile, entropy
+            or mse (see `qconvert.calibration.ranges`).
+        percentile: the share of values kept by the percentile method, in percent.
+        images: the preprocessing of image folders (`data` and `eval_data`).
         config: scheme, format and controls; `QuantizeConfig()` is int8 QDQ.
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
             float and quantized models are compared on it and the result goes in the report.
@@ -107,10 +134,21 @@ def quantize(
     """
     config = config if config is not None else QuantizeConfig()
     scheme = config.resolve_scheme()
-    if scheme.needs_calibration and data is None:
+    if scheme.needs_calibration and data is None and calib is None:
         raise ConfigError(
-            f"--scheme {config.scheme} needs calibration data: pass --data DIR.",
+            f"--scheme {config.scheme} needs calibration data: pass --data DIR or "
+            "--calib FILE.",
             hint="int8-dynamic, fp16 and fp16-weights need none.",
+        )
+    if data is not None and calib is not None:
+        raise ConfigError(
+            "Pass --data or --calib, not both.",
+            hint="--data calibrates now; --calib reads a file from `qconvert calibrate`.",
+        )
+    range_method = None
+    if isinstance(scheme, StaticScheme):
+        range_method = RangeMethod(
+            name=method, percentile=percentile, bits=scheme.activation_dtype.itemsize * 8
         )
     if eval_data is not None and not config.keep_io_types:
         raise ConfigError(
@@ -134,7 +172,8 @@ def quantize(
                 hint=f"pass --opset {opset_before} or later, or leave it out.",
             )
         external = model_io.uses_external_data(model)
-        if scheme.needs_calibration and _tensor_bytes(float_model) > CALIBRATION_LIMIT:
+        calibrating = scheme.needs_calibration and data is not None
+        if calibrating and _tensor_bytes(float_model) > CALIBRATION_LIMIT:
             raise UnsupportedModelError(
                 f"Model '{model}' holds over 2 GB of weights: calibration hands the model "
                 f"to onnxruntime as one protobuf, which cannot exceed 2 GB, so --scheme "
@@ -142,27 +181,39 @@ def quantize(
                 hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
             )
         specs = input_specs(float_model)
-        source = DirectorySource(data, specs) if scheme.needs_calibration else None
-        evaluation = DirectorySource(eval_data, specs) if eval_data is not None else None
+        source = DirectorySource(data, specs, images=images) if calibrating else None
+        calibration = None
+        if scheme.needs_calibration and calib is not None:
+            calibration = read_calibration(calib)
+            calibration.check_model(model_io.fingerprint(model), calib, str(model))
+        evaluation = (
+            DirectorySource(eval_data, specs, images=images) if eval_data is not None else None
+        )
     if isinstance(scheme, StaticScheme | DynamicScheme) and not scheme.reduce_range:
         if lacks_vnni():
             logger.warning(
                 "This CPU lacks VNNI: onnxruntime's u8 x s8 kernels can saturate here. "
                 "Pass --reduce-range (7-bit weights) for models that will run on it."
             )
+    if source is not None:
+        # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
+        # other methods histogram exactly as `calibrate` does, so --data equals --calib.
+        settings = CollectSettings()
+        if method == "minmax":
+            settings = CollectSettings(histogram_values=0)
+        with (
+            _timed(timings, "calibrate"),
+            progress.task("Calibrating", len(source)) as advance,
+        ):
+            calibration = _calibrate(model, float_model, source, settings, advance)
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
     with _timed(timings, "prepare"):
         prepared, qdq_domain = _prepare(float_model, config)
         selection.warn_unmatched(prepared.graph)
     ranges = {}
-    if source is not None:
-        with (
-            _timed(timings, "calibrate"),
-            progress.task("Calibrating", len(source)) as advance,
-        ):
-            ranges = calibrate_tensors(
-                prepared, source, tensors_to_calibrate(prepared), on_sample=advance
-            )
+    if calibration is not None and range_method is not None:
+        with _timed(timings, "ranges"):
+            ranges = derive_ranges(calibration.observers, range_method)
     with _timed(timings, "plan"):
         plan = _plan(prepared, scheme, config, selection, ranges)
         plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
@@ -170,7 +221,7 @@ def quantize(
         converted = _rewrite(prepared, plan, config, qdq_domain)
         DropIntermediateShapesPass()(converted)
         converted.producer_name = "qconvert"
-    feeds = source.first().feeds if source is not None else _smoke_feeds(specs)
+    feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
     feeds = _as_input_types(converted, feeds)
     if external:
         with _timed(timings, "save"):  # the model is verified in place before the rename
@@ -201,7 +252,7 @@ def quantize(
             plan,
             opsets=(opset_before, converted.opset_imports.get("", 1)),
             sizes=(model_io.file_size(model), model_io.file_size(output)),
-            samples=len(source) if source is not None else 0,
+            samples=calibration.samples if calibration is not None else 0,
         ),
         comparison=comparison,
         seconds=timings,
@@ -325,20 +376,105 @@ def _tensor_bytes(model: ir.Model) -> int:
     )
 
 
-def _smoke_feeds(specs: tuple[InputSpec, ...]) -> Feeds:
-    """Inputs for the verification run when no data was given.
+def calibrate(
+    model: PathLike,
+    data: PathLike,
+    *,
+    output: PathLike | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    images: ImagePreprocessing | None = None,
+    trt_cache: PathLike | None = None,
+    trt_method: RangeMethod = _TRT_METHOD,
+    force: bool = False,
+    progress: Progress = SILENT,
+) -> Calibration:
+    """Runs `model` on the samples of `data` and returns (and writes) their statistics.
 
-    Floats are seeded normal values, other types zeros; dynamic dims are 1.
+    One calibration serves every range method and every scheme: `quantize(calib=...)`
+    derives the ranges from it.
+
+    Args:
+        model: the float ONNX model; it is only read.
+        data: a folder of samples, in any layout `qconvert.dataset` reads.
+        output: the calibration file to write (JSON); None writes nothing.
+        samples: use a random subset of this many samples (reproducible from `seed`).
+        seed: the seed of that subset.
+        batch_size: samples per onnxruntime run; needs a dynamic batch dim.
+        images: the preprocessing of an image folder.
+        trt_cache: also write the ranges as a TensorRT calibration cache here.
+        trt_method: the range method of that cache.
+        force: overwrite existing output files.
+        progress: receives progress, one step per sample.
     """
-    rng = np.random.default_rng(0)
-    feeds: Feeds = {}
-    for spec in specs:
-        shape = tuple(1 if dim is None else dim for dim in spec.dims)
-        if np.issubdtype(spec.dtype, np.floating):
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feeds
+    outputs = [Path(p) for p in (output, trt_cache) if p is not None]
+    for path in outputs:
+        model_io.check_output_path(path, force=force)
+    float_model = model_io.load_model(model)
+    specs = input_specs(float_model)
+    if batch_size > 1:
+        static = [spec.name for spec in specs if not spec.dims or spec.dims[0] is not None]
+        if static:
+            raise ConfigError(
+                f"--batch-size {batch_size} needs a dynamic batch dim, but input "
+                f"'{static[0]}' has a static one.",
+                hint="use --batch-size 1 for this model.",
+            )
+    source = DirectorySource(data, specs, images=images)
+    if samples is not None:
+        source = source.subset(samples, seed=seed)
+    settings = CollectSettings(batch_size=batch_size)
+    with progress.task("Calibrating", len(source)) as advance:
+        calibration = _calibrate(model, float_model, source, settings, advance)
+    if output is not None:
+        model_io.write_atomically(Path(output), calibration.to_json().encode("utf-8"))
+    if trt_cache is not None:
+        ranges = derive_ranges(calibration.observers, trt_method)
+        write_trt_cache(Path(trt_cache), ranges, method=trt_method.name)
+    return calibration
+
+
+def merge(
+    calibrations: list[PathLike], output: PathLike | None = None, *, force: bool = False
+) -> Calibration:
+    """Merges calibration files of parts of a data set: the same as one run over all."""
+    if len(calibrations) < 2:
+        raise ConfigError("--merge needs at least two calibration files.")
+    if output is not None:
+        model_io.check_output_path(output, force=force)
+    merged = merge_calibrations([(str(p), read_calibration(p)) for p in calibrations])
+    if output is not None:
+        model_io.write_atomically(Path(output), merged.to_json().encode("utf-8"))
+    return merged
+
+
+def _calibrate(
+    path: PathLike,
+    float_model,
+    source: DirectorySource,
+    settings: CollectSettings,
+    advance,
+) -> Calibration:
+    """Statistics of `float_model` on `source`.
+
+    Calibration runs the model prepared at its own opset (names fixed, BatchNormalization
+    folded): the tensors are those every scheme plans with, whatever opset it then needs.
+    """
+    calibrated = prepare(float_model.clone(), min_opset=1)
+    observers = collect_statistics(
+        calibrated,
+        source,
+        tensors_to_calibrate(calibrated),
+        settings=settings,
+        on_sample=advance,
+    )
+    return Calibration(
+        model_sha256=model_io.fingerprint(path),
+        model_file=Path(path).name,
+        samples=len(source),
+        observers=observers,
+    )
 
 
 def compare(
@@ -469,8 +605,10 @@ def _evaluate(
     evaluation: DirectorySource,
     advance: Callable[[], None],
 ) -> Comparison:
-    """Compares the float model with the converted one just written (bytes, or its path
-    when it was saved with external data)."""
+    """Compares the float model with the converted one just written.
+
+    `converted` is the serialized model, or its path when it was saved with external data.
+    """
     labels_path = folder_labels(evaluation.folder)
     labels = load_labels(labels_path, len(evaluation)) if labels_path else None
     return compare_models(
@@ -507,4 +645,4 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = round(time.perf_counter() - start, 4)
 
 
-__all__ = ["compare", "inspect", "quantize"]
+__all__ = ["calibrate", "compare", "inspect", "merge", "quantize"]

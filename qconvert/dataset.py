@@ -1,30 +1,49 @@
 """Reading folders of sample inputs, checked against the model's inputs.
 
-A data folder holds one sample a file:
+A data folder is read in one of these layouts, recognised in this order:
 
-- `.npy`: one array, for models with a single input;
-- `.npz`: one array per model input, keyed by input name.
+1. ONNX test data (the model-zoo layout): sub-folders `test_data_set_*`, each one sample
+   holding `input_0.pb`, `input_1.pb`, ... (serialized TensorProtos, matched to the model's
+   inputs by tensor name, else by position).
+2. One sub-folder per input name, each holding one `.npy` per sample; samples are matched
+   by file name across the sub-folders.
+3. One `NAME.npy` per input holding every sample along a leading batch dim (the layout
+   other tools export). Rows are read one at a time from the file, never all at once.
+4. One sample a file: `.npy` (one array; single-input models) or `.npz` (one array per
+   input, keyed by input name).
+5. Images (`.jpg`, `.jpeg`, `.png`) for a model with one image input, with a stated
+   preprocessing (`ImagePreprocessing`): resize (or scale the shorter side and centre-crop),
+   x = (pixel * scale - mean) / std per channel, RGB or BGR, NCHW or NHWC. Needs Pillow
+   (`pip install qconvert[images]`).
 
 `labels.npy` is reserved for labels and never read as a sample. A sample may omit a leading
 batch dimension of 1; it is added. Each sample is checked (name, dtype, rank, static dims,
-finite values) before it reaches onnxruntime, and an error names the file.
+finite values) before it reaches onnxruntime, and an error names the file. Samples are read
+lazily, one at a time, so memory does not grow with the size of the folder.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
 import os
+import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from qconvert.errors import CalibrationDataError
+from qconvert.errors import CalibrationDataError, ConfigError
+
+_log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.npy"
 SAMPLE_SUFFIXES = (".npy", ".npz")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 Feeds = dict[str, np.ndarray]
 
@@ -50,6 +69,40 @@ class Sample:
     feeds: Feeds
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImagePreprocessing:
+    """How an image file becomes a model input.
+
+    Attributes:
+        size: (height, width) of the input; None takes them from the model's static dims.
+        crop: scale the shorter side to the size and centre-crop the rest (keeps the aspect
+            ratio); otherwise the image is resized to the size.
+        scale: pixels (0..255) are multiplied by this first.
+        mean: subtracted per channel after scaling (one value, or one per channel).
+        std: divides per channel after the mean.
+        layout: "NCHW" or "NHWC"; None infers it from the model input (channels 1 or 3).
+        color: "RGB" or "BGR" channel order (one-channel inputs read grayscale).
+    """
+
+    size: tuple[int, int] | None = None
+    crop: bool = False
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: str | None = None
+    color: str = "RGB"
+
+    def __post_init__(self) -> None:
+        if self.layout not in (None, "NCHW", "NHWC"):
+            raise ConfigError(f"Unknown layout '{self.layout}'; use NCHW or NHWC.")
+        if self.color not in ("RGB", "BGR"):
+            raise ConfigError(f"Unknown color order '{self.color}'; use RGB or BGR.")
+        if any(value == 0 for value in self.std):
+            raise ConfigError("--std values must not be 0.")
+        if self.size is not None and min(self.size) < 1:
+            raise ConfigError(f"Image size {self.size} must be positive.")
+
+
 def input_specs(model: ir.Model) -> tuple[InputSpec, ...]:
     """The model's real inputs (initializers listed as inputs are not inputs)."""
     specs = []
@@ -65,71 +118,389 @@ def input_specs(model: ir.Model) -> tuple[InputSpec, ...]:
     return tuple(specs)
 
 
-class DirectorySource:
-    """The samples of one folder, in sorted file-name order, checked against `specs`."""
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One sample not yet read: where it comes from, and how to read its arrays."""
 
-    def __init__(self, folder: str | os.PathLike[str], specs: tuple[InputSpec, ...]) -> None:
+    source: str
+    read: Callable[[], dict[str, np.ndarray]]
+
+
+class DirectorySource:
+    """The samples of one folder, in a stable order, checked against `specs`."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        specs: tuple[InputSpec, ...],
+        *,
+        images: ImagePreprocessing | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.specs = specs
         if not self.folder.exists():
             raise CalibrationDataError(f"Data folder '{self.folder}' does not exist.")
         if not self.folder.is_dir():
             raise CalibrationDataError(f"Data path '{self.folder}' is not a folder.")
-        self.files = tuple(
-            path
-            for path in sorted(self.folder.iterdir())
-            if path.suffix in SAMPLE_SUFFIXES and path.name != LABELS_FILE and path.is_file()
-        )
-        if not self.files:
-            raise CalibrationDataError(
-                f"Data folder '{self.folder}' holds no samples.",
-                hint="put one .npy (single-input models) or .npz (keyed by input name) "
-                "file per sample in it.",
-            )
-        if any(path.suffix == ".npy" for path in self.files) and len(specs) != 1:
-            names = ", ".join(spec.name for spec in specs)
-            raise CalibrationDataError(
-                f"Data folder '{self.folder}' holds .npy files, but the model has "
-                f"{len(specs)} inputs ({names}).",
-                hint="use .npz files keyed by input name.",
-            )
+        self.layout, self._entries = _discover(self.folder, specs, images)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._entries)
 
     def __iter__(self) -> Iterator[Sample]:
-        for path in self.files:
-            yield Sample(str(path), self._read(path))
+        for entry in self._entries:
+            yield self._sample(entry)
 
     def first(self) -> Sample:
         """The first sample, for smoke runs."""
-        return next(iter(self))
+        return self._sample(self._entries[0])
 
-    def _read(self, path: Path) -> Feeds:
-        try:
-            if path.suffix == ".npy":
-                arrays = {self.specs[0].name: np.load(path, allow_pickle=False)}
-            else:
-                with np.load(path, allow_pickle=False) as archive:
-                    arrays = {key: archive[key] for key in archive.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    def subset(self, count: int, *, seed: int = 0) -> DirectorySource:
+        """`count` samples drawn at random (reproducibly from `seed`), in folder order.
+
+        Raises:
+            CalibrationDataError: `count` is below 1.
+        """
+        if count < 1:
             raise CalibrationDataError(
-                f"Sample '{path}' could not be read: {str(exc).splitlines()[0]}"
+                f"--samples {count} selects no samples; it must be at least 1."
+            )
+        if count >= len(self):
+            if count > len(self):
+                _log.warning(
+                    "--samples %d: '%s' holds only %d samples; using them all.",
+                    count,
+                    self.folder,
+                    len(self),
+                )
+            return self
+        chosen = np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False))
+        subset = copy.copy(self)
+        subset._entries = tuple(self._entries[i] for i in chosen)
+        return subset
+
+    def _sample(self, entry: _Entry) -> Sample:
+        arrays = entry.read()
+        return Sample(
+            entry.source,
+            {spec.name: _checked(entry.source, spec, arrays) for spec in self.specs},
+        )
+
+
+def _discover(
+    folder: Path, specs: tuple[InputSpec, ...], images: ImagePreprocessing | None
+) -> tuple[str, tuple[_Entry, ...]]:
+    children = sorted(folder.iterdir())
+    test_sets = [p for p in children if p.is_dir() and p.name.startswith("test_data_set_")]
+    if test_sets:
+        return "onnx-test-data", tuple(_test_data_entry(p, specs) for p in _natural(test_sets))
+    names = {spec.name for spec in specs}
+    folders = {p.name for p in children if p.is_dir()}
+    if names and names <= folders:
+        return "folder-per-input", _per_input_folders(folder, specs)
+    files = [
+        p
+        for p in children
+        if p.is_file() and p.suffix.lower() in SAMPLE_SUFFIXES and p.name != LABELS_FILE
+    ]
+    stems = {p.stem for p in files if p.suffix.lower() == ".npy"}
+    if names and names == stems and len(files) == len(names):
+        return "file-per-input", _per_input_files(folder, specs)
+    if files:
+        if any(p.suffix.lower() == ".npy" for p in files) and len(specs) != 1:
+            listed = ", ".join(spec.name for spec in specs)
+            raise CalibrationDataError(
+                f"Data folder '{folder}' holds .npy files, but the model has "
+                f"{len(specs)} inputs ({listed}).",
+                hint="use .npz files keyed by input name, or one sub-folder per input.",
+            )
+        return "file-per-sample", tuple(_Entry(str(p), _array_reader(p, specs)) for p in files)
+    pictures = [p for p in children if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if pictures:
+        reader = _ImageReader(folder, specs, images or ImagePreprocessing())
+        return "images", tuple(_Entry(str(p), reader.bind(p)) for p in pictures)
+    raise CalibrationDataError(
+        f"Data folder '{folder}' holds no samples.",
+        hint="put one .npy (single-input models) or .npz (keyed by input name) file per "
+        "sample in it, or images, or ONNX test_data_set_* folders.",
+    )
+
+
+def _natural(paths: list[Path]) -> list[Path]:
+    """Sorted so that test_data_set_10 follows test_data_set_9."""
+
+    def key(path: Path) -> list:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+    return sorted(paths, key=key)
+
+
+def synthetic_sample(specs: tuple[InputSpec, ...]) -> Sample:
+    """Zeros of every input's shape (dynamic dims 1), for smoke runs when no data is given."""
+    feeds = {
+        spec.name: np.zeros(tuple(1 if d is None else d for d in spec.dims), dtype=spec.dtype)
+        for spec in specs
+    }
+    return Sample("synthetic zeros", feeds)
+
+
+def _read_error(path: Path | str, exc: BaseException) -> CalibrationDataError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CalibrationDataError(f"Sample '{path}' could not be read: {text}")
+
+
+def _array_reader(path: Path, specs: tuple[InputSpec, ...]) -> Callable[[], dict]:
+    def read() -> dict[str, np.ndarray]:
+        try:
+            if path.suffix.lower() == ".npy":
+                return {specs[0].name: np.load(path, allow_pickle=False)}
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise _read_error(path, exc) from None
+
+    return read
+
+
+def _test_data_entry(folder: Path, specs: tuple[InputSpec, ...]) -> _Entry:
+    def read() -> dict[str, np.ndarray]:
+        import onnx
+        import onnx.numpy_helper
+        from google.protobuf.message import DecodeError
+
+        files = _natural([p for p in folder.glob("input_*.pb") if p.is_file()])
+        if not files:
+            raise CalibrationDataError(
+                f"Test data folder '{folder}' holds no input_*.pb files."
+            )
+        tensors = []
+        for path in files:
+            tensor = onnx.TensorProto()
+            try:
+                tensor.ParseFromString(path.read_bytes())
+                tensors.append((tensor.name, onnx.numpy_helper.to_array(tensor)))
+            except (DecodeError, ValueError, TypeError, OSError) as exc:
+                raise _read_error(path, exc) from None
+        names = {spec.name for spec in specs}
+        if all(name in names for name, _ in tensors):
+            return dict(tensors)
+        # Unnamed or differently named tensors: input_i is the model's i-th input.
+        return {spec.name: array for spec, (_, array) in zip(specs, tensors, strict=False)}
+
+    return _Entry(str(folder), read)
+
+
+def _per_input_folders(folder: Path, specs: tuple[InputSpec, ...]) -> tuple[_Entry, ...]:
+    listings = {}
+    for spec in specs:
+        sub = folder / spec.name
+        listings[spec.name] = sorted(
+            p.name for p in sub.iterdir() if p.is_file() and p.suffix.lower() == ".npy"
+        )
+    first = specs[0].name
+    for spec in specs:
+        if listings[spec.name] != listings[first]:
+            missing = sorted(set(listings[first]) ^ set(listings[spec.name]))
+            raise CalibrationDataError(
+                f"Sub-folders '{folder / first}' and '{folder / spec.name}' hold different "
+                f"sample files (e.g. '{missing[0]}' is in only one).",
+                hint="each input's sub-folder needs one .npy per sample, with the same names.",
+            )
+    if not listings[first]:
+        raise CalibrationDataError(f"Data folder '{folder / first}' holds no samples.")
+
+    def entry(name: str) -> _Entry:
+        def read() -> dict[str, np.ndarray]:
+            arrays = {}
+            for spec in specs:
+                path = folder / spec.name / name
+                try:
+                    arrays[spec.name] = np.load(path, allow_pickle=False)
+                except (ValueError, OSError, EOFError) as exc:
+                    raise _read_error(path, exc) from None
+            return arrays
+
+        return _Entry(str(folder / "*" / name), read)
+
+    return tuple(entry(name) for name in listings[first])
+
+
+def _per_input_files(folder: Path, specs: tuple[InputSpec, ...]) -> tuple[_Entry, ...]:
+    rows = {spec.name: _RowFile(folder / f"{spec.name}.npy", spec) for spec in specs}
+    counts = {name: row.count for name, row in rows.items()}
+    if len(set(counts.values())) != 1:
+        listed = ", ".join(f"{name}.npy: {count}" for name, count in counts.items())
+        raise CalibrationDataError(
+            f"The per-input files in '{folder}' hold different numbers of samples ({listed})."
+        )
+    count = next(iter(counts.values()))
+    if count == 0:
+        raise CalibrationDataError(f"Data folder '{folder}' holds no samples.")
+
+    def entry(index: int) -> _Entry:
+        def read() -> dict[str, np.ndarray]:
+            return {name: row.read(index) for name, row in rows.items()}
+
+        return _Entry(f"{folder} (sample {index})", read)
+
+    return tuple(entry(i) for i in range(count))
+
+
+class _RowFile:
+    """One `.npy` holding samples along its first dim, read one row at a time."""
+
+    def __init__(self, path: Path, spec: InputSpec) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    header = np.lib.format.read_array_header_1_0(stream)
+                else:
+                    header = np.lib.format.read_array_header_2_0(stream)
+                shape, fortran, dtype = header
+                self.offset = stream.tell()
+        except (ValueError, OSError, EOFError) as exc:
+            raise _read_error(path, exc) from None
+        if dtype.hasobject or fortran or len(shape) == 0:
+            raise CalibrationDataError(
+                f"Sample file '{path}' cannot be read row by row "
+                f"(shape {shape}, {'Fortran order' if fortran else dtype}).",
+                hint="save it with np.save from a C-ordered numeric array.",
+            )
+        if spec.dims and len(shape) != len(spec.dims):
+            raise CalibrationDataError(
+                f"Input '{spec.name}' in '{path}' has rank {len(shape)}; a file per input "
+                f"holds every sample along a leading batch dim, so it needs the model's rank "
+                f"{len(spec.dims)} {spec.describe()}."
+            )
+        self.count, self.row_shape, self.dtype = shape[0], (1, *shape[1:]), dtype
+        self.row_items = math.prod(shape[1:])
+
+    def read(self, index: int) -> np.ndarray:
+        with open(self.path, "rb") as stream:
+            stream.seek(self.offset + index * self.row_items * self.dtype.itemsize)
+            row = np.fromfile(stream, dtype=self.dtype, count=self.row_items)
+        if row.size != self.row_items:
+            raise CalibrationDataError(f"Sample file '{self.path}' is truncated.")
+        return row.reshape(self.row_shape)
+
+
+class _ImageReader:
+    """Turns image files into the model's single image input."""
+
+    def __init__(
+        self, folder: Path, specs: tuple[InputSpec, ...], preprocessing: ImagePreprocessing
+    ) -> None:
+        if len(specs) != 1 or len(specs[0].dims) != 4:
+            raise CalibrationDataError(
+                f"Data folder '{folder}' holds images, but the model's inputs are not one "
+                f"image batch (N,C,H,W or N,H,W,C): "
+                + ", ".join(f"{s.name} {s.describe()}" for s in specs)
+                + "."
+            )
+        self.spec = spec = specs[0]
+        dims = spec.dims
+        layout = preprocessing.layout
+        if layout is None:
+            if dims[1] in (1, 3):
+                layout = "NCHW"
+            elif dims[3] in (1, 3):
+                layout = "NHWC"
+            else:
+                raise CalibrationDataError(
+                    f"Cannot tell the channel axis of input '{spec.name}' {spec.describe()}.",
+                    hint="pass --layout NCHW or --layout NHWC.",
+                )
+        channel_axis, spatial = (1, (2, 3)) if layout == "NCHW" else (3, (1, 2))
+        channels = dims[channel_axis] or 3
+        size = preprocessing.size
+        if size is None:
+            height, width = (dims[axis] for axis in spatial)
+            if height is None or width is None:
+                raise CalibrationDataError(
+                    f"Input '{spec.name}' {spec.describe()} has a dynamic image size.",
+                    hint="pass --image-size HEIGHT,WIDTH.",
+                )
+            size = (height, width)
+        if channels not in (1, 3):
+            raise CalibrationDataError(
+                f"Input '{spec.name}' {spec.describe()} has {channels} channels; images "
+                "give 1 (grayscale) or 3."
+            )
+        for name, values in (("mean", preprocessing.mean), ("std", preprocessing.std)):
+            if len(values) not in (1, channels):
+                raise ConfigError(
+                    f"--{name} has {len(values)} values; the input has {channels} channels."
+                )
+        self.layout, self.channels, self.size = layout, channels, size
+        self.preprocessing = preprocessing
+
+    def bind(self, path: Path) -> Callable[[], dict[str, np.ndarray]]:
+        return lambda: {self.spec.name: self.read(path)}
+
+    def read(self, path: Path) -> np.ndarray:
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ImportError:
+            raise CalibrationDataError(
+                "Reading image folders needs Pillow, which is not installed.",
+                hint="pip install 'qconvert[images]'.",
             ) from None
-        return {spec.name: _checked(path, spec, arrays) for spec in self.specs}
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("L" if self.channels == 1 else "RGB")
+                image.load()
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise CalibrationDataError(
+                f"Image '{path}' could not be read: {str(exc).splitlines()[0]}"
+            ) from None
+        image = self._resized(image, Image)
+        pixels = np.asarray(image, dtype=np.float32)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, np.newaxis]
+        if self.preprocessing.color == "BGR":
+            pixels = pixels[:, :, ::-1]
+        if self.spec.dtype == np.uint8:
+            array = pixels.astype(np.uint8)  # a model that takes raw pixels
+        else:
+            p = self.preprocessing
+            mean = np.asarray(p.mean, dtype=np.float32)
+            std = np.asarray(p.std, dtype=np.float32)
+            array = ((pixels * np.float32(p.scale) - mean) / std).astype(self.spec.dtype)
+        if self.layout == "NCHW":
+            array = array.transpose(2, 0, 1)
+        return np.ascontiguousarray(array[np.newaxis])
+
+    def _resized(self, image, pil):
+        height, width = self.size
+        resample = pil.Resampling.BILINEAR
+        if not self.preprocessing.crop:
+            return image.resize((width, height), resample)
+        factor = max(height / image.height, width / image.width)
+        scaled = image.resize(
+            (
+                max(width, round(image.width * factor)),
+                max(height, round(image.height * factor)),
+            ),
+            resample,
+        )
+        left = (scaled.width - width) // 2
+        top = (scaled.height - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
 
 
-def _checked(path: Path, spec: InputSpec, arrays: dict[str, np.ndarray]) -> np.ndarray:
+def _checked(source: str, spec: InputSpec, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Returns the array for `spec`, with a batch dim added where the sample omits it."""
     if spec.name not in arrays:
         found = ", ".join(sorted(arrays)) or "nothing"
         raise CalibrationDataError(
-            f"Sample '{path}' has no array for input '{spec.name}' (it holds {found})."
+            f"Sample '{source}' has no array for input '{spec.name}' (it holds {found})."
         )
     array = arrays[spec.name]
     if array.dtype != spec.dtype:
         raise CalibrationDataError(
-            f"Input '{spec.name}' in '{path}' has dtype {array.dtype}; "
+            f"Input '{spec.name}' in '{source}' has dtype {array.dtype}; "
             f"the model expects {spec.dtype}.",
             hint=f"convert the data, e.g. array.astype(np.{spec.dtype}).",
         )
@@ -138,15 +509,17 @@ def _checked(path: Path, spec: InputSpec, arrays: dict[str, np.ndarray]) -> np.n
     found_shape = "(" + ",".join(str(d) for d in array.shape) + ")"
     if spec.dims and array.ndim != len(spec.dims):
         raise CalibrationDataError(
-            f"Input '{spec.name}' in '{path}' has shape {found_shape} (rank {array.ndim}); "
+            f"Input '{spec.name}' in '{source}' has shape {found_shape} (rank {array.ndim}); "
             f"the model expects {spec.describe()} (rank {len(spec.dims)})."
         )
     for expected, found in zip(spec.dims, array.shape, strict=False):
         if expected is not None and expected != found:
             raise CalibrationDataError(
-                f"Input '{spec.name}' in '{path}' has shape {found_shape}; "
+                f"Input '{spec.name}' in '{source}' has shape {found_shape}; "
                 f"the model expects {spec.describe()}."
             )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise CalibrationDataError(f"Input '{spec.name}' in '{path}' holds NaN or Inf values.")
+        raise CalibrationDataError(
+            f"Input '{spec.name}' in '{source}' holds NaN or Inf values."
+        )
     return array

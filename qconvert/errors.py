@@ -55,6 +55,10 @@ class CalibrationDataError(QconvertError):
     """A data folder or sample does not fit the model."""
 
 
+class CalibrationFileError(QconvertError):
+    """A calibration file is missing, corrupt, of a future version, or for another model."""
+
+
 class OutputError(QconvertError):
     """The output cannot be written (exists without --force, folder missing, disk full)."""
 

@@ -234,6 +234,10 @@ def write_atomically(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise OutputError(f"Could not write '{path}': {exc.strerror or exc}.") from None
     try:
+        # mkstemp creates the file private (0600); a written model gets the usual umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()

@@ -28,15 +28,17 @@ def make_session(
     optimize: bool = True,
     provider: str = "CPUExecutionProvider",
     spin: bool = True,
+    quiet: bool = False,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
     A provider other than the CPU one gets the CPU provider behind it, for the ops it lacks.
     `spin=False` keeps idle worker threads from busy-waiting: sessions that take turns (a
-    comparison runs two to four) otherwise starve each other of cores.
+    comparison runs two to four) otherwise starve each other of cores. `quiet` silences
+    onnxruntime's own error log, for callers that handle every failure.
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -154,6 +154,36 @@ def integer_only(*, opset: int = 17) -> onnx.ModelProto:
     return _model(text, {"offset": np.arange(4, dtype=np.int64)})
 
 
+def sequence_mlp(k: int = 8, hidden: int = 16, *, seed: int = 0) -> onnx.ModelProto:
+    """MatMul -> Relu -> MatMul on tokens: input [N,L,K] with a dynamic length L."""
+    rng = np.random.default_rng(seed)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        sequence_mlp (float[N,L,{k}] tokens) => (float[N,L,{k}] output) {{
+            h = MatMul (tokens, w1)
+            r = Relu (h)
+            output = MatMul (r, w2)
+        }}
+    """
+    return _model(
+        text, {"w1": _weights(rng, k, hidden), "w2": _weights(rng, hidden, k, scale=0.2)}
+    )
+
+
+def two_inputs(k: int = 8, *, seed: int = 0) -> onnx.ModelProto:
+    """Two inputs a, b [N,K], each through a MatMul, then added: [N,K]."""
+    rng = np.random.default_rng(seed)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        two_inputs (float[N,{k}] a, float[N,{k}] b) => (float[N,{k}] output) {{
+            ha = MatMul (a, wa)
+            hb = MatMul (b, wb)
+            output = Add (ha, hb)
+        }}
+    """
+    return _model(text, {"wa": _weights(rng, k, k), "wb": _weights(rng, k, k)})
+
+
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
     """Writes `model` to `path` and returns the path."""
     path = Path(path)

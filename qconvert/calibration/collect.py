@@ -1,26 +1,64 @@
-"""Run the float model in onnxruntime with chosen intermediate tensors exposed as outputs."""
+"""Run the float model in onnxruntime and stream chosen tensors into observers.
+
+Speed is the point here: calibration should cost about one float inference pass. So:
+
+1. One session, set up once, with exactly the calibrated tensors added as graph outputs
+   (graph inputs are read from the feeds instead).
+2. Outputs are bound (io binding) to preallocated buffers: onnxruntime writes each tensor
+   straight into its slot of a chunk buffer, with no allocation and no copy per run.
+3. Statistics are updated once per chunk of runs (up to `chunk_bytes` of activations), not
+   once per sample, so the Python overhead per tensor is paid rarely. Memory is bounded by
+   the chunk, whatever the number of samples.
+4. Min and max see every value. The histogram sees every value of small tensors and a fixed
+   stride of large ones (at most `histogram_values` values per sample and tensor, stride
+   odd so it does not alias with power-of-two dims): histogramming costs a few ns a value,
+   more than the inference of small models, and percentile/entropy/mse need the shape of the
+   distribution, not every value. The stride depends only on the tensor's size in one run,
+   so a given data set and batch size give the same statistics however it is split.
+5. With `batch_size` > 1, consecutive samples of the same shape are concatenated along the
+   batch axis; samples whose dynamic dims differ run in separate batches.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qconvert import ops
-from qconvert.calibration.observers import MinMaxObserver, TensorRange
-from qconvert.dataset import Sample
-from qconvert.errors import CalibrationDataError, ModelLoadError
+from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
+from qconvert.dataset import Feeds, Sample
+from qconvert.errors import CalibrationDataError, ConfigError, ModelLoadError
 from qconvert.runtime import describe_error, make_session
 
-_FLOAT_TYPES = {
-    ir.DataType.FLOAT,
-    ir.DataType.FLOAT16,
-    ir.DataType.DOUBLE,
-    ir.DataType.BFLOAT16,
-}
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
+_MAX_SLOTS = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectSettings:
+    """How calibration runs.
+
+    Attributes:
+        batch_size: samples per onnxruntime run (the model's batch dim must be dynamic).
+        histogram_values: most values per sample and tensor that go into the histogram
+            (0: no histogram, for minmax alone).
+        chunk_bytes: activations buffered before statistics are updated.
+    """
+
+    batch_size: int = 1
+    histogram_values: int = 1024
+    chunk_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"Batch size {self.batch_size} must be at least 1.")
+        if self.histogram_values < 0:
+            raise ConfigError("histogram_values must not be negative.")
 
 
 def tensors_to_calibrate(model: ir.Model) -> tuple[str, ...]:
@@ -43,6 +81,49 @@ def tensors_to_calibrate(model: ir.Model) -> tuple[str, ...]:
     return tuple(names)
 
 
+def collect_statistics(
+    model: ir.Model,
+    samples: Iterable[Sample],
+    tensor_names: Iterable[str],
+    *,
+    settings: CollectSettings = CollectSettings(),
+    on_sample: Callable[[], None] | None = None,
+) -> dict[str, TensorObserver]:
+    """Streams `samples` through `model`; returns the statistics of each named tensor."""
+    tensor_names = tuple(tensor_names)
+    inputs = {value.name for value in model.graph.inputs}
+    fed = tuple(name for name in tensor_names if name in inputs)
+    exposed = tuple(name for name in tensor_names if name not in inputs)
+    try:
+        # Quiet: a run into slots fails when an output's shape changes, and is handled.
+        session = make_session(_expose(model, exposed), quiet=True)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise ModelLoadError(
+            f"onnxruntime cannot load the model: {describe_error(exc)}"
+        ) from None
+    observers = {name: TensorObserver() for name in tensor_names}
+    chunk: _Chunk | None = None
+    for batch in _batches(samples, settings.batch_size):
+        ran = False
+        if chunk is not None and chunk.signature == _signature(batch.feeds):
+            if chunk.full:
+                chunk.flush(observers, settings.histogram_values)
+            ran = chunk.run(batch)
+        if not ran:
+            # A new input signature, or an output whose shape depends on the data (NonZero,
+            # TopK, ...): a plain run tells the shapes to allocate, or reports the failure.
+            if chunk is not None:
+                chunk.flush(observers, settings.histogram_values)
+            first = [batch.feeds[name] for name in fed] + _run(session, exposed, batch)
+            chunk = _Chunk(session, fed, exposed, first, batch, settings)
+        if on_sample is not None:
+            for _ in range(batch.count):
+                on_sample()
+    if chunk is not None:
+        chunk.flush(observers, settings.histogram_values)
+    return observers
+
+
 def calibrate_tensors(
     model: ir.Model,
     samples: Iterable[Sample],
@@ -50,25 +131,154 @@ def calibrate_tensors(
     *,
     on_sample: Callable[[], None] | None = None,
 ) -> dict[str, TensorRange]:
-    """Streams `samples` through `model` and returns the range of each tensor."""
-    tensor_names = tuple(tensor_names)
-    try:
-        session = make_session(_expose(model, tensor_names))
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise ModelLoadError(f"onnxruntime cannot load the model: {describe_error(exc)}") from None
-    observers = {name: MinMaxObserver() for name in tensor_names}
-    for sample in samples:
-        try:
-            outputs = session.run(tensor_names, sample.feeds)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-            raise CalibrationDataError(
-                f"onnxruntime failed on sample '{sample.source}': {describe_error(exc)}"
-            ) from None
-        for name, array in zip(tensor_names, outputs, strict=True):
-            observers[name].update(np.asarray(array))
-        if on_sample is not None:
-            on_sample()
+    """Streams `samples` through `model` and returns the min/max range of each tensor."""
+    observers = collect_statistics(model, samples, tensor_names, on_sample=on_sample)
     return {name: observer.finalize() for name, observer in observers.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    feeds: Feeds
+    count: int
+    source: str
+
+
+def _batches(samples: Iterable[Sample], batch_size: int) -> Iterator[_Batch]:
+    """Consecutive samples of equal shapes, concatenated along the batch axis."""
+    pending: list[Sample] = []
+
+    def joined() -> _Batch:
+        if len(pending) == 1:
+            return _Batch(pending[0].feeds, 1, pending[0].source)
+        feeds = {
+            name: np.concatenate([s.feeds[name] for s in pending]) for name in pending[0].feeds
+        }
+        return _Batch(
+            feeds, len(pending), f"{pending[0].source} (and the next {len(pending) - 1})"
+        )
+
+    for sample in samples:
+        if pending and not _same_shapes(pending[0].feeds, sample.feeds):
+            yield joined()
+            pending = []
+        pending.append(sample)
+        if len(pending) == batch_size:
+            yield joined()
+            pending = []
+    if pending:
+        yield joined()
+
+
+def _signature(feeds: Feeds) -> tuple:
+    return tuple((name, array.shape, array.dtype.str) for name, array in feeds.items())
+
+
+def _same_shapes(a: Feeds, b: Feeds) -> bool:
+    return all(a[name].shape == b[name].shape for name in a)
+
+
+def _run(session, names: tuple[str, ...], batch: _Batch) -> list[np.ndarray]:
+    try:
+        return list(session.run(names, batch.feeds)) if names else []
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
+        raise CalibrationDataError(
+            f"onnxruntime failed on sample '{batch.source}': {describe_error(exc)}"
+        ) from None
+
+
+class _Chunk:
+    """Buffers for the runs of one input signature; onnxruntime writes into them directly.
+
+    Slot k of each tensor's buffer holds that tensor's output of the k-th run; each slot has
+    its own io binding, made on first use, so a run costs one call and no copy.
+    """
+
+    def __init__(
+        self,
+        session,
+        fed: tuple[str, ...],
+        exposed: tuple[str, ...],
+        first: list[np.ndarray],
+        batch: _Batch,
+        settings: CollectSettings,
+    ) -> None:
+        self.session = session
+        self.signature = _signature(batch.feeds)
+        self.names = fed + exposed
+        self.fed = len(fed)
+        self.samples_per_run = batch.count
+        run_bytes = max(1, sum(array.nbytes for array in first))
+        self.slots = max(1, min(_MAX_SLOTS, settings.chunk_bytes // run_bytes))
+        # np.empty does not touch memory: slots never used cost nothing.
+        self.buffers = [np.empty((self.slots, *a.shape), dtype=a.dtype) for a in first]
+        for buffer, array in zip(self.buffers, first, strict=True):
+            buffer[0] = array
+        # The model's inputs get slots too, bound once: a run then copies its feeds in.
+        fed_buffers = dict(zip(fed, self.buffers, strict=False))
+        self.inputs = {
+            name: fed_buffers.get(name, np.empty((self.slots, *array.shape), array.dtype))
+            for name, array in batch.feeds.items()
+        }
+        self.bindings: list = [None] * self.slots
+        self.filled = 1
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.slots
+
+    def run(self, batch: _Batch) -> bool:
+        """Runs `batch` into the next slot; False if its outputs do not fit the slots."""
+        slot = self.filled
+        for name, buffer in self.inputs.items():
+            buffer[slot] = batch.feeds[name]
+        self.filled += 1
+        if self.fed == len(self.names):
+            return True  # only graph inputs are calibrated: nothing to run
+        binding = self.bindings[slot]
+        if binding is None:
+            binding = self._bind(slot)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
+            self.filled -= 1
+            return False
+        return True
+
+    def _bind(self, slot: int):
+        binding = self.session.io_binding()
+        for name, buffer in self.inputs.items():
+            view = buffer[slot]
+            binding.bind_input(
+                name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
+            )
+        outputs = zip(self.names[self.fed :], self.buffers[self.fed :], strict=True)
+        for name, buffer in outputs:
+            view = buffer[slot]
+            binding.bind_output(
+                name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
+            )
+        self.bindings[slot] = binding
+        return binding
+
+    def flush(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
+        """Folds the filled slots into the observers."""
+        budget = histogram_values * self.samples_per_run
+        for name, buffer in zip(self.names, self.buffers, strict=True):
+            rows = buffer[: self.filled].reshape(self.filled, -1)
+            if budget == 0:
+                histogram = rows[:0]
+            elif rows.shape[1] > budget:
+                histogram = rows[:, :: -(-rows.shape[1] // budget) | 1]
+            else:
+                histogram = None  # every value
+            try:
+                observers[name].update(rows, histogram)
+            except NonFiniteError:
+                raise CalibrationDataError(
+                    f"Tensor '{name}' took NaN values on the calibration data.",
+                    hint="check the data; the float model itself is not finite on it.",
+                ) from None
+        self.filled = 0
 
 
 def _expose(model: ir.Model, tensor_names: tuple[str, ...]) -> bytes:

@@ -16,6 +16,7 @@ import click
 
 from qconvert import __version__
 from qconvert.cli import _console
+from qconvert.cli.calibrate import calibrate_command
 from qconvert.cli.compare import compare_command
 from qconvert.cli.inspect import inspect_command
 from qconvert.cli.quantize import quantize_command
@@ -47,6 +48,7 @@ def cli(debug: bool) -> None:
 
     \b
       qconvert quantize model.onnx --data calib/ -o model.int8.onnx
+      qconvert calibrate model.onnx --data calib/ -o model.calib.json
       qconvert compare  model.onnx model.int8.onnx --data eval/ --max-top1-drop 1
       qconvert inspect  model.onnx
 
@@ -56,6 +58,7 @@ def cli(debug: bool) -> None:
 
 
 cli.add_command(quantize_command)
+cli.add_command(calibrate_command)
 cli.add_command(inspect_command)
 cli.add_command(compare_command)
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
+    ProgressColumn,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
@@ -40,6 +41,14 @@ def interactive() -> bool:
     return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true", "yes")
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second, e.g. `812 samples/s`."""
+
+    def render(self, task):
+        speed = task.finished_speed or task.speed
+        return "" if speed is None else f"{speed:,.0f}/s"
+
+
 class BarProgress:
     """The library's `Progress`, drawn as a rich bar with rate and time left."""
 
@@ -50,6 +59,7 @@ class BarProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),
+            _RateColumn(),
             TimeRemainingColumn(),
         )
         with RichProgressBar(*columns, console=stderr, transient=True) as bar:

@@ -7,6 +7,12 @@ from pathlib import Path
 import click
 
 from qconvert.cli import _console, _render
+from qconvert.cli._options import (
+    image_options,
+    image_preprocessing,
+    method_option,
+    percentile_option,
+)
 from qconvert.schemes import SCHEMES
 
 SCHEME_HELP = (
@@ -15,8 +21,7 @@ SCHEME_HELP = (
     "but onnxruntime has no int16 kernels on CPU, so it runs SLOWER than float there. "
     "int8-dynamic: int8 MatMul/Gemm weights, activations quantized at run time, no data "
     "needed (transformers; LSTM too; Conv stays float). fp16: float16 weights and compute, "
-    "float32 "
-    "inputs/outputs. fp16-weights: float16 storage, float32 compute (for CPUs)."
+    "float32 inputs/outputs. fp16-weights: float16 storage, float32 compute (for CPUs)."
 )
 
 
@@ -33,9 +38,18 @@ SCHEME_HELP = (
     "--data",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folder of calibration samples (.npy or .npz, one sample a file). Needed by int8 "
-    "and 16x8.",
+    help="Folder of calibration samples (see `qconvert calibrate --help` for layouts). "
+    "int8 and 16x8 need it or --calib.",
 )
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A calibration file from `qconvert calibrate`, instead of --data.",
+)
+@method_option
+@percentile_option
+@image_options
 @click.option(
     "--scheme",
     type=click.Choice(sorted(SCHEMES)),
@@ -126,6 +140,9 @@ def quantize_command(
     model: Path,
     output: Path | None,
     data: Path | None,
+    calib: Path | None,
+    method: str,
+    percentile: float,
     scheme: str,
     format_: str,
     activation_type: str | None,
@@ -141,8 +158,12 @@ def quantize_command(
     report: Path | None,
     as_json: bool,
     force: bool,
+    **image: object,
 ) -> None:
     """Quantize MODEL and write the result.
+
+    Activation ranges come from --data (calibrated now) or --calib (a file written by
+    `qconvert calibrate`), derived by --method.
 
     The input model is never modified; the output is written only after it passes the ONNX
     checker and runs in onnxruntime.
@@ -174,6 +195,10 @@ def quantize_command(
         model,
         output,
         data=data,
+        calib=calib,
+        method=method,
+        percentile=percentile,
+        images=image_preprocessing(image),
         config=config,
         eval_data=eval_data,
         report=report,

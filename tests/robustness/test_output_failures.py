@@ -86,3 +86,13 @@ def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="No space left on device"):
         model_io.write_atomically(target, b"x" * 1000)
     assert os.listdir(tmp_path) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "out.onnx"
+        model_io.write_atomically(target, b"data")
+    finally:
+        os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,187 @@
+"""Range methods: from a tensor's statistics to the range [min, max] it is quantized to.
+
+The statistics (`observers.TensorObserver`) are method-agnostic, so one calibration serves
+every method. The histogram methods pick a clipping threshold T on the histogram of |x|
+(bin k holds |x| in [k w, (k+1) w]) and the range is [max(min, -T), min(max, T)]:
+
+- `minmax`: the observed [min, max]; no clipping.
+- `percentile`: T is the upper edge of the first |x| bin where the cumulative share of
+  values reaches p % (TensorRT's and onnxruntime's symmetric percentile).
+- `entropy`: TensorRT's KL-divergence calibration. For each candidate of i kept bins
+  (i >= L levels): P = the first i bins with every larger value added to the last;
+  Q = the first i bins merged into L levels (level j holds the bins k with
+  floor(k L / i) = j) and spread back evenly over the bins where P is nonzero. T = i w for
+  the i that minimises KL(P || Q); where Q's last level is empty but P's last bin holds the
+  outliers, that bin of Q is smoothed to a count of 1e-4, as onnxruntime does; bin 0 (the
+  exact zeros of Relu outputs) is levelled to bin 1's count, as NVIDIA's
+  pytorch-quantization does, or its spike would always pick the narrowest range.
+  L = 2**(bits-1) (128 for 8 bits), or 2**bits when the
+  tensor never changes sign (its values all use one side of the integer range).
+- `mse`: T minimises the expected squared error of quantizing the histogram: values up to T
+  round with error step**2 / 12, values above are clipped to T, with step = T / (2**bits - 1)
+  for one-signed tensors and 2 T / (2**bits - 1) otherwise.
+
+KL divergence of all candidates at once: with prefix sums over the bins of b, b log b and
+[b > 0], each level's total and nonzero count are two lookups, so the cost is
+O(candidates x L) array arithmetic, no Python loop per candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+
+from qconvert.calibration.observers import TensorObserver, TensorRange
+from qconvert.errors import ConfigError
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+_EPS = 1e-4  # the count an empty bin of Q is smoothed to (onnxruntime's smooth_distribution)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RangeMethod:
+    """How ranges are derived from statistics.
+
+    Attributes:
+        name: one of `METHODS`.
+        percentile: the share of |x| kept by `percentile`, in percent.
+        bits: integer bits of the quantized activations (entropy levels, mse step).
+    """
+
+    name: str = "minmax"
+    percentile: float = 99.99
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(
+                f"Unknown calibration method '{self.name}'.",
+                hint=f"choose from {', '.join(METHODS)}.",
+            )
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(
+                f"Percentile {self.percentile} is out of range; it must be in (0, 100]."
+            )
+        if not 2 <= self.bits <= 32:
+            raise ConfigError(f"Quantized bits {self.bits} must be in [2, 32].")
+
+
+def derive_ranges(
+    observers: Mapping[str, TensorObserver], method: RangeMethod
+) -> Mapping[str, TensorRange]:
+    """The range of every observed tensor under `method`."""
+    return MappingProxyType({name: tensor_range(o, method) for name, o in observers.items()})
+
+
+def tensor_range(observer: TensorObserver, method: RangeMethod) -> TensorRange:
+    """The range of one tensor under `method`."""
+    observed = observer.finalize()
+    if method.name == "minmax" or observer.count == 0:
+        return observed
+    counts = abs_histogram(observer)
+    amax = max(-observed.min, observed.max)
+    if counts.sum() == 0 or amax == 0.0:
+        return observed
+    one_signed = observed.min >= 0.0 or observed.max <= 0.0
+    if method.name == "percentile":
+        kept_bins = percentile_bins(counts, method.percentile)
+    elif method.name == "entropy":
+        levels = 2 ** (method.bits if one_signed else method.bits - 1)
+        kept_bins = entropy_bins(counts, levels)
+    else:
+        steps = (2**method.bits - 1) / (1.0 if one_signed else 2.0)
+        kept_bins = mse_bins(counts, steps)
+    threshold = min(kept_bins * observer.width, amax)
+    return TensorRange(max(observed.min, -threshold), min(observed.max, threshold))
+
+
+def abs_histogram(observer: TensorObserver) -> np.ndarray:
+    """Counts of |x| per bin of the observer's width: bin k holds |x| in [k w, (k+1) w].
+
+    Signed bin k >= 0 holds x in [k w, (k+1) w); signed bin -k-1 holds x in [-(k+1) w, -k w).
+    """
+    indices = observer.first_bin + np.arange(observer.bins.size)
+    folded = np.where(indices >= 0, indices, -indices - 1)
+    size = int(folded.max()) + 1 if folded.size else 0
+    return np.bincount(folded, weights=observer.bins, minlength=size)
+
+
+def percentile_bins(counts: np.ndarray, percentile: float) -> int:
+    """The number of leading bins that hold `percentile` % of the values."""
+    cumulative = np.cumsum(counts)
+    target = cumulative[-1] * percentile / 100.0
+    return int(np.searchsorted(cumulative, target * (1 - 1e-12), side="left")) + 1
+
+
+def entropy_bins(counts: np.ndarray, levels: int) -> int:
+    """The number of leading bins kept by TensorRT's KL-divergence criterion."""
+    bins = np.array(counts, dtype=np.float64)
+    size = bins.size
+    if size <= levels:
+        return size
+    # The exact zeros of Relu outputs pile up in bin 0; that spike would dominate the
+    # divergence and always pick the narrowest range. NVIDIA's pytorch-quantization levels
+    # it to its neighbour, and so do we.
+    bins[0] = bins[1]
+    total = bins.sum()
+    x_log_x = np.where(bins > 0, bins * np.log(np.where(bins > 0, bins, 1.0)), 0.0)
+    sums = np.concatenate(([0.0], np.cumsum(bins)))
+    sums_log = np.concatenate(([0.0], np.cumsum(x_log_x)))
+    nonzero = np.concatenate(([0], np.cumsum(bins > 0)))
+
+    kept = np.arange(levels, size + 1)  # candidates: i kept bins
+    level = np.arange(levels + 1)
+    edges = (kept[:, None] * level[None, :] + levels - 1) // levels  # ceil(j i / L)
+    level_sum = sums[edges[:, 1:]] - sums[edges[:, :-1]]
+    level_nonzero = (nonzero[edges[:, 1:]] - nonzero[edges[:, :-1]]).astype(np.float64)
+
+    last = bins[kept - 1]
+    outliers = total - sums[kept]
+    # P's last bin takes the outliers; if it was empty it becomes a nonzero bin of Q's
+    # last level, which then must hold some count or Q misses mass that P has.
+    level_nonzero[:, -1] += (last == 0) & (outliers > 0)
+    p_level = level_sum.copy()
+    p_level[:, -1] += outliers
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = np.where(
+            p_level > 0, p_level * (np.log(level_nonzero) - np.log(level_sum)), 0.0
+        )
+        # Q is empty where P holds only the outliers: like onnxruntime, smooth the empty
+        # bin to a count of eps instead of making the divergence infinite.
+        cross = np.where((p_level > 0) & (level_sum == 0), -p_level * math.log(_EPS), cross)
+        last_p = last + outliers
+        p_log_p = sums_log[kept - 1] + np.where(
+            last_p > 0, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0
+        )
+        divergence = (
+            (p_log_p + cross.sum(axis=1)) / total - math.log(total) + np.log(total - outliers)
+        )
+    divergence = np.where(np.isnan(divergence), np.inf, divergence)
+    if not np.isfinite(divergence).any():
+        return size
+    return int(kept[np.argmin(divergence)])
+
+
+def mse_bins(counts: np.ndarray, steps: float) -> int:
+    """The number of leading bins whose upper edge, as clip threshold, minimises the MSE.
+
+    In bin units (the width cancels out of the argmin): threshold t = i, step = t / steps,
+    error(t) = n(<= t) step**2 / 12 + sum over bins above t of n (center - t)**2.
+    """
+    bins = np.asarray(counts, dtype=np.float64)
+    centers = np.arange(bins.size) + 0.5
+    # Suffix sums over bins k >= i of n, n c, n c**2.
+    n_above = np.cumsum(bins[::-1])[::-1]
+    c_above = np.cumsum((bins * centers)[::-1])[::-1]
+    c2_above = np.cumsum((bins * centers**2)[::-1])[::-1]
+    thresholds = np.arange(1, bins.size + 1, dtype=np.float64)
+    above_n = np.append(n_above[1:], 0.0)
+    above_c = np.append(c_above[1:], 0.0)
+    above_c2 = np.append(c2_above[1:], 0.0)
+    clipped = above_c2 - 2 * thresholds * above_c + thresholds**2 * above_n
+    rounding = (bins.sum() - above_n) * (thresholds / steps) ** 2 / 12.0
+    return int(thresholds[np.argmin(clipped + rounding)])

@@ -1,0 +1,127 @@
+"""Option bundles shared by commands: the data-reading options, declared once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+# The range methods of qconvert.calibration.ranges.METHODS (a test keeps them equal),
+# spelled out so that --help does not import the calibration engine and onnxruntime.
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"'{value}' is not a comma-separated list of numbers."
+        ) from None
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    parts = value.lower().replace("x", ",").split(",")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not SIZE or HEIGHT,WIDTH.") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise click.BadParameter(f"'{value}' is not SIZE or HEIGHT,WIDTH.")
+    return sizes
+
+
+def image_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--image-size, --resize/--crop, --scale, --mean, --std, --layout, --color."""
+    options = [
+        click.option(
+            "--image-size",
+            callback=_size,
+            metavar="H,W",
+            help="Image folders: the input's height,width (or one size). "
+            "[default: the model input's static dims]",
+        ),
+        click.option(
+            "--resize/--crop",
+            "resize",
+            default=True,
+            show_default=True,
+            help="Image folders: stretch to the size, or scale the shorter side to it and "
+            "centre-crop.",
+        ),
+        click.option(
+            "--scale",
+            type=float,
+            default=1 / 255,
+            show_default="1/255",
+            help="Image folders: pixels are multiplied by this first.",
+        ),
+        click.option(
+            "--mean",
+            callback=_floats,
+            metavar="M[,M,M]",
+            help="Image folders: subtracted per channel after --scale. [default: 0]",
+        ),
+        click.option(
+            "--std",
+            callback=_floats,
+            metavar="S[,S,S]",
+            help="Image folders: divides per channel after --mean. [default: 1]",
+        ),
+        click.option(
+            "--layout",
+            type=click.Choice(["NCHW", "NHWC"]),
+            default=None,
+            help="Image folders: the input's layout. [default: from the model input]",
+        ),
+        click.option(
+            "--color",
+            type=click.Choice(["RGB", "BGR"]),
+            default="RGB",
+            show_default=True,
+            help="Image folders: channel order.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def image_preprocessing(options: dict[str, Any]):
+    """The `ImagePreprocessing` the image options describe (popped from `options`)."""
+    from qconvert.dataset import ImagePreprocessing
+
+    return ImagePreprocessing(
+        size=options.pop("image_size"),
+        crop=not options.pop("resize"),
+        scale=options.pop("scale"),
+        mean=options.pop("mean") or (0.0,),
+        std=options.pop("std") or (1.0,),
+        layout=options.pop("layout"),
+        color=options.pop("color"),
+    )
+
+
+method_option = click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="minmax",
+    show_default=True,
+    help="How ranges are derived from the calibration statistics: observed min/max, a "
+    "percentile of |x|, TensorRT's entropy (KL divergence), or least squared error.",
+)
+
+percentile_option = click.option(
+    "--percentile",
+    type=click.FloatRange(0, 100, min_open=True),
+    default=99.99,
+    show_default=True,
+    help="The share of |x| the percentile method keeps, in percent.",
+)

@@ -1,0 +1,93 @@
+"""The collector's fast path (io binding into chunk slots) against a direct computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qconvert import model as model_io
+from qconvert import testing
+from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics
+from qconvert.calibration.collect import _expose, tensors_to_calibrate
+from qconvert.dataset import Sample
+from qconvert.passes import prepare
+from qconvert.runtime import make_session
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "chunk_bytes"),
+    [(1, 1 << 20), (1, 20_000), (4, 1 << 20), (3, 20_000)],
+    ids=["one-chunk", "many-chunks", "batched", "batched-uneven"],
+)
+def test_statistics_equal_a_direct_computation(tmp_path, batch_size, chunk_bytes):
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(10)]
+    settings = CollectSettings(
+        batch_size=batch_size, histogram_values=10**9, chunk_bytes=chunk_bytes
+    )
+    observed = collect_statistics(model, samples, names, settings=settings)
+
+    session = make_session(_expose(model, names))
+    expected = {name: TensorObserver() for name in names}
+    for sample in samples:
+        for name, array in zip(names, session.run(names, sample.feeds), strict=True):
+            expected[name].update(array)
+    for name in names:
+        a, b = observed[name], expected[name]
+        assert (a.count, a.exponent, a.first_bin) == (b.count, b.exponent, b.first_bin), name
+        np.testing.assert_allclose([a.min, a.max], [b.min, b.max], rtol=1e-6, atol=1e-6)
+        if batch_size == 1:  # same kernels, same numbers: identical histograms
+            assert (a.min, a.max) == (b.min, b.max)
+            np.testing.assert_array_equal(a.bins, b.bins)
+        else:
+            assert a.histogram_count == b.histogram_count
+
+
+def test_large_tensors_histogram_a_strided_subset(tmp_path):
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(4)]
+    observed = collect_statistics(
+        model, samples, ["input", "relu"], settings=CollectSettings(histogram_values=50)
+    )
+    # input: 3*8*8 = 192 values a sample; 50 a sample at most -> stride 5 (odd), 39 values.
+    assert observed["input"].count == 4 * 192
+    assert observed["input"].histogram_count == 4 * len(range(0, 192, 5))
+    minmax_only = collect_statistics(
+        model, samples, ["input"], settings=CollectSettings(histogram_values=0)
+    )
+    assert minmax_only["input"].histogram_count == 0
+    assert minmax_only["input"].max == observed["input"].max
+
+
+def test_outputs_whose_shape_depends_on_the_data(tmp_path):
+    # NonZero's output length depends on the values, not only on the input shape.
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        data_dependent (float[N,6] x) => (float[M] output) {
+            r = Relu (x)
+            flat = Reshape (r, minus_one)
+            positions = NonZero (flat)
+            idx = Reshape (positions, minus_one)
+            picked = Gather (flat, idx)
+            output = Identity (picked)
+        }
+    """
+    import onnx
+
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")
+    )
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(f"s{i}", {"x": rng.standard_normal((1, 6)).astype(np.float32)}) for i in range(6)
+    ]
+    observed = collect_statistics(model, samples, ["r", "picked"])
+    relu = np.concatenate([np.maximum(s.feeds["x"], 0).ravel() for s in samples])
+    assert observed["picked"].count == int(np.count_nonzero(relu))
+    assert observed["picked"].max == float(relu.max())
+    assert observed["r"].count == 36

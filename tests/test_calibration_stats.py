@@ -1,0 +1,259 @@
+"""Observers and range methods on hand-built data where the right answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qconvert.calibration import Calibration, RangeMethod, TensorObserver, tensor_range
+from qconvert.calibration.file import merge_calibrations, read_calibration
+from qconvert.calibration.observers import MAX_BINS, bin_exponent
+from qconvert.calibration.ranges import abs_histogram
+from qconvert.errors import ConfigError
+
+
+def _observe(*parts: np.ndarray) -> TensorObserver:
+    observer = TensorObserver()
+    for part in parts:
+        observer.update(np.asarray(part, dtype=np.float32))
+    return observer
+
+
+def _same(a: TensorObserver, b: TensorObserver) -> bool:
+    return (a.min, a.max, a.count, a.exponent, a.first_bin) == (
+        b.min,
+        b.max,
+        b.count,
+        b.exponent,
+        b.first_bin,
+    ) and np.array_equal(a.bins, b.bins)
+
+
+def _gaussian_with_outliers(n=1_000_000, outliers=(50.0, -40.0), per_side=20, seed=0):
+    values = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    values[:per_side] = outliers[0]
+    values[per_side : 2 * per_side] = outliers[1]
+    return values
+
+
+# --- histogram mechanics ---------------------------------------------------------------
+
+
+def test_bins_are_anchored_at_zero_with_power_of_two_width():
+    observer = _observe([-1.0, 0.0, 0.25, 3.0])
+    assert observer.width == 2.0**observer.exponent
+    # At 2**-10, [-1, 3] needs bins -1024..3072: 4097 > MAX_BINS. So 2**-9.
+    assert MAX_BINS == 4096
+    assert observer.exponent == -9
+    assert observer.first_bin == -512
+    assert observer.bins.size == 4 * 512 + 1
+    assert observer.bins[512] == 1  # 0.0 falls in bin 0
+    assert observer.bins[512 + 128] == 1  # 0.25 / 2**-9 = 128
+    assert observer.bins.sum() == 4
+
+
+def test_range_growth_rebins_exactly():
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal(5000).astype(np.float32) * s for s in (0.001, 1, 70, 3, 1e4)]
+    streamed = _observe(*parts)
+    at_once = _observe(np.concatenate(parts))
+    assert _same(streamed, at_once)
+    assert streamed.bins.size <= MAX_BINS
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_merge_equals_one_pass_whatever_the_split(split):
+    rng = np.random.default_rng(split)
+    parts = [
+        rng.standard_normal(3000).astype(np.float32) * s + o
+        for s, o in ((1, 0), (0.01, 5), (20, -3), (2, 100), (0.5, 0), (3, 3))
+    ]
+    whole = _observe(*parts)
+    merged = _observe(*parts[:split])
+    merged.merge(_observe(*parts[split:]))
+    assert _same(merged, whole)
+    other_order = _observe(*parts[split:])
+    other_order.merge(_observe(*parts[:split]))
+    assert _same(other_order, whole)
+
+
+def test_width_is_a_function_of_the_range_alone():
+    assert bin_exponent(0.0, 0.0) == -60  # constant zero tensors get the finest bins
+    assert bin_exponent(-1.0, 1.0) == bin_exponent(-1.0, 1.0)
+    assert bin_exponent(-1.0, 1.0) <= bin_exponent(-1.0, 2.0) <= bin_exponent(-5.0, 2.0)
+    # A far-off narrow range stays finely binned, within exact float32 indices.
+    assert bin_exponent(1000.0, 1001.0) < -8
+
+
+def test_histogram_of_a_subset_keeps_exact_min_max():
+    values = np.arange(-100, 101, dtype=np.float32)
+    observer = TensorObserver()
+    observer.update(values, values[::7])
+    assert (observer.min, observer.max, observer.count) == (-100.0, 100.0, 201)
+    assert observer.histogram_count == len(values[::7])
+
+
+def test_infinite_values_are_ignored_nan_is_refused():
+    observer = _observe(np.array([-np.inf, -2.0, 3.0], np.float32))
+    assert (observer.min, observer.max, observer.count) == (-2.0, 3.0, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        _observe(np.array([np.nan, 1.0], np.float32))
+
+
+def test_abs_histogram_folds_negative_bins():
+    observer = _observe([-0.75, -0.25, 0.25, 0.75])  # width 2**-11
+    folded = abs_histogram(observer)
+    w = observer.width
+    assert folded.sum() == 4
+    assert folded[int(0.25 / w)] == 1 and folded[int(0.25 / w) - 1] == 1
+    assert folded[int(0.75 / w)] == 1 and folded[int(0.75 / w) - 1] == 1
+
+
+# --- range methods -------------------------------------------------------------------
+
+
+def test_minmax_keeps_the_outliers():
+    observer = _observe(_gaussian_with_outliers())
+    result = tensor_range(observer, RangeMethod(name="minmax"))
+    assert (result.min, result.max) == (-40.0, 50.0)
+
+
+def test_percentile_matches_the_exact_quantile_within_one_bin():
+    values = _gaussian_with_outliers()
+    observer = _observe(values)
+    for percentile in (99.0, 99.9, 99.99):
+        result = tensor_range(observer, RangeMethod(name="percentile", percentile=percentile))
+        exact = float(np.quantile(np.abs(values), percentile / 100))
+        assert result.max == -result.min
+        assert exact <= result.max <= exact + observer.width + 1e-9
+        assert result.max < 10  # the outliers at 50 and -40 are clipped
+
+
+def test_percentile_of_uniform_values_is_exact():
+    # 0..999 in 1000 values: the 99% point of |x| is 990 (989.x), at a bin edge.
+    observer = _observe(np.arange(1000, dtype=np.float32))
+    result = tensor_range(observer, RangeMethod(name="percentile", percentile=99.0))
+    assert result.min == 0.0
+    assert 989.0 <= result.max <= 990.0 + observer.width
+
+
+def test_entropy_clips_outliers_of_a_gaussian():
+    observer = _observe(_gaussian_with_outliers())
+    result = tensor_range(observer, RangeMethod(name="entropy"))
+    # KL calibration of N(0,1) at 8 bits lands around 4 to 5 sigma.
+    assert 3.0 < result.max < 6.0
+    assert result.min == -result.max
+
+
+def test_entropy_of_relu_output_is_not_fooled_by_the_zero_spike():
+    values = np.maximum(np.random.default_rng(3).standard_normal(500_000), 0).astype(
+        np.float32
+    )
+    values[:5] = 60.0
+    result = tensor_range(_observe(values), RangeMethod(name="entropy"))
+    assert result.min == 0.0
+    assert 2.5 < result.max < 6.0
+
+
+def test_entropy_keeps_a_uniform_distribution_whole():
+    values = np.random.default_rng(4).uniform(-1, 1, 400_000).astype(np.float32)
+    result = tensor_range(_observe(values), RangeMethod(name="entropy"))
+    assert result.max > 0.97 and result.min < -0.97
+
+
+def _brute_force_mse(values: np.ndarray, threshold: float, steps: float) -> float:
+    step = threshold / steps
+    clipped = np.clip(values, -threshold, threshold)
+    return float(
+        np.sum((values - clipped) ** 2) + np.sum(np.abs(values) <= threshold) * step**2 / 12
+    )
+
+
+def test_mse_finds_the_brute_force_optimum_and_clips_rare_outliers():
+    values = _gaussian_with_outliers(n=200_000, per_side=1).astype(np.float64)
+    observer = _observe(values.astype(np.float32))
+    result = tensor_range(observer, RangeMethod(name="mse"))
+    steps = 255 / 2  # a signed tensor shares 255 steps between both sides
+    candidates = np.linspace(1.0, 50.0, 800)
+    errors = [_brute_force_mse(values, t, steps) for t in candidates]
+    best = candidates[int(np.argmin(errors))]
+    assert result.max < 40.0  # the two outliers are clipped
+    # The histogram optimum is within a couple of bins of the exact one.
+    assert _brute_force_mse(values, result.max, steps) <= min(errors) * 1.01
+    assert abs(result.max - best) < 0.5
+
+
+def test_mse_keeps_frequent_large_values():
+    # A bimodal tensor: a fifth of the values sit at +-8: clipping them would cost far more.
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal(200_000).astype(np.float32)
+    values[::5] = 8.0
+    result = tensor_range(_observe(values), RangeMethod(name="mse"))
+    assert result.max >= 8.0 - 1e-6
+
+
+def test_unknown_method_and_bad_percentile_are_config_errors():
+    with pytest.raises(ConfigError, match="Unknown calibration method 'kl'"):
+        RangeMethod(name="kl")
+    with pytest.raises(ConfigError, match="Percentile 0"):
+        RangeMethod(name="percentile", percentile=0)
+
+
+def test_unobserved_tensor_gets_zero_range():
+    result = tensor_range(TensorObserver(), RangeMethod(name="entropy"))
+    assert (result.min, result.max) == (0.0, 0.0)
+
+
+# --- calibration file ------------------------------------------------------------------
+
+
+def _calibration(sha="a" * 64, **parts) -> Calibration:
+    return Calibration(
+        model_sha256=sha,
+        model_file="m.onnx",
+        samples=3,
+        observers={name: _observe(part) for name, part in parts.items()},
+    )
+
+
+def test_file_round_trip_is_exact(tmp_path):
+    rng = np.random.default_rng(6)
+    original = _calibration(
+        x=rng.standard_normal(10_000).astype(np.float32) * 3.3,
+        y=np.maximum(rng.standard_normal(1000), 0).astype(np.float32),
+        z=np.zeros(5, np.float32),
+    )
+    path = tmp_path / "c.json"
+    path.write_text(original.to_json())
+    loaded = read_calibration(path)
+    assert (loaded.model_sha256, loaded.samples) == ("a" * 64, 3)
+    for name, observer in original.observers.items():
+        assert _same(loaded.observers[name], observer)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        chosen = RangeMethod(name=method)
+        assert tensor_range(loaded.observers["x"], chosen) == tensor_range(
+            original.observers["x"], chosen
+        )
+
+
+def test_merging_files_equals_one_run():
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal(5000) * 2, rng.standard_normal(7000) * 9 + 1
+    merged = merge_calibrations(
+        [
+            ("a", _calibration(t=a.astype(np.float32))),
+            ("b", _calibration(t=b.astype(np.float32))),
+        ]
+    )
+    assert merged.samples == 6
+    assert _same(merged.observers["t"], _observe(a.astype(np.float32), b.astype(np.float32)))
+    assert math.isclose(merged.observers["t"].max, float(np.float32(max(a.max(), b.max()))))
+
+
+def test_command_line_offers_every_method():
+    from qconvert.calibration.ranges import METHODS
+    from qconvert.cli._options import METHODS as CLI_METHODS
+
+    assert CLI_METHODS == METHODS
