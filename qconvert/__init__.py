@@ -12,6 +12,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from qconvert.api import calibrate, compare, inspect, quantize
+from qconvert.config import QuantizeConfig
 from qconvert.errors import QconvertError
 
-__all__ = ["QconvertError", "__version__", "calibrate", "compare", "inspect", "quantize"]
+__all__ = [
+    "QconvertError",
+    "QuantizeConfig",
+    "__version__",
+    "calibrate",
+    "compare",
+    "inspect",
+    "quantize",
+]

@@ -6,11 +6,15 @@ list of stages: load -> prepare -> calibrate -> plan -> rewrite -> verify -> sav
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import onnx_ir as ir
 
 from qconvert import model as model_io
 from qconvert.calibration import (
@@ -33,28 +37,54 @@ from qconvert.compare import (
     folder_labels,
     load_labels,
 )
+from qconvert.config import Format, QuantizeConfig
+from qconvert.cpu import lacks_vnni
 from qconvert.dataset import (
     DirectorySource,
+    Feeds,
     ImagePreprocessing,
     Sample,
     input_specs,
     synthetic_sample,
 )
-from qconvert.errors import CalibrationDataError, ConfigError, OutputError
+from qconvert.errors import (
+    CalibrationDataError,
+    ConfigError,
+    OutputError,
+    UnsupportedModelError,
+)
 from qconvert.gates import NO_GATES, Gates, check_gates
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.latency import LatencyConfig
-from qconvert.passes import DropIntermediateShapesPass, InsertQDQPass, prepare
-from qconvert.plan import make_plan
+from qconvert.passes import (
+    CastToFloat16Pass,
+    DropIntermediateShapesPass,
+    DynamicQuantizePass,
+    InsertQDQPass,
+    QDQToQOperatorPass,
+    StoreWeightsAsFloat16Pass,
+    prepare,
+)
+from qconvert.plan import QuantPlan, make_dynamic_plan, make_float16_plan, make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
 from qconvert.runtime import resolve_provider
 from qconvert.saved_outputs import SavedOutputs
-from qconvert.schemes import SCHEMES
+from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
+from qconvert.selection import NodeSelection
 from qconvert.verify import verify_model
 
 PathLike = str | os.PathLike[str]
+
+logger = logging.getLogger("qconvert")
+
+_MICROSOFT = "com.microsoft"
+
 _TRT_METHOD = RangeMethod(name="entropy")  # TensorRT's own default calibrator
+
+CALIBRATION_LIMIT = model_io.PROTOBUF_LIMIT
+"""The most bytes of weights a model may hold to be calibrated: the calibration stage hands
+onnxruntime the model as one protobuf."""
 
 
 def quantize(
@@ -66,26 +96,27 @@ def quantize(
     method: str = "minmax",
     percentile: float = 99.99,
     images: ImagePreprocessing | None = None,
-    scheme: str = "int8",
-    per_channel: bool = True,
+    config: QuantizeConfig | None = None,
     eval_data: PathLike | None = None,
     report: PathLike | None = None,
     force: bool = False,
     progress: Progress = SILENT,
 ) -> Report:
-    """Quantizes `model` with calibration samples from `data` and writes `output`.
+    """Quantizes `model` as `config` says and writes `output`.
 
     Args:
         model: the float ONNX model; it is only read.
         output: where the quantized model goes (refused if it exists, unless `force`).
-        data: a folder of calibration samples, calibrated on the fly.
+            A model whose weights live in external data is written with its tensors in
+            `<output name>.data` beside it.
+        data: a folder of calibration samples, calibrated on the fly (static schemes need
+            it or `calib`; int8-dynamic, fp16 and fp16-weights need neither).
         calib: a calibration file from `calibrate` (instead of `data`).
         method: how ranges are derived from the statistics: minmax, percentile, entropy
             or mse (see `qconvert.calibration.ranges`).
         percentile: the share of values kept by the percentile method, in percent.
         images: the preprocessing of image folders (`data` and `eval_data`).
-        scheme: a name from `qconvert.schemes.SCHEMES`.
-        per_channel: one weight scale per output channel (else one per tensor).
+        config: scheme, format and controls; `QuantizeConfig()` is int8 QDQ.
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
             float and quantized models are compared on it and the result goes in the report.
         report: a file to write the report to (`.json`, `.md` or `.html`).
@@ -94,17 +125,37 @@ def quantize(
 
     Returns:
         The report: sizes, what was quantized and what was not, and the comparison.
+
+    Example::
+
+        config = QuantizeConfig(scheme="16x8", exclude=("head.*",))
+        report = qconvert.quantize("model.onnx", "model.16x8.onnx", data="calib/",
+                                   config=config)
     """
-    if scheme not in SCHEMES:
+    config = config if config is not None else QuantizeConfig()
+    scheme = config.resolve_scheme()
+    if scheme.needs_calibration and data is None and calib is None:
         raise ConfigError(
-            f"Unknown scheme '{scheme}'.", hint=f"choose from {', '.join(SCHEMES)}."
+            f"--scheme {config.scheme} needs calibration data: pass --data DIR or "
+            "--calib FILE.",
+            hint="int8-dynamic, fp16 and fp16-weights need none.",
         )
-    chosen = SCHEMES[scheme].with_options(per_channel=per_channel)
-    range_method = RangeMethod(
-        name=method, percentile=percentile, bits=chosen.activation_dtype.itemsize * 8
-    )
-    if (data is None) == (calib is None):
-        raise ConfigError("Pass calibration data or a calibration file (one of the two).")
+    if data is not None and calib is not None:
+        raise ConfigError(
+            "Pass --data or --calib, not both.",
+            hint="--data calibrates now; --calib reads a file from `qconvert calibrate`.",
+        )
+    range_method = None
+    if isinstance(scheme, StaticScheme):
+        range_method = RangeMethod(
+            name=method, percentile=percentile, bits=scheme.activation_dtype.itemsize * 8
+        )
+    if eval_data is not None and not config.keep_io_types:
+        raise ConfigError(
+            "--eval does not go with --no-keep-io-types: the float and converted models "
+            "would need different input types.",
+            hint="evaluate with --keep-io-types (the default).",
+        )
     output = model_io.check_output_path(output, force=force)
     if report is not None:
         check_report_path(report)
@@ -112,15 +163,38 @@ def quantize(
 
     with _timed(timings, "load"):
         float_model = model_io.load_model(model)
+        model_io.check_convertible(float_model, model)
         opset_before = float_model.opset_imports.get("", 1)
+        if config.opset is not None and config.opset < opset_before:
+            raise ConfigError(
+                f"--opset {config.opset} is below the model's opset {opset_before}; "
+                "qconvert only upgrades.",
+                hint=f"pass --opset {opset_before} or later, or leave it out.",
+            )
+        external = model_io.uses_external_data(model)
+        calibrating = scheme.needs_calibration and data is not None
+        if calibrating and _tensor_bytes(float_model) > CALIBRATION_LIMIT:
+            raise UnsupportedModelError(
+                f"Model '{model}' holds over 2 GB of weights: calibration hands the model "
+                f"to onnxruntime as one protobuf, which cannot exceed 2 GB, so --scheme "
+                f"{config.scheme} cannot calibrate it yet.",
+                hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
+            )
         specs = input_specs(float_model)
-        source = DirectorySource(data, specs, images=images) if data is not None else None
-        calibration = read_calibration(calib) if calib is not None else None
-        if calibration is not None:
+        source = DirectorySource(data, specs, images=images) if calibrating else None
+        calibration = None
+        if scheme.needs_calibration and calib is not None:
+            calibration = read_calibration(calib)
             calibration.check_model(model_io.fingerprint(model), calib, str(model))
         evaluation = (
             DirectorySource(eval_data, specs, images=images) if eval_data is not None else None
         )
+    if isinstance(scheme, StaticScheme | DynamicScheme) and not scheme.reduce_range:
+        if lacks_vnni():
+            logger.warning(
+                "This CPU lacks VNNI: onnxruntime's u8 x s8 kernels can saturate here. "
+                "Pass --reduce-range (7-bit weights) for models that will run on it."
+            )
     if source is not None:
         # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
         # other methods histogram exactly as `calibrate` does, so --data equals --calib.
@@ -132,22 +206,36 @@ def quantize(
             progress.task("Calibrating", len(source)) as advance,
         ):
             calibration = _calibrate(model, float_model, source, settings, advance)
+    selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
     with _timed(timings, "prepare"):
-        prepared = prepare(float_model, min_opset=chosen.min_opset)
-    with _timed(timings, "ranges"):
-        ranges = derive_ranges(calibration.observers, range_method)
+        prepared, qdq_domain = _prepare(float_model, config)
+        selection.warn_unmatched(prepared.graph)
+    ranges = {}
+    if calibration is not None and range_method is not None:
+        with _timed(timings, "ranges"):
+            ranges = derive_ranges(calibration.observers, range_method)
     with _timed(timings, "plan"):
-        plan = make_plan(prepared, chosen, ranges)
+        plan = _plan(prepared, scheme, config, selection, ranges)
+        plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
     with _timed(timings, "rewrite"):
-        quantized = InsertQDQPass(plan=plan)(prepared).model
-        DropIntermediateShapesPass()(quantized)
-        quantized.producer_name = "qconvert"
-        quantized_bytes = model_io.to_bytes(quantized)
-    with _timed(timings, "verify"):
-        smoke = source.first() if source is not None else synthetic_sample(specs)
-        verify_model(quantized_bytes, smoke.feeds)
-    with _timed(timings, "save"):
-        model_io.write_atomically(output, quantized_bytes)
+        converted = _rewrite(prepared, plan, config, qdq_domain)
+        DropIntermediateShapesPass()(converted)
+        converted.producer_name = "qconvert"
+    feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
+    feeds = _as_input_types(converted, feeds)
+    if external:
+        with _timed(timings, "save"):  # the model is verified in place before the rename
+            model_io.save_with_external_data(
+                converted, output, verify=lambda staged: verify_model(staged, feeds)
+            )
+        converted_for_compare: bytes | str = str(output)
+    else:
+        with _timed(timings, "verify"):
+            converted_bytes = model_io.to_bytes(converted)
+            verify_model(converted_bytes, feeds)
+        with _timed(timings, "save"):
+            model_io.write_atomically(output, converted_bytes)
+        converted_for_compare = converted_bytes
 
     comparison = None
     if evaluation is not None:
@@ -155,16 +243,16 @@ def quantize(
             _timed(timings, "evaluate"),
             progress.task("Evaluating", len(evaluation)) as advance,
         ):
-            comparison = _evaluate(model, output, quantized_bytes, evaluation, advance)
+            comparison = _evaluate(model, output, converted_for_compare, evaluation, advance)
     result = Report(
         command="quantize",
         model=str(model),
         output=str(output),
         conversion=Conversion.from_plan(
             plan,
-            opsets=(opset_before, quantized.opset_imports.get("", 1)),
+            opsets=(opset_before, converted.opset_imports.get("", 1)),
             sizes=(model_io.file_size(model), model_io.file_size(output)),
-            samples=calibration.samples,
+            samples=calibration.samples if calibration is not None else 0,
         ),
         comparison=comparison,
         seconds=timings,
@@ -172,6 +260,120 @@ def quantize(
     if report is not None:
         result.write(report)
     return result
+
+
+def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, str]:
+    """Prepares the model; returns it and the domain its Q/DQ nodes go in.
+
+    int16 Q/DQ need ai.onnx opset 21. When the ONNX converter cannot raise the model that
+    far, onnxruntime's com.microsoft Q/DQ (int16 at any opset) are used instead.
+    """
+    target = config.target_opset
+    try:
+        return prepare(model, min_opset=target), ""
+    except UnsupportedModelError:
+        scheme_asked_21 = config.opset is None and config.min_opset == INT16_MIN_OPSET
+        if not (target == INT16_MIN_OPSET and scheme_asked_21):
+            raise
+    logger.warning(
+        "The model cannot be upgraded to opset %d; writing int16 Q/DQ in the %s domain.",
+        INT16_MIN_OPSET,
+        _MICROSOFT,
+    )
+    return prepare(model, min_opset=13), _MICROSOFT
+
+
+def _plan(
+    model: ir.Model,
+    scheme: StaticScheme | DynamicScheme | Float16Scheme,
+    config: QuantizeConfig,
+    selection: NodeSelection,
+    ranges: dict,
+) -> QuantPlan:
+    if isinstance(scheme, StaticScheme):
+        plan = make_plan(
+            model, scheme, ranges, selection=selection, overrides=config.overrides
+        )
+        return dataclasses.replace(plan, format=config.format.value)
+    if isinstance(scheme, DynamicScheme):
+        return make_dynamic_plan(
+            model, scheme, selection=selection, overrides=config.overrides
+        )
+    return make_float16_plan(model, scheme, selection=selection, overrides=config.overrides)
+
+
+def _rewrite(
+    model: ir.Model, plan: QuantPlan, config: QuantizeConfig, qdq_domain: str
+) -> ir.Model:
+    scheme = plan.scheme
+    if isinstance(scheme, StaticScheme):
+        passes = [InsertQDQPass(plan=plan, domain=qdq_domain)]
+        if config.format is Format.QOP:
+            passes.append(QDQToQOperatorPass())
+    elif isinstance(scheme, DynamicScheme):
+        passes = [DynamicQuantizePass(plan=plan)]
+    elif scheme.storage_only:
+        passes = [StoreWeightsAsFloat16Pass(plan=plan)]
+    else:
+        passes = [CastToFloat16Pass(plan=plan, keep_io_types=scheme.keep_io_types)]
+    return ir.passes.PassManager(passes)(model).model
+
+
+def _with_notes(
+    plan: QuantPlan,
+    config: QuantizeConfig,
+    opset_before: int,
+    prepared: ir.Model,
+    qdq_domain: str,
+) -> QuantPlan:
+    """Adds what the report must say about opsets, domains and speed."""
+    notes = list(plan.notes)
+    opset_after = prepared.opset_imports.get("", 1)
+    if opset_after != opset_before:
+        notes.append(
+            f"The model was upgraded from opset {opset_before} to {opset_after} with the "
+            "ONNX version converter."
+        )
+    int16 = any(
+        decision.qparams.dtype.itemsize == 2 for decision in plan.tensors.values()
+    )
+    if int16:
+        where = (
+            f"onnxruntime's {_MICROSOFT} QuantizeLinear/DequantizeLinear (the upgrade to "
+            f"opset {INT16_MIN_OPSET} failed)"
+            if qdq_domain
+            else f"standard ai.onnx QuantizeLinear/DequantizeLinear at opset {opset_after}"
+        )
+        notes.append(f"int16 activations use {where}.")
+        notes.append(
+            "onnxruntime has no int16 kernels on CPU: it dequantizes around every op, so "
+            "16x8 runs slower than float there. It buys size and accuracy, not CPU speed."
+        )
+    if config.format is Format.QOP:
+        notes.append(
+            "qop: Conv, MatMul and Gemm groups are written as QLinearConv, QLinearMatMul "
+            f"and {_MICROSOFT} QGemm; groups that do not fit stay QDQ."
+        )
+    return dataclasses.replace(plan, notes=tuple(notes))
+
+
+def _as_input_types(model: ir.Model, feeds: Feeds) -> Feeds:
+    """The feeds cast to the converted model's input types (float16 without keep-io)."""
+    dtypes = {value.name: value.dtype for value in model.graph.inputs}
+    return {
+        name: array.astype(dtypes[name].numpy())
+        if dtypes.get(name) is not None and dtypes[name].numpy() != array.dtype
+        else array
+        for name, array in feeds.items()
+    }
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(
+        value.const_value.nbytes
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+    )
 
 
 def calibrate(
@@ -399,16 +601,19 @@ def inspect(model: PathLike) -> ModelSummary:
 def _evaluate(
     model: PathLike,
     output: Path,
-    quantized_bytes: bytes,
+    converted: bytes | str,
     evaluation: DirectorySource,
     advance: Callable[[], None],
 ) -> Comparison:
-    """Compares the float model with the quantized one just written."""
+    """Compares the float model with the converted one just written.
+
+    `converted` is the serialized model, or its path when it was saved with external data.
+    """
     labels_path = folder_labels(evaluation.folder)
     labels = load_labels(labels_path, len(evaluation)) if labels_path else None
     return compare_models(
         Side(model=str(model), path=str(model), bytes=model_io.file_size(model)),
-        Side(model=quantized_bytes, path=str(output), bytes=model_io.file_size(output)),
+        Side(model=converted, path=str(output), bytes=model_io.file_size(output)),
         evaluation,
         len(evaluation),
         options=CompareOptions(

@@ -69,6 +69,10 @@ class VerificationError(QconvertError):
     exit_code = EXIT_VERIFICATION
 
 
+class OverrideFileError(QconvertError):
+    """An override file is unreadable, or names a node, tensor or scheme that does not exist."""
+
+
 class ModelMismatchError(QconvertError):
     """Two models that should take the same inputs and give the same outputs do not."""
 

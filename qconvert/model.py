@@ -9,6 +9,11 @@ allow; and it passes the ONNX checker. Only then are weights read.
 Saving is atomic: the model is written to a temporary file beside the target and renamed
 into place, so an interrupted or failed run never leaves a partial output. The input file
 is only ever read.
+
+A model whose weights live in external data (any model over protobuf's 2 GB limit) is
+saved the same way: `save_with_external_data` writes the model and its `<name>.data` file
+into a temporary folder beside the target, lets the caller verify them there, then renames
+the data file and the model into place.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import contextlib
 import hashlib
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +32,13 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from qconvert.errors import ModelLoadError, OutputError
+from qconvert import ops
+from qconvert.errors import ModelLoadError, OutputError, UnsupportedModelError
 
 _HASH_CHUNK = 1 << 20
 PROTOBUF_LIMIT = 2**31 - 1
+OLDEST_OPSET = 7
+"""onnxruntime runs ai.onnx opset 7 and later; older models are refused, not upgraded."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +102,38 @@ def load_model(path: str | os.PathLike[str], limits: LoadLimits = LoadLimits()) 
         ) from None
 
 
+def check_convertible(model: ir.Model, path: str | os.PathLike[str]) -> None:
+    """Refuses models qconvert cannot convert: already quantized, not float32, too old.
+
+    Raises:
+        UnsupportedModelError: naming the file and the reason.
+    """
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    marker = next((n for n in nodes if n.op_type in ops.QUANTIZED_MARKERS), None)
+    if marker is not None:
+        raise UnsupportedModelError(
+            f"Model '{path}' is already quantized (it holds {marker.op_type} node "
+            f"'{marker.name}'); quantizing it again would compound the error.",
+            hint="start from the float model.",
+        )
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    values += [out for node in nodes for out in node.outputs]
+    dtypes = {value.dtype for value in values if value.dtype is not None}
+    if ir.DataType.FLOAT not in dtypes:
+        found = ", ".join(sorted(d.name.lower() for d in dtypes)) or "none"
+        raise UnsupportedModelError(
+            f"Model '{path}' has no float32 tensors (types found: {found}); qconvert "
+            "converts float32 models."
+        )
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", OLDEST_OPSET))
+    if opset < OLDEST_OPSET:
+        raise UnsupportedModelError(
+            f"Model '{path}' uses ai.onnx opset {opset}, too old to upgrade: qconvert and "
+            f"onnxruntime start at opset {OLDEST_OPSET}.",
+            hint="export the model again with a newer opset.",
+        )
+
+
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """Returns the SHA-256 of the model file, to tie calibration files and reports to it."""
     digest = hashlib.sha256()
@@ -115,6 +156,43 @@ def file_size(path: str | os.PathLike[str]) -> int:
         if entry.key == "location"
     }
     return total + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def uses_external_data(path: str | os.PathLike[str]) -> bool:
+    """True when some tensor of the model file lives in an external data file."""
+    proto = onnx.load_model(str(path), load_external_data=False)
+    return any(
+        tensor.data_location == onnx.TensorProto.EXTERNAL
+        for tensor in _all_tensors(proto.graph)
+    )
+
+
+def save_with_external_data(
+    model: ir.Model, path: Path, *, verify: Callable[[str], None]
+) -> None:
+    """Writes `model` to `path` and its tensors to `<path name>.data` beside it, atomically.
+
+    Both files are first written into a temporary folder beside `path` and `verify` is
+    called with the temporary model's path; only then the data file, and after it the
+    model, are renamed into place. A failure removes the temporary folder and leaves any
+    existing output untouched.
+    """
+    data_name = f"{path.name}.data"
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        staged = folder / path.name
+        try:
+            ir.save(model, staged, external_data=data_name)
+        except OSError as exc:
+            raise OutputError(f"Could not write '{path}': {exc.strerror or exc}.") from None
+        verify(str(staged))
+        try:
+            os.replace(folder / data_name, path.parent / data_name)
+            os.replace(staged, path)
+        except OSError as exc:
+            raise OutputError(f"Could not write '{path}': {exc.strerror or exc}.") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:

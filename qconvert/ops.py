@@ -15,13 +15,24 @@ Three kinds of op matter to the planner:
    dropped and the quantization of its output absorbs it.
 
 Every other op stays float.
+
+The other schemes read their own rows:
+
+4. int8-dynamic (`DYNAMIC`): MatMul and Gemm with a constant weight. Conv stays float on
+   purpose (`DYNAMIC_FLOAT_REASONS`).
+5. fp16 (`FLOAT16_KEEP_FLOAT32`): ops that stay float32, each with its reason; the ONNX
+   schema decides which inputs of the others may be float16.
+6. Already quantized (`QUANTIZED_MARKERS`): ops whose presence means the model was
+   quantized before; quantizing it again is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
+import onnx
 import onnx_ir as ir
 
 
@@ -95,3 +106,115 @@ def clamp_bounds(node: ir.Node) -> tuple[float, float] | None:
 def is_quantizable(op_type: str) -> bool:
     """True when the planner may quantize nodes of this type."""
     return op_type in QUANTIZED
+
+
+DYNAMIC: frozenset[str] = frozenset({"MatMul", "Gemm", "LSTM"})
+"""LSTM becomes onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 W and R)."""
+
+DYNAMIC_FLOAT_REASONS: dict[str, str] = {
+    "Conv": "int8-dynamic leaves Conv float: ConvInteger is slower than float on CPU",
+    "GRU": "onnxruntime has no dynamically quantized GRU kernel: stays float",
+}
+
+_OVERFLOWS = "its float16 result overflows (above 65504) for moderate inputs: stays float32"
+_FLOAT32_INPUTS = "takes float32-only inputs (scales, boxes, bounds): stays float32"
+_RANDOM = "its output type is set by an attribute: stays float32"
+
+FLOAT16_KEEP_FLOAT32: dict[str, str] = {
+    "Exp": _OVERFLOWS,
+    "Pow": _OVERFLOWS,
+    "ReduceSum": _OVERFLOWS,
+    "ReduceSumSquare": _OVERFLOWS,
+    "ReduceL2": _OVERFLOWS,
+    "ReduceLogSumExp": _OVERFLOWS,
+    "ReduceProd": _OVERFLOWS,
+    "CumSum": _OVERFLOWS,
+    "Softplus": _OVERFLOWS,
+    "Resize": _FLOAT32_INPUTS,
+    "Upsample": _FLOAT32_INPUTS,
+    "Range": _FLOAT32_INPUTS,
+    "RoiAlign": _FLOAT32_INPUTS,
+    "NonMaxSuppression": _FLOAT32_INPUTS,
+    "TopK": _FLOAT32_INPUTS,
+    "ConstantOfShape": _RANDOM,
+    "EyeLike": _RANDOM,
+    "RandomNormal": _RANDOM,
+    "RandomNormalLike": _RANDOM,
+    "RandomUniform": _RANDOM,
+    "RandomUniformLike": _RANDOM,
+    "Multinomial": _RANDOM,
+    "If": "holds subgraphs, which the fp16 pass does not convert: stays float32",
+    "Loop": "holds subgraphs, which the fp16 pass does not convert: stays float32",
+    "Scan": "holds subgraphs, which the fp16 pass does not convert: stays float32",
+}
+"""Ops the fp16 scheme leaves float32, and why (after onnxconverter-common's block list)."""
+
+
+def float16_refusal(node: ir.Node, opset: int) -> str | None:
+    """Why the fp16 scheme leaves this node float32, or None when it may run in float16."""
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom domain '{node.domain}': stays float32"
+    if node.op_type in FLOAT16_KEEP_FLOAT32:
+        return FLOAT16_KEEP_FLOAT32[node.op_type]
+    if node.op_type != "Cast" and not any(float16_slots(node.op_type, opset)):
+        return f"{node.op_type} has no float16 form at opset {opset}: stays float32"
+    return None
+
+
+@cache
+def float16_slots(op_type: str, opset: int) -> tuple[bool, ...]:
+    """Per formal input, then output, of the op's schema: whether it may be float16.
+
+    The last formal parameter of a variadic op stands for all the extra ones.
+    """
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return ()
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    return tuple(
+        "tensor(float16)" in allowed.get(p.type_str, [p.type_str])
+        for p in (*schema.inputs, *schema.outputs)
+    )
+
+
+def float16_slot(op_type: str, opset: int, index: int, *, output: bool) -> bool:
+    """Whether input (or output) `index` of `op_type` may be float16."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    slots = float16_slots(op_type, opset)
+    params = schema.outputs if output else schema.inputs
+    if not params:
+        return False
+    offset = len(schema.inputs) if output else 0
+    position = min(index, len(params) - 1)
+    return slots[offset + position]
+
+
+QUANTIZED_MARKERS: frozenset[str] = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearConcat",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "QAttention",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeLSTM",
+    }
+)
+"""Ops (ai.onnx or com.microsoft) found only in models that are already quantized."""

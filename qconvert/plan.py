@@ -9,6 +9,11 @@ The planner walks the graph once in topological order and reads the op policy ta
 4. every Relu/Clip whose clamp the output quantization already performs, to drop;
 5. every node, quantized or float, with the reason.
 
+`make_dynamic_plan` (int8-dynamic) plans weights only, and `make_float16_plan` (fp16,
+fp16-weights) which nodes run in float16 or which initializers are stored as float16.
+`--exclude`/`--include-only` (a `NodeSelection`) and an override file (`Overrides`) edit
+the plan: a node they leave float says so in its reason.
+
 The rewrite pass only applies the plan, and the report shows it, so a user can see why
 each node is or is not quantized.
 """
@@ -25,9 +30,20 @@ import onnx_ir as ir
 
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
-from qconvert.errors import CalibrationDataError
-from qconvert.graph_utils import constant_array
-from qconvert.schemes import StaticScheme
+from qconvert.errors import CalibrationDataError, OverrideFileError
+from qconvert.graph_utils import constant_array, values_by_name
+from qconvert.overrides import FLOAT, Overrides
+from qconvert.schemes import (
+    INT8,
+    INT16X8,
+    DynamicScheme,
+    Float16Scheme,
+    Scheme,
+    StaticScheme,
+)
+from qconvert.selection import NodeSelection
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class Role(str, Enum):
@@ -50,7 +66,7 @@ class TensorDecision:
 
 @dataclass(frozen=True, slots=True)
 class NodeDecision:
-    """Whether one node runs quantized, and why."""
+    """Whether one node runs quantized (or in float16), and why."""
 
     name: str
     op_type: str
@@ -70,15 +86,28 @@ class ClampFold:
 
 @dataclass(frozen=True, slots=True)
 class QuantPlan:
-    """The decisions for a whole model; the rewrite passes only apply them."""
+    """The decisions for a whole model; the rewrite passes only apply them.
 
-    scheme: StaticScheme
+    Attributes:
+        scheme: the run's scheme (single nodes may differ through overrides).
+        tensors: quantized tensors by name.
+        nodes: every node of the main graph, converted or not, with the reason.
+        folds: Relu/Clip nodes absorbed by the quantization of their output.
+        format: how the result is written: qdq, qop, dynamic or float16.
+        float16_tensors: initializers stored as float16 (fp16 and fp16-weights).
+        notes: facts about the run the report states (what was done, and caveats).
+    """
+
+    scheme: Scheme
     tensors: Mapping[str, TensorDecision]
     nodes: tuple[NodeDecision, ...]
     folds: tuple[ClampFold, ...]
+    format: str = "qdq"
+    float16_tensors: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def quantized_nodes(self) -> tuple[NodeDecision, ...]:
-        """The nodes that run on quantized inputs."""
+        """The nodes that run on quantized inputs (or in float16)."""
         return tuple(node for node in self.nodes if node.quantized)
 
     def float_nodes(self) -> tuple[NodeDecision, ...]:
@@ -92,13 +121,69 @@ def make_plan(
     ranges: Mapping[str, TensorRange],
     *,
     excluded: frozenset[str] = frozenset(),
+    selection: NodeSelection | None = None,
+    overrides: Overrides | None = None,
 ) -> QuantPlan:
     """Plans the static quantization of `model` with `scheme` and calibrated `ranges`.
 
-    Nodes named in `excluded` stay float; their neighbours still quantize the tensors they
-    share with them.
+    Nodes named in `excluded`, or left float by `selection` or `overrides`, stay float;
+    their neighbours still quantize the tensors they share with them.
     """
-    return _Planner(model, scheme, ranges, excluded).run()
+    overrides = overrides or Overrides()
+    check_overrides(model, overrides, static=True, scheme=scheme.name)
+    selection = selection or NodeSelection()
+    return _Planner(model, scheme, ranges, excluded, selection, overrides).run()
+
+
+def check_overrides(
+    model: ir.Model, overrides: Overrides, *, static: bool, scheme: str
+) -> None:
+    """Fails on an override the model or the scheme cannot take.
+
+    That is a node or tensor the model lacks, or a precision the scheme cannot apply.
+
+    Raises:
+        OverrideFileError: naming the file and the offending entry.
+    """
+    graph = model.graph
+    node_names = {node.name for node in graph}
+    for name, precision in overrides.nodes.items():
+        if name not in node_names:
+            raise OverrideFileError(
+                f"Override file '{overrides.source}' names node '{name}', which the model "
+                "does not have."
+            )
+        if not static and precision not in (FLOAT, scheme):
+            raise OverrideFileError(
+                f"Override file '{overrides.source}' sets node '{name}' to '{precision}', "
+                f"which a --scheme {scheme} run cannot apply.",
+                hint="in this scheme a node override can only be 'float'.",
+            )
+    values = values_by_name(graph)
+    for name in overrides.tensors:
+        if name not in values:
+            raise OverrideFileError(
+                f"Override file '{overrides.source}' names tensor '{name}', which the "
+                "model does not have."
+            )
+        if not static:
+            raise OverrideFileError(
+                f"Override file '{overrides.source}' sets tensor '{name}', but tensor "
+                f"overrides apply to the static schemes only, not --scheme {scheme}."
+            )
+
+
+def _skip_reason(
+    node: ir.Node,
+    selection: NodeSelection,
+    overrides: Overrides,
+    excluded: frozenset[str] = frozenset(),
+) -> str | None:
+    if node.name in excluded:
+        return "excluded: stays float"
+    if overrides.nodes.get(node.name or "") == FLOAT:
+        return f"set to float by {overrides.source}"
+    return selection.skip_reason(node)
 
 
 class _Planner:
@@ -107,12 +192,16 @@ class _Planner:
         model: ir.Model,
         scheme: StaticScheme,
         ranges: Mapping[str, TensorRange],
-        excluded: frozenset[str] = frozenset(),
+        excluded: frozenset[str],
+        selection: NodeSelection,
+        overrides: Overrides,
     ) -> None:
         self.graph = model.graph
         self.scheme = scheme
         self.ranges = ranges
         self.excluded = excluded
+        self.selection = selection
+        self.overrides = overrides
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
         self.folds: list[ClampFold] = []
@@ -121,8 +210,9 @@ class _Planner:
         for node in self.graph:
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
-            if node.name in self.excluded:
-                self._decide(node, False, "excluded: stays float")
+            skip = self._skip_reason(node)
+            if skip is not None:
+                self._decide(node, False, skip)
             elif node.op_type in ops.QUANTIZED:
                 self._plan_quantized(node, ops.QUANTIZED[node.op_type])
             elif node.op_type in ops.PASS_THROUGH:
@@ -136,12 +226,55 @@ class _Planner:
             folds=tuple(self.folds),
         )
 
+    def _skip_reason(self, node: ir.Node) -> str | None:
+        return _skip_reason(node, self.selection, self.overrides, self.excluded)
+
     def _decide(self, node: ir.Node, quantized: bool, reason: str) -> None:
         self.nodes[node.name or ""] = NodeDecision(
             node.name or "", node.op_type, quantized, reason
         )
 
+    def _node_scheme(self, node: ir.Node) -> StaticScheme:
+        """The run's scheme, or the one an override file sets for this node."""
+        chosen = self.overrides.nodes.get(node.name or "")
+        if chosen is None or chosen == self.scheme.name:
+            return self.scheme
+        preset = INT16X8 if chosen == INT16X8.name else INT8
+        return preset.with_options(
+            per_channel=self.scheme.per_channel,
+            reduce_range=self.scheme.reduce_range and preset is INT8,
+        )
+
+    def _tensor_scheme(self, value: ir.Value) -> StaticScheme:
+        """The widest scheme among the quantized nodes that write or read `value`.
+
+        A tensor is quantized once, so a 16x8 node next to int8 ones gets int16 on both
+        sides rather than an int8 input.
+        """
+        nodes = [value.producer(), *value.consumers()]
+        schemes = [
+            self._node_scheme(node)
+            for node in nodes
+            if node is not None
+            and node.name not in self.nodes
+            and self._skip_reason(node) is None
+        ] or [self.scheme]
+        return max(schemes, key=lambda s: (s.activation_dtype.itemsize, s is self.scheme))
+
+    def _overridden_float(self, value: ir.Value | None) -> bool:
+        return value is not None and self.overrides.tensors.get(value.name or "") == FLOAT
+
     def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
+        involved = [
+            node.inputs[i] for i in (*rule.activations, *rule.weights) if i < len(node.inputs)
+        ]
+        forced = next((v for v in involved if self._overridden_float(v)), None)
+        if forced is not None:
+            self._decide(
+                node, False, f"its input '{forced.name}' is set to float by an override"
+            )
+            return
+        scheme = self._node_scheme(node)
         for index in rule.activations:
             if constant_array(node.inputs[index]) is not None:
                 # All-constant arithmetic is folded by onnxruntime; quantizing it gains nothing.
@@ -163,11 +296,12 @@ class _Planner:
             if constant_array(value) is None:
                 self._plan_activation(value, f"input of {node.name}")
             else:
-                weight_params[index] = self._plan_weight(node, value, axis_of)
+                weight_params[index] = self._plan_weight(node, value, axis_of, scheme)
         if rule.bias is not None:
             self._plan_bias(node, rule.bias, weight_params)
         self._plan_output(node)
-        self._decide(node, True, "quantized")
+        label = "quantized" if scheme is self.scheme else f"quantized as {scheme.name}"
+        self._decide(node, True, label)
 
     def _plan_pass_through(self, node: ir.Node) -> None:
         source = node.inputs[0] if node.inputs else None
@@ -176,8 +310,8 @@ class _Planner:
             self._decide(node, False, "its input is float: stays float")
             return
         output = node.outputs[0]
-        if output.is_graph_output():
-            self._decide(node, False, "writes a graph output: stays float")
+        if output.is_graph_output() or self._overridden_float(output):
+            self._decide(node, False, "writes a float output: stays float")
             return
         self.tensors[output.name] = TensorDecision(
             output.name,
@@ -192,40 +326,41 @@ class _Planner:
             return None
         if value.name in self.tensors:
             return self.tensors[value.name].qparams
-        params = self._activation_params(value.name, value.name)
+        params = self._activation_params(value, value.name)
         self.tensors[value.name] = TensorDecision(value.name, Role.ACTIVATION, params, reason)
         return params
 
-    def _activation_params(self, stats_name: str, tensor_name: str) -> qparams.QParams:
+    def _activation_params(self, value: ir.Value, stats_name: str) -> qparams.QParams:
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:
             raise CalibrationDataError(
-                f"The calibration has no range for tensor '{tensor_name}'.",
+                f"The calibration has no range for tensor '{stats_name}'.",
                 hint="calibrate again with this model.",
             )
+        scheme = self._tensor_scheme(value)
+        dtype = self.overrides.tensor_dtype(value.name or "") or scheme.activation_dtype
         return qparams.range_qparams(
             tensor_range.min,
             tensor_range.max,
-            self.scheme.activation_dtype,
-            symmetric=self.scheme.activation_symmetric,
+            dtype,
+            # 16-bit activations are symmetric, as TensorFlow Lite's 16x8 defines them.
+            symmetric=scheme.activation_symmetric or dtype.itemsize == 2,
         )
 
-    def _plan_weight(self, node: ir.Node, value: ir.Value, axis_of) -> qparams.QParams:
+    def _plan_weight(
+        self, node: ir.Node, value: ir.Value, axis_of, scheme: StaticScheme
+    ) -> qparams.QParams:
         existing = self.tensors.get(value.name)
         if existing is not None:
             return existing.qparams
         weights = constant_array(value)
-        axis = (
-            axis_of(node, weights.ndim)
-            if self.scheme.per_channel and weights.ndim > 1
-            else None
-        )
+        axis = axis_of(node, weights.ndim) if scheme.per_channel and weights.ndim > 1 else None
         params = qparams.weight_qparams(
             weights,
-            self.scheme.weight_dtype,
+            self.overrides.tensor_dtype(value.name or "") or scheme.weight_dtype,
             axis=axis,
             symmetric=True,
-            reduce_range=self.scheme.reduce_range,
+            reduce_range=scheme.reduce_range,
         )
         granularity = "per channel" if axis is not None else "per tensor"
         self.tensors[value.name] = TensorDecision(
@@ -245,6 +380,8 @@ class _Planner:
         bias = node.inputs[bias_index]
         weight = weight_params.get(weight_index)
         if bias.name in self.tensors or weight is None or constant_array(bias) is None:
+            return
+        if self._overridden_float(bias):
             return
         if constant_array(bias).ndim != 1 or (
             node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0
@@ -273,20 +410,24 @@ class _Planner:
 
     def _plan_output(self, node: ir.Node) -> None:
         output = node.outputs[0]
-        if output.is_graph_output() or output.name in self.tensors:
+        if (
+            output.is_graph_output()
+            or output.name in self.tensors
+            or self._overridden_float(output)
+        ):
             return
         chain = _clamp_chain(output)
         # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
         # is quantized with the Clip's output range, not the Relu's wider one. An excluded
         # clamp stays a node of its own, so the run stops before it.
         for position, clamp in enumerate(chain):
-            if clamp.name in self.excluded:
+            if self._skip_reason(clamp) is not None or self._overridden_float(clamp.outputs[0]):
                 chain = chain[:position]
                 break
         for length in range(len(chain), 0, -1):
             clamps = chain[:length]
             clamped = clamps[-1].outputs[0]
-            params = self._activation_params(clamped.name, clamped.name)
+            params = self._activation_params(clamped, clamped.name)
             if not _clamp_is_exact(params, _combined_bounds(clamps)):
                 continue
             names = tuple(clamp.name or "" for clamp in clamps)
@@ -300,7 +441,7 @@ class _Planner:
             for clamp in clamps:
                 self._decide(clamp, True, f"folded into the quantization of {node.name}")
             return
-        params = self._activation_params(output.name, output.name)
+        params = self._activation_params(output, output.name)
         self.tensors[output.name] = TensorDecision(
             output.name, Role.ACTIVATION, params, f"output of {node.name}"
         )
@@ -348,3 +489,211 @@ def _clamp_is_exact(params: qparams.QParams, bounds: tuple[float, float] | None)
         low / scale < info.min - zero_point + 0.5
         and high / scale > info.max - zero_point - 0.5
     )
+
+
+def make_dynamic_plan(
+    model: ir.Model,
+    scheme: DynamicScheme,
+    *,
+    selection: NodeSelection | None = None,
+    overrides: Overrides | None = None,
+) -> QuantPlan:
+    """Plans int8-dynamic: the constant 2-D weight of each MatMul and Gemm, per column.
+
+    Activations need no plan: DynamicQuantizeLinear finds their range at run time.
+    """
+    selection = selection or NodeSelection()
+    overrides = overrides or Overrides()
+    check_overrides(model, overrides, static=False, scheme=scheme.name)
+    tensors: dict[str, TensorDecision] = {}
+    nodes: list[NodeDecision] = []
+    for node in model.graph:
+        name = node.name or ""
+        reason = _skip_reason(node, selection, overrides) or _dynamic_refusal(node)
+        if reason is not None:
+            nodes.append(NodeDecision(name, node.op_type, False, reason))
+            continue
+        weights = node.inputs[1:3] if node.op_type == "LSTM" else node.inputs[1:2]
+        for weight in weights:
+            if weight.name not in tensors:
+                tensors[weight.name] = _dynamic_weight(node, weight, scheme)
+        nodes.append(NodeDecision(name, node.op_type, True, "quantized dynamically"))
+    return QuantPlan(
+        scheme=scheme,
+        tensors=MappingProxyType(tensors),
+        nodes=tuple(nodes),
+        folds=(),
+        format="dynamic",
+        notes=_dynamic_notes(nodes),
+    )
+
+
+def _dynamic_notes(nodes: list[NodeDecision]) -> tuple[str, ...]:
+    done = {node.op_type for node in nodes if node.quantized}
+    present = {node.op_type for node in nodes}
+    notes = []
+    if done & {"MatMul", "Gemm"}:
+        notes.append(
+            "int8-dynamic: each MatMul/Gemm with a constant weight became "
+            "DynamicQuantizeLinear + MatMulInteger (uint8 activations x int8 weights) + "
+            "a float rescale; onnxruntime fuses each group into one DynamicQuantizeMatMul "
+            "kernel."
+        )
+    if "LSTM" in done:
+        notes.append(
+            "int8-dynamic: each LSTM became com.microsoft DynamicQuantizeLSTM (int8 W and R, "
+            "X and H quantized at every step)."
+        )
+    if "GRU" in present:
+        notes.append("int8-dynamic leaves GRU float: onnxruntime has no such kernel.")
+    if "Conv" in present:
+        notes.append(
+            "int8-dynamic leaves Conv float: onnxruntime's ConvInteger runs several times "
+            "slower than float Conv on CPU. Use --scheme int8 for conv nets."
+        )
+    return tuple(notes)
+
+
+def _dynamic_weight(node: ir.Node, weight: ir.Value, scheme: DynamicScheme) -> TensorDecision:
+    """int8 symmetric parameters of one weight of a MatMul, Gemm or LSTM.
+
+    MatMul/Gemm: one scale per output column (the last axis of B, the first when Gemm
+    transposes it). LSTM's W and R, (directions, 4 x hidden, K): one scale per row of
+    each direction (the weights are flattened to (directions x 4 x hidden, K) for that),
+    or one per direction.
+    """
+    array = constant_array(weight)
+    name = node.name or ""
+    if node.op_type == "LSTM":
+        if scheme.per_channel:
+            array = array.reshape(-1, array.shape[-1])
+        axis: int | None = 0
+        granularity = "per row" if scheme.per_channel else "per direction"
+    elif scheme.per_channel:
+        axis = 0 if node.attributes.get_int("transB", 0) else 1
+        granularity = "per column"
+    else:
+        axis, granularity = None, "per tensor"
+    params = qparams.weight_qparams(
+        array, scheme.weight_dtype, axis=axis, reduce_range=scheme.reduce_range
+    )
+    return TensorDecision(weight.name, Role.WEIGHT, params, f"weight of {name}, {granularity}")
+
+
+def _dynamic_refusal(node: ir.Node) -> str | None:
+    """Why int8-dynamic leaves this node float, or None when it quantizes it."""
+    if node.op_type in ops.DYNAMIC_FLOAT_REASONS:
+        return ops.DYNAMIC_FLOAT_REASONS[node.op_type]
+    if node.op_type not in ops.DYNAMIC:
+        return "not in the op table: stays float"
+    if node.domain not in ("", "ai.onnx"):
+        return "custom domain: stays float"
+    if node.op_type == "LSTM":
+        arrays = [constant_array(v) for v in node.inputs[1:3]]
+        if any(a is None or a.dtype != np.float32 or a.ndim != 3 for a in arrays):
+            return "its W and R are not constant 3-D float32 tensors"
+        return None
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return "its second input is not a constant weight (activation x activation)"
+    if weight.dtype != np.float32 or weight.ndim != 2:
+        return "its weight is not a 2-D float32 tensor"
+    if node.inputs[0].dtype not in (None, ir.DataType.FLOAT):
+        return "its input is not float32"
+    if node.op_type == "Gemm":
+        alpha = node.attributes.get_float("alpha", 1.0)
+        if node.attributes.get_int("transA", 0) or alpha != 1:
+            return "Gemm with transA or alpha != 1 stays float"
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            if constant_array(node.inputs[2]) is None:
+                return "Gemm with a non-constant C stays float"
+    return None
+
+
+def make_float16_plan(
+    model: ir.Model,
+    scheme: Float16Scheme,
+    *,
+    selection: NodeSelection | None = None,
+    overrides: Overrides | None = None,
+) -> QuantPlan:
+    """Plans fp16 (nodes computing in float16) or fp16-weights (float16 initializers).
+
+    A node stays float32 when the op policy table blocks it (no float16 form, float32-only
+    inputs, values that overflow float16), when one of its weights exceeds the float16
+    range (|w| > 65504), or when the selection or an override leaves it float.
+    """
+    selection = selection or NodeSelection()
+    overrides = overrides or Overrides()
+    check_overrides(model, overrides, static=False, scheme=scheme.name)
+    opset = model.opset_imports.get("", 1)
+    nodes: list[NodeDecision] = []
+    converted: set[str] = set()
+    for node in model.graph:
+        name = node.name or ""
+        reason = (
+            _skip_reason(node, selection, overrides)
+            or ops.float16_refusal(node, opset)
+            or _weight_out_of_float16_range(node)
+        )
+        if reason is None:
+            converted.add(name)
+            label = "weights stored as float16" if scheme.storage_only else "runs in float16"
+            nodes.append(NodeDecision(name, node.op_type, True, label))
+        else:
+            nodes.append(NodeDecision(name, node.op_type, False, reason))
+    stored = tuple(
+        value.name
+        for value in model.graph.initializers.values()
+        if _storable_as_float16(value, converted)
+    )
+    if scheme.storage_only:
+        notes = (
+            "fp16-weights: float32 initializers are stored as float16 and read through "
+            "Cast to float32, which onnxruntime folds once when it loads the model; "
+            "the arithmetic stays float32.",
+        )
+    else:
+        edges = (
+            "inputs and outputs stay float32, with Casts at the edges"
+            if scheme.keep_io_types
+            else "inputs and outputs are float16"
+        )
+        notes = (
+            f"fp16: nodes compute in float16; {edges}.",
+            "onnxruntime's CPU provider has few float16 kernels and casts around the ops "
+            "it lacks: fp16 pays off on GPUs; on CPUs fp16-weights gives the same file "
+            "size at float32 speed.",
+        )
+    return QuantPlan(
+        scheme=scheme,
+        tensors=MappingProxyType({}),
+        nodes=tuple(nodes),
+        folds=(),
+        format="float16",
+        float16_tensors=stored,
+        notes=notes,
+    )
+
+
+def _weight_out_of_float16_range(node: ir.Node) -> str | None:
+    for value in node.inputs:
+        array = constant_array(value)
+        if array is not None and array.dtype == np.float32 and array.size:
+            if float(np.max(np.abs(array))) > FLOAT16_MAX:
+                return f"its weight '{value.name}' exceeds the float16 range (65504)"
+    return None
+
+
+# Smaller initializers save nothing as float16, and scalars often feed shape arithmetic.
+_MIN_FLOAT16_ELEMENTS = 16
+
+
+def _storable_as_float16(value: ir.Value, converted: set[str]) -> bool:
+    array = value.const_value
+    if array is None or value.is_graph_input() or value.dtype != ir.DataType.FLOAT:
+        return False
+    if array.size < _MIN_FLOAT16_ELEMENTS:
+        return False
+    consumers = value.consumers()
+    return bool(consumers) and all((node.name or "") in converted for node in consumers)

@@ -129,12 +129,20 @@ def weight_qparams(
 
 
 def quantize(values: npt.ArrayLike, qparams: QParams) -> np.ndarray:
-    """QuantizeLinear in numpy: round half to even, then saturate."""
-    values = np.asarray(values, dtype=np.float32)
-    scale, zero_point = _broadcastable(qparams, values.ndim)
+    """QuantizeLinear in numpy: round half to even, then saturate.
+
+    The division is done in float32, as QuantizeLinear defines it, in place: weights can
+    be hundreds of megabytes.
+    """
+    scaled = np.array(values, dtype=np.float32)
+    scale, zero_point = _broadcastable(qparams, scaled.ndim)
     info = np.iinfo(qparams.dtype)
-    quantized = np.rint(values / scale) + zero_point.astype(np.float64)
-    return np.clip(quantized, info.min, info.max).astype(qparams.dtype)
+    np.divide(scaled, scale, out=scaled)
+    np.rint(scaled, out=scaled)
+    # Zero points of 8- and 16-bit types are exact in float32.
+    scaled += zero_point.astype(np.float32)
+    np.clip(scaled, info.min, info.max, out=scaled)
+    return scaled.astype(qparams.dtype)
 
 
 def dequantize(quantized: np.ndarray, qparams: QParams) -> npt.NDArray[np.float32]:

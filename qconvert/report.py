@@ -79,6 +79,7 @@ class Conversion:
     quantized_ops: dict[str, int]
     folded_clamps: tuple[str, ...]
     float_nodes: tuple[FloatNode, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def size_ratio(self) -> float:
@@ -93,7 +94,7 @@ class Conversion:
         quantized = Counter(node.op_type for node in plan.quantized_nodes())
         return cls(
             scheme=plan.scheme.name,
-            format="qdq",
+            format=plan.format,
             opset_before=opsets[0],
             opset_after=opsets[1],
             float_bytes=sizes[0],
@@ -104,6 +105,7 @@ class Conversion:
             float_nodes=tuple(
                 FloatNode(node.name, node.op_type, node.reason) for node in plan.float_nodes()
             ),
+            notes=plan.notes,
         )
 
 

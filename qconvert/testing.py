@@ -76,6 +76,84 @@ def matmul_add(k: int = 16, n: int = 8, *, seed: int = 0, opset: int = 17) -> on
     return _model(text, {"w": _weights(rng, k, n), "b": _weights(rng, n, scale=0.1)})
 
 
+def matmul_layernorm_exp(k: int = 16, *, seed: int = 0) -> onnx.ModelProto:
+    """MatMul -> LayerNormalization -> Softmax, and an Exp branch: input [N,K] -> 2 outputs.
+
+    The fp16 scheme keeps Exp float32 (it overflows float16) and runs the rest in float16.
+    """
+    rng = np.random.default_rng(seed)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        matmul_layernorm_exp (float[N,{k}] input)
+            => (float[N,{k}] probs, float[N,{k}] growth) {{
+            mm = MatMul (input, w)
+            norm = LayerNormalization <axis = -1> (mm, gamma, beta)
+            probs = Softmax <axis = -1> (norm)
+            growth = Exp (mm)
+        }}
+    """
+    return _model(
+        text,
+        {
+            "w": _weights(rng, k, k, scale=0.3),
+            "gamma": (1 + 0.1 * rng.standard_normal(k)).astype(np.float32),
+            "beta": _weights(rng, k, scale=0.1),
+        },
+    )
+
+
+def lstm(input_size: int = 16, hidden: int = 32, *, seed: int = 0) -> onnx.ModelProto:
+    """One forward LSTM over a sequence: input [T,N,input_size] -> Y [T,1,N,hidden]."""
+    rng = np.random.default_rng(seed)
+    h, k = hidden, input_size
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        lstm (float[T,N,{k}] input) => (float[T,1,N,{h}] output) {{
+            output = LSTM <hidden_size = {h}> (input, w, r, b)
+        }}
+    """
+    return _model(
+        text,
+        {
+            "w": _weights(rng, 1, 4 * h, k, scale=0.3),
+            "r": _weights(rng, 1, 4 * h, h, scale=0.2),
+            "b": _weights(rng, 1, 8 * h, scale=0.1),
+        },
+    )
+
+
+def conv_and_matmul_outputs(*, seed: int = 0) -> onnx.ModelProto:
+    """A Conv and a MatMul that each write a graph output (no op reads them afterwards)."""
+    rng = np.random.default_rng(seed)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        conv_and_matmul_outputs (float[N,3,8,8] input, float[N,16] vector)
+            => (float[N,4,8,8] feature, float[N,8] projection) {
+            feature = Conv <pads = [1,1,1,1]> (input, w, b)
+            projection = MatMul (vector, m)
+        }
+    """
+    return _model(
+        text,
+        {
+            "w": _weights(rng, 4, 3, 3, 3),
+            "b": _weights(rng, 4, scale=0.1),
+            "m": _weights(rng, 16, 8),
+        },
+    )
+
+
+def integer_only(*, opset: int = 17) -> onnx.ModelProto:
+    """A model with no float tensor at all: int64 input -> Add -> int64 output."""
+    text = f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
+        integer_only (int64[N,4] input) => (int64[N,4] output) {{
+            output = Add (input, offset)
+        }}
+    """
+    return _model(text, {"offset": np.arange(4, dtype=np.int64)})
+
+
 def sequence_mlp(k: int = 8, hidden: int = 16, *, seed: int = 0) -> onnx.ModelProto:
     """MatMul -> Relu -> MatMul on tokens: input [N,L,K] with a dynamic length L."""
     rng = np.random.default_rng(seed)
@@ -113,6 +191,20 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+def save_with_external_data(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Writes `model` to `path` with every tensor in `<name>.data` beside it."""
+    path = Path(path)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=0,
+    )
+    return path
+
+
 def random_inputs(
     model: onnx.ModelProto, *, batch: int = 1, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -146,7 +238,7 @@ def write_samples(folder: str | Path, samples: list[dict[str, np.ndarray]]) -> P
 def count_ops(model: onnx.ModelProto | str | Path) -> Counter:
     """Op types of the main graph, with counts."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load_model(str(model))
+        model = onnx.load_model(str(model), load_external_data=False)
     return Counter(node.op_type for node in model.graph.node)
 
 
@@ -163,6 +255,18 @@ def output_sqnr(
         signal += float(np.sum(ref**2))
         noise += float(np.sum((ref - cand) ** 2))
     return sqnr_db(signal, noise)
+
+
+def optimized_ops(model: str | Path, folder: str | Path) -> Counter:
+    """Op types onnxruntime actually runs after its graph optimizations (fusions, folding)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+    ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load_model(options.optimized_model_filepath, load_external_data=False)
+    return Counter(node.op_type for node in optimized.graph.node)
 
 
 def _as_bytes_or_path(model: onnx.ModelProto | str | Path) -> bytes | str:

@@ -10,20 +10,25 @@ from qconvert.errors import VerificationError
 from qconvert.runtime import describe_error, make_session
 
 
-def verify_model(model_bytes: bytes, feeds: Feeds) -> None:
+def verify_model(model: bytes | str, feeds: Feeds) -> None:
     """Checks that the model is valid ONNX, loads in onnxruntime and runs on `feeds`.
+
+    `model` is the serialized model, or the path of one saved with external data.
 
     Raises:
         VerificationError: with the stage that failed and onnxruntime's or the checker's words.
     """
     try:
-        onnx.checker.check_model(onnx.load_model_from_string(model_bytes))
+        if isinstance(model, bytes):
+            onnx.checker.check_model(onnx.load_model_from_string(model))
+        else:
+            onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
     except onnx.checker.ValidationError as exc:
         raise VerificationError(
             f"The converted model fails the ONNX checker: {describe_error(exc)}"
         ) from None
     try:
-        session = make_session(model_bytes)
+        session = make_session(model)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise VerificationError(
             f"onnxruntime cannot load the converted model: {describe_error(exc)}"

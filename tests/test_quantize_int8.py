@@ -70,7 +70,12 @@ def test_per_channel_weight_axis_and_per_tensor_option(tiny_cnn, tmp_path):
     per_channel = tmp_path / "pc.onnx"
     per_tensor = tmp_path / "pt.onnx"
     qconvert.quantize(tiny_cnn, per_channel, data=tmp_path / "calib")
-    qconvert.quantize(tiny_cnn, per_tensor, data=tmp_path / "calib", per_channel=False)
+    qconvert.quantize(
+        tiny_cnn,
+        per_tensor,
+        data=tmp_path / "calib",
+        config=qconvert.QuantizeConfig(per_channel=False),
+    )
 
     def weight_scales(path):
         model = onnx.load_model(str(path))

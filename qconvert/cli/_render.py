@@ -36,6 +36,8 @@ def report(result: Report) -> None:
         table.add_row("nodes left float", str(len(conversion.float_nodes)))
         table.add_row("written to", str(result.output))
         stdout.print(table)
+        for note in conversion.notes:
+            stdout.print(f"note: {note}")
         if conversion.float_nodes:
             floats = Table(title="Nodes left float", title_justify="left")
             for column in ("node", "op", "reason"):

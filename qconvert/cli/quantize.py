@@ -15,6 +15,15 @@ from qconvert.cli._options import (
 )
 from qconvert.schemes import SCHEMES
 
+SCHEME_HELP = (
+    "int8: uint8 activations calibrated on --data, int8 weights, int32 bias (fastest on "
+    "CPU). 16x8: int16 activations, int8 weights, opset 21; closer to float than int8, "
+    "but onnxruntime has no int16 kernels on CPU, so it runs SLOWER than float there. "
+    "int8-dynamic: int8 MatMul/Gemm weights, activations quantized at run time, no data "
+    "needed (transformers; LSTM too; Conv stays float). fp16: float16 weights and compute, "
+    "float32 inputs/outputs. fp16-weights: float16 storage, float32 compute (for CPUs)."
+)
+
 
 @click.command("quantize", short_help="Quantize a float ONNX model.")
 @click.argument("model", type=click.Path(path_type=Path))
@@ -29,7 +38,8 @@ from qconvert.schemes import SCHEMES
     "--data",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folder of calibration samples (see `qconvert calibrate --help` for layouts).",
+    help="Folder of calibration samples (see `qconvert calibrate --help` for layouts). "
+    "int8 and 16x8 need it or --calib.",
 )
 @click.option(
     "--calib",
@@ -45,13 +55,70 @@ from qconvert.schemes import SCHEMES
     type=click.Choice(sorted(SCHEMES)),
     default="int8",
     show_default=True,
-    help="int8: uint8 activations, int8 weights, int32 bias, QDQ format.",
+    help=SCHEME_HELP,
+)
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["qdq", "qop"]),
+    default="qdq",
+    show_default=True,
+    help="qdq: QuantizeLinear/DequantizeLinear around float ops. qop: integer operators "
+    "(QLinearConv, QLinearMatMul, QGemm, ConvInteger, MatMulInteger), int8 only.",
+)
+@click.option(
+    "--activation-type",
+    type=click.Choice(["uint8", "int8"]),
+    default=None,
+    help="int8 scheme: activation type. [default: uint8]",
+)
+@click.option(
+    "--symmetric-activations",
+    is_flag=True,
+    help="Static schemes: zero point in the middle of each activation range.",
 )
 @click.option(
     "--per-channel/--per-tensor",
     default=True,
     show_default=True,
     help="One weight scale per output channel, or one per weight tensor.",
+)
+@click.option(
+    "--reduce-range",
+    is_flag=True,
+    help="7-bit weights, for x86 CPUs without VNNI where u8 x s8 products can saturate "
+    "(int8, int8-dynamic).",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Leave nodes float: a node name or op type, glob patterns allowed. Repeatable.",
+)
+@click.option(
+    "--include-only",
+    multiple=True,
+    metavar="PATTERN",
+    help="Convert only nodes whose name or op type matches. Repeatable.",
+)
+@click.option(
+    "--overrides",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML or JSON file: [nodes] name = float|int8|16x8, [tensors] name = "
+    "float|uint8|int8|int16 (mixed precision).",
+)
+@click.option(
+    "--opset",
+    type=int,
+    default=None,
+    help="Write this ai.onnx opset, upgrading the model with the ONNX version converter.",
+)
+@click.option(
+    "--keep-io-types/--no-keep-io-types",
+    default=True,
+    show_default=True,
+    help="fp16: keep graph inputs and outputs float32.",
 )
 @click.option(
     "--eval",
@@ -77,7 +144,16 @@ def quantize_command(
     method: str,
     percentile: float,
     scheme: str,
+    format_: str,
+    activation_type: str | None,
+    symmetric_activations: bool,
     per_channel: bool,
+    reduce_range: bool,
+    exclude: tuple[str, ...],
+    include_only: tuple[str, ...],
+    overrides: Path | None,
+    opset: int | None,
+    keep_io_types: bool,
     eval_data: Path | None,
     report: Path | None,
     as_json: bool,
@@ -92,14 +168,27 @@ def quantize_command(
     The input model is never modified; the output is written only after it passes the ONNX
     checker and runs in onnxruntime.
     """
-    from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
+    # deferred: onnxruntime is slow to import and --help is not
+    import dataclasses
 
-    if data is None and calib is None:
-        raise click.UsageError(
-            f"scheme '{scheme}' needs calibration data: pass --data DIR or --calib FILE."
-        )
-    if data is not None and calib is not None:
-        raise click.UsageError("pass --data or --calib, not both.")
+    from qconvert import api
+    from qconvert.config import QuantizeConfig
+    from qconvert.overrides import load_overrides
+
+    config = QuantizeConfig(
+        scheme=scheme,
+        format=format_,
+        activation_type=activation_type,
+        symmetric_activations=symmetric_activations,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        exclude=exclude,
+        include_only=include_only,
+        opset=opset,
+        keep_io_types=keep_io_types,
+    )
+    if overrides is not None:  # read after the options are known to go together
+        config = dataclasses.replace(config, overrides=load_overrides(overrides))
     output = output if output is not None else model.with_suffix(f".{scheme}.onnx")
     progress = _console.BarProgress() if _console.interactive() and not as_json else None
     result = api.quantize(
@@ -110,8 +199,7 @@ def quantize_command(
         method=method,
         percentile=percentile,
         images=image_preprocessing(image),
-        scheme=scheme,
-        per_channel=per_channel,
+        config=config,
         eval_data=eval_data,
         report=report,
         force=force,

@@ -1,9 +1,20 @@
 """Graph passes on onnx_ir models: each one transformation, no I/O."""
 
 from qconvert.passes.cleanup import DropIntermediateShapesPass
+from qconvert.passes.dynamic import DynamicQuantizePass
+from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
+from qconvert.passes.qop import QDQToQOperatorPass
 
 __all__ = [
+    "CastToFloat16Pass",
     "DropIntermediateShapesPass",
-    "FoldBatchNormPass", "InsertQDQPass", "UpgradeOpsetPass", "prepare"]
+    "DynamicQuantizePass",
+    "FoldBatchNormPass",
+    "InsertQDQPass",
+    "QDQToQOperatorPass",
+    "StoreWeightsAsFloat16Pass",
+    "UpgradeOpsetPass",
+    "prepare",
+]

@@ -8,6 +8,10 @@
 4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
 
 Graph outputs keep their names and stay float.
+
+Q/DQ nodes are ai.onnx ops; where int16 tensors meet a model that cannot be raised to
+opset 21, they can be written in onnxruntime's `com.microsoft` domain instead (`domain`),
+whose QuantizeLinear/DequantizeLinear take int16 at any opset.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from qconvert.plan import QuantPlan, Role, TensorDecision
 class InsertQDQPass(ir.passes.InPlacePass):
     """Rewrites the model as the plan says, with Q/DQ nodes (see the module docstring)."""
 
-    def __init__(self, *, plan: QuantPlan) -> None:
+    def __init__(self, *, plan: QuantPlan, domain: str = "") -> None:
         super().__init__()
         self.plan = plan
+        self.domain = domain
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -39,9 +44,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             value = values[decision.name]
             if decision.role is Role.ACTIVATION:
                 source = values[folded[value.name].source] if value.name in folded else value
-                _quantize_activation(graph, names, parameters, value, source, decision)
+                _quantize_activation(
+                    graph, names, parameters, value, source, decision, self.domain
+                )
             else:
-                _quantize_constant(graph, names, parameters, value, decision)
+                _quantize_constant(graph, names, parameters, value, decision, self.domain)
+        if self.domain and self.plan.tensors:
+            model.opset_imports.setdefault(self.domain, 1)
         # Folded clamps and replaced float weights are no longer read: drop them.
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
@@ -55,6 +64,7 @@ def _quantize_activation(
     value: ir.Value,
     source: ir.Value,
     decision: TensorDecision,
+    domain: str,
 ) -> None:
     """Inserts Q(source) -> DQ and points every reader of `value` at the DQ output."""
     scale, zero_point = parameters.get(decision)
@@ -64,12 +74,14 @@ def _quantize_activation(
     quantize = ir.node(
         "QuantizeLinear",
         [source, scale, zero_point],
+        domain=domain,
         name=names.fresh(f"{decision.name}_QuantizeLinear"),
         outputs=[ir.Value(name=names.fresh(f"{decision.name}_quantized"))],
     )
     dequantize = ir.node(
         "DequantizeLinear",
         [quantize.outputs[0], scale, zero_point],
+        domain=domain,
         name=names.fresh(f"{decision.name}_DequantizeLinear"),
         outputs=[dequantized],
     )
@@ -84,6 +96,7 @@ def _quantize_constant(
     parameters: _ParameterStore,
     value: ir.Value,
     decision: TensorDecision,
+    domain: str,
 ) -> None:
     """Stores a weight or bias as integers, read through DequantizeLinear."""
     params = decision.qparams
@@ -108,6 +121,7 @@ def _quantize_constant(
         "DequantizeLinear",
         inputs,
         attributes=attributes,
+        domain=domain,
         name=names.fresh(f"{decision.name}_DequantizeLinear"),
         outputs=[
             ir.Value(

@@ -1,0 +1,170 @@
+"""What a `quantize` run is asked to do, as one frozen, validated value.
+
+`QuantizeConfig` gathers the scheme, the format and the controls (exclusions, overrides,
+target opset). Its `__post_init__` rejects bad values and options that do not go together
+with a `ConfigError` (exit 2) that says what does go together; a config that exists is
+valid on its own. What can only be checked against a model (an override naming a node the
+model lacks) is checked by the planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import onnx.defs
+
+from qconvert.errors import ConfigError
+from qconvert.overrides import Overrides
+from qconvert.schemes import (
+    ACTIVATION_TYPES,
+    INT16_MIN_OPSET,
+    SCHEMES,
+    DynamicScheme,
+    Scheme,
+    StaticScheme,
+)
+
+
+class Format(str, Enum):
+    """How a static int8 model is written."""
+
+    QDQ = "qdq"
+    """QuantizeLinear/DequantizeLinear around float ops; runtimes fuse the groups."""
+    QOP = "qop"
+    """Integer operators (QLinearConv, QLinearMatMul, QGemm, ...) in the graph itself."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuantizeConfig:
+    """The options of one `quantize` run.
+
+    Attributes:
+        scheme: a name from `qconvert.schemes.SCHEMES`.
+        format: `qdq` (any static scheme) or `qop` (int8 only).
+        activation_type: `uint8` or `int8` activations for the int8 scheme; None keeps the
+            scheme's own (uint8 for int8, int16 for 16x8).
+        symmetric_activations: zero point in the middle of the activation range (static
+            schemes; 16x8 is symmetric already).
+        per_channel: one weight scale per output channel (else one per tensor).
+        reduce_range: 7-bit weights, for CPUs without VNNI (int8 and int8-dynamic).
+        exclude: node names or op types (glob patterns) to leave float.
+        include_only: when given, only nodes matching one of these patterns are converted.
+        overrides: per-node and per-tensor precision, read from an override file.
+        opset: the ai.onnx opset to write (upgrading the model); None: the lowest the
+            scheme allows, and never below the model's own.
+        keep_io_types: fp16 only: graph inputs and outputs stay float32.
+    """
+
+    scheme: str = "int8"
+    format: Format = Format.QDQ
+    activation_type: str | None = None
+    symmetric_activations: bool = False
+    per_channel: bool = True
+    reduce_range: bool = False
+    exclude: tuple[str, ...] = ()
+    include_only: tuple[str, ...] = ()
+    overrides: Overrides = field(default_factory=Overrides)
+    opset: int | None = None
+    keep_io_types: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(
+                f"Unknown scheme '{self.scheme}'.", hint=f"choose from {', '.join(SCHEMES)}."
+            )
+        try:
+            object.__setattr__(self, "format", Format(self.format))
+        except ValueError:
+            raise ConfigError(
+                f"Unknown format '{self.format}'.", hint="choose from qdq, qop."
+            ) from None
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "include_only", tuple(self.include_only))
+        preset = SCHEMES[self.scheme]
+        if self.format is Format.QOP and self.scheme != "int8":
+            raise ConfigError(
+                f"--format qop does not go with --scheme {self.scheme}: integer operators "
+                "exist for 8-bit static quantization only.",
+                hint=f"use --format qop with --scheme int8, or --format qdq with "
+                f"--scheme {self.scheme}.",
+            )
+        if self.activation_type is not None:
+            if self.activation_type not in ACTIVATION_TYPES:
+                raise ConfigError(
+                    f"Unknown activation type '{self.activation_type}'.",
+                    hint=f"choose from {', '.join(ACTIVATION_TYPES)}.",
+                )
+            if self.scheme != "int8":
+                raise ConfigError(
+                    f"--activation-type does not go with --scheme {self.scheme}.",
+                    hint="it chooses uint8 or int8 activations for --scheme int8; 16x8 "
+                    "activations are int16, int8-dynamic's are uint8 by definition.",
+                )
+        if self.symmetric_activations and not isinstance(preset, StaticScheme):
+            raise ConfigError(
+                f"--symmetric-activations does not go with --scheme {self.scheme}.",
+                hint="it applies to the static schemes int8 and 16x8.",
+            )
+        if self.reduce_range and self.scheme not in ("int8", "int8-dynamic"):
+            raise ConfigError(
+                f"--reduce-range does not go with --scheme {self.scheme}.",
+                hint="it applies to int8 and int8-dynamic, whose u8 x s8 products can "
+                "saturate on CPUs without VNNI.",
+            )
+        if not self.keep_io_types and self.scheme != "fp16":
+            raise ConfigError(
+                f"--no-keep-io-types does not go with --scheme {self.scheme}.",
+                hint="only fp16 can give the model float16 inputs and outputs.",
+            )
+        if self.opset is not None:
+            newest = onnx.defs.onnx_opset_version()
+            if not 7 <= self.opset <= newest:
+                raise ConfigError(
+                    f"--opset {self.opset} is out of range.",
+                    hint=f"choose an ai.onnx opset from 7 to {newest}.",
+                )
+            needed = self.min_opset
+            if self.opset < needed:
+                raise ConfigError(
+                    f"--opset {self.opset} is too low for --scheme {self.scheme}, which "
+                    f"needs opset {needed} or later.",
+                    hint=f"pass --opset {needed} or leave it out.",
+                )
+
+    def resolve_scheme(self) -> Scheme:
+        """The preset of `scheme` with this config's options applied."""
+        preset = SCHEMES[self.scheme]
+        if isinstance(preset, StaticScheme):
+            changes: dict[str, object] = {
+                "per_channel": self.per_channel,
+                "reduce_range": self.reduce_range,
+            }
+            if self.activation_type is not None:
+                changes["activation_dtype"] = ACTIVATION_TYPES[self.activation_type]
+            if self.symmetric_activations:
+                changes["activation_symmetric"] = True
+            return preset.with_options(**changes)
+        if isinstance(preset, DynamicScheme):
+            return preset.with_options(
+                per_channel=self.per_channel, reduce_range=self.reduce_range
+            )
+        return preset.with_options(keep_io_types=self.keep_io_types)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the scheme needs activation ranges from data."""
+        return SCHEMES[self.scheme].needs_calibration
+
+    @property
+    def min_opset(self) -> int:
+        """The lowest ai.onnx opset the written model may have, overrides included."""
+        needed = SCHEMES[self.scheme].min_opset
+        if self.overrides.uses_int16():
+            needed = max(needed, INT16_MIN_OPSET)
+        return needed
+
+    @property
+    def target_opset(self) -> int:
+        """The opset to upgrade the model to (it is never lowered)."""
+        return self.opset if self.opset is not None else self.min_opset
