@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qconvert import model as model_io
+from qconvert.model import LoadLimits
 from qconvert.calibration import (
     Calibration,
     CollectSettings,
@@ -101,6 +102,7 @@ def quantize(
     report: PathLike | None = None,
     force: bool = False,
     progress: Progress = SILENT,
+    limits: LoadLimits = LoadLimits(),
 ) -> Report:
     """Quantizes `model` as `config` says and writes `output`.
 
@@ -122,6 +124,7 @@ def quantize(
         report: a file to write the report to (`.json`, `.md` or `.html`).
         force: overwrite an existing output.
         progress: receives progress of the long steps.
+        limits: bounds the model must respect before its weights are read.
 
     Returns:
         The report: sizes, what was quantized and what was not, and the comparison.
@@ -162,7 +165,7 @@ def quantize(
     timings: dict[str, float] = {}
 
     with _timed(timings, "load"):
-        float_model = model_io.load_model(model)
+        float_model = model_io.load_model(model, limits)
         model_io.check_convertible(float_model, model)
         opset_before = float_model.opset_imports.get("", 1)
         if config.opset is not None and config.opset < opset_before:
@@ -389,6 +392,7 @@ def calibrate(
     trt_method: RangeMethod = _TRT_METHOD,
     force: bool = False,
     progress: Progress = SILENT,
+    limits: LoadLimits = LoadLimits(),
 ) -> Calibration:
     """Runs `model` on the samples of `data` and returns (and writes) their statistics.
 
@@ -407,11 +411,12 @@ def calibrate(
         trt_method: the range method of that cache.
         force: overwrite existing output files.
         progress: receives progress, one step per sample.
+        limits: bounds the model must respect before its weights are read.
     """
     outputs = [Path(p) for p in (output, trt_cache) if p is not None]
     for path in outputs:
         model_io.check_output_path(path, force=force)
-    float_model = model_io.load_model(model)
+    float_model = model_io.load_model(model, limits)
     specs = input_specs(float_model)
     if batch_size > 1:
         static = [spec.name for spec in specs if not spec.dims or spec.dims[0] is not None]
@@ -492,6 +497,7 @@ def compare(
     load_outputs: PathLike | None = None,
     report: PathLike | None = None,
     progress: Progress = SILENT,
+    limits: LoadLimits = LoadLimits(),
 ) -> Report:
     """Runs `reference` and `candidate` on the samples in `data` and measures the difference.
 
@@ -510,6 +516,7 @@ def compare(
         load_outputs: a file written by `save_outputs`, used in place of the reference.
         report: a file to write the report to (`.json`, `.md` or `.html`).
         progress: receives progress of the comparison.
+        limits: bounds the model must respect before its weights are read.
 
     Returns:
         The report, with the comparison and the gate results.
@@ -530,14 +537,14 @@ def compare(
     timings: dict[str, float] = {}
 
     with _timed(timings, "load"):
-        candidate_model = model_io.load_model(candidate)
+        candidate_model = model_io.load_model(candidate, limits)
         if load_outputs is not None:
             saved = SavedOutputs(load_outputs)
             check_interfaces(saved, candidate_model, names=(str(load_outputs), str(candidate)))
             reference_side: Side | SavedOutputs = saved
             specs = input_specs(candidate_model)
         else:
-            reference_model = model_io.load_model(reference)
+            reference_model = model_io.load_model(reference, limits)
             check_interfaces(
                 reference_model, candidate_model, names=(str(reference), str(candidate))
             )
@@ -593,9 +600,9 @@ def compare(
     return result
 
 
-def inspect(model: PathLike) -> ModelSummary:
+def inspect(model: PathLike, *, limits: LoadLimits = LoadLimits()) -> ModelSummary:
     """Summarizes `model`: interface, opsets, ops, parameters and quantizable nodes."""
-    return summarize(model_io.load_model(model))
+    return summarize(model_io.load_model(model, limits))
 
 
 def _evaluate(

@@ -270,16 +270,40 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def _check_tensor_size(path: Path, tensor: onnx.TensorProto, limits: LoadLimits) -> None:
+    """The declared size is within limits and matches the data actually stored."""
     if any(dim < 0 for dim in tensor.dims):
         raise ModelLoadError(f"Model file '{path}': tensor '{tensor.name}' has a negative dim.")
     itemsize = _ELEMENT_BYTES.get(tensor.data_type, 8)
-    declared = math.prod(tensor.dims) * itemsize
+    elements = math.prod(tensor.dims)
+    declared = elements * itemsize
     if declared > limits.max_tensor_bytes:
         raise ModelLoadError(
             f"Model file '{path}': tensor '{tensor.name}' declares {declared:,} bytes, over "
             f"the limit of {limits.max_tensor_bytes:,}.",
             hint="raise the limit with --max-tensor-bytes if the machine can hold it.",
         )
+    stored = _stored_elements(tensor)
+    if stored is not None and stored != elements:
+        raise ModelLoadError(
+            f"Model file '{path}': tensor '{tensor.name}' declares {elements:,} elements "
+            f"but stores {stored:,}."
+        )
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _stored_elements(tensor: onnx.TensorProto) -> int | None:
+    """How many elements the tensor really holds, where that can be told without reading
+    external data (None for external, packed or complex types)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    if tensor.data_type not in _ELEMENT_BYTES:
+        return None  # packed 4-bit, complex and string tensors are left to the checker
+    if tensor.HasField("raw_data"):
+        whole, remainder = divmod(len(tensor.raw_data), _ELEMENT_BYTES[tensor.data_type])
+        return whole if remainder == 0 else -1
+    return sum(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
 
 
 def _check_external_location(path: Path, tensor: onnx.TensorProto) -> None:

@@ -125,3 +125,14 @@ percentile_option = click.option(
     show_default=True,
     help="The share of |x| the percentile method keeps, in percent.",
 )
+
+
+def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-tensor-bytes: how large one tensor of an untrusted model may declare itself."""
+    return click.option(
+        "--max-tensor-bytes",
+        type=click.IntRange(min=1),
+        default=16 * 2**30,
+        show_default=True,
+        help="Refuse a model that declares a tensor larger than this, before reading it.",
+    )(command)

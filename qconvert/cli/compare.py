@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from qconvert.cli import _console, _render
+from qconvert.cli._options import limit_options
 from qconvert.errors import AccuracyGateError
 
 
@@ -90,6 +91,7 @@ def _gate_option(name: str, help_text: str):
     help="Also write the report to this file (.json, .md or .html).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
+@limit_options
 def compare_command(
     models: tuple[Path, ...],
     data: Path,
@@ -111,6 +113,7 @@ def compare_command(
     load_outputs: Path | None,
     report: Path | None,
     as_json: bool,
+    max_tensor_bytes: int,
 ) -> None:
     """Run REFERENCE and CANDIDATE on the samples in --data and report the difference.
 
@@ -128,6 +131,7 @@ def compare_command(
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
     from qconvert.gates import Gates, load_gates
     from qconvert.latency import LatencyConfig
+    from qconvert.model import LoadLimits
 
     expected = 1 if load_outputs is not None else 2
     if len(models) != expected:
@@ -164,6 +168,7 @@ def compare_command(
         save_outputs=save_outputs,
         load_outputs=load_outputs,
         report=report,
+        limits=LoadLimits(max_tensor_bytes=max_tensor_bytes),
         **({"progress": progress} if progress else {}),
     )
     if as_json:

@@ -10,6 +10,7 @@ from qconvert.cli import _console, _render
 from qconvert.cli._options import (
     image_options,
     image_preprocessing,
+    limit_options,
     method_option,
     percentile_option,
 )
@@ -136,6 +137,7 @@ SCHEME_HELP = (
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@limit_options
 def quantize_command(
     model: Path,
     output: Path | None,
@@ -158,6 +160,7 @@ def quantize_command(
     report: Path | None,
     as_json: bool,
     force: bool,
+    max_tensor_bytes: int,
     **image: object,
 ) -> None:
     """Quantize MODEL and write the result.
@@ -173,6 +176,7 @@ def quantize_command(
 
     from qconvert import api
     from qconvert.config import QuantizeConfig
+    from qconvert.model import LoadLimits
     from qconvert.overrides import load_overrides
 
     config = QuantizeConfig(
@@ -203,6 +207,7 @@ def quantize_command(
         eval_data=eval_data,
         report=report,
         force=force,
+        limits=LoadLimits(max_tensor_bytes=max_tensor_bytes),
         **({"progress": progress} if progress else {}),
     )
     if as_json:

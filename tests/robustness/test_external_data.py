@@ -94,3 +94,23 @@ def test_tensor_declaring_more_bytes_than_allowed_is_refused(run_cli, tmp_path):
     assert result.code == 3
     assert "declares 4,398,046,511,104 bytes, over the limit" in result.err
     assert not out.exists()
+
+
+def test_the_tensor_size_limit_is_adjustable(run_cli, tmp_path):
+    model = testing.save(testing.conv_bn_relu(), tmp_path / "model.onnx")
+    # fc_w is 10 x 128 floats = 5,120 bytes: refused under a 4 KiB limit, fine at default.
+    tight = run_cli("inspect", model, "--max-tensor-bytes", "4096")
+    assert tight.code == 3
+    assert "tensor 'fc_w' declares 5,120 bytes, over the limit of 4,096" in tight.err
+    assert run_cli("inspect", model).code == 0
+
+
+def test_tensor_storing_fewer_elements_than_it_declares(run_cli, tmp_path):
+    model = testing.conv_bn_relu()
+    model.graph.initializer[0].dims[0] = 9  # conv_w holds 8 x 3 x 3 x 3 floats
+    path = tmp_path / "lying.onnx"
+    onnx.save_model(model, str(path))
+    result, out = _quantize(run_cli, path, tmp_path)
+    assert result.code == 3
+    assert "tensor 'conv_w' declares 243 elements but stores 216" in result.err
+    assert not out.exists()
