@@ -4,23 +4,17 @@ is written; a file whose damage happens to leave it valid quantizes soundly."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qconvert
 from qconvert import api, testing
 from qconvert.errors import QconvertError
+from robustness.fuzzing import fuzz_settings
 
-EXAMPLES = int(os.environ.get("QCONVERT_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    database=None,
-)
+FUZZ = fuzz_settings(60)
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,17 @@ a qconvert error (exit 3), never an uncaught exception, never a partial output.
 
 from __future__ import annotations
 
-import os
-
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qconvert
 from qconvert import testing
 from qconvert.errors import QconvertError
+from robustness.fuzzing import fuzz_settings
 
-EXAMPLES = int(os.environ.get("QCONVERT_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    database=None,
-)
+FUZZ = fuzz_settings(60)
 
 _MODEL = testing.conv_bn_relu(channels=4)
 _BYTES = _MODEL.SerializeToString()

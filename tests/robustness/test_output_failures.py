@@ -8,8 +8,8 @@ import subprocess
 import uuid
 
 import pytest
-
 from conftest import SAMPLES
+
 from qconvert import model as model_io
 from qconvert.errors import OutputError
 
