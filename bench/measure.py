@@ -1,8 +1,9 @@
 """Latency and fidelity of float, ours and theirs, measured side by side in one process.
 
 Latency: onnxruntime CPU sessions (all graph optimizations), batch 1, with one intra-op thread
-and with all (0 = onnxruntime's default, one per core). The models are timed in alternation,
-round by round, so drift on a noisy machine hits all of them alike; the figure is the median.
+and with all (0 = onnxruntime's default, one per core), thread-pool spinning off. The models
+are timed in alternation, round by round, so drift on a noisy machine hits all of them alike;
+the figure is the median.
 
 Fidelity against the float model on the eval samples: accuracy when labels exist, an
 agreement figure chosen by task, and the SQNR of the task's primary output.
@@ -39,6 +40,9 @@ def session(model: str, threads: int) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # Three sessions are alive at once and timed in turn: a pool left spinning after its run
+    # would steal the cores from the next session's run, so no pool spins (for all alike).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

@@ -75,6 +75,30 @@ def failures(rows: list[dict]) -> list[str]:
     return out or ["- none"]
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """Ratios only, as the README quotes them: one line per model and scheme that ran."""
+    lines = [
+        "| model | scheme | size vs float: ours / theirs | latency 1T ours÷theirs | latency 1T"
+        " ours÷float | latency all ours÷theirs | agreement ours / theirs | SQNR dB ours / theirs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "ours_step" not in row:
+            continue
+        fid = {t: row.get(f"{t}_fidelity") or {} for t in ("ours", "theirs")}
+        kind = fid["ours"].get("agreement_kind") or fid["theirs"].get("agreement_kind") or ""
+        lines.append(
+            f"| {row['model']} | {row['scheme']} "
+            f"| {_pct(row.get('ours_size_ratio'))} / {_pct(row.get('theirs_size_ratio'))} "
+            f"| {_num(row.get('latency_1t_ours_over_theirs'), 2, '×')} "
+            f"| {_num(row.get('latency_1t_ours_over_float'), 2, '×')} "
+            f"| {_num(row.get('latency_all_ours_over_theirs'), 2, '×')} "
+            f"| {_pair(fid['ours'].get('agreement'), fid['theirs'].get('agreement'), 3)} {_short(kind)} "
+            f"| {_pair(fid['ours'].get('sqnr_db'), fid['theirs'].get('sqnr_db'), 1)} |"
+        )
+    return lines
+
+
 def _short(kind: str) -> str:
     return {
         "top-1 agreement": "(top-1)",
@@ -120,9 +144,10 @@ def markdown(results: dict) -> str:
         "",
         "*ours* = qconvert, *theirs* = onnxruntime.quantization (quantize_static /"
         " quantize_dynamic) or onnxconverter-common (fp16), on the same calibration files."
-        " Latency: onnxruntime CPU, batch 1, median of runs taken in alternation"
-        f" ({meta['latency_plan']}). Quantize time and peak memory (ru_maxrss, includes the"
-        " interpreter and onnxruntime) are of each tool's calibrate+quantize step in a fresh"
+        " Latency: onnxruntime CPU, batch 1, thread-pool spinning off, median of runs taken"
+        " in alternation"
+        f" ({meta['latency_plan']}). Quantize time and peak memory (the child's peak resident set,"
+        " VmHWM, interpreter and onnxruntime included) are of each tool's calibrate+quantize step in a fresh"
         " child process. Agreement and SQNR are against the float model on the eval samples.",
         "",
         "## Side by side",
@@ -136,6 +161,10 @@ def markdown(results: dict) -> str:
         "### Variants that failed",
         "",
         *failures(results["rows"]),
+        "",
+        "### Ratios (what the README quotes)",
+        "",
+        *summary(results["rows"]),
         "",
         "## Calibration scaling",
         "",
