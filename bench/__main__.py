@@ -27,19 +27,22 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {
     # 64 calibration samples (the peers' docs suggest tens to hundreds); 64 eval samples;
-    # latency: at most 7 rounds x 10 runs a model, cut at 3 s a model and thread setting, so
-    # the full run (all schemes) stays near 20 minutes on 2 cores.
+    # latency: at most 100 runs a model (at least 10), cut at about 3 s a model and thread
+    # setting, so the full run (all schemes) stays near 20 minutes on 2 cores.
     "sizes": case_set.Sizes(calib=64, eval=64),
-    "latency": measure.LatencyPlan(rounds=7, runs_per_round=10, warmup=3, budget_s=3.0),
+    "latency": measure.LatencyPlan(max_runs=100, min_runs=10, warmup=3, budget_s=3.0),
     "scaling": (
         runner.ScalingPlan(
-            model="digits_dwsep", sizes=(64, 256, 1024),
+            model="digits_dwsep",
+            sizes=(64, 256, 1024),
             tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
+            repeats=3,  # a pass takes a fraction of a second here: median of three runs
         ),
         # The peer's Percentile calibrator keeps every activation of every sample in memory
         # (about 27 MB an image here): capped at 64 images on this 23 GB machine.
         runner.ScalingPlan(
-            model="mobilenetv2_style_224", sizes=(64, 256),
+            model="mobilenetv2_style_224",
+            sizes=(64, 256),
             tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
             caps={"ort Percentile": 64},
         ),
@@ -47,7 +50,7 @@ FULL = {
 }
 QUICK = {
     "sizes": case_set.Sizes(calib=16, eval=16),
-    "latency": measure.LatencyPlan(rounds=2, runs_per_round=3, warmup=1, budget_s=0.2),
+    "latency": measure.LatencyPlan(max_runs=5, min_runs=3, warmup=1, budget_s=0.1),
     "scaling": (
         runner.ScalingPlan(
             model="tiny_cnn", sizes=(8, 32), tools=("float pass", "qconvert", "ort MinMax")
@@ -57,7 +60,9 @@ QUICK = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="one tiny model, seconds")
     parser.add_argument("--model", type=Path, help="bench this model instead of the set")
     parser.add_argument("--data", type=Path, help="calibration folder for --model")
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", default=",".join(v.scheme for v in runner.VARIANTS))
     parser.add_argument("--no-scaling", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("qconvert").setLevel(logging.ERROR)
 
     if args.fetch:
@@ -122,13 +129,22 @@ def main(argv: list[str] | None = None) -> int:
                     by_name[scaling_plan.model], scaling_plan, work, settings.step_timeout_s
                 )
             else:
-                notes.append(f"calibration scaling on {scaling_plan.model} skipped: not in this run")
+                notes.append(
+                    f"calibration scaling on {scaling_plan.model} skipped: not in this run"
+                )
 
     results = {
         "meta": _meta(args.quick, time.perf_counter() - started, plan),
         "models": [
-            {"name": c.name, "group": c.group, "task": c.task, "about": c.about,
-             "model": str(c.model), "calib_samples": _count(c.calib), "eval_samples": _count(c.eval)}
+            {
+                "name": c.name,
+                "group": c.group,
+                "task": c.task,
+                "about": c.about,
+                "model": str(c.model),
+                "calib_samples": _count(c.calib),
+                "eval_samples": _count(c.eval),
+            }
             for c in cases
         ],
         "rows": rows,
@@ -144,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _count(folder: Path) -> int:
-    return sum(1 for p in Path(folder).iterdir() if p.suffix in (".npy", ".npz") and p.name != "labels.npy")
+    return sum(
+        1
+        for p in Path(folder).iterdir()
+        if p.suffix in (".npy", ".npz") and p.name != "labels.npy"
+    )
 
 
 def _meta(quick: bool, seconds: float, plan: dict) -> dict:
@@ -162,7 +182,8 @@ def _meta(quick: bool, seconds: float, plan: dict) -> dict:
         cpu = platform.processor()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}",
+        "machine": f"{cpu}, {os.cpu_count()} logical cores, "
+        f"{platform.system()} {platform.machine()}",
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "qconvert": qconvert.__version__,

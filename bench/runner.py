@@ -7,7 +7,6 @@ A scheme runs when both tools offer it; where qconvert does not offer it yet the
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,13 +83,19 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
     """All rows of one case: one per variant."""
     proto = onnx.load(case.model, load_external_data=False)
     initializers = {t.name for t in proto.graph.initializer}
-    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in proto.graph.input if i.name not in initializers}
+    ranks = {
+        i.name: len(i.type.tensor_type.shape.dim)
+        for i in proto.graph.input
+        if i.name not in initializers
+    }
     names = [o.name for o in proto.graph.output]
     eval_samples = data.read_folder(case.eval, ranks)
     labels = data.read_labels(case.eval)
     float_outputs = measure.run_all(str(case.model), eval_samples)
     float_accuracy = (
-        measure.accuracy_of(float_outputs, case.task, names, labels) if labels is not None else None
+        measure.accuracy_of(float_outputs, case.task, names, labels)
+        if labels is not None
+        else None
     )
     float_size = case.model.stat().st_size
     rows = []
@@ -119,22 +124,27 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
             row["status"] = "no peer for this scheme"
             rows.append(row)
             continue
+        paths = {"ours": ours_path, "theirs": theirs_path}
         jobs = {
-            "ours": lambda: steps.run_in_child(
-                steps.qconvert_quantize, settings.step_timeout_s, model=str(case.model),
-                data=str(case.calib), output=str(ours_path), scheme=variant.ours[0], fmt=variant.ours[1],
+            "ours": (
+                steps.qconvert_quantize,
+                {"scheme": variant.ours[0], "fmt": variant.ours[1]},
             ),
-            "theirs": lambda: steps.run_in_child(
-                getattr(steps, variant.theirs_step), settings.step_timeout_s, model=str(case.model),
-                data=str(case.calib), output=str(theirs_path), **variant.theirs_options,
-            ),
+            "theirs": (getattr(steps, variant.theirs_step), variant.theirs_options),
         }
         order = ["ours", "theirs"] if (index + number) % 2 == 0 else ["theirs", "ours"]
         results = {}
         for tool in order:
             log.info("  %s %s: %s", case.name, variant.scheme, tool)
-            results[tool] = jobs[tool]()
-        paths = {"ours": ours_path, "theirs": theirs_path}
+            step, options = jobs[tool]
+            results[tool] = steps.run_in_child(
+                step,
+                settings.step_timeout_s,
+                model=str(case.model),
+                data=str(case.calib),
+                output=str(paths[tool]),
+                **options,
+            )
         runnable = {}
         for tool, result in results.items():
             row[f"{tool}_step"] = asdict(result)
@@ -149,7 +159,10 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
                 continue
             fid = measure.fidelity(case.task, names, float_outputs, outputs, labels)
             row[f"{tool}_fidelity"] = asdict(fid)
-        timed = {"float": str(case.model), **{t: p for t, p in runnable.items() if f"{t}_run_error" not in row}}
+        timed = {
+            "float": str(case.model),
+            **{t: p for t, p in runnable.items() if f"{t}_run_error" not in row},
+        }
         for threads in settings.thread_settings:
             key = "1t" if threads == 1 else "all"
             lat = measure.latencies_ms(timed, eval_samples[0], threads, settings.latency)
@@ -158,7 +171,9 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
                 row[f"latency_{key}_ours_over_theirs"] = round(lat["ours"] / lat["theirs"], 3)
             for tool in ("ours", "theirs"):
                 if isinstance(lat.get(tool), float):
-                    row[f"latency_{key}_{tool}_over_float"] = round(lat[tool] / lat["float"], 3)
+                    row[f"latency_{key}_{tool}_over_float"] = round(
+                        lat[tool] / lat["float"], 3
+                    )
         row["status"] = _status(row)
         rows.append(row)
     return rows
@@ -193,6 +208,7 @@ class ScalingPlan:
     sizes: tuple[int, ...]
     tools: tuple[str, ...]
     caps: dict[str, int] = field(default_factory=dict)  # tool -> largest sample count
+    repeats: int = 1  # runs per tool and count; the run with the median time is kept
 
 
 def scaling(case: Case, plan: ScalingPlan, work: Path, timeout_s: float) -> list[dict]:
@@ -200,7 +216,11 @@ def scaling(case: Case, plan: ScalingPlan, work: Path, timeout_s: float) -> list
     sizes, tools = plan.sizes, plan.tools
     proto = onnx.load(case.model, load_external_data=False)
     initializers = {t.name for t in proto.graph.initializer}
-    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in proto.graph.input if i.name not in initializers}
+    ranks = {
+        i.name: len(i.type.tensor_type.shape.dim)
+        for i in proto.graph.input
+        if i.name not in initializers
+    }
     base = data.read_folder(case.calib, ranks)
     rng = np.random.default_rng(7)
     rows = []
@@ -211,29 +231,53 @@ def scaling(case: Case, plan: ScalingPlan, work: Path, timeout_s: float) -> list
             feeds = base[i % len(base)]
             if i >= len(base):  # more samples than the folder holds: jittered copies
                 feeds = {
-                    k: (v + rng.normal(0, 0.02, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
+                    k: (v + rng.normal(0, 0.02, v.shape).astype(v.dtype))
+                    if v.dtype.kind == "f"
+                    else v
                     for k, v in feeds.items()
                 }
             samples.append(feeds)
         data.write_folder(folder, samples)
         for tool in tools:
             if count > plan.caps.get(tool, count):
-                rows.append({"model": case.name, "samples": count, "tool": tool, "ok": False,
-                             "error": f"skipped above {plan.caps[tool]} samples (memory)"})
+                rows.append(
+                    {
+                        "model": case.name,
+                        "samples": count,
+                        "tool": tool,
+                        "ok": False,
+                        "error": f"skipped above {plan.caps[tool]} samples (memory)",
+                    }
+                )
                 continue
             out = work / "scaling" / f"{case.name}.{tool}.out"
             out.unlink(missing_ok=True)
             log.info("  scaling %s n=%d: %s", case.name, count, tool)
             step, options = SCALING_TOOLS[tool]
-            started = time.perf_counter()
-            result = steps.run_in_child(
-                getattr(steps, step), timeout_s, model=str(case.model), data=str(folder),
-                output=str(out), **options,
+            runs = []
+            for _ in range(plan.repeats):
+                out.unlink(missing_ok=True)
+                runs.append(
+                    steps.run_in_child(
+                        getattr(steps, step),
+                        timeout_s,
+                        model=str(case.model),
+                        data=str(folder),
+                        output=str(out),
+                        **options,
+                    )
+                )
+            done = sorted((r for r in runs if r.ok), key=lambda r: r.seconds)
+            result = done[len(done) // 2] if done else runs[0]
+            rows.append(
+                {
+                    "model": case.name,
+                    "samples": count,
+                    "tool": tool,
+                    "runs": len(runs),
+                    **asdict(result),
+                }
             )
-            rows.append({
-                "model": case.name, "samples": count, "tool": tool, **asdict(result),
-                "child_wall_s": round(time.perf_counter() - started, 2),
-            })
     return rows
 
 

@@ -41,7 +41,9 @@ class NotSupportedYet(Exception):
     """qconvert does not offer this scheme or option yet."""
 
 
-def run_in_child(step: Callable[..., dict], timeout_s: float = 900.0, **kwargs: object) -> StepResult:
+def run_in_child(
+    step: Callable[..., dict], timeout_s: float = 900.0, **kwargs: object
+) -> StepResult:
     """Runs `step(**kwargs)` in a freshly spawned process and measures it."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
@@ -49,7 +51,7 @@ def run_in_child(step: Callable[..., dict], timeout_s: float = 900.0, **kwargs: 
         try:
             outcome = future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            for process in list(pool._processes.values()):  # noqa: SLF001 - no public handle
+            for process in list(pool._processes.values()):
                 process.kill()
             return StepResult(ok=False, error=f"timed out after {timeout_s:.0f} s")
         except concurrent.futures.process.BrokenProcessPool:
@@ -68,7 +70,8 @@ def _measured(step: Callable[..., dict], kwargs: dict) -> dict:
         message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         return {
             "ok": False,
-            "error": f"{type(exc).__name__}: {message} ({Path(last.filename).name}:{last.lineno})",
+            "error": f"{type(exc).__name__}: {message} "
+            f"({Path(last.filename).name}:{last.lineno})",
         }
     return {"ok": True, "peak_mb": round(_peak_kb() / 1024.0, 1), **extra}
 
@@ -95,7 +98,9 @@ def _input_ranks(model: str) -> dict[str, int]:
     graph = onnx.load(model, load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
     return {
-        i.name: len(i.type.tensor_type.shape.dim) for i in graph.input if i.name not in initializers
+        i.name: len(i.type.tensor_type.shape.dim)
+        for i in graph.input
+        if i.name not in initializers
     }
 
 
@@ -186,7 +191,12 @@ def ort_static(
     method: str = "MinMax",
     per_channel: bool = True,
 ) -> dict:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     reader = _reader(model, data, None)
     return _timed(
