@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import ROOT
 
 
@@ -17,7 +16,11 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--cache", str(cache)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -37,7 +40,11 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
             assert int8[key][tool] > 0.0
     assert int8["latency_1t_ours_over_theirs"] > 0.0
     for row in results["rows"]:  # a scheme qconvert lacks is a row, not a crash
-        assert row["status"] == "ok" or "not supported yet" in row["status"] or "no peer" in row["status"]
+        assert (
+            row["status"] == "ok"
+            or "not supported yet" in row["status"]
+            or "no peer" in row["status"]
+        )
 
     tools = {(r["tool"], r["samples"]) for r in results["scaling"] if r["ok"]}
     assert {("qconvert", 32), ("ort MinMax", 32), ("float pass", 32)} <= tools
@@ -69,3 +76,20 @@ def test_safetensors_reader_and_wordpiece(tmp_path):
     truncated = tokenizer.encode("The Quantizer, the xyz", 8)
     assert truncated["input_ids"].tolist() == [[101, 4, 5, 6, 7, 8, 4, 102]]
     assert truncated["attention_mask"].sum() == 8
+
+
+def test_bench_on_a_user_model_scores_labels(tmp_path):
+    sample = ROOT / "sample_models" / "digits_cnn"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--model", str(sample / "model.onnx"),
+         "--data", str(sample / "calib"), "--eval", str(sample / "eval"),
+         "--schemes", "int8", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["rows"]
+    assert row["model"] == "digits_cnn" and row["status"] == "ok"
+    assert row["float_accuracy"] > 0.9  # labels.npy was read
+    assert abs(row["ours_fidelity"]["accuracy"] - row["float_accuracy"]) < 0.05
+    assert results["scaling"] == []  # a user model gets no scaling study
