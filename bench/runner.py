@@ -120,19 +120,16 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
             row["status"] = reason
             rows.append(row)
             continue
-        if variant.theirs_step is None:
-            row["status"] = "no peer for this scheme"
-            rows.append(row)
-            continue
         paths = {"ours": ours_path, "theirs": theirs_path}
         jobs = {
             "ours": (
                 steps.qconvert_quantize,
                 {"scheme": variant.ours[0], "fmt": variant.ours[1]},
             ),
-            "theirs": (getattr(steps, variant.theirs_step), variant.theirs_options),
         }
-        order = ["ours", "theirs"] if (index + number) % 2 == 0 else ["theirs", "ours"]
+        if variant.theirs_step is not None:
+            jobs["theirs"] = (getattr(steps, variant.theirs_step), variant.theirs_options)
+        order = list(jobs) if (index + number) % 2 == 0 else list(jobs)[::-1]
         results = {}
         for tool in order:
             log.info("  %s %s: %s", case.name, variant.scheme, tool)
@@ -181,7 +178,8 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
 
 def _status(row: dict) -> str:
     problems = []
-    for tool in ("ours", "theirs"):
+    tools = ("ours", "theirs") if row["theirs"] is not None else ("ours",)
+    for tool in tools:
         step = row.get(f"{tool}_step", {})
         if not step.get("ok"):
             problems.append(f"{tool} failed: {step.get('error')}")
@@ -193,7 +191,9 @@ def _status(row: dict) -> str:
                 if isinstance(value, str):
                     problems.append(f"{tool}: {value}")
                     break
-    return "; ".join(problems) if problems else "ok"
+    if problems:
+        return "; ".join(problems)
+    return "ok" if row["theirs"] is not None else "ok (no peer for this scheme)"
 
 
 # --- calibration scaling ----------------------------------------------------------------

@@ -60,6 +60,9 @@ def run_in_child(
 
 
 def _measured(step: Callable[..., dict], kwargs: dict) -> dict:
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # the peer logs advice on the root logger
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the peer prints progress
             extra = step(**kwargs)
