@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import inspect
 import io
 import multiprocessing
 import resource
@@ -119,52 +118,40 @@ def _iter_samples(model: str, data: str, limit: int | None) -> Iterator[dict[str
 # --- qconvert -----------------------------------------------------------------------------
 
 
+DATA_FREE_SCHEMES = ("int8-dynamic", "fp16", "fp16-weights")
+
+
 def qconvert_supports(scheme: str, fmt: str) -> str | None:
     """None when qconvert offers `scheme` in `fmt`, else why not."""
-    from qconvert import api
     from qconvert.schemes import SCHEMES
 
     if scheme not in SCHEMES:
         return f"scheme '{scheme}' not supported yet"
-    if fmt != "qdq" and "format" not in inspect.signature(api.quantize).parameters:
-        return f"format '{fmt}' not supported yet"
+    if fmt == "qop" and scheme != "int8":
+        return f"format '{fmt}' is for int8 only"
     return None
 
 
 def qconvert_quantize(*, model: str, data: str, output: str, scheme: str, fmt: str) -> dict:
     from qconvert import api
+    from qconvert.config import QuantizeConfig
 
     reason = qconvert_supports(scheme, fmt)
     if reason is not None:
         raise NotSupportedYet(reason)
-    kwargs: dict[str, object] = {"scheme": scheme, "force": True}
-    if fmt != "qdq":
-        kwargs["format"] = fmt
-    data_param = inspect.signature(api.quantize).parameters["data"]
-    needs_data = data_param.default is inspect.Parameter.empty
-    if needs_data or scheme not in ("int8-dynamic", "fp16", "fp16-weights"):
-        kwargs["data"] = data
-    return _timed(lambda: api.quantize(model, output, **kwargs))
+    config = QuantizeConfig(scheme=scheme, format=fmt)
+    calibration = None if scheme in DATA_FREE_SCHEMES else data
+    return _timed(
+        lambda: api.quantize(model, output, data=calibration, config=config, force=True)
+    )
 
 
 def qconvert_calibrate(*, model: str, data: str, output: str) -> dict:
-    """qconvert's calibration alone where `api.calibrate` exists, else calibrate+quantize."""
+    """qconvert's calibration alone (`qconvert calibrate`)."""
     from qconvert import api
 
-    if hasattr(api, "calibrate"):
-        result = _timed(lambda: api.calibrate(model, data=data, output=output))
-        return {**result, "note": "api.calibrate", "stage_seconds": result["seconds"]}
-    timings: dict = {}
-
-    def work() -> None:
-        timings.update(api.quantize(model, output, data=data, force=True).seconds)
-
-    result = _timed(work)
-    return {
-        **result,
-        "note": "api.quantize: calibrate+quantize; its calibrate stage timed apart",
-        "stage_seconds": timings.get("calibrate"),
-    }
+    result = _timed(lambda: api.calibrate(model, data, output=output, force=True))
+    return {**result, "note": "api.calibrate", "stage_seconds": result["seconds"]}
 
 
 # --- the peers --------------------------------------------------------------------------
