@@ -113,7 +113,8 @@ def input_specs(model: ir.Model) -> tuple[InputSpec, ...]:
             raise CalibrationDataError(f"Model input '{value.name}' has no element type.")
         dims: tuple[int | None, ...] = ()
         if value.shape is not None:
-            dims = tuple(d if isinstance(d, int) else None for d in value.shape)
+            # Some exporters (paddle2onnx) write -1 for a dynamic dim: it is not a size.
+            dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
         specs.append(InputSpec(value.name or "", value.dtype.numpy(), dims))
     return tuple(specs)
 
