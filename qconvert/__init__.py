@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qconvert.api import calibrate, compare, inspect, quantize
+from qconvert.api import analyze, calibrate, compare, inspect, quantize
 from qconvert.config import QuantizeConfig
 from qconvert.errors import QconvertError
 
@@ -19,6 +19,7 @@ __all__ = [
     "QconvertError",
     "QuantizeConfig",
     "__version__",
+    "analyze",
     "calibrate",
     "compare",
     "inspect",

@@ -7,6 +7,7 @@ list of stages: load -> prepare -> calibrate -> plan -> rewrite -> verify -> sav
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from qconvert import model as model_io
@@ -29,6 +31,7 @@ from qconvert.calibration import (
     tensors_to_calibrate,
     write_trt_cache,
 )
+from qconvert.calibration.auto import choose_ranges
 from qconvert.compare import (
     CompareOptions,
     Comparison,
@@ -57,10 +60,21 @@ from qconvert.errors import (
 from qconvert.gates import NO_GATES, Gates, check_gates
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.latency import LatencyConfig
+from qconvert.layers import expose
+from qconvert.passes.bias_correct import (
+    channel_means,
+    correct_biases,
+    correctable_nodes,
+    input_axis,
+)
+from qconvert.passes.equalize import EqualizePass
+from qconvert.passes.smooth import channel_absmax, smooth, smooth_sites
+from qconvert.runtime import make_session
 from qconvert.passes import (
     CastToFloat16Pass,
     DropIntermediateShapesPass,
     DynamicQuantizePass,
+    FloatInputsPass,
     InsertQDQPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
@@ -73,6 +87,16 @@ from qconvert.runtime import resolve_provider
 from qconvert.saved_outputs import SavedOutputs
 from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
+from qconvert.sensitivity import (
+    Analysis,
+    Evaluator,
+    MixedPrecision,
+    Score,
+    Target,
+    choose_float_nodes,
+    quantizable_nodes,
+)
+from qconvert.sensitivity import analyze as _analyze
 from qconvert.verify import verify_model
 
 PathLike = str | os.PathLike[str]
@@ -94,11 +118,13 @@ def quantize(
     *,
     data: PathLike | None = None,
     calib: PathLike | None = None,
-    method: str = "minmax",
+    method: str = "auto",
     percentile: float = 99.99,
     images: ImagePreprocessing | None = None,
     config: QuantizeConfig | None = None,
     eval_data: PathLike | None = None,
+    target_sqnr: float | None = None,
+    max_top1_drop: float | None = None,
     report: PathLike | None = None,
     force: bool = False,
     progress: Progress = SILENT,
@@ -114,13 +140,19 @@ def quantize(
         data: a folder of calibration samples, calibrated on the fly (static schemes need
             it or `calib`; int8-dynamic, fp16 and fp16-weights need neither).
         calib: a calibration file from `calibrate` (instead of `data`).
-        method: how ranges are derived from the statistics: minmax, percentile, entropy
-            or mse (see `qconvert.calibration.ranges`).
+        method: how ranges are derived from the statistics: auto (per tensor, the method
+            of least expected error; the report lists the choices), minmax, percentile,
+            entropy or mse (see `qconvert.calibration.ranges`).
         percentile: the share of values kept by the percentile method, in percent.
         images: the preprocessing of image folders (`data` and `eval_data`).
         config: scheme, format and controls; `QuantizeConfig()` is int8 QDQ.
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
             float and quantized models are compared on it and the result goes in the report.
+        target_sqnr: mixed precision: keep the fewest, most sensitive nodes float until
+            the output SQNR (dB) on the evaluation samples (`eval_data`, else the first
+            calibration samples) is at least this (`qconvert.sensitivity`).
+        max_top1_drop: mixed precision: likewise until the top-1 accuracy drop on
+            `eval_data` (with labels) is at most this many points.
         report: a file to write the report to (`.json`, `.md` or `.html`).
         force: overwrite an existing output.
         progress: receives progress of the long steps.
@@ -141,7 +173,7 @@ def quantize(
         raise ConfigError(
             f"--scheme {config.scheme} needs calibration data: pass --data DIR or "
             "--calib FILE.",
-            hint="int8-dynamic, fp16 and fp16-weights need none.",
+            hint=_no_data_hint(model),
         )
     if data is not None and calib is not None:
         raise ConfigError(
@@ -159,6 +191,11 @@ def quantize(
             "would need different input types.",
             hint="evaluate with --keep-io-types (the default).",
         )
+    target = Target(sqnr_db=target_sqnr, max_top1_drop=max_top1_drop)
+    mixed = target.sqnr_db is not None or target.max_top1_drop is not None
+    if mixed:
+        _check_mixed_precision(config, target, data, eval_data)
+    _check_weight_passes(config, data, calib)
     output = model_io.check_output_path(output, force=force)
     if report is not None:
         check_report_path(report)
@@ -192,12 +229,20 @@ def quantize(
         evaluation = (
             DirectorySource(eval_data, specs, images=images) if eval_data is not None else None
         )
+    equalize_notes: tuple[str, ...] = ()
+    if config.equalize:
+        with _timed(timings, "equalize"):
+            float_model, equalize_notes = _equalize(float_model)
     if isinstance(scheme, StaticScheme | DynamicScheme) and not scheme.reduce_range:
         if lacks_vnni():
             logger.warning(
                 "This CPU lacks VNNI: onnxruntime's u8 x s8 kernels can saturate here. "
                 "Pass --reduce-range (7-bit weights) for models that will run on it."
             )
+    if config.smooth_quant is not None and source is not None:
+        with _timed(timings, "smooth"):
+            float_model, smooth_notes = _smooth(float_model, source, config.smooth_quant)
+        equalize_notes = (*equalize_notes, *smooth_notes)
     if source is not None:
         # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
         # other methods histogram exactly as `calibrate` does, so --data equals --calib.
@@ -214,12 +259,27 @@ def quantize(
         prepared, qdq_domain = _prepare(float_model, config)
         selection.warn_unmatched(prepared.graph)
     ranges = {}
+    range_choices: dict[str, str] = {}
     if calibration is not None and range_method is not None:
         with _timed(timings, "ranges"):
-            ranges = derive_ranges(calibration.observers, range_method)
+            ranges, range_choices = _derive_ranges(calibration, range_method)
     with _timed(timings, "plan"):
         plan = _plan(prepared, scheme, config, selection, ranges)
+    if mixed:
+        with (
+            _timed(timings, "mixed precision"),
+            progress.task("Ranking nodes", len(quantizable_nodes(plan))) as advance,
+        ):
+            plan = _mixed_precision(
+                model, prepared, scheme, config, selection, ranges, evaluation or source,
+                target, advance,
+            )
+    if config.bias_correction and source is not None:
+        with _timed(timings, "bias correction"):
+            plan = _correct_biases(prepared, plan, source)
+    with _timed(timings, "plan"):
         plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
+        plan = dataclasses.replace(plan, notes=(*equalize_notes, *plan.notes))
     with _timed(timings, "rewrite"):
         converted = _rewrite(prepared, plan, config, qdq_domain)
         DropIntermediateShapesPass()(converted)
@@ -256,6 +316,7 @@ def quantize(
             opsets=(opset_before, converted.opset_imports.get("", 1)),
             sizes=(model_io.file_size(model), model_io.file_size(output)),
             samples=calibration.samples if calibration is not None else 0,
+            range_methods=_used_choices(range_choices, plan),
         ),
         comparison=comparison,
         seconds=timings,
@@ -263,6 +324,240 @@ def quantize(
     if report is not None:
         result.write(report)
     return result
+
+
+TRANSFORMER_OPS = frozenset({"LayerNormalization", "Attention", "MultiHeadAttention", "Softmax"})
+"""Ops whose presence beside MatMul marks a model as transformer-like."""
+
+
+def _no_data_hint(model: PathLike) -> str:
+    """The hint for a static scheme without data: int8-dynamic first for transformers."""
+    try:  # a glance only: a model that does not load fails properly later
+        graph = onnx.load(str(model), load_external_data=False).graph
+        ops = {node.op_type for node in graph.node}
+    except Exception:  # noqa: BLE001
+        ops = set()
+    if "MatMul" in ops and ops & TRANSFORMER_OPS:
+        return (
+            "this looks like a transformer (MatMul with "
+            f"{', '.join(sorted(ops & TRANSFORMER_OPS))}): --scheme int8-dynamic needs no "
+            "data and quantizes its MatMul weights; fp16 and fp16-weights need none either."
+        )
+    return "int8-dynamic, fp16 and fp16-weights need none."
+
+
+def _check_weight_passes(config: QuantizeConfig, data, calib) -> None:
+    for flag, wanted in (
+        ("--equalize", config.equalize),
+        ("--bias-correction", config.bias_correction),
+        ("--smooth-quant", config.smooth_quant is not None),
+    ):
+        if wanted and calib is not None:
+            raise ConfigError(
+                f"{flag} does not go with --calib: the file holds statistics of the model "
+                "as it was, not as the pass changes it.",
+                hint="pass --data DIR to calibrate the changed model now.",
+            )
+    if (config.bias_correction or config.smooth_quant is not None) and data is None:
+        flag = "--bias-correction" if config.bias_correction else "--smooth-quant"
+        raise ConfigError(
+            f"{flag} needs --data DIR: it measures the activations on samples.",
+        )
+
+
+def _equalize(float_model: ir.Model) -> tuple[ir.Model, tuple[str, ...]]:
+    """The model prepared at its own opset and cross-layer equalized, and a note."""
+    prepared = prepare(float_model, min_opset=1)
+    equalize = EqualizePass()
+    equalize(prepared)
+    pairs = ", ".join(f"{p.first}->{p.second}" for p in equalize.pairs) or "none found"
+    note = (
+        f"Cross-layer equalization: {len(equalize.pairs)} Conv pair(s) rescaled so each "
+        f"channel's weight ranges match ({pairs}); pairs joined by a Clip (ReLU6) are not "
+        "scale-equivariant and were left alone."
+    )
+    return prepared, (note,)
+
+
+def _smooth(
+    float_model: ir.Model, source: DirectorySource, alpha: float
+) -> tuple[ir.Model, tuple[str, ...]]:
+    """The model prepared at its own opset with SmoothQuant applied, and a note."""
+    prepared = prepare(float_model, min_opset=1)
+    sites = smooth_sites(prepared)
+    names = [site.tensor for site in sites]
+    changed = 0
+    if names:
+        proto = onnx.load_model_from_string(model_io.to_bytes(prepared))
+        session = make_session(expose(proto, names), quiet=True)
+        runs = (
+            dict(zip(names, session.run(names, sample.feeds), strict=True))
+            for sample in source
+        )
+        changed = smooth(sites, channel_absmax(runs, names), alpha)
+    note = (
+        f"SmoothQuant (alpha {alpha:g}): {changed} LayerNormalization output(s) had their "
+        "per-channel outliers moved into the MatMul weights that read them."
+    )
+    return prepared, (note,)
+
+
+def _correct_biases(prepared: ir.Model, plan: QuantPlan, source: DirectorySource) -> QuantPlan:
+    """Shifts the biases of `plan`'s Conv/Gemm nodes in `prepared` (bias_correct)."""
+    nodes = correctable_nodes(prepared, plan)
+    axes = {node.inputs[0].name: input_axis(node) for node in nodes}
+    inputs = {value.name for value in prepared.graph.inputs}
+    exposed = [name for name in axes if name not in inputs]
+    proto = onnx.load_model_from_string(model_io.to_bytes(prepared))
+    session = make_session(expose(proto, exposed), quiet=True)
+
+    def runs():
+        for sample in source:
+            # run(None) would return every output: ask only when there is a tensor to see
+            outputs = session.run(exposed, sample.feeds) if exposed else []
+            values = dict(zip(exposed, outputs, strict=True))
+            values.update({n: a for n, a in sample.feeds.items() if n in axes})
+            yield values
+
+    corrections = correct_biases(plan, nodes, channel_means(runs(), axes))
+    largest = max((c.max_abs_shift for c in corrections), default=0.0)
+    note = (
+        f"Bias correction: {len(corrections)} Conv/Gemm bias(es) shifted by the mean error "
+        f"their quantized weights make on {len(source)} calibration samples (largest "
+        f"shift {largest:.3g})."
+    )
+    return dataclasses.replace(plan, notes=(*plan.notes, note))
+
+
+def _check_mixed_precision(
+    config: QuantizeConfig, target: Target, data, eval_data
+) -> None:
+    if config.scheme not in ("int8", "16x8") or config.format is not Format.QDQ:
+        raise ConfigError(
+            f"--target-sqnr/--max-top1-drop do not go with --scheme {config.scheme} "
+            f"--format {config.format.value}.",
+            hint="mixed precision keeps nodes of a static QDQ model float: use --scheme "
+            "int8 or 16x8 with --format qdq.",
+        )
+    if target.max_top1_drop is not None and eval_data is None:
+        raise ConfigError(
+            "--max-top1-drop needs --eval DIR with labels.npy.",
+            hint="or use --target-sqnr DB, which needs no labels.",
+        )
+    if eval_data is not None and target.max_top1_drop is not None:
+        if folder_labels(eval_data) is None:
+            raise ConfigError(
+                f"--max-top1-drop needs labels: '{eval_data}' has no labels.npy.",
+                hint="put labels.npy (one integer per sample) in the --eval folder.",
+            )
+    if data is None and eval_data is None:
+        raise ConfigError(
+            "--target-sqnr needs samples to measure on: pass --eval DIR or --data DIR.",
+            hint="with --calib, add --eval DIR.",
+        )
+
+
+MIXED_PRECISION_SAMPLES = 32
+"""Samples each mixed-precision evaluation runs: enough for a stable SQNR, few enough to
+score dozens of variants in seconds."""
+
+
+def _plan_for(prepared, scheme, config, selection, ranges):
+    def plan_for(excluded: frozenset[str]) -> QuantPlan:
+        return make_plan(
+            prepared,
+            scheme,
+            ranges,
+            excluded=excluded,
+            selection=selection,
+            overrides=config.overrides,
+        )
+
+    return plan_for
+
+
+def _evaluator(model: PathLike, prepared: ir.Model, source: DirectorySource, samples: int):
+    """Scores variants on the first `samples` samples of `source` (and their labels)."""
+    chosen = [sample.feeds for sample in itertools.islice(source, samples)]
+    labels_path = folder_labels(source.folder)
+    labels = load_labels(labels_path, len(source))[: len(chosen)] if labels_path else None
+    return Evaluator(str(model), prepared, chosen, labels=labels)
+
+
+def _mixed_precision(
+    model, prepared, scheme, config, selection, ranges, source, target, advance
+) -> QuantPlan:
+    """The plan with the nodes `sensitivity.choose_float_nodes` keeps float, and notes."""
+    evaluator = _evaluator(model, prepared, source, MIXED_PRECISION_SAMPLES)
+    plan_for = _plan_for(prepared, scheme, config, selection, ranges)
+    plan, result = choose_float_nodes(plan_for, evaluator, target, on_node=advance)
+    kept = {node.name: node for node in result.kept_float}
+    nodes = tuple(
+        dataclasses.replace(
+            node,
+            reason=f"kept float by mixed precision: quantized alone it gives "
+            f"{kept[node.name].sqnr_db:.1f} dB output SQNR",
+        )
+        if node.name in kept
+        else node
+        for node in plan.nodes
+    )
+    notes = [_mixed_note(result, len(evaluator.samples), _float_weight_bytes(prepared, kept))]
+    return dataclasses.replace(plan, nodes=nodes, notes=(*plan.notes, *notes))
+
+
+def _float_weight_bytes(model: ir.Model, names) -> int:
+    """Bytes the weights of the named nodes take in float32 beyond int8 (3 per value)."""
+    total = 0
+    for node in model.graph:
+        if node.name in names:
+            for value in node.inputs[1:2]:
+                if value is not None and value.const_value is not None:
+                    total += value.const_value.nbytes * 3 // 4
+    return total
+
+
+def _mixed_note(result: MixedPrecision, samples: int, extra_bytes: int) -> str:
+    def score(s: Score) -> str:
+        text = f"{s.sqnr_db:.1f} dB"
+        if s.top1_drop_points is not None:
+            text += f", top-1 drop {s.top1_drop_points:.1f} points"
+        return text
+
+    wanted = []
+    if result.target.sqnr_db is not None:
+        wanted.append(f"SQNR >= {result.target.sqnr_db:g} dB")
+    if result.target.max_top1_drop is not None:
+        wanted.append(f"top-1 drop <= {result.target.max_top1_drop:g} points")
+    names = ", ".join(node.name for node in result.kept_float) or "none"
+    verdict = "reached" if result.reached else "NOT reached even with them float"
+    return (
+        f"Mixed precision ({' and '.join(wanted)} on {samples} samples): "
+        f"{score(result.before)} fully quantized; kept {len(result.kept_float)} node(s) "
+        f"float ({names}): {score(result.after)}; target {verdict}. Keeping them float "
+        f"costs {extra_bytes} bytes of float32 weights, and their integer kernels' "
+        "speed-up (measure it with `qconvert compare --latency`)."
+    )
+
+
+def _derive_ranges(
+    calibration: Calibration, method: RangeMethod
+) -> tuple[dict, dict[str, str]]:
+    """The ranges of every calibrated tensor, and for `auto` the method chosen for each."""
+    if method.name != "auto":
+        return dict(derive_ranges(calibration.observers, method)), {}
+    choices = choose_ranges(calibration.observers, method)
+    ranges = {name: choice.range for name, choice in choices.items()}
+    return ranges, {name: choice.method for name, choice in choices.items()}
+
+
+def _used_choices(choices: dict[str, str], plan: QuantPlan) -> dict[str, str]:
+    """The `auto` choices of the tensors the plan quantizes as activations."""
+    return {
+        name: choices[name]
+        for name, decision in plan.tensors.items()
+        if name in choices and decision.role.value == "activation"
+    }
 
 
 def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, str]:
@@ -310,7 +605,7 @@ def _rewrite(
 ) -> ir.Model:
     scheme = plan.scheme
     if isinstance(scheme, StaticScheme):
-        passes = [InsertQDQPass(plan=plan, domain=qdq_domain)]
+        passes = [InsertQDQPass(plan=plan, domain=qdq_domain), FloatInputsPass(plan=plan)]
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
     elif isinstance(scheme, DynamicScheme):
@@ -600,6 +895,49 @@ def compare(
     return result
 
 
+def analyze(
+    model: PathLike,
+    *,
+    data: PathLike,
+    samples: int = 16,
+    method: str = "auto",
+    images: ImagePreprocessing | None = None,
+    config: QuantizeConfig | None = None,
+    progress: Progress = SILENT,
+    limits: LoadLimits = LoadLimits(),
+) -> Analysis:
+    """Ranks the quantizable nodes of `model` by what quantizing each one alone costs.
+
+    One calibration on every sample of `data`; each node's variant is then scored on
+    `samples` of them (`qconvert.sensitivity`).
+    """
+    config = config if config is not None else QuantizeConfig()
+    scheme = config.resolve_scheme()
+    if not isinstance(scheme, StaticScheme):
+        raise ConfigError(
+            f"analyze does not go with --scheme {config.scheme}.",
+            hint="it ranks nodes of a static scheme: int8 or 16x8.",
+        )
+    if samples < 1:
+        raise ConfigError(f"--samples {samples} must be at least 1.")
+    float_model = model_io.load_model(model, limits)
+    model_io.check_convertible(float_model, model)
+    source = DirectorySource(data, input_specs(float_model), images=images)
+    with progress.task("Calibrating", len(source)) as advance:
+        calibration = _calibrate(model, float_model, source, CollectSettings(), advance)
+    prepared, _ = _prepare(float_model, config)
+    range_method = RangeMethod(
+        name=method, bits=scheme.activation_dtype.itemsize * 8
+    )
+    ranges, _ = _derive_ranges(calibration, range_method)
+    selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
+    plan_for = _plan_for(prepared, scheme, config, selection, ranges)
+    evaluator = _evaluator(model, prepared, source, samples)
+    count = len(quantizable_nodes(plan_for(frozenset())))
+    with progress.task("Ranking nodes", count) as advance:
+        return _analyze(str(model), plan_for, evaluator, advance)
+
+
 def inspect(model: PathLike, *, limits: LoadLimits = LoadLimits()) -> ModelSummary:
     """Summarizes `model`: interface, opsets, ops, parameters and quantizable nodes."""
     return summarize(model_io.load_model(model, limits))
@@ -652,4 +990,4 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = round(time.perf_counter() - start, 4)
 
 
-__all__ = ["calibrate", "compare", "inspect", "merge", "quantize"]
+__all__ = ["analyze", "calibrate", "compare", "inspect", "merge", "quantize"]

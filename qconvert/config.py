@@ -54,6 +54,13 @@ class QuantizeConfig:
         opset: the ai.onnx opset to write (upgrading the model); None: the lowest the
             scheme allows, and never below the model's own.
         keep_io_types: fp16 only: graph inputs and outputs stay float32.
+        equalize: cross-layer equalization of Conv -> [Relu] -> Conv pairs before
+            calibration (`passes.equalize`).
+        bias_correction: shift each quantized Conv/Gemm bias by the mean error its
+            quantized weights make on the calibration data (`passes.bias_correct`).
+        smooth_quant: SmoothQuant's alpha in [0, 1]: migrate activation outliers after
+            LayerNormalization into the MatMul weights that read them (`passes.smooth`);
+            None: off.
     """
 
     scheme: str = "int8"
@@ -67,6 +74,9 @@ class QuantizeConfig:
     overrides: Overrides = field(default_factory=Overrides)
     opset: int | None = None
     keep_io_types: bool = True
+    equalize: bool = False
+    bias_correction: bool = False
+    smooth_quant: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -117,6 +127,29 @@ class QuantizeConfig:
                 f"--no-keep-io-types does not go with --scheme {self.scheme}.",
                 hint="only fp16 can give the model float16 inputs and outputs.",
             )
+        if self.equalize and self.scheme in ("fp16", "fp16-weights"):
+            raise ConfigError(
+                f"--equalize does not go with --scheme {self.scheme}.",
+                hint="it evens out channel ranges for integer weights: int8, 16x8, "
+                "int8-dynamic.",
+            )
+        if self.bias_correction and not isinstance(preset, StaticScheme):
+            raise ConfigError(
+                f"--bias-correction does not go with --scheme {self.scheme}.",
+                hint="it needs calibration data: int8 or 16x8.",
+            )
+        if self.smooth_quant is not None:
+            if not 0.0 <= self.smooth_quant <= 1.0:
+                raise ConfigError(
+                    f"--smooth-quant {self.smooth_quant} is out of range; alpha must be in "
+                    "[0, 1].",
+                    hint="0.5 is the usual choice.",
+                )
+            if not isinstance(preset, StaticScheme):
+                raise ConfigError(
+                    f"--smooth-quant does not go with --scheme {self.scheme}.",
+                    hint="it balances static activation ranges: int8 or 16x8.",
+                )
         if self.opset is not None:
             newest = onnx.defs.onnx_opset_version()
             if not 7 <= self.opset <= newest:

@@ -16,7 +16,8 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
     output          str | null: the written model (quantize)
     conversion      null | {scheme, format, opset_before, opset_after, float_bytes,
                     converted_bytes, size_ratio, calibration_samples, quantized_ops {op: n},
-                    folded_clamps [str], float_nodes [{name, op_type, reason}]}
+                    folded_clamps [str], float_nodes [{name, op_type, reason}], notes [str],
+                    range_methods {activation tensor: method chosen by --method auto}}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
@@ -80,6 +81,13 @@ class Conversion:
     folded_clamps: tuple[str, ...]
     float_nodes: tuple[FloatNode, ...]
     notes: tuple[str, ...] = ()
+    range_methods: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def range_summary(self) -> str:
+        """How many activations `--method auto` gave each range method, e.g. `minmax x3`."""
+        counts = Counter(self.range_methods.values())
+        return ", ".join(f"{method} x{n}" for method, n in sorted(counts.items()))
 
     @property
     def size_ratio(self) -> float:
@@ -88,7 +96,13 @@ class Conversion:
 
     @classmethod
     def from_plan(
-        cls, plan: QuantPlan, *, opsets: tuple[int, int], sizes: tuple[int, int], samples: int
+        cls,
+        plan: QuantPlan,
+        *,
+        opsets: tuple[int, int],
+        sizes: tuple[int, int],
+        samples: int,
+        range_methods: dict[str, str] | None = None,
     ) -> Conversion:
         """Summarizes a static quantization plan."""
         quantized = Counter(node.op_type for node in plan.quantized_nodes())
@@ -106,6 +120,7 @@ class Conversion:
                 FloatNode(node.name, node.op_type, node.reason) for node in plan.float_nodes()
             ),
             notes=plan.notes,
+            range_methods=dict(range_methods or {}),
         )
 
 

@@ -34,6 +34,11 @@ def render_markdown(report: Report) -> str:
                     or "none",
                 ],
                 ["nodes left float", str(len(conversion.float_nodes))],
+                *(
+                    [["ranges (auto)", conversion.range_summary]]
+                    if conversion.range_methods
+                    else []
+                ),
                 ["written to", str(report.output)],
             ],
         )

@@ -184,6 +184,101 @@ def two_inputs(k: int = 8, *, seed: int = 0) -> onnx.ModelProto:
     return _model(text, {"wa": _weights(rng, k, k), "wb": _weights(rng, k, k)})
 
 
+def sensitive_mlp(*, seed: int = 0) -> onnx.ModelProto:
+    """Gemm -> Relu -> Gemm -> Relu -> Gemm, input [N,16] -> [N,10], whose middle Gemm
+    (`g2`) is made sensitive to quantization by construction.
+
+    Row 0 of g2's weight (the input feature fed by g1's channel 0, which g1 keeps near zero)
+    is 1000 times the rest, so each output channel's int8 weight scale is set by it and the
+    ordinary weights round to 0: quantizing g2 alone wrecks the output, while g1 and g3
+    quantize well.
+    """
+    rng = np.random.default_rng(seed)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        sensitive_mlp (float[N,16] input) => (float[N,10] output) {
+            h1 = Gemm <alpha = 1.0> (input, w1, b1)
+            r1 = Relu (h1)
+            h2 = Gemm <alpha = 1.0> (r1, w2, b2)
+            r2 = Relu (h2)
+            output = Gemm <alpha = 1.0> (r2, w3, b3)
+        }
+    """
+    w1 = _weights(rng, 16, 16)
+    w1[:, 0] *= 1e-4
+    w2 = _weights(rng, 16, 16)
+    w2[0] *= 1000.0
+    model = _model(
+        text,
+        {
+            "w1": w1,
+            "b1": np.zeros(16, np.float32),
+            "w2": w2,
+            "b2": _weights(rng, 16, scale=0.1),
+            "w3": _weights(rng, 16, 10),
+            "b3": _weights(rng, 10, scale=0.1),
+        },
+    )
+    for node, name in zip(model.graph.node, ("g1", "r1", "g2", "r2", "g3"), strict=True):
+        node.name = name
+    return model
+
+
+def conv_relu_conv(
+    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, *, clip: bool = False, group2: int = 1
+) -> onnx.ModelProto:
+    """Conv(w1, b1) -> Relu (or Clip(0, 6)) -> Conv(w2, group2), 3x3 weights, input
+    [N, C, 8, 8]; the Convs are named `first` and `second`."""
+    act = "Clip (h, lo, hi)" if clip else "Relu (h)"
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        conv_relu_conv (float[N,{w1.shape[1]},8,8] input) => (float[N,{w2.shape[0]},8,8] output) {{
+            h = Conv <pads = [1,1,1,1], kernel_shape = [3,3]> (input, w1, b1)
+            a = {act}
+            output = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {group2}> (a, w2)
+        }}
+    """
+    initializers = {"w1": w1, "b1": b1, "w2": w2}
+    if clip:
+        initializers.update(lo=np.float32(0.0), hi=np.float32(6.0))
+    model = _model(text, {k: np.asarray(v, np.float32) for k, v in initializers.items()})
+    model.graph.node[0].name, model.graph.node[2].name = "first", "second"
+    return model
+
+
+def gemm_bias(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    """Gemm <transB = 1> (input, w, b): input [N, K] -> [N, O], w [O, K]."""
+    out, k = w.shape
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        gemm_bias (float[N,{k}] input) => (float[N,{out}] output) {{
+            output = Gemm <transB = 1> (input, w, b)
+        }}
+    """
+    model = _model(text, {"w": w.astype(np.float32), "b": b.astype(np.float32)})
+    model.graph.node[0].name = "gemm"
+    return model
+
+
+def layernorm_matmul(
+    gamma: np.ndarray, beta: np.ndarray, w: np.ndarray, w2: np.ndarray
+) -> onnx.ModelProto:
+    """LayerNormalization(gamma, beta) read by two MatMuls (w, w2), outputs added:
+    input [N, 4, K] -> [N, 4, n]; the transformer projection pattern."""
+    k, n = w.shape
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        layernorm_matmul (float[N,4,{k}] input) => (float[N,4,{n}] output) {{
+            x = LayerNormalization <axis = -1> (input, gamma, beta)
+            p = MatMul (x, w)
+            q = MatMul (x, w2)
+            output = Add (p, q)
+        }}
+    """
+    arrays = {"gamma": gamma, "beta": beta, "w": w, "w2": w2}
+    return _model(text, {name: np.asarray(a, np.float32) for name, a in arrays.items()})
+
+
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
     """Writes `model` to `path` and returns the path."""
     path = Path(path)

@@ -17,6 +17,8 @@ every method. The histogram methods pick a clipping threshold T on the histogram
   pytorch-quantization does, or its spike would always pick the narrowest range.
   L = 2**(bits-1) (128 for 8 bits), or 2**bits when the
   tensor never changes sign (its values all use one side of the integer range).
+- `auto`: per tensor, whichever of the four above gives the least expected quantization
+  error of the tensor's histogram (`calibration.auto`).
 - `mse`: T minimises the expected squared error of quantizing the histogram: values up to T
   round with error step**2 / 12, values above are clipped to T, with step = T / (2**bits - 1)
   for one-signed tensors and 2 T / (2**bits - 1) otherwise.
@@ -35,10 +37,10 @@ from types import MappingProxyType
 
 import numpy as np
 
-from qconvert.calibration.observers import TensorObserver, TensorRange
+from qconvert.calibration.observers import MAX_BINS, TensorObserver, TensorRange
 from qconvert.errors import ConfigError
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 _EPS = 1e-4  # the count an empty bin of Q is smoothed to (onnxruntime's smooth_distribution)
 
 
@@ -79,6 +81,10 @@ def derive_ranges(
 
 def tensor_range(observer: TensorObserver, method: RangeMethod) -> TensorRange:
     """The range of one tensor under `method`."""
+    if method.name == "auto":
+        from qconvert.calibration.auto import choose_range  # auto builds on this module
+
+        return choose_range(observer, method).range
     observed = observer.finalize()
     if method.name == "minmax" or observer.count == 0:
         return observed
@@ -91,11 +97,21 @@ def tensor_range(observer: TensorObserver, method: RangeMethod) -> TensorRange:
         kept_bins = percentile_bins(counts, method.percentile)
     elif method.name == "entropy":
         levels = 2 ** (method.bits if one_signed else method.bits - 1)
-        kept_bins = entropy_bins(counts, levels)
+        # A tensor far from 0 (all values in [1000, 1001]) folds into millions of |x| bins,
+        # and the divergence of every candidate would take candidates x levels memory:
+        # merge bins first, as coarse as the candidates need, at most MAX_BINS of them.
+        factor = max(1, math.ceil(counts.size / MAX_BINS))
+        if factor > 1:
+            padded = np.pad(counts, (0, -counts.size % factor))
+            kept_bins = entropy_bins(padded.reshape(-1, factor).sum(axis=1), levels) * factor
+        else:
+            kept_bins = entropy_bins(counts, levels)
     else:
         steps = (2**method.bits - 1) / (1.0 if one_signed else 2.0)
         kept_bins = mse_bins(counts, steps)
     threshold = min(kept_bins * observer.width, amax)
+    if one_signed:  # a threshold below the smallest |x| would clip everything
+        threshold = max(threshold, min(abs(observed.min), abs(observed.max)))
     return TensorRange(max(observed.min, -threshold), min(observed.max, threshold))
 
 

@@ -16,6 +16,7 @@ import click
 
 from qconvert import __version__
 from qconvert.cli import _console
+from qconvert.cli.analyze import analyze_command
 from qconvert.cli.calibrate import calibrate_command
 from qconvert.cli.compare import compare_command
 from qconvert.cli.inspect import inspect_command
@@ -61,6 +62,7 @@ cli.add_command(quantize_command)
 cli.add_command(calibrate_command)
 cli.add_command(inspect_command)
 cli.add_command(compare_command)
+cli.add_command(analyze_command)
 
 
 def _configure_logging(debug: bool) -> None:

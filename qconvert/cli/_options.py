@@ -9,7 +9,7 @@ import click
 
 # The range methods of qconvert.calibration.ranges.METHODS (a test keeps them equal),
 # spelled out so that --help does not import the calibration engine and onnxruntime.
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 
 
 def _floats(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -112,10 +112,11 @@ def image_preprocessing(options: dict[str, Any]):
 method_option = click.option(
     "--method",
     type=click.Choice(METHODS),
-    default="minmax",
+    default="auto",
     show_default=True,
     help="How ranges are derived from the calibration statistics: observed min/max, a "
-    "percentile of |x|, TensorRT's entropy (KL divergence), or least squared error.",
+    "percentile of |x|, TensorRT's entropy (KL divergence), least squared error, or auto: "
+    "per tensor, whichever of those has the least expected quantization error.",
 )
 
 percentile_option = click.option(

@@ -31,6 +31,8 @@ def report(result: Report) -> None:
         table.add_row("calibration samples", str(conversion.calibration_samples))
         quantized = ", ".join(f"{op} x{n}" for op, n in conversion.quantized_ops.items())
         table.add_row("quantized nodes", quantized or "none")
+        if conversion.range_methods:
+            table.add_row("ranges (auto)", conversion.range_summary)
         if conversion.folded_clamps:
             table.add_row("clamps folded", str(len(conversion.folded_clamps)))
         table.add_row("nodes left float", str(len(conversion.float_nodes)))

@@ -130,6 +130,42 @@ SCHEME_HELP = (
     "float and quantized models on it.",
 )
 @click.option(
+    "--equalize",
+    is_flag=True,
+    help="Cross-layer equalization: even out the channel ranges of Conv -> Relu -> Conv "
+    "pairs (depthwise-separable nets) before calibrating; the float function is unchanged.",
+)
+@click.option(
+    "--bias-correction",
+    is_flag=True,
+    help="Shift each quantized Conv/Gemm bias by the mean error its quantized weights make "
+    "on the --data samples.",
+)
+@click.option(
+    "--smooth-quant",
+    type=click.FloatRange(0, 1),
+    default=None,
+    metavar="ALPHA",
+    help="SmoothQuant: move activation outliers after LayerNormalization into the MatMul "
+    "weights reading them (transformers); ALPHA in [0, 1], 0.5 is usual.",
+)
+@click.option(
+    "--target-sqnr",
+    type=float,
+    default=None,
+    metavar="DB",
+    help="Mixed precision: keep the fewest, most sensitive nodes float until the output "
+    "SQNR on --eval (else the first --data samples) is at least DB.",
+)
+@click.option(
+    "--max-top1-drop",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="POINTS",
+    help="Mixed precision: keep nodes float until top-1 accuracy on --eval (with "
+    "labels.npy) drops by at most POINTS.",
+)
+@click.option(
     "--report",
     type=click.Path(path_type=Path),
     default=None,
@@ -157,6 +193,11 @@ def quantize_command(
     opset: int | None,
     keep_io_types: bool,
     eval_data: Path | None,
+    equalize: bool,
+    bias_correction: bool,
+    smooth_quant: float | None,
+    target_sqnr: float | None,
+    max_top1_drop: float | None,
     report: Path | None,
     as_json: bool,
     force: bool,
@@ -190,6 +231,9 @@ def quantize_command(
         include_only=include_only,
         opset=opset,
         keep_io_types=keep_io_types,
+        equalize=equalize,
+        bias_correction=bias_correction,
+        smooth_quant=smooth_quant,
     )
     if overrides is not None:  # read after the options are known to go together
         config = dataclasses.replace(config, overrides=load_overrides(overrides))
@@ -205,6 +249,8 @@ def quantize_command(
         images=image_preprocessing(image),
         config=config,
         eval_data=eval_data,
+        target_sqnr=target_sqnr,
+        max_top1_drop=max_top1_drop,
         report=report,
         force=force,
         limits=LoadLimits(max_tensor_bytes=max_tensor_bytes),

@@ -2,6 +2,7 @@
 
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
+from qconvert.passes.float_inputs import FloatInputsPass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
@@ -11,6 +12,7 @@ __all__ = [
     "CastToFloat16Pass",
     "DropIntermediateShapesPass",
     "DynamicQuantizePass",
+    "FloatInputsPass",
     "FoldBatchNormPass",
     "InsertQDQPass",
     "QDQToQOperatorPass",

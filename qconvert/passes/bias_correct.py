@@ -1,0 +1,115 @@
+"""Bias correction (Nagel et al. 2019): remove the mean output shift of quantized weights.
+
+A layer y = W x + b whose weights are rounded to W_q computes W_q x + b, off by
+(W_q - W) x. Its expectation over the data, (W_q - W) E[x], is a per-output-channel
+constant, and the bias can absorb it:
+
+    b' = b - (W_q - W) E[x]
+
+E[x] is the per-channel mean of the layer's float input on the calibration samples
+(axis 1 of a Conv input, the feature axis of a Gemm's). For a Conv the shift of output
+channel o is sum over its input channels i and taps of (W_q - W)[o, i, ...] E[x_i],
+the value at every position away from the padded border. Applies to the quantized Conv
+and Gemm nodes of a static plan that have a constant bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qconvert import qparams
+from qconvert.graph_utils import constant_array
+from qconvert.plan import QuantPlan, Role
+
+CORRECTED_OPS = frozenset({"Conv", "Gemm"})
+
+
+@dataclass(frozen=True, slots=True)
+class BiasCorrection:
+    """The shift removed from one node's bias."""
+
+    node: str
+    max_abs_shift: float
+
+
+def correctable_nodes(model: ir.Model, plan: QuantPlan) -> list[ir.Node]:
+    """The quantized Conv/Gemm nodes whose weight and constant bias the plan quantizes."""
+    quantized = {node.name for node in plan.quantized_nodes()}
+    nodes = []
+    for node in model.graph:
+        if node.name not in quantized or node.op_type not in CORRECTED_OPS:
+            continue
+        if len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        weight = plan.tensors.get(node.inputs[1].name)
+        bias = node.inputs[2]
+        if weight is None or weight.role is not Role.WEIGHT or constant_array(bias) is None:
+            continue
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            continue
+        nodes.append(node)
+    return nodes
+
+
+def channel_means(inputs: Iterable[Mapping[str, np.ndarray]], axes: Mapping[str, int]):
+    """Per-channel means of each named tensor over a stream of runs.
+
+    `axes` gives each tensor's channel axis; the result maps name -> mean vector.
+    """
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for run in inputs:
+        for name, axis in axes.items():
+            values = np.moveaxis(np.asarray(run[name], dtype=np.float64), axis, 0)
+            flat = values.reshape(values.shape[0], -1)
+            sums[name] = sums.get(name, 0.0) + flat.sum(axis=1)
+            counts[name] = counts.get(name, 0) + flat.shape[1]
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def input_axis(node: ir.Node) -> int:
+    """The channel axis of the node's input: 1 for Conv (NCHW), the last for Gemm."""
+    return 1 if node.op_type == "Conv" else -1
+
+
+def correct_biases(
+    plan: QuantPlan, nodes: list[ir.Node], means: Mapping[str, np.ndarray]
+) -> list[BiasCorrection]:
+    """Subtracts each node's expected output shift from its bias, in place."""
+    corrections = []
+    for node in nodes:
+        mean = means.get(node.inputs[0].name)
+        if mean is None:
+            continue
+        weight = constant_array(node.inputs[1]).astype(np.float64)
+        decision = plan.tensors[node.inputs[1].name]
+        rounded = qparams.dequantize(qparams.quantize(weight, decision.qparams), decision.qparams)
+        error = rounded.astype(np.float64) - weight
+        shift = _output_shift(node, error, mean)
+        if shift is None:
+            continue
+        bias = node.inputs[2]
+        corrected = constant_array(bias).astype(np.float64) - shift
+        bias.const_value = ir.tensor(corrected.astype(np.float32), name=bias.name)
+        corrections.append(BiasCorrection(node.name or "", float(np.abs(shift).max())))
+    return corrections
+
+
+def _output_shift(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    if node.op_type == "Gemm":
+        matrix = error.T if node.attributes.get_int("transB", 0) else error  # [K, O]
+        if matrix.shape[0] != mean.size:
+            return None
+        return node.attributes.get_float("alpha", 1.0) * (mean @ matrix)
+    group = node.attributes.get_int("group", 1)
+    out_channels, per_group = error.shape[0], error.shape[1]
+    if per_group * group != mean.size:
+        return None
+    taps = error.reshape(out_channels, per_group, -1).sum(axis=2)  # [O, I/g]
+    group_of = np.arange(out_channels) // (out_channels // group)
+    group_means = mean.reshape(group, per_group)[group_of]  # [O, I/g]
+    return (taps * group_means).sum(axis=1)

@@ -1,0 +1,224 @@
+"""Per-node sensitivity to quantization, and mixed precision chosen from it.
+
+Sensitivity of node n: the output SQNR of the model in which n alone is quantized (its
+activations, weights and bias; every other quantizable node excluded, so float), over a
+few evaluation samples. The lower that SQNR, the more n costs. All variants share one
+calibration and one prepared model: each is `make_plan(excluded=...)` plus the Q/DQ
+rewrite of a clone, and the float reference outputs are computed once. Noise from
+independent nodes adds up roughly as energies, so the ranking also tells which nodes
+keeping float recovers the most.
+
+Mixed precision (`choose_float_nodes`) is greedy on that ranking: starting from the fully
+quantized model, keep the most sensitive remaining node float until the target holds
+(output SQNR at least `target_sqnr_db`, and/or top-1 accuracy drop at most
+`max_top1_drop` points). Greedy is not optimal, but each step is one evaluation, and a
+model rarely needs more than a handful of float nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qconvert import model as model_io
+from qconvert import ops
+from qconvert.dataset import Feeds
+from qconvert.metrics import OutputAccumulator
+from qconvert.passes import FloatInputsPass, InsertQDQPass
+from qconvert.plan import QuantPlan
+from qconvert.runtime import make_session
+
+PlanFor = Callable[[frozenset[str]], QuantPlan]
+"""Plans the model with the given nodes kept float."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeSensitivity:
+    """What quantizing one node alone costs."""
+
+    name: str
+    op_type: str
+    sqnr_db: float
+    """Output SQNR (the worst output) with this node alone quantized."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Score:
+    """How close one variant's outputs are to the float model's."""
+
+    sqnr_db: float
+    """The worst output's SQNR."""
+    top1_drop_points: float | None
+    """Float top-1 accuracy minus the variant's, in points (None without labels)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """What mixed precision must reach; None leaves a criterion out."""
+
+    sqnr_db: float | None = None
+    max_top1_drop: float | None = None
+
+    def holds(self, score: Score) -> bool:
+        if self.sqnr_db is not None and not score.sqnr_db >= self.sqnr_db:
+            return False
+        if self.max_top1_drop is not None and score.top1_drop_points is not None:
+            return score.top1_drop_points <= self.max_top1_drop
+        return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MixedPrecision:
+    """The nodes kept float to reach a target, and the score before and after."""
+
+    target: Target
+    kept_float: tuple[NodeSensitivity, ...]
+    before: Score
+    after: Score
+    reached: bool
+
+
+class Evaluator:
+    """Scores plan variants of one prepared model against the float model's outputs."""
+
+    def __init__(
+        self,
+        float_model: bytes | str,
+        prepared: ir.Model,
+        samples: Sequence[Feeds],
+        labels: np.ndarray | None = None,
+    ) -> None:
+        self.prepared = prepared
+        self.samples = list(samples)
+        self.labels = labels
+        session = make_session(float_model, quiet=True)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.reference = [session.run(None, feeds) for feeds in self.samples]
+        self.reference_accuracy = self._accuracy(self.reference)
+
+    def score(self, plan: QuantPlan) -> Score:
+        """The outputs of the model `plan` quantizes, against the float ones."""
+        converted = InsertQDQPass(plan=plan)(self.prepared.clone()).model
+        FloatInputsPass(plan=plan)(converted)
+        session = make_session(model_io.to_bytes(converted), quiet=True)
+        outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
+        worst = math.inf
+        for index, name in enumerate(self.output_names):
+            accumulator = OutputAccumulator(name, classify=False)
+            for reference, candidate in zip(self.reference, outputs, strict=True):
+                accumulator.update(reference[index], candidate[index])
+            worst = min(worst, accumulator.result().sqnr_db)
+        drop = None
+        if self.reference_accuracy is not None:
+            drop = 100.0 * (self.reference_accuracy - self._accuracy(outputs))
+        return Score(sqnr_db=worst, top1_drop_points=drop)
+
+    def _accuracy(self, outputs: list[list[np.ndarray]]) -> float | None:
+        if self.labels is None:
+            return None
+        predictions = np.array([int(np.argmax(run[0])) for run in outputs])
+        return float(np.mean(predictions == self.labels[: len(predictions)]))
+
+
+def quantizable_nodes(plan: QuantPlan) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes the plan runs on integer kernels (not pass-throughs)."""
+    return [
+        (node.name, node.op_type)
+        for node in plan.quantized_nodes()
+        if node.op_type in ops.QUANTIZED
+    ]
+
+
+def rank_nodes(
+    plan_for: PlanFor,
+    evaluator: Evaluator,
+    *,
+    on_node: Callable[[], None] = lambda: None,
+) -> tuple[NodeSensitivity, ...]:
+    """Every quantizable node with the SQNR of quantizing it alone, most sensitive first."""
+    nodes = quantizable_nodes(plan_for(frozenset()))
+    names = frozenset(name for name, _ in nodes)
+    ranked = []
+    for name, op_type in nodes:
+        score = evaluator.score(plan_for(names - {name}))
+        ranked.append(NodeSensitivity(name=name, op_type=op_type, sqnr_db=score.sqnr_db))
+        on_node()
+    return tuple(sorted(ranked, key=lambda n: (n.sqnr_db, n.name)))
+
+
+def choose_float_nodes(
+    plan_for: PlanFor,
+    evaluator: Evaluator,
+    target: Target,
+    *,
+    on_node: Callable[[], None] = lambda: None,
+) -> tuple[QuantPlan, MixedPrecision]:
+    """The plan keeping the fewest most-sensitive nodes float that meets `target`."""
+    plan = plan_for(frozenset())
+    before = evaluator.score(plan)
+    after, kept = before, []
+    if not target.holds(before):
+        for node in rank_nodes(plan_for, evaluator, on_node=on_node):
+            kept.append(node)
+            plan = plan_for(frozenset(n.name for n in kept))
+            after = evaluator.score(plan)
+            if target.holds(after):
+                break
+    return plan, MixedPrecision(
+        target=target,
+        kept_float=tuple(kept),
+        before=before,
+        after=after,
+        reached=target.holds(after),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Analysis:
+    """The result of `qconvert analyze`."""
+
+    model: str
+    samples: int
+    full_sqnr_db: float
+    """Output SQNR with every quantizable node quantized."""
+    nodes: tuple[NodeSensitivity, ...]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        def number(x: float) -> float | str | None:
+            if math.isnan(x):
+                return None
+            return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+        return {
+            "command": "analyze",
+            "model": self.model,
+            "samples": self.samples,
+            "full_sqnr_db": number(self.full_sqnr_db),
+            "seconds": self.seconds,
+            "nodes": [
+                {"name": n.name, "op_type": n.op_type, "sqnr_db": number(n.sqnr_db)}
+                for n in self.nodes
+            ],
+        }
+
+
+def analyze(
+    model: str, plan_for: PlanFor, evaluator: Evaluator, on_node: Callable[[], None]
+) -> Analysis:
+    """Ranks every quantizable node; see the module docstring."""
+    start = time.perf_counter()
+    full = evaluator.score(plan_for(frozenset()))
+    nodes = rank_nodes(plan_for, evaluator, on_node=on_node)
+    return Analysis(
+        model=model,
+        samples=len(evaluator.samples),
+        full_sqnr_db=full.sqnr_db,
+        nodes=nodes,
+        seconds=round(time.perf_counter() - start, 3),
+    )
