@@ -28,6 +28,7 @@ class Variant:
     theirs_label: str | None
     theirs_step: str | None = None  # a function name in bench.steps
     theirs_options: dict = field(default_factory=dict)
+    ours_options: dict = field(default_factory=dict)  # QuantizeConfig fields: the flags
 
 
 VARIANTS = (
@@ -64,6 +65,25 @@ VARIANTS = (
         theirs_step="occ_float16",
     ),
     Variant(scheme="fp16-weights", ours=("fp16-weights", "qdq"), theirs_label=None),
+    # The accuracy flags, each measured against the plain int8 row above.
+    Variant(
+        scheme="int8+bias-correction",
+        ours=("int8", "qdq"),
+        theirs_label=None,
+        ours_options={"bias_correction": True},
+    ),
+    Variant(
+        scheme="int8+equalize",
+        ours=("int8", "qdq"),
+        theirs_label=None,
+        ours_options={"equalize": True},
+    ),
+    Variant(
+        scheme="int8+smooth-quant",
+        ours=("int8", "qdq"),
+        theirs_label=None,
+        ours_options={"smooth_quant": 0.5},
+    ),
 )
 
 
@@ -124,7 +144,7 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
         jobs = {
             "ours": (
                 steps.qconvert_quantize,
-                {"scheme": variant.ours[0], "fmt": variant.ours[1]},
+                {"scheme": variant.ours[0], "fmt": variant.ours[1], **variant.ours_options},
             ),
         }
         if variant.theirs_step is not None:

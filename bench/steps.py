@@ -132,14 +132,17 @@ def qconvert_supports(scheme: str, fmt: str) -> str | None:
     return None
 
 
-def qconvert_quantize(*, model: str, data: str, output: str, scheme: str, fmt: str) -> dict:
+def qconvert_quantize(
+    *, model: str, data: str, output: str, scheme: str, fmt: str, **flags: object
+) -> dict:
+    """`flags` are QuantizeConfig fields (equalize, bias_correction, smooth_quant)."""
     from qconvert import api
     from qconvert.config import QuantizeConfig
 
     reason = qconvert_supports(scheme, fmt)
     if reason is not None:
         raise NotSupportedYet(reason)
-    config = QuantizeConfig(scheme=scheme, format=fmt)
+    config = QuantizeConfig(scheme=scheme, format=fmt, **flags)
     calibration = None if scheme in DATA_FREE_SCHEMES else data
     return _timed(
         lambda: api.quantize(model, output, data=calibration, config=config, force=True)
