@@ -73,6 +73,12 @@ VARIANTS = (
         ours_options={"bias_correction": True},
     ),
     Variant(
+        scheme="int8+adaround",
+        ours=("int8", "qdq"),
+        theirs_label=None,
+        ours_options={"adaround": True},
+    ),
+    Variant(
         scheme="int8+equalize",
         ours=("int8", "qdq"),
         theirs_label=None,

@@ -135,7 +135,7 @@ def qconvert_supports(scheme: str, fmt: str) -> str | None:
 def qconvert_quantize(
     *, model: str, data: str, output: str, scheme: str, fmt: str, **flags: object
 ) -> dict:
-    """`flags` are QuantizeConfig fields (equalize, bias_correction, smooth_quant)."""
+    """`flags` are QuantizeConfig fields (equalize, bias_correction, adaround, ...)."""
     from qconvert import api
     from qconvert.config import QuantizeConfig
 

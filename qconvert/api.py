@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import logging
 import os
 import time
@@ -67,6 +68,7 @@ from qconvert.passes.bias_correct import (
     correctable_nodes,
     input_axis,
 )
+from qconvert.passes.adaround import adaround, adaround_nodes, gram_matrices
 from qconvert.passes.equalize import EqualizePass
 from qconvert.passes.smooth import channel_absmax, smooth, smooth_sites
 from qconvert.runtime import make_session
@@ -274,9 +276,13 @@ def quantize(
                 model, prepared, scheme, config, selection, ranges, evaluation or source,
                 target, advance,
             )
+    originals: dict = {}
+    if config.adaround and source is not None:
+        with _timed(timings, "adaround"):
+            plan = _adaround(prepared, plan, source, originals)
     if config.bias_correction and source is not None:
         with _timed(timings, "bias correction"):
-            plan = _correct_biases(prepared, plan, source)
+            plan = _correct_biases(prepared, plan, source, originals)
     with _timed(timings, "plan"):
         plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
         plan = dataclasses.replace(plan, notes=(*equalize_notes, *plan.notes))
@@ -326,7 +332,9 @@ def quantize(
     return result
 
 
-TRANSFORMER_OPS = frozenset({"LayerNormalization", "Attention", "MultiHeadAttention", "Softmax"})
+TRANSFORMER_OPS = frozenset(
+    {"LayerNormalization", "Attention", "MultiHeadAttention", "Softmax"}
+)
 """Ops whose presence beside MatMul marks a model as transformer-like."""
 
 
@@ -350,6 +358,7 @@ def _check_weight_passes(config: QuantizeConfig, data, calib) -> None:
     for flag, wanted in (
         ("--equalize", config.equalize),
         ("--bias-correction", config.bias_correction),
+        ("--adaround", config.adaround),
         ("--smooth-quant", config.smooth_quant is not None),
     ):
         if wanted and calib is not None:
@@ -358,8 +367,13 @@ def _check_weight_passes(config: QuantizeConfig, data, calib) -> None:
                 "as it was, not as the pass changes it.",
                 hint="pass --data DIR to calibrate the changed model now.",
             )
-    if (config.bias_correction or config.smooth_quant is not None) and data is None:
-        flag = "--bias-correction" if config.bias_correction else "--smooth-quant"
+    needs_data = {
+        "--bias-correction": config.bias_correction,
+        "--adaround": config.adaround,
+        "--smooth-quant": config.smooth_quant is not None,
+    }
+    if any(needs_data.values()) and data is None:
+        flag = next(name for name, wanted in needs_data.items() if wanted)
         raise ConfigError(
             f"{flag} needs --data DIR: it measures the activations on samples.",
         )
@@ -402,24 +416,50 @@ def _smooth(
     return prepared, (note,)
 
 
-def _correct_biases(prepared: ir.Model, plan: QuantPlan, source: DirectorySource) -> QuantPlan:
+def _float_runs(prepared: ir.Model, names, source: DirectorySource):
+    """The named tensors of the float `prepared` model, one dict per sample of `source`."""
+    inputs = {value.name for value in prepared.graph.inputs}
+    exposed = [name for name in names if name not in inputs]
+    proto = onnx.load_model_from_string(model_io.to_bytes(prepared))
+    session = make_session(expose(proto, exposed), quiet=True)
+    for sample in source:
+        # run(None) would return every output: ask only when there is a tensor to see
+        outputs = session.run(exposed, sample.feeds) if exposed else []
+        values = dict(zip(exposed, outputs, strict=True))
+        values.update({n: a for n, a in sample.feeds.items() if n in names})
+        yield values
+
+
+def _adaround(
+    prepared: ir.Model, plan: QuantPlan, source: DirectorySource, originals: dict
+) -> QuantPlan:
+    """Rounds the weights of `plan`'s MatMul/Gemm nodes in `prepared` (passes.adaround)."""
+    nodes = adaround_nodes(prepared, plan)
+    names = sorted({node.inputs[0].name for node in nodes})
+    grams = gram_matrices(_float_runs(prepared, names, source), names) if names else {}
+    rounded = adaround(plan, nodes, grams, originals)
+    gains = [
+        10 * math.log10(r.error_before / r.error_after)
+        for r in rounded
+        if r.error_after > 0 and r.error_before > 0
+    ]
+    note = (
+        f"Adaptive rounding: {len(rounded)} MatMul/Gemm weight(s) rounded to minimise "
+        f"their layer's output error on {len(source)} calibration samples (layer error "
+        f"down {max(gains, default=0.0):.1f} dB at best, {min(gains, default=0.0):.1f} dB "
+        "at least)."
+    )
+    return dataclasses.replace(plan, notes=(*plan.notes, note))
+
+
+def _correct_biases(
+    prepared: ir.Model, plan: QuantPlan, source: DirectorySource, originals: dict
+) -> QuantPlan:
     """Shifts the biases of `plan`'s Conv/Gemm nodes in `prepared` (bias_correct)."""
     nodes = correctable_nodes(prepared, plan)
     axes = {node.inputs[0].name: input_axis(node) for node in nodes}
-    inputs = {value.name for value in prepared.graph.inputs}
-    exposed = [name for name in axes if name not in inputs]
-    proto = onnx.load_model_from_string(model_io.to_bytes(prepared))
-    session = make_session(expose(proto, exposed), quiet=True)
-
-    def runs():
-        for sample in source:
-            # run(None) would return every output: ask only when there is a tensor to see
-            outputs = session.run(exposed, sample.feeds) if exposed else []
-            values = dict(zip(exposed, outputs, strict=True))
-            values.update({n: a for n, a in sample.feeds.items() if n in axes})
-            yield values
-
-    corrections = correct_biases(plan, nodes, channel_means(runs(), axes))
+    runs = _float_runs(prepared, list(axes), source)
+    corrections = correct_biases(plan, nodes, channel_means(runs, axes), originals)
     largest = max((c.max_abs_shift for c in corrections), default=0.0)
     note = (
         f"Bias correction: {len(corrections)} Conv/Gemm bias(es) shifted by the mean error "

@@ -58,6 +58,8 @@ class QuantizeConfig:
             calibration (`passes.equalize`).
         bias_correction: shift each quantized Conv/Gemm bias by the mean error its
             quantized weights make on the calibration data (`passes.bias_correct`).
+        adaround: choose each MatMul/Gemm weight's rounding to minimise the layer's
+            output error on the calibration data (`passes.adaround`).
         smooth_quant: SmoothQuant's alpha in [0, 1]: migrate activation outliers after
             LayerNormalization into the MatMul weights that read them (`passes.smooth`);
             None: off.
@@ -76,6 +78,7 @@ class QuantizeConfig:
     keep_io_types: bool = True
     equalize: bool = False
     bias_correction: bool = False
+    adaround: bool = False
     smooth_quant: float | None = None
 
     def __post_init__(self) -> None:
@@ -137,6 +140,11 @@ class QuantizeConfig:
             raise ConfigError(
                 f"--bias-correction does not go with --scheme {self.scheme}.",
                 hint="it needs calibration data: int8 or 16x8.",
+            )
+        if self.adaround and not isinstance(preset, StaticScheme):
+            raise ConfigError(
+                f"--adaround does not go with --scheme {self.scheme}.",
+                hint="it rounds weights against calibration data: int8 or 16x8.",
             )
         if self.smooth_quant is not None:
             if not 0.0 <= self.smooth_quant <= 1.0:

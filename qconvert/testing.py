@@ -230,9 +230,10 @@ def conv_relu_conv(
     """Conv(w1, b1) -> Relu (or Clip(0, 6)) -> Conv(w2, group2), 3x3 weights, input
     [N, C, 8, 8]; the Convs are named `first` and `second`."""
     act = "Clip (h, lo, hi)" if clip else "Relu (h)"
+    c_in, c_out = w1.shape[1], w2.shape[0]
     text = f"""
         <ir_version: 8, opset_import: ["" : 17]>
-        conv_relu_conv (float[N,{w1.shape[1]},8,8] input) => (float[N,{w2.shape[0]},8,8] output) {{
+        conv_relu_conv (float[N,{c_in},8,8] input) => (float[N,{c_out},8,8] output) {{
             h = Conv <pads = [1,1,1,1], kernel_shape = [3,3]> (input, w1, b1)
             a = {act}
             output = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {group2}> (a, w2)

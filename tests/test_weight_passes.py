@@ -41,7 +41,8 @@ def _weights(model):
 
 def test_equalization_matches_channel_ranges_and_keeps_the_function():
     model = _two_channel_pair()
-    feeds = {"input": np.random.default_rng(1).standard_normal((4, 2, 8, 8)).astype(np.float32)}
+    rng = np.random.default_rng(1)
+    feeds = {"input": rng.standard_normal((4, 2, 8, 8)).astype(np.float32)}
     equalized, pairs = _equalized(model)
     assert [(p.first, p.second) for p in pairs] == [("first", "second")]
     weights = _weights(equalized)
@@ -65,7 +66,8 @@ def test_a_clip_pair_is_left_alone():
 
 def test_depthwise_second_conv_is_equalized_exactly():
     rng = np.random.default_rng(2)
-    w1 = rng.uniform(-1, 1, (3, 2, 3, 3)).astype(np.float32) * np.float32([[[[20]]], [[[1]]], [[[0.05]]]])
+    w1 = rng.uniform(-1, 1, (3, 2, 3, 3)).astype(np.float32)
+    w1 *= np.float32([20, 1, 0.05]).reshape(3, 1, 1, 1)
     w2 = rng.uniform(-1, 1, (3, 1, 3, 3)).astype(np.float32)
     model = testing.conv_relu_conv(w1, np.zeros(3, np.float32), w2, group2=3)
     feeds = {"input": rng.standard_normal((2, 2, 8, 8)).astype(np.float32)}
@@ -131,7 +133,8 @@ def test_bias_correction_removes_a_known_mean_shift(tmp_path):
     ("args", "fragment", "code"),
     [
         (("--equalize", "--scheme", "fp16"), "--equalize does not go with --scheme", 2),
-        (("--bias-correction", "--scheme", "int8-dynamic"), "--bias-correction does not go", 2),
+        (("--bias-correction", "--scheme", "int8-dynamic"), "--bias-correction does not", 2),
+        (("--adaround", "--scheme", "fp16"), "--adaround does not go with --scheme fp16", 2),
     ],
 )
 def test_bad_weight_pass_options(run_cli, tiny_cnn, tmp_path, args, fragment, code):
@@ -150,3 +153,38 @@ def test_equalize_refuses_a_calibration_file(run_cli, tiny_cnn, tmp_path):
     assert result.code == 2, result.err
     assert "--equalize does not go with --calib" in result.err
     assert not out.exists()
+
+
+def test_adaround_cuts_the_weight_rounding_error_of_a_layer(tmp_path):
+    # Inputs share one strong common component, so nearest rounding's errors add up along
+    # it; choosing floor or ceil per weight can cancel them. Per-tensor weights with one
+    # large entry make the grid coarse, so weight rounding dominates the output error.
+    rng = np.random.default_rng(0)
+    out_channels, k = 8, 32
+    w = 0.05 * rng.standard_normal((out_channels, k))
+    w[0, 0] = 1.0
+    model = testing.gemm_bias(w, np.zeros(out_channels))
+    path = testing.save(model, tmp_path / "model.onnx")
+    common = rng.standard_normal((64, 1))
+    inputs = 1.0 + common + 0.05 * rng.standard_normal((64, k))
+    samples = [{"input": row[None].astype(np.float32)} for row in inputs]
+    testing.write_samples(tmp_path / "calib", samples)
+    sqnr, weights = {}, {}
+    for flag in (False, True):
+        out = tmp_path / f"q{flag}.onnx"
+        report = qconvert.quantize(
+            path, out, data=tmp_path / "calib",
+            config=qconvert.QuantizeConfig(per_channel=False, adaround=flag),
+        )
+        sqnr[flag] = testing.output_sqnr(path, out, samples)
+        quantized = onnx.load(str(out))
+        weights[flag] = next(
+            onnx.numpy_helper.to_array(t).astype(np.int32)
+            for t in quantized.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and t.dims == [out_channels, k]
+        )
+    assert any("Adaptive rounding: 1 " in note for note in report.conversion.notes)
+    # Each weight went to a neighbouring grid point of nearest rounding's, no further.
+    assert np.abs(weights[True] - weights[False]).max() == 1
+    assert (weights[True] != weights[False]).any()
+    assert sqnr[True] > sqnr[False] + 3.0

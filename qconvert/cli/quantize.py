@@ -142,6 +142,12 @@ SCHEME_HELP = (
     "on the --data samples.",
 )
 @click.option(
+    "--adaround",
+    is_flag=True,
+    help="Round each MatMul/Gemm weight up or down to minimise its layer's output error on "
+    "the --data samples, instead of to the nearest.",
+)
+@click.option(
     "--smooth-quant",
     type=click.FloatRange(0, 1),
     default=None,
@@ -195,6 +201,7 @@ def quantize_command(
     eval_data: Path | None,
     equalize: bool,
     bias_correction: bool,
+    adaround: bool,
     smooth_quant: float | None,
     target_sqnr: float | None,
     max_top1_drop: float | None,
@@ -233,6 +240,7 @@ def quantize_command(
         keep_io_types=keep_io_types,
         equalize=equalize,
         bias_correction=bias_correction,
+        adaround=adaround,
         smooth_quant=smooth_quant,
     )
     if overrides is not None:  # read after the options are known to go together

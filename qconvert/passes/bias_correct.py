@@ -77,17 +77,26 @@ def input_axis(node: ir.Node) -> int:
 
 
 def correct_biases(
-    plan: QuantPlan, nodes: list[ir.Node], means: Mapping[str, np.ndarray]
+    plan: QuantPlan,
+    nodes: list[ir.Node],
+    means: Mapping[str, np.ndarray],
+    originals: Mapping[str, np.ndarray] | None = None,
 ) -> list[BiasCorrection]:
-    """Subtracts each node's expected output shift from its bias, in place."""
+    """Subtracts each node's expected output shift from its bias, in place.
+
+    `originals` holds the float weights of nodes whose weights a pass already moved onto
+    the grid (adaptive rounding): the shift is measured against those.
+    """
+    originals = originals or {}
     corrections = []
     for node in nodes:
         mean = means.get(node.inputs[0].name)
         if mean is None:
             continue
-        weight = constant_array(node.inputs[1]).astype(np.float64)
-        decision = plan.tensors[node.inputs[1].name]
-        rounded = qparams.dequantize(qparams.quantize(weight, decision.qparams), decision.qparams)
+        current = constant_array(node.inputs[1])
+        weight = np.asarray(originals.get(node.name or "", current), dtype=np.float64)
+        params = plan.tensors[node.inputs[1].name].qparams
+        rounded = qparams.dequantize(qparams.quantize(current, params), params)
         error = rounded.astype(np.float64) - weight
         shift = _output_shift(node, error, mean)
         if shift is None:

@@ -74,7 +74,7 @@ def _pair(first: ir.Node) -> tuple[ir.Node, ir.Node] | None:
     group_b = second.attributes.get_int("group", 1)
     weight_b = constant_array(second.inputs[1])
     plain_b = group_b == 1 and weight_b.shape[1] == channels
-    depthwise_b = group_b == channels and weight_b.shape[0] == channels and weight_b.shape[1] == 1
+    depthwise_b = group_b == channels == weight_b.shape[0] and weight_b.shape[1] == 1
     depthwise_a = group_a == channels or group_a == 1
     if not (depthwise_a and (plain_b or depthwise_b)):
         return None
@@ -106,7 +106,8 @@ def _equalize(first: ir.Node, second: ir.Node) -> None:
     else:
         range_b = np.abs(weight_b).max(axis=(0, *range(2, weight_b.ndim)))
     usable = (range_a > _TINY) & (range_b > _TINY)
-    scale = np.where(usable, np.sqrt(np.where(usable, range_a / np.maximum(range_b, _TINY), 1)), 1)
+    ratio = np.where(usable, range_a / np.maximum(range_b, _TINY), 1.0)
+    scale = np.sqrt(ratio)
     shape_a = (-1,) + (1,) * (weight_a.ndim - 1)
     _set(first.inputs[1], weight_a / scale.reshape(shape_a), first, 1)
     bias = first.inputs[2] if len(first.inputs) > 2 else None

@@ -88,11 +88,10 @@ def smooth(sites: list[SmoothSite], absmax: Mapping[str, np.ndarray], alpha: flo
         weights = [constant_array(r.inputs[1]).astype(np.float64) for r in site.readers]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         usable = (activation > _TINY) & (weight_max > _TINY)
-        scale = np.where(
-            usable,
-            np.maximum(activation, _TINY) ** alpha / np.maximum(weight_max, _TINY) ** (1 - alpha),
-            1.0,
-        )
+        balanced = np.maximum(activation, _TINY) ** alpha / np.maximum(
+            weight_max, _TINY
+        ) ** (1 - alpha)
+        scale = np.where(usable, balanced, 1.0)
         scale = np.clip(scale, 1e-4, 1e4)  # a dead channel must not blow up the weights
         norm = site.norm
         _set(norm, 1, constant_array(norm.inputs[1]).astype(np.float64) / scale)
@@ -108,7 +107,8 @@ def _set(node: ir.Node, index: int, array: np.ndarray) -> None:
     """Gives `node` input `index` new values, as its own initializer if it was shared."""
     value = node.inputs[index]
     array = array.astype(np.float32)
-    if len(list(value.uses())) == 1 and value.const_value is not None and value.is_initializer():
+    sole_reader = len(list(value.uses())) == 1
+    if sole_reader and value.const_value is not None and value.is_initializer():
         value.const_value = ir.tensor(array, name=value.name)
         return
     name = f"{value.name}_smoothed_{node.name}"
