@@ -44,6 +44,7 @@ from qconvert.dataset import (
     DirectorySource,
     Feeds,
     ImagePreprocessing,
+    InputSpec,
     Sample,
     input_specs,
     synthetic_sample,
@@ -224,18 +225,19 @@ def quantize(
         converted = _rewrite(prepared, plan, config, qdq_domain)
         DropIntermediateShapesPass()(converted)
         converted.producer_name = "qconvert"
-    feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
-    feeds = _as_input_types(converted, feeds)
+    feeds = _as_input_types(converted, _smoke_sample(source, data, evaluation, specs, images))
     if external:
         with _timed(timings, "save"):  # the model is verified in place before the rename
             model_io.save_with_external_data(
-                converted, output, verify=lambda staged: verify_model(staged, feeds)
+                converted,
+                output,
+                verify=lambda staged: verify_model(staged, feeds, reference=str(model)),
             )
         converted_for_compare: bytes | str = str(output)
     else:
         with _timed(timings, "verify"):
             converted_bytes = model_io.to_bytes(converted)
-            verify_model(converted_bytes, feeds)
+            verify_model(converted_bytes, feeds, reference=str(model))
         with _timed(timings, "save"):
             model_io.write_atomically(output, converted_bytes)
         converted_for_compare = converted_bytes
@@ -643,6 +645,24 @@ def _checked_for_both(
                 f"{exc.message.rstrip('.')} (the candidate '{candidate}').", hint=exc.hint
             ) from None
         yield sample
+
+
+def _smoke_sample(
+    source: DirectorySource | None,
+    data: PathLike | None,
+    evaluation: DirectorySource | None,
+    specs: tuple[InputSpec, ...],
+    images: ImagePreprocessing | None,
+) -> Feeds:
+    """The sample the written model is smoke-run on: real data wherever the user gave some
+    (a data-free scheme still takes --data for this), zeros only as a last resort."""
+    if source is not None:
+        return source.first().feeds
+    if data is not None:
+        return DirectorySource(data, specs, images=images).first().feeds
+    if evaluation is not None:
+        return evaluation.first().feeds
+    return synthetic_sample(specs).feeds
 
 
 @contextmanager
