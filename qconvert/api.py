@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qconvert import model as model_io
-from qconvert.model import LoadLimits
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.calibration import (
     Calibration,
     CollectSettings,
@@ -103,7 +103,7 @@ def quantize(
     report: PathLike | None = None,
     force: bool = False,
     progress: Progress = SILENT,
-    limits: LoadLimits = LoadLimits(),
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Report:
     """Quantizes `model` as `config` says and writes `output`.
 
@@ -185,13 +185,15 @@ def quantize(
                 hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
             )
         specs = input_specs(float_model)
-        source = DirectorySource(data, specs, images=images) if calibrating else None
+        source = DirectorySource(data, specs, images=images, limits=limits) if calibrating else None
         calibration = None
         if scheme.needs_calibration and calib is not None:
             calibration = read_calibration(calib)
             calibration.check_model(model_io.fingerprint(model), calib, str(model))
         evaluation = (
-            DirectorySource(eval_data, specs, images=images) if eval_data is not None else None
+            DirectorySource(eval_data, specs, images=images, limits=limits)
+            if eval_data is not None
+            else None
         )
     if isinstance(scheme, StaticScheme | DynamicScheme) and not scheme.reduce_range:
         if lacks_vnni():
@@ -225,7 +227,7 @@ def quantize(
         converted = _rewrite(prepared, plan, config, qdq_domain)
         DropIntermediateShapesPass()(converted)
         converted.producer_name = "qconvert"
-    feeds = _as_input_types(converted, _smoke_sample(source, data, evaluation, specs, images))
+    feeds = _as_input_types(converted, _smoke_sample(source, data, evaluation, specs, images, limits))
     if external:
         with _timed(timings, "save"):  # the model is verified in place before the rename
             model_io.save_with_external_data(
@@ -394,7 +396,7 @@ def calibrate(
     trt_method: RangeMethod = _TRT_METHOD,
     force: bool = False,
     progress: Progress = SILENT,
-    limits: LoadLimits = LoadLimits(),
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Calibration:
     """Runs `model` on the samples of `data` and returns (and writes) their statistics.
 
@@ -428,7 +430,7 @@ def calibrate(
                 f"'{static[0]}' has a static one.",
                 hint="use --batch-size 1 for this model.",
             )
-    source = DirectorySource(data, specs, images=images)
+    source = DirectorySource(data, specs, images=images, limits=limits)
     if samples is not None:
         source = source.subset(samples, seed=seed)
     settings = CollectSettings(batch_size=batch_size)
@@ -499,7 +501,7 @@ def compare(
     load_outputs: PathLike | None = None,
     report: PathLike | None = None,
     progress: Progress = SILENT,
-    limits: LoadLimits = LoadLimits(),
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Report:
     """Runs `reference` and `candidate` on the samples in `data` and measures the difference.
 
@@ -557,8 +559,8 @@ def compare(
                 provider=reference_provider,
             )
             specs = input_specs(reference_model)
-        source = DirectorySource(data, specs)
-        candidate_source = DirectorySource(data, input_specs(candidate_model))
+        source = DirectorySource(data, specs, limits=limits)
+        candidate_source = DirectorySource(data, input_specs(candidate_model), limits=limits)
         labels_path = Path(labels) if labels is not None else folder_labels(data)
         label_values = load_labels(labels_path, len(source)) if labels_path else None
         if gates.needs_labels and label_values is None:
@@ -602,7 +604,7 @@ def compare(
     return result
 
 
-def inspect(model: PathLike, *, limits: LoadLimits = LoadLimits()) -> ModelSummary:
+def inspect(model: PathLike, *, limits: LoadLimits = DEFAULT_LIMITS) -> ModelSummary:
     """Summarizes `model`: interface, opsets, ops, parameters and quantizable nodes."""
     return summarize(model_io.load_model(model, limits))
 
@@ -653,13 +655,14 @@ def _smoke_sample(
     evaluation: DirectorySource | None,
     specs: tuple[InputSpec, ...],
     images: ImagePreprocessing | None,
+    limits: LoadLimits,
 ) -> Feeds:
     """The sample the written model is smoke-run on: real data wherever the user gave some
     (a data-free scheme still takes --data for this), zeros only as a last resort."""
     if source is not None:
         return source.first().feeds
     if data is not None:
-        return DirectorySource(data, specs, images=images).first().feeds
+        return DirectorySource(data, specs, images=images, limits=limits).first().feeds
     if evaluation is not None:
         return evaluation.first().feeds
     return synthetic_sample(specs).feeds
