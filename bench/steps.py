@@ -118,9 +118,6 @@ def _iter_samples(model: str, data: str, limit: int | None) -> Iterator[dict[str
 # --- qconvert -----------------------------------------------------------------------------
 
 
-DATA_FREE_SCHEMES = ("int8-dynamic", "fp16", "fp16-weights")
-
-
 def qconvert_supports(scheme: str, fmt: str) -> str | None:
     """None when qconvert offers `scheme` in `fmt`, else why not."""
     from qconvert.schemes import SCHEMES
@@ -143,10 +140,8 @@ def qconvert_quantize(
     if reason is not None:
         raise NotSupportedYet(reason)
     config = QuantizeConfig(scheme=scheme, format=fmt, **flags)
-    calibration = None if scheme in DATA_FREE_SCHEMES else data
-    return _timed(
-        lambda: api.quantize(model, output, data=calibration, config=config, force=True)
-    )
+    # Data-free schemes do not calibrate; the data still gives them a real smoke sample.
+    return _timed(lambda: api.quantize(model, output, data=data, config=config, force=True))
 
 
 def qconvert_calibrate(*, model: str, data: str, output: str) -> dict:

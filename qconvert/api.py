@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from qconvert import model as model_io
-from qconvert.model import LoadLimits
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.calibration import (
     Calibration,
     CollectSettings,
@@ -48,6 +48,7 @@ from qconvert.dataset import (
     DirectorySource,
     Feeds,
     ImagePreprocessing,
+    InputSpec,
     Sample,
     input_specs,
     synthetic_sample,
@@ -130,7 +131,7 @@ def quantize(
     report: PathLike | None = None,
     force: bool = False,
     progress: Progress = SILENT,
-    limits: LoadLimits = LoadLimits(),
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Report:
     """Quantizes `model` as `config` says and writes `output`.
 
@@ -223,13 +224,15 @@ def quantize(
                 hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
             )
         specs = input_specs(float_model)
-        source = DirectorySource(data, specs, images=images) if calibrating else None
+        source = DirectorySource(data, specs, images=images, limits=limits) if calibrating else None
         calibration = None
         if scheme.needs_calibration and calib is not None:
             calibration = read_calibration(calib)
             calibration.check_model(model_io.fingerprint(model), calib, str(model))
         evaluation = (
-            DirectorySource(eval_data, specs, images=images) if eval_data is not None else None
+            DirectorySource(eval_data, specs, images=images, limits=limits)
+            if eval_data is not None
+            else None
         )
     equalize_notes: tuple[str, ...] = ()
     if config.equalize:
@@ -290,18 +293,19 @@ def quantize(
         converted = _rewrite(prepared, plan, config, qdq_domain)
         DropIntermediateShapesPass()(converted)
         converted.producer_name = "qconvert"
-    feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
-    feeds = _as_input_types(converted, feeds)
+    feeds = _as_input_types(converted, _smoke_sample(source, data, evaluation, specs, images, limits))
     if external:
         with _timed(timings, "save"):  # the model is verified in place before the rename
             model_io.save_with_external_data(
-                converted, output, verify=lambda staged: verify_model(staged, feeds)
+                converted,
+                output,
+                verify=lambda staged: verify_model(staged, feeds, reference=str(model)),
             )
         converted_for_compare: bytes | str = str(output)
     else:
         with _timed(timings, "verify"):
             converted_bytes = model_io.to_bytes(converted)
-            verify_model(converted_bytes, feeds)
+            verify_model(converted_bytes, feeds, reference=str(model))
         with _timed(timings, "save"):
             model_io.write_atomically(output, converted_bytes)
         converted_for_compare = converted_bytes
@@ -727,7 +731,7 @@ def calibrate(
     trt_method: RangeMethod = _TRT_METHOD,
     force: bool = False,
     progress: Progress = SILENT,
-    limits: LoadLimits = LoadLimits(),
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Calibration:
     """Runs `model` on the samples of `data` and returns (and writes) their statistics.
 
@@ -761,7 +765,7 @@ def calibrate(
                 f"'{static[0]}' has a static one.",
                 hint="use --batch-size 1 for this model.",
             )
-    source = DirectorySource(data, specs, images=images)
+    source = DirectorySource(data, specs, images=images, limits=limits)
     if samples is not None:
         source = source.subset(samples, seed=seed)
     settings = CollectSettings(batch_size=batch_size)
@@ -832,7 +836,7 @@ def compare(
     load_outputs: PathLike | None = None,
     report: PathLike | None = None,
     progress: Progress = SILENT,
-    limits: LoadLimits = LoadLimits(),
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Report:
     """Runs `reference` and `candidate` on the samples in `data` and measures the difference.
 
@@ -890,8 +894,8 @@ def compare(
                 provider=reference_provider,
             )
             specs = input_specs(reference_model)
-        source = DirectorySource(data, specs)
-        candidate_source = DirectorySource(data, input_specs(candidate_model))
+        source = DirectorySource(data, specs, limits=limits)
+        candidate_source = DirectorySource(data, input_specs(candidate_model), limits=limits)
         labels_path = Path(labels) if labels is not None else folder_labels(data)
         label_values = load_labels(labels_path, len(source)) if labels_path else None
         if gates.needs_labels and label_values is None:
@@ -944,7 +948,7 @@ def analyze(
     images: ImagePreprocessing | None = None,
     config: QuantizeConfig | None = None,
     progress: Progress = SILENT,
-    limits: LoadLimits = LoadLimits(),
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Analysis:
     """Ranks the quantizable nodes of `model` by what quantizing each one alone costs.
 
@@ -962,7 +966,7 @@ def analyze(
         raise ConfigError(f"--samples {samples} must be at least 1.")
     float_model = model_io.load_model(model, limits)
     model_io.check_convertible(float_model, model)
-    source = DirectorySource(data, input_specs(float_model), images=images)
+    source = DirectorySource(data, input_specs(float_model), images=images, limits=limits)
     with progress.task("Calibrating", len(source)) as advance:
         calibration = _calibrate(model, float_model, source, CollectSettings(), advance)
     prepared, _ = _prepare(float_model, config)
@@ -978,7 +982,7 @@ def analyze(
         return _analyze(str(model), plan_for, evaluator, advance)
 
 
-def inspect(model: PathLike, *, limits: LoadLimits = LoadLimits()) -> ModelSummary:
+def inspect(model: PathLike, *, limits: LoadLimits = DEFAULT_LIMITS) -> ModelSummary:
     """Summarizes `model`: interface, opsets, ops, parameters and quantizable nodes."""
     return summarize(model_io.load_model(model, limits))
 
@@ -1021,6 +1025,25 @@ def _checked_for_both(
                 f"{exc.message.rstrip('.')} (the candidate '{candidate}').", hint=exc.hint
             ) from None
         yield sample
+
+
+def _smoke_sample(
+    source: DirectorySource | None,
+    data: PathLike | None,
+    evaluation: DirectorySource | None,
+    specs: tuple[InputSpec, ...],
+    images: ImagePreprocessing | None,
+    limits: LoadLimits,
+) -> Feeds:
+    """The sample the written model is smoke-run on: real data wherever the user gave some
+    (a data-free scheme still takes --data for this), zeros only as a last resort."""
+    if source is not None:
+        return source.first().feeds
+    if data is not None:
+        return DirectorySource(data, specs, images=images, limits=limits).first().feeds
+    if evaluation is not None:
+        return evaluation.first().feeds
+    return synthetic_sample(specs).feeds
 
 
 @contextmanager

@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert.errors import CalibrationDataError, ConfigError
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 
 _log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class DirectorySource:
         specs: tuple[InputSpec, ...],
         *,
         images: ImagePreprocessing | None = None,
+        limits: LoadLimits = DEFAULT_LIMITS,
     ) -> None:
         self.folder = Path(folder)
         self.specs = specs
@@ -143,7 +145,7 @@ class DirectorySource:
             raise CalibrationDataError(f"Data folder '{self.folder}' does not exist.")
         if not self.folder.is_dir():
             raise CalibrationDataError(f"Data path '{self.folder}' is not a folder.")
-        self.layout, self._entries = _discover(self.folder, specs, images)
+        self.layout, self._entries = _discover(self.folder, specs, images, limits)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -189,7 +191,10 @@ class DirectorySource:
 
 
 def _discover(
-    folder: Path, specs: tuple[InputSpec, ...], images: ImagePreprocessing | None
+    folder: Path,
+    specs: tuple[InputSpec, ...],
+    images: ImagePreprocessing | None,
+    limits: LoadLimits,
 ) -> tuple[str, tuple[_Entry, ...]]:
     children = sorted(folder.iterdir())
     test_sets = [p for p in children if p.is_dir() and p.name.startswith("test_data_set_")]
@@ -215,10 +220,12 @@ def _discover(
                 f"{len(specs)} inputs ({listed}).",
                 hint="use .npz files keyed by input name, or one sub-folder per input.",
             )
-        return "file-per-sample", tuple(_Entry(str(p), _array_reader(p, specs)) for p in files)
+        return "file-per-sample", tuple(
+            _Entry(str(p), _array_reader(p, specs, limits)) for p in files
+        )
     pictures = [p for p in children if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if pictures:
-        reader = _ImageReader(folder, specs, images or ImagePreprocessing())
+        reader = _ImageReader(folder, specs, images or ImagePreprocessing(), limits)
         return "images", tuple(_Entry(str(p), reader.bind(p)) for p in pictures)
     raise CalibrationDataError(
         f"Data folder '{folder}' holds no samples.",
@@ -250,17 +257,32 @@ def _read_error(path: Path | str, exc: BaseException) -> CalibrationDataError:
     return CalibrationDataError(f"Sample '{path}' could not be read: {text}")
 
 
-def _array_reader(path: Path, specs: tuple[InputSpec, ...]) -> Callable[[], dict]:
+def _array_reader(
+    path: Path, specs: tuple[InputSpec, ...], limits: LoadLimits
+) -> Callable[[], dict]:
     def read() -> dict[str, np.ndarray]:
         try:
             if path.suffix.lower() == ".npy":
+                _check_unpacked_size(path, path.stat().st_size, limits)
                 return {specs[0].name: np.load(path, allow_pickle=False)}
+            with zipfile.ZipFile(path) as archive:
+                _check_unpacked_size(path, sum(m.file_size for m in archive.infolist()), limits)
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise _read_error(path, exc) from None
 
     return read
+
+
+def _check_unpacked_size(path: Path, unpacked: int, limits: LoadLimits) -> None:
+    """Refuses a sample before reading it when it would unpack to more than the limit."""
+    if unpacked > limits.max_sample_bytes:
+        raise CalibrationDataError(
+            f"Sample '{path}' unpacks to {unpacked:,} bytes, over the limit of "
+            f"{limits.max_sample_bytes:,}.",
+            hint="raise the limit with --max-sample-bytes if the machine can hold it.",
+        )
 
 
 def _test_data_entry(folder: Path, specs: tuple[InputSpec, ...]) -> _Entry:
@@ -387,12 +409,24 @@ class _RowFile:
         return row.reshape(self.row_shape)
 
 
+def _too_many_pixels(path: Path, size: str, limit: int) -> CalibrationDataError:
+    return CalibrationDataError(
+        f"Image '{path}' is {size}, over the limit of {limit:,}.",
+        hint="raise the limit with --max-image-pixels if the machine can hold it.",
+    )
+
+
 class _ImageReader:
     """Turns image files into the model's single image input."""
 
     def __init__(
-        self, folder: Path, specs: tuple[InputSpec, ...], preprocessing: ImagePreprocessing
+        self,
+        folder: Path,
+        specs: tuple[InputSpec, ...],
+        preprocessing: ImagePreprocessing,
+        limits: LoadLimits,
     ) -> None:
+        self.limits = limits
         if len(specs) != 1 or len(specs[0].dims) != 4:
             raise CalibrationDataError(
                 f"Data folder '{folder}' holds images, but the model's inputs are not one "
@@ -448,10 +482,19 @@ class _ImageReader:
                 "Reading image folders needs Pillow, which is not installed.",
                 hint="pip install 'qconvert[images]'.",
             ) from None
+        limit = self.limits.max_image_pixels
+        # Pillow's own decompression-bomb guard stays on, at our limit: it refuses images of
+        # over twice the limit as it opens them; the header check below takes the rest.
+        Image.MAX_IMAGE_PIXELS = limit
         try:
-            with Image.open(path) as opened:
+            with Image.open(path) as opened:  # reads the header only
+                width, height = opened.size
+                if width * height > limit:
+                    raise _too_many_pixels(path, f"{width}x{height} pixels", limit)
                 image = opened.convert("L" if self.channels == 1 else "RGB")
                 image.load()
+        except Image.DecompressionBombError:
+            raise _too_many_pixels(path, f"over {2 * limit:,} pixels", limit) from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise CalibrationDataError(
                 f"Image '{path}' could not be read: {str(exc).splitlines()[0]}"

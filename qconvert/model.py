@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -34,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from qconvert import ops
 from qconvert.errors import ModelLoadError, OutputError, UnsupportedModelError
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 
 _HASH_CHUNK = 1 << 20
 PROTOBUF_LIMIT = 2**31 - 1
@@ -41,20 +41,7 @@ OLDEST_OPSET = 7
 """onnxruntime runs ai.onnx opset 7 and later; older models are refused, not upgraded."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LoadLimits:
-    """Bounds a model must respect before any of its weights are read.
-
-    Attributes:
-        max_tensor_bytes: the most bytes one tensor may declare (dims x element size).
-            A file can declare a tensor far larger than the machine's memory; it is refused
-            up front instead of failing (or swapping) halfway through a run.
-    """
-
-    max_tensor_bytes: int = 16 * 2**30
-
-
-def load_model(path: str | os.PathLike[str], limits: LoadLimits = LoadLimits()) -> ir.Model:
+def load_model(path: str | os.PathLike[str], limits: LoadLimits = DEFAULT_LIMITS) -> ir.Model:
     """Reads and checks the model at `path` (see the module docstring for the checks).
 
     Raises:

@@ -129,11 +129,15 @@ percentile_option = click.option(
 
 
 def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--max-tensor-bytes: how large one tensor of an untrusted model may declare itself."""
-    return click.option(
-        "--max-tensor-bytes",
-        type=click.IntRange(min=1),
-        default=16 * 2**30,
-        show_default=True,
-        help="Refuse a model that declares a tensor larger than this, before reading it.",
-    )(command)
+    """The bounds an untrusted model or data set must respect (see qconvert/limits.py)."""
+    options = (
+        ("--max-tensor-bytes", 16 * 2**30, "Refuse a model declaring a tensor larger than this."),
+        ("--max-sample-bytes", 2 * 2**30, "Refuse a sample file unpacking to more than this."),
+        ("--max-image-pixels", 100_000_000, "Refuse an image with more pixels than this."),
+    )
+    for flag, default, text in reversed(options):
+        command = click.option(
+            flag, type=click.IntRange(min=1), default=default, show_default=True, help=text
+        )(command)
+    return command
+

@@ -114,6 +114,8 @@ def compare_command(
     report: Path | None,
     as_json: bool,
     max_tensor_bytes: int,
+    max_sample_bytes: int,
+    max_image_pixels: int,
 ) -> None:
     """Run REFERENCE and CANDIDATE on the samples in --data and report the difference.
 
@@ -131,7 +133,7 @@ def compare_command(
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
     from qconvert.gates import Gates, load_gates
     from qconvert.latency import LatencyConfig
-    from qconvert.model import LoadLimits
+    from qconvert.limits import LoadLimits
 
     expected = 1 if load_outputs is not None else 2
     if len(models) != expected:
@@ -168,7 +170,11 @@ def compare_command(
         save_outputs=save_outputs,
         load_outputs=load_outputs,
         report=report,
-        limits=LoadLimits(max_tensor_bytes=max_tensor_bytes),
+        limits=LoadLimits(
+            max_tensor_bytes=max_tensor_bytes,
+            max_sample_bytes=max_sample_bytes,
+            max_image_pixels=max_image_pixels,
+        ),
         **({"progress": progress} if progress else {}),
     )
     if as_json:

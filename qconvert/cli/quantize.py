@@ -209,6 +209,8 @@ def quantize_command(
     as_json: bool,
     force: bool,
     max_tensor_bytes: int,
+    max_sample_bytes: int,
+    max_image_pixels: int,
     **image: object,
 ) -> None:
     """Quantize MODEL and write the result.
@@ -224,7 +226,7 @@ def quantize_command(
 
     from qconvert import api
     from qconvert.config import QuantizeConfig
-    from qconvert.model import LoadLimits
+    from qconvert.limits import LoadLimits
     from qconvert.overrides import load_overrides
 
     config = QuantizeConfig(
@@ -261,7 +263,11 @@ def quantize_command(
         max_top1_drop=max_top1_drop,
         report=report,
         force=force,
-        limits=LoadLimits(max_tensor_bytes=max_tensor_bytes),
+        limits=LoadLimits(
+            max_tensor_bytes=max_tensor_bytes,
+            max_sample_bytes=max_sample_bytes,
+            max_image_pixels=max_image_pixels,
+        ),
         **({"progress": progress} if progress else {}),
     )
     if as_json:

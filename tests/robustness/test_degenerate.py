@@ -135,3 +135,44 @@ def test_unused_input_and_zero_sized_batch(tmp_path):
     path, out, _ = _quantize(model, tmp_path, feeds)
     assert _outputs(out, feeds[0])[0].shape == (0, 4)
     np.testing.assert_allclose(_outputs(out, feeds[1])[0], _outputs(path, feeds[1])[0], atol=0.05)
+
+
+def _nan_on_zeros_model():
+    """MatMul, then Log: finite on positive inputs, -inf where the input is all zeros."""
+    weights = np.abs(_weights()) + 0.1
+    return _model(
+        [
+            h.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+            h.make_node("Log", ["y"], ["z"], name="log"),
+        ],
+        [("x", [1, 4])],
+        [("z", [1, 4])],
+        [("w", weights)],
+    )
+
+
+def test_data_free_scheme_is_not_failed_by_a_zeros_smoke_sample(tmp_path):
+    # Without data the smoke run uses zeros; the float model itself gives -inf there, so that
+    # run says nothing about the conversion and must not fail it.
+    model = _nan_on_zeros_model()
+    path = testing.save(model, tmp_path / "model.onnx")
+    out = tmp_path / "q.onnx"
+    config = qconvert.QuantizeConfig(scheme="fp16-weights")
+    qconvert.quantize(path, out, config=config)
+    feeds = {"x": np.ones((1, 4), np.float32)}
+    np.testing.assert_allclose(_outputs(out, feeds)[0], _outputs(path, feeds)[0], rtol=1e-3)
+
+
+def test_data_free_scheme_smoke_runs_on_the_given_data(tmp_path, monkeypatch):
+    from qconvert import api
+
+    model = _nan_on_zeros_model()
+    path = testing.save(model, tmp_path / "model.onnx")
+    data = testing.write_samples(tmp_path / "data", [{"x": np.full((1, 4), 2.0, np.float32)}])
+    seen = []
+    real_verify = api.verify_model
+    monkeypatch.setattr(
+        api, "verify_model", lambda m, feeds, **kw: (seen.append(feeds), real_verify(m, feeds, **kw))
+    )
+    qconvert.quantize(path, tmp_path / "q.onnx", data=data, config=qconvert.QuantizeConfig(scheme="fp16"))
+    np.testing.assert_array_equal(seen[0]["x"], np.full((1, 4), 2.0, np.float32))
