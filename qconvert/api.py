@@ -579,8 +579,17 @@ def _mixed_note(result: MixedPrecision, samples: int, extra_bytes: int) -> str:
         f"Mixed precision ({' and '.join(wanted)} on {samples} samples): "
         f"{score(result.before)} fully quantized; kept {len(result.kept_float)} node(s) "
         f"float ({names}): {score(result.after)}; target {verdict}. Keeping them float "
-        f"costs {extra_bytes} bytes of float32 weights, and their integer kernels' "
-        "speed-up (measure it with `qconvert compare --latency`)."
+        f"costs {extra_bytes} bytes of float32 weights{_latency_cost(result)}."
+    )
+
+
+def _latency_cost(result: MixedPrecision) -> str:
+    if result.latency_ms is None:
+        return ""
+    full, mixed = result.latency_ms
+    return (
+        f" and latency: {mixed:.3g} ms against {full:.3g} ms fully quantized "
+        f"({mixed / full:.2f}x; 1 thread, median of 30 runs on one sample)"
     )
 
 

@@ -28,10 +28,14 @@ import onnx_ir as ir
 from qconvert import model as model_io
 from qconvert import ops
 from qconvert.dataset import Feeds
+from qconvert.latency import LatencyConfig, measure_latency
 from qconvert.metrics import OutputAccumulator
 from qconvert.passes import FloatInputsPass, InsertQDQPass
 from qconvert.plan import QuantPlan
 from qconvert.runtime import make_session
+
+LATENCY_RUNS = 30
+"""Timed runs behind the latency the mixed-precision note reports."""
 
 PlanFor = Callable[[frozenset[str]], QuantPlan]
 """Plans the model with the given nodes kept float."""
@@ -81,6 +85,9 @@ class MixedPrecision:
     before: Score
     after: Score
     reached: bool
+    latency_ms: tuple[float, float] | None = None
+    """Median 1-thread latency of the fully quantized and the mixed model, when any node
+    was kept float."""
 
 
 class Evaluator:
@@ -101,11 +108,20 @@ class Evaluator:
         self.reference = [session.run(None, feeds) for feeds in self.samples]
         self.reference_accuracy = self._accuracy(self.reference)
 
-    def score(self, plan: QuantPlan) -> Score:
-        """The outputs of the model `plan` quantizes, against the float ones."""
+    def latency_ms(self, plan: QuantPlan) -> float:
+        """Median latency of the model `plan` quantizes, 1 thread, on the first sample."""
+        session = make_session(self._converted(plan), threads=1, quiet=True)
+        config = LatencyConfig(runs=LATENCY_RUNS, warmup=3, threads=1)
+        return measure_latency(session, self.samples[0], config).median_ms
+
+    def _converted(self, plan: QuantPlan) -> bytes:
         converted = InsertQDQPass(plan=plan)(self.prepared.clone()).model
         FloatInputsPass(plan=plan)(converted)
-        session = make_session(model_io.to_bytes(converted), quiet=True)
+        return model_io.to_bytes(converted)
+
+    def score(self, plan: QuantPlan) -> Score:
+        """The outputs of the model `plan` quantizes, against the float ones."""
+        session = make_session(self._converted(plan), quiet=True)
         outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
         worst = math.inf
         for index, name in enumerate(self.output_names):
@@ -159,7 +175,7 @@ def choose_float_nodes(
     on_node: Callable[[], None] = lambda: None,
 ) -> tuple[QuantPlan, MixedPrecision]:
     """The plan keeping the fewest most-sensitive nodes float that meets `target`."""
-    plan = plan_for(frozenset())
+    full = plan = plan_for(frozenset())
     before = evaluator.score(plan)
     after, kept = before, []
     if not target.holds(before):
@@ -169,12 +185,16 @@ def choose_float_nodes(
             after = evaluator.score(plan)
             if target.holds(after):
                 break
+    latency = None
+    if kept:
+        latency = (evaluator.latency_ms(full), evaluator.latency_ms(plan))
     return plan, MixedPrecision(
         target=target,
         kept_float=tuple(kept),
         before=before,
         after=after,
         reached=target.holds(after),
+        latency_ms=latency,
     )
 
 
