@@ -13,10 +13,15 @@ over all samples, so the calibration file is byte-identical:
   every shard runs exactly the batches of the single pass (same inputs, same kernels), and
   the histogram's sampling stride depends only on the size of one run.
 
-Local workers are started with `spawn` (onnxruntime's thread pools do not survive fork) and
-share the cores: intra-op threads = cores // workers. A worker sends progress counts and
-then its observers through one queue; a worker that dies ends the run with
-`CalibrationWorkerError`, and nothing is written.
+- Every session, in every worker, runs the graph unoptimized on the same number of
+  intra-op threads (`CollectSettings.threads`, one by default): onnxruntime's fusions and
+  MLAS's thread partitioning can change a tensor's last bits, so neither may differ
+  between a worker and the single process. Cores are used by workers, not threads: with
+  N workers on C cores, use N = C.
+
+Local workers are started with `spawn` (onnxruntime's thread pools do not survive fork).
+A worker sends progress counts and then its observers through one queue; a worker that
+dies ends the run with `CalibrationWorkerError`, and nothing is written.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import queue as queue_module
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -200,15 +205,6 @@ def merge_shards(
     return merged
 
 
-def local_threads(workers: int) -> int:
-    """Intra-op threads per local worker: the cores this process may use, shared out."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // workers)
-
-
 def run_local(
     work: Work,
     data: DataSpec,
@@ -296,11 +292,6 @@ def _local_worker(work: Work, data: DataSpec, shard: Shard, messages) -> None:
     messages.join_thread()
 
 
-def with_threads(work: Work, threads: int) -> Work:
-    """`work` with onnxruntime's intra-op threads set."""
-    return replace(work, settings=replace(work.settings, threads=threads))
-
-
 def collect_split(
     model: ir.Model,
     source: DirectorySource,
@@ -350,11 +341,10 @@ def collect_split(
             cluster=ray,
             advance=advance,
         )
-        threads = 1
     else:
-        threads = local_threads(workers)
         shards = split(len(source), workers, batch_size=settings.batch_size)
-        results, records = run_local(with_threads(work, threads), data, shards, advance)
+        results, records = run_local(work, data, shards, advance)
         backend = f"{len(shards)} local processes"
     merged = merge_shards(results, tensors)
-    return merged, Split(backend=backend, threads=threads, passes=passes, shards=records)
+    split_ = Split(backend=backend, threads=settings.threads, passes=passes, shards=records)
+    return merged, split_

@@ -37,7 +37,6 @@ from qconvert.calibration.parallel import (
     ShardRecord,
     Work,
     split,
-    with_threads,
 )
 from qconvert.dataset import DirectorySource, Sample
 from qconvert.errors import CalibrationWorkerError, ConfigError, QconvertError
@@ -134,7 +133,7 @@ def _run(ray, work, data, source, shard_count, cluster, advance):
         num_cpus=1, max_retries=cluster.retries, retry_exceptions=False
     )
     counter = ray.remote(num_cpus=0)(_Progress).remote()
-    work_ref = ray.put(with_threads(work, 1))
+    work_ref = ray.put(work)
     refs = {}
     for shard in shards:
         part = list(source.part(shard.start, shard.stop)) if send else data
