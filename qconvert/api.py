@@ -212,6 +212,8 @@ def calibrate(
         workers: split the samples over this many local processes (or, with `ray`, this
             many Ray tasks; 1 there means one per CPU of the cluster). The statistics are
             the same however the work is split; `Calibration.split` says how it was.
+            Local workers are spawned: a script that calls this needs the usual
+            `if __name__ == "__main__":` guard.
         ray: run the shards on this Ray cluster (needs `pip install qconvert[ray]`).
         tensors_per_pass: expose at most this many tensors per pass over the data, to
             bound memory on big graphs (same statistics, one pass per group).

@@ -12,7 +12,6 @@ over all samples, so the calibration file is byte-identical:
   multiples of the batch size, and a batch never crosses such a multiple (`collect`), so
   every shard runs exactly the batches of the single pass (same inputs, same kernels), and
   the histogram's sampling stride depends only on the size of one run.
-
 - Every session, in every worker, runs the graph unoptimized on the same number of
   intra-op threads (`CollectSettings.threads`, one by default): onnxruntime's fusions and
   MLAS's thread partitioning can change a tensor's last bits, so neither may differ
