@@ -6,6 +6,7 @@ process and uses it as it is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -110,3 +111,26 @@ def test_bad_data_in_a_ray_task_names_the_sample(run_cli, tmp_path, tiny_cnn):
     assert len(lines) == 1, result.err
     assert lines[0].startswith(f"Error: Sample '{bad}' could not be read: ")
     assert not out.exists()
+
+
+def test_one_progress_bar_counts_each_sample_once_across_a_retry(
+    tmp_path, tiny_cnn, monkeypatch
+):
+    from qconvert.calibration.ray_backend import RayCluster
+
+    advances, totals = [], []
+
+    class Counting:
+        @contextlib.contextmanager
+        def task(self, description, total):
+            totals.append(total)
+            yield lambda: advances.append(1)
+
+    monkeypatch.setenv(KILL_SHARD_ENV, f"0:{tmp_path / 'killed-once'}")
+    calibration = api.calibrate(
+        tiny_cnn, tmp_path / "calib", ray=RayCluster(), tensors_per_pass=4, progress=Counting()
+    )
+    passes = calibration.split.passes
+    assert passes > 1 and (tmp_path / "killed-once").exists()
+    assert totals == [32 * passes] and len(advances) == 32 * passes
+    assert [record.shard.stop for record in calibration.split.shards] == [16, 32]
