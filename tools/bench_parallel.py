@@ -158,7 +158,8 @@ def main() -> None:
     ]
     print(
         f"model: {args.layers} x (MatMul {WIDTH}x{WIDTH} + Relu) on [1,{TOKENS},{WIDTH}], "
-        f"{len(tensors)} tensors, {n} samples, {cores} cores, best of {args.repeat}"
+        f"{len(tensors)} tensors, {n} samples, {cores} cores, best of {args.repeat}, "
+        f"load average {os.getloadavg()[0]:.1f} (other work on the cores skews the ratios)"
     )
     for label, seconds, note in rows:
         print(f"  {label:<28}{seconds:7.2f} s   {note}")
