@@ -9,7 +9,8 @@ A task gets its samples one of two ways:
 - shared: it opens the data folder itself, by the driver's path (a local cluster, or a file
   system every node mounts at the same path);
 - send: the driver reads the shard's samples and passes them as arrays through Ray's object
-  store (a folder only the driver can read).
+  store (a folder only the driver can read). The whole data set then sits in the object
+  store during the run (Ray spills it to disk when it does not fit in memory).
 
 `auto` reads the folder when every node of the cluster is this machine, and sends the
 samples otherwise.

@@ -69,8 +69,9 @@ from qconvert.cli._options import (
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Split the samples over N local processes (the cores are shared out); with "
-    "--ray, over N Ray tasks [default there: one per CPU]. The file is the same.",
+    help="Split the samples over N local processes, one onnxruntime thread each (on C "
+    "cores, use C); with --ray, over N Ray tasks [default there: one per CPU]. The file "
+    "is the same.",
 )
 @click.option(
     "--ray",
@@ -109,6 +110,7 @@ def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
 
     \b
       qconvert calibrate model.onnx --data calib/ -o model.calib.json
+      qconvert calibrate model.onnx --data calib/ --workers 8
       qconvert calibrate --merge part1.json part2.json -o all.json
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
