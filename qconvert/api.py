@@ -33,6 +33,9 @@ from qconvert.calibration import (
     write_trt_cache,
 )
 from qconvert.calibration.auto import choose_ranges
+from qconvert.calibration.collect import pass_count
+from qconvert.calibration.parallel import DataSpec, collect_split
+from qconvert.calibration.ray_backend import RayCluster
 from qconvert.compare import (
     CompareOptions,
     Comparison,
@@ -738,6 +741,9 @@ def calibrate(
     images: ImagePreprocessing | None = None,
     trt_cache: PathLike | None = None,
     trt_method: RangeMethod = _TRT_METHOD,
+    workers: int = 1,
+    ray: RayCluster | None = None,
+    tensors_per_pass: int | None = None,
     force: bool = False,
     progress: Progress = SILENT,
     limits: LoadLimits = DEFAULT_LIMITS,
@@ -757,10 +763,20 @@ def calibrate(
         images: the preprocessing of an image folder.
         trt_cache: also write the ranges as a TensorRT calibration cache here.
         trt_method: the range method of that cache.
+        workers: split the samples over this many local processes (or, with `ray`, this
+            many Ray tasks; 1 there means one per CPU of the cluster). The statistics are
+            the same however the work is split; `Calibration.split` says how it was.
+            Local workers are spawned: a script that calls this needs the usual
+            `if __name__ == "__main__":` guard.
+        ray: run the shards on this Ray cluster (needs `pip install qconvert[ray]`).
+        tensors_per_pass: expose at most this many tensors per pass over the data, to
+            bound memory on big graphs (same statistics, one pass per group).
         force: overwrite existing output files.
-        progress: receives progress, one step per sample.
+        progress: receives progress, one step per sample and pass.
         limits: bounds the model must respect before its weights are read.
     """
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} must be at least 1.")
     outputs = [Path(p) for p in (output, trt_cache) if p is not None]
     for path in outputs:
         model_io.check_output_path(path, force=force)
@@ -777,9 +793,31 @@ def calibrate(
     source = DirectorySource(data, specs, images=images, limits=limits)
     if samples is not None:
         source = source.subset(samples, seed=seed)
-    settings = CollectSettings(batch_size=batch_size)
-    with progress.task("Calibrating", len(source)) as advance:
-        calibration = _calibrate(model, float_model, source, settings, advance)
+    settings = CollectSettings(batch_size=batch_size, tensors_per_pass=tensors_per_pass)
+    data_spec = DataSpec(
+        folder=str(data), specs=specs, images=images, samples=samples, seed=seed
+    )
+    calibrated = prepare(float_model.clone(), min_opset=1)
+    tensors = tensors_to_calibrate(calibrated)
+    total = len(source) * pass_count(len(tensors), settings)
+    with progress.task("Calibrating", total) as advance:
+        observers, split = collect_split(
+            calibrated,
+            source,
+            tensors,
+            settings=settings,
+            data=data_spec,
+            workers=workers,
+            ray=ray,
+            advance=advance,
+        )
+    calibration = Calibration(
+        model_sha256=model_io.fingerprint(model),
+        model_file=Path(model).name,
+        samples=len(source),
+        observers=observers,
+        split=split,
+    )
     if output is not None:
         model_io.write_atomically(Path(output), calibration.to_json().encode("utf-8"))
     if trt_cache is not None:

@@ -182,6 +182,12 @@ class DirectorySource:
         subset._entries = tuple(self._entries[i] for i in chosen)
         return subset
 
+    def part(self, start: int, stop: int) -> DirectorySource:
+        """Samples `start` to `stop` - 1, in order: one worker's shard."""
+        part = copy.copy(self)
+        part._entries = self._entries[start:stop]
+        return part
+
     def _sample(self, entry: _Entry) -> Sample:
         arrays = entry.read()
         return Sample(

@@ -59,6 +59,10 @@ class CalibrationFileError(QconvertError):
     """A calibration file is missing, corrupt, of a future version, or for another model."""
 
 
+class CalibrationWorkerError(QconvertError):
+    """A calibration worker (a local process or a Ray task) died and its shard is lost."""
+
+
 class OutputError(QconvertError):
     """The output cannot be written (exists without --force, folder missing, disk full)."""
 

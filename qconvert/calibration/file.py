@@ -27,11 +27,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qconvert.calibration.observers import MAX_BINS, TensorObserver, histogram_layout
 from qconvert.errors import CalibrationFileError
+
+if TYPE_CHECKING:
+    from qconvert.calibration.parallel import Split
 
 FORMAT = "qconvert-calibration"
 VERSION = 1
@@ -46,12 +50,15 @@ class Calibration:
         model_file: the model's file name, for people reading the file.
         samples: how many samples were run.
         observers: per tensor name, its statistics.
+        split: how the run that made them was split over workers (not written to the
+            file: the statistics, and so the file, are the same however it was split).
     """
 
     model_sha256: str
     model_file: str
     samples: int
     observers: Mapping[str, TensorObserver]
+    split: Split | None = None
 
     def to_json(self) -> str:
         """The file's text: one line per field, and one line per tensor."""

@@ -64,6 +64,41 @@ from qconvert.cli._options import (
     show_default=True,
     help="The range method of the TensorRT cache.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Split the samples over N local processes, one onnxruntime thread each (on C "
+    "cores, use C); with --ray, over N Ray tasks [default there: one per CPU]. The file "
+    "is the same.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on a Ray cluster: its head's HOST:PORT, ray://HOST:PORT or auto; alone, the "
+    "cluster RAY_ADDRESS names or a new local one. Needs pip install 'qconvert[ray]'. "
+    "Put --ray last, or write --ray=ADDRESS.",
+)
+@click.option(
+    "--ray-data",
+    type=click.Choice(["auto", "shared", "send"]),
+    default="auto",
+    show_default=True,
+    help="How Ray tasks get samples: shared (they read --data, same path on every node), "
+    "send (through Ray's object store), auto (shared when the cluster is this machine).",
+)
+@click.option(
+    "--tensors-per-pass",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Calibrate K tensors per pass over the data, to bound memory on big models. "
+    "[default: all in one pass]",
+)
 @percentile_option
 @image_options
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
@@ -75,10 +110,12 @@ def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
 
     \b
       qconvert calibrate model.onnx --data calib/ -o model.calib.json
+      qconvert calibrate model.onnx --data calib/ --workers 8
       qconvert calibrate --merge part1.json part2.json -o all.json
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
     from qconvert.calibration import RangeMethod
+    from qconvert.calibration.ray_backend import RayCluster
 
     output, force = options.pop("output"), options.pop("force")
     if options.pop("merge"):
@@ -102,6 +139,10 @@ def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
     trt_method = RangeMethod(
         name=options.pop("trt_method"), percentile=options.pop("percentile")
     )
+    ray_address, ray_data = options.pop("ray_address"), options.pop("ray_data")
+    ray = None
+    if ray_address is not None:
+        ray = RayCluster(address=ray_address or None, data=ray_data)
     progress = _console.BarProgress() if _console.interactive() else None
     calibration = api.calibrate(
         model,
@@ -113,6 +154,9 @@ def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
         images=image_preprocessing(options),
         trt_cache=options.pop("trt_cache"),
         trt_method=trt_method,
+        workers=options.pop("workers"),
+        ray=ray,
+        tensors_per_pass=options.pop("tensors_per_pass"),
         force=force,
         **({"progress": progress} if progress else {}),
     )
@@ -120,3 +164,7 @@ def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
         f"calibrated {len(calibration.observers)} tensors on {calibration.samples} samples: "
         f"{output}"
     )
+    split = calibration.split
+    if split is not None and (len(split.shards) > 1 or split.passes > 1):
+        for line in split.describe():
+            _console.stdout.print(line, soft_wrap=True)

@@ -1,0 +1,270 @@
+"""Calibration split over local worker processes and over passes: the same file, always."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SAMPLES
+
+from qconvert import api, testing
+from qconvert import model as model_io
+from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics
+from qconvert.calibration.collect import _batches, tensors_to_calibrate
+from qconvert.calibration.parallel import KILL_SHARD_ENV, merge_shards, split
+from qconvert.dataset import Sample
+from qconvert.passes import prepare
+
+DIGITS = SAMPLES / "digits_cnn"
+
+
+def _calibrate(run_cli, model, data, out, *options):
+    result = run_cli("calibrate", model, "--data", data, "-o", out, *options)
+    assert result.code == 0, result.err
+    return result
+
+
+def _assert_clean_failure(result, out, *fragments, code=3):
+    assert result.code == code, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.fixture(scope="module")
+def digits_single(tmp_path_factory):
+    """digits_cnn's calibration file made in one process: the reference."""
+    out = tmp_path_factory.mktemp("single") / "single.json"
+    api.calibrate(DIGITS / "model.onnx", DIGITS / "calib", output=out)
+    return out
+
+
+@pytest.mark.slow
+def test_two_workers_write_the_single_process_file(run_cli, tmp_path, digits_single):
+    out = tmp_path / "workers.json"
+    result = _calibrate(
+        run_cli, DIGITS / "model.onnx", DIGITS / "calib", out, "--workers", "2"
+    )
+    assert out.read_bytes() == digits_single.read_bytes()
+    # The split is reported: two local processes, one onnxruntime thread each.
+    assert "split: 2 local processes, 1 onnxruntime thread each" in result.out
+    assert "shard 1: samples 0-127" in result.out
+    assert "shard 2: samples 128-255" in result.out
+
+
+@pytest.mark.parametrize("per_pass", ["1", "4"])
+def test_tensors_per_pass_writes_the_single_process_file(
+    run_cli, tmp_path, digits_single, per_pass
+):
+    out = tmp_path / "passes.json"
+    result = _calibrate(
+        run_cli, DIGITS / "model.onnx", DIGITS / "calib", out, "--tensors-per-pass", per_pass
+    )
+    assert out.read_bytes() == digits_single.read_bytes()
+    passes = -(-11 // int(per_pass))  # digits_cnn has 11 calibrated tensors
+    assert f"{passes} passes over the data" in result.out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_dwsep", "digits_transformer"])
+def test_workers_and_passes_together_write_the_single_process_file(run_cli, tmp_path, name):
+    """Depthwise convolutions, attention, LayerNorm (digits_cnn is tested above).
+
+    digits_dwsep's last tensors differ in their last bits when onnxruntime's graph
+    optimizations run (they depend on the tensors exposed in a pass); digits_cnn's differ
+    when a worker runs another thread count than the single process.
+    """
+    model, data = SAMPLES / name / "model.onnx", SAMPLES / name / "calib"
+    single, spread = tmp_path / "single.json", tmp_path / "spread.json"
+    _calibrate(run_cli, model, data, single)
+    _calibrate(run_cli, model, data, spread, "--workers", "2", "--tensors-per-pass", "4")
+    assert spread.read_bytes() == single.read_bytes()
+
+
+@pytest.mark.slow
+def test_workers_batches_and_passes_with_mixed_shapes(run_cli, tmp_path):
+    """Samples of varying length, batched by 3: shards cut inside a run of equal shapes.
+
+    Lengths near 200 make the hidden tensor (16 * L values a sample) big enough to be
+    histogrammed at a stride, so a batch split differently would change the histogram.
+    """
+    proto = testing.sequence_mlp()
+    model = testing.save(proto, tmp_path / "seq.onnx")
+    rng = np.random.default_rng(0)
+    a, b, c = 196, 199, 201
+    lengths = [a, a, a, a, a, b, b, a, a, a, a, a, a, c, c, c, c, a, a, a]
+    testing.write_samples(
+        tmp_path / "calib",
+        [{"tokens": rng.standard_normal((1, n, 8)).astype(np.float32)} for n in lengths],
+    )
+    single, spread = tmp_path / "single.json", tmp_path / "spread.json"
+    _calibrate(run_cli, model, tmp_path / "calib", single, "--batch-size", "3")
+    result = _calibrate(
+        run_cli,
+        model,
+        tmp_path / "calib",
+        spread,
+        *("--batch-size", "3", "--workers", "2", "--tensors-per-pass", "2"),
+    )
+    assert spread.read_bytes() == single.read_bytes()
+    assert "shard 2: samples 9-19" in result.out  # 7 batches of 3: cut after the 3rd
+
+
+def test_shards_are_contiguous_and_cut_at_batch_multiples():
+    assert [(s.start, s.stop) for s in split(10, 3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [(s.start, s.stop) for s in split(20, 2, batch_size=3)] == [(0, 9), (9, 20)]
+    assert [(s.start, s.stop) for s in split(5, 8, batch_size=2)] == [(0, 2), (2, 4), (4, 5)]
+    assert [(s.start, s.stop) for s in split(1, 4)] == [(0, 1)]
+    for total, parts, batch in [(257, 8, 4), (100, 7, 1), (33, 2, 16)]:
+        shards = split(total, parts, batch_size=batch)
+        assert shards[0].start == 0 and shards[-1].stop == total
+        for left, right in itertools.pairwise(shards):
+            assert left.stop == right.start and right.start % batch == 0
+        assert all(s.stop > s.start for s in shards)
+
+
+def test_a_part_starting_at_a_batch_multiple_runs_the_same_batches():
+    """The batching rule that makes shards exact: batches never cross a multiple of B."""
+    shapes = [1, 1, 2, 2, 2, 2, 2, 1, 1, 1, 2]
+    samples = [
+        Sample(f"s{i}", {"x": np.zeros((1, n), np.float32)}) for i, n in enumerate(shapes)
+    ]
+
+    def runs(part, offset=0):
+        spans, position = [], offset
+        for batch in _batches(part, 3):
+            spans.append((position, position + batch.count))
+            position += batch.count
+        return spans
+
+    whole = runs(samples)
+    assert whole == [(0, 2), (2, 3), (3, 6), (6, 7), (7, 9), (9, 10), (10, 11)]
+    for cut in (3, 6, 9):
+        assert runs(samples[:cut]) + runs(samples[cut:], cut) == whole
+
+
+def test_merging_shards_is_exact_in_any_order(tmp_path):
+    """Shard results merged in any order equal one pass: integer bins, order-free min/max."""
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(12)]
+    settings = CollectSettings(histogram_values=50)
+    whole = collect_statistics(model, samples, names, settings=settings)
+    parts = [
+        collect_statistics(model, samples[s.start : s.stop], names, settings=settings)
+        for s in split(len(samples), 4)
+    ]
+    for order in (parts, parts[::-1], [parts[2], parts[0], parts[3], parts[1]]):
+        merged = merge_shards(order, names)
+        for name in names:
+            a, b = merged[name], whole[name]
+            assert (a.min, a.max, a.count, a.exponent, a.first_bin) == (
+                b.min,
+                b.max,
+                b.count,
+                b.exponent,
+                b.first_bin,
+            ), name
+            np.testing.assert_array_equal(a.bins, b.bins)
+    assert isinstance(merged[names[0]], TensorObserver)
+
+
+class _Counting:
+    """A `Progress` that records the totals announced and the advances received."""
+
+    def __init__(self):
+        self.totals, self.advances = [], 0
+
+    def task(self, description, total):
+        import contextlib
+
+        self.totals.append(total)
+
+        @contextlib.contextmanager
+        def context():
+            def advance():
+                self.advances += 1
+
+            yield advance
+
+        return context()
+
+
+@pytest.mark.slow
+def test_progress_of_all_workers_reaches_one_total(tmp_path, tiny_cnn):
+    progress = _Counting()
+    calibration = api.calibrate(
+        tiny_cnn, tmp_path / "calib", workers=2, tensors_per_pass=3, progress=progress
+    )
+    passes = calibration.split.passes
+    assert passes == -(-len(calibration.observers) // 3) and passes > 1
+    assert progress.totals == [32 * passes]
+    assert progress.advances == 32 * passes
+    assert [(r.shard.start, r.shard.stop) for r in calibration.split.shards] == [
+        (0, 16),
+        (16, 32),
+    ]
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_ends_the_run_with_no_file(
+    run_cli, tmp_path, tiny_cnn, monkeypatch
+):
+    monkeypatch.setenv(KILL_SHARD_ENV, "1")
+    out = tmp_path / "out.json"
+    result = run_cli(
+        "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--workers", "2"
+    )
+    _assert_clean_failure(
+        result, out, "worker of shard 2 (samples 16-31) died", "nothing was written"
+    )
+
+
+@pytest.mark.slow
+def test_bad_data_in_a_worker_names_the_sample(run_cli, tmp_path, tiny_cnn):
+    bad = tmp_path / "calib" / "s00020.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    out = tmp_path / "out.json"
+    result = run_cli(
+        "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--workers", "2"
+    )
+    _assert_clean_failure(result, out, str(bad), "could not be read")
+
+
+def test_ray_without_ray_installed_is_a_usage_error(run_cli, tmp_path, tiny_cnn, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
+    out = tmp_path / "out.json"
+    result = run_cli("calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--ray")
+    _assert_clean_failure(result, out, "--ray needs Ray", "qconvert[ray]", code=2)
+
+
+def test_bad_ray_data_mode_and_worker_count_are_usage_errors(run_cli, tmp_path, tiny_cnn):
+    out = tmp_path / "out.json"
+    for options in (("--workers", "0"), ("--ray-data", "nfs"), ("--tensors-per-pass", "0")):
+        result = run_cli(
+            "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, *options
+        )
+        assert result.code == 2, result.err
+        assert options[0] in result.err
+        assert not out.exists()
+
+
+def test_importing_qconvert_does_not_import_ray():
+    code = (
+        "import sys, qconvert, qconvert.api, qconvert.cli.calibrate, "
+        "qconvert.calibration.parallel, qconvert.calibration.ray_backend; "
+        "print('ray' in sys.modules)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "False"
