@@ -167,6 +167,7 @@ def quantize(
     with _timed(timings, "load"):
         float_model = model_io.load_model(model, limits)
         model_io.check_convertible(float_model, model)
+        model_io.fix_input_shapes(float_model, config.input_shapes)
         opset_before = float_model.opset_imports.get("", 1)
         if config.opset is not None and config.opset < opset_before:
             raise ConfigError(
@@ -184,7 +185,14 @@ def quantize(
                 hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
             )
         specs = input_specs(float_model)
-        source = DirectorySource(data, specs, images=images) if calibrating else None
+        # fp16 measures the magnitudes tensors reach when data is given, to keep float32
+        # the nodes whose values would overflow float16.
+        measuring = (
+            isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
+        )
+        source = (
+            DirectorySource(data, specs, images=images) if calibrating or measuring else None
+        )
         calibration = None
         if scheme.needs_calibration and calib is not None:
             calibration = read_calibration(calib)
@@ -198,7 +206,14 @@ def quantize(
                 "This CPU lacks VNNI: onnxruntime's u8 x s8 kernels can saturate here. "
                 "Pass --reduce-range (7-bit weights) for models that will run on it."
             )
-    if source is not None:
+    peaks: dict[str, float] = {}
+    if measuring:
+        with (
+            _timed(timings, "calibrate"),
+            progress.task("Measuring ranges", len(source)) as advance,
+        ):
+            peaks = _float16_peaks(float_model, source, advance)
+    elif source is not None:
         # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
         # other methods histogram exactly as `calibrate` does, so --data equals --calib.
         settings = CollectSettings()
@@ -218,7 +233,7 @@ def quantize(
         with _timed(timings, "ranges"):
             ranges = derive_ranges(calibration.observers, range_method)
     with _timed(timings, "plan"):
-        plan = _plan(prepared, scheme, config, selection, ranges)
+        plan = _plan(prepared, scheme, config, selection, ranges, peaks)
         plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
     with _timed(timings, "rewrite"):
         converted = _rewrite(prepared, plan, config, qdq_domain)
@@ -292,6 +307,7 @@ def _plan(
     config: QuantizeConfig,
     selection: NodeSelection,
     ranges: dict,
+    peaks: dict[str, float],
 ) -> QuantPlan:
     if isinstance(scheme, StaticScheme):
         plan = make_plan(
@@ -302,7 +318,9 @@ def _plan(
         return make_dynamic_plan(
             model, scheme, selection=selection, overrides=config.overrides
         )
-    return make_float16_plan(model, scheme, selection=selection, overrides=config.overrides)
+    return make_float16_plan(
+        model, scheme, selection=selection, overrides=config.overrides, peaks=peaks
+    )
 
 
 def _rewrite(
@@ -337,9 +355,7 @@ def _with_notes(
             f"The model was upgraded from opset {opset_before} to {opset_after} with the "
             "ONNX version converter."
         )
-    int16 = any(
-        decision.qparams.dtype.itemsize == 2 for decision in plan.tensors.values()
-    )
+    int16 = any(decision.qparams.dtype.itemsize == 2 for decision in plan.tensors.values())
     if int16:
         where = (
             f"onnxruntime's {_MICROSOFT} QuantizeLinear/DequantizeLinear (the upgrade to "
@@ -452,6 +468,32 @@ def merge(
     if output is not None:
         model_io.write_atomically(Path(output), merged.to_json().encode("utf-8"))
     return merged
+
+
+def _float16_peaks(float_model, source: DirectorySource, advance) -> dict[str, float]:
+    """The largest magnitude each float32 tensor computed by a node reaches on `source`."""
+    measured = prepare(float_model.clone(), min_opset=1)
+    names = [
+        value.name
+        for node in measured.graph
+        for value in node.outputs
+        if value.name and value.dtype == ir.DataType.FLOAT
+    ]
+    names += [
+        value.name for value in measured.graph.inputs if value.dtype == ir.DataType.FLOAT
+    ]
+    observers = collect_statistics(
+        measured,
+        source,
+        names,
+        settings=CollectSettings(histogram_values=0),
+        on_sample=advance,
+    )
+    return {
+        name: max(abs(observer.min), abs(observer.max))
+        for name, observer in observers.items()
+        if observer.count
+    }
 
 
 def _calibrate(

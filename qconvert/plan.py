@@ -839,13 +839,17 @@ def make_float16_plan(
     *,
     selection: NodeSelection | None = None,
     overrides: Overrides | None = None,
+    peaks: Mapping[str, float] | None = None,
 ) -> QuantPlan:
     """Plans fp16 (nodes computing in float16) or fp16-weights (float16 initializers).
 
     A node stays float32 when the op policy table blocks it (no float16 form, float32-only
     inputs, values that overflow float16), when one of its weights exceeds the float16
-    range (|w| > 65504), or when the selection or an override leaves it float.
+    range (|w| > 65504), when a tensor it reads or writes reached beyond that range on the
+    data (`peaks`: the largest magnitude of each tensor, measured when data is given), or
+    when the selection or an override leaves it float.
     """
+    peaks = peaks or {}
     selection = selection or NodeSelection()
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=False, scheme=scheme.name)
@@ -858,6 +862,7 @@ def make_float16_plan(
             _skip_reason(node, selection, overrides)
             or ops.float16_refusal(node, opset)
             or _weight_out_of_float16_range(node)
+            or _beyond_float16_on_data(node, peaks)
         )
         if reason is None:
             converted.add(name)
@@ -905,6 +910,17 @@ def _weight_out_of_float16_range(node: ir.Node) -> str | None:
         if array is not None and array.dtype == np.float32 and array.size:
             if float(np.max(np.abs(array))) > FLOAT16_MAX:
                 return f"its weight '{value.name}' exceeds the float16 range (65504)"
+    return None
+
+
+def _beyond_float16_on_data(node: ir.Node, peaks: Mapping[str, float]) -> str | None:
+    for value in (*node.inputs, *node.outputs):
+        peak = peaks.get(value.name) if value is not None else None
+        if peak is not None and peak > FLOAT16_MAX:
+            return (
+                f"'{value.name}' reaches {peak:.4g} on the data, beyond float16's 65504: "
+                "stays float32"
+            )
     return None
 
 

@@ -487,3 +487,46 @@ def test_every_scheme_loads_the_structures_int8_accepts(tmp_path, build, feeds, 
     out = tmp_path / "q.onnx"
     qconvert.quantize(path, out, config=QuantizeConfig(scheme=scheme))
     assert testing.output_sqnr(path, out, samples) > 25.0
+
+
+def test_fp16_keeps_float32_where_the_data_overflows_float16(tmp_path):
+    """A layer whose outputs reach ~1e5 on real data: float16 would write inf there.
+
+    (onnxruntime's CPU provider computes many float16 ops in float32 and may hide it; a GPU
+    does not, so the check is on what runs in float16.)
+    """
+    rng = np.random.default_rng(0)
+    model = _model(
+        [
+            h.make_node("MatMul", ["input", "w"], ["big"], name="expand"),
+            h.make_node("Add", ["big", "b"], ["shifted"], name="shift"),
+            h.make_node("Mul", ["shifted", "k"], ["small"], name="shrink"),
+            h.make_node("MatMul", ["small", "w2"], ["output"], name="head"),
+        ],
+        [
+            nh.from_array((rng.standard_normal((16, 16)) * 1e4).astype(np.float32), "w"),
+            nh.from_array(np.full(16, 10.0, np.float32), "b"),
+            nh.from_array(np.array(1e-4, np.float32), "k"),
+            nh.from_array((rng.standard_normal((16, 4)) * 0.5).astype(np.float32), "w2"),
+        ],
+        [h.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+        [h.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
+    )
+    samples = _samples((1, 16), 8)
+    path = testing.save(model, tmp_path / "model.onnx")
+    calib = testing.write_samples(tmp_path / "calib", samples)
+    fp16 = QuantizeConfig(scheme="fp16")
+    blind = qconvert.quantize(path, tmp_path / "blind.onnx", config=fp16)
+    assert "expand" not in _float_reasons(blind)  # without data it would run in float16
+    peak = max(
+        float(np.abs(f["input"] @ nh.to_array(model.graph.initializer[0])).max())
+        for f in samples
+    )
+    assert peak > 65504
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(path, out, data=calib, config=fp16)
+    reasons = _float_reasons(report)
+    assert reasons["expand"].startswith("'big' reaches ")
+    assert "beyond float16's 65504: stays float32" in reasons["shift"]
+    assert "head" not in reasons  # back in range: float16
+    assert testing.output_sqnr(path, out, samples) > 40.0

@@ -1,0 +1,89 @@
+"""--input-shape: fixing a model's dynamic input dims before planning."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from qconvert import testing
+
+
+def _sequence_model(tmp_path, lengths=(5, 5, 5)):
+    model = testing.sequence_mlp()
+    path = testing.save(model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    testing.write_samples(
+        tmp_path / "calib",
+        [{"tokens": rng.standard_normal((1, n, 8)).astype(np.float32)} for n in lengths],
+    )
+    return path
+
+
+def _input_dims(path) -> list:
+    value = onnx.load_model(str(path)).graph.input[0]
+    return [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp16"])
+def test_input_shape_fixes_dynamic_dims(run_cli, tmp_path, scheme):
+    path = _sequence_model(tmp_path)
+    out = tmp_path / "q.onnx"
+    result = run_cli(
+        "quantize",
+        path,
+        "--data",
+        tmp_path / "calib",
+        "--scheme",
+        scheme,
+        "--input-shape",
+        "tokens:1x5x8",
+        "-o",
+        out,
+    )
+    assert result.code == 0, result.err
+    assert _input_dims(out) == [1, 5, 8]
+    assert _input_dims(path) == ["N", "L", 8]  # the input model is untouched
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("tokens", "--input-shape 'tokens' is not NAME:DIMS"),
+        ("tokens:1xax8", "--input-shape 'tokens:1xax8' is not NAME:DIMS"),
+        ("tokens:1x0x8", "--input-shape 'tokens:1x0x8' is not NAME:DIMS"),
+        ("words:1x5x8", "--input-shape names input 'words', which the model does not have"),
+        ("tokens:1x5", "--input-shape gives input 'tokens' 2 dims; the model gives it 3"),
+        (
+            "tokens:1x5x9",
+            "--input-shape sets dim 2 of input 'tokens' to 9; the model fixes it at 8",
+        ),
+    ],
+)
+def test_bad_input_shapes_are_usage_errors(run_cli, tmp_path, option, message):
+    path = _sequence_model(tmp_path)
+    out = tmp_path / "q.onnx"
+    result = run_cli(
+        "quantize", path, "--data", tmp_path / "calib", "--input-shape", option, "-o", out
+    )
+    assert result.code == 2, result.err
+    assert message in result.err
+    assert not out.exists()
+
+
+def test_samples_that_do_not_fit_the_fixed_shape_are_refused(run_cli, tmp_path):
+    path = _sequence_model(tmp_path, lengths=(5, 7))
+    out = tmp_path / "q.onnx"
+    result = run_cli(
+        "quantize",
+        path,
+        "--data",
+        tmp_path / "calib",
+        "--input-shape",
+        "tokens:1x5x8",
+        "-o",
+        out,
+    )
+    assert result.code == 3, result.err
+    assert "tokens" in result.err
+    assert not out.exists()
