@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from qconvert import model as model_io
@@ -44,6 +45,7 @@ from qconvert.dataset import (
     DirectorySource,
     Feeds,
     ImagePreprocessing,
+    InputSpec,
     Sample,
     input_specs,
     synthetic_sample,
@@ -69,7 +71,7 @@ from qconvert.passes import (
 from qconvert.plan import QuantPlan, make_dynamic_plan, make_float16_plan, make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
-from qconvert.runtime import resolve_provider
+from qconvert.runtime import describe_error, make_session, resolve_provider
 from qconvert.saved_outputs import SavedOutputs
 from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
@@ -239,18 +241,27 @@ def quantize(
         converted = _rewrite(prepared, plan, config, qdq_domain)
         DropIntermediateShapesPass()(converted)
         converted.producer_name = "qconvert"
-    feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
+    if source is None and data is not None:  # data a scheme does not calibrate on
+        source = DirectorySource(data, specs, images=images)
+    nonfinite: frozenset[str] = frozenset()
+    if source is not None:
+        feeds = source.first().feeds
+    else:
+        feeds = synthetic_sample(specs).feeds
+        nonfinite = _check_synthetic_sample(model, specs, feeds)
     feeds = _as_input_types(converted, feeds)
+
+    def verify(staged: bytes | str) -> None:
+        verify_model(staged, feeds, nonfinite_in_float=nonfinite)
+
     if external:
         with _timed(timings, "save"):  # the model is verified in place before the rename
-            model_io.save_with_external_data(
-                converted, output, verify=lambda staged: verify_model(staged, feeds)
-            )
+            model_io.save_with_external_data(converted, output, verify=verify)
         converted_for_compare: bytes | str = str(output)
     else:
         with _timed(timings, "verify"):
             converted_bytes = model_io.to_bytes(converted)
-            verify_model(converted_bytes, feeds)
+            verify(converted_bytes)
         with _timed(timings, "save"):
             model_io.write_atomically(output, converted_bytes)
         converted_for_compare = converted_bytes
@@ -470,6 +481,53 @@ def merge(
     return merged
 
 
+def _measurable(value: ir.Value) -> bool:
+    # Scalars (often shape arithmetic) cannot be bound as calibration outputs, and cannot
+    # hold a layer's activations anyway.
+    return (
+        value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) > 0
+    )
+
+
+def _check_synthetic_sample(
+    model: PathLike, specs: tuple[InputSpec, ...], feeds: dict[str, np.ndarray]
+) -> frozenset[str]:
+    """Runs the float model on the zeros qconvert verifies with when no data is given.
+
+    Returns the outputs that are already NaN or Inf in float (all-zero attention masks do
+    that), which verification then does not hold against the converted model.
+
+    Raises:
+        UnsupportedModelError: the float model cannot run on them (dynamic dims set to 1
+            do not fit it), naming the dynamic inputs and the options that help.
+    """
+    try:
+        session = make_session(str(model), quiet=True)
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        dynamic = [spec for spec in specs if any(d is None for d in spec.dims)]
+        if not dynamic:
+            raise UnsupportedModelError(
+                f"Model '{model}' does not run on zeros of its input shapes, the smoke "
+                f"sample used without data: {describe_error(exc)}",
+                hint="pass --data DIR with real samples.",
+            ) from None
+        example = dynamic[0]
+        dims = "x".join("1" if d is None else str(d) for d in example.dims)
+        raise UnsupportedModelError(
+            f"Model '{model}' does not run on the smoke sample used without data (zeros, "
+            f"with the dynamic dims of {', '.join(repr(s.name) for s in dynamic)} set to "
+            f"1): {describe_error(exc)}",
+            hint=f"pass --data DIR, or fix the dims with --input-shape "
+            f"{example.name}:{dims} (with the sizes the model takes).",
+        ) from None
+    return frozenset(
+        meta.name
+        for meta, array in zip(session.get_outputs(), outputs, strict=True)
+        if np.issubdtype(np.asarray(array).dtype, np.floating) and not np.isfinite(array).all()
+    )
+
+
 def _float16_peaks(float_model, source: DirectorySource, advance) -> dict[str, float]:
     """The largest magnitude each float32 tensor computed by a node reaches on `source`."""
     measured = prepare(float_model.clone(), min_opset=1)
@@ -477,11 +535,9 @@ def _float16_peaks(float_model, source: DirectorySource, advance) -> dict[str, f
         value.name
         for node in measured.graph
         for value in node.outputs
-        if value.name and value.dtype == ir.DataType.FLOAT
+        if value.name and _measurable(value)
     ]
-    names += [
-        value.name for value in measured.graph.inputs if value.dtype == ir.DataType.FLOAT
-    ]
+    names += [value.name for value in measured.graph.inputs if _measurable(value)]
     observers = collect_statistics(
         measured,
         source,

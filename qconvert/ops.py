@@ -8,6 +8,8 @@ Four kinds of op matter to the planner:
    QLinearConcat, QLinearSoftmax, ...). The rule says which inputs are activations, which
    are weights (and along which axis a weight gets one scale per output channel), and which
    is the bias. Add/Mul/Concat take a constant operand as integers of the activation type.
+   Ops without weights run quantized only on the integer chain (a quantized input flows
+   in, and an op that can run quantized reads the output): the planner checks that.
    Gather from a constant table (an embedding) stores the table as int8 per row
    (`GATHER_EMBEDDING`); Gather on activations passes through.
 2. Pass-through ops (`PASS_THROUGH`): they move or select values without computing new

@@ -45,6 +45,11 @@ from qconvert.selection import NodeSelection
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
+_UNCALIBRATED = (
+    "calibration has no range for its input '{name}' (a tensor the opset upgrade added, or "
+    "a calibration of another model): stays float"
+)
+
 MIXED_RANGE_RATIO = 100.0
 """A Concat whose inputs' ranges differ by more than this factor stays float."""
 
@@ -354,6 +359,14 @@ class _Planner:
                 "writes a graph output, and there is no integer kernel without a quantized "
                 "output: stays float"
             )
+        for index in rule.weights:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if (
+                value is not None
+                and constant_array(value) is None
+                and self._uncalibrated(value)
+            ):
+                return _UNCALIBRATED.format(name=value.name)
         if rule.output and not rule.weights and self._feeds_mixed_concat(node.outputs[0]):
             return "feeds only a mixed-range Concat, which stays float: stays float"
         constants = [constant_array(node.inputs[i]) is not None for i in activations]
@@ -365,6 +378,8 @@ class _Planner:
             value = node.inputs[index]
             if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
                 return f"input {index} is {value.dtype.name.lower()}, not float32: stays float"
+            if not constant and self._uncalibrated(value):
+                return _UNCALIBRATED.format(name=value.name)
             seen = self.ranges.get(value.name)
             if not constant and seen is not None and seen.min == seen.max == 0.0:
                 # No scale fits a tensor never seen non-zero, and the bias would be stored
@@ -372,16 +387,31 @@ class _Planner:
                 return f"input {index} is zero on every sample: stays float"
         return None
 
+    def _chain_refusal(self, node: ir.Node, rule: ops.QuantizedOpRule) -> str | None:
+        """Why an op without weights gains nothing from running quantized here, or None."""
+        if not rule.weights and not any(
+            self.tensors.get(node.inputs[i].name, None) is not None
+            and self.tensors[node.inputs[i].name].role is Role.ACTIVATION
+            for i in _activation_indices(node, rule)
+        ):
+            # No quantized value flows in: Q/DQ pairs on every input would cost more than
+            # the integer kernel saves.
+            return "no quantized input flows into it: stays float"
+        if not rule.weights and rule.output and not _feeds_quantized(node.outputs[0]):
+            # Its output would be dequantized at once for a float reader: no integer chain.
+            return "only float ops read its output: stays float"
+        return None
+
     def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
-        refusal = self._refusal(node, rule)
+        if node.name in self.mixed:
+            self._hold_float(node, self.mixed[node.name])
+            self.notes.append(f"{node.name}: {self.mixed[node.name]}")
+            return
+        refusal = self._refusal(node, rule) or self._chain_refusal(node, rule)
         if refusal is not None:
             self._decide(node, False, refusal)
             if rule.weights:
                 self.float_readers.add(node.name or "")
-            return
-        if node.name in self.mixed:
-            self._hold_float(node, self.mixed[node.name])
-            self.notes.append(f"{node.name}: {self.mixed[node.name]}")
             return
         scheme = self._node_scheme(node)
         for index in _activation_indices(node, rule):
@@ -405,6 +435,10 @@ class _Planner:
             self._plan_output(node)
         label = "quantized" if scheme is self.scheme else f"quantized as {scheme.name}"
         self._decide(node, True, label)
+
+    def _uncalibrated(self, value: ir.Value) -> bool:
+        """A tensor calibration never saw: one the opset upgrade added, say."""
+        return value.name not in self.ranges and value.name not in self.tensors
 
     def _feeds_mixed_concat(self, value: ir.Value) -> bool:
         """Whether `value` only reaches mixed-range Concats, which read float.
@@ -617,6 +651,7 @@ class _Planner:
             or output.name in self.tensors
             or self._overridden_float(output)
             or self._feeds_mixed_concat(output)
+            or output.name not in self.ranges
         ):
             return
         shared = self._shared_concat_params(output)
@@ -660,6 +695,17 @@ class _Planner:
         self.tensors[output.name] = TensorDecision(
             output.name, Role.ACTIVATION, params, f"output of {node.name}"
         )
+
+
+def _feeds_quantized(value: ir.Value) -> bool:
+    """Whether an op that may run quantized reads `value` (looking through Relu/Clip)."""
+    for node in value.consumers():
+        if node.op_type in ops.CLAMPS:
+            if _feeds_quantized(node.outputs[0]):
+                return True
+        elif ops.quantized_rule(node) is not None or node.op_type in ops.PASS_THROUGH:
+            return True
+    return False
 
 
 def _activation_indices(node: ir.Node, rule: ops.QuantizedOpRule) -> tuple[int, ...]:

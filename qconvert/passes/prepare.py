@@ -268,6 +268,7 @@ def prepare(model: ir.Model, *, min_opset: int) -> ir.Model:
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             HoistSubgraphInitializersPass(),
             UpgradeOpsetPass(min_opset=min_opset),
+            NameFixPass(),  # values the opset converter added have no names
             FoldConstantChainsPass(),
             FoldBatchNormPass(),
             ShapeInferencePass(),
