@@ -219,8 +219,9 @@ def is_quantizable(op_type: str) -> bool:
     return op_type in QUANTIZED or op_type == "Gather"
 
 
-DYNAMIC: frozenset[str] = frozenset({"MatMul", "Gemm", "LSTM"})
-"""LSTM becomes onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 W and R)."""
+DYNAMIC: frozenset[str] = frozenset({"MatMul", "Gemm", "LSTM", "Gather"})
+"""LSTM becomes onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 W and R); Gather from
+a constant table (embeddings) reads an int8 table through DequantizeLinear."""
 
 DYNAMIC_FLOAT_REASONS: dict[str, str] = {
     "Conv": "int8-dynamic leaves Conv float: ConvInteger is slower than float on CPU",

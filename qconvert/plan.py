@@ -774,6 +774,7 @@ def make_dynamic_plan(
     selection = selection or NodeSelection()
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=False, scheme=scheme.name)
+    opset = model.opset_imports.get("", 1)
     tensors: dict[str, TensorDecision] = {}
     nodes: list[NodeDecision] = []
     for node in model.graph:
@@ -782,10 +783,12 @@ def make_dynamic_plan(
         if reason is not None:
             nodes.append(NodeDecision(name, node.op_type, False, reason))
             continue
-        weights = node.inputs[1:3] if node.op_type == "LSTM" else node.inputs[1:2]
+        weights = {"LSTM": node.inputs[1:3], "Gather": node.inputs[0:1]}.get(
+            node.op_type, node.inputs[1:2]
+        )
         for weight in weights:
             if weight.name not in tensors:
-                tensors[weight.name] = _dynamic_weight(node, weight, scheme)
+                tensors[weight.name] = _dynamic_weight(node, weight, scheme, opset)
         nodes.append(NodeDecision(name, node.op_type, True, "quantized dynamically"))
     return QuantPlan(
         scheme=scheme,
@@ -813,6 +816,11 @@ def _dynamic_notes(nodes: list[NodeDecision]) -> tuple[str, ...]:
             "int8-dynamic: each LSTM became com.microsoft DynamicQuantizeLSTM (int8 W and R, "
             "X and H quantized at every step)."
         )
+    if "Gather" in done:
+        notes.append(
+            "int8-dynamic: each embedding table read by Gather is stored as int8 (one scale "
+            "per row) and read through DequantizeLinear."
+        )
     if "GRU" in present:
         notes.append("int8-dynamic leaves GRU float: onnxruntime has no such kernel.")
     if "Conv" in present:
@@ -823,8 +831,13 @@ def _dynamic_notes(nodes: list[NodeDecision]) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _dynamic_weight(node: ir.Node, weight: ir.Value, scheme: DynamicScheme) -> TensorDecision:
-    """int8 symmetric parameters of one weight of a MatMul, Gemm or LSTM.
+def _dynamic_weight(
+    node: ir.Node, weight: ir.Value, scheme: DynamicScheme, opset: int
+) -> TensorDecision:
+    """int8 symmetric parameters of one weight of a MatMul, Gemm, LSTM or Gather.
+
+    Gather's table: one scale per row (per-axis DequantizeLinear needs opset 13; below,
+    one per table).
 
     MatMul/Gemm: one scale per output column (the last axis of B, the first when Gemm
     transposes it). LSTM's W and R, (directions, 4 x hidden, K): one scale per row of
@@ -833,7 +846,10 @@ def _dynamic_weight(node: ir.Node, weight: ir.Value, scheme: DynamicScheme) -> T
     """
     array = constant_array(weight)
     name = node.name or ""
-    if node.op_type == "LSTM":
+    if node.op_type == "Gather":
+        axis = 0 if scheme.per_channel and opset >= 13 else None
+        granularity = "per row" if axis is not None else "per tensor"
+    elif node.op_type == "LSTM":
         if scheme.per_channel:
             array = array.reshape(-1, array.shape[-1])
         axis: int | None = 0
@@ -857,6 +873,15 @@ def _dynamic_refusal(node: ir.Node) -> str | None:
         return "not in the op table: stays float"
     if node.domain not in ("", "ai.onnx"):
         return "custom domain: stays float"
+    if node.op_type == "Gather":
+        table = constant_array(node.inputs[0])
+        if table is None:
+            return "Gather on activations: stays float"
+        if table.dtype != np.float32 or table.ndim < 2:
+            return "its table is not a float32 matrix: stays float"
+        if any(reader.op_type != "Gather" for reader in node.inputs[0].consumers()):
+            return "its table is shared with another op (tied weights): stays float"
+        return None
     if node.op_type == "LSTM":
         arrays = [constant_array(v) for v in node.inputs[1:3]]
         if any(a is None or a.dtype != np.float32 or a.ndim != 3 for a in arrays):

@@ -222,6 +222,42 @@ def test_batchnorm_folds_into_gemm_and_conv_transpose(tmp_path, build, shape, we
     assert axis == weight_axis
 
 
+def _embedding_model(rng) -> onnx.ModelProto:
+    table = (rng.standard_normal((1000, 64)) * 0.5).astype(np.float32)
+    return _model(
+        [
+            h.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+            h.make_node("MatMul", ["emb", "w"], ["hid"], name="mm"),
+            h.make_node("Gather", ["hid", "pick"], ["picked"], name="pick_token", axis=1),
+            h.make_node("MatMul", ["picked", "w2"], ["output"], name="head"),
+        ],
+        [
+            nh.from_array(table, "table"),
+            nh.from_array((rng.standard_normal((64, 16)) * 0.3).astype(np.float32), "w"),
+            nh.from_array(np.array(0, np.int64), "pick"),
+            nh.from_array((rng.standard_normal((16, 4)) * 0.3).astype(np.float32), "w2"),
+        ],
+        [h.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+        [h.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
+    )
+
+
+def test_int8_dynamic_stores_embedding_tables_as_int8(tmp_path):
+    rng = np.random.default_rng(0)
+    path = testing.save(_embedding_model(rng), tmp_path / "model.onnx")
+    samples = [{"ids": rng.integers(0, 1000, (1, 6)).astype(np.int64)} for _ in range(8)]
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(path, out, config=QuantizeConfig(scheme="int8-dynamic"))
+    assert report.conversion.quantized_ops == {"Gather": 1, "MatMul": 2}
+    assert _float_reasons(report)["pick_token"] == "Gather on activations: stays float"
+    graph = onnx.load_model(str(out)).graph
+    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear")
+    assert _initializers(out)[dq.input[0]].dtype == np.int8
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 0
+    assert out.stat().st_size <= 0.30 * path.stat().st_size
+    assert testing.output_sqnr(path, out, samples) > 25.0
+
+
 def test_embedding_table_is_int8_per_row_and_gather_on_activations_passes_through(tmp_path):
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((1000, 64)) * 0.5).astype(np.float32)
