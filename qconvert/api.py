@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qconvert import model as model_io
-from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.calibration import (
     Calibration,
     CollectSettings,
@@ -66,16 +66,7 @@ from qconvert.gates import NO_GATES, Gates, check_gates
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.latency import LatencyConfig
 from qconvert.layers import expose
-from qconvert.passes.bias_correct import (
-    channel_means,
-    correct_biases,
-    correctable_nodes,
-    input_axis,
-)
-from qconvert.passes.adaround import adaround, adaround_nodes, gram_matrices
-from qconvert.passes.equalize import EqualizePass
-from qconvert.passes.smooth import channel_absmax, smooth, smooth_sites
-from qconvert.runtime import make_session
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import (
     CastToFloat16Pass,
     DropIntermediateShapesPass,
@@ -86,10 +77,19 @@ from qconvert.passes import (
     StoreWeightsAsFloat16Pass,
     prepare,
 )
+from qconvert.passes.adaround import adaround, adaround_nodes, gram_matrices
+from qconvert.passes.bias_correct import (
+    channel_means,
+    correct_biases,
+    correctable_nodes,
+    input_axis,
+)
+from qconvert.passes.equalize import EqualizePass
+from qconvert.passes.smooth import channel_absmax, smooth, smooth_sites
 from qconvert.plan import QuantPlan, make_dynamic_plan, make_float16_plan, make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
-from qconvert.runtime import resolve_provider
+from qconvert.runtime import describe_error, make_session, resolve_provider
 from qconvert.saved_outputs import SavedOutputs
 from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
@@ -210,6 +210,7 @@ def quantize(
     with _timed(timings, "load"):
         float_model = model_io.load_model(model, limits)
         model_io.check_convertible(float_model, model)
+        model_io.fix_input_shapes(float_model, config.input_shapes)
         opset_before = float_model.opset_imports.get("", 1)
         if config.opset is not None and config.opset < opset_before:
             raise ConfigError(
@@ -227,7 +228,14 @@ def quantize(
                 hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
             )
         specs = input_specs(float_model)
-        source = DirectorySource(data, specs, images=images, limits=limits) if calibrating else None
+        # fp16 measures the magnitudes tensors reach when data is given, to keep float32
+        # the nodes whose values would overflow float16.
+        measuring = (
+            isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
+        )
+        source = (
+            DirectorySource(data, specs, images=images, limits=limits) if calibrating or measuring else None
+        )
         calibration = None
         if scheme.needs_calibration and calib is not None:
             calibration = read_calibration(calib)
@@ -251,7 +259,14 @@ def quantize(
         with _timed(timings, "smooth"):
             float_model, smooth_notes = _smooth(float_model, source, config.smooth_quant)
         equalize_notes = (*equalize_notes, *smooth_notes)
-    if source is not None:
+    peaks: dict[str, float] = {}
+    if measuring:
+        with (
+            _timed(timings, "calibrate"),
+            progress.task("Measuring ranges", len(source)) as advance,
+        ):
+            peaks = _float16_peaks(float_model, source, advance)
+    elif source is not None:
         # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
         # other methods histogram exactly as `calibrate` does, so --data equals --calib.
         settings = CollectSettings()
@@ -272,7 +287,7 @@ def quantize(
         with _timed(timings, "ranges"):
             ranges, range_choices = _derive_ranges(calibration, range_method)
     with _timed(timings, "plan"):
-        plan = _plan(prepared, scheme, config, selection, ranges)
+        plan = _plan(prepared, scheme, config, selection, ranges, peaks)
     if mixed:
         with (
             _timed(timings, "mixed precision"),
@@ -296,19 +311,27 @@ def quantize(
         converted = _rewrite(prepared, plan, config, qdq_domain)
         DropIntermediateShapesPass()(converted)
         converted.producer_name = "qconvert"
-    feeds = _as_input_types(converted, _smoke_sample(source, data, evaluation, specs, images, limits))
+    if source is None and data is not None:  # data a scheme does not calibrate on
+        source = DirectorySource(data, specs, images=images, limits=limits)
+    nonfinite: frozenset[str] = frozenset()
+    if source is not None:
+        feeds = source.first().feeds
+    else:
+        feeds = synthetic_sample(specs).feeds
+        nonfinite = _check_synthetic_sample(model, specs, feeds)
+    feeds = _as_input_types(converted, feeds)
+
+    def verify(staged: bytes | str) -> None:
+        verify_model(staged, feeds, nonfinite_in_float=nonfinite)
+
     if external:
         with _timed(timings, "save"):  # the model is verified in place before the rename
-            model_io.save_with_external_data(
-                converted,
-                output,
-                verify=lambda staged: verify_model(staged, feeds, reference=str(model)),
-            )
+            model_io.save_with_external_data(converted, output, verify=verify)
         converted_for_compare: bytes | str = str(output)
     else:
         with _timed(timings, "verify"):
             converted_bytes = model_io.to_bytes(converted)
-            verify_model(converted_bytes, feeds, reference=str(model))
+            verify(converted_bytes)
         with _timed(timings, "save"):
             model_io.write_atomically(output, converted_bytes)
         converted_for_compare = converted_bytes
@@ -643,6 +666,7 @@ def _plan(
     config: QuantizeConfig,
     selection: NodeSelection,
     ranges: dict,
+    peaks: dict[str, float],
 ) -> QuantPlan:
     if isinstance(scheme, StaticScheme):
         plan = make_plan(
@@ -653,7 +677,9 @@ def _plan(
         return make_dynamic_plan(
             model, scheme, selection=selection, overrides=config.overrides
         )
-    return make_float16_plan(model, scheme, selection=selection, overrides=config.overrides)
+    return make_float16_plan(
+        model, scheme, selection=selection, overrides=config.overrides, peaks=peaks
+    )
 
 
 def _rewrite(
@@ -688,9 +714,7 @@ def _with_notes(
             f"The model was upgraded from opset {opset_before} to {opset_after} with the "
             "ONNX version converter."
         )
-    int16 = any(
-        decision.qparams.dtype.itemsize == 2 for decision in plan.tensors.values()
-    )
+    int16 = any(decision.qparams.dtype.itemsize == 2 for decision in plan.tensors.values())
     if int16:
         where = (
             f"onnxruntime's {_MICROSOFT} QuantizeLinear/DequantizeLinear (the upgrade to "
@@ -838,6 +862,77 @@ def merge(
     if output is not None:
         model_io.write_atomically(Path(output), merged.to_json().encode("utf-8"))
     return merged
+
+
+def _measurable(value: ir.Value) -> bool:
+    # Scalars (often shape arithmetic) cannot be bound as calibration outputs, and cannot
+    # hold a layer's activations anyway.
+    return (
+        value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) > 0
+    )
+
+
+def _check_synthetic_sample(
+    model: PathLike, specs: tuple[InputSpec, ...], feeds: dict[str, np.ndarray]
+) -> frozenset[str]:
+    """Runs the float model on the zeros qconvert verifies with when no data is given.
+
+    Returns the outputs that are already NaN or Inf in float (all-zero attention masks do
+    that), which verification then does not hold against the converted model.
+
+    Raises:
+        UnsupportedModelError: the float model cannot run on them (dynamic dims set to 1
+            do not fit it), naming the dynamic inputs and the options that help.
+    """
+    try:
+        session = make_session(str(model), quiet=True)
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        dynamic = [spec for spec in specs if any(d is None for d in spec.dims)]
+        if not dynamic:
+            raise UnsupportedModelError(
+                f"Model '{model}' does not run on zeros of its input shapes, the smoke "
+                f"sample used without data: {describe_error(exc)}",
+                hint="pass --data DIR with real samples.",
+            ) from None
+        example = dynamic[0]
+        dims = "x".join("1" if d is None else str(d) for d in example.dims)
+        raise UnsupportedModelError(
+            f"Model '{model}' does not run on the smoke sample used without data (zeros, "
+            f"with the dynamic dims of {', '.join(repr(s.name) for s in dynamic)} set to "
+            f"1): {describe_error(exc)}",
+            hint=f"pass --data DIR, or fix the dims with --input-shape "
+            f"{example.name}:{dims} (with the sizes the model takes).",
+        ) from None
+    return frozenset(
+        meta.name
+        for meta, array in zip(session.get_outputs(), outputs, strict=True)
+        if np.issubdtype(np.asarray(array).dtype, np.floating) and not np.isfinite(array).all()
+    )
+
+
+def _float16_peaks(float_model, source: DirectorySource, advance) -> dict[str, float]:
+    """The largest magnitude each float32 tensor computed by a node reaches on `source`."""
+    measured = prepare(float_model.clone(), min_opset=1)
+    names = [
+        value.name
+        for node in measured.graph
+        for value in node.outputs
+        if value.name and _measurable(value)
+    ]
+    names += [value.name for value in measured.graph.inputs if _measurable(value)]
+    observers = collect_statistics(
+        measured,
+        source,
+        names,
+        settings=CollectSettings(histogram_values=0),
+        on_sample=advance,
+    )
+    return {
+        name: max(abs(observer.min), abs(observer.max))
+        for name, observer in observers.items()
+        if observer.count
+    }
 
 
 def _calibrate(
@@ -1074,23 +1169,6 @@ def _checked_for_both(
         yield sample
 
 
-def _smoke_sample(
-    source: DirectorySource | None,
-    data: PathLike | None,
-    evaluation: DirectorySource | None,
-    specs: tuple[InputSpec, ...],
-    images: ImagePreprocessing | None,
-    limits: LoadLimits,
-) -> Feeds:
-    """The sample the written model is smoke-run on: real data wherever the user gave some
-    (a data-free scheme still takes --data for this), zeros only as a last resort."""
-    if source is not None:
-        return source.first().feeds
-    if data is not None:
-        return DirectorySource(data, specs, images=images, limits=limits).first().feeds
-    if evaluation is not None:
-        return evaluation.first().feeds
-    return synthetic_sample(specs).feeds
 
 
 @contextmanager

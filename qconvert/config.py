@@ -63,6 +63,8 @@ class QuantizeConfig:
         smooth_quant: SmoothQuant's alpha in [0, 1]: migrate activation outliers after
             LayerNormalization into the MatMul weights that read them (`passes.smooth`);
             None: off.
+        input_shapes: (input name, dims) pairs fixing a model's dynamic input dims before
+            planning (`--input-shape name:1x3x224x224`); the written model keeps them.
     """
 
     scheme: str = "int8"
@@ -80,6 +82,7 @@ class QuantizeConfig:
     bias_correction: bool = False
     adaround: bool = False
     smooth_quant: float | None = None
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -94,6 +97,17 @@ class QuantizeConfig:
             ) from None
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "include_only", tuple(self.include_only))
+        shapes = tuple((name, tuple(int(d) for d in dims)) for name, dims in self.input_shapes)
+        object.__setattr__(self, "input_shapes", shapes)
+        names = [name for name, _ in shapes]
+        for name, dims in shapes:
+            if not dims or any(d < 1 for d in dims):
+                raise ConfigError(
+                    f"--input-shape for '{name}' needs positive sizes, not {dims}.",
+                    hint="write it as input:1x3x224x224.",
+                )
+            if names.count(name) > 1:
+                raise ConfigError(f"--input-shape is given twice for input '{name}'.")
         preset = SCHEMES[self.scheme]
         if self.format is Format.QOP and self.scheme != "int8":
             raise ConfigError(
@@ -209,3 +223,22 @@ class QuantizeConfig:
     def target_opset(self) -> int:
         """The opset to upgrade the model to (it is never lowered)."""
         return self.opset if self.opset is not None else self.min_opset
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """`name:1x3x224x224` -> ("name", (1, 3, 224, 224)).
+
+    Raises:
+        ConfigError: when the text is not NAME:DIMS with positive sizes.
+    """
+    name, separator, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split("x"))
+    except ValueError:
+        shape = ()
+    if not separator or not name or not shape or any(d < 1 for d in shape):
+        raise ConfigError(
+            f"--input-shape '{text}' is not NAME:DIMS.",
+            hint="write it as input:1x3x224x224 (positive sizes separated by x).",
+        )
+    return name, shape

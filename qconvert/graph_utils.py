@@ -32,3 +32,17 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     for node in graph:
         values.update((output.name, output) for output in node.outputs)
     return values
+
+
+def subgraph_nodes(node: ir.Node) -> list[ir.Node]:
+    """Every node inside the subgraphs a node holds (If branches, Loop/Scan bodies)."""
+    nodes = []
+    for attribute in node.attributes.values():
+        graphs = []
+        if attribute.type == ir.AttributeType.GRAPH:
+            graphs = [attribute.value]
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            graphs = list(attribute.value)
+        for graph in graphs:
+            nodes.extend(ir.traversal.RecursiveGraphIterator(graph))
+    return nodes

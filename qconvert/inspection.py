@@ -53,9 +53,11 @@ def summarize(model: ir.Model) -> ModelSummary:
 
 def _quantizable(node: ir.Node) -> bool:
     """Whether the int8 scheme would quantize this node, judged from the graph alone."""
-    rule = ops.QUANTIZED.get(node.op_type)
+    rule = ops.quantized_rule(node)
     if rule is None:
         return False
+    if not rule.weights:
+        return True  # Add, Concat, Sigmoid, ...: activations only
     # A MatMul of two activations (attention) is quantized too; other ops need a weight.
     return node.op_type == "MatMul" or any(
         index < len(node.inputs) and constant_array(node.inputs[index]) is not None

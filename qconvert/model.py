@@ -32,7 +32,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qconvert import ops
-from qconvert.errors import ModelLoadError, OutputError, UnsupportedModelError
+from qconvert.errors import ConfigError, ModelLoadError, OutputError, UnsupportedModelError
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 
 _HASH_CHUNK = 1 << 20
@@ -338,3 +338,36 @@ _ELEMENT_BYTES = {
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def fix_input_shapes(
+    model: ir.Model, shapes: tuple[tuple[str, tuple[int, ...]], ...]
+) -> None:
+    """Gives the named graph inputs the fixed `shapes` (`--input-shape`), in place.
+
+    Raises:
+        ConfigError: for an input the model lacks, a different rank, or a dim the model
+            already fixes at another size.
+    """
+    inputs = {value.name: value for value in model.graph.inputs if not value.is_initializer()}
+    for name, dims in shapes:
+        value = inputs.get(name)
+        if value is None:
+            raise ConfigError(
+                f"--input-shape names input '{name}', which the model does not have.",
+                hint=f"its inputs are: {', '.join(inputs) or 'none'}.",
+            )
+        current = value.shape
+        if current is not None:
+            if len(current) != len(dims):
+                raise ConfigError(
+                    f"--input-shape gives input '{name}' {len(dims)} dims; the model gives "
+                    f"it {len(current)}."
+                )
+            for axis, (old, new) in enumerate(zip(current, dims, strict=True)):
+                if isinstance(old, int) and old >= 0 and old != new:
+                    raise ConfigError(
+                        f"--input-shape sets dim {axis} of input '{name}' to {new}; the "
+                        f"model fixes it at {old}."
+                    )
+        value.shape = ir.Shape(dims)

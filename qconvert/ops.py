@@ -1,20 +1,27 @@
 """The op policy table: how each op type takes part in quantization.
 
-Three kinds of op matter to the planner:
+Four kinds of op matter to the planner:
 
 1. Quantized ops (`QUANTIZED`): their float inputs are read through DequantizeLinear and
    their output is written through QuantizeLinear, so onnxruntime fuses each group into one
-   integer kernel (QLinearConv, QLinearMatMul, QGemm, ...). The rule says which inputs are
-   activations, which are weights (and along which axis a weight gets one scale per output
-   channel), and which is the bias.
+   integer kernel (the rule's `kernel`: QLinearConv, QLinearMatMul, QGemm, QLinearAdd,
+   QLinearConcat, QLinearSoftmax, ...). The rule says which inputs are activations, which
+   are weights (and along which axis a weight gets one scale per output channel), and which
+   is the bias. Add/Mul/Concat take a constant operand as integers of the activation type.
+   Ops without weights run quantized only on the integer chain (a quantized input flows
+   in, and an op that can run quantized reads the output): the planner checks that.
+   Gather from a constant table (an embedding) stores the table as int8 per row
+   (`GATHER_EMBEDDING`); Gather on activations passes through.
 2. Pass-through ops (`PASS_THROUGH`): they move or select values without computing new
-   ones, so their output reuses their input's parameters exactly: onnxruntime then runs
+   ones, so their outputs reuse their input's parameters exactly: onnxruntime then runs
    them on int8 data with no extra rounding.
 3. Clamps (`CLAMPS`): Relu and Clip right after a quantized op. Where the output's zero
    point and range make the clamp a no-op of QuantizeLinear's saturation, the clamp is
    dropped and the quantization of its output absorbs it.
+4. Float on purpose (`FLOAT_REASONS`): each with the reason the report gives
+   (LayerNormalization, HardSwish, control flow, ...).
 
-Every other op stays float.
+Every other op stays float, and the report lists it as not in the op table.
 
 The other schemes read their own rows:
 
@@ -29,7 +36,7 @@ The other schemes read their own rows:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import onnx
@@ -50,34 +57,138 @@ def _last_axis(node: ir.Node, rank: int) -> int:
     return rank - 1
 
 
+def _second_axis(node: ir.Node, rank: int) -> int:
+    # ConvTranspose's weight is (C_in, C_out / group, k...): the output channel is axis 1.
+    return 1
+
+
+ALL_INPUTS = -1
+"""In `activations`: every input of a variadic op (Concat)."""
+
+
 @dataclass(frozen=True, slots=True)
 class QuantizedOpRule:
     """How one op type is quantized.
 
     Attributes:
-        activations: indices of inputs quantized as activations (from calibration).
+        activations: indices of inputs quantized as activations (from calibration), or
+            (ALL_INPUTS,) for every input.
         weights: index of a constant input quantized as a weight, mapped to a function of
             (node, rank) giving its per-channel axis. A weight input that is not constant
             is quantized as an activation instead (as in attention's activation x
             activation MatMul).
         bias: (bias input, activation input, weight input): the bias is stored as int32
             at scale activation scale x weight scale.
+        constant_operands: a constant among `activations` (Add(x, c), Mul(x, c)) is stored
+            as integers with activation parameters from its own values, so both operands
+            have the type the integer kernel (QLinearAdd, QLinearMul) wants.
+        output: the output is quantized too. Without a quantized output there is no
+            integer kernel: such an op writing a graph output stays float.
+        kernel: what onnxruntime fuses the `DQ -> op -> Q` group into.
     """
 
     activations: tuple[int, ...]
-    weights: dict[int, Callable[[ir.Node, int], int]]
+    weights: dict[int, Callable[[ir.Node, int], int]] = field(default_factory=dict)
     bias: tuple[int, int, int] | None = None
+    constant_operands: bool = False
+    output: bool = True
+    kernel: str = ""
 
+
+_UNARY = (0,)
 
 QUANTIZED: dict[str, QuantizedOpRule] = {
-    "Conv": QuantizedOpRule(activations=(0,), weights={1: _first_axis}, bias=(2, 0, 1)),
-    "Gemm": QuantizedOpRule(activations=(0,), weights={1: _gemm_weight_axis}, bias=(2, 0, 1)),
-    "MatMul": QuantizedOpRule(activations=(0,), weights={1: _last_axis}),
+    "Conv": QuantizedOpRule(_UNARY, {1: _first_axis}, bias=(2, 0, 1), kernel="QLinearConv"),
+    "ConvTranspose": QuantizedOpRule(
+        _UNARY, {1: _second_axis}, bias=(2, 0, 1), kernel="none on CPU: int8 weights only"
+    ),
+    "Gemm": QuantizedOpRule(_UNARY, {1: _gemm_weight_axis}, bias=(2, 0, 1), kernel="QGemm"),
+    "MatMul": QuantizedOpRule(_UNARY, {1: _last_axis}, kernel="QLinearMatMul"),
+    "Add": QuantizedOpRule((0, 1), constant_operands=True, kernel="QLinearAdd"),
+    "Mul": QuantizedOpRule((0, 1), constant_operands=True, kernel="QLinearMul"),
+    "Concat": QuantizedOpRule((ALL_INPUTS,), kernel="QLinearConcat"),
+    "AveragePool": QuantizedOpRule(_UNARY, kernel="QLinearAveragePool"),
+    "GlobalAveragePool": QuantizedOpRule(_UNARY, kernel="QLinearGlobalAveragePool"),
+    "LeakyRelu": QuantizedOpRule(_UNARY, kernel="QLinearLeakyRelu"),
+    "Sigmoid": QuantizedOpRule(_UNARY, kernel="QLinearSigmoid"),
+    "Softmax": QuantizedOpRule(_UNARY, kernel="QLinearSoftmax"),
 }
 
-PASS_THROUGH: frozenset[str] = frozenset(
-    {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+GATHER_EMBEDDING = QuantizedOpRule(
+    (), {0: _first_axis}, output=False, kernel="(DequantizeLinear of the rows)"
 )
+"""Gather from a constant table (an embedding): the table is stored as int8, one scale per
+row; the gathered rows are written in float (they usually feed a LayerNormalization)."""
+
+
+def quantized_rule(node: ir.Node) -> QuantizedOpRule | None:
+    """The rule that quantizes this node, or None when it is not quantized as an op."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Gather" and node.inputs and node.inputs[0] is not None:
+        data = node.inputs[0]
+        if data.const_value is not None and not data.is_graph_input():
+            return GATHER_EMBEDDING
+        return None  # Gather on activations passes quantization through
+    return QUANTIZED.get(node.op_type)
+
+
+PASS_THROUGH: frozenset[str] = frozenset(
+    {
+        "MaxPool",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Split",
+        "Slice",
+        "Resize",
+        "Pad",
+        "Gather",
+        "DepthToSpace",
+        "SpaceToDepth",
+    }
+)
+"""Only input 0 (the data) carries the quantized values; the others are shapes, indices,
+scales or pads. Every float output reuses input 0's parameters (Split has several)."""
+
+INTEGER_PASS_THROUGH: frozenset[str] = frozenset(
+    {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather"}
+)
+"""Pass-through ops the qop format runs directly on the integers (one output, and
+onnxruntime has int8/uint8 kernels for them)."""
+
+FLOAT_REASONS: dict[str, str] = {
+    "LayerNormalization": "normalizes by per-sample statistics and has no integer kernel "
+    "in onnxruntime; it reads its input in float (quantizing it would only add rounding) "
+    "and stays float",
+    "InstanceNormalization": "normalizes by per-sample statistics and has no integer "
+    "kernel in onnxruntime: stays float",
+    "BatchNormalization": "not after a foldable Conv/Gemm/ConvTranspose: stays float",
+    "LSTM": "recurrent: quantized by --scheme int8-dynamic (DynamicQuantizeLSTM); stays "
+    "float in the static schemes",
+    "GRU": "recurrent, and onnxruntime has no quantized GRU kernel: stays float",
+    "If": "holds subgraphs, which the static schemes do not plan: its branches stay float",
+    "Loop": "holds a subgraph, which the static schemes do not plan: its body stays float",
+    "Scan": "holds a subgraph, which the static schemes do not plan: its body stays float",
+    "HardSigmoid": "onnxruntime fuses no integer kernel for it (nor HardSwish): a Q/DQ "
+    "pair would only add rounding and time, so it stays float",
+    "HardSwish": "onnxruntime fuses no integer kernel for it: stays float",
+    "Exp": "an unbounded output no fixed scale fits: stays float",
+    "Div": "no integer kernel in onnxruntime: stays float",
+    "Sub": "no integer kernel in onnxruntime: stays float",
+}
+"""Ops the static schemes leave float on purpose, each with the reason the report gives.
+Any op in none of these tables stays float as 'not in the op table'."""
+
+
+def float_reason(node: ir.Node) -> str:
+    """Why the static schemes leave a node float when no rule quantizes it."""
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom domain '{node.domain}': stays float"
+    return FLOAT_REASONS.get(node.op_type, "not in the op table: stays float")
+
 
 CLAMPS: frozenset[str] = frozenset({"Relu", "Clip"})
 
@@ -105,11 +216,12 @@ def clamp_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 def is_quantizable(op_type: str) -> bool:
     """True when the planner may quantize nodes of this type."""
-    return op_type in QUANTIZED
+    return op_type in QUANTIZED or op_type == "Gather"
 
 
-DYNAMIC: frozenset[str] = frozenset({"MatMul", "Gemm", "LSTM"})
-"""LSTM becomes onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 W and R)."""
+DYNAMIC: frozenset[str] = frozenset({"MatMul", "Gemm", "LSTM", "Gather"})
+"""LSTM becomes onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 W and R); Gather from
+a constant table (embeddings) reads an int8 table through DequantizeLinear."""
 
 DYNAMIC_FLOAT_REASONS: dict[str, str] = {
     "Conv": "int8-dynamic leaves Conv float: ConvInteger is slower than float on CPU",

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
 from qconvert.errors import CalibrationDataError, OverrideFileError
-from qconvert.graph_utils import constant_array, values_by_name
+from qconvert.graph_utils import constant_array, subgraph_nodes, values_by_name
 from qconvert.overrides import FLOAT, Overrides
 from qconvert.schemes import (
     INT8,
@@ -44,6 +44,14 @@ from qconvert.schemes import (
 from qconvert.selection import NodeSelection
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+_UNCALIBRATED = (
+    "calibration has no range for its input '{name}' (a tensor the opset upgrade added, or "
+    "a calibration of another model): stays float"
+)
+
+MIXED_RANGE_RATIO = 100.0
+"""A Concat whose inputs' ranges differ by more than this factor stays float."""
 
 
 class Role(str, Enum):
@@ -96,6 +104,10 @@ class QuantPlan:
         format: how the result is written: qdq, qop, dynamic or float16.
         float16_tensors: initializers stored as float16 (fp16 and fp16-weights).
         notes: facts about the run the report states (what was done, and caveats).
+        float_readers: float nodes that read the float tensors, not their dequantized
+            copies: the nodes the user left float, and float nodes with weights, which
+            onnxruntime would otherwise fuse with a DequantizeLinear input into an
+            integer kernel.
     """
 
     scheme: Scheme
@@ -105,6 +117,7 @@ class QuantPlan:
     format: str = "qdq"
     float16_tensors: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    float_readers: frozenset[str] = frozenset()
 
     def quantized_nodes(self) -> tuple[NodeDecision, ...]:
         """The nodes that run on quantized inputs (or in float16)."""
@@ -205,34 +218,102 @@ class _Planner:
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
         self.folds: list[ClampFold] = []
+        self.notes: list[str] = []
+        # Tensors downstream of a mixed-range Concat, with the reason they stay float.
+        self.held_float: dict[str, str] = {}
+        self.float_readers: set[str] = set()
+        self.feeds_mixed: dict[str, bool] = {}
 
     def run(self) -> QuantPlan:
+        self.mixed = {
+            node.name: reason
+            for node in self.graph
+            if node.op_type == "Concat" and (reason := self._mixed_range(node)) is not None
+        }
         for node in self.graph:
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
             skip = self._skip_reason(node)
+            rule = ops.quantized_rule(node)
+            if skip is not None or node.name in self.mixed:
+                self.float_readers.add(node.name or "")
             if skip is not None:
                 self._decide(node, False, skip)
-            elif node.op_type in ops.QUANTIZED:
-                self._plan_quantized(node, ops.QUANTIZED[node.op_type])
+            elif (held := self._held_float_input(node)) is not None:
+                self._hold_float(node, held)
+            elif rule is not None:
+                self._plan_quantized(node, rule)
             elif node.op_type in ops.PASS_THROUGH:
                 self._plan_pass_through(node)
             else:
-                self._decide(node, False, "not in the op table: stays float")
+                self._decide(node, False, ops.float_reason(node))
+        self._plan_subgraph_weights()
         return QuantPlan(
             scheme=self.scheme,
             tensors=MappingProxyType(dict(self.tensors)),
             nodes=tuple(self.nodes.values()),
             folds=tuple(self.folds),
+            notes=tuple(self.notes),
+            float_readers=frozenset(self.float_readers),
         )
 
     def _skip_reason(self, node: ir.Node) -> str | None:
         return _skip_reason(node, self.selection, self.overrides, self.excluded)
 
+    def _plan_subgraph_weights(self) -> None:
+        """Stores the weights of the ops inside If/Loop/Scan bodies as int8.
+
+        Calibration runs the main graph and cannot see the tensors inside subgraphs, so
+        their activations stay float; their weights (main-graph initializers after
+        preparation) are stored as int8 and read through DequantizeLinear from the outer
+        scope: the file shrinks, the arithmetic stays float.
+        """
+        for holder in self.graph:
+            if holder.op_type not in ("If", "Loop", "Scan") or self._skip_reason(holder):
+                continue
+            count = 0
+            for node in subgraph_nodes(holder):
+                rule = ops.quantized_rule(node)
+                if rule is None or self._skip_reason(node) is not None:
+                    continue
+                for index, axis_of in rule.weights.items():
+                    value = node.inputs[index] if index < len(node.inputs) else None
+                    weights = constant_array(value)
+                    if (
+                        weights is None
+                        or weights.dtype != np.float32
+                        or value.name not in self.graph.initializers
+                        or self._overridden_float(value)
+                    ):
+                        continue
+                    self._plan_weight(node, value, axis_of, self.scheme)
+                    count += 1
+            if count:
+                reason = (
+                    f"holds subgraphs: {count} weight(s) inside stored as int8; the ops "
+                    "there compute in float (calibration cannot see tensors inside "
+                    "subgraphs)"
+                )
+                self._decide(holder, False, reason)
+                self.notes.append(f"{holder.name}: {reason}.")
+
     def _decide(self, node: ir.Node, quantized: bool, reason: str) -> None:
         self.nodes[node.name or ""] = NodeDecision(
             node.name or "", node.op_type, quantized, reason
         )
+
+    def _held_float_input(self, node: ir.Node) -> str | None:
+        """The reason a node downstream of a mixed-range Concat stays float, if it is."""
+        for value in node.inputs:
+            if value is not None and value.name in self.held_float:
+                return self.held_float[value.name]
+        return None
+
+    def _hold_float(self, node: ir.Node, reason: str) -> None:
+        """Leaves `node` float, and everything that reads its outputs, for `reason`."""
+        self._decide(node, False, reason)
+        for output in node.outputs:
+            self.held_float[output.name] = reason
 
     def _node_scheme(self, node: ir.Node) -> StaticScheme:
         """The run's scheme, or the one an override file sets for this node."""
@@ -264,30 +345,81 @@ class _Planner:
     def _overridden_float(self, value: ir.Value | None) -> bool:
         return value is not None and self.overrides.tensors.get(value.name or "") == FLOAT
 
-    def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
+    def _refusal(self, node: ir.Node, rule: ops.QuantizedOpRule) -> str | None:
+        """Why a node the table would quantize stays float, or None."""
+        activations = _activation_indices(node, rule)
         involved = [
-            node.inputs[i] for i in (*rule.activations, *rule.weights) if i < len(node.inputs)
+            node.inputs[i] for i in (*activations, *rule.weights) if i < len(node.inputs)
         ]
         forced = next((v for v in involved if self._overridden_float(v)), None)
         if forced is not None:
-            self._decide(
-                node, False, f"its input '{forced.name}' is set to float by an override"
+            return f"its input '{forced.name}' is set to float by an override"
+        if rule.output and not rule.weights and node.outputs[0].is_graph_output():
+            return (
+                "writes a graph output, and there is no integer kernel without a quantized "
+                "output: stays float"
             )
-            return
-        scheme = self._node_scheme(node)
-        for index in rule.activations:
-            if constant_array(node.inputs[index]) is not None:
-                # All-constant arithmetic is folded by onnxruntime; quantizing it gains nothing.
-                self._decide(node, False, f"input {index} is a constant: stays float")
-                return
-            seen = self.ranges.get(node.inputs[index].name)
-            if seen is not None and seen.min == seen.max == 0.0:
+        for index in rule.weights:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if (
+                value is not None
+                and constant_array(value) is None
+                and self._uncalibrated(value)
+            ):
+                return _UNCALIBRATED.format(name=value.name)
+        if rule.output and not rule.weights and self._feeds_mixed_concat(node.outputs[0]):
+            return "feeds only a mixed-range Concat, which stays float: stays float"
+        constants = [constant_array(node.inputs[i]) is not None for i in activations]
+        if (activations and all(constants)) or (any(constants) and not rule.constant_operands):
+            # All-constant arithmetic is folded by onnxruntime; quantizing it gains nothing.
+            index = activations[constants.index(True)]
+            return f"input {index} is a constant: stays float"
+        for index, constant in zip(activations, constants, strict=True):
+            value = node.inputs[index]
+            if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
+                return f"input {index} is {value.dtype.name.lower()}, not float32: stays float"
+            if not constant and self._uncalibrated(value):
+                return _UNCALIBRATED.format(name=value.name)
+            seen = self.ranges.get(value.name)
+            if not constant and seen is not None and seen.min == seen.max == 0.0:
                 # No scale fits a tensor never seen non-zero, and the bias would be stored
                 # at an arbitrary one; the node is cheap to leave alone.
-                self._decide(node, False, f"input {index} is zero on every sample: stays float")
-                return
-        for index in rule.activations:
-            self._plan_activation(node.inputs[index], f"input of {node.name}")
+                return f"input {index} is zero on every sample: stays float"
+        return None
+
+    def _chain_refusal(self, node: ir.Node, rule: ops.QuantizedOpRule) -> str | None:
+        """Why an op without weights gains nothing from running quantized here, or None."""
+        if not rule.weights and not any(
+            self.tensors.get(node.inputs[i].name, None) is not None
+            and self.tensors[node.inputs[i].name].role is Role.ACTIVATION
+            for i in _activation_indices(node, rule)
+        ):
+            # No quantized value flows in: Q/DQ pairs on every input would cost more than
+            # the integer kernel saves.
+            return "no quantized input flows into it: stays float"
+        if not rule.weights and rule.output and not _feeds_quantized(node.outputs[0]):
+            # Its output would be dequantized at once for a float reader: no integer chain.
+            return "only float ops read its output: stays float"
+        return None
+
+    def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
+        if node.name in self.mixed:
+            self._hold_float(node, self.mixed[node.name])
+            self.notes.append(f"{node.name}: {self.mixed[node.name]}")
+            return
+        refusal = self._refusal(node, rule) or self._chain_refusal(node, rule)
+        if refusal is not None:
+            self._decide(node, False, refusal)
+            if rule.weights:
+                self.float_readers.add(node.name or "")
+            return
+        scheme = self._node_scheme(node)
+        for index in _activation_indices(node, rule):
+            value = node.inputs[index]
+            if constant_array(value) is not None:
+                self._plan_constant_operand(node, value)
+            else:
+                self._plan_activation(value, f"input of {node.name}")
         weight_params: dict[int, qparams.QParams] = {}
         for index, axis_of in rule.weights.items():
             value = node.inputs[index] if index < len(node.inputs) else None
@@ -299,9 +431,108 @@ class _Planner:
                 weight_params[index] = self._plan_weight(node, value, axis_of, scheme)
         if rule.bias is not None:
             self._plan_bias(node, rule.bias, weight_params)
-        self._plan_output(node)
+        if rule.output:
+            self._plan_output(node)
         label = "quantized" if scheme is self.scheme else f"quantized as {scheme.name}"
         self._decide(node, True, label)
+
+    def _uncalibrated(self, value: ir.Value) -> bool:
+        """A tensor calibration never saw: one the opset upgrade added, say."""
+        return value.name not in self.ranges and value.name not in self.tensors
+
+    def _feeds_mixed_concat(self, value: ir.Value) -> bool:
+        """Whether `value` only reaches mixed-range Concats, which read float.
+
+        Directly, or through ops with no weights (Sigmoid, Mul, ...) that then stay float
+        too: quantizing the tensors on the way would only add rounding to the small input.
+        """
+        if value.name in self.feeds_mixed:
+            return self.feeds_mixed[value.name]
+        self.feeds_mixed[value.name] = False  # a cycle-safe default while deciding
+        consumers = value.consumers()
+        answer = bool(consumers) and not value.is_graph_output()
+        for node in consumers:
+            if not answer:
+                break
+            if node.name in self.mixed:
+                continue
+            rule = ops.quantized_rule(node)
+            answer = (
+                rule is not None
+                and not rule.weights
+                and len(node.outputs) == 1
+                and self._feeds_mixed_concat(node.outputs[0])
+            )
+        self.feeds_mixed[value.name] = answer
+        return answer
+
+    def _mixed_range(self, concat: ir.Node) -> str | None:
+        """Why a Concat's inputs cannot share one scale, or None when they can.
+
+        One scale serves the concatenated tensor; when one input spans 100 times the range
+        of another (box coordinates in pixels beside class scores in 0..1), that scale
+        rounds the small input to a few levels, or to zero.
+        """
+        widths = {}
+        for value in concat.inputs:
+            seen = self.ranges.get(value.name) if value is not None else None
+            if seen is not None:
+                widths[value.name] = max(abs(seen.min), abs(seen.max))
+        if len(widths) < 2 or min(widths.values()) <= 0.0:
+            return None
+        widest = max(widths, key=widths.__getitem__)
+        narrowest = min(widths, key=widths.__getitem__)
+        ratio = widths[widest] / widths[narrowest]
+        if ratio <= MIXED_RANGE_RATIO:
+            return None
+        return (
+            f"mixed-range Concat: input '{widest}' spans {ratio:.0f}x the range of "
+            f"'{narrowest}', so one scale would round the latter away; it and what follows "
+            "stay float"
+        )
+
+    def _shared_concat_params(self, value: ir.Value) -> tuple[str, qparams.QParams] | None:
+        """The parameters of the Concat that reads `value`, when `value` should share them.
+
+        Inputs quantized with the Concat output's parameters make the concatenation a copy
+        of integers (no rescale). That holds when `value`'s only reader is that Concat and
+        the Concat is quantized with ranges of comparable size.
+        """
+        consumers = value.consumers()
+        if len(consumers) != 1 or consumers[0].op_type != "Concat":
+            return None
+        concat = consumers[0]
+        output = concat.outputs[0]
+        if (
+            self._skip_reason(concat) is not None
+            or self._refusal(concat, ops.QUANTIZED["Concat"]) is not None
+            or concat.name in self.mixed
+            or any(v is not None and v.name in self.held_float for v in concat.inputs)
+            or self._overridden_float(output)
+            or self.overrides.tensor_dtype(value.name or "") is not None
+            or output.name not in self.ranges
+        ):
+            return None
+        return concat.name or "", self._activation_params(output, output.name)
+
+    def _plan_constant_operand(self, node: ir.Node, value: ir.Value) -> None:
+        """A constant operand of Add/Mul/Concat, stored as integers of the activation type."""
+        if value.name in self.tensors:
+            return
+        array = constant_array(value).astype(np.float64)
+        scheme = self._tensor_scheme(value)
+        params = qparams.range_qparams(
+            float(array.min(initial=0.0)),
+            float(array.max(initial=0.0)),
+            scheme.activation_dtype,
+            symmetric=scheme.activation_symmetric or scheme.activation_dtype.itemsize == 2,
+        )
+        self.tensors[value.name] = TensorDecision(
+            value.name,
+            Role.WEIGHT,
+            params,
+            f"constant operand of {node.name}, per tensor in the activation type",
+        )
 
     def _plan_pass_through(self, node: ir.Node) -> None:
         source = node.inputs[0] if node.inputs else None
@@ -309,16 +540,16 @@ class _Planner:
         if decision is None or decision.role is not Role.ACTIVATION:
             self._decide(node, False, "its input is float: stays float")
             return
-        output = node.outputs[0]
-        if output.is_graph_output() or self._overridden_float(output):
+        if any(o.is_graph_output() or self._overridden_float(o) for o in node.outputs):
             self._decide(node, False, "writes a float output: stays float")
             return
-        self.tensors[output.name] = TensorDecision(
-            output.name,
-            Role.ACTIVATION,
-            decision.qparams,
-            f"shares the parameters of {source.name}",
-        )
+        for output in node.outputs:
+            self.tensors[output.name] = TensorDecision(
+                output.name,
+                Role.ACTIVATION,
+                decision.qparams,
+                f"shares the parameters of {source.name}",
+            )
         self._decide(node, True, "passes quantized values through")
 
     def _plan_activation(self, value: ir.Value | None, reason: str) -> qparams.QParams | None:
@@ -326,7 +557,12 @@ class _Planner:
             return None
         if value.name in self.tensors:
             return self.tensors[value.name].qparams
-        params = self._activation_params(value, value.name)
+        shared = self._shared_concat_params(value)
+        if shared is not None:
+            concat, params = shared
+            reason = f"{reason}, shares the parameters of {concat}'s output"
+        else:
+            params = self._activation_params(value, value.name)
         self.tensors[value.name] = TensorDecision(value.name, Role.ACTIVATION, params, reason)
         return params
 
@@ -414,14 +650,28 @@ class _Planner:
             output.is_graph_output()
             or output.name in self.tensors
             or self._overridden_float(output)
+            or self._feeds_mixed_concat(output)
+            or output.name not in self.ranges
         ):
+            return
+        shared = self._shared_concat_params(output)
+        if shared is not None:
+            concat, params = shared
+            self.tensors[output.name] = TensorDecision(
+                output.name,
+                Role.ACTIVATION,
+                params,
+                f"output of {node.name}, shares the parameters of {concat}'s output",
+            )
             return
         chain = _clamp_chain(output)
         # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
         # is quantized with the Clip's output range, not the Relu's wider one. An excluded
         # clamp stays a node of its own, so the run stops before it.
         for position, clamp in enumerate(chain):
-            if self._skip_reason(clamp) is not None or self._overridden_float(clamp.outputs[0]):
+            if self._skip_reason(clamp) is not None or self._overridden_float(
+                clamp.outputs[0]
+            ):
                 chain = chain[:position]
                 break
         for length in range(len(chain), 0, -1):
@@ -445,6 +695,25 @@ class _Planner:
         self.tensors[output.name] = TensorDecision(
             output.name, Role.ACTIVATION, params, f"output of {node.name}"
         )
+
+
+def _feeds_quantized(value: ir.Value) -> bool:
+    """Whether an op that may run quantized reads `value` (looking through Relu/Clip)."""
+    for node in value.consumers():
+        if node.op_type in ops.CLAMPS:
+            if _feeds_quantized(node.outputs[0]):
+                return True
+        elif ops.quantized_rule(node) is not None or node.op_type in ops.PASS_THROUGH:
+            return True
+    return False
+
+
+def _activation_indices(node: ir.Node, rule: ops.QuantizedOpRule) -> tuple[int, ...]:
+    if rule.activations == (ops.ALL_INPUTS,):
+        indices = range(len(node.inputs))
+    else:
+        indices = (i for i in rule.activations if i < len(node.inputs))
+    return tuple(i for i in indices if node.inputs[i] is not None)
 
 
 def _clamp_chain(value: ir.Value) -> list[ir.Node]:
@@ -505,6 +774,7 @@ def make_dynamic_plan(
     selection = selection or NodeSelection()
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=False, scheme=scheme.name)
+    opset = model.opset_imports.get("", 1)
     tensors: dict[str, TensorDecision] = {}
     nodes: list[NodeDecision] = []
     for node in model.graph:
@@ -513,10 +783,12 @@ def make_dynamic_plan(
         if reason is not None:
             nodes.append(NodeDecision(name, node.op_type, False, reason))
             continue
-        weights = node.inputs[1:3] if node.op_type == "LSTM" else node.inputs[1:2]
+        weights = {"LSTM": node.inputs[1:3], "Gather": node.inputs[0:1]}.get(
+            node.op_type, node.inputs[1:2]
+        )
         for weight in weights:
             if weight.name not in tensors:
-                tensors[weight.name] = _dynamic_weight(node, weight, scheme)
+                tensors[weight.name] = _dynamic_weight(node, weight, scheme, opset)
         nodes.append(NodeDecision(name, node.op_type, True, "quantized dynamically"))
     return QuantPlan(
         scheme=scheme,
@@ -544,6 +816,11 @@ def _dynamic_notes(nodes: list[NodeDecision]) -> tuple[str, ...]:
             "int8-dynamic: each LSTM became com.microsoft DynamicQuantizeLSTM (int8 W and R, "
             "X and H quantized at every step)."
         )
+    if "Gather" in done:
+        notes.append(
+            "int8-dynamic: each embedding table read by Gather is stored as int8 (one scale "
+            "per row) and read through DequantizeLinear."
+        )
     if "GRU" in present:
         notes.append("int8-dynamic leaves GRU float: onnxruntime has no such kernel.")
     if "Conv" in present:
@@ -554,8 +831,13 @@ def _dynamic_notes(nodes: list[NodeDecision]) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _dynamic_weight(node: ir.Node, weight: ir.Value, scheme: DynamicScheme) -> TensorDecision:
-    """int8 symmetric parameters of one weight of a MatMul, Gemm or LSTM.
+def _dynamic_weight(
+    node: ir.Node, weight: ir.Value, scheme: DynamicScheme, opset: int
+) -> TensorDecision:
+    """int8 symmetric parameters of one weight of a MatMul, Gemm, LSTM or Gather.
+
+    Gather's table: one scale per row (per-axis DequantizeLinear needs opset 13; below,
+    one per table).
 
     MatMul/Gemm: one scale per output column (the last axis of B, the first when Gemm
     transposes it). LSTM's W and R, (directions, 4 x hidden, K): one scale per row of
@@ -564,7 +846,10 @@ def _dynamic_weight(node: ir.Node, weight: ir.Value, scheme: DynamicScheme) -> T
     """
     array = constant_array(weight)
     name = node.name or ""
-    if node.op_type == "LSTM":
+    if node.op_type == "Gather":
+        axis = 0 if scheme.per_channel and opset >= 13 else None
+        granularity = "per row" if axis is not None else "per tensor"
+    elif node.op_type == "LSTM":
         if scheme.per_channel:
             array = array.reshape(-1, array.shape[-1])
         axis: int | None = 0
@@ -588,6 +873,15 @@ def _dynamic_refusal(node: ir.Node) -> str | None:
         return "not in the op table: stays float"
     if node.domain not in ("", "ai.onnx"):
         return "custom domain: stays float"
+    if node.op_type == "Gather":
+        table = constant_array(node.inputs[0])
+        if table is None:
+            return "Gather on activations: stays float"
+        if table.dtype != np.float32 or table.ndim < 2:
+            return "its table is not a float32 matrix: stays float"
+        if any(reader.op_type != "Gather" for reader in node.inputs[0].consumers()):
+            return "its table is shared with another op (tied weights): stays float"
+        return None
     if node.op_type == "LSTM":
         arrays = [constant_array(v) for v in node.inputs[1:3]]
         if any(a is None or a.dtype != np.float32 or a.ndim != 3 for a in arrays):
@@ -616,13 +910,17 @@ def make_float16_plan(
     *,
     selection: NodeSelection | None = None,
     overrides: Overrides | None = None,
+    peaks: Mapping[str, float] | None = None,
 ) -> QuantPlan:
     """Plans fp16 (nodes computing in float16) or fp16-weights (float16 initializers).
 
     A node stays float32 when the op policy table blocks it (no float16 form, float32-only
     inputs, values that overflow float16), when one of its weights exceeds the float16
-    range (|w| > 65504), or when the selection or an override leaves it float.
+    range (|w| > 65504), when a tensor it reads or writes reached beyond that range on the
+    data (`peaks`: the largest magnitude of each tensor, measured when data is given), or
+    when the selection or an override leaves it float.
     """
+    peaks = peaks or {}
     selection = selection or NodeSelection()
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=False, scheme=scheme.name)
@@ -635,6 +933,7 @@ def make_float16_plan(
             _skip_reason(node, selection, overrides)
             or ops.float16_refusal(node, opset)
             or _weight_out_of_float16_range(node)
+            or _beyond_float16_on_data(node, peaks)
         )
         if reason is None:
             converted.add(name)
@@ -682,6 +981,17 @@ def _weight_out_of_float16_range(node: ir.Node) -> str | None:
         if array is not None and array.dtype == np.float32 and array.size:
             if float(np.max(np.abs(array))) > FLOAT16_MAX:
                 return f"its weight '{value.name}' exceeds the float16 range (65504)"
+    return None
+
+
+def _beyond_float16_on_data(node: ir.Node, peaks: Mapping[str, float]) -> str | None:
+    for value in (*node.inputs, *node.outputs):
+        peak = peaks.get(value.name) if value is not None else None
+        if peak is not None and peak > FLOAT16_MAX:
+            return (
+                f"'{value.name}' reaches {peak:.4g} on the data, beyond float16's 65504: "
+                "stays float32"
+            )
     return None
 
 

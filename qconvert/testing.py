@@ -280,6 +280,40 @@ def layernorm_matmul(
     return _model(text, {name: np.asarray(a, np.float32) for name, a in arrays.items()})
 
 
+def detector_head(features: int = 16, classes: int = 4, *, seed: int = 0) -> onnx.ModelProto:
+    """A detector's head: box coordinates in pixels (0..640) beside class scores (0..1).
+
+    Both go into one tensor, as YOLO-style exporters write it: input [N,F] -> output
+    [N,1,4+classes].
+    """
+    rng = np.random.default_rng(seed)
+    width = 4 + classes
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        detector_head (float[N,{features}] input) => (float[N,1,{width}] output) {{
+            hidden = MatMul (input, w_in)
+            act = Relu (hidden)
+            box_logits = MatMul (act, w_box)
+            box_unit = Sigmoid (box_logits)
+            boxes = Mul (box_unit, image_size)
+            score_logits = MatMul (act, w_score)
+            scores = Sigmoid (score_logits)
+            joined = Concat <axis = 1> (boxes, scores)
+            output = Reshape (joined, shape)
+        }}
+    """
+    return _model(
+        text,
+        {
+            "w_in": _weights(rng, features, 32, scale=0.4),
+            "w_box": _weights(rng, 32, 4, scale=0.3),
+            "w_score": _weights(rng, 32, classes, scale=0.6),
+            "image_size": np.array(640.0, np.float32),
+            "shape": np.array([-1, 1, width], np.int64),
+        },
+    )
+
+
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
     """Writes `model` to `path` and returns the path."""
     path = Path(path)
@@ -355,14 +389,19 @@ def output_sqnr(
 
 def optimized_ops(model: str | Path, folder: str | Path) -> Counter:
     """Op types onnxruntime actually runs after its graph optimizations (fusions, folding)."""
+    optimized = optimized_model(model, folder)
+    return Counter(node.op_type for node in optimized.graph.node)
+
+
+def optimized_model(model: str | Path, folder: str | Path) -> onnx.ModelProto:
+    """The graph onnxruntime's CPU provider runs after its optimizations, as a model."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
     ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load_model(options.optimized_model_filepath, load_external_data=False)
-    return Counter(node.op_type for node in optimized.graph.node)
+    return onnx.load_model(options.optimized_model_filepath, load_external_data=False)
 
 
 def _as_bytes_or_path(model: onnx.ModelProto | str | Path) -> bytes | str:

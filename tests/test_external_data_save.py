@@ -76,7 +76,7 @@ def test_failed_verification_leaves_neither_file(external_cnn, tmp_path, monkeyp
     from qconvert import api
     from qconvert.errors import VerificationError
 
-    def failing(model, feeds, **_):
+    def failing(model, feeds, *, nonfinite_in_float=frozenset()):
         raise VerificationError("refused for the test")
 
     monkeypatch.setattr(api, "verify_model", failing)

@@ -116,6 +116,13 @@ SCHEME_HELP = (
     help="Write this ai.onnx opset, upgrading the model with the ONNX version converter.",
 )
 @click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME:DIMS",
+    help="Fix a dynamic input's dims before planning, e.g. input:1x3x224x224. Repeatable.",
+)
+@click.option(
     "--keep-io-types/--no-keep-io-types",
     default=True,
     show_default=True,
@@ -198,6 +205,7 @@ def quantize_command(
     overrides: Path | None,
     opset: int | None,
     keep_io_types: bool,
+    input_shapes: tuple[str, ...],
     eval_data: Path | None,
     equalize: bool,
     bias_correction: bool,
@@ -225,7 +233,7 @@ def quantize_command(
     import dataclasses
 
     from qconvert import api
-    from qconvert.config import QuantizeConfig
+    from qconvert.config import QuantizeConfig, parse_input_shape
     from qconvert.limits import LoadLimits
     from qconvert.overrides import load_overrides
 
@@ -244,6 +252,7 @@ def quantize_command(
         bias_correction=bias_correction,
         adaround=adaround,
         smooth_quant=smooth_quant,
+        input_shapes=tuple(parse_input_shape(text) for text in input_shapes),
     )
     if overrides is not None:  # read after the options are known to go together
         config = dataclasses.replace(config, overrides=load_overrides(overrides))

@@ -14,6 +14,9 @@ kernel (com.microsoft), which is the fast path on CPU.
 A Gemm (transA 0, alpha 1) becomes the same group on W (transposed when transB is set),
 followed by `Add(Y, beta * C)` when it has a C.
 
+A Gather from a constant table (an embedding) reads the table stored as int8 (one scale per
+row) through DequantizeLinear: the file shrinks; the gathered rows stay float.
+
 An LSTM becomes onnxruntime's com.microsoft `DynamicQuantizeLSTM`, which quantizes X and
 H at each step and multiplies them by int8 W and R. It takes W and R transposed, as
 (directions, K, 4 x hidden), with scales and zero points of shape (directions, 4 x hidden)
@@ -54,6 +57,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             if node.op_type == "LSTM":
                 self._rewrite_lstm(graph, names, node)
                 model.opset_imports.setdefault(_MICROSOFT, 1)
+            elif node.op_type == "Gather":
+                self._rewrite_gather(graph, names, node, stored)
             else:
                 self._rewrite(graph, names, node, stored)
             modified = True
@@ -136,6 +141,36 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         graph.insert_after(node, new_nodes)
         graph.remove(node, safe=True)
         result.name, result.shape, result.type = name, shape, type_
+
+    def _rewrite_gather(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        node: ir.Node,
+        stored: dict[tuple[str, bool], tuple[ir.Value, ir.Value, ir.Value]],
+    ) -> None:
+        """Gather(T, ids) -> Gather(DequantizeLinear(T_q), ids): an int8 table."""
+        table = node.inputs[0]
+        key = (table.name, False)
+        if key not in stored:
+            stored[key] = self._store_weight(graph, names, table, False)
+        table_q, scale, zero = stored[key]
+        axis = self.plan.tensors[table.name].qparams.axis
+        dequantize = ir.node(
+            "DequantizeLinear",
+            [table_q, scale, zero],
+            attributes={"axis": axis} if axis is not None else {},
+            name=names.fresh(f"{table.name}_DequantizeLinear"),
+            outputs=[
+                ir.Value(
+                    name=names.fresh(f"{table.name}_dequantized"),
+                    shape=table.shape,
+                    type=ir.TensorType(ir.DataType.FLOAT),
+                )
+            ],
+        )
+        graph.insert_before(node, dequantize)
+        node.replace_input_with(0, dequantize.outputs[0])
 
     def _rewrite_lstm(self, graph: ir.Graph, names: NameAllocator, node: ir.Node) -> None:
         quantized = []

@@ -7,7 +7,8 @@ fp16 (`CastToFloat16Pass`), in topological order:
    planner kept nodes whose weights exceed 65504 float32); any other float32 value gets a
    `Cast<float16>`, one per value, shared. Its float outputs become float16. A `Cast` to
    float32 becomes a `Cast` to float16.
-2. A float32 node reading a float16 value gets a `Cast<float>` in front, one per value.
+2. A float32 node reading a float16 value gets a `Cast<float>` in front, one per value;
+   so do the outer values the subgraphs of a float32 If/Loop/Scan read.
 3. With `keep_io_types`, graph inputs stay float32 (rule 1 casts them), and every float16
    graph output gets a `Cast<float>` that takes over its name. Without it, float32 graph
    inputs and outputs become float16.
@@ -26,7 +27,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qconvert import ops
-from qconvert.graph_utils import add_initializer
+from qconvert.graph_utils import add_initializer, subgraph_nodes
 from qconvert.names import NameAllocator
 from qconvert.plan import QuantPlan
 
@@ -103,6 +104,19 @@ class CastToFloat16Pass(ir.passes.InPlacePass):
             if value.name not in floats:
                 floats[value.name] = _cast_after(graph, names, value, _FLOAT, before=node)
             node.replace_input_with(index, floats[value.name])
+        # The subgraphs of a float32 If/Loop/Scan read outer values as float32 too.
+        for inner in subgraph_nodes(node):
+            for index, value in enumerate(inner.inputs):
+                if value is None or value.dtype != _HALF or value.const_value is not None:
+                    continue
+                producer = value.producer()
+                if (producer is None or producer.graph is not graph) and (
+                    value not in graph.inputs
+                ):
+                    continue  # a value of the subgraph itself
+                if value.name not in floats:
+                    floats[value.name] = _cast_after(graph, names, value, _FLOAT, before=node)
+                inner.replace_input_with(index, floats[value.name])
 
     def _fix_outputs(self, graph: ir.Graph, names: NameAllocator) -> None:
         if not self.keep_io_types:

@@ -1,13 +1,16 @@
 """Preparation: make a float model ready to plan, without changing what it computes.
 
 0. Nodes and values without names get unique ones, so the plan can refer to each.
-1. Constants held in `Constant` nodes become initializers, so every weight looks the same.
+1. Constants held in `Constant` nodes become initializers, so every weight looks the same;
+   those inside If/Loop/Scan bodies move to the main graph (subgraphs read outer values).
 2. The ai.onnx opset is raised to what the scheme needs (per-axis DequantizeLinear needs 13).
-3. BatchNormalization after a Conv is folded into the Conv's weights:
+3. Identity/Cast/Reshape/Transpose/Squeeze/Unsqueeze/Flatten of constants are folded into
+   initializers, so a weight an exporter reads through such a chain is quantized as one.
+4. BatchNormalization after a Conv, ConvTranspose or Gemm is folded into its weights:
        s = gamma / sqrt(var + eps),  W' = W * s (per output channel),  b' = (b - mean) * s + beta
-   The folded Conv writes the tensor the BatchNormalization wrote, under the same name, so
+   The folded node writes the tensor the BatchNormalization wrote, under the same name, so
    calibration statistics gathered on the original model still apply.
-4. Shapes and types are inferred, so planning knows which tensors are float.
+5. Shapes and types are inferred, so planning knows which tensors are float.
 """
 
 from __future__ import annotations
@@ -55,10 +58,13 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
-    """Folds each BatchNormalization that follows a Conv into the Conv's weight and bias.
+    """Folds BatchNormalization into the Conv, ConvTranspose or Gemm before it.
 
-    A pair is folded when the Conv output feeds only the BatchNormalization and all the
-    parameters involved are constant.
+    The producer's weight and bias absorb the normalization. A pair is folded when the
+    producer's output feeds only the BatchNormalization, all the parameters involved are
+    constant, and the output channel is a whole axis of the weight: axis 0 of a Conv's,
+    axis 1 of a ConvTranspose's with group 1, the output column of a Gemm's (alpha = beta =
+    1, 2-D output, channels on axis 1).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -68,49 +74,190 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         for bn in list(graph):
             if bn.op_type != "BatchNormalization" or len(bn.outputs) != 1:
                 continue
-            conv = bn.inputs[0].producer() if bn.inputs[0] is not None else None
-            if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].consumers()) != 1:
+            producer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+            if producer is None or len(bn.inputs[0].consumers()) != 1:
                 continue
             if bn.inputs[0].is_graph_output():
                 continue
+            axis = _output_channel_axis(producer)
             arrays = [constant_array(v) for v in bn.inputs[1:5]]
-            weight = constant_array(conv.inputs[1])
-            if weight is None or any(a is None for a in arrays):
+            weight = constant_array(producer.inputs[1]) if len(producer.inputs) > 1 else None
+            if axis is None or weight is None or any(a is None for a in arrays):
                 continue
-            bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
-            if len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None:
+            bias = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
+            if len(producer.inputs) > 2 and producer.inputs[2] is not None and bias is None:
                 continue
             gamma, beta, mean, var = (a.astype(np.float64) for a in arrays)
+            if weight.shape[axis] != gamma.shape[0] or (bias is not None and bias.ndim != 1):
+                continue
             epsilon = bn.attributes.get_float("epsilon", 1e-5)
             factor = gamma / np.sqrt(var + epsilon)
-            shape = (-1,) + (1,) * (weight.ndim - 1)
+            shape = [1] * weight.ndim
+            shape[axis] = -1
             new_weight = (weight.astype(np.float64) * factor.reshape(shape)).astype(
                 weight.dtype
             )
             old_bias = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
             new_bias = ((old_bias - mean) * factor + beta).astype(weight.dtype)
             weight_value = add_initializer(
-                graph, names.fresh(f"{conv.name}_folded_weight"), new_weight
+                graph, names.fresh(f"{producer.name}_folded_weight"), new_weight
             )
             bias_value = add_initializer(
-                graph, names.fresh(f"{conv.name}_folded_bias"), new_bias
+                graph, names.fresh(f"{producer.name}_folded_bias"), new_bias
             )
-            conv.replace_input_with(1, weight_value)
-            if len(conv.inputs) > 2:
-                conv.replace_input_with(2, bias_value)
-            else:
-                conv.resize_inputs(3)
-                conv.replace_input_with(2, bias_value)
-            # The Conv takes over the BatchNormalization's output, name included.
-            conv_output, bn_output = conv.outputs[0], bn.outputs[0]
-            bn_output.replace_all_uses_with(conv_output, replace_graph_outputs=True)
+            producer.replace_input_with(1, weight_value)
+            if len(producer.inputs) < 3:
+                producer.resize_inputs(3)
+            producer.replace_input_with(2, bias_value)
+            # The producer takes over the BatchNormalization's output, name included.
+            produced, bn_output = producer.outputs[0], bn.outputs[0]
+            bn_output.replace_all_uses_with(produced, replace_graph_outputs=True)
             name = bn_output.name
             graph.remove(bn, safe=True)
-            conv_output.name = name
+            produced.name = name
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _output_channel_axis(node: ir.Node) -> int | None:
+    """The axis of `node`'s weight that holds its output channels, if BN can fold into it."""
+    if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if node.attributes.get_int("group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        attributes = node.attributes
+        if (
+            attributes.get_float("alpha", 1.0) != 1.0
+            or attributes.get_float("beta", 1.0) != 1.0
+        ):
+            return None
+        return 0 if attributes.get_int("transB", 0) else 1
+    return None
+
+
+_CONSTANT_FOLDABLE = frozenset(
+    {"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
+)
+
+
+class FoldConstantChainsPass(ir.passes.InPlacePass):
+    """Replaces shape and type ops on constants by the initializer they compute.
+
+    Identity/Cast/Reshape/Transpose/Squeeze/Unsqueeze/Flatten nodes whose inputs are all
+    constant give way to an initializer of the same name. Some exporters write a weight as
+    an initializer (or a Constant) read through such a chain; folded, it is a plain
+    initializer the planner quantizes as a weight. Casts to anything but a float type are
+    left alone (they feed shapes, not weights).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.op_type not in _CONSTANT_FOLDABLE or node.domain not in ("", "ai.onnx"):
+                continue
+            output = node.outputs[0]
+            if output.is_graph_output() or not node.inputs or node.inputs[0] is None:
+                continue
+            arrays = [constant_array(v) if v is not None else None for v in node.inputs]
+            if any(
+                a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None
+            ):
+                continue
+            folded = _evaluate(node, arrays)
+            if folded is None:
+                continue
+            name = output.name
+            value = ir.Value(
+                name=f"{name}__folding",
+                shape=ir.Shape(folded.shape),
+                type=ir.TensorType(ir.DataType.from_numpy(folded.dtype)),
+                const_value=ir.tensor(folded),
+            )
+            output.replace_all_uses_with(value)
+            graph.remove(node, safe=True)
+            value.name = name
+            value.const_value.name = name
+            graph.register_initializer(value)
+            modified = True
+        if modified:
+            RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _evaluate(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    """What one constant-foldable node computes, or None when it is not simple."""
+    data = arrays[0]
+    op, attributes = node.op_type, node.attributes
+    if op == "Identity":
+        return data
+    if op == "Cast":
+        target = ir.DataType(attributes.get_int("to", 0))
+        if target not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            return None
+        return data.astype(target.numpy())
+    if op == "Transpose":
+        perm = attributes.get_ints("perm", None)
+        return np.transpose(data, perm)
+    if op == "Flatten":
+        axis = attributes.get_int("axis", 1) % max(data.ndim, 1)
+        return data.reshape(int(np.prod(data.shape[:axis])), -1)
+    if op == "Reshape":
+        if len(arrays) < 2 or arrays[1] is None or attributes.get_int("allowzero", 0):
+            return None
+        shape = [data.shape[i] if dim == 0 else int(dim) for i, dim in enumerate(arrays[1])]
+        return data.reshape(shape)
+    axes = arrays[1] if len(arrays) > 1 and arrays[1] is not None else None
+    if axes is None:
+        axes = attributes.get_ints("axes", None)
+    if op == "Squeeze":
+        return np.squeeze(data, axis=None if axes is None else tuple(int(a) for a in axes))
+    if op == "Unsqueeze" and axes is not None:
+        rank = data.ndim + len(axes)
+        return np.expand_dims(data, tuple(sorted(int(a) % rank for a in axes)))
+    return None
+
+
+class HoistSubgraphInitializersPass(ir.passes.InPlacePass):
+    """Moves the initializers of If/Loop/Scan bodies into the main graph.
+
+    A subgraph may read any value of the graphs around it, so the model computes the same;
+    the weights inside control flow are then main-graph initializers the planner can store
+    as int8, read through a DequantizeLinear the subgraph sees from the outer scope.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        main = model.graph
+        names = NameAllocator(main)
+        modified = False
+        for subgraph in subgraphs(main):
+            for name in list(subgraph.initializers):
+                value = subgraph.initializers.pop(name)
+                if value.is_graph_input() or value.const_value is None:
+                    subgraph.initializers[name] = value
+                    continue
+                value.name = names.fresh(f"{name}")
+                value.const_value.name = value.name
+                main.register_initializer(value)
+                modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def subgraphs(graph: ir.Graph) -> list[ir.Graph]:
+    """Every subgraph (If branches, Loop and Scan bodies) nested in `graph`, at any depth."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                found.append(attribute.value)
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                found.extend(attribute.value)
+    return found
 
 
 def prepare(model: ir.Model, *, min_opset: int) -> ir.Model:
@@ -119,7 +266,10 @@ def prepare(model: ir.Model, *, min_opset: int) -> ir.Model:
         [
             NameFixPass(),
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            HoistSubgraphInitializersPass(),
             UpgradeOpsetPass(min_opset=min_opset),
+            NameFixPass(),  # values the opset converter added have no names
+            FoldConstantChainsPass(),
             FoldBatchNormPass(),
             ShapeInferencePass(),
         ]

@@ -40,12 +40,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
         parameters = _ParameterStore(graph, names)
         values = values_by_name(graph)
         folded = {fold.output: fold for fold in self.plan.folds}
+        float_nodes = self.plan.float_readers
         for decision in self.plan.tensors.values():
             value = values[decision.name]
             if decision.role is Role.ACTIVATION:
                 source = values[folded[value.name].source] if value.name in folded else value
                 _quantize_activation(
-                    graph, names, parameters, value, source, decision, self.domain
+                    graph, names, parameters, value, source, decision, self.domain, float_nodes
                 )
             else:
                 _quantize_constant(graph, names, parameters, value, decision, self.domain)
@@ -65,12 +66,20 @@ def _quantize_activation(
     source: ir.Value,
     decision: TensorDecision,
     domain: str,
+    float_nodes: frozenset[str],
 ) -> None:
-    """Inserts Q(source) -> DQ and points every reader of `value` at the DQ output."""
+    """Inserts Q(source) -> DQ and points the readers of `value` at the DQ output.
+
+    The plan's float readers (`float_nodes`) keep reading the float tensor: onnxruntime
+    would fuse a float Conv or Gemm that reads a DequantizeLinear into an integer kernel,
+    quantizing a node the user excluded.
+    """
     scale, zero_point = parameters.get(decision)
     dequantized = ir.Value(name=names.fresh(f"{decision.name}_dequantized"))
     # Readers are redirected first, so the new QuantizeLinear keeps reading the float value.
-    value.replace_all_uses_with(dequantized)
+    for node, index in list(value.uses()):
+        if node.name not in float_nodes:
+            node.replace_input_with(index, dequantized)
     quantize = ir.node(
         "QuantizeLinear",
         [source, scale, zero_point],
@@ -141,27 +150,31 @@ class _ParameterStore:
 
     Tensors that share parameters (a MaxPool's output and its input, say) then share the
     initializers too: a smaller file, and onnxruntime sees at a glance that they match.
+    Zero points are shared on their own as well: most tensors of a model have the same
+    one (0 for every symmetric weight), so one initializer serves them all.
     """
 
     def __init__(self, graph: ir.Graph, names: NameAllocator) -> None:
         self.graph = graph
         self.names = names
-        self.stored: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+        self.scales: dict[tuple, ir.Value] = {}
+        self.zero_points: dict[tuple, ir.Value] = {}
 
     def get(self, decision: TensorDecision) -> tuple[ir.Value, ir.Value]:
         params = decision.qparams
         per_axis = params.axis is not None
         scale = params.scale if per_axis else params.scale.reshape(())
         zero_point = params.zero_point if per_axis else params.zero_point.reshape(())
-        key = (scale.shape, scale.tobytes(), zero_point.dtype.str, zero_point.tobytes())
-        if key not in self.stored:
-            self.stored[key] = (
-                add_initializer(self.graph, self.names.fresh(f"{decision.name}_scale"), scale),
-                add_initializer(
-                    self.graph, self.names.fresh(f"{decision.name}_zero_point"), zero_point
-                ),
-            )
-        return self.stored[key]
+        return (
+            self._stored(self.scales, scale, f"{decision.name}_scale"),
+            self._stored(self.zero_points, zero_point, f"{decision.name}_zero_point"),
+        )
+
+    def _stored(self, store: dict[tuple, ir.Value], array: np.ndarray, name: str) -> ir.Value:
+        key = (array.shape, array.dtype.str, array.tobytes())
+        if key not in store:
+            store[key] = add_initializer(self.graph, self.names.fresh(name), array)
+        return store[key]
 
 
 def _copy_type(source: ir.Value, target: ir.Value, dtype: np.dtype | None) -> None:

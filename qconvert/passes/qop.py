@@ -48,7 +48,7 @@ class QDQToQOperatorPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type in _COMPUTE:
                 modified |= _COMPUTE[node.op_type](graph, names, node)
-            elif node.op_type in ops.PASS_THROUGH:
+            elif node.op_type in ops.INTEGER_PASS_THROUGH and len(node.outputs) == 1:
                 modified |= _pass_through(node)
         if modified:
             if any(node.domain == MICROSOFT for node in graph):

@@ -29,7 +29,22 @@ MIN_SQNR_DB = 12.0
 
 MAGNITUDES = st.sampled_from(["normal", "zeros", "constant", "huge", "tiny", "denormal"])
 LAYERS = st.sampled_from(
-    ["conv", "relu", "clip", "maxpool", "add", "mul", "sigmoid", "transpose"]
+    [
+        "conv",
+        "relu",
+        "clip",
+        "maxpool",
+        "add",
+        "mul",
+        "sigmoid",
+        "transpose",
+        "leakyrelu",
+        "avgpool",
+        "concat",
+        "softmax",
+        "hardswish",
+        "resize",
+    ]
 )
 
 
@@ -98,6 +113,39 @@ def graphs(draw):
             )
         elif layer == "sigmoid":
             nodes.append(h.make_node("Sigmoid", [x], [out], name=f"sigmoid{i}"))
+        elif layer in ("leakyrelu", "hardswish"):
+            op = {"leakyrelu": "LeakyRelu", "hardswish": "HardSwish"}[layer]
+            nodes.append(h.make_node(op, [x], [out], name=f"{layer}{i}"))
+        elif layer == "softmax":
+            nodes.append(h.make_node("Softmax", [x], [out], name=f"softmax{i}", axis=1))
+        elif layer == "avgpool":
+            nodes.append(
+                h.make_node(
+                    "AveragePool",
+                    [x],
+                    [out],
+                    name=f"avg{i}",
+                    kernel_shape=[3, 3],
+                    pads=[1] * 4,
+                )
+            )
+        elif layer == "concat":
+            # The input beside a scaled copy of itself: ranges that differ, sometimes a lot.
+            factor = np.float32(draw(st.sampled_from([1.0, 3.0, 1000.0])))
+            inits.append(nh.from_array(factor, f"f{i}"))
+            nodes += [
+                h.make_node("Mul", [x, f"f{i}"], [f"{out}_scaled"], name=f"scale{i}"),
+                h.make_node("Concat", [x, f"{out}_scaled"], [out], name=f"concat{i}", axis=1),
+            ]
+            c *= 2
+        elif layer == "resize" and hw <= 4:
+            inits.append(nh.from_array(np.array([1, 1, 2, 2], np.float32), f"sc{i}"))
+            nodes.append(
+                h.make_node(
+                    "Resize", [x, "", f"sc{i}"], [out], name=f"resize{i}", mode="nearest"
+                )
+            )
+            hw *= 2
         elif layer == "transpose":
             nodes.append(
                 h.make_node("Transpose", [x], [out], name=f"tr{i}", perm=[0, 1, 3, 2])
