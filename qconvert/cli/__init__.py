@@ -39,6 +39,22 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _signal_behind(error: BaseException) -> type | None:
+    """KeyboardInterrupt or Terminated when `error` was raised while handling one.
+
+    A signal can land inside a library that turns it into an error of its own (inside a
+    file read, say); the run was still interrupted, not broken.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, KeyboardInterrupt | Terminated):
+            return type(cause) if isinstance(cause, Terminated) else KeyboardInterrupt
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
@@ -101,10 +117,18 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         _console.error("terminated; no output was written.")
         code = EXIT_TERMINATED
-    except Exception:  # a bug: show everything and ask for a report
-        traceback.print_exc()
-        _console.error(
-            "qconvert hit an internal error. Please report it with the traceback above."
-        )
-        code = EXIT_BUG
+    except Exception as exc:  # noqa: BLE001 - a bug, unless a signal is behind it
+        signal_behind = _signal_behind(exc)
+        if signal_behind is KeyboardInterrupt:
+            _console.error("interrupted; no output was written.")
+            code = EXIT_INTERRUPTED
+        elif signal_behind is Terminated:
+            _console.error("terminated; no output was written.")
+            code = EXIT_TERMINATED
+        else:
+            traceback.print_exc()
+            _console.error(
+                "qconvert hit an internal error. Please report it with the traceback above."
+            )
+            code = EXIT_BUG
     sys.exit(code or 0)

@@ -63,3 +63,20 @@ def test_signal_during_calibration_leaves_nothing(tmp_path, signum, code, word):
     assert process.returncode == code, err
     assert err.strip() == f"Error: {word}; no output was written."
     assert list(out_dir.iterdir()) == []
+
+
+def test_an_error_raised_while_handling_an_interrupt_still_exits_130(run_cli, monkeypatch):
+    # A signal can land inside a library that turns it into its own error; the run was
+    # interrupted all the same, and must not be reported as a bug.
+    from qconvert import api
+
+    def interrupted_inside_a_library(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("read interrupted") from None
+
+    monkeypatch.setattr(api, "inspect", interrupted_inside_a_library)
+    result = run_cli("inspect", "model.onnx")
+    assert result.code == 130
+    assert result.err.strip() == "Error: interrupted; no output was written."
