@@ -177,9 +177,23 @@ def graphs(draw):
     return model, samples
 
 
-@fuzz_settings(40)
-@given(case=graphs())
-def test_random_graphs_quantize_soundly_or_are_refused(tmp_path, case):
+# Every scheme and format; the int8 QDQ default twice as often, as the most used.
+VARIANTS = st.sampled_from(
+    [
+        ("int8", "qdq"),
+        ("int8", "qdq"),
+        ("int8", "qop"),
+        ("16x8", "qdq"),
+        ("int8-dynamic", "qdq"),
+        ("fp16", "qdq"),
+        ("fp16-weights", "qdq"),
+    ]
+)
+
+
+@fuzz_settings(60)
+@given(case=graphs(), variant=VARIANTS)
+def test_random_graphs_quantize_soundly_or_are_refused(tmp_path, case, variant):
     model, samples = case
     for old in tmp_path.iterdir():
         if old.is_file():
@@ -188,7 +202,9 @@ def test_random_graphs_quantize_soundly_or_are_refused(tmp_path, case):
     calib = testing.write_samples(tmp_path / "calib", samples)
     out = tmp_path / "q.onnx"
     try:
-        qconvert.quantize(path, out, data=calib)
+        scheme, format_ = variant
+        config = qconvert.QuantizeConfig(scheme=scheme, format=format_)
+        qconvert.quantize(path, out, data=calib, config=config)
     except QconvertError as error:
         assert error.exit_code in (3, 4), error
         assert not out.exists()
