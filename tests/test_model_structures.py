@@ -599,3 +599,44 @@ def test_elementwise_ops_off_the_integer_chain_stay_float(tmp_path):
     assert report.conversion.quantized_ops == {"Add": 1, "MatMul": 3}
     assert testing.optimized_ops(out, tmp_path)["QLinearAdd"] == 1
     assert testing.output_sqnr(path, out, samples) > 25.0
+
+
+def test_attention_mask_add_stays_float_and_keeps_the_softmax_sound(tmp_path):
+    # scores + (1 - mask) * -10000: one scale for that sum would span the mask and round the
+    # scores away, and the Softmax after it would see noise.
+    rng = np.random.default_rng(0)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        masked (float[N,4,8] x, float[N,1,8] mask) => (float[N,4,8] output) {
+            scores = MatMul (x, w)
+            keep = Sub (one, mask)
+            penalty = Mul (keep, minus_big)
+            masked_scores = Add (scores, penalty)
+            probs = Softmax <axis = -1> (masked_scores)
+            output = MatMul (probs, v)
+        }
+    """
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(a, n)
+        for n, a in {
+            "w": rng.standard_normal((8, 8)).astype(np.float32),
+            "one": np.float32(1.0),
+            "minus_big": np.float32(-10000.0),
+            "v": rng.standard_normal((8, 8)).astype(np.float32),
+        }.items()
+    )
+    path = testing.save(model, tmp_path / "masked.onnx")
+
+    def sample(seed):
+        r = np.random.default_rng(seed)
+        mask = (r.random((1, 1, 8)) < 0.7).astype(np.float32)
+        return {"x": r.standard_normal((1, 4, 8)).astype(np.float32), "mask": mask}
+
+    samples = [sample(i) for i in range(32)]
+    calib = testing.write_samples(tmp_path / "calib", samples)
+    out = tmp_path / "q.onnx"
+    report = qconvert.quantize(path, out, data=calib, config=qconvert.QuantizeConfig())
+    reasons = {n.op_type: n.reason for n in report.conversion.float_nodes}
+    assert reasons["Add"].startswith("mixed-range Add")
+    assert testing.output_sqnr(path, out, [sample(100 + i) for i in range(16)]) >= 20

@@ -112,11 +112,12 @@ def image_preprocessing(options: dict[str, Any]):
 method_option = click.option(
     "--method",
     type=click.Choice(METHODS),
-    default="auto",
+    default="minmax",
     show_default=True,
     help="How ranges are derived from the calibration statistics: observed min/max, a "
     "percentile of |x|, TensorRT's entropy (KL divergence), least squared error, or auto: "
-    "per tensor, whichever of those has the least expected quantization error.",
+    "per tensor, whichever of those has the least expected quantization error. minmax is "
+    "the default because make bench measured it best (auto lost 6.7 dB on ResNet-style).",
 )
 
 percentile_option = click.option(
