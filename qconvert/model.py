@@ -282,7 +282,8 @@ _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint6
 
 def _stored_elements(tensor: onnx.TensorProto) -> int | None:
     """How many elements the tensor really holds, where that can be told without reading
-    external data (None for external, packed or complex types)."""
+    external data (None for external, packed or complex types).
+    """
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None
     if tensor.data_type not in _ELEMENT_BYTES:

@@ -85,7 +85,8 @@ class NodeDecision:
 @dataclass(frozen=True, slots=True)
 class ClampFold:
     """Relu/Clip nodes dropped because quantizing `source` with the parameters of `output`
-    (the last clamp's output) already clamps as they do."""
+    (the last clamp's output) already clamps as they do.
+    """
 
     nodes: tuple[str, ...]
     source: str

@@ -228,7 +228,8 @@ def conv_relu_conv(
     w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, *, clip: bool = False, group2: int = 1
 ) -> onnx.ModelProto:
     """Conv(w1, b1) -> Relu (or Clip(0, 6)) -> Conv(w2, group2), 3x3 weights, input
-    [N, C, 8, 8]; the Convs are named `first` and `second`."""
+    [N, C, 8, 8]; the Convs are named `first` and `second`.
+    """
     act = "Clip (h, lo, hi)" if clip else "Relu (h)"
     c_in, c_out = w1.shape[1], w2.shape[0]
     text = f"""
@@ -265,7 +266,8 @@ def layernorm_matmul(
     gamma: np.ndarray, beta: np.ndarray, w: np.ndarray, w2: np.ndarray
 ) -> onnx.ModelProto:
     """LayerNormalization(gamma, beta) read by two MatMuls (w, w2), outputs added:
-    input [N, 4, K] -> [N, 4, n]; the transformer projection pattern."""
+    input [N, 4, K] -> [N, 4, n]; the transformer projection pattern.
+    """
     k, n = w.shape
     text = f"""
         <ir_version: 8, opset_import: ["" : 17]>

@@ -49,7 +49,7 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
             proto = onnx.version_converter.convert_version(
                 ir.serde.serialize_model(model), self.min_opset
             )
-        except Exception as exc:  # the converter raises bare RuntimeErrors of many kinds
+        except Exception as exc:  # noqa: BLE001 - the converter raises errors of many kinds
             raise UnsupportedModelError(
                 f"The model's opset {current} cannot be upgraded to {self.min_opset}, "
                 f"which the scheme needs: {str(exc).splitlines()[0]}"
