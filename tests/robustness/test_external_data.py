@@ -114,3 +114,16 @@ def test_tensor_storing_fewer_elements_than_it_declares(run_cli, tmp_path):
     assert result.code == 3
     assert "tensor 'conv_w' declares 243 elements but stores 216" in result.err
     assert not out.exists()
+
+
+def test_protobuf_over_two_gigabytes_is_refused_before_parsing(run_cli, tmp_path):
+    # A sparse file: 2 GiB + 1 byte on paper, nothing on disk. Protobuf cannot hold it, and
+    # a parser fed it would allocate gigabytes first.
+    model = testing.save(testing.conv_bn_relu(), tmp_path / "big.onnx")
+    os.truncate(model, 2**31 + 1)
+    result = run_cli("inspect", model)
+    assert result.code == 3
+    assert result.err.strip() == (
+        f"Error: Model file '{model}' is over protobuf's 2 GB limit. Hint: models this "
+        "large must keep their weights in external data files."
+    )
