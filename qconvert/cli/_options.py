@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -130,15 +131,31 @@ percentile_option = click.option(
 
 
 def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The bounds an untrusted model or data set must respect (see qconvert/limits.py)."""
+    """The bounds an untrusted model or data set must respect (see qconvert/limits.py).
+
+    The three flags reach the command as one `limits: LoadLimits` argument.
+    """
+
+    @functools.wraps(command)
+    def with_limits(
+        *args: Any, max_tensor_bytes: int, max_sample_bytes: int, max_image_pixels: int, **kw: Any
+    ) -> Any:
+        from qconvert.limits import LoadLimits
+
+        limits = LoadLimits(
+            max_tensor_bytes=max_tensor_bytes,
+            max_sample_bytes=max_sample_bytes,
+            max_image_pixels=max_image_pixels,
+        )
+        return command(*args, limits=limits, **kw)
+
     options = (
         ("--max-tensor-bytes", 16 * 2**30, "Refuse a model declaring a tensor larger than this."),
         ("--max-sample-bytes", 2 * 2**30, "Refuse a sample file unpacking to more than this."),
         ("--max-image-pixels", 100_000_000, "Refuse an image with more pixels than this."),
     )
     for flag, default, text in reversed(options):
-        command = click.option(
+        with_limits = click.option(
             flag, type=click.IntRange(min=1), default=default, show_default=True, help=text
-        )(command)
-    return command
-
+        )(with_limits)
+    return with_limits

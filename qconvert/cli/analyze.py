@@ -14,6 +14,7 @@ from qconvert.cli._options import (
     limit_options,
     method_option,
 )
+from qconvert.limits import LoadLimits
 
 
 @click.command("analyze", short_help="Rank nodes by how much quantizing them costs.")
@@ -56,7 +57,7 @@ def analyze_command(
     method: str,
     exclude: tuple[str, ...],
     as_json: bool,
-    max_tensor_bytes: int,
+    limits: LoadLimits,
     **image: object,
 ) -> None:
     """Rank MODEL's quantizable nodes by the output SQNR of quantizing each one alone,
@@ -65,7 +66,6 @@ def analyze_command(
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
     from qconvert.config import QuantizeConfig
-    from qconvert.model import LoadLimits
 
     progress = _console.BarProgress() if _console.interactive() and not as_json else None
     result = api.analyze(
@@ -75,7 +75,7 @@ def analyze_command(
         method=method,
         images=image_preprocessing(image),
         config=QuantizeConfig(scheme=scheme, exclude=exclude),
-        limits=LoadLimits(max_tensor_bytes=max_tensor_bytes),
+        limits=limits,
         **({"progress": progress} if progress else {}),
     )
     if as_json:

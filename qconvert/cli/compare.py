@@ -9,6 +9,7 @@ import click
 from qconvert.cli import _console, _render
 from qconvert.cli._options import limit_options
 from qconvert.errors import AccuracyGateError
+from qconvert.limits import LoadLimits
 
 
 def _gate_option(name: str, help_text: str):
@@ -113,9 +114,7 @@ def compare_command(
     load_outputs: Path | None,
     report: Path | None,
     as_json: bool,
-    max_tensor_bytes: int,
-    max_sample_bytes: int,
-    max_image_pixels: int,
+    limits: LoadLimits,
 ) -> None:
     """Run REFERENCE and CANDIDATE on the samples in --data and report the difference.
 
@@ -133,7 +132,6 @@ def compare_command(
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
     from qconvert.gates import Gates, load_gates
     from qconvert.latency import LatencyConfig
-    from qconvert.limits import LoadLimits
 
     expected = 1 if load_outputs is not None else 2
     if len(models) != expected:
@@ -170,11 +168,7 @@ def compare_command(
         save_outputs=save_outputs,
         load_outputs=load_outputs,
         report=report,
-        limits=LoadLimits(
-            max_tensor_bytes=max_tensor_bytes,
-            max_sample_bytes=max_sample_bytes,
-            max_image_pixels=max_image_pixels,
-        ),
+        limits=limits,
         **({"progress": progress} if progress else {}),
     )
     if as_json:

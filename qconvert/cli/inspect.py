@@ -10,20 +10,20 @@ import click
 
 from qconvert.cli import _render
 from qconvert.cli._options import limit_options
+from qconvert.limits import LoadLimits
 
 
 @click.command("inspect", short_help="Show a model's inputs, ops and quantizable nodes.")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @limit_options
-def inspect_command(model: Path, as_json: bool, max_tensor_bytes: int, **_: int) -> None:
+def inspect_command(model: Path, as_json: bool, limits: LoadLimits) -> None:
     """Show MODEL's inputs and outputs, opset, op histogram, parameters and the nodes the
     int8 scheme would quantize.
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
-    from qconvert.limits import LoadLimits
 
-    summary = api.inspect(model, limits=LoadLimits(max_tensor_bytes=max_tensor_bytes))
+    summary = api.inspect(model, limits=limits)
     if as_json:
         click.echo(json.dumps(asdict(summary), indent=2))
     else:

@@ -14,6 +14,7 @@ from qconvert.cli._options import (
     method_option,
     percentile_option,
 )
+from qconvert.limits import LoadLimits
 from qconvert.schemes import SCHEMES
 
 SCHEME_HELP = (
@@ -216,9 +217,7 @@ def quantize_command(
     report: Path | None,
     as_json: bool,
     force: bool,
-    max_tensor_bytes: int,
-    max_sample_bytes: int,
-    max_image_pixels: int,
+    limits: LoadLimits,
     **image: object,
 ) -> None:
     """Quantize MODEL and write the result.
@@ -234,7 +233,6 @@ def quantize_command(
 
     from qconvert import api
     from qconvert.config import QuantizeConfig, parse_input_shape
-    from qconvert.limits import LoadLimits
     from qconvert.overrides import load_overrides
 
     config = QuantizeConfig(
@@ -272,11 +270,7 @@ def quantize_command(
         max_top1_drop=max_top1_drop,
         report=report,
         force=force,
-        limits=LoadLimits(
-            max_tensor_bytes=max_tensor_bytes,
-            max_sample_bytes=max_sample_bytes,
-            max_image_pixels=max_image_pixels,
-        ),
+        limits=limits,
         **({"progress": progress} if progress else {}),
     )
     if as_json:

@@ -66,7 +66,6 @@ def test_sample_limit_is_adjustable(run_cli, model, tmp_path):
     ids=["over-the-limit", "over-twice-the-limit"],
 )
 def test_image_with_absurd_dimensions(run_cli, tmp_path, side, fragment):
-    pytest.importorskip("PIL", reason="Pillow is the optional 'images' extra")
     from PIL import Image
 
     image_model = testing.save(testing.conv_bn_relu(), tmp_path / "model.onnx")
