@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def db(value: float | None) -> str:
@@ -51,3 +52,40 @@ def size(count: int | None) -> str:
 def milliseconds(value: float | None) -> str:
     """Milliseconds with three significant decimals."""
     return "-" if value is None else f"{value:.3f} ms"
+
+
+def comparison_rows(comparison, path: Callable[[str], str] = str) -> list[list[str]]:
+    """The reference-vs-candidate table, rows of [what, reference, candidate, ratio].
+
+    One definition for the terminal and Markdown renderings; `path` formats model paths
+    (Markdown puts them in backticks).
+    """
+    ref, cand = comparison.reference, comparison.candidate
+    rows = [
+        ["model", path(ref.path), path(cand.path), ""],
+        ["size", size(ref.bytes), size(cand.bytes), ratio(comparison.size_ratio)],
+    ]
+    if comparison.reference_accuracy is not None:
+        rows.append(
+            [
+                "accuracy",
+                percent(comparison.reference_accuracy),
+                percent(comparison.candidate_accuracy),
+                f"drop {points(comparison.accuracy_drop_points)}",
+            ]
+        )
+    if ref.latency is not None or cand.latency is not None:
+        for label, pick, last in (
+            ("latency median", "median_ms", ratio(comparison.latency_ratio)),
+            ("latency p90", "p90_ms", ""),
+        ):
+            rows.append(
+                [
+                    label,
+                    milliseconds(getattr(ref.latency, pick, None)),
+                    milliseconds(getattr(cand.latency, pick, None)),
+                    last,
+                ]
+            )
+    rows.append(["provider", ref.provider, cand.provider, ""])
+    return rows

@@ -44,43 +44,7 @@ def render_markdown(report: Report) -> str:
         )
     comparison = report.comparison
     if comparison is not None:
-        ref, cand = comparison.reference, comparison.candidate
-        rows = [
-            ["model", f"`{ref.path}`", f"`{cand.path}`", ""],
-            [
-                "size",
-                fmt.size(ref.bytes),
-                fmt.size(cand.bytes),
-                fmt.ratio(comparison.size_ratio),
-            ],
-        ]
-        if comparison.reference_accuracy is not None:
-            rows.append(
-                [
-                    "accuracy",
-                    fmt.percent(comparison.reference_accuracy),
-                    fmt.percent(comparison.candidate_accuracy),
-                    f"drop {fmt.points(comparison.accuracy_drop_points)}",
-                ]
-            )
-        if ref.latency is not None or cand.latency is not None:
-            rows.append(
-                [
-                    "latency median",
-                    fmt.milliseconds(ref.latency and ref.latency.median_ms),
-                    fmt.milliseconds(cand.latency and cand.latency.median_ms),
-                    fmt.ratio(comparison.latency_ratio),
-                ]
-            )
-            rows.append(
-                [
-                    "latency p90",
-                    fmt.milliseconds(ref.latency and ref.latency.p90_ms),
-                    fmt.milliseconds(cand.latency and cand.latency.p90_ms),
-                    "",
-                ]
-            )
-        rows.append(["provider", ref.provider, cand.provider, ""])
+        rows = fmt.comparison_rows(comparison, path=lambda text: f"`{text}`")
         lines += _table(
             f"Reference vs candidate on {comparison.samples} samples",
             ["", "reference", "candidate", "candidate / reference"],

@@ -54,37 +54,13 @@ def report(result: Report) -> None:
 
 
 def _comparison(comparison: Comparison) -> None:
-    ref, cand = comparison.reference, comparison.candidate
     table = Table(
         title=f"Reference vs candidate on {comparison.samples} samples", title_justify="left"
     )
     for column in ("", "reference", "candidate", "candidate / reference"):
         table.add_column(column, justify="left" if not column else "right")
-    table.add_row("model", ref.path, cand.path, "")
-    table.add_row(
-        "size", fmt.size(ref.bytes), fmt.size(cand.bytes), fmt.ratio(comparison.size_ratio)
-    )
-    if comparison.reference_accuracy is not None:
-        table.add_row(
-            "accuracy",
-            fmt.percent(comparison.reference_accuracy),
-            fmt.percent(comparison.candidate_accuracy),
-            f"drop {fmt.points(comparison.accuracy_drop_points)}",
-        )
-    if ref.latency is not None or cand.latency is not None:
-        table.add_row(
-            "latency median",
-            fmt.milliseconds(ref.latency.median_ms if ref.latency else None),
-            fmt.milliseconds(cand.latency.median_ms if cand.latency else None),
-            fmt.ratio(comparison.latency_ratio),
-        )
-        table.add_row(
-            "latency p90",
-            fmt.milliseconds(ref.latency.p90_ms if ref.latency else None),
-            fmt.milliseconds(cand.latency.p90_ms if cand.latency else None),
-            "",
-        )
-    table.add_row("provider", ref.provider, cand.provider, "")
+    for row in fmt.comparison_rows(comparison):
+        table.add_row(*row)
     stdout.print(table)
     outputs = Table(title="Outputs", title_justify="left")
     columns = ("output", "SQNR dB", "cosine", "max |err|", "mean |err|", "rel err")
