@@ -182,9 +182,9 @@ def test_override_scheme_the_run_cannot_apply_exits_3(run_cli, tiny_cnn, tmp_pat
 
 
 def test_warns_without_vnni_unless_reduce_range(run_cli, tiny_cnn, tmp_path, monkeypatch):
-    from qconvert import api
+    from qconvert.pipelines import quantize as pipeline
 
-    monkeypatch.setattr(api, "lacks_vnni", lambda: True)
+    monkeypatch.setattr(pipeline, "lacks_vnni", lambda: True)
     _, result = _quantize(run_cli, tiny_cnn, tmp_path)
     assert result.code == 0
     assert "Warning: This CPU lacks VNNI" in result.err and "--reduce-range" in result.err

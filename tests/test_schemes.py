@@ -59,17 +59,17 @@ def test_int16x8_writes_int16_activations_at_opset_21(tiny_cnn, tmp_path):
 def test_int16x8_falls_back_to_microsoft_qdq_when_the_upgrade_fails(
     tiny_cnn, tmp_path, monkeypatch
 ):
-    from qconvert import api
+    from qconvert.pipelines import stages
     from qconvert.errors import UnsupportedModelError
 
-    real_prepare = api.prepare
+    real_prepare = stages.prepare
 
     def failing_at_21(model, *, min_opset):
         if min_opset >= 21:
             raise UnsupportedModelError("no adapter")
         return real_prepare(model, min_opset=min_opset)
 
-    monkeypatch.setattr(api, "prepare", failing_at_21)
+    monkeypatch.setattr(stages, "prepare", failing_at_21)
     out = tmp_path / "q.onnx"
     report = qconvert.quantize(
         tiny_cnn, out, data=tmp_path / "calib", config=QuantizeConfig(scheme="16x8")
