@@ -18,6 +18,7 @@ from qconvert.errors import (
 )
 from qconvert.inspection import ModelSummary, summarize
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.pipelines.auto_check import check_against_minmax
 from qconvert.pipelines.calibrate import collect_calibration
 from qconvert.pipelines.mixed_precision import evaluator_on, planner
 from qconvert.pipelines.stages import PathLike, prepare_for_scheme, ranges_of
@@ -36,7 +37,7 @@ def analyze(
     *,
     data: PathLike,
     samples: int = 16,
-    method: str = "minmax",
+    method: str = "auto",
     images: ImagePreprocessing | None = None,
     config: QuantizeConfig | None = None,
     progress: Progress = SILENT,
@@ -65,10 +66,23 @@ def analyze(
         )
     prepared, _ = prepare_for_scheme(float_model, config)
     range_method = RangeMethod(name=method, bits=scheme.activation_dtype.itemsize * 8)
-    ranges, _ = ranges_of(calibration, range_method)
+    ranges, choices = ranges_of(calibration, range_method)
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
+    evaluator = evaluator_on(prepared, source, samples)
+    if choices:  # rank the nodes of the model quantize would write
+        ranges = check_against_minmax(
+            planner(prepared, scheme, config, selection, ranges)(frozenset()),
+            ranges=ranges,
+            choices=choices,
+            calibration=calibration,
+            method=range_method,
+            plan_with=lambda other: planner(prepared, scheme, config, selection, other)(
+                frozenset()
+            ),
+            evaluator=evaluator,
+            samples_from="calibration",
+        ).ranges
     plan_for = planner(prepared, scheme, config, selection, ranges)
-    evaluator = evaluator_on(model, prepared, source, samples)
     count = len(quantizable_nodes(plan_for(frozenset())))
     with progress.task("Ranking nodes", count) as advance:
         return _analyze(str(model), plan_for, evaluator, advance)

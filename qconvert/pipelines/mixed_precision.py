@@ -7,6 +7,7 @@ import itertools
 
 import onnx_ir as ir
 
+from qconvert import model as model_io
 from qconvert.compare import (
     folder_labels,
     load_labels,
@@ -18,7 +19,6 @@ from qconvert.dataset import (
 from qconvert.errors import (
     ConfigError,
 )
-from qconvert.pipelines.stages import PathLike
 from qconvert.plan import QuantPlan, make_plan
 from qconvert.sensitivity import (
     Evaluator,
@@ -77,19 +77,23 @@ def planner(prepared, scheme, config, selection, ranges):
     return plan_for
 
 
-def evaluator_on(model: PathLike, prepared: ir.Model, source: DirectorySource, samples: int):
-    """Scores variants on the first `samples` samples of `source` (and their labels)."""
+def evaluator_on(prepared: ir.Model, source: DirectorySource, samples: int) -> Evaluator:
+    """Scores variants on the first `samples` samples of `source` (and their labels).
+
+    The reference is the prepared float model: the same function as the model given, and one
+    onnxruntime always loads (preparing fixed duplicate or empty node names, for one).
+    """
     chosen = [sample.feeds for sample in itertools.islice(source, samples)]
     labels_path = folder_labels(source.folder)
     labels = load_labels(labels_path, len(source))[: len(chosen)] if labels_path else None
-    return Evaluator(str(model), prepared, chosen, labels=labels)
+    return Evaluator(model_io.to_bytes(prepared), prepared, chosen, labels=labels)
 
 
 def plan_mixed_precision(
-    model, prepared, scheme, config, selection, ranges, source, target, advance
+    prepared, scheme, config, selection, ranges, source, target, advance
 ) -> QuantPlan:
     """The plan with the nodes `sensitivity.choose_float_nodes` keeps float, and notes."""
-    evaluator = evaluator_on(model, prepared, source, MIXED_PRECISION_SAMPLES)
+    evaluator = evaluator_on(prepared, source, MIXED_PRECISION_SAMPLES)
     plan_for = planner(prepared, scheme, config, selection, ranges)
     plan, result = choose_float_nodes(plan_for, evaluator, target, on_node=advance)
     kept = {node.name: node for node in result.kept_float}

@@ -55,8 +55,13 @@ from qconvert.passes import (
     StoreWeightsAsFloat16Pass,
     prepare,
 )
+from qconvert.pipelines.auto_check import AUTO_CHECK_SAMPLES, check_against_minmax
 from qconvert.pipelines.calibrate import collect_calibration
-from qconvert.pipelines.mixed_precision import check_mixed_precision, plan_mixed_precision
+from qconvert.pipelines.mixed_precision import (
+    check_mixed_precision,
+    evaluator_on,
+    plan_mixed_precision,
+)
 from qconvert.pipelines.stages import (
     MICROSOFT_DOMAIN,
     PathLike,
@@ -97,7 +102,7 @@ def quantize(
     *,
     data: PathLike | None = None,
     calib: PathLike | None = None,
-    method: str = "minmax",
+    method: str = "auto",
     percentile: float = 99.99,
     images: ImagePreprocessing | None = None,
     config: QuantizeConfig | None = None,
@@ -243,7 +248,8 @@ def quantize(
             peaks = _float16_peaks(float_model, source, advance)
     elif source is not None:
         # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
-        # other methods histogram exactly as `calibrate` does, so --data equals --calib.
+        # other methods (auto, the default, too) histogram exactly as `calibrate` does, so
+        # --data equals --calib.
         settings = CollectSettings()
         if method == "minmax":
             settings = CollectSettings(histogram_values=0)
@@ -263,13 +269,30 @@ def quantize(
             ranges, range_choices = ranges_of(calibration, range_method)
     with timed(timings, "plan"):
         plan = _plan(prepared, scheme, config, selection, ranges, peaks)
+    if range_choices:
+        with timed(timings, "auto check"):
+            checks = source or evaluation
+            checked = check_against_minmax(
+                plan,
+                ranges=ranges,
+                choices=range_choices,
+                calibration=calibration,
+                method=range_method,
+                plan_with=lambda other: _plan(
+                    prepared, scheme, config, selection, other, peaks
+                ),
+                evaluator=evaluator_on(prepared, checks, AUTO_CHECK_SAMPLES)
+                if checks is not None
+                else None,
+                samples_from="calibration" if checks is source else "evaluation",
+            )
+            plan, ranges, range_choices = checked.plan, checked.ranges, checked.choices
     if mixed:
         with (
             timed(timings, "mixed precision"),
             progress.task("Ranking nodes", len(quantizable_nodes(plan))) as advance,
         ):
             plan = plan_mixed_precision(
-                model,
                 prepared,
                 scheme,
                 config,
