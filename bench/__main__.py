@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--fetch", action="store_true", help="only download the real models")
     parser.add_argument("--render", action="store_true", help="only re-render results.md")
-    parser.add_argument("--only", action="append", default=[], help="model names to run")
+    parser.add_argument(
+        "--only", action="append", default=[], help="model names to run (comma-separated)"
+    )
     parser.add_argument("--schemes", default=",".join(v.scheme for v in runner.VARIANTS))
     parser.add_argument("--no-scaling", action="store_true")
     args = parser.parse_args(argv)
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         cases += found
         notes += missing
     if args.only:
-        cases = [c for c in cases if c.name in args.only]
+        only = {name for names in args.only for name in names.split(",")}
+        cases = [c for c in cases if c.name in only]
     wanted = set(args.schemes.split(","))
     variants = [v for v in runner.VARIANTS if v.scheme in wanted]
     settings = runner.Settings(latency=plan["latency"])
