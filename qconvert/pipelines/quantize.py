@@ -488,7 +488,9 @@ def _with_notes(
     if config.format is Format.QOP:
         notes.append(
             "qop: Conv, MatMul and Gemm groups are written as QLinearConv, QLinearMatMul "
-            f"and {MICROSOFT_DOMAIN} QGemm; groups that do not fit stay QDQ."
+            f"and {MICROSOFT_DOMAIN} QGemm, Add, Mul, Concat, pooling, LeakyRelu, Sigmoid "
+            f"and Softmax as {MICROSOFT_DOMAIN} QLinear operators; groups that do not fit "
+            "stay QDQ."
         )
     return dataclasses.replace(plan, notes=tuple(notes))
 
