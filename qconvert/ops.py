@@ -97,6 +97,11 @@ class QuantizedOpRule:
 
 _UNARY = (0,)
 
+REQUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+"""Ops whose float weights onnxruntime quantizes (int8, one scale per tensor) when their
+first input comes from a DequantizeLinear, its WeightBiasQuantization step: a node of
+these types left float must read the float tensor, not a dequantized copy."""
+
 QUANTIZED: dict[str, QuantizedOpRule] = {
     "Conv": QuantizedOpRule(_UNARY, {1: _first_axis}, bias=(2, 0, 1), kernel="QLinearConv"),
     "ConvTranspose": QuantizedOpRule(

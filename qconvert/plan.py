@@ -108,7 +108,8 @@ class QuantPlan:
         float_readers: float nodes that read the float tensors, not their dequantized
             copies: the nodes the user left float, and float nodes with weights, which
             onnxruntime would otherwise fuse with a DequantizeLinear input into an
-            integer kernel.
+            integer kernel. Where the tensor's quantization absorbed a Relu/Clip, they
+            read the clamp's output, and the clamp stays for them.
     """
 
     scheme: Scheme
@@ -249,6 +250,14 @@ class _Planner:
             else:
                 self._decide(node, False, ops.float_reason(node))
         self._plan_subgraph_weights()
+        # onnxruntime quantizes the float weights of any Conv, ConvTranspose or Gemm whose
+        # first input comes from a DequantizeLinear (its WeightBiasQuantization step): a
+        # float one reads the float tensor, or it would run quantized after all.
+        self.float_readers.update(
+            decision.name
+            for decision in self.nodes.values()
+            if not decision.quantized and decision.op_type in ops.REQUANTIZED_OPS
+        )
         return QuantPlan(
             scheme=self.scheme,
             tensors=MappingProxyType(dict(self.tensors)),

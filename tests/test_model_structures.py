@@ -373,6 +373,41 @@ def test_excluded_conv_stays_float_in_onnxruntime_too(tmp_path):
     assert testing.output_sqnr(path, out, samples) > 25.0
 
 
+def test_excluded_conv_after_a_folded_relu_reads_the_relu_output(tmp_path):
+    # conv0 -> relu0 -> {conv_a, conv_b} -> Add: relu0 folds into the quantization of
+    # conv0's output for conv_b; the excluded conv_a reads relu0's float output, and relu0
+    # stays for it, so it sees exactly what it saw in float (no negative values).
+    rng = np.random.default_rng(0)
+
+    def conv(name, x, out, c_in, c_out):
+        w = (rng.standard_normal((c_out, c_in, 3, 3)) * 0.3).astype(np.float32)
+        node = h.make_node("Conv", [x, f"{name}_w"], [out], name=name, pads=[1] * 4)
+        return node, nh.from_array(w, f"{name}_w")
+
+    parts = [
+        conv("conv0", "input", "c0", 3, 4),
+        conv("conv_a", "r0", "a", 4, 2),
+        conv("conv_b", "r0", "b", 4, 2),
+    ]
+    nodes = [parts[0][0], h.make_node("Relu", ["c0"], ["r0"], name="relu0")]
+    nodes += [parts[1][0], parts[2][0], h.make_node("Add", ["a", "b"], ["output"], name="add")]
+    model = _model(
+        nodes,
+        [init for _, init in parts],
+        [h.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2, 8, 8])],
+    )
+    samples = _samples((1, 3, 8, 8), 8)
+    config = QuantizeConfig(exclude=("conv_a",))
+    path, out, report = _quantize(model, tmp_path, samples, config)
+    assert "relu0" in report.conversion.folded_clamps
+    written = onnx.load_model(str(out))
+    conv_a = next(n for n in written.graph.node if n.name == "conv_a")
+    relu = next(n for n in written.graph.node if n.op_type == "Relu")
+    assert conv_a.input[0] == relu.output[0] and relu.input[0] == "c0"
+    assert testing.output_sqnr(path, out, samples) > 25.0
+
+
 def test_float_ops_are_listed_with_their_reasons(tmp_path):
     rng = np.random.default_rng(0)
     model = _model(

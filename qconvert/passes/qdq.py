@@ -6,6 +6,9 @@
    plan says so); the float W is dropped.
 3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ.
 4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
+5. The plan's float readers keep reading T itself (after a folded clamp, the clamp's
+   output, so the clamp stays for them): onnxruntime would run a float Conv, ConvTranspose
+   or Gemm that reads a DequantizeLinear as an integer kernel after all.
 
 Graph outputs keep their names and stay float.
 

@@ -49,7 +49,6 @@ from qconvert.passes import (
     CastToFloat16Pass,
     DropIntermediateShapesPass,
     DynamicQuantizePass,
-    FloatInputsPass,
     InsertQDQPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
@@ -445,7 +444,7 @@ def _rewrite(
 ) -> ir.Model:
     scheme = plan.scheme
     if isinstance(scheme, StaticScheme):
-        passes = [InsertQDQPass(plan=plan, domain=qdq_domain), FloatInputsPass(plan=plan)]
+        passes = [InsertQDQPass(plan=plan, domain=qdq_domain)]
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
     elif isinstance(scheme, DynamicScheme):
