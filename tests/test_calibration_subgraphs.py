@@ -1,0 +1,120 @@
+"""Tensors inside If/Loop bodies reach calibration (qconvert.calibration.subgraphs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from qconvert.calibration.subgraphs import expose_body_tensors
+
+RNG = np.random.default_rng(0)
+W = (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32)
+
+
+def _loop_model(trips: int = 3) -> onnx.ModelProto:
+    """x -> Loop(trips) { y = x @ w; x = Relu(y) } -> output."""
+    body = h.make_graph(
+        [
+            h.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
+            h.make_node("Relu", ["y"], ["x_out"], name="body_relu"),
+            h.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+        ],
+        "body",
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("x_in", T.FLOAT, ["N", 8]),
+        ],
+        [
+            h.make_tensor_value_info("cond_out", T.BOOL, []),
+            h.make_tensor_value_info("x_out", T.FLOAT, ["N", 8]),
+        ],
+    )
+    graph = h.make_graph(
+        [h.make_node("Loop", ["trips", "", "input"], ["output"], body=body, name="loop")],
+        "loop_model",
+        [h.make_tensor_value_info("input", T.FLOAT, ["N", 8])],
+        [h.make_tensor_value_info("output", T.FLOAT, ["N", 8])],
+        [nh.from_array(W, "w"), nh.from_array(np.array(trips, np.int64), "trips")],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _if_model() -> onnx.ModelProto:
+    """If(cond): then y = x @ w, else y = x @ -w; both branches' results are wanted."""
+
+    def branch(name, weight):
+        return h.make_graph(
+            [h.make_node("MatMul", ["input", weight], [f"{name}_y"], name=f"{name}_mm")],
+            name,
+            [],
+            [h.make_tensor_value_info(f"{name}_y", T.FLOAT, ["N", 8])],
+        )
+
+    graph = h.make_graph(
+        [
+            h.make_node(
+                "If",
+                ["cond"],
+                ["output"],
+                name="if",
+                then_branch=branch("then", "w"),
+                else_branch=branch("else", "w_neg"),
+            )
+        ],
+        "if_model",
+        [
+            h.make_tensor_value_info("input", T.FLOAT, ["N", 8]),
+            h.make_tensor_value_info("cond", T.BOOL, [1]),
+        ],
+        [h.make_tensor_value_info("output", T.FLOAT, ["N", 8])],
+        [nh.from_array(W, "w"), nh.from_array(-W, "w_neg")],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _run_exposed(model: onnx.ModelProto, names, feeds) -> dict[str, np.ndarray]:
+    expose_body_tensors(model, names)
+    for name in names:
+        model.graph.output.append(h.make_tensor_value_info(name, T.FLOAT, None))
+    session = ort.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    outputs = session.run(None, feeds)
+    return {
+        meta.name: array for meta, array in zip(session.get_outputs(), outputs, strict=True)
+    }
+
+
+def test_a_loop_body_tensor_comes_out_stacked_over_the_iterations():
+    x = RNG.standard_normal((2, 8)).astype(np.float32)
+    seen = _run_exposed(_loop_model(3), ["y"], {"input": x})
+    expected, current = [], x
+    for _ in range(3):
+        y = current @ W
+        expected.append(y)
+        current = np.maximum(y, 0)
+    np.testing.assert_allclose(seen["y"], np.stack(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(seen["output"], current, rtol=1e-5, atol=1e-6)
+
+
+def test_an_if_branch_tensor_comes_out_and_the_branch_not_taken_adds_nothing():
+    x = RNG.standard_normal((2, 8)).astype(np.float32)
+    for cond, taken, other, weight in (
+        (True, "then_y", "else_y", W),
+        (False, "else_y", "then_y", -W),
+    ):
+        seen = _run_exposed(
+            _if_model(), ["then_y", "else_y"], {"input": x, "cond": np.array([cond])}
+        )
+        np.testing.assert_allclose(seen[taken], x @ weight, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(seen["output"], x @ weight, rtol=1e-5, atol=1e-6)
+        assert seen[other].size == 0
