@@ -174,9 +174,9 @@ FLOAT_REASONS: dict[str, str] = {
     "LSTM": "recurrent: quantized by --scheme int8-dynamic (DynamicQuantizeLSTM); stays "
     "float in the static schemes",
     "GRU": "recurrent, and onnxruntime has no quantized GRU kernel: stays float",
-    "If": "holds subgraphs, which the static schemes do not plan: its branches stay float",
-    "Loop": "holds a subgraph, which the static schemes do not plan: its body stays float",
-    "Scan": "holds a subgraph, which the static schemes do not plan: its body stays float",
+    "If": "holds subgraphs, and stays float itself: the nodes of its branches are planned",
+    "Loop": "holds a subgraph, and stays float itself: the nodes of its body are planned",
+    "Scan": "holds a subgraph, and stays float itself: the nodes of its body are planned",
     "HardSigmoid": "onnxruntime fuses no integer kernel for it (nor HardSwish): a Q/DQ "
     "pair would only add rounding and time, so it stays float",
     "HardSwish": "onnxruntime fuses no integer kernel for it: stays float",

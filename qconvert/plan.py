@@ -20,7 +20,7 @@ each node is or is not quantized.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
+from qconvert.calibration.subgraphs import HOLDERS, body_nodes
 from qconvert.errors import CalibrationDataError, OverrideFileError
 from qconvert.graph_utils import constant_array, subgraph_nodes, values_by_name
 from qconvert.overrides import FLOAT, Overrides
@@ -229,10 +230,10 @@ class _Planner:
     def run(self) -> QuantPlan:
         self.mixed = {
             node.name: reason
-            for node in self.graph
+            for node in self._nodes()
             if node.op_type == "Concat" and (reason := self._mixed_range(node)) is not None
         }
-        for node in self.graph:
+        for node in self._nodes():
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
             skip = self._skip_reason(node)
@@ -289,21 +290,41 @@ class _Planner:
             "the smaller away: stays float"
         )
 
-    def _plan_subgraph_weights(self) -> None:
-        """Stores the weights of the ops inside If/Loop/Scan bodies as int8.
+    def _nodes(self) -> Iterator[ir.Node]:
+        """The main graph's nodes, each If/Loop/Scan followed by the nodes of its bodies.
 
-        Calibration runs the main graph and cannot see the tensors inside subgraphs, so
-        their activations stay float; their weights (main-graph initializers after
-        preparation) are stored as int8 and read through DequantizeLinear from the outer
-        scope: the file shrinks, the arithmetic stays float.
+        Body nodes are planned like any other: calibration passes their tensors out of the
+        holder (`calibration.subgraphs`), and the Q/DQ pairs go inside the body.
+        """
+        for node in self.graph:
+            yield node
+            if node.op_type in HOLDERS:
+                yield from body_nodes(node)
+
+    def _plan_subgraph_weights(self) -> None:
+        """Says what happened inside each If/Loop/Scan; stores float body ops' weights int8.
+
+        A body node calibration did not see (a body of a body, or a model calibrated
+        before bodies were) stays float; its weights (main-graph initializers after
+        preparation) are still stored as int8 and read through DequantizeLinear from the
+        outer scope: the file shrinks, the arithmetic stays float.
         """
         for holder in self.graph:
-            if holder.op_type not in ("If", "Loop", "Scan") or self._skip_reason(holder):
+            if holder.op_type not in HOLDERS or self._skip_reason(holder):
                 continue
-            count = 0
-            for node in subgraph_nodes(holder):
+            inside = [node for node in subgraph_nodes(holder) if node.op_type not in HOLDERS]
+            quantized = sum(
+                1
+                for node in inside
+                if node.name in self.nodes and self.nodes[node.name].quantized
+            )
+            stored = 0
+            for node in inside:
                 rule = ops.quantized_rule(node)
-                if rule is None or self._skip_reason(node) is not None:
+                decided = self.nodes.get(node.name or "")
+                if rule is None or (decided is not None and decided.quantized):
+                    continue
+                if self._skip_reason(node) is not None:
                     continue
                 for index, axis_of in rule.weights.items():
                     value = node.inputs[index] if index < len(node.inputs) else None
@@ -312,18 +333,21 @@ class _Planner:
                         weights is None
                         or weights.dtype != np.float32
                         or value.name not in self.graph.initializers
+                        or value.name in self.tensors
                         or self._overridden_float(value)
                     ):
                         continue
                     self._plan_weight(node, value, axis_of, self.scheme)
-                    count += 1
-            if count:
-                reason = (
-                    f"holds subgraphs: {count} weight(s) inside stored as int8; the ops "
-                    "there compute in float (calibration cannot see tensors inside "
-                    "subgraphs)"
+                    stored += 1
+            parts = [f"{quantized} of the {len(inside)} node(s) inside quantized"]
+            if stored:
+                parts.append(
+                    f"{stored} weight(s) of float nodes inside stored as int8 (those "
+                    "compute in float: calibration did not see their tensors)"
                 )
-                self._decide(holder, False, reason)
+            reason = f"holds subgraphs, and stays float itself: {'; '.join(parts)}"
+            self._decide(holder, False, reason)
+            if quantized or stored:
                 self.notes.append(f"{holder.name}: {reason}.")
 
     def _decide(self, node: ir.Node, quantized: bool, reason: str) -> None:

@@ -9,41 +9,11 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from qconvert import testing
 from qconvert.calibration.subgraphs import expose_body_tensors
 
 RNG = np.random.default_rng(0)
 W = (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32)
-
-
-def _loop_model(trips: int = 3) -> onnx.ModelProto:
-    """x -> Loop(trips) { y = x @ w; x = Relu(y) } -> output."""
-    body = h.make_graph(
-        [
-            h.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
-            h.make_node("Relu", ["y"], ["x_out"], name="body_relu"),
-            h.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
-        ],
-        "body",
-        [
-            h.make_tensor_value_info("i", T.INT64, []),
-            h.make_tensor_value_info("cond_in", T.BOOL, []),
-            h.make_tensor_value_info("x_in", T.FLOAT, ["N", 8]),
-        ],
-        [
-            h.make_tensor_value_info("cond_out", T.BOOL, []),
-            h.make_tensor_value_info("x_out", T.FLOAT, ["N", 8]),
-        ],
-    )
-    graph = h.make_graph(
-        [h.make_node("Loop", ["trips", "", "input"], ["output"], body=body, name="loop")],
-        "loop_model",
-        [h.make_tensor_value_info("input", T.FLOAT, ["N", 8])],
-        [h.make_tensor_value_info("output", T.FLOAT, ["N", 8])],
-        [nh.from_array(W, "w"), nh.from_array(np.array(trips, np.int64), "trips")],
-    )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def _if_model() -> onnx.ModelProto:
@@ -96,10 +66,12 @@ def _run_exposed(model: onnx.ModelProto, names, feeds) -> dict[str, np.ndarray]:
 
 def test_a_loop_body_tensor_comes_out_stacked_over_the_iterations():
     x = RNG.standard_normal((2, 8)).astype(np.float32)
-    seen = _run_exposed(_loop_model(3), ["y"], {"input": x})
+    model = testing.loop_matmul_relu(3)
+    weights = next(nh.to_array(t) for t in model.graph.initializer if t.name == "w")
+    seen = _run_exposed(model, ["y"], {"input": x})
     expected, current = [], x
     for _ in range(3):
-        y = current @ W
+        y = current @ weights
         expected.append(y)
         current = np.maximum(y, 0)
     np.testing.assert_allclose(seen["y"], np.stack(expected), rtol=1e-5, atol=1e-6)

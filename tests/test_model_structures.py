@@ -487,24 +487,61 @@ def _if_model() -> onnx.ModelProto:
     )
 
 
-def test_weights_inside_if_branches_are_int8_and_the_report_says_so(tmp_path):
+def _if_samples():
     rng = np.random.default_rng(0)
-    samples = [
+    return [
         {
             "input": rng.standard_normal((1, 64)).astype(np.float32),
             "cond": np.array([i % 2 == 0]),
         }
         for i in range(8)
     ]
+
+
+def test_nodes_inside_if_branches_are_quantized_and_fused_there(tmp_path):
+    samples = _if_samples()
     path, out, report = _quantize(_if_model(), tmp_path, samples)
-    assert report.conversion.quantized_ops == {"MatMul": 1, "Relu": 1}  # Relu folded
+    # The MatMul before the If and one in each branch; the Relu folded.
+    assert report.conversion.quantized_ops == {"MatMul": 3, "Relu": 1}
     reason = _float_reasons(report)["branch"]
-    assert reason.startswith("holds subgraphs: 2 weight(s) inside stored as int8")
+    assert reason == (
+        "holds subgraphs, and stays float itself: 2 of the 2 node(s) inside quantized"
+    )
     assert any(note.startswith("branch: holds subgraphs") for note in report.conversion.notes)
-    big = [a for a in _initializers(out).values() if a.size == 64 * 64]
+    # The branches' weights are stored in their branch, where their readers are.
+    written = onnx.load_model(str(out))
+    graphs = [written.graph, *(a.g for n in written.graph.node for a in n.attribute if a.g)]
+    big = [nh.to_array(t) for g in graphs for t in g.initializer if t.dims == [64, 64]]
     assert len(big) == 3 and all(a.dtype == np.int8 for a in big)
-    assert out.stat().st_size <= 0.30 * path.stat().st_size
+    # A quarter for the int8 weights, plus per-channel scales and the Q/DQ nodes of the
+    # activations, which weigh in this 12k-parameter model.
+    assert out.stat().st_size <= 0.32 * path.stat().st_size
     assert testing.output_sqnr(path, out, samples) > 25.0  # both branches are taken
+    # onnxruntime runs each branch's MatMul on its int8 weights (the branch output is
+    # float, so MatMulNBits with 8-bit weights, or an integer MatMul).
+    optimized = testing.optimized_model(out, tmp_path)
+    branch = next(n for n in optimized.graph.node if n.op_type == "If")
+    integer_kernels = {"QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
+    for attribute in branch.attribute:
+        ops = [n.op_type for n in attribute.g.node]
+        assert integer_kernels & set(ops) and "MatMul" not in ops, ops
+
+
+def test_a_loop_body_is_quantized_with_ranges_seen_over_its_iterations(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [{"input": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(8)]
+    path, out, report = _quantize(testing.loop_matmul_relu(3), tmp_path, samples)
+    assert report.conversion.quantized_ops == {"MatMul": 1}
+    # The carried value's range spans every iteration: the input's and the Relu's.
+    calibration = qconvert.calibrate(path, tmp_path / "calib")
+    seen = calibration.observers["x_in"]
+    first = min(float(s["input"].min()) for s in samples)
+    assert seen.min == first and seen.max > 0
+    assert testing.output_sqnr(path, out, samples) > 25.0
+    optimized = testing.optimized_model(out, tmp_path)
+    loop = next(n for n in optimized.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    assert "QLinearMatMul" in [n.op_type for n in body.node]
 
 
 @pytest.mark.parametrize("scheme", ["int8", "16x8", "int8-dynamic", "fp16", "fp16-weights"])

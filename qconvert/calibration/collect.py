@@ -41,6 +41,7 @@ import onnx_ir as ir
 
 from qconvert import ops
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
+from qconvert.calibration.subgraphs import HOLDERS, body_nodes, expose_body_tensors
 from qconvert.dataset import Feeds, Sample
 from qconvert.errors import CalibrationDataError, ConfigError, ModelLoadError
 from qconvert.runtime import describe_error, make_session
@@ -87,11 +88,16 @@ def tensors_to_calibrate(model: ir.Model) -> tuple[str, ...]:
     """Names of the float activations that any scheme might quantize.
 
     These are the non-constant inputs and outputs of every node whose op type the policy
-    table knows. Calibrating all of them once lets one calibration serve every scheme and
-    every exclusion.
+    table knows, in the main graph and in the bodies of its If/Loop/Scan nodes (passed out
+    of their holder when exposed, see `subgraphs`). Calibrating all of them once lets one
+    calibration serve every scheme and every exclusion.
     """
     names: dict[str, None] = {}
-    for node in model.graph:
+    nodes = list(model.graph)
+    for holder in model.graph:
+        if holder.op_type in HOLDERS:
+            nodes += body_nodes(holder)
+    for node in nodes:
         if node.op_type not in _INVOLVED_OPS:
             continue
         for value in (*node.inputs, *node.outputs):
@@ -348,6 +354,7 @@ def _expose(model: ir.Model, tensor_names: tuple[str, ...]) -> bytes:
         )
     }
     proto = ir.serde.serialize_model(model)
+    expose_body_tensors(proto, tensor_names)
     existing = {output.name for output in proto.graph.output}
     for name in tensor_names:
         if name not in existing:

@@ -6,8 +6,9 @@ changed so that each wanted tensor of a body also leaves the node that holds the
 - If: each branch gets one more output per wanted tensor of either branch: the tensor in
   its own branch, an empty float tensor in the other. The branch not taken computes
   nothing, and an empty array adds nothing to the statistics.
-- Loop and Scan: the body gets one more scan output per wanted tensor, which the holder
-  stacks over the iterations: the statistics see every iteration. (A tensor whose shape
+- Loop and Scan: the body gets one more scan output per wanted tensor (its inputs too:
+  the values carried from one iteration to the next), which the holder stacks over the
+  iterations: the statistics see every iteration. (A tensor whose shape
   changes from one iteration to the next cannot be stacked; onnxruntime then refuses the
   run, and calibration goes on without the body tensors, see `collect`.)
 
@@ -28,29 +29,20 @@ from onnx import helper, numpy_helper
 HOLDERS = frozenset({"If", "Loop", "Scan"})
 """Ops whose bodies calibration reaches into."""
 
-_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _SUFFIX = "__in_body"
 _OUT = "__out_of_body"
 
 
-def body_tensors(holder: ir.Node) -> list[ir.Value]:
-    """The float values computed by the nodes directly inside `holder`'s bodies."""
-    values = []
+def body_nodes(holder: ir.Node) -> list[ir.Node]:
+    """The nodes directly inside `holder`'s bodies (If branches, Loop/Scan body)."""
+    nodes: list[ir.Node] = []
     for attribute in holder.attributes.values():
-        bodies = []
         if attribute.type == ir.AttributeType.GRAPH:
-            bodies = [attribute.value]
+            nodes.extend(attribute.value)
         elif attribute.type == ir.AttributeType.GRAPHS:
-            bodies = list(attribute.value)
-        values += [
-            value
-            for body in bodies
-            for node in body
-            if node.op_type not in HOLDERS
-            for value in node.outputs
-            if value.name and value.dtype in _FLOAT_TYPES
-        ]
-    return values
+            for body in attribute.value:
+                nodes.extend(body)
+    return nodes
 
 
 def expose_body_tensors(proto: onnx.ModelProto, names: Iterable[str]) -> None:
@@ -79,15 +71,21 @@ def expose_body_tensors(proto: onnx.ModelProto, names: Iterable[str]) -> None:
 
 
 def _computed(body: onnx.GraphProto, wanted: set[str]) -> Iterator[tuple[str, int]]:
-    """(name, element type) of the wanted tensors the body's own nodes compute."""
-    types = {info.name: info.type.tensor_type.elem_type for info in body.value_info}
-    types.update({info.name: info.type.tensor_type.elem_type for info in body.output})
+    """(name, element type) of the wanted tensors the body defines.
+
+    Its inputs (a Loop's carried values, Scan's slices) and what its own nodes compute.
+    """
+    types = {
+        info.name: info.type.tensor_type.elem_type
+        for info in (*body.value_info, *body.output, *body.input)
+    }
+    names = [info.name for info in body.input]
     for node in body.node:
-        if node.op_type in HOLDERS:
-            continue
-        for name in node.output:
-            if name in wanted:
-                yield name, types.get(name) or onnx.TensorProto.FLOAT
+        if node.op_type not in HOLDERS:
+            names += node.output
+    for name in names:
+        if name in wanted:
+            yield name, types.get(name) or onnx.TensorProto.FLOAT
 
 
 def _rename(body: onnx.GraphProto, old: str, new: str) -> None:
@@ -98,7 +96,7 @@ def _rename(body: onnx.GraphProto, old: str, new: str) -> None:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
                 _rename(attribute.g, old, new)
-    for info in (*body.output, *body.value_info):
+    for info in (*body.input, *body.output, *body.value_info):
         if info.name == old:
             info.name = new
 

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qconvert import qparams
+from qconvert.calibration.subgraphs import HOLDERS, body_nodes
 from qconvert.graph_utils import add_initializer, values_by_name
 from qconvert.names import NameAllocator
 from qconvert.plan import QuantPlan, Role, TensorDecision
@@ -42,6 +43,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         names = NameAllocator(graph)
         parameters = _ParameterStore(graph, names)
         values = values_by_name(graph)
+        for holder in graph:  # the plan also decides tensors inside If/Loop/Scan bodies
+            if holder.op_type in HOLDERS:
+                for node in body_nodes(holder):
+                    values.update((value.name, value) for value in node.inputs if value)
+                    values.update((value.name, value) for value in node.outputs)
         folded = {fold.output: fold for fold in self.plan.folds}
         float_nodes = self.plan.float_readers
         for decision in self.plan.tensors.values():
@@ -99,7 +105,10 @@ def _quantize_activation(
     )
     _copy_type(source, quantize.outputs[0], decision.qparams.dtype)
     _copy_type(source, dequantized, None)
-    graph.extend([quantize, dequantize])
+    # The pair goes where the tensor is computed: the main graph, or a body (whose
+    # inputs have no producer), and reads its parameters from the main graph.
+    owner = source.producer().graph if source.producer() is not None else source.graph
+    (owner if owner is not None else graph).extend([quantize, dequantize])
 
 
 def _quantize_constant(
@@ -123,28 +132,46 @@ def _quantize_constant(
         ).astype(np.int32)
     else:
         integers = qparams.quantize(array, params)
-    stored = add_initializer(graph, names.fresh(f"{decision.name}_quantized"), integers)
+    # One DequantizeLinear in each graph that reads the weight: onnxruntime fuses a group
+    # only from DequantizeLinear nodes of the group's own graph, not of an outer scope.
+    readers: dict[int, tuple[ir.Graph, list[tuple[ir.Node, int]]]] = {}
+    for node, index in value.uses():
+        owner = node.graph if node.graph is not None else graph
+        readers.setdefault(id(owner), (owner, []))[1].append((node, index))
     scale, zero_point = parameters.get(decision)
+    home = graph
+    if len(readers) == 1:
+        # A weight only a body reads is stored in that body, parameters too: onnxruntime's
+        # fusions look a DequantizeLinear's initializers up in its own graph only.
+        home = next(iter(readers.values()))[0]
+    stored = add_initializer(home, names.fresh(f"{decision.name}_quantized"), integers)
+    if home is not graph:
+        scale, zero_point = (
+            add_initializer(home, names.fresh(v.name), v.const_value.numpy())
+            for v in (scale, zero_point)
+        )
     attributes = {"axis": params.axis} if params.axis is not None else {}
     # An int32 bias has zero point 0, DequantizeLinear's default: storing it would only
     # add bytes (onnxruntime's fusions accept the bias without it).
     inputs = [stored, scale] if decision.role is Role.BIAS else [stored, scale, zero_point]
-    dequantize = ir.node(
-        "DequantizeLinear",
-        inputs,
-        attributes=attributes,
-        domain=domain,
-        name=names.fresh(f"{decision.name}_DequantizeLinear"),
-        outputs=[
-            ir.Value(
-                name=names.fresh(f"{decision.name}_dequantized"),
-                shape=ir.Shape(array.shape),
-                type=ir.TensorType(ir.DataType.FLOAT),
-            )
-        ],
-    )
-    value.replace_all_uses_with(dequantize.outputs[0])
-    graph.extend([dequantize])
+    for owner, uses in readers.values():
+        dequantize = ir.node(
+            "DequantizeLinear",
+            inputs,
+            attributes=attributes,
+            domain=domain,
+            name=names.fresh(f"{decision.name}_DequantizeLinear"),
+            outputs=[
+                ir.Value(
+                    name=names.fresh(f"{decision.name}_dequantized"),
+                    shape=ir.Shape(array.shape),
+                    type=ir.TensorType(ir.DataType.FLOAT),
+                )
+            ],
+        )
+        for node, index in uses:
+            node.replace_input_with(index, dequantize.outputs[0])
+        owner.extend([dequantize])
     graph.initializers.pop(value.name, None)
 
 
