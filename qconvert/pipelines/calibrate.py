@@ -9,6 +9,7 @@ from qconvert.calibration import (
     Calibration,
     CollectSettings,
     RangeMethod,
+    checked_body_tensors,
     collect_statistics,
     derive_ranges,
     merge_calibrations,
@@ -105,7 +106,9 @@ def calibrate(
         folder=str(data), specs=specs, images=images, samples=samples, seed=seed
     )
     calibrated = prepare(float_model.clone(), min_opset=1)
-    tensors = tensors_to_calibrate(calibrated)
+    tensors = checked_body_tensors(
+        calibrated, tensors_to_calibrate(calibrated), source.first()
+    )
     total = len(source) * pass_count(len(tensors), settings)
     with progress.task("Calibrating", total) as advance:
         observers, split = collect_split(
@@ -163,7 +166,7 @@ def collect_calibration(
     observers = collect_statistics(
         calibrated,
         source,
-        tensors_to_calibrate(calibrated),
+        checked_body_tensors(calibrated, tensors_to_calibrate(calibrated), source.first()),
         settings=settings,
         on_sample=advance,
     )
