@@ -314,7 +314,7 @@ def test_an_initializer_shared_by_several_nodes_is_quantized_once(tmp_path):
         sum(
             1
             for n in graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] == "w_quantized"
+            if n.op_type == "DequantizeLinear" and n.input[0] == "w_q"
         )
         == 1
     )

@@ -7,7 +7,10 @@
 3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ.
 4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
 
-Graph outputs keep their names and stay float.
+Graph outputs keep their names and stay float. New names are short, since on a small model
+they weigh as much as a few percent of the file: for a tensor T, `T_q` (its integers),
+`T_scale`, `T_zp` (zero point), nodes `T_Q` and `T_DQ`, and `T_dequantized`, the name
+compare --per-layer looks for.
 
 Q/DQ nodes are ai.onnx ops; where int16 tensors meet a model that cannot be raised to
 opset 21, they can be written in onnxruntime's `com.microsoft` domain instead (`domain`),
@@ -84,14 +87,14 @@ def _quantize_activation(
         "QuantizeLinear",
         [source, scale, zero_point],
         domain=domain,
-        name=names.fresh(f"{decision.name}_QuantizeLinear"),
-        outputs=[ir.Value(name=names.fresh(f"{decision.name}_quantized"))],
+        name=names.fresh(f"{decision.name}_Q"),
+        outputs=[ir.Value(name=names.fresh(f"{decision.name}_q"))],
     )
     dequantize = ir.node(
         "DequantizeLinear",
         [quantize.outputs[0], scale, zero_point],
         domain=domain,
-        name=names.fresh(f"{decision.name}_DequantizeLinear"),
+        name=names.fresh(f"{decision.name}_DQ"),
         outputs=[dequantized],
     )
     _copy_type(source, quantize.outputs[0], decision.qparams.dtype)
@@ -120,7 +123,7 @@ def _quantize_constant(
         ).astype(np.int32)
     else:
         integers = qparams.quantize(array, params)
-    stored = add_initializer(graph, names.fresh(f"{decision.name}_quantized"), integers)
+    stored = add_initializer(graph, names.fresh(f"{decision.name}_q"), integers)
     scale, zero_point = parameters.get(decision)
     attributes = {"axis": params.axis} if params.axis is not None else {}
     # An int32 bias has zero point 0, DequantizeLinear's default: storing it would only
@@ -131,7 +134,7 @@ def _quantize_constant(
         inputs,
         attributes=attributes,
         domain=domain,
-        name=names.fresh(f"{decision.name}_DequantizeLinear"),
+        name=names.fresh(f"{decision.name}_DQ"),
         outputs=[
             ir.Value(
                 name=names.fresh(f"{decision.name}_dequantized"),
@@ -167,7 +170,7 @@ class _ParameterStore:
         zero_point = params.zero_point if per_axis else params.zero_point.reshape(())
         return (
             self._stored(self.scales, scale, f"{decision.name}_scale"),
-            self._stored(self.zero_points, zero_point, f"{decision.name}_zero_point"),
+            self._stored(self.zero_points, zero_point, f"{decision.name}_zp"),
         )
 
     def _stored(self, store: dict[tuple, ir.Value], array: np.ndarray, name: str) -> ir.Value:
