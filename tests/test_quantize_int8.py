@@ -106,8 +106,15 @@ def test_matmul_with_constant_weight(tmp_path):
     )
     out = tmp_path / "q.onnx"
     qconvert.quantize(path, out, data=tmp_path / "calib")
+    # MatMul + Add(b) is one layer writing a float graph output: input, weight and the
+    # int32 bias are read through DequantizeLinear, and onnxruntime multiplies integers.
     ops = testing.count_ops(out)
-    assert ops["MatMul"] == 1 and ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 3
+    assert ops["MatMul"] == 1 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 3
+    inits = {t.name: t.data_type for t in onnx.load_model(str(out)).graph.initializer}
+    assert inits["b_q"] == onnx.TensorProto.INT32
+    optimized = testing.optimized_ops(out, tmp_path)
+    assert optimized["QGemm"] + optimized["MatMulIntegerToFloat"] == 1
+    assert "Gemm" not in optimized and "MatMul" not in optimized
     feeds = [testing.random_inputs(model, seed=50 + i) for i in range(8)]
     assert testing.output_sqnr(path, out, feeds) >= 25.0
 
