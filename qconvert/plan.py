@@ -53,6 +53,9 @@ _UNCALIBRATED = (
 MIXED_RANGE_RATIO = 100.0
 """A Concat whose inputs' ranges differ by more than this factor stays float."""
 
+FLOAT_READING_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+"""Float nodes of these types are made to read float tensors (passes/float_inputs.py)."""
+
 MIN_TABLE_ELEMENTS = 256
 """A constant operand of a float Add with fewer elements is a few offsets: left float."""
 
@@ -101,6 +104,17 @@ class ClampFold:
 
 
 @dataclass(frozen=True, slots=True)
+class ScaleFold:
+    """A Mul of `source` by a positive constant, dropped: `output` is read as
+    DequantizeLinear(source's integers) at source's scale times that constant, which is
+    exactly the product (x_q - z) * s * c."""
+
+    node: str
+    source: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
 class QuantPlan:
     """The decisions for a whole model; the rewrite passes only apply them.
 
@@ -116,6 +130,7 @@ class QuantPlan:
             copies: the nodes the user left float, and float nodes with weights, which
             onnxruntime would otherwise fuse with a DequantizeLinear input into an
             integer kernel.
+        scale_folds: Muls by a positive constant absorbed by the scale of their input.
     """
 
     scheme: Scheme
@@ -126,6 +141,7 @@ class QuantPlan:
     float16_tensors: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     float_readers: frozenset[str] = frozenset()
+    scale_folds: tuple[ScaleFold, ...] = ()
 
     def quantized_nodes(self) -> tuple[NodeDecision, ...]:
         """The nodes that run on quantized inputs (or in float16)."""
@@ -232,6 +248,7 @@ class _Planner:
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
         self.folds: list[ClampFold] = []
+        self.scale_folds: list[ScaleFold] = []
         self.notes: list[str] = []
         # Tensors downstream of a mixed-range Concat, with the reason they stay float.
         self.held_float: dict[str, str] = {}
@@ -276,6 +293,7 @@ class _Planner:
             format=self.format,
             notes=tuple(self.notes),
             float_readers=frozenset(self.float_readers),
+            scale_folds=tuple(self.scale_folds),
         )
 
     def _skip_reason(self, node: ir.Node) -> str | None:
@@ -570,7 +588,48 @@ class _Planner:
         self.feeds_quantized[value.name] = answer
         return answer
 
+    def _fold_scale(self, mul: ir.Node) -> bool:
+        """Drops a Mul of a quantized tensor by a positive constant scalar into its scale.
+
+        (x_q - z) * s * c is the product exactly, so the Mul needs neither a kernel nor a
+        rounding: attention's scores / sqrt(d) are the case. Float readers read the same
+        values as before (the Mul read the dequantized input), except a float Conv/Gemm,
+        which is made to read the float tensor behind a DequantizeLinear: it keeps the Mul.
+        """
+        output = mul.outputs[0]
+        if (
+            mul.op_type != "Mul"
+            or len(mul.inputs) != 2
+            or output.is_graph_output()
+            or output.name in self.tensors
+            or self._overridden_float(output)
+            or self.overrides.tensor_dtype(output.name or "") is not None
+            or any(reader.op_type in FLOAT_READING_OPS for reader in output.consumers())
+        ):
+            return False
+        for source, constant in (mul.inputs, reversed(mul.inputs)):
+            factor = constant_array(constant)
+            decision = self.tensors.get(source.name) if source is not None else None
+            if factor is None or factor.size != 1 or decision is None:
+                continue
+            value = float(factor.reshape(()))
+            if decision.role is not Role.ACTIVATION or not 0.0 < value < float("inf"):
+                continue
+            scaled = (decision.qparams.scale * np.float32(value)).astype(np.float32)
+            self.tensors[output.name] = TensorDecision(
+                output.name,
+                Role.ACTIVATION,
+                replace(decision.qparams, scale=scaled),
+                f"{source.name} x {value:g}, read at the scale of {source.name} x {value:g}",
+            )
+            self.scale_folds.append(ScaleFold(mul.name or "", source.name, output.name))
+            self._decide(mul, True, f"folded into the scale of {source.name}")
+            return True
+        return False
+
     def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
+        if self._fold_scale(node):
+            return
         if node.name in self.mixed:
             self._hold_float(node, self.mixed[node.name])
             self.notes.append(f"{node.name}: {self.mixed[node.name]}")

@@ -265,3 +265,55 @@ def test_a_table_a_float_add_reads_is_stored_as_int8_per_row(tmp_path):
     # Rounding pixel offsets to 8 bits would move the boxes by pixels: they stay float.
     assert inits["grid"].dtype == np.float32
     assert testing.output_sqnr(path, out, _eval_feeds(model)) > 30.0
+
+
+def _scaled_attention(factor: float) -> onnx.ModelProto:
+    rng = np.random.default_rng(6)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        attention (float[N,8,16] input) => (float[N,8,16] output) {
+            q = MatMul (input, wq)
+            k = MatMul (input, wk)
+            kt = Transpose <perm = [0, 2, 1]> (k)
+            scores = MatMul (q, kt)
+            scaled = Mul (scores, factor)
+            probs = Softmax <axis = -1> (scaled)
+            output = MatMul (probs, wv)
+        }
+    """
+    return _model(
+        text,
+        {
+            "wq": (rng.standard_normal((16, 16)) * 0.3).astype(np.float32),
+            "wk": (rng.standard_normal((16, 16)) * 0.3).astype(np.float32),
+            "factor": np.float32(factor),
+            "wv": (rng.standard_normal((8, 16)) * 0.3).astype(np.float32),
+        },
+    )
+
+
+def test_a_mul_by_a_positive_constant_folds_into_the_scale(tmp_path, monkeypatch):
+    model = _scaled_attention(0.25)
+    path, out, report = _quantize(model, tmp_path)
+    graph = _graph(out)
+    assert "Mul" not in testing.count_ops(out)
+    inits = {t.name: nh.to_array(t) for t in graph.initializer}
+    dequantize = next(n for n in graph.node if n.output[0] == "scaled_dequantized")
+    assert dequantize.input[0] == "scores_q"  # the MatMul's integers, read at scale s/4
+    assert inits[dequantize.input[1]] == np.float32(inits["scores_scale"] * np.float32(0.25))
+    assert report.conversion.quantized_ops["Mul"] == 1
+    sqnr = testing.output_sqnr(path, out, _eval_feeds(model))
+    # The same values as a QLinearMul, one kernel and one rounding fewer.
+    monkeypatch.setattr(plan._Planner, "_fold_scale", lambda self, node: False)
+    naive = tmp_path / "naive.onnx"
+    qconvert.quantize(path, naive, data=tmp_path / "calib")
+    assert testing.optimized_ops(naive, tmp_path)["QLinearMul"] == 1
+    assert sqnr >= testing.output_sqnr(path, naive, _eval_feeds(model)) - 0.1
+    assert sqnr > 30.0
+
+
+def test_a_mul_by_a_negative_constant_is_not_folded(tmp_path):
+    # A negative factor would reverse the integer grid: it stays a Mul.
+    path, out, report = _quantize(_scaled_attention(-0.25), tmp_path)
+    assert testing.count_ops(out)["Mul"] == 1
+    assert testing.output_sqnr(path, out, _eval_feeds(_scaled_attention(-0.25))) > 25.0

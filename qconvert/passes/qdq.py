@@ -6,6 +6,8 @@
    plan says so); the float W is dropped.
 3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ.
 4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
+5. Mul(T, c) by a positive constant the plan folds: its readers read DQ(T_q) at scale
+   s x c, exactly (T_q - z) x s x c, and the Mul goes.
 
 Graph outputs keep their names and stay float. New names are short, since on a small model
 they weigh as much as a few percent of the file: for a tensor T, `T_q` (its integers),
@@ -43,12 +45,20 @@ class InsertQDQPass(ir.passes.InPlacePass):
         parameters = _ParameterStore(graph, names)
         values = values_by_name(graph)
         folded = {fold.output: fold for fold in self.plan.folds}
+        scaled = {fold.output: fold.source for fold in self.plan.scale_folds}
         float_nodes = self.plan.float_readers
+        # The integers each activation is stored as: its QuantizeLinear's output.
+        integers: dict[str, ir.Value] = {}
         for decision in self.plan.tensors.values():
             value = values[decision.name]
-            if decision.role is Role.ACTIVATION:
+            if decision.role is Role.ACTIVATION and value.name in scaled:
+                integers[value.name] = integers[scaled[value.name]]
+                _dequantize_scaled(
+                    graph, names, parameters, value, integers[value.name], decision, self.domain
+                )
+            elif decision.role is Role.ACTIVATION:
                 source = values[folded[value.name].source] if value.name in folded else value
-                _quantize_activation(
+                integers[value.name] = _quantize_activation(
                     graph, names, parameters, value, source, decision, self.domain, float_nodes
                 )
             else:
@@ -70,8 +80,9 @@ def _quantize_activation(
     decision: TensorDecision,
     domain: str,
     float_nodes: frozenset[str],
-) -> None:
-    """Inserts Q(source) -> DQ and points the readers of `value` at the DQ output.
+) -> ir.Value:
+    """Inserts Q(source) -> DQ, points the readers of `value` at the DQ output, and
+    returns the Q output.
 
     The plan's float readers (`float_nodes`) keep reading the float tensor: onnxruntime
     would fuse a float Conv or Gemm that reads a DequantizeLinear into an integer kernel,
@@ -100,6 +111,33 @@ def _quantize_activation(
     _copy_type(source, quantize.outputs[0], decision.qparams.dtype)
     _copy_type(source, dequantized, None)
     graph.extend([quantize, dequantize])
+    return quantize.outputs[0]
+
+
+def _dequantize_scaled(
+    graph: ir.Graph,
+    names: NameAllocator,
+    parameters: _ParameterStore,
+    value: ir.Value,
+    integers: ir.Value,
+    decision: TensorDecision,
+    domain: str,
+) -> None:
+    """Reads `value`, a Mul of a quantized tensor by a constant, as DQ of its integers.
+
+    The Mul loses its readers and goes with the unused nodes.
+    """
+    scale, zero_point = parameters.get(decision)
+    dequantize = ir.node(
+        "DequantizeLinear",
+        [integers, scale, zero_point],
+        domain=domain,
+        name=names.fresh(f"{decision.name}_DQ"),
+        outputs=[ir.Value(name=names.fresh(f"{decision.name}_dequantized"))],
+    )
+    _copy_type(value, dequantize.outputs[0], None)
+    value.replace_all_uses_with(dequantize.outputs[0])
+    graph.extend([dequantize])
 
 
 def _quantize_constant(
