@@ -314,7 +314,7 @@ def test_an_initializer_shared_by_several_nodes_is_quantized_once(tmp_path):
         sum(
             1
             for n in graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] == "w_quantized"
+            if n.op_type == "DequantizeLinear" and n.input[0] == "w_q"
         )
         == 1
     )
@@ -642,17 +642,18 @@ def test_fp16_keeps_float32_where_the_data_overflows_float16(tmp_path):
 
 def test_elementwise_ops_off_the_integer_chain_stay_float(tmp_path):
     """Add/Mul/... run quantized only between quantized values: one fed by float ops only,
-    or read by float ops only, would just add Q/DQ pairs."""
+    or read by float ops only, would just add Q/DQ pairs. (Mul after the MatMuls: an Add
+    of a bias there would make one layer with the MatMul.)"""
     rng = np.random.default_rng(0)
     model = _model(
         [
             h.make_node("Exp", ["input"], ["e"], name="exp"),
             h.make_node("Add", ["e", "c"], ["a1"], name="add_after_float"),
             h.make_node("MatMul", ["a1", "w"], ["m1"], name="mm1"),
-            h.make_node("Add", ["m1", "c"], ["a2"], name="add_before_float"),
+            h.make_node("Mul", ["m1", "c"], ["a2"], name="mul_before_float"),
             h.make_node("Erf", ["a2"], ["r"], name="erf"),
             h.make_node("MatMul", ["r", "w"], ["m2"], name="mm2"),
-            h.make_node("Add", ["m2", "c"], ["a3"], name="add_in_chain"),
+            h.make_node("Mul", ["m2", "c"], ["a3"], name="mul_in_chain"),
             h.make_node("MatMul", ["a3", "w"], ["output"], name="mm3"),
         ],
         [
@@ -666,10 +667,10 @@ def test_elementwise_ops_off_the_integer_chain_stay_float(tmp_path):
     path, out, report = _quantize(model, tmp_path, samples)
     reasons = _float_reasons(report)
     assert reasons["add_after_float"] == "no quantized input flows into it: stays float"
-    assert reasons["add_before_float"] == "only float ops read its output: stays float"
-    assert "add_in_chain" not in reasons
-    assert report.conversion.quantized_ops == {"Add": 1, "MatMul": 3}
-    assert testing.optimized_ops(out, tmp_path)["QLinearAdd"] == 1
+    assert reasons["mul_before_float"] == "only float ops read its output: stays float"
+    assert "mul_in_chain" not in reasons
+    assert report.conversion.quantized_ops == {"Mul": 1, "MatMul": 3}
+    assert testing.optimized_ops(out, tmp_path)["QLinearMul"] == 1
     assert testing.output_sqnr(path, out, samples) > 25.0
 
 

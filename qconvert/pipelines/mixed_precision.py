@@ -72,6 +72,7 @@ def planner(prepared, scheme, config, selection, ranges):
             excluded=excluded,
             selection=selection,
             overrides=config.overrides,
+            format=config.format.value,
         )
 
     return plan_for

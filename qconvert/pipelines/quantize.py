@@ -426,10 +426,14 @@ def _plan(
     peaks: dict[str, float],
 ) -> QuantPlan:
     if isinstance(scheme, StaticScheme):
-        plan = make_plan(
-            model, scheme, ranges, selection=selection, overrides=config.overrides
+        return make_plan(
+            model,
+            scheme,
+            ranges,
+            selection=selection,
+            overrides=config.overrides,
+            format=config.format.value,
         )
-        return dataclasses.replace(plan, format=config.format.value)
     if isinstance(scheme, DynamicScheme):
         return make_dynamic_plan(
             model, scheme, selection=selection, overrides=config.overrides
