@@ -10,7 +10,11 @@
        s = gamma / sqrt(var + eps),  W' = W * s (per output channel),  b' = (b - mean) * s + beta
    The folded node writes the tensor the BatchNormalization wrote, under the same name, so
    calibration statistics gathered on the original model still apply.
-5. Shapes and types are inferred, so planning knows which tensors are float.
+5. Activations exporters spell out in elementary ops are rewritten into forms the quantizer
+   serves better (`passes/activations.py`): a constant Add after a Conv becomes its bias,
+   HardSigmoid after a Conv becomes a scaled Conv and Clip(0, 1), and x*Clip(x+3,0,6)/6
+   becomes HardSwish.
+6. Shapes and types are inferred, so planning knows which tensors are float.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from onnx_ir.passes.common import (
 )
 
 from qconvert.errors import UnsupportedModelError
+from qconvert.passes.activations import (
+    FoldConvAddIntoBiasPass,
+    FoldHardSigmoidIntoConvPass,
+    FuseHardSwishPass,
+)
 from qconvert.graph_utils import add_initializer, constant_array
 from qconvert.names import NameAllocator
 
@@ -270,7 +279,13 @@ def prepare(model: ir.Model, *, min_opset: int) -> ir.Model:
             UpgradeOpsetPass(min_opset=min_opset),
             NameFixPass(),  # values the opset converter added have no names
             FoldConstantChainsPass(),
+            # A bias Add between a Conv and its BatchNormalization would stop the BN fold;
+            # one after the BN fold is an Add the fold left behind it.
+            FoldConvAddIntoBiasPass(),
             FoldBatchNormPass(),
+            FoldConvAddIntoBiasPass(),
+            FoldHardSigmoidIntoConvPass(),
+            FuseHardSwishPass(),
             ShapeInferencePass(),
         ]
     )
