@@ -7,7 +7,9 @@
 3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ.
 4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
 
-Graph outputs keep their names and stay float.
+Graph outputs keep their names and stay float. The Q/DQ nodes are named `T_Q` and `T_DQ`
+after the tensor they carry: a detector has hundreds, and longer names measurably grow
+the file of a small model (op types say the rest).
 
 Q/DQ nodes are ai.onnx ops; where int16 tensors meet a model that cannot be raised to
 opset 21, they can be written in onnxruntime's `com.microsoft` domain instead (`domain`),
@@ -84,14 +86,14 @@ def _quantize_activation(
         "QuantizeLinear",
         [source, scale, zero_point],
         domain=domain,
-        name=names.fresh(f"{decision.name}_QuantizeLinear"),
+        name=names.fresh(f"{decision.name}_Q"),
         outputs=[ir.Value(name=names.fresh(f"{decision.name}_quantized"))],
     )
     dequantize = ir.node(
         "DequantizeLinear",
         [quantize.outputs[0], scale, zero_point],
         domain=domain,
-        name=names.fresh(f"{decision.name}_DequantizeLinear"),
+        name=names.fresh(f"{decision.name}_DQ"),
         outputs=[dequantized],
     )
     _copy_type(source, quantize.outputs[0], decision.qparams.dtype)
@@ -131,7 +133,7 @@ def _quantize_constant(
         inputs,
         attributes=attributes,
         domain=domain,
-        name=names.fresh(f"{decision.name}_DequantizeLinear"),
+        name=names.fresh(f"{decision.name}_DQ"),
         outputs=[
             ir.Value(
                 name=names.fresh(f"{decision.name}_dequantized"),
