@@ -229,11 +229,32 @@ def test_hardswish_spelled_in_four_ops_becomes_one(tmp_path):
     assert testing.output_sqnr(path, out, samples) > 25.0
 
 
+def test_an_opset_upgrade_goes_to_hardswish_opset_when_the_model_spells_it_out():
+    spelled = _hardswish_block(11)
+    prepared, pairs = _prepared_outputs(spelled, _samples(4), min_opset=13)
+    assert prepared.opset_import[0].version == 14
+    assert testing.count_ops(prepared)["HardSwish"] == 1
+    for before, after in pairs:
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    # Without the pattern the scheme's own opset serves; at the model's own opset (as
+    # calibration prepares it) nothing is raised.
+    plain = _hardswish_block(11)
+    _set_initializer(plain, "six", np.float32(5.0))
+    prepared, _ = _prepared_outputs(plain, _samples(1), min_opset=13)
+    assert prepared.opset_import[0].version == 13
+    own, _ = _prepared_outputs(spelled, _samples(1), min_opset=1)
+    assert own.opset_import[0].version == 11
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(nh.from_array(array, name))
+
+
 def test_a_clip_of_other_bounds_is_not_hardswish():
     model = _hardswish_block(17)
-    for tensor in model.graph.initializer:
-        if tensor.name == "six":
-            tensor.CopyFrom(nh.from_array(np.float32(5.0), "six"))
+    _set_initializer(model, "six", np.float32(5.0))
     prepared, _ = _prepared_outputs(model, _samples(1))
     assert testing.count_ops(prepared)["HardSwish"] == 0
 

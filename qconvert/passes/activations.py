@@ -5,10 +5,11 @@ computes the same up to float rounding. Values keep the names calibration saw wh
 hold the same numbers, so statistics gathered on the original model still apply; a value
 whose numbers change gets a fresh name.
 
-1. `Add(Conv(x), c)` (or ConvTranspose), with `c` constant along the output channels only (a bias the exporter
-   wrote as a separate Add, as Paddle does in squeeze-excitation blocks), becomes the Conv's
-   bias:  b' = b + c.  The Add would otherwise be one more quantized op (an extra
-   requantization and a kernel launch) for what the integer Conv adds for free.
+1. `Add(Conv(x), c)` (or ConvTranspose), with `c` constant along the output channels only
+   (a bias the exporter wrote as a separate Add, as Paddle does in squeeze-excitation
+   blocks), becomes the Conv's bias:  b' = b + c.  The Add would otherwise be one more
+   quantized op (an extra requantization and a kernel launch) for what the integer Conv
+   adds for free.
 2. `HardSigmoid(Conv(x))`, HardSigmoid(y) = clip(alpha * y + beta, 0, 1), folds alpha and
    beta into the Conv:  W' = alpha * W,  b' = alpha * b + beta,  then `Clip(y', 0, 1)`.
    onnxruntime has no integer HardSigmoid; a Clip right after a Conv is absorbed by the
@@ -66,7 +67,8 @@ def _foldable_conv(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None
 
 
 def _output_channels(node: ir.Node, weight: np.ndarray) -> int:
-    # Conv's weight is (C_out, C_in / group, k...); ConvTranspose's (C_in, C_out / group, k...).
+    # Conv's weight is (C_out, C_in / group, k...);
+    # ConvTranspose's (C_in, C_out / group, k...).
     if node.op_type == "ConvTranspose":
         return weight.shape[1] * node.attributes.get_int("group", 1)
     return weight.shape[0]
@@ -234,15 +236,10 @@ class FuseHardSwishPass(ir.passes.InPlacePass):
         opset = model.opset_imports.get("", 1)
         modified = False
         for clip in list(graph):
-            if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx"):
+            match = _hardswish_match(clip)
+            if match is None:
                 continue
-            x = _hardswish_input(clip)
-            mul = _sole_reader(clip.outputs[0], "Mul") if x is not None else None
-            if mul is None or _other(mul, clip.outputs[0]) is not x:
-                continue
-            last = _divide_by_six(mul)
-            if last is None:
-                continue
+            x, last = match
             base = last.name or "hardswish"
             if opset >= HARDSWISH_OPSET:
                 fused = [ir.node("HardSwish", [x], name=names.fresh(f"{base}_hardswish"))]
@@ -265,6 +262,23 @@ class FuseHardSwishPass(ir.passes.InPlacePass):
         if modified:
             RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _hardswish_match(clip: ir.Node) -> tuple[ir.Value, ir.Node] | None:
+    """(x, the node writing the result) when `clip` is that of x * Clip(x + 3, 0, 6) / 6."""
+    if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx"):
+        return None
+    x = _hardswish_input(clip)
+    mul = _sole_reader(clip.outputs[0], "Mul") if x is not None else None
+    if mul is None or _other(mul, clip.outputs[0]) is not x:
+        return None
+    last = _divide_by_six(mul)
+    return None if last is None else (x, last)
+
+
+def has_decomposed_hardswish(graph: ir.Graph) -> bool:
+    """Whether `graph` spells HardSwish as x * Clip(x + 3, 0, 6) / 6 somewhere."""
+    return any(_hardswish_match(node) is not None for node in graph)
 
 
 def _divide_by_six(mul: ir.Node) -> ir.Node | None:
