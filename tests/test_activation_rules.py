@@ -17,6 +17,7 @@ from onnx import numpy_helper as nh
 import qconvert
 from qconvert import testing
 from qconvert.passes.prepare import prepare
+from qconvert.plan import HEAD_FLOAT_MAX_WEIGHTS
 from qconvert.runtime import make_session
 
 C = 4
@@ -291,8 +292,8 @@ def test_a_bounded_output_is_quantized_over_its_bounds_when_calibration_covers_h
     assert _scale_of(out, "s") < 0.5 / 255.0
 
 
-def _classifier() -> onnx.ModelProto:
-    """conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Softmax: 8 classes."""
+def _classifier(classes: int = 8) -> onnx.ModelProto:
+    """conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Softmax."""
     rng = np.random.default_rng(3)
     return _model(
         [
@@ -306,10 +307,10 @@ def _classifier() -> onnx.ModelProto:
         {
             "conv_w": _conv_weights(C, 3, 0),
             "conv_b": np.zeros(C),
-            "fc_w": rng.standard_normal((8, C)),
-            "fc_b": np.zeros(8),
+            "fc_w": rng.standard_normal((classes, C)),
+            "fc_b": np.zeros(classes),
         },
-        out_shape=("N", 8),
+        out_shape=("N", classes),
     )
 
 
@@ -345,3 +346,11 @@ def test_a_classifier_head_after_global_pooling_computes_in_float(tmp_path):
     # With the head quantized (calibrated ranges on the pooled features and logits) the
     # top-1 agrees on 59 % of these samples.
     assert agree >= 0.9
+
+
+def test_a_large_classifier_head_stays_quantized(tmp_path):
+    # Above HEAD_FLOAT_MAX_WEIGHTS a float head would dequantize its weights on every run.
+    classes = HEAD_FLOAT_MAX_WEIGHTS // C + 1
+    _, out, report = _quantize(_classifier(classes), tmp_path, _samples(4))
+    assert report.conversion.quantized_ops["Gemm"] == 1
+    assert report.conversion.quantized_ops["GlobalAveragePool"] == 1
