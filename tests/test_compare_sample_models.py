@@ -80,13 +80,16 @@ def test_per_layer_names_the_worst_layer_and_excluding_it_improves_sqnr(
     report, _ = per_layer_report
     layers = report["comparison"]["layers"]
     worst = layers[0]
-    assert worst["local_sqnr_db"] == min(layer["local_sqnr_db"] for layer in layers)
+    # A layer computed exactly (a float Flatten of a float tensor) reads "inf".
+    finite = [layer["local_sqnr_db"] for layer in layers if layer["local_sqnr_db"] != "inf"]
+    assert worst["local_sqnr_db"] == min(finite)
     convs = {node.name: node for node in onnx.load_model(str(DWSEP / "model.onnx")).graph.node}
     assert worst["op_type"] == "Conv" and worst["node"] in convs
     # Depthwise convolutions (one group per channel) are the classic weak spot of int8.
     group = next(a.i for a in convs[worst["node"]].attribute if a.name == "group")
     assert group > 1, worst
-    assert {layer["node"] for layer in layers} >= {"stem_conv", "fc", worst["node"]}
+    # fc, a classifier head after global pooling, computes in float: not compared.
+    assert {layer["node"] for layer in layers} >= {"stem_conv", worst["node"]}
 
     excluded = tmp_path / "excluded.int8.onnx"
     model_io.write_atomically(excluded, _quantize_leaving_float(worst["node"]))

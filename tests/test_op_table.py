@@ -81,9 +81,11 @@ def _cases() -> dict[str, Case]:
         "Add_constant": Case(
             _feature_model(
                 [h.make_node("Add", ["a", "k"], ["m"], name="op")],
+                # Varies along the width: a per-channel constant would fold into conv_a's
+                # bias (passes/activations.py).
                 [
                     nh.from_array(
-                        np.linspace(-1, 1, C, dtype=np.float32).reshape(1, C, 1, 1), "k"
+                        np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 1, 1, 8), "k"
                     )
                 ],
                 C,
@@ -114,7 +116,16 @@ def _cases() -> dict[str, Case]:
             ("QLinearAveragePool",),
         ),
         "GlobalAveragePool": Case(
-            _feature_model(one("GlobalAveragePool"), [], C),
+            # Pooled, then added back to the map: a Conv reading the pooled vector and
+            # writing the output would be a classifier head, which computes in float.
+            _feature_model(
+                [
+                    h.make_node("GlobalAveragePool", ["a"], ["g"], name="op"),
+                    h.make_node("Add", ["a", "g"], ["m"], name="add"),
+                ],
+                [],
+                C,
+            ),
             "GlobalAveragePool",
             ("QLinearGlobalAveragePool",),
         ),
@@ -125,7 +136,18 @@ def _cases() -> dict[str, Case]:
         ),
         "Sigmoid": Case(_feature_model(one("Sigmoid"), [], C), "Sigmoid", ("QLinearSigmoid",)),
         "HardSigmoid": Case(
-            _feature_model(one("HardSigmoid"), [], C), "HardSigmoid", quantized=False
+            # After an Add: right after a Conv it would fold into the Conv and a Clip.
+            _feature_model(
+                [
+                    h.make_node("Add", ["a", "b"], ["s"], name="add"),
+                    h.make_node("HardSigmoid", ["s"], ["m"], name="op"),
+                ],
+                [],
+                C,
+                two=True,
+            ),
+            "HardSigmoid",
+            quantized=False,
         ),
         "HardSwish": Case(
             _feature_model(one("HardSwish"), [], C), "HardSwish", quantized=False

@@ -3,14 +3,19 @@
 0. Nodes and values without names get unique ones, so the plan can refer to each.
 1. Constants held in `Constant` nodes become initializers, so every weight looks the same;
    those inside If/Loop/Scan bodies move to the main graph (subgraphs read outer values).
-2. The ai.onnx opset is raised to what the scheme needs (per-axis DequantizeLinear needs 13).
+2. The ai.onnx opset is raised to what the scheme needs (per-axis DequantizeLinear needs 13),
+   and one step further (14) for a model that spells HardSwish out in four ops (step 5).
 3. Identity/Cast/Reshape/Transpose/Squeeze/Unsqueeze/Flatten of constants are folded into
    initializers, so a weight an exporter reads through such a chain is quantized as one.
 4. BatchNormalization after a Conv, ConvTranspose or Gemm is folded into its weights:
        s = gamma / sqrt(var + eps),  W' = W * s (per output channel),  b' = (b - mean) * s + beta
    The folded node writes the tensor the BatchNormalization wrote, under the same name, so
    calibration statistics gathered on the original model still apply.
-5. Shapes and types are inferred, so planning knows which tensors are float.
+5. Activations exporters spell out in elementary ops are rewritten into forms the quantizer
+   serves better (`passes/activations.py`): a constant Add after a Conv becomes its bias,
+   HardSigmoid after a Conv becomes a scaled Conv and Clip(0, 1), and x*Clip(x+3,0,6)/6
+   becomes HardSwish.
+6. Shapes and types are inferred, so planning knows which tensors are float.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ from onnx_ir.passes.common import (
 )
 
 from qconvert.errors import UnsupportedModelError
+from qconvert.passes.activations import (
+    HARDSWISH_OPSET,
+    FoldConvAddIntoBiasPass,
+    FoldHardSigmoidIntoConvPass,
+    FuseHardSwishPass,
+    has_decomposed_hardswish,
+)
 from qconvert.graph_utils import add_initializer, constant_array
 from qconvert.names import NameAllocator
 
@@ -262,15 +274,51 @@ def subgraphs(graph: ir.Graph) -> list[ir.Graph]:
 
 def prepare(model: ir.Model, *, min_opset: int) -> ir.Model:
     """Runs the preparation passes in order; the model is changed in place."""
-    passes = ir.passes.PassManager(
+    lifted = ir.passes.PassManager(
         [
             NameFixPass(),
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             HoistSubgraphInitializersPass(),
+        ]
+    )(model).model
+    target = _opset_for_hardswish(lifted, min_opset)
+    try:
+        return _upgrade_and_fold(lifted, target)
+    except UnsupportedModelError:
+        if target == min_opset:
+            raise
+    # The converter could not go the extra step to HardSwish's opset; the upgrade is a
+    # functional pass, so `lifted` is untouched and the scheme's own opset still serves.
+    return _upgrade_and_fold(lifted, min_opset)
+
+
+def _opset_for_hardswish(model: ir.Model, min_opset: int) -> int:
+    """`min_opset`, or the HardSwish opset when the model spells HardSwish out in four ops
+    and the scheme raises the opset anyway (quantization reads one float HardSwish between
+    one Q/DQ pair, against a float HardSigmoid, a quantized gate and an integer Mul below;
+    on PP-OCR's classifier that is 1.6 points of agreement and a tenth of the latency).
+    """
+    current = model.opset_imports.get("", 1)
+    if min_opset <= current or min_opset >= HARDSWISH_OPSET:
+        return min_opset
+    if not has_decomposed_hardswish(model.graph):
+        return min_opset
+    return HARDSWISH_OPSET
+
+
+def _upgrade_and_fold(model: ir.Model, min_opset: int) -> ir.Model:
+    passes = ir.passes.PassManager(
+        [
             UpgradeOpsetPass(min_opset=min_opset),
             NameFixPass(),  # values the opset converter added have no names
             FoldConstantChainsPass(),
+            # A bias Add between a Conv and its BatchNormalization would stop the BN fold;
+            # one after the BN fold is an Add the fold left behind it.
+            FoldConvAddIntoBiasPass(),
             FoldBatchNormPass(),
+            FoldConvAddIntoBiasPass(),
+            FoldHardSigmoidIntoConvPass(),
+            FuseHardSwishPass(),
             ShapeInferencePass(),
         ]
     )
