@@ -245,7 +245,9 @@ class _Chunks:
     `collect_statistics` iterates its samples once per pass; each iteration is the next
     pass here. In every pass, worker k first gets chunk k (so each worker has a part, and
     the first chunks need no lock), then takes the next untaken chunk of that pass from
-    the shared counter `taken[pass]` until none is left.
+    the shared counter `taken[pass]` until none is left. A worker killed while it holds
+    the counter's lock never releases it: `stuck` is called each second the lock stays
+    taken (the driver checks its workers there, and raises if one died).
     """
 
     def __init__(
@@ -253,11 +255,11 @@ class _Chunks:
         source: DirectorySource,
         chunks: Sequence[Shard],
         worker: int,
-        workers: int,
         taken,
+        stuck: Callable[[], None] = lambda: None,
     ) -> None:
-        self.source, self.chunks, self.worker, self.workers = source, chunks, worker, workers
-        self.taken = taken
+        self.source, self.chunks, self.worker = source, chunks, worker
+        self.taken, self.stuck = taken, stuck
         self.passes = 0
         self.samples = 0
         self.count = 0
@@ -271,9 +273,14 @@ class _Chunks:
             self.count += 1
             self.samples += chunk.stop - chunk.start
             yield from self.source.part(chunk.start, chunk.stop)
-            with self.taken.get_lock():
+            lock = self.taken.get_lock()
+            while not lock.acquire(timeout=1.0):
+                self.stuck()
+            try:
                 index = self.taken[pass_]
                 self.taken[pass_] = index + 1
+            finally:
+                lock.release()
 
 
 def run_local(
@@ -307,7 +314,7 @@ def run_local(
     processes = {
         index: context.Process(
             target=_local_worker,
-            args=(inbox, data, chunks, index, workers, taken, messages),
+            args=(inbox, data, chunks, index, taken, messages),
             name=f"qconvert calibration worker {index + 1}",
             daemon=True,
         )
@@ -356,7 +363,7 @@ def run_local(
             work = Work.of(model, tensors, settings)
             for _ in processes:
                 inbox.put(work)
-        mine = _Chunks(source, chunks, 0, workers, taken)
+        mine = _Chunks(source, chunks, 0, taken, lambda: _check_alive(processes, results))
         observers = collect_statistics(
             model, mine, tensors, settings=settings, on_sample=on_sample
         )
@@ -401,7 +408,6 @@ def _local_worker(
     data: DataSpec,
     chunks: Sequence[Shard],
     index: int,
-    workers: int,
     taken,
     messages,
 ) -> None:
@@ -409,7 +415,7 @@ def _local_worker(
     start = time.perf_counter()
     try:
         work: Work = inbox.get()
-        mine = _Chunks(data.open(), chunks, index, workers, taken)
+        mine = _Chunks(data.open(), chunks, index, taken)
         observers = work.run(mine, lambda done: messages.put(("progress", index, done)))
         record = WorkerRecord(
             index=index,
