@@ -24,6 +24,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import pickle
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -109,7 +110,7 @@ def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
     tensors = tensors_to_calibrate(model)
 
     def calibrate(folder: str, workers: int, threads: int):
-        start = time.perf_counter()
+        cpu, start = _cpu_seconds(), time.perf_counter()
         observers, split = collect_split(
             model,
             DirectorySource(folder, specs),
@@ -119,6 +120,7 @@ def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
             workers=workers,
             advance=lambda: None,
         )
+        calibrate.cpu = _cpu_seconds() - cpu  # this process and its joined workers
         return time.perf_counter() - start, observers, split
 
     calibrate(small, 1, 1)  # warms the page cache and onnxruntime's first-session set-up
@@ -131,6 +133,7 @@ def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
                     "config": label,
                     "round": round_,
                     "seconds": round(seconds, 3),
+                    "cpu_seconds": round(calibrate.cpu, 3),
                     "load": round(os.getloadavg()[0], 2),
                 }
             )
@@ -162,6 +165,27 @@ def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
     }
 
 
+def _cpu_seconds() -> float:
+    """User and system time of this process and of its children that have ended."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def cpu_speedup(section: dict) -> float | None:
+    """2 x CPU time of 1 worker / CPU time of 2 workers (both processes), medians.
+
+    What 2 workers reach when both cores are theirs (the spawned worker's start-up
+    counted, waiting for the last chunk not): a figure that other work on the machine
+    skews much less than wall time, since a process waiting for a core spends no CPU time.
+    """
+    one = [r["cpu_seconds"] for r in section.get("runs", []) if r["config"] == ONE]
+    two = [r["cpu_seconds"] for r in section.get("runs", []) if r["config"] == TWO_WORKERS]
+    if not one or not two:
+        return None
+    return 2 * statistics.median(one) / statistics.median(two)
+
+
 def _same(a: dict, b: dict, tensors) -> bool:
     return all(
         (a[n].min, a[n].max, a[n].count) == (b[n].min, b[n].max, b[n].count)
@@ -184,12 +208,15 @@ def median(section: dict, label: str) -> float | None:
 def estimate(measured: dict) -> dict:
     """The time for 100k samples on M machines like this one, from the measured costs.
 
-    p: seconds a sample for one single-threaded worker (1-worker time / samples);
-    s: starting the second worker (2-worker run on 2 samples, minus the 1-worker one);
-    e: how fast two concurrent workers compute against one alone, start-up aside. The
-       driver calibrates from the start and the spawned worker from s on, sharing chunks,
-       so the 2-worker time is (samples * p / e + s) / 2, and e = samples * p /
-       (2 * 2-worker time - s), at most 1;
+    From CPU time, not wall time: the workers are single-threaded, so on a machine of
+    their own their wall time is their CPU time, and CPU time is what other work on a
+    shared machine skews least (medians of the rounds).
+
+    p: seconds a sample for one single-threaded worker (1-worker CPU time / samples);
+    e: the efficiency of two concurrent workers, half their CPU-time speed-up (the
+       spawned worker's start-up and any slowdown from sharing memory bandwidth count
+       against it);
+    s: starting a worker (2-worker run on 2 samples minus the 1-worker one, wall time);
     m: merging one worker's result in the driver.
     With C cores a machine and C single-threaded workers each (Ray tasks across machines,
     every one starting after s, to err on the slow side):
@@ -198,13 +225,14 @@ def estimate(measured: dict) -> dict:
 
     Not counted: moving the data to the machines, Ray's per-task scheduling (milliseconds).
     """
-    one, two = best(measured, ONE), best(measured, TWO_WORKERS)
-    if one is None or two is None:
+    one = [r["cpu_seconds"] for r in measured.get("runs", []) if r["config"] == ONE]
+    speedup = cpu_speedup(measured)
+    if not one or speedup is None:
         return {}
     cores = 2
-    p = one / measured["samples"]
+    p = statistics.median(one) / measured["samples"]
+    e = min(1.0, speedup / cores)
     s = max(0.0, measured["startup_s"])
-    e = min(1.0, measured["samples"] * p / max(1e-9, cores * two - s))
     m = measured["merge_ms"] / 1e3
     rows = []
     for machines in ESTIMATE_MACHINES:
@@ -244,17 +272,27 @@ def markdown(section: dict | None) -> list[str]:
         f"{max(loads):.1f} during the runs (other work on the cores lowers the speed-ups).",
         "",
         "| configuration | best s | median s | speed-up vs 1 worker (best / median) "
-        "| statistics vs 1 worker |",
-        "|---|---:|---:|---:|---|",
+        "| CPU s, all processes (median) | statistics vs 1 worker |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for label in CONFIGS:
         fast, middle = best(section, label), median(section, label)
+        cpu = statistics.median(
+            r["cpu_seconds"] for r in section["runs"] if r["config"] == label
+        )
         same = "identical" if section["identical"][label] else "differ in last bits"
         lines.append(
             f"| {label} | {fast:.2f} | {middle:.2f} "
-            f"| {one / fast:.2f}× / {median(section, ONE) / middle:.2f}× | {same} |"
+            f"| {one / fast:.2f}× / {median(section, ONE) / middle:.2f}× | {cpu:.2f} "
+            f"| {same} |"
         )
     lines += [
+        "",
+        f"CPU-time speed-up of 2 workers (2 × CPU of 1 worker / CPU of both): "
+        f"{cpu_speedup(section):.2f}×: what they reach when both cores are theirs (the "
+        "spawned worker's start-up counted, waiting for the last chunk not); other work on "
+        "the machine skews it much less than wall time. (onnxruntime's own threads spin "
+        "while they wait, so their CPU time is no measure of work.)",
         "",
         f"Starting the second worker (2-worker run on 2 samples minus the 1-worker one): "
         f"{section['startup_s']:.2f} s. Merging one worker's result "
@@ -267,12 +305,14 @@ def markdown(section: dict | None) -> list[str]:
     if section.get("estimate"):
         lines += [
             f"Estimate for {ESTIMATE_SAMPLES:,} samples on machines like this one, 2 "
-            f"single-threaded workers each: {section['per_sample_ms']:.1f} ms a sample for "
+            f"single-threaded workers each, from CPU time (a single-threaded worker's wall "
+            f"time on a machine of its own): {section['per_sample_ms']:.1f} ms a sample for "
             f"one worker, {100 * section['efficiency']:.0f}% efficiency of two concurrent "
-            f"workers (measured above, start-up aside), {section['startup_s']:.2f} s "
+            f"workers (half the CPU-time speed-up above), {section['startup_s']:.2f} s "
             f"start-up, {section['merge_ms']:.2f} ms to merge each worker's result in the "
-            "driver. Not counted: moving the data to the machines, Ray's per-task "
-            "scheduling (milliseconds).",
+            "driver; T(M) = start-up + N × per-sample / (2M × efficiency) + 2M × merge. "
+            "Not counted: moving the data to the machines, Ray's per-task scheduling "
+            "(milliseconds).",
             "",
             "| machines | workers | estimated time | of which compute | of which merge |",
             "|---:|---:|---:|---:|---:|",
@@ -298,7 +338,8 @@ def target(section: dict | None) -> tuple[str, str, bool | None]:
     loads = [r["load"] for r in section["runs"]]
     measured = (
         f"{one / two:.2f}× best, {median(section, ONE) / median(section, TWO_WORKERS):.2f}× "
-        f"median (load average {min(loads):.1f}-{max(loads):.1f})"
+        f"median (load average {min(loads):.1f}-{max(loads):.1f}); "
+        f"{cpu_speedup(section):.2f}× in CPU time"
     )
     if plan.get("target") is None:
         return text, measured + "; no target for this model", None

@@ -16,7 +16,7 @@ from qconvert import api, testing
 from qconvert import model as model_io
 from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics
 from qconvert.calibration.collect import _batches, tensors_to_calibrate
-from qconvert.calibration.parallel import merge_shards, split
+from qconvert.calibration.parallel import chunk, merge_shards, split
 from qconvert.dataset import Sample
 from qconvert.passes import prepare
 
@@ -141,6 +141,13 @@ def test_shards_are_contiguous_and_cut_at_batch_multiples():
         for left, right in itertools.pairwise(shards):
             assert left.stop == right.start and right.start % batch == 0
         assert all(s.stop > s.start for s in shards)
+
+
+def test_chunks_are_many_per_worker_and_bounded_in_size():
+    assert [len(chunk(256, 2)), {c.stop - c.start for c in chunk(256, 2)}] == [32, {8}]
+    big = chunk(100_000, 2, batch_size=4)  # at most 32 batches a chunk: a short last wait
+    assert max(c.stop - c.start for c in big) <= 128 and big[-1].stop == 100_000
+    assert [(c.start, c.stop) for c in chunk(5, 2, batch_size=2)] == [(0, 2), (2, 4), (4, 5)]
 
 
 def test_a_part_starting_at_a_batch_multiple_runs_the_same_batches():
