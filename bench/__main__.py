@@ -4,6 +4,7 @@
     python -m bench --quick         # one tiny model built in code, a smoke run of seconds
     python -m bench --model m.onnx --data calib/ [--eval eval/]
     python -m bench --render        # rewrite results.md from results.json
+    python -m bench --parallel-only # only the parallel calibration section
 
 Writes results.json (every figure) and results.md (the tables) into --out (default bench/).
 """
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench import cases as case_set
-from bench import measure, real, report, runner
+from bench import measure, parallel, real, report, runner
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,6 +48,11 @@ FULL = {
             caps={"ort Percentile": 64},
         ),
     ),
+    # Issue 10: 2 workers against 1 on a compute-bound model; 512 samples (about 20 s for
+    # one worker) amortize starting the second worker as thousands would, in ~2.5 minutes.
+    "parallel": parallel.ParallelPlan(
+        model="resnet_style_224", samples=512, repeats=3, target=1.7
+    ),
 }
 QUICK = {
     "sizes": case_set.Sizes(calib=16, eval=16),
@@ -56,6 +62,7 @@ QUICK = {
             model="tiny_cnn", sizes=(8, 32), tools=("float pass", "qconvert", "ort MinMax")
         ),
     ),
+    "parallel": parallel.ParallelPlan(model="tiny_cnn", samples=64, repeats=1),
 }
 
 
@@ -76,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--schemes", default=",".join(v.scheme for v in runner.VARIANTS))
     parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument(
+        "--no-parallel", action="store_true", help="skip the parallel calibration section"
+    )
+    parser.add_argument(
+        "--parallel-only",
+        action="store_true",
+        help="only the parallel calibration section",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
@@ -98,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     notes: list[str] = []
-    if args.model is not None:
+    if args.parallel_only:
+        cases = []
+    elif args.model is not None:
         cases = [case_set.user_case(args.model, args.data, args.eval)]
     elif args.quick:
         cases = [case_set.quick_case(work)]
@@ -123,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += runner.bench_case(case, variants, settings, work, index)
 
     scaling_rows = []
-    if not args.no_scaling and args.model is None:
+    if not args.no_scaling and args.model is None and not args.parallel_only:
         by_name = {c.name: c for c in cases}
         for scaling_plan in plan["scaling"]:
             if scaling_plan.model in by_name:
@@ -135,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(
                     f"calibration scaling on {scaling_plan.model} skipped: not in this run"
                 )
+
+    parallel_section = None
+    if not args.no_parallel and args.model is None:
+        logging.info("parallel calibration: %s", plan["parallel"].model)
+        parallel_section = parallel.run(plan["parallel"], work)
 
     results = {
         "meta": _meta(args.quick, time.perf_counter() - started, plan),
@@ -152,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "rows": rows,
         "scaling": scaling_rows,
+        "parallel": parallel_section,
         "notes": notes,
     }
     args.out.mkdir(parents=True, exist_ok=True)

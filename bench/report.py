@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench import parallel
 from bench.runner import VARIANTS
 from bench.targets import evaluate_targets
 
@@ -188,6 +189,10 @@ def markdown(results: dict) -> str:
         "## Calibration scaling",
         "",
         *scaling_table(results["scaling"]),
+        "",
+        "## Parallel calibration",
+        "",
+        *parallel.markdown(results.get("parallel")),
         "",
         "## Targets from the issues",
         "",

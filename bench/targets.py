@@ -6,6 +6,8 @@ scheme or method is not in qconvert yet, a model was not run) is "not measurable
 
 from __future__ import annotations
 
+from bench import parallel
+
 CNN_224 = ("resnet_style_224", "mobilenetv2_style_224")
 ONE_MB = 1 << 20
 
@@ -191,6 +193,9 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
     else:
         add("8", "digits_dwsep int8 accuracy within 1 point of float", "", None)
+
+    # issue 10: parallel calibration
+    add("10", *parallel.target(results.get("parallel")))
     return targets
 
 

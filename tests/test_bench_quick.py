@@ -49,8 +49,21 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
     tools = {(r["tool"], r["samples"]) for r in results["scaling"] if r["ok"]}
     assert {("qconvert", 32), ("ort MinMax", 32), ("float pass", 32)} <= tools
 
+    # Issue 10's section: the three configurations ran, and workers changed no statistic.
+    section = results["parallel"]
+    assert {run["config"] for run in section["runs"]} == {
+        "1 worker, 1 thread",
+        "2 workers, 1 thread each",
+        "1 process, 2 onnxruntime threads",
+    }
+    assert all(run["seconds"] > 0 for run in section["runs"])
+    assert section["identical"]["2 workers, 1 thread each"] is True
+    assert section["merge_ms"] > 0 and section["per_sample_ms"] > 0
+    assert [row["machines"] for row in section["estimate"]] == [1, 8, 64]
+
     text = (out / "results.md").read_text()
     assert "| tiny_cnn | int8 |" in text
+    assert "## Parallel calibration" in text and "| 2 workers, 1 thread each |" in text
     assert "## Targets from the issues" in text
 
 

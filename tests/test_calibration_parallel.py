@@ -5,16 +5,18 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import worker_faults
 from conftest import SAMPLES
 
 from qconvert import api, testing
 from qconvert import model as model_io
 from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics
 from qconvert.calibration.collect import _batches, tensors_to_calibrate
-from qconvert.calibration.parallel import KILL_SHARD_ENV, merge_shards, split
+from qconvert.calibration.parallel import chunk, merge_shards, split
 from qconvert.dataset import Sample
 from qconvert.passes import prepare
 
@@ -54,10 +56,18 @@ def test_two_workers_write_the_single_process_file(run_cli, tmp_path, digits_sin
         run_cli, DIGITS / "model.onnx", DIGITS / "calib", out, "--workers", "2"
     )
     assert out.read_bytes() == digits_single.read_bytes()
-    # The split is reported: two local processes, one onnxruntime thread each.
-    assert "split: 2 local processes, 1 onnxruntime thread each" in result.out
-    assert "shard 1: samples 0-127" in result.out
-    assert "shard 2: samples 128-255" in result.out
+    # The split is reported: this process and a spawned one took 32 chunks of 8 samples
+    # between them, each at least its first.
+    assert (
+        "split: 2 local processes (this one and 1 spawned), 32 chunks shared as each got "
+        "free, 1 onnxruntime thread each"
+    ) in result.out
+    lines = result.out.splitlines()
+    mine = next(line for line in lines if line.startswith("  worker 1: "))
+    theirs = next(line for line in lines if line.startswith("  worker 2: "))
+    assert ", this process, " in mine and ", local process " in theirs
+    samples = [int(line.split()[2]) for line in (mine, theirs)]
+    assert sum(samples) == 256 and min(samples) >= 8
 
 
 @pytest.mark.parametrize("per_pass", ["1", "4"])
@@ -115,7 +125,9 @@ def test_workers_batches_and_passes_with_mixed_shapes(run_cli, tmp_path):
         *("--batch-size", "3", "--workers", "2", "--tensors-per-pass", "2"),
     )
     assert spread.read_bytes() == single.read_bytes()
-    assert "shard 2: samples 9-19" in result.out  # 7 batches of 3: cut after the 3rd
+    # 7 batches of 3, a chunk each; the spawned worker's first, samples 3-5, holds a change
+    # of shape, so its batches are cut by shape as well as at the multiples of 3.
+    assert "7 chunks shared as each got free" in result.out
 
 
 def test_shards_are_contiguous_and_cut_at_batch_multiples():
@@ -129,6 +141,13 @@ def test_shards_are_contiguous_and_cut_at_batch_multiples():
         for left, right in itertools.pairwise(shards):
             assert left.stop == right.start and right.start % batch == 0
         assert all(s.stop > s.start for s in shards)
+
+
+def test_chunks_are_many_per_worker_and_bounded_in_size():
+    assert [len(chunk(256, 2)), {c.stop - c.start for c in chunk(256, 2)}] == [32, {8}]
+    big = chunk(100_000, 2, batch_size=4)  # at most 32 batches a chunk: a short last wait
+    assert max(c.stop - c.start for c in big) <= 128 and big[-1].stop == 100_000
+    assert [(c.start, c.stop) for c in chunk(5, 2, batch_size=2)] == [(0, 2), (2, 4), (4, 5)]
 
 
 def test_a_part_starting_at_a_batch_multiple_runs_the_same_batches():
@@ -209,23 +228,59 @@ def test_progress_of_all_workers_reaches_one_total(tmp_path, tiny_cnn):
     assert passes == -(-len(calibration.observers) // 3) and passes > 1
     assert progress.totals == [32 * passes]
     assert progress.advances == 32 * passes
-    assert [(r.shard.start, r.shard.stop) for r in calibration.split.shards] == [
-        (0, 16),
-        (16, 32),
-    ]
+    records = calibration.split.shards
+    assert [r.index for r in records] == [0, 1]
+    assert sum(r.samples for r in records) == 32 * passes
+    assert sum(r.chunks for r in records) == 32 * passes  # 32 chunks of 1 sample a pass
+    assert min(r.chunks for r in records) >= passes  # each worker's own first chunk
+
+
+def _calibrate_in_child(*args):
+    """`qconvert` in a fresh process whose spawned workers carry `worker_faults`."""
+    script = Path(__file__).with_name("calibrate_in_child.py")
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.slow
-def test_a_worker_that_dies_ends_the_run_with_no_file(
-    run_cli, tmp_path, tiny_cnn, monkeypatch
-):
-    monkeypatch.setenv(KILL_SHARD_ENV, "1")
-    out = tmp_path / "out.json"
-    result = run_cli(
+def test_a_worker_killed_mid_run_ends_the_run_with_no_file(tmp_path, tiny_cnn):
+    """The spawned worker is killed (SIGKILL) at its first sample: exit 3, nothing written."""
+    worker_faults.write_fault(tmp_path / "calib")
+    out = tmp_path / "out" / "out.json"
+    out.parent.mkdir()
+    done = _calibrate_in_child(
         "calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--workers", "2"
     )
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("Error: Calibration worker 2 (local process "), lines[0]
+    assert "died (exit code -9); nothing was written." in lines[0]
+    assert "--workers" in lines[0]  # the hint
+    assert not list(out.parent.iterdir())
+
+
+@pytest.mark.slow
+def test_workers_apply_the_users_sample_size_limit(run_cli, tmp_path, tiny_cnn):
+    """Sample 1 is the spawned worker's first (chunks of 1 sample; worker k starts at
+    chunk k), and over --max-sample-bytes: the worker refuses it, as one process would."""
+    data = tmp_path / "calib"
+    kept = np.load(data / "s00001.npy")
+    (data / "s00001.npy").unlink()
+    np.savez(data / "s00001.npz", input=kept, pad=np.zeros(4096))
+    limit = (data / "s00000.npy").stat().st_size
+    out = tmp_path / "out.json"
+    result = run_cli(
+        "calibrate", tiny_cnn, "--data", data, "-o", out, "--workers", "2",
+        "--max-sample-bytes", limit,
+    )  # fmt: skip
     _assert_clean_failure(
-        result, out, "worker of shard 2 (samples 16-31) died", "nothing was written"
+        result, out, f"Sample '{data / 's00001.npz'}' unpacks to ", f"limit of {limit:,}"
     )
 
 

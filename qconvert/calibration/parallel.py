@@ -1,16 +1,16 @@
-"""Calibration split over workers: contiguous shards, statistics merged exactly.
+"""Calibration split over workers: parts of the samples, statistics merged exactly.
 
-The samples are cut into contiguous shards, one per worker. Each worker (a local process
-here, a Ray task in `ray_backend`) opens its own onnxruntime session, streams its shard
-through `collect_statistics` and returns its observers; the driver merges them, in shard
-order, with `TensorObserver.merge`. The merged statistics are bit-identical to one pass
-over all samples, so the calibration file is byte-identical:
+Each worker opens its own onnxruntime session, streams its part of the samples through
+`collect_statistics` and returns its observers; the driver merges them with
+`TensorObserver.merge`. The merged statistics are bit-identical to one pass over all
+samples, so the calibration file is byte-identical:
 
 - min and max are order-free; counts and histogram bins are integers, so their sums are
-  exact in any order; the bin layout is a function of [min, max] alone (`observers`).
-- Each value a worker computes is the value one process computes: shard boundaries fall on
+  exact in any order and grouping; the bin layout is a function of [min, max] alone
+  (`observers`).
+- Each value a worker computes is the value one process computes: parts start at
   multiples of the batch size, and a batch never crosses such a multiple (`collect`), so
-  every shard runs exactly the batches of the single pass (same inputs, same kernels), and
+  every part runs exactly the batches of the single pass (same inputs, same kernels), and
   the histogram's sampling stride depends only on the size of one run.
 - Every session, in every worker, runs the graph unoptimized on the same number of
   intra-op threads (`CollectSettings.threads`, one by default): onnxruntime's fusions and
@@ -18,9 +18,18 @@ over all samples, so the calibration file is byte-identical:
   between a worker and the single process. Cores are used by workers, not threads: with
   N workers on C cores, use N = C.
 
-Local workers are started with `spawn` (onnxruntime's thread pools do not survive fork).
-A worker sends progress counts and then its observers through one queue; a worker that
-dies ends the run with `CalibrationWorkerError`, and nothing is written.
+Local workers (`run_local`) share the samples dynamically: the data is cut into chunks of
+a few batches (at least 16 chunks per worker, at most 32 batches a chunk); worker k starts
+with chunk k, then each takes the next untaken chunk whenever it is free, once per pass
+over the data. So a worker that started late, sits on a busy core or meets bigger samples
+simply takes fewer chunks, and nobody waits at the end for more than one chunk. The driver
+process is worker 0: it calibrates from the start, while the other N - 1 processes are
+spawned (`spawn`: onnxruntime's thread pools do not survive fork) and import onnxruntime.
+Each worker reads its chunks from the data folder itself; samples never travel between
+processes, and the model reaches each spawned worker once, serialized. A worker sends
+progress counts and then its observers through one queue; a worker that dies ends the run
+with `CalibrationWorkerError`, and nothing is written. Ray tasks (`ray_backend`) get one
+contiguous shard each instead, which Ray can retry as a unit.
 """
 
 from __future__ import annotations
@@ -31,26 +40,33 @@ import os
 import queue as queue_module
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import onnx
 import onnx_ir as ir
 
-from qconvert.calibration.collect import CollectSettings, collect_statistics, pass_count
+from qconvert.calibration.collect import (
+    CollectSettings,
+    SerializedModel,
+    collect_statistics,
+    pass_count,
+)
 from qconvert.calibration.observers import TensorObserver
 from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec, Sample
 from qconvert.errors import CalibrationWorkerError, QconvertError
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 
 if TYPE_CHECKING:
     from qconvert.calibration.ray_backend import RayCluster
 
-KILL_SHARD_ENV = "QCONVERT_TEST_KILL_SHARD"
-"""Fault injection for the tests: `INDEX` kills the worker of shard INDEX (0-based) halfway
-through its samples, on every attempt; `INDEX:MARKER` kills it only while the file MARKER
-does not exist, creating it first (so a retried shard succeeds)."""
+CHUNKS_PER_WORKER = 16
+"""Chunks a local run cuts per worker, at least: enough that the last chunks even out who
+finishes when, few enough that taking one costs nothing next to calibrating it."""
+
+MAX_CHUNK_BATCHES = 32
+"""The most batches in one chunk: on a big data set, how long the others may wait for the
+last chunk stays bounded (about a second on a ResNet-18 at 224x224)."""
 
 _REPORT_SECONDS = 0.1  # workers report progress at most this often
 
@@ -82,19 +98,36 @@ def split(total: int, parts: int, *, batch_size: int = 1) -> tuple[Shard, ...]:
     )
 
 
+def chunk(total: int, workers: int, *, batch_size: int = 1) -> tuple[Shard, ...]:
+    """The chunks local workers share, cut at multiples of `batch_size`.
+
+    At least `CHUNKS_PER_WORKER` per worker, at most `MAX_CHUNK_BATCHES` batches each.
+    """
+    batches = -(-total // batch_size)
+    count = max(workers * CHUNKS_PER_WORKER, -(-batches // MAX_CHUNK_BATCHES))
+    return split(total, count, batch_size=batch_size)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DataSpec:
-    """How a worker opens the same samples as the driver: the folder and the selection."""
+    """How a worker opens the same samples as the driver.
+
+    The folder, the selection, and the user's load limits: a worker refuses what the driver
+    would refuse.
+    """
 
     folder: str
     specs: tuple[InputSpec, ...]
     images: ImagePreprocessing | None = None
     samples: int | None = None
     seed: int = 0
+    limits: LoadLimits = DEFAULT_LIMITS
 
     def open(self) -> DirectorySource:
         """The selected samples, in the driver's order."""
-        source = DirectorySource(self.folder, self.specs, images=self.images)
+        source = DirectorySource(
+            self.folder, self.specs, images=self.images, limits=self.limits
+        )
         if self.samples is not None and self.samples < len(source):
             source = source.subset(self.samples, seed=self.seed)
         return source
@@ -102,28 +135,31 @@ class DataSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Work:
-    """What every shard computes: the statistics of `tensors` of `model`.
+    """What every worker computes: the statistics of `tensors` of `model`.
 
     Attributes:
         model: the prepared float model, serialized (workers get bytes, not objects).
         tensors: the tensors to calibrate, in the file's order.
         settings: batch size, histogram sampling, threads and tensors per pass.
-        kill_shard: the test fault injection, read from `KILL_SHARD_ENV` by the driver.
     """
 
-    model: bytes
+    model: SerializedModel
     tensors: tuple[str, ...]
     settings: CollectSettings
-    kill_shard: str | None = None
+
+    @classmethod
+    def of(cls, model: ir.Model, tensors: tuple[str, ...], settings: CollectSettings) -> Work:
+        """The work of calibrating `tensors` of `model`."""
+        return cls(
+            model=SerializedModel.of(model, tensors), tensors=tensors, settings=settings
+        )
 
     def run(
-        self, shard: Shard, samples: Iterable[Sample], report: Callable[[int], None]
+        self, samples: Iterable[Sample], report: Callable[[int], None]
     ) -> dict[str, TensorObserver]:
-        """The statistics of one shard; `report(n)` gets the samples done so far."""
-        model = ir.serde.deserialize_model(onnx.load_model_from_string(self.model))
+        """The statistics of `samples`; `report(n)` gets the samples done so far."""
         done = 0
         last = time.monotonic()
-        doomed = self._doomed(shard)
 
         def on_sample() -> None:
             nonlocal done, last
@@ -131,50 +167,68 @@ class Work:
             if time.monotonic() - last >= _REPORT_SECONDS:
                 report(done)
                 last = time.monotonic()
-            if doomed and done == (shard.stop - shard.start + 1) // 2:
-                report(done)
-                os._exit(17)  # dies without a word, as under the OOM killer
 
         observers = collect_statistics(
-            model, samples, self.tensors, settings=self.settings, on_sample=on_sample
+            self.model, samples, self.tensors, settings=self.settings, on_sample=on_sample
         )
         report(done)
         return observers
 
-    def _doomed(self, shard: Shard) -> bool:
-        """Whether the test fault injection kills this attempt at `shard`."""
-        if self.kill_shard is None:
-            return False
-        index, _, marker = self.kill_shard.partition(":")
-        if int(index) != shard.index:
-            return False
-        if marker:
-            if Path(marker).exists():
-                return False
-            Path(marker).touch()
-        return True
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardRecord:
-    """Where and how fast one shard ran, for the report."""
+    """Where and how fast one contiguous shard ran, for the report."""
 
     shard: Shard
     worker: str
     seconds: float
 
+    def describe(self) -> str:
+        """e.g. `shard 2: samples 100-199, Ray node 10.0.0.2, 3.10 s`."""
+        return (
+            f"shard {self.shard.index + 1}: samples {self.shard.start}-{self.shard.stop - 1}, "
+            f"{self.worker}, {self.seconds:.2f} s"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRecord:
+    """What one local worker took of the shared chunks, for the report.
+
+    Attributes:
+        index: 0 for the driver process, 1 to N - 1 for the spawned ones.
+        worker: which process.
+        samples: the samples it calibrated, counted once per pass over the data.
+        chunks: the chunks it took, likewise.
+        seconds: from its start (the driver's, or the spawned process's first line) to
+            its last statistic.
+    """
+
+    index: int
+    worker: str
+    samples: int
+    chunks: int
+    seconds: float
+
+    def describe(self) -> str:
+        """e.g. `worker 2: 130 samples in 9 chunks, local process 4242, 1.20 s`."""
+        return (
+            f"worker {self.index + 1}: {self.samples} samples in {self.chunks} chunks, "
+            f"{self.worker}, {self.seconds:.2f} s"
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Split:
-    """How calibration work was split: the backend, threads, passes and shards."""
+    """How calibration work was split: the backend, threads, passes and workers."""
 
     backend: str
     threads: int
     passes: int
-    shards: tuple[ShardRecord, ...]
+    shards: tuple[ShardRecord | WorkerRecord, ...]
 
     def describe(self) -> list[str]:
-        """One line for the split, then one per shard."""
+        """One line for the split, then one per shard or worker."""
         if self.threads == 0:
             threads = "onnxruntime's default threads"
         else:
@@ -182,19 +236,15 @@ class Split:
                 f"{self.threads} onnxruntime thread{'s' if self.threads > 1 else ''} each"
             )
         passes = f", {self.passes} passes over the data" if self.passes > 1 else ""
-        lines = [f"split: {self.backend}, {threads}{passes}"]
-        lines += [
-            f"  shard {r.shard.index + 1}: samples {r.shard.start}-{r.shard.stop - 1}, "
-            f"{r.worker}, {r.seconds:.2f} s"
-            for r in self.shards
+        return [f"split: {self.backend}, {threads}{passes}"] + [
+            f"  {record.describe()}" for record in self.shards
         ]
-        return lines
 
 
 def merge_shards(
     results: Sequence[Mapping[str, TensorObserver]], tensors: Iterable[str]
 ) -> dict[str, TensorObserver]:
-    """Per tensor, the shards' observers merged in shard order (exact, see above)."""
+    """Per tensor, the workers' observers merged, in order (exact, see above)."""
     merged = {}
     for name in tensors:
         observer = TensorObserver()
@@ -204,89 +254,196 @@ def merge_shards(
     return merged
 
 
+class _Chunks:
+    """One worker's view of the shared chunks: what it iterates is what it takes.
+
+    `collect_statistics` iterates its samples once per pass; each iteration is the next
+    pass here. In every pass, worker k first gets chunk k (so each worker has a part, and
+    the first chunks need no lock), then takes the next untaken chunk of that pass from
+    the shared counter `taken[pass]` until none is left. A worker killed while it holds
+    the counter's lock never releases it: `stuck` is called each second the lock stays
+    taken (the driver checks its workers there, and raises if one died).
+    """
+
+    def __init__(
+        self,
+        source: DirectorySource,
+        chunks: Sequence[Shard],
+        worker: int,
+        taken,
+        stuck: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.source, self.chunks, self.worker = source, chunks, worker
+        self.taken, self.stuck = taken, stuck
+        self.passes = 0
+        self.samples = 0
+        self.count = 0
+
+    def __iter__(self) -> Iterator[Sample]:
+        pass_ = self.passes
+        self.passes += 1
+        index = self.worker
+        while index < len(self.chunks):
+            chunk = self.chunks[index]
+            self.count += 1
+            self.samples += chunk.stop - chunk.start
+            yield from self.source.part(chunk.start, chunk.stop)
+            lock = self.taken.get_lock()
+            while not lock.acquire(timeout=1.0):
+                self.stuck()
+            try:
+                index = self.taken[pass_]
+                self.taken[pass_] = index + 1
+            finally:
+                lock.release()
+
+
 def run_local(
-    work: Work,
+    model: ir.Model,
+    source: DirectorySource,
+    tensors: tuple[str, ...],
+    settings: CollectSettings,
     data: DataSpec,
-    shards: Sequence[Shard],
+    workers: int,
     advance: Callable[[], None],
-) -> tuple[list[dict[str, TensorObserver]], tuple[ShardRecord, ...]]:
-    """Runs each shard in its own spawned process; returns results in shard order.
+) -> tuple[dict[str, TensorObserver], tuple[WorkerRecord, ...], int]:
+    """Runs `workers` local workers, this process being the first.
+
+    Returns the merged statistics, what each worker did, and the number of chunks.
 
     Raises:
         CalibrationWorkerError: a worker died (killed, out of memory, crashed).
         QconvertError: a worker met bad data; its own error, naming the sample.
     """
+    start = time.perf_counter()
+    chunks = chunk(len(source), workers, batch_size=settings.batch_size)
+    workers = min(workers, len(chunks))
+    passes = pass_count(len(tensors), settings)
     context = multiprocessing.get_context("spawn")
+    taken = context.Array("q", [workers] * passes)  # per pass: the next chunk to take
     messages = context.Queue()
-    processes = [
-        context.Process(target=_local_worker, args=(work, data, shard, messages), daemon=True)
-        for shard in shards
-    ]
-    results: dict[int, dict[str, TensorObserver]] = {}
-    records: dict[int, ShardRecord] = {}
-    shown = [0] * len(shards)
-    try:
-        for process in processes:
-            process.start()
-        while len(results) < len(shards):
+    # The model goes through a queue, not the spawn arguments: `start` writes those into a
+    # pipe that the child reads only after its imports, and 100 MB there would hold this
+    # process up for that long.
+    inbox = context.Queue()
+    processes = {
+        index: context.Process(
+            target=_local_worker,
+            args=(inbox, data, chunks, index, taken, messages),
+            name=f"qconvert calibration worker {index + 1}",
+            daemon=True,
+        )
+        for index in range(1, workers)
+    }
+    results: dict[int, tuple[dict[str, TensorObserver], WorkerRecord]] = {}
+    shown = dict.fromkeys(processes, 0)
+
+    def receive(timeout: float | None) -> None:
+        """Handles the workers' messages, waiting up to `timeout` for the first."""
+        while True:
             try:
-                kind, index, payload = messages.get(timeout=0.1)
+                if timeout is None:
+                    kind, index, payload = messages.get_nowait()
+                else:
+                    kind, index, payload = messages.get(timeout=timeout)
             except queue_module.Empty:
-                _check_alive(processes, shards, results)
-                continue
+                _check_alive(processes, results)
+                return
+            timeout = None
             if kind == "progress":
                 for _ in range(payload - shown[index]):
                     advance()
                 shown[index] = max(shown[index], payload)
             elif kind == "done":
-                observers, seconds = payload
-                results[index] = observers
-                records[index] = ShardRecord(
-                    shard=shards[index],
-                    worker=f"local process {processes[index].pid}",
-                    seconds=seconds,
-                )
+                observers, record = payload
+                results[index] = (observers, record)
             elif kind == "error":
                 raise payload
             else:  # "bug": an unexpected exception, with the worker's traceback
                 raise RuntimeError(f"Calibration worker failed:\n{payload}")
+
+    last_poll = time.monotonic()
+
+    def on_sample() -> None:
+        nonlocal last_poll
+        advance()
+        if time.monotonic() - last_poll >= _REPORT_SECONDS:
+            receive(None)
+            last_poll = time.monotonic()
+
+    try:
+        for process in processes.values():
+            process.start()
+        if processes:  # serialized while the spawned processes start up
+            work = Work.of(model, tensors, settings)
+            for _ in processes:
+                inbox.put(work)
+        mine = _Chunks(source, chunks, 0, taken, lambda: _check_alive(processes, results))
+        observers = collect_statistics(
+            model, mine, tensors, settings=settings, on_sample=on_sample
+        )
+        results[0] = (
+            observers,
+            WorkerRecord(
+                index=0,
+                worker="this process",
+                samples=mine.samples,
+                chunks=mine.count,
+                seconds=time.perf_counter() - start,
+            ),
+        )
+        while len(results) < workers:
+            receive(_REPORT_SECONDS)
     finally:
-        for process in processes:
+        for process in processes.values():
             if process.is_alive():
                 process.terminate()
             process.join()
         messages.close()
-    return [results[k] for k in range(len(shards))], tuple(
-        records[k] for k in range(len(shards))
-    )
+        inbox.close()
+        inbox.cancel_join_thread()  # what a dead worker did not take is dropped
+    ordered = [results[index] for index in range(workers)]
+    merged = merge_shards([observers for observers, _ in ordered], tensors)
+    return merged, tuple(record for _, record in ordered), len(chunks)
 
 
-def _check_alive(
-    processes: Sequence, shards: Sequence[Shard], results: Mapping[int, object]
-) -> None:
-    for process, shard in zip(processes, shards, strict=True):
-        if shard.index not in results and process.exitcode not in (None, 0):
+def _check_alive(processes: Mapping[int, object], results: Mapping[int, object]) -> None:
+    for index, process in processes.items():
+        if index not in results and process.exitcode not in (None, 0):
             raise CalibrationWorkerError(
-                f"The calibration worker of {shard.describe()} died "
+                f"Calibration worker {index + 1} (local process {process.pid}) died "
                 f"(exit code {process.exitcode}); nothing was written.",
                 hint="it may have run out of memory: try fewer --workers or "
                 "--tensors-per-pass K.",
             )
 
 
-def _local_worker(work: Work, data: DataSpec, shard: Shard, messages) -> None:
-    """A worker process's body: everything it has to say goes through `messages`."""
+def _local_worker(
+    inbox,
+    data: DataSpec,
+    chunks: Sequence[Shard],
+    index: int,
+    taken,
+    messages,
+) -> None:
+    """A spawned worker's body: everything it has to say goes through `messages`."""
     start = time.perf_counter()
     try:
-        samples = data.open().part(shard.start, shard.stop)
-        observers = work.run(
-            shard, samples, lambda done: messages.put(("progress", shard.index, done))
+        work: Work = inbox.get()
+        mine = _Chunks(data.open(), chunks, index, taken)
+        observers = work.run(mine, lambda done: messages.put(("progress", index, done)))
+        record = WorkerRecord(
+            index=index,
+            worker=f"local process {os.getpid()}",
+            samples=mine.samples,
+            chunks=mine.count,
+            seconds=time.perf_counter() - start,
         )
-        messages.put(("done", shard.index, (observers, time.perf_counter() - start)))
+        messages.put(("done", index, (observers, record)))
     except QconvertError as exc:
-        messages.put(("error", shard.index, exc))
+        messages.put(("error", index, exc))
     except Exception:  # noqa: BLE001 - a bug: its traceback goes to the driver
-        messages.put(("bug", shard.index, traceback.format_exc()))
+        messages.put(("bug", index, traceback.format_exc()))
     messages.close()
     messages.join_thread()
 
@@ -323,27 +480,25 @@ def collect_split(
             backend="this process", threads=settings.threads, passes=passes, shards=(record,)
         )
         return observers, split_
-    work = Work(
-        model=ir.serde.serialize_model(model).SerializeToString(),
-        tensors=tensors,
-        settings=settings,
-        kill_shard=os.environ.get(KILL_SHARD_ENV) or None,
-    )
     if ray is not None:
         from qconvert.calibration.ray_backend import run_on_ray
 
         results, records, backend = run_on_ray(
-            work,
+            Work.of(model, tensors, settings),
             data,
             source,
             shards=workers if workers > 1 else None,
             cluster=ray,
             advance=advance,
         )
+        merged = merge_shards(results, tensors)
     else:
-        shards = split(len(source), workers, batch_size=settings.batch_size)
-        results, records = run_local(work, data, shards, advance)
-        backend = f"{len(shards)} local processes"
-    merged = merge_shards(results, tensors)
+        merged, records, chunks = run_local(
+            model, source, tensors, settings, data, workers, advance
+        )
+        backend = (
+            f"{len(records)} local processes (this one and {len(records) - 1} spawned), "
+            f"{chunks} chunks shared as each got free"
+        )
     split_ = Split(backend=backend, threads=settings.threads, passes=passes, shards=records)
     return merged, split_

@@ -210,7 +210,7 @@ def _shard_task(
         samples = data.open().part(shard.start, shard.stop)
     else:
         samples = data
-    observers = work.run(shard, samples, lambda done: counter.report.remote(shard.index, done))
+    observers = work.run(samples, lambda done: counter.report.remote(shard.index, done))
     node = ray.get_runtime_context().get_node_id()
     return observers, time.perf_counter() - start, node
 

@@ -11,8 +11,10 @@ from qconvert.cli._options import (
     METHODS,
     image_options,
     image_preprocessing,
+    limit_options,
     percentile_option,
 )
+from qconvert.limits import LoadLimits
 
 
 @click.command("calibrate", short_help="Collect calibration statistics into a file.")
@@ -101,8 +103,9 @@ from qconvert.cli._options import (
 )
 @percentile_option
 @image_options
+@limit_options
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
+def calibrate_command(inputs: tuple[Path, ...], limits: LoadLimits, **options) -> None:
     """Write the calibration statistics of MODEL on the samples of --data.
 
     Per tensor: min, max and a mergeable histogram, from which `quantize --calib` derives
@@ -158,6 +161,7 @@ def calibrate_command(inputs: tuple[Path, ...], **options) -> None:
         ray=ray,
         tensors_per_pass=options.pop("tensors_per_pass"),
         force=force,
+        limits=limits,
         **({"progress": progress} if progress else {}),
     )
     _console.stdout.print(

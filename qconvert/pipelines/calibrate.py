@@ -81,7 +81,8 @@ def calibrate(
             bound memory on big graphs (same statistics, one pass per group).
         force: overwrite existing output files.
         progress: receives progress, one step per sample and pass.
-        limits: bounds the model must respect before its weights are read.
+        limits: bounds the model and every sample must respect before they are read, in
+            this process and in every worker.
     """
     if workers < 1:
         raise ConfigError(f"--workers {workers} must be at least 1.")
@@ -103,7 +104,12 @@ def calibrate(
         source = source.subset(samples, seed=seed)
     settings = CollectSettings(batch_size=batch_size, tensors_per_pass=tensors_per_pass)
     data_spec = DataSpec(
-        folder=str(data), specs=specs, images=images, samples=samples, seed=seed
+        folder=str(data),
+        specs=specs,
+        images=images,
+        samples=samples,
+        seed=seed,
+        limits=limits,
     )
     calibrated = prepare(float_model.clone(), min_opset=1)
     tensors = checked_body_tensors(
