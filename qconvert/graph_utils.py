@@ -46,3 +46,16 @@ def subgraph_nodes(node: ir.Node) -> list[ir.Node]:
         for graph in graphs:
             nodes.extend(ir.traversal.RecursiveGraphIterator(graph))
     return nodes
+
+
+def replace_keeping_name(graph: ir.Graph, old: ir.Node, new_output: ir.Value) -> None:
+    """Removes `old`; its readers read `new_output`, which takes `old`'s output name.
+
+    Rewrites that replace a node keep its output's name: calibration statistics, override
+    files and reports know the tensor by it.
+    """
+    replaced = old.outputs[0]
+    replaced.replace_all_uses_with(new_output, replace_graph_outputs=True)
+    name = replaced.name
+    graph.remove(old, safe=True)
+    new_output.name = name

@@ -30,7 +30,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qconvert import ops
-from qconvert.graph_utils import add_initializer, constant_array
+from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
 
 HARDSWISH_OPSET = 14
@@ -123,12 +123,7 @@ class FoldConvAddIntoBiasPass(ir.passes.InPlacePass):
                 continue
             new_bias = (np.zeros_like(vector) if bias is None else bias) + vector
             _set_weight_and_bias(graph, names, conv, weight, new_bias.astype(np.float32))
-            # The Conv takes over the Add's output, name included (calibration saw it).
-            produced, added = conv.outputs[0], add.outputs[0]
-            added.replace_all_uses_with(produced, replace_graph_outputs=True)
-            name = added.name
-            graph.remove(add, safe=True)
-            produced.name = name
+            replace_keeping_name(graph, add, conv.outputs[0])
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)
@@ -160,10 +155,7 @@ class FoldHardSigmoidIntoConvPass(ir.passes.InPlacePass):
             conv.outputs[0].name = names.fresh(f"{conv.outputs[0].name}_scaled")
             clip = _clip(graph, names, opset, conv.outputs[0], 0.0, 1.0, gate.name or "gate")
             graph.insert_before(gate, clip)
-            gate.outputs[0].replace_all_uses_with(clip.outputs[0], replace_graph_outputs=True)
-            name = gate.outputs[0].name
-            graph.remove(gate, safe=True)
-            clip.outputs[0].name = name
+            replace_keeping_name(graph, gate, clip.outputs[0])
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -253,11 +245,7 @@ class FuseHardSwishPass(ir.passes.InPlacePass):
                 gate.outputs[0].name = names.fresh(f"{base}_gate")
                 fused = [gate, ir.node("Mul", [x, gate.outputs[0]], name=names.fresh(base))]
             graph.insert_before(last, fused)
-            result = fused[-1].outputs[0]
-            last.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
-            name = last.outputs[0].name
-            graph.remove(last, safe=True)
-            result.name = name
+            replace_keeping_name(graph, last, fused[-1].outputs[0])
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)

@@ -39,7 +39,7 @@ from qconvert.passes.activations import (
     FuseHardSwishPass,
     has_decomposed_hardswish,
 )
-from qconvert.graph_utils import add_initializer, constant_array
+from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
 
 
@@ -121,12 +121,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             if len(producer.inputs) < 3:
                 producer.resize_inputs(3)
             producer.replace_input_with(2, bias_value)
-            # The producer takes over the BatchNormalization's output, name included.
-            produced, bn_output = producer.outputs[0], bn.outputs[0]
-            bn_output.replace_all_uses_with(produced, replace_graph_outputs=True)
-            name = bn_output.name
-            graph.remove(bn, safe=True)
-            produced.name = name
+            replace_keeping_name(graph, bn, producer.outputs[0])
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)
