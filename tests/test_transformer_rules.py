@@ -9,6 +9,7 @@ from onnx import numpy_helper as nh
 
 import qconvert
 from qconvert import plan, testing
+from qconvert.plan import static as plan_static
 
 
 def _model(text: str, initializers: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -75,7 +76,7 @@ def test_matmul_and_the_add_of_its_bias_are_one_layer(tmp_path, monkeypatch):
     sqnr = testing.output_sqnr(path, out, _eval_feeds(model))
     # Quantizing the MatMul's output, then the Add's with an 8-bit bias, takes two integer
     # kernels and three roundings for what one kernel does with one.
-    monkeypatch.setattr(plan._Planner, "_bias_add", lambda self, node: None)
+    monkeypatch.setattr(plan_static._Planner, "_bias_add", lambda self, node: None)
     naive = tmp_path / "naive.onnx"
     qconvert.quantize(path, naive, data=tmp_path / "calib")
     assert testing.optimized_ops(naive, tmp_path)["QLinearAdd"] == 1
@@ -132,7 +133,7 @@ def test_residual_add_stays_float_and_reads_what_exists_in_float(tmp_path, monke
     assert sqnr > 23.0  # 20.4 dB with the branch and the skipped-over input quantized
     # Reading the dequantized copy of x puts its rounding (coarse: x has an outlier
     # channel) into the residual stream.
-    monkeypatch.setattr(plan._Planner, "_readers_of_float_values", lambda self: set())
+    monkeypatch.setattr(plan_static._Planner, "_readers_of_float_values", lambda self: set())
     naive = tmp_path / "naive.onnx"
     qconvert.quantize(path, naive, data=tmp_path / "calib")
     assert sqnr > testing.output_sqnr(path, naive, _eval_feeds(model)) + 2.0
@@ -304,7 +305,7 @@ def test_a_mul_by_a_positive_constant_folds_into_the_scale(tmp_path, monkeypatch
     assert report.conversion.quantized_ops["Mul"] == 1
     sqnr = testing.output_sqnr(path, out, _eval_feeds(model))
     # The same values as a QLinearMul, one kernel and one rounding fewer.
-    monkeypatch.setattr(plan._Planner, "_fold_scale", lambda self, node: False)
+    monkeypatch.setattr(plan_static._Planner, "_fold_scale", lambda self, node: False)
     naive = tmp_path / "naive.onnx"
     qconvert.quantize(path, naive, data=tmp_path / "calib")
     assert testing.optimized_ops(naive, tmp_path)["QLinearMul"] == 1

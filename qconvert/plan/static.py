@@ -1,28 +1,14 @@
-"""Planning: decide, per tensor, how it is quantized, as plain immutable data.
+"""Planning the static schemes (int8, 16x8): activations, weights, biases and folds.
 
-The planner walks the graph once in topological order and reads the op policy table
-(`ops.py`), the scheme and the calibrated ranges. It returns a `QuantPlan`:
-
-1. every activation to quantize, with its parameters (from its calibrated range);
-2. every weight, with its per-channel axis and parameters (from its values);
-3. every bias, as int32 at scale activation scale x weight scale;
-4. every Relu/Clip whose clamp the output quantization already performs, to drop;
-5. every node, quantized or float, with the reason.
-
-`make_dynamic_plan` (int8-dynamic) plans weights only, and `make_float16_plan` (fp16,
-fp16-weights) which nodes run in float16 or which initializers are stored as float16.
-`--exclude`/`--include-only` (a `NodeSelection`) and an override file (`Overrides`) edit
-the plan: a node they leave float says so in its reason.
-
-The rewrite pass only applies the plan, and the report shows it, so a user can see why
-each node is or is not quantized.
+The planner walks the graph once in topological order (each If/Loop/Scan followed by the
+nodes of its bodies) and reads the op policy table (`ops.py`), the scheme and the
+calibrated ranges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from types import MappingProxyType
 
 import numpy as np
@@ -31,20 +17,24 @@ import onnx_ir as ir
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
 from qconvert.calibration.subgraphs import HOLDERS, body_nodes
-from qconvert.errors import CalibrationDataError, OverrideFileError
-from qconvert.graph_utils import constant_array, subgraph_nodes, values_by_name
+from qconvert.errors import CalibrationDataError
+from qconvert.graph_utils import constant_array, subgraph_nodes
 from qconvert.overrides import FLOAT, Overrides
+from qconvert.plan.common import check_overrides, skip_reason
+from qconvert.plan.decisions import (
+    ClampFold,
+    NodeDecision,
+    QuantPlan,
+    Role,
+    ScaleFold,
+    TensorDecision,
+)
 from qconvert.schemes import (
     INT8,
     INT16X8,
-    DynamicScheme,
-    Float16Scheme,
-    Scheme,
     StaticScheme,
 )
 from qconvert.selection import NodeSelection
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 _UNCALIBRATED = (
     "calibration has no range for its input '{name}' (a tensor the opset upgrade added, or "
@@ -83,95 +73,6 @@ _BOUNDED_OUTPUTS = {"Sigmoid": (0.0, 1.0)}
 """Quantized ops whose output lies in fixed bounds, whatever their input."""
 
 
-class Role(str, Enum):
-    """What a quantized tensor is to the node that reads it."""
-
-    ACTIVATION = "activation"
-    WEIGHT = "weight"
-    BIAS = "bias"
-
-
-@dataclass(frozen=True, slots=True)
-class TensorDecision:
-    """How one tensor is quantized, and why."""
-
-    name: str
-    role: Role
-    qparams: qparams.QParams
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class NodeDecision:
-    """Whether one node runs quantized (or in float16), and why."""
-
-    name: str
-    op_type: str
-    quantized: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClampFold:
-    """Relu/Clip nodes dropped because quantizing `source` with the parameters of `output`
-    (the last clamp's output) already clamps as they do.
-    """
-
-    nodes: tuple[str, ...]
-    source: str
-    output: str
-
-
-@dataclass(frozen=True, slots=True)
-class ScaleFold:
-    """A Mul of `source` by a positive constant, dropped: `output` is read as
-    DequantizeLinear(source's integers) at source's scale times that constant, which is
-    exactly the product (x_q - z) * s * c."""
-
-    node: str
-    source: str
-    output: str
-
-
-@dataclass(frozen=True, slots=True)
-class QuantPlan:
-    """The decisions for a whole model; the rewrite passes only apply them.
-
-    Attributes:
-        scheme: the run's scheme (single nodes may differ through overrides).
-        tensors: quantized tensors by name.
-        nodes: every node of the main graph, converted or not, with the reason.
-        folds: Relu/Clip nodes absorbed by the quantization of their output.
-        format: how the result is written: qdq, qop, dynamic or float16.
-        float16_tensors: initializers stored as float16 (fp16 and fp16-weights).
-        notes: facts about the run the report states (what was done, and caveats).
-        float_readers: float nodes that read the float tensors, not their dequantized
-            copies: the nodes the user left float, and float nodes with weights, which
-            onnxruntime would otherwise fuse with a DequantizeLinear input into an
-            integer kernel. Where the tensor's quantization absorbed a Relu/Clip, they
-            read the clamp's output, and the clamp stays for them.
-        scale_folds: Muls by a positive constant absorbed by the scale of their input.
-    """
-
-    scheme: Scheme
-    tensors: Mapping[str, TensorDecision]
-    nodes: tuple[NodeDecision, ...]
-    folds: tuple[ClampFold, ...]
-    format: str = "qdq"
-    float16_tensors: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    float_readers: frozenset[str] = frozenset()
-    scale_folds: tuple[ScaleFold, ...] = ()
-
-    def quantized_nodes(self) -> tuple[NodeDecision, ...]:
-        """The nodes that run on quantized inputs (or in float16)."""
-        return tuple(node for node in self.nodes if node.quantized)
-
-    def float_nodes(self) -> tuple[NodeDecision, ...]:
-        """The nodes left in float, each with the reason."""
-        return tuple(node for node in self.nodes if not node.quantized)
-
-
 def make_plan(
     model: ir.Model,
     scheme: StaticScheme,
@@ -194,57 +95,6 @@ def make_plan(
     selection = selection or NodeSelection()
     planner = _Planner(model, scheme, ranges, excluded, selection, overrides, format)
     return planner.run()
-
-
-def check_overrides(
-    model: ir.Model, overrides: Overrides, *, static: bool, scheme: str
-) -> None:
-    """Fails on an override the model or the scheme cannot take.
-
-    That is a node or tensor the model lacks, or a precision the scheme cannot apply.
-
-    Raises:
-        OverrideFileError: naming the file and the offending entry.
-    """
-    graph = model.graph
-    node_names = {node.name for node in graph}
-    for name, precision in overrides.nodes.items():
-        if name not in node_names:
-            raise OverrideFileError(
-                f"Override file '{overrides.source}' names node '{name}', which the model "
-                "does not have."
-            )
-        if not static and precision not in (FLOAT, scheme):
-            raise OverrideFileError(
-                f"Override file '{overrides.source}' sets node '{name}' to '{precision}', "
-                f"which a --scheme {scheme} run cannot apply.",
-                hint="in this scheme a node override can only be 'float'.",
-            )
-    values = values_by_name(graph)
-    for name in overrides.tensors:
-        if name not in values:
-            raise OverrideFileError(
-                f"Override file '{overrides.source}' names tensor '{name}', which the "
-                "model does not have."
-            )
-        if not static:
-            raise OverrideFileError(
-                f"Override file '{overrides.source}' sets tensor '{name}', but tensor "
-                f"overrides apply to the static schemes only, not --scheme {scheme}."
-            )
-
-
-def _skip_reason(
-    node: ir.Node,
-    selection: NodeSelection,
-    overrides: Overrides,
-    excluded: frozenset[str] = frozenset(),
-) -> str | None:
-    if node.name in excluded:
-        return "excluded: stays float"
-    if overrides.nodes.get(node.name or "") == FLOAT:
-        return f"set to float by {overrides.source}"
-    return selection.skip_reason(node)
 
 
 class _Planner:
@@ -327,7 +177,7 @@ class _Planner:
         )
 
     def _skip_reason(self, node: ir.Node) -> str | None:
-        reason = _skip_reason(node, self.selection, self.overrides, self.excluded)
+        reason = skip_reason(node, self.selection, self.overrides, self.excluded)
         if reason is None and node.op_type == "Add":
             reason = self._mixed_range_add(node)
         return reason
@@ -1276,252 +1126,3 @@ def _clamp_is_exact(params: qparams.QParams, bounds: tuple[float, float] | None)
         low / scale < info.min - zero_point + 0.5
         and high / scale > info.max - zero_point - 0.5
     )
-
-
-def make_dynamic_plan(
-    model: ir.Model,
-    scheme: DynamicScheme,
-    *,
-    selection: NodeSelection | None = None,
-    overrides: Overrides | None = None,
-) -> QuantPlan:
-    """Plans int8-dynamic: the constant 2-D weight of each MatMul and Gemm, per column.
-
-    Activations need no plan: DynamicQuantizeLinear finds their range at run time.
-    """
-    selection = selection or NodeSelection()
-    overrides = overrides or Overrides()
-    check_overrides(model, overrides, static=False, scheme=scheme.name)
-    opset = model.opset_imports.get("", 1)
-    tensors: dict[str, TensorDecision] = {}
-    nodes: list[NodeDecision] = []
-    for node in model.graph:
-        name = node.name or ""
-        reason = _skip_reason(node, selection, overrides) or _dynamic_refusal(node)
-        if reason is not None:
-            nodes.append(NodeDecision(name, node.op_type, False, reason))
-            continue
-        weights = {"LSTM": node.inputs[1:3], "Gather": node.inputs[0:1]}.get(
-            node.op_type, node.inputs[1:2]
-        )
-        for weight in weights:
-            if weight.name not in tensors:
-                tensors[weight.name] = _dynamic_weight(node, weight, scheme, opset)
-        nodes.append(NodeDecision(name, node.op_type, True, "quantized dynamically"))
-    return QuantPlan(
-        scheme=scheme,
-        tensors=MappingProxyType(tensors),
-        nodes=tuple(nodes),
-        folds=(),
-        format="dynamic",
-        notes=_dynamic_notes(nodes),
-    )
-
-
-def _dynamic_notes(nodes: list[NodeDecision]) -> tuple[str, ...]:
-    done = {node.op_type for node in nodes if node.quantized}
-    present = {node.op_type for node in nodes}
-    notes = []
-    if done & {"MatMul", "Gemm"}:
-        notes.append(
-            "int8-dynamic: each MatMul/Gemm with a constant weight became "
-            "DynamicQuantizeLinear + MatMulInteger (uint8 activations x int8 weights) + "
-            "a float rescale; onnxruntime fuses each group into one DynamicQuantizeMatMul "
-            "kernel."
-        )
-    if "LSTM" in done:
-        notes.append(
-            "int8-dynamic: each LSTM became com.microsoft DynamicQuantizeLSTM (int8 W and R, "
-            "X and H quantized at every step)."
-        )
-    if "Gather" in done:
-        notes.append(
-            "int8-dynamic: each embedding table read by Gather is stored as int8 (one scale "
-            "per row) and read through DequantizeLinear."
-        )
-    if "GRU" in present:
-        notes.append("int8-dynamic leaves GRU float: onnxruntime has no such kernel.")
-    if "Conv" in present:
-        notes.append(
-            "int8-dynamic leaves Conv float: onnxruntime's ConvInteger runs several times "
-            "slower than float Conv on CPU. Use --scheme int8 for conv nets."
-        )
-    return tuple(notes)
-
-
-def _dynamic_weight(
-    node: ir.Node, weight: ir.Value, scheme: DynamicScheme, opset: int
-) -> TensorDecision:
-    """int8 symmetric parameters of one weight of a MatMul, Gemm, LSTM or Gather.
-
-    Gather's table: one scale per row (per-axis DequantizeLinear needs opset 13; below,
-    one per table).
-
-    MatMul/Gemm: one scale per output column (the last axis of B, the first when Gemm
-    transposes it). LSTM's W and R, (directions, 4 x hidden, K): one scale per row of
-    each direction (the weights are flattened to (directions x 4 x hidden, K) for that),
-    or one per direction.
-    """
-    array = constant_array(weight)
-    name = node.name or ""
-    if node.op_type == "Gather":
-        axis = 0 if scheme.per_channel and opset >= 13 else None
-        granularity = "per row" if axis is not None else "per tensor"
-    elif node.op_type == "LSTM":
-        if scheme.per_channel:
-            array = array.reshape(-1, array.shape[-1])
-        axis: int | None = 0
-        granularity = "per row" if scheme.per_channel else "per direction"
-    elif scheme.per_channel:
-        axis = 0 if node.attributes.get_int("transB", 0) else 1
-        granularity = "per column"
-    else:
-        axis, granularity = None, "per tensor"
-    params = qparams.weight_qparams(
-        array, scheme.weight_dtype, axis=axis, reduce_range=scheme.reduce_range
-    )
-    return TensorDecision(weight.name, Role.WEIGHT, params, f"weight of {name}, {granularity}")
-
-
-def _dynamic_refusal(node: ir.Node) -> str | None:
-    """Why int8-dynamic leaves this node float, or None when it quantizes it."""
-    if node.op_type in ops.DYNAMIC_FLOAT_REASONS:
-        return ops.DYNAMIC_FLOAT_REASONS[node.op_type]
-    if node.op_type not in ops.DYNAMIC:
-        return "not in the op table: stays float"
-    if node.domain not in ("", "ai.onnx"):
-        return "custom domain: stays float"
-    if node.op_type == "Gather":
-        table = constant_array(node.inputs[0])
-        if table is None:
-            return "Gather on activations: stays float"
-        if table.dtype != np.float32 or table.ndim < 2:
-            return "its table is not a float32 matrix: stays float"
-        if any(reader.op_type != "Gather" for reader in node.inputs[0].consumers()):
-            return "its table is shared with another op (tied weights): stays float"
-        return None
-    if node.op_type == "LSTM":
-        arrays = [constant_array(v) for v in node.inputs[1:3]]
-        if any(a is None or a.dtype != np.float32 or a.ndim != 3 for a in arrays):
-            return "its W and R are not constant 3-D float32 tensors"
-        return None
-    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None:
-        return "its second input is not a constant weight (activation x activation)"
-    if weight.dtype != np.float32 or weight.ndim != 2:
-        return "its weight is not a 2-D float32 tensor"
-    if node.inputs[0].dtype not in (None, ir.DataType.FLOAT):
-        return "its input is not float32"
-    if node.op_type == "Gemm":
-        alpha = node.attributes.get_float("alpha", 1.0)
-        if node.attributes.get_int("transA", 0) or alpha != 1:
-            return "Gemm with transA or alpha != 1 stays float"
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            if constant_array(node.inputs[2]) is None:
-                return "Gemm with a non-constant C stays float"
-    return None
-
-
-def make_float16_plan(
-    model: ir.Model,
-    scheme: Float16Scheme,
-    *,
-    selection: NodeSelection | None = None,
-    overrides: Overrides | None = None,
-    peaks: Mapping[str, float] | None = None,
-) -> QuantPlan:
-    """Plans fp16 (nodes computing in float16) or fp16-weights (float16 initializers).
-
-    A node stays float32 when the op policy table blocks it (no float16 form, float32-only
-    inputs, values that overflow float16), when one of its weights exceeds the float16
-    range (|w| > 65504), when a tensor it reads or writes reached beyond that range on the
-    data (`peaks`: the largest magnitude of each tensor, measured when data is given), or
-    when the selection or an override leaves it float.
-    """
-    peaks = peaks or {}
-    selection = selection or NodeSelection()
-    overrides = overrides or Overrides()
-    check_overrides(model, overrides, static=False, scheme=scheme.name)
-    opset = model.opset_imports.get("", 1)
-    nodes: list[NodeDecision] = []
-    converted: set[str] = set()
-    for node in model.graph:
-        name = node.name or ""
-        reason = (
-            _skip_reason(node, selection, overrides)
-            or ops.float16_refusal(node, opset)
-            or _weight_out_of_float16_range(node)
-            or _beyond_float16_on_data(node, peaks)
-        )
-        if reason is None:
-            converted.add(name)
-            label = "weights stored as float16" if scheme.storage_only else "runs in float16"
-            nodes.append(NodeDecision(name, node.op_type, True, label))
-        else:
-            nodes.append(NodeDecision(name, node.op_type, False, reason))
-    stored = tuple(
-        value.name
-        for value in model.graph.initializers.values()
-        if _storable_as_float16(value, converted)
-    )
-    if scheme.storage_only:
-        notes = (
-            "fp16-weights: float32 initializers are stored as float16 and read through "
-            "Cast to float32, which onnxruntime folds once when it loads the model; "
-            "the arithmetic stays float32.",
-        )
-    else:
-        edges = (
-            "inputs and outputs stay float32, with Casts at the edges"
-            if scheme.keep_io_types
-            else "inputs and outputs are float16"
-        )
-        notes = (
-            f"fp16: nodes compute in float16; {edges}.",
-            "onnxruntime's CPU provider has few float16 kernels and casts around the ops "
-            "it lacks: fp16 pays off on GPUs; on CPUs fp16-weights gives the same file "
-            "size at float32 speed.",
-        )
-    return QuantPlan(
-        scheme=scheme,
-        tensors=MappingProxyType({}),
-        nodes=tuple(nodes),
-        folds=(),
-        format="float16",
-        float16_tensors=stored,
-        notes=notes,
-    )
-
-
-def _weight_out_of_float16_range(node: ir.Node) -> str | None:
-    for value in node.inputs:
-        array = constant_array(value)
-        if array is not None and array.dtype == np.float32 and array.size:
-            if float(np.max(np.abs(array))) > FLOAT16_MAX:
-                return f"its weight '{value.name}' exceeds the float16 range (65504)"
-    return None
-
-
-def _beyond_float16_on_data(node: ir.Node, peaks: Mapping[str, float]) -> str | None:
-    for value in (*node.inputs, *node.outputs):
-        peak = peaks.get(value.name) if value is not None else None
-        if peak is not None and peak > FLOAT16_MAX:
-            return (
-                f"'{value.name}' reaches {peak:.4g} on the data, beyond float16's 65504: "
-                "stays float32"
-            )
-    return None
-
-
-# Smaller initializers save nothing as float16, and scalars often feed shape arithmetic.
-_MIN_FLOAT16_ELEMENTS = 16
-
-
-def _storable_as_float16(value: ir.Value, converted: set[str]) -> bool:
-    array = value.const_value
-    if array is None or value.is_graph_input() or value.dtype != ir.DataType.FLOAT:
-        return False
-    if array.size < _MIN_FLOAT16_ELEMENTS:
-        return False
-    consumers = value.consumers()
-    return bool(consumers) and all((node.name or "") in converted for node in consumers)
