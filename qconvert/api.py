@@ -821,7 +821,7 @@ def calibrate(
     data_spec = DataSpec(
         folder=str(data), specs=specs, images=images, samples=samples, seed=seed
     )
-    calibrated = prepare(float_model.clone(), min_opset=1)
+    calibrated = prepare(float_model, min_opset=1)  # no copy: nothing else reads it
     tensors = tensors_to_calibrate(calibrated)
     total = len(source) * pass_count(len(tensors), settings)
     with progress.task("Calibrating", total) as advance:
