@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench import cases as case_set
 from bench import measure, real, report, runner
+from bench.targets import METHOD_TOOLS
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +36,7 @@ FULL = {
         runner.ScalingPlan(
             model="digits_dwsep",
             sizes=(64, 256, 1024),
-            tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
+            tools=("float pass", "qconvert", *METHOD_TOOLS, "ort MinMax", "ort Percentile"),
             repeats=3,  # a pass takes a fraction of a second here: median of three runs
         ),
         # The peer's Percentile calibrator keeps every activation of every sample in memory
@@ -43,7 +44,7 @@ FULL = {
         runner.ScalingPlan(
             model="mobilenetv2_style_224",
             sizes=(64, 256),
-            tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
+            tools=("float pass", "qconvert", *METHOD_TOOLS, "ort MinMax", "ort Percentile"),
             caps={"ort Percentile": 64},
         ),
     ),
@@ -53,7 +54,9 @@ QUICK = {
     "latency": measure.LatencyPlan(max_runs=5, min_runs=3, warmup=1, budget_s=0.1),
     "scaling": (
         runner.ScalingPlan(
-            model="tiny_cnn", sizes=(8, 32), tools=("float pass", "qconvert", "ort MinMax")
+            model="tiny_cnn",
+            sizes=(8, 32),
+            tools=("float pass", "qconvert", *METHOD_TOOLS[:2], "ort MinMax"),
         ),
     ),
 }
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--fetch", action="store_true", help="only download the real models")
     parser.add_argument("--render", action="store_true", help="only re-render results.md")
-    parser.add_argument("--only", action="append", default=[], help="model names to run")
+    parser.add_argument(
+        "--only", action="append", default=[], help="model names to run (a,b or repeated)"
+    )
     parser.add_argument("--schemes", default=",".join(v.scheme for v in runner.VARIANTS))
     parser.add_argument("--no-scaling", action="store_true")
     args = parser.parse_args(argv)
@@ -108,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         found, missing = case_set.real_cases(args.cache, work, plan["sizes"])
         cases += found
         notes += missing
-    if args.only:
-        cases = [c for c in cases if c.name in args.only]
+    if args.only:  # --only a,b and --only a --only b
+        only = {name for value in args.only for name in value.split(",")}
+        cases = [c for c in cases if c.name in only]
     wanted = set(args.schemes.split(","))
     variants = [v for v in runner.VARIANTS if v.scheme in wanted]
     settings = runner.Settings(latency=plan["latency"])

@@ -128,3 +128,33 @@ def test_nan_found_while_folding_a_chunk_names_the_tensor(tmp_path):
     for name in ("x", "root"):
         assert (small[name].min, small[name].max) == (whole[name].min, whole[name].max)
         np.testing.assert_array_equal(small[name].bins, whole[name].bins)
+
+
+def test_one_tensor_a_pass_gives_the_statistics_of_one_pass(tmp_path):
+    # Each pass runs the graph optimized once with every tensor exposed, so a tensor is
+    # computed by the same kernels whichever others share its pass.
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(6)]
+    whole = collect_statistics(model, samples, names)
+    single = collect_statistics(
+        model, samples, names, settings=CollectSettings(tensors_per_pass=1)
+    )
+    assert len(names) > 1
+    for name in names:
+        a, b = whole[name], single[name]
+        assert (a.min, a.max, a.count, a.exponent) == (b.min, b.max, b.count, b.exponent)
+        np.testing.assert_array_equal(a.bins, b.bins)
+
+
+def test_the_session_exposes_exactly_the_calibrated_tensors(tmp_path):
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    names = tensors_to_calibrate(model)
+    inputs = {value.name for value in model.graph.inputs}
+    exposed = tuple(name for name in names if name not in inputs)
+    session = make_session(_expose(model, exposed), threads=1)
+    outputs = [output.name for output in session.get_outputs()]
+    originals = [value.name for value in model.graph.outputs]
+    assert set(outputs) == set(originals) | set(exposed)
