@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch", action="store_true", help="only download the real models")
     parser.add_argument("--render", action="store_true", help="only re-render results.md")
     parser.add_argument(
-        "--only", action="append", default=[], help="model names to run (a,b or repeated)"
+        "--only", action="append", default=[], help="model names to run (comma-separated)"
     )
     parser.add_argument("--schemes", default=",".join(v.scheme for v in runner.VARIANTS))
     parser.add_argument("--no-scaling", action="store_true")
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         found, missing = case_set.real_cases(args.cache, work, plan["sizes"])
         cases += found
         notes += missing
-    if args.only:  # --only a,b and --only a --only b
-        only = {name for value in args.only for name in value.split(",")}
+    if args.only:
+        only = {name for names in args.only for name in names.split(",")}
         cases = [c for c in cases if c.name in only]
     wanted = set(args.schemes.split(","))
     variants = [v for v in runner.VARIANTS if v.scheme in wanted]

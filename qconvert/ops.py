@@ -97,6 +97,11 @@ class QuantizedOpRule:
 
 _UNARY = (0,)
 
+REQUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+"""Ops whose float weights onnxruntime quantizes (int8, one scale per tensor) when their
+first input comes from a DequantizeLinear, its WeightBiasQuantization step: a node of
+these types left float must read the float tensor, not a dequantized copy."""
+
 QUANTIZED: dict[str, QuantizedOpRule] = {
     "Conv": QuantizedOpRule(_UNARY, {1: _first_axis}, bias=(2, 0, 1), kernel="QLinearConv"),
     "ConvTranspose": QuantizedOpRule(
@@ -169,9 +174,9 @@ FLOAT_REASONS: dict[str, str] = {
     "LSTM": "recurrent: quantized by --scheme int8-dynamic (DynamicQuantizeLSTM); stays "
     "float in the static schemes",
     "GRU": "recurrent, and onnxruntime has no quantized GRU kernel: stays float",
-    "If": "holds subgraphs, which the static schemes do not plan: its branches stay float",
-    "Loop": "holds a subgraph, which the static schemes do not plan: its body stays float",
-    "Scan": "holds a subgraph, which the static schemes do not plan: its body stays float",
+    "If": "holds subgraphs, and stays float itself: the nodes of its branches are planned",
+    "Loop": "holds a subgraph, and stays float itself: the nodes of its body are planned",
+    "Scan": "holds a subgraph, and stays float itself: the nodes of its body are planned",
     "HardSigmoid": "onnxruntime fuses no integer kernel for it (nor HardSwish): a Q/DQ "
     "pair would only add rounding and time, so it stays float",
     "HardSwish": "onnxruntime fuses no integer kernel for it: stays float",

@@ -20,7 +20,7 @@ each node is or is not quantized.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
+from qconvert.calibration.subgraphs import HOLDERS, body_nodes
 from qconvert.errors import CalibrationDataError, OverrideFileError
 from qconvert.graph_utils import constant_array, subgraph_nodes, values_by_name
 from qconvert.overrides import FLOAT, Overrides
@@ -52,6 +53,13 @@ _UNCALIBRATED = (
 
 MIXED_RANGE_RATIO = 100.0
 """A Concat whose inputs' ranges differ by more than this factor stays float."""
+
+MIN_TABLE_ELEMENTS = 256
+"""A constant operand of a float Add with fewer elements is a few offsets: left float."""
+
+TABLE_STEP_FRACTION = 8.0
+"""A float Add's constant table is stored as int8 only where its rounding step stays under
+this fraction of an int8 step of the sum."""
 
 
 class Role(str, Enum):
@@ -94,6 +102,17 @@ class ClampFold:
 
 
 @dataclass(frozen=True, slots=True)
+class ScaleFold:
+    """A Mul of `source` by a positive constant, dropped: `output` is read as
+    DequantizeLinear(source's integers) at source's scale times that constant, which is
+    exactly the product (x_q - z) * s * c."""
+
+    node: str
+    source: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
 class QuantPlan:
     """The decisions for a whole model; the rewrite passes only apply them.
 
@@ -108,7 +127,9 @@ class QuantPlan:
         float_readers: float nodes that read the float tensors, not their dequantized
             copies: the nodes the user left float, and float nodes with weights, which
             onnxruntime would otherwise fuse with a DequantizeLinear input into an
-            integer kernel.
+            integer kernel. Where the tensor's quantization absorbed a Relu/Clip, they
+            read the clamp's output, and the clamp stays for them.
+        scale_folds: Muls by a positive constant absorbed by the scale of their input.
     """
 
     scheme: Scheme
@@ -119,6 +140,7 @@ class QuantPlan:
     float16_tensors: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     float_readers: frozenset[str] = frozenset()
+    scale_folds: tuple[ScaleFold, ...] = ()
 
     def quantized_nodes(self) -> tuple[NodeDecision, ...]:
         """The nodes that run on quantized inputs (or in float16)."""
@@ -137,16 +159,20 @@ def make_plan(
     excluded: frozenset[str] = frozenset(),
     selection: NodeSelection | None = None,
     overrides: Overrides | None = None,
+    format: str = "qdq",
 ) -> QuantPlan:
     """Plans the static quantization of `model` with `scheme` and calibrated `ranges`.
 
     Nodes named in `excluded`, or left float by `selection` or `overrides`, stay float;
-    their neighbours still quantize the tensors they share with them.
+    their neighbours still quantize the tensors they share with them. `format` is how
+    the plan will be written (qdq or qop): a MatMul and the Add of its bias make one
+    layer only in QDQ, where onnxruntime fuses them into QGemm.
     """
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=True, scheme=scheme.name)
     selection = selection or NodeSelection()
-    return _Planner(model, scheme, ranges, excluded, selection, overrides).run()
+    planner = _Planner(model, scheme, ranges, excluded, selection, overrides, format)
+    return planner.run()
 
 
 def check_overrides(
@@ -209,8 +235,10 @@ class _Planner:
         excluded: frozenset[str],
         selection: NodeSelection,
         overrides: Overrides,
+        format: str,
     ) -> None:
         self.graph = model.graph
+        self.format = format
         self.scheme = scheme
         self.ranges = ranges
         self.excluded = excluded
@@ -219,19 +247,22 @@ class _Planner:
         self.tensors: dict[str, TensorDecision] = {}
         self.nodes: dict[str, NodeDecision] = {}
         self.folds: list[ClampFold] = []
+        self.scale_folds: list[ScaleFold] = []
         self.notes: list[str] = []
         # Tensors downstream of a mixed-range Concat, with the reason they stay float.
         self.held_float: dict[str, str] = {}
         self.float_readers: set[str] = set()
         self.feeds_mixed: dict[str, bool] = {}
+        self.feeds_quantized: dict[str, bool] = {}
 
     def run(self) -> QuantPlan:
+        self.gelu = _gelu_nodes(self.graph)
         self.mixed = {
             node.name: reason
-            for node in self.graph
+            for node in self._nodes()
             if node.op_type == "Concat" and (reason := self._mixed_range(node)) is not None
         }
-        for node in self.graph:
+        for node in self._nodes():
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
             skip = self._skip_reason(node)
@@ -242,6 +273,8 @@ class _Planner:
                 self._decide(node, False, skip)
             elif (held := self._held_float_input(node)) is not None:
                 self._hold_float(node, held)
+            elif node.name in self.gelu:
+                self._decide(node, False, GELU_REASON)
             elif rule is not None:
                 self._plan_quantized(node, rule)
             elif node.op_type in ops.PASS_THROUGH:
@@ -249,13 +282,25 @@ class _Planner:
             else:
                 self._decide(node, False, ops.float_reason(node))
         self._plan_subgraph_weights()
+        self._plan_tables_of_float_adds()
+        self.float_readers.update(self._readers_of_float_values())
+        # onnxruntime quantizes the float weights of any Conv, ConvTranspose or Gemm whose
+        # first input comes from a DequantizeLinear (its WeightBiasQuantization step): a
+        # float one reads the float tensor, or it would run quantized after all.
+        self.float_readers.update(
+            decision.name
+            for decision in self.nodes.values()
+            if not decision.quantized and decision.op_type in ops.REQUANTIZED_OPS
+        )
         return QuantPlan(
             scheme=self.scheme,
             tensors=MappingProxyType(dict(self.tensors)),
             nodes=tuple(self.nodes.values()),
             folds=tuple(self.folds),
+            format=self.format,
             notes=tuple(self.notes),
             float_readers=frozenset(self.float_readers),
+            scale_folds=tuple(self.scale_folds),
         )
 
     def _skip_reason(self, node: ir.Node) -> str | None:
@@ -263,6 +308,94 @@ class _Planner:
         if reason is None and node.op_type == "Add":
             reason = self._mixed_range_add(node)
         return reason
+
+    def _plan_tables_of_float_adds(self) -> None:
+        """Stores the constant tables that float Adds read as int8, one scale per row.
+
+        A positional embedding added to the residual stream is the case: the Add stays
+        float with the stream, yet the table is a weight like any other. It is stored as
+        int8 (one scale per row, the axis before the last) and read through
+        DequantizeLinear, where its rounding stays under 1/TABLE_STEP_FRACTION of an int8
+        step of the sum: a table of grid offsets in pixels (a detector's anchors) would
+        round by more and stays float.
+        """
+        for node in self.graph:
+            decision = self.nodes.get(node.name or "")
+            if node.op_type != "Add" or decision is None or decision.quantized:
+                continue
+            if self._skip_reason(node) is not None:
+                continue  # the user left it float: its operands too
+            seen = self.ranges.get(node.outputs[0].name)
+            if seen is None:
+                continue
+            sum_step = (seen.max - seen.min) / 255.0
+            for value in node.inputs:
+                table = constant_array(value)
+                if (
+                    table is None
+                    or table.dtype != np.float32
+                    or table.ndim < 2
+                    or table.size < MIN_TABLE_ELEMENTS
+                    or value.name in self.tensors
+                    or value.name not in self.graph.initializers
+                    or self._overridden_float(value)
+                    or any(reader.op_type != "Add" for reader in value.consumers())
+                ):
+                    continue
+                params = qparams.weight_qparams(
+                    table, self.scheme.weight_dtype, axis=table.ndim - 2, symmetric=True
+                )
+                if float(np.max(params.scale)) > sum_step / TABLE_STEP_FRACTION:
+                    continue
+                self.tensors[value.name] = TensorDecision(
+                    value.name,
+                    Role.WEIGHT,
+                    params,
+                    f"table read by {node.name}, which stays float: stored as int8 per row",
+                )
+
+    def _readers_of_float_values(self) -> set[str]:
+        """Float nodes whose quantized inputs all exist in float anyway: they read those.
+
+        A tensor written by a float op (LayerNormalization, say) or given as a graph input
+        is float at run time; a float reader of its dequantized copy would only take on
+        its rounding, and run one DequantizeLinear more. A residual Add reading the
+        LayerNormalization output it skips over is the case that matters: the copy
+        would put the int8 error of that output into the residual stream.
+        """
+        folded = {fold.output for fold in self.folds}
+        readers = set()
+        for node in self.graph:
+            decision = self.nodes.get(node.name or "")
+            if decision is None or decision.quantized:
+                continue
+            planned = [
+                value
+                for value in node.inputs
+                if value is not None
+                and value.name in self.tensors
+                and self.tensors[value.name].role is Role.ACTIVATION
+            ]
+            if planned and all(
+                value.name not in folded and not self._written_quantized(value)
+                for value in planned
+            ):
+                readers.add(node.name or "")
+        return readers
+
+    def _written_by_float_op(self, value: ir.Value) -> bool:
+        """Whether a node already decided float writes `value`."""
+        producer = value.producer()
+        decision = self.nodes.get(producer.name or "") if producer is not None else None
+        return decision is not None and not decision.quantized
+
+    def _written_quantized(self, value: ir.Value) -> bool:
+        """Whether an op running quantized writes `value` (so it exists only as integers)."""
+        producer = value.producer()
+        if producer is None:
+            return False
+        decision = self.nodes.get(producer.name or "")
+        return decision is not None and decision.quantized
 
     def _mixed_range_add(self, add: ir.Node) -> str | None:
         """Why an Add of two activations of very different ranges stays float.
@@ -280,21 +413,41 @@ class _Planner:
             "the smaller away: stays float"
         )
 
-    def _plan_subgraph_weights(self) -> None:
-        """Stores the weights of the ops inside If/Loop/Scan bodies as int8.
+    def _nodes(self) -> Iterator[ir.Node]:
+        """The main graph's nodes, each If/Loop/Scan followed by the nodes of its bodies.
 
-        Calibration runs the main graph and cannot see the tensors inside subgraphs, so
-        their activations stay float; their weights (main-graph initializers after
-        preparation) are stored as int8 and read through DequantizeLinear from the outer
-        scope: the file shrinks, the arithmetic stays float.
+        Body nodes are planned like any other: calibration passes their tensors out of the
+        holder (`calibration.subgraphs`), and the Q/DQ pairs go inside the body.
+        """
+        for node in self.graph:
+            yield node
+            if node.op_type in HOLDERS:
+                yield from body_nodes(node)
+
+    def _plan_subgraph_weights(self) -> None:
+        """Says what happened inside each If/Loop/Scan; stores float body ops' weights int8.
+
+        A body node calibration did not see (a body of a body, or a model calibrated
+        before bodies were) stays float; its weights (main-graph initializers after
+        preparation) are still stored as int8 and read through DequantizeLinear from the
+        outer scope: the file shrinks, the arithmetic stays float.
         """
         for holder in self.graph:
-            if holder.op_type not in ("If", "Loop", "Scan") or self._skip_reason(holder):
+            if holder.op_type not in HOLDERS or self._skip_reason(holder):
                 continue
-            count = 0
-            for node in subgraph_nodes(holder):
+            inside = [node for node in subgraph_nodes(holder) if node.op_type not in HOLDERS]
+            quantized = sum(
+                1
+                for node in inside
+                if node.name in self.nodes and self.nodes[node.name].quantized
+            )
+            stored = 0
+            for node in inside:
                 rule = ops.quantized_rule(node)
-                if rule is None or self._skip_reason(node) is not None:
+                decided = self.nodes.get(node.name or "")
+                if rule is None or (decided is not None and decided.quantized):
+                    continue
+                if self._skip_reason(node) is not None:
                     continue
                 for index, axis_of in rule.weights.items():
                     value = node.inputs[index] if index < len(node.inputs) else None
@@ -303,18 +456,21 @@ class _Planner:
                         weights is None
                         or weights.dtype != np.float32
                         or value.name not in self.graph.initializers
+                        or value.name in self.tensors
                         or self._overridden_float(value)
                     ):
                         continue
                     self._plan_weight(node, value, axis_of, self.scheme)
-                    count += 1
-            if count:
-                reason = (
-                    f"holds subgraphs: {count} weight(s) inside stored as int8; the ops "
-                    "there compute in float (calibration cannot see tensors inside "
-                    "subgraphs)"
+                    stored += 1
+            parts = [f"{quantized} of the {len(inside)} node(s) inside quantized"]
+            if stored:
+                parts.append(
+                    f"{stored} weight(s) of float nodes inside stored as int8 (those "
+                    "compute in float: calibration did not see their tensors)"
                 )
-                self._decide(holder, False, reason)
+            reason = f"holds subgraphs, and stays float itself: {'; '.join(parts)}"
+            self._decide(holder, False, reason)
+            if quantized or stored:
                 self.notes.append(f"{holder.name}: {reason}.")
 
     def _decide(self, node: ir.Node, quantized: bool, reason: str) -> None:
@@ -417,12 +573,93 @@ class _Planner:
             # No quantized value flows in: Q/DQ pairs on every input would cost more than
             # the integer kernel saves.
             return "no quantized input flows into it: stays float"
-        if not rule.weights and rule.output and not _feeds_quantized(node.outputs[0]):
+        if node.op_type == "Add" and any(
+            constant_array(value) is None
+            and value.name not in self.tensors
+            and self._written_by_float_op(value)
+            for value in node.inputs
+        ):
+            # An attention mask computed in float from the inputs, say: a Q of its own
+            # would round the mask and the scores onto one grid.
+            return "an input comes from a float op: stays float"
+        if not rule.weights and rule.output and not self._feeds_quantized(node.outputs[0]):
             # Its output would be dequantized at once for a float reader: no integer chain.
             return "only float ops read its output: stays float"
         return None
 
+    def _feeds_quantized(self, value: ir.Value) -> bool:
+        """Whether an op that may run quantized reads `value` (looking through Relu/Clip).
+
+        Ops left float (a GELU's, a mixed-range Add) do not count, and an Add counts only
+        when its sum feeds such an op in turn, as it runs quantized only then. So the
+        residual Adds of a transformer, whose sums reach only LayerNormalization, stay
+        float, and so does the branch output they add: the residual stream keeps full
+        precision, the int8 error of each block is not carried into every later one, and
+        onnxruntime fuses bias, residual Add and LayerNormalization into one
+        SkipLayerNormalization.
+        """
+        if value.name in self.feeds_quantized:
+            return self.feeds_quantized[value.name]
+        answer = False
+        for node in value.consumers():
+            rule = ops.quantized_rule(node)
+            if node.op_type in ops.CLAMPS:
+                answer = self._feeds_quantized(node.outputs[0])
+            elif node.op_type in ops.PASS_THROUGH or (rule is not None and rule.weights):
+                answer = True
+            elif rule is None or node.name in self.gelu or self._skip_reason(node):
+                answer = False
+            elif node.op_type == "Add":
+                answer = self._feeds_quantized(node.outputs[0])
+            else:
+                answer = True
+            if answer:
+                break
+        self.feeds_quantized[value.name] = answer
+        return answer
+
+    def _fold_scale(self, mul: ir.Node) -> bool:
+        """Drops a Mul of a quantized tensor by a positive constant scalar into its scale.
+
+        (x_q - z) * s * c is the product exactly, so the Mul needs neither a kernel nor a
+        rounding: attention's scores / sqrt(d) are the case. Float readers read the same
+        values as before (the Mul read the dequantized input), except a float Conv/Gemm,
+        which is made to read the float tensor behind a DequantizeLinear: it keeps the Mul.
+        """
+        output = mul.outputs[0]
+        if (
+            mul.op_type != "Mul"
+            or len(mul.inputs) != 2
+            or output.is_graph_output()
+            or output.name in self.tensors
+            or self._overridden_float(output)
+            or self.overrides.tensor_dtype(output.name or "") is not None
+            or any(reader.op_type in ops.REQUANTIZED_OPS for reader in output.consumers())
+        ):
+            return False
+        for source, constant in (mul.inputs, reversed(mul.inputs)):
+            factor = constant_array(constant)
+            decision = self.tensors.get(source.name) if source is not None else None
+            if factor is None or factor.size != 1 or decision is None:
+                continue
+            value = float(factor.reshape(()))
+            if decision.role is not Role.ACTIVATION or not 0.0 < value < float("inf"):
+                continue
+            scaled = (decision.qparams.scale * np.float32(value)).astype(np.float32)
+            self.tensors[output.name] = TensorDecision(
+                output.name,
+                Role.ACTIVATION,
+                replace(decision.qparams, scale=scaled),
+                f"{source.name} x {value:g}, read at the scale of {source.name} x {value:g}",
+            )
+            self.scale_folds.append(ScaleFold(mul.name or "", source.name, output.name))
+            self._decide(mul, True, f"folded into the scale of {source.name}")
+            return True
+        return False
+
     def _plan_quantized(self, node: ir.Node, rule: ops.QuantizedOpRule) -> None:
+        if self._fold_scale(node):
+            return
         if node.name in self.mixed:
             self._hold_float(node, self.mixed[node.name])
             self.notes.append(f"{node.name}: {self.mixed[node.name]}")
@@ -451,10 +688,59 @@ class _Planner:
                 weight_params[index] = self._plan_weight(node, value, axis_of, scheme)
         if rule.bias is not None:
             self._plan_bias(node, rule.bias, weight_params)
-        if rule.output:
+        bias_add = self._bias_add(node) if weight_params else None
+        if bias_add is not None:
+            # The Add's output is the layer's output; the MatMul's own is never materialized:
+            # onnxruntime runs the pair as one QGemm, with or without a quantized output.
+            self._decide(bias_add, True, f"adds the bias of {node.name}: one layer with it")
+            if self._feeds_quantized(bias_add.outputs[0]):
+                self._plan_output(bias_add)
+            if bias_add.outputs[0].name not in self.tensors:
+                bias = next(v for v in bias_add.inputs if v is not node.outputs[0])
+                self._plan_int32_bias(
+                    node, bias, node.inputs[0], node.inputs[1], weight_params.get(1)
+                )
+        elif rule.output:
             self._plan_output(node)
         label = "quantized" if scheme is self.scheme else f"quantized as {scheme.name}"
         self._decide(node, True, label)
+
+    def _bias_add(self, matmul: ir.Node) -> ir.Node | None:
+        """The Add that adds a bias to a MatMul's output, when the pair is one linear layer.
+
+        MatMul(x, W) + b with a constant 1-D b of W's output width, and the Add the only
+        reader, is a Gemm written in two nodes (as exporters write Linear layers on 3-D
+        inputs). Quantizing the MatMul's output and then the Add's stores b as 8 bits
+        with one scale per tensor, an error each token carries the same way, and rounds
+        twice. onnxruntime fuses the pair into one QGemm instead:
+
+        1. when the layer's output is quantized, DQ -> MatMul -> Add -> Q with b left
+           float: QGemm quantizes b to int32 at scale input x weight itself, and b costs
+           4 bytes an element (int32 here would need a float scale vector beside it);
+        2. when only float ops read it (a residual Add), b is stored int32 at that scale,
+           as a Gemm's: QGemm then writes float. With a float b onnxruntime would run a
+           float Gemm on weights dequantized at every run.
+        """
+        if matmul.op_type != "MatMul" or self.format != "qdq":
+            return None
+        output = matmul.outputs[0]
+        consumers = output.consumers()
+        if output.is_graph_output() or len(consumers) != 1 or consumers[0].op_type != "Add":
+            return None
+        add = consumers[0]
+        if add.name in self.nodes or self._skip_reason(add) is not None:
+            return None
+        other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+        bias, weight = constant_array(other), constant_array(matmul.inputs[1])
+        if (
+            bias is None
+            or weight is None
+            or bias.dtype != np.float32
+            or bias.shape != (weight.shape[-1],)
+            or self._overridden_float(add.outputs[0])
+        ):
+            return None
+        return add
 
     def _uncalibrated(self, value: ir.Value) -> bool:
         """A tensor calibration never saw: one the opset upgrade added, say."""
@@ -633,21 +919,36 @@ class _Planner:
         bias_index, input_index, weight_index = indices
         if bias_index >= len(node.inputs) or node.inputs[bias_index] is None:
             return
-        bias = node.inputs[bias_index]
-        weight = weight_params.get(weight_index)
+        if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+            return  # a bias the integer kernels cannot add as is stays float
+        self._plan_int32_bias(
+            node,
+            node.inputs[bias_index],
+            node.inputs[input_index],
+            node.inputs[weight_index],
+            weight_params.get(weight_index),
+        )
+
+    def _plan_int32_bias(
+        self,
+        node: ir.Node,
+        bias: ir.Value,
+        input_value: ir.Value,
+        weight_value: ir.Value,
+        weight: qparams.QParams | None,
+    ) -> None:
+        """Plans `bias` as int32 at scale input scale x weight scale."""
         if bias.name in self.tensors or weight is None or constant_array(bias) is None:
             return
         if self._overridden_float(bias):
             return
-        if constant_array(bias).ndim != 1 or (
-            node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0
-        ):
+        if constant_array(bias).ndim != 1:
             return  # a bias the integer kernels cannot add as is stays float
-        input_params = self.tensors[node.inputs[input_index].name].qparams
-        weight_name = node.inputs[weight_index].name
+        input_params = self.tensors[input_value.name].qparams
+        weight_name = weight_value.name
         fitted = qparams.fit_weight_scale_to_bias(
             weight,
-            constant_array(node.inputs[weight_index]),
+            constant_array(weight_value),
             input_params.scale,
             constant_array(bias),
         )
@@ -717,15 +1018,34 @@ class _Planner:
         )
 
 
-def _feeds_quantized(value: ir.Value) -> bool:
-    """Whether an op that may run quantized reads `value` (looking through Relu/Clip)."""
-    for node in value.consumers():
-        if node.op_type in ops.CLAMPS:
-            if _feeds_quantized(node.outputs[0]):
-                return True
-        elif ops.quantized_rule(node) is not None or node.op_type in ops.PASS_THROUGH:
-            return True
-    return False
+GELU_REASON = (
+    "part of a GELU written out as x * (1 + erf(x / sqrt 2)) / 2: stays float, as one "
+    "activation (rounding inside it costs transformers their accuracy)"
+)
+
+
+def _gelu_nodes(graph: ir.Graph) -> frozenset[str]:
+    """The Add/Mul nodes of each GELU written out with Erf.
+
+    Exporters write GELU as Div(x, sqrt 2) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5), the
+    Muls in either order. Erf and Div stay float anyway; quantizing the Add and Muls
+    between them would round inside one activation function twice. On MiniLM that cost
+    the sentence embeddings 0.02 of cosine similarity.
+    """
+    names = set()
+    for erf in graph:
+        if erf.op_type != "Erf":
+            continue
+        frontier = [erf.outputs[0]]
+        for _ in range(3):  # Add(1), Mul(x), Mul(0.5) after the Erf
+            step = []
+            for value in frontier:
+                for reader in value.consumers():
+                    if reader.op_type in ("Add", "Mul") and reader.name not in names:
+                        names.add(reader.name or "")
+                        step.append(reader.outputs[0])
+            frontier = step
+    return frozenset(names)
 
 
 def _activation_indices(node: ir.Node, rule: ops.QuantizedOpRule) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ from qconvert import ops
 from qconvert.dataset import Feeds
 from qconvert.latency import LatencyConfig, measure_latency
 from qconvert.metrics import OutputAccumulator
-from qconvert.passes import FloatInputsPass, InsertQDQPass
+from qconvert.passes import InsertQDQPass
 from qconvert.plan import QuantPlan
 from qconvert.runtime import make_session
 
@@ -116,7 +116,6 @@ class Evaluator:
 
     def _converted(self, plan: QuantPlan) -> bytes:
         converted = InsertQDQPass(plan=plan)(self.prepared.clone()).model
-        FloatInputsPass(plan=plan)(converted)
         return model_io.to_bytes(converted)
 
     def score(self, plan: QuantPlan) -> Score:

@@ -143,6 +143,47 @@ def conv_and_matmul_outputs(*, seed: int = 0) -> onnx.ModelProto:
     )
 
 
+def loop_matmul_relu(trips: int = 3, *, seed: int = 0) -> onnx.ModelProto:
+    """A Loop of `trips` iterations, x = Relu(x @ w), on input [N,8].
+
+    The weight `w` is a main-graph initializer the body reads from the outer scope.
+    """
+    from onnx import TensorProto, helper
+
+    weights = _weights(np.random.default_rng(seed), 8, 8, scale=0.3)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
+            helper.make_node("Relu", ["y"], ["x_out"], name="body_relu"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["N", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", 8]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "input"], ["output"], body=body, name="loop")],
+        "loop_matmul_relu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8])],
+        [
+            onnx.numpy_helper.from_array(weights, "w"),
+            onnx.numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def integer_only(*, opset: int = 17) -> onnx.ModelProto:
     """A model with no float tensor at all: int64 input -> Add -> int64 output."""
     text = f"""

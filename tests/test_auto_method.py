@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
+import qconvert
+from qconvert import testing
 from qconvert.calibration import RangeMethod, TensorObserver, tensor_range
 from qconvert.calibration.auto import CANDIDATES, choose_range, expected_error
 
@@ -95,3 +100,88 @@ def test_a_tensor_far_from_zero_is_ranged_in_bounded_memory():
     for name in ("auto", "entropy"):
         chosen = tensor_range(observer, RangeMethod(name=name))
         assert observer.min <= chosen.max <= observer.max
+
+
+# --- the model-level check against minmax (qconvert.pipelines.auto_check) ----------------
+
+_SHAPE = (1024, 64)
+
+
+def _one_op_model(op_type: str) -> onnx.ModelProto:
+    """x @ I -> Sigmoid, or x @ I -> Relu -> r * r; then a MatMul to y.
+
+    The MatMul by the identity gives the op a quantized input; the last, a quantized output.
+    """
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(_SHAPE))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [_SHAPE[0], 16])
+    nodes = [helper.make_node("MatMul", ["x", "identity"], ["t"], name="identity")]
+    if op_type == "Sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["t"], ["h"], name="sigmoid"))
+    else:
+        nodes.append(helper.make_node("Relu", ["t"], ["r"], name="relu"))
+        nodes.append(helper.make_node("Mul", ["r", "r"], ["h"], name="square"))
+    weights = np.random.default_rng(1).standard_normal((_SHAPE[1], 16)).astype(np.float32)
+    nodes.append(helper.make_node("MatMul", ["h", "w"], ["y"], name="matmul"))
+    initializers = [
+        numpy_helper.from_array(np.eye(_SHAPE[1], dtype=np.float32), "identity"),
+        numpy_helper.from_array(weights, "w"),
+    ]
+    graph = helper.make_graph(nodes, "one_op", [x], [y], initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _samples_with_one_outlier(folder):
+    # One value of 1000 among a million ordinary ones: per tensor, clipping it costs far
+    # less squared error than rounding the million on a grid stretched to reach it.
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal(_SHAPE).astype(np.float32)} for _ in range(16)]
+    samples[0]["x"][0, 7] = 1000.0
+    return testing.write_samples(folder, samples)
+
+
+def _quantized(tmp_path, op_type, *args):
+    model = testing.save(_one_op_model(op_type), tmp_path / f"{op_type}.onnx")
+    data = _samples_with_one_outlier(tmp_path / "data")
+    report = tmp_path / "report.json"
+    qconvert.quantize(model, tmp_path / "q.onnx", data=data, report=report)
+    conversion = json.loads(report.read_text())["conversion"]
+    notes = [note for note in conversion["notes"] if note.startswith("Range method auto")]
+    return conversion["range_methods"], notes
+
+
+def test_auto_keeps_its_clipping_where_the_model_scores_better_with_it(tmp_path):
+    # Sigmoid saturates: the clipped outlier costs nothing at the output, while minmax's
+    # grid (step 7.8) rounds every ordinary input to 0 or +-7.8.
+    methods, notes = _quantized(tmp_path, "Sigmoid")
+    assert methods["t"] != "minmax"  # the Sigmoid's input
+    assert len(notes) == 1 and "clipped" in notes[0]
+    clipped_db, minmax_db = _scores(notes[0])
+    assert clipped_db > minmax_db + 20
+
+
+def test_auto_falls_back_to_minmax_where_clipping_costs_the_output(tmp_path):
+    # Squaring makes the outlier a million times the energy of everything else: clipping
+    # it, which halves the input's expected error, ruins the output.
+    methods, notes = _quantized(tmp_path, "Mul")
+    assert set(methods.values()) == {"minmax"}
+    assert len(notes) == 1 and "so every range is minmax" in notes[0]
+    clipped_db, minmax_db = _scores(notes[0])
+    assert clipped_db + 20 < minmax_db
+
+
+def _scores(note: str) -> tuple[float, float]:
+    """The output SQNR of the clipped plan and of the minmax plan, from auto's note."""
+    clipped, minmax = re.findall(r"(-?[\d.]+) dB", note)
+    return float(clipped), float(minmax)
+
+
+def test_auto_without_samples_to_check_on_keeps_minmax(tmp_path):
+    model = testing.save(_one_op_model("Sigmoid"), tmp_path / "model.onnx")
+    data = _samples_with_one_outlier(tmp_path / "data")
+    calib = tmp_path / "model.calib.json"
+    qconvert.calibrate(model, data, output=calib)
+    report = tmp_path / "report.json"
+    qconvert.quantize(model, tmp_path / "q.onnx", calib=calib, report=report)
+    conversion = json.loads(report.read_text())["conversion"]
+    assert set(conversion["range_methods"].values()) == {"minmax"}
+    assert any("no samples to check" in note for note in conversion["notes"])

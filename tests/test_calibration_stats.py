@@ -10,7 +10,7 @@ import pytest
 from qconvert.calibration import Calibration, RangeMethod, TensorObserver, tensor_range
 from qconvert.calibration.file import merge_calibrations, read_calibration
 from qconvert.calibration.observers import MAX_BINS, bin_exponent
-from qconvert.calibration.ranges import abs_histogram
+from qconvert.calibration.ranges import abs_histogram, entropy_bins
 from qconvert.errors import ConfigError
 
 
@@ -155,6 +155,14 @@ def test_entropy_of_relu_output_is_not_fooled_by_the_zero_spike():
     result = tensor_range(_observe(values), RangeMethod(name="entropy"))
     assert result.min == 0.0
     assert 2.5 < result.max < 6.0
+
+
+def test_entropy_of_a_histogram_with_all_its_values_in_bin_zero_keeps_every_bin():
+    # The zero spike is levelled to bin 1; when bin 1 and all above are empty, nothing is
+    # left to compare, and the range stays whole instead of failing on log(0).
+    counts = np.zeros(300)
+    counts[0] = 1000.0
+    assert entropy_bins(counts, 128) == 300
 
 
 def test_entropy_keeps_a_uniform_distribution_whole():

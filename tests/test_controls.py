@@ -107,7 +107,7 @@ def test_override_file_toml_sets_a_node_float_and_a_tensor_int16(tiny_cnn, tmp_p
     )
     assert _float_ops(report)["fc"] == f"set to float by {overrides}"
     inits = {t.name: t for t in onnx.load_model(str(out)).graph.initializer}
-    assert inits["input_zero_point"].data_type == onnx.TensorProto.INT16
+    assert inits["input_zp"].data_type == onnx.TensorProto.INT16
     assert report.conversion.opset_after == 21  # int16 needs opset 21
     assert (
         testing.output_sqnr(
@@ -133,9 +133,10 @@ def test_override_file_json_puts_one_node_in_16x8(tmp_path):
         data=tmp_path / "calib",
         config=QuantizeConfig(overrides=load_overrides(overrides)),
     )
-    assert report.conversion.quantized_ops == {"MatMul": 1}
+    # The Add of the bias runs inside the MatMul's layer.
+    assert report.conversion.quantized_ops == {"MatMul": 1, "Add": 1}
     inits = {t.name: t.data_type for t in onnx.load_model(str(out)).graph.initializer}
-    assert inits["input_zero_point"] == onnx.TensorProto.INT16
+    assert inits["input_zp"] == onnx.TensorProto.INT16
     assert report.conversion.opset_after == 21
 
 
@@ -182,9 +183,9 @@ def test_override_scheme_the_run_cannot_apply_exits_3(run_cli, tiny_cnn, tmp_pat
 
 
 def test_warns_without_vnni_unless_reduce_range(run_cli, tiny_cnn, tmp_path, monkeypatch):
-    from qconvert import api
+    from qconvert.pipelines import quantize as pipeline
 
-    monkeypatch.setattr(api, "lacks_vnni", lambda: True)
+    monkeypatch.setattr(pipeline, "lacks_vnni", lambda: True)
     _, result = _quantize(run_cli, tiny_cnn, tmp_path)
     assert result.code == 0
     assert "Warning: This CPU lacks VNNI" in result.err and "--reduce-range" in result.err

@@ -73,13 +73,13 @@ def test_external_data_output_is_byte_identical_across_runs(external_cnn, tmp_pa
 
 
 def test_failed_verification_leaves_neither_file(external_cnn, tmp_path, monkeypatch):
-    from qconvert import api
+    from qconvert.pipelines import quantize as pipeline
     from qconvert.errors import VerificationError
 
     def failing(model, feeds, *, nonfinite_in_float=frozenset()):
         raise VerificationError("refused for the test")
 
-    monkeypatch.setattr(api, "verify_model", failing)
+    monkeypatch.setattr(pipeline, "verify_model", failing)
     out = tmp_path / "q.onnx"
     with pytest.raises(VerificationError):
         qconvert.quantize(external_cnn, out, data=tmp_path / "calib")
@@ -91,9 +91,9 @@ def test_static_scheme_on_weights_over_the_protobuf_limit_is_refused(
 ):
     # Calibration hands the model to onnxruntime as one protobuf: with the limit lowered
     # below this model's weights, the refusal is the one a > 2 GB model gets.
-    from qconvert import api
+    from qconvert.pipelines import quantize as pipeline
 
-    monkeypatch.setattr(api, "CALIBRATION_LIMIT", 1000)
+    monkeypatch.setattr(pipeline, "CALIBRATION_LIMIT", 1000)
     out = tmp_path / "q.onnx"
     with pytest.raises(UnsupportedModelError, match="holds over 2 GB of weights") as info:
         qconvert.quantize(external_cnn, out, data=tmp_path / "calib")

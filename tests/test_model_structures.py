@@ -314,7 +314,7 @@ def test_an_initializer_shared_by_several_nodes_is_quantized_once(tmp_path):
         sum(
             1
             for n in graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] == "w_quantized"
+            if n.op_type == "DequantizeLinear" and n.input[0] == "w_q"
         )
         == 1
     )
@@ -370,6 +370,41 @@ def test_excluded_conv_stays_float_in_onnxruntime_too(tmp_path):
     ]
     # (onnxruntime may lay the weight out anew for its NCHWc kernels, padding channels)
     assert len(float_weights) == 1 and float_weights[0][1:] == (4, 3, 3), float_weights
+    assert testing.output_sqnr(path, out, samples) > 25.0
+
+
+def test_excluded_conv_after_a_folded_relu_reads_the_relu_output(tmp_path):
+    # conv0 -> relu0 -> {conv_a, conv_b} -> Add: relu0 folds into the quantization of
+    # conv0's output for conv_b; the excluded conv_a reads relu0's float output, and relu0
+    # stays for it, so it sees exactly what it saw in float (no negative values).
+    rng = np.random.default_rng(0)
+
+    def conv(name, x, out, c_in, c_out):
+        w = (rng.standard_normal((c_out, c_in, 3, 3)) * 0.3).astype(np.float32)
+        node = h.make_node("Conv", [x, f"{name}_w"], [out], name=name, pads=[1] * 4)
+        return node, nh.from_array(w, f"{name}_w")
+
+    parts = [
+        conv("conv0", "input", "c0", 3, 4),
+        conv("conv_a", "r0", "a", 4, 2),
+        conv("conv_b", "r0", "b", 4, 2),
+    ]
+    nodes = [parts[0][0], h.make_node("Relu", ["c0"], ["r0"], name="relu0")]
+    nodes += [parts[1][0], parts[2][0], h.make_node("Add", ["a", "b"], ["output"], name="add")]
+    model = _model(
+        nodes,
+        [init for _, init in parts],
+        [h.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2, 8, 8])],
+    )
+    samples = _samples((1, 3, 8, 8), 8)
+    config = QuantizeConfig(exclude=("conv_a",))
+    path, out, report = _quantize(model, tmp_path, samples, config)
+    assert "relu0" in report.conversion.folded_clamps
+    written = onnx.load_model(str(out))
+    conv_a = next(n for n in written.graph.node if n.name == "conv_a")
+    relu = next(n for n in written.graph.node if n.op_type == "Relu")
+    assert conv_a.input[0] == relu.output[0] and relu.input[0] == "c0"
     assert testing.output_sqnr(path, out, samples) > 25.0
 
 
@@ -452,24 +487,61 @@ def _if_model() -> onnx.ModelProto:
     )
 
 
-def test_weights_inside_if_branches_are_int8_and_the_report_says_so(tmp_path):
+def _if_samples():
     rng = np.random.default_rng(0)
-    samples = [
+    return [
         {
             "input": rng.standard_normal((1, 64)).astype(np.float32),
             "cond": np.array([i % 2 == 0]),
         }
         for i in range(8)
     ]
+
+
+def test_nodes_inside_if_branches_are_quantized_and_fused_there(tmp_path):
+    samples = _if_samples()
     path, out, report = _quantize(_if_model(), tmp_path, samples)
-    assert report.conversion.quantized_ops == {"MatMul": 1, "Relu": 1}  # Relu folded
+    # The MatMul before the If and one in each branch; the Relu folded.
+    assert report.conversion.quantized_ops == {"MatMul": 3, "Relu": 1}
     reason = _float_reasons(report)["branch"]
-    assert reason.startswith("holds subgraphs: 2 weight(s) inside stored as int8")
+    assert reason == (
+        "holds subgraphs, and stays float itself: 2 of the 2 node(s) inside quantized"
+    )
     assert any(note.startswith("branch: holds subgraphs") for note in report.conversion.notes)
-    big = [a for a in _initializers(out).values() if a.size == 64 * 64]
+    # The branches' weights are stored in their branch, where their readers are.
+    written = onnx.load_model(str(out))
+    graphs = [written.graph, *(a.g for n in written.graph.node for a in n.attribute if a.g)]
+    big = [nh.to_array(t) for g in graphs for t in g.initializer if t.dims == [64, 64]]
     assert len(big) == 3 and all(a.dtype == np.int8 for a in big)
-    assert out.stat().st_size <= 0.30 * path.stat().st_size
+    # A quarter for the int8 weights, plus per-channel scales and the Q/DQ nodes of the
+    # activations, which weigh in this 12k-parameter model.
+    assert out.stat().st_size <= 0.32 * path.stat().st_size
     assert testing.output_sqnr(path, out, samples) > 25.0  # both branches are taken
+    # onnxruntime runs each branch's MatMul on its int8 weights (the branch output is
+    # float, so MatMulNBits with 8-bit weights, or an integer MatMul).
+    optimized = testing.optimized_model(out, tmp_path)
+    branch = next(n for n in optimized.graph.node if n.op_type == "If")
+    integer_kernels = {"QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
+    for attribute in branch.attribute:
+        ops = [n.op_type for n in attribute.g.node]
+        assert integer_kernels & set(ops) and "MatMul" not in ops, ops
+
+
+def test_a_loop_body_is_quantized_with_ranges_seen_over_its_iterations(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [{"input": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(8)]
+    path, out, report = _quantize(testing.loop_matmul_relu(3), tmp_path, samples)
+    assert report.conversion.quantized_ops == {"MatMul": 1}
+    # The carried value's range spans every iteration: the input's and the Relu's.
+    calibration = qconvert.calibrate(path, tmp_path / "calib")
+    seen = calibration.observers["x_in"]
+    first = min(float(s["input"].min()) for s in samples)
+    assert seen.min == first and seen.max > 0
+    assert testing.output_sqnr(path, out, samples) > 25.0
+    optimized = testing.optimized_model(out, tmp_path)
+    loop = next(n for n in optimized.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    assert "QLinearMatMul" in [n.op_type for n in body.node]
 
 
 @pytest.mark.parametrize("scheme", ["int8", "16x8", "int8-dynamic", "fp16", "fp16-weights"])
@@ -570,17 +642,18 @@ def test_fp16_keeps_float32_where_the_data_overflows_float16(tmp_path):
 
 def test_elementwise_ops_off_the_integer_chain_stay_float(tmp_path):
     """Add/Mul/... run quantized only between quantized values: one fed by float ops only,
-    or read by float ops only, would just add Q/DQ pairs."""
+    or read by float ops only, would just add Q/DQ pairs. (Mul after the MatMuls: an Add
+    of a bias there would make one layer with the MatMul.)"""
     rng = np.random.default_rng(0)
     model = _model(
         [
             h.make_node("Exp", ["input"], ["e"], name="exp"),
             h.make_node("Add", ["e", "c"], ["a1"], name="add_after_float"),
             h.make_node("MatMul", ["a1", "w"], ["m1"], name="mm1"),
-            h.make_node("Add", ["m1", "c"], ["a2"], name="add_before_float"),
+            h.make_node("Mul", ["m1", "c"], ["a2"], name="mul_before_float"),
             h.make_node("Erf", ["a2"], ["r"], name="erf"),
             h.make_node("MatMul", ["r", "w"], ["m2"], name="mm2"),
-            h.make_node("Add", ["m2", "c"], ["a3"], name="add_in_chain"),
+            h.make_node("Mul", ["m2", "c"], ["a3"], name="mul_in_chain"),
             h.make_node("MatMul", ["a3", "w"], ["output"], name="mm3"),
         ],
         [
@@ -594,10 +667,10 @@ def test_elementwise_ops_off_the_integer_chain_stay_float(tmp_path):
     path, out, report = _quantize(model, tmp_path, samples)
     reasons = _float_reasons(report)
     assert reasons["add_after_float"] == "no quantized input flows into it: stays float"
-    assert reasons["add_before_float"] == "only float ops read its output: stays float"
-    assert "add_in_chain" not in reasons
-    assert report.conversion.quantized_ops == {"Add": 1, "MatMul": 3}
-    assert testing.optimized_ops(out, tmp_path)["QLinearAdd"] == 1
+    assert reasons["mul_before_float"] == "only float ops read its output: stays float"
+    assert "mul_in_chain" not in reasons
+    assert report.conversion.quantized_ops == {"Mul": 1, "MatMul": 3}
+    assert testing.optimized_ops(out, tmp_path)["QLinearMul"] == 1
     assert testing.output_sqnr(path, out, samples) > 25.0
 
 

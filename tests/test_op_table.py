@@ -278,3 +278,35 @@ def test_op_under_every_other_scheme_loads_runs_and_stays_close(name, tmp_path):
         qconvert.quantize(path, out, data=data, config=config)
         bound = {"16x8": 35.0, "fp16": 50.0}.get(config.scheme, case.min_sqnr)
         assert testing.output_sqnr(path, out, samples) > bound, config
+
+
+QOP_KERNELS = {
+    "Add": "QLinearAdd",
+    "Add_constant": "QLinearAdd",
+    "Mul": "QLinearMul",
+    "Concat": "QLinearConcat",
+    "AveragePool": "QLinearAveragePool",
+    "GlobalAveragePool": "QLinearGlobalAveragePool",
+    "LeakyRelu": "QLinearLeakyRelu",
+    "Sigmoid": "QLinearSigmoid",
+    "Softmax": "QLinearSoftmax",
+}
+
+
+@pytest.mark.parametrize("name", sorted(QOP_KERNELS))
+def test_qop_format_writes_the_integer_operator_of_each_op(name, tmp_path):
+    case = CASES[name]
+    path, calib, samples = _calibrate(case.model, tmp_path, count=8)
+    out = tmp_path / "qop.onnx"
+    qconvert.quantize(path, out, data=calib, config=QuantizeConfig(format="qop"))
+    written = onnx.load_model(str(out))
+    kernel = QOP_KERNELS[name]
+    node = next(n for n in written.graph.node if n.op_type == kernel)
+    assert node.domain == "com.microsoft"
+    # The kernel reads and writes integers: no DequantizeLinear feeds it, no
+    # QuantizeLinear follows it.
+    producers = {o: n.op_type for n in written.graph.node for o in n.output}
+    assert all(producers.get(name) != "DequantizeLinear" for name in node.input)
+    readers = [n.op_type for n in written.graph.node if node.output[0] in n.input]
+    assert readers and "QuantizeLinear" not in readers, readers
+    assert testing.output_sqnr(path, out, samples) > case.min_sqnr

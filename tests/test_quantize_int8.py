@@ -44,13 +44,13 @@ def test_conv_bn_relu_layout_and_fidelity(tiny_cnn, tmp_path):
     model = onnx.load_model(str(out))
     types = {t.name: t.data_type for t in model.graph.initializer}
     quantized_weights = [
-        n for n in types if n.endswith("weight_quantized") or n == "fc_w_quantized"
+        n for n in types if n.endswith("weight_q") or n == "fc_w_q"
     ]
     assert quantized_weights and all(
         types[n] == onnx.TensorProto.INT8 for n in quantized_weights
     )
-    assert types["fc_b_quantized"] == onnx.TensorProto.INT32
-    assert types["input_zero_point"] == onnx.TensorProto.UINT8
+    assert types["fc_b_q"] == onnx.TensorProto.INT32
+    assert types["input_zp"] == onnx.TensorProto.UINT8
     feeds = [testing.random_inputs(testing.conv_bn_relu(), seed=100 + i) for i in range(16)]
     sqnr = testing.output_sqnr(tiny_cnn, out, feeds)
     assert sqnr >= 25.0, f"SQNR {sqnr:.1f} dB"
@@ -106,8 +106,15 @@ def test_matmul_with_constant_weight(tmp_path):
     )
     out = tmp_path / "q.onnx"
     qconvert.quantize(path, out, data=tmp_path / "calib")
+    # MatMul + Add(b) is one layer writing a float graph output: input, weight and the
+    # int32 bias are read through DequantizeLinear, and onnxruntime multiplies integers.
     ops = testing.count_ops(out)
-    assert ops["MatMul"] == 1 and ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 3
+    assert ops["MatMul"] == 1 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 3
+    inits = {t.name: t.data_type for t in onnx.load_model(str(out)).graph.initializer}
+    assert inits["b_q"] == onnx.TensorProto.INT32
+    optimized = testing.optimized_ops(out, tmp_path)
+    assert optimized["QGemm"] + optimized["MatMulIntegerToFloat"] == 1
+    assert "Gemm" not in optimized and "MatMul" not in optimized
     feeds = [testing.random_inputs(model, seed=50 + i) for i in range(8)]
     assert testing.output_sqnr(path, out, feeds) >= 25.0
 
@@ -193,3 +200,21 @@ def test_relu_then_clip_fold_into_one_quantization_with_the_clip_range(tmp_path)
     # Quantized with the Clip's [0, 6] range, not the Relu's much wider one.
     assert inits["clip_scale"] == pytest.approx(6.0 / 255, rel=1e-3)
     assert testing.output_sqnr(path, out, samples) >= 30
+
+
+def test_written_names_are_short_and_initializers_carry_no_value_info(tiny_cnn, tmp_path):
+    # On a small model, generated names and value_info entries weigh a few percent of the
+    # file: each initializer's type is in the tensor already, and names say only T_*.
+    out = tmp_path / "q.onnx"
+    qconvert.quantize(tiny_cnn, out, data=tmp_path / "calib")
+    graph = onnx.load_model(str(out)).graph
+    assert not graph.value_info
+    quantize = next(n for n in graph.node if n.op_type == "QuantizeLinear")
+    assert quantize.name == "input_Q"
+    assert list(quantize.input) == ["input", "input_scale", "input_zp"]
+    assert list(quantize.output) == ["input_q"]
+    dequantize = next(n for n in graph.node if n.input[0] == "input_q")
+    assert dequantize.name == "input_DQ" and list(dequantize.output) == ["input_dequantized"]
+    names = {t.name for t in graph.initializer}
+    assert {"fc_w_q", "fc_w_scale", "fc_b_q", "input_scale", "input_zp"} <= names
+    assert testing.count_ops(out)["QuantizeLinear"] > 0

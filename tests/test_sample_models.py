@@ -36,10 +36,16 @@ def _accuracy(model_path, folder) -> float:
     return float(np.mean(np.array(predictions) == labels))
 
 
+# The transformer's bound is tighter: its Q/DQ, names and bias storage were trimmed to
+# 28.9% (from 29.9%); a regression there shows before it reaches 30%.
+SIZE_BOUNDS = {"digits_transformer": 0.292}
+
+
 def test_int8_file_is_at_most_30_percent_of_float(quantized):
     name, out, report = quantized
     ratio = out.stat().st_size / (SAMPLES / name / "model.onnx").stat().st_size
-    assert ratio <= 0.30, f"{name}: int8 file is {ratio:.1%} of float"
+    bound = SIZE_BOUNDS.get(name, 0.30)
+    assert ratio <= bound, f"{name}: int8 file is {ratio:.1%} of float"
     assert report.conversion.size_ratio == pytest.approx(ratio)
 
 

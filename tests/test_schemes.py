@@ -43,10 +43,10 @@ def test_int16x8_writes_int16_activations_at_opset_21(tiny_cnn, tmp_path):
     assert _opset(out) == 21
     assert report.conversion.opset_before == 17 and report.conversion.opset_after == 21
     inits = _initializers(out)
-    assert inits["input_zero_point"].dtype == np.int16
-    assert inits["input_zero_point"] == 0  # 16-bit activations are symmetric
-    assert inits["fc_w_quantized"].dtype == np.int8
-    assert inits["fc_b_quantized"].dtype == np.int32
+    assert inits["input_zp"].dtype == np.int16
+    assert inits["input_zp"] == 0  # 16-bit activations are symmetric
+    assert inits["fc_w_q"].dtype == np.int8
+    assert inits["fc_b_q"].dtype == np.int32
     model = onnx.load_model(str(out))
     assert all(n.domain == "" for n in model.graph.node)  # standard Q/DQ, not com.microsoft
     # A symmetric int16 range makes Relu no clamp of Q: it stays.
@@ -59,17 +59,17 @@ def test_int16x8_writes_int16_activations_at_opset_21(tiny_cnn, tmp_path):
 def test_int16x8_falls_back_to_microsoft_qdq_when_the_upgrade_fails(
     tiny_cnn, tmp_path, monkeypatch
 ):
-    from qconvert import api
+    from qconvert.pipelines import stages
     from qconvert.errors import UnsupportedModelError
 
-    real_prepare = api.prepare
+    real_prepare = stages.prepare
 
     def failing_at_21(model, *, min_opset):
         if min_opset >= 21:
             raise UnsupportedModelError("no adapter")
         return real_prepare(model, min_opset=min_opset)
 
-    monkeypatch.setattr(api, "prepare", failing_at_21)
+    monkeypatch.setattr(stages, "prepare", failing_at_21)
     out = tmp_path / "q.onnx"
     report = qconvert.quantize(
         tiny_cnn, out, data=tmp_path / "calib", config=QuantizeConfig(scheme="16x8")
@@ -220,7 +220,7 @@ def test_int8_activation_type_and_symmetry(tiny_cnn, tmp_path):
         config=QuantizeConfig(activation_type="int8", symmetric_activations=True),
     )
     inits = _initializers(signed)
-    zero_points = [a for n, a in inits.items() if n.endswith("zero_point") and a.ndim == 0]
+    zero_points = [a for n, a in inits.items() if n.endswith("_zp") and a.ndim == 0]
     assert zero_points and all(z.dtype == np.int8 and z == 0 for z in zero_points)
     assert testing.output_sqnr(tiny_cnn, signed, _feeds(testing.conv_bn_relu())) >= 25.0
 

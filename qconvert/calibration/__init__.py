@@ -8,6 +8,7 @@ saved as JSON (`file`), and turn into ranges by any method at quantize time (`ra
 from qconvert.calibration.collect import (
     CollectSettings,
     calibrate_tensors,
+    checked_body_tensors,
     collect_statistics,
     tensors_to_calibrate,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "TensorObserver",
     "TensorRange",
     "calibrate_tensors",
+    "checked_body_tensors",
     "collect_statistics",
     "derive_ranges",
     "merge_calibrations",

@@ -46,6 +46,7 @@ Speed is the point here: calibration should cost about one float inference pass.
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,9 +59,12 @@ import onnx_ir as ir
 
 from qconvert import ops
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
+from qconvert.calibration.subgraphs import HOLDERS, body_nodes, expose_body_tensors
 from qconvert.dataset import Feeds, Sample
 from qconvert.errors import CalibrationDataError, ConfigError, ModelLoadError
 from qconvert.runtime import describe_error, make_session
+
+logger = logging.getLogger("qconvert")
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
@@ -106,11 +110,16 @@ def tensors_to_calibrate(model: ir.Model) -> tuple[str, ...]:
     """Names of the float activations that any scheme might quantize.
 
     These are the non-constant inputs and outputs of every node whose op type the policy
-    table knows. Calibrating all of them once lets one calibration serve every scheme and
-    every exclusion.
+    table knows, in the main graph and in the bodies of its If/Loop/Scan nodes (passed out
+    of their holder when exposed, see `subgraphs`). Calibrating all of them once lets one
+    calibration serve every scheme and every exclusion.
     """
     names: dict[str, None] = {}
-    for node in model.graph:
+    nodes = list(model.graph)
+    for holder in model.graph:
+        if holder.op_type in HOLDERS:
+            nodes += body_nodes(holder)
+    for node in nodes:
         if node.op_type not in _INVOLVED_OPS:
             continue
         for value in (*node.inputs, *node.outputs):
@@ -120,6 +129,34 @@ def tensors_to_calibrate(model: ir.Model) -> tuple[str, ...]:
                 continue
             names[value.name] = None
     return tuple(names)
+
+
+def checked_body_tensors(
+    model: ir.Model, tensor_names: Iterable[str], sample: Sample
+) -> tuple[str, ...]:
+    """`tensor_names`, less those inside If/Loop/Scan bodies if they cannot be passed out.
+
+    A Loop body tensor whose shape changes from one iteration to the next cannot be
+    stacked over the iterations; onnxruntime then refuses the run. One run on `sample`
+    tells; without the body tensors the nodes there stay float, and a warning says so.
+    """
+    names = tuple(tensor_names)
+    main = {value.name for value in model.graph.inputs}
+    main.update(value.name for node in model.graph for value in node.outputs)
+    inside = tuple(name for name in names if name not in main)
+    if not inside:
+        return names
+    try:
+        session = make_session(_expose(model, inside), threads=1, optimize=False, quiet=True)
+        session.run(list(inside), sample.feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        logger.warning(
+            "The tensors inside If/Loop/Scan bodies cannot be passed out for calibration "
+            "(%s); the nodes there stay float.",
+            describe_error(exc),
+        )
+        return tuple(name for name in names if name in main)
+    return names
 
 
 def collect_statistics(
@@ -454,6 +491,7 @@ def _expose(model: ir.Model, tensor_names: tuple[str, ...]) -> bytes:
         )
     }
     proto = ir.serde.serialize_model(model)
+    expose_body_tensors(proto, tensor_names)
     existing = {output.name for output in proto.graph.output}
     for name in tensor_names:
         if name not in existing:

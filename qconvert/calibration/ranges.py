@@ -144,6 +144,8 @@ def entropy_bins(counts: np.ndarray, levels: int) -> int:
     # it to its neighbour, and so do we.
     bins[0] = bins[1]
     total = bins.sum()
+    if total == 0:  # every value was in bin 0: no distribution left to compare
+        return size
     x_log_x = np.where(bins > 0, bins * np.log(np.where(bins > 0, bins, 1.0)), 0.0)
     sums = np.concatenate(([0.0], np.cumsum(bins)))
     sums_log = np.concatenate(([0.0], np.cumsum(x_log_x)))

@@ -113,12 +113,12 @@ def image_preprocessing(options: dict[str, Any]):
 method_option = click.option(
     "--method",
     type=click.Choice(METHODS),
-    default="minmax",
+    default="auto",
     show_default=True,
     help="How ranges are derived from the calibration statistics: observed min/max, a "
     "percentile of |x|, TensorRT's entropy (KL divergence), least squared error, or auto: "
-    "per tensor, whichever of those has the least expected quantization error. minmax is "
-    "the default because make bench measured it best (auto lost 6.7 dB on ResNet-style).",
+    "per tensor, whichever of those has the least expected quantization error, kept only "
+    "where the whole model scores better with it than with minmax on a few samples.",
 )
 
 percentile_option = click.option(

@@ -66,7 +66,8 @@ SCHEME_HELP = (
     default="qdq",
     show_default=True,
     help="qdq: QuantizeLinear/DequantizeLinear around float ops. qop: integer operators "
-    "(QLinearConv, QLinearMatMul, QGemm, ConvInteger, MatMulInteger), int8 only.",
+    "(QLinearConv, QLinearMatMul, QGemm, QLinearAdd/Mul/Concat/AveragePool/Sigmoid/..., "
+    "ConvInteger, MatMulInteger), int8 only.",
 )
 @click.option(
     "--activation-type",

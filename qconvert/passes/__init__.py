@@ -2,7 +2,6 @@
 
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
-from qconvert.passes.float_inputs import FloatInputsPass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
@@ -12,7 +11,6 @@ __all__ = [
     "CastToFloat16Pass",
     "DropIntermediateShapesPass",
     "DynamicQuantizePass",
-    "FloatInputsPass",
     "FoldBatchNormPass",
     "InsertQDQPass",
     "QDQToQOperatorPass",

@@ -6,8 +6,16 @@
    plan says so); the float W is dropped.
 3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ.
 4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
+5. The plan's float readers keep reading T itself (after a folded clamp, the clamp's
+   output, so the clamp stays for them): onnxruntime would run a float Conv, ConvTranspose
+   or Gemm that reads a DequantizeLinear as an integer kernel after all.
+6. Mul(T, c) by a positive constant the plan folds: its readers read DQ(T_q) at scale
+   s x c, exactly (T_q - z) x s x c, and the Mul goes.
 
-Graph outputs keep their names and stay float.
+Graph outputs keep their names and stay float. New names are short, since on a small model
+they weigh as much as a few percent of the file: for a tensor T, `T_q` (its integers),
+`T_scale`, `T_zp` (zero point), nodes `T_Q` and `T_DQ`, and `T_dequantized`, the name
+compare --per-layer looks for.
 
 Q/DQ nodes are ai.onnx ops; where int16 tensors meet a model that cannot be raised to
 opset 21, they can be written in onnxruntime's `com.microsoft` domain instead (`domain`),
@@ -21,6 +29,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qconvert import qparams
+from qconvert.calibration.subgraphs import HOLDERS, body_nodes
 from qconvert.graph_utils import add_initializer, values_by_name
 from qconvert.names import NameAllocator
 from qconvert.plan import QuantPlan, Role, TensorDecision
@@ -39,13 +48,26 @@ class InsertQDQPass(ir.passes.InPlacePass):
         names = NameAllocator(graph)
         parameters = _ParameterStore(graph, names)
         values = values_by_name(graph)
+        for holder in graph:  # the plan also decides tensors inside If/Loop/Scan bodies
+            if holder.op_type in HOLDERS:
+                for node in body_nodes(holder):
+                    values.update((value.name, value) for value in node.inputs if value)
+                    values.update((value.name, value) for value in node.outputs)
         folded = {fold.output: fold for fold in self.plan.folds}
+        scaled = {fold.output: fold.source for fold in self.plan.scale_folds}
         float_nodes = self.plan.float_readers
+        # The integers each activation is stored as: its QuantizeLinear's output.
+        integers: dict[str, ir.Value] = {}
         for decision in self.plan.tensors.values():
             value = values[decision.name]
-            if decision.role is Role.ACTIVATION:
+            if decision.role is Role.ACTIVATION and value.name in scaled:
+                integers[value.name] = integers[scaled[value.name]]
+                _dequantize_scaled(
+                    graph, names, parameters, value, integers[value.name], decision, self.domain
+                )
+            elif decision.role is Role.ACTIVATION:
                 source = values[folded[value.name].source] if value.name in folded else value
-                _quantize_activation(
+                integers[value.name] = _quantize_activation(
                     graph, names, parameters, value, source, decision, self.domain, float_nodes
                 )
             else:
@@ -67,8 +89,9 @@ def _quantize_activation(
     decision: TensorDecision,
     domain: str,
     float_nodes: frozenset[str],
-) -> None:
-    """Inserts Q(source) -> DQ and points the readers of `value` at the DQ output.
+) -> ir.Value:
+    """Inserts Q(source) -> DQ, points the readers of `value` at the DQ output, and
+    returns the Q output.
 
     The plan's float readers (`float_nodes`) keep reading the float tensor: onnxruntime
     would fuse a float Conv or Gemm that reads a DequantizeLinear into an integer kernel,
@@ -84,19 +107,49 @@ def _quantize_activation(
         "QuantizeLinear",
         [source, scale, zero_point],
         domain=domain,
-        name=names.fresh(f"{decision.name}_QuantizeLinear"),
-        outputs=[ir.Value(name=names.fresh(f"{decision.name}_quantized"))],
+        name=names.fresh(f"{decision.name}_Q"),
+        outputs=[ir.Value(name=names.fresh(f"{decision.name}_q"))],
     )
     dequantize = ir.node(
         "DequantizeLinear",
         [quantize.outputs[0], scale, zero_point],
         domain=domain,
-        name=names.fresh(f"{decision.name}_DequantizeLinear"),
+        name=names.fresh(f"{decision.name}_DQ"),
         outputs=[dequantized],
     )
     _copy_type(source, quantize.outputs[0], decision.qparams.dtype)
     _copy_type(source, dequantized, None)
-    graph.extend([quantize, dequantize])
+    # The pair goes where the tensor is computed: the main graph, or a body (whose
+    # inputs have no producer), and reads its parameters from the main graph.
+    owner = source.producer().graph if source.producer() is not None else source.graph
+    (owner if owner is not None else graph).extend([quantize, dequantize])
+    return quantize.outputs[0]
+
+
+def _dequantize_scaled(
+    graph: ir.Graph,
+    names: NameAllocator,
+    parameters: _ParameterStore,
+    value: ir.Value,
+    integers: ir.Value,
+    decision: TensorDecision,
+    domain: str,
+) -> None:
+    """Reads `value`, a Mul of a quantized tensor by a constant, as DQ of its integers.
+
+    The Mul loses its readers and goes with the unused nodes.
+    """
+    scale, zero_point = parameters.get(decision)
+    dequantize = ir.node(
+        "DequantizeLinear",
+        [integers, scale, zero_point],
+        domain=domain,
+        name=names.fresh(f"{decision.name}_DQ"),
+        outputs=[ir.Value(name=names.fresh(f"{decision.name}_dequantized"))],
+    )
+    _copy_type(value, dequantize.outputs[0], None)
+    value.replace_all_uses_with(dequantize.outputs[0])
+    graph.extend([dequantize])
 
 
 def _quantize_constant(
@@ -120,28 +173,46 @@ def _quantize_constant(
         ).astype(np.int32)
     else:
         integers = qparams.quantize(array, params)
-    stored = add_initializer(graph, names.fresh(f"{decision.name}_quantized"), integers)
+    # One DequantizeLinear in each graph that reads the weight: onnxruntime fuses a group
+    # only from DequantizeLinear nodes of the group's own graph, not of an outer scope.
+    readers: dict[int, tuple[ir.Graph, list[tuple[ir.Node, int]]]] = {}
+    for node, index in value.uses():
+        owner = node.graph if node.graph is not None else graph
+        readers.setdefault(id(owner), (owner, []))[1].append((node, index))
     scale, zero_point = parameters.get(decision)
+    home = graph
+    if len(readers) == 1:
+        # A weight only a body reads is stored in that body, parameters too: onnxruntime's
+        # fusions look a DequantizeLinear's initializers up in its own graph only.
+        home = next(iter(readers.values()))[0]
+    stored = add_initializer(home, names.fresh(f"{decision.name}_q"), integers)
+    if home is not graph:
+        scale, zero_point = (
+            add_initializer(home, names.fresh(v.name), v.const_value.numpy())
+            for v in (scale, zero_point)
+        )
     attributes = {"axis": params.axis} if params.axis is not None else {}
     # An int32 bias has zero point 0, DequantizeLinear's default: storing it would only
     # add bytes (onnxruntime's fusions accept the bias without it).
     inputs = [stored, scale] if decision.role is Role.BIAS else [stored, scale, zero_point]
-    dequantize = ir.node(
-        "DequantizeLinear",
-        inputs,
-        attributes=attributes,
-        domain=domain,
-        name=names.fresh(f"{decision.name}_DequantizeLinear"),
-        outputs=[
-            ir.Value(
-                name=names.fresh(f"{decision.name}_dequantized"),
-                shape=ir.Shape(array.shape),
-                type=ir.TensorType(ir.DataType.FLOAT),
-            )
-        ],
-    )
-    value.replace_all_uses_with(dequantize.outputs[0])
-    graph.extend([dequantize])
+    for owner, uses in readers.values():
+        dequantize = ir.node(
+            "DequantizeLinear",
+            inputs,
+            attributes=attributes,
+            domain=domain,
+            name=names.fresh(f"{decision.name}_DQ"),
+            outputs=[
+                ir.Value(
+                    name=names.fresh(f"{decision.name}_dequantized"),
+                    shape=ir.Shape(array.shape),
+                    type=ir.TensorType(ir.DataType.FLOAT),
+                )
+            ],
+        )
+        for node, index in uses:
+            node.replace_input_with(index, dequantize.outputs[0])
+        owner.extend([dequantize])
     graph.initializers.pop(value.name, None)
 
 
@@ -167,7 +238,7 @@ class _ParameterStore:
         zero_point = params.zero_point if per_axis else params.zero_point.reshape(())
         return (
             self._stored(self.scales, scale, f"{decision.name}_scale"),
-            self._stored(self.zero_points, zero_point, f"{decision.name}_zero_point"),
+            self._stored(self.zero_points, zero_point, f"{decision.name}_zp"),
         )
 
     def _stored(self, store: dict[tuple, ir.Value], array: np.ndarray, name: str) -> ir.Value:

@@ -11,7 +11,13 @@ DequantizeLinear nodes into one integer operator:
    (a graph output) QGemm writes float directly.
 4. `DQ(x) -> MaxPool/Reshape/Flatten/... -> Q(y)` with the same parameters on both sides
    runs on the integers: `MaxPool(x_q) -> y_q`.
-5. A Conv or MatMul whose output stays float (a graph output) becomes the integer op with a
+5. `DQ(a), DQ(b) -> Add/Mul -> Q(y)`, `DQ(x_i)... -> Concat -> Q(y)` and
+   `DQ(x) -> AveragePool/GlobalAveragePool/LeakyRelu/Sigmoid/Softmax -> Q(y)` become
+   onnxruntime's com.microsoft QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool,
+   QLinearGlobalAveragePool, QLinearLeakyRelu, QLinearSigmoid and QLinearSoftmax: the
+   integers in, the output's scale and zero point as inputs, the integers out. Their
+   inputs and output must share one 8-bit type and have per-tensor parameters.
+6. A Conv or MatMul whose output stays float (a graph output) becomes the integer op with a
    float rescale: `ConvInteger(x_q, w_q, x_zero, 0) [+ b_q] -> Cast -> Mul(x_scale w_scale)`
    and `MatMulInteger(a_q, b_q, a_zero, b_zero) -> Cast -> Mul(a_scale b_scale)`.
    onnxruntime's ConvInteger takes only a per-tensor weight zero point; qconvert's weights
@@ -25,6 +31,8 @@ keeps its QDQ form, which onnxruntime runs as well.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -290,4 +298,70 @@ def _same_constant(first: ir.Value, second: ir.Value) -> bool:
     return a.dtype == b.dtype and np.array_equal(a, b)
 
 
-_COMPUTE = {"Conv": _conv, "MatMul": _matmul, "Gemm": _gemm}
+def _contrib(kernel: str) -> Callable[[ir.Graph, NameAllocator, ir.Node], bool]:
+    """The rewrite of an op into its com.microsoft QLinear `kernel` (item 5 above)."""
+
+    def rewrite(graph: ir.Graph, names: NameAllocator, node: ir.Node) -> bool:
+        sources = [_dequantized(value) for value in node.inputs]
+        out = _quantized_output(node)
+        if out is None or not _eight_bit(*sources) or not sources:
+            return False
+        quantize, y_scale, y_zero = out
+        groups = [*sources, (quantize.outputs[0], y_scale, y_zero)]
+        if len({group[0].dtype for group in groups}) != 1:
+            return False  # one integer type throughout, as the kernels require
+        if not all(_per_tensor(group[1]) for group in groups):
+            return False
+        attributes = _contrib_attributes(node, graph)
+        if attributes is None:
+            return False
+        if node.op_type == "Concat":
+            inputs = [y_scale, y_zero, *(v for group in sources for v in group)]
+        else:
+            inputs = [*(v for group in sources for v in group), y_scale, y_zero]
+        new = ir.node(
+            kernel,
+            inputs,
+            attributes=attributes,
+            domain=MICROSOFT,
+            name=names.fresh(f"{node.name}_quant"),
+            outputs=[ir.Value(name=names.fresh(f"{node.outputs[0].name}_quantized"))],
+        )
+        _replace(graph, quantize, new, quantize.outputs[0])
+        return True
+
+    return rewrite
+
+
+def _contrib_attributes(node: ir.Node, graph: ir.Graph) -> dict | None:
+    """The kernel's attributes, or None when the op uses one the kernel lacks."""
+    attributes = dict(node.attributes)
+    if node.op_type == "AveragePool" and "dilations" in attributes:
+        return None
+    if node.op_type == "Softmax":
+        opset = graph.opset_imports.get("", 1)
+        # QLinearSoftmax needs the opset: before 13, Softmax coerced its input to 2-D.
+        return {
+            "axis": attributes.get("axis", ir.AttrInt64("axis", -1 if opset >= 13 else 1)),
+            "opset": ir.AttrInt64("opset", opset),
+        }
+    return attributes
+
+
+def _per_tensor(scale: ir.Value) -> bool:
+    return scale.const_value is not None and scale.const_value.numpy().size == 1
+
+
+_COMPUTE = {
+    "Conv": _conv,
+    "MatMul": _matmul,
+    "Gemm": _gemm,
+    "Add": _contrib("QLinearAdd"),
+    "Mul": _contrib("QLinearMul"),
+    "Concat": _contrib("QLinearConcat"),
+    "AveragePool": _contrib("QLinearAveragePool"),
+    "GlobalAveragePool": _contrib("QLinearGlobalAveragePool"),
+    "LeakyRelu": _contrib("QLinearLeakyRelu"),
+    "Sigmoid": _contrib("QLinearSigmoid"),
+    "Softmax": _contrib("QLinearSoftmax"),
+}

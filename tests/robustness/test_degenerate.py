@@ -164,15 +164,15 @@ def test_data_free_scheme_is_not_failed_by_a_zeros_smoke_sample(tmp_path):
 
 
 def test_data_free_scheme_smoke_runs_on_the_given_data(tmp_path, monkeypatch):
-    from qconvert import api
+    from qconvert.pipelines import quantize as pipeline
 
     model = _nan_on_zeros_model()
     path = testing.save(model, tmp_path / "model.onnx")
     data = testing.write_samples(tmp_path / "data", [{"x": np.full((1, 4), 2.0, np.float32)}])
     seen = []
-    real_verify = api.verify_model
+    real_verify = pipeline.verify_model
     monkeypatch.setattr(
-        api, "verify_model", lambda m, feeds, **kw: (seen.append(feeds), real_verify(m, feeds, **kw))
+        pipeline, "verify_model", lambda m, feeds, **kw: (seen.append(feeds), real_verify(m, feeds, **kw))
     )
     qconvert.quantize(path, tmp_path / "q.onnx", data=data, config=qconvert.QuantizeConfig(scheme="fp16"))
     np.testing.assert_array_equal(seen[0]["x"], np.full((1, 4), 2.0, np.float32))

@@ -1,0 +1,1 @@
+"""One pipeline per verb of the API (`qconvert.api` re-exports them)."""

@@ -1,0 +1,178 @@
+"""`calibrate` and `merge`: statistics of a model on a data folder, and their union."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qconvert import model as model_io
+from qconvert.calibration import (
+    Calibration,
+    CollectSettings,
+    RangeMethod,
+    checked_body_tensors,
+    collect_statistics,
+    derive_ranges,
+    merge_calibrations,
+    read_calibration,
+    tensors_to_calibrate,
+    write_trt_cache,
+)
+from qconvert.calibration.collect import pass_count
+from qconvert.calibration.parallel import DataSpec, collect_split
+from qconvert.calibration.ray_backend import RayCluster
+from qconvert.dataset import (
+    DirectorySource,
+    ImagePreprocessing,
+    input_specs,
+)
+from qconvert.errors import (
+    ConfigError,
+)
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.passes import (
+    prepare,
+)
+from qconvert.pipelines.stages import PathLike
+from qconvert.progress import SILENT, Progress
+
+_TRT_METHOD = RangeMethod(name="entropy")  # TensorRT's own default calibrator
+
+
+def calibrate(
+    model: PathLike,
+    data: PathLike,
+    *,
+    output: PathLike | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    images: ImagePreprocessing | None = None,
+    trt_cache: PathLike | None = None,
+    trt_method: RangeMethod = _TRT_METHOD,
+    workers: int = 1,
+    ray: RayCluster | None = None,
+    tensors_per_pass: int | None = None,
+    force: bool = False,
+    progress: Progress = SILENT,
+    limits: LoadLimits = DEFAULT_LIMITS,
+) -> Calibration:
+    """Runs `model` on the samples of `data` and returns (and writes) their statistics.
+
+    One calibration serves every range method and every scheme: `quantize(calib=...)`
+    derives the ranges from it.
+
+    Args:
+        model: the float ONNX model; it is only read.
+        data: a folder of samples, in any layout `qconvert.dataset` reads.
+        output: the calibration file to write (JSON); None writes nothing.
+        samples: use a random subset of this many samples (reproducible from `seed`).
+        seed: the seed of that subset.
+        batch_size: samples per onnxruntime run; needs a dynamic batch dim.
+        images: the preprocessing of an image folder.
+        trt_cache: also write the ranges as a TensorRT calibration cache here.
+        trt_method: the range method of that cache.
+        workers: split the samples over this many local processes (or, with `ray`, this
+            many Ray tasks; 1 there means one per CPU of the cluster). The statistics are
+            the same however the work is split; `Calibration.split` says how it was.
+            Local workers are spawned: a script that calls this needs the usual
+            `if __name__ == "__main__":` guard.
+        ray: run the shards on this Ray cluster (needs `pip install qconvert[ray]`).
+        tensors_per_pass: expose at most this many tensors per pass over the data, to
+            bound memory on big graphs (same statistics, one pass per group).
+        force: overwrite existing output files.
+        progress: receives progress, one step per sample and pass.
+        limits: bounds the model must respect before its weights are read.
+    """
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} must be at least 1.")
+    outputs = [Path(p) for p in (output, trt_cache) if p is not None]
+    for path in outputs:
+        model_io.check_output_path(path, force=force)
+    float_model = model_io.load_model(model, limits)
+    specs = input_specs(float_model)
+    if batch_size > 1:
+        static = [spec.name for spec in specs if not spec.dims or spec.dims[0] is not None]
+        if static:
+            raise ConfigError(
+                f"--batch-size {batch_size} needs a dynamic batch dim, but input "
+                f"'{static[0]}' has a static one.",
+                hint="use --batch-size 1 for this model.",
+            )
+    source = DirectorySource(data, specs, images=images, limits=limits)
+    if samples is not None:
+        source = source.subset(samples, seed=seed)
+    settings = CollectSettings(batch_size=batch_size, tensors_per_pass=tensors_per_pass)
+    data_spec = DataSpec(
+        folder=str(data), specs=specs, images=images, samples=samples, seed=seed
+    )
+    calibrated = prepare(float_model, min_opset=1)  # no copy: nothing else reads it
+    tensors = checked_body_tensors(
+        calibrated, tensors_to_calibrate(calibrated), source.first()
+    )
+    total = len(source) * pass_count(len(tensors), settings)
+    with progress.task("Calibrating", total) as advance:
+        observers, split = collect_split(
+            calibrated,
+            source,
+            tensors,
+            settings=settings,
+            data=data_spec,
+            workers=workers,
+            ray=ray,
+            advance=advance,
+        )
+    calibration = Calibration(
+        model_sha256=model_io.fingerprint(model),
+        model_file=Path(model).name,
+        samples=len(source),
+        observers=observers,
+        split=split,
+    )
+    if output is not None:
+        model_io.write_atomically(Path(output), calibration.to_json().encode("utf-8"))
+    if trt_cache is not None:
+        ranges = derive_ranges(calibration.observers, trt_method)
+        write_trt_cache(Path(trt_cache), ranges, method=trt_method.name)
+    return calibration
+
+
+def merge(
+    calibrations: list[PathLike], output: PathLike | None = None, *, force: bool = False
+) -> Calibration:
+    """Merges calibration files of parts of a data set: the same as one run over all."""
+    if len(calibrations) < 2:
+        raise ConfigError("--merge needs at least two calibration files.")
+    if output is not None:
+        model_io.check_output_path(output, force=force)
+    merged = merge_calibrations([(str(p), read_calibration(p)) for p in calibrations])
+    if output is not None:
+        model_io.write_atomically(Path(output), merged.to_json().encode("utf-8"))
+    return merged
+
+
+def collect_calibration(
+    path: PathLike,
+    float_model,
+    source: DirectorySource,
+    settings: CollectSettings,
+    advance,
+) -> Calibration:
+    """Statistics of `float_model` on `source`.
+
+    Calibration runs the model prepared at its own opset (names fixed, BatchNormalization
+    folded): the tensors are those every scheme plans with, whatever opset it then needs.
+    """
+    calibrated = prepare(float_model.clone(), min_opset=1)
+    observers = collect_statistics(
+        calibrated,
+        source,
+        checked_body_tensors(calibrated, tensors_to_calibrate(calibrated), source.first()),
+        settings=settings,
+        on_sample=advance,
+    )
+    return Calibration(
+        model_sha256=model_io.fingerprint(path),
+        model_file=Path(path).name,
+        samples=len(source),
+        observers=observers,
+    )
