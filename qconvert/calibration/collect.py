@@ -89,7 +89,7 @@ class CollectSettings:
 
     batch_size: int = 1
     histogram_values: int = 1024
-    chunk_bytes: int = 16 << 20
+    chunk_bytes: int = 4 << 20
     threads: int = 1
     tensors_per_pass: int | None = None
 
