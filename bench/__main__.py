@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import cases as case_set
 from bench import measure, parallel, real, report, runner
+from bench.targets import METHOD_TOOLS
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,7 +37,7 @@ FULL = {
         runner.ScalingPlan(
             model="digits_dwsep",
             sizes=(64, 256, 1024),
-            tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
+            tools=("float pass", "qconvert", *METHOD_TOOLS, "ort MinMax", "ort Percentile"),
             repeats=3,  # a pass takes a fraction of a second here: median of three runs
         ),
         # The peer's Percentile calibrator keeps every activation of every sample in memory
@@ -44,7 +45,7 @@ FULL = {
         runner.ScalingPlan(
             model="mobilenetv2_style_224",
             sizes=(64, 256),
-            tools=("float pass", "qconvert", "ort MinMax", "ort Percentile"),
+            tools=("float pass", "qconvert", *METHOD_TOOLS, "ort MinMax", "ort Percentile"),
             caps={"ort Percentile": 64},
         ),
     ),
@@ -59,7 +60,9 @@ QUICK = {
     "latency": measure.LatencyPlan(max_runs=5, min_runs=3, warmup=1, budget_s=0.1),
     "scaling": (
         runner.ScalingPlan(
-            model="tiny_cnn", sizes=(8, 32), tools=("float pass", "qconvert", "ort MinMax")
+            model="tiny_cnn",
+            sizes=(8, 32),
+            tools=("float pass", "qconvert", *METHOD_TOOLS[:2], "ort MinMax"),
         ),
     ),
     "parallel": parallel.ParallelPlan(model="tiny_cnn", samples=64, repeats=1),

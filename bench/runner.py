@@ -320,6 +320,10 @@ def scaling(case: Case, plan: ScalingPlan, work: Path, timeout_s: float) -> list
 SCALING_TOOLS = {
     "float pass": ("float_pass", {}),
     "qconvert": ("qconvert_calibrate", {}),
+    **{
+        f"qconvert {method}": ("qconvert_method", {"method": method})
+        for method in ("minmax", "percentile", "entropy", "mse")
+    },
     "ort MinMax": ("ort_static", {"method": "MinMax"}),
     "ort Percentile": ("ort_static", {"method": "Percentile"}),
 }

@@ -152,6 +152,25 @@ def qconvert_calibrate(*, model: str, data: str, output: str) -> dict:
     return {**result, "note": "api.calibrate", "stage_seconds": result["seconds"]}
 
 
+def qconvert_method(*, model: str, data: str, output: str, method: str) -> dict:
+    """`qconvert quantize --data DIR --method METHOD`, timed at what the method costs.
+
+    The seconds are the report's calibrate + ranges stages: minmax calibrates without
+    histograms, the histogram methods (percentile, entropy, mse) calibrate with them and
+    then derive their ranges from them. So the ratio of a histogram method to minmax is
+    what choosing that method adds to a user's calibration.
+    """
+    from qconvert import api
+
+    result = api.quantize(model, output, data=data, method=method, force=True)
+    seconds = sum(result.seconds.get(stage, 0.0) for stage in ("calibrate", "ranges"))
+    return {
+        "seconds": round(seconds, 4),
+        "stage_seconds": round(seconds, 4),
+        "note": f"quantize --method {method}: calibrate + ranges stages",
+    }
+
+
 # --- the peers --------------------------------------------------------------------------
 
 

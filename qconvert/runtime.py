@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import onnxruntime as ort
 
@@ -29,19 +30,23 @@ def make_session(
     provider: str = "CPUExecutionProvider",
     spin: bool = True,
     quiet: bool = False,
+    optimized_path: Path | None = None,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
     A provider other than the CPU one gets the CPU provider behind it, for the ops it lacks.
     `spin=False` keeps idle worker threads from busy-waiting: sessions that take turns (a
     comparison runs two to four) otherwise starve each other of cores. `quiet` silences
-    onnxruntime's own error log, for callers that handle every failure.
+    onnxruntime's own error log, for callers that handle every failure. `optimized_path`
+    receives the graph as onnxruntime optimized it.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
     options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [provider]

@@ -48,6 +48,7 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
 
     tools = {(r["tool"], r["samples"]) for r in results["scaling"] if r["ok"]}
     assert {("qconvert", 32), ("ort MinMax", 32), ("float pass", 32)} <= tools
+    assert {("qconvert minmax", 32), ("qconvert percentile", 32)} <= tools
 
     # Issue 10's section: the three configurations ran, and workers changed no statistic.
     section = results["parallel"]
@@ -65,6 +66,33 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
     assert "| tiny_cnn | int8 |" in text
     assert "## Parallel calibration" in text and "| 2 workers, 1 thread each |" in text
     assert "## Targets from the issues" in text
+    histogram_target = next(line for line in text.splitlines() if "on top of minmax" in line)
+    assert "percentile" in histogram_target and "not measurable" not in histogram_target
+
+
+def test_histogram_method_target_compares_each_method_with_minmax():
+    from bench.targets import evaluate_targets
+
+    def row(tool, samples, seconds):
+        return {"model": "m", "samples": samples, "tool": tool, "ok": True, "seconds": seconds}
+
+    scaling = [
+        row("qconvert minmax", 64, 1.0),
+        row("qconvert percentile", 64, 1.1),
+        row("qconvert minmax", 256, 2.0),
+        row("qconvert percentile", 256, 2.5),  # +25%: the worst count decides
+        row("qconvert mse", 256, 2.2),
+    ]
+    targets = evaluate_targets({"rows": [], "scaling": scaling})
+    (target,) = [t for t in targets if "on top of minmax" in t["target"]]
+    assert target["measured"] == (
+        "percentile +25% (at 256), mse +10% (at 256) (worst over sample counts)"
+    )
+    assert target["verdict"] == "NOT met"
+    scaling[3] = row("qconvert percentile", 256, 2.3)
+    targets = evaluate_targets({"rows": [], "scaling": scaling})
+    (target,) = [t for t in targets if "on top of minmax" in t["target"]]
+    assert target["verdict"] == "met"
 
 
 def test_safetensors_reader_and_wordpiece(tmp_path):

@@ -29,8 +29,9 @@ def test_statistics_equal_a_direct_computation(tmp_path, batch_size, chunk_bytes
     )
     observed = collect_statistics(model, samples, names, settings=settings)
 
-    # Unoptimized, as the collector runs it: same kernels, so the same numbers.
-    session = make_session(_expose(model, names), optimize=False)
+    # Optimized with every tensor exposed and one thread, as the collector runs it: same
+    # kernels, so the same numbers.
+    session = make_session(_expose(model, names), threads=1)
     expected = {name: TensorObserver() for name in names}
     for sample in samples:
         for name, array in zip(names, session.run(names, sample.feeds), strict=True):
@@ -92,3 +93,68 @@ def test_outputs_whose_shape_depends_on_the_data(tmp_path):
     assert observed["picked"].count == int(np.count_nonzero(relu))
     assert observed["picked"].max == float(relu.max())
     assert observed["r"].count == 36
+
+
+def test_nan_found_while_folding_a_chunk_names_the_tensor(tmp_path):
+    # Statistics are folded in on a background thread; its error must reach the caller.
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        roots (float[1,64] x) => (float[1,64] y) {
+            root = Sqrt (x)
+            y = Add (root, x)
+        }
+    """
+    import onnx
+
+    from qconvert.errors import CalibrationDataError
+
+    model = prepare(
+        model_io.load_model(testing.save(onnx.parser.parse_model(text), tmp_path / "m.onnx")),
+        min_opset=1,
+    )
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(f"s{i}", {"x": rng.uniform(0.0, 1.0, (1, 64)).astype(np.float32)})
+        for i in range(40)
+    ]
+    samples[25].feeds["x"][0, 3] = -1.0  # sqrt(-1): NaN, several chunks into the data
+    settings = CollectSettings(chunk_bytes=2048)  # 512 bytes a run: 4 runs a chunk
+    with pytest.raises(CalibrationDataError, match="Tensor 'root' took NaN values"):
+        collect_statistics(model, samples, ["x", "root"], settings=settings)
+    # Without the bad sample, the same settings give the one-chunk statistics.
+    del samples[25]
+    small = collect_statistics(model, samples, ["x", "root"], settings=settings)
+    whole = collect_statistics(model, samples, ["x", "root"])
+    for name in ("x", "root"):
+        assert (small[name].min, small[name].max) == (whole[name].min, whole[name].max)
+        np.testing.assert_array_equal(small[name].bins, whole[name].bins)
+
+
+def test_one_tensor_a_pass_gives_the_statistics_of_one_pass(tmp_path):
+    # Each pass runs the graph optimized once with every tensor exposed, so a tensor is
+    # computed by the same kernels whichever others share its pass.
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(6)]
+    whole = collect_statistics(model, samples, names)
+    single = collect_statistics(
+        model, samples, names, settings=CollectSettings(tensors_per_pass=1)
+    )
+    assert len(names) > 1
+    for name in names:
+        a, b = whole[name], single[name]
+        assert (a.min, a.max, a.count, a.exponent) == (b.min, b.max, b.count, b.exponent)
+        np.testing.assert_array_equal(a.bins, b.bins)
+
+
+def test_the_session_exposes_exactly_the_calibrated_tensors(tmp_path):
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    names = tensors_to_calibrate(model)
+    inputs = {value.name for value in model.graph.inputs}
+    exposed = tuple(name for name in names if name not in inputs)
+    session = make_session(_expose(model, exposed), threads=1)
+    outputs = [output.name for output in session.get_outputs()]
+    originals = [value.name for value in model.graph.outputs]
+    assert set(outputs) == set(originals) | set(exposed)

@@ -88,9 +88,10 @@ def test_tensors_per_pass_writes_the_single_process_file(
 def test_workers_and_passes_together_write_the_single_process_file(run_cli, tmp_path, name):
     """Depthwise convolutions, attention, LayerNorm (digits_cnn is tested above).
 
-    digits_dwsep's last tensors differ in their last bits when onnxruntime's graph
-    optimizations run (they depend on the tensors exposed in a pass); digits_cnn's differ
-    when a worker runs another thread count than the single process.
+    onnxruntime's graph optimizations change digits_dwsep's tensors in their last bits,
+    and how depends on the tensors exposed, so every pass must run the graph optimized
+    with all of them exposed; unoptimized, digits_cnn's differ when a worker runs another
+    thread count than the single process.
     """
     model, data = SAMPLES / name / "model.onnx", SAMPLES / name / "calib"
     single, spread = tmp_path / "single.json", tmp_path / "spread.json"

@@ -20,21 +20,38 @@ Speed is the point here: calibration should cost about one float inference pass.
    crosses a multiple of `batch_size` samples, so any contiguous part of the data that
    starts at such a multiple runs in the very batches one pass over all of it runs: the
    base of exact parallel calibration (`parallel`).
-6. `tensors_per_pass` bounds memory on big graphs: every tensor made a graph output stays
+6. The session runs onnxruntime's full graph optimizations (constant folding, fusions,
+   the NCHWc convolution layout) on the model with every calibrated tensor exposed: a
+   float pass gets them too, and they make the runs of the bench's 224 MobileNetV2 about
+   1.6x cheaper (in CPU time, every tensor exposed). Fusions only happen around tensors
+   that are not graph outputs, so the kernels that compute a given tensor depend on which
+   other tensors are exposed. That set is therefore fixed: always all calibrated tensors,
+   in every process.
+7. `tensors_per_pass` bounds memory on big graphs: every tensor made a graph output stays
    alive for the whole run, so K tensors at a time are exposed, one pass over the data
-   each. The statistics of a tensor do not depend on which others share its pass, because
-   the session runs the graph as written: onnxruntime's graph optimizations fuse nodes and
-   change layouts only around tensors that are not graph outputs (Conv+Add into the
-   weights, NCHWc convolutions and pooling), so with them a tensor's last bits would depend
-   on which other tensors are exposed. Measured cost: none on the sample MLP/CNN/transformer,
-   about 1.4x on the depthwise-separable one, which is dominated by calibration overhead.
+   each. So that a tensor's statistics do not depend on which others share its pass, the
+   graph is optimized once with all of them exposed (6), saved, and each pass runs that
+   optimized graph as it is (no further optimization), with only its group of K kept as
+   outputs: the same kernels compute the same values.
+8. One intra-op thread by default: a kernel's last bits can depend on the thread count
+   (MLAS cuts a GEMM into blocks by thread), and every process of a split calibration
+   must compute the same values (`parallel`). (Measured: with the optimizations, 1, 2 and
+   4 threads gave identical tensors on the sample models and the 224 MobileNetV2; without
+   them, digits_cnn differed at 2 threads and the MobileNetV2 at 4. Not a guarantee, and
+   on a loaded 2-core machine 2 threads ran 1.4x slower.) The second core is not idle: the
+   statistics of one chunk are folded in on a background thread while onnxruntime fills
+   the next chunk (`_Folder`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -63,10 +80,10 @@ class CollectSettings:
         histogram_values: most values per sample and tensor that go into the histogram
             (0: no histogram, for minmax alone).
         chunk_bytes: activations buffered before statistics are updated.
-        threads: onnxruntime's intra-op threads per session. One by default, because a
-            kernel's last bits can depend on the thread count (MLAS cuts a convolution's
-            GEMM into different blocks for different thread counts), and statistics must
-            not depend on how the work is split: parallelism comes from workers instead.
+        threads: onnxruntime's intra-op threads per session (0: its default, one per
+            physical core). One by default: a kernel's last bits can depend on the
+            thread count (MLAS cuts a GEMM into blocks by thread), so every process of a
+            split calibration must use the same setting.
         tensors_per_pass: most tensors exposed in one pass over the data (None: all).
     """
 
@@ -81,6 +98,8 @@ class CollectSettings:
             raise ConfigError(f"Batch size {self.batch_size} must be at least 1.")
         if self.histogram_values < 0:
             raise ConfigError("histogram_values must not be negative.")
+        if self.threads < 0:
+            raise ConfigError(f"threads {self.threads} must not be negative.")
         if self.tensors_per_pass is not None and self.tensors_per_pass < 1:
             raise ConfigError(
                 f"--tensors-per-pass {self.tensors_per_pass} must be at least 1."
@@ -98,11 +117,13 @@ class SerializedModel:
     Attributes:
         data: the serialized model.
         inputs: the names of its graph inputs.
+        outputs: the names of its graph outputs.
         dtypes: the element type (an onnx TensorProto type) of each tensor to calibrate.
     """
 
     data: bytes
     inputs: frozenset[str]
+    outputs: frozenset[str]
     dtypes: Mapping[str, int]
 
     @classmethod
@@ -112,6 +133,7 @@ class SerializedModel:
         return cls(
             data=ir.serde.serialize_model(model).SerializeToString(),
             inputs=frozenset(value.name for value in model.graph.inputs),
+            outputs=frozenset(value.name for value in model.graph.outputs),
             dtypes={name: dtypes.get(name, int(ir.DataType.FLOAT)) for name in tensor_names},
         )
 
@@ -184,12 +206,22 @@ def collect_statistics(
     per sample and pass.
     """
     tensor_names = tuple(tensor_names)
+    inputs, originals = _interface(model)
+    exposed = tuple(name for name in tensor_names if name not in inputs)
+    exposing = _expose(model, exposed)
     per_pass = settings.tensors_per_pass or max(1, len(tensor_names))
+    if per_pass < len(tensor_names):
+        exposing = _optimized(exposing, settings.threads)
     observers: dict[str, TensorObserver] = {}
     # One pass even with no tensor: the samples are still read and checked.
     for start in range(0, max(1, len(tensor_names)), per_pass):
         group = tensor_names[start : start + per_pass]
-        observers |= _collect_pass(model, samples, group, settings, on_sample)
+        if per_pass < len(tensor_names):
+            dropped = set(exposed) - set(group) - originals
+            session = _session(_without_outputs(exposing, dropped), settings.threads, False)
+        else:
+            session = _session(exposing, settings.threads, True)
+        observers |= _collect_pass(session, inputs, samples, group, settings, on_sample)
     return observers
 
 
@@ -201,48 +233,76 @@ def pass_count(tensor_count: int, settings: CollectSettings) -> int:
 
 
 def _collect_pass(
-    model: ir.Model | SerializedModel,
+    session,
+    inputs: frozenset[str],
     samples: Iterable[Sample],
     tensor_names: tuple[str, ...],
     settings: CollectSettings,
     on_sample: Callable[[], None] | None,
 ) -> dict[str, TensorObserver]:
-    if isinstance(model, SerializedModel):
-        inputs = model.inputs
-    else:
-        inputs = {value.name for value in model.graph.inputs}
     fed = tuple(name for name in tensor_names if name in inputs)
     exposed = tuple(name for name in tensor_names if name not in inputs)
-    try:
-        # Quiet: a run into slots fails when an output's shape changes, and is handled.
-        session = make_session(
-            _expose(model, exposed), threads=settings.threads, optimize=False, quiet=True
-        )
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise ModelLoadError(
-            f"onnxruntime cannot load the model: {describe_error(exc)}"
-        ) from None
     observers = {name: TensorObserver() for name in tensor_names}
-    chunk: _Chunk | None = None
-    for batch in _batches(samples, settings.batch_size):
-        ran = False
-        if chunk is not None and chunk.signature == _signature(batch.feeds):
-            if chunk.full:
-                chunk.flush(observers, settings.histogram_values)
-            ran = chunk.run(batch)
-        if not ran:
-            # A new input signature, or an output whose shape depends on the data (NonZero,
-            # TopK, ...): a plain run tells the shapes to allocate, or reports the failure.
-            if chunk is not None:
-                chunk.flush(observers, settings.histogram_values)
-            first = [batch.feeds[name] for name in fed] + _run(session, exposed, batch)
-            chunk = _Chunk(session, fed, exposed, first, batch, settings)
-        if on_sample is not None:
-            for _ in range(batch.count):
-                on_sample()
-    if chunk is not None:
-        chunk.flush(observers, settings.histogram_values)
+    with _Folder(observers, settings.histogram_values) as folder:
+        chunk: _Chunk | None = None
+        spare: _Chunk | None = None  # the chunk of the same signature being folded in
+        for batch in _batches(samples, settings.batch_size):
+            ran = False
+            if chunk is not None and chunk.signature == _signature(batch.feeds):
+                if chunk.full:
+                    folder.fold(chunk)
+                    chunk, spare = spare if spare is not None else chunk.twin(), chunk
+                ran = chunk.run(batch)
+            if not ran:
+                # A new input signature, or an output whose shape depends on the data
+                # (NonZero, TopK, ...): a plain run tells the shapes to allocate, or
+                # reports the failure.
+                if chunk is not None:
+                    folder.fold(chunk)
+                    folder.wait()  # then the old buffers can go
+                first = [batch.feeds[name] for name in fed] + _run(session, exposed, batch)
+                chunk, spare = _Chunk(session, fed, exposed, first, batch, settings), None
+            if on_sample is not None:
+                for _ in range(batch.count):
+                    on_sample()
+        if chunk is not None:
+            folder.fold(chunk)
     return observers
+
+
+class _Folder:
+    """Folds full chunks into the observers on one background thread, one at a time, in
+    order. numpy's reductions release the GIL, as onnxruntime's runs do, so the statistics
+    of one chunk are computed while onnxruntime fills the next: on two cores, calibration
+    then costs about the larger of the two instead of their sum. The observers see the
+    chunks in the same order as without the thread, so the statistics are the same."""
+
+    def __init__(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
+        self.observers = observers
+        self.histogram_values = histogram_values
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-fold")
+        self.pending: Future | None = None
+
+    def fold(self, chunk: _Chunk) -> None:
+        """Waits for the previous chunk, then starts folding `chunk` in."""
+        self.wait()
+        self.pending = self.pool.submit(chunk.flush, self.observers, self.histogram_values)
+
+    def wait(self) -> None:
+        """Waits for the chunk being folded in; raises what folding it raised."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _Folder:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def calibrate_tensors(
@@ -352,6 +412,19 @@ class _Chunk:
     def full(self) -> bool:
         return self.filled == self.slots
 
+    def twin(self) -> _Chunk:
+        """An empty chunk of the same layout, filled while this one is folded in."""
+        twin = copy.copy(self)
+        twin.buffers = [np.empty_like(buffer) for buffer in self.buffers]
+        fed_buffers = dict(zip(self.names[: self.fed], twin.buffers, strict=False))
+        twin.inputs = {
+            name: fed_buffers.get(name, np.empty_like(buffer))
+            for name, buffer in self.inputs.items()
+        }
+        twin.bindings = [None] * self.slots
+        twin.filled = 0
+        return twin
+
     def run(self, batch: _Batch) -> bool:
         """Runs `batch` into the next slot; False if its outputs do not fit the slots."""
         slot = self.filled
@@ -407,10 +480,52 @@ class _Chunk:
         self.filled = 0
 
 
+def _interface(model: ir.Model | SerializedModel) -> tuple[frozenset[str], frozenset[str]]:
+    """The names of the model's graph inputs and graph outputs."""
+    if isinstance(model, SerializedModel):
+        return model.inputs, model.outputs
+    return (
+        frozenset(value.name for value in model.graph.inputs),
+        frozenset(value.name for value in model.graph.outputs),
+    )
+
+
 def _dtypes(model: ir.Model) -> dict[str, int]:
     """The element type of every graph input and node output (FLOAT where unknown)."""
     values = (*model.graph.inputs, *(out for node in model.graph for out in node.outputs))
     return {value.name: int(value.dtype or ir.DataType.FLOAT) for value in values}
+
+
+def _session(model: bytes, threads: int, optimize: bool):
+    try:
+        # Quiet: a run into slots fails when an output's shape changes, and is handled.
+        return make_session(model, threads=threads, optimize=optimize, quiet=True)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise ModelLoadError(
+            f"onnxruntime cannot load the model: {describe_error(exc)}"
+        ) from None
+
+
+def _optimized(model: bytes, threads: int) -> bytes:
+    """`model` as onnxruntime optimizes it for this machine, saved as it will run."""
+    with tempfile.TemporaryDirectory(prefix="qconvert-calibrate-") as folder:
+        path = Path(folder) / "optimized.onnx"
+        try:
+            make_session(model, threads=threads, quiet=True, optimized_path=path)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+            raise ModelLoadError(
+                f"onnxruntime cannot load the model: {describe_error(exc)}"
+            ) from None
+        return path.read_bytes()
+
+
+def _without_outputs(model: bytes, dropped: set[str]) -> bytes:
+    """`model` with the graph outputs named in `dropped` removed (the nodes stay)."""
+    proto = onnx.load_model_from_string(model)
+    kept = [output for output in proto.graph.output if output.name not in dropped]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    return proto.SerializeToString()
 
 
 def _expose(model: ir.Model | SerializedModel, tensor_names: tuple[str, ...]) -> bytes:

@@ -12,11 +12,12 @@ samples, so the calibration file is byte-identical:
   multiples of the batch size, and a batch never crosses such a multiple (`collect`), so
   every part runs exactly the batches of the single pass (same inputs, same kernels), and
   the histogram's sampling stride depends only on the size of one run.
-- Every session, in every worker, runs the graph unoptimized on the same number of
-  intra-op threads (`CollectSettings.threads`, one by default): onnxruntime's fusions and
-  MLAS's thread partitioning can change a tensor's last bits, so neither may differ
-  between a worker and the single process. Cores are used by workers, not threads: with
-  N workers on C cores, use N = C.
+- Every session, in every worker, optimizes the same graph (every calibrated tensor
+  exposed, `collect`) and runs on the same number of intra-op threads
+  (`CollectSettings.threads`, one by default): onnxruntime's fusions and MLAS's thread
+  partitioning can change a tensor's last bits, so neither may differ between a worker
+  and the single process. Cores are used by workers, not threads: with N workers on C
+  cores, use N = C.
 
 Local workers (`run_local`) share the samples dynamically: the data is cut into chunks of
 a few batches (at least 16 chunks per worker, at most 32 batches a chunk); worker k starts

@@ -111,7 +111,7 @@ def calibrate(
         seed=seed,
         limits=limits,
     )
-    calibrated = prepare(float_model.clone(), min_opset=1)
+    calibrated = prepare(float_model, min_opset=1)  # no copy: nothing else reads it
     tensors = checked_body_tensors(
         calibrated, tensors_to_calibrate(calibrated), source.first()
     )
