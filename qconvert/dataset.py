@@ -272,7 +272,9 @@ def _array_reader(
                 _check_unpacked_size(path, path.stat().st_size, limits)
                 return {specs[0].name: np.load(path, allow_pickle=False)}
             with zipfile.ZipFile(path) as archive:
-                _check_unpacked_size(path, sum(m.file_size for m in archive.infolist()), limits)
+                _check_unpacked_size(
+                    path, sum(m.file_size for m in archive.infolist()), limits
+                )
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:

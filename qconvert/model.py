@@ -259,7 +259,9 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def _check_tensor_size(path: Path, tensor: onnx.TensorProto, limits: LoadLimits) -> None:
     """The declared size is within limits and matches the data actually stored."""
     if any(dim < 0 for dim in tensor.dims):
-        raise ModelLoadError(f"Model file '{path}': tensor '{tensor.name}' has a negative dim.")
+        raise ModelLoadError(
+            f"Model file '{path}': tensor '{tensor.name}' has a negative dim."
+        )
     itemsize = _ELEMENT_BYTES.get(tensor.data_type, 8)
     elements = math.prod(tensor.dims)
     declared = elements * itemsize
@@ -341,9 +343,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def fix_input_shapes(
-    model: ir.Model, shapes: tuple[tuple[str, tuple[int, ...]], ...]
-) -> None:
+def fix_input_shapes(model: ir.Model, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
     """Gives the named graph inputs the fixed `shapes` (`--input-shape`), in place.
 
     Raises:

@@ -203,7 +203,9 @@ def fit_weight_scale_to_bias(
     scale = np.maximum(scale, _TINY)  # a denormal bias must not make the scale 0
     if np.array_equal(scale, current):
         return weight
-    return QParams(scale=scale.astype(np.float32), zero_point=weight.zero_point, axis=weight.axis)
+    return QParams(
+        scale=scale.astype(np.float32), zero_point=weight.zero_point, axis=weight.axis
+    )
 
 
 def _broadcast_shape(qparams: QParams, ndim: int) -> tuple[int, ...]:

@@ -169,7 +169,7 @@ def test_hardsigmoid_after_conv_folds_into_the_conv_and_a_clip(tmp_path):
     for before, after in pairs:
         np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
-    path, out, report = _quantize(model, tmp_path, samples)
+    path, out, _report = _quantize(model, tmp_path, samples)
     # The Clip is absorbed by the quantization of the se conv's output; the gate's range
     # is the Clip's [0, 1] (calibration covered over half of it): scale 1/255.
     assert "Clip" not in testing.count_ops(out) and "HardSigmoid" not in testing.count_ops(out)
@@ -223,7 +223,7 @@ def test_hardswish_spelled_in_four_ops_becomes_one(tmp_path):
             np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
     model = _hardswish_block(17)
-    path, out, report = _quantize(model, tmp_path, samples)
+    path, out, _report = _quantize(model, tmp_path, samples)
     ops = testing.count_ops(out)
     # One float HardSwish between one DequantizeLinear and one QuantizeLinear.
     assert ops["HardSwish"] == 1 and ops["Div"] == ops["Mul"] == ops["Add"] == 0, ops
@@ -351,6 +351,6 @@ def test_a_classifier_head_after_global_pooling_computes_in_float(tmp_path):
 def test_a_large_classifier_head_stays_quantized(tmp_path):
     # Above HEAD_FLOAT_MAX_WEIGHTS a float head would dequantize its weights on every run.
     classes = HEAD_FLOAT_MAX_WEIGHTS // C + 1
-    _, out, report = _quantize(_classifier(classes), tmp_path, _samples(4))
+    _, _out, report = _quantize(_classifier(classes), tmp_path, _samples(4))
     assert report.conversion.quantized_ops["Gemm"] == 1
     assert report.conversion.quantized_ops["GlobalAveragePool"] == 1

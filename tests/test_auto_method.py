@@ -72,8 +72,16 @@ def test_expected_error_is_the_rounding_noise_inside_the_range():
 def test_quantize_report_lists_the_choice_per_tensor(run_cli, tiny_cnn, tmp_path):
     out, report = tmp_path / "auto.onnx", tmp_path / "auto.json"
     result = run_cli(
-        "quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--report", report,
-        "--method", "auto",
+        "quantize",
+        tiny_cnn,
+        "--data",
+        tmp_path / "calib",
+        "-o",
+        out,
+        "--report",
+        report,
+        "--method",
+        "auto",
     )
     assert result.code == 0, result.err
     conversion = json.loads(report.read_text())["conversion"]
@@ -85,8 +93,16 @@ def test_quantize_report_lists_the_choice_per_tensor(run_cli, tiny_cnn, tmp_path
 def test_minmax_reports_no_choices(run_cli, tiny_cnn, tmp_path):
     out, report = tmp_path / "mm.onnx", tmp_path / "mm.json"
     result = run_cli(
-        "quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", out, "--report", report,
-        "--method", "minmax",
+        "quantize",
+        tiny_cnn,
+        "--data",
+        tmp_path / "calib",
+        "-o",
+        out,
+        "--report",
+        report,
+        "--method",
+        "minmax",
     )
     assert result.code == 0, result.err
     assert json.loads(report.read_text())["conversion"]["range_methods"] == {}

@@ -158,7 +158,9 @@ def test_a_dim_written_as_minus_one_is_dynamic(run_cli, tmp_path):
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_value, dims[3].dim_value = -1, -1  # as paddle2onnx writes dynamic dims
     path = testing.save(model, tmp_path / "paddle_style.onnx")
-    folder = testing.write_samples(tmp_path / "data", [{"input": np.ones((1, 3, 8, 8), np.float32)}])
+    folder = testing.write_samples(
+        tmp_path / "data", [{"input": np.ones((1, 3, 8, 8), np.float32)}]
+    )
     out = tmp_path / "out.onnx"
     result = _quantize(run_cli, path, folder, out)
     assert result.code == 0, result.err

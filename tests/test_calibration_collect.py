@@ -86,7 +86,8 @@ def test_outputs_whose_shape_depends_on_the_data(tmp_path):
     model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
     rng = np.random.default_rng(0)
     samples = [
-        Sample(f"s{i}", {"x": rng.standard_normal((1, 6)).astype(np.float32)}) for i in range(6)
+        Sample(f"s{i}", {"x": rng.standard_normal((1, 6)).astype(np.float32)})
+        for i in range(6)
     ]
     observed = collect_statistics(model, samples, ["r", "picked"])
     relu = np.concatenate([np.maximum(s.feeds["x"], 0).ravel() for s in samples])

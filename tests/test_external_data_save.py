@@ -73,8 +73,8 @@ def test_external_data_output_is_byte_identical_across_runs(external_cnn, tmp_pa
 
 
 def test_failed_verification_leaves_neither_file(external_cnn, tmp_path, monkeypatch):
-    from qconvert.pipelines import quantize as pipeline
     from qconvert.errors import VerificationError
+    from qconvert.pipelines import quantize as pipeline
 
     def failing(model, feeds, *, nonfinite_in_float=frozenset()):
         raise VerificationError("refused for the test")

@@ -17,8 +17,8 @@ from onnx import numpy_helper as nh
 
 import qconvert
 from qconvert import testing
-from qconvert.plan import static as plan_static
 from qconvert.config import QuantizeConfig
+from qconvert.plan import static as plan_static
 from qconvert.runtime import make_session
 
 
@@ -312,11 +312,7 @@ def test_an_initializer_shared_by_several_nodes_is_quantized_once(tmp_path):
     assert len(weights) == 1 and weights[0].dtype == np.int8
     graph = onnx.load_model(str(out)).graph
     assert (
-        sum(
-            1
-            for n in graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] == "w_q"
-        )
+        sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w_q")
         == 1
     )
     assert testing.output_sqnr(path, out, samples) > 25.0

@@ -105,7 +105,9 @@ def test_weight_scale_is_raised_so_a_large_bias_fits_int32():
     weights = np.array([[1.27, -0.5]], np.float32)
     weight = qparams.weight_qparams(weights, np.int8, axis=None)
     assert weight.scale == np.float32(0.01)
-    fitted = qparams.fit_weight_scale_to_bias(weight, weights, np.float32(1e-8), np.float32([0.5]))
+    fitted = qparams.fit_weight_scale_to_bias(
+        weight, weights, np.float32(1e-8), np.float32([0.5])
+    )
     expected = 0.5 / (1e-8 * 2**30)
     assert fitted.scale == pytest.approx(expected, rel=1e-6)
     bias = qparams.bias_qparams(np.float32(1e-8), fitted.scale)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import onnx
 import onnxruntime as ort
+import pytest
 from conftest import sha256
 
 import qconvert
@@ -43,9 +43,7 @@ def test_conv_bn_relu_layout_and_fidelity(tiny_cnn, tmp_path):
     assert len(report.conversion.folded_clamps) == 1
     model = onnx.load_model(str(out))
     types = {t.name: t.data_type for t in model.graph.initializer}
-    quantized_weights = [
-        n for n in types if n.endswith("weight_q") or n == "fc_w_q"
-    ]
+    quantized_weights = [n for n in types if n.endswith("weight_q") or n == "fc_w_q"]
     assert quantized_weights and all(
         types[n] == onnx.TensorProto.INT8 for n in quantized_weights
     )
@@ -196,7 +194,10 @@ def test_relu_then_clip_fold_into_one_quantization_with_the_clip_range(tmp_path)
     ops = testing.count_ops(out)
     assert "Relu" not in ops and "Clip" not in ops
     assert len(report.conversion.folded_clamps) == 2
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load_model(str(out)).graph.initializer}
+    inits = {
+        t.name: onnx.numpy_helper.to_array(t)
+        for t in onnx.load_model(str(out)).graph.initializer
+    }
     # Quantized with the Clip's [0, 6] range, not the Relu's much wider one.
     assert inits["clip_scale"] == pytest.approx(6.0 / 255, rel=1e-3)
     assert testing.output_sqnr(path, out, samples) >= 30

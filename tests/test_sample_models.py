@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLES
 
 import qconvert
-from conftest import SAMPLES
 from qconvert import testing
 from qconvert.runtime import make_session
 
@@ -63,15 +63,19 @@ def test_int8_accuracy_within_one_point_of_float(quantized):
 
 
 def test_layout_has_qdq_where_expected(quantized):
-    name, out, report = quantized
+    name, out, _report = quantized
     ops = testing.count_ops(out)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
     assert "BatchNormalization" not in ops
     graph = onnx.load_model(str(out)).graph
-    consumers = {n.op_type for n in graph.node if any(i.endswith("_dequantized") for i in n.input)}
+    consumers = {
+        n.op_type for n in graph.node if any(i.endswith("_dequantized") for i in n.input)
+    }
     expected = {"digits_cnn": {"Conv", "Gemm"}, "digits_dwsep": {"Conv", "Gemm"}}
     assert expected.get(name, {"MatMul", "Gemm"}) <= consumers
     weights = [
-        t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2
+        t
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2
     ]
     assert weights, "weights are stored as int8"

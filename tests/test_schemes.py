@@ -59,8 +59,8 @@ def test_int16x8_writes_int16_activations_at_opset_21(tiny_cnn, tmp_path):
 def test_int16x8_falls_back_to_microsoft_qdq_when_the_upgrade_fails(
     tiny_cnn, tmp_path, monkeypatch
 ):
-    from qconvert.pipelines import stages
     from qconvert.errors import UnsupportedModelError
+    from qconvert.pipelines import stages
 
     real_prepare = stages.prepare
 

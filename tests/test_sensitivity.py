@@ -47,8 +47,16 @@ def test_target_sqnr_keeps_exactly_the_sensitive_node_float(run_cli, sensitive, 
     path, samples = sensitive
     out, report = tmp_path / "mixed.onnx", tmp_path / "mixed.json"
     result = run_cli(
-        "quantize", path, "--data", tmp_path / "calib", "-o", out,
-        "--target-sqnr", "25", "--report", report,
+        "quantize",
+        path,
+        "--data",
+        tmp_path / "calib",
+        "-o",
+        out,
+        "--target-sqnr",
+        "25",
+        "--report",
+        report,
     )
     assert result.code == 0, result.err
     conversion = json.loads(report.read_text())["conversion"]
@@ -79,7 +87,10 @@ def test_max_top1_drop_uses_eval_labels(sensitive, tmp_path):
     labels = [int(np.argmax(session.run(None, s)[0])) for s in samples]
     np.save(eval_dir / "labels.npy", np.array(labels))
     report = qconvert.quantize(
-        path, tmp_path / "q.onnx", data=tmp_path / "calib", eval_data=eval_dir,
+        path,
+        tmp_path / "q.onnx",
+        data=tmp_path / "calib",
+        eval_data=eval_dir,
         max_top1_drop=0.0,
     )
     kept = [n.name for n in report.conversion.float_nodes if "mixed" in n.reason]

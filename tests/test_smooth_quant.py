@@ -50,14 +50,20 @@ def test_smoothing_balances_channels_and_keeps_the_function():
     after_session = make_session(smoothed.SerializeToString())
     for feeds in samples:
         np.testing.assert_allclose(
-            after_session.run(None, feeds)[0], reference.run(None, feeds)[0],
-            rtol=1e-4, atol=1e-5,
+            after_session.run(None, feeds)[0],
+            reference.run(None, feeds)[0],
+            rtol=1e-4,
+            atol=1e-5,
         )
     exposed = ir.to_proto(ir_model)
     exposed.graph.output.add().name = name
     after = np.max(
-        [np.abs(make_session(exposed.SerializeToString()).run([name], s)[0]).reshape(-1, K)
-         .max(axis=0) for s in samples],
+        [
+            np.abs(make_session(exposed.SerializeToString()).run([name], s)[0])
+            .reshape(-1, K)
+            .max(axis=0)
+            for s in samples
+        ],
         axis=0,
     )
     # The outlier channel was 60 times the median; smoothing brings it near the others.
@@ -74,7 +80,9 @@ def test_smooth_quant_flag_raises_int8_fidelity(tmp_path):
     for alpha in (None, 0.5):
         out = tmp_path / f"q{alpha}.onnx"
         report = qconvert.quantize(
-            path, out, data=tmp_path / "calib",
+            path,
+            out,
+            data=tmp_path / "calib",
             config=qconvert.QuantizeConfig(smooth_quant=alpha),
         )
         sqnr[alpha] = testing.output_sqnr(path, out, samples)

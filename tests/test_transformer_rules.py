@@ -256,7 +256,7 @@ def _tables_model() -> onnx.ModelProto:
 
 def test_a_table_a_float_add_reads_is_stored_as_int8_per_row(tmp_path):
     model = _tables_model()
-    path, out, report = _quantize(model, tmp_path)
+    path, out, _report = _quantize(model, tmp_path)
     graph = _graph(out)
     inits = {t.name: nh.to_array(t) for t in graph.initializer}
     assert "pos" not in inits and inits["pos_q"].dtype == np.int8
@@ -315,6 +315,6 @@ def test_a_mul_by_a_positive_constant_folds_into_the_scale(tmp_path, monkeypatch
 
 def test_a_mul_by_a_negative_constant_is_not_folded(tmp_path):
     # A negative factor would reverse the integer grid: it stays a Mul.
-    path, out, report = _quantize(_scaled_attention(-0.25), tmp_path)
+    path, out, _report = _quantize(_scaled_attention(-0.25), tmp_path)
     assert testing.count_ops(out)["Mul"] == 1
     assert testing.output_sqnr(path, out, _eval_feeds(_scaled_attention(-0.25))) > 25.0

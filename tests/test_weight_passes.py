@@ -51,10 +51,12 @@ def test_equalization_matches_channel_ranges_and_keeps_the_function():
     np.testing.assert_allclose(r1, r2, rtol=1e-5)
     # s = sqrt(r1 / r2): channel ranges become sqrt(10 x 1) and sqrt(0.1 x 1).
     np.testing.assert_allclose(r1, [np.sqrt(10.0), np.sqrt(0.1)], rtol=1e-5)
-    np.testing.assert_allclose(weights["b1"], [0.5 / np.sqrt(10), -0.02 / np.sqrt(0.1)],
-                               rtol=1e-5)
-    np.testing.assert_allclose(_outputs(equalized, feeds), _outputs(model, feeds),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        weights["b1"], [0.5 / np.sqrt(10), -0.02 / np.sqrt(0.1)], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        _outputs(equalized, feeds), _outputs(model, feeds), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_a_clip_pair_is_left_alone():
@@ -74,10 +76,14 @@ def test_depthwise_second_conv_is_equalized_exactly():
     equalized, pairs = _equalized(model)
     assert len(pairs) == 1
     weights = _weights(equalized)
-    np.testing.assert_allclose(np.abs(weights["w1"]).max(axis=(1, 2, 3)),
-                               np.abs(weights["w2"]).max(axis=(1, 2, 3)), rtol=1e-5)
-    np.testing.assert_allclose(_outputs(equalized, feeds), _outputs(model, feeds),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.abs(weights["w1"]).max(axis=(1, 2, 3)),
+        np.abs(weights["w2"]).max(axis=(1, 2, 3)),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        _outputs(equalized, feeds), _outputs(model, feeds), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_equalize_flag_improves_per_tensor_int8(run_cli, tmp_path):
@@ -86,14 +92,16 @@ def test_equalize_flag_improves_per_tensor_int8(run_cli, tmp_path):
     model = _two_channel_pair(r2=(0.1, 10.0))
     path = testing.save(model, tmp_path / "model.onnx")
     rng = np.random.default_rng(3)
-    samples = [{"input": rng.standard_normal((1, 2, 8, 8)).astype(np.float32)}
-               for _ in range(16)]
+    samples = [
+        {"input": rng.standard_normal((1, 2, 8, 8)).astype(np.float32)} for _ in range(16)
+    ]
     testing.write_samples(tmp_path / "calib", samples)
     sqnr = {}
     for flags in ((), ("--equalize",)):
         out = tmp_path / f"q{len(flags)}.onnx"
-        result = run_cli("quantize", path, "--data", tmp_path / "calib", "-o", out,
-                         "--per-tensor", *flags)
+        result = run_cli(
+            "quantize", path, "--data", tmp_path / "calib", "-o", out, "--per-tensor", *flags
+        )
         assert result.code == 0, result.err
         sqnr[flags] = testing.output_sqnr(path, out, samples)
     assert sqnr[("--equalize",)] > sqnr[()] + 6.0
@@ -112,16 +120,22 @@ def test_bias_correction_removes_a_known_mean_shift(tmp_path):
     model = testing.gemm_bias(w, b)
     path = testing.save(model, tmp_path / "model.onnx")
     mean = np.full(k, 2.0)
-    samples = [{"input": (mean + 0.1 * rng.standard_normal((1, k))).astype(np.float32)}
-               for _ in range(64)]
+    samples = [
+        {"input": (mean + 0.1 * rng.standard_normal((1, k))).astype(np.float32)}
+        for _ in range(64)
+    ]
     testing.write_samples(tmp_path / "calib", samples)
     expected_shift = -0.4 * scale * (w != 1.0).astype(np.float64) @ mean
     reference = make_session(str(path))
     shifts = {}
     for correct in (False, True):
         out = tmp_path / f"q{correct}.onnx"
-        qconvert.quantize(path, out, data=tmp_path / "calib",
-                          config=qconvert.QuantizeConfig(bias_correction=correct))
+        qconvert.quantize(
+            path,
+            out,
+            data=tmp_path / "calib",
+            config=qconvert.QuantizeConfig(bias_correction=correct),
+        )
         candidate = make_session(str(out))
         errors = [candidate.run(None, s)[0] - reference.run(None, s)[0] for s in samples]
         shifts[correct] = np.mean(np.concatenate(errors), axis=0)
@@ -173,7 +187,9 @@ def test_adaround_cuts_the_weight_rounding_error_of_a_layer(tmp_path):
     for flag in (False, True):
         out = tmp_path / f"q{flag}.onnx"
         report = qconvert.quantize(
-            path, out, data=tmp_path / "calib",
+            path,
+            out,
+            data=tmp_path / "calib",
             config=qconvert.QuantizeConfig(per_channel=False, adaround=flag),
         )
         sqnr[flag] = testing.output_sqnr(path, out, samples)

@@ -52,9 +52,7 @@ def choose_range(observer: TensorObserver, method) -> RangeChoice:
     observed = observer.finalize()
     if observer.count == 0 or observer.bins.sum() == 0 or observed.min == observed.max:
         return RangeChoice(method="minmax", range=observed, errors={"minmax": 0.0})
-    ranges = {
-        name: tensor_range(observer, replace(method, name=name)) for name in CANDIDATES
-    }
+    ranges = {name: tensor_range(observer, replace(method, name=name)) for name in CANDIDATES}
     errors = {name: expected_error(observer, r, method.bits) for name, r in ranges.items()}
     best = min(CANDIDATES, key=lambda name: errors[name])
     if errors[best] > errors["minmax"] * (1.0 - MIN_GAIN):

@@ -275,7 +275,8 @@ class _Folder:
     order. numpy's reductions release the GIL, as onnxruntime's runs do, so the statistics
     of one chunk are computed while onnxruntime fills the next: on two cores, calibration
     then costs about the larger of the two instead of their sum. The observers see the
-    chunks in the same order as without the thread, so the statistics are the same."""
+    chunks in the same order as without the thread, so the statistics are the same.
+    """
 
     def __init__(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
         self.observers = observers

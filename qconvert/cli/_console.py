@@ -65,4 +65,3 @@ class BarProgress:
         with RichProgressBar(*columns, console=stderr, transient=True) as bar:
             task_id = bar.add_task(description, total=total)
             yield lambda: bar.advance(task_id)
-

@@ -138,7 +138,11 @@ def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def with_limits(
-        *args: Any, max_tensor_bytes: int, max_sample_bytes: int, max_image_pixels: int, **kw: Any
+        *args: Any,
+        max_tensor_bytes: int,
+        max_sample_bytes: int,
+        max_image_pixels: int,
+        **kw: Any,
     ) -> Any:
         from qconvert.limits import LoadLimits
 
@@ -150,7 +154,11 @@ def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         return command(*args, limits=limits, **kw)
 
     options = (
-        ("--max-tensor-bytes", 16 * 2**30, "Refuse a model declaring a tensor larger than this."),
+        (
+            "--max-tensor-bytes",
+            16 * 2**30,
+            "Refuse a model declaring a tensor larger than this.",
+        ),
         ("--max-sample-bytes", 2 * 2**30, "Refuse a sample file unpacking to more than this."),
         ("--max-image-pixels", 100_000_000, "Refuse an image with more pixels than this."),
     )

@@ -112,9 +112,7 @@ def adaround(
         values = (chosen - zero) * scale
         values = values.T if transposed else values
         originals[node.name or ""] = constant_array(weight_value)
-        weight_value.const_value = ir.tensor(
-            values.astype(np.float32), name=weight_value.name
-        )
+        weight_value.const_value = ir.tensor(values.astype(np.float32), name=weight_value.name)
         results.append(Rounded(node.name or "", before, after))
     return results
 

@@ -32,6 +32,8 @@ from onnx_ir.passes.common import (
 )
 
 from qconvert.errors import UnsupportedModelError
+from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
+from qconvert.names import NameAllocator
 from qconvert.passes.activations import (
     HARDSWISH_OPSET,
     FoldConvAddIntoBiasPass,
@@ -39,8 +41,6 @@ from qconvert.passes.activations import (
     FuseHardSwishPass,
     has_decomposed_hardswish,
 )
-from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
-from qconvert.names import NameAllocator
 
 
 class UpgradeOpsetPass(ir.passes.FunctionalPass):

@@ -63,7 +63,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if decision.role is Role.ACTIVATION and value.name in scaled:
                 integers[value.name] = integers[scaled[value.name]]
                 _dequantize_scaled(
-                    graph, names, parameters, value, integers[value.name], decision, self.domain
+                    graph,
+                    names,
+                    parameters,
+                    value,
+                    integers[value.name],
+                    decision,
+                    self.domain,
                 )
             elif decision.role is Role.ACTIVATION:
                 source = values[folded[value.name].source] if value.name in folded else value

@@ -88,9 +88,9 @@ def smooth(sites: list[SmoothSite], absmax: Mapping[str, np.ndarray], alpha: flo
         weights = [constant_array(r.inputs[1]).astype(np.float64) for r in site.readers]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         usable = (activation > _TINY) & (weight_max > _TINY)
-        balanced = np.maximum(activation, _TINY) ** alpha / np.maximum(
-            weight_max, _TINY
-        ) ** (1 - alpha)
+        balanced = np.maximum(activation, _TINY) ** alpha / np.maximum(weight_max, _TINY) ** (
+            1 - alpha
+        )
         scale = np.where(usable, balanced, 1.0)
         scale = np.clip(scale, 1e-4, 1e4)  # a dead channel must not blow up the weights
         norm = site.norm

@@ -318,7 +318,12 @@ def quantize(
     if source is None and data is not None:  # data a scheme does not calibrate on
         source = DirectorySource(data, specs, images=images, limits=limits)
     converted_for_compare = _verify_and_save(
-        converted, output, model=model, specs=specs, source=source, external=external,
+        converted,
+        output,
+        model=model,
+        specs=specs,
+        source=source,
+        external=external,
         timings=timings,
     )
 

@@ -55,7 +55,8 @@ class ClampFold:
 class ScaleFold:
     """A Mul of `source` by a positive constant, dropped: `output` is read as
     DequantizeLinear(source's integers) at source's scale times that constant, which is
-    exactly the product (x_q - z) * s * c."""
+    exactly the product (x_q - z) * s * c.
+    """
 
     node: str
     source: str

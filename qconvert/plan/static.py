@@ -862,7 +862,8 @@ class _Planner:
         bounds: tuple[float, float] | None = None,
     ) -> qparams.QParams:
         """Parameters from the calibrated range, widened to `bounds` (the fixed output range
-        of the op that writes the tensor) when calibration covered enough of them."""
+        of the op that writes the tensor) when calibration covered enough of them.
+        """
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:
             raise CalibrationDataError(

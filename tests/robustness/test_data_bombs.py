@@ -39,7 +39,9 @@ def test_npz_that_unpacks_past_the_limit(run_cli, model, tmp_path):
     assert packed < 2**20  # under a megabyte on disk
     out = tmp_path / "q.onnx"
     limit = str(64 * 2**20)
-    result = run_cli("quantize", model, "--data", folder, "-o", out, "--max-sample-bytes", limit)
+    result = run_cli(
+        "quantize", model, "--data", folder, "-o", out, "--max-sample-bytes", limit
+    )
     assert result.code == 3
     assert "s00000.npz' unpacks to 268,435,5" in result.err  # 256 MiB + the header's bytes
     assert "over the limit of 67,108,864" in result.err
@@ -51,7 +53,9 @@ def test_sample_limit_is_adjustable(run_cli, model, tmp_path):
         tmp_path / "data", [testing.random_inputs(testing.conv_bn_relu(), seed=0)]
     )
     out = tmp_path / "q.onnx"
-    result = run_cli("quantize", model, "--data", folder, "-o", out, "--max-sample-bytes", "100")
+    result = run_cli(
+        "quantize", model, "--data", folder, "-o", out, "--max-sample-bytes", "100"
+    )
     assert result.code == 3
     assert "over the limit of 100. Hint: raise the limit with --max-sample-bytes" in result.err
     assert not out.exists()

@@ -45,14 +45,19 @@ def _weights(seed=0):
 
 def test_model_with_no_quantizable_op_is_written_unchanged_in_meaning(tmp_path, run_cli):
     model = _model(
-        [h.make_node("Relu", ["x"], ["y"], name="r"), h.make_node("Erf", ["y"], ["z"], name="s")],
+        [
+            h.make_node("Relu", ["x"], ["y"], name="r"),
+            h.make_node("Erf", ["y"], ["z"], name="s"),
+        ],
         [("x", [1, 4])],
         [("z", [1, 4])],
     )
     feeds = testing.random_inputs(model)
     path, out, report = _quantize(model, tmp_path, [feeds])
     assert report.conversion.quantized_ops == {}
-    assert {n.reason for n in report.conversion.float_nodes} == {"not in the op table: stays float"}
+    assert {n.reason for n in report.conversion.float_nodes} == {
+        "not in the op table: stays float"
+    }
     np.testing.assert_array_equal(_outputs(path, feeds)[0], _outputs(out, feeds)[0])
     cli = run_cli("quantize", path, "--data", tmp_path / "calib", "-o", tmp_path / "q2.onnx")
     assert cli.code == 0
@@ -91,7 +96,7 @@ def test_activations_all_zero_get_a_usable_scale(tmp_path):
         [("w", minus)],
     )
     feeds = [{"x": np.abs(testing.random_inputs(model, seed=i)["x"])} for i in range(4)]
-    path, out, report = _quantize(model, tmp_path, feeds)
+    _path, out, _report = _quantize(model, tmp_path, feeds)
     graph = onnx.load_model(str(out)).graph
     scales = [nh.to_array(t) for t in graph.initializer if t.name.endswith("_scale")]
     assert all(np.isfinite(s).all() and (s > 0).all() for s in scales)
@@ -110,7 +115,7 @@ def test_duplicate_and_empty_node_names(tmp_path):
         [("w", _weights(0)), ("w2", _weights(1))],
     )
     feeds = [testing.random_inputs(model, seed=i) for i in range(16)]
-    path, out, report = _quantize(model, tmp_path, feeds)
+    _path, out, report = _quantize(model, tmp_path, feeds)
     assert report.conversion.quantized_ops["MatMul"] == 2
     names = [n.name for n in onnx.load_model(str(out)).graph.node]
     assert len(names) == len(set(names)) and all(names)
@@ -134,7 +139,9 @@ def test_unused_input_and_zero_sized_batch(tmp_path):
     ]
     path, out, _ = _quantize(model, tmp_path, feeds)
     assert _outputs(out, feeds[0])[0].shape == (0, 4)
-    np.testing.assert_allclose(_outputs(out, feeds[1])[0], _outputs(path, feeds[1])[0], atol=0.05)
+    np.testing.assert_allclose(
+        _outputs(out, feeds[1])[0], _outputs(path, feeds[1])[0], atol=0.05
+    )
 
 
 def _nan_on_zeros_model():
@@ -172,7 +179,11 @@ def test_data_free_scheme_smoke_runs_on_the_given_data(tmp_path, monkeypatch):
     seen = []
     real_verify = pipeline.verify_model
     monkeypatch.setattr(
-        pipeline, "verify_model", lambda m, feeds, **kw: (seen.append(feeds), real_verify(m, feeds, **kw))
+        pipeline,
+        "verify_model",
+        lambda m, feeds, **kw: (seen.append(feeds), real_verify(m, feeds, **kw)),
     )
-    qconvert.quantize(path, tmp_path / "q.onnx", data=data, config=qconvert.QuantizeConfig(scheme="fp16"))
+    qconvert.quantize(
+        path, tmp_path / "q.onnx", data=data, config=qconvert.QuantizeConfig(scheme="fp16")
+    )
     np.testing.assert_array_equal(seen[0]["x"], np.full((1, 4), 2.0, np.float32))

@@ -65,7 +65,13 @@ def test_truncated_calibration_files(tmp_path, calibrated, fraction):
 
 
 @FUZZ
-@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=6))
+@given(
+    flips=st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_flipped_bytes_in_calibration_files(tmp_path, calibrated, flips):
     model, data = calibrated
     mutant = bytearray(data)
@@ -100,7 +106,11 @@ def test_damaged_fields_in_calibration_files(tmp_path, calibrated, choice, actio
         parent = parent[key]
     last = path[-1]
     replacement = {
-        "null": None, "string": "x", "negative": -7, "huge": 1e308, "nan": float("nan"),
+        "null": None,
+        "string": "x",
+        "negative": -7,
+        "huge": 1e308,
+        "nan": float("nan"),
         "list": [],
     }
     if action == "drop":

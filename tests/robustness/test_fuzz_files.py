@@ -25,7 +25,9 @@ _BYTES = _MODEL.SerializeToString()
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calib")
-    return testing.write_samples(folder, [testing.random_inputs(_MODEL, seed=i) for i in range(2)])
+    return testing.write_samples(
+        folder, [testing.random_inputs(_MODEL, seed=i) for i in range(2)]
+    )
 
 
 def _attempt(tmp_path, data: bytes, calib) -> None:

@@ -52,9 +52,20 @@ def test_signal_during_calibration_leaves_nothing(tmp_path, signum, code, word):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "qconvert", "quantize", str(model), "--data", str(calib),
-         "-o", str(out_dir / "q.onnx")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "qconvert",
+            "quantize",
+            str(model),
+            "--data",
+            str(calib),
+            "-o",
+            str(out_dir / "q.onnx"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(4.0)  # past start-up, inside calibration
     assert process.poll() is None, "the run ended before it could be interrupted"

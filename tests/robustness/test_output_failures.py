@@ -24,7 +24,15 @@ def small_tmpfs(tmp_path):
         target = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
         target.mkdir()
         done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", ",".join(("size=64k", *options)), "tmpfs", str(target)],
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                ",".join(("size=64k", *options)),
+                "tmpfs",
+                str(target),
+            ],
             capture_output=True,
             check=False,
         )
@@ -41,9 +49,7 @@ def small_tmpfs(tmp_path):
 
 def _quantize_into(run_cli, folder):
     out = folder / "q.onnx"
-    result = run_cli(
-        "quantize", CNN / "model.onnx", "--data", CNN / "calib", "-o", out
-    )
+    result = run_cli("quantize", CNN / "model.onnx", "--data", CNN / "calib", "-o", out)
     return result, out
 
 
