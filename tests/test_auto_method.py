@@ -187,7 +187,7 @@ def test_auto_falls_back_to_minmax_where_clipping_costs_the_output(tmp_path):
 
 def _scores(note: str) -> tuple[float, float]:
     """The output SQNR of the clipped plan and of the minmax plan, from auto's note."""
-    clipped, minmax = re.findall(r"(-?[\d.]+) dB", note)
+    clipped, minmax = re.findall(r"(-?[\d.]+) dB", note)[:2]
     return float(clipped), float(minmax)
 
 
@@ -201,3 +201,50 @@ def test_auto_without_samples_to_check_on_keeps_minmax(tmp_path):
     conversion = json.loads(report.read_text())["conversion"]
     assert set(conversion["range_methods"].values()) == {"minmax"}
     assert any("no samples to check" in note for note in conversion["notes"])
+
+
+def test_auto_keeps_minmax_unless_clipping_halves_the_output_error(tmp_path):
+    # Scored on the calibration samples the clipping was fitted to, a small gain does not
+    # carry over to other data: clipping must gain 3 dB (half the noise energy).
+    from qconvert.calibration import Calibration
+    from qconvert.pipelines.auto_check import MIN_OUTPUT_GAIN_DB, check_against_minmax
+    from qconvert.plan import QuantPlan, Role, TensorDecision
+    from qconvert.qparams import range_qparams
+    from qconvert.schemes import SCHEMES
+    from qconvert.sensitivity import Score
+
+    observer = _observe(np.random.default_rng(0).standard_normal(10_000))
+    calibration = Calibration(
+        model_sha256="0" * 64, model_file="m.onnx", samples=1, observers={"t": observer}
+    )
+    params = range_qparams(-1.0, 1.0, np.dtype(np.uint8), symmetric=False)
+    decision = TensorDecision("t", Role.ACTIVATION, params, "input of n")
+
+    def plan(label):
+        return QuantPlan(
+            scheme=SCHEMES["int8"], tensors={"t": decision}, nodes=(), folds=(), notes=(label,)
+        )
+
+    class Scores:
+        samples = [{}] * 16
+
+        def __init__(self, clipped_db):
+            self.db = {"clipped": clipped_db, "minmax": 20.0}
+
+        def score(self, scored):
+            return Score(sqnr_db=self.db[scored.notes[0]], top1_drop_points=None)
+
+    assert np.isclose(MIN_OUTPUT_GAIN_DB, 10 * np.log10(2))
+    for clipped_db, kept in ((22.9, "minmax"), (23.1, "clipped")):
+        checked = check_against_minmax(
+            plan("clipped"),
+            ranges={"t": observer.finalize()},
+            choices={"t": "percentile"},
+            calibration=calibration,
+            method=RangeMethod(name="auto"),
+            plan_with=lambda ranges: plan("minmax"),
+            evaluator=Scores(clipped_db),
+            samples_from="calibration",
+        )
+        assert checked.plan.notes[0] == kept
+        assert checked.choices["t"] == ("minmax" if kept == "minmax" else "percentile")
