@@ -3,12 +3,14 @@
 On a model where compute dominates (resnet_style_224 in the full run), with enough samples
 that starting a worker is amortized as it is for a user with thousands of samples, one fresh
 child process loads and prepares the model, then times `collect_split`, the stage
-`qconvert calibrate` spends its time in, in three configurations taken in turn:
+`qconvert calibrate` spends its time in, in four configurations taken in turn:
 
-- 1 worker, 1 onnxruntime thread (one process: the per-sample cost of a worker);
+- 1 worker, 1 thread (one single-threaded process, statistics folded in line as each
+  worker of a split does: the per-sample cost of a worker);
 - 2 workers, 1 thread each (`--workers 2`: this process and a spawned one, start-up of the
   spawned one, its model transfer and the merge included);
-- 1 process, 2 onnxruntime threads (both cores through onnxruntime's own thread pool).
+- 1 process, 2 onnxruntime threads (both cores through onnxruntime's own thread pool);
+- 1 process, default (one onnxruntime thread, statistics folded on a second thread).
 
 Each configuration's best run counts (other work on the machine only ever adds time); the
 load average at each run is recorded. Also measured: the 2-worker run on 2 samples (what
@@ -50,11 +52,18 @@ class ParallelPlan:
 
 
 CONFIGS = {
-    "1 worker, 1 thread": {"workers": 1, "threads": 1},
-    "2 workers, 1 thread each": {"workers": 2, "threads": 1},
-    "1 process, 2 onnxruntime threads": {"workers": 1, "threads": 2},
+    # Single-threaded: statistics folded in line, as each worker of a split does.
+    "1 worker, 1 thread": {"workers": 1, "threads": 1, "fold_in_background": False},
+    "2 workers, 1 thread each": {"workers": 2, "threads": 1, "fold_in_background": False},
+    "1 process, 2 onnxruntime threads": {
+        "workers": 1,
+        "threads": 2,
+        "fold_in_background": True,
+    },
+    # What `qconvert calibrate` does by default: statistics folded on a second thread.
+    "1 process, default": {"workers": 1, "threads": 1, "fold_in_background": True},
 }
-ONE, TWO_WORKERS, TWO_THREADS = CONFIGS
+ONE, TWO_WORKERS, TWO_THREADS, DEFAULT = CONFIGS
 
 _BUILDERS = {
     "resnet_style_224": (builders.resnet_style, 224),
@@ -109,13 +118,14 @@ def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
     model = prepare(float_model, min_opset=1)
     tensors = tensors_to_calibrate(model)
 
-    def calibrate(folder: str, workers: int, threads: int):
+    def calibrate(folder: str, workers: int, threads: int, fold_in_background: bool = False):
         cpu, start = _cpu_seconds(), time.perf_counter()
+        settings = CollectSettings(threads=threads, fold_in_background=fold_in_background)
         observers, split = collect_split(
             model,
             DirectorySource(folder, specs),
             tensors,
-            settings=CollectSettings(threads=threads),
+            settings=settings,
             data=DataSpec(folder=folder, specs=specs),
             workers=workers,
             advance=lambda: None,

@@ -50,12 +50,13 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
     assert {("qconvert", 32), ("ort MinMax", 32), ("float pass", 32)} <= tools
     assert {("qconvert minmax", 32), ("qconvert percentile", 32)} <= tools
 
-    # Issue 10's section: the three configurations ran, and workers changed no statistic.
+    # Issue 10's section: the four configurations ran, and workers changed no statistic.
     section = results["parallel"]
     assert {run["config"] for run in section["runs"]} == {
         "1 worker, 1 thread",
         "2 workers, 1 thread each",
         "1 process, 2 onnxruntime threads",
+        "1 process, default",
     }
     assert all(run["seconds"] > 0 for run in section["runs"])
     assert section["identical"]["2 workers, 1 thread each"] is True

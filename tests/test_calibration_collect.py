@@ -149,6 +149,26 @@ def test_one_tensor_a_pass_gives_the_statistics_of_one_pass(tmp_path):
         np.testing.assert_array_equal(a.bins, b.bins)
 
 
+def test_folding_in_line_gives_the_statistics_of_folding_on_a_second_thread(tmp_path):
+    # Workers of a split fold in line (one busy thread each); the order of the chunks, and
+    # so every statistic, is the same as with the background thread. Small chunks make
+    # several folds.
+    proto = testing.conv_bn_relu()
+    model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(12)]
+    settings = {
+        background: CollectSettings(chunk_bytes=4096, fold_in_background=background)
+        for background in (True, False)
+    }
+    threaded = collect_statistics(model, samples, names, settings=settings[True])
+    in_line = collect_statistics(model, samples, names, settings=settings[False])
+    for name in names:
+        a, b = threaded[name], in_line[name]
+        assert (a.min, a.max, a.count, a.exponent) == (b.min, b.max, b.count, b.exponent)
+        np.testing.assert_array_equal(a.bins, b.bins)
+
+
 def test_the_session_exposes_exactly_the_calibrated_tensors(tmp_path):
     proto = testing.conv_bn_relu()
     model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)

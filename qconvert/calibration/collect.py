@@ -85,6 +85,9 @@ class CollectSettings:
             thread count (MLAS cuts a GEMM into blocks by thread), so every process of a
             split calibration must use the same setting.
         tensors_per_pass: most tensors exposed in one pass over the data (None: all).
+        fold_in_background: fold the statistics of a chunk in on a second thread while
+            onnxruntime runs the next (one more core at work). Workers of a split
+            calibration fold in line instead: N workers, N busy threads.
     """
 
     batch_size: int = 1
@@ -92,6 +95,7 @@ class CollectSettings:
     chunk_bytes: int = 4 << 20
     threads: int = 1
     tensors_per_pass: int | None = None
+    fold_in_background: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -243,7 +247,7 @@ def _collect_pass(
     fed = tuple(name for name in tensor_names if name in inputs)
     exposed = tuple(name for name in tensor_names if name not in inputs)
     observers = {name: TensorObserver() for name in tensor_names}
-    with _Folder(observers, settings.histogram_values) as folder:
+    with _Folder(observers, settings) as folder:
         chunk: _Chunk | None = None
         spare: _Chunk | None = None  # the chunk of the same signature being folded in
         for batch in _batches(samples, settings.batch_size):
@@ -278,15 +282,24 @@ class _Folder:
     chunks in the same order as without the thread, so the statistics are the same.
     """
 
-    def __init__(self, observers: dict[str, TensorObserver], histogram_values: int) -> None:
+    def __init__(
+        self, observers: dict[str, TensorObserver], settings: CollectSettings
+    ) -> None:
         self.observers = observers
-        self.histogram_values = histogram_values
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-fold")
+        self.histogram_values = settings.histogram_values
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-fold")
+            if settings.fold_in_background
+            else None
+        )
         self.pending: Future | None = None
 
     def fold(self, chunk: _Chunk) -> None:
-        """Waits for the previous chunk, then starts folding `chunk` in."""
+        """Waits for the previous chunk, then starts folding `chunk` in (or folds it)."""
         self.wait()
+        if self.pool is None:
+            chunk.flush(self.observers, self.histogram_values)
+            return
         self.pending = self.pool.submit(chunk.flush, self.observers, self.histogram_values)
 
     def wait(self) -> None:
@@ -303,7 +316,8 @@ class _Folder:
             if kind is None:
                 self.wait()
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def calibrate_tensors(

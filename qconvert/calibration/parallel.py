@@ -35,6 +35,7 @@ contiguous shard each instead, which Ray can retry as a unit.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -481,6 +482,9 @@ def collect_split(
             backend="this process", threads=settings.threads, passes=passes, shards=(record,)
         )
         return observers, split_
+    # One busy thread a worker: a second one folding statistics would only take turns
+    # with the other workers' runs for the same cores.
+    settings = dataclasses.replace(settings, fold_in_background=False)
     if ray is not None:
         from qconvert.calibration.ray_backend import run_on_ray
 
