@@ -48,7 +48,7 @@ class ModelLoadError(QconvertError):
 
 
 class UnsupportedModelError(QconvertError):
-    """The model is valid ONNX but qconvert cannot convert it (opset, types, already quantized)."""
+    """The model is valid ONNX, but qconvert cannot convert it (opset, types, quantized)."""
 
 
 class CalibrationDataError(QconvertError):
@@ -74,7 +74,7 @@ class VerificationError(QconvertError):
 
 
 class OverrideFileError(QconvertError):
-    """An override file is unreadable, or names a node, tensor or scheme that does not exist."""
+    """An override file is unreadable, or names a node, tensor or scheme that is not there."""
 
 
 class ModelMismatchError(QconvertError):

@@ -1,4 +1,4 @@
-"""What `qconvert inspect` shows: a model's interface, ops, parameters and quantizable nodes."""
+"""What `qconvert inspect` shows: interface, ops, parameters and quantizable nodes."""
 
 from __future__ import annotations
 

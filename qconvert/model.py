@@ -241,7 +241,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor a graph holds: initializers and Constant-style attributes, subgraphs too."""
+    """Every tensor a graph holds: initializers, Constant-style attributes, subgraphs."""
     yield from graph.initializer
     for node in graph.node:
         for attribute in node.attribute:
@@ -283,8 +283,10 @@ _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint6
 
 
 def _stored_elements(tensor: onnx.TensorProto) -> int | None:
-    """How many elements the tensor really holds, where that can be told without reading
-    external data (None for external, packed or complex types).
+    """How many elements the tensor really holds, where that can be told.
+
+    None where it cannot be told without reading external data, and for packed or complex
+    types.
     """
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None

@@ -69,6 +69,7 @@ class Target:
     max_top1_drop: float | None = None
 
     def holds(self, score: Score) -> bool:
+        """Whether `score` meets every criterion set."""
         if self.sqnr_db is not None and not score.sqnr_db >= self.sqnr_db:
             return False
         if self.max_top1_drop is not None and score.top1_drop_points is not None:
@@ -209,6 +210,8 @@ class Analysis:
     seconds: float
 
     def to_dict(self) -> dict:
+        """The analysis as JSON-ready data (NaN and infinities as strings)."""
+
         def number(x: float) -> float | str | None:
             if math.isnan(x):
                 return None

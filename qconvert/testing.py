@@ -226,8 +226,9 @@ def two_inputs(k: int = 8, *, seed: int = 0) -> onnx.ModelProto:
 
 
 def sensitive_mlp(*, seed: int = 0) -> onnx.ModelProto:
-    """Gemm -> Relu -> Gemm -> Relu -> Gemm, input [N,16] -> [N,10], whose middle Gemm
-    (`g2`) is made sensitive to quantization by construction.
+    """Gemm -> Relu -> Gemm -> Relu -> Gemm, input [N,16] -> [N,10].
+
+    The middle Gemm (`g2`) is made sensitive to quantization by construction.
 
     Row 0 of g2's weight (the input feature fed by g1's channel 0, which g1 keeps near zero)
     is 1000 times the rest, so each output channel's int8 weight scale is set by it and the
@@ -268,8 +269,9 @@ def sensitive_mlp(*, seed: int = 0) -> onnx.ModelProto:
 def conv_relu_conv(
     w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, *, clip: bool = False, group2: int = 1
 ) -> onnx.ModelProto:
-    """Conv(w1, b1) -> Relu (or Clip(0, 6)) -> Conv(w2, group2), 3x3 weights, input
-    [N, C, 8, 8]; the Convs are named `first` and `second`.
+    """Conv(w1, b1) -> Relu (or Clip(0, 6)) -> Conv(w2, group2), 3x3 weights.
+
+    Input [N, C, 8, 8]; the Convs are named `first` and `second`.
     """
     act = "Clip (h, lo, hi)" if clip else "Relu (h)"
     c_in, c_out = w1.shape[1], w2.shape[0]
@@ -306,8 +308,9 @@ def gemm_bias(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
 def layernorm_matmul(
     gamma: np.ndarray, beta: np.ndarray, w: np.ndarray, w2: np.ndarray
 ) -> onnx.ModelProto:
-    """LayerNormalization(gamma, beta) read by two MatMuls (w, w2), outputs added:
-    input [N, 4, K] -> [N, 4, n]; the transformer projection pattern.
+    """LayerNormalization(gamma, beta) read by two MatMuls (w, w2), outputs added.
+
+    Input [N, 4, K] -> [N, 4, n]; the transformer projection pattern.
     """
     k, n = w.shape
     text = f"""

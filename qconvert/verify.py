@@ -1,4 +1,4 @@
-"""Verification of every written model: the ONNX checker, then onnxruntime loads and runs it."""
+"""Verification of every written model: the ONNX checker, then an onnxruntime run."""
 
 from __future__ import annotations
 
@@ -49,5 +49,6 @@ def verify_model(
             continue
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise VerificationError(
-                f"The converted model's output '{meta.name}' holds NaN or Inf on the smoke sample."
+                f"The converted model's output '{meta.name}' holds NaN or Inf on the smoke "
+                "sample."
             )

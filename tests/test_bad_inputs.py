@@ -1,4 +1,4 @@
-"""Bad models and bad data: one line naming the cause, exit 3, no output file, input untouched."""
+"""Bad models and bad data: one line naming the cause, exit 3, no output, input untouched."""
 
 from __future__ import annotations
 

@@ -275,11 +275,12 @@ def _collect_pass(
 
 
 class _Folder:
-    """Folds full chunks into the observers on one background thread, one at a time, in
-    order. numpy's reductions release the GIL, as onnxruntime's runs do, so the statistics
-    of one chunk are computed while onnxruntime fills the next: on two cores, calibration
-    then costs about the larger of the two instead of their sum. The observers see the
-    chunks in the same order as without the thread, so the statistics are the same.
+    """Folds full chunks into the observers, in order, on one background thread or in line.
+
+    numpy's reductions release the GIL, as onnxruntime's runs do, so on the thread the
+    statistics of one chunk are computed while onnxruntime fills the next: on two cores,
+    calibration then costs about the larger of the two instead of their sum. The observers
+    see the chunks in the same order either way, so the statistics are the same.
     """
 
     def __init__(

@@ -60,9 +60,10 @@ def analyze_command(
     limits: LoadLimits,
     **image: object,
 ) -> None:
-    """Rank MODEL's quantizable nodes by the output SQNR of quantizing each one alone,
-    lowest (most sensitive) first. Keep the top ones float with --exclude, or let
-    `quantize --target-sqnr DB` choose.
+    """Rank MODEL's quantizable nodes by what quantizing each one alone costs.
+
+    The output SQNR of quantizing each node alone, lowest (most sensitive) first. Keep
+    the top ones float with --exclude, or let `quantize --target-sqnr DB` choose.
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
     from qconvert.config import QuantizeConfig

@@ -18,7 +18,9 @@ from qconvert.limits import LoadLimits
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @limit_options
 def inspect_command(model: Path, as_json: bool, limits: LoadLimits) -> None:
-    """Show MODEL's inputs and outputs, opset, op histogram, parameters and the nodes the
+    """Show MODEL's interface, opset, ops, parameters and quantizable nodes.
+
+    Inputs and outputs, the opset, an op histogram, the parameter count, and the nodes the
     int8 scheme would quantize.
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not

@@ -1,5 +1,6 @@
-"""Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization"), for per-tensor
-and depthwise weights whose channels differ wildly in range.
+"""Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization").
+
+For per-tensor and depthwise weights whose channels differ wildly in range.
 
 For a pair Conv A -> [Relu] -> Conv B where A's output channel i feeds B's input
 channel i only, with r1_i = max |A's weights of output channel i| and r2_i = max |B's

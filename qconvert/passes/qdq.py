@@ -96,8 +96,9 @@ def _quantize_activation(
     domain: str,
     float_nodes: frozenset[str],
 ) -> ir.Value:
-    """Inserts Q(source) -> DQ, points the readers of `value` at the DQ output, and
-    returns the Q output.
+    """Inserts Q(source) -> DQ and points the readers of `value` at the DQ output.
+
+    Returns the Q output.
 
     The plan's float readers (`float_nodes`) keep reading the float tensor: onnxruntime
     would fuse a float Conv or Gemm that reads a DequantizeLinear into an integer kernel,

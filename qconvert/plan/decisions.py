@@ -42,8 +42,10 @@ class NodeDecision:
 
 @dataclass(frozen=True, slots=True)
 class ClampFold:
-    """Relu/Clip nodes dropped because quantizing `source` with the parameters of `output`
-    (the last clamp's output) already clamps as they do.
+    """Relu/Clip nodes dropped because the quantization already clamps as they do.
+
+    Quantizing `source` with the parameters of `output` (the last clamp's output) clamps
+    as the nodes do.
     """
 
     nodes: tuple[str, ...]
@@ -53,9 +55,10 @@ class ClampFold:
 
 @dataclass(frozen=True, slots=True)
 class ScaleFold:
-    """A Mul of `source` by a positive constant, dropped: `output` is read as
-    DequantizeLinear(source's integers) at source's scale times that constant, which is
-    exactly the product (x_q - z) * s * c.
+    """A Mul of `source` by a positive constant, dropped.
+
+    `output` is read as DequantizeLinear(source's integers) at source's scale times that
+    constant, which is exactly the product (x_q - z) * s * c.
     """
 
     node: str

@@ -670,9 +670,11 @@ class _Planner:
         )
 
     def _model_answer(self, node: ir.Node) -> bool:
-        """Whether `node` is a classifier head: a last weighted layer (its output reaches
-        graph outputs through ops without weights only: Add, Softmax, Reshape) that reads
-        a globally pooled feature (GlobalAveragePool, through Reshape/Flatten/Squeeze).
+        """Whether `node` is a classifier head.
+
+        That is a last weighted layer (its output reaches graph outputs through ops
+        without weights only: Add, Softmax, Reshape) that reads a globally pooled feature
+        (GlobalAveragePool, through Reshape/Flatten/Squeeze).
 
         Such a head computes in float from int8-stored weights (`_plan_answer`) when it is
         small (HEAD_FLOAT_MAX_WEIGHTS). Its input and output have no spatial extent (C and
@@ -861,8 +863,10 @@ class _Planner:
         *,
         bounds: tuple[float, float] | None = None,
     ) -> qparams.QParams:
-        """Parameters from the calibrated range, widened to `bounds` (the fixed output range
-        of the op that writes the tensor) when calibration covered enough of them.
+        """Parameters from the calibrated range, widened to `bounds` where that fits.
+
+        `bounds` is the fixed output range of the op that writes the tensor; the range is
+        widened to it when calibration covered enough of it.
         """
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:

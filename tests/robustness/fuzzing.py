@@ -14,7 +14,7 @@ CAMPAIGN = "QCONVERT_FUZZ_EXAMPLES" in os.environ
 
 
 def fuzz_settings(default_examples: int) -> settings:
-    """Settings for one fuzz test: `default_examples` in the suite, the campaign's count else."""
+    """Settings for one fuzz test: `default_examples` in the suite, else the campaign's."""
     return settings(
         max_examples=int(os.environ.get("QCONVERT_FUZZ_EXAMPLES", default_examples)),
         deadline=None,
