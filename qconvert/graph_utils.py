@@ -34,18 +34,29 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def subgraph_nodes(node: ir.Node) -> list[ir.Node]:
-    """Every node inside the subgraphs a node holds (If branches, Loop/Scan bodies)."""
-    nodes = []
+def body_graphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node holds as attributes (If branches, Loop/Scan bodies)."""
+    graphs: list[ir.Graph] = []
     for attribute in node.attributes.values():
-        graphs = []
         if attribute.type == ir.AttributeType.GRAPH:
-            graphs = [attribute.value]
+            graphs.append(attribute.value)
         elif attribute.type == ir.AttributeType.GRAPHS:
-            graphs = list(attribute.value)
-        for graph in graphs:
-            nodes.extend(ir.traversal.RecursiveGraphIterator(graph))
-    return nodes
+            graphs.extend(attribute.value)
+    return graphs
+
+
+def body_nodes(node: ir.Node) -> list[ir.Node]:
+    """The nodes directly inside the graphs a node holds (not those of nested holders)."""
+    return [inner for graph in body_graphs(node) for inner in graph]
+
+
+def subgraph_nodes(node: ir.Node) -> list[ir.Node]:
+    """Every node inside the subgraphs a node holds, nested ones included."""
+    return [
+        inner
+        for graph in body_graphs(node)
+        for inner in ir.traversal.RecursiveGraphIterator(graph)
+    ]
 
 
 def replace_keeping_name(graph: ir.Graph, old: ir.Node, new_output: ir.Value) -> None:

@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 HOLDERS = frozenset({"If", "Loop", "Scan"})
@@ -31,18 +30,6 @@ HOLDERS = frozenset({"If", "Loop", "Scan"})
 
 _SUFFIX = "__in_body"
 _OUT = "__out_of_body"
-
-
-def body_nodes(holder: ir.Node) -> list[ir.Node]:
-    """The nodes directly inside `holder`'s bodies (If branches, Loop/Scan body)."""
-    nodes: list[ir.Node] = []
-    for attribute in holder.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            nodes.extend(attribute.value)
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            for body in attribute.value:
-                nodes.extend(body)
-    return nodes
 
 
 def expose_body_tensors(proto: onnx.ModelProto, names: Iterable[str]) -> None:

@@ -29,8 +29,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qconvert import qparams
-from qconvert.calibration.subgraphs import HOLDERS, body_nodes
-from qconvert.graph_utils import add_initializer, values_by_name
+from qconvert.calibration.subgraphs import HOLDERS
+from qconvert.graph_utils import add_initializer, body_nodes, values_by_name
 from qconvert.names import NameAllocator
 from qconvert.plan import QuantPlan, Role, TensorDecision
 

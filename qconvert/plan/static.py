@@ -16,9 +16,9 @@ import onnx_ir as ir
 
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
-from qconvert.calibration.subgraphs import HOLDERS, body_nodes
+from qconvert.calibration.subgraphs import HOLDERS
 from qconvert.errors import CalibrationDataError
-from qconvert.graph_utils import constant_array, subgraph_nodes
+from qconvert.graph_utils import body_nodes, constant_array, subgraph_nodes
 from qconvert.overrides import FLOAT, Overrides
 from qconvert.plan.common import check_overrides, skip_reason
 from qconvert.plan.decisions import (
@@ -712,7 +712,7 @@ class _Planner:
                 and constant_array(reader.inputs[i]) is not None
                 for i in rule.weights
             )
-            if weighted or reader.op_type in ("If", "Loop", "Scan"):
+            if weighted or reader.op_type in HOLDERS:
                 answer = False
             else:
                 answer = answer and all(
