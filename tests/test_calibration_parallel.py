@@ -324,3 +324,23 @@ def test_importing_qconvert_does_not_import_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert found.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_resource_tracker_leaves_stderr_to_the_one_line_error(tmp_path, quiet):
+    # A run ended by a killed worker can leave semaphores to multiprocessing's resource
+    # tracker, which warns on stderr at exit; run_local starts it with its warnings off.
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import multiprocessing, os\n"
+        "from qconvert.calibration.parallel import _start_quiet_resource_tracker\n"
+        f"if {quiet}:\n"
+        "    _start_quiet_resource_tracker()\n"
+        "lock = multiprocessing.get_context('spawn').Lock()\n"
+        "os._exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 3
+    assert ("leaked semaphore" in done.stderr) is not quiet, done.stderr

@@ -300,6 +300,30 @@ class _Chunks:
                 lock.release()
 
 
+_TRACKER_WARNINGS = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
+def _start_quiet_resource_tracker() -> None:
+    """Starts multiprocessing's resource tracker with its warnings off.
+
+    The tracker is the helper process that unlinks the semaphores of the queues and the
+    chunk counter. A worker killed mid-run (SIGKILL, out of memory) leaves some to it, and
+    it then warns on stderr at exit, after the one-line error that already says which
+    worker died. It reads its warning filters from the environment it starts with.
+    """
+    from multiprocessing import resource_tracker
+
+    previous = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (previous, _TRACKER_WARNINGS)))
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = previous
+
+
 def run_local(
     model: ir.Model,
     source: DirectorySource,
@@ -321,6 +345,7 @@ def run_local(
     chunks = chunk(len(source), workers, batch_size=settings.batch_size)
     workers = min(workers, len(chunks))
     passes = pass_count(len(tensors), settings)
+    _start_quiet_resource_tracker()
     context = multiprocessing.get_context("spawn")
     taken = context.Array("q", [workers] * passes)  # per pass: the next chunk to take
     messages = context.Queue()
