@@ -64,6 +64,75 @@ def test_onnxruntime_fuses_the_groups_into_integer_kernels(tiny_cnn, tmp_path):
     assert ops.count("DequantizeLinear") == 0  # no float island left between the kernels
 
 
+def _bias_scales(model: onnx.ModelProto) -> dict[str, onnx.NodeProto | np.ndarray]:
+    """Per int32 bias: the node that computes its scale, or the stored scale."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    return {
+        node.input[0]: producers.get(node.input[1], inits.get(node.input[1]))
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] in inits
+        and inits[node.input[0]].dtype == np.int32
+    }
+
+
+def _stored_bias_scales(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every Mul of two initializers replaced by its float32 result."""
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in stored.graph.initializer}
+    for node in list(stored.graph.node):
+        if node.op_type == "Mul" and all(name in inits for name in node.input):
+            product = (inits[node.input[0]] * inits[node.input[1]]).astype(np.float32)
+            stored.graph.initializer.append(
+                onnx.numpy_helper.from_array(product, node.output[0])
+            )
+            stored.graph.node.remove(node)
+    return stored
+
+
+def test_a_per_channel_bias_scale_is_written_as_the_product_it_is(tmp_path):
+    # 32 output channels: the bias scale is input scale x weight scale per channel.
+    model = testing.conv_bn_relu(channels=32)
+    path = testing.save(model, tmp_path / "m.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(8)]
+    )
+    out = tmp_path / "q.onnx"
+    qconvert.quantize(path, out, data=tmp_path / "calib")
+    quantized = onnx.load_model(str(out))
+    conv_bias = next(name for name in _bias_scales(quantized) if "fc" not in name)
+    product = _bias_scales(quantized)[conv_bias]
+    assert isinstance(product, onnx.NodeProto) and product.op_type == "Mul"
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    dequantizers = {n.output[0]: n for n in quantized.graph.node}
+    input_scale, weight_scale = (dequantizers[conv.input[i]].input[1] for i in (0, 1))
+    assert list(product.input) == [input_scale, weight_scale]
+    assert inits[weight_scale].shape == (32,)
+    # The Gemm head has 10 outputs: too few for a Mul to be smaller than the stored scale.
+    assert isinstance(_bias_scales(quantized)["fc_b_q"], np.ndarray)
+    # onnxruntime folds the Mul and still fuses the Conv, and the product is exactly the
+    # scale the int32 bias was computed at: a model storing it runs bit-identically.
+    assert "QLinearConv" in testing.optimized_ops(out, tmp_path)
+    feeds = testing.random_inputs(model, seed=99)
+    stored = _stored_bias_scales(quantized)
+    for level in (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    ):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        runs = [
+            ort.InferenceSession(
+                m.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            ).run(None, feeds)
+            for m in (quantized, stored)
+        ]
+        assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def test_per_channel_weight_axis_and_per_tensor_option(tiny_cnn, tmp_path):
     per_channel = tmp_path / "pc.onnx"
     per_tensor = tmp_path / "pt.onnx"

@@ -28,6 +28,10 @@ class TensorDecision:
     role: Role
     qparams: qparams.QParams
     reason: str
+    scale_product_of: tuple[str, str] | None = None
+    """A bias's scale is its layer's input scale x weight scale: the (input, weight) names.
+
+    The QDQ pass then writes the scale as that product, not as a copy of it."""
 
 
 @dataclass(frozen=True, slots=True)

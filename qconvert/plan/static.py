@@ -959,7 +959,11 @@ class _Planner:
             weight = fitted
         params = qparams.bias_qparams(input_params.scale, weight.scale)
         self.tensors[bias.name] = TensorDecision(
-            bias.name, Role.BIAS, params, f"bias of {node.name}, int32"
+            bias.name,
+            Role.BIAS,
+            params,
+            f"bias of {node.name}, int32",
+            scale_product_of=(input_value.name, weight_name),
         )
 
     def _plan_output(self, node: ir.Node) -> None:
