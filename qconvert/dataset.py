@@ -39,6 +39,7 @@ import onnx_ir as ir
 
 from qconvert.errors import CalibrationDataError, ConfigError
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.npy import TooLargeError, read_npy
 
 _log = logging.getLogger(__name__)
 
@@ -202,18 +203,20 @@ def _discover(
     images: ImagePreprocessing | None,
     limits: LoadLimits,
 ) -> tuple[str, tuple[_Entry, ...]]:
-    children = sorted(folder.iterdir())
-    test_sets = [p for p in children if p.is_dir() and p.name.startswith("test_data_set_")]
+    # One directory listing, whose entries know their type: a stat per file would cost
+    # as much as reading a small sample.
+    with os.scandir(folder) as listing:
+        entries = sorted(listing, key=lambda entry: entry.name)
+    folders = [Path(e.path) for e in entries if e.is_dir()]
+    children = [Path(e.path) for e in entries if e.is_file()]
+    test_sets = [p for p in folders if p.name.startswith("test_data_set_")]
     if test_sets:
         return "onnx-test-data", tuple(_test_data_entry(p, specs) for p in _natural(test_sets))
     names = {spec.name for spec in specs}
-    folders = {p.name for p in children if p.is_dir()}
-    if names and names <= folders:
-        return "folder-per-input", _per_input_folders(folder, specs)
+    if names and names <= {p.name for p in folders}:
+        return "folder-per-input", _per_input_folders(folder, specs, limits)
     files = [
-        p
-        for p in children
-        if p.is_file() and p.suffix.lower() in SAMPLE_SUFFIXES and p.name != LABELS_FILE
+        p for p in children if p.suffix.lower() in SAMPLE_SUFFIXES and p.name != LABELS_FILE
     ]
     stems = {p.stem for p in files if p.suffix.lower() == ".npy"}
     if names and names == stems and len(files) == len(names):
@@ -229,7 +232,7 @@ def _discover(
         return "file-per-sample", tuple(
             _Entry(str(p), _array_reader(p, specs, limits)) for p in files
         )
-    pictures = [p for p in children if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    pictures = [p for p in children if p.suffix.lower() in IMAGE_SUFFIXES]
     if pictures:
         reader = _ImageReader(folder, specs, images or ImagePreprocessing(), limits)
         return "images", tuple(_Entry(str(p), reader.bind(p)) for p in pictures)
@@ -269,8 +272,7 @@ def _array_reader(
     def read() -> dict[str, np.ndarray]:
         try:
             if path.suffix.lower() == ".npy":
-                _check_unpacked_size(path, path.stat().st_size, limits)
-                return {specs[0].name: np.load(path, allow_pickle=False)}
+                return {specs[0].name: _read_npy_sample(path, limits)}
             with zipfile.ZipFile(path) as archive:
                 _check_unpacked_size(
                     path, sum(m.file_size for m in archive.infolist()), limits
@@ -283,14 +285,28 @@ def _array_reader(
     return read
 
 
+def _read_npy_sample(path: Path, limits: LoadLimits) -> np.ndarray:
+    """One `.npy` sample, refused before reading when it is over the size limit."""
+    try:
+        return read_npy(path, limits.max_sample_bytes)
+    except TooLargeError as exc:
+        raise _too_large(path, exc.size, limits) from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise _read_error(path, exc) from None
+
+
 def _check_unpacked_size(path: Path, unpacked: int, limits: LoadLimits) -> None:
     """Refuses a sample before reading it when it would unpack to more than the limit."""
     if unpacked > limits.max_sample_bytes:
-        raise CalibrationDataError(
-            f"Sample '{path}' unpacks to {unpacked:,} bytes, over the limit of "
-            f"{limits.max_sample_bytes:,}.",
-            hint="raise the limit with --max-sample-bytes if the machine can hold it.",
-        )
+        raise _too_large(path, unpacked, limits)
+
+
+def _too_large(path: Path, unpacked: int, limits: LoadLimits) -> CalibrationDataError:
+    return CalibrationDataError(
+        f"Sample '{path}' unpacks to {unpacked:,} bytes, over the limit of "
+        f"{limits.max_sample_bytes:,}.",
+        hint="raise the limit with --max-sample-bytes if the machine can hold it.",
+    )
 
 
 def _test_data_entry(folder: Path, specs: tuple[InputSpec, ...]) -> _Entry:
@@ -321,7 +337,9 @@ def _test_data_entry(folder: Path, specs: tuple[InputSpec, ...]) -> _Entry:
     return _Entry(str(folder), read)
 
 
-def _per_input_folders(folder: Path, specs: tuple[InputSpec, ...]) -> tuple[_Entry, ...]:
+def _per_input_folders(
+    folder: Path, specs: tuple[InputSpec, ...], limits: LoadLimits
+) -> tuple[_Entry, ...]:
     listings = {}
     for spec in specs:
         sub = folder / spec.name
@@ -345,10 +363,7 @@ def _per_input_folders(folder: Path, specs: tuple[InputSpec, ...]) -> tuple[_Ent
             arrays = {}
             for spec in specs:
                 path = folder / spec.name / name
-                try:
-                    arrays[spec.name] = np.load(path, allow_pickle=False)
-                except (ValueError, OSError, EOFError) as exc:
-                    raise _read_error(path, exc) from None
+                arrays[spec.name] = _read_npy_sample(path, limits)
             return arrays
 
         return _Entry(str(folder / "*" / name), read)

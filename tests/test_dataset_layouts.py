@@ -243,3 +243,25 @@ def test_subset_is_reproducible_and_ordered(tmp_path):
     assert first == sorted(first)
     assert first != [s.source for s in source.subset(6, seed=4)]
     assert len(source.subset(100)) == 20
+
+
+@pytest.mark.parametrize("layout", ["file-per-sample", "folder-per-input"])
+def test_an_npy_sample_over_the_size_limit_is_refused_by_name(tmp_path, layout):
+    from qconvert.limits import LoadLimits
+
+    model = testing.two_inputs() if layout == "folder-per-input" else testing.conv_bn_relu()
+    _, specs = _specs(model, tmp_path)
+    data = tmp_path / "data"
+    for spec in specs:
+        folder = data / spec.name if layout == "folder-per-input" else data
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            shape = tuple(1 if d is None else d for d in spec.dims)
+            np.save(folder / f"s{i}.npy", np.zeros(shape, dtype=spec.dtype))
+    big = sorted(data.rglob("s0.npy"))[0]  # the first file read
+    limit = big.stat().st_size - 1
+    source = DirectorySource(data, specs, limits=LoadLimits(max_sample_bytes=limit))
+    with pytest.raises(
+        CalibrationDataError, match=f"'{big}' unpacks to .* limit of {limit:,}"
+    ):
+        list(source)
