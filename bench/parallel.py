@@ -3,14 +3,17 @@
 On a model where compute dominates (resnet_style_224 in the full run), with enough samples
 that starting a worker is amortized as it is for a user with thousands of samples, one fresh
 child process loads and prepares the model, then times `collect_split`, the stage
-`qconvert calibrate` spends its time in, in four configurations taken in turn:
+`qconvert calibrate` spends its time in, in five configurations taken in turn:
 
 - 1 worker, 1 thread (one single-threaded process, statistics folded in line as each
   worker of a split does: the per-sample cost of a worker);
 - 2 workers, 1 thread each (`--workers 2`: this process and a spawned one, start-up of the
   spawned one, its model transfer and the merge included);
 - 1 process, 2 onnxruntime threads (both cores through onnxruntime's own thread pool);
-- 1 process, default (one onnxruntime thread, statistics folded on a second thread).
+- 1 process, folding on a second thread (one onnxruntime thread: what `--workers auto`
+  does while the work is short);
+- default (`--workers auto`: that process alone at first, then one spawned worker per
+  further core once the rest of the work would take over `SPAWN_AFTER_SECONDS`).
 
 Each configuration's best run counts (other work on the machine only ever adds time); the
 load average at each run is recorded. Also measured: the 2-worker run on 2 samples (what
@@ -60,10 +63,16 @@ CONFIGS = {
         "threads": 2,
         "fold_in_background": True,
     },
-    # What `qconvert calibrate` does by default: statistics folded on a second thread.
-    "1 process, default": {"workers": 1, "threads": 1, "fold_in_background": True},
+    # What `qconvert calibrate` does while it is alone: statistics folded on a second thread.
+    "1 process, folding on a second thread": {
+        "workers": 1,
+        "threads": 1,
+        "fold_in_background": True,
+    },
+    # What `qconvert calibrate` does by default.
+    "default (--workers auto)": {"workers": None, "threads": 1, "fold_in_background": True},
 }
-ONE, TWO_WORKERS, TWO_THREADS, DEFAULT = CONFIGS
+ONE, TWO_WORKERS, TWO_THREADS, ALONE, DEFAULT = CONFIGS
 
 _BUILDERS = {
     "resnet_style_224": (builders.resnet_style, 224),
@@ -118,7 +127,9 @@ def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
     model = prepare(float_model, min_opset=1)
     tensors = tensors_to_calibrate(model)
 
-    def calibrate(folder: str, workers: int, threads: int, fold_in_background: bool = False):
+    def calibrate(
+        folder: str, workers: int | None, threads: int, fold_in_background: bool = False
+    ):
         cpu, start = _cpu_seconds(), time.perf_counter()
         settings = CollectSettings(threads=threads, fold_in_background=fold_in_background)
         observers, split = collect_split(

@@ -56,10 +56,12 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
         "1 worker, 1 thread",
         "2 workers, 1 thread each",
         "1 process, 2 onnxruntime threads",
-        "1 process, default",
+        "1 process, folding on a second thread",
+        "default (--workers auto)",
     }
     assert all(run["seconds"] > 0 for run in section["runs"])
     assert section["identical"]["2 workers, 1 thread each"] is True
+    assert section["identical"]["default (--workers auto)"] is True
     assert section["merge_ms"] > 0 and section["per_sample_ms"] > 0
     assert [row["machines"] for row in section["estimate"]] == [1, 8, 64]
 

@@ -12,9 +12,10 @@ import pytest
 import worker_faults
 from conftest import SAMPLES
 
+import qconvert
 from qconvert import api, testing
 from qconvert import model as model_io
-from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics
+from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics, parallel
 from qconvert.calibration.collect import _batches, tensors_to_calibrate
 from qconvert.calibration.parallel import chunk, merge_shards, split
 from qconvert.dataset import Sample
@@ -344,3 +345,85 @@ def test_the_resource_tracker_leaves_stderr_to_the_one_line_error(tmp_path, quie
     )
     assert done.returncode == 3
     assert ("leaked semaphore" in done.stderr) is not quiet, done.stderr
+
+
+# --- --workers auto ----------------------------------------------------------------------
+
+
+def _many_samples(tmp_path, model, count):
+    return testing.write_samples(
+        tmp_path / "many", [testing.random_inputs(model, seed=i) for i in range(count)]
+    )
+
+
+def test_auto_workers_stay_alone_when_the_work_is_short(tmp_path, tiny_cnn, monkeypatch):
+    def no_spawn(self, count):
+        assert count < 1, "a short calibration started a process"
+
+    monkeypatch.setattr(parallel, "auto_workers", lambda: 4)
+    monkeypatch.setattr(parallel._LocalRun, "_spawn", no_spawn)
+    alone = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=None)
+    assert [record.worker for record in alone.split.shards] == ["this process"]
+    assert "auto" in alone.split.backend
+    single = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=1)
+    assert alone.to_json() == single.to_json()
+
+
+def test_auto_workers_spawn_once_the_work_proves_long_and_write_the_same_file(
+    tmp_path, tiny_cnn, monkeypatch
+):
+    data = _many_samples(tmp_path, testing.conv_bn_relu(), 200)
+    monkeypatch.setattr(parallel, "auto_workers", lambda: 2)
+    monkeypatch.setattr(parallel, "SPAWN_AFTER_SECONDS", 0.0)  # any work is long
+    spread = qconvert.calibrate(tiny_cnn, data, workers=None, tensors_per_pass=3)
+    assert len(spread.split.shards) == 2  # this process and the one it spawned
+    assert "spawned, once the work proved long" in spread.split.backend
+    # Every chunk of every pass ran once, in one process or the other.
+    assert sum(record.chunks for record in spread.split.shards) == 32 * spread.split.passes
+    single = qconvert.calibrate(tiny_cnn, data, workers=1, tensors_per_pass=3)
+    assert spread.to_json() == single.to_json()
+
+
+def test_auto_workers_spawn_no_more_than_the_free_memory_holds(monkeypatch):
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for available, expected in ((None, 3), (10 * peak, 3), (2 * peak, 1), (peak // 2, 0)):
+        monkeypatch.setattr(parallel, "_available_memory", lambda a=available: a)
+        assert parallel.affordable_workers(3) == expected
+
+
+def test_workers_take_a_count_or_auto(run_cli, tmp_path, tiny_cnn):
+    out = tmp_path / "c.json"
+    result = run_cli("calibrate", tiny_cnn, "--data", tmp_path / "calib", "-o", out)
+    assert result.code == 0 and out.exists()
+    result = run_cli(
+        "calibrate",
+        tiny_cnn,
+        "--data",
+        tmp_path / "calib",
+        "-o",
+        out,
+        "--force",
+        "--workers",
+        "auto",
+    )
+    assert result.code == 0
+    result = run_cli("calibrate", tiny_cnn, "--data", tmp_path / "calib", "--workers", "some")
+    assert result.code == 2 and "neither a number nor 'auto'" in result.err
+
+
+def test_auto_workers_go_on_alone_where_processes_cannot_start(
+    tmp_path, tiny_cnn, monkeypatch, caplog
+):
+    def no_semaphores():
+        raise OSError("[Errno 38] Function not implemented")
+
+    monkeypatch.setattr(parallel, "auto_workers", lambda: 2)
+    monkeypatch.setattr(parallel, "SPAWN_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(parallel, "_start_quiet_resource_tracker", no_semaphores)
+    alone = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=None)
+    assert "Could not start calibration workers" in caplog.text
+    assert [record.worker for record in alone.split.shards] == ["this process"]
+    single = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=1)
+    assert alone.to_json() == single.to_json()

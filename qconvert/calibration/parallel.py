@@ -19,6 +19,10 @@ samples, so the calibration file is byte-identical:
   and the single process. Cores are used by workers, not threads: with N workers on C
   cores, use N = C.
 
+`--workers auto` (`workers=None`, the default) is `run_local` started lazily: this process
+calibrates alone and spawns one worker per further core only once its first chunks say
+the rest would take `SPAWN_AFTER_SECONDS` or more.
+
 Local workers (`run_local`) share the samples dynamically: the data is cut into chunks of
 a few batches (at least 16 chunks per worker, at most 32 batches a chunk); worker k starts
 with chunk k, then each takes the next untaken chunk whenever it is free, once per pass
@@ -37,9 +41,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import multiprocessing
 import os
 import queue as queue_module
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -62,6 +68,8 @@ from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 if TYPE_CHECKING:
     from qconvert.calibration.ray_backend import RayCluster
 
+_log = logging.getLogger(__name__)
+
 CHUNKS_PER_WORKER = 16
 """Chunks a local run cuts per worker, at least: enough that the last chunks even out who
 finishes when, few enough that taking one costs nothing next to calibrating it."""
@@ -71,6 +79,14 @@ MAX_CHUNK_BATCHES = 32
 last chunk stays bounded (about a second on a ResNet-18 at 224x224)."""
 
 _REPORT_SECONDS = 0.1  # workers report progress at most this often
+
+SPAWN_AFTER_SECONDS = 3.0
+"""`--workers auto` starts more processes only when this process alone would need at least
+this long for the rest: a spawned worker takes a second or two to import onnxruntime and
+build its session before it takes a chunk."""
+
+MAX_AUTO_WORKERS = 8
+"""The most processes `--workers auto` uses: each holds its own session of the model."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -274,9 +290,14 @@ class _Chunks:
         worker: int,
         taken,
         stuck: Callable[[], None] = lambda: None,
+        *,
+        preassigned: bool = True,
+        claimed=None,
+        after_chunk: Callable[[], None] = lambda: None,
     ) -> None:
         self.source, self.chunks, self.worker = source, chunks, worker
         self.taken, self.stuck = taken, stuck
+        self.preassigned, self.claimed, self.after_chunk = preassigned, claimed, after_chunk
         self.passes = 0
         self.samples = 0
         self.count = 0
@@ -284,20 +305,28 @@ class _Chunks:
     def __iter__(self) -> Iterator[Sample]:
         pass_ = self.passes
         self.passes += 1
-        index = self.worker
+        index = self.worker if self.preassigned else self._take(pass_)
         while index < len(self.chunks):
             chunk = self.chunks[index]
             self.count += 1
             self.samples += chunk.stop - chunk.start
             yield from self.source.part(chunk.start, chunk.stop)
-            lock = self.taken.get_lock()
-            while not lock.acquire(timeout=1.0):
-                self.stuck()
-            try:
-                index = self.taken[pass_]
-                self.taken[pass_] = index + 1
-            finally:
-                lock.release()
+            self.after_chunk()
+            index = self._take(pass_)
+
+    def _take(self, pass_: int) -> int:
+        """The next untaken chunk of the pass (past the end when none is left)."""
+        lock = self.taken.get_lock()
+        while not lock.acquire(timeout=1.0):
+            self.stuck()
+        try:
+            index = self.taken[pass_]
+            self.taken[pass_] = index + 1
+            if self.claimed is not None and index < len(self.chunks):
+                self.claimed[self.worker] += 1  # under the lock: the driver reads it so
+        finally:
+            lock.release()
+        return index
 
 
 _TRACKER_WARNINGS = "ignore::UserWarning:multiprocessing.resource_tracker"
@@ -332,106 +361,271 @@ def run_local(
     data: DataSpec,
     workers: int,
     advance: Callable[[], None],
+    *,
+    lazy: bool = False,
 ) -> tuple[dict[str, TensorObserver], tuple[WorkerRecord, ...], int]:
     """Runs `workers` local workers, this process being the first.
 
     Returns the merged statistics, what each worker did, and the number of chunks.
 
+    With `lazy`, this process starts alone and spawns the others only once the chunks it
+    has timed say that the rest of the work would take at least `SPAWN_AFTER_SECONDS`
+    (`--workers auto`): a short calibration starts no process at all. Lazily spawned
+    workers have no chunk of their own; one that is up only after every chunk is taken is
+    stopped, not waited for.
+
     Raises:
         CalibrationWorkerError: a worker died (killed, out of memory, crashed).
         QconvertError: a worker met bad data; its own error, naming the sample.
     """
-    start = time.perf_counter()
-    chunks = chunk(len(source), workers, batch_size=settings.batch_size)
-    workers = min(workers, len(chunks))
-    passes = pass_count(len(tensors), settings)
-    _start_quiet_resource_tracker()
-    context = multiprocessing.get_context("spawn")
-    taken = context.Array("q", [workers] * passes)  # per pass: the next chunk to take
-    messages = context.Queue()
-    # The model goes through a queue, not the spawn arguments: `start` writes those into a
-    # pipe that the child reads only after its imports, and 100 MB there would hold this
-    # process up for that long.
-    inbox = context.Queue()
-    processes = {
-        index: context.Process(
-            target=_local_worker,
-            args=(inbox, data, chunks, index, taken, messages),
-            name=f"qconvert calibration worker {index + 1}",
-            daemon=True,
-        )
-        for index in range(1, workers)
-    }
-    results: dict[int, tuple[dict[str, TensorObserver], WorkerRecord]] = {}
-    shown = dict.fromkeys(processes, 0)
+    return _LocalRun(model, source, tensors, settings, data, workers, advance, lazy).run()
 
-    def receive(timeout: float | None) -> None:
+
+class _LocalCounter:
+    """The per-pass chunk counter while this process is alone: nobody to share it with."""
+
+    def __init__(self, values: Sequence[int]) -> None:
+        self.values = list(values)
+        self.lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self.lock
+
+    def __getitem__(self, index: int) -> int:
+        return self.values[index]
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.values[index] = value
+
+
+class _LocalRun:
+    """One `run_local`: this process calibrating its chunks, and the workers it spawned."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        source: DirectorySource,
+        tensors: tuple[str, ...],
+        settings: CollectSettings,
+        data: DataSpec,
+        workers: int,
+        advance: Callable[[], None],
+        lazy: bool,
+    ) -> None:
+        self.model, self.source, self.tensors = model, source, tensors
+        self.settings, self.data, self.advance, self.lazy = settings, data, advance, lazy
+        self.start = time.perf_counter()
+        self.chunks = chunk(len(source), workers, batch_size=settings.batch_size)
+        self.workers = min(workers, len(self.chunks))
+        self.passes = pass_count(len(tensors), settings)
+        # Per pass, the next chunk to take: each eager worker starts with its own chunk,
+        # a lazy one takes from the counter like everybody else.
+        self.taken = _LocalCounter([1 if lazy else self.workers] * self.passes)
+        self.claimed = None  # chunks each spawned worker has taken, once there are some
+        self.processes: dict[int, object] = {}
+        self.results: dict[int, tuple[dict[str, TensorObserver], WorkerRecord]] = {}
+        self.shown: dict[int, int] = {}
+        self.last_poll = time.monotonic()
+        self.mine: _Chunks | None = None
+
+    def run(self) -> tuple[dict[str, TensorObserver], tuple[WorkerRecord, ...], int]:
+        try:
+            if not self.lazy:
+                self._spawn(self.workers - 1)
+            self.mine = _Chunks(
+                self.source,
+                self.chunks,
+                0,
+                self.taken,
+                self._check_alive,
+                after_chunk=self._after_chunk,
+            )
+            observers = collect_statistics(
+                self.model,
+                self.mine,
+                self.tensors,
+                settings=self.settings,
+                on_sample=self._on_sample,
+            )
+            self.results[0] = (
+                observers,
+                WorkerRecord(
+                    index=0,
+                    worker="this process",
+                    samples=self.mine.samples,
+                    chunks=self.mine.count,
+                    seconds=time.perf_counter() - self.start,
+                ),
+            )
+            # Every chunk is taken now: a lazy worker that took none never will.
+            waited = {
+                index for index in self.processes if not self.lazy or self.claimed[index] > 0
+            }
+            while not waited <= self.results.keys():
+                self._receive(_REPORT_SECONDS)
+        finally:
+            self._stop()
+        ordered = [self.results[index] for index in sorted(self.results)]
+        merged = merge_shards([observers for observers, _ in ordered], self.tensors)
+        records = [record for _, record in ordered]
+        records += [
+            WorkerRecord(
+                index=index,
+                worker=f"local process {process.pid}, up after the last chunk was taken",
+                samples=0,
+                chunks=0,
+                seconds=0.0,
+            )
+            for index, process in self.processes.items()
+            if index not in self.results
+        ]
+        return merged, tuple(records), len(self.chunks)
+
+    def _spawn(self, count: int) -> None:
+        """Starts `count` workers; from now on the chunk counter is shared with them."""
+        if count < 1:
+            return
+        _start_quiet_resource_tracker()
+        context = multiprocessing.get_context("spawn")
+        shared = context.Array("q", self.taken.values)
+        self.claimed = context.Array("q", self.workers, lock=False)
+        self.messages = context.Queue()
+        # The model goes through a queue, not the spawn arguments: `start` writes those
+        # into a pipe that the child reads only after its imports, and 100 MB there would
+        # hold this process up for that long.
+        self.inbox = context.Queue()
+        for index in range(1, count + 1):
+            self.processes[index] = context.Process(
+                target=_local_worker,
+                args=(
+                    self.inbox,
+                    self.data,
+                    self.chunks,
+                    index,
+                    shared,
+                    self.claimed,
+                    not self.lazy,
+                    self.messages,
+                ),
+                name=f"qconvert calibration worker {index + 1}",
+                daemon=True,
+            )
+            self.shown[index] = 0
+        for process in self.processes.values():
+            process.start()
+        # Serialized while the others start; they fold statistics in line (one busy
+        # thread each), whatever this process does.
+        in_line = dataclasses.replace(self.settings, fold_in_background=False)
+        work = Work.of(self.model, self.tensors, in_line)
+        for _ in self.processes:
+            self.inbox.put(work)
+        self.taken = shared
+        if self.mine is not None:
+            self.mine.taken = shared  # between two chunks: this process takes no other
+
+    def _after_chunk(self) -> None:
+        if not self.lazy or self.processes or self.workers < 2:
+            return
+        left = sum(max(0, len(self.chunks) - self.taken[p]) for p in range(self.passes))
+        per_chunk = (time.perf_counter() - self.start) / self.mine.count
+        if per_chunk * left >= SPAWN_AFTER_SECONDS:
+            try:
+                self._spawn(affordable_workers(self.workers - 1))
+            except OSError as exc:  # no semaphores or processes here: the default must run
+                self._give_up_spawning(exc)
+
+    def _give_up_spawning(self, error: OSError) -> None:
+        """Stops what `_spawn` started before it failed; this process goes on alone.
+
+        The failure comes before the workers get their work, so none has taken a chunk,
+        and this process still counts chunks on its own counter.
+        """
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        self.processes.clear()
+        _log.warning(
+            "Could not start calibration workers (%s); calibrating in this process.", error
+        )
+
+    def _on_sample(self) -> None:
+        self.advance()
+        if self.processes and time.monotonic() - self.last_poll >= _REPORT_SECONDS:
+            self._receive(None)
+            self.last_poll = time.monotonic()
+
+    def _receive(self, timeout: float | None) -> None:
         """Handles the workers' messages, waiting up to `timeout` for the first."""
         while True:
             try:
                 if timeout is None:
-                    kind, index, payload = messages.get_nowait()
+                    kind, index, payload = self.messages.get_nowait()
                 else:
-                    kind, index, payload = messages.get(timeout=timeout)
+                    kind, index, payload = self.messages.get(timeout=timeout)
             except queue_module.Empty:
-                _check_alive(processes, results)
+                self._check_alive()
                 return
             timeout = None
             if kind == "progress":
-                for _ in range(payload - shown[index]):
-                    advance()
-                shown[index] = max(shown[index], payload)
+                for _ in range(payload - self.shown[index]):
+                    self.advance()
+                self.shown[index] = max(self.shown[index], payload)
             elif kind == "done":
-                observers, record = payload
-                results[index] = (observers, record)
+                self.results[index] = payload
             elif kind == "error":
                 raise payload
             else:  # "bug": an unexpected exception, with the worker's traceback
                 raise RuntimeError(f"Calibration worker failed:\n{payload}")
 
-    last_poll = time.monotonic()
+    def _check_alive(self) -> None:
+        _check_alive(self.processes, self.results)
 
-    def on_sample() -> None:
-        nonlocal last_poll
-        advance()
-        if time.monotonic() - last_poll >= _REPORT_SECONDS:
-            receive(None)
-            last_poll = time.monotonic()
-
-    try:
-        for process in processes.values():
-            process.start()
-        if processes:  # serialized while the spawned processes start up
-            work = Work.of(model, tensors, settings)
-            for _ in processes:
-                inbox.put(work)
-        mine = _Chunks(source, chunks, 0, taken, lambda: _check_alive(processes, results))
-        observers = collect_statistics(
-            model, mine, tensors, settings=settings, on_sample=on_sample
-        )
-        results[0] = (
-            observers,
-            WorkerRecord(
-                index=0,
-                worker="this process",
-                samples=mine.samples,
-                chunks=mine.count,
-                seconds=time.perf_counter() - start,
-            ),
-        )
-        while len(results) < workers:
-            receive(_REPORT_SECONDS)
-    finally:
-        for process in processes.values():
+    def _stop(self) -> None:
+        for process in self.processes.values():
             if process.is_alive():
                 process.terminate()
             process.join()
-        messages.close()
-        inbox.close()
-        inbox.cancel_join_thread()  # what a dead worker did not take is dropped
-    ordered = [results[index] for index in range(workers)]
-    merged = merge_shards([observers for observers, _ in ordered], tensors)
-    return merged, tuple(record for _, record in ordered), len(chunks)
+        if self.processes:
+            self.messages.close()
+            self.inbox.close()
+            self.inbox.cancel_join_thread()  # what a dead worker did not take is dropped
+
+
+def auto_workers() -> int:
+    """The processes `--workers auto` may use: one per core this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_WORKERS))
+
+
+def affordable_workers(wanted: int) -> int:
+    """How many of `wanted` more processes the free memory holds, each as big as this one.
+
+    This process's peak so far (its session, a chunk of tensors) is what each worker will
+    need. Where the free memory cannot be read, all of them.
+    """
+    available = _available_memory()
+    if available is None:
+        return wanted
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return max(0, min(wanted, int(available * 0.8) // max(peak, 1)))
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel says new processes can use, from /proc/meminfo; None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _check_alive(processes: Mapping[int, object], results: Mapping[int, object]) -> None:
@@ -451,13 +645,17 @@ def _local_worker(
     chunks: Sequence[Shard],
     index: int,
     taken,
+    claimed,
+    preassigned: bool,
     messages,
 ) -> None:
     """A spawned worker's body: everything it has to say goes through `messages`."""
     start = time.perf_counter()
     try:
         work: Work = inbox.get()
-        mine = _Chunks(data.open(), chunks, index, taken)
+        mine = _Chunks(
+            data.open(), chunks, index, taken, preassigned=preassigned, claimed=claimed
+        )
         observers = work.run(mine, lambda done: messages.put(("progress", index, done)))
         record = WorkerRecord(
             index=index,
@@ -482,7 +680,7 @@ def collect_split(
     *,
     settings: CollectSettings,
     data: DataSpec,
-    workers: int = 1,
+    workers: int | None = 1,
     ray: RayCluster | None = None,
     advance: Callable[[], None],
 ) -> tuple[dict[str, TensorObserver], Split]:
@@ -490,9 +688,14 @@ def collect_split(
 
     `data` must open the same samples as `source` (workers re-open the folder). `advance`
     is called once per sample and pass over the data. With `ray`, `workers` > 1 sets the
-    number of shards (else one per CPU of the cluster).
+    number of shards (else one per CPU of the cluster). `workers` None is `--workers
+    auto`: this process starts alone and spawns one worker per further core when the
+    work turns out long enough (`run_local`).
     """
     passes = pass_count(len(tensors), settings)
+    lazy = workers is None and ray is None
+    if lazy:
+        workers = auto_workers()
     if ray is None and workers == 1:
         start = time.perf_counter()
         observers = collect_statistics(
@@ -508,27 +711,40 @@ def collect_split(
         )
         return observers, split_
     # One busy thread a worker: a second one folding statistics would only take turns
-    # with the other workers' runs for the same cores.
-    settings = dataclasses.replace(settings, fold_in_background=False)
+    # with the other workers' runs for the same cores. (Under `auto`, this process keeps
+    # folding on its second thread while it is alone, which is most of a short run.)
+    in_line = dataclasses.replace(settings, fold_in_background=False)
     if ray is not None:
         from qconvert.calibration.ray_backend import run_on_ray
 
         results, records, backend = run_on_ray(
-            Work.of(model, tensors, settings),
+            Work.of(model, tensors, in_line),
             data,
             source,
-            shards=workers if workers > 1 else None,
+            shards=workers if workers and workers > 1 else None,
             cluster=ray,
             advance=advance,
         )
         merged = merge_shards(results, tensors)
     else:
         merged, records, chunks = run_local(
-            model, source, tensors, settings, data, workers, advance
+            model,
+            source,
+            tensors,
+            settings if lazy else in_line,
+            data,
+            workers,
+            advance,
+            lazy=lazy,
         )
-        backend = (
-            f"{len(records)} local processes (this one and {len(records) - 1} spawned), "
-            f"{chunks} chunks shared as each got free"
-        )
+        if lazy and len(records) == 1:
+            backend = "this process (--workers auto: too short to gain from more processes)"
+        else:
+            spawned = len(records) - 1
+            backend = (
+                f"{len(records)} local processes (this one and {spawned} spawned"
+                f"{', once the work proved long' if lazy else ''}), "
+                f"{chunks} chunks shared as each got free"
+            )
     split_ = Split(backend=backend, threads=settings.threads, passes=passes, shards=records)
     return merged, split_

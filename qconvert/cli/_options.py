@@ -39,6 +39,23 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None):
     return sizes
 
 
+class WorkerCount(click.ParamType):
+    """A number of workers, at least 1, or `auto` (None)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return None
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"'{value}' is neither a number nor 'auto'.", param, ctx)
+        if count < 1:
+            self.fail(f"{count} is not at least 1.", param, ctx)
+        return count
+
+
 def image_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--image-size, --resize/--crop, --scale, --mean, --std, --layout, --color."""
     options = [

@@ -9,6 +9,7 @@ import click
 from qconvert.cli import _console
 from qconvert.cli._options import (
     METHODS,
+    WorkerCount,
     image_options,
     image_preprocessing,
     limit_options,
@@ -68,12 +69,13 @@ from qconvert.limits import LoadLimits
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
-    default=1,
+    type=WorkerCount(),
+    default="auto",
     show_default=True,
-    help="Split the samples over N local processes, one onnxruntime thread each (on C "
-    "cores, use C); with --ray, over N Ray tasks [default there: one per CPU]. The file "
-    "is the same.",
+    help="Split the samples over N local processes, one onnxruntime thread each; with "
+    "--ray, over N Ray tasks. auto: start alone, and add one process per further core "
+    "(at most 8) once the rest of the work would take more than a few seconds and memory "
+    "allows; with --ray, one task per CPU. The file is the same however the work is split.",
 )
 @click.option(
     "--ray",

@@ -49,7 +49,7 @@ def calibrate(
     images: ImagePreprocessing | None = None,
     trt_cache: PathLike | None = None,
     trt_method: RangeMethod = _TRT_METHOD,
-    workers: int = 1,
+    workers: int | None = None,
     ray: RayCluster | None = None,
     tensors_per_pass: int | None = None,
     force: bool = False,
@@ -72,10 +72,12 @@ def calibrate(
         trt_cache: also write the ranges as a TensorRT calibration cache here.
         trt_method: the range method of that cache.
         workers: split the samples over this many local processes (or, with `ray`, this
-            many Ray tasks; 1 there means one per CPU of the cluster). The statistics are
-            the same however the work is split; `Calibration.split` says how it was.
-            Local workers are spawned: a script that calls this needs the usual
-            `if __name__ == "__main__":` guard.
+            many Ray tasks). None (`--workers auto`): start alone and spawn one process
+            per further core once the rest of the work would take more than a few
+            seconds (`calibration.parallel.run_local`); with `ray`, one task per CPU of
+            the cluster. The statistics are the same however the work is split;
+            `Calibration.split` says how it was. Local workers are spawned: a script that
+            calls this needs the usual `if __name__ == "__main__":` guard.
         ray: run the shards on this Ray cluster (needs `pip install qconvert[ray]`).
         tensors_per_pass: expose at most this many tensors per pass over the data, to
             bound memory on big graphs (same statistics, one pass per group).
@@ -84,7 +86,7 @@ def calibrate(
         limits: bounds the model and every sample must respect before they are read, in
             this process and in every worker.
     """
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers} must be at least 1.")
     outputs = [Path(p) for p in (output, trt_cache) if p is not None]
     for path in outputs:
