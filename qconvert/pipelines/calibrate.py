@@ -49,7 +49,7 @@ def calibrate(
     images: ImagePreprocessing | None = None,
     trt_cache: PathLike | None = None,
     trt_method: RangeMethod = _TRT_METHOD,
-    workers: int | None = None,
+    workers: int | None = 1,
     ray: RayCluster | None = None,
     tensors_per_pass: int | None = None,
     force: bool = False,
@@ -72,12 +72,13 @@ def calibrate(
         trt_cache: also write the ranges as a TensorRT calibration cache here.
         trt_method: the range method of that cache.
         workers: split the samples over this many local processes (or, with `ray`, this
-            many Ray tasks). None (`--workers auto`): start alone and spawn one process
-            per further core once the rest of the work would take more than a few
-            seconds (`calibration.parallel.run_local`); with `ray`, one task per CPU of
-            the cluster. The statistics are the same however the work is split;
-            `Calibration.split` says how it was. Local workers are spawned: a script that
-            calls this needs the usual `if __name__ == "__main__":` guard.
+            many Ray tasks; 1 there means one per CPU of the cluster). None (`--workers
+            auto`, the command line's default): start alone and spawn one process per
+            further core once the rest of the work would take more than a few seconds
+            (`calibration.parallel.run_local`). The statistics are the same however the
+            work is split; `Calibration.split` says how it was. Local workers are spawned,
+            which re-imports the calling script: it needs the usual `if __name__ ==
+            "__main__":` guard, which a library cannot check; so 1 is the default here.
         ray: run the shards on this Ray cluster (needs `pip install qconvert[ray]`).
         tensors_per_pass: expose at most this many tensors per pass over the data, to
             bound memory on big graphs (same statistics, one pass per group).
