@@ -2,7 +2,8 @@
 
 The planner walks the graph once in topological order (each If/Loop/Scan followed by the
 nodes of its bodies) and reads the op policy table (`ops.py`), the scheme and the
-calibrated ranges.
+calibrated ranges. The graph patterns it looks for (GELU, Relu/Clip chains, global
+pooling) are pure functions in `patterns`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from qconvert.plan.decisions import (
     Role,
     ScaleFold,
     TensorDecision,
+)
+from qconvert.plan.patterns import (
+    activation_indices,
+    clamp_chain,
+    clamp_is_exact,
+    combined_bounds,
+    gelu_nodes,
+    globally_pooled,
 )
 from qconvert.schemes import (
     INT8,
@@ -129,7 +138,7 @@ class _Planner:
         self.feeds_answer: dict[str, bool] = {}
 
     def run(self) -> QuantPlan:
-        self.gelu = _gelu_nodes(self.graph)
+        self.gelu = gelu_nodes(self.graph)
         self.mixed = {
             node.name: reason
             for node in self._nodes()
@@ -396,7 +405,7 @@ class _Planner:
 
     def _refusal(self, node: ir.Node, rule: ops.QuantizedOpRule) -> str | None:
         """Why a node the table would quantize stays float, or None."""
-        activations = _activation_indices(node, rule)
+        activations = activation_indices(node, rule)
         involved = [
             node.inputs[i] for i in (*activations, *rule.weights) if i < len(node.inputs)
         ]
@@ -441,7 +450,7 @@ class _Planner:
         if not rule.weights and not any(
             self.tensors.get(node.inputs[i].name, None) is not None
             and self.tensors[node.inputs[i].name].role is Role.ACTIVATION
-            for i in _activation_indices(node, rule)
+            for i in activation_indices(node, rule)
         ):
             # No quantized value flows in: Q/DQ pairs on every input would cost more than
             # the integer kernel saves.
@@ -579,7 +588,7 @@ class _Planner:
         if self._model_answer(node):
             self._plan_answer(node, rule, scheme)
             return
-        for index in _activation_indices(node, rule):
+        for index in activation_indices(node, rule):
             value = node.inputs[index]
             if constant_array(value) is not None:
                 self._plan_constant_operand(node, value)
@@ -689,7 +698,7 @@ class _Planner:
         rule = ops.quantized_rule(node)
         if rule is None or not rule.weights or not node.outputs or not node.inputs:
             return False
-        if not _globally_pooled(node.inputs[0]):
+        if not globally_pooled(node.inputs[0]):
             return False
         arrays = [constant_array(node.inputs[i]) for i in rule.weights if i < len(node.inputs)]
         size = sum(array.size for array in arrays if array is not None)
@@ -990,7 +999,7 @@ class _Planner:
                 f"output of {node.name}, shares the parameters of {concat}'s output",
             )
             return
-        chain = _clamp_chain(output)
+        chain = clamp_chain(output)
         # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
         # is quantized with the Clip's output range, not the Relu's wider one. An excluded
         # clamp stays a node of its own, so the run stops before it.
@@ -1005,9 +1014,9 @@ class _Planner:
             clamped = clamps[-1].outputs[0]
             if clamped.name not in self.ranges:
                 continue
-            bounds = _combined_bounds(clamps)
+            bounds = combined_bounds(clamps)
             params = self._activation_params(clamped, clamped.name, bounds=bounds)
-            if not _clamp_is_exact(params, bounds):
+            if not clamp_is_exact(params, bounds):
                 continue
             names = tuple(clamp.name or "" for clamp in clamps)
             self.tensors[clamped.name] = TensorDecision(
@@ -1035,44 +1044,6 @@ GELU_REASON = (
 )
 
 
-def _gelu_nodes(graph: ir.Graph) -> frozenset[str]:
-    """The Add/Mul nodes of each GELU written out with Erf.
-
-    Exporters write GELU as Div(x, sqrt 2) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5), the
-    Muls in either order. Erf and Div stay float anyway; quantizing the Add and Muls
-    between them would round inside one activation function twice. On MiniLM that cost
-    the sentence embeddings 0.02 of cosine similarity.
-    """
-    names = set()
-    for erf in graph:
-        if erf.op_type != "Erf":
-            continue
-        frontier = [erf.outputs[0]]
-        for _ in range(3):  # Add(1), Mul(x), Mul(0.5) after the Erf
-            step = []
-            for value in frontier:
-                for reader in value.consumers():
-                    if reader.op_type in ("Add", "Mul") and reader.name not in names:
-                        names.add(reader.name or "")
-                        step.append(reader.outputs[0])
-            frontier = step
-    return frozenset(names)
-
-
-_GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool"})
-
-
-def _globally_pooled(value: ir.Value | None) -> bool:
-    """Whether `value` is a global pooling's output, possibly reshaped."""
-    while value is not None and (producer := value.producer()) is not None:
-        if producer.op_type in _GLOBAL_POOLS:
-            return True
-        if producer.op_type not in ops.PASS_THROUGH or not producer.inputs:
-            return False
-        value = producer.inputs[0]
-    return False
-
-
 def _widened_to_bounds(seen: TensorRange, bounds: tuple[float, float]) -> TensorRange:
     """`seen`, or the op's output `bounds` when it covers BOUND_COVERAGE of them."""
     low, high = bounds
@@ -1083,55 +1054,3 @@ def _widened_to_bounds(seen: TensorRange, bounds: tuple[float, float]) -> Tensor
     if covered < BOUND_COVERAGE * (high - low):
         return seen
     return TensorRange(min=low, max=high)
-
-
-def _activation_indices(node: ir.Node, rule: ops.QuantizedOpRule) -> tuple[int, ...]:
-    if rule.activations == (ops.ALL_INPUTS,):
-        indices = range(len(node.inputs))
-    else:
-        indices = (i for i in rule.activations if i < len(node.inputs))
-    return tuple(i for i in indices if node.inputs[i] is not None)
-
-
-def _clamp_chain(value: ir.Value) -> list[ir.Node]:
-    """The Relu/Clip nodes that follow `value` one after another, each the only reader."""
-    chain = []
-    while (clamp := _single_clamp_consumer(value)) is not None:
-        if clamp.outputs[0].is_graph_output():
-            break
-        chain.append(clamp)
-        value = clamp.outputs[0]
-    return chain
-
-
-def _combined_bounds(clamps: list[ir.Node]) -> tuple[float, float] | None:
-    """The bounds of applying `clamps` in turn (None if any bound is not constant)."""
-    bounds = [ops.clamp_bounds(clamp) for clamp in clamps]
-    if any(b is None for b in bounds):
-        return None
-    return max(low for low, _ in bounds), min(high for _, high in bounds)
-
-
-def _single_clamp_consumer(value: ir.Value) -> ir.Node | None:
-    consumers = value.consumers()
-    if len(consumers) != 1 or consumers[0].op_type not in ops.CLAMPS:
-        return None
-    clamp = consumers[0]
-    return clamp if clamp.inputs[0] is value else None
-
-
-def _clamp_is_exact(params: qparams.QParams, bounds: tuple[float, float] | None) -> bool:
-    """True when QuantizeLinear's saturation already performs the clamp to `bounds`.
-
-    Q(clamp(x)) == Q(x) for every x when the clamp bounds round to the saturation points:
-    low / scale < qmin - zero_point + 1/2 and high / scale > qmax - zero_point - 1/2.
-    """
-    if bounds is None:
-        return False
-    low, high = bounds
-    info = np.iinfo(params.dtype)
-    scale, zero_point = float(params.scale), int(params.zero_point)
-    return (
-        low / scale < info.min - zero_point + 0.5
-        and high / scale > info.max - zero_point - 0.5
-    )
