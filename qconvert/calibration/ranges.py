@@ -31,7 +31,7 @@ O(candidates x L) array arithmetic, no Python loop per candidate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -135,65 +135,83 @@ def percentile_bins(counts: np.ndarray, percentile: float) -> int:
 
 def entropy_bins(counts: np.ndarray, levels: int) -> int:
     """The number of leading bins kept by TensorRT's KL-divergence criterion."""
-    bins = np.array(counts, dtype=np.float64)
-    size = bins.size
+    size = counts.size
     if size <= levels:
         return size
+    if not np.any(counts[1:]):  # every value was in bin 0: no distribution left to compare
+        return size
+    candidates = np.arange(levels, size + 1)
+    divergence = entropy_divergence(counts, levels)(candidates)
+    if not np.isfinite(divergence).any():
+        return size
+    return int(candidates[np.argmin(divergence)])
+
+
+def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray], np.ndarray]:
+    """KL(P || Q) of TensorRT's calibration, as a function of candidates i kept bins.
+
+    The prefix sums are built once; the returned function takes an array of candidates
+    (each in [levels, counts.size]) and returns their divergences, inf where undefined.
+    `counts` needs a value outside bin 0.
+    """
+    bins = np.array(counts, dtype=np.float64)
+    size = bins.size
     # The exact zeros of Relu outputs pile up in bin 0; that spike would dominate the
     # divergence and always pick the narrowest range. NVIDIA's pytorch-quantization levels
     # it to its neighbour, and so do we.
     bins[0] = bins[1]
     total = bins.sum()
-    if total == 0:  # every value was in bin 0: no distribution left to compare
-        return size
     x_log_x = np.where(bins > 0, bins * np.log(np.where(bins > 0, bins, 1.0)), 0.0)
     sums = np.concatenate(([0.0], np.cumsum(bins)))
     sums_log = np.concatenate(([0.0], np.cumsum(x_log_x)))
     nonzero = np.concatenate(([0], np.cumsum(bins > 0)))
-
-    kept = np.arange(levels, size + 1)  # candidates: i kept bins
+    # Counts of nonzero bins are small integers: their logs come from a table.
+    with np.errstate(divide="ignore"):
+        log_count = np.log(np.arange(size + 2, dtype=np.float64))
     # edges[i, j] = ceil(j i / L); in int32 where j i fits, to halve the memory traffic of
-    # this candidates x levels table.
+    # the candidates x levels table.
     index = np.int32 if (size + 1) * (levels + 1) < 2**31 else np.int64
     level = np.arange(levels + 1, dtype=index)
-    edges = kept.astype(index)[:, None] * level[None, :] + index(levels - 1)
-    if levels & (levels - 1) == 0:  # a power of two, as 2**bits is: a shift divides
-        edges >>= int(levels).bit_length() - 1
-    else:
-        edges //= levels
-    # One gather per table, then differences of neighbours (a quarter of the gathers).
-    at_edges = sums[edges]
-    level_sum = at_edges[:, 1:] - at_edges[:, :-1]
-    at_edges = nonzero[edges]
-    level_nonzero = at_edges[:, 1:] - at_edges[:, :-1]
-    del at_edges, edges
 
-    last = bins[kept - 1]
-    outliers = total - sums[kept]
-    # P's last bin takes the outliers; if it was empty it becomes a nonzero bin of Q's
-    # last level, which then must hold some count or Q misses mass that P has.
-    level_nonzero[:, -1] += (last == 0) & (outliers > 0)
-    p_level = level_sum.copy()
-    p_level[:, -1] += outliers
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # Counts of nonzero bins are small integers: their logs come from a table.
-        log_nonzero = np.log(np.arange(size + 2, dtype=np.float64))[level_nonzero]
-        cross = np.where(p_level > 0, p_level * (log_nonzero - np.log(level_sum)), 0.0)
-        # Q is empty where P holds only the outliers: like onnxruntime, smooth the empty
-        # bin to a count of eps instead of making the divergence infinite.
-        smoothed = (level_sum == 0) & (p_level > 0)
-        cross[smoothed] = -p_level[smoothed] * math.log(_EPS)
-        last_p = last + outliers
-        p_log_p = sums_log[kept - 1] + np.where(
-            last_p > 0, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0
-        )
-        divergence = (
-            (p_log_p + cross.sum(axis=1)) / total - math.log(total) + np.log(total - outliers)
-        )
-    divergence = np.where(np.isnan(divergence), np.inf, divergence)
-    if not np.isfinite(divergence).any():
-        return size
-    return int(kept[np.argmin(divergence)])
+    def divergence(kept: np.ndarray) -> np.ndarray:
+        edges = kept.astype(index)[:, None] * level[None, :] + index(levels - 1)
+        if levels & (levels - 1) == 0:  # a power of two, as 2**bits is: a shift divides
+            edges >>= int(levels).bit_length() - 1
+        else:
+            edges //= levels
+        # One gather per table, then differences of neighbours (a quarter of the gathers).
+        at_edges = sums[edges]
+        level_sum = at_edges[:, 1:] - at_edges[:, :-1]
+        at_edges = nonzero[edges]
+        level_nonzero = at_edges[:, 1:] - at_edges[:, :-1]
+        del at_edges, edges
+
+        last = bins[kept - 1]
+        outliers = total - sums[kept]
+        # P's last bin takes the outliers; if it was empty it becomes a nonzero bin of Q's
+        # last level, which then must hold some count or Q misses mass that P has.
+        level_nonzero[:, -1] += (last == 0) & (outliers > 0)
+        p_level = level_sum.copy()
+        p_level[:, -1] += outliers
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_nonzero = log_count[level_nonzero]
+            cross = np.where(p_level > 0, p_level * (log_nonzero - np.log(level_sum)), 0.0)
+            # Q is empty where P holds only the outliers: like onnxruntime, smooth the empty
+            # bin to a count of eps instead of making the divergence infinite.
+            smoothed = (level_sum == 0) & (p_level > 0)
+            cross[smoothed] = -p_level[smoothed] * math.log(_EPS)
+            last_p = last + outliers
+            p_log_p = sums_log[kept - 1] + np.where(
+                last_p > 0, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0
+            )
+            result = (
+                (p_log_p + cross.sum(axis=1)) / total
+                - math.log(total)
+                + np.log(total - outliers)
+            )
+        return np.where(np.isnan(result), np.inf, result)
+
+    return divergence
 
 
 def mse_bins(counts: np.ndarray, steps: float) -> int:
