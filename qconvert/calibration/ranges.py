@@ -166,52 +166,66 @@ def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray]
     sums_log = np.concatenate(([0.0], np.cumsum(x_log_x)))
     nonzero = np.concatenate(([0], np.cumsum(bins > 0)))
     # Counts of nonzero bins are small integers: their logs come from a table.
-    with np.errstate(divide="ignore"):
-        log_count = np.log(np.arange(size + 2, dtype=np.float64))
-    # edges[i, j] = ceil(j i / L); in int32 where j i fits, to halve the memory traffic of
-    # the candidates x levels table.
-    index = np.int32 if (size + 1) * (levels + 1) < 2**31 else np.int64
-    level = np.arange(levels + 1, dtype=index)
+    log_count = np.log(np.maximum(np.arange(size + 2, dtype=np.float64), 1.0))
+    tiny = np.finfo(np.float64).tiny
+    level = np.arange(levels + 1, dtype=np.intp)  # intp: np.take casts no index
+    shift = int(levels).bit_length() - 1 if levels & (levels - 1) == 0 else None
 
     def divergence(kept: np.ndarray) -> np.ndarray:
-        edges = kept.astype(index)[:, None] * level[None, :] + index(levels - 1)
-        if levels & (levels - 1) == 0:  # a power of two, as 2**bits is: a shift divides
-            edges >>= int(levels).bit_length() - 1
+        kept = np.asarray(kept, dtype=np.intp)
+        # edges[i, j] = ceil(j i / L), flat: row i holds the L + 1 edges of candidate i.
+        edges = np.multiply.outer(kept, level).ravel()
+        edges += levels - 1
+        if shift is not None:  # L is a power of two, as 2**bits is: a shift divides
+            edges >>= shift
         else:
             edges //= levels
-        # One gather per table, then differences of neighbours (a quarter of the gathers).
-        at_edges = sums[edges]
-        level_sum = at_edges[:, 1:] - at_edges[:, :-1]
-        at_edges = nonzero[edges]
-        level_nonzero = at_edges[:, 1:] - at_edges[:, :-1]
-        del at_edges, edges
+        # Per level, sum and count of nonzero bins: one gather per prefix table, then
+        # differences of neighbours along the flat table (far faster than along rows of
+        # a 2-D one). Column L of each row is then the difference across two rows:
+        # garbage, never read.
+        level_sum = _neighbour_differences(np.take(sums, edges))
+        level_nonzero = _neighbour_differences(np.take(nonzero, edges))
+        # Every level but the last: P and Q hold the same mass s over n nonzero bins, and
+        # the cross term is s (log n - log s). An empty level has s = n = 0: log_count[0]
+        # is 0 and log(s + tiny) is finite, so its term is 0 without a mask.
+        terms = np.take(log_count, level_nonzero, mode="clip")
+        with np.errstate(invalid="ignore"):  # the garbage column is negative
+            terms -= np.log(level_sum + tiny)
+        terms *= level_sum
+        cross = terms.reshape(-1, levels + 1)[:, : levels - 1].sum(axis=1)
 
+        # The last level, one value per candidate.
         last = bins[kept - 1]
         outliers = total - sums[kept]
+        last_sum = level_sum.reshape(-1, levels + 1)[:, levels - 1]
+        last_p = last_sum + outliers
         # P's last bin takes the outliers; if it was empty it becomes a nonzero bin of Q's
         # last level, which then must hold some count or Q misses mass that P has.
-        level_nonzero[:, -1] += (last == 0) & (outliers > 0)
-        p_level = level_sum.copy()
-        p_level[:, -1] += outliers
+        last_nonzero = level_nonzero.reshape(-1, levels + 1)[:, levels - 1]
+        last_nonzero += (last == 0) & (outliers > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_nonzero = log_count[level_nonzero]
-            cross = np.where(p_level > 0, p_level * (log_nonzero - np.log(level_sum)), 0.0)
-            # Q is empty where P holds only the outliers: like onnxruntime, smooth the empty
-            # bin to a count of eps instead of making the divergence infinite.
-            smoothed = (level_sum == 0) & (p_level > 0)
-            cross[smoothed] = -p_level[smoothed] * math.log(_EPS)
-            last_p = last + outliers
-            p_log_p = sums_log[kept - 1] + np.where(
-                last_p > 0, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0
+            cross += np.where(
+                last_sum > 0,
+                last_p * (log_count[last_nonzero] - np.log(last_sum + tiny)),
+                # Q is empty where P holds only the outliers: like onnxruntime, smooth the
+                # empty bin to a count of eps instead of making the divergence infinite.
+                -last_p * math.log(_EPS),
             )
-            result = (
-                (p_log_p + cross.sum(axis=1)) / total
-                - math.log(total)
-                + np.log(total - outliers)
-            )
+            last_p_log_p = (last + outliers) * np.log(last + outliers + tiny)
+            p_log_p = sums_log[kept - 1] + last_p_log_p
+            result = (p_log_p + cross) / total - math.log(total) + np.log(total - outliers)
         return np.where(np.isnan(result), np.inf, result)
 
     return divergence
+
+
+def _neighbour_differences(values: np.ndarray) -> np.ndarray:
+    """values[k + 1] - values[k] at k, with a 0 in the last place to keep the size."""
+    differences = np.empty_like(values)
+    np.subtract(values[1:], values[:-1], out=differences[:-1])
+    differences[-1] = 0
+    return differences
 
 
 def mse_bins(counts: np.ndarray, steps: float) -> int:
