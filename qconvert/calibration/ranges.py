@@ -42,6 +42,15 @@ from qconvert.errors import ConfigError
 
 METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 _EPS = 1e-4  # the count an empty bin of Q is smoothed to (onnxruntime's smooth_distribution)
+# The entropy search (`least_divergence`): candidates of its first pass, minima it follows,
+# and the factor between the strides of its successive passes.
+_COARSE = 32
+_MINIMA = 4
+_REFINE = 8
+# Candidates x levels tables are built in chunks of at most this many elements: larger
+# temporaries are fresh memory from the system on every call, and their page faults
+# cost more than the arithmetic.
+_TABLE_ELEMENTS = 16384
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,19 +149,58 @@ def entropy_bins(counts: np.ndarray, levels: int) -> int:
         return size
     if not np.any(counts[1:]):  # every value was in bin 0: no distribution left to compare
         return size
-    candidates = np.arange(levels, size + 1)
-    divergence = entropy_divergence(counts, levels)(candidates)
-    if not np.isfinite(divergence).any():
-        return size
-    return int(candidates[np.argmin(divergence)])
+    kept, divergence = least_divergence(entropy_divergence(counts, levels), levels, size)
+    return kept if divergence < math.inf else size
+
+
+def least_divergence(
+    divergence: Callable[[np.ndarray], np.ndarray], low: int, high: int
+) -> tuple[int, float]:
+    """The candidate in [low, high] of least divergence (found coarse to fine), and its value.
+
+    First every stride-th candidate (about `_COARSE` of them, and `high`); then, around
+    each of the `_MINIMA` best candidates so far that lie a stride apart, those within a
+    stride at a stride `_REFINE` times finer; and so on down to a stride of 1. The
+    divergence is jagged from one candidate to the next (level edges cross bins), so
+    several minima are followed, not the best one alone.
+    """
+    stride = 1 << max(0, ((high - low) // _COARSE).bit_length() - 1)
+    tried = np.append(np.arange(low, high, stride), high)
+    values = divergence(tried)
+    while stride > 1:
+        finer = max(1, stride // _REFINE)
+        centres = _distinct_minima(tried, values, stride)
+        around = (centres[:, None] + np.arange(finer - stride, stride, finer)).ravel()
+        fresh = np.zeros(high + 1, dtype=bool)
+        fresh[around[(around >= low) & (around <= high)]] = True
+        fresh[tried] = False
+        candidates = np.flatnonzero(fresh)
+        tried = np.concatenate((tried, candidates))
+        values = np.concatenate((values, divergence(candidates)))
+        stride = finer
+    best = int(np.argmin(values))
+    return int(tried[best]), float(values[best])
+
+
+def _distinct_minima(tried: np.ndarray, values: np.ndarray, apart: int) -> np.ndarray:
+    """The `_MINIMA` candidates of least value, each at least `apart` from the others."""
+    chosen: list[int] = []
+    candidates = tried.tolist()
+    for index in np.argsort(values, kind="stable").tolist():
+        candidate = candidates[index]
+        if all(abs(candidate - other) >= apart for other in chosen):
+            chosen.append(candidate)
+            if len(chosen) == _MINIMA:
+                break
+    return np.array(chosen, dtype=np.intp)
 
 
 def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray], np.ndarray]:
     """KL(P || Q) of TensorRT's calibration, as a function of candidates i kept bins.
 
     The prefix sums are built once; the returned function takes an array of candidates
-    (each in [levels, counts.size]) and returns their divergences, inf where undefined.
-    `counts` needs a value outside bin 0.
+    (each in [levels, counts.size]) and returns their divergences (-inf where the kept
+    bins hold no value). `counts` needs a value outside bin 0.
     """
     bins = np.array(counts, dtype=np.float64)
     size = bins.size
@@ -160,19 +208,35 @@ def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray]
     # divergence and always pick the narrowest range. NVIDIA's pytorch-quantization levels
     # it to its neighbour, and so do we.
     bins[0] = bins[1]
-    total = bins.sum()
-    x_log_x = np.where(bins > 0, bins * np.log(np.where(bins > 0, bins, 1.0)), 0.0)
-    sums = np.concatenate(([0.0], np.cumsum(bins)))
-    sums_log = np.concatenate(([0.0], np.cumsum(x_log_x)))
-    nonzero = np.concatenate(([0], np.cumsum(bins > 0)))
-    # Counts of nonzero bins are small integers: their logs come from a table.
-    log_count = np.log(np.maximum(np.arange(size + 2, dtype=np.float64), 1.0))
+    total = float(bins.sum())
+    # Below, x log x is taken as x log(x + tiny): 0 at x = 0, without a mask.
     tiny = np.finfo(np.float64).tiny
-    level = np.arange(levels + 1, dtype=np.intp)  # intp: np.take casts no index
+    # Prefix sums, with a leading 0, over the bins of b, b log b and [b > 0].
+    sums = np.zeros(size + 1)
+    np.cumsum(bins, out=sums[1:])
+    sums_log = np.zeros(size + 1)
+    np.cumsum(bins * np.log(bins + tiny), out=sums_log[1:])
+    nonzero = np.zeros(size + 1, dtype=np.intp)
+    np.cumsum(bins > 0, out=nonzero[1:])
+    with np.errstate(divide="ignore"):  # no value kept: log 0 = -inf
+        log_kept = np.log(sums / total)
+    # A level spans at most ceil(size / L) bins: the logs of its count of nonzero bins
+    # (plus one, for the last level) come from a table that long. log 0 is taken as 0.
+    log_count = np.log(np.maximum(np.arange(size // levels + 3, dtype=np.float64), 1.0))
+    level = np.arange(levels + 1, dtype=np.intp)  # intp: take() casts no index
     shift = int(levels).bit_length() - 1 if levels & (levels - 1) == 0 else None
+    # Sums a row of the table over every level but the last (and the garbage column).
+    inner_levels = np.append(np.ones(levels - 1), [0.0, 0.0])
 
     def divergence(kept: np.ndarray) -> np.ndarray:
         kept = np.asarray(kept, dtype=np.intp)
+        if kept.size == 0:
+            return np.empty(0)
+        chunk = max(1, _TABLE_ELEMENTS // (levels + 1))
+        if kept.size > chunk:
+            return np.concatenate(
+                [divergence(kept[at : at + chunk]) for at in range(0, kept.size, chunk)]
+            )
         # edges[i, j] = ceil(j i / L), flat: row i holds the L + 1 edges of candidate i.
         edges = np.multiply.outer(kept, level).ravel()
         edges += levels - 1
@@ -183,39 +247,34 @@ def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray]
         # Per level, sum and count of nonzero bins: one gather per prefix table, then
         # differences of neighbours along the flat table (far faster than along rows of
         # a 2-D one). Column L of each row is then the difference across two rows:
-        # garbage, never read.
-        level_sum = _neighbour_differences(np.take(sums, edges))
-        level_nonzero = _neighbour_differences(np.take(nonzero, edges))
+        # garbage, zeroed (its count is clipped to 0 in the log table) and never summed.
+        level_sum = _neighbour_differences(sums.take(edges))
+        level_sum[levels :: levels + 1] = 0.0
+        level_nonzero = _neighbour_differences(nonzero.take(edges))
         # Every level but the last: P and Q hold the same mass s over n nonzero bins, and
-        # the cross term is s (log n - log s). An empty level has s = n = 0: log_count[0]
-        # is 0 and log(s + tiny) is finite, so its term is 0 without a mask.
-        terms = np.take(log_count, level_nonzero, mode="clip")
-        with np.errstate(invalid="ignore"):  # the garbage column is negative
-            terms -= np.log(level_sum + tiny)
+        # the cross term is s (log n - log s); 0 for an empty level (s = n = 0).
+        terms = log_count.take(level_nonzero, mode="clip")
+        terms -= np.log(level_sum + tiny)
         terms *= level_sum
-        cross = terms.reshape(-1, levels + 1)[:, : levels - 1].sum(axis=1)
+        cross = terms.reshape(-1, levels + 1) @ inner_levels
 
-        # The last level, one value per candidate.
-        last = bins[kept - 1]
+        # The last level, one value per candidate. P's last bin takes the outliers.
         outliers = total - sums[kept]
-        last_sum = level_sum.reshape(-1, levels + 1)[:, levels - 1]
-        last_p = last_sum + outliers
-        # P's last bin takes the outliers; if it was empty it becomes a nonzero bin of Q's
-        # last level, which then must hold some count or Q misses mass that P has.
-        last_nonzero = level_nonzero.reshape(-1, levels + 1)[:, levels - 1]
-        last_nonzero += (last == 0) & (outliers > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cross += np.where(
-                last_sum > 0,
-                last_p * (log_count[last_nonzero] - np.log(last_sum + tiny)),
-                # Q is empty where P holds only the outliers: like onnxruntime, smooth the
-                # empty bin to a count of eps instead of making the divergence infinite.
-                -last_p * math.log(_EPS),
-            )
-            last_p_log_p = (last + outliers) * np.log(last + outliers + tiny)
-            p_log_p = sums_log[kept - 1] + last_p_log_p
-            result = (p_log_p + cross) / total - math.log(total) + np.log(total - outliers)
-        return np.where(np.isnan(result), np.inf, result)
+        last_bin = bins[kept - 1]
+        q_last = level_sum[levels - 1 :: levels + 1]
+        p_last = q_last + outliers
+        # If P's last bin was empty, it becomes a nonzero bin of Q's last level, which
+        # then must hold some count or Q misses mass that P has: where that level is
+        # empty, like onnxruntime, smooth it to a count of eps (its one nonzero bin, the
+        # last, has log 1 = 0) instead of making the divergence infinite.
+        n_last = level_nonzero[levels - 1 :: levels + 1]
+        n_last += (last_bin == 0) & (outliers > 0)
+        cross += p_last * (log_count[n_last] - np.log(np.where(q_last > 0, q_last, _EPS)))
+        p_bin = last_bin + outliers
+        cross += sums_log[kept - 1]
+        cross += p_bin * np.log(p_bin + tiny)
+        cross /= total
+        return cross + log_kept[kept]
 
     return divergence
 
