@@ -282,11 +282,11 @@ def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray]
         n_last = level_nonzero[levels - 1 :: levels + 1]
         n_last += (last_bin == 0) & (outliers > 0)
         cross += p_last * (log_count[n_last] - np.log(np.where(q_last > 0, q_last, _EPS)))
+        # sum of P log P over the bins: the kept ones, the last with the outliers added.
         p_bin = last_bin + outliers
-        cross += sums_log[kept - 1]
-        cross += p_bin * np.log(p_bin + tiny)
-        cross /= total
-        return cross + log_kept[kept]
+        p_log_p = sums_log[kept - 1] + p_bin * np.log(p_bin + tiny)
+        # KL of P and Q normalised: P sums to the total, Q to the kept values.
+        return (p_log_p + cross) / total + log_kept[kept]
 
     return divergence
 
