@@ -10,7 +10,7 @@ import pytest
 from qconvert.calibration import Calibration, RangeMethod, TensorObserver, tensor_range
 from qconvert.calibration.file import merge_calibrations, read_calibration
 from qconvert.calibration.observers import MAX_BINS, bin_exponent
-from qconvert.calibration.ranges import abs_histogram, entropy_bins
+from qconvert.calibration.ranges import abs_histogram, entropy_bins, entropy_divergence
 from qconvert.errors import ConfigError
 
 
@@ -169,6 +169,96 @@ def test_entropy_keeps_a_uniform_distribution_whole():
     values = np.random.default_rng(4).uniform(-1, 1, 400_000).astype(np.float32)
     result = tensor_range(_observe(values), RangeMethod(name="entropy"))
     assert result.max > 0.97 and result.min < -0.97
+
+
+def _abs_counts(cdf, top: float, bins: int, n: int) -> np.ndarray:
+    """Expected counts of n values of |x| in `bins` bins over [0, top], from |x|'s cdf.
+
+    Exact expected counts, not samples: the divergence's shape is the distribution's, with
+    no sampling noise to make one lucky candidate stand out.
+    """
+    edges = np.linspace(0.0, top, bins + 1)
+    return np.round(np.diff([cdf(x) for x in edges]) * n)
+
+
+def _abs_normal(x: float, mean: float = 0.0, sigma: float = 1.0) -> float:
+    """P(|X| <= x) for X ~ N(mean, sigma**2)."""
+    return 0.5 * (
+        math.erf((x - mean) / (sigma * math.sqrt(2)))
+        - math.erf((-x - mean) / (sigma * math.sqrt(2)))
+    )
+
+
+def _entropy_cases() -> dict[str, tuple[np.ndarray, int]]:
+    n = 1_000_000
+    relu = _abs_counts(_abs_normal, 30.0, 3072, n // 2)
+    relu[0] += n // 2  # the exact zeros of a Relu
+    relu[-1] += 5  # a few large activations stretch the histogram
+    outliers = _abs_counts(_abs_normal, 50.0, 4096, n)
+    outliers[-1] += 20
+    bimodal = _abs_counts(
+        lambda x: (_abs_normal(x) + _abs_normal(x, 6.0, 0.5)) / 2, 9.0, 2048, n
+    )
+    return {
+        "gaussian": (_abs_counts(_abs_normal, 6.0, 2048, n), 128),
+        "laplace": (_abs_counts(lambda x: 1 - math.exp(-x), 14.0, 4096, n), 128),
+        "relu with zero spike": (relu, 256),
+        "bimodal": (bimodal, 128),
+        "gaussian with outliers": (outliers, 128),
+        "few bins": (_abs_counts(_abs_normal, 5.0, 300, n), 128),
+        "levels not a power of two": (_abs_counts(_abs_normal, 6.0, 1024, n), 100),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_entropy_cases()))
+def test_entropy_search_finds_the_exhaustive_minimum(case):
+    counts, levels = _entropy_cases()[case]
+    divergence = entropy_divergence(counts, levels)
+    candidates = np.arange(levels, counts.size + 1)
+    exhaustive = divergence(candidates)
+    best = int(candidates[np.argmin(exhaustive)])
+    kept = entropy_bins(counts, levels)
+    assert levels <= kept <= counts.size
+    # The divergence of every candidate is positive here; a search that stopped at the
+    # coarse stride would miss the minimum by 3% (few bins) to 5 times it (relu).
+    assert divergence(np.array([kept]))[0] <= exhaustive.min() * 1.001
+    assert abs(kept - best) <= 0.02 * best
+
+
+def _sampled_abs_counts(values: np.ndarray, bins: int) -> np.ndarray:
+    magnitudes = np.abs(values)
+    width = magnitudes.max() / bins * (1 + 1e-9)  # the largest value in the last bin
+    return np.bincount((magnitudes / width).astype(np.int64), minlength=bins).astype(float)
+
+
+def test_entropy_search_stays_near_the_exhaustive_minimum_on_sampled_histograms():
+    # Sampling noise makes the divergence jagged: the exhaustive minimum is often one
+    # candidate whose levels happen to fit the noise, and a search that skips it can
+    # only come near. Here the search is 1% above it on average (15% at worst, one relu
+    # histogram); following only the best minimum instead of several, 5.6% (80%).
+    regrets = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        n = 200_000
+        relu = np.maximum(rng.standard_normal(n), 0.0)
+        relu[:5] = 30.0
+        outliers = rng.standard_normal(n)
+        outliers[:20] = 50.0
+        bimodal = np.concatenate([rng.normal(0, 1, n // 2), rng.normal(6, 0.5, n // 2)])
+        gaussian = rng.standard_normal(n)
+        for counts, levels in (
+            (_sampled_abs_counts(gaussian, 2048), 128),
+            (_sampled_abs_counts(rng.laplace(size=n), 4096), 128),
+            (_sampled_abs_counts(relu, 3072), 256),
+            (_sampled_abs_counts(bimodal, 2048), 128),
+            (_sampled_abs_counts(outliers, 4096), 128),
+            (_sampled_abs_counts(gaussian, 300), 128),
+        ):
+            divergence = entropy_divergence(counts, levels)
+            least = divergence(np.arange(levels, counts.size + 1)).min()
+            chosen = divergence(np.array([entropy_bins(counts, levels)]))[0]
+            regrets.append((chosen - least) / least)
+    assert np.mean(regrets) < 0.02
 
 
 def _brute_force_mse(values: np.ndarray, threshold: float, steps: float) -> float:
