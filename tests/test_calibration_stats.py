@@ -355,3 +355,11 @@ def test_command_line_offers_every_method():
     from qconvert.cli._options import METHODS as CLI_METHODS
 
     assert CLI_METHODS == METHODS
+
+
+def test_entropy_keeps_a_tensor_that_lives_away_from_zero():
+    # Values in +-[3, 4]: a threshold below 3 keeps none of them and must never win.
+    rng = np.random.default_rng(8)
+    values = rng.uniform(3.0, 4.0, 200_000) * rng.choice([-1.0, 1.0], 200_000)
+    result = tensor_range(_observe(values.astype(np.float32)), RangeMethod(name="entropy"))
+    assert result.max > 3.5 and result.min < -3.5

@@ -211,7 +211,7 @@ def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray]
     """KL(P || Q) of TensorRT's calibration, as a function of candidates i kept bins.
 
     The prefix sums are built once; the returned function takes an array of candidates
-    (each in [levels, counts.size]) and returns their divergences (-inf where the kept
+    (each in [levels, counts.size]) and returns their divergences (+inf where the kept
     bins hold no value). `counts` needs a value outside bin 0.
     """
     bins = np.array(counts, dtype=np.float64)
@@ -230,8 +230,11 @@ def entropy_divergence(counts: np.ndarray, levels: int) -> Callable[[np.ndarray]
     np.cumsum(bins * np.log(bins + tiny), out=sums_log[1:])
     nonzero = np.zeros(size + 1, dtype=np.intp)
     np.cumsum(bins > 0, out=nonzero[1:])
-    with np.errstate(divide="ignore"):  # no value kept: log 0 = -inf
-        log_kept = np.log(sums / total)
+    # A candidate that keeps no value clips every value to its edge: never a choice. (As
+    # log 0 = -inf it would score -inf and win, collapsing a tensor that lives away from
+    # zero, say in +-[3, 4], to a few bins.)
+    with np.errstate(divide="ignore"):
+        log_kept = np.where(sums > 0, np.log(sums / total), math.inf)
     # A level spans at most ceil(size / L) bins: the logs of its count of nonzero bins
     # (plus one, for the last level) come from a table that long. log 0 is taken as 0.
     log_count = np.log(np.maximum(np.arange(size // levels + 3, dtype=np.float64), 1.0))
