@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: setup test-setup demo test bench fuzz samples clean
+.PHONY: setup test-setup demo test lint bench fuzz samples clean
 
 # The virtual environment is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -31,6 +31,11 @@ test-setup: setup
 
 test: test-setup
 	$(BIN)/python -m pytest -q
+
+# The style the code keeps: ruff's lint rules and its formatting (pyproject.toml).
+lint: setup
+	$(BIN)/ruff check qconvert tests bench tools
+	$(BIN)/ruff format --check qconvert tests bench tools
 
 # A long fuzz campaign over the same properties the test suite checks briefly.
 fuzz: setup
