@@ -47,6 +47,7 @@ FULL = {
             sizes=(64, 256),
             tools=("float pass", "qconvert", *METHOD_TOOLS, "ort MinMax", "ort Percentile"),
             caps={"ort Percentile": 64},
+            repeats=3,  # a float pass takes 0.3 to 3 s, and one run swung 2x: median of 3
         ),
     ),
     # Issue 10: 2 workers against 1 on a compute-bound model; 512 samples (about 20 s for

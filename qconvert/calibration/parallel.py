@@ -427,6 +427,7 @@ class _LocalRun:
         self.shown: dict[int, int] = {}
         self.last_poll = time.monotonic()
         self.mine: _Chunks | None = None
+        self.first_chunk_done: tuple[float, int] | None = None  # (when, chunks by then)
 
     def run(self) -> tuple[dict[str, TensorObserver], tuple[WorkerRecord, ...], int]:
         try:
@@ -526,8 +527,15 @@ class _LocalRun:
     def _after_chunk(self) -> None:
         if not self.lazy or self.processes or self.workers < 2:
             return
+        # Chunks are timed from the end of the first: before it come the session's
+        # set-up and onnxruntime's first run, which no later chunk pays again.
+        now = time.perf_counter()
+        if self.first_chunk_done is None:
+            self.first_chunk_done = (now, self.mine.count)
+            return
+        since, count = self.first_chunk_done
         left = sum(max(0, len(self.chunks) - self.taken[p]) for p in range(self.passes))
-        per_chunk = (time.perf_counter() - self.start) / self.mine.count
+        per_chunk = (now - since) / (self.mine.count - count)
         if per_chunk * left >= SPAWN_AFTER_SECONDS:
             try:
                 self._spawn(affordable_workers(self.workers - 1))
