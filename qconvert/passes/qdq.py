@@ -3,7 +3,9 @@
 1. Activation T: `Q(T) -> DQ -> T'`, and every consumer of T reads T'. onnxruntime
    recognizes `DQ -> op -> Q` groups and runs them as integer kernels.
 2. Weight W: stored as its integer tensor W_q and read through `DQ(W_q)` (per axis when the
-   plan says so); the float W is dropped.
+   plan says so); the float W is dropped. A weight only float nodes read (a classifier
+   head, a thin Conv between float ops) is read through `Mul(Cast(W_q), scale)` instead,
+   which onnxruntime folds into a float initializer when it loads the model.
 3. Bias B: stored as int32 at scale input scale x weight scale, read through DQ. A
    per-channel bias scale is written as Mul(input scale, weight scale), not stored.
 4. Relu/Clip nodes the plan folds: Q reads the first clamp's input, and the clamps go.
@@ -77,6 +79,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 integers[value.name] = _quantize_activation(
                     graph, names, parameters, value, source, decision, self.domain, float_nodes
                 )
+            elif _read_in_float_only(value, decision, float_nodes) and not self.domain:
+                _store_decompressed_at_load(graph, names, value, decision)
             else:
                 scale = _bias_scale_product(graph, names, parameters, decision, self.plan)
                 _quantize_constant(
@@ -230,6 +234,67 @@ def _quantize_constant(
         for node, index in uses:
             node.replace_input_with(index, dequantize.outputs[0])
         owner.extend([dequantize])
+    graph.initializers.pop(value.name, None)
+
+
+def _read_in_float_only(
+    value: ir.Value, decision: TensorDecision, float_nodes: frozenset[str]
+) -> bool:
+    """Whether `value` is a weight stored as integers that only float nodes read."""
+    return (
+        decision.role is Role.WEIGHT
+        and not np.any(decision.qparams.zero_point)
+        and all(node.name in float_nodes for node, _ in value.uses())
+    )
+
+
+def _store_decompressed_at_load(
+    graph: ir.Graph, names: NameAllocator, value: ir.Value, decision: TensorDecision
+) -> None:
+    """Stores a weight of float nodes as integers read through Mul(Cast(W_q), scale).
+
+    onnxruntime keeps a weight's DequantizeLinear unfolded (its QDQ fusions look for it),
+    so a float Conv reading one would get a computed weight at every run and lose its
+    NCHWc kernel: PP-OCR's classifier with its float 5x5 depthwise Convs reading
+    DequantizeLinear ran 1.2x slower than with Cast and Mul. It folds constant Cast and
+    Mul nodes when the session loads, so the float node reads an initializer holding
+    float(W_q) x scale, rounded once: the values DequantizeLinear gives with zero point 0.
+    """
+    params = decision.qparams
+    integers = qparams.quantize(value.const_value.numpy(), params)
+    scale = params.scale.astype(np.float32)
+    if params.axis is None:
+        scale = scale.reshape(())
+    else:
+        shape = [1] * integers.ndim
+        shape[params.axis] = scale.size
+        scale = scale.reshape(shape)
+    owners = {id(node.graph): node.graph for node, _ in value.uses() if node.graph is not None}
+    # A weight only a body reads stays in that body; others go in the main graph.
+    home = next(iter(owners.values())) if len(owners) == 1 else graph
+    stored = add_initializer(home, names.fresh(f"{decision.name}_q"), integers)
+    factor = add_initializer(home, names.fresh(f"{decision.name}_scale"), scale)
+    cast = ir.node(
+        "Cast",
+        [stored],
+        attributes={"to": int(ir.DataType.FLOAT)},
+        name=names.fresh(f"{decision.name}_Cast"),
+        outputs=[ir.Value(name=names.fresh(f"{decision.name}_float"))],
+    )
+    multiply = ir.node(
+        "Mul",
+        [cast.outputs[0], factor],
+        name=names.fresh(f"{decision.name}_Mul"),
+        outputs=[
+            ir.Value(
+                name=names.fresh(f"{decision.name}_dequantized"),
+                shape=ir.Shape(integers.shape),
+                type=ir.TensorType(ir.DataType.FLOAT),
+            )
+        ],
+    )
+    value.replace_all_uses_with(multiply.outputs[0])
+    home.extend([cast, multiply])
     graph.initializers.pop(value.name, None)
 
 

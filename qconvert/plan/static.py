@@ -67,10 +67,16 @@ _FEEDS_ANSWER = (
 _SHAPE_READERS = frozenset({"Shape", "Size"})
 
 HEAD_FLOAT_MAX_WEIGHTS = 1 << 16
-"""The largest classifier head (in weights) computed in float. A float head dequantizes
-its int8 weights on every run (onnxruntime keeps the DequantizeLinear of a weight
-unfolded): for 65536 weights that is microseconds, but a 1000-class head of 1.28 M
-weights added 6 % of the float model's latency to mobilenetv2_style_224's int8 run."""
+"""The largest classifier head (in weights) computed in float: beyond it the arithmetic
+an int8 kernel saves counts (a 1000-class head of 1.28 M weights added 6 % of the float
+model's latency to mobilenetv2_style_224's int8 run, measured when a float head still
+dequantized its weights at every run)."""
+
+THIN_CONV_MAX_CHANNELS = 8
+"""A Conv reading at most this many input channels per output (a depthwise Conv reads one,
+an image's first Conv three) is thin: too little arithmetic per output for int8 to pay
+for the QuantizeLinear, DequantizeLinear and layout changes of an int8 island (see
+`_thin_conv_island`)."""
 
 BOUND_COVERAGE = 0.5
 """A tensor an op bounds (a Clip's output, a Sigmoid's) is quantized over the op's whole
@@ -586,7 +592,10 @@ class _Planner:
             return
         scheme = self._node_scheme(node)
         if self._model_answer(node):
-            self._plan_answer(node, rule, scheme)
+            self._plan_stored_weights(node, rule, scheme, ANSWER_REASON)
+            return
+        if self._thin_conv_island(node, rule):
+            self._plan_stored_weights(node, rule, scheme, THIN_ISLAND_REASON)
             return
         for index in activation_indices(node, rule):
             value = node.inputs[index]
@@ -659,10 +668,10 @@ class _Planner:
             return None
         return add
 
-    def _plan_answer(
-        self, node: ir.Node, rule: ops.QuantizedOpRule, scheme: StaticScheme
+    def _plan_stored_weights(
+        self, node: ir.Node, rule: ops.QuantizedOpRule, scheme: StaticScheme, reason: str
     ) -> None:
-        """A last weighted layer (`_model_answer`): int8 weights, float input and output."""
+        """A layer that computes in float, its weights stored as int8: float input, output."""
         count = 0
         for index, axis_of in rule.weights.items():
             value = node.inputs[index] if index < len(node.inputs) else None
@@ -670,12 +679,44 @@ class _Planner:
                 self._plan_weight(node, value, axis_of, scheme)
                 count += 1
         self.float_readers.add(node.name or "")
-        self._decide(
-            node,
-            False,
-            "last weighted layer (its output reaches the model's outputs through ops "
-            "without weights): computes in float"
-            + (" from int8-stored weights" if count else ""),
+        self._decide(node, False, reason + (" from int8-stored weights" if count else ""))
+
+    def _thin_conv_island(self, node: ir.Node, rule: ops.QuantizedOpRule) -> bool:
+        """Whether `node` is a thin Conv between float ops, which computes faster in float.
+
+        Quantized there, it would run as an int8 island: a QuantizeLinear of its float
+        input, onnxruntime's integer kernel (NHWC, so a Transpose on each side of it) and a
+        DequantizeLinear for its float readers. A Conv reading few channels per output
+        (THIN_CONV_MAX_CHANNELS: depthwise, or a first layer on three colour channels)
+        does too little arithmetic to pay for that: measured one onnxruntime thread, such
+        islands ran 1.9x (3x3 depthwise, 32 channels) to 2.9x (5x5 depthwise, 88 channels)
+        and 2.2x (3x3 on 3 channels) slower than the float Conv, while islands of 32 input
+        channels and more ran faster in int8. PP-OCR's MobileNetV3 classifier, whose 5x5
+        depthwise Convs sit between HardSwish activations, runs in 0.65x of the time with
+        them float. Inside an int8 chain the same Convs stay quantized: there the island
+        costs are not paid.
+        """
+        if node.op_type != "Conv" or not node.inputs or not node.outputs:
+            return False
+        weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None or weight.ndim < 3 or weight.shape[1] > THIN_CONV_MAX_CHANNELS:
+            return False
+        source, output = node.inputs[0], node.outputs[0]
+        if (
+            source is None
+            or source.name in self.tensors
+            or self._written_quantized(source)
+            # An override file that names the node or its tensors decides for itself.
+            or (node.name or "") in self.overrides.nodes
+            or source.name in self.overrides.tensors
+            or output.name in self.overrides.tensors
+        ):
+            return False
+        readers = output.consumers()
+        return (
+            bool(readers)
+            and not output.is_graph_output()
+            and not self._feeds_quantized(output)
         )
 
     def _model_answer(self, node: ir.Node) -> bool:
@@ -1037,6 +1078,16 @@ class _Planner:
             output.name, Role.ACTIVATION, params, f"output of {node.name}"
         )
 
+
+ANSWER_REASON = (
+    "last weighted layer (its output reaches the model's outputs through ops without "
+    "weights): computes in float"
+)
+
+THIN_ISLAND_REASON = (
+    "thin Conv between float ops (few input channels per output): int8 would cost more in "
+    "QuantizeLinear, DequantizeLinear and layout changes than it saves: computes in float"
+)
 
 GELU_REASON = (
     "part of a GELU written out as x * (1 + erf(x / sqrt 2)) / 2: stays float, as one "
