@@ -427,3 +427,38 @@ def test_auto_workers_go_on_alone_where_processes_cannot_start(
     assert [record.worker for record in alone.split.shards] == ["this process"]
     single = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=1)
     assert alone.to_json() == single.to_json()
+
+
+def test_quantize_calibrates_over_workers_into_the_same_model(run_cli, tmp_path, tiny_cnn):
+    data = tmp_path / "calib"
+    models = {}
+    for workers in ("1", "2", "auto"):
+        out = tmp_path / f"q.{workers}.onnx"
+        result = run_cli("quantize", tiny_cnn, "--data", data, "-o", out, "--workers", workers)
+        assert result.code == 0, result.err
+        models[workers] = out.read_bytes()
+    assert models["2"] == models["1"] == models["auto"]
+    result = run_cli("quantize", tiny_cnn, "--data", data, "--workers", "0")
+    assert result.code == 2 and "0 is not at least 1" in result.err
+
+
+def test_quantize_with_auto_workers_spawns_once_calibration_proves_long(
+    tmp_path, tiny_cnn, monkeypatch
+):
+    data = _many_samples(tmp_path, testing.conv_bn_relu(), 200)
+    monkeypatch.setattr(parallel, "auto_workers", lambda: 2)
+    monkeypatch.setattr(parallel, "SPAWN_AFTER_SECONDS", 0.0)  # any work is long
+    spawned = []
+    spawn = parallel._LocalRun._spawn
+
+    def counted(self, count):
+        spawned.append(count)
+        return spawn(self, count)
+
+    monkeypatch.setattr(parallel._LocalRun, "_spawn", counted)
+    spread = tmp_path / "spread.onnx"
+    qconvert.quantize(tiny_cnn, spread, data=data, workers=None)
+    assert spawned == [1]
+    single = tmp_path / "single.onnx"
+    qconvert.quantize(tiny_cnn, single, data=data, workers=1)
+    assert spread.read_bytes() == single.read_bytes()

@@ -56,6 +56,13 @@ class WorkerCount(click.ParamType):
         return count
 
 
+def workers_option(help_text: str) -> Callable[..., Any]:
+    """--workers N|auto (default auto), with the command's own help."""
+    return click.option(
+        "--workers", type=WorkerCount(), default="auto", show_default=True, help=help_text
+    )
+
+
 def image_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--image-size, --resize/--crop, --scale, --mean, --std, --layout, --color."""
     options = [

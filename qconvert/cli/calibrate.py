@@ -9,11 +9,11 @@ import click
 from qconvert.cli import _console
 from qconvert.cli._options import (
     METHODS,
-    WorkerCount,
     image_options,
     image_preprocessing,
     limit_options,
     percentile_option,
+    workers_option,
 )
 from qconvert.limits import LoadLimits
 
@@ -67,15 +67,11 @@ from qconvert.limits import LoadLimits
     show_default=True,
     help="The range method of the TensorRT cache.",
 )
-@click.option(
-    "--workers",
-    type=WorkerCount(),
-    default="auto",
-    show_default=True,
-    help="Split the samples over N local processes, one onnxruntime thread each; with "
-    "--ray, over N Ray tasks. auto: start alone, and add one process per further core "
-    "(at most 8) once the rest of the work would take more than a few seconds and memory "
-    "allows; with --ray, one task per CPU. The file is the same however the work is split.",
+@workers_option(
+    "Split the samples over N local processes, one onnxruntime thread each; with --ray, "
+    "over N Ray tasks. auto: start alone, and add one process per further core (at most "
+    "8) once the rest of the work would take more than a few seconds and memory allows; "
+    "with --ray, one task per CPU. The file is the same however the work is split."
 )
 @click.option(
     "--ray",

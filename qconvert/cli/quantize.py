@@ -13,6 +13,7 @@ from qconvert.cli._options import (
     limit_options,
     method_option,
     percentile_option,
+    workers_option,
 )
 from qconvert.limits import LoadLimits
 from qconvert.schemes import SCHEMES
@@ -188,6 +189,12 @@ SCHEME_HELP = (
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@workers_option(
+    "Calibrate --data over N local processes, one onnxruntime thread each. auto: start "
+    "alone, and add one process per further core (at most 8) once the rest of the "
+    "calibration would take more than a few seconds and memory allows. The model is the "
+    "same however the work is split."
+)
 @limit_options
 def quantize_command(
     model: Path,
@@ -218,6 +225,7 @@ def quantize_command(
     report: Path | None,
     as_json: bool,
     force: bool,
+    workers: int | None,
     limits: LoadLimits,
     **image: object,
 ) -> None:
@@ -271,6 +279,7 @@ def quantize_command(
         max_top1_drop=max_top1_drop,
         report=report,
         force=force,
+        workers=workers,
         limits=limits,
         **({"progress": progress} if progress else {}),
     )

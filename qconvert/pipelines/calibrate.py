@@ -165,23 +165,40 @@ def collect_calibration(
     source: DirectorySource,
     settings: CollectSettings,
     advance,
+    *,
+    data: DataSpec | None = None,
+    workers: int | None = 1,
 ) -> Calibration:
     """Statistics of `float_model` on `source`.
 
     Calibration runs the model prepared at its own opset (names fixed, BatchNormalization
     folded): the tensors are those every scheme plans with, whatever opset it then needs.
+    `workers` splits the samples as `calibrate`'s does; local workers open them again as
+    `data` says (needed unless `workers` is 1).
     """
     calibrated = prepare(float_model.clone(), min_opset=1)
-    observers = collect_statistics(
-        calibrated,
-        source,
-        checked_body_tensors(calibrated, tensors_to_calibrate(calibrated), source.first()),
-        settings=settings,
-        on_sample=advance,
+    tensors = checked_body_tensors(
+        calibrated, tensors_to_calibrate(calibrated), source.first()
     )
+    if workers == 1 or data is None:
+        observers = collect_statistics(
+            calibrated, source, tensors, settings=settings, on_sample=advance
+        )
+        split = None
+    else:
+        observers, split = collect_split(
+            calibrated,
+            source,
+            tensors,
+            settings=settings,
+            data=data,
+            workers=workers,
+            advance=advance,
+        )
     return Calibration(
         model_sha256=model_io.fingerprint(path),
         model_file=Path(path).name,
         samples=len(source),
         observers=observers,
+        split=split,
     )

@@ -22,6 +22,7 @@ from qconvert.calibration import (
     collect_statistics,
     read_calibration,
 )
+from qconvert.calibration.parallel import DataSpec
 from qconvert.compare import (
     CompareOptions,
     Comparison,
@@ -110,6 +111,7 @@ def quantize(
     max_top1_drop: float | None = None,
     report: PathLike | None = None,
     force: bool = False,
+    workers: int | None = 1,
     progress: Progress = SILENT,
     limits: LoadLimits = DEFAULT_LIMITS,
 ) -> Report:
@@ -138,6 +140,11 @@ def quantize(
             `eval_data` (with labels) is at most this many points.
         report: a file to write the report to (`.json`, `.md` or `.html`).
         force: overwrite an existing output.
+        workers: calibrate `data` over this many local processes; None (`--workers
+            auto`, the command line's default) starts alone and spawns more once the
+            work proves long, as `calibrate` does. The model is the same however the work
+            is split. Workers are spawned, which re-imports the calling script: it needs
+            the usual `if __name__ == "__main__":` guard, so 1 is the default here.
         progress: receives progress of the long steps.
         limits: bounds the model must respect before its weights are read.
 
@@ -151,6 +158,8 @@ def quantize(
                                    config=config)
     """
     config = config if config is not None else QuantizeConfig()
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers} must be at least 1.")
     scheme = config.resolve_scheme()
     if scheme.needs_calibration and data is None and calib is None:
         raise ConfigError(
@@ -256,7 +265,10 @@ def quantize(
             timed(timings, "calibrate"),
             progress.task("Calibrating", len(source)) as advance,
         ):
-            calibration = collect_calibration(model, float_model, source, settings, advance)
+            spec = DataSpec(folder=str(data), specs=specs, images=images, limits=limits)
+            calibration = collect_calibration(
+                model, float_model, source, settings, advance, data=spec, workers=workers
+            )
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
     with timed(timings, "prepare"):
         prepared, qdq_domain = prepare_for_scheme(float_model, config)
