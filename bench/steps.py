@@ -147,7 +147,10 @@ def qconvert_quantize(
         raise NotSupportedYet(reason)
     config = QuantizeConfig(scheme=scheme, format=fmt, **flags)
     # Data-free schemes do not calibrate; the data still gives them a real smoke sample.
-    return _timed(lambda: api.quantize(model, output, data=data, config=config, force=True))
+    # Workers as the command line's default (`--workers auto`).
+    return _timed(
+        lambda: api.quantize(model, output, data=data, config=config, force=True, workers=None)
+    )
 
 
 def qconvert_calibrate(*, model: str, data: str, output: str) -> dict:
