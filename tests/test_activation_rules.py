@@ -356,3 +356,49 @@ def test_a_large_classifier_head_stays_quantized(tmp_path):
     _, _out, report = _quantize(_classifier(classes), tmp_path, _samples(4))
     assert report.conversion.quantized_ops["Gemm"] == 1
     assert report.conversion.quantized_ops["GlobalAveragePool"] == 1
+
+
+def _gated_hardswish_block(opset: int) -> onnx.ModelProto:
+    """conv -> x * HardSigmoid(x; 1/6, 1/2) -> conv, as PyTorch exports HardSwish below 14."""
+    return _model(
+        [
+            _conv("conv", "input", "x"),
+            h.make_node(
+                "HardSigmoid", ["x"], ["gate"], name="gate", alpha=1.0 / 6.0, beta=0.5
+            ),
+            h.make_node("Mul", ["x", "gate"], ["hs"], name="mul"),
+            _conv("conv2", "hs", "output"),
+        ],
+        {
+            "conv_w": _conv_weights(C, 3, 0) * 4,
+            "conv_b": np.zeros(C),
+            "conv2_w": _conv_weights(C, C, 1),
+            "conv2_b": np.zeros(C),
+        },
+        opset=opset,
+    )
+
+
+def test_hardswish_gated_by_a_hardsigmoid_becomes_one_where_the_opset_allows(tmp_path):
+    samples = _samples(16)
+    # Raised from 11 to the scheme's 13, and on to 14 for it: one HardSwish.
+    prepared, pairs = _prepared_outputs(_gated_hardswish_block(11), samples, min_opset=13)
+    ops = testing.count_ops(prepared)
+    assert ops["HardSwish"] == 1 and ops["HardSigmoid"] == ops["Mul"] == 0, ops
+    assert prepared.opset_import[0].version >= 14
+    for before, after in pairs:
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    # At the model's own opset (calibration's preparation), the two ops stay.
+    prepared, _ = _prepared_outputs(_gated_hardswish_block(11), samples, min_opset=1)
+    assert testing.count_ops(prepared)["HardSigmoid"] == 1
+
+
+def test_equalization_keeps_the_four_op_hardswish_fused(tmp_path):
+    """Equalization prepares the model at its own opset (11 here, so HardSwish is written
+    x * HardSigmoid(x)); the scheme's preparation at 14 still makes it one HardSwish."""
+    samples = _samples(16)
+    _path, out, _report = _quantize(
+        _hardswish_block(11), tmp_path, samples, config=qconvert.QuantizeConfig(equalize=True)
+    )
+    ops = testing.count_ops(out)
+    assert ops["HardSwish"] == 1 and ops["HardSigmoid"] == 0, ops

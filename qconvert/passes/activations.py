@@ -17,10 +17,11 @@ whose numbers change gets a fresh name.
    does), so the gate of a squeeze-excitation block stays on the integer chain.
 3. `x * Clip(x + 3, 0, 6) / 6` (or `* (1/6)`), HardSwish spelled in four ops as Paddle and
    older PyTorch exports write it, becomes one `HardSwish(x)` (ai.onnx 14 on), or
-   `x * HardSigmoid(x; 1/6, 1/2)` below 14. Four float ops with their Q/DQ pairs
-   (an integer Add, two dequantized operands, a float Mul and Div) become one float op
-   between one DequantizeLinear and one QuantizeLinear: fewer roundings and fewer passes
-   over the tensor.
+   `x * HardSigmoid(x; 1/6, 1/2)` below 14; that two-op form (PyTorch's below 14) becomes
+   `HardSwish(x)` too where the opset is 14 or is raised to it. Four float ops with their
+   Q/DQ pairs (an integer Add, two dequantized operands, a float Mul and Div) become one
+   float op between one DequantizeLinear and one QuantizeLinear: fewer roundings and
+   fewer passes over the tensor.
 """
 
 from __future__ import annotations
@@ -220,15 +221,26 @@ def _hardswish_input(clip: ir.Node) -> ir.Value | None:
 
 
 class FuseHardSwishPass(ir.passes.InPlacePass):
-    """Rule 3: x * Clip(x + 3, 0, 6) / 6 becomes HardSwish(x)."""
+    """Rule 3: x * Clip(x + 3, 0, 6) / 6 becomes HardSwish(x).
+
+    So does x * HardSigmoid(x; 1/6, 1/2) from opset 14: the form below 14, which PyTorch
+    exports and which this rule writes there; a later preparation at 14 finishes the job.
+    """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = NameAllocator(graph)
         opset = model.opset_imports.get("", 1)
         modified = False
-        for clip in list(graph):
-            match = _hardswish_match(clip)
+        for node in list(graph):
+            if opset >= HARDSWISH_OPSET and (gated := _gated_hardswish(node)) is not None:
+                x, mul = gated
+                fused = ir.node("HardSwish", [x], name=names.fresh(f"{mul.name}_hardswish"))
+                graph.insert_before(mul, fused)
+                replace_keeping_name(graph, mul, fused.outputs[0])
+                modified = True
+                continue
+            match = _hardswish_match(node)
             if match is None:
                 continue
             x, last = match
@@ -264,9 +276,27 @@ def _hardswish_match(clip: ir.Node) -> tuple[ir.Value, ir.Node] | None:
     return None if last is None else (x, last)
 
 
+def _gated_hardswish(gate: ir.Node) -> tuple[ir.Value, ir.Node] | None:
+    """(x, the Mul) when `gate` is the HardSigmoid of x * HardSigmoid(x; 1/6, 1/2)."""
+    if gate.op_type != "HardSigmoid" or gate.domain not in ("", "ai.onnx"):
+        return None
+    alpha = gate.attributes.get_float("alpha", 0.2)
+    beta = gate.attributes.get_float("beta", 0.5)
+    if not (_close(alpha, 1.0 / 6.0) and _close(beta, 0.5)):
+        return None
+    x = gate.inputs[0]
+    mul = _sole_reader(gate.outputs[0], "Mul")
+    if x is None or mul is None or _other(mul, gate.outputs[0]) is not x:
+        return None
+    return x, mul
+
+
 def has_decomposed_hardswish(graph: ir.Graph) -> bool:
-    """Whether `graph` spells HardSwish as x * Clip(x + 3, 0, 6) / 6 somewhere."""
-    return any(_hardswish_match(node) is not None for node in graph)
+    """Whether `graph` spells HardSwish out: x * Clip(x + 3, 0, 6) / 6, or x * HardSigmoid."""
+    return any(
+        _hardswish_match(node) is not None or _gated_hardswish(node) is not None
+        for node in graph
+    )
 
 
 def _divide_by_six(mul: ir.Node) -> ir.Node | None:
