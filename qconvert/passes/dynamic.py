@@ -15,7 +15,8 @@ A Gemm (transA 0, alpha 1) becomes the same group on W (transposed when transB i
 followed by `Add(Y, beta * C)` when it has a C.
 
 A Gather from a constant table (an embedding) reads the table stored as int8 (one scale per
-row) through DequantizeLinear: the file shrinks; the gathered rows stay float.
+row), dequantized once when the model loads (`load_dequantize`): the file shrinks; the
+gathered rows stay float.
 
 An LSTM becomes onnxruntime's com.microsoft `DynamicQuantizeLSTM`, which quantizes X and
 H at each step and multiplies them by int8 W and R. It takes W and R transposed, as
@@ -32,6 +33,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from qconvert import qparams
 from qconvert.graph_utils import add_initializer
 from qconvert.names import NameAllocator
+from qconvert.passes.load_dequantize import dequantized_at_load, foldable
 from qconvert.plan import QuantPlan
 
 _MICROSOFT = "com.microsoft"
@@ -50,6 +52,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         chosen = {node.name for node in self.plan.quantized_nodes()}
         # One integer weight per (initializer, transposed), shared by every node reading it.
         stored: dict[tuple[str, bool], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        tables: dict[str, ir.Value] = {}  # each embedding table, dequantized at load
         modified = False
         for node in list(graph):
             if node.name not in chosen:
@@ -58,7 +61,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                 self._rewrite_lstm(graph, names, node)
                 model.opset_imports.setdefault(_MICROSOFT, 1)
             elif node.op_type == "Gather":
-                self._rewrite_gather(graph, names, node, stored)
+                self._rewrite_gather(graph, names, node, stored, tables)
             else:
                 self._rewrite(graph, names, node, stored)
             modified = True
@@ -148,29 +151,41 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         names: NameAllocator,
         node: ir.Node,
         stored: dict[tuple[str, bool], tuple[ir.Value, ir.Value, ir.Value]],
+        tables: dict[str, ir.Value],
     ) -> None:
-        """Gather(T, ids) -> Gather(DequantizeLinear(T_q), ids): an int8 table."""
+        """Gather(T, ids) -> Gather(Mul(Cast(T_q), scale), ids): an int8 table.
+
+        The table is dequantized once, when the model loads (`load_dequantize`); with a
+        zero point other than 0, by DequantizeLinear at every run.
+        """
         table = node.inputs[0]
-        key = (table.name, False)
-        if key not in stored:
-            stored[key] = self._store_weight(graph, names, table, False)
-        table_q, scale, zero = stored[key]
-        axis = self.plan.tensors[table.name].qparams.axis
-        dequantize = ir.node(
-            "DequantizeLinear",
-            [table_q, scale, zero],
-            attributes={"axis": axis} if axis is not None else {},
-            name=names.fresh(f"{table.name}_DequantizeLinear"),
-            outputs=[
-                ir.Value(
-                    name=names.fresh(f"{table.name}_dequantized"),
-                    shape=table.shape,
-                    type=ir.TensorType(ir.DataType.FLOAT),
+        if table.name not in tables:
+            key = (table.name, False)
+            if key not in stored:
+                stored[key] = self._store_weight(graph, names, table, False)
+            table_q, scale, zero = stored[key]
+            params = self.plan.tensors[table.name].qparams
+            if foldable(params):
+                tables[table.name] = dequantized_at_load(
+                    graph, names, table_q, params, table.name
                 )
-            ],
-        )
-        graph.insert_before(node, dequantize)
-        node.replace_input_with(0, dequantize.outputs[0])
+            else:
+                dequantize = ir.node(
+                    "DequantizeLinear",
+                    [table_q, scale, zero],
+                    attributes={"axis": params.axis} if params.axis is not None else {},
+                    name=names.fresh(f"{table.name}_DequantizeLinear"),
+                    outputs=[
+                        ir.Value(
+                            name=names.fresh(f"{table.name}_dequantized"),
+                            shape=table.shape,
+                            type=ir.TensorType(ir.DataType.FLOAT),
+                        )
+                    ],
+                )
+                graph.insert_before(node, dequantize)
+                tables[table.name] = dequantize.outputs[0]
+        node.replace_input_with(0, tables[table.name])
 
     def _rewrite_lstm(self, graph: ir.Graph, names: NameAllocator, node: ir.Node) -> None:
         quantized = []
