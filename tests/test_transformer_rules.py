@@ -260,9 +260,12 @@ def test_a_table_a_float_add_reads_is_stored_as_int8_per_row(tmp_path):
     graph = _graph(out)
     inits = {t.name: nh.to_array(t) for t in graph.initializer}
     assert "pos" not in inits and inits["pos_q"].dtype == np.int8
-    assert inits["pos_scale"].shape == (16,)  # one scale per row
-    dequantize = next(n for n in graph.node if n.input[0] == "pos_q")
-    assert [a.i for a in dequantize.attribute if a.name == "axis"] == [0]
+    # Read by a float Add: dequantized when the model loads, Mul(Cast(pos_q), scale),
+    # with one scale per row.
+    cast = next(n for n in graph.node if n.input[0] == "pos_q")
+    multiply = next(n for n in graph.node if cast.output[0] in n.input)
+    assert (cast.op_type, multiply.op_type) == ("Cast", "Mul")
+    assert inits[multiply.input[1]].shape == (16, 1)
     # Rounding pixel offsets to 8 bits would move the boxes by pixels: they stay float.
     assert inits["grid"].dtype == np.float32
     assert testing.output_sqnr(path, out, _eval_feeds(model)) > 30.0

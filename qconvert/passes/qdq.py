@@ -61,6 +61,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         folded = {fold.output: fold for fold in self.plan.folds}
         scaled = {fold.output: fold.source for fold in self.plan.scale_folds}
         float_nodes = self.plan.float_readers
+        quantized = frozenset(node.name for node in self.plan.quantized_nodes())
         # The integers each activation is stored as: its QuantizeLinear's output.
         integers: dict[str, ir.Value] = {}
         for decision in self.plan.tensors.values():
@@ -81,7 +82,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 integers[value.name] = _quantize_activation(
                     graph, names, parameters, value, source, decision, self.domain, float_nodes
                 )
-            elif _read_in_float_only(value, decision, float_nodes) and not self.domain:
+            elif _read_in_float_only(value, decision, quantized) and not self.domain:
                 _store_decompressed_at_load(graph, names, value, decision)
             else:
                 scale = _bias_scale_product(graph, names, parameters, decision, self.plan)
@@ -240,18 +241,18 @@ def _quantize_constant(
 
 
 def _read_in_float_only(
-    value: ir.Value, decision: TensorDecision, float_nodes: frozenset[str]
+    value: ir.Value, decision: TensorDecision, quantized: frozenset[str]
 ) -> bool:
     """Whether `value` is a weight only float arithmetic reads.
 
-    That is float nodes, and Gathers of an embedding table, which gather float rows from
-    the whole dequantized table.
+    That is nodes left float, and Gathers of an embedding table, which gather float rows
+    from the whole dequantized table.
     """
     return (
         decision.role is Role.WEIGHT
         and foldable(decision.qparams)
         and all(
-            node.name in float_nodes or (node.op_type == "Gather" and index == 0)
+            node.name not in quantized or (node.op_type == "Gather" and index == 0)
             for node, index in value.uses()
         )
     )
