@@ -594,7 +594,7 @@ class _Planner:
         if self._model_answer(node):
             self._plan_stored_weights(node, rule, scheme, ANSWER_REASON)
             return
-        if self._thin_conv_island(node, rule):
+        if self._thin_conv_island(node):
             self._plan_stored_weights(node, rule, scheme, THIN_ISLAND_REASON)
             return
         for index in activation_indices(node, rule):
@@ -681,7 +681,7 @@ class _Planner:
         self.float_readers.add(node.name or "")
         self._decide(node, False, reason + (" from int8-stored weights" if count else ""))
 
-    def _thin_conv_island(self, node: ir.Node, rule: ops.QuantizedOpRule) -> bool:
+    def _thin_conv_island(self, node: ir.Node) -> bool:
         """Whether `node` is a thin Conv between float ops, which computes faster in float.
 
         Quantized there, it would run as an int8 island: a QuantizeLinear of its float
