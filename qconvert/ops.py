@@ -120,7 +120,7 @@ QUANTIZED: dict[str, QuantizedOpRule] = {
 }
 
 GATHER_EMBEDDING = QuantizedOpRule(
-    (), {0: _first_axis}, output=False, kernel="(DequantizeLinear of the rows)"
+    (), {0: _first_axis}, output=False, kernel="float Gather (table dequantized at load)"
 )
 """Gather from a constant table (an embedding): the table is stored as int8, one scale per
 row; the gathered rows are written in float (they usually feed a LayerNormalization)."""
