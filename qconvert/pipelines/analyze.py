@@ -60,10 +60,9 @@ def analyze(
     float_model = model_io.load_model(model, limits)
     model_io.check_convertible(float_model, model)
     source = DirectorySource(data, input_specs(float_model), images=images, limits=limits)
-    with progress.task("Calibrating", len(source)) as advance:
-        calibration = collect_calibration(
-            model, float_model, source, CollectSettings(), advance
-        )
+    calibration = collect_calibration(
+        model, float_model.clone(), source, CollectSettings(), progress
+    )
     prepared, _ = prepare_for_scheme(float_model, config)
     range_method = RangeMethod(name=method, bits=scheme.activation_dtype.itemsize * 8)
     ranges, choices = ranges_of(calibration, range_method)

@@ -114,28 +114,15 @@ def calibrate(
         seed=seed,
         limits=limits,
     )
-    calibrated = prepare(float_model, min_opset=1)  # no copy: nothing else reads it
-    tensors = checked_body_tensors(
-        calibrated, tensors_to_calibrate(calibrated), source.first()
-    )
-    total = len(source) * pass_count(len(tensors), settings)
-    with progress.task("Calibrating", total) as advance:
-        observers, split = collect_split(
-            calibrated,
-            source,
-            tensors,
-            settings=settings,
-            data=data_spec,
-            workers=workers,
-            ray=ray,
-            advance=advance,
-        )
-    calibration = Calibration(
-        model_sha256=model_io.fingerprint(model),
-        model_file=Path(model).name,
-        samples=len(source),
-        observers=observers,
-        split=split,
+    calibration = collect_calibration(
+        model,
+        float_model,  # no copy: nothing else reads it
+        source,
+        settings,
+        progress,
+        data=data_spec,
+        workers=workers,
+        ray=ray,
     )
     if output is not None:
         model_io.write_atomically(Path(output), calibration.to_json().encode("utf-8"))
@@ -164,37 +151,42 @@ def collect_calibration(
     float_model,
     source: DirectorySource,
     settings: CollectSettings,
-    advance,
+    progress: Progress,
     *,
     data: DataSpec | None = None,
     workers: int | None = 1,
+    ray: RayCluster | None = None,
 ) -> Calibration:
     """Statistics of `float_model` on `source`.
 
     Calibration runs the model prepared at its own opset (names fixed, BatchNormalization
     folded): the tensors are those every scheme plans with, whatever opset it then needs.
-    `workers` splits the samples as `calibrate`'s does; local workers open them again as
-    `data` says (needed unless `workers` is 1).
+    The preparation changes `float_model` in place: pass a clone if it is read later.
+    `workers` and `ray` split the samples (`collect_split`); the workers open them again
+    as `data` says. Without `data`, this process calibrates alone.
     """
-    calibrated = prepare(float_model.clone(), min_opset=1)
+    calibrated = prepare(float_model, min_opset=1)
     tensors = checked_body_tensors(
         calibrated, tensors_to_calibrate(calibrated), source.first()
     )
-    if workers == 1 or data is None:
-        observers = collect_statistics(
-            calibrated, source, tensors, settings=settings, on_sample=advance
-        )
-        split = None
-    else:
-        observers, split = collect_split(
-            calibrated,
-            source,
-            tensors,
-            settings=settings,
-            data=data,
-            workers=workers,
-            advance=advance,
-        )
+    total = len(source) * pass_count(len(tensors), settings)
+    with progress.task("Calibrating", total) as advance:
+        if data is None:
+            observers = collect_statistics(
+                calibrated, source, tensors, settings=settings, on_sample=advance
+            )
+            split = None
+        else:
+            observers, split = collect_split(
+                calibrated,
+                source,
+                tensors,
+                settings=settings,
+                data=data,
+                workers=workers,
+                ray=ray,
+                advance=advance,
+            )
     return Calibration(
         model_sha256=model_io.fingerprint(path),
         model_file=Path(path).name,

@@ -261,13 +261,16 @@ def quantize(
         settings = CollectSettings()
         if method == "minmax":
             settings = CollectSettings(histogram_values=0)
-        with (
-            timed(timings, "calibrate"),
-            progress.task("Calibrating", len(source)) as advance,
-        ):
+        with timed(timings, "calibrate"):
             spec = DataSpec(folder=str(data), specs=specs, images=images, limits=limits)
             calibration = collect_calibration(
-                model, float_model, source, settings, advance, data=spec, workers=workers
+                model,
+                float_model.clone(),
+                source,
+                settings,
+                progress,
+                data=spec,
+                workers=workers,
             )
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
     with timed(timings, "prepare"):
