@@ -33,7 +33,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from qconvert import qparams
 from qconvert.graph_utils import add_initializer
 from qconvert.names import NameAllocator
-from qconvert.passes.load_dequantize import dequantized_at_load, foldable
+from qconvert.passes.load_dequantize import dequantized_at_load
 from qconvert.plan import QuantPlan
 
 _MICROSOFT = "com.microsoft"
@@ -155,36 +155,18 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     ) -> None:
         """Gather(T, ids) -> Gather(Mul(Cast(T_q), scale), ids): an int8 table.
 
-        The table is dequantized once, when the model loads (`load_dequantize`); with a
-        zero point other than 0, by DequantizeLinear at every run.
+        The table is dequantized once, when the model loads (`load_dequantize`): dynamic
+        weights are symmetric, so their zero point is 0.
         """
         table = node.inputs[0]
         if table.name not in tables:
             key = (table.name, False)
             if key not in stored:
                 stored[key] = self._store_weight(graph, names, table, False)
-            table_q, scale, zero = stored[key]
             params = self.plan.tensors[table.name].qparams
-            if foldable(params):
-                tables[table.name] = dequantized_at_load(
-                    graph, names, table_q, params, table.name
-                )
-            else:
-                dequantize = ir.node(
-                    "DequantizeLinear",
-                    [table_q, scale, zero],
-                    attributes={"axis": params.axis} if params.axis is not None else {},
-                    name=names.fresh(f"{table.name}_DequantizeLinear"),
-                    outputs=[
-                        ir.Value(
-                            name=names.fresh(f"{table.name}_dequantized"),
-                            shape=table.shape,
-                            type=ir.TensorType(ir.DataType.FLOAT),
-                        )
-                    ],
-                )
-                graph.insert_before(node, dequantize)
-                tables[table.name] = dequantize.outputs[0]
+            tables[table.name] = dequantized_at_load(
+                graph, names, stored[key][0], params, table.name
+            )
         node.replace_input_with(0, tables[table.name])
 
     def _rewrite_lstm(self, graph: ir.Graph, names: NameAllocator, node: ir.Node) -> None:
