@@ -1,8 +1,13 @@
-"""`calibrate` and `merge`: statistics of a model on a data folder, and their union."""
+"""`calibrate` and `merge`: statistics of a model on a data folder, and their union.
+
+Also the peak magnitudes that fp16 conversion measures the same way (`float16_peaks`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import onnx_ir as ir
 
 from qconvert import model as model_io
 from qconvert.calibration import (
@@ -194,3 +199,38 @@ def collect_calibration(
         observers=observers,
         split=split,
     )
+
+
+def _measurable(value: ir.Value) -> bool:
+    # Scalars (often shape arithmetic) cannot be bound as calibration outputs, and cannot
+    # hold a layer's activations anyway.
+    return (
+        value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) > 0
+    )
+
+
+def float16_peaks(float_model, source: DirectorySource, advance) -> dict[str, float]:
+    """The largest magnitude each float32 tensor computed by a node reaches on `source`.
+
+    What fp16 conversion reads to keep float32 the nodes whose values would overflow.
+    """
+    measured = prepare(float_model.clone(), min_opset=1)
+    names = [
+        value.name
+        for node in measured.graph
+        for value in node.outputs
+        if value.name and _measurable(value)
+    ]
+    names += [value.name for value in measured.graph.inputs if _measurable(value)]
+    observers = collect_statistics(
+        measured,
+        source,
+        names,
+        settings=CollectSettings(histogram_values=0),
+        on_sample=advance,
+    )
+    return {
+        name: max(abs(observer.min), abs(observer.max))
+        for name, observer in observers.items()
+        if observer.count
+    }

@@ -19,7 +19,6 @@ from qconvert import model as model_io
 from qconvert.calibration import (
     CollectSettings,
     RangeMethod,
-    collect_statistics,
     read_calibration,
 )
 from qconvert.calibration.parallel import DataSpec
@@ -53,10 +52,9 @@ from qconvert.passes import (
     InsertQDQPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
-    prepare,
 )
 from qconvert.pipelines.auto_check import AUTO_CHECK_SAMPLES, check_against_minmax
-from qconvert.pipelines.calibrate import collect_calibration
+from qconvert.pipelines.calibrate import collect_calibration, float16_peaks
 from qconvert.pipelines.mixed_precision import (
     check_mixed_precision,
     evaluator_on,
@@ -253,7 +251,7 @@ def quantize(
             timed(timings, "calibrate"),
             progress.task("Measuring ranges", len(source)) as advance,
         ):
-            peaks = _float16_peaks(float_model, source, advance)
+            peaks = float16_peaks(float_model, source, advance)
     elif source is not None:
         # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
         # other methods (auto, the default, too) histogram exactly as `calibrate` does, so
@@ -574,38 +572,6 @@ def _check_synthetic_sample(
         for meta, array in zip(session.get_outputs(), outputs, strict=True)
         if np.issubdtype(np.asarray(array).dtype, np.floating) and not np.isfinite(array).all()
     )
-
-
-def _measurable(value: ir.Value) -> bool:
-    # Scalars (often shape arithmetic) cannot be bound as calibration outputs, and cannot
-    # hold a layer's activations anyway.
-    return (
-        value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) > 0
-    )
-
-
-def _float16_peaks(float_model, source: DirectorySource, advance) -> dict[str, float]:
-    """The largest magnitude each float32 tensor computed by a node reaches on `source`."""
-    measured = prepare(float_model.clone(), min_opset=1)
-    names = [
-        value.name
-        for node in measured.graph
-        for value in node.outputs
-        if value.name and _measurable(value)
-    ]
-    names += [value.name for value in measured.graph.inputs if _measurable(value)]
-    observers = collect_statistics(
-        measured,
-        source,
-        names,
-        settings=CollectSettings(histogram_values=0),
-        on_sample=advance,
-    )
-    return {
-        name: max(abs(observer.min), abs(observer.max))
-        for name, observer in observers.items()
-        if observer.count
-    }
 
 
 def _evaluate(
