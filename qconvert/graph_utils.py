@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+HOLDERS = frozenset({"If", "Loop", "Scan"})
+"""Ops that hold subgraphs (If branches, Loop and Scan bodies) whose nodes are planned,
+calibrated and quantized like the main graph's."""
+
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's array if it is a constant initializer, not overridable as a graph input."""

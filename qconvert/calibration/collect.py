@@ -59,10 +59,10 @@ import onnx_ir as ir
 
 from qconvert import ops
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
-from qconvert.calibration.subgraphs import HOLDERS, expose_body_tensors
+from qconvert.calibration.subgraphs import expose_body_tensors
 from qconvert.dataset import Feeds, Sample
 from qconvert.errors import CalibrationDataError, ConfigError, ModelLoadError
-from qconvert.graph_utils import body_nodes
+from qconvert.graph_utils import HOLDERS, body_nodes
 from qconvert.runtime import describe_error, make_session
 
 logger = logging.getLogger("qconvert")

@@ -25,8 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-HOLDERS = frozenset({"If", "Loop", "Scan"})
-"""Ops whose bodies calibration reaches into."""
+from qconvert.graph_utils import HOLDERS
 
 _SUFFIX = "__in_body"
 _OUT = "__out_of_body"

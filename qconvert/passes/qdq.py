@@ -33,8 +33,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from qconvert import qparams
-from qconvert.calibration.subgraphs import HOLDERS
-from qconvert.graph_utils import add_initializer, body_nodes, values_by_name
+from qconvert.graph_utils import HOLDERS, add_initializer, body_nodes, values_by_name
 from qconvert.names import NameAllocator
 from qconvert.passes.load_dequantize import dequantized_at_load, foldable
 from qconvert.plan import QuantPlan, Role, TensorDecision

@@ -17,9 +17,8 @@ import onnx_ir as ir
 
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
-from qconvert.calibration.subgraphs import HOLDERS
 from qconvert.errors import CalibrationDataError
-from qconvert.graph_utils import body_nodes, constant_array, subgraph_nodes
+from qconvert.graph_utils import HOLDERS, body_nodes, constant_array, subgraph_nodes
 from qconvert.overrides import FLOAT, Overrides
 from qconvert.plan.common import check_overrides, skip_reason
 from qconvert.plan.decisions import (
