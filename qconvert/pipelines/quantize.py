@@ -1,7 +1,9 @@
 """`quantize`: load -> prepare -> calibrate -> plan -> rewrite -> verify -> save -> evaluate.
 
-Each stage is timed into the report; the weight passes and mixed precision, when asked
-for, run between planning and rewriting (`weight_passes`, `mixed_precision`).
+The pipeline is `STAGES`, a literal list of small stages over one `QuantizeState`
+(`pipelines.state`): each takes the state and returns the next, and is timed into the
+report. The weight passes and mixed precision, when asked for, run between planning and
+rewriting (`weight_passes`, `mixed_precision`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from qconvert.pipelines.stages import (
     ranges_of,
     timed,
 )
+from qconvert.pipelines.state import QuantizeRequest, QuantizeState, Stage, run_stages
 from qconvert.pipelines.weight_passes import (
     adaround_weights,
     check_weight_passes,
@@ -155,17 +158,45 @@ def quantize(
         report = qconvert.quantize("model.onnx", "model.16x8.onnx", data="calib/",
                                    config=config)
     """
-    config = config if config is not None else QuantizeConfig()
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers {workers} must be at least 1.")
+    request = QuantizeRequest(
+        model=model,
+        output=output,
+        data=data,
+        calib=calib,
+        method=method,
+        percentile=percentile,
+        images=images,
+        config=config if config is not None else QuantizeConfig(),
+        eval_data=eval_data,
+        target_sqnr=target_sqnr,
+        max_top1_drop=max_top1_drop,
+        report=report,
+        force=force,
+        workers=workers,
+        progress=progress,
+        limits=limits,
+    )
+    state = run_stages(STAGES, QuantizeState(request=request))
+    assert state.report is not None  # the last stage always writes it
+    return state.report
+
+
+# --- the stages, in the order `STAGES` runs them ----------------------------------------
+
+
+def check_options(state: QuantizeState) -> QuantizeState:
+    """Refuses option combinations that cannot work, before anything is read."""
+    request, config = state.request, state.config
+    if request.workers is not None and request.workers < 1:
+        raise ConfigError(f"--workers {request.workers} must be at least 1.")
     scheme = config.resolve_scheme()
-    if scheme.needs_calibration and data is None and calib is None:
+    if scheme.needs_calibration and request.data is None and request.calib is None:
         raise ConfigError(
             f"--scheme {config.scheme} needs calibration data: pass --data DIR or "
             "--calib FILE.",
-            hint=_no_data_hint(model),
+            hint=_no_data_hint(request.model),
         )
-    if data is not None and calib is not None:
+    if request.data is not None and request.calib is not None:
         raise ConfigError(
             "Pass --data or --calib, not both.",
             hint="--data calibrates now; --calib reads a file from `qconvert calibrate`.",
@@ -173,197 +204,326 @@ def quantize(
     range_method = None
     if isinstance(scheme, StaticScheme):
         range_method = RangeMethod(
-            name=method, percentile=percentile, bits=scheme.activation_dtype.itemsize * 8
+            name=request.method,
+            percentile=request.percentile,
+            bits=scheme.activation_dtype.itemsize * 8,
         )
-    if eval_data is not None and not config.keep_io_types:
+    if request.eval_data is not None and not config.keep_io_types:
         raise ConfigError(
             "--eval does not go with --no-keep-io-types: the float and converted models "
             "would need different input types.",
             hint="evaluate with --keep-io-types (the default).",
         )
-    target = Target(sqnr_db=target_sqnr, max_top1_drop=max_top1_drop)
-    mixed = target.sqnr_db is not None or target.max_top1_drop is not None
-    if mixed:
-        check_mixed_precision(config, target, data, eval_data)
-    check_weight_passes(config, data, calib)
-    output = model_io.check_output_path(output, force=force)
-    if report is not None:
-        check_report_path(report)
-    timings: dict[str, float] = {}
+    target = Target(sqnr_db=request.target_sqnr, max_top1_drop=request.max_top1_drop)
+    state = state.replace(scheme=scheme, range_method=range_method, target=target)
+    if state.mixed:
+        check_mixed_precision(config, target, request.data, request.eval_data)
+    check_weight_passes(config, request.data, request.calib)
+    output = model_io.check_output_path(request.output, force=request.force)
+    if request.report is not None:
+        check_report_path(request.report)
+    return state.replace(output=output)
 
-    with timed(timings, "load"):
-        float_model = model_io.load_model(model, limits)
-        model_io.check_convertible(float_model, model)
-        model_io.fix_input_shapes(float_model, config.input_shapes)
-        opset_before = float_model.opset_imports.get("", 1)
-        if config.opset is not None and config.opset < opset_before:
-            raise ConfigError(
-                f"--opset {config.opset} is below the model's opset {opset_before}; "
-                "qconvert only upgrades.",
-                hint=f"pass --opset {opset_before} or later, or leave it out.",
-            )
-        external = model_io.uses_external_data(model)
-        calibrating = scheme.needs_calibration and data is not None
-        if calibrating and _tensor_bytes(float_model) > CALIBRATION_LIMIT:
-            raise UnsupportedModelError(
-                f"Model '{model}' holds over 2 GB of weights: calibration hands the model "
-                f"to onnxruntime as one protobuf, which cannot exceed 2 GB, so --scheme "
-                f"{config.scheme} cannot calibrate it yet.",
-                hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
-            )
-        specs = input_specs(float_model)
-        # fp16 measures the magnitudes tensors reach when data is given, to keep float32
-        # the nodes whose values would overflow float16.
-        measuring = (
-            isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
+
+def load(state: QuantizeState) -> QuantizeState:
+    """Reads the model, and opens the data folders and the calibration file."""
+    request, config, scheme = state.request, state.config, state.scheme
+    model, data, limits, images = request.model, request.data, request.limits, request.images
+    float_model = model_io.load_model(model, limits)
+    model_io.check_convertible(float_model, model)
+    model_io.fix_input_shapes(float_model, config.input_shapes)
+    opset_before = float_model.opset_imports.get("", 1)
+    if config.opset is not None and config.opset < opset_before:
+        raise ConfigError(
+            f"--opset {config.opset} is below the model's opset {opset_before}; "
+            "qconvert only upgrades.",
+            hint=f"pass --opset {opset_before} or later, or leave it out.",
         )
-        source = (
-            DirectorySource(data, specs, images=images, limits=limits)
-            if calibrating or measuring
-            else None
+    external = model_io.uses_external_data(model)
+    calibrating = scheme.needs_calibration and data is not None
+    if calibrating and _tensor_bytes(float_model) > CALIBRATION_LIMIT:
+        raise UnsupportedModelError(
+            f"Model '{model}' holds over 2 GB of weights: calibration hands the model "
+            f"to onnxruntime as one protobuf, which cannot exceed 2 GB, so --scheme "
+            f"{config.scheme} cannot calibrate it yet.",
+            hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
         )
-        calibration = None
-        if scheme.needs_calibration and calib is not None:
-            calibration = read_calibration(calib)
-            calibration.check_model(model_io.fingerprint(model), calib, str(model))
-        evaluation = (
-            DirectorySource(eval_data, specs, images=images, limits=limits)
-            if eval_data is not None
-            else None
-        )
-    equalize_notes: tuple[str, ...] = ()
-    if config.equalize:
-        with timed(timings, "equalize"):
-            float_model, equalize_notes = equalize_model(float_model)
+    specs = input_specs(float_model)
+    # fp16 measures the magnitudes tensors reach when data is given, to keep float32
+    # the nodes whose values would overflow float16.
+    measuring = (
+        isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
+    )
+    source = (
+        DirectorySource(data, specs, images=images, limits=limits)
+        if calibrating or measuring
+        else None
+    )
+    calibration = None
+    if scheme.needs_calibration and request.calib is not None:
+        calibration = read_calibration(request.calib)
+        calibration.check_model(model_io.fingerprint(model), request.calib, str(model))
+    evaluation = (
+        DirectorySource(request.eval_data, specs, images=images, limits=limits)
+        if request.eval_data is not None
+        else None
+    )
+    return state.replace(
+        float_model=float_model,
+        opset_before=opset_before,
+        external=external,
+        specs=specs,
+        measuring=measuring,
+        source=source,
+        calibration=calibration,
+        evaluation=evaluation,
+    )
+
+
+def equalize(state: QuantizeState) -> QuantizeState:
+    """Cross-layer equalization of the float model (`--equalize`)."""
+    float_model, notes = equalize_model(state.float_model)
+    return state.replace(float_model=float_model, notes=notes)
+
+
+def warn_without_vnni(state: QuantizeState) -> QuantizeState:
+    """Warns on CPUs where onnxruntime's u8 x s8 kernels can saturate (no VNNI)."""
+    scheme = state.scheme
     if isinstance(scheme, StaticScheme | DynamicScheme) and not scheme.reduce_range:
         if lacks_vnni():
             logger.warning(
                 "This CPU lacks VNNI: onnxruntime's u8 x s8 kernels can saturate here. "
                 "Pass --reduce-range (7-bit weights) for models that will run on it."
             )
-    if config.smooth_quant is not None and source is not None:
-        with timed(timings, "smooth"):
-            float_model, smooth_notes = smooth_model(float_model, source, config.smooth_quant)
-        equalize_notes = (*equalize_notes, *smooth_notes)
-    peaks: dict[str, float] = {}
-    if measuring:
-        with (
-            timed(timings, "calibrate"),
-            progress.task("Measuring ranges", len(source)) as advance,
-        ):
-            peaks = float16_peaks(float_model, source, advance)
-    elif source is not None:
-        # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
-        # other methods (auto, the default, too) histogram exactly as `calibrate` does, so
-        # --data equals --calib.
-        settings = CollectSettings()
-        if method == "minmax":
-            settings = CollectSettings(histogram_values=0)
-        with timed(timings, "calibrate"):
-            spec = DataSpec(folder=str(data), specs=specs, images=images, limits=limits)
-            calibration = collect_calibration(
-                model,
-                float_model.clone(),
-                source,
-                settings,
-                progress,
-                data=spec,
-                workers=workers,
-            )
+    return state
+
+
+def smooth(state: QuantizeState) -> QuantizeState:
+    """SmoothQuant on the float model (`--smooth-quant`)."""
+    float_model, notes = smooth_model(
+        state.float_model, state.source, state.config.smooth_quant
+    )
+    return state.replace(float_model=float_model, notes=(*state.notes, *notes))
+
+
+def calibrate(state: QuantizeState) -> QuantizeState:
+    """Runs the float model over the samples: statistics, or fp16's magnitudes."""
+    request, source = state.request, state.source
+    if state.measuring:
+        with request.progress.task("Measuring ranges", len(source)) as advance:
+            return state.replace(peaks=float16_peaks(state.float_model, source, advance))
+    # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
+    # other methods (auto, the default, too) histogram exactly as `calibrate` does, so
+    # --data equals --calib.
+    settings = CollectSettings()
+    if request.method == "minmax":
+        settings = CollectSettings(histogram_values=0)
+    spec = DataSpec(
+        folder=str(request.data),
+        specs=state.specs,
+        images=request.images,
+        limits=request.limits,
+    )
+    calibration = collect_calibration(
+        request.model,
+        state.float_model.clone(),
+        source,
+        settings,
+        request.progress,
+        data=spec,
+        workers=request.workers,
+    )
+    return state.replace(calibration=calibration)
+
+
+def prepare(state: QuantizeState) -> QuantizeState:
+    """Prepares the float model for the scheme (`passes.prepare`)."""
+    config = state.config
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
-    with timed(timings, "prepare"):
-        prepared, qdq_domain = prepare_for_scheme(float_model, config)
-        selection.warn_unmatched(prepared.graph)
-    ranges = {}
-    range_choices: dict[str, str] = {}
-    if calibration is not None and range_method is not None:
-        with timed(timings, "ranges"):
-            ranges, range_choices = ranges_of(calibration, range_method)
-    with timed(timings, "plan"):
-        plan = _plan(prepared, scheme, config, selection, ranges, peaks)
-    if range_choices:
-        with timed(timings, "auto check"):
-            checks = source or evaluation
-            checked = check_against_minmax(
-                plan,
-                ranges=ranges,
-                choices=range_choices,
-                calibration=calibration,
-                method=range_method,
-                plan_with=lambda other: _plan(
-                    prepared, scheme, config, selection, other, peaks
-                ),
-                evaluator=evaluator_on(prepared, checks, AUTO_CHECK_SAMPLES)
-                if checks is not None
-                else None,
-                samples_from="calibration" if checks is source else "evaluation",
-            )
-            plan, ranges, range_choices = checked.plan, checked.ranges, checked.choices
-    if mixed:
-        with (
-            timed(timings, "mixed precision"),
-            progress.task("Ranking nodes", len(quantizable_nodes(plan))) as advance,
-        ):
-            plan = plan_mixed_precision(
-                prepared,
-                scheme,
-                config,
-                selection,
-                ranges,
-                evaluation or source,
-                target,
-                advance,
-            )
-    originals: dict = {}
-    if config.adaround and source is not None:
-        with timed(timings, "adaround"):
-            plan = adaround_weights(prepared, plan, source, originals)
-    if config.bias_correction and source is not None:
-        with timed(timings, "bias correction"):
-            plan = correct_biases_of(prepared, plan, source, originals)
-    with timed(timings, "plan"):
-        plan = _with_notes(plan, config, opset_before, prepared, qdq_domain)
-        plan = dataclasses.replace(plan, notes=(*equalize_notes, *plan.notes))
-    with timed(timings, "rewrite"):
-        converted = _rewrite(prepared, plan, config, qdq_domain)
-        DropIntermediateShapesPass()(converted)
-        converted.producer_name = "qconvert"
-    if source is None and data is not None:  # data a scheme does not calibrate on
-        source = DirectorySource(data, specs, images=images, limits=limits)
-    converted_for_compare = _verify_and_save(
-        converted,
-        output,
-        model=model,
-        specs=specs,
-        source=source,
-        external=external,
-        timings=timings,
+    prepared, qdq_domain = prepare_for_scheme(state.float_model, config)
+    selection.warn_unmatched(prepared.graph)
+    return state.replace(selection=selection, prepared=prepared, qdq_domain=qdq_domain)
+
+
+def derive_ranges(state: QuantizeState) -> QuantizeState:
+    """Each calibrated tensor's range, by the range method."""
+    ranges, range_choices = ranges_of(state.calibration, state.range_method)
+    return state.replace(ranges=ranges, range_choices=range_choices)
+
+
+def plan(state: QuantizeState) -> QuantizeState:
+    """Decides, per tensor, what is quantized and how (`qconvert.plan`)."""
+    return state.replace(plan=_plan_of(state, state.ranges))
+
+
+def auto_check(state: QuantizeState) -> QuantizeState:
+    """Keeps `auto`'s per-tensor range choices only where the model gains from them."""
+    checks = state.source or state.evaluation
+    checked = check_against_minmax(
+        state.plan,
+        ranges=state.ranges,
+        choices=state.range_choices,
+        calibration=state.calibration,
+        method=state.range_method,
+        plan_with=lambda other: _plan_of(state, other),
+        evaluator=evaluator_on(state.prepared, checks, AUTO_CHECK_SAMPLES)
+        if checks is not None
+        else None,
+        samples_from="calibration" if checks is state.source else "evaluation",
+    )
+    return state.replace(
+        plan=checked.plan, ranges=checked.ranges, range_choices=checked.choices
     )
 
-    comparison = None
-    if evaluation is not None:
-        with (
-            timed(timings, "evaluate"),
-            progress.task("Evaluating", len(evaluation)) as advance,
-        ):
-            comparison = _evaluate(model, output, converted_for_compare, evaluation, advance)
+
+def mixed_precision(state: QuantizeState) -> QuantizeState:
+    """Keeps float the fewest, most sensitive nodes until the target holds."""
+    nodes = len(quantizable_nodes(state.plan))
+    with state.request.progress.task("Ranking nodes", nodes) as advance:
+        mixed = plan_mixed_precision(
+            state.prepared,
+            state.scheme,
+            state.config,
+            state.selection,
+            state.ranges,
+            state.evaluation or state.source,
+            state.target,
+            advance,
+        )
+    return state.replace(plan=mixed)
+
+
+def adaround(state: QuantizeState) -> QuantizeState:
+    """Rounds the planned weights to minimise each layer's output error (`--adaround`).
+
+    On a copy of the prepared model (its weights are replaced, not written into), so the
+    state before this stage still holds the float weights.
+    """
+    prepared, originals = state.prepared.clone(), dict(state.originals)
+    plan = adaround_weights(prepared, state.plan, state.source, originals)
+    return state.replace(prepared=prepared, plan=plan, originals=originals)
+
+
+def correct_biases(state: QuantizeState) -> QuantizeState:
+    """Shifts biases by the mean error their quantized weights make (`--bias-correction`).
+
+    On a copy of the prepared model, as `adaround`.
+    """
+    prepared = state.prepared.clone()
+    plan = correct_biases_of(prepared, state.plan, state.source, state.originals)
+    return state.replace(prepared=prepared, plan=plan)
+
+
+def add_notes(state: QuantizeState) -> QuantizeState:
+    """Adds what the report must say about opsets, domains, speed and the float passes."""
+    noted = _with_notes(
+        state.plan, state.config, state.opset_before, state.prepared, state.qdq_domain
+    )
+    return state.replace(plan=dataclasses.replace(noted, notes=(*state.notes, *noted.notes)))
+
+
+def rewrite(state: QuantizeState) -> QuantizeState:
+    """Applies the plan to a copy of the prepared model (`passes`).
+
+    The passes rewrite in place; the copy keeps the state's prepared model as it was, so
+    the stages from `plan` on can run again on the same state.
+    """
+    converted = _rewrite(state.prepared.clone(), state.plan, state.config, state.qdq_domain)
+    DropIntermediateShapesPass()(converted)
+    converted.producer_name = "qconvert"
+    return state.replace(converted=converted)
+
+
+def verify_and_save(state: QuantizeState) -> QuantizeState:
+    """Verifies the converted model on one sample, then writes it (times its own parts)."""
+    request, source = state.request, state.source
+    if source is None and request.data is not None:  # data a scheme does not calibrate on
+        source = DirectorySource(
+            request.data, state.specs, images=request.images, limits=request.limits
+        )
+    saved = _verify_and_save(
+        state.converted,
+        state.output,
+        model=request.model,
+        specs=state.specs,
+        source=source,
+        external=state.external,
+        timings=state.timings,
+    )
+    return state.replace(saved=saved)
+
+
+def evaluate(state: QuantizeState) -> QuantizeState:
+    """Compares the float model with the one written, on `--eval`."""
+    request, evaluation = state.request, state.evaluation
+    with request.progress.task("Evaluating", len(evaluation)) as advance:
+        comparison = _evaluate(request.model, state.output, state.saved, evaluation, advance)
+    return state.replace(comparison=comparison)
+
+
+def write_report(state: QuantizeState) -> QuantizeState:
+    """Builds the report, and writes it where `--report` says."""
+    request, calibration = state.request, state.calibration
     result = Report(
         command="quantize",
-        model=str(model),
-        output=str(output),
+        model=str(request.model),
+        output=str(state.output),
         conversion=Conversion.from_plan(
-            plan,
-            opsets=(opset_before, converted.opset_imports.get("", 1)),
-            sizes=(model_io.file_size(model), model_io.file_size(output)),
+            state.plan,
+            opsets=(state.opset_before, state.converted.opset_imports.get("", 1)),
+            sizes=(model_io.file_size(request.model), model_io.file_size(state.output)),
             samples=calibration.samples if calibration is not None else 0,
-            range_methods=_used_choices(range_choices, plan),
+            range_methods=_used_choices(state.range_choices, state.plan),
         ),
-        comparison=comparison,
-        seconds=timings,
+        comparison=state.comparison,
+        seconds=state.timings,
     )
-    if report is not None:
-        result.write(report)
-    return result
+    if request.report is not None:
+        result.write(request.report)
+    return state.replace(report=result)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(check_options),
+    Stage(load, "load"),
+    Stage(equalize, "equalize", when=lambda s: s.config.equalize),
+    Stage(warn_without_vnni),
+    Stage(
+        smooth,
+        "smooth",
+        when=lambda s: s.config.smooth_quant is not None and s.source is not None,
+    ),
+    Stage(calibrate, "calibrate", when=lambda s: s.source is not None),
+    Stage(prepare, "prepare"),
+    Stage(
+        derive_ranges,
+        "ranges",
+        when=lambda s: s.calibration is not None and s.range_method is not None,
+    ),
+    Stage(plan, "plan"),
+    Stage(auto_check, "auto check", when=lambda s: bool(s.range_choices)),
+    Stage(mixed_precision, "mixed precision", when=lambda s: s.mixed),
+    Stage(adaround, "adaround", when=lambda s: s.config.adaround and s.source is not None),
+    Stage(
+        correct_biases,
+        "bias correction",
+        when=lambda s: s.config.bias_correction and s.source is not None,
+    ),
+    Stage(add_notes, "plan"),
+    Stage(rewrite, "rewrite"),
+    Stage(verify_and_save),
+    Stage(evaluate, "evaluate", when=lambda s: s.evaluation is not None),
+    Stage(write_report),
+)
+"""The quantize pipeline: load -> prepare -> calibrate -> plan -> rewrite -> verify ->
+save -> evaluate -> report, with the optional passes between."""
+
+
+def _plan_of(state: QuantizeState, ranges: dict) -> QuantPlan:
+    """`_plan` of the prepared model with `ranges`, as the state's options say."""
+    return _plan(
+        state.prepared, state.scheme, state.config, state.selection, ranges, state.peaks
+    )
 
 
 def _verify_and_save(

@@ -1,0 +1,155 @@
+"""The quantize pipeline's state, and the runner of a list of stages over it.
+
+As onnx_ir's `PassManager` runs a literal list of passes over a model, `run_stages` runs a
+literal list of `Stage`s over one `QuantizeState`: each stage takes the state and returns
+the next one, `dataclasses.replace`d where it computed something. A stage reads only what
+earlier stages left in the state, never reaches back, and skips itself (`when`) when the
+options say it has nothing to do. A recipe is such a list; trying a step re-runs the tail
+of it from a state kept before the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qconvert.config import QuantizeConfig
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.pipelines.stages import PathLike, timed
+from qconvert.progress import SILENT, Progress
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from qconvert.calibration import Calibration, RangeMethod
+    from qconvert.compare import Comparison
+    from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec
+    from qconvert.plan import QuantPlan
+    from qconvert.report import Report
+    from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
+    from qconvert.selection import NodeSelection
+    from qconvert.sensitivity import Target
+
+logger = logging.getLogger("qconvert")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuantizeRequest:
+    """What `quantize` was asked to do: its arguments, as given (see `quantize`)."""
+
+    model: PathLike
+    output: PathLike
+    data: PathLike | None = None
+    calib: PathLike | None = None
+    method: str = "auto"
+    percentile: float = 99.99
+    images: ImagePreprocessing | None = None
+    config: QuantizeConfig = field(default_factory=QuantizeConfig)
+    eval_data: PathLike | None = None
+    target_sqnr: float | None = None
+    max_top1_drop: float | None = None
+    report: PathLike | None = None
+    force: bool = False
+    workers: int | None = 1
+    progress: Progress = SILENT
+    limits: LoadLimits = DEFAULT_LIMITS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuantizeState:
+    """Everything the stages of `quantize` hand each other, in the order they fill it.
+
+    `timings` is the one shared accumulator: the runner records each timed stage in it,
+    and it becomes the report's `seconds`.
+    """
+
+    request: QuantizeRequest
+    timings: dict[str, float] = field(default_factory=dict)
+    # check
+    scheme: StaticScheme | DynamicScheme | Float16Scheme | None = None
+    range_method: RangeMethod | None = None
+    target: Target | None = None
+    output: Path | None = None
+    # load
+    float_model: ir.Model | None = None
+    opset_before: int = 1
+    external: bool = False
+    specs: tuple[InputSpec, ...] = ()
+    measuring: bool = False
+    source: DirectorySource | None = None
+    calibration: Calibration | None = None
+    evaluation: DirectorySource | None = None
+    # equalize, smooth: notes that go ahead of the plan's own
+    notes: tuple[str, ...] = ()
+    # calibrate
+    peaks: dict[str, float] = field(default_factory=dict)
+    # prepare
+    selection: NodeSelection | None = None
+    prepared: ir.Model | None = None
+    qdq_domain: str = ""
+    # ranges, auto check
+    ranges: dict[str, Any] = field(default_factory=dict)
+    range_choices: dict[str, str] = field(default_factory=dict)
+    # plan, mixed precision, weight passes
+    plan: QuantPlan | None = None
+    originals: dict[str, Any] = field(default_factory=dict)
+    # rewrite, verify and save, evaluate, report
+    converted: ir.Model | None = None
+    saved: bytes | str | None = None
+    comparison: Comparison | None = None
+    report: Report | None = None
+
+    @property
+    def config(self) -> QuantizeConfig:
+        """The configuration asked for."""
+        return self.request.config
+
+    @property
+    def mixed(self) -> bool:
+        """Whether a mixed-precision target was asked for."""
+        return self.target is not None and (
+            self.target.sqnr_db is not None or self.target.max_top1_drop is not None
+        )
+
+    def replace(self, **changes: Any) -> QuantizeState:
+        """A copy with `changes`: what a stage returns."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One stage of a pipeline.
+
+    Attributes:
+        run: takes the state, returns the next one.
+        timing: the key its seconds go under in the report; None for a stage that takes
+            no measurable time or times its own parts.
+        when: runs the stage only when this says so; None runs it always.
+    """
+
+    run: Callable[[QuantizeState], QuantizeState]
+    timing: str | None = None
+    when: Callable[[QuantizeState], bool] | None = None
+
+    @property
+    def name(self) -> str:
+        """The stage's name: its function's."""
+        return self.run.__name__
+
+
+def run_stages(stages: Iterable[Stage], state: QuantizeState) -> QuantizeState:
+    """Runs each stage that applies, in order, timing the timed ones into `state.timings`."""
+    for stage in stages:
+        if stage.when is not None and not stage.when(state):
+            continue
+        logger.debug("quantize: %s", stage.name)
+        if stage.timing is None:
+            state = stage.run(state)
+        else:
+            with timed(state.timings, stage.timing):
+                state = stage.run(state)
+    return state
