@@ -17,7 +17,8 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
     conversion      null | {scheme, format, opset_before, opset_after, float_bytes,
                     converted_bytes, size_ratio, calibration_samples, quantized_ops {op: n},
                     folded_clamps [str], float_nodes [{name, op_type, reason}], notes [str],
-                    range_methods {activation tensor: method chosen by --method auto}}
+                    range_methods {activation tensor: method chosen by --method auto},
+                    finished [str], kept [str], refused [str] (pre-quantized models)}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
@@ -82,6 +83,12 @@ class Conversion:
     float_nodes: tuple[FloatNode, ...]
     notes: tuple[str, ...] = ()
     range_methods: dict[str, str] = field(default_factory=dict)
+    finished: tuple[str, ...] = ()
+    """Pre-quantized models: what was stored as integers, folded or filled in."""
+    kept: tuple[str, ...] = ()
+    """Pre-quantized models: what was left as the model had it, and why."""
+    refused: tuple[str, ...] = ()
+    """Pre-quantized models: what could not be finished, and why."""
 
     @property
     def range_summary(self) -> str:

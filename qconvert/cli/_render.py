@@ -40,6 +40,13 @@ def report(result: Report) -> None:
         stdout.print(table)
         for note in conversion.notes:
             stdout.print(f"note: {note}")
+        for heading, lines in (
+            ("finished", conversion.finished),
+            ("kept", conversion.kept),
+            ("refused", conversion.refused),
+        ):
+            for line in lines:
+                stdout.print(f"{heading}: {line}")
         if conversion.float_nodes:
             floats = Table(title="Nodes left float", title_justify="left")
             for column in ("node", "op", "reason"):

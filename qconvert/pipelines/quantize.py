@@ -55,6 +55,7 @@ from qconvert.passes import (
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
 )
+from qconvert.pipelines import prequantized
 from qconvert.pipelines.auto_check import AUTO_CHECK_SAMPLES, check_against_minmax
 from qconvert.pipelines.calibrate import collect_calibration, float16_peaks
 from qconvert.pipelines.mixed_precision import (
@@ -176,6 +177,8 @@ def quantize(
         progress=progress,
         limits=limits,
     )
+    if prequantized.applies(model):  # Q/DQ pairs: finished, not quantized again
+        return prequantized.finish_request(request)
     state = run_stages(STAGES, QuantizeState(request=request))
     assert state.report is not None  # the last stage always writes it
     return state.report
