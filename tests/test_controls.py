@@ -11,6 +11,7 @@ import pytest
 import qconvert
 from qconvert import QuantizeConfig, testing
 from qconvert.overrides import load_overrides
+from qconvert.runtime import make_session
 
 
 def _assert_clean_failure(result, code, out, *fragments):
@@ -274,13 +275,20 @@ def test_schemes_without_data_run_from_the_cli(run_cli, tiny_cnn, tmp_path, sche
 # --- models that cannot be quantized: exit 3 ---------------------------------------------
 
 
-def test_already_quantized_model_is_refused(run_cli, tiny_cnn, tmp_path):
+def test_qdq_model_is_finished_not_quantized_again(run_cli, tiny_cnn, tmp_path):
+    # A QDQ model is pre-quantized (tests/test_prequantized.py): its ranges are kept. Ours
+    # stores its weights as integers already, so finishing it changes no value.
     quantized = tmp_path / "q.onnx"
     assert (
         run_cli("quantize", tiny_cnn, "--data", tmp_path / "calib", "-o", quantized).code == 0
     )
     out, result = _quantize(run_cli, quantized, tmp_path)
-    _assert_clean_failure(result, 3, out, "q.onnx", "is already quantized", "QuantizeLinear")
+    assert result.code == 0, result.err
+    assert "kept: --data: every Conv/Gemm/MatMul already has trained ranges" in result.out
+    assert testing.count_ops(out) == testing.count_ops(quantized)
+    feeds = testing.random_inputs(onnx.load(str(tiny_cnn)), seed=7)
+    same = [make_session(str(p)).run(None, feeds)[0] for p in (quantized, out)]
+    np.testing.assert_array_equal(*same)
 
 
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "fp16"])

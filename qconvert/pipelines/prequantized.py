@@ -82,7 +82,6 @@ def finish(
     refused as a usage error.
     """
     config = config if config is not None else QuantizeConfig()
-    _check_options(config, calib, unused)
     output = model_io.check_output_path(output, force=force)
     if report is not None:
         check_report_path(report)
@@ -91,6 +90,7 @@ def finish(
     with timed(timings, "load"):
         loaded = model_io.load_model(model, limits)
         prequantized.check_finishable(loaded, model)
+        _check_options(config, calib, unused)
         model_io.fix_input_shapes(loaded, config.input_shapes)
         opset_before = loaded.opset_imports.get("", 1)
         specs = input_specs(loaded)
