@@ -153,9 +153,7 @@ def test_weight_pair_is_stored_as_integers(tmp_path, granularity):
 
 
 def test_microsoft_domain_pairs_are_recognised(tmp_path):
-    source, out, report = _finish(
-        _matmul_model("per tensor", domain="com.microsoft"), tmp_path
-    )
+    source, out, _ = _finish(_matmul_model("per tensor", domain="com.microsoft"), tmp_path)
     model = onnx.load(str(out))
     domains = {(n.op_type, n.domain) for n in model.graph.node}
     assert ("DequantizeLinear", "com.microsoft") in domains
@@ -240,11 +238,10 @@ def _conv_bn_model(*, range_between: bool) -> onnx.ModelProto:
     weight = (rng.standard_normal((4, 2, 3, 3)) * 0.4).astype(np.float32)
     scale = (np.abs(weight).reshape(4, -1).max(1) / 127).astype(np.float32)
     pair, pair_inits = _weight_pair("W", "w", scale, np.zeros(4, np.int8), axis=0)
-    conv_out = "c" if not range_between else "c"
     nodes = [*_activation_pair("x", 0.02), *pair]
-    nodes.append(helper.make_node("Conv", ["x_dq", "w_dq", "B"], [conv_out], name="conv",
+    nodes.append(helper.make_node("Conv", ["x_dq", "w_dq", "B"], ["c"], name="conv",
                                   pads=[1, 1, 1, 1]))  # fmt: skip
-    bn_input = conv_out
+    bn_input = "c"
     if range_between:
         nodes += [
             helper.make_node("QuantizeLinear", ["c", "cs", "cz"], ["c_q"], name="c_Q"),
