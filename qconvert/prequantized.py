@@ -45,6 +45,8 @@ def glance(path: str | os.PathLike[str]) -> bool:
     """
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
+        if not {node.op_type for node in proto.graph.node} & (QDQ_OPS | {"Round"}):
+            return False  # the common case, decided without building the graph
         model = ir.serde.deserialize_model(proto)
     except Exception:  # noqa: BLE001 - the normal load reports what is wrong with the file
         return False

@@ -162,6 +162,21 @@ def test_microsoft_domain_pairs_are_recognised(tmp_path):
     np.testing.assert_array_equal(_outputs(out, feeds)[0], _outputs(source, feeds)[0])
 
 
+def test_microsoft_domain_pairs_become_integer_operators_in_qop(tmp_path):
+    config = QuantizeConfig(format=Format.QOP)
+    model = _matmul_model("per channel, axis 1", domain="com.microsoft")
+    source, out, report = _finish(model, tmp_path, config=config)
+    ops = testing.count_ops(out)
+    assert ops["MatMulInteger"] == 1 and "MatMul" not in ops
+    assert testing.optimized_ops(out, tmp_path)["MatMulInteger"] == 1
+    feeds = _feeds()
+    np.testing.assert_allclose(_outputs(out, feeds)[0], _outputs(source, feeds)[0], atol=1e-5)
+    assert report.conversion.finished[-1] == (
+        "3 com.microsoft QuantizeLinear/DequantizeLinear of 8-bit types written as the "
+        "equal ai.onnx ops, which integer operators read"
+    )
+
+
 def test_shared_weight_gets_integers_per_quantizer(tmp_path):
     first, first_inits = _weight_pair("W", "a", np.float32(0.01), np.int8(0))
     second, second_inits = _weight_pair("W", "b", np.float32(0.03), np.int8(0))
@@ -231,6 +246,31 @@ def test_quantize_without_dequantize_is_kept(tmp_path):
         "QuantizeLinear 'lonely_Q' has no DequantizeLinear reader: left as it is",
     )
     assert report.conversion.finished == ()
+
+
+def test_weight_with_a_computed_scale_is_refused_and_left_as_it_is(tmp_path):
+    nodes = [
+        *_activation_pair("x", 0.02),
+        helper.make_node("Abs", ["w_s"], ["w_abs"], name="abs"),
+        helper.make_node("QuantizeLinear", ["W", "w_abs", "w_z"], ["w_q"], name="w_Q"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_abs", "w_z"], ["w_dq"], name="w_DQ"),
+        helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"], name="mm"),
+    ]
+    inits = [
+        _init("W", W),
+        _init("w_s", np.float32(-0.01)),
+        _init("w_z", np.int8(0)),
+        _init("act_scale", np.float32(0.02)),
+        _init("act_zp", np.uint8(128)),
+    ]
+    source, out, report = _finish(_graph_model(nodes, [_x()], [_y()], inits), tmp_path)
+    assert testing.count_ops(out)["QuantizeLinear"] == 2
+    assert report.conversion.refused == (
+        "weight 'W': the scale or zero point of QuantizeLinear 'w_Q' is computed at run "
+        "time, so its integers cannot be stored",
+    )
+    feeds = _feeds()
+    np.testing.assert_array_equal(_outputs(out, feeds)[0], _outputs(source, feeds)[0])
 
 
 def _conv_bn_model(*, range_between: bool) -> onnx.ModelProto:

@@ -23,6 +23,9 @@ function; each records what it did in a `Ledger` for the report.
    from 8-bit DQs is stored as int32 at input scale x weight scale, the scale integer
    kernels accumulate at (PyTorch's quantized kernels round the bias the same way). The
    change is at most half a step of that scale per output, far below the output's step.
+6. `StandardQDQDomainPass` (for `--format qop`): com.microsoft QuantizeLinear and
+   DequantizeLinear of 8-bit types become the ai.onnx ops they equal (per axis from opset
+   13), which the integer-operator rewrite reads.
 """
 
 from __future__ import annotations
@@ -516,3 +519,31 @@ def _eight_bit_dq(*nodes: ir.Node | None) -> bool:
         if node.inputs[0].dtype not in _EIGHT_BIT or constant_array(node.inputs[1]) is None:
             return False
     return True
+
+
+class StandardQDQDomainPass(ir.passes.InPlacePass):
+    """Writes 8-bit com.microsoft Q/DQ as the equal ai.onnx ops (rule 6 above)."""
+
+    def __init__(self, *, ledger: Ledger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = model.opset_imports.get("", 1)
+        moved = 0
+        for node in model.graph:
+            if not is_qdq(node) or node.domain != "com.microsoft":
+                continue
+            integers = node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]
+            scale = constant_array(node.inputs[1])
+            per_axis = scale is None or scale.size > 1
+            if integers.dtype not in _EIGHT_BIT or opset < (13 if per_axis else 10):
+                continue
+            node.domain = ""
+            moved += 1
+        if moved:
+            self.ledger.finished.append(
+                f"{moved} com.microsoft QuantizeLinear/DequantizeLinear of 8-bit types "
+                "written as the equal ai.onnx ops, which integer operators read"
+            )
+        return ir.passes.PassResult(model, modified=bool(moved))

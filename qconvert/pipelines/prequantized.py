@@ -39,6 +39,7 @@ from qconvert.passes.finish_qdq import (
     FoldClampIntoQuantizePass,
     PropagateRangePass,
     QuantizeBiasesPass,
+    StandardQDQDomainPass,
     StoreQuantizedWeightsPass,
     TypeQuantizedValuesPass,
 )
@@ -114,6 +115,7 @@ def finish(
             )
     if config.format is Format.QOP:
         with timed(timings, "rewrite"):
+            StandardQDQDomainPass(ledger=ledger)(finished)
             QDQToQOperatorPass()(finished)
     DropIntermediateShapesPass()(finished)
     finished.producer_name = "qconvert"
@@ -191,6 +193,11 @@ def _check_options(
             ("--smooth-quant", config.smooth_quant is not None),
             ("--exclude/--include-only", bool(config.exclude or config.include_only)),
             ("--activation-type", config.activation_type is not None),
+            ("--symmetric-activations", config.symmetric_activations),
+            ("--per-tensor", not config.per_channel),
+            ("--reduce-range", config.reduce_range),
+            ("--opset", config.opset is not None),
+            ("--overrides", bool(config.overrides)),
         )
         if on
     ]
