@@ -56,6 +56,7 @@ bench: $(BENCH_STAMP)
 samples: setup
 	$(BIN)/python -m pip install --quiet -e '.[samples]'
 	$(BIN)/python tools/make_samples.py --out sample_models
+	$(BIN)/python tools/make_qat_sample.py --out sample_models
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -684,6 +684,16 @@ difference.
 Regenerate with `make samples`. Re-running reproduces the same split and data
 files; the weights are deterministic for a given machine and torch build but may
 differ in the last bits elsewhere.
+
+## `digits_qat`: a quantization-aware-trained export
+
+Written by `tools/make_qat_sample.py` (also run by `make samples`), with its own
+`digits_qat/README.md`: Conv(1→16)+ReLU → MaxPool → Conv(16→32)+ReLU → MaxPool →
+Linear(512→128)+ReLU → Linear(128→10), trained in float, then with PyTorch eager
+QAT (`torch.ao.quantization.prepare_qat`, FakeQuantize: uint8 activations, int8
+symmetric per-channel weights) on the same split, and exported with
+`torch.onnx.export` (opset 13) as a QDQ model with float32 weights behind
+QuantizeLinear -> DequantizeLinear pairs. Same `calib/` and `eval/` images.
 """
 
 

@@ -234,6 +234,12 @@ def quantize_command(
     Activation ranges come from --data (calibrated now) or --calib (a file written by
     `qconvert calibrate`), derived by --method.
 
+    A model that already holds QuantizeLinear/DequantizeLinear pairs (a quantization-aware
+    training export) is finished instead: every trained scale and zero point stays, weights
+    are stored as integers behind their DequantizeLinear, and --data fills in only the
+    Conv/Gemm/MatMul left without ranges. Fake quantization spelled out in float ops
+    (Round/Clip/Mul) and integer operators are refused.
+
     The input model is never modified; the output is written only after it passes the ONNX
     checker and runs in onnxruntime.
     """
