@@ -152,6 +152,32 @@ def test_weight_pair_is_stored_as_integers(tmp_path, granularity):
     assert report.size_ratio < 1
 
 
+def test_int4_blocked_weight_is_stored_as_int4(tmp_path):
+    weight = (np.random.default_rng(2).standard_normal((8, 6)) * 0.5).astype(np.float32)
+    scale = (np.abs(weight).reshape(2, 4, 6).max(1) / 7).astype(np.float32)
+    blocked = {"axis": 0, "block_size": 4}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["W", "s", "z"], ["wq"], name="w_Q", **blocked),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"], name="w_DQ", **blocked),
+        helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm"),
+    ]
+    inits = [
+        _init("W", weight),
+        _init("s", scale),
+        helper.make_tensor("z", TensorProto.INT4, [2, 6], [0] * 12),
+    ]
+    model = _graph_model(nodes, [_x((2, 8))], [_y()], inits, opset=21)
+    source, out, report = _finish(model, tmp_path)
+    assert _initializer_types(out)["W_q"] == TensorProto.INT4
+    assert report.conversion.finished == (
+        "weight 'W' stored as int4 (blocked, axis 0, block 4), read through DequantizeLinear "
+        "'w_DQ'",
+    )
+    feeds = _feeds((2, 8))
+    np.testing.assert_array_equal(_outputs(out, feeds)[0], _outputs(source, feeds)[0])
+    assert report.size_ratio < 0.6
+
+
 def test_microsoft_domain_pairs_are_recognised(tmp_path):
     source, out, _ = _finish(_matmul_model("per tensor", domain="com.microsoft"), tmp_path)
     model = onnx.load(str(out))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from qconvert import model as model_io
 from qconvert import prequantized
@@ -210,6 +211,7 @@ def _finish(model: ir.Model, ledger: prequantized.Ledger) -> ir.Model:
     """Runs the finishing passes in order (`qconvert.passes.finish_qdq`)."""
     batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph)
     passes = [
+        NameFixPass(),  # the report names nodes; exporters may leave some unnamed
         FoldConstantChainsPass(),  # exporters share zero points through Identity nodes
         TypeQuantizedValuesPass(),
         StoreQuantizedWeightsPass(ledger=ledger),
