@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qconvert
 from qconvert import testing
 from qconvert.config import Format, QuantizeConfig
+from qconvert.errors import VerificationError
+from qconvert.pipelines.prequantized import check_same_function
 from qconvert.runtime import make_session
 
 SAMPLES = Path(__file__).parent.parent / "sample_models" / "digits_qat"
@@ -482,6 +485,56 @@ def test_fake_quantization_in_float_ops_is_refused(run_cli, tmp_path):
         "QuantizeLinear/DequantizeLinear nodes (the ONNX export of a FakeQuantize model "
         "writes them), or start from the float model."
     )
+
+
+def test_clip_round_mul_chain_is_refused(run_cli, tmp_path):
+    nodes = [
+        helper.make_node("Clip", ["x", "lo", "hi"], ["clipped"], name="clip"),
+        helper.make_node("Round", ["clipped"], ["rounded"], name="round"),
+        helper.make_node("Mul", ["rounded", "s"], ["y"], name="mul"),
+    ]
+    inits = [
+        _init("s", np.float32(0.02)),
+        _init("lo", np.float32(0)),
+        _init("hi", np.float32(255)),
+    ]
+    path, result = _refused(
+        run_cli, _graph_model(nodes, [_x()], [_y(shape=(2, 4))], inits), tmp_path
+    )
+    assert result.code == 3
+    assert (
+        result.err.strip()
+        .splitlines()[0]
+        .startswith(
+            f"Error: Model '{path}' spells out fake quantization in float ops (Clip 'clip' -> "
+            "Round 'round' -> Mul 'mul'); "
+        )
+    )
+
+
+def test_outputs_more_than_one_step_apart_fail_verification(tmp_path):
+    def model(shift: float) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Add", ["x", "shift"], ["shifted"], name="add"),
+            helper.make_node("QuantizeLinear", ["shifted", "s", "z"], ["q"], name="Q"),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="DQ"),
+        ]
+        inits = [_init("shift", np.float32(shift)), _init("s", np.float32(0.02))]
+        inits.append(_init("z", np.uint8(128)))
+        return _graph_model(nodes, [_x()], [_y(shape=(2, 4))], inits)
+
+    original = testing.save(model(0.0), tmp_path / "a.onnx")
+    shifted = model(0.06)
+    finished = ir.serde.deserialize_model(shifted)
+    feeds = [{"x": np.zeros((2, 4), np.float32)}]
+    with pytest.raises(VerificationError) as caught:
+        check_same_function(str(original), shifted.SerializeToString(), finished, feeds)
+    assert str(caught.value) == (
+        "The finished model's output 'y' differs from the pre-quantized model's by 0.06 on "
+        "check sample 0, more than one quantization step (0.02)."
+    )
+    assert caught.value.exit_code == 4
+    check_same_function(str(original), original.read_bytes(), finished, feeds)
 
 
 def test_integer_operators_are_refused(run_cli, tmp_path):

@@ -126,7 +126,7 @@ def finish(
         checks = checks or [synthetic_sample(specs).feeds]
         verify_model(converted, checks[0])
         if samples == 0:  # filled-in ops compute differently from the float they replace
-            _check_same_function(str(model), converted, finished, checks)
+            check_same_function(str(model), converted, finished, checks)
     with timed(timings, "save"):
         model_io.write_atomically(output, converted)
     comparison = None
@@ -271,7 +271,7 @@ def _first(source: DirectorySource | None, count: int) -> list:
     return samples
 
 
-def _check_same_function(
+def check_same_function(
     original: str, converted: bytes, finished: ir.Model, feeds_list: list[dict]
 ) -> None:
     """The finished model's outputs equal the original's within one step on every sample.
