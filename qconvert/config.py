@@ -15,11 +15,14 @@ from enum import Enum
 import onnx.defs
 
 from qconvert.errors import ConfigError
+from qconvert.int4_options import check_int4_options
 from qconvert.overrides import Overrides
 from qconvert.schemes import (
     ACTIVATION_TYPES,
+    BLOCKED_DQ_MIN_OPSET,
     INT16_MIN_OPSET,
     SCHEMES,
+    BlockedWeightScheme,
     DynamicScheme,
     Scheme,
     StaticScheme,
@@ -41,7 +44,8 @@ class QuantizeConfig:
 
     Attributes:
         scheme: a name from `qconvert.schemes.SCHEMES`.
-        format: `qdq` (any static scheme) or `qop` (int8 only).
+        format: `qdq` (any static scheme, int4) or `qop` (int8, int4); None: qop for
+            int4 (MatMulNBits), else qdq.
         activation_type: `uint8` or `int8` activations for the int8 scheme; None keeps the
             scheme's own (uint8 for int8, int16 for 16x8).
         symmetric_activations: zero point in the middle of the activation range (static
@@ -65,10 +69,18 @@ class QuantizeConfig:
             None: off.
         input_shapes: (input name, dims) pairs fixing a model's dynamic input dims before
             planning (`--input-shape name:1x3x224x224`); the written model keeps them.
+        block_size: int4: weights per block along the reduction axis (32, 64 or 128);
+            None: 32.
+        asymmetric_weights: int4: a zero point per block (else symmetric).
+        quantize_embeddings: int4: also the tables read by Gather (embeddings).
+        accuracy_level: int4 qop: MatMulNBits' accuracy_level (0 unset, 1 fp32, 2 fp16,
+            3 bf16, 4 int8 compute); None: the default of `qconvert.int4_options`.
+        scale_search: int4: shrink each block's range to its least squared error (an MSE
+            search of the scale) before rounding.
     """
 
     scheme: str = "int8"
-    format: Format = Format.QDQ
+    format: Format | None = None
     activation_type: str | None = None
     symmetric_activations: bool = False
     per_channel: bool = True
@@ -83,12 +95,19 @@ class QuantizeConfig:
     adaround: bool = False
     smooth_quant: float | None = None
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    block_size: int | None = None
+    asymmetric_weights: bool = False
+    quantize_embeddings: bool = False
+    accuracy_level: int | None = None
+    scale_search: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(
                 f"Unknown scheme '{self.scheme}'.", hint=f"choose from {', '.join(SCHEMES)}."
             )
+        if self.format is None:
+            object.__setattr__(self, "format", "qop" if self.scheme == "int4" else "qdq")
         try:
             object.__setattr__(self, "format", Format(self.format))
         except ValueError:
@@ -109,13 +128,14 @@ class QuantizeConfig:
             if names.count(name) > 1:
                 raise ConfigError(f"--input-shape is given twice for input '{name}'.")
         preset = SCHEMES[self.scheme]
-        if self.format is Format.QOP and self.scheme != "int8":
+        if self.format is Format.QOP and self.scheme not in ("int8", "int4"):
             raise ConfigError(
                 f"--format qop does not go with --scheme {self.scheme}: integer operators "
-                "exist for 8-bit static quantization only.",
-                hint=f"use --format qop with --scheme int8, or --format qdq with "
+                "exist for 8-bit static quantization and 4-bit weights only.",
+                hint=f"use --format qop with --scheme int8 or int4, or --format qdq with "
                 f"--scheme {self.scheme}.",
             )
+        check_int4_options(self)
         if self.activation_type is not None:
             if self.activation_type not in ACTIVATION_TYPES:
                 raise ConfigError(
@@ -144,7 +164,7 @@ class QuantizeConfig:
                 f"--no-keep-io-types does not go with --scheme {self.scheme}.",
                 hint="only fp16 can give the model float16 inputs and outputs.",
             )
-        if self.equalize and self.scheme in ("fp16", "fp16-weights"):
+        if self.equalize and self.scheme in ("fp16", "fp16-weights", "int4"):
             raise ConfigError(
                 f"--equalize does not go with --scheme {self.scheme}.",
                 hint="it evens out channel ranges for integer weights: int8, 16x8, "
@@ -204,6 +224,11 @@ class QuantizeConfig:
             return preset.with_options(
                 per_channel=self.per_channel, reduce_range=self.reduce_range
             )
+        if isinstance(preset, BlockedWeightScheme):
+            return preset.with_options(
+                block_size=self.block_size or preset.block_size,
+                symmetric=not self.asymmetric_weights,
+            )
         return preset.with_options(keep_io_types=self.keep_io_types)
 
     @property
@@ -215,6 +240,8 @@ class QuantizeConfig:
     def min_opset(self) -> int:
         """The lowest ai.onnx opset the written model may have, overrides included."""
         needed = SCHEMES[self.scheme].min_opset
+        if self.scheme == "int4" and self.format is Format.QDQ:
+            needed = BLOCKED_DQ_MIN_OPSET
         if self.overrides.uses_int16():
             needed = max(needed, INT16_MIN_OPSET)
         return needed

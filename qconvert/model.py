@@ -41,8 +41,16 @@ OLDEST_OPSET = 7
 """onnxruntime runs ai.onnx opset 7 and later; older models are refused, not upgraded."""
 
 
-def load_model(path: str | os.PathLike[str], limits: LoadLimits = DEFAULT_LIMITS) -> ir.Model:
+def load_model(
+    path: str | os.PathLike[str],
+    limits: LoadLimits = DEFAULT_LIMITS,
+    *,
+    keep_external: bool = False,
+) -> ir.Model:
     """Reads and checks the model at `path` (see the module docstring for the checks).
+
+    With `keep_external`, weights in external data stay on disk, read (memory-mapped) only
+    when a pass asks for them: models past 2 GB are converted tensor by tensor.
 
     Raises:
         ModelLoadError: the file is missing, is not an ONNX model, is truncated, refers to
@@ -80,6 +88,8 @@ def load_model(path: str | os.PathLike[str], limits: LoadLimits = DEFAULT_LIMITS
         ) from None
     try:
         model = ir.load(path)
+        if keep_external:
+            return model
         # Weights are held in memory from here on, so the model can be handed to
         # onnxruntime as bytes and saved anywhere without dangling file references.
         return ir.external_data.load_to_model(model)

@@ -5,6 +5,7 @@ The file has two optional tables, keyed by exact node or tensor name:
     [nodes]                 # node -> scheme
     "conv_1" = "float"      # leave this node float
     "fc_1" = "16x8"         # int16 activations around this node in an int8 run
+    "fc_2" = "int8"         # in an int4 run: 8-bit blocks for this node's weight
 
     [tensors]               # tensor -> type
     "relu_1_out" = "int16"  # quantize this activation to int16
@@ -35,8 +36,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 FLOAT = "float"
-NODE_PRECISIONS = (FLOAT, "int8", "16x8")
-"""What a node may be set to: left float, or one of the static schemes."""
+NODE_PRECISIONS = (FLOAT, "int8", "16x8", "int4")
+"""What a node may be set to: left float, one of the static schemes, or (int4 runs) 4-bit
+or 8-bit blocked weights."""
 TENSOR_PRECISIONS: dict[str, np.dtype | None] = {
     FLOAT: None,
     "uint8": np.dtype(np.uint8),

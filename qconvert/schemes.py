@@ -11,6 +11,9 @@ do. `SCHEMES` names the presets the command line offers:
   float than int8, but runs slower than float there.
 - `int8-dynamic`: weights quantized ahead of time, activations at run time; no data.
 - `fp16`: float16 weights and compute; `fp16-weights`: float16 storage, float32 compute.
+- `int4`: weight-only; MatMul/Gemm (and, on request, embedding) weights in 4-bit blocks
+  along the reduction axis, activations stay float; no data needed (`--data` improves the
+  rounding).
 """
 
 from __future__ import annotations
@@ -127,7 +130,36 @@ class Float16Scheme:
         return replace(self, **changes)
 
 
-Scheme = StaticScheme | DynamicScheme | Float16Scheme
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockedWeightScheme:
+    """Weight-only blocked quantization: one scale per block along the reduction axis.
+
+    Attributes:
+        name: the preset's name.
+        bits: bits per weight (4; 8 for the layers an override keeps at 8 bits).
+        block_size: values per block along the reduction axis K.
+        symmetric: zero point fixed at the middle code (else one zero point per block).
+        min_opset: the lowest ai.onnx opset written (blocked DequantizeLinear needs 21;
+            MatMulNBits needs none, so the QOperator form keeps the model's opset).
+    """
+
+    name: str
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    min_opset: int = 1
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Weights are quantized from their values; data only improves the rounding."""
+        return False
+
+    def with_options(self, **changes: object) -> BlockedWeightScheme:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+Scheme = StaticScheme | DynamicScheme | Float16Scheme | BlockedWeightScheme
 
 INT8 = StaticScheme(name="int8")
 # TensorFlow Lite's 16x8: int16 activations with zero point 0, int8 per-channel weights.
@@ -140,9 +172,12 @@ INT16X8 = StaticScheme(
 INT8_DYNAMIC = DynamicScheme(name="int8-dynamic")
 FP16 = Float16Scheme(name="fp16")
 FP16_WEIGHTS = Float16Scheme(name="fp16-weights", storage_only=True)
+INT4 = BlockedWeightScheme(name="int4")
+BLOCKED_DQ_MIN_OPSET = 21
+"""The first ai.onnx opset whose DequantizeLinear reads int4 and takes a block_size."""
 
 SCHEMES: dict[str, Scheme] = {
-    scheme.name: scheme for scheme in (INT8, INT16X8, INT8_DYNAMIC, FP16, FP16_WEIGHTS)
+    scheme.name: scheme for scheme in (INT8, INT16X8, INT8_DYNAMIC, FP16, FP16_WEIGHTS, INT4)
 }
 
 ACTIVATION_TYPES: dict[str, np.dtype] = {

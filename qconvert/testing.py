@@ -76,6 +76,40 @@ def matmul_add(k: int = 16, n: int = 8, *, seed: int = 0, opset: int = 17) -> on
     return _model(text, {"w": _weights(rng, k, n), "b": _weights(rng, n, scale=0.1)})
 
 
+def embedding_mlp(
+    vocab: int = 50, d: int = 64, hidden: int = 96, classes: int = 10, *, seed: int = 0
+) -> onnx.ModelProto:
+    """Gather (embedding table) -> MatMul+Add -> Relu -> MatMul -> mean over tokens -> Gemm.
+
+    ids int64 [N, T] -> logits [N, classes]; the Gemm has transB and a bias, so every form
+    int4 writes (GatherBlockQuantized, MatMulNBits, MatMulNBits with a bias) appears.
+    """
+    rng = np.random.default_rng(seed)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        embedding_mlp (int64[N,T] ids) => (float[N,{classes}] logits) {{
+            emb = Gather <axis = 0> (table, ids)
+            h0 = MatMul (emb, w1)
+            h1 = Add (h0, b1)
+            h2 = Relu (h1)
+            h3 = MatMul (h2, w2)
+            pooled = ReduceMean <keepdims = 0, axes = [1]> (h3)
+            logits = Gemm <transB = 1> (pooled, w3, b3)
+        }}
+    """
+    return _model(
+        text,
+        {
+            "table": _weights(rng, vocab, d),
+            "w1": _weights(rng, d, hidden, scale=0.2),
+            "b1": _weights(rng, hidden, scale=0.1),
+            "w2": _weights(rng, hidden, d, scale=0.2),
+            "w3": _weights(rng, classes, d, scale=0.2),
+            "b3": _weights(rng, classes, scale=0.1),
+        },
+    )
+
+
 def matmul_layernorm_exp(k: int = 16, *, seed: int = 0) -> onnx.ModelProto:
     """MatMul -> LayerNormalization -> Softmax, and an Exp branch: input [N,K] -> 2 outputs.
 

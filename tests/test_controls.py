@@ -146,7 +146,11 @@ def test_override_file_json_puts_one_node_in_16x8(tmp_path):
     [
         ('[nodes]\n"ghost" = "float"\n', ".toml", ("names node 'ghost'", "does not have")),
         ('[tensors]\n"phantom" = "int8"\n', ".toml", ("names tensor 'phantom'",)),
-        ('{"nodes": {"x": "int4"}}', ".json", ("unknown scheme 'int4'", "float, int8, 16x8")),
+        (
+            '{"nodes": {"x": "int3"}}',
+            ".json",
+            ("unknown scheme 'int3'", "float, int8, 16x8, int4"),
+        ),
         ('{"tensors": {"x": "bf16"}}', ".json", ("unknown type 'bf16'",)),
         ('{"layers": {}}', ".json", ("unknown table 'layers'",)),
         ("[nodes\n", ".toml", ("could not be read",)),
@@ -217,7 +221,7 @@ def test_lacks_vnni_reads_the_cpu_flags(monkeypatch):
             ("--format", "qop", "--scheme", "fp16"),
             (
                 "--format qop does not go with --scheme fp16",
-                "use --format qop with --scheme int8, or --format qdq with --scheme fp16",
+                "use --format qop with --scheme int8 or int4, or --format qdq with --scheme fp16",
             ),
         ),
         (("--format", "qop", "--scheme", "16x8"), ("--format qop does not go with",)),

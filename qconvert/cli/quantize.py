@@ -24,7 +24,10 @@ SCHEME_HELP = (
     "but onnxruntime has no int16 kernels on CPU, so it runs SLOWER than float there. "
     "int8-dynamic: int8 MatMul/Gemm weights, activations quantized at run time, no data "
     "needed (transformers; LSTM too; Conv stays float). fp16: float16 weights and compute, "
-    "float32 inputs/outputs. fp16-weights: float16 storage, float32 compute (for CPUs)."
+    "float32 inputs/outputs. fp16-weights: float16 storage, float32 compute (for CPUs). "
+    "int4: weight-only, MatMul/Gemm weights in 4-bit blocks along the reduction axis "
+    "(--block-size), written as com.microsoft MatMulNBits by default; no data needed, "
+    "--data gives GPTQ rounding where held-out samples say it helps."
 )
 
 
@@ -64,11 +67,41 @@ SCHEME_HELP = (
     "--format",
     "format_",
     type=click.Choice(["qdq", "qop"]),
-    default="qdq",
-    show_default=True,
-    help="qdq: QuantizeLinear/DequantizeLinear around float ops. qop: integer operators "
-    "(QLinearConv, QLinearMatMul, QGemm, QLinearAdd/Mul/Concat/AveragePool/Sigmoid/..., "
-    "ConvInteger, MatMulInteger), int8 only.",
+    default=None,
+    help="qdq: QuantizeLinear/DequantizeLinear around float ops (int4: INT4 weights behind "
+    "blocked DequantizeLinear, opset 21). qop: integer operators (QLinearConv, "
+    "QLinearMatMul, QGemm, QLinearAdd/Mul/Concat/AveragePool/Sigmoid/..., ConvInteger, "
+    "MatMulInteger) for int8; com.microsoft MatMulNBits and GatherBlockQuantized for int4. "
+    "[default: qop for int4, else qdq]",
+)
+@click.option(
+    "--block-size",
+    type=click.Choice(["32", "64", "128"]),
+    default=None,
+    help="int4: weights per block along the reduction axis, each block with its own "
+    "scale. [default: 32]",
+)
+@click.option(
+    "--asymmetric-weights",
+    is_flag=True,
+    help="int4: a zero point per block as well as a scale (else symmetric).",
+)
+@click.option(
+    "--quantize-embeddings",
+    is_flag=True,
+    help="int4: also store the tables read by Gather (embeddings) in 4-bit blocks.",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=None,
+    help="int4 qop: MatMulNBits accuracy_level; 4 computes with int8 activations (fastest "
+    "on CPU), 0 or 1 in float32 (exactly the dequantized weights). [default: 4]",
+)
+@click.option(
+    "--scale-search",
+    is_flag=True,
+    help="int4: shrink each block's range to the least squared error before rounding.",
 )
 @click.option(
     "--activation-type",
@@ -204,7 +237,12 @@ def quantize_command(
     method: str,
     percentile: float,
     scheme: str,
-    format_: str,
+    format_: str | None,
+    block_size: str | None,
+    asymmetric_weights: bool,
+    quantize_embeddings: bool,
+    accuracy_level: int | None,
+    scale_search: bool,
     activation_type: str | None,
     symmetric_activations: bool,
     per_channel: bool,
@@ -266,6 +304,11 @@ def quantize_command(
         adaround=adaround,
         smooth_quant=smooth_quant,
         input_shapes=tuple(parse_input_shape(text) for text in input_shapes),
+        block_size=int(block_size) if block_size is not None else None,
+        asymmetric_weights=asymmetric_weights,
+        quantize_embeddings=quantize_embeddings,
+        accuracy_level=accuracy_level,
+        scale_search=scale_search,
     )
     if overrides is not None:  # read after the options are known to go together
         config = dataclasses.replace(config, overrides=load_overrides(overrides))

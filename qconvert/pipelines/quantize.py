@@ -58,6 +58,7 @@ from qconvert.passes import (
 from qconvert.pipelines import prequantized
 from qconvert.pipelines.auto_check import AUTO_CHECK_SAMPLES, check_against_minmax
 from qconvert.pipelines.calibrate import collect_calibration, float16_peaks
+from qconvert.pipelines.int4 import quantize_int4
 from qconvert.pipelines.mixed_precision import (
     check_mixed_precision,
     evaluator_on,
@@ -159,6 +160,12 @@ def quantize(
         report = qconvert.quantize("model.onnx", "model.16x8.onnx", data="calib/",
                                    config=config)
     """
+    if config is not None and config.scheme == "int4":  # weight-only: its own stages
+        return quantize_int4(
+            model, output, config=config, data=data, calib=calib, images=images,
+            eval_data=eval_data, mixed=target_sqnr is not None or max_top1_drop is not None,
+            report=report, force=force, progress=progress, limits=limits,
+        )  # fmt: skip
     request = QuantizeRequest(
         model=model,
         output=output,

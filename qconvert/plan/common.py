@@ -28,6 +28,12 @@ def check_overrides(
                 f"Override file '{overrides.source}' names node '{name}', which the model "
                 "does not have."
             )
+        if static and precision == "int4":
+            raise OverrideFileError(
+                f"Override file '{overrides.source}' sets node '{name}' to 'int4', which "
+                f"a --scheme {scheme} run cannot apply.",
+                hint="int4 weights come from --scheme int4.",
+            )
         if not static and precision not in (FLOAT, scheme):
             raise OverrideFileError(
                 f"Override file '{overrides.source}' sets node '{name}' to '{precision}', "

@@ -1,0 +1,225 @@
+"""Blocked weight quantization: one scale (and zero point) per block along the reduction axis.
+
+A weight W of a MatMul `y = x @ W` has shape (K, N): K is the reduction axis. Its transpose
+(N, K) is cut into blocks of `block_size` consecutive values along K; each block gets its
+own scale s (and zero point z), and each value an unsigned `bits`-bit code c:
+
+    w ~ (c - z) * s            computed in float32: (float(c) - float(z)) * s
+
+which is how onnxruntime's MatMulNBits, GatherBlockQuantized and blocked DequantizeLinear
+read them, so a dequantized copy made here equals the runtime's bit for bit.
+
+- Symmetric (the default): z = 2**(bits-1) (8 for 4 bits), and s maps the block's value of
+  largest magnitude onto the code 0, i.e. onto -8: s = w_peak / -8, signed. The sign lets the
+  peak use the wider negative side of [-8, 7] whichever sign it has (onnxruntime's own RTN
+  does the same).
+- Asymmetric: the block's range [min(w, 0), max(w, 0)] spans the codes [0, 15]:
+  s = (max - min) / 15, z = round(-min / s).
+
+`search` shrinks each block's range by the factor in `SHRINK_GRID` that gives the least
+squared error for that block (an MSE search of the scale); 1.0 is in the grid, so it never
+does worse than round-to-nearest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""Block sizes onnxruntime's MatMulNBits and GatherBlockQuantized accept (powers of two,
+at least 16); the command line offers 32, 64 and 128."""
+
+SHRINK_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))
+"""Range factors the MSE search tries, 1.0 down to 0.6."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BlockQuantized:
+    """A weight quantized in blocks along its reduction axis.
+
+    Attributes:
+        codes: uint8 (N, k_blocks * block_size), unsigned codes in [0, 2**bits); the tail
+            past K (when K is not a multiple of the block size) holds the zero point.
+        scales: float32 (N, k_blocks).
+        zero_points: uint8 (N, k_blocks).
+        k: the reduction size K.
+        block_size: values per block.
+        bits: 4 or 8.
+        symmetric: the zero point is the middle code 2**(bits-1) everywhere.
+    """
+
+    codes: npt.NDArray[np.uint8]
+    scales: npt.NDArray[np.float32]
+    zero_points: npt.NDArray[np.uint8]
+    k: int
+    block_size: int
+    bits: int
+    symmetric: bool
+
+    @property
+    def n(self) -> int:
+        """The output size N."""
+        return int(self.codes.shape[0])
+
+    @property
+    def k_blocks(self) -> int:
+        """Blocks per output column."""
+        return int(self.scales.shape[1])
+
+    def dequantize(self) -> npt.NDArray[np.float32]:
+        """The float weight these codes stand for, (N, K), as the runtime computes it."""
+        codes = self.codes.reshape(self.n, self.k_blocks, self.block_size).astype(np.float32)
+        shifted = codes - self.zero_points.astype(np.float32)[:, :, None]
+        values = shifted * self.scales[:, :, None]
+        return values.reshape(self.n, -1)[:, : self.k]
+
+    def signed_codes(self) -> npt.NDArray[np.int8]:
+        """Codes minus the zero point, (N, K): the INT4 values of a symmetric weight."""
+        middle = 1 << (self.bits - 1)
+        return (self.codes[:, : self.k].astype(np.int16) - middle).astype(np.int8)
+
+
+def levels(bits: int) -> int:
+    """The largest unsigned code: 15 for 4 bits."""
+    return (1 << bits) - 1
+
+
+def pad_blocks(wt: npt.NDArray[np.float32], block_size: int) -> npt.NDArray[np.float32]:
+    """(N, K) -> (N, k_blocks, block_size), the tail padded with zeros."""
+    n, k = wt.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((n, k_blocks * block_size), dtype=np.float32)
+    padded[:, :k] = wt
+    return padded.reshape(n, k_blocks, block_size)
+
+
+def block_params(
+    blocks: npt.NDArray[np.float32],
+    *,
+    bits: int,
+    symmetric: bool,
+    shrink: float | npt.NDArray[np.float32] = 1.0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """Scales and zero points of blocks (..., block_size), their range shrunk by `shrink`.
+
+    `shrink` is a number or an array broadcasting to the blocks' leading shape. An all-zero
+    block gets scale 0, which dequantizes it to zeros exactly.
+    """
+    top = levels(bits)
+    middle = 1 << (bits - 1)
+    if symmetric:
+        high = blocks.max(axis=-1)
+        low = blocks.min(axis=-1)
+        peak = np.where(np.abs(high) > np.abs(low), high, low)
+        scales = (peak * shrink / -middle).astype(np.float32)
+        zero_points = np.full(scales.shape, middle, dtype=np.uint8)
+        return scales, zero_points
+    low = np.minimum(blocks.min(axis=-1), 0.0) * shrink
+    high = np.maximum(blocks.max(axis=-1), 0.0) * shrink
+    scales = ((high - low) / top).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero = np.where(scales == 0, middle, np.round(-low / scales))
+    zero_points = np.clip(zero, 0, top).astype(np.uint8)
+    return scales, zero_points
+
+
+def codes_for(
+    blocks: npt.NDArray[np.float32],
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.uint8],
+    *,
+    bits: int,
+) -> npt.NDArray[np.uint8]:
+    """The nearest codes of blocks (..., block_size) under the given parameters."""
+    safe = np.where(scales == 0, 1.0, scales).astype(np.float32)[..., None]
+    steps = np.round(blocks / safe) + zero_points[..., None].astype(np.float32)
+    steps = np.where(scales[..., None] == 0, zero_points[..., None], steps)
+    return np.clip(steps, 0, levels(bits)).astype(np.uint8)
+
+
+def dequantize_blocks(
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.uint8],
+) -> npt.NDArray[np.float32]:
+    """(codes - zero point) * scale in float32, blocks (..., block_size)."""
+    shifted = codes.astype(np.float32) - zero_points[..., None].astype(np.float32)
+    return shifted * scales[..., None]
+
+
+def quantize_rtn(
+    wt: npt.NDArray[np.float32],
+    *,
+    block_size: int,
+    bits: int = 4,
+    symmetric: bool = True,
+    search: bool = False,
+) -> BlockQuantized:
+    """Round-to-nearest blocked quantization of a weight given as (N, K).
+
+    With `search`, each block's range is first shrunk by the factor of `SHRINK_GRID` that
+    gives it the least squared error.
+    """
+    wt = np.asarray(wt, dtype=np.float32)
+    blocks = pad_blocks(wt, block_size)
+    shrink = best_shrink(blocks, bits=bits, symmetric=symmetric) if search else 1.0
+    scales, zero_points = block_params(blocks, bits=bits, symmetric=symmetric, shrink=shrink)
+    codes = codes_for(blocks, scales, zero_points, bits=bits)
+    return BlockQuantized(
+        codes=codes.reshape(wt.shape[0], -1),
+        scales=scales,
+        zero_points=zero_points,
+        k=wt.shape[1],
+        block_size=block_size,
+        bits=bits,
+        symmetric=symmetric,
+    )
+
+
+def best_shrink(
+    blocks: npt.NDArray[np.float32], *, bits: int, symmetric: bool
+) -> npt.NDArray[np.float32]:
+    """Per block, the factor of `SHRINK_GRID` whose range gives the least squared error."""
+    best = np.ones(blocks.shape[:-1], dtype=np.float32)
+    best_error = np.full(blocks.shape[:-1], np.inf, dtype=np.float64)
+    for factor in SHRINK_GRID:
+        scales, zero_points = block_params(
+            blocks, bits=bits, symmetric=symmetric, shrink=factor
+        )
+        codes = codes_for(blocks, scales, zero_points, bits=bits)
+        error = np.square(dequantize_blocks(codes, scales, zero_points) - blocks).sum(axis=-1)
+        better = error < best_error
+        best = np.where(better, np.float32(factor), best)
+        best_error = np.where(better, error, best_error)
+    return best
+
+
+def pack_nibbles(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Two 4-bit codes a byte along the last axis, the first in the low nibble."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
+
+
+def matmul_nbits_inputs(
+    quantized: BlockQuantized,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]:
+    """B, scales and zero_points as com.microsoft MatMulNBits reads them.
+
+    B is (N, k_blocks, block_size * bits / 8), codes packed low nibble first; scales are
+    (N * k_blocks,); zero points, omitted when symmetric (the runtime's default is the
+    middle code), are (N * ceil(k_blocks * bits / 8),), packed the same way per column.
+    """
+    n, k_blocks, size = quantized.n, quantized.k_blocks, quantized.block_size
+    codes = quantized.codes.reshape(n, k_blocks, size)
+    if quantized.bits == 4:
+        packed = pack_nibbles(codes)
+        zero_points = pack_nibbles(quantized.zero_points).reshape(-1)
+    else:
+        packed = codes
+        zero_points = quantized.zero_points.reshape(-1)
+    scales = quantized.scales.reshape(-1)
+    return packed, scales, (None if quantized.symmetric else zero_points)

@@ -1,0 +1,61 @@
+"""The options only `--scheme int4` takes, and the checks that they go together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qconvert.errors import ConfigError
+
+BLOCK_SIZE_CHOICES = (32, 64, 128)
+"""Block sizes the command line offers (onnxruntime's kernels take powers of two >= 16)."""
+
+DEFAULT_BLOCK_SIZE = 32
+
+DEFAULT_ACCURACY_LEVEL = 4
+"""MatMulNBits computes with int8-quantized activations (per block) at level 4: onnxruntime's
+fastest CPU path. Level 0/1 dequantizes the weights and multiplies in float32, the same
+numbers as the blocked QDQ form."""
+
+
+def check_int4_options(config: Any) -> None:
+    """Refuses int4 options on other schemes and values int4 cannot take.
+
+    Raises:
+        ConfigError: naming the option and what it goes with.
+    """
+    int4 = config.scheme == "int4"
+    for flag, given in (
+        ("--block-size", config.block_size is not None),
+        ("--asymmetric-weights", config.asymmetric_weights),
+        ("--quantize-embeddings", config.quantize_embeddings),
+        ("--accuracy-level", config.accuracy_level is not None),
+        ("--scale-search", config.scale_search),
+    ):
+        if given and not int4:
+            raise ConfigError(
+                f"{flag} does not go with --scheme {config.scheme}.",
+                hint="it applies to --scheme int4 (blocked 4-bit weights).",
+            )
+    if not int4:
+        return
+    if config.block_size is not None and config.block_size not in BLOCK_SIZE_CHOICES:
+        raise ConfigError(
+            f"--block-size {config.block_size} is not supported.",
+            hint=f"choose from {', '.join(str(b) for b in BLOCK_SIZE_CHOICES)}.",
+        )
+    if config.accuracy_level is not None and config.accuracy_level not in range(5):
+        raise ConfigError(
+            f"--accuracy-level {config.accuracy_level} is out of range.",
+            hint="choose from 0 to 4 (4: int8 compute, the fastest on CPU).",
+        )
+    if config.accuracy_level is not None and config.format.value != "qop":
+        raise ConfigError(
+            "--accuracy-level does not go with --format qdq.",
+            hint="it is an attribute of MatMulNBits, which --format qop writes.",
+        )
+    if not config.per_channel:
+        raise ConfigError(
+            "--per-tensor does not go with --scheme int4: its weights have one scale per "
+            "block.",
+            hint="choose the block with --block-size.",
+        )

@@ -1,0 +1,166 @@
+"""Choosing each int4 weight's rounding: round-to-nearest, or GPTQ where held-out data agrees.
+
+Without samples every weight is rounded to nearest (with `search`, each block's range
+shrunk to its least squared error first). With samples, the float model runs once over
+them and each MatMul/Gemm input's Gram matrix X^T X is summed (one K x K matrix per input,
+whatever the number of samples). One sample in four is held out: GPTQ rounds from the
+Gram matrix of the others, and is kept for a weight only when its output error on the
+held-out samples, tr(E^T H_held E), is below round-to-nearest's; the choice is made per
+layer and the report counts it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qconvert.blockwise import BlockQuantized, quantize_rtn
+from qconvert.gptq import gram, layer_error, quantize_gptq
+from qconvert.plan.int4 import BlockedWeight
+
+HOLD_OUT_EVERY = 4
+"""Every fourth sample is held out to judge GPTQ against round-to-nearest."""
+
+MIN_SAMPLES_TO_HOLD_OUT = 4
+
+
+@dataclass(slots=True)
+class Grams:
+    """Summed X^T X of each layer input: on the fitting samples, and on the held-out ones."""
+
+    fit: dict[str, np.ndarray] = field(default_factory=dict)
+    held: dict[str, np.ndarray] = field(default_factory=dict)
+    fit_samples: int = 0
+    held_samples: int = 0
+
+
+def accumulate_grams(
+    runs: Iterable[Mapping[str, np.ndarray]], widths: Mapping[str, int]
+) -> Grams:
+    """Sums X^T X of each named input over the runs, holding out one run in four.
+
+    `runs` yields, per sample, the arrays of the tensors in `widths` (name -> K).
+    """
+    grams = Grams()
+    for index, values in enumerate(runs):
+        held = index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        target = grams.held if held else grams.fit
+        for name, k in widths.items():
+            array = values[name]
+            if array.shape[-1] != k:  # a layout this rule does not read: no statistics
+                continue
+            update = gram(array, k)
+            target[name] = target[name] + update if name in target else update
+        if held:
+            grams.held_samples += 1
+        else:
+            grams.fit_samples += 1
+    if grams.fit_samples + grams.held_samples < MIN_SAMPLES_TO_HOLD_OUT:
+        # too few to spare any: fit on them all, and keep GPTQ unjudged
+        for name, h in grams.held.items():
+            grams.fit[name] = grams.fit[name] + h if name in grams.fit else h
+        grams.fit_samples += grams.held_samples
+        grams.held, grams.held_samples = {}, 0
+    return grams
+
+
+@dataclass(slots=True)
+class RoundingRecord:
+    """What was chosen for one weight, and the held-out errors behind the choice."""
+
+    weight: str
+    method: str
+    rtn_error: float | None = None
+    gptq_error: float | None = None
+
+
+class Rounder:
+    """Quantizes one planned weight on demand (the rewrite pass calls it while saving).
+
+    Args:
+        tensors: the float weights by initializer name (read, then released).
+        block_size, symmetric: the scheme's blocks.
+        search: shrink each block's range to its least squared error.
+        grams: the layer inputs' Gram matrices, or None without data.
+        inputs: per planned node, the name of its input tensor (the key into `grams`).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, ir.TensorProtocol],
+        *,
+        block_size: int,
+        symmetric: bool,
+        search: bool,
+        grams: Grams | None = None,
+        inputs: Mapping[str, str] | None = None,
+    ) -> None:
+        self.tensors = tensors
+        self.block_size = block_size
+        self.symmetric = symmetric
+        self.search = search
+        self.grams = grams
+        self.inputs = inputs or {}
+        self.records: dict[tuple[str, int], RoundingRecord] = {}
+
+    def __call__(self, entry: BlockedWeight) -> BlockQuantized:
+        """The weight of `entry` quantized, (N, K); records the rounding chosen."""
+        tensor = self.tensors[entry.weight]
+        array = np.array(tensor.numpy(), dtype=np.float32)  # a copy: the mapping can go
+        release = getattr(tensor, "release", None)
+        if release is not None:
+            release()
+        wt = array if entry.transposed else array.T  # (N, K)
+        options = {
+            "block_size": self.block_size,
+            "bits": entry.bits,
+            "symmetric": self.symmetric,
+        }
+        rtn = quantize_rtn(wt, search=self.search, **options)
+        name = self.inputs.get(entry.node)
+        fit = self.grams.fit.get(name) if self.grams is not None and name else None
+        key = (entry.weight, entry.bits)
+        if fit is None or entry.op_type == "Gather":
+            self.records[key] = RoundingRecord(entry.weight, "rtn")
+            return rtn
+        w = np.ascontiguousarray(wt.T)
+        gptq = quantize_gptq(w, fit, search=self.search, **options)
+        held = self.grams.held.get(name)
+        if held is None:
+            self.records[key] = RoundingRecord(entry.weight, "gptq")
+            return gptq
+        rtn_error = layer_error(w, rtn.dequantize().T, held)
+        gptq_error = layer_error(w, gptq.dequantize().T, held)
+        method = "gptq" if gptq_error < rtn_error else "rtn"
+        self.records[key] = RoundingRecord(entry.weight, method, rtn_error, gptq_error)
+        return gptq if method == "gptq" else rtn
+
+    def note(self) -> str | None:
+        """The report's line on the roundings chosen, or None without data."""
+        if self.grams is None:
+            return None
+        judged = [r for r in self.records.values() if r.method in ("gptq", "rtn")]
+        layers = [r for r in judged if r.rtn_error is not None or r.method == "gptq"]
+        kept = [r for r in layers if r.method == "gptq"]
+        if not self.grams.held_samples:
+            return (
+                f"GPTQ rounding on {len(kept)} weight(s) from {self.grams.fit_samples} "
+                "sample(s); too few samples to hold any out, so it was not judged against "
+                "round-to-nearest."
+            )
+        gains = [
+            10 * math.log10(r.rtn_error / r.gptq_error)
+            for r in layers
+            if r.rtn_error and r.gptq_error
+        ]
+        median = float(np.median(gains)) if gains else 0.0
+        return (
+            f"GPTQ rounding (from {self.grams.fit_samples} sample(s)) kept on {len(kept)} of "
+            f"{len(layers)} weight(s) where it lowered the layer's output error on "
+            f"{self.grams.held_samples} held-out sample(s) (median {median:+.2f} dB against "
+            "round-to-nearest); round-to-nearest kept on the rest."
+        )

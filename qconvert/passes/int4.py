@@ -1,0 +1,382 @@
+"""Writing blocked weights: com.microsoft MatMulNBits / GatherBlockQuantized, or blocked QDQ.
+
+The pass applies an `Int4Plan`; the quantized values come from `quantize`, a function of
+one `BlockedWeight` giving its `BlockQuantized` in (N, K) layout (round-to-nearest or GPTQ,
+the pipeline's choice). Every new initializer is an `ir.LazyTensor`: the values are computed
+when the model is serialized, tensor by tensor, so a model with external data is quantized
+and written holding about one weight in memory at a time.
+
+1. qop, MatMul / Gemm: `MatMulNBits(A, B, scales[, zero_points][, , bias])` with attributes
+   K, N, bits, block_size, accuracy_level. B is (N, k_blocks, block_size * bits / 8), codes
+   packed low nibble first (`blockwise.matmul_nbits_inputs`). A Gemm's C times beta becomes
+   the bias.
+2. qop, Gather: `GatherBlockQuantized(data, indices, scales[, zero_points])`, data INT4
+   (symmetric) or UINT4 (V, D), blocks along D (quantize_axis 1).
+3. qdq: the weight becomes `DequantizeLinear(codes, scales[, zero_points], axis, block_size)`
+   (ai.onnx 21) with INT4 (symmetric) or UINT4 codes in the weight's own layout; the node
+   itself is unchanged.
+
+Nodes keep their output names; float weights no node reads any more are removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from qconvert.blockwise import BlockQuantized, matmul_nbits_inputs
+from qconvert.graph_utils import constant_array, replace_keeping_name
+from qconvert.names import NameAllocator
+from qconvert.plan.int4 import BlockedWeight, Int4Plan
+
+MICROSOFT_DOMAIN = "com.microsoft"
+
+Quantizer = Callable[[BlockedWeight], BlockQuantized]
+
+
+class _LastResult:
+    """Computes a weight's quantization once for the several tensors written from it.
+
+    Serialization writes a weight's codes, scales and zero points one after the other;
+    keeping only the last result bounds memory to one weight.
+    """
+
+    def __init__(self, quantize: Quantizer) -> None:
+        self._quantize = quantize
+        self._key: tuple | None = None
+        self._value: BlockQuantized | None = None
+
+    def __call__(self, entry: BlockedWeight) -> BlockQuantized:
+        key = (entry.weight, entry.bits, entry.transposed)
+        if key != self._key:
+            self._value = None  # drop the previous weight before computing the next
+            self._value = self._quantize(entry)
+            self._key = key
+        return self._value
+
+
+class WriteBlockedWeightsPass(ir.passes.InPlacePass):
+    """Rewrites the planned MatMul/Gemm/Gather weights into blocked form (module docstring)."""
+
+    def __init__(
+        self, *, plan: Int4Plan, quantize: Quantizer, format: str, accuracy_level: int
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.format = format
+        self.accuracy_level = accuracy_level
+        self._source = _LastResult(quantize)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = NameAllocator(graph)
+        nodes = {node.name: node for node in graph}
+        written: dict[tuple, list[ir.Value | None]] = {}
+        for entry in self.plan.weights:
+            node = nodes[entry.node]
+            weight = graph.initializers[entry.weight]
+            shape = tuple(weight.const_value.shape)
+            key = (entry.weight, entry.bits, entry.transposed, entry.op_type == "Gather")
+            if self.format == "qdq":
+                if key not in written:
+                    written[key] = [self._dequantize(graph, names, entry, shape, node)]
+                index = 0 if entry.op_type == "Gather" else 1
+                node.replace_input_with(index, written[key][0])
+            else:
+                if key not in written:
+                    written[key] = self._initializers(graph, names, entry, shape)
+                if entry.op_type == "Gather":
+                    self._gather(graph, names, node, entry, written[key], shape)
+                else:
+                    self._matmul(graph, names, node, entry, written[key], shape)
+            if not weight.uses() and not weight.is_graph_output():
+                graph.initializers.pop(entry.weight)
+        if self.plan.weights and self.format != "qdq":
+            model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=bool(self.plan.weights))
+
+    def _lazy(
+        self,
+        graph: ir.Graph,
+        name: str,
+        entry: BlockedWeight,
+        dtype: ir.DataType,
+        shape: tuple[int, ...],
+        make: Callable[[BlockQuantized], np.ndarray],
+    ) -> ir.Value:
+        source = self._source
+
+        def compute() -> ir.TensorProtocol:
+            return ir.Tensor(make(source(entry)), dtype=dtype, name=name)
+
+        tensor = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+        value = ir.Value(
+            name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor
+        )
+        graph.register_initializer(value)
+        return value
+
+    def _initializers(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        entry: BlockedWeight,
+        shape: tuple[int, ...],
+    ) -> list[ir.Value | None]:
+        """Codes, scales and (asymmetric) zero points in the runtime's layout."""
+        symmetric = self.plan.scheme.symmetric
+        rows, k = shape if entry.transposed else shape[::-1]
+        blocks = -(-k // self.plan.scheme.block_size)
+        base = entry.weight
+        if entry.op_type == "Gather":
+            code_type, scale_shape = _gather_code_type(entry.bits, symmetric), (rows, blocks)
+            codes = self._lazy(
+                graph,
+                names.fresh(f"{base}_q{entry.bits}"),
+                entry,
+                code_type,
+                (rows, k),
+                lambda q: _gather_codes(q, code_type),
+            )
+            scales = self._lazy(
+                graph,
+                names.fresh(f"{base}_scales"),
+                entry,
+                ir.DataType.FLOAT,
+                scale_shape,
+                lambda q: q.scales,
+            )
+            zero_points = None
+            if not symmetric or entry.bits == 8:
+                zero_points = self._lazy(
+                    graph,
+                    names.fresh(f"{base}_zero_points"),
+                    entry,
+                    code_type,
+                    scale_shape,
+                    lambda q: _gather_zero_points(q, code_type),
+                )
+            return [codes, scales, zero_points]
+        blob = self.plan.scheme.block_size * entry.bits // 8
+        per_column = -(-blocks * entry.bits // 8)
+        codes = self._lazy(
+            graph,
+            names.fresh(f"{base}_q{entry.bits}"),
+            entry,
+            ir.DataType.UINT8,
+            (rows, blocks, blob),
+            lambda q: matmul_nbits_inputs(q)[0],
+        )
+        scales = self._lazy(
+            graph,
+            names.fresh(f"{base}_scales"),
+            entry,
+            ir.DataType.FLOAT,
+            (rows * blocks,),
+            lambda q: q.scales.reshape(-1),
+        )
+        zero_points = None
+        if not symmetric:
+            zero_points = self._lazy(
+                graph,
+                names.fresh(f"{base}_zero_points"),
+                entry,
+                ir.DataType.UINT8,
+                (rows * per_column,),
+                lambda q: matmul_nbits_inputs(q)[2],
+            )
+        return [codes, scales, zero_points]
+
+    def _matmul(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        node: ir.Node,
+        entry: BlockedWeight,
+        values: list[ir.Value | None],
+        shape: tuple[int, ...],
+    ) -> None:
+        n, k = shape if entry.transposed else shape[::-1]
+        inputs: list[ir.Value | None] = [node.inputs[0], *values]
+        old_bias = node.inputs[2] if entry.op_type == "Gemm" and len(node.inputs) > 2 else None
+        if old_bias is not None:
+            beta = node.attributes.get_float("beta", 1.0)
+            bias = (constant_array(old_bias).reshape(-1) * beta).astype(np.float32)
+            name = names.fresh(f"{entry.node}_bias")
+            value = ir.Value(
+                name=name,
+                shape=ir.Shape(bias.shape),
+                type=ir.TensorType(ir.DataType.FLOAT),
+                const_value=ir.tensor(bias, name=name),
+            )
+            graph.register_initializer(value)
+            inputs += [None, value]  # g_idx is absent
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        attributes = [
+            ir.AttrInt64("K", k),
+            ir.AttrInt64("N", n),
+            ir.AttrInt64("bits", entry.bits),
+            ir.AttrInt64("block_size", self.plan.scheme.block_size),
+        ]
+        if self.accuracy_level:
+            attributes.append(ir.AttrInt64("accuracy_level", self.accuracy_level))
+        new = ir.Node(
+            MICROSOFT_DOMAIN,
+            "MatMulNBits",
+            inputs,
+            attributes=attributes,
+            name=names.fresh(f"{entry.node}_nbits"),
+        )
+        _replace(graph, node, new)
+        if (
+            old_bias is not None
+            and not old_bias.uses()
+            and old_bias.name in graph.initializers
+        ):
+            graph.initializers.pop(old_bias.name)
+
+    def _gather(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        node: ir.Node,
+        entry: BlockedWeight,
+        values: list[ir.Value | None],
+        shape: tuple[int, ...],
+    ) -> None:
+        codes, scales, zero_points = values
+        inputs = [codes, node.inputs[1], scales]
+        if zero_points is not None:
+            inputs.append(zero_points)
+        attributes = [
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+            ir.AttrInt64("block_size", self.plan.scheme.block_size),
+        ]
+        if codes.dtype == ir.DataType.UINT8:
+            attributes.append(ir.AttrInt64("bits", entry.bits))
+        new = ir.Node(
+            MICROSOFT_DOMAIN,
+            "GatherBlockQuantized",
+            inputs,
+            attributes=attributes,
+            name=names.fresh(f"{entry.node}_blocked"),
+        )
+        _replace(graph, node, new)
+
+    def _dequantize(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        entry: BlockedWeight,
+        shape: tuple[int, ...],
+        before: ir.Node,
+    ) -> ir.Value:
+        """A blocked DequantizeLinear of the weight, in its own layout; returns its output."""
+        symmetric = self.plan.scheme.symmetric
+        size = self.plan.scheme.block_size
+        axis = 1 if entry.transposed else 0
+        blocks = -(-shape[axis] // size)
+        scale_shape = (shape[0], blocks) if entry.transposed else (blocks, shape[1])
+        code_type = _qdq_code_type(entry.bits, symmetric)
+        base = entry.weight
+
+        def layout(array: np.ndarray) -> np.ndarray:
+            return array if entry.transposed else array.T
+
+        codes = self._lazy(
+            graph,
+            names.fresh(f"{base}_q{entry.bits}"),
+            entry,
+            code_type,
+            shape,
+            lambda q: layout(_qdq_codes(q, code_type)),
+        )
+        scales = self._lazy(
+            graph,
+            names.fresh(f"{base}_scales"),
+            entry,
+            ir.DataType.FLOAT,
+            scale_shape,
+            lambda q: layout(q.scales),
+        )
+        inputs = [codes, scales]
+        if not symmetric:
+            inputs.append(
+                self._lazy(
+                    graph,
+                    names.fresh(f"{base}_zero_points"),
+                    entry,
+                    code_type,
+                    scale_shape,
+                    lambda q: layout(_as_code_type(q.zero_points, code_type)),
+                )
+            )
+        node = ir.Node(
+            "",
+            "DequantizeLinear",
+            inputs,
+            attributes=[ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", size)],
+            name=names.fresh(f"{base}_dequantize"),
+        )
+        output = node.outputs[0]
+        output.name = names.fresh(f"{base}_dequantized")
+        output.dtype = ir.DataType.FLOAT
+        output.shape = ir.Shape(shape)
+        graph.insert_before(before, node)
+        return output
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    graph.insert_before(old, new)
+    new.outputs[0].dtype = old.outputs[0].dtype
+    new.outputs[0].shape = old.outputs[0].shape
+    replace_keeping_name(graph, old, new.outputs[0])
+
+
+def _qdq_code_type(bits: int, symmetric: bool) -> ir.DataType:
+    if bits == 4:
+        return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+    return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
+
+
+def _gather_code_type(bits: int, symmetric: bool) -> ir.DataType:
+    if bits == 8:
+        return ir.DataType.UINT8  # packed form with a bits attribute and explicit zero points
+    return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+
+
+_NUMPY_TYPES = {
+    ir.DataType.INT4: ml_dtypes.int4,
+    ir.DataType.UINT4: ml_dtypes.uint4,
+    ir.DataType.INT8: np.int8,
+    ir.DataType.UINT8: np.uint8,
+}
+
+
+def _as_code_type(values: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    return np.asarray(values).astype(_NUMPY_TYPES[dtype])
+
+
+def _qdq_codes(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
+    """(N, K) codes: signed (code - middle) for INT4/INT8, else the unsigned codes."""
+    if dtype in (ir.DataType.INT4, ir.DataType.INT8):
+        return _as_code_type(quantized.signed_codes(), dtype)
+    return _as_code_type(quantized.codes[:, : quantized.k], dtype)
+
+
+def _gather_codes(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
+    if dtype == ir.DataType.UINT8:
+        return quantized.codes[:, : quantized.k]
+    return _qdq_codes(quantized, dtype)
+
+
+def _gather_zero_points(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
+    return _as_code_type(quantized.zero_points, dtype)
+
+
+__all__ = ["WriteBlockedWeightsPass"]

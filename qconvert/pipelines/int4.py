@@ -1,0 +1,327 @@
+"""`quantize --scheme int4`: load -> prepare -> plan -> [Gram matrices] -> rewrite -> save.
+
+Weight-only, so no activation ranges: the stages are its own. Weights in external data
+stay on disk until the save writes the quantized tensors one by one (`passes.int4`), so a
+model past 2 GB is converted holding about one weight at a time. With `--data`, the float
+model runs once over the samples to sum each layer input's X^T X (`int4_rounding`); a
+model in external data is handed to onnxruntime as a path beside links to its data files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
+
+from qconvert import model as model_io
+from qconvert.compare import CompareOptions, Side, compare_models, folder_labels, load_labels
+from qconvert.config import Format, QuantizeConfig
+from qconvert.dataset import DirectorySource, ImagePreprocessing, input_specs, synthetic_sample
+from qconvert.errors import ConfigError, UnsupportedModelError
+from qconvert.int4_options import DEFAULT_ACCURACY_LEVEL
+from qconvert.int4_rounding import Grams, Rounder, accumulate_grams
+from qconvert.layers import expose
+from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.passes import DropIntermediateShapesPass, prepare
+from qconvert.passes.int4 import WriteBlockedWeightsPass
+from qconvert.pipelines.stages import PathLike, timed
+from qconvert.plan.int4 import Int4Plan, make_int4_plan
+from qconvert.progress import SILENT, Progress
+from qconvert.report import Conversion, Report, check_report_path
+from qconvert.runtime import make_session
+from qconvert.schemes import BLOCKED_DQ_MIN_OPSET, BlockedWeightScheme
+from qconvert.selection import NodeSelection
+from qconvert.verify import verify_model
+
+
+def quantize_int4(
+    model: PathLike,
+    output: PathLike,
+    *,
+    config: QuantizeConfig,
+    data: PathLike | None = None,
+    calib: PathLike | None = None,
+    images: ImagePreprocessing | None = None,
+    eval_data: PathLike | None = None,
+    mixed: bool = False,
+    report: PathLike | None = None,
+    force: bool = False,
+    progress: Progress = SILENT,
+    limits: LoadLimits = DEFAULT_LIMITS,
+) -> Report:
+    """Writes `model` with blocked 4-bit weights as `config` says (see `api.quantize`)."""
+    del progress  # the long step is the save, which reports nothing per tensor yet
+    scheme = config.resolve_scheme()
+    assert isinstance(scheme, BlockedWeightScheme)
+    if calib is not None:
+        raise ConfigError(
+            "--scheme int4 does not read --calib: its rounding works from the layer inputs "
+            "of the samples, which a calibration file does not hold.",
+            hint="pass --data DIR (or neither, for round-to-nearest).",
+        )
+    if mixed:
+        raise ConfigError(
+            "--target-sqnr and --max-top1-drop do not go with --scheme int4.",
+            hint="keep layers at 8 bits or float with --overrides or --exclude.",
+        )
+    output = model_io.check_output_path(output, force=force)
+    if report is not None:
+        check_report_path(report)
+    timings: dict[str, float] = {}
+    with timed(timings, "load"):
+        float_model = model_io.load_model(model, limits, keep_external=True)
+        model_io.check_convertible(float_model, model)
+        model_io.fix_input_shapes(float_model, config.input_shapes)
+        external = model_io.uses_external_data(model)
+        opset_before = float_model.opset_imports.get("", 1)
+        if config.opset is not None and config.opset < opset_before:
+            raise ConfigError(
+                f"--opset {config.opset} is below the model's opset {opset_before}; "
+                "qconvert only upgrades.",
+                hint=f"pass --opset {opset_before} or later, or leave it out.",
+            )
+        specs = input_specs(float_model)
+        source = DirectorySource(data, specs, images=images, limits=limits) if data else None
+        evaluation = (
+            DirectorySource(eval_data, specs, images=images, limits=limits)
+            if eval_data is not None
+            else None
+        )
+    with timed(timings, "prepare"):
+        prepared = _prepare(float_model, config, external, model)
+    selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
+    selection.warn_unmatched(prepared.graph)
+    with timed(timings, "plan"):
+        int4 = make_int4_plan(
+            prepared,
+            scheme,
+            format=config.format.value,
+            selection=selection,
+            overrides=config.overrides,
+            quantize_embeddings=config.quantize_embeddings,
+        )
+    inputs = _layer_inputs(prepared, int4)
+    grams = None
+    if source is not None and inputs:
+        with timed(timings, "gram matrices"):
+            grams = _gram_matrices(prepared, model, external, inputs, source)
+    tensors = {
+        entry.weight: prepared.graph.initializers[entry.weight].const_value
+        for entry in int4.weights
+    }
+    rounder = Rounder(
+        tensors,
+        block_size=scheme.block_size,
+        symmetric=scheme.symmetric,
+        search=config.scale_search,
+        grams=grams,
+        inputs=inputs,
+    )
+    level = config.accuracy_level
+    level = DEFAULT_ACCURACY_LEVEL if level is None else level
+    with timed(timings, "rewrite"):
+        WriteBlockedWeightsPass(
+            plan=int4, quantize=rounder, format=config.format.value, accuracy_level=level
+        )(prepared)
+        DropIntermediateShapesPass()(prepared)
+        prepared.producer_name = "qconvert"
+    feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
+    with timed(timings, "quantize and save"):
+        converted = _verify_and_save(prepared, output, feeds, external, source is None)
+    plan = _with_notes(int4, config, rounder, level)
+    comparison = None
+    if evaluation is not None:
+        with timed(timings, "evaluate"):
+            labels_path = folder_labels(evaluation.folder)
+            labels = load_labels(labels_path, len(evaluation)) if labels_path else None
+            comparison = compare_models(
+                Side(model=str(model), path=str(model), bytes=model_io.file_size(model)),
+                Side(model=converted, path=str(output), bytes=model_io.file_size(output)),
+                evaluation,
+                len(evaluation),
+                options=CompareOptions(
+                    labels=labels, labels_path=str(labels_path) if labels_path else None
+                ),
+            )
+    result = Report(
+        command="quantize",
+        model=str(model),
+        output=str(output),
+        conversion=Conversion.from_plan(
+            plan,
+            opsets=(opset_before, prepared.opset_imports.get("", 1)),
+            sizes=(model_io.file_size(model), model_io.file_size(output)),
+            samples=len(source) if source is not None else 0,
+        ),
+        comparison=comparison,
+        seconds=timings,
+    )
+    if report is not None:
+        result.write(report)
+    return result
+
+
+def _prepare(
+    model: ir.Model, config: QuantizeConfig, external: bool, path: PathLike
+) -> ir.Model:
+    """The usual preparation for a model in memory; names only for one in external data.
+
+    Preparation serializes the model (shape inference, the opset converter), which would
+    read every external weight into memory at once.
+    """
+    target = config.target_opset
+    if not external:
+        return prepare(model, min_opset=target)
+    if model.opset_imports.get("", 1) < target:
+        raise UnsupportedModelError(
+            f"Model '{path}' keeps its weights in external data and has opset "
+            f"{model.opset_imports.get('', 1)}; blocked DequantizeLinear needs "
+            f"{BLOCKED_DQ_MIN_OPSET}, and the opset converter would read every weight into "
+            "memory.",
+            hint="use --format qop (MatMulNBits needs no opset upgrade).",
+        )
+    return NameFixPass()(model).model
+
+
+def _layer_inputs(model: ir.Model, int4: Int4Plan) -> dict[str, str]:
+    """Per planned MatMul/Gemm, the name of the input its weight multiplies."""
+    nodes = {node.name: node for node in model.graph}
+    return {
+        entry.node: nodes[entry.node].inputs[0].name
+        for entry in int4.weights
+        if entry.op_type != "Gather" and nodes[entry.node].inputs[0] is not None
+    }
+
+
+def _gram_matrices(
+    prepared: ir.Model,
+    path: PathLike,
+    external: bool,
+    inputs: dict[str, str],
+    source: DirectorySource,
+) -> Grams:
+    """Runs the float model over the samples and sums X^T X of each layer input."""
+    graph_inputs = {value.name for value in prepared.graph.inputs}
+    names = sorted(set(inputs.values()))
+    widths: dict[str, int] = {}
+    nodes = {node.name: node for node in prepared.graph}
+    for node_name, tensor in inputs.items():
+        node = nodes[node_name]
+        weight = node.inputs[1].const_value
+        transposed = bool(node.attributes.get_int("transB", 0)) and node.op_type == "Gemm"
+        widths[tensor] = int(weight.shape[1] if transposed else weight.shape[0])
+    exposed = [name for name in names if name not in graph_inputs]
+    with _session_model(prepared, path, external, exposed) as model:
+        session = make_session(model, quiet=True)
+
+        def runs() -> Iterator[dict[str, np.ndarray]]:
+            for sample in source:
+                values = dict(
+                    zip(
+                        exposed,
+                        session.run(exposed, sample.feeds) if exposed else [],
+                        strict=True,
+                    )
+                )
+                values.update({n: a for n, a in sample.feeds.items() if n in widths})
+                yield values
+
+        return accumulate_grams(runs(), widths)
+
+
+class _session_model:
+    """The float model with `names` exposed as outputs: bytes, or a path for external data.
+
+    A model in external data is written (graph only) into a temporary folder beside links
+    to its data files, so onnxruntime maps the weights from disk instead of one protobuf.
+    """
+
+    def __init__(self, prepared: ir.Model, path: PathLike, external: bool, names) -> None:
+        self.prepared, self.path, self.external, self.names = prepared, path, external, names
+        self.folder: str | None = None
+
+    def __enter__(self) -> bytes | str:
+        if not self.external:
+            proto = ir.serde.serialize_model(self.prepared)
+            return expose(proto, self.names)
+        source = Path(self.path)
+        proto = onnx.load_model(str(source), load_external_data=False)
+        self.folder = tempfile.mkdtemp(prefix="qconvert-int4-")
+        locations = {
+            entry.value
+            for tensor in proto.graph.initializer
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+        for location in locations:
+            target = Path(self.folder) / location
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((source.parent / location).resolve(), target)
+        staged = Path(self.folder) / source.name
+        staged.write_bytes(expose(proto, self.names))
+        return str(staged)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _verify_and_save(
+    converted: ir.Model, output: Path, feeds: dict, external: bool, synthetic: bool
+) -> bytes | str:
+    """Verifies on one sample and writes; returns the bytes, or the path (external data).
+
+    On the zeros used without data, outputs may be NaN in float already (all-zero
+    attention masks): then only that the model runs is checked.
+    """
+    feeds = {
+        value.name: feeds[value.name]
+        for value in converted.graph.inputs
+        if value.name in feeds
+    }
+    outputs = frozenset(value.name for value in converted.graph.outputs)
+    nonfinite = outputs if synthetic else frozenset()
+
+    def verify(staged: bytes | str) -> None:
+        verify_model(staged, feeds, nonfinite_in_float=nonfinite)
+
+    if external:
+        model_io.save_with_external_data(converted, output, verify=verify)
+        return str(output)
+    converted_bytes = model_io.to_bytes(converted)
+    verify(converted_bytes)
+    model_io.write_atomically(output, converted_bytes)
+    return converted_bytes
+
+
+def _with_notes(
+    int4: Int4Plan, config: QuantizeConfig, rounder: Rounder, level: int
+) -> object:
+    notes = list(int4.plan.notes)
+    if config.format is Format.QOP:
+        compute = {0: "float32", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}[level]
+        notes.append(
+            "qop: MatMul/Gemm weights as com.microsoft MatMulNBits "
+            f"(accuracy_level {level}: {compute} compute on CPU), embedding tables as "
+            "GatherBlockQuantized."
+        )
+    else:
+        notes.append(
+            f"qdq: INT4/UINT4 weights behind blocked DequantizeLinear (opset "
+            f"{BLOCKED_DQ_MIN_OPSET}); onnxruntime fuses them with MatMul into MatMulNBits."
+        )
+    rounding = rounder.note()
+    if rounding is None:
+        kind = "with an MSE search of each block's scale" if config.scale_search else ""
+        notes.append(f"Round-to-nearest {kind}".rstrip() + " (no --data).")
+    else:
+        notes.append(rounding)
+    return dataclasses.replace(int4.plan, notes=tuple(notes))

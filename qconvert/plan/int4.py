@@ -1,0 +1,194 @@
+"""Planning int4: which MatMul/Gemm weights (and embedding tables) go to blocked 4 bits.
+
+A node's weight is quantized when it is a float32 2-D initializer the node multiplies by
+along a known reduction axis:
+
+1. MatMul whose second input is such a weight (K, N): blocks along K.
+2. Gemm with such a B: (K, N), or (N, K) with transB. Written as MatMulNBits only when
+   transA = 0, alpha = 1 and C is absent or a constant of N values (folded in as its bias,
+   times beta); otherwise it keeps its float weight and says why. Blocked QDQ keeps the
+   Gemm itself, so any Gemm goes.
+3. With `quantize_embeddings`, Gather (axis 0) of such a table (V, D): blocks along D, as
+   com.microsoft GatherBlockQuantized reads them; D must be a multiple of the block size.
+
+A node an override sets to `int8` keeps 8-bit blocks; `float`, `--exclude` and
+`--include-only` keep it float. Every node is listed with its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import onnx_ir as ir
+
+from qconvert.errors import OverrideFileError
+from qconvert.graph_utils import constant_array
+from qconvert.overrides import FLOAT, Overrides
+from qconvert.plan.common import check_overrides, skip_reason
+from qconvert.plan.decisions import NodeDecision, QuantPlan
+from qconvert.schemes import BlockedWeightScheme
+from qconvert.selection import NodeSelection
+
+INT4_NODE_PRECISIONS = (FLOAT, "int4", "int8")
+"""What an override may set a node to in an int4 run."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedWeight:
+    """One node whose weight is stored in blocks.
+
+    Attributes:
+        node: the node's name.
+        op_type: MatMul, Gemm or Gather.
+        weight: the initializer's name.
+        bits: 4, or 8 where an override keeps the node at 8 bits.
+        transposed: the initializer is (N, K), the reduction axis last (Gemm with transB,
+            Gather tables); else (K, N).
+    """
+
+    node: str
+    op_type: str
+    weight: str
+    bits: int
+    transposed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Int4Plan:
+    """The int4 decisions: the blocked weights, and the node-by-node plan for the report."""
+
+    scheme: BlockedWeightScheme
+    weights: tuple[BlockedWeight, ...]
+    plan: QuantPlan
+
+
+def make_int4_plan(
+    model: ir.Model,
+    scheme: BlockedWeightScheme,
+    *,
+    format: str,
+    selection: NodeSelection | None = None,
+    overrides: Overrides | None = None,
+    quantize_embeddings: bool = False,
+) -> Int4Plan:
+    """Plans an int4 run over the main graph (see the module docstring for the rules)."""
+    selection = selection or NodeSelection()
+    overrides = overrides or Overrides()
+    _check_int4_overrides(model, overrides)
+    weights: list[BlockedWeight] = []
+    nodes: list[NodeDecision] = []
+    for node in model.graph:
+        name = node.name or ""
+        found = _blocked_weight(node, scheme, format, quantize_embeddings)
+        reason = found if isinstance(found, str) else skip_reason(node, selection, overrides)
+        if reason is not None:
+            nodes.append(NodeDecision(name, node.op_type, False, reason))
+            continue
+        weight, transposed = found
+        bits = 8 if overrides.nodes.get(name) == "int8" else scheme.bits
+        weights.append(BlockedWeight(name, node.op_type, weight, bits, transposed))
+        label = (
+            f"{bits}-bit weight kept by {overrides.source}"
+            if bits != scheme.bits
+            else f"{bits}-bit weight, blocks of {scheme.block_size}"
+        )
+        nodes.append(NodeDecision(name, node.op_type, True, label))
+    kind = "symmetric" if scheme.symmetric else "asymmetric (a zero point per block)"
+    notes = [
+        f"int4: {len(weights)} weight(s) stored in {kind} blocks of {scheme.block_size} along "
+        "the reduction axis; activations stay float32."
+    ]
+    eight = [w.node for w in weights if w.bits == 8]
+    if eight:
+        notes.append(f"Kept at 8 bits by the override file: {', '.join(eight)}.")
+    plan = QuantPlan(
+        scheme=scheme,
+        tensors=MappingProxyType({}),
+        nodes=tuple(nodes),
+        folds=(),
+        format=f"int4-{format}",
+        notes=tuple(notes),
+    )
+    return Int4Plan(scheme=scheme, weights=tuple(weights), plan=plan)
+
+
+def _blocked_weight(
+    node: ir.Node, scheme: BlockedWeightScheme, format: str, embeddings: bool
+) -> tuple[str, bool] | str:
+    """(weight name, transposed) when the node's weight can be blocked, else why not."""
+    if node.op_type not in ("MatMul", "Gemm", "Gather") or node.domain not in ("", "ai.onnx"):
+        return "weight-only scheme: no weight to block, runs float"
+    if node.op_type == "Gather":
+        if not embeddings:
+            return "embedding table: stays float (pass --quantize-embeddings)"
+        table = node.inputs[0]
+        problem = _weight_problem(table)
+        if problem:
+            return problem
+        if node.attributes.get_int("axis", 0) != 0:
+            return "Gather along an axis other than 0: stays float"
+        width = table.const_value.shape[1]
+        if width % scheme.block_size:
+            return (
+                f"table width {width} is not a multiple of the block size "
+                f"{scheme.block_size}: stays float"
+            )
+        return table.name, True
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    problem = _weight_problem(weight)
+    if problem:
+        return problem
+    if node.op_type == "MatMul":
+        return weight.name, False
+    transposed = bool(node.attributes.get_int("transB", 0))
+    if format == "qop":
+        problem = _gemm_problem(node, weight, transposed)
+        if problem:
+            return problem
+    return weight.name, transposed
+
+
+def _weight_problem(value: ir.Value | None) -> str | None:
+    array = constant_array(value)
+    if array is None:
+        return "its weight is not a constant initializer: stays float"
+    if array.dtype != np.float32:
+        return f"its weight is {array.dtype}, not float32: stays float"
+    if array.ndim != 2:
+        return f"its weight has {array.ndim} dims, not 2: stays float"
+    return None
+
+
+def _gemm_problem(node: ir.Node, weight: ir.Value, transposed: bool) -> str | None:
+    if node.attributes.get_int("transA", 0):
+        return "Gemm with transA has no MatMulNBits form: stays float (use --format qdq)"
+    if node.attributes.get_float("alpha", 1.0) != 1.0:
+        return "Gemm with alpha != 1 has no MatMulNBits form: stays float (use --format qdq)"
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant_array(node.inputs[2])
+        n = weight.const_value.shape[0 if transposed else 1]
+        if bias is None or bias.size != n or (bias.ndim == 2 and bias.shape[0] != 1):
+            return (
+                "Gemm whose C is not a constant of N values has no MatMulNBits form: "
+                "stays float (use --format qdq)"
+            )
+    return None
+
+
+def _check_int4_overrides(model: ir.Model, overrides: Overrides) -> None:
+    """Node overrides may say float, int4 or int8; tensor overrides do not apply."""
+    for name, precision in overrides.nodes.items():
+        if precision not in INT4_NODE_PRECISIONS:
+            raise OverrideFileError(
+                f"Override file '{overrides.source}' sets node '{name}' to '{precision}', "
+                "which a --scheme int4 run cannot apply.",
+                hint="in this scheme a node override is 'float', 'int4' or 'int8'.",
+            )
+    names_only = Overrides(
+        nodes=MappingProxyType(dict.fromkeys(overrides.nodes, FLOAT)),
+        tensors=overrides.tensors,
+        source=overrides.source,
+    )
+    check_overrides(model, names_only, static=False, scheme="int4")

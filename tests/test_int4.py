@@ -1,0 +1,299 @@
+"""`--scheme int4`: blocked 4-bit weights, checked against onnxruntime on graphs built here."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+import qconvert
+from qconvert import testing
+from qconvert.blockwise import quantize_rtn
+from qconvert.cli import cli as main
+from qconvert.config import QuantizeConfig
+from qconvert.errors import ConfigError
+
+
+def _run(model, feeds, *, optimize: bool = True) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+
+
+def _ids(seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"ids": rng.integers(0, 50, (3, 7)).astype(np.int64)}
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    """Low nibble first, as the MatMulNBits spec packs (written out here, not imported)."""
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+def _dequantized_float_model(float_model: onnx.ModelProto, quantized: onnx.ModelProto):
+    """The float model with each weight replaced by what the quantized model's integers
+    and scales stand for, read from the MatMulNBits/GatherBlockQuantized inputs."""
+    inits = _inits(quantized)
+    weights: dict[str, np.ndarray] = {}
+    float_nodes = {node.output[0]: node for node in float_model.graph.node}
+    for node in quantized.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        original = float_nodes[node.output[0]]
+        if node.op_type == "MatMulNBits":
+            n, k, size = attrs["N"], attrs["K"], attrs["block_size"]
+            codes = _unpack(inits[node.input[1]]).reshape(n, -1, size).astype(np.float32)
+            scales = inits[node.input[2]].reshape(n, -1, 1)
+            if len(node.input) > 3 and node.input[3]:
+                zero = _unpack(inits[node.input[3]].reshape(n, -1))[:, : codes.shape[1]]
+                zero = zero.astype(np.float32)[:, :, None]
+            else:
+                zero = np.float32(8)
+            w_nk = ((codes - zero) * scales).reshape(n, -1)[:, :k]
+            transposed = original.op_type == "Gemm"  # the builder's Gemm has transB
+            weights[original.input[1]] = w_nk if transposed else w_nk.T
+        elif node.op_type == "GatherBlockQuantized":
+            data = inits[node.input[0]].astype(np.float32)
+            size = attrs["block_size"]
+            scales = np.repeat(inits[node.input[2]], size, axis=1)
+            zero = (
+                np.repeat(inits[node.input[3]].astype(np.float32), size, axis=1)
+                if len(node.input) > 3
+                else np.float32(0)
+            )
+            weights[original.input[0]] = (data - zero) * scales
+    rebuilt = onnx.ModelProto()
+    rebuilt.CopyFrom(float_model)
+    for tensor in rebuilt.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(
+                numpy_helper.from_array(weights[tensor.name].astype(np.float32), tensor.name)
+            )
+    assert len(weights) == 4
+    return rebuilt
+
+
+def test_symmetric_blocks_match_a_hand_computation():
+    # peak 4 -> scale 4 / -8 = -0.5; codes round(w / -0.5) + 8
+    weights = np.array([[1.0, -2.0, 0.5, 4.0]], dtype=np.float32)
+    quantized = quantize_rtn(weights, block_size=4)
+    assert quantized.scales.tolist() == [[-0.5]]
+    assert quantized.codes.tolist() == [[6, 12, 7, 0]]
+    assert quantized.dequantize().tolist() == [[1.0, -2.0, 0.5, 4.0]]
+    # asymmetric: range [-2, 4] over 15 steps, zero point round(2 / 0.4) = 5
+    quantized = quantize_rtn(weights, block_size=4, symmetric=False)
+    assert np.isclose(quantized.scales[0, 0], 0.4)
+    assert quantized.zero_points.tolist() == [[5]]
+    # 1 / 0.4 is 2.49999996 in float32 (0.4 rounds up): code 2 + 5
+    assert quantized.codes.tolist() == [[7, 0, 6, 15]]
+
+
+@pytest.mark.parametrize(("block_size", "asymmetric"), [(32, False), (64, True)])
+def test_matmul_nbits_equals_the_dequantized_float_model_bit_for_bit(
+    tmp_path, block_size, asymmetric
+):
+    float_model = testing.embedding_mlp(d=128, hidden=96)
+    path = testing.save(float_model, tmp_path / "model.onnx")
+    out = tmp_path / "model.int4.onnx"
+    config = QuantizeConfig(
+        scheme="int4",
+        block_size=block_size,
+        asymmetric_weights=asymmetric,
+        quantize_embeddings=True,
+        accuracy_level=0,
+    )
+    qconvert.quantize(path, out, config=config)
+    quantized = onnx.load(out)
+    assert testing.count_ops(quantized) == {
+        "GatherBlockQuantized": 1,
+        "MatMulNBits": 3,
+        "Add": 1,
+        "Relu": 1,
+        "ReduceMean": 1,
+    }
+    reference = _dequantized_float_model(float_model, quantized)
+    # batches of rows: a single row takes onnxruntime's GEMV kernel, which sums in
+    # another order than the GEMM both models use here
+    for seed in (1, 2):
+        got = _run(out, _ids(seed))[0]
+        expected = _run(reference, _ids(seed))[0]
+        np.testing.assert_array_equal(got, expected)
+    assert testing.output_sqnr(float_model, out, [_ids(3)]) > 10  # four 4-bit layers
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_blocked_qdq_equals_matmul_nbits_within_float_rounding(tmp_path, asymmetric):
+    path = testing.save(testing.embedding_mlp(), tmp_path / "model.onnx")
+    outputs = {}
+    for fmt in ("qop", "qdq"):
+        out = tmp_path / f"model.{fmt}.onnx"
+        config = QuantizeConfig(
+            scheme="int4",
+            format=fmt,
+            asymmetric_weights=asymmetric,
+            quantize_embeddings=True,
+            accuracy_level=0 if fmt == "qop" else None,
+        )
+        qconvert.quantize(path, out, config=config)
+        outputs[fmt] = _run(out, _ids(), optimize=fmt == "qop")[0]
+    qdq = onnx.load(tmp_path / "model.qdq.onnx")
+    assert qdq.opset_import[0].version >= 21
+    blocked = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(blocked) == 4
+    code_types = {
+        t.data_type for t in qdq.graph.initializer if t.name in {n.input[0] for n in blocked}
+    }
+    assert code_types == {onnx.TensorProto.UINT4 if asymmetric else onnx.TensorProto.INT4}
+    np.testing.assert_allclose(outputs["qdq"], outputs["qop"], rtol=1e-5, atol=1e-5)
+    # onnxruntime fuses the blocked DequantizeLinear -> MatMul pairs into MatMulNBits
+    fused = testing.optimized_ops(tmp_path / "model.qdq.onnx", tmp_path)
+    assert fused["MatMulNBits"] == 2
+
+
+def _layer_model(k: int, n: int, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        layer (float[N,{k}] x) => (float[N,{n}] y) {{
+            y = MatMul (x, w)
+        }}
+    """
+    model = onnx.parser.parse_model(text)
+    weight = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(weight, "w"))
+    return model
+
+
+def _correlated(rng, mix, count: int, rows: int) -> list[dict[str, np.ndarray]]:
+    return [
+        {"x": (rng.standard_normal((rows, mix.shape[0])) @ mix).astype(np.float32)}
+        for _ in range(count)
+    ]
+
+
+def test_gptq_lowers_the_layer_output_error_against_round_to_nearest(tmp_path):
+    k, n = 128, 64
+    rng = np.random.default_rng(0)
+    # correlated inputs with a few strong directions: where error feedback pays
+    mix = (rng.standard_normal((k, k)) * 0.3 + np.eye(k)).astype(np.float32)
+    mix[:, :4] *= 8
+    path = testing.save(_layer_model(k, n), tmp_path / "layer.onnx")
+    data = testing.write_samples(tmp_path / "calib", _correlated(rng, mix, 12, 64))
+    held_out = _correlated(np.random.default_rng(7), mix, 4, 64)
+    errors = {}
+    for name, folder in (("rtn", None), ("gptq", data)):
+        out = tmp_path / f"layer.{name}.onnx"
+        report = qconvert.quantize(
+            path, out, data=folder, config=QuantizeConfig(scheme="int4", accuracy_level=0)
+        )
+        errors[name] = sum(
+            float(np.sum((_run(out, s)[0] - _run(path, s)[0]) ** 2)) for s in held_out
+        )
+        if name == "gptq":
+            assert any(
+                "GPTQ rounding" in note and "kept on 1 of 1" in note
+                for note in report.conversion.notes
+            )
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_exclude_and_an_8_bit_override_are_listed_with_their_reasons(tmp_path):
+    path = testing.save(testing.embedding_mlp(), tmp_path / "model.onnx")
+    overrides = tmp_path / "overrides.toml"
+    prepared_names = _named(path, tmp_path)
+    overrides.write_text(f'[nodes]\n"{prepared_names["h3"]}" = "int8"\n')
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(
+        main,
+        [
+            "quantize",
+            str(path),
+            "-o",
+            str(out),
+            "--scheme",
+            "int4",
+            "--exclude",
+            "Gemm",
+            "--overrides",
+            str(overrides),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    quantized = onnx.load(out)
+    bits = sorted(
+        helper.get_attribute_value(a)
+        for n in quantized.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "bits"
+    )
+    assert bits == [4, 8]
+    assert testing.count_ops(quantized)["Gemm"] == 1
+    assert "Gemm" in result.output and "excluded" in result.output
+    assert "embedding table: stays float (pass --quantize-embeddings)" in result.output
+
+
+def _named(path, tmp_path) -> dict[str, str]:
+    """Node names as the prepared model has them (the builder leaves them empty)."""
+    from qconvert import model as model_io
+    from qconvert.passes import prepare
+
+    prepared = prepare(model_io.load_model(path), min_opset=17)
+    return {node.outputs[0].name: node.name for node in prepared.graph}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--scheme", "int8", "--block-size", "64"],
+            "Error: --block-size does not go with --scheme int8. Hint: it applies to --scheme "
+            "int4 (blocked 4-bit weights).",
+        ),
+        (
+            ["--scheme", "int4", "--format", "qdq", "--accuracy-level", "4"],
+            "Error: --accuracy-level does not go with --format qdq. Hint: it is an attribute "
+            "of MatMulNBits, which --format qop writes.",
+        ),
+        (
+            ["--scheme", "int4", "--per-tensor"],
+            "Error: --per-tensor does not go with --scheme int4: its weights have one scale "
+            "per block. Hint: choose the block with --block-size.",
+        ),
+    ],
+)
+def test_int4_options_that_do_not_go_together_fail_with_one_line(
+    tmp_path, run_cli, args, message
+):
+    path = testing.save(testing.embedding_mlp(), tmp_path / "model.onnx")
+    out = tmp_path / "out.onnx"
+    result = run_cli("quantize", path, "-o", out, *args)
+    assert result.code == 2
+    assert result.err.splitlines()[0] == message
+    assert not out.exists()
+
+
+def test_int4_refuses_a_calibration_file(tmp_path):
+    path = testing.save(testing.embedding_mlp(), tmp_path / "model.onnx")
+    calib = tmp_path / "c.json"
+    calib.write_text("{}")
+    with pytest.raises(ConfigError, match="does not read --calib"):
+        qconvert.quantize(
+            path, tmp_path / "o.onnx", calib=calib, config=QuantizeConfig(scheme="int4")
+        )
+    assert not (tmp_path / "o.onnx").exists()
