@@ -65,6 +65,21 @@ VARIANTS = (
         theirs_step="occ_float16",
     ),
     Variant(scheme="fp16-weights", ours=("fp16-weights", "qdq"), theirs_label=None),
+    # int4 (issue 19): block 32, symmetric, embeddings too, MatMulNBits accuracy_level 4
+    Variant(
+        scheme="int4",
+        ours=("int4", "qop"),
+        theirs_label="matmul_nbits_quantizer RTN, block 32, symmetric, MatMul+Gather",
+        theirs_step="ort_int4",
+        ours_options={"quantize_embeddings": True, "with_data": False},
+    ),
+    Variant(
+        scheme="int4+data",
+        ours=("int4", "qop"),
+        theirs_label="matmul_nbits_quantizer RTN, block 32, symmetric, MatMul+Gather",
+        theirs_step="ort_int4",
+        ours_options={"quantize_embeddings": True},
+    ),
     # The accuracy flags, each measured against the plain int8 row above.
     Variant(
         scheme="int8+bias-correction",

@@ -130,15 +130,25 @@ def qconvert_supports(scheme: str, fmt: str) -> str | None:
 
     if scheme not in SCHEMES:
         return f"scheme '{scheme}' not supported yet"
-    if fmt == "qop" and scheme != "int8":
-        return f"format '{fmt}' is for int8 only"
+    if fmt == "qop" and scheme not in ("int8", "int4"):
+        return f"format '{fmt}' is for int8 and int4 only"
     return None
 
 
 def qconvert_quantize(
-    *, model: str, data: str, output: str, scheme: str, fmt: str, **flags: object
+    *,
+    model: str,
+    data: str,
+    output: str,
+    scheme: str,
+    fmt: str,
+    with_data: bool = True,
+    **flags: object,
 ) -> dict:
-    """`flags` are QuantizeConfig fields (equalize, bias_correction, adaround, ...)."""
+    """`flags` are QuantizeConfig fields (equalize, bias_correction, adaround, ...).
+
+    `with_data=False` runs without --data (int4's round-to-nearest row).
+    """
     from qconvert import api
     from qconvert.config import QuantizeConfig
 
@@ -149,7 +159,14 @@ def qconvert_quantize(
     # Data-free schemes do not calibrate; the data still gives them a real smoke sample.
     # Workers as the command line's default (`--workers auto`).
     return _timed(
-        lambda: api.quantize(model, output, data=data, config=config, force=True, workers=None)
+        lambda: api.quantize(
+            model,
+            output,
+            data=data if with_data else None,
+            config=config,
+            force=True,
+            workers=None,
+        )
     )
 
 
@@ -233,6 +250,47 @@ def ort_static(
             calibrate_method=getattr(CalibrationMethod, method),
         )
     )
+
+
+def ort_int4(
+    *,
+    model: str,
+    data: str,
+    output: str,
+    block_size: int = 32,
+    symmetric: bool = True,
+    embeddings: bool = True,
+    accuracy_level: int = 4,
+) -> dict:
+    """onnxruntime's matmul_nbits_quantizer, RTN (DefaultWeightOnlyQuantConfig), QOperator.
+
+    Its GPTQ and HQQ configs import torch (and GPTQ neural-compressor), which the bench
+    does not install: RTN is the peer that runs here.
+    """
+    del data  # round-to-nearest reads no samples
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+
+    def work() -> None:
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            quant_format=QuantFormat.QOperator,
+            op_types_to_quantize=ops,
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
+        quantizer = MatMulNBitsQuantizer(onnx.load(model), algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(output, use_external_data_format=False)
+
+    return _timed(work)
 
 
 def ort_dynamic(*, model: str, data: str, output: str) -> dict:

@@ -150,6 +150,11 @@ def dequantize_blocks(
     return shifted * scales[..., None]
 
 
+CHUNK_VALUES = 1 << 22
+"""Weights are quantized this many values (16 MB of float32) at a time, so the temporaries
+stay small beside a weight of any size."""
+
+
 def quantize_rtn(
     wt: npt.NDArray[np.float32],
     *,
@@ -161,18 +166,27 @@ def quantize_rtn(
     """Round-to-nearest blocked quantization of a weight given as (N, K).
 
     With `search`, each block's range is first shrunk by the factor of `SHRINK_GRID` that
-    gives it the least squared error.
+    gives it the least squared error. `wt` may be a strided view (a transposed, memory-
+    mapped weight): it is read a few rows at a time.
     """
-    wt = np.asarray(wt, dtype=np.float32)
-    blocks = pad_blocks(wt, block_size)
-    shrink = best_shrink(blocks, bits=bits, symmetric=symmetric) if search else 1.0
-    scales, zero_points = block_params(blocks, bits=bits, symmetric=symmetric, shrink=shrink)
-    codes = codes_for(blocks, scales, zero_points, bits=bits)
+    n, k = wt.shape
+    k_blocks = -(-k // block_size)
+    codes = np.empty((n, k_blocks * block_size), dtype=np.uint8)
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    zero_points = np.empty((n, k_blocks), dtype=np.uint8)
+    rows = max(1, CHUNK_VALUES // (k_blocks * block_size))
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        blocks = pad_blocks(np.asarray(wt[start:end], dtype=np.float32), block_size)
+        shrink = best_shrink(blocks, bits=bits, symmetric=symmetric) if search else 1.0
+        s, z = block_params(blocks, bits=bits, symmetric=symmetric, shrink=shrink)
+        codes[start:end] = codes_for(blocks, s, z, bits=bits).reshape(end - start, -1)
+        scales[start:end], zero_points[start:end] = s, z
     return BlockQuantized(
-        codes=codes.reshape(wt.shape[0], -1),
+        codes=codes,
         scales=scales,
         zero_points=zero_points,
-        k=wt.shape[1],
+        k=k,
         block_size=block_size,
         bits=bits,
         symmetric=symmetric,

@@ -35,9 +35,13 @@ LAZY_BATCH = 128
 
 
 def gram(x: npt.NDArray[np.floating], k: int) -> npt.NDArray[np.float64]:
-    """X^T X of an input (..., K) flattened to rows, in float64."""
-    rows = np.asarray(x, dtype=np.float64).reshape(-1, k)
-    return rows.T @ rows
+    """X^T X of an input (..., K) flattened to rows.
+
+    One sample's product is formed in float32 (single-precision BLAS is twice as fast, and
+    a sample's rows are few); the sums across samples are float64.
+    """
+    rows = np.asarray(x, dtype=np.float32).reshape(-1, k)
+    return (rows.T @ rows).astype(np.float64)
 
 
 def layer_error(

@@ -110,11 +110,15 @@ class Rounder:
     def __call__(self, entry: BlockedWeight) -> BlockQuantized:
         """The weight of `entry` quantized, (N, K); records the rounding chosen."""
         tensor = self.tensors[entry.weight]
-        array = np.array(tensor.numpy(), dtype=np.float32)  # a copy: the mapping can go
+        quantized = self._quantize(tensor.numpy(), entry)
+        # a weight in external data is memory-mapped: unmap it before the next one
         release = getattr(tensor, "release", None)
         if release is not None:
             release()
-        wt = array if entry.transposed else array.T  # (N, K)
+        return quantized
+
+    def _quantize(self, array: np.ndarray, entry: BlockedWeight) -> BlockQuantized:
+        wt = array if entry.transposed else array.T  # (N, K), a view
         options = {
             "block_size": self.block_size,
             "bits": entry.bits,
@@ -127,7 +131,7 @@ class Rounder:
         if fit is None or entry.op_type == "Gather":
             self.records[key] = RoundingRecord(entry.weight, "rtn")
             return rtn
-        w = np.ascontiguousarray(wt.T)
+        w = np.ascontiguousarray(wt.T, dtype=np.float32)
         gptq = quantize_gptq(w, fit, search=self.search, **options)
         held = self.grams.held.get(name)
         if held is None:

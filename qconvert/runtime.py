@@ -31,6 +31,7 @@ def make_session(
     spin: bool = True,
     quiet: bool = False,
     optimized_path: Path | None = None,
+    external_folder: Path | None = None,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
@@ -38,7 +39,8 @@ def make_session(
     `spin=False` keeps idle worker threads from busy-waiting: sessions that take turns (a
     comparison runs two to four) otherwise starve each other of cores. `quiet` silences
     onnxruntime's own error log, for callers that handle every failure. `optimized_path`
-    receives the graph as onnxruntime optimized it.
+    receives the graph as onnxruntime optimized it. `external_folder`: the folder the
+    external data of a model given as bytes is read from.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
@@ -47,6 +49,10 @@ def make_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if external_folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_folder)
+        )
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [provider]

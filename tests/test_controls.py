@@ -221,7 +221,8 @@ def test_lacks_vnni_reads_the_cpu_flags(monkeypatch):
             ("--format", "qop", "--scheme", "fp16"),
             (
                 "--format qop does not go with --scheme fp16",
-                "use --format qop with --scheme int8 or int4, or --format qdq with --scheme fp16",
+                "use --format qop with --scheme int8 or int4, or --format qdq with "
+                "--scheme fp16",
             ),
         ),
         (("--format", "qop", "--scheme", "16x8"), ("--format qop does not go with",)),

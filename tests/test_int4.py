@@ -297,3 +297,23 @@ def test_int4_refuses_a_calibration_file(tmp_path):
             path, tmp_path / "o.onnx", calib=calib, config=QuantizeConfig(scheme="int4")
         )
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_external_data_model_gets_the_same_gptq_weights_as_one_in_memory(tmp_path):
+    rng = np.random.default_rng(3)
+    mix = (rng.standard_normal((64, 64)) * 0.3 + np.eye(64)).astype(np.float32)
+    model = _layer_model(64, 32)
+    inline = testing.save(model, tmp_path / "inline.onnx")
+    (tmp_path / "ext").mkdir()
+    external = testing.save_with_external_data(model, tmp_path / "ext" / "layer.onnx")
+    data = testing.write_samples(tmp_path / "calib", _correlated(rng, mix, 8, 32))
+    outputs = {}
+    for name, path in (("inline", inline), ("external", external)):
+        out = tmp_path / f"{name}.int4.onnx"
+        report = qconvert.quantize(path, out, data=data, config=QuantizeConfig(scheme="int4"))
+        assert any("GPTQ rounding" in note for note in report.conversion.notes)
+        outputs[name] = _inits(onnx.load(out))
+    assert (tmp_path / "external.int4.onnx.data").exists()
+    assert outputs["inline"].keys() == outputs["external"].keys()
+    for key, value in outputs["inline"].items():
+        np.testing.assert_array_equal(value, outputs["external"][key])

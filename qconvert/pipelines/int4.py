@@ -10,9 +10,6 @@ model in external data is handed to onnxruntime as a path beside links to its da
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +130,8 @@ def quantize_int4(
         )(prepared)
         DropIntermediateShapesPass()(prepared)
         prepared.producer_name = "qconvert"
+        if external:
+            _unmap_after_writing(prepared)
     feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
     with timed(timings, "quantize and save"):
         converted = _verify_and_save(prepared, output, feeds, external, source is None)
@@ -191,6 +190,32 @@ def _prepare(
     return NameFixPass()(model).model
 
 
+def _unmap_after_writing(model: ir.Model) -> None:
+    """Float weights left in external data are unmapped once written, one at a time.
+
+    A memory-mapped tensor stays resident once read; copied and unmapped instead, the
+    save holds one of them at a time.
+    """
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.LazyTensor(
+                _copy_and_release(tensor),
+                dtype=tensor.dtype,
+                shape=tensor.shape,
+                name=tensor.name,
+            )
+
+
+def _copy_and_release(tensor: ir.ExternalTensor):
+    def read() -> ir.TensorProtocol:
+        array = np.array(tensor.numpy())
+        tensor.release()
+        return ir.Tensor(array, dtype=tensor.dtype, name=tensor.name)
+
+    return read
+
+
 def _layer_inputs(model: ir.Model, int4: Int4Plan) -> dict[str, str]:
     """Per planned MatMul/Gemm, the name of the input its weight multiplies."""
     nodes = {node.name: node for node in model.graph}
@@ -219,59 +244,23 @@ def _gram_matrices(
         transposed = bool(node.attributes.get_int("transB", 0)) and node.op_type == "Gemm"
         widths[tensor] = int(weight.shape[1] if transposed else weight.shape[0])
     exposed = [name for name in names if name not in graph_inputs]
-    with _session_model(prepared, path, external, exposed) as model:
-        session = make_session(model, quiet=True)
+    if external:
+        # the graph alone, as bytes; onnxruntime maps the weights from the model's folder
+        proto = onnx.load_model(str(path), load_external_data=False)
+        session = make_session(
+            expose(proto, exposed), quiet=True, external_folder=Path(path).resolve().parent
+        )
+    else:
+        session = make_session(expose(ir.serde.serialize_model(prepared), exposed), quiet=True)
 
-        def runs() -> Iterator[dict[str, np.ndarray]]:
-            for sample in source:
-                values = dict(
-                    zip(
-                        exposed,
-                        session.run(exposed, sample.feeds) if exposed else [],
-                        strict=True,
-                    )
-                )
-                values.update({n: a for n, a in sample.feeds.items() if n in widths})
-                yield values
+    def runs() -> Iterator[dict[str, np.ndarray]]:
+        for sample in source:
+            outputs = session.run(exposed, sample.feeds) if exposed else []
+            values = dict(zip(exposed, outputs, strict=True))
+            values.update({n: a for n, a in sample.feeds.items() if n in widths})
+            yield values
 
-        return accumulate_grams(runs(), widths)
-
-
-class _session_model:
-    """The float model with `names` exposed as outputs: bytes, or a path for external data.
-
-    A model in external data is written (graph only) into a temporary folder beside links
-    to its data files, so onnxruntime maps the weights from disk instead of one protobuf.
-    """
-
-    def __init__(self, prepared: ir.Model, path: PathLike, external: bool, names) -> None:
-        self.prepared, self.path, self.external, self.names = prepared, path, external, names
-        self.folder: str | None = None
-
-    def __enter__(self) -> bytes | str:
-        if not self.external:
-            proto = ir.serde.serialize_model(self.prepared)
-            return expose(proto, self.names)
-        source = Path(self.path)
-        proto = onnx.load_model(str(source), load_external_data=False)
-        self.folder = tempfile.mkdtemp(prefix="qconvert-int4-")
-        locations = {
-            entry.value
-            for tensor in proto.graph.initializer
-            for entry in tensor.external_data
-            if entry.key == "location"
-        }
-        for location in locations:
-            target = Path(self.folder) / location
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink((source.parent / location).resolve(), target)
-        staged = Path(self.folder) / source.name
-        staged.write_bytes(expose(proto, self.names))
-        return str(staged)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+    return accumulate_grams(runs(), widths)
 
 
 def _verify_and_save(
