@@ -80,6 +80,20 @@ VARIANTS = (
         theirs_step="ort_int4",
         ours_options={"quantize_embeddings": True},
     ),
+    Variant(
+        scheme="int4-b128",
+        ours=("int4", "qop"),
+        theirs_label="matmul_nbits_quantizer RTN, block 128, symmetric, MatMul+Gather",
+        theirs_step="ort_int4",
+        theirs_options={"block_size": 128},
+        ours_options={"quantize_embeddings": True, "with_data": False, "block_size": 128},
+    ),
+    Variant(
+        scheme="int4+scale-search",
+        ours=("int4", "qop"),
+        theirs_label=None,
+        ours_options={"quantize_embeddings": True, "with_data": False, "scale_search": True},
+    ),
     # The accuracy flags, each measured against the plain int8 row above.
     Variant(
         scheme="int8+bias-correction",

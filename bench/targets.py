@@ -218,7 +218,59 @@ def evaluate_targets(results: dict) -> list[dict]:
 
     # issue 10: parallel calibration
     add("10", *parallel.target(results.get("parallel")))
+    _int4_targets(results, add)
     return targets
+
+
+def _int4_targets(results: dict, add) -> None:
+    """Issue 19: int4 size, fidelity against the peer's RTN, and 1-thread latency."""
+    rows = [r for r in _rows(results, "int4") if r["group"] == "real"]
+    with_data = {r["model"]: r for r in _rows(results, "int4+data") if r["group"] == "real"}
+    if not rows:
+        add("19", "int4 rows on the real transformers", "not run", None)
+    for row in rows:
+        name = row["model"]
+        ratio = row.get("ours_size_ratio")
+        add(
+            "19",
+            f"int4 file ≤ 17% of float, block 32 with embeddings ({name})",
+            f"{100 * ratio:.1f}%" if ratio else "",
+            ratio <= 0.17 if ratio else None,
+        )
+        ours, theirs = row.get("ours_fidelity") or {}, row.get("theirs_fidelity") or {}
+        a, b = ours.get("agreement"), theirs.get("agreement")
+        add(
+            "19",
+            f"int4 without data at least equal to the peer's RTN ({name})",
+            f"{_agreement(ours)} vs {_agreement(theirs)}",
+            a >= b - 1e-4 if a is not None and b is not None else None,
+        )
+        data_row = with_data.get(name, {})
+        ours_d = data_row.get("ours_fidelity") or {}
+        theirs_d = data_row.get("theirs_fidelity") or {}
+        a, b = ours_d.get("agreement"), theirs_d.get("agreement")
+        add(
+            "19",
+            f"int4 with --data above the peer's best int4 (RTN; its GPTQ/HQQ need torch) "
+            f"({name})",
+            f"{_agreement(ours_d)} vs {_agreement(theirs_d)}",
+            a > b if a is not None and b is not None else None,
+        )
+        vs_float = row.get("latency_1t_ours_over_float")
+        add(
+            "19",
+            f"int4 1-thread latency ≤ 0.7× float ({name})",
+            _ratio(vs_float),
+            vs_float <= 0.7 if vs_float else None,
+        )
+
+
+def _agreement(fidelity: dict) -> str:
+    value = fidelity.get("agreement")
+    if value is None:
+        return "—"
+    kind = fidelity.get("agreement_kind", "agreement")
+    return f"{kind} {value:.4f}, SQNR {_db(fidelity.get('sqnr_db'))}"
 
 
 def _ratio(value) -> str:

@@ -317,3 +317,41 @@ def test_external_data_model_gets_the_same_gptq_weights_as_one_in_memory(tmp_pat
     assert outputs["inline"].keys() == outputs["external"].keys()
     for key, value in outputs["inline"].items():
         np.testing.assert_array_equal(value, outputs["external"][key])
+
+
+@pytest.mark.parametrize(
+    ("scheme", "precision", "message"),
+    [
+        (
+            "int4",
+            "16x8",
+            "which a --scheme int4 run cannot apply. Hint: in this scheme a "
+            "node override is 'float', 'int4' or 'int8'.",
+        ),
+        (
+            "int8",
+            "int4",
+            "which a --scheme int8 run cannot apply. Hint: int4 weights come "
+            "from --scheme int4.",
+        ),
+    ],
+)
+def test_an_override_the_scheme_cannot_apply_exits_3(
+    tmp_path, run_cli, scheme, precision, message
+):
+    model = _layer_model(64, 32)
+    model.graph.node[0].name = "proj"
+    path = testing.save(model, tmp_path / "layer.onnx")
+    data = testing.write_samples(tmp_path / "calib", [{"x": np.ones((2, 64), np.float32)}] * 2)
+    overrides = tmp_path / "o.toml"
+    overrides.write_text(f'[nodes]\n"proj" = "{precision}"\n')
+    out = tmp_path / "out.onnx"
+    result = run_cli(
+        "quantize", path, "-o", out, "--scheme", scheme, "--data", data,
+        "--overrides", overrides,
+    )  # fmt: skip
+    assert result.code == 3
+    assert result.err.strip() == (
+        f"Error: Override file '{overrides}' sets node 'proj' to '{precision}', {message}"
+    )
+    assert not out.exists()
