@@ -317,6 +317,9 @@ def test_external_data_model_gets_the_same_gptq_weights_as_one_in_memory(tmp_pat
     assert outputs["inline"].keys() == outputs["external"].keys()
     for key, value in outputs["inline"].items():
         np.testing.assert_array_equal(value, outputs["external"][key])
+    # compare reads both sides with their external data
+    compared = qconvert.compare(external, tmp_path / "external.int4.onnx", data=data)
+    assert compared.comparison.outputs[0].sqnr_db > 15
 
 
 @pytest.mark.parametrize(
