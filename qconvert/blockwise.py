@@ -162,15 +162,24 @@ def quantize_rtn(
     bits: int = 4,
     symmetric: bool = True,
     search: bool = False,
+    importance: npt.NDArray[np.floating] | None = None,
 ) -> BlockQuantized:
     """Round-to-nearest blocked quantization of a weight given as (N, K).
 
     With `search`, each block's range is first shrunk by the factor of `SHRINK_GRID` that
-    gives it the least squared error. `wt` may be a strided view (a transposed, memory-
-    mapped weight): it is read a few rows at a time.
+    gives it the least squared error; with `importance` (K,), the error of each position
+    along K weighs that much (an input's mean square on the data: AWQ's activation-aware
+    clipping), and the search is implied. `wt` may be a strided view (a transposed,
+    memory-mapped weight): it is read a few rows at a time.
     """
     n, k = wt.shape
     k_blocks = -(-k // block_size)
+    weights = None
+    if importance is not None:
+        search = True
+        weights = np.zeros(k_blocks * block_size, dtype=np.float32)
+        weights[:k] = importance
+        weights = weights.reshape(k_blocks, block_size)
     codes = np.empty((n, k_blocks * block_size), dtype=np.uint8)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zero_points = np.empty((n, k_blocks), dtype=np.uint8)
@@ -178,7 +187,11 @@ def quantize_rtn(
     for start in range(0, n, rows):
         end = min(start + rows, n)
         blocks = pad_blocks(np.asarray(wt[start:end], dtype=np.float32), block_size)
-        shrink = best_shrink(blocks, bits=bits, symmetric=symmetric) if search else 1.0
+        shrink = (
+            best_shrink(blocks, bits=bits, symmetric=symmetric, importance=weights)
+            if search
+            else 1.0
+        )
         s, z = block_params(blocks, bits=bits, symmetric=symmetric, shrink=shrink)
         codes[start:end] = codes_for(blocks, s, z, bits=bits).reshape(end - start, -1)
         scales[start:end], zero_points[start:end] = s, z
@@ -194,9 +207,16 @@ def quantize_rtn(
 
 
 def best_shrink(
-    blocks: npt.NDArray[np.float32], *, bits: int, symmetric: bool
+    blocks: npt.NDArray[np.float32],
+    *,
+    bits: int,
+    symmetric: bool,
+    importance: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Per block, the factor of `SHRINK_GRID` whose range gives the least squared error."""
+    """Per block, the factor of `SHRINK_GRID` whose range gives the least squared error.
+
+    `importance` (k_blocks, block_size) weighs each position's squared error.
+    """
     best = np.ones(blocks.shape[:-1], dtype=np.float32)
     best_error = np.full(blocks.shape[:-1], np.inf, dtype=np.float64)
     for factor in SHRINK_GRID:
@@ -204,7 +224,10 @@ def best_shrink(
             blocks, bits=bits, symmetric=symmetric, shrink=factor
         )
         codes = codes_for(blocks, scales, zero_points, bits=bits)
-        error = np.square(dequantize_blocks(codes, scales, zero_points) - blocks).sum(axis=-1)
+        error = np.square(dequantize_blocks(codes, scales, zero_points) - blocks)
+        if importance is not None:
+            error = error * importance
+        error = error.sum(axis=-1)
         better = error < best_error
         best = np.where(better, np.float32(factor), best)
         best_error = np.where(better, error, best_error)

@@ -75,7 +75,8 @@ class RoundingRecord:
     weight: str
     method: str
     rtn_error: float | None = None
-    gptq_error: float | None = None
+    chosen_error: float | None = None
+    errors: dict[str, float] | None = None
 
 
 class Rounder:
@@ -137,34 +138,46 @@ class Rounder:
         if held is None:
             self.records[key] = RoundingRecord(entry.weight, "gptq")
             return gptq
-        rtn_error = layer_error(w, rtn.dequantize().T, held)
-        gptq_error = layer_error(w, gptq.dequantize().T, held)
-        method = "gptq" if gptq_error < rtn_error else "rtn"
-        self.records[key] = RoundingRecord(entry.weight, method, rtn_error, gptq_error)
-        return gptq if method == "gptq" else rtn
+        # AWQ-class clipping: each block's range shrunk to the least error weighted by
+        # its inputs' mean square on the fitting samples
+        clipped = quantize_rtn(wt, importance=np.diag(fit).astype(np.float32), **options)
+        candidates = {"rtn": rtn, "awq-clip": clipped, "gptq": gptq}
+        errors = {
+            method: layer_error(w, result.dequantize().T, held)
+            for method, result in candidates.items()
+        }
+        method = min(errors, key=lambda m: (errors[m], m != "rtn"))
+        self.records[key] = RoundingRecord(
+            entry.weight, method, errors["rtn"], errors[method], errors
+        )
+        return candidates[method]
 
     def note(self) -> str | None:
         """The report's line on the roundings chosen, or None without data."""
         if self.grams is None:
             return None
-        judged = [r for r in self.records.values() if r.method in ("gptq", "rtn")]
-        layers = [r for r in judged if r.rtn_error is not None or r.method == "gptq"]
-        kept = [r for r in layers if r.method == "gptq"]
+        judged = [r for r in self.records.values() if r.errors is not None]
+        unjudged = [r for r in self.records.values() if r.method == "gptq" and not r.errors]
         if not self.grams.held_samples:
             return (
-                f"GPTQ rounding on {len(kept)} weight(s) from {self.grams.fit_samples} "
+                f"GPTQ rounding on {len(unjudged)} weight(s) from {self.grams.fit_samples} "
                 "sample(s); too few samples to hold any out, so it was not judged against "
                 "round-to-nearest."
             )
+        counts = {
+            method: sum(r.method == method for r in judged)
+            for method in ("gptq", "awq-clip", "rtn")
+        }
         gains = [
-            10 * math.log10(r.rtn_error / r.gptq_error)
-            for r in layers
-            if r.rtn_error and r.gptq_error
+            10 * math.log10(r.rtn_error / r.chosen_error)
+            for r in judged
+            if r.rtn_error and r.chosen_error
         ]
         median = float(np.median(gains)) if gains else 0.0
         return (
-            f"GPTQ rounding (from {self.grams.fit_samples} sample(s)) kept on {len(kept)} of "
-            f"{len(layers)} weight(s) where it lowered the layer's output error on "
-            f"{self.grams.held_samples} held-out sample(s) (median {median:+.2f} dB against "
-            "round-to-nearest); round-to-nearest kept on the rest."
+            f"Rounding chosen per weight by its layer's output error on "
+            f"{self.grams.held_samples} held-out sample(s) (fitted on "
+            f"{self.grams.fit_samples}): GPTQ on {counts['gptq']}, AWQ-class activation-"
+            f"aware clipping on {counts['awq-clip']}, round-to-nearest on {counts['rtn']} "
+            f"of {len(judged)} (median {median:+.2f} dB against round-to-nearest)."
         )

@@ -204,7 +204,8 @@ def test_gptq_lowers_the_layer_output_error_against_round_to_nearest(tmp_path):
         )
         if name == "gptq":
             assert any(
-                "GPTQ rounding" in note and "kept on 1 of 1" in note
+                "GPTQ on 1, AWQ-class activation-aware clipping on 0, round-to-nearest "
+                "on 0 of 1" in note
                 for note in report.conversion.notes
             )
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
@@ -311,7 +312,7 @@ def test_external_data_model_gets_the_same_gptq_weights_as_one_in_memory(tmp_pat
     for name, path in (("inline", inline), ("external", external)):
         out = tmp_path / f"{name}.int4.onnx"
         report = qconvert.quantize(path, out, data=data, config=QuantizeConfig(scheme="int4"))
-        assert any("GPTQ rounding" in note for note in report.conversion.notes)
+        assert any("Rounding chosen per weight" in note for note in report.conversion.notes)
         outputs[name] = _inits(onnx.load(out))
     assert (tmp_path / "external.int4.onnx.data").exists()
     assert outputs["inline"].keys() == outputs["external"].keys()
@@ -358,3 +359,23 @@ def test_an_override_the_scheme_cannot_apply_exits_3(
         f"Error: Override file '{overrides}' sets node 'proj' to '{precision}', {message}"
     )
     assert not out.exists()
+
+
+def test_activation_aware_clipping_lowers_held_out_layer_error_against_rtn():
+    from qconvert.gptq import gram, layer_error
+
+    rng = np.random.default_rng(5)
+    k, n = 256, 64
+    loud = np.ones(k, np.float32)
+    loud[rng.choice(k, 8, replace=False)] = 20.0  # a few input channels dominate
+    fit = rng.standard_normal((2048, k)).astype(np.float32) * loud
+    held = rng.standard_normal((2048, k)).astype(np.float32) * loud
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    h_fit, h_held = gram(fit, k), gram(held, k)
+    plain = quantize_rtn(w.T, block_size=32).dequantize().T
+    clipped = (
+        quantize_rtn(w.T, block_size=32, importance=np.diag(h_fit).astype(np.float32))
+        .dequantize()
+        .T
+    )
+    assert layer_error(w, clipped, h_held) < 0.9 * layer_error(w, plain, h_held)
