@@ -1,12 +1,13 @@
-"""Choosing each int4 weight's rounding: round-to-nearest, or GPTQ where held-out data agrees.
+"""Choosing each int4 weight's rounding: to nearest, activation-aware clipping, or GPTQ.
 
 Without samples every weight is rounded to nearest (with `search`, each block's range
 shrunk to its least squared error first). With samples, the float model runs once over
 them and each MatMul/Gemm input's Gram matrix X^T X is summed (one K x K matrix per input,
-whatever the number of samples). One sample in four is held out: GPTQ rounds from the
-Gram matrix of the others, and is kept for a weight only when its output error on the
-held-out samples, tr(E^T H_held E), is below round-to-nearest's; the choice is made per
-layer and the report counts it.
+whatever the number of samples). One sample in four is held out. From the Gram matrix of
+the others each weight is rounded three ways: to nearest; with AWQ-class clipping (each
+block's range shrunk to the least squared error weighted by its inputs' mean square, the
+diagonal of X^T X); and by GPTQ. The one whose output error on the held-out samples,
+tr(E^T H_held E), is least is kept, per layer, and the report counts the choices.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ SCHEME_HELP = (
     "float32 inputs/outputs. fp16-weights: float16 storage, float32 compute (for CPUs). "
     "int4: weight-only, MatMul/Gemm weights in 4-bit blocks along the reduction axis "
     "(--block-size), written as com.microsoft MatMulNBits by default; no data needed, "
-    "--data gives GPTQ rounding where held-out samples say it helps."
+    "with --data each layer keeps whichever of round-to-nearest, activation-aware clipping "
+    "and GPTQ errs least on held-out samples."
 )
 
 
