@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench import cases as case_set
-from bench import measure, parallel, real, report, runner
+from bench import measure, parallel, pretrained, real, report, runner
 from bench.targets import METHOD_TOOLS
 
 HERE = Path(__file__).resolve().parent
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qconvert").setLevel(logging.ERROR)
 
     if args.fetch:
-        real.fetch(args.cache)
+        failed = real.fetch(args.cache) + pretrained.fetch(args.cache)
+        if failed:
+            print(f"not fetched (left out of the run): {', '.join(failed)}")
         return 0
     if args.render:
         results = json.loads((args.out / "results.json").read_text())
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("sample_models/ not found: the sample models were left out")
         cases += case_set.synthetic_cases(work, plan["sizes"])
         found, missing = case_set.real_cases(args.cache, work, plan["sizes"])
+        cases += found
+        notes += missing
+        found, missing = pretrained.cases(args.cache, work, plan["sizes"])
         cases += found
         notes += missing
     if args.only:

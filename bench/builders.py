@@ -312,3 +312,91 @@ def tiny_cnn(seed: int = 0) -> onnx.ModelProto:
     x = g.op("Relu", [g.conv_bn(x, 16, 32, 3, 2)])
     logits = g.classifier_head(x, 32, classes=10)
     return g.model([_image_input(32)], {"logits": (logits, [1, 10])}, "tiny_cnn")
+
+
+# EfficientNet-Lite0's blocks: (repeats, kernel, first stride, expand ratio, out channels).
+EFFICIENTNET_LITE0 = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+
+
+def efficientnet_lite(
+    weights: dict[str, np.ndarray], *, size: int = 224, eps: float = 1e-3
+) -> onnx.ModelProto:
+    """EfficientNet-Lite0 (ReLU6, no squeeze-excite) under the efficientnet_pytorch names.
+
+    The weights come from TensorFlow's checkpoint, so every Conv pads as TensorFlow's "same"
+    does: an explicit Pad node before the Conv, the odd pixel on the bottom/right for stride
+    2 (what efficientnet_pytorch's static-same-padding Conv exports as).
+    """
+    g = GraphBuilder(0)
+    spatial = {"input": size}
+
+    def conv_bn(x: str, prefix: str, bn: str, stride: int = 1, groups: int = 1) -> str:
+        weight = weights[prefix + ".weight"].astype(np.float32)
+        k = weight.shape[-1]
+        total = max((-(-spatial[x] // stride) - 1) * stride + k - spatial[x], 0)
+        if total:
+            lo, hi = total // 2, total - total // 2
+            x_padded = g.op(
+                "Pad", [x, g.const("pads", np.array([0, 0, lo, lo, 0, 0, hi, hi], np.int64))]
+            )
+            spatial[x_padded] = spatial[x] + total
+        else:
+            x_padded = x
+        y = g.op(
+            "Conv",
+            [x_padded, g.const("w", weight)],
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            group=groups,
+        )
+        y = g.op(
+            "BatchNormalization",
+            [y]
+            + [
+                g.const(n, weights[f"{bn}.{n}"].astype(np.float32))
+                for n in ("weight", "bias", "running_mean", "running_var")
+            ],
+            epsilon=eps,
+        )
+        spatial[y] = -(-spatial[x] // stride)
+        return y
+
+    def relu6(x: str) -> str:
+        out = g.relu6(x)
+        spatial[out] = spatial[x]
+        return out
+
+    x = relu6(conv_bn("input", "_conv_stem", "_bn0", stride=2))
+    block, cin = 0, 32
+    for repeats, _, first_stride, expand, cout in EFFICIENTNET_LITE0:
+        for index in range(repeats):
+            p = f"_blocks.{block}."
+            stride = first_stride if index == 0 else 1
+            y = x if expand == 1 else relu6(conv_bn(x, p + "_expand_conv", p + "_bn0"))
+            hidden = cin * expand
+            y = relu6(conv_bn(y, p + "_depthwise_conv", p + "_bn1", stride, groups=hidden))
+            y = conv_bn(y, p + "_project_conv", p + "_bn2")
+            if stride == 1 and cin == cout:
+                y = g.op("Add", [y, x])
+                spatial[y] = spatial[x]
+            x, cin, block = y, cout, block + 1
+    x = relu6(conv_bn(x, "_conv_head", "_bn1"))
+    pooled = g.op("Flatten", [g.op("GlobalAveragePool", [x])])
+    logits = g.op(
+        "Gemm",
+        [
+            pooled,
+            g.const("fc_w", weights["_fc.weight"].astype(np.float32)),
+            g.const("fc_b", weights["_fc.bias"].astype(np.float32)),
+        ],
+        transB=1,
+    )
+    return g.model([_image_input(size)], {"logits": (logits, [1, 1000])}, "efficientnet_lite0")

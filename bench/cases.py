@@ -281,10 +281,12 @@ def _ocr_classifier(files: Path, work: Path, sizes: Sizes) -> Case:
     )
 
 
-def _line_windows(page: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _line_windows(
+    page: np.ndarray, count: int, rng: np.random.Generator, aspect: int = 4
+) -> list[np.ndarray]:
     """Windows on the text lines of a scanned page: rows with ink (against a local
     background, the scan is unevenly lit) form line bands; each band, padded, is cut into
-    4:1 windows, the classifier's aspect."""
+    `aspect`:1 windows (4:1 is the orientation classifier's aspect)."""
     from PIL import Image, ImageFilter
 
     gray = Image.fromarray(page).convert("L")
@@ -297,7 +299,7 @@ def _line_windows(page: np.ndarray, count: int, rng: np.random.Generator) -> lis
             continue
         pad = (bottom - top) // 3
         top, bottom = max(0, top - pad), min(page.shape[0], bottom + pad)
-        width = 4 * (bottom - top)
+        width = aspect * (bottom - top)
         for left in range(0, page.shape[1] - width + 1, width // 2):
             windows.append(page[top:bottom, left : left + width])
     chosen = rng.choice(len(windows), size=min(count, len(windows)), replace=False)

