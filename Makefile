@@ -48,7 +48,19 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+# AMD Quark, the second peer, in a virtual environment of its own (it pins onnx below
+# qconvert's). torch goes in first, pinned, so that no other build is pulled. If Quark cannot
+# be installed the bench still runs, and its rows say so.
+QUARK_VENV  := .venv-quark
+QUARK_STAMP := $(QUARK_VENV)/.installed-stamp
+$(QUARK_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(QUARK_VENV)
+	$(QUARK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	($(QUARK_VENV)/bin/python -m pip install --quiet 'torch==2.13.0' \
+		&& $(QUARK_VENV)/bin/python -m pip install --quiet -e '.[bench-quark]' \
+		&& touch $(QUARK_STAMP)) || echo "AMD Quark not installed: the bench's Quark rows will say so"
+
+bench: $(BENCH_STAMP) $(QUARK_STAMP)
 	$(BIN)/python -m bench --fetch
 	$(BIN)/python -m bench
 
@@ -59,4 +71,4 @@ samples: setup
 	$(BIN)/python tools/make_qat_sample.py --out sample_models
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(QUARK_VENV) build .pytest_cache

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         found, missing = case_set.real_cases(args.cache, work, plan["sizes"])
         cases += found
         notes += missing
-        found, missing = pretrained.cases(args.cache, work, plan["sizes"])
+        only = {name for names in args.only for name in names.split(",")} or None
+        found, missing = pretrained.cases(args.cache, work, plan["sizes"], only)
         cases += found
         notes += missing
     if args.only:

@@ -85,8 +85,11 @@ def fetch(cache: Path) -> list[str]:
     return failed
 
 
-def cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[str]]:
-    """The models of this set whose files are here; the notes say which were left out."""
+def cases(
+    cache: Path, work: Path, sizes: Sizes, only: set[str] | None = None
+) -> tuple[list[Case], list[str]]:
+    """The models of this set whose files are here (of `only`, when given: the others'
+    inputs are not made); the notes say which were left out."""
     files = real.files_dir(cache)
     builders_by_name: dict[str, Callable[[Path, Path, Sizes], Case]] = {
         "efficientnet_lite0": _efficientnet_lite0,
@@ -96,6 +99,8 @@ def cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[str]]
     }
     found, notes = [], []
     for name, build in builders_by_name.items():
+        if only is not None and name not in only:
+            continue
         missing = [m for m in WHEELS[name][1] if not (files / m).exists()]
         if missing:
             notes.append(f"{name} left out: not fetched ({missing[0]}); run `make bench`")

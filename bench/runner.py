@@ -29,6 +29,7 @@ class Variant:
     theirs_step: str | None = None  # a function name in bench.steps
     theirs_options: dict = field(default_factory=dict)
     ours_options: dict = field(default_factory=dict)  # QuantizeConfig fields: the flags
+    groups: tuple[str, ...] | None = None  # case groups it runs on; None: all
 
 
 VARIANTS = (
@@ -119,6 +120,24 @@ VARIANTS = (
         theirs_label=None,
         ours_options={"smooth_quant": 0.5},
     ),
+    # The second peer, AMD Quark (bench/quark_step.py), against qconvert's default int8: on
+    # the real and sample models only (its best recipe takes minutes a model).
+    Variant(
+        scheme="int8-quark",
+        ours=("int8", "qdq"),
+        theirs_label="AMD Quark default: u8 act, s8 per-channel weights, Percentile",
+        theirs_step="quark_quantize",
+        theirs_options={"recipe": "default"},
+        groups=("real", "sample", "user"),
+    ),
+    Variant(
+        scheme="int8-quark-best",
+        ours=("int8", "qdq"),
+        theirs_label="AMD Quark best CPU recipe: as default + CLE + AdaRound (300 iterations)",
+        theirs_step="quark_quantize",
+        theirs_options={"recipe": "best"},
+        groups=("real", "sample", "user"),
+    ),
 )
 
 
@@ -164,6 +183,7 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
     )
     float_size = case.model.stat().st_size
     rows = []
+    variants = [v for v in variants if v.groups is None or case.group in v.groups]
     for number, variant in enumerate(variants):
         row: dict = {
             "model": case.name,

@@ -328,3 +328,52 @@ def float_pass(*, model: str, data: str, output: str) -> dict:
             session.run(None, feeds)
 
     return _timed(work)
+
+
+# AMD Quark lives in its own virtual environment (it pins onnx below qconvert's and imports
+# torch); `make bench` makes it. QCONVERT_BENCH_QUARK_PYTHON points elsewhere if needed.
+QUARK_PYTHON = Path(__file__).resolve().parents[1] / ".venv-quark" / "bin" / "python"
+
+
+def quark_python() -> Path:
+    import os
+
+    return Path(os.environ.get("QCONVERT_BENCH_QUARK_PYTHON", QUARK_PYTHON))
+
+
+def quark_quantize(*, model: str, data: str, output: str, recipe: str) -> dict:
+    """AMD Quark's ModelQuantizer (bench/quark_step.py) in its own interpreter: the time is
+    the child's wall time, interpreter start and Quark's imports included, as a user's run."""
+    import subprocess
+
+    python = quark_python()
+    if not python.exists():
+        raise NotSupportedYet(
+            f"AMD Quark is not installed ({python}); `make bench` installs it"
+        )
+
+    def work() -> None:
+        done = subprocess.run(
+            [
+                str(python),
+                "-m",
+                "bench.quark_step",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--output",
+                output,
+                "--recipe",
+                recipe,
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            raise RuntimeError(lines[-1][:200] if lines else f"exit {done.returncode}")
+
+    return _timed(work)

@@ -1,0 +1,124 @@
+"""AMD Quark's ONNX quantizer, the second peer: run by `bench.steps.quark_quantize` in the
+interpreter of its own virtual environment (.venv-quark, which `make bench` makes).
+
+Quark pins onnx below the version qconvert installs and imports torch, so it lives apart:
+this script needs only numpy from the bench (bench.data) and Quark itself.
+
+    .venv-quark/bin/python -m bench.quark_step --model M --data D --output O --recipe R
+
+Recipes (both: unsigned 8-bit activations, which onnxruntime's CPU kernels run fast, and
+signed 8-bit per-channel weights; the model is first upgraded to opset 17, since Quark's
+per-channel QDQ needs opset 13 or later):
+- default: Quark's own defaults otherwise (Percentile activation ranges, no algorithm);
+- best: its strongest CPU recipe for CNNs in its docs: cross-layer equalization, then
+  AdaRound (bias correction is subsumed by AdaRound's layer-output reconstruction, and
+  Quark's auto mixed precision raises layers to 16-bit activations, which onnxruntime's
+  CPU runs in float, so it trades away the int8 speed the bench measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# 300 AdaRound iterations a layer (Quark's default is 1000): the issue measured 200 on the
+# DBNet as a 10-minute run and 1000 as about 50 minutes on these 2 cores.
+ADAROUND_ITERATIONS = 300
+OPSET = 17
+
+
+def _reader(model: str, data: str):
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from bench.data import read_folder
+
+    graph = onnx.load(model, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    ranks = {
+        i.name: len(i.type.tensor_type.shape.dim)
+        for i in graph.input
+        if i.name not in initializers
+    }
+    samples = read_folder(Path(data), ranks)
+
+    class FolderReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.index = 0
+
+        def get_next(self):
+            if self.index >= len(samples):
+                return None
+            self.index += 1
+            return samples[self.index - 1]
+
+        def rewind(self) -> None:  # Quark's algorithms read the samples more than once
+            self.index = 0
+
+    return FolderReader()
+
+
+def _config(recipe: str):
+    from quark.onnx import (
+        AdaRoundConfig,
+        CLEConfig,
+        Int8Spec,
+        QConfig,
+        QLayerConfig,
+        QuantGranularity,
+        UInt8Spec,
+    )
+
+    layer = QLayerConfig(
+        input_tensors=UInt8Spec(),
+        weight=Int8Spec(quant_granularity=QuantGranularity.Channel),
+    )
+    algorithms = []
+    if recipe == "best":
+        algorithms = [
+            CLEConfig(),
+            AdaRoundConfig(num_iterations=ADAROUND_ITERATIONS, learning_rate=0.1),
+        ]
+    return QConfig(
+        global_config=layer,
+        algo_config=algorithms,
+        extra_options={"ForceQuantizeNoInputCheck": True},
+    )
+
+
+def quantize(model: str, data: str, output: str, recipe: str) -> float:
+    """Quantizes `model` into `output`; returns the seconds Quark took (upgrade included)."""
+    import onnx
+    from onnx import version_converter
+    from quark.onnx import ModelQuantizer
+
+    started = time.perf_counter()
+    proto = onnx.load(model)
+    default = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    with tempfile.TemporaryDirectory() as folder:
+        source = model
+        if default < OPSET:
+            proto = version_converter.convert_version(proto, OPSET)
+            source = str(Path(folder) / "upgraded.onnx")
+            onnx.save(proto, source)
+        ModelQuantizer(_config(recipe)).quantize_model(source, output, _reader(model, data))
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quark_step")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--recipe", choices=("default", "best"), default="default")
+    args = parser.parse_args()
+    seconds = quantize(args.model, args.data, args.output, args.recipe)
+    print(f"quark seconds {seconds:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
