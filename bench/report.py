@@ -162,7 +162,9 @@ def markdown(results: dict) -> str:
         + ".",
         "",
         "*ours* = qconvert, *theirs* = onnxruntime.quantization (quantize_static /"
-        " quantize_dynamic) or onnxconverter-common (fp16), on the same calibration files."
+        " quantize_dynamic), onnxconverter-common (fp16) or AMD Quark's ONNX quantizer (rows"
+        " int8-quark, int8-quark-best, run in its own environment), on the same calibration"
+        " files."
         " Latency: onnxruntime CPU, batch 1, thread-pool spinning off, median of runs taken"
         " in alternation"
         f" ({meta['latency_plan']}). Quantize time and peak memory (the child's peak"

@@ -133,7 +133,7 @@ VARIANTS = (
     Variant(
         scheme="int8-quark-best",
         ours=("int8", "qdq"),
-        theirs_label="AMD Quark best CPU recipe: as default + CLE + AdaRound (300 iterations)",
+        theirs_label="AMD Quark best CPU recipe: as default + CLE + AdaRound (100 iterations)",
         theirs_step="quark_quantize",
         theirs_options={"recipe": "best"},
         groups=("real", "sample", "user"),

@@ -341,39 +341,49 @@ def quark_python() -> Path:
     return Path(os.environ.get("QCONVERT_BENCH_QUARK_PYTHON", QUARK_PYTHON))
 
 
-def quark_quantize(*, model: str, data: str, output: str, recipe: str) -> dict:
+# Under the runner's 900 s step limit: that limit kills the step's process, not the Quark
+# interpreter it started, so the step stops Quark itself first.
+QUARK_TIMEOUT_S = 870.0
+
+
+def quark_quantize(
+    *, model: str, data: str, output: str, recipe: str, timeout_s: float = QUARK_TIMEOUT_S
+) -> dict:
     """AMD Quark's ModelQuantizer (bench/quark_step.py) in its own interpreter: the time is
     the child's wall time, interpreter start and Quark's imports included, as a user's run."""
+    import os
     import subprocess
+    import tempfile
 
     python = quark_python()
     if not python.exists():
         raise NotSupportedYet(
             f"AMD Quark is not installed ({python}); `make bench` installs it"
         )
+    root = str(Path(__file__).resolve().parents[1])
+    command = [str(python), "-m", "bench.quark_step", "--model", model, "--data", data]
+    command += ["--output", output, "--recipe", recipe]
 
     def work() -> None:
-        done = subprocess.run(
-            [
-                str(python),
-                "-m",
-                "bench.quark_step",
-                "--model",
-                model,
-                "--data",
-                data,
-                "--output",
-                output,
-                "--recipe",
-                recipe,
-            ],
-            cwd=Path(__file__).resolve().parents[1],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        # Quark writes quantized_info.csv into its working folder: a scratch one.
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                done = _run(scratch)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"did not finish in {timeout_s:.0f} s") from None
         if done.returncode != 0:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             raise RuntimeError(lines[-1][:200] if lines else f"exit {done.returncode}")
+
+    def _run(scratch: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command,
+            cwd=scratch,
+            env={**os.environ, "PYTHONPATH": root},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout_s,  # kills Quark, then raises TimeoutExpired
+        )
 
     return _timed(work)

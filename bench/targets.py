@@ -219,6 +219,18 @@ def evaluate_targets(results: dict) -> list[dict]:
     # issue 10: parallel calibration
     add("10", *parallel.target(results.get("parallel")))
     _int4_targets(results, add)
+
+    # issue 16: ahead of every peer (onnxruntime's static int8 and AMD Quark's recipes)
+    for model, found in _peer_fidelity(results).items():
+        if "quark-best" not in found or "ours" not in found:
+            continue
+        best = max((k for k in found if k != "ours"), key=lambda k: found[k])
+        add(
+            "16",
+            f"default int8 task fidelity ≥ the best peer's ({model})",
+            f"{_fid(found['ours'])} vs {best} {_fid(found[best])}",
+            found["ours"] >= found[best],
+        )
     return targets
 
 
@@ -271,6 +283,31 @@ def _agreement(fidelity: dict) -> str:
         return "—"
     kind = fidelity.get("agreement_kind", "agreement")
     return f"{kind} {value:.4f}, SQNR {_db(fidelity.get('sqnr_db'))}"
+
+
+def _peer_fidelity(results: dict) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per model: (task agreement, SQNR dB) of qconvert's default int8 and of each peer."""
+    peers = {
+        "int8": "ort static",
+        "int8-quark": "quark default",
+        "int8-quark-best": "quark-best",
+    }
+    found: dict[str, dict[str, tuple[float, float]]] = {}
+    for row in results["rows"]:
+        if row["scheme"] not in peers or "ours_step" not in row:
+            continue
+        for tool, name in (("ours", "ours"), ("theirs", peers[row["scheme"]])):
+            fid = row.get(f"{tool}_fidelity") or {}
+            if fid.get("agreement") is not None:
+                found.setdefault(row["model"], {})[name] = (
+                    fid["agreement"],
+                    fid.get("sqnr_db") or float("-inf"),
+                )
+    return found
+
+
+def _fid(value: tuple[float, float]) -> str:
+    return f"{100 * value[0]:.1f}% / {value[1]:.1f} dB"
 
 
 def _ratio(value) -> str:
