@@ -35,16 +35,20 @@ from qconvert.compare import (
 from qconvert.config import Format, QuantizeConfig
 from qconvert.cpu import lacks_vnni
 from qconvert.dataset import (
+    SYNTHETIC,
     DirectorySource,
     Feeds,
     ImagePreprocessing,
     InputSpec,
+    Sample,
     input_specs,
     synthetic_sample,
 )
 from qconvert.errors import (
     ConfigError,
+    ModelLoadError,
     UnsupportedModelError,
+    VerificationError,
 )
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import (
@@ -70,6 +74,7 @@ from qconvert.pipelines.stages import (
     prepare_for_scheme,
     ranges_of,
     timed,
+    upgrade_old_opset,
 )
 from qconvert.pipelines.state import QuantizeRequest, QuantizeState, Stage, run_stages
 from qconvert.pipelines.weight_passes import (
@@ -89,7 +94,7 @@ from qconvert.sensitivity import (
     Target,
     quantizable_nodes,
 )
-from qconvert.verify import verify_model
+from qconvert.verify import verify_model, verify_structure
 
 logger = logging.getLogger("qconvert")
 
@@ -243,6 +248,7 @@ def load(state: QuantizeState) -> QuantizeState:
     model_io.check_convertible(float_model, model)
     model_io.fix_input_shapes(float_model, config.input_shapes)
     opset_before = float_model.opset_imports.get("", 1)
+    float_model, reference = upgrade_old_opset(float_model, model)
     if config.opset is not None and config.opset < opset_before:
         raise ConfigError(
             f"--opset {config.opset} is below the model's opset {opset_before}; "
@@ -280,6 +286,7 @@ def load(state: QuantizeState) -> QuantizeState:
     )
     return state.replace(
         float_model=float_model,
+        reference=reference,
         opset_before=opset_before,
         external=external,
         specs=specs,
@@ -451,23 +458,31 @@ def verify_and_save(state: QuantizeState) -> QuantizeState:
         source = DirectorySource(
             request.data, state.specs, images=request.images, limits=request.limits
         )
-    saved = _verify_and_save(
+    saved, notes = _verify_and_save(
         state.converted,
         state.output,
-        model=request.model,
+        model=state.reference,
         specs=state.specs,
         source=source,
         external=state.external,
         timings=state.timings,
     )
-    return state.replace(saved=saved)
+    plan = dataclasses.replace(state.plan, notes=(*state.plan.notes, *notes))
+    return state.replace(saved=saved, plan=plan)
 
 
 def evaluate(state: QuantizeState) -> QuantizeState:
     """Compares the float model with the one written, on `--eval`."""
     request, evaluation = state.request, state.evaluation
     with request.progress.task("Evaluating", len(evaluation)) as advance:
-        comparison = _evaluate(request.model, state.output, state.saved, evaluation, advance)
+        comparison = _evaluate(
+            request.model,
+            state.output,
+            state.saved,
+            evaluation,
+            advance,
+            reference=state.reference,
+        )
     return state.replace(comparison=comparison)
 
 
@@ -540,38 +555,60 @@ def _verify_and_save(
     converted: ir.Model,
     output: Path,
     *,
-    model: PathLike,
+    model: bytes | str,
     specs: tuple[InputSpec, ...],
     source: DirectorySource | None,
     external: bool,
     timings: dict[str, float],
-) -> bytes | str:
+) -> tuple[bytes | str, tuple[str, ...]]:
     """Verifies `converted` on one sample, then writes it; returns it for the comparison.
 
-    The sample is the first of `source`, else zeros of the input shapes. The returned model
-    is its bytes, or its path when it was saved with external data.
+    The sample is the first of `source`, else zeros of the input shapes. A sample the
+    float model `model` (a path, or bytes once upgraded) cannot run either proves nothing
+    about the conversion: the model is then verified structurally and one warning says
+    so. Returns the model (its bytes, or its path when it was saved with external data)
+    and the notes the report adds.
     """
-    nonfinite: frozenset[str] = frozenset()
-    if source is not None:
-        feeds = source.first().feeds
-    else:
-        feeds = synthetic_sample(specs).feeds
-        nonfinite = _check_synthetic_sample(model, specs, feeds)
-    feeds = _as_input_types(converted, feeds)
+    sample = source.first() if source is not None else synthetic_sample(specs)
+    # Without data the float model runs first, to know which outputs zeros already make
+    # NaN; with data it runs only if the converted model fails, to tell whose fault it is.
+    float_run = _check_synthetic_sample(model, specs, sample) if source is None else None
+    feeds = _as_input_types(converted, sample.feeds)
+    notes: list[str] = []
+
+    def structurally(staged: bytes | str, run: _FloatRun) -> None:
+        verify_structure(staged, reference=model)
+        logger.warning(run.warning)
+        notes.append(run.note)
 
     def verify(staged: bytes | str) -> None:
-        verify_model(staged, feeds, nonfinite_in_float=nonfinite)
+        nonlocal float_run
+        if float_run is not None and float_run.error is not None:
+            structurally(staged, float_run)
+            return
+        try:
+            verify_model(staged, feeds, nonfinite_in_float=_nonfinite(float_run))
+        except VerificationError:
+            if float_run is not None:
+                raise  # the float model runs on this sample: the conversion broke it
+            float_run = _check_synthetic_sample(model, specs, sample)
+            if float_run.error is not None:
+                structurally(staged, float_run)
+            elif float_run.nonfinite:
+                verify_model(staged, feeds, nonfinite_in_float=float_run.nonfinite)
+            else:
+                raise
 
     if external:
         with timed(timings, "save"):  # the model is verified in place before the rename
             model_io.save_with_external_data(converted, output, verify=verify)
-        return str(output)
+        return str(output), tuple(notes)
     with timed(timings, "verify"):
         converted_bytes = model_io.to_bytes(converted)
         verify(converted_bytes)
     with timed(timings, "save"):
         model_io.write_atomically(output, converted_bytes)
-    return converted_bytes
+    return converted_bytes, tuple(notes)
 
 
 TRANSFORMER_OPS = frozenset(
@@ -705,42 +742,87 @@ def _tensor_bytes(model: ir.Model) -> int:
     )
 
 
-def _check_synthetic_sample(
-    model: PathLike, specs: tuple[InputSpec, ...], feeds: dict[str, np.ndarray]
-) -> frozenset[str]:
-    """Runs the float model on the zeros qconvert verifies with when no data is given.
+@dataclasses.dataclass(frozen=True, slots=True)
+class _FloatRun:
+    """How the float model fared on the verification sample.
 
-    Returns the outputs that are already NaN or Inf in float (all-zero attention masks do
-    that), which verification then does not hold against the converted model.
+    Attributes:
+        error: onnxruntime's words when it could not run it, else None.
+        nonfinite: the float outputs already NaN or Inf on it.
+        warning: the one line to warn with when it could not run it.
+        note: what the report says then.
+    """
+
+    error: str | None = None
+    nonfinite: frozenset[str] = frozenset()
+    warning: str = ""
+    note: str = ""
+
+
+def _nonfinite(run: _FloatRun | None) -> frozenset[str]:
+    return run.nonfinite if run is not None else frozenset()
+
+
+def _check_synthetic_sample(
+    model: bytes | str, specs: tuple[InputSpec, ...], sample: Sample
+) -> _FloatRun:
+    """Runs the float model on the sample qconvert verifies with.
+
+    Without data that is zeros of the input shapes (dynamic dims 1), which some models
+    cannot take. Outputs already NaN or Inf in float (all-zero attention masks do that)
+    are not held against the converted model; a sample the float model cannot run at all
+    makes verification structural.
 
     Raises:
-        UnsupportedModelError: the float model cannot run on them (dynamic dims set to 1
-            do not fit it), naming the dynamic inputs and the options that help.
+        ModelLoadError: onnxruntime cannot load the float model at all (an op it lacks):
+            no sample could ever run it, nor the converted model.
     """
     try:
-        session = make_session(str(model), quiet=True)
-        outputs = session.run(None, feeds)
+        session = make_session(model, quiet=True)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        dynamic = [spec for spec in specs if any(d is None for d in spec.dims)]
-        if not dynamic:
-            raise UnsupportedModelError(
-                f"Model '{model}' does not run on zeros of its input shapes, the smoke "
-                f"sample used without data: {describe_error(exc)}",
-                hint="pass --data DIR with real samples.",
-            ) from None
-        example = dynamic[0]
-        dims = "x".join("1" if d is None else str(d) for d in example.dims)
-        raise UnsupportedModelError(
-            f"Model '{model}' does not run on the smoke sample used without data (zeros, "
-            f"with the dynamic dims of {', '.join(repr(s.name) for s in dynamic)} set to "
-            f"1): {describe_error(exc)}",
-            hint=f"pass --data DIR, or fix the dims with --input-shape "
-            f"{example.name}:{dims} (with the sizes the model takes).",
+        raise ModelLoadError(
+            f"onnxruntime cannot load the model: {describe_error(exc)}"
         ) from None
-    return frozenset(
-        meta.name
-        for meta, array in zip(session.get_outputs(), outputs, strict=True)
-        if np.issubdtype(np.asarray(array).dtype, np.floating) and not np.isfinite(array).all()
+    try:
+        outputs = session.run(None, sample.feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        error = describe_error(exc)
+        dynamic = [spec for spec in specs if any(d is None for d in spec.dims)]
+        if sample.source != SYNTHETIC:
+            where = f"sample '{sample.source}'"
+            hint = "pass --data with samples the model takes to run it."
+        elif dynamic:
+            example = dynamic[0]
+            dims = "x".join("1" if d is None else str(d) for d in example.dims)
+            names = ", ".join(repr(spec.name) for spec in dynamic)
+            where = f"the smoke sample (zeros, with the dynamic dims of {names} set to 1)"
+            hint = (
+                f"pass --data DIR, or fix the dims with --input-shape {example.name}:{dims} "
+                "(with the sizes the model takes), to run it."
+            )
+        else:
+            where = "the smoke sample (zeros of its input shapes)"
+            hint = "pass --data DIR with real samples to run it."
+        checks = "the ONNX checker, strict shape inference, an optimized onnxruntime load"
+        return _FloatRun(
+            error=error,
+            warning=(
+                f"The converted model was verified structurally ({checks}), not run: the "
+                f"float model itself fails on {where}: {error} Hint: {hint}"
+            ),
+            note=(
+                f"Verified structurally ({checks}), not run: the float model itself fails "
+                f"on {where}."
+            ),
+        )
+    return _FloatRun(
+        nonfinite=frozenset(
+            meta.name
+            for meta, array in zip(session.get_outputs(), outputs, strict=True)
+            if isinstance(array, np.ndarray)
+            and np.issubdtype(array.dtype, np.floating)
+            and not np.isfinite(array).all()
+        )
     )
 
 
@@ -750,15 +832,18 @@ def _evaluate(
     converted: bytes | str,
     evaluation: DirectorySource,
     advance: Callable[[], None],
+    *,
+    reference: bytes | str,
 ) -> Comparison:
     """Compares the float model with the converted one just written.
 
-    `converted` is the serialized model, or its path when it was saved with external data.
+    `converted` is the serialized model, or its path when it was saved with external data;
+    `reference` is the float model onnxruntime runs (its bytes when its opset was raised).
     """
     labels_path = folder_labels(evaluation.folder)
     labels = load_labels(labels_path, len(evaluation)) if labels_path else None
     return compare_models(
-        Side(model=str(model), path=str(model), bytes=model_io.file_size(model)),
+        Side(model=reference, path=str(model), bytes=model_io.file_size(model)),
         Side(model=converted, path=str(output), bytes=model_io.file_size(output)),
         evaluation,
         len(evaluation),
