@@ -139,10 +139,14 @@ def _upgrade_error(proto: onnx.ModelProto, current: int, target: int) -> Unsuppo
             step, words = version, _converter_words(exc)
             break
     op = _op_at_step(proto, step, words)
+    hint = "export the model again at a newer opset."
+    if "is a param" in words:
+        # The broadcast adapters of opset 7 read every dim as a number.
+        hint = "fix the dynamic input dims with --input-shape NAME:DIMS, or " + hint
     return UnsupportedModelError(
         f"The model's opset {current} cannot be upgraded to {target}: the ONNX version "
         f"converter fails on {op} at the step from opset {step} to {step + 1} ({words}).",
-        hint="export the model again at a newer opset.",
+        hint=hint,
     )
 
 
