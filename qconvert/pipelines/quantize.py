@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -35,20 +34,13 @@ from qconvert.compare import (
 from qconvert.config import Format, QuantizeConfig
 from qconvert.cpu import lacks_vnni
 from qconvert.dataset import (
-    SYNTHETIC,
     DirectorySource,
-    Feeds,
     ImagePreprocessing,
-    InputSpec,
-    Sample,
     input_specs,
-    synthetic_sample,
 )
 from qconvert.errors import (
     ConfigError,
-    ModelLoadError,
     UnsupportedModelError,
-    VerificationError,
 )
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import (
@@ -73,10 +65,10 @@ from qconvert.pipelines.stages import (
     PathLike,
     prepare_for_scheme,
     ranges_of,
-    timed,
     upgrade_old_opset,
 )
 from qconvert.pipelines.state import QuantizeRequest, QuantizeState, Stage, run_stages
+from qconvert.pipelines.verify_save import verify_and_save_model
 from qconvert.pipelines.weight_passes import (
     adaround_weights,
     check_weight_passes,
@@ -87,14 +79,12 @@ from qconvert.pipelines.weight_passes import (
 from qconvert.plan import QuantPlan, make_dynamic_plan, make_float16_plan, make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
-from qconvert.runtime import describe_error, make_session
 from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
 from qconvert.sensitivity import (
     Target,
     quantizable_nodes,
 )
-from qconvert.verify import verify_model, verify_structure
 
 logger = logging.getLogger("qconvert")
 
@@ -458,7 +448,7 @@ def verify_and_save(state: QuantizeState) -> QuantizeState:
         source = DirectorySource(
             request.data, state.specs, images=request.images, limits=request.limits
         )
-    saved, notes = _verify_and_save(
+    saved, notes = verify_and_save_model(
         state.converted,
         state.output,
         model=state.reference,
@@ -549,66 +539,6 @@ def _plan_of(state: QuantizeState, ranges: dict) -> QuantPlan:
     return _plan(
         state.prepared, state.scheme, state.config, state.selection, ranges, state.peaks
     )
-
-
-def _verify_and_save(
-    converted: ir.Model,
-    output: Path,
-    *,
-    model: bytes | str,
-    specs: tuple[InputSpec, ...],
-    source: DirectorySource | None,
-    external: bool,
-    timings: dict[str, float],
-) -> tuple[bytes | str, tuple[str, ...]]:
-    """Verifies `converted` on one sample, then writes it; returns it for the comparison.
-
-    The sample is the first of `source`, else zeros of the input shapes. A sample the
-    float model `model` (a path, or bytes once upgraded) cannot run either proves nothing
-    about the conversion: the model is then verified structurally and one warning says
-    so. Returns the model (its bytes, or its path when it was saved with external data)
-    and the notes the report adds.
-    """
-    sample = source.first() if source is not None else synthetic_sample(specs)
-    # Without data the float model runs first, to know which outputs zeros already make
-    # NaN; with data it runs only if the converted model fails, to tell whose fault it is.
-    float_run = _check_synthetic_sample(model, specs, sample) if source is None else None
-    feeds = _as_input_types(converted, sample.feeds)
-    notes: list[str] = []
-
-    def structurally(staged: bytes | str, run: _FloatRun) -> None:
-        verify_structure(staged, reference=model)
-        logger.warning(run.warning)
-        notes.append(run.note)
-
-    def verify(staged: bytes | str) -> None:
-        nonlocal float_run
-        if float_run is not None and float_run.error is not None:
-            structurally(staged, float_run)
-            return
-        try:
-            verify_model(staged, feeds, nonfinite_in_float=_nonfinite(float_run))
-        except VerificationError:
-            if float_run is not None:
-                raise  # the float model runs on this sample: the conversion broke it
-            float_run = _check_synthetic_sample(model, specs, sample)
-            if float_run.error is not None:
-                structurally(staged, float_run)
-            elif float_run.nonfinite:
-                verify_model(staged, feeds, nonfinite_in_float=float_run.nonfinite)
-            else:
-                raise
-
-    if external:
-        with timed(timings, "save"):  # the model is verified in place before the rename
-            model_io.save_with_external_data(converted, output, verify=verify)
-        return str(output), tuple(notes)
-    with timed(timings, "verify"):
-        converted_bytes = model_io.to_bytes(converted)
-        verify(converted_bytes)
-    with timed(timings, "save"):
-        model_io.write_atomically(output, converted_bytes)
-    return converted_bytes, tuple(notes)
 
 
 TRANSFORMER_OPS = frozenset(
@@ -723,106 +653,11 @@ def _with_notes(
     return dataclasses.replace(plan, notes=tuple(notes))
 
 
-def _as_input_types(model: ir.Model, feeds: Feeds) -> Feeds:
-    """The feeds cast to the converted model's input types (float16 without keep-io)."""
-    dtypes = {value.name: value.dtype for value in model.graph.inputs}
-    return {
-        name: array.astype(dtypes[name].numpy())
-        if dtypes.get(name) is not None and dtypes[name].numpy() != array.dtype
-        else array
-        for name, array in feeds.items()
-    }
-
-
 def _tensor_bytes(model: ir.Model) -> int:
     return sum(
         value.const_value.nbytes
         for value in model.graph.initializers.values()
         if value.const_value is not None
-    )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _FloatRun:
-    """How the float model fared on the verification sample.
-
-    Attributes:
-        error: onnxruntime's words when it could not run it, else None.
-        nonfinite: the float outputs already NaN or Inf on it.
-        warning: the one line to warn with when it could not run it.
-        note: what the report says then.
-    """
-
-    error: str | None = None
-    nonfinite: frozenset[str] = frozenset()
-    warning: str = ""
-    note: str = ""
-
-
-def _nonfinite(run: _FloatRun | None) -> frozenset[str]:
-    return run.nonfinite if run is not None else frozenset()
-
-
-def _check_synthetic_sample(
-    model: bytes | str, specs: tuple[InputSpec, ...], sample: Sample
-) -> _FloatRun:
-    """Runs the float model on the sample qconvert verifies with.
-
-    Without data that is zeros of the input shapes (dynamic dims 1), which some models
-    cannot take. Outputs already NaN or Inf in float (all-zero attention masks do that)
-    are not held against the converted model; a sample the float model cannot run at all
-    makes verification structural.
-
-    Raises:
-        ModelLoadError: onnxruntime cannot load the float model at all (an op it lacks):
-            no sample could ever run it, nor the converted model.
-    """
-    try:
-        session = make_session(model, quiet=True)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise ModelLoadError(
-            f"onnxruntime cannot load the model: {describe_error(exc)}"
-        ) from None
-    try:
-        outputs = session.run(None, sample.feeds)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        error = describe_error(exc)
-        dynamic = [spec for spec in specs if any(d is None for d in spec.dims)]
-        if sample.source != SYNTHETIC:
-            where = f"sample '{sample.source}'"
-            hint = "pass --data with samples the model takes to run it."
-        elif dynamic:
-            example = dynamic[0]
-            dims = "x".join("1" if d is None else str(d) for d in example.dims)
-            names = ", ".join(repr(spec.name) for spec in dynamic)
-            where = f"the smoke sample (zeros, with the dynamic dims of {names} set to 1)"
-            hint = (
-                f"pass --data DIR, or fix the dims with --input-shape {example.name}:{dims} "
-                "(with the sizes the model takes), to run it."
-            )
-        else:
-            where = "the smoke sample (zeros of its input shapes)"
-            hint = "pass --data DIR with real samples to run it."
-        checks = "the ONNX checker, strict shape inference, an optimized onnxruntime load"
-        return _FloatRun(
-            error=error,
-            warning=(
-                f"The converted model was verified structurally ({checks}), not run: the "
-                f"float model itself fails on {where}: {error} Hint: {hint}"
-            ),
-            note=(
-                f"Verified structurally ({checks}), not run: the float model itself fails "
-                f"on {where}."
-            ),
-        )
-    return _FloatRun(
-        nonfinite=frozenset(
-            meta.name
-            for meta, array in zip(session.get_outputs(), outputs, strict=True)
-            if isinstance(array, np.ndarray)
-            and np.issubdtype(array.dtype, np.floating)
-            and not np.isfinite(array).all()
-        )
     )
 
 
