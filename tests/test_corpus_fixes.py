@@ -285,3 +285,37 @@ def test_model_onnxruntime_cannot_load_is_refused_without_data(tmp_path, run_cli
     assert len(lines) == 1 and lines[0].startswith("Error: onnxruntime cannot load the model:")
     assert "Missing" in lines[0] and "Traceback" not in result.err
     assert not out.exists()
+
+
+def test_sequence_types_survive_preparation_through_if_branches(tmp_path):
+    # onnx_ir's shape inference wrote the If's sequence output as a float tensor, and
+    # onnxruntime refused the prepared model the calibration runs. Calibration then bound
+    # the scalar condition as a numpy scalar, which has no buffer to bind (exit 70).
+    model = _parse(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (bool flag, float[2,3] x) => (float[4,3] y) {
+            r = Relu (x)
+            s = If (flag) <
+                then_branch = then_body () => (seq(float[2,3]) a) {
+                    a = SequenceConstruct (r, r)
+                },
+                else_branch = else_body () => (seq(float[2,3]) b) {
+                    b = SequenceConstruct (x, r)
+                }
+            >
+            y = ConcatFromSequence <axis = 0> (s)
+        }"""
+    )
+    path = testing.save(model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    samples = [
+        {"flag": np.array(flag), "x": rng.standard_normal((2, 3)).astype(np.float32)}
+        for flag in (True, False)
+    ]
+    data = testing.write_samples(tmp_path / "data", samples)
+    for scheme in ("int8", "fp16"):
+        out = tmp_path / f"{scheme}.onnx"
+        qconvert.quantize(path, out, data=data, config=QuantizeConfig(scheme=scheme))
+        for feeds in samples:
+            want, got = _run(model, feeds)[0], _run(out, feeds)[0]
+            np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())

@@ -171,6 +171,7 @@ def _reason(text: str) -> str:
     """A refusal's message with paths, names and numbers blanked, to group like with like."""
     text = text.split(" Hint: ")[0]
     text = re.sub(r"^Error: ", "", text)
+    text = re.sub(r"Load model from \S+ failed:", "", text)
     text = re.sub(r"'[^']*'", "'…'", text)
     text = re.sub(r"\([^()]*\)", "(…)", text)
     text = re.sub(r"\d+", "N", text)

@@ -390,6 +390,7 @@ class RestoreSequenceTypesPass(ir.passes.InPlacePass):
         modified = False
         for graph in model.graphs():
             for node in graph:
+                modified |= _copy_carried_types(node)
                 for value, kind in zip(node.outputs, _output_kinds(node, opset), strict=False):
                     if kind == "tensor" or value is None or value.type is None:
                         continue
@@ -406,6 +407,29 @@ class RestoreSequenceTypesPass(ir.passes.InPlacePass):
                     value.shape = None
                     modified = True
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _copy_carried_types(node: ir.Node) -> bool:
+    """If/Loop outputs, and Identity's, take a sequence or optional type from their source.
+
+    An If output is its branch's output; a Loop's first outputs are its body's carried
+    values (after the condition); Identity passes its input on.
+    """
+    sources: list[ir.Value | None] = []
+    if node.op_type == "If" and "then_branch" in node.attributes:
+        sources = list(node.attributes["then_branch"].as_graph().outputs)
+    elif node.op_type == "Loop" and "body" in node.attributes:
+        sources = list(node.attributes["body"].as_graph().outputs)[1:]
+    elif node.op_type == "Identity":
+        sources = list(node.inputs)
+    modified = False
+    for value, source in zip(node.outputs, sources, strict=False):
+        kind = source.type if source is not None else None
+        if isinstance(kind, ir.SequenceType | ir.OptionalType) and value.type != kind:
+            value.type = kind
+            value.shape = None
+            modified = True
+    return modified
 
 
 def _output_kinds(node: ir.Node, opset: int) -> list[str]:
