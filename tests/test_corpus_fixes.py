@@ -151,6 +151,7 @@ def test_model_importing_no_ai_onnx_opset_is_written_unchanged(tmp_path):
         data = tmp_path / "calib" if scheme == "int8" else None
         report = qconvert.quantize(path, out, data=data, config=QuantizeConfig(scheme=scheme))
         assert report.conversion.quantized_ops == {}
+        assert any(note.startswith("Nothing to convert") for note in report.conversion.notes)
         np.testing.assert_array_equal(_run(out, feeds)[0], (feeds["x"] - 0.5) * 2.0)
 
 

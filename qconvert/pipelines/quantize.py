@@ -624,6 +624,11 @@ def _with_notes(
 ) -> QuantPlan:
     """Adds what the report must say about opsets, domains and speed."""
     notes = list(plan.notes)
+    if not plan.tensors and not plan.float16_tensors and not plan.quantized_nodes():
+        notes.append(
+            f"Nothing to convert: --scheme {config.scheme} converts none of this model's "
+            "nodes (each is listed with its reason); it is written unchanged in function."
+        )
     opset_after = prepared.opset_imports.get("", 1)
     if opset_after != opset_before:
         notes.append(
