@@ -17,7 +17,7 @@ def test_corpus_sample_ends_ok_refused_or_caught():
     cases = corpus.sample(corpus.collect(), SAMPLE)
     assert len(cases) == SAMPLE
     outcomes = corpus.run(cases, corpus.SCHEMES, jobs=1)
-    bad = [o for o in outcomes if o.status not in ("ok", "refused", "caught")]
+    bad = [o for o in outcomes if o.status not in ("ok", "refused", "usage", "caught")]
     assert not bad, (
         corpus.table(bad)
         + "\n"

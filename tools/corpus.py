@@ -9,6 +9,8 @@ ends as one of:
     ok        exit 0; the written model loads and runs, float outputs stay within the
               scheme's bound of the float model's, other outputs are equal
     refused   exit 3, one line (grouped by reason)
+    usage     exit 2, one line: an option that does not go with the model (a scheme
+              for a model that arrives quantized)
     caught    exit 4 (verification failed), one line
     wrong     exit 0, but the written model fails to load, run, or drifts past the bound
     internal  any other exit, a traceback, more than one line, or an output left behind
@@ -247,10 +249,11 @@ def run_case(case: Case, scheme: str, workdir: Path) -> Outcome:
         if worst > BOUNDS[scheme]:
             return Outcome(case.name, scheme, "wrong", "drift past bound", error=worst)
         return Outcome(case.name, scheme, "ok", error=worst, eligible=eligible)
-    if code in (3, 4) and len(lines) == 1 and "Traceback" not in text:
+    if code in (2, 3, 4) and len(lines) == 1 and "Traceback" not in text:
         if output.exists():
             return Outcome(case.name, scheme, "internal", "output left behind", first)
-        status = "refused" if code == 3 else "caught"
+        # 2: an option that does not go with this model (a scheme for a pre-quantized one)
+        status = {2: "usage", 3: "refused", 4: "caught"}[code]
         detail = first if eligible else f"{first} [float: {float_error}]"
         return Outcome(case.name, scheme, status, _reason(first), detail, eligible=eligible)
     return Outcome(
@@ -308,14 +311,14 @@ def table(outcomes: list[Outcome]) -> str:
 
     row("cases", lambda o: True)
     row("  eligible (ORT runs, float32)", lambda o: o.eligible)
-    for status in ("ok", "refused", "caught", "wrong", "internal"):
+    for status in ("ok", "refused", "usage", "caught", "wrong", "internal"):
         row(status, lambda o, s=status: o.status == s)
         row(f"  {status} (eligible)", lambda o, s=status: o.status == s and o.eligible)
     eligible = [o for o in outcomes if o.eligible]
     ok = sum(1 for o in eligible if o.status == "ok")
     share = 100.0 * ok / len(eligible) if eligible else 0.0
     lines.append(f"ok among eligible: {ok}/{len(eligible)} = {share:.1f}%")
-    for status in ("refused", "caught", "wrong", "internal"):
+    for status in ("refused", "usage", "caught", "wrong", "internal"):
         reasons = Counter(
             (o.reason, o.eligible) for o in outcomes if o.status == status
         ).most_common()
