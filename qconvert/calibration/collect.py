@@ -463,13 +463,13 @@ class _Chunk:
     def _bind(self, slot: int):
         binding = self.session.io_binding()
         for name, buffer in self.inputs.items():
-            view = buffer[slot]
+            view = buffer[slot, ...]  # an array even for a scalar input (If's condition)
             binding.bind_input(
                 name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
             )
         outputs = zip(self.names[self.fed :], self.buffers[self.fed :], strict=True)
         for name, buffer in outputs:
-            view = buffer[slot]
+            view = buffer[slot, ...]
             binding.bind_output(
                 name, "cpu", 0, view.dtype.type, list(view.shape), view.ctypes.data
             )

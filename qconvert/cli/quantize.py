@@ -46,7 +46,9 @@ SCHEME_HELP = (
     type=click.Path(path_type=Path),
     default=None,
     help="Folder of calibration samples (see `qconvert calibrate --help` for layouts). "
-    "int8 and 16x8 need it or --calib.",
+    "int8 and 16x8 need it or --calib; every scheme verifies the written model on its "
+    "first sample (without it: on zeros, or structurally where the float model cannot "
+    "run on those).",
 )
 @click.option(
     "--calib",

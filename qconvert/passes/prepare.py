@@ -21,6 +21,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 import onnx.version_converter
@@ -47,7 +50,9 @@ from qconvert.passes.activations import (
 class UpgradeOpsetPass(ir.passes.FunctionalPass):
     """Raises the model's ai.onnx opset to at least `min_opset` with the ONNX converter.
 
-    The converter works on protobuf, so an upgraded model is a new object.
+    The converter works on protobuf, so an upgraded model is a new object. A model that
+    imports no ai.onnx opset (only ai.onnx.ml ops, say) has nothing to convert: it gets the
+    import, for the nodes the rewrite adds.
     """
 
     def __init__(self, *, min_opset: int) -> None:
@@ -55,19 +60,158 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
         self.min_opset = min_opset
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        current = model.opset_imports.get("", 1)
+        if "" not in model.opset_imports and "ai.onnx" not in model.opset_imports:
+            imported = model.clone()
+            imported.opset_imports[""] = self.min_opset
+            return ir.passes.PassResult(imported, modified=True)
+        current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         if current >= self.min_opset:
             return ir.passes.PassResult(model.clone(), modified=False)
+        proto = ir.serde.serialize_model(model)
         try:
-            proto = onnx.version_converter.convert_version(
-                ir.serde.serialize_model(model), self.min_opset
-            )
-        except Exception as exc:  # noqa: BLE001 - the converter raises errors of many kinds
+            upgraded = onnx.version_converter.convert_version(proto, self.min_opset)
+        except Exception:  # noqa: BLE001 - the converter raises errors of many kinds
+            raise _upgrade_error(proto, current, self.min_opset) from None
+        if upgraded.ir_version < _IR_OVERRIDABLE_INITIALIZERS:
+            _drop_initializer_inputs(upgraded)
+        _check_same_inputs(proto, upgraded, current, self.min_opset)
+        return ir.passes.PassResult(ir.serde.deserialize_model(upgraded), modified=True)
+
+
+def _check_same_inputs(
+    before: onnx.ModelProto, after: onnx.ModelProto, current: int, target: int
+) -> None:
+    """Refuses an upgrade that changed what the model takes (Scan 8 -> 9 drops a batch axis).
+
+    The data a user has fits the model as written; a converted model that wants other
+    ranks or types would be verified, calibrated and compared on nothing it can take.
+    """
+    after_inputs = {value.name: value.type for value in after.graph.input}
+    for value in before.graph.input:
+        new = after_inputs.get(value.name)
+        if new is None:
+            continue  # an initializer the upgrade took off the input list
+        old_tensor, new_tensor = value.type.tensor_type, new.tensor_type
+        changed = value.type.WhichOneof("value") != new.WhichOneof("value")
+        changed = changed or old_tensor.elem_type != new_tensor.elem_type
+        if old_tensor.HasField("shape") and new_tensor.HasField("shape"):
+            changed = changed or len(old_tensor.shape.dim) != len(new_tensor.shape.dim)
+        if changed:
             raise UnsupportedModelError(
-                f"The model's opset {current} cannot be upgraded to {self.min_opset}, "
-                f"which the scheme needs: {str(exc).splitlines()[0]}"
-            ) from None
-        return ir.passes.PassResult(ir.serde.deserialize_model(proto), modified=True)
+                f"The model's opset {current} cannot be upgraded to {target}: the ONNX "
+                f"version converter changes the type or rank of input '{value.name}', so "
+                "the model would no longer take its data.",
+                hint="export the model again at a newer opset.",
+            )
+
+
+_IR_OVERRIDABLE_INITIALIZERS = 4
+"""From IR version 4 an initializer listed as a graph input is a default the caller may
+override; before it every initializer had to be listed, and all were weights."""
+
+
+def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
+    """Takes the weights of an IR 3 model off its input list, at the IR its opset needs.
+
+    Left there, they would read as inputs a caller may feed: not constants to fold into a
+    Conv or to quantize as weights.
+    """
+    weights = {tensor.name for tensor in proto.graph.initializer}
+    inputs = [value for value in proto.graph.input if value.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    proto.ir_version = max(
+        _IR_OVERRIDABLE_INITIALIZERS, onnx.helper.find_min_ir_version_for(proto.opset_import)
+    )
+
+
+def _upgrade_error(proto: onnx.ModelProto, current: int, target: int) -> UnsupportedModelError:
+    """The refusal for a failed upgrade, naming the op and the one-opset step that failed.
+
+    The converter's own words rarely name either (an assertion in an adapter), so the
+    upgrade is retried one opset at a time, only now that it failed, to find the step.
+    """
+    step, words = current, "unknown failure"
+    for version in range(current, target):
+        try:
+            proto = onnx.version_converter.convert_version(proto, version + 1)
+        except Exception as exc:  # noqa: BLE001 - as above
+            step, words = version, _converter_words(exc)
+            break
+    op = _op_at_step(proto, step, words)
+    hint = "export the model again at a newer opset."
+    if "is a param" in words:
+        # The broadcast adapters of opset 7 read every dim as a number.
+        hint = "fix the dynamic input dims with --input-shape NAME:DIMS, or " + hint
+    return UnsupportedModelError(
+        f"The model's opset {current} cannot be upgraded to {target}: the ONNX version "
+        f"converter fails on {op} at the step from opset {step} to {step + 1} ({words}).",
+        hint=hint,
+    )
+
+
+def _converter_words(exc: BaseException) -> str:
+    """The converter's message without its source location and assertion text."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return text.split(" failed: ", 1)[-1].strip()
+
+
+def _op_at_step(proto: onnx.ModelProto, version: int, words: str) -> str:
+    """The op the failed step from `version` most likely broke on, as '<op>' text.
+
+    An op type of the model the converter's words name; else one whose schema changes at
+    that step; else one without a schema at the next opset.
+    """
+    op_types = sorted({node.op_type for node in _all_nodes(proto.graph) if not node.domain})
+    named = [op for op in op_types if re.search(rf"\b{op}\b", words)]
+    if named:
+        return f"'{named[0]}'"
+    changed, unknown = [], []
+    for op in op_types:
+        try:
+            schema = onnx.defs.get_schema(op, version + 1, "")
+        except onnx.defs.SchemaError:
+            unknown.append(op)
+            continue
+        if schema.since_version == version + 1:
+            changed.append(op)
+    if changed and "Shape of input" in words:
+        # The adapter needed an input shape inference could not give: the changed ops
+        # that read a value of unknown shape.
+        unshaped = _ops_reading_unshaped_values(proto)
+        changed = [op for op in changed if op in unshaped] or changed
+    found = changed or unknown
+    return ", ".join(f"'{op}'" for op in found) if found else "an op"
+
+
+def _ops_reading_unshaped_values(proto: onnx.ModelProto) -> set[str]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - inference of a model the converter rejects may fail
+        return set()
+    graph = inferred.graph
+    shaped = {t.name for t in graph.initializer}
+    shaped |= {
+        v.name
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+    return {
+        node.op_type
+        for node in graph.node
+        if any(name and name not in shaped for name in node.input)
+    }
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _all_nodes(subgraph)
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
@@ -231,6 +375,87 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | No
     return None
 
 
+class RestoreSequenceTypesPass(ir.passes.InPlacePass):
+    """Gives sequence and optional values back the type onnx_ir's shape inference drops.
+
+    `ShapeInferencePass` merges only a dtype and a shape into each value, which makes a
+    sequence of float tensors a float tensor; onnxruntime then refuses the model ("Type
+    (tensor(float)) ... does not match expected type (seq(tensor(float)))"). An output
+    whose op schema allows only sequences (SplitToSequence, SequenceConstruct, ...) or
+    only optionals (Optional) gets that type around the element type it was given.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = model.opset_imports.get("", 1)
+        modified = False
+        for graph in model.graphs():
+            for node in graph:
+                modified |= _copy_carried_types(node)
+                for value, kind in zip(node.outputs, _output_kinds(node, opset), strict=False):
+                    if kind == "tensor" or value is None or value.type is None:
+                        continue
+                    if kind == "seq" and isinstance(value.type, ir.TensorType):
+                        value.type = ir.SequenceType(value.type)
+                    elif kind == "optional" and not isinstance(value.type, ir.OptionalType):
+                        source = node.inputs[0] if node.inputs else None
+                        inner = source.type if source is not None else None
+                        if inner is None:
+                            continue
+                        value.type = ir.OptionalType(inner)
+                    else:
+                        continue
+                    value.shape = None
+                    modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _copy_carried_types(node: ir.Node) -> bool:
+    """If/Loop outputs, and Identity's, take a sequence or optional type from their source.
+
+    An If output is its branch's output; a Loop's first outputs are its body's carried
+    values (after the condition); Identity passes its input on.
+    """
+    sources: list[ir.Value | None] = []
+    if node.op_type == "If" and "then_branch" in node.attributes:
+        sources = list(node.attributes["then_branch"].as_graph().outputs)
+    elif node.op_type == "Loop" and "body" in node.attributes:
+        sources = list(node.attributes["body"].as_graph().outputs)[1:]
+    elif node.op_type == "Identity":
+        sources = list(node.inputs)
+    modified = False
+    for value, source in zip(node.outputs, sources, strict=False):
+        kind = source.type if source is not None else None
+        if isinstance(kind, ir.SequenceType | ir.OptionalType) and value.type != kind:
+            value.type = kind
+            value.shape = None
+            modified = True
+    return modified
+
+
+def _output_kinds(node: ir.Node, opset: int) -> list[str]:
+    """Per output: 'seq' or 'optional' when the schema allows only those, else 'tensor'."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return []
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    kinds = []
+    for index in range(len(node.outputs)):
+        if not schema.outputs:
+            break
+        formal = schema.outputs[min(index, len(schema.outputs) - 1)]
+        types = allowed.get(formal.type_str, [formal.type_str])
+        if types and all(t.startswith("seq(") for t in types):
+            kinds.append("seq")
+        elif types and all(t.startswith("optional(") for t in types):
+            kinds.append("optional")
+        else:
+            kinds.append("tensor")
+    return kinds
+
+
 class HoistSubgraphInitializersPass(ir.passes.InPlacePass):
     """Moves the initializers of If/Loop/Scan bodies into the main graph.
 
@@ -305,10 +530,14 @@ def _opset_for_hardswish(model: ir.Model, min_opset: int) -> int:
 
 
 def _upgrade_and_fold(model: ir.Model, min_opset: int) -> ir.Model:
+    # Outside the manager, which would wrap the refusal the upgrade raises into a PassError.
+    model = UpgradeOpsetPass(min_opset=min_opset)(model).model
     passes = ir.passes.PassManager(
         [
-            UpgradeOpsetPass(min_opset=min_opset),
             NameFixPass(),  # values the opset converter added have no names
+            # nor do its Constants (Upsample's scales, when it becomes Resize) start as
+            # initializers, which is how planning recognises constants.
+            LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             FoldConstantChainsPass(),
             # A bias Add between a Conv and its BatchNormalization would stop the BN fold;
             # one after the BN fold is an Add the fold left behind it.
@@ -318,6 +547,7 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int) -> ir.Model:
             FoldHardSigmoidIntoConvPass(),
             FuseHardSwishPass(),
             ShapeInferencePass(),
+            RestoreSequenceTypesPass(),
         ]
     )
     return passes(model).model

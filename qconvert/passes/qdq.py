@@ -166,7 +166,9 @@ def _dequantize_scaled(
     )
     _copy_type(value, dequantize.outputs[0], None)
     value.replace_all_uses_with(dequantize.outputs[0])
-    graph.extend([dequantize])
+    # Beside the Mul it replaces: inside an If/Loop/Scan body when the Mul is there.
+    owner = value.producer().graph if value.producer() is not None else None
+    (owner if owner is not None else graph).extend([dequantize])
 
 
 def _quantize_constant(

@@ -165,12 +165,13 @@ def collect_calibration(
     """Statistics of `float_model` on `source`.
 
     Calibration runs the model prepared at its own opset (names fixed, BatchNormalization
-    folded): the tensors are those every scheme plans with, whatever opset it then needs.
+    folded; opsets 1 to 6, which onnxruntime may lack kernels for, raised to 7): the
+    tensors are those every scheme plans with, whatever opset it then needs.
     The preparation changes `float_model` in place: pass a clone if it is read later.
     `workers` and `ray` split the samples (`collect_split`); the workers open them again
     as `data` says. Without `data`, this process calibrates alone.
     """
-    calibrated = prepare(float_model, min_opset=1)
+    calibrated = prepare(float_model, min_opset=model_io.OLDEST_OPSET)
     tensors = checked_body_tensors(
         calibrated, tensors_to_calibrate(calibrated), source.first()
     )
@@ -204,8 +205,12 @@ def collect_calibration(
 def _measurable(value: ir.Value) -> bool:
     # Scalars (often shape arithmetic) cannot be bound as calibration outputs, and cannot
     # hold a layer's activations anyway.
+    # Sequences of float tensors report a float dtype too, but cannot be observed.
     return (
-        value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) > 0
+        isinstance(value.type, ir.TensorType)
+        and value.dtype == ir.DataType.FLOAT
+        and value.shape is not None
+        and len(value.shape) > 0
     )
 
 
@@ -214,7 +219,7 @@ def float16_peaks(float_model, source: DirectorySource, advance) -> dict[str, fl
 
     What fp16 conversion reads to keep float32 the nodes whose values would overflow.
     """
-    measured = prepare(float_model.clone(), min_opset=1)
+    measured = prepare(float_model.clone(), min_opset=model_io.OLDEST_OPSET)
     names = [
         value.name
         for node in measured.graph

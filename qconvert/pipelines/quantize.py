@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -36,11 +35,8 @@ from qconvert.config import Format, QuantizeConfig
 from qconvert.cpu import lacks_vnni
 from qconvert.dataset import (
     DirectorySource,
-    Feeds,
     ImagePreprocessing,
-    InputSpec,
     input_specs,
-    synthetic_sample,
 )
 from qconvert.errors import (
     ConfigError,
@@ -69,9 +65,10 @@ from qconvert.pipelines.stages import (
     PathLike,
     prepare_for_scheme,
     ranges_of,
-    timed,
+    upgrade_old_opset,
 )
 from qconvert.pipelines.state import QuantizeRequest, QuantizeState, Stage, run_stages
+from qconvert.pipelines.verify_save import verify_and_save_model
 from qconvert.pipelines.weight_passes import (
     adaround_weights,
     check_weight_passes,
@@ -82,14 +79,12 @@ from qconvert.pipelines.weight_passes import (
 from qconvert.plan import QuantPlan, make_dynamic_plan, make_float16_plan, make_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
-from qconvert.runtime import describe_error, make_session
 from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
 from qconvert.sensitivity import (
     Target,
     quantizable_nodes,
 )
-from qconvert.verify import verify_model
 
 logger = logging.getLogger("qconvert")
 
@@ -243,6 +238,7 @@ def load(state: QuantizeState) -> QuantizeState:
     model_io.check_convertible(float_model, model)
     model_io.fix_input_shapes(float_model, config.input_shapes)
     opset_before = float_model.opset_imports.get("", 1)
+    float_model, reference = upgrade_old_opset(float_model, model)
     if config.opset is not None and config.opset < opset_before:
         raise ConfigError(
             f"--opset {config.opset} is below the model's opset {opset_before}; "
@@ -280,6 +276,7 @@ def load(state: QuantizeState) -> QuantizeState:
     )
     return state.replace(
         float_model=float_model,
+        reference=reference,
         opset_before=opset_before,
         external=external,
         specs=specs,
@@ -451,23 +448,31 @@ def verify_and_save(state: QuantizeState) -> QuantizeState:
         source = DirectorySource(
             request.data, state.specs, images=request.images, limits=request.limits
         )
-    saved = _verify_and_save(
+    saved, notes = verify_and_save_model(
         state.converted,
         state.output,
-        model=request.model,
+        model=state.reference,
         specs=state.specs,
         source=source,
         external=state.external,
         timings=state.timings,
     )
-    return state.replace(saved=saved)
+    plan = dataclasses.replace(state.plan, notes=(*state.plan.notes, *notes))
+    return state.replace(saved=saved, plan=plan)
 
 
 def evaluate(state: QuantizeState) -> QuantizeState:
     """Compares the float model with the one written, on `--eval`."""
     request, evaluation = state.request, state.evaluation
     with request.progress.task("Evaluating", len(evaluation)) as advance:
-        comparison = _evaluate(request.model, state.output, state.saved, evaluation, advance)
+        comparison = _evaluate(
+            request.model,
+            state.output,
+            state.saved,
+            evaluation,
+            advance,
+            reference=state.reference,
+        )
     return state.replace(comparison=comparison)
 
 
@@ -534,44 +539,6 @@ def _plan_of(state: QuantizeState, ranges: dict) -> QuantPlan:
     return _plan(
         state.prepared, state.scheme, state.config, state.selection, ranges, state.peaks
     )
-
-
-def _verify_and_save(
-    converted: ir.Model,
-    output: Path,
-    *,
-    model: PathLike,
-    specs: tuple[InputSpec, ...],
-    source: DirectorySource | None,
-    external: bool,
-    timings: dict[str, float],
-) -> bytes | str:
-    """Verifies `converted` on one sample, then writes it; returns it for the comparison.
-
-    The sample is the first of `source`, else zeros of the input shapes. The returned model
-    is its bytes, or its path when it was saved with external data.
-    """
-    nonfinite: frozenset[str] = frozenset()
-    if source is not None:
-        feeds = source.first().feeds
-    else:
-        feeds = synthetic_sample(specs).feeds
-        nonfinite = _check_synthetic_sample(model, specs, feeds)
-    feeds = _as_input_types(converted, feeds)
-
-    def verify(staged: bytes | str) -> None:
-        verify_model(staged, feeds, nonfinite_in_float=nonfinite)
-
-    if external:
-        with timed(timings, "save"):  # the model is verified in place before the rename
-            model_io.save_with_external_data(converted, output, verify=verify)
-        return str(output)
-    with timed(timings, "verify"):
-        converted_bytes = model_io.to_bytes(converted)
-        verify(converted_bytes)
-    with timed(timings, "save"):
-        model_io.write_atomically(output, converted_bytes)
-    return converted_bytes
 
 
 TRANSFORMER_OPS = frozenset(
@@ -657,6 +624,11 @@ def _with_notes(
 ) -> QuantPlan:
     """Adds what the report must say about opsets, domains and speed."""
     notes = list(plan.notes)
+    if not plan.tensors and not plan.float16_tensors and not plan.quantized_nodes():
+        notes.append(
+            f"Nothing to convert: --scheme {config.scheme} converts none of this model's "
+            "nodes (each is listed with its reason); it is written unchanged in function."
+        )
     opset_after = prepared.opset_imports.get("", 1)
     if opset_after != opset_before:
         notes.append(
@@ -686,61 +658,11 @@ def _with_notes(
     return dataclasses.replace(plan, notes=tuple(notes))
 
 
-def _as_input_types(model: ir.Model, feeds: Feeds) -> Feeds:
-    """The feeds cast to the converted model's input types (float16 without keep-io)."""
-    dtypes = {value.name: value.dtype for value in model.graph.inputs}
-    return {
-        name: array.astype(dtypes[name].numpy())
-        if dtypes.get(name) is not None and dtypes[name].numpy() != array.dtype
-        else array
-        for name, array in feeds.items()
-    }
-
-
 def _tensor_bytes(model: ir.Model) -> int:
     return sum(
         value.const_value.nbytes
         for value in model.graph.initializers.values()
         if value.const_value is not None
-    )
-
-
-def _check_synthetic_sample(
-    model: PathLike, specs: tuple[InputSpec, ...], feeds: dict[str, np.ndarray]
-) -> frozenset[str]:
-    """Runs the float model on the zeros qconvert verifies with when no data is given.
-
-    Returns the outputs that are already NaN or Inf in float (all-zero attention masks do
-    that), which verification then does not hold against the converted model.
-
-    Raises:
-        UnsupportedModelError: the float model cannot run on them (dynamic dims set to 1
-            do not fit it), naming the dynamic inputs and the options that help.
-    """
-    try:
-        session = make_session(str(model), quiet=True)
-        outputs = session.run(None, feeds)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        dynamic = [spec for spec in specs if any(d is None for d in spec.dims)]
-        if not dynamic:
-            raise UnsupportedModelError(
-                f"Model '{model}' does not run on zeros of its input shapes, the smoke "
-                f"sample used without data: {describe_error(exc)}",
-                hint="pass --data DIR with real samples.",
-            ) from None
-        example = dynamic[0]
-        dims = "x".join("1" if d is None else str(d) for d in example.dims)
-        raise UnsupportedModelError(
-            f"Model '{model}' does not run on the smoke sample used without data (zeros, "
-            f"with the dynamic dims of {', '.join(repr(s.name) for s in dynamic)} set to "
-            f"1): {describe_error(exc)}",
-            hint=f"pass --data DIR, or fix the dims with --input-shape "
-            f"{example.name}:{dims} (with the sizes the model takes).",
-        ) from None
-    return frozenset(
-        meta.name
-        for meta, array in zip(session.get_outputs(), outputs, strict=True)
-        if np.issubdtype(np.asarray(array).dtype, np.floating) and not np.isfinite(array).all()
     )
 
 
@@ -750,15 +672,18 @@ def _evaluate(
     converted: bytes | str,
     evaluation: DirectorySource,
     advance: Callable[[], None],
+    *,
+    reference: bytes | str,
 ) -> Comparison:
     """Compares the float model with the converted one just written.
 
-    `converted` is the serialized model, or its path when it was saved with external data.
+    `converted` is the serialized model, or its path when it was saved with external data;
+    `reference` is the float model onnxruntime runs (its bytes when its opset was raised).
     """
     labels_path = folder_labels(evaluation.folder)
     labels = load_labels(labels_path, len(evaluation)) if labels_path else None
     return compare_models(
-        Side(model=str(model), path=str(model), bytes=model_io.file_size(model)),
+        Side(model=reference, path=str(model), bytes=model_io.file_size(model)),
         Side(model=converted, path=str(output), bytes=model_io.file_size(output)),
         evaluation,
         len(evaluation),

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import onnx_ir as ir
 
+from qconvert import model as model_io
 from qconvert.calibration import (
     Calibration,
     RangeMethod,
@@ -21,6 +22,7 @@ from qconvert.errors import (
     UnsupportedModelError,
 )
 from qconvert.passes import (
+    UpgradeOpsetPass,
     prepare,
 )
 from qconvert.schemes import INT16_MIN_OPSET
@@ -52,6 +54,22 @@ def prepare_for_scheme(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Mode
         MICROSOFT_DOMAIN,
     )
     return prepare(model, min_opset=13), MICROSOFT_DOMAIN
+
+
+def upgrade_old_opset(model: ir.Model, path: PathLike) -> tuple[ir.Model, bytes | str]:
+    """Raises a model older than onnxruntime's oldest opset to it, before anything runs it.
+
+    Returns the model and what onnxruntime should run as the float model: its path when
+    unchanged, else the upgraded model's bytes (the file's opset 1 to 6 ops may have no
+    onnxruntime kernels). Preparation later raises it on to the scheme's opset.
+
+    Raises:
+        UnsupportedModelError: the converter fails, naming the op and the opset step.
+    """
+    if model.opset_imports.get("", model_io.OLDEST_OPSET) >= model_io.OLDEST_OPSET:
+        return model, str(path)
+    upgraded = UpgradeOpsetPass(min_opset=model_io.OLDEST_OPSET)(model).model
+    return upgraded, model_io.to_bytes(upgraded)
 
 
 def ranges_of(calibration: Calibration, method: RangeMethod) -> tuple[dict, dict[str, str]]:

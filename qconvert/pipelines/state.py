@@ -76,6 +76,7 @@ class QuantizeState:
     output: Path | None = None
     # load
     float_model: ir.Model | None = None
+    reference: bytes | str | None = None  # what onnxruntime runs as the float model
     opset_before: int = 1
     external: bool = False
     specs: tuple[InputSpec, ...] = ()

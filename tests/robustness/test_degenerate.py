@@ -171,7 +171,7 @@ def test_data_free_scheme_is_not_failed_by_a_zeros_smoke_sample(tmp_path):
 
 
 def test_data_free_scheme_smoke_runs_on_the_given_data(tmp_path, monkeypatch):
-    from qconvert.pipelines import quantize as pipeline
+    from qconvert.pipelines import verify_save as pipeline
 
     model = _nan_on_zeros_model()
     path = testing.save(model, tmp_path / "model.onnx")
