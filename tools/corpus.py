@@ -9,8 +9,7 @@ ends as one of:
     ok        exit 0; the written model loads and runs, float outputs stay within the
               scheme's bound of the float model's, other outputs are equal
     refused   exit 3, one line (grouped by reason)
-    usage     exit 2, one line: an option that does not go with the model (a scheme
-              for a model that arrives quantized)
+    usage     exit 2, one line: an option that does not go with the model
     caught    exit 4 (verification failed), one line
     wrong     exit 0, but the written model fails to load, run, or drifts past the bound
     internal  any other exit, a traceback, more than one line, or an output left behind

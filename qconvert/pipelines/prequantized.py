@@ -30,7 +30,7 @@ from qconvert.compare import (
 )
 from qconvert.config import Format, QuantizeConfig
 from qconvert.dataset import DirectorySource, ImagePreprocessing, input_specs, synthetic_sample
-from qconvert.errors import ConfigError, VerificationError
+from qconvert.errors import ConfigError, UnsupportedModelError, VerificationError
 from qconvert.graph_utils import constant_array
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import DropIntermediateShapesPass, QDQToQOperatorPass
@@ -179,7 +179,9 @@ def _check_options(
     """Refuses the options that would change what the training chose."""
     hint = "finishing keeps the trained ranges; start from the float model to use it."
     if config.scheme != "int8":
-        raise ConfigError(
+        # The model, not the option, is what cannot take the scheme: a refusal (exit 3),
+        # as for any model a scheme cannot convert.
+        raise UnsupportedModelError(
             f"--scheme {config.scheme} does not apply to a pre-quantized model: its "
             "QuantizeLinear/DequantizeLinear pairs already fix the types.",
             hint="leave --scheme out (int8), or start from the float model.",
