@@ -1,27 +1,58 @@
-"""Verification of every written model: the ONNX checker, then an onnxruntime run."""
+"""Verification of every written model: the ONNX checker, then an onnxruntime run.
+
+The session of that run also writes the graph onnxruntime optimized, which the fusion
+audit reads (`fusion_audit`).
+"""
 
 from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from qconvert.dataset import Feeds
 from qconvert.errors import VerificationError
+from qconvert.fusion_audit import OPTIMIZED_CONFIG, FusionAudit, audit_file
+from qconvert.plan import QuantPlan
 from qconvert.runtime import describe_error, make_session
+
+logger = logging.getLogger("qconvert")
 
 
 def verify_model(
-    model: bytes | str, feeds: Feeds, *, nonfinite_in_float: frozenset[str] = frozenset()
-) -> None:
+    model: bytes | str,
+    feeds: Feeds,
+    *,
+    nonfinite_in_float: frozenset[str] = frozenset(),
+    plan: QuantPlan | None = None,
+) -> FusionAudit | None:
     """Checks that the model is valid ONNX, loads in onnxruntime and runs on `feeds`.
 
     `model` is the serialized model, or the path of one saved with external data. Outputs
     must be finite, except those named in `nonfinite_in_float` (NaN or Inf in the float
     model on the same feeds already).
 
+    Returns:
+        The fusion audit of the session that ran, against `plan`; None when onnxruntime
+        could not write its optimized graph (the model is still verified).
+
     Raises:
         VerificationError: with the stage that failed and onnxruntime's or the checker's words.
     """
+    with tempfile.TemporaryDirectory(prefix="qconvert-verify-") as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        _verify(model, feeds, nonfinite_in_float, optimized)
+        if not optimized.exists():
+            return None
+        return audit_file(optimized, plan)
+
+
+def _verify(
+    model: bytes | str, feeds: Feeds, nonfinite_in_float: frozenset[str], optimized: Path
+) -> None:
     try:
         if isinstance(model, bytes):
             onnx.checker.check_model(onnx.load_model_from_string(model))
@@ -32,11 +63,13 @@ def verify_model(
             f"The converted model fails the ONNX checker: {describe_error(exc)}"
         ) from None
     try:
-        session = make_session(model)
+        # The session that runs the smoke sample also writes the graph it runs, which
+        # the audit reads: one load, not two.
+        session = make_session(model, optimized_path=optimized, config=OPTIMIZED_CONFIG)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise VerificationError(
-            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
-        ) from None
+        logger.debug("optimized graph not written (%s); verifying without the audit", exc)
+        optimized.unlink(missing_ok=True)
+        session = _plain_session(model)
     try:
         outputs = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - as above
@@ -52,3 +85,12 @@ def verify_model(
                 f"The converted model's output '{meta.name}' holds NaN or Inf on the smoke "
                 "sample."
             )
+
+
+def _plain_session(model: bytes | str):
+    try:
+        return make_session(model)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise VerificationError(
+            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
+        ) from None

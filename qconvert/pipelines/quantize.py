@@ -46,12 +46,14 @@ from qconvert.errors import (
     ConfigError,
     UnsupportedModelError,
 )
+from qconvert.fusion_audit import kernel_gates
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import (
     CastToFloat16Pass,
     DropIntermediateShapesPass,
     DynamicQuantizePass,
     InsertQDQPass,
+    PadOnIntegersPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
 )
@@ -117,6 +119,7 @@ def quantize(
     workers: int | None = 1,
     progress: Progress = SILENT,
     limits: LoadLimits = DEFAULT_LIMITS,
+    strict_kernels: bool = False,
 ) -> Report:
     """Quantizes `model` as `config` says and writes `output`.
 
@@ -150,6 +153,8 @@ def quantize(
             the usual `if __name__ == "__main__":` guard, so 1 is the default here.
         progress: receives progress of the long steps.
         limits: bounds the model must respect before its weights are read.
+        strict_kernels: add the `strict-kernels` gate: it fails when the fusion audit
+            finds a float island the plan did not mean (`qconvert.fusion_audit`).
 
     Returns:
         The report: sizes, what was quantized and what was not, and the comparison.
@@ -183,6 +188,7 @@ def quantize(
         workers=workers,
         progress=progress,
         limits=limits,
+        strict_kernels=strict_kernels,
     )
     if prequantized.applies(model):  # Q/DQ pairs: finished, not quantized again
         return prequantized.finish_request(request)
@@ -451,6 +457,7 @@ def verify_and_save(state: QuantizeState) -> QuantizeState:
         source = DirectorySource(
             request.data, state.specs, images=request.images, limits=request.limits
         )
+    audits: list = []  # the fusion audit of the verifying session (`fusion_audit`)
     saved = _verify_and_save(
         state.converted,
         state.output,
@@ -459,8 +466,10 @@ def verify_and_save(state: QuantizeState) -> QuantizeState:
         source=source,
         external=state.external,
         timings=state.timings,
+        plan=state.plan,
+        audits=audits,
     )
-    return state.replace(saved=saved)
+    return state.replace(saved=saved, fusion_audit=audits[0] if audits else None)
 
 
 def evaluate(state: QuantizeState) -> QuantizeState:
@@ -484,9 +493,11 @@ def write_report(state: QuantizeState) -> QuantizeState:
             sizes=(model_io.file_size(request.model), model_io.file_size(state.output)),
             samples=calibration.samples if calibration is not None else 0,
             range_methods=_used_choices(state.range_choices, state.plan),
+            fusion_audit=state.fusion_audit,
         ),
         comparison=state.comparison,
         seconds=state.timings,
+        gates=kernel_gates(state.fusion_audit) if request.strict_kernels else (),
     )
     if request.report is not None:
         result.write(request.report)
@@ -545,6 +556,8 @@ def _verify_and_save(
     source: DirectorySource | None,
     external: bool,
     timings: dict[str, float],
+    plan: QuantPlan | None = None,
+    audits: list | None = None,
 ) -> bytes | str:
     """Verifies `converted` on one sample, then writes it; returns it for the comparison.
 
@@ -560,7 +573,9 @@ def _verify_and_save(
     feeds = _as_input_types(converted, feeds)
 
     def verify(staged: bytes | str) -> None:
-        verify_model(staged, feeds, nonfinite_in_float=nonfinite)
+        audit = verify_model(staged, feeds, nonfinite_in_float=nonfinite, plan=plan)
+        if audits is not None and audit is not None:
+            audits.append(audit)
 
     if external:
         with timed(timings, "save"):  # the model is verified in place before the rename
@@ -636,7 +651,7 @@ def _rewrite(
 ) -> ir.Model:
     scheme = plan.scheme
     if isinstance(scheme, StaticScheme):
-        passes = [InsertQDQPass(plan=plan, domain=qdq_domain)]
+        passes = [InsertQDQPass(plan=plan, domain=qdq_domain), PadOnIntegersPass()]
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
     elif isinstance(scheme, DynamicScheme):
