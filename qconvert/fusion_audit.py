@@ -176,19 +176,36 @@ def audit_model(model: bytes | str, plan: QuantPlan | None = None) -> FusionAudi
     `model` is the serialized model or its path. Without a plan every island counts as
     unplanned (the peer's models, in the bench).
     """
+    if isinstance(model, bytes):
+        written = onnx.load_model_from_string(model).graph
+    else:
+        written = onnx.load(model, load_external_data=False).graph
     with tempfile.TemporaryDirectory(prefix="qconvert-audit-") as folder:
         path = Path(folder) / "optimized.onnx"
         make_session(model, quiet=True, optimized_path=path, config=OPTIMIZED_CONFIG)
-        return audit_file(path, plan)
+        return audit_file(path, plan, written=written)
 
 
-def audit_file(path: Path, plan: QuantPlan | None = None) -> FusionAudit:
+def audit_file(
+    path: Path, plan: QuantPlan | None = None, *, written: onnx.GraphProto | None = None
+) -> FusionAudit:
     """Audits the optimized graph a session wrote to `path` (its weights are not read)."""
-    return audit_graph(onnx.load(str(path), load_external_data=False).graph, plan)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return audit_graph(graph, plan, written=written)
 
 
-def audit_graph(graph: onnx.GraphProto, plan: QuantPlan | None = None) -> FusionAudit:
-    """Audits an optimized graph (see the module docstring)."""
+def audit_graph(
+    graph: onnx.GraphProto,
+    plan: QuantPlan | None = None,
+    *,
+    written: onnx.GraphProto | None = None,
+) -> FusionAudit:
+    """Audits an optimized graph (see the module docstring).
+
+    `written` is the graph as qconvert wrote it: onnxruntime renames the nodes it rewrites
+    (a Conv in the NCHWc layout, a HardSwish expanded into HardSigmoid and Mul), but they
+    still write the tensors the original wrote, which name the plan's node.
+    """
     constants = {tensor.name for tensor in graph.initializer}
     constants.update(
         output for node in graph.node if node.op_type == "Constant" for output in node.output
@@ -232,6 +249,15 @@ def audit_graph(graph: onnx.GraphProto, plan: QuantPlan | None = None) -> Fusion
         stack.extend(writers[name] for name in graph.node[index].input if name in writers)
     islands = _components(graph, reached & reaching, readers, writers)
     decisions = {node.name: node for node in plan.nodes} if plan is not None else {}
+    if written is not None:
+        producers = {
+            output: node.name for node in written.node for output in node.output if output
+        }
+        decisions.update(
+            (tensor, decisions[name])
+            for tensor, name in producers.items()
+            if name in decisions and tensor not in decisions
+        )
     kernels = Counter(node.op_type for node in graph.node if node.op_type in INTEGER_KERNELS)
     return FusionAudit(
         integer_kernels=dict(sorted(kernels.items())),
@@ -276,10 +302,10 @@ def _components(
 def _island_node(node: onnx.NodeProto, decisions: dict) -> IslandNode:
     """The island node with the plan's word on it."""
     name = node.name
-    decision = decisions.get(name)
-    for prefix in _FUSED_PREFIXES:
-        if decision is None and name.startswith(prefix):
-            decision = decisions.get(name.removeprefix(prefix))
+    keys = [name, *(name.removeprefix(p) for p in _FUSED_PREFIXES if name.startswith(p))]
+    # By the tensors it writes: under their own names, or with the layout's suffix.
+    keys += [o for output in node.output for o in (output, output.removesuffix("_nchwc"))]
+    decision = next((decisions[key] for key in keys if key and key in decisions), None)
     if decision is None:
         return IslandNode(name, node.op_type, None, "not a node of the plan")
     if not decision.quantized:

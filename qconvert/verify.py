@@ -44,20 +44,23 @@ def verify_model(
     """
     with tempfile.TemporaryDirectory(prefix="qconvert-verify-") as folder:
         optimized = Path(folder) / "optimized.onnx"
-        _verify(model, feeds, nonfinite_in_float, optimized)
+        written = _verify(model, feeds, nonfinite_in_float, optimized)
         if not optimized.exists():
             return None
-        return audit_file(optimized, plan)
+        return audit_file(optimized, plan, written=written.graph)
 
 
 def _verify(
     model: bytes | str, feeds: Feeds, nonfinite_in_float: frozenset[str], optimized: Path
-) -> None:
+) -> onnx.ModelProto:
+    """Runs the checks; returns the model as written, its weights not read when a path."""
     try:
         if isinstance(model, bytes):
-            onnx.checker.check_model(onnx.load_model_from_string(model))
+            written = onnx.load_model_from_string(model)
+            onnx.checker.check_model(written)
         else:
             onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
+            written = onnx.load(model, load_external_data=False)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(
             f"The converted model fails the ONNX checker: {describe_error(exc)}"
@@ -85,6 +88,7 @@ def _verify(
                 f"The converted model's output '{meta.name}' holds NaN or Inf on the smoke "
                 "sample."
             )
+    return written
 
 
 def _plain_session(model: bytes | str):

@@ -149,3 +149,34 @@ def test_strict_kernels_exits_1_on_an_unplanned_island(tmp_path, run_cli, monkey
     assert result.code == 1
     assert "strict-kernels: measured 1 unplanned float islands, needs <= 0" in result.err
     assert out.exists()  # the model is valid; the gate says it is slower than planned
+
+
+def test_island_onnxruntime_rewrote_is_traced_to_the_plan_by_its_tensors(tmp_path):
+    """A float HardSwish between two quantized Convs is a planned island, even though
+    onnxruntime runs it as nameless HardSigmoid and Mul nodes (it has no HardSwish kernel
+    at this opset): they write the tensor the HardSwish wrote."""
+    rng = np.random.default_rng(0)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,16,8,8] input) => (float[1,16,8,8] output) {
+            a = Conv <pads = [1,1,1,1]> (input, w1, b1)
+            s = HardSwish (a)
+            output = Conv <pads = [1,1,1,1]> (s, w2, b2)
+        }
+    """
+    model = onnx.parser.parse_model(text)
+    for name in ("w1", "w2"):
+        weight = (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
+        bias = np.zeros(16, np.float32)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(bias, "b" + name[1]))
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(8)]
+    )
+    report = qconvert.quantize(path, tmp_path / "q.onnx", data=tmp_path / "calib")
+    audit = report.conversion.fusion_audit
+    assert len(audit.islands) == 1 and audit.unplanned == ()
+    reasons = {node.reason for node in audit.islands[0].nodes}
+    assert any("no integer kernel" in reason for reason in reasons), reasons
+    assert audit.integer_kernels["QLinearConv"] >= 1
