@@ -180,3 +180,16 @@ def test_island_onnxruntime_rewrote_is_traced_to_the_plan_by_its_tensors(tmp_pat
     reasons = {node.reason for node in audit.islands[0].nodes}
     assert any("no integer kernel" in reason for reason in reasons), reasons
     assert audit.integer_kernels["QLinearConv"] >= 1
+
+
+def test_every_rendering_shows_the_audit(tmp_path):
+    report = qconvert.quantize(
+        _conv_transpose(tmp_path), tmp_path / "q.onnx", data=tmp_path / "calib"
+    )
+    island = "| node_1 | ConvTranspose | planned | onnxruntime has no integer ConvTranspose"
+    assert island in report.to_markdown()
+    assert "| float islands | 1 (0 not planned): ConvTranspose x1 |" in report.to_markdown()
+    assert "<td>integer kernels</td><td>QLinearConv x1 (1 in all)</td>" in report.to_html()
+    assert report.to_dict()["conversion"]["fusion_audit"]["integer_kernels"] == {
+        "QLinearConv": 1
+    }
