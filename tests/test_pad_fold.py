@@ -300,3 +300,19 @@ def test_tf_style_padded_cnn_quantizes_without_a_pad(tmp_path):
     assert testing.count_ops(tmp_path / "q.onnx")["Pad"] == 0
     assert audit.islands == ()
     assert audit.integer_kernels["QLinearConv"] == 49
+
+
+def test_minus_infinity_pad_folds_into_max_pool_on_signed_data():
+    # -inf never wins a max: the pool's own padding is exactly that.
+    model = _model(
+        [
+            h.make_node("Pad", ["input", "pads", "value"], ["padded"], name="pad"),
+            h.make_node("MaxPool", ["padded"], ["output"], name="pool", kernel_shape=[3, 3]),
+        ],
+        {"pads": _pads((1, 2), (2, 1)), "value": np.array(-np.inf, np.float32)},
+        out_shape=[1, C, 13, 13],
+    )
+    folded = _fold(model)
+    assert _ops(folded) == ["MaxPool"]
+    assert _attribute(folded, "MaxPool", "pads") == [1, 2, 2, 1]
+    _assert_identical(model, folded)
