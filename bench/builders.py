@@ -43,7 +43,15 @@ class GraphBuilder:
         return out
 
     def conv_bn(
-        self, x: str, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int = 1,
+        groups: int = 1,
+        *,
+        padded: bool = True,
     ) -> str:
         fan_in = cin // groups * k * k
         weight = self.rng.normal(0.0, math.sqrt(2.0 / fan_in), (cout, cin // groups, k, k))
@@ -52,7 +60,7 @@ class GraphBuilder:
             [x, self.const("w", weight.astype(np.float32))],
             kernel_shape=[k, k],
             strides=[stride, stride],
-            pads=[k // 2] * 4,
+            pads=[k // 2 if padded else 0] * 4,
             group=groups,
         )
         scale = self.rng.uniform(0.5, 1.5, cout).astype(np.float32)
@@ -68,6 +76,14 @@ class GraphBuilder:
             ],
             epsilon=1e-5,
         )
+
+    def same_pad(self, x: str, k: int, stride: int) -> str:
+        """TensorFlow's "same" padding as an explicit Pad (as exporters of TF-style nets
+        write it): (k - stride) zeros split with the extra one at the end, on an even size."""
+        total = max(k - stride, 0)
+        begin, end = total // 2, total - total // 2
+        pads = np.array([0, 0, begin, begin, 0, 0, end, end], np.int64)
+        return self.op("Pad", [x, self.const("pads", pads)], mode="constant")
 
     def relu6(self, x: str) -> str:
         return self.op(
@@ -162,6 +178,42 @@ def mobilenetv2_style(seed: int = 0, size: int = 224) -> onnx.ModelProto:
     x = g.relu6(g.conv_bn(x, cin, 1280, 1))
     logits = g.classifier_head(x, 1280)
     return g.model([_image_input(size)], {"logits": (logits, [1, 1000])}, "mobilenetv2_style")
+
+
+def efficientnet_lite_style(seed: int = 0, size: int = 224) -> onnx.ModelProto:
+    """EfficientNet-Lite0 as a TF-to-ONNX export writes it: every Conv with a kernel above
+    1x1 reads an explicit Pad ("same" padding), ReLU6, depthwise 3x3 and 5x5, no SE."""
+    g = GraphBuilder(seed)
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> str:
+        if k > 1:
+            x = g.same_pad(x, k, stride)
+        return g.conv_bn(x, cin, cout, k, stride, groups, padded=False)
+
+    x = g.relu6(conv("input", 3, 32, 3, 2))
+    cin = 32
+    for expand, k, first_stride, cout, repeats in (
+        (1, 3, 1, 16, 1),
+        (6, 3, 2, 24, 2),
+        (6, 5, 2, 40, 2),
+        (6, 3, 2, 80, 3),
+        (6, 5, 1, 112, 3),
+        (6, 5, 2, 192, 4),
+        (6, 3, 1, 320, 1),
+    ):
+        for index in range(repeats):
+            stride = first_stride if index == 0 else 1
+            hidden = cin * expand
+            y = x if expand == 1 else g.relu6(conv(x, cin, hidden, 1))
+            y = g.relu6(conv(y, hidden, hidden, k, stride, groups=hidden))
+            y = conv(y, hidden, cout, 1)
+            x = g.op("Add", [x, y]) if stride == 1 and cin == cout else y
+            cin = cout
+    x = g.relu6(conv(x, cin, 1280, 1))
+    logits = g.classifier_head(x, 1280)
+    return g.model(
+        [_image_input(size)], {"logits": (logits, [1, 1000])}, "efficientnet_lite_style"
+    )
 
 
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

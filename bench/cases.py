@@ -119,6 +119,16 @@ def synthetic_cases(work: Path, sizes: Sizes) -> list[Case]:
         ),
         _built(
             work,
+            "efficientnet_lite_style_224",
+            builders.efficientnet_lite_style,
+            lambda: data.synthetic_images(sizes.calib, 224, seed=1),
+            lambda: data.synthetic_images(sizes.eval, 224, seed=2),
+            "classify",
+            "EfficientNet-Lite0, 224x224, TF-style explicit Pad before each Conv, ReLU6, "
+            "random weights, BN",
+        ),
+        _built(
+            work,
             "bert_style_6x384",
             lambda: builders.bert_encoder(builders.random_bert_weights()),
             lambda: data.synthetic_sentences(sizes.calib, 128, seed=1),

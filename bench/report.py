@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import parallel
+from bench import audit, parallel
 from bench.runner import VARIANTS
 from bench.targets import evaluate_targets
 
@@ -195,6 +195,15 @@ def markdown(results: dict) -> str:
         "## Parallel calibration",
         "",
         *parallel.markdown(results.get("parallel")),
+        "",
+        "## Fusion audit (int8)",
+        "",
+        "What onnxruntime's CPU provider runs of each int8 model (`qconvert.fusion_audit`):"
+        " integer kernels, and float islands (DequantizeLinear -> float op ->"
+        " QuantizeLinear), counted by op; *unplanned* islands are ones qconvert's plan"
+        " meant as integer kernels.",
+        "",
+        *audit.markdown([r for r in results["rows"] if r["scheme"] == "int8"]),
         "",
         "## Targets from the issues",
         "",

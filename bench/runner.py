@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench import data, measure, steps
+from bench import audit, data, measure, steps
 from bench.cases import Case
 
 log = logging.getLogger("bench")
@@ -233,6 +233,12 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
             if result.ok and paths[tool].exists():
                 row[f"{tool}_size_ratio"] = round(paths[tool].stat().st_size / float_size, 4)
                 runnable[tool] = str(paths[tool])
+        if variant.scheme == "int8":
+            for tool, path in runnable.items():
+                try:
+                    row[f"{tool}_audit"] = audit.audit(path, Path(path + ".report.json"))
+                except Exception as exc:  # noqa: BLE001 - an audit that fails is a result
+                    row[f"{tool}_audit_error"] = measure._one_line(exc)
         for tool, path in runnable.items():
             try:
                 outputs = measure.run_all(path, eval_samples)

@@ -158,6 +158,7 @@ def qconvert_quantize(
     config = QuantizeConfig(scheme=scheme, format=fmt, **flags)
     # Data-free schemes do not calibrate; the data still gives them a real smoke sample.
     # Workers as the command line's default (`--workers auto`).
+    # The report beside the model carries the fusion audit against the plan (bench.audit).
     return _timed(
         lambda: api.quantize(
             model,
@@ -166,6 +167,7 @@ def qconvert_quantize(
             config=config,
             force=True,
             workers=None,
+            report=output + ".report.json",
         )
     )
 

@@ -9,6 +9,17 @@ from __future__ import annotations
 from bench import parallel
 
 CNN_224 = ("resnet_style_224", "mobilenetv2_style_224")
+CNNS = (
+    *CNN_224,
+    "efficientnet_lite_style_224",
+    "efficientnet_lite0",
+    "digits_cnn",
+    "digits_dwsep",
+    "ppocr_cls",
+    "ppocr_det_dbnet",
+    "nudenet_yolov8n",
+)
+"""The convolutional bench models (issue 18: int8 at most half the float latency)."""
 # What each range method costs a user of `quantize --data` (issue 4: "the histogram
 # methods add < 20% on top of minmax"); minmax calibrates without histograms.
 METHOD_TOOLS = ("qconvert minmax", "qconvert percentile", "qconvert entropy", "qconvert mse")
@@ -230,6 +241,37 @@ def evaluate_targets(results: dict) -> list[dict]:
             f"default int8 task fidelity ≥ the best peer's ({model})",
             f"{_fid(found['ours'])} vs {best} {_fid(found[best])}",
             found["ours"] >= found[best],
+        )
+
+    # issue 18: every quantized op on an integer kernel, and the latency that buys
+    for row in _rows(results, "int8"):
+        name = row["model"]
+        vs_peer = row.get("latency_1t_ours_over_theirs")
+        add(
+            "18",
+            f"int8 1-thread latency ≤ 1.0× peer's quantize_static ({name})",
+            _ratio(vs_peer),
+            vs_peer <= 1.0 if vs_peer else None,
+        )
+        if name in CNNS:
+            vs_float = row.get("latency_1t_ours_over_float")
+            add(
+                "18",
+                f"int8 1-thread latency ≤ 0.5× float, a CNN ({name})",
+                _ratio(vs_float),
+                vs_float <= 0.5 if vs_float else None,
+            )
+        found = row.get("ours_audit") or {}
+        unplanned = found.get("unplanned")
+        add(
+            "18",
+            f"fusion audit: no float island the plan did not mean ({name})",
+            ""
+            if not found
+            else f"{found['kernels']} integer kernels, "
+            f"{found['islands']} island(s), {unplanned if unplanned is not None else '?'} "
+            "unplanned",
+            None if unplanned is None else unplanned == 0,
         )
     return targets
 

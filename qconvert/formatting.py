@@ -89,3 +89,34 @@ def comparison_rows(comparison, path: Callable[[str], str] = str) -> list[list[s
             )
     rows.append(["provider", ref.provider, cand.provider, ""])
     return rows
+
+
+def kernels(audit) -> str:
+    """A fusion audit's integer kernels: `QLinearConv x10, QGemm x1 (11 in all)`."""
+    if not audit.integer_kernels:
+        return "none"
+    listed = ", ".join(f"{op} x{n}" for op, n in audit.integer_kernels.items())
+    return f"{listed} ({audit.kernel_count} in all)"
+
+
+def islands(audit) -> str:
+    """A fusion audit's float islands: `2 (1 not planned): Pad x1, Resize x1`."""
+    if not audit.islands:
+        return "none"
+    unplanned = len(audit.unplanned)
+    by_op = ", ".join(f"{op} x{n}" for op, n in audit.islands_by_op().items())
+    return f"{len(audit.islands)} ({unplanned} not planned): {by_op}"
+
+
+def island_rows(audit) -> list[list[str]]:
+    """One row per island node: node, op, whether the plan meant it, why."""
+    return [
+        [
+            node.name,
+            node.op_type,
+            "planned" if island.planned else "NOT planned",
+            node.reason,
+        ]
+        for island in audit.islands
+        for node in island.nodes
+    ]

@@ -158,6 +158,17 @@ PASS_THROUGH: frozenset[str] = frozenset(
 """Only input 0 (the data) carries the quantized values; the others are shapes, indices,
 scales or pads. Every float output reuses input 0's parameters (Split has several)."""
 
+QDQ_FLOAT_ISLANDS: dict[str, str] = {
+    "ConvTranspose": "onnxruntime has no integer ConvTranspose on CPU: int8 weights, "
+    "float arithmetic between DequantizeLinear and QuantizeLinear",
+    "DepthToSpace": "onnxruntime has no integer DepthToSpace: it moves the dequantized "
+    "values between DequantizeLinear and QuantizeLinear",
+    "SpaceToDepth": "onnxruntime has no integer SpaceToDepth: it moves the dequantized "
+    "values between DequantizeLinear and QuantizeLinear",
+}
+"""Ops the static schemes quantize knowing onnxruntime runs them as DQ -> op -> Q (a
+float island the fusion audit reports as planned): each with why."""
+
 INTEGER_PASS_THROUGH: frozenset[str] = frozenset(
     {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather"}
 )

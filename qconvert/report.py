@@ -18,7 +18,12 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                     converted_bytes, size_ratio, calibration_samples, quantized_ops {op: n},
                     folded_clamps [str], float_nodes [{name, op_type, reason}], notes [str],
                     range_methods {activation tensor: method chosen by --method auto},
-                    finished [str], kept [str], refused [str] (pre-quantized models)}
+                    finished [str], kept [str], refused [str] (pre-quantized models),
+                    fusion_audit null | {integer_kernels {op: n}, kernel_count,
+                        quantize_nodes, dequantize_nodes, nodes, islands_by_op {op: n},
+                        unplanned_islands, islands [{planned, nodes [{name, op_type,
+                        planned (true | false | null: a node onnxruntime made), reason}]}]}:
+                    what onnxruntime's CPU provider runs (`qconvert.fusion_audit`)}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
@@ -50,6 +55,7 @@ from pathlib import Path
 
 from qconvert.compare import Comparison
 from qconvert.errors import ConfigError, OutputError
+from qconvert.fusion_audit import FusionAudit
 from qconvert.gates import GateResult
 from qconvert.model import write_atomically
 from qconvert.plan import QuantPlan
@@ -89,6 +95,8 @@ class Conversion:
     """Pre-quantized models: what was left as the model had it, and why."""
     refused: tuple[str, ...] = ()
     """Pre-quantized models: what could not be finished, and why."""
+    fusion_audit: FusionAudit | None = None
+    """What onnxruntime's CPU provider runs of the written model (`fusion_audit`)."""
 
     @property
     def range_summary(self) -> str:
@@ -110,6 +118,7 @@ class Conversion:
         sizes: tuple[int, int],
         samples: int,
         range_methods: dict[str, str] | None = None,
+        fusion_audit: FusionAudit | None = None,
     ) -> Conversion:
         """Summarizes a static quantization plan."""
         quantized = Counter(node.op_type for node in plan.quantized_nodes())
@@ -128,6 +137,7 @@ class Conversion:
             ),
             notes=plan.notes,
             range_methods=dict(range_methods or {}),
+            fusion_audit=fusion_audit,
         )
 
 
@@ -165,6 +175,8 @@ class Report:
         conversion = None
         if self.conversion is not None:
             conversion = {**asdict(self.conversion), "size_ratio": self.conversion.size_ratio}
+            audit = self.conversion.fusion_audit
+            conversion["fusion_audit"] = audit.to_dict() if audit is not None else None
         data = {
             "schema_version": SCHEMA_VERSION,
             "command": self.command,

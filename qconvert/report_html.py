@@ -68,6 +68,7 @@ def render_html(report: Report) -> str:
                 ],
             )
         )
+        parts += _fusion_audit(conversion.fusion_audit)
     comparison = report.comparison
     if comparison is not None:
         ref, cand = comparison.reference, comparison.candidate
@@ -177,6 +178,25 @@ def render_html(report: Report) -> str:
         parts.append(_table(["gate", "threshold", "measured", "result"], rows))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _fusion_audit(audit) -> list[str]:
+    """The fusion audit's section: kernels, islands, and a row per island node."""
+    if audit is None:
+        return []
+    parts = [
+        "<h2>What onnxruntime runs</h2>",
+        _table(
+            ["", "value"],
+            [
+                ["integer kernels", fmt.kernels(audit)],
+                ["float islands", fmt.islands(audit)],
+            ],
+        ),
+    ]
+    if audit.islands:
+        parts.append(_table(["node", "op", "plan", "reason"], fmt.island_rows(audit)))
+    return parts
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

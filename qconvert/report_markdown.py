@@ -39,9 +39,26 @@ def render_markdown(report: Report) -> str:
                     if conversion.range_methods
                     else []
                 ),
+                *(
+                    [
+                        [
+                            "integer kernels (onnxruntime)",
+                            fmt.kernels(conversion.fusion_audit),
+                        ],
+                        ["float islands", fmt.islands(conversion.fusion_audit)],
+                    ]
+                    if conversion.fusion_audit is not None
+                    else []
+                ),
                 ["written to", str(report.output)],
             ],
         )
+        if conversion.fusion_audit is not None and conversion.fusion_audit.islands:
+            lines += _table(
+                "Float islands (DequantizeLinear -> op -> QuantizeLinear)",
+                ["node", "op", "plan", "reason"],
+                fmt.island_rows(conversion.fusion_audit),
+            )
     comparison = report.comparison
     if comparison is not None:
         rows = fmt.comparison_rows(comparison, path=lambda text: f"`{text}`")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnxruntime as ort
@@ -32,6 +33,7 @@ def make_session(
     quiet: bool = False,
     optimized_path: Path | None = None,
     external_folder: Path | None = None,
+    config: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
@@ -40,13 +42,16 @@ def make_session(
     comparison runs two to four) otherwise starve each other of cores. `quiet` silences
     onnxruntime's own error log, for callers that handle every failure. `optimized_path`
     receives the graph as onnxruntime optimized it. `external_folder`: the folder the
-    external data of a model given as bytes is read from.
+    external data of a model given as bytes is read from. `config` holds session config
+    entries (`SessionOptions.add_session_config_entry`).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
     options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     if external_folder is not None:

@@ -2,10 +2,14 @@
 
 A model no sample can run (the float model fails on it too) is verified structurally
 instead (`verify_structure`).
+
+The session of that run also writes the graph onnxruntime optimized, which the fusion
+audit reads (`fusion_audit`).
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -14,36 +18,64 @@ import onnx
 
 from qconvert.dataset import Feeds
 from qconvert.errors import VerificationError
+from qconvert.fusion_audit import OPTIMIZED_CONFIG, FusionAudit, audit_file
+from qconvert.plan import QuantPlan
 from qconvert.runtime import describe_error, make_session
+
+logger = logging.getLogger("qconvert")
 
 
 def verify_model(
-    model: bytes | str, feeds: Feeds, *, nonfinite_in_float: frozenset[str] = frozenset()
-) -> None:
+    model: bytes | str,
+    feeds: Feeds,
+    *,
+    nonfinite_in_float: frozenset[str] = frozenset(),
+    plan: QuantPlan | None = None,
+) -> FusionAudit | None:
     """Checks that the model is valid ONNX, loads in onnxruntime and runs on `feeds`.
 
     `model` is the serialized model, or the path of one saved with external data. Outputs
     must be finite, except those named in `nonfinite_in_float` (NaN or Inf in the float
     model on the same feeds already).
 
+    Returns:
+        The fusion audit of the session that ran, against `plan`; None when onnxruntime
+        could not write its optimized graph (the model is still verified).
+
     Raises:
         VerificationError: with the stage that failed and onnxruntime's or the checker's words.
     """
+    with tempfile.TemporaryDirectory(prefix="qconvert-verify-") as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        written = _verify(model, feeds, nonfinite_in_float, optimized)
+        if not optimized.exists():
+            return None
+        return audit_file(optimized, plan, written=written.graph)
+
+
+def _verify(
+    model: bytes | str, feeds: Feeds, nonfinite_in_float: frozenset[str], optimized: Path
+) -> onnx.ModelProto:
+    """Runs the checks; returns the model as written, its weights not read when a path."""
     try:
         if isinstance(model, bytes):
-            onnx.checker.check_model(onnx.load_model_from_string(model))
+            written = onnx.load_model_from_string(model)
+            onnx.checker.check_model(written)
         else:
             onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
+            written = onnx.load(model, load_external_data=False)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(
             f"The converted model fails the ONNX checker: {describe_error(exc)}"
         ) from None
     try:
-        session = make_session(model)
+        # The session that runs the smoke sample also writes the graph it runs, which
+        # the audit reads: one load, not two.
+        session = make_session(model, optimized_path=optimized, config=OPTIMIZED_CONFIG)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise VerificationError(
-            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
-        ) from None
+        logger.debug("optimized graph not written (%s); verifying without the audit", exc)
+        optimized.unlink(missing_ok=True)
+        session = _plain_session(model)
     try:
         outputs = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - as above
@@ -58,6 +90,16 @@ def verify_model(
                 f"The converted model's output '{meta.name}' holds NaN or Inf on the smoke "
                 "sample."
             )
+    return written
+
+
+def _plain_session(model: bytes | str):
+    try:
+        return make_session(model)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise VerificationError(
+            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
+        ) from None
 
 
 def verify_structure(model: bytes | str, *, reference: bytes | str | None = None) -> None:

@@ -76,7 +76,7 @@ def test_failed_verification_leaves_neither_file(external_cnn, tmp_path, monkeyp
     from qconvert.errors import VerificationError
     from qconvert.pipelines import verify_save
 
-    def failing(model, feeds, *, nonfinite_in_float=frozenset()):
+    def failing(model, feeds, *, nonfinite_in_float=frozenset(), plan=None):
         raise VerificationError("refused for the test")
 
     monkeypatch.setattr(verify_save, "verify_model", failing)

@@ -79,3 +79,19 @@ def test_layout_has_qdq_where_expected(quantized):
         if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2
     ]
     assert weights, "weights are stored as int8"
+
+
+# What onnxruntime fuses of each sample model (QLinearConv, QGemm, QLinearMatMul, ...): a
+# plan change that costs a kernel shows here.
+MIN_KERNELS = {"digits_cnn": 4, "digits_dwsep": 9, "digits_transformer": 20}
+
+
+def test_every_planned_kernel_lands_on_an_integer_kernel(quantized):
+    name, _out, report = quantized
+    audit = report.conversion.fusion_audit
+    assert audit.unplanned == (), [
+        (node.name, node.op_type, node.reason)
+        for island in audit.unplanned
+        for node in island.nodes
+    ]
+    assert audit.kernel_count >= MIN_KERNELS[name], audit.integer_kernels

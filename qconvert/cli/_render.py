@@ -36,8 +36,22 @@ def report(result: Report) -> None:
         if conversion.folded_clamps:
             table.add_row("clamps folded", str(len(conversion.folded_clamps)))
         table.add_row("nodes left float", str(len(conversion.float_nodes)))
+        audit = conversion.fusion_audit
+        if audit is not None:
+            table.add_row("integer kernels (onnxruntime)", fmt.kernels(audit))
+            table.add_row("float islands", fmt.islands(audit))
         table.add_row("written to", str(result.output))
         stdout.print(table)
+        if audit is not None and audit.islands:
+            islands = Table(
+                title="Float islands (DequantizeLinear -> op -> QuantizeLinear)",
+                title_justify="left",
+            )
+            for column in ("node", "op", "plan", "reason"):
+                islands.add_column(column)
+            for row in fmt.island_rows(audit):
+                islands.add_row(*row)
+            stdout.print(islands)
         for note in conversion.notes:
             stdout.print(f"note: {note}")
         for heading, lines in (

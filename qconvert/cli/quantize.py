@@ -15,6 +15,7 @@ from qconvert.cli._options import (
     percentile_option,
     workers_option,
 )
+from qconvert.errors import AccuracyGateError
 from qconvert.limits import LoadLimits
 from qconvert.schemes import SCHEMES
 
@@ -225,6 +226,13 @@ SCHEME_HELP = (
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option(
+    "--strict-kernels",
+    is_flag=True,
+    help="Exit 1 when onnxruntime leaves a float island (DequantizeLinear -> float op -> "
+    "QuantizeLinear) the plan did not mean; the model and report are still written. "
+    "The report's fusion audit lists every island either way.",
+)
 @workers_option(
     "Calibrate --data over N local processes, one onnxruntime thread each. auto: start "
     "alone, and add one process per further core (at most 8) once the rest of the "
@@ -266,6 +274,7 @@ def quantize_command(
     report: Path | None,
     as_json: bool,
     force: bool,
+    strict_kernels: bool,
     workers: int | None,
     limits: LoadLimits,
     **image: object,
@@ -333,9 +342,14 @@ def quantize_command(
         force=force,
         workers=workers,
         limits=limits,
+        strict_kernels=strict_kernels,
         **({"progress": progress} if progress else {}),
     )
     if as_json:
         click.echo(result.to_json(), nl=False)
     else:
         _render.report(result)
+    if result.failed_gates:
+        raise AccuracyGateError(
+            "gate failed: " + "; ".join(gate.describe() for gate in result.failed_gates)
+        )

@@ -3,6 +3,7 @@
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
+from qconvert.passes.pad import FoldPadIntoReaderPass, PadOnIntegersPass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
 from qconvert.passes.qop import QDQToQOperatorPass
@@ -12,7 +13,9 @@ __all__ = [
     "DropIntermediateShapesPass",
     "DynamicQuantizePass",
     "FoldBatchNormPass",
+    "FoldPadIntoReaderPass",
     "InsertQDQPass",
+    "PadOnIntegersPass",
     "QDQToQOperatorPass",
     "StoreWeightsAsFloat16Pass",
     "UpgradeOpsetPass",

@@ -16,7 +16,10 @@
    serves better (`passes/activations.py`): a constant Add after a Conv becomes its bias,
    HardSigmoid after a Conv becomes a scaled Conv and Clip(0, 1), and x*Clip(x+3,0,6)/6
    becomes HardSwish.
-6. Shapes and types are inferred, so planning knows which tensors are float.
+6. A constant Pad before a Conv, AveragePool or MaxPool is folded into the reader's pads
+   where the result is identical (`passes/pad.py`), so no Pad runs between two integer
+   kernels.
+7. Shapes and types are inferred, so planning knows which tensors are float.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from qconvert.passes.activations import (
     FuseHardSwishPass,
     has_decomposed_hardswish,
 )
+from qconvert.passes.pad import FoldPadIntoReaderPass
 
 
 class UpgradeOpsetPass(ir.passes.FunctionalPass):
@@ -546,6 +550,7 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int) -> ir.Model:
             FoldConvAddIntoBiasPass(),
             FoldHardSigmoidIntoConvPass(),
             FuseHardSwishPass(),
+            FoldPadIntoReaderPass(),
             ShapeInferencePass(),
             RestoreSequenceTypesPass(),
         ]

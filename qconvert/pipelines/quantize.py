@@ -42,12 +42,14 @@ from qconvert.errors import (
     ConfigError,
     UnsupportedModelError,
 )
+from qconvert.fusion_audit import kernel_gates
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import (
     CastToFloat16Pass,
     DropIntermediateShapesPass,
     DynamicQuantizePass,
     InsertQDQPass,
+    PadOnIntegersPass,
     QDQToQOperatorPass,
     StoreWeightsAsFloat16Pass,
 )
@@ -112,6 +114,7 @@ def quantize(
     workers: int | None = 1,
     progress: Progress = SILENT,
     limits: LoadLimits = DEFAULT_LIMITS,
+    strict_kernels: bool = False,
 ) -> Report:
     """Quantizes `model` as `config` says and writes `output`.
 
@@ -145,6 +148,8 @@ def quantize(
             the usual `if __name__ == "__main__":` guard, so 1 is the default here.
         progress: receives progress of the long steps.
         limits: bounds the model must respect before its weights are read.
+        strict_kernels: add the `strict-kernels` gate: it fails when the fusion audit
+            finds a float island the plan did not mean (`qconvert.fusion_audit`).
 
     Returns:
         The report: sizes, what was quantized and what was not, and the comparison.
@@ -178,6 +183,7 @@ def quantize(
         workers=workers,
         progress=progress,
         limits=limits,
+        strict_kernels=strict_kernels,
     )
     if prequantized.applies(model):  # Q/DQ pairs: finished, not quantized again
         return prequantized.finish_request(request)
@@ -448,7 +454,7 @@ def verify_and_save(state: QuantizeState) -> QuantizeState:
         source = DirectorySource(
             request.data, state.specs, images=request.images, limits=request.limits
         )
-    saved, notes = verify_and_save_model(
+    saved, notes, audit = verify_and_save_model(
         state.converted,
         state.output,
         model=state.reference,
@@ -456,9 +462,10 @@ def verify_and_save(state: QuantizeState) -> QuantizeState:
         source=source,
         external=state.external,
         timings=state.timings,
+        plan=state.plan,
     )
     plan = dataclasses.replace(state.plan, notes=(*state.plan.notes, *notes))
-    return state.replace(saved=saved, plan=plan)
+    return state.replace(saved=saved, plan=plan, fusion_audit=audit)
 
 
 def evaluate(state: QuantizeState) -> QuantizeState:
@@ -489,9 +496,11 @@ def write_report(state: QuantizeState) -> QuantizeState:
             sizes=(model_io.file_size(request.model), model_io.file_size(state.output)),
             samples=calibration.samples if calibration is not None else 0,
             range_methods=_used_choices(state.range_choices, state.plan),
+            fusion_audit=state.fusion_audit,
         ),
         comparison=state.comparison,
         seconds=state.timings,
+        gates=kernel_gates(state.fusion_audit) if request.strict_kernels else (),
     )
     if request.report is not None:
         result.write(request.report)
@@ -603,7 +612,7 @@ def _rewrite(
 ) -> ir.Model:
     scheme = plan.scheme
     if isinstance(scheme, StaticScheme):
-        passes = [InsertQDQPass(plan=plan, domain=qdq_domain)]
+        passes = [InsertQDQPass(plan=plan, domain=qdq_domain), PadOnIntegersPass()]
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
     elif isinstance(scheme, DynamicScheme):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from qconvert.calibration import Calibration, RangeMethod
     from qconvert.compare import Comparison
     from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec
+    from qconvert.fusion_audit import FusionAudit
     from qconvert.plan import QuantPlan
     from qconvert.report import Report
     from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
@@ -57,6 +58,7 @@ class QuantizeRequest:
     workers: int | None = 1
     progress: Progress = SILENT
     limits: LoadLimits = DEFAULT_LIMITS
+    strict_kernels: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +103,7 @@ class QuantizeState:
     # rewrite, verify and save, evaluate, report
     converted: ir.Model | None = None
     saved: bytes | str | None = None
+    fusion_audit: FusionAudit | None = None
     comparison: Comparison | None = None
     report: Report | None = None
 

@@ -26,7 +26,9 @@ from qconvert.dataset import (
     synthetic_sample,
 )
 from qconvert.errors import ModelLoadError, VerificationError
+from qconvert.fusion_audit import FusionAudit
 from qconvert.pipelines.stages import timed
+from qconvert.plan import QuantPlan
 from qconvert.runtime import describe_error, make_session
 from qconvert.verify import verify_model, verify_structure
 
@@ -42,14 +44,16 @@ def verify_and_save_model(
     source: DirectorySource | None,
     external: bool,
     timings: dict[str, float],
-) -> tuple[bytes | str, tuple[str, ...]]:
+    plan: QuantPlan | None = None,
+) -> tuple[bytes | str, tuple[str, ...], FusionAudit | None]:
     """Verifies `converted` on one sample, then writes it; returns it for the comparison.
 
     The sample is the first of `source`, else zeros of the input shapes. A sample the
     float model `model` (a path, or bytes once upgraded) cannot run either proves nothing
     about the conversion: the model is then verified structurally and one warning says
-    so. Returns the model (its bytes, or its path when it was saved with external data)
-    and the notes the report adds.
+    so. Returns the model (its bytes, or its path when it was saved with external data),
+    the notes the report adds, and the fusion audit of the session that ran it against
+    `plan` (None when verified structurally).
     """
     sample = source.first() if source is not None else synthetic_sample(specs)
     # Without data the float model runs first, to know which outputs zeros already make
@@ -57,6 +61,7 @@ def verify_and_save_model(
     float_run = _check_synthetic_sample(model, specs, sample) if source is None else None
     feeds = _as_input_types(converted, sample.feeds)
     notes: list[str] = []
+    audit: FusionAudit | None = None
 
     def structurally(staged: bytes | str, run: _FloatRun) -> None:
         verify_structure(staged, reference=model)
@@ -64,12 +69,14 @@ def verify_and_save_model(
         notes.append(run.note)
 
     def verify(staged: bytes | str) -> None:
-        nonlocal float_run
+        nonlocal float_run, audit
         if float_run is not None and float_run.error is not None:
             structurally(staged, float_run)
             return
         try:
-            verify_model(staged, feeds, nonfinite_in_float=_nonfinite(float_run))
+            audit = verify_model(
+                staged, feeds, nonfinite_in_float=_nonfinite(float_run), plan=plan
+            )
         except VerificationError:
             if float_run is not None:
                 raise  # the float model runs on this sample: the conversion broke it
@@ -77,20 +84,22 @@ def verify_and_save_model(
             if float_run.error is not None:
                 structurally(staged, float_run)
             elif float_run.nonfinite:
-                verify_model(staged, feeds, nonfinite_in_float=float_run.nonfinite)
+                audit = verify_model(
+                    staged, feeds, nonfinite_in_float=float_run.nonfinite, plan=plan
+                )
             else:
                 raise
 
     if external:
         with timed(timings, "save"):  # the model is verified in place before the rename
             model_io.save_with_external_data(converted, output, verify=verify)
-        return str(output), tuple(notes)
+        return str(output), tuple(notes), audit
     with timed(timings, "verify"):
         converted_bytes = model_io.to_bytes(converted)
         verify(converted_bytes)
     with timed(timings, "save"):
         model_io.write_atomically(output, converted_bytes)
-    return converted_bytes, tuple(notes)
+    return converted_bytes, tuple(notes), audit
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
