@@ -32,6 +32,7 @@ def make_session(
     quiet: bool = False,
     optimized_path: Path | None = None,
     external_folder: Path | None = None,
+    priority_order: bool = False,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
@@ -40,7 +41,9 @@ def make_session(
     comparison runs two to four) otherwise starve each other of cores. `quiet` silences
     onnxruntime's own error log, for callers that handle every failure. `optimized_path`
     receives the graph as onnxruntime optimized it. `external_folder`: the folder the
-    external data of a model given as bytes is read from.
+    external data of a model given as bytes is read from. `priority_order` runs the nodes
+    in onnxruntime's priority-based order, which keeps the graph's own order where it can:
+    the calibration graph relies on it to reduce each tensor while it is fresh.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
@@ -53,6 +56,8 @@ def make_session(
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(external_folder)
         )
+    if priority_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [provider]

@@ -56,7 +56,7 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
         "1 worker, 1 thread",
         "2 workers, 1 thread each",
         "1 process, 2 onnxruntime threads",
-        "1 process, folding on a second thread",
+        "1 process, 2 runs at once",
         "default (--workers auto)",
     }
     assert all(run["seconds"] > 0 for run in section["runs"])

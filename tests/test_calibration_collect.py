@@ -1,4 +1,4 @@
-"""The collector's fast path (io binding into chunk slots) against a direct computation."""
+"""The collector (reductions inside the calibration graph) against a direct computation."""
 
 from __future__ import annotations
 
@@ -15,22 +15,22 @@ from qconvert.runtime import make_session
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "chunk_bytes"),
-    [(1, 1 << 20), (1, 20_000), (4, 1 << 20), (3, 20_000)],
-    ids=["one-chunk", "many-chunks", "batched", "batched-uneven"],
+    ("batch_size", "fold_runs"),
+    [(1, 64), (1, 3), (4, 64), (3, 2)],
+    ids=["one-fold", "many-folds", "batched", "batched-uneven"],
 )
-def test_statistics_equal_a_direct_computation(tmp_path, batch_size, chunk_bytes):
+def test_statistics_equal_a_direct_computation(tmp_path, batch_size, fold_runs):
     proto = testing.conv_bn_relu()
     model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
     names = tensors_to_calibrate(model)
     samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(10)]
     settings = CollectSettings(
-        batch_size=batch_size, histogram_values=10**9, chunk_bytes=chunk_bytes
+        batch_size=batch_size, histogram_values=10**9, fold_runs=fold_runs
     )
     observed = collect_statistics(model, samples, names, settings=settings)
 
-    # Optimized with every tensor exposed and one thread, as the collector runs it: same
-    # kernels, so the same numbers.
+    # Optimized with every tensor read by a node other than its own readers, and one
+    # thread, as the collector runs it: same kernels, so the same numbers.
     session = make_session(_expose(model, names), threads=1)
     expected = {name: TensorObserver() for name in names}
     for sample in samples:
@@ -96,8 +96,9 @@ def test_outputs_whose_shape_depends_on_the_data(tmp_path):
     assert observed["r"].count == 36
 
 
-def test_nan_found_while_folding_a_chunk_names_the_tensor(tmp_path):
-    # Statistics are folded in on a background thread; its error must reach the caller.
+def test_nan_found_in_a_run_names_the_tensor(tmp_path):
+    # onnxruntime's ReduceMin/ReduceMax skip a NaN that is not first: the sum tells, and
+    # the raw run of that batch names the tensor.
     text = """
         <ir_version: 8, opset_import: ["" : 17]>
         roots (float[1,64] x) => (float[1,64] y) {
@@ -119,7 +120,7 @@ def test_nan_found_while_folding_a_chunk_names_the_tensor(tmp_path):
         for i in range(40)
     ]
     samples[25].feeds["x"][0, 3] = -1.0  # sqrt(-1): NaN, several chunks into the data
-    settings = CollectSettings(chunk_bytes=2048)  # 512 bytes a run: 4 runs a chunk
+    settings = CollectSettings(fold_runs=4, concurrent_runs=2)
     with pytest.raises(CalibrationDataError, match="Tensor 'root' took NaN values"):
         collect_statistics(model, samples, ["x", "root"], settings=settings)
     # Without the bad sample, the same settings give the one-chunk statistics.
@@ -149,20 +150,19 @@ def test_one_tensor_a_pass_gives_the_statistics_of_one_pass(tmp_path):
         np.testing.assert_array_equal(a.bins, b.bins)
 
 
-def test_folding_in_line_gives_the_statistics_of_folding_on_a_second_thread(tmp_path):
-    # Workers of a split fold in line (one busy thread each); the order of the chunks, and
-    # so every statistic, is the same as with the background thread. Small chunks make
-    # several folds.
+def test_concurrent_runs_give_the_statistics_of_one_run_at_a_time(tmp_path):
+    # `--workers auto` runs a batch per core at once on the one session; each run is the
+    # run it would be alone, and the observers merge exactly. Small folds make several.
     proto = testing.conv_bn_relu()
     model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
     names = tensors_to_calibrate(model)
     samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(12)]
     settings = {
-        background: CollectSettings(chunk_bytes=4096, fold_in_background=background)
-        for background in (True, False)
+        runs: CollectSettings(fold_runs=2, concurrent_runs=runs, batch_size=2)
+        for runs in (1, 3)
     }
-    threaded = collect_statistics(model, samples, names, settings=settings[True])
-    in_line = collect_statistics(model, samples, names, settings=settings[False])
+    threaded = collect_statistics(model, samples, names, settings=settings[3])
+    in_line = collect_statistics(model, samples, names, settings=settings[1])
     for name in names:
         a, b = threaded[name], in_line[name]
         assert (a.min, a.max, a.count, a.exponent) == (b.min, b.max, b.count, b.exponent)
