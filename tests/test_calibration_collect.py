@@ -179,3 +179,95 @@ def test_the_session_exposes_exactly_the_calibrated_tensors(tmp_path):
     outputs = [output.name for output in session.get_outputs()]
     originals = [value.name for value in model.graph.outputs]
     assert set(outputs) == set(originals) | set(exposed)
+
+
+def _prepared(proto, tmp_path):
+    return prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+
+
+def test_the_calibration_graph_reduces_each_tensor_right_after_its_producer(tmp_path):
+    # Reductions next to their tensor let onnxruntime free each activation once its
+    # readers are done; only small outputs leave a run.
+    import onnx
+    import onnx_ir as ir
+
+    from qconvert.calibration import reducing
+    from qconvert.calibration.collect import _dtypes
+
+    model = _prepared(testing.conv_bn_relu(), tmp_path)
+    names = tensors_to_calibrate(model)
+    graph = reducing.reducing_graph(
+        ir.serde.serialize_model(model), names, _dtypes(model), histogram=True
+    )
+    proto = onnx.load_from_string(graph.data)
+    order = [node.output[0] for node in proto.graph.node]
+    for reduction in graph.reductions:
+        producer = next(
+            (i for i, node in enumerate(proto.graph.node) if reduction.tensor in node.output),
+            -1,  # a graph input
+        )
+        assert order[producer + 1] == reduction.min, reduction.tensor
+    originals = [value.name for value in model.graph.outputs]
+    outputs = [output.name for output in proto.graph.output]
+    assert outputs[: len(originals)] == originals
+    assert not set(outputs) & set(names) - set(originals)  # no activation leaves a run
+    assert len(graph.checks) == len(originals)
+    assert [i.name for i in proto.graph.input][-1] == graph.steps
+
+
+def test_infinite_values_count_as_no_range(tmp_path):
+    # Log(0) = -inf: the min shows it, the batch runs again raw, and the statistics are
+    # those of the finite values, as the observers define them.
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        logs (float[1,16] x) => (float[1,16] y) {
+            r = Relu (x)
+            l = Log (r)
+            y = Mul (l, x)
+        }
+    """
+    import onnx
+
+    model = _prepared(onnx.parser.parse_model(text), tmp_path)
+    rng = np.random.default_rng(1)
+    samples = [
+        Sample(f"s{i}", {"x": rng.uniform(-1.0, 2.0, (1, 16)).astype(np.float32)})
+        for i in range(8)
+    ]
+    samples[3].feeds["x"][0, :4] = 0.5  # one sample with no zero: nothing infinite there
+    observed = collect_statistics(model, samples, ["r", "l"], settings=CollectSettings())
+    with np.errstate(divide="ignore"):
+        logs = [np.log(np.maximum(s.feeds["x"], 0)).ravel() for s in samples]
+    finite = np.concatenate([v[np.isfinite(v)] for v in logs])
+    expected = TensorObserver()
+    expected.update(finite)
+    assert observed["l"].count == finite.size
+    assert (observed["l"].min, observed["l"].max) == (expected.min, expected.max)
+    assert observed["r"].count == 8 * 16
+
+
+def test_models_below_opset_10_are_calibrated_raw(tmp_path):
+    # Slice takes its step as an input from opset 10 on: older models expose the tensors.
+    text = """
+        <ir_version: 4, opset_import: ["" : 9]>
+        old (float[1,8] x) => (float[1,8] y) {
+            r = Relu (x)
+            y = Sigmoid (r)
+        }
+    """
+    import onnx
+
+    model = _prepared(onnx.parser.parse_model(text), tmp_path)
+    rng = np.random.default_rng(2)
+    samples = [
+        Sample(f"s{i}", {"x": rng.standard_normal((1, 8)).astype(np.float32)})
+        for i in range(5)
+    ]
+    from qconvert.calibration.collect import _Runner
+
+    assert _Runner(model, ("r",), CollectSettings()).session is None
+    observed = collect_statistics(model, samples, ["x", "r"])
+    relu = np.concatenate([np.maximum(s.feeds["x"], 0).ravel() for s in samples])
+    assert observed["r"].count == relu.size
+    assert observed["r"].max == float(relu.max())
+    assert observed["x"].min == float(min(s.feeds["x"].min() for s in samples))

@@ -538,8 +538,7 @@ def _check_alive(processes: Mapping[int, object], results: Mapping[int, object])
             raise CalibrationWorkerError(
                 f"Calibration worker {index + 1} (local process {process.pid}) died "
                 f"(exit code {process.exitcode}); nothing was written.",
-                hint="it may have run out of memory: try fewer --workers or "
-                "--tensors-per-pass K.",
+                hint="it may have run out of memory: try fewer --workers.",
             )
 
 

@@ -226,10 +226,9 @@ SCHEME_HELP = (
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @workers_option(
-    "Calibrate --data over N local processes, one onnxruntime thread each. auto: start "
-    "alone, and add one process per further core (at most 8) once the rest of the "
-    "calibration would take more than a few seconds and memory allows. The model is the "
-    "same however the work is split."
+    "Calibrate --data over N local processes, one onnxruntime thread each. auto: this "
+    "process alone, running one batch per core (at most 8) at once on its one session. "
+    "The model is the same however the work is split."
 )
 @limit_options
 def quantize_command(
