@@ -12,6 +12,7 @@ Writes results.json (every figure) and results.md (the tables) into --out (defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from bench import cases as case_set
 from bench import measure, parallel, pretrained, real, report, runner
-from bench.targets import METHOD_TOOLS
+from bench.targets import CALIBRATION_TOOLS, METHOD_TOOLS
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,18 +38,35 @@ FULL = {
         runner.ScalingPlan(
             model="digits_dwsep",
             sizes=(64, 256, 1024),
-            tools=("float pass", "qconvert", *METHOD_TOOLS, "ort MinMax", "ort Percentile"),
+            tools=(
+                "float pass",
+                *CALIBRATION_TOOLS,
+                *METHOD_TOOLS,
+                "ort MinMax",
+                "ort Percentile",
+            ),
             repeats=3,  # a pass takes a fraction of a second here: median of three runs
         ),
         # The peer's Percentile calibrator keeps every activation of every sample in memory
         # (about 27 MB an image here): capped at 64 images on this 23 GB machine.
         runner.ScalingPlan(
             model="mobilenetv2_style_224",
-            sizes=(64, 256),
-            tools=("float pass", "qconvert", *METHOD_TOOLS, "ort MinMax", "ort Percentile"),
-            caps={"ort Percentile": 64},
+            sizes=(64, 256, 1024),
+            tools=(
+                "float pass",
+                *CALIBRATION_TOOLS,
+                *METHOD_TOOLS,
+                "ort MinMax",
+                "ort Percentile",
+            ),
+            caps={"ort Percentile": 64, "ort MinMax": 256, **dict.fromkeys(METHOD_TOOLS, 256)},
             repeats=3,  # a float pass takes 0.3 to 3 s, and one run swung 2x: median of 3
         ),
+    ),
+    # Issue 18: every other model of the run, calibrated at 64 and 1,024 samples against
+    # a float pass over the same samples (the model name is filled in per case).
+    "calibration": runner.ScalingPlan(
+        model="", sizes=(64, 1024), tools=("float pass", *CALIBRATION_TOOLS)
     ),
     # Issue 10: 2 workers against 1 on a compute-bound model; 512 samples (about 20 s for
     # one worker) amortize starting the second worker as thousands would, in ~2.5 minutes.
@@ -63,8 +81,11 @@ QUICK = {
         runner.ScalingPlan(
             model="tiny_cnn",
             sizes=(8, 32),
-            tools=("float pass", "qconvert", *METHOD_TOOLS[:2], "ort MinMax"),
+            tools=("float pass", *CALIBRATION_TOOLS, *METHOD_TOOLS[:2], "ort MinMax"),
         ),
+    ),
+    "calibration": runner.ScalingPlan(
+        model="", sizes=(8, 32), tools=("float pass", *CALIBRATION_TOOLS)
     ),
     "parallel": parallel.ParallelPlan(model="tiny_cnn", samples=64, repeats=1),
 }
@@ -152,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     scaling_rows = []
     if not args.no_scaling and args.model is None and not args.parallel_only:
         by_name = {c.name: c for c in cases}
-        for scaling_plan in plan["scaling"]:
+        named = {p.model for p in plan["scaling"]}
+        every = [
+            dataclasses.replace(plan["calibration"], model=c.name)
+            for c in cases
+            if c.name not in named
+        ]
+        for scaling_plan in (*plan["scaling"], *every):
             if scaling_plan.model in by_name:
                 logging.info("calibration scaling: %s", scaling_plan.model)
                 scaling_rows += runner.scaling(

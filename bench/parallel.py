@@ -5,15 +5,14 @@ that starting a worker is amortized as it is for a user with thousands of sample
 child process loads and prepares the model, then times `collect_split`, the stage
 `qconvert calibrate` spends its time in, in five configurations taken in turn:
 
-- 1 worker, 1 thread (one single-threaded process, statistics folded in line as each
-  worker of a split does: the per-sample cost of a worker);
+- 1 worker, 1 thread (one single-threaded process, one run at a time as each worker of
+  a split runs: the per-sample cost of a worker);
 - 2 workers, 1 thread each (`--workers 2`: this process and a spawned one, start-up of the
   spawned one, its model transfer and the merge included);
 - 1 process, 2 onnxruntime threads (both cores through onnxruntime's own thread pool);
-- 1 process, folding on a second thread (one onnxruntime thread: what `--workers auto`
-  does while the work is short);
-- default (`--workers auto`: that process alone at first, then one spawned worker per
-  further core once the rest of the work would take over `SPAWN_AFTER_SECONDS`).
+- 1 process, 2 runs at once (one onnxruntime thread a run, two batches side by side on
+  the one session);
+- default (`--workers auto`: one process, a batch per core at once).
 
 Each configuration's best run counts (other work on the machine only ever adds time); the
 load average at each run is recorded. Also measured: the 2-worker run on 2 samples (what
@@ -55,22 +54,13 @@ class ParallelPlan:
 
 
 CONFIGS = {
-    # Single-threaded: statistics folded in line, as each worker of a split does.
-    "1 worker, 1 thread": {"workers": 1, "threads": 1, "fold_in_background": False},
-    "2 workers, 1 thread each": {"workers": 2, "threads": 1, "fold_in_background": False},
-    "1 process, 2 onnxruntime threads": {
-        "workers": 1,
-        "threads": 2,
-        "fold_in_background": True,
-    },
-    # What `qconvert calibrate` does while it is alone: statistics folded on a second thread.
-    "1 process, folding on a second thread": {
-        "workers": 1,
-        "threads": 1,
-        "fold_in_background": True,
-    },
-    # What `qconvert calibrate` does by default.
-    "default (--workers auto)": {"workers": None, "threads": 1, "fold_in_background": True},
+    # Single-threaded: one run at a time, as each worker of a split runs.
+    "1 worker, 1 thread": {"workers": 1, "threads": 1},
+    "2 workers, 1 thread each": {"workers": 2, "threads": 1},
+    "1 process, 2 onnxruntime threads": {"workers": 1, "threads": 2},
+    "1 process, 2 runs at once": {"workers": 1, "threads": 1, "concurrent_runs": 2},
+    # What `qconvert calibrate` does by default: a run per core at once.
+    "default (--workers auto)": {"workers": None, "threads": 1},
 }
 ONE, TWO_WORKERS, TWO_THREADS, ALONE, DEFAULT = CONFIGS
 
@@ -127,11 +117,9 @@ def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
     model = prepare(float_model, min_opset=1)
     tensors = tensors_to_calibrate(model)
 
-    def calibrate(
-        folder: str, workers: int | None, threads: int, fold_in_background: bool = False
-    ):
+    def calibrate(folder: str, workers: int | None, threads: int, concurrent_runs: int = 1):
         cpu, start = _cpu_seconds(), time.perf_counter()
-        settings = CollectSettings(threads=threads, fold_in_background=fold_in_background)
+        settings = CollectSettings(threads=threads, concurrent_runs=concurrent_runs)
         observers, split = collect_split(
             model,
             DirectorySource(folder, specs),

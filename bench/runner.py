@@ -375,6 +375,7 @@ def scaling(case: Case, plan: ScalingPlan, work: Path, timeout_s: float) -> list
 SCALING_TOOLS = {
     "float pass": ("float_pass", {}),
     "qconvert": ("qconvert_calibrate", {}),
+    "qconvert quantize stage": ("qconvert_quantize_stage", {}),
     **{
         f"qconvert {method}": ("qconvert_method", {"method": method})
         for method in ("minmax", "percentile", "entropy", "mse")

@@ -186,6 +186,44 @@ def qconvert_calibrate(*, model: str, data: str, output: str) -> dict:
     }
 
 
+def qconvert_quantize_stage(*, model: str, data: str, output: str) -> dict:
+    """The calibration stage of `qconvert quantize --data`, as quantize runs it.
+
+    The model is loaded first (quantize has it before the stage), then the stage alone is
+    timed: the clone quantize hands over, preparation, the session and the runs, with
+    `--workers auto`. The peak is that of this process: what quantize holds up to the end
+    of its calibration.
+    """
+    del output
+    from qconvert import model as model_io
+    from qconvert.calibration import CollectSettings
+    from qconvert.calibration.parallel import DataSpec
+    from qconvert.dataset import DirectorySource, input_specs
+    from qconvert.pipelines.calibrate import collect_calibration
+    from qconvert.progress import SILENT
+
+    float_model = model_io.load_model(model)
+    specs = input_specs(float_model)
+    source = DirectorySource(data, specs)
+    spec = DataSpec(folder=data, specs=specs)
+    result = _timed(
+        lambda: collect_calibration(
+            model,
+            float_model.clone(),
+            source,
+            CollectSettings(),
+            SILENT,
+            data=spec,
+            workers=None,
+        )
+    )
+    return {
+        **result,
+        "note": "quantize --data: its calibrate stage, workers auto",
+        "stage_seconds": result["seconds"],
+    }
+
+
 def qconvert_method(*, model: str, data: str, output: str, method: str) -> dict:
     """`qconvert quantize --data DIR --method METHOD`, timed at what the method costs.
 

@@ -24,6 +24,11 @@ CNNS = (
 # methods add < 20% on top of minmax"); minmax calibrates without histograms.
 METHOD_TOOLS = ("qconvert minmax", "qconvert percentile", "qconvert entropy", "qconvert mse")
 ONE_MB = 1 << 20
+# Issue 18: `qconvert calibrate`, and the calibration stage of `quantize --data`.
+CALIBRATION_TOOLS = ("qconvert", "qconvert quantize stage")
+CALIBRATION_TIME = 1.5  # x one float pass's wall time over the same samples
+CALIBRATION_MEMORY = 2.0  # x one float pass's peak RSS
+FLAT = 0.10  # "flat from 64 to 1,024 samples": the peak grows less than this
 
 
 def _verdict(ok: bool | None) -> str:
@@ -116,6 +121,8 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
     if not any(r["tool"] in METHOD_TOOLS for r in scaling):
         add("4", "histogram methods add < 20% on top of minmax", "not run", None)
+
+    _calibration_footprint(results, add)
 
     # issue 5: sizes
     for scheme, bound in (("int8", 0.27), ("16x8", 0.27), ("fp16", 0.51)):
@@ -350,6 +357,68 @@ def _peer_fidelity(results: dict) -> dict[str, dict[str, tuple[float, float]]]:
 
 def _fid(value: tuple[float, float]) -> str:
     return f"{100 * value[0]:.1f}% / {value[1]:.1f} dB"
+
+
+def _calibration_footprint(results: dict, add) -> None:
+    """Issue 18: calibration against one float pass over the same samples, per model."""
+    scaling = results.get("scaling", [])
+    labels = {
+        "qconvert": "calibrate",
+        "qconvert quantize stage": "quantize --data calibration",
+    }
+    for model in dict.fromkeys(r["model"] for r in scaling):
+        rows = {(r["tool"], r["samples"]): r for r in scaling if r["model"] == model}
+        for tool in CALIBRATION_TOOLS:
+            ours = {n: r for (t, n), r in rows.items() if t == tool}
+            if not ours:
+                continue
+            pairs = {
+                n: (r, rows.get(("float pass", n)))
+                for n, r in sorted(ours.items())
+                if r.get("ok") and (rows.get(("float pass", n)) or {}).get("ok")
+            }
+            label = labels[tool]
+            if len(pairs) < len(ours):
+                failed = [n for n in sorted(ours) if n not in pairs]
+                add(
+                    "18",
+                    f"{label} in a float pass's footprint ({model})",
+                    f"did not run at {', '.join(map(str, failed))} samples",
+                    False,
+                )
+                continue
+            times = {n: r["seconds"] / f["seconds"] for n, (r, f) in pairs.items()}
+            peaks = {n: r["peak_mb"] / f["peak_mb"] for n, (r, f) in pairs.items()}
+            add(
+                "18",
+                f"{label} wall time ≤ {CALIBRATION_TIME}× one float pass ({model})",
+                ", ".join(f"{v:.2f}× at {n}" for n, v in times.items()),
+                max(times.values()) <= CALIBRATION_TIME,
+            )
+            lo, hi = min(pairs), max(pairs)
+            growth = pairs[hi][0]["peak_mb"] / pairs[lo][0]["peak_mb"] - 1
+            add(
+                "18",
+                f"{label} peak RSS ≤ {CALIBRATION_MEMORY:.0f}× one float pass's, flat "
+                f"(< {100 * FLAT:.0f}% growth) from {lo} to {hi} samples ({model})",
+                ", ".join(
+                    f"{v:.2f}× ({pairs[n][0]['peak_mb']:.0f} MB) at {n}"
+                    for n, v in peaks.items()
+                )
+                + f"; {100 * growth:+.1f}%",
+                max(peaks.values()) <= CALIBRATION_MEMORY and growth < FLAT,
+            )
+    if not any(r["tool"] in CALIBRATION_TOOLS for r in scaling):
+        add("18", "calibration in a float pass's footprint", "not run", None)
+    for row in _rows(results, "int8"):
+        ours = (row.get("ours_step") or {}).get("peak_mb")
+        theirs = (row.get("theirs_step") or {}).get("peak_mb")
+        add(
+            "18",
+            f"quantize --data peak RSS ≤ quantize_static's ({row['model']})",
+            f"{ours:.0f} MB vs {theirs:.0f} MB" if ours and theirs else "",
+            ours <= theirs if ours and theirs else None,
+        )
 
 
 def _ratio(value) -> str:

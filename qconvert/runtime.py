@@ -34,6 +34,7 @@ def make_session(
     optimized_path: Path | None = None,
     external_folder: Path | None = None,
     config: Mapping[str, str] | None = None,
+    priority_order: bool = False,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
@@ -43,7 +44,9 @@ def make_session(
     onnxruntime's own error log, for callers that handle every failure. `optimized_path`
     receives the graph as onnxruntime optimized it. `external_folder`: the folder the
     external data of a model given as bytes is read from. `config` holds session config
-    entries (`SessionOptions.add_session_config_entry`).
+    entries (`SessionOptions.add_session_config_entry`). `priority_order` runs the nodes
+    in onnxruntime's priority-based order, which keeps the graph's own order where it can:
+    the calibration graph relies on it to reduce each tensor while it is fresh.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
@@ -58,6 +61,8 @@ def make_session(
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(external_folder)
         )
+    if priority_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = [provider]

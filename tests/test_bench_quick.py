@@ -49,6 +49,7 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
     tools = {(r["tool"], r["samples"]) for r in results["scaling"] if r["ok"]}
     assert {("qconvert", 32), ("ort MinMax", 32), ("float pass", 32)} <= tools
     assert {("qconvert minmax", 32), ("qconvert percentile", 32)} <= tools
+    assert {("qconvert quantize stage", 8), ("qconvert quantize stage", 32)} <= tools
 
     # Issue 10's section: the four configurations ran, and workers changed no statistic.
     section = results["parallel"]
@@ -56,7 +57,7 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
         "1 worker, 1 thread",
         "2 workers, 1 thread each",
         "1 process, 2 onnxruntime threads",
-        "1 process, folding on a second thread",
+        "1 process, 2 runs at once",
         "default (--workers auto)",
     }
     assert all(run["seconds"] > 0 for run in section["runs"])
@@ -96,6 +97,62 @@ def test_histogram_method_target_compares_each_method_with_minmax():
     targets = evaluate_targets({"rows": [], "scaling": scaling})
     (target,) = [t for t in targets if "on top of minmax" in t["target"]]
     assert target["verdict"] == "met"
+
+
+def test_calibration_footprint_targets_read_each_tool_against_the_float_pass():
+    from bench.targets import evaluate_targets
+
+    X = "\u00d7"  # the multiplication sign the targets table writes
+
+    def row(tool, samples, seconds, peak_mb):
+        return {
+            "model": "m",
+            "samples": samples,
+            "tool": tool,
+            "ok": True,
+            "seconds": seconds,
+            "peak_mb": peak_mb,
+        }
+
+    scaling = [
+        row("float pass", 64, 1.0, 100.0),
+        row("qconvert", 64, 1.4, 150.0),
+        row("qconvert quantize stage", 64, 1.6, 150.0),
+        row("float pass", 1024, 10.0, 100.0),
+        row("qconvert", 1024, 12.0, 160.0),  # +6.7% from 64: flat
+        row("qconvert quantize stage", 1024, 14.0, 210.0),  # 2.1x, and +40%
+    ]
+    rows = [
+        {
+            "scheme": "int8",
+            "model": "m",
+            "group": "synthetic",
+            "float_weight_bytes": 0,
+            "ours_step": {"peak_mb": 300.0},
+            "theirs_step": {"peak_mb": 400.0},
+        },
+    ]
+    found = {
+        t["target"]: t
+        for t in evaluate_targets({"rows": rows, "scaling": scaling})
+        if t["issue"] == "18"
+    }
+    assert found[f"calibrate wall time ≤ 1.5{X} one float pass (m)"]["measured"] == (
+        f"1.40{X} at 64, 1.20{X} at 1024"
+    )
+    assert found[f"calibrate wall time ≤ 1.5{X} one float pass (m)"]["verdict"] == "met"
+    memory = (
+        f"peak RSS ≤ 2{X} one float pass's, flat (< 10% growth) from 64 to 1024 samples (m)"
+    )
+    assert found[f"calibrate {memory}"]["verdict"] == "met"
+    assert found[f"calibrate {memory}"]["measured"] == (
+        f"1.50{X} (150 MB) at 64, 1.60{X} (160 MB) at 1024; +6.7%"
+    )
+    stage = "quantize --data calibration"
+    assert found[f"{stage} wall time ≤ 1.5{X} one float pass (m)"]["verdict"] == "NOT met"
+    assert found[f"{stage} {memory}"]["verdict"] == "NOT met"
+    peer = found["quantize --data peak RSS ≤ quantize_static's (m)"]
+    assert (peer["measured"], peer["verdict"]) == ("300 MB vs 400 MB", "met")
 
 
 def test_safetensors_reader_and_wordpiece(tmp_path):

@@ -1,4 +1,4 @@
-"""The collector's fast path (io binding into chunk slots) against a direct computation."""
+"""The collector (reductions inside the calibration graph) against a direct computation."""
 
 from __future__ import annotations
 
@@ -15,22 +15,22 @@ from qconvert.runtime import make_session
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "chunk_bytes"),
-    [(1, 1 << 20), (1, 20_000), (4, 1 << 20), (3, 20_000)],
-    ids=["one-chunk", "many-chunks", "batched", "batched-uneven"],
+    ("batch_size", "fold_runs"),
+    [(1, 64), (1, 3), (4, 64), (3, 2)],
+    ids=["one-fold", "many-folds", "batched", "batched-uneven"],
 )
-def test_statistics_equal_a_direct_computation(tmp_path, batch_size, chunk_bytes):
+def test_statistics_equal_a_direct_computation(tmp_path, batch_size, fold_runs):
     proto = testing.conv_bn_relu()
     model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
     names = tensors_to_calibrate(model)
     samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(10)]
     settings = CollectSettings(
-        batch_size=batch_size, histogram_values=10**9, chunk_bytes=chunk_bytes
+        batch_size=batch_size, histogram_values=10**9, fold_runs=fold_runs
     )
     observed = collect_statistics(model, samples, names, settings=settings)
 
-    # Optimized with every tensor exposed and one thread, as the collector runs it: same
-    # kernels, so the same numbers.
+    # Optimized with every tensor read by a node other than its own readers, and one
+    # thread, as the collector runs it: same kernels, so the same numbers.
     session = make_session(_expose(model, names), threads=1)
     expected = {name: TensorObserver() for name in names}
     for sample in samples:
@@ -96,8 +96,9 @@ def test_outputs_whose_shape_depends_on_the_data(tmp_path):
     assert observed["r"].count == 36
 
 
-def test_nan_found_while_folding_a_chunk_names_the_tensor(tmp_path):
-    # Statistics are folded in on a background thread; its error must reach the caller.
+def test_nan_found_in_a_run_names_the_tensor(tmp_path):
+    # onnxruntime's ReduceMin/ReduceMax skip a NaN that is not first: the sum tells, and
+    # the raw run of that batch names the tensor.
     text = """
         <ir_version: 8, opset_import: ["" : 17]>
         roots (float[1,64] x) => (float[1,64] y) {
@@ -119,7 +120,7 @@ def test_nan_found_while_folding_a_chunk_names_the_tensor(tmp_path):
         for i in range(40)
     ]
     samples[25].feeds["x"][0, 3] = -1.0  # sqrt(-1): NaN, several chunks into the data
-    settings = CollectSettings(chunk_bytes=2048)  # 512 bytes a run: 4 runs a chunk
+    settings = CollectSettings(fold_runs=4, concurrent_runs=2)
     with pytest.raises(CalibrationDataError, match="Tensor 'root' took NaN values"):
         collect_statistics(model, samples, ["x", "root"], settings=settings)
     # Without the bad sample, the same settings give the one-chunk statistics.
@@ -149,20 +150,19 @@ def test_one_tensor_a_pass_gives_the_statistics_of_one_pass(tmp_path):
         np.testing.assert_array_equal(a.bins, b.bins)
 
 
-def test_folding_in_line_gives_the_statistics_of_folding_on_a_second_thread(tmp_path):
-    # Workers of a split fold in line (one busy thread each); the order of the chunks, and
-    # so every statistic, is the same as with the background thread. Small chunks make
-    # several folds.
+def test_concurrent_runs_give_the_statistics_of_one_run_at_a_time(tmp_path):
+    # `--workers auto` runs a batch per core at once on the one session; each run is the
+    # run it would be alone, and the observers merge exactly. Small folds make several.
     proto = testing.conv_bn_relu()
     model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
     names = tensors_to_calibrate(model)
     samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(12)]
     settings = {
-        background: CollectSettings(chunk_bytes=4096, fold_in_background=background)
-        for background in (True, False)
+        runs: CollectSettings(fold_runs=2, concurrent_runs=runs, batch_size=2)
+        for runs in (1, 3)
     }
-    threaded = collect_statistics(model, samples, names, settings=settings[True])
-    in_line = collect_statistics(model, samples, names, settings=settings[False])
+    threaded = collect_statistics(model, samples, names, settings=settings[3])
+    in_line = collect_statistics(model, samples, names, settings=settings[1])
     for name in names:
         a, b = threaded[name], in_line[name]
         assert (a.min, a.max, a.count, a.exponent) == (b.min, b.max, b.count, b.exponent)
@@ -179,3 +179,95 @@ def test_the_session_exposes_exactly_the_calibrated_tensors(tmp_path):
     outputs = [output.name for output in session.get_outputs()]
     originals = [value.name for value in model.graph.outputs]
     assert set(outputs) == set(originals) | set(exposed)
+
+
+def _prepared(proto, tmp_path):
+    return prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
+
+
+def test_the_calibration_graph_reduces_each_tensor_right_after_its_producer(tmp_path):
+    # Reductions next to their tensor let onnxruntime free each activation once its
+    # readers are done; only small outputs leave a run.
+    import onnx
+    import onnx_ir as ir
+
+    from qconvert.calibration import reducing
+    from qconvert.calibration.collect import _dtypes
+
+    model = _prepared(testing.conv_bn_relu(), tmp_path)
+    names = tensors_to_calibrate(model)
+    graph = reducing.reducing_graph(
+        ir.serde.serialize_model(model), names, _dtypes(model), histogram=True
+    )
+    proto = onnx.load_from_string(graph.data)
+    order = [node.output[0] for node in proto.graph.node]
+    for reduction in graph.reductions:
+        producer = next(
+            (i for i, node in enumerate(proto.graph.node) if reduction.tensor in node.output),
+            -1,  # a graph input
+        )
+        assert order[producer + 1] == reduction.min, reduction.tensor
+    originals = [value.name for value in model.graph.outputs]
+    outputs = [output.name for output in proto.graph.output]
+    assert outputs[: len(originals)] == originals
+    assert not set(outputs) & set(names) - set(originals)  # no activation leaves a run
+    assert len(graph.checks) == len(originals)
+    assert [i.name for i in proto.graph.input][-1] == graph.steps
+
+
+def test_infinite_values_count_as_no_range(tmp_path):
+    # Log(0) = -inf: the min shows it, the batch runs again raw, and the statistics are
+    # those of the finite values, as the observers define them.
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        logs (float[1,16] x) => (float[1,16] y) {
+            r = Relu (x)
+            l = Log (r)
+            y = Mul (l, x)
+        }
+    """
+    import onnx
+
+    model = _prepared(onnx.parser.parse_model(text), tmp_path)
+    rng = np.random.default_rng(1)
+    samples = [
+        Sample(f"s{i}", {"x": rng.uniform(-1.0, 2.0, (1, 16)).astype(np.float32)})
+        for i in range(8)
+    ]
+    samples[3].feeds["x"][0, :4] = 0.5  # one sample with no zero: nothing infinite there
+    observed = collect_statistics(model, samples, ["r", "l"], settings=CollectSettings())
+    with np.errstate(divide="ignore"):
+        logs = [np.log(np.maximum(s.feeds["x"], 0)).ravel() for s in samples]
+    finite = np.concatenate([v[np.isfinite(v)] for v in logs])
+    expected = TensorObserver()
+    expected.update(finite)
+    assert observed["l"].count == finite.size
+    assert (observed["l"].min, observed["l"].max) == (expected.min, expected.max)
+    assert observed["r"].count == 8 * 16
+
+
+def test_models_below_opset_10_are_calibrated_raw(tmp_path):
+    # Slice takes its step as an input from opset 10 on: older models expose the tensors.
+    text = """
+        <ir_version: 4, opset_import: ["" : 9]>
+        old (float[1,8] x) => (float[1,8] y) {
+            r = Relu (x)
+            y = Sigmoid (r)
+        }
+    """
+    import onnx
+
+    model = _prepared(onnx.parser.parse_model(text), tmp_path)
+    rng = np.random.default_rng(2)
+    samples = [
+        Sample(f"s{i}", {"x": rng.standard_normal((1, 8)).astype(np.float32)})
+        for i in range(5)
+    ]
+    from qconvert.calibration.collect import _Runner
+
+    assert _Runner(model, ("r",), CollectSettings()).session is None
+    observed = collect_statistics(model, samples, ["x", "r"])
+    relu = np.concatenate([np.maximum(s.feeds["x"], 0).ravel() for s in samples])
+    assert observed["r"].count == relu.size
+    assert observed["r"].max == float(relu.max())
+    assert observed["x"].min == float(min(s.feeds["x"].min() for s in samples))

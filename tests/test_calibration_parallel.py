@@ -356,41 +356,22 @@ def _many_samples(tmp_path, model, count):
     )
 
 
-def test_auto_workers_stay_alone_when_the_work_is_short(tmp_path, tiny_cnn, monkeypatch):
-    def no_spawn(self, count):
-        assert count < 1, "a short calibration started a process"
-
-    monkeypatch.setattr(parallel, "auto_workers", lambda: 4)
-    monkeypatch.setattr(parallel._LocalRun, "_spawn", no_spawn)
-    alone = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=None)
-    assert [record.worker for record in alone.split.shards] == ["this process"]
-    assert "auto" in alone.split.backend
-    single = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=1)
-    assert alone.to_json() == single.to_json()
-
-
-def test_auto_workers_spawn_once_the_work_proves_long_and_write_the_same_file(
+def test_auto_workers_run_batches_side_by_side_in_this_process(
     tmp_path, tiny_cnn, monkeypatch
 ):
-    data = _many_samples(tmp_path, testing.conv_bn_relu(), 200)
-    monkeypatch.setattr(parallel, "auto_workers", lambda: 2)
-    monkeypatch.setattr(parallel, "SPAWN_AFTER_SECONDS", 0.0)  # any work is long
-    spread = qconvert.calibrate(tiny_cnn, data, workers=None, tensors_per_pass=3)
-    assert len(spread.split.shards) == 2  # this process and the one it spawned
-    assert "spawned, once the work proved long" in spread.split.backend
-    # Every chunk of every pass ran once, in one process or the other.
-    assert sum(record.chunks for record in spread.split.shards) == 32 * spread.split.passes
+    # One session, a batch per core at once: no process to spawn, whose interpreter,
+    # model and session would each cost a float pass's memory again.
+    def no_spawn(self, count):
+        raise AssertionError("--workers auto started a process")
+
+    data = _many_samples(tmp_path, testing.conv_bn_relu(), 40)
+    monkeypatch.setattr(parallel, "auto_workers", lambda: 3)
+    monkeypatch.setattr(parallel._LocalRun, "_spawn", no_spawn)
+    alone = qconvert.calibrate(tiny_cnn, data, workers=None, tensors_per_pass=3)
+    assert [record.worker for record in alone.split.shards] == ["this process"]
+    assert alone.split.backend == "this process (--workers auto: 3 batches at once)"
     single = qconvert.calibrate(tiny_cnn, data, workers=1, tensors_per_pass=3)
-    assert spread.to_json() == single.to_json()
-
-
-def test_auto_workers_spawn_no_more_than_the_free_memory_holds(monkeypatch):
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for available, expected in ((None, 3), (10 * peak, 3), (2 * peak, 1), (peak // 2, 0)):
-        monkeypatch.setattr(parallel, "_available_memory", lambda a=available: a)
-        assert parallel.affordable_workers(3) == expected
+    assert alone.to_json() == single.to_json()
 
 
 def test_workers_take_a_count_or_auto(run_cli, tmp_path, tiny_cnn):
@@ -413,22 +394,6 @@ def test_workers_take_a_count_or_auto(run_cli, tmp_path, tiny_cnn):
     assert result.code == 2 and "neither a number nor 'auto'" in result.err
 
 
-def test_auto_workers_go_on_alone_where_processes_cannot_start(
-    tmp_path, tiny_cnn, monkeypatch, caplog
-):
-    def no_semaphores():
-        raise OSError("[Errno 38] Function not implemented")
-
-    monkeypatch.setattr(parallel, "auto_workers", lambda: 2)
-    monkeypatch.setattr(parallel, "SPAWN_AFTER_SECONDS", 0.0)
-    monkeypatch.setattr(parallel, "_start_quiet_resource_tracker", no_semaphores)
-    alone = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=None)
-    assert "Could not start calibration workers" in caplog.text
-    assert [record.worker for record in alone.split.shards] == ["this process"]
-    single = qconvert.calibrate(tiny_cnn, tmp_path / "calib", workers=1)
-    assert alone.to_json() == single.to_json()
-
-
 def test_quantize_calibrates_over_workers_into_the_same_model(run_cli, tmp_path, tiny_cnn):
     data = tmp_path / "calib"
     models = {}
@@ -440,25 +405,3 @@ def test_quantize_calibrates_over_workers_into_the_same_model(run_cli, tmp_path,
     assert models["2"] == models["1"] == models["auto"]
     result = run_cli("quantize", tiny_cnn, "--data", data, "--workers", "0")
     assert result.code == 2 and "0 is not at least 1" in result.err
-
-
-def test_quantize_with_auto_workers_spawns_once_calibration_proves_long(
-    tmp_path, tiny_cnn, monkeypatch
-):
-    data = _many_samples(tmp_path, testing.conv_bn_relu(), 200)
-    monkeypatch.setattr(parallel, "auto_workers", lambda: 2)
-    monkeypatch.setattr(parallel, "SPAWN_AFTER_SECONDS", 0.0)  # any work is long
-    spawned = []
-    spawn = parallel._LocalRun._spawn
-
-    def counted(self, count):
-        spawned.append(count)
-        return spawn(self, count)
-
-    monkeypatch.setattr(parallel._LocalRun, "_spawn", counted)
-    spread = tmp_path / "spread.onnx"
-    qconvert.quantize(tiny_cnn, spread, data=data, workers=None)
-    assert spawned == [1]
-    single = tmp_path / "single.onnx"
-    qconvert.quantize(tiny_cnn, single, data=data, workers=1)
-    assert spread.read_bytes() == single.read_bytes()

@@ -124,7 +124,25 @@ class TensorObserver:
             low, high = float(values.min()), float(values.max())
         self._extend(min(self.min, low), max(self.max, high))
         self.count += int(values.size)
-        sample = values if histogram_values is None else histogram_values
+        self._histogram(values if histogram_values is None else histogram_values)
+
+    def update_reduced(
+        self, low: float, high: float, count: int, histogram_values: np.ndarray
+    ) -> None:
+        """Folds in a batch already reduced: its finite min, max and value count.
+
+        The same as `update` on the values themselves, for a caller that computed the
+        reductions elsewhere (inside the model, `calibration.reducing`) and kept only the
+        subset of values the histogram takes.
+        """
+        if count == 0:
+            return
+        self._extend(min(self.min, low), max(self.max, high))
+        self.count += count
+        self._histogram(histogram_values.astype(np.float32, copy=False))
+
+    def _histogram(self, sample: np.ndarray) -> None:
+        """Adds `sample` (float32, within [min, max]) to the histogram."""
         if sample.size == 0:
             return
         scaled = np.multiply(

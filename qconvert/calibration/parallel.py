@@ -16,12 +16,14 @@ samples, so the calibration file is byte-identical:
   exposed, `collect`) and runs on the same number of intra-op threads
   (`CollectSettings.threads`, one by default): onnxruntime's fusions and MLAS's thread
   partitioning can change a tensor's last bits, so neither may differ between a worker
-  and the single process. Cores are used by workers, not threads: with N workers on C
-  cores, use N = C.
+  and the single process. Cores are used by workers (or concurrent runs), not intra-op
+  threads: with N workers on C cores, use N = C.
 
-`--workers auto` (`workers=None`, the default) is `run_local` started lazily: this process
-calibrates alone and spawns one worker per further core only once its first chunks say
-the rest would take `SPAWN_AFTER_SECONDS` or more.
+`--workers auto` (`workers=None`, the default) spawns no process: this process runs one
+batch per core at once on its one session (`CollectSettings.concurrent_runs`), each run
+single-threaded as in a worker, so the statistics are again those of one pass. A process
+per core would cost an interpreter, a model and a session each: on the bench's 224
+MobileNetV2 two processes peaked at 763 MB where a float pass takes 169 MB.
 
 Local workers (`run_local`) share the samples dynamically: the data is cut into chunks of
 a few batches (at least 16 chunks per worker, at most 32 batches a chunk); worker k starts
@@ -80,13 +82,8 @@ last chunk stays bounded (about a second on a ResNet-18 at 224x224)."""
 
 _REPORT_SECONDS = 0.1  # workers report progress at most this often
 
-SPAWN_AFTER_SECONDS = 3.0
-"""`--workers auto` starts more processes only when this process alone would need at least
-this long for the rest: a spawned worker takes a second or two to import onnxruntime and
-build its session before it takes a chunk."""
-
 MAX_AUTO_WORKERS = 8
-"""The most processes `--workers auto` uses: each holds its own session of the model."""
+"""The most batches `--workers auto` runs at once: each holds a run's activations."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,13 +288,10 @@ class _Chunks:
         taken,
         stuck: Callable[[], None] = lambda: None,
         *,
-        preassigned: bool = True,
         claimed=None,
-        after_chunk: Callable[[], None] = lambda: None,
     ) -> None:
         self.source, self.chunks, self.worker = source, chunks, worker
-        self.taken, self.stuck = taken, stuck
-        self.preassigned, self.claimed, self.after_chunk = preassigned, claimed, after_chunk
+        self.taken, self.stuck, self.claimed = taken, stuck, claimed
         self.passes = 0
         self.samples = 0
         self.count = 0
@@ -305,13 +299,12 @@ class _Chunks:
     def __iter__(self) -> Iterator[Sample]:
         pass_ = self.passes
         self.passes += 1
-        index = self.worker if self.preassigned else self._take(pass_)
+        index = self.worker
         while index < len(self.chunks):
             chunk = self.chunks[index]
             self.count += 1
             self.samples += chunk.stop - chunk.start
             yield from self.source.part(chunk.start, chunk.stop)
-            self.after_chunk()
             index = self._take(pass_)
 
     def _take(self, pass_: int) -> int:
@@ -361,28 +354,20 @@ def run_local(
     data: DataSpec,
     workers: int,
     advance: Callable[[], None],
-    *,
-    lazy: bool = False,
 ) -> tuple[dict[str, TensorObserver], tuple[WorkerRecord, ...], int]:
     """Runs `workers` local workers, this process being the first.
 
     Returns the merged statistics, what each worker did, and the number of chunks.
 
-    With `lazy`, this process starts alone and spawns the others only once the chunks it
-    has timed say that the rest of the work would take at least `SPAWN_AFTER_SECONDS`
-    (`--workers auto`): a short calibration starts no process at all. Lazily spawned
-    workers have no chunk of their own; one that is up only after every chunk is taken is
-    stopped, not waited for.
-
     Raises:
         CalibrationWorkerError: a worker died (killed, out of memory, crashed).
         QconvertError: a worker met bad data; its own error, naming the sample.
     """
-    return _LocalRun(model, source, tensors, settings, data, workers, advance, lazy).run()
+    return _LocalRun(model, source, tensors, settings, data, workers, advance).run()
 
 
 class _LocalCounter:
-    """The per-pass chunk counter while this process is alone: nobody to share it with."""
+    """The per-pass chunk counter when there is nobody to share it with."""
 
     def __init__(self, values: Sequence[int]) -> None:
         self.values = list(values)
@@ -410,37 +395,26 @@ class _LocalRun:
         data: DataSpec,
         workers: int,
         advance: Callable[[], None],
-        lazy: bool,
     ) -> None:
         self.model, self.source, self.tensors = model, source, tensors
-        self.settings, self.data, self.advance, self.lazy = settings, data, advance, lazy
+        self.settings, self.data, self.advance = settings, data, advance
         self.start = time.perf_counter()
         self.chunks = chunk(len(source), workers, batch_size=settings.batch_size)
         self.workers = min(workers, len(self.chunks))
         self.passes = pass_count(len(tensors), settings)
-        # Per pass, the next chunk to take: each eager worker starts with its own chunk,
-        # a lazy one takes from the counter like everybody else.
-        self.taken = _LocalCounter([1 if lazy else self.workers] * self.passes)
-        self.claimed = None  # chunks each spawned worker has taken, once there are some
+        # Per pass, the next chunk to take: each worker starts with its own chunk.
+        self.taken = _LocalCounter([self.workers] * self.passes)
+        self.claimed = None  # chunks each spawned worker has taken
         self.processes: dict[int, object] = {}
         self.results: dict[int, tuple[dict[str, TensorObserver], WorkerRecord]] = {}
         self.shown: dict[int, int] = {}
         self.last_poll = time.monotonic()
         self.mine: _Chunks | None = None
-        self.first_chunk_done: tuple[float, int] | None = None  # (when, chunks by then)
 
     def run(self) -> tuple[dict[str, TensorObserver], tuple[WorkerRecord, ...], int]:
         try:
-            if not self.lazy:
-                self._spawn(self.workers - 1)
-            self.mine = _Chunks(
-                self.source,
-                self.chunks,
-                0,
-                self.taken,
-                self._check_alive,
-                after_chunk=self._after_chunk,
-            )
+            self._spawn(self.workers - 1)
+            self.mine = _Chunks(self.source, self.chunks, 0, self.taken, self._check_alive)
             observers = collect_statistics(
                 self.model,
                 self.mine,
@@ -458,29 +432,14 @@ class _LocalRun:
                     seconds=time.perf_counter() - self.start,
                 ),
             )
-            # Every chunk is taken now: a lazy worker that took none never will.
-            waited = {
-                index for index in self.processes if not self.lazy or self.claimed[index] > 0
-            }
-            while not waited <= self.results.keys():
+            while not self.processes.keys() <= self.results.keys():
                 self._receive(_REPORT_SECONDS)
         finally:
             self._stop()
         ordered = [self.results[index] for index in sorted(self.results)]
         merged = merge_shards([observers for observers, _ in ordered], self.tensors)
-        records = [record for _, record in ordered]
-        records += [
-            WorkerRecord(
-                index=index,
-                worker=f"local process {process.pid}, up after the last chunk was taken",
-                samples=0,
-                chunks=0,
-                seconds=0.0,
-            )
-            for index, process in self.processes.items()
-            if index not in self.results
-        ]
-        return merged, tuple(records), len(self.chunks)
+        records = tuple(record for _, record in ordered)
+        return merged, records, len(self.chunks)
 
     def _spawn(self, count: int) -> None:
         """Starts `count` workers; from now on the chunk counter is shared with them."""
@@ -505,7 +464,6 @@ class _LocalRun:
                     index,
                     shared,
                     self.claimed,
-                    not self.lazy,
                     self.messages,
                 ),
                 name=f"qconvert calibration worker {index + 1}",
@@ -516,46 +474,11 @@ class _LocalRun:
             process.start()
         # Serialized while the others start; they fold statistics in line (one busy
         # thread each), whatever this process does.
-        in_line = dataclasses.replace(self.settings, fold_in_background=False)
+        in_line = dataclasses.replace(self.settings, concurrent_runs=1)
         work = Work.of(self.model, self.tensors, in_line)
         for _ in self.processes:
             self.inbox.put(work)
         self.taken = shared
-        if self.mine is not None:
-            self.mine.taken = shared  # between two chunks: this process takes no other
-
-    def _after_chunk(self) -> None:
-        if not self.lazy or self.processes or self.workers < 2:
-            return
-        # Chunks are timed from the end of the first: before it come the session's
-        # set-up and onnxruntime's first run, which no later chunk pays again.
-        now = time.perf_counter()
-        if self.first_chunk_done is None:
-            self.first_chunk_done = (now, self.mine.count)
-            return
-        since, count = self.first_chunk_done
-        left = sum(max(0, len(self.chunks) - self.taken[p]) for p in range(self.passes))
-        per_chunk = (now - since) / (self.mine.count - count)
-        if per_chunk * left >= SPAWN_AFTER_SECONDS:
-            try:
-                self._spawn(affordable_workers(self.workers - 1))
-            except OSError as exc:  # no semaphores or processes here: the default must run
-                self._give_up_spawning(exc)
-
-    def _give_up_spawning(self, error: OSError) -> None:
-        """Stops what `_spawn` started before it failed; this process goes on alone.
-
-        The failure comes before the workers get their work, so none has taken a chunk,
-        and this process still counts chunks on its own counter.
-        """
-        for process in self.processes.values():
-            if process.is_alive():
-                process.terminate()
-                process.join()
-        self.processes.clear()
-        _log.warning(
-            "Could not start calibration workers (%s); calibrating in this process.", error
-        )
 
     def _on_sample(self) -> None:
         self.advance()
@@ -609,41 +532,13 @@ def auto_workers() -> int:
     return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
-def affordable_workers(wanted: int) -> int:
-    """How many of `wanted` more processes the free memory holds, each as big as this one.
-
-    This process's peak so far (its session, a chunk of tensors) is what each worker will
-    need. Where the free memory cannot be read, all of them.
-    """
-    available = _available_memory()
-    if available is None:
-        return wanted
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return max(0, min(wanted, int(available * 0.8) // max(peak, 1)))
-
-
-def _available_memory() -> int | None:
-    """Bytes the kernel says new processes can use, from /proc/meminfo; None elsewhere."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _check_alive(processes: Mapping[int, object], results: Mapping[int, object]) -> None:
     for index, process in processes.items():
         if index not in results and process.exitcode not in (None, 0):
             raise CalibrationWorkerError(
                 f"Calibration worker {index + 1} (local process {process.pid}) died "
                 f"(exit code {process.exitcode}); nothing was written.",
-                hint="it may have run out of memory: try fewer --workers or "
-                "--tensors-per-pass K.",
+                hint="it may have run out of memory: try fewer --workers.",
             )
 
 
@@ -654,16 +549,13 @@ def _local_worker(
     index: int,
     taken,
     claimed,
-    preassigned: bool,
     messages,
 ) -> None:
     """A spawned worker's body: everything it has to say goes through `messages`."""
     start = time.perf_counter()
     try:
         work: Work = inbox.get()
-        mine = _Chunks(
-            data.open(), chunks, index, taken, preassigned=preassigned, claimed=claimed
-        )
+        mine = _Chunks(data.open(), chunks, index, taken, claimed=claimed)
         observers = work.run(mine, lambda done: messages.put(("progress", index, done)))
         record = WorkerRecord(
             index=index,
@@ -701,27 +593,35 @@ def collect_split(
     work turns out long enough (`run_local`).
     """
     passes = pass_count(len(tensors), settings)
-    lazy = workers is None and ray is None
-    if lazy:
-        workers = auto_workers()
-    if ray is None and workers == 1:
+    auto = workers is None and ray is None
+    if ray is None and (auto or workers == 1):
+        # `auto`: the cores run batches side by side on this process's one session, which
+        # costs one set of weights and a run's activations per core, where a process per
+        # core would cost an interpreter, a model and a session each.
+        runs = auto_workers() if auto else 1
         start = time.perf_counter()
         observers = collect_statistics(
-            model, source, tensors, settings=settings, on_sample=advance
+            model,
+            source,
+            tensors,
+            settings=dataclasses.replace(settings, concurrent_runs=runs),
+            on_sample=advance,
         )
         record = ShardRecord(
             shard=Shard(index=0, start=0, stop=len(source)),
             worker="this process",
             seconds=time.perf_counter() - start,
         )
+        backend = "this process"
+        if auto:
+            backend += f" (--workers auto: {runs} batch{'es' if runs > 1 else ''} at once)"
         split_ = Split(
-            backend="this process", threads=settings.threads, passes=passes, shards=(record,)
+            backend=backend, threads=settings.threads, passes=passes, shards=(record,)
         )
         return observers, split_
-    # One busy thread a worker: a second one folding statistics would only take turns
-    # with the other workers' runs for the same cores. (Under `auto`, this process keeps
-    # folding on its second thread while it is alone, which is most of a short run.)
-    in_line = dataclasses.replace(settings, fold_in_background=False)
+    # One busy thread a worker: more runs at once would only take turns with the other
+    # workers' runs for the same cores.
+    in_line = dataclasses.replace(settings, concurrent_runs=1)
     if ray is not None:
         from qconvert.calibration.ray_backend import run_on_ray
 
@@ -736,23 +636,11 @@ def collect_split(
         merged = merge_shards(results, tensors)
     else:
         merged, records, chunks = run_local(
-            model,
-            source,
-            tensors,
-            settings if lazy else in_line,
-            data,
-            workers,
-            advance,
-            lazy=lazy,
+            model, source, tensors, in_line, data, workers, advance
         )
-        if lazy and len(records) == 1:
-            backend = "this process (--workers auto: too short to gain from more processes)"
-        else:
-            spawned = len(records) - 1
-            backend = (
-                f"{len(records)} local processes (this one and {spawned} spawned"
-                f"{', once the work proved long' if lazy else ''}), "
-                f"{chunks} chunks shared as each got free"
-            )
+        backend = (
+            f"{len(records)} local processes (this one and {len(records) - 1} spawned), "
+            f"{chunks} chunks shared as each got free"
+        )
     split_ = Split(backend=backend, threads=settings.threads, passes=passes, shards=records)
     return merged, split_

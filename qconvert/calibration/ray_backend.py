@@ -195,7 +195,7 @@ def _result(ray, ref, shard: Shard, retries: int) -> tuple:
             f"{shard.describe().capitalize()} failed on the Ray cluster: its worker died "
             f"{retries + 1} times ({type(exc).__name__}); nothing was written.",
             hint="check the nodes' memory and logs (ray logs), or use more, smaller shards "
-            "(--workers N) or --tensors-per-pass K.",
+            "(--workers N).",
         ) from None
 
 

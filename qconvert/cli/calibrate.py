@@ -69,9 +69,9 @@ from qconvert.limits import LoadLimits
 )
 @workers_option(
     "Split the samples over N local processes, one onnxruntime thread each; with --ray, "
-    "over N Ray tasks. auto: start alone, and add one process per further core (at most "
-    "8) once the rest of the work would take more than a few seconds and memory allows; "
-    "with --ray, one task per CPU. The file is the same however the work is split."
+    "over N Ray tasks. auto: this process alone, running one batch per core (at most 8) "
+    "at once on its one session; with --ray, one task per CPU. The file is the same "
+    "however the work is split."
 )
 @click.option(
     "--ray",
@@ -96,8 +96,8 @@ from qconvert.limits import LoadLimits
     "--tensors-per-pass",
     type=click.IntRange(min=1),
     default=None,
-    help="Calibrate K tensors per pass over the data, to bound memory on big models. "
-    "[default: all in one pass]",
+    help="Fetch the statistics of K tensors per pass over the data (same statistics, "
+    "more passes). [default: all in one pass]",
 )
 @percentile_option
 @image_options

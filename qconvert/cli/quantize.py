@@ -234,10 +234,9 @@ SCHEME_HELP = (
     "The report's fusion audit lists every island either way.",
 )
 @workers_option(
-    "Calibrate --data over N local processes, one onnxruntime thread each. auto: start "
-    "alone, and add one process per further core (at most 8) once the rest of the "
-    "calibration would take more than a few seconds and memory allows. The model is the "
-    "same however the work is split."
+    "Calibrate --data over N local processes, one onnxruntime thread each. auto: this "
+    "process alone, running one batch per core (at most 8) at once on its one session. "
+    "The model is the same however the work is split."
 )
 @limit_options
 def quantize_command(
