@@ -45,14 +45,24 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qconvert.calibration.observers import TensorObserver
 from qconvert.compare import Comparison
 from qconvert.errors import ConfigError, OutputError
 from qconvert.gates import GateResult
 from qconvert.model import write_atomically
 from qconvert.plan import QuantPlan
+from qconvert.report_detail import (
+    ActivationRange,
+    NodeRow,
+    WeightSpread,
+    activation_ranges,
+    node_rows,
+    weight_spreads,
+)
 
 SCHEMA_VERSION = 1
 REPORT_SUFFIXES = (".json", ".md", ".html")
@@ -89,6 +99,9 @@ class Conversion:
     """Pre-quantized models: what was left as the model had it, and why."""
     refused: tuple[str, ...] = ()
     """Pre-quantized models: what could not be finished, and why."""
+    nodes: tuple[NodeRow, ...] = ()
+    activations: tuple[ActivationRange, ...] = ()
+    weights: tuple[WeightSpread, ...] = ()
 
     @property
     def range_summary(self) -> str:
@@ -110,8 +123,20 @@ class Conversion:
         sizes: tuple[int, int],
         samples: int,
         range_methods: dict[str, str] | None = None,
+        observers: Mapping[str, TensorObserver] | None = None,
+        node_schemes: Mapping[str, str] | None = None,
     ) -> Conversion:
-        """Summarizes a static quantization plan."""
+        """Summarizes a quantization plan.
+
+        Args:
+            plan: the plan the rewrite applied.
+            opsets: the ai.onnx opset before and after.
+            sizes: the float and the converted model's bytes.
+            samples: how many calibration samples the ranges came from.
+            range_methods: per activation, the method `--method auto` chose.
+            observers: the calibration statistics, for the activation range table.
+            node_schemes: per node, the scheme an override file set for it.
+        """
         quantized = Counter(node.op_type for node in plan.quantized_nodes())
         return cls(
             scheme=plan.scheme.name,
@@ -128,6 +153,9 @@ class Conversion:
             ),
             notes=plan.notes,
             range_methods=dict(range_methods or {}),
+            nodes=node_rows(plan, node_schemes),
+            activations=activation_ranges(plan, observers or {}, range_methods),
+            weights=weight_spreads(plan),
         )
 
 

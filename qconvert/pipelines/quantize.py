@@ -105,6 +105,7 @@ def quantize(
     images: ImagePreprocessing | None = None,
     config: QuantizeConfig | None = None,
     eval_data: PathLike | None = None,
+    per_layer: bool = False,
     target_sqnr: float | None = None,
     max_top1_drop: float | None = None,
     report: PathLike | None = None,
@@ -131,6 +132,8 @@ def quantize(
         config: scheme, format and controls; `QuantizeConfig()` is int8 QDQ.
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
             float and quantized models are compared on it and the result goes in the report.
+        per_layer: with `eval_data`, also compare every intermediate tensor (per-layer
+            SQNR, in graph order in the HTML report).
         target_sqnr: mixed precision: keep the fewest, most sensitive nodes float until
             the output SQNR (dB) on the evaluation samples (`eval_data`, else the first
             calibration samples) is at least this (`qconvert.sensitivity`).
@@ -171,6 +174,7 @@ def quantize(
         images=images,
         config=config if config is not None else QuantizeConfig(),
         eval_data=eval_data,
+        per_layer=per_layer,
         target_sqnr=target_sqnr,
         max_top1_drop=max_top1_drop,
         report=report,
@@ -218,6 +222,10 @@ def check_options(state: QuantizeState) -> QuantizeState:
             "--eval does not go with --no-keep-io-types: the float and converted models "
             "would need different input types.",
             hint="evaluate with --keep-io-types (the default).",
+        )
+    if request.per_layer and request.eval_data is None:
+        raise ConfigError(
+            "--per-layer compares on the evaluation samples: it needs --eval DIR."
         )
     target = Target(sqnr_db=request.target_sqnr, max_top1_drop=request.max_top1_drop)
     state = state.replace(scheme=scheme, range_method=range_method, target=target)
@@ -472,6 +480,7 @@ def evaluate(state: QuantizeState) -> QuantizeState:
             evaluation,
             advance,
             reference=state.reference,
+            per_layer=request.per_layer,
         )
     return state.replace(comparison=comparison)
 
@@ -489,6 +498,8 @@ def write_report(state: QuantizeState) -> QuantizeState:
             sizes=(model_io.file_size(request.model), model_io.file_size(state.output)),
             samples=calibration.samples if calibration is not None else 0,
             range_methods=_used_choices(state.range_choices, state.plan),
+            observers=calibration.observers if calibration is not None else None,
+            node_schemes=state.config.overrides.nodes,
         ),
         comparison=state.comparison,
         seconds=state.timings,
@@ -674,6 +685,7 @@ def _evaluate(
     advance: Callable[[], None],
     *,
     reference: bytes | str,
+    per_layer: bool = False,
 ) -> Comparison:
     """Compares the float model with the converted one just written.
 
@@ -688,7 +700,9 @@ def _evaluate(
         evaluation,
         len(evaluation),
         options=CompareOptions(
-            labels=labels, labels_path=str(labels_path) if labels_path else None
+            labels=labels,
+            labels_path=str(labels_path) if labels_path else None,
+            per_layer=per_layer,
         ),
         on_sample=advance,
     )
