@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qconvert.cli import _console, _render
 from qconvert.cli._options import (
+    given_options,
     image_options,
     image_preprocessing,
     limit_options,
     method_option,
+    mlflow_options,
     percentile_option,
     workers_option,
 )
 from qconvert.limits import LoadLimits
 from qconvert.schemes import SCHEMES
+
+if TYPE_CHECKING:
+    from qconvert.tracking import MlflowSettings
 
 SCHEME_HELP = (
     "int8: uint8 activations calibrated on --data, int8 weights, int32 bias (fastest on "
@@ -176,6 +182,12 @@ SCHEME_HELP = (
     "float and quantized models on it.",
 )
 @click.option(
+    "--per-layer",
+    is_flag=True,
+    help="With --eval: also compare every intermediate tensor; the report then shows "
+    "where the error comes from (per-layer SQNR in graph order, the worst ten named).",
+)
+@click.option(
     "--equalize",
     is_flag=True,
     help="Cross-layer equalization: even out the channel ranges of Conv -> Relu -> Conv "
@@ -232,6 +244,7 @@ SCHEME_HELP = (
     "same however the work is split."
 )
 @limit_options
+@mlflow_options
 def quantize_command(
     model: Path,
     output: Path | None,
@@ -257,6 +270,7 @@ def quantize_command(
     keep_io_types: bool,
     input_shapes: tuple[str, ...],
     eval_data: Path | None,
+    per_layer: bool,
     equalize: bool,
     bias_correction: bool,
     adaround: bool,
@@ -268,6 +282,7 @@ def quantize_command(
     force: bool,
     workers: int | None,
     limits: LoadLimits,
+    mlflow: MlflowSettings | None,
     **image: object,
 ) -> None:
     """Quantize MODEL and write the result.
@@ -283,13 +298,18 @@ def quantize_command(
 
     The input model is never modified; the output is written only after it passes the ONNX
     checker and runs in onnxruntime.
+
+    In a GitHub Actions step (GITHUB_STEP_SUMMARY set), the Markdown report is appended
+    to the job summary.
     """
     # deferred: onnxruntime is slow to import and --help is not
     import dataclasses
 
     from qconvert import api
+    from qconvert.ci import append_step_summary
     from qconvert.config import QuantizeConfig, parse_input_shape
     from qconvert.overrides import load_overrides
+    from qconvert.tracking import log_report
 
     config = QuantizeConfig(
         scheme=scheme,
@@ -327,6 +347,7 @@ def quantize_command(
         images=image_preprocessing(image),
         config=config,
         eval_data=eval_data,
+        per_layer=per_layer,
         target_sqnr=target_sqnr,
         max_top1_drop=max_top1_drop,
         report=report,
@@ -339,3 +360,12 @@ def quantize_command(
         click.echo(result.to_json(), nl=False)
     else:
         _render.report(result)
+    append_step_summary(result)
+    if mlflow is not None:
+        log_report(
+            result,
+            mlflow,
+            options=given_options(click.get_current_context()),
+            fingerprints={"model": model, "data": data, "calib": calib, "eval": eval_data},
+            model=output,
+        )
