@@ -99,6 +99,7 @@ def require_mlflow() -> None:
 def report_record(
     report: Report,
     *,
+    params: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     fingerprints: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> RunRecord:
@@ -106,14 +107,19 @@ def report_record(
 
     Args:
         report: the command's report.
+        params: further parameters, whatever their source (the range method).
         options: the options given on the command line, by name.
         fingerprints: files or folders to fingerprint, by parameter name (`model`,
             `data`, ...); None entries are left out.
     """
-    params = {"command": report.command}
+    params_given, params = params, {"command": report.command}
     conversion = report.conversion
     if conversion is not None:
         params.update(scheme=conversion.scheme, format=conversion.format)
+        recipe = getattr(conversion, "recipe", None)  # a later field, logged when present
+        if isinstance(recipe, str) and recipe:
+            params["recipe"] = recipe
+    params.update({name: str(value) for name, value in (params_given or {}).items()})
     params.update(option_params(options or {}))
     params.update(fingerprint_params(fingerprints or {}))
     metrics = report_metrics(report)
@@ -315,6 +321,7 @@ def log_report(
     report: Report,
     settings: MlflowSettings,
     *,
+    params: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     fingerprints: Mapping[str, str | os.PathLike[str] | None] | None = None,
     model: str | os.PathLike[str] | None = None,
@@ -324,6 +331,7 @@ def log_report(
     Args:
         report: the command's report.
         settings: experiment, run name, whether to log the model.
+        params: further parameters (the range method).
         options: the options given on the command line.
         fingerprints: files and folders to fingerprint, by parameter name.
         model: the model file to log with `settings.log_model`.
@@ -331,7 +339,7 @@ def log_report(
     Returns:
         The run's id, or None when the tracker could not be reached (one warning).
     """
-    record = report_record(report, options=options, fingerprints=fingerprints)
+    record = report_record(report, params=params, options=options, fingerprints=fingerprints)
     with tempfile.TemporaryDirectory(prefix="qconvert-mlflow-") as folder:
         artifacts = report_artifacts(report, Path(folder))
         if settings.log_model and model is not None:

@@ -365,6 +365,7 @@ def quantize_command(
         log_report(
             result,
             mlflow,
+            params={"method": method} if SCHEMES[scheme].needs_calibration else {},
             options=given_options(click.get_current_context()),
             fingerprints={"model": model, "data": data, "calib": calib, "eval": eval_data},
             model=output,
