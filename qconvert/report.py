@@ -5,8 +5,9 @@ formats live here and follow the report file's suffix:
 
 - `.json`: the documented schema below, for scripts (`--json` prints the same to stdout);
 - `.md`: Markdown tables, for CI job summaries and pull-request comments (`report_markdown`);
-- `.html`: one self-contained page with a per-layer SQNR chart and size/latency bars drawn
-  as inline SVG, no network assets (`report_html`).
+- `.html`: one self-contained page, no network assets, charts as inline SVG: every node,
+  per-layer SQNR in graph order, calibration ranges, weight spreads, size/latency bars
+  (`report_html`). Every figure it draws is in the JSON.
 
 JSON schema, version 1 (`schema_version`; fields are only ever added within a version):
 
@@ -18,7 +19,15 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                     converted_bytes, size_ratio, calibration_samples, quantized_ops {op: n},
                     folded_clamps [str], float_nodes [{name, op_type, reason}], notes [str],
                     range_methods {activation tensor: method chosen by --method auto},
-                    finished [str], kept [str], refused [str] (pre-quantized models)}
+                    finished [str], kept [str], refused [str] (pre-quantized models),
+                    nodes [{index, name, op_type, precision, reason}]: every node in
+                        graph order; precision int8 | int16 | fp16 | fp16-weights | float,
+                    activations [{tensor, range_min, range_max, observed_min,
+                        observed_max, clipped (0..1 | null), method}]: per quantized
+                        activation, the range its quantization represents against the
+                        calibration's extremes, and the share of calibration values outside,
+                    weights [{tensor, channels, min_range, median_range, max_range,
+                        spread}]: per weight quantized per channel, widest spread first}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
@@ -31,7 +40,9 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                         relative_error, top1_agreement, top5_overlap, values,
                         nonfinite_reference, nonfinite_candidate}]
         layers        null | [{node, op_type, tensor, candidate_tensor, local_sqnr_db, sqnr_db,
-                        cosine, max_abs_error, mean_abs_error}], worst local SQNR first
+                        cosine, max_abs_error, mean_abs_error, position}], worst local SQNR
+                        first (the HTML report names the first ten); position: the
+                        reference node's index in graph order, the x of the SQNR chart
     }
     gates           [{gate, threshold, measured, unit, passed}]
     passed          bool: every gate passed

@@ -46,7 +46,7 @@ _POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #1d2330; background: #fff;
        max-width: 1200px; }
-h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; } h3 { font-size: 14px; }
 nav a { margin-right: 12px; }
 table { border-collapse: collapse; margin: 8px 0; }
 th, td { border: 1px solid #c9d1dc; padding: 3px 8px; text-align: left; }
