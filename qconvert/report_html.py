@@ -89,13 +89,14 @@ def render_html(report: Report) -> str:
         rows = [[stage, f"{seconds:.3f}"] for stage, seconds in report.seconds.items()]
         sections.append(("time", "Time per stage", _table(["stage", "seconds"], rows)))
     title = f"qconvert {report.command}: {report.model}"
+    filter_css = _filter_css(conversion) if conversion is not None and conversion.nodes else ""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{_POLICY}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{escape(title)}</title>",
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{_STYLE}{filter_css}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         _summary(report),
         "<nav>"
@@ -164,29 +165,63 @@ def _conversion(report: Report, conversion: Conversion) -> str:
     return body
 
 
+def _filter_ids(conversion: Conversion) -> tuple[dict[str, int], dict[str, int]]:
+    """Precision and op type -> the number in their radio buttons' ids and rows' classes.
+
+    Numbers, not names: op types of custom domains may hold characters CSS would need
+    escaped.
+    """
+    precisions = sorted({row.precision for row in conversion.nodes})
+    ops = sorted({row.op_type for row in conversion.nodes})
+    return (
+        {name: index for index, name in enumerate(precisions)},
+        {name: index for index, name in enumerate(ops)},
+    )
+
+
+def _filter_css(conversion: Conversion) -> str:
+    """The node filter: a checked radio button hides the rows of other classes.
+
+    The buttons are the table's earlier siblings, so `:checked ~ table` reaches its rows;
+    they are hidden, their labels are what one clicks, the chosen label underlined.
+    """
+    precision_ids, op_ids = _filter_ids(conversion)
+    rules = [".filter > input { position: absolute; opacity: 0; }"]
+    for prefix, row_class, ids in (("np", "p", precision_ids), ("no", "o", op_ids)):
+        for number in ["all", *ids.values()]:
+            if number != "all":
+                rules.append(
+                    f"#{prefix}{number}:checked ~ table tbody tr:not(.{row_class}{number}) "
+                    "{ display: none; }"
+                )
+            rules.append(
+                f'#{prefix}{number}:checked ~ p label[for="{prefix}{number}"] '
+                "{ font-weight: bold; text-decoration: underline; }"
+            )
+    return "\n".join(rules)
+
+
 def _nodes(conversion: Conversion) -> str:
-    """The node table with a CSS-only filter: radio buttons before the table hide rows."""
+    """The node table under its filter (see `_filter_css`)."""
     rows = conversion.nodes
+    precision_ids, op_ids = _filter_ids(conversion)
     precisions = Counter(row.precision for row in rows)
     ops = Counter(row.op_type for row in rows)
-    precision_ids = {name: index for index, name in enumerate(sorted(precisions))}
-    op_ids = {name: index for index, name in enumerate(sorted(ops))}
-    rules = [
-        f"#np{i}:checked~table tbody tr:not(.p{i}){{display:none}}"
-        for i in precision_ids.values()
-    ] + [f"#no{i}:checked~table tbody tr:not(.o{i}){{display:none}}" for i in op_ids.values()]
-    inputs = ['<input type="radio" name="np" id="npall" checked>']
-    inputs += [f'<input type="radio" name="np" id="np{i}">' for i in precision_ids.values()]
-    inputs += ['<input type="radio" name="no" id="noall" checked>']
-    inputs += [f'<input type="radio" name="no" id="no{i}">' for i in op_ids.values()]
-    precision_labels = ['<label for="npall">all</label>'] + [
-        f'<label for="np{i}">{escape(name)} ({precisions[name]})</label>'
-        for name, i in precision_ids.items()
-    ]
-    op_labels = ['<label for="noall">all</label>'] + [
-        f'<label for="no{i}">{escape(name)} ({ops[name]})</label>'
-        for name, i in op_ids.items()
-    ]
+    inputs, labels = [], []
+    for prefix, ids, counts in (("np", precision_ids, precisions), ("no", op_ids, ops)):
+        inputs.append(f'<input type="radio" name="{prefix}" id="{prefix}all" checked>')
+        inputs += [
+            f'<input type="radio" name="{prefix}" id="{prefix}{i}">' for i in ids.values()
+        ]
+        labels.append(
+            " ".join(
+                [f'<label for="{prefix}all">all</label>']
+                + [
+                    f'<label for="{prefix}{i}">{escape(name)} ({counts[name]})</label>'
+                    for name, i in ids.items()
+                ]
+            )
+        )
     body_rows = "".join(
         f'<tr class="p{precision_ids[row.precision]} o{op_ids[row.op_type]}'
         f'{" float" if row.precision == "float" else ""}">'
@@ -195,28 +230,14 @@ def _nodes(conversion: Conversion) -> str:
         f"<td>{escape(row.reason)}</td></tr>"
         for row in rows
     )
-    # The radio inputs are the table's earlier siblings, so `:checked ~ table` reaches it;
-    # they sit visually in the labels' rows through CSS order.
     return (
-        f"<style>{''.join(rules)} .filter > input {{ position: absolute; opacity: 0; }}"
-        ".filter > input:checked + x {} "
-        + "".join(
-            f'#np{i}:checked~p label[for="np{i}"],#no{i}:checked~p label[for="no{i}"]'
-            "{font-weight:bold;text-decoration:underline}"
-            for i in range(max(len(precision_ids), len(op_ids)))
-        )
-        + '#npall:checked~p label[for="npall"],#noall:checked~p label[for="noall"]'
-        "{font-weight:bold;text-decoration:underline}</style>"
-        + _fold_start(len(rows), f"all {len(rows)} nodes")
+        _fold_start(len(rows), f"all {len(rows)} nodes")
         + '<div class="filter">'
         + "".join(inputs)
-        + f"<p>Precision: {' '.join(precision_labels)}</p>"
-        + f"<p>Op type: {' '.join(op_labels)}</p>"
+        + f"<p>Precision: {labels[0]}</p>"
+        + f"<p>Op type: {labels[1]}</p>"
         + "<table><thead><tr><th>#</th><th>node</th><th>op</th><th>precision</th>"
-        "<th>reason</th></tr></thead><tbody>"
-        + body_rows
-        + "</tbody></table></div>"
-        + "</details>"
+        "<th>reason</th></tr></thead><tbody>" + body_rows + "</tbody></table></div></details>"
     )
 
 
