@@ -158,6 +158,18 @@ def test_markdown_keeps_the_tables_without_charts(quantized):
         assert f"| {node['name']} | {node['op_type']} | {node['reason']} |" in text
 
 
+def test_per_layer_without_eval_is_a_usage_error(run_cli, tmp_path):
+    model = testing.save(testing.conv_bn_relu(), tmp_path / "model.onnx")
+    testing.write_samples(tmp_path / "calib", [testing.random_inputs(testing.conv_bn_relu())])
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", model, "--data", tmp_path / "calib", "-o", out, "--per-layer")
+    assert result.code == 2
+    assert result.err == (
+        "Error: --per-layer compares on the evaluation samples: it needs --eval DIR.\n"
+    )
+    assert not out.exists()
+
+
 def test_clipped_share_counts_the_histogram_beyond_the_range():
     observer = TensorObserver()
     values = np.linspace(-1.0, 1.0, 2001, dtype=np.float32)
