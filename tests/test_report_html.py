@@ -170,6 +170,19 @@ def test_per_layer_without_eval_is_a_usage_error(run_cli, tmp_path):
     assert not out.exists()
 
 
+def test_per_layer_reaches_the_int4_pipeline(tmp_path):
+    model = testing.matmul_add(k=64, n=32)
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(tmp_path / "eval", [testing.random_inputs(model, seed=0)])
+    report = qconvert.quantize(
+        path, tmp_path / "q.onnx", config=_config("int4"), eval_data=tmp_path / "eval",
+        per_layer=True,
+    )  # fmt: skip
+    layers = {layer.op_type: layer for layer in report.comparison.layers}
+    assert "MatMulNBits" in layers and layers["MatMulNBits"].local_sqnr_db < 60
+    assert {row.precision for row in report.conversion.nodes} == {"int4", "float"}
+
+
 def test_clipped_share_counts_the_histogram_beyond_the_range():
     observer = TensorObserver()
     values = np.linspace(-1.0, 1.0, 2001, dtype=np.float32)

@@ -158,10 +158,15 @@ def quantize(
         report = qconvert.quantize("model.onnx", "model.16x8.onnx", data="calib/",
                                    config=config)
     """
+    if per_layer and eval_data is None:
+        raise ConfigError(
+            "--per-layer compares on the evaluation samples: it needs --eval DIR."
+        )
     if config is not None and config.scheme == "int4":  # weight-only: its own stages
         return quantize_int4(
             model, output, config=config, data=data, calib=calib, images=images,
-            eval_data=eval_data, mixed=target_sqnr is not None or max_top1_drop is not None,
+            eval_data=eval_data, per_layer=per_layer,
+            mixed=target_sqnr is not None or max_top1_drop is not None,
             report=report, force=force, progress=progress, limits=limits,
         )  # fmt: skip
     request = QuantizeRequest(
@@ -222,10 +227,6 @@ def check_options(state: QuantizeState) -> QuantizeState:
             "--eval does not go with --no-keep-io-types: the float and converted models "
             "would need different input types.",
             hint="evaluate with --keep-io-types (the default).",
-        )
-    if request.per_layer and request.eval_data is None:
-        raise ConfigError(
-            "--per-layer compares on the evaluation samples: it needs --eval DIR."
         )
     target = Target(sqnr_db=request.target_sqnr, max_top1_drop=request.max_top1_drop)
     state = state.replace(scheme=scheme, range_method=range_method, target=target)
