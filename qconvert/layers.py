@@ -63,6 +63,8 @@ class TensorPair:
     op_type: str
     reference_tensor: str
     candidate_tensor: str
+    position: int = -1
+    """The index of the reference node writing the tensor, in graph order."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +80,9 @@ class LayerMetrics:
     cosine: float
     max_abs_error: float
     mean_abs_error: float
+    position: int = -1
+    """Where the layer sits: the index of its reference node in graph order, so a report
+    can draw the error as it accumulates from input to output."""
 
 
 class LayerComparison:
@@ -166,6 +171,7 @@ class LayerComparison:
                 cosine=metrics.cosine,
                 max_abs_error=metrics.max_abs_error,
                 mean_abs_error=metrics.mean_abs_error,
+                position=pair.position,
             )
             known = worst.get(pair.node)
             if known is None or _order(layer) < _order(known):
@@ -227,7 +233,7 @@ def match_tensors(
         output: node for node in candidate.graph.node for output in node.output if output
     }
     pairs = []
-    for node in reference.graph.node:
+    for position, node in enumerate(reference.graph.node):
         if node.op_type == "Constant":
             continue
         for tensor in node.output:
@@ -249,6 +255,7 @@ def match_tensors(
                     op_type=computing.op_type,
                     reference_tensor=tensor,
                     candidate_tensor=match,
+                    position=position,
                 )
             )
     return tuple(pairs)

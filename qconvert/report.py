@@ -5,8 +5,9 @@ formats live here and follow the report file's suffix:
 
 - `.json`: the documented schema below, for scripts (`--json` prints the same to stdout);
 - `.md`: Markdown tables, for CI job summaries and pull-request comments (`report_markdown`);
-- `.html`: one self-contained page with a per-layer SQNR chart and size/latency bars drawn
-  as inline SVG, no network assets (`report_html`).
+- `.html`: one self-contained page, no network assets, charts as inline SVG: every node,
+  per-layer SQNR in graph order, calibration ranges, weight spreads, size/latency bars
+  (`report_html`). Every figure it draws is in the JSON.
 
 JSON schema, version 1 (`schema_version`; fields are only ever added within a version):
 
@@ -24,6 +25,14 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                         unplanned_islands, islands [{planned, nodes [{name, op_type,
                         planned (true | false | null: a node onnxruntime made), reason}]}]}:
                     what onnxruntime's CPU provider runs (`qconvert.fusion_audit`)}
+                    nodes [{index, name, op_type, precision, reason}]: every node in
+                        graph order; precision int8 | int16 | fp16 | fp16-weights | float,
+                    activations [{tensor, range_min, range_max, observed_min,
+                        observed_max, clipped (0..1 | null), method}]: per quantized
+                        activation, the range its quantization represents against the
+                        calibration's extremes, and the share of calibration values outside,
+                    weights [{tensor, channels, min_range, median_range, max_range,
+                        spread}]: per weight quantized per channel, widest spread first}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
@@ -36,7 +45,9 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                         relative_error, top1_agreement, top5_overlap, values,
                         nonfinite_reference, nonfinite_candidate}]
         layers        null | [{node, op_type, tensor, candidate_tensor, local_sqnr_db, sqnr_db,
-                        cosine, max_abs_error, mean_abs_error}], worst local SQNR first
+                        cosine, max_abs_error, mean_abs_error, position}], worst local SQNR
+                        first (the HTML report names the first ten); position: the
+                        reference node's index in graph order, the x of the SQNR chart
     }
     gates           [{gate, threshold, measured, unit, passed}]
     passed          bool: every gate passed
@@ -50,15 +61,25 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qconvert.calibration.observers import TensorObserver
 from qconvert.compare import Comparison
 from qconvert.errors import ConfigError, OutputError
 from qconvert.fusion_audit import FusionAudit
 from qconvert.gates import GateResult
 from qconvert.model import write_atomically
 from qconvert.plan import QuantPlan
+from qconvert.report_detail import (
+    ActivationRange,
+    NodeRow,
+    WeightSpread,
+    activation_ranges,
+    node_rows,
+    weight_spreads,
+)
 
 SCHEMA_VERSION = 1
 REPORT_SUFFIXES = (".json", ".md", ".html")
@@ -97,6 +118,9 @@ class Conversion:
     """Pre-quantized models: what could not be finished, and why."""
     fusion_audit: FusionAudit | None = None
     """What onnxruntime's CPU provider runs of the written model (`fusion_audit`)."""
+    nodes: tuple[NodeRow, ...] = ()
+    activations: tuple[ActivationRange, ...] = ()
+    weights: tuple[WeightSpread, ...] = ()
 
     @property
     def range_summary(self) -> str:
@@ -119,8 +143,21 @@ class Conversion:
         samples: int,
         range_methods: dict[str, str] | None = None,
         fusion_audit: FusionAudit | None = None,
+        observers: Mapping[str, TensorObserver] | None = None,
+        node_schemes: Mapping[str, str] | None = None,
     ) -> Conversion:
-        """Summarizes a static quantization plan."""
+        """Summarizes a quantization plan.
+
+        Args:
+            plan: the plan the rewrite applied.
+            opsets: the ai.onnx opset before and after.
+            sizes: the float and the converted model's bytes.
+            samples: how many calibration samples the ranges came from.
+            range_methods: per activation, the method `--method auto` chose.
+            observers: the calibration statistics, for the activation range table.
+            node_schemes: per node, the scheme an override file set for it.
+            fusion_audit: what onnxruntime's CPU provider runs of the written model.
+        """
         quantized = Counter(node.op_type for node in plan.quantized_nodes())
         return cls(
             scheme=plan.scheme.name,
@@ -138,6 +175,9 @@ class Conversion:
             notes=plan.notes,
             range_methods=dict(range_methods or {}),
             fusion_audit=fusion_audit,
+            nodes=node_rows(plan, node_schemes),
+            activations=activation_ranges(plan, observers or {}, range_methods),
+            weights=weight_spreads(plan),
         )
 
 

@@ -1,10 +1,19 @@
-"""The report as Markdown: GitHub-flavoured tables for CI job summaries and PR comments."""
+"""The report as Markdown: GitHub-flavoured tables for CI job summaries and PR comments.
+
+No charts: the tables behind them. Long per-tensor tables keep their top rows (the most
+clipped activations, the widest weight spreads); the JSON and HTML reports hold them all.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from qconvert import formatting as fmt
+from qconvert.report_sections import extra_sections, worst_layers
+
+TOP_ROWS = 30
+"""Rows of the per-tensor tables (ranges, weights) kept in Markdown."""
 
 if TYPE_CHECKING:
     from qconvert.report import Report
@@ -59,6 +68,7 @@ def render_markdown(report: Report) -> str:
                 ["node", "op", "plan", "reason"],
                 fmt.island_rows(conversion.fusion_audit),
             )
+        lines += _conversion_detail(conversion)
     comparison = report.comparison
     if comparison is not None:
         rows = fmt.comparison_rows(comparison, path=lambda text: f"`{text}`")
@@ -93,6 +103,21 @@ def render_markdown(report: Report) -> str:
                 for out in comparison.outputs
             ],
         )
+        if comparison.layers:
+            lines += _table(
+                f"The worst {min(len(comparison.layers), 10)} layers",
+                ["node", "op", "position", "local SQNR dB", "SQNR dB"],
+                [
+                    [
+                        layer.node,
+                        layer.op_type,
+                        str(layer.position),
+                        fmt.db(layer.local_sqnr_db),
+                        fmt.db(layer.sqnr_db),
+                    ]
+                    for layer in worst_layers(comparison.layers)
+                ],
+            )
         if comparison.layers is not None:
             lines += _table(
                 "Layers, worst local SQNR first",
@@ -124,7 +149,71 @@ def render_markdown(report: Report) -> str:
                 for gate in report.gates
             ],
         )
+    for _, title, header, rows in extra_sections(report):
+        lines += _table(title, header, rows)
+    if conversion is not None and (conversion.notes or conversion.range_methods):
+        lines += ["## Notes", ""]
+        lines += [f"- {note}" for note in conversion.notes]
+        if conversion.range_methods:
+            lines.append(f"- Range methods (--method auto): {conversion.range_summary}")
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _conversion_detail(conversion) -> list[str]:
+    """Precision per op type, the nodes left float, the ranges and the weight spreads."""
+    lines: list[str] = []
+    if conversion.nodes:
+        counts = Counter((row.op_type, row.precision) for row in conversion.nodes)
+        precisions = sorted({precision for _, precision in counts})
+        ops = sorted({op for op, _ in counts})
+        lines += _table(
+            f"Nodes by op type and precision ({len(conversion.nodes)} nodes)",
+            ["op", *precisions],
+            [[op, *(str(counts.get((op, p), 0)) for p in precisions)] for op in ops],
+        )
+    if conversion.float_nodes:
+        lines += _table(
+            "Nodes left float",
+            ["node", "op", "reason"],
+            [[node.name, node.op_type, node.reason] for node in conversion.float_nodes],
+        )
+    if conversion.activations:
+        rows = sorted(conversion.activations, key=lambda r: (-(r.clipped or 0.0), r.tensor))
+        lines += _table(
+            f"Calibration ranges, most clipped first ({min(len(rows), TOP_ROWS)} of "
+            f"{len(rows)})",
+            ["tensor", "method", "range", "observed", "clipped"],
+            [
+                [
+                    row.tensor,
+                    row.method or "",
+                    f"{fmt.number(row.range_min)} .. {fmt.number(row.range_max)}",
+                    f"{fmt.number(row.observed_min)} .. {fmt.number(row.observed_max)}",
+                    "not measured" if row.clipped is None else fmt.percent(row.clipped),
+                ]
+                for row in rows[:TOP_ROWS]
+            ],
+        )
+    if conversion.weights:
+        rows = conversion.weights
+        lines += _table(
+            f"Per-channel weight ranges, widest spread first ({min(len(rows), TOP_ROWS)} of "
+            f"{len(rows)})",
+            ["weight", "channels", "min range", "median range", "max range", "spread"],
+            [
+                [
+                    row.tensor,
+                    str(row.channels),
+                    fmt.number(row.min_range),
+                    fmt.number(row.median_range),
+                    fmt.number(row.max_range),
+                    fmt.number(row.spread),
+                ]
+                for row in rows[:TOP_ROWS]
+            ],
+        )
+    return lines
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:

@@ -394,6 +394,41 @@ def detector_head(features: int = 16, classes: int = 4, *, seed: int = 0) -> onn
     )
 
 
+def deep_residual_mlp(blocks: int = 1250, width: int = 8, *, seed: int = 0) -> onnx.ModelProto:
+    """`blocks` residual blocks of MatMul -> Add (bias) -> Tanh -> Add (skip): 4 nodes each.
+
+    Input [N,width]; a long graph (5,000 nodes at the default) to test that reports stay
+    usable on big models. Tanh bounds each step, so values grow at most linearly.
+    """
+    rng = np.random.default_rng(seed)
+    lines, initializers = [], {}
+    previous = "input"
+    for block in range(blocks):
+        name = f"b{block}"
+        lines += [
+            f"{name}_mm = MatMul ({previous}, {name}_w)",
+            f"{name}_bias = Add ({name}_mm, {name}_b)",
+            f"{name}_act = Tanh ({name}_bias)",
+            f"{name}_out = Add ({name}_act, {previous})",
+        ]
+        initializers[f"{name}_w"] = _weights(rng, width, width, scale=0.3 / np.sqrt(width))
+        initializers[f"{name}_b"] = _weights(rng, width, scale=0.01)
+        previous = f"{name}_out"
+    lines.append(f"output = Identity ({previous})")
+    text = (
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        f"deep (float[N,{width}] input) => (float[N,{width}] output) {{\n"
+        + "\n".join(lines)
+        + "\n}"
+    )
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(array, name) for name, array in initializers.items()
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
     """Writes `model` to `path` and returns the path."""
     path = Path(path)

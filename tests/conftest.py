@@ -20,6 +20,14 @@ class CliResult:
     err: str
 
 
+@pytest.fixture(autouse=True)
+def _outside_github_actions(monkeypatch):
+    """Tests run as on a developer's machine, even inside a GitHub Actions job: no job
+    summary appended, no annotations (the CI tests set these variables themselves)."""
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Runs the qconvert command line in-process; returns exit code, stdout and stderr."""

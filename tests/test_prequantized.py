@@ -566,6 +566,7 @@ def test_integer_operators_are_refused(run_cli, tmp_path):
         (("--scheme", "16x8", "--data", "calib"), None),
         (("--method", "entropy"), "--method"),
         (("--adaround", "--data", "calib"), "--adaround"),
+        (("--per-layer", "--eval", "calib"), "--per-layer"),
     ],
 )
 def test_options_that_change_trained_ranges_are_refused(run_cli, tmp_path, options, flag):

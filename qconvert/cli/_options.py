@@ -191,3 +191,93 @@ def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
             flag, type=click.IntRange(min=1), default=default, show_default=True, help=text
         )(with_limits)
     return with_limits
+
+
+def mlflow_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--mlflow, --mlflow-experiment, --mlflow-run-name, --mlflow-log-model.
+
+    They reach the command as one `mlflow` argument: `MlflowSettings`, or None without
+    --mlflow. MLflow's presence is checked here, before any work (a usage error).
+    """
+
+    @functools.wraps(command)
+    def with_mlflow(
+        *args: Any,
+        mlflow: bool,
+        mlflow_experiment: str | None,
+        mlflow_run_name: str | None,
+        mlflow_log_model: bool,
+        **kw: Any,
+    ) -> Any:
+        from qconvert.tracking import MlflowSettings, require_mlflow
+
+        settings = None
+        if mlflow:
+            require_mlflow()
+            settings = MlflowSettings(
+                experiment=mlflow_experiment,
+                run_name=mlflow_run_name,
+                log_model=mlflow_log_model,
+            )
+        else:
+            given = [
+                flag
+                for flag, value in (
+                    ("--mlflow-experiment", mlflow_experiment),
+                    ("--mlflow-run-name", mlflow_run_name),
+                    ("--mlflow-log-model", mlflow_log_model or None),
+                )
+                if value is not None
+            ]
+            if given:
+                raise click.UsageError(f"{given[0]} needs --mlflow.")
+        return command(*args, mlflow=settings, **kw)
+
+    options = [
+        click.option(
+            "--mlflow",
+            is_flag=True,
+            help="Log this run to MLflow (the tracking server or store MLFLOW_TRACKING_URI "
+            "names): options, fingerprints, every figure of the report, versions, and the "
+            "JSON and HTML reports. Needs pip install 'qconvert[mlflow]'. An unreachable "
+            "server costs a warning, not the run.",
+        ),
+        click.option(
+            "--mlflow-experiment",
+            metavar="NAME",
+            default=None,
+            help="MLflow experiment to log to. [default: MLFLOW_EXPERIMENT_NAME or "
+            "MLflow's default]",
+        ),
+        click.option(
+            "--mlflow-run-name", metavar="NAME", default=None, help="Name of the MLflow run."
+        ),
+        click.option(
+            "--mlflow-log-model",
+            is_flag=True,
+            help="Also log the model (quantize: the written one; compare: the candidate) "
+            "as an MLflow artifact.",
+        ),
+    ]
+    for option in reversed(options):
+        with_mlflow = option(with_mlflow)
+    return with_mlflow
+
+
+def given_options(ctx: click.Context, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The parameters given on the command line (not left at their defaults), by name.
+
+    The MLflow options themselves are left out, as is anything in `skip`.
+    """
+    from click.core import ParameterSource
+
+    given = {}
+    for param in ctx.command.params:
+        name = param.name or ""
+        if name.startswith("mlflow") or name in skip or name not in ctx.params:
+            continue
+        source = ctx.get_parameter_source(name)
+        if source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
+            value = ctx.params[name]
+            given[name] = [str(v) for v in value] if isinstance(value, tuple) else value
+    return given

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qconvert.cli import _console
 from qconvert.cli._options import (
     METHODS,
+    given_options,
     image_options,
     image_preprocessing,
     limit_options,
+    mlflow_options,
     percentile_option,
     workers_option,
 )
 from qconvert.limits import LoadLimits
+
+if TYPE_CHECKING:
+    from qconvert.tracking import MlflowSettings
 
 
 @click.command("calibrate", short_help="Collect calibration statistics into a file.")
@@ -103,7 +110,13 @@ from qconvert.limits import LoadLimits
 @image_options
 @limit_options
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def calibrate_command(inputs: tuple[Path, ...], limits: LoadLimits, **options) -> None:
+@mlflow_options
+def calibrate_command(
+    inputs: tuple[Path, ...],
+    limits: LoadLimits,
+    mlflow: MlflowSettings | None,
+    **options,
+) -> None:
     """Write the calibration statistics of MODEL on the samples of --data.
 
     Per tensor: min, max and a mergeable histogram, from which `quantize --calib` derives
@@ -120,6 +133,8 @@ def calibrate_command(inputs: tuple[Path, ...], limits: LoadLimits, **options) -
 
     output, force = options.pop("output"), options.pop("force")
     if options.pop("merge"):
+        if mlflow is not None:
+            raise click.UsageError("--mlflow logs a calibration run, not --merge.")
         if output is None:
             raise click.UsageError("--merge needs -o FILE for the merged calibration.")
         if len(inputs) < 2:
@@ -145,6 +160,8 @@ def calibrate_command(inputs: tuple[Path, ...], limits: LoadLimits, **options) -
     if ray_address is not None:
         ray = RayCluster(address=ray_address or None, data=ray_data)
     progress = _console.BarProgress() if _console.interactive() else None
+    trt_cache = options.pop("trt_cache")
+    started = time.perf_counter()
     calibration = api.calibrate(
         model,
         data,
@@ -153,7 +170,7 @@ def calibrate_command(inputs: tuple[Path, ...], limits: LoadLimits, **options) -
         seed=options.pop("seed"),
         batch_size=options.pop("batch_size"),
         images=image_preprocessing(options),
-        trt_cache=options.pop("trt_cache"),
+        trt_cache=trt_cache,
         trt_method=trt_method,
         workers=options.pop("workers"),
         ray=ray,
@@ -166,7 +183,20 @@ def calibrate_command(inputs: tuple[Path, ...], limits: LoadLimits, **options) -
         f"calibrated {len(calibration.observers)} tensors on {calibration.samples} samples: "
         f"{output}"
     )
+    seconds = time.perf_counter() - started
     split = calibration.split
     if split is not None and (len(split.shards) > 1 or split.passes > 1):
         for line in split.describe():
             _console.stdout.print(line, soft_wrap=True)
+    if mlflow is not None:
+        from qconvert.tracking import log_calibration
+
+        log_calibration(
+            calibration,
+            output,
+            mlflow,
+            seconds=seconds,
+            options=given_options(click.get_current_context()),
+            fingerprints={"model": model, "data": data},
+            artifacts=(trt_cache,) if trt_cache is not None else (),
+        )

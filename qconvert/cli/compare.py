@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qconvert.cli import _console, _render
-from qconvert.cli._options import limit_options
+from qconvert.cli._options import given_options, limit_options, mlflow_options
 from qconvert.errors import AccuracyGateError
 from qconvert.limits import LoadLimits
+
+if TYPE_CHECKING:
+    from qconvert.tracking import MlflowSettings
 
 
 def _gate_option(name: str, help_text: str):
@@ -91,8 +95,16 @@ def _gate_option(name: str, help_text: str):
     default=None,
     help="Also write the report to this file (.json, .md or .html).",
 )
+@click.option(
+    "--junit",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write the gates as JUnit XML, one test case per gate (GitLab, Jenkins).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
 @limit_options
+@mlflow_options
 def compare_command(
     models: tuple[Path, ...],
     data: Path,
@@ -113,8 +125,10 @@ def compare_command(
     save_outputs: Path | None,
     load_outputs: Path | None,
     report: Path | None,
+    junit: Path | None,
     as_json: bool,
     limits: LoadLimits,
+    mlflow: MlflowSettings | None,
 ) -> None:
     """Run REFERENCE and CANDIDATE on the samples in --data and report the difference.
 
@@ -128,8 +142,14 @@ def compare_command(
 
     Exit code 1 when a gate fails (or --check-finite finds NaN/Inf); the report is still
     printed and written.
+
+    In a GitHub Actions step (GITHUB_STEP_SUMMARY set), the Markdown report is appended
+    to the job summary and each failed gate is annotated as an error.
     """
-    from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
+    from qconvert import (
+        api,  # deferred: onnxruntime is slow to import and --help is not
+        ci,
+    )
     from qconvert.gates import Gates, load_gates
     from qconvert.latency import LatencyConfig
 
@@ -150,6 +170,8 @@ def compare_command(
     )
     if gates_file is not None:
         gates = load_gates(gates_file).overridden_by(gates)
+    if junit is not None:
+        ci.check_junit_path(junit)
     progress = _console.BarProgress() if _console.interactive() and not as_json else None
     result = api.compare(
         models[0] if load_outputs is None else None,
@@ -175,6 +197,27 @@ def compare_command(
         click.echo(result.to_json(), nl=False)
     else:
         _render.report(result)
+    if junit is not None:
+        ci.write_junit(result, junit)
+    ci.append_step_summary(result)
+    if ci.in_github_actions():
+        for line in ci.gate_annotations(result):
+            click.echo(line, err=as_json)  # stdout stays pure JSON under --json
+    if mlflow is not None:
+        from qconvert.tracking import log_report
+
+        log_report(
+            result,
+            mlflow,
+            options=given_options(click.get_current_context()),
+            fingerprints={
+                "reference": models[0] if load_outputs is None else None,
+                "candidate": models[-1],
+                "data": data,
+                "labels": labels,
+            },
+            model=models[-1],
+        )
     if result.failed_gates:
         raise AccuracyGateError(
             "gate failed: " + "; ".join(gate.describe() for gate in result.failed_gates)

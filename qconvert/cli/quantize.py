@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qconvert.cli import _console, _render
 from qconvert.cli._options import (
+    given_options,
     image_options,
     image_preprocessing,
     limit_options,
     method_option,
+    mlflow_options,
     percentile_option,
     workers_option,
 )
 from qconvert.errors import AccuracyGateError
 from qconvert.limits import LoadLimits
 from qconvert.schemes import SCHEMES
+
+if TYPE_CHECKING:
+    from qconvert.tracking import MlflowSettings
 
 SCHEME_HELP = (
     "int8: uint8 activations calibrated on --data, int8 weights, int32 bias (fastest on "
@@ -177,6 +183,12 @@ SCHEME_HELP = (
     "float and quantized models on it.",
 )
 @click.option(
+    "--per-layer",
+    is_flag=True,
+    help="With --eval: also compare every intermediate tensor; the report then shows "
+    "where the error comes from (per-layer SQNR in graph order, the worst ten named).",
+)
+@click.option(
     "--equalize",
     is_flag=True,
     help="Cross-layer equalization: even out the channel ranges of Conv -> Relu -> Conv "
@@ -239,6 +251,7 @@ SCHEME_HELP = (
     "The model is the same however the work is split."
 )
 @limit_options
+@mlflow_options
 def quantize_command(
     model: Path,
     output: Path | None,
@@ -264,6 +277,7 @@ def quantize_command(
     keep_io_types: bool,
     input_shapes: tuple[str, ...],
     eval_data: Path | None,
+    per_layer: bool,
     equalize: bool,
     bias_correction: bool,
     adaround: bool,
@@ -276,6 +290,7 @@ def quantize_command(
     strict_kernels: bool,
     workers: int | None,
     limits: LoadLimits,
+    mlflow: MlflowSettings | None,
     **image: object,
 ) -> None:
     """Quantize MODEL and write the result.
@@ -291,13 +306,17 @@ def quantize_command(
 
     The input model is never modified; the output is written only after it passes the ONNX
     checker and runs in onnxruntime.
+
+    In a GitHub Actions step (GITHUB_STEP_SUMMARY set), the Markdown report is appended
+    to the job summary.
     """
     # deferred: onnxruntime is slow to import and --help is not
     import dataclasses
 
-    from qconvert import api
+    from qconvert import api, ci
     from qconvert.config import QuantizeConfig, parse_input_shape
     from qconvert.overrides import load_overrides
+    from qconvert.tracking import log_report
 
     config = QuantizeConfig(
         scheme=scheme,
@@ -335,6 +354,7 @@ def quantize_command(
         images=image_preprocessing(image),
         config=config,
         eval_data=eval_data,
+        per_layer=per_layer,
         target_sqnr=target_sqnr,
         max_top1_drop=max_top1_drop,
         report=report,
@@ -348,6 +368,19 @@ def quantize_command(
         click.echo(result.to_json(), nl=False)
     else:
         _render.report(result)
+    ci.append_step_summary(result)
+    if ci.in_github_actions():
+        for line in ci.gate_annotations(result):
+            click.echo(line, err=as_json)  # stdout stays pure JSON under --json
+    if mlflow is not None:
+        log_report(
+            result,
+            mlflow,
+            params={"method": method} if SCHEMES[scheme].needs_calibration else {},
+            options=given_options(click.get_current_context()),
+            fingerprints={"model": model, "data": data, "calib": calib, "eval": eval_data},
+            model=output,
+        )
     if result.failed_gates:
         raise AccuracyGateError(
             "gate failed: " + "; ".join(gate.describe() for gate in result.failed_gates)

@@ -48,6 +48,7 @@ def quantize_int4(
     calib: PathLike | None = None,
     images: ImagePreprocessing | None = None,
     eval_data: PathLike | None = None,
+    per_layer: bool = False,
     mixed: bool = False,
     report: PathLike | None = None,
     force: bool = False,
@@ -147,7 +148,9 @@ def quantize_int4(
                 evaluation,
                 len(evaluation),
                 options=CompareOptions(
-                    labels=labels, labels_path=str(labels_path) if labels_path else None
+                    labels=labels,
+                    labels_path=str(labels_path) if labels_path else None,
+                    per_layer=per_layer,
                 ),
             )
     result = Report(

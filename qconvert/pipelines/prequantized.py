@@ -358,6 +358,7 @@ def finish_request(request: QuantizeRequest) -> Report:
         ("--method", request.method != "auto"),
         ("--target-sqnr", request.target_sqnr is not None),
         ("--max-top1-drop", request.max_top1_drop is not None),
+        ("--per-layer", request.per_layer),  # finishing compares the outputs only
     )
     return finish(
         request.model,

@@ -107,6 +107,7 @@ def quantize(
     images: ImagePreprocessing | None = None,
     config: QuantizeConfig | None = None,
     eval_data: PathLike | None = None,
+    per_layer: bool = False,
     target_sqnr: float | None = None,
     max_top1_drop: float | None = None,
     report: PathLike | None = None,
@@ -134,6 +135,8 @@ def quantize(
         config: scheme, format and controls; `QuantizeConfig()` is int8 QDQ.
         eval_data: a folder of evaluation samples (with `labels.npy` for accuracy): the
             float and quantized models are compared on it and the result goes in the report.
+        per_layer: with `eval_data`, also compare every intermediate tensor (per-layer
+            SQNR, in graph order in the HTML report).
         target_sqnr: mixed precision: keep the fewest, most sensitive nodes float until
             the output SQNR (dB) on the evaluation samples (`eval_data`, else the first
             calibration samples) is at least this (`qconvert.sensitivity`).
@@ -160,10 +163,15 @@ def quantize(
         report = qconvert.quantize("model.onnx", "model.16x8.onnx", data="calib/",
                                    config=config)
     """
+    if per_layer and eval_data is None:
+        raise ConfigError(
+            "--per-layer compares on the evaluation samples: it needs --eval DIR."
+        )
     if config is not None and config.scheme == "int4":  # weight-only: its own stages
         return quantize_int4(
             model, output, config=config, data=data, calib=calib, images=images,
-            eval_data=eval_data, mixed=target_sqnr is not None or max_top1_drop is not None,
+            eval_data=eval_data, per_layer=per_layer,
+            mixed=target_sqnr is not None or max_top1_drop is not None,
             report=report, force=force, progress=progress, limits=limits,
         )  # fmt: skip
     request = QuantizeRequest(
@@ -176,6 +184,7 @@ def quantize(
         images=images,
         config=config if config is not None else QuantizeConfig(),
         eval_data=eval_data,
+        per_layer=per_layer,
         target_sqnr=target_sqnr,
         max_top1_drop=max_top1_drop,
         report=report,
@@ -479,6 +488,7 @@ def evaluate(state: QuantizeState) -> QuantizeState:
             evaluation,
             advance,
             reference=state.reference,
+            per_layer=request.per_layer,
         )
     return state.replace(comparison=comparison)
 
@@ -497,6 +507,8 @@ def write_report(state: QuantizeState) -> QuantizeState:
             samples=calibration.samples if calibration is not None else 0,
             range_methods=_used_choices(state.range_choices, state.plan),
             fusion_audit=state.fusion_audit,
+            observers=calibration.observers if calibration is not None else None,
+            node_schemes=state.config.overrides.nodes,
         ),
         comparison=state.comparison,
         seconds=state.timings,
@@ -683,6 +695,7 @@ def _evaluate(
     advance: Callable[[], None],
     *,
     reference: bytes | str,
+    per_layer: bool = False,
 ) -> Comparison:
     """Compares the float model with the converted one just written.
 
@@ -697,7 +710,9 @@ def _evaluate(
         evaluation,
         len(evaluation),
         options=CompareOptions(
-            labels=labels, labels_path=str(labels_path) if labels_path else None
+            labels=labels,
+            labels_path=str(labels_path) if labels_path else None,
+            per_layer=per_layer,
         ),
         on_sample=advance,
     )

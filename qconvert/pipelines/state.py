@@ -51,6 +51,7 @@ class QuantizeRequest:
     images: ImagePreprocessing | None = None
     config: QuantizeConfig = field(default_factory=QuantizeConfig)
     eval_data: PathLike | None = None
+    per_layer: bool = False
     target_sqnr: float | None = None
     max_top1_drop: float | None = None
     report: PathLike | None = None

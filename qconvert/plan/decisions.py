@@ -77,7 +77,8 @@ class QuantPlan:
     Attributes:
         scheme: the run's scheme (single nodes may differ through overrides).
         tensors: quantized tensors by name.
-        nodes: every node of the main graph, converted or not, with the reason.
+        nodes: every node of the main graph, converted or not, with the reason, in graph
+            order.
         folds: Relu/Clip nodes absorbed by the quantization of their output.
         format: how the result is written: qdq, qop, dynamic or float16.
         float16_tensors: initializers stored as float16 (fp16 and fp16-weights).

@@ -179,10 +179,15 @@ class _Planner:
             for decision in self.nodes.values()
             if not decision.quantized and decision.op_type in ops.REQUANTIZED_OPS
         )
+        # Graph order, for reports: a folded clamp is decided with its producer, before
+        # its own turn.
+        order = {node.name or "": index for index, node in enumerate(self._nodes())}
         return QuantPlan(
             scheme=self.scheme,
             tensors=MappingProxyType(dict(self.tensors)),
-            nodes=tuple(self.nodes.values()),
+            nodes=tuple(
+                sorted(self.nodes.values(), key=lambda d: order.get(d.name, len(order)))
+            ),
             folds=tuple(self.folds),
             format=self.format,
             notes=tuple(self.notes),
