@@ -18,7 +18,12 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                     converted_bytes, size_ratio, calibration_samples, quantized_ops {op: n},
                     folded_clamps [str], float_nodes [{name, op_type, reason}], notes [str],
                     range_methods {activation tensor: method chosen by --method auto},
-                    finished [str], kept [str], refused [str] (pre-quantized models)}
+                    finished [str], kept [str], refused [str] (pre-quantized models),
+                    recipe null | {samples, scored_on, start, trials [{step, kept, before,
+                    after, seconds, detail}], raised [{name, op_type, gain_db,
+                    weight_share, work_share}], final, floor_sqnr_db, min_top1_agreement,
+                    budget, kept [step]}: what the default recipe tried and kept, each
+                    fidelity as {sqnr_db, top1_agreement} on held-out samples}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
@@ -47,12 +52,16 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qconvert.compare import Comparison
 from qconvert.errors import ConfigError, OutputError
 from qconvert.gates import GateResult
 from qconvert.model import write_atomically
 from qconvert.plan import QuantPlan
+
+if TYPE_CHECKING:
+    from qconvert.pipelines.recipe import RecipeResult
 
 SCHEMA_VERSION = 1
 REPORT_SUFFIXES = (".json", ".md", ".html")
@@ -89,6 +98,8 @@ class Conversion:
     """Pre-quantized models: what was left as the model had it, and why."""
     refused: tuple[str, ...] = ()
     """Pre-quantized models: what could not be finished, and why."""
+    recipe: RecipeResult | None = None
+    """What the default recipe tried, kept and raised (`pipelines.recipe`); None: fast."""
 
     @property
     def range_summary(self) -> str:

@@ -68,6 +68,13 @@ def render_html(report: Report) -> str:
                 ],
             )
         )
+    if conversion is not None and conversion.recipe is not None:
+        from qconvert.pipelines.recipe import RECIPE_HEADER, recipe_rows
+
+        recipe = conversion.recipe
+        title = f"Recipe default, scored on {recipe.samples} {recipe.scored_on}"
+        parts.append(f"<h2>{escape(title)}</h2>")
+        parts.append(_table(RECIPE_HEADER, recipe_rows(recipe)))
     comparison = report.comparison
     if comparison is not None:
         ref, cand = comparison.reference, comparison.candidate

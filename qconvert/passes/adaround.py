@@ -234,12 +234,16 @@ def adaround(
     nodes: list[ir.Node],
     grams: Mapping[str, np.ndarray],
     originals: dict[str, np.ndarray],
+    chosen_before: dict | None = None,
 ) -> list[Rounded]:
     """Chooses each weight's rounding (see the module docstring) and writes it back.
 
     `grams` maps node names to H, [groups, K, K] (or the input name to a [K, K] H, as
     `gram_matrices` gives for MatMul/Gemm). The float weights it replaces are put in
     `originals` (by node name), for bias correction to measure the final rounding against.
+    `chosen_before` keeps each layer's result by node and grid: a layer rounded before on
+    the same grid and H (the recipe re-runs rounding with other nodes kept float) is not
+    swept again.
     """
     results = []
     for node in nodes:
@@ -262,12 +266,18 @@ def adaround(
         low, high = qparams.integer_range(
             params.dtype, symmetric=True, reduce_range=plan.scheme.reduce_range
         )
-        ideal = columns / scale + zero
-        chosen = np.clip(np.round(ideal), low, high)
-        before = _energy(gram, (chosen - ideal) * scale)
-        chosen = _descend(gram, ideal, chosen, scale, low, high)
-        after = _energy(gram, (chosen - ideal) * scale)
-        values = from_columns((chosen - zero) * scale)
+        key = (node.name or "", scale.tobytes(), zero.tobytes(), weight.tobytes())
+        if chosen_before is not None and key in chosen_before:
+            values, before, after = chosen_before[key]
+        else:
+            ideal = columns / scale + zero
+            chosen = np.clip(np.round(ideal), low, high)
+            before = _energy(gram, (chosen - ideal) * scale)
+            chosen = _descend(gram, ideal, chosen, scale, low, high)
+            after = _energy(gram, (chosen - ideal) * scale)
+            values = from_columns((chosen - zero) * scale)
+            if chosen_before is not None:
+                chosen_before[key] = (values, before, after)
         originals[node.name or ""] = constant_array(weight_value)
         weight_value.const_value = ir.tensor(values.astype(np.float32), name=weight_value.name)
         results.append(Rounded(node.name or "", before, after))

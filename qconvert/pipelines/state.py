@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from qconvert.calibration import Calibration, RangeMethod
     from qconvert.compare import Comparison
     from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec
+    from qconvert.pipelines.recipe import RecipeOptions, RecipeResult
+    from qconvert.pipelines.weight_passes import FloatInputs
     from qconvert.plan import QuantPlan
     from qconvert.report import Report
     from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
@@ -57,6 +59,8 @@ class QuantizeRequest:
     workers: int | None = 1
     progress: Progress = SILENT
     limits: LoadLimits = DEFAULT_LIMITS
+    recipe: RecipeOptions | None = None
+    """The recipe and its floor and budget; None: `fast`, the single pass."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +88,9 @@ class QuantizeState:
     source: DirectorySource | None = None
     calibration: Calibration | None = None
     evaluation: DirectorySource | None = None
+    # split samples: what the default recipe scores on, and the indices it took from data
+    held_out: DirectorySource | None = None
+    held_out_indices: tuple[int, ...] = ()
     # equalize, smooth: notes that go ahead of the plan's own
     notes: tuple[str, ...] = ()
     # calibrate
@@ -98,6 +105,10 @@ class QuantizeState:
     # plan, mixed precision, weight passes
     plan: QuantPlan | None = None
     originals: dict[str, Any] = field(default_factory=dict)
+    float_inputs: FloatInputs | None = None
+    """What the weight passes measured on this prepared model, for the recipe's re-runs."""
+    # recipe
+    recipe: RecipeResult | None = None
     # rewrite, verify and save, evaluate, report
     converted: ir.Model | None = None
     saved: bytes | str | None = None

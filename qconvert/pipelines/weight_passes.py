@@ -132,6 +132,8 @@ class FloatInputs:
     def __init__(self) -> None:
         self.grams: dict[str, np.ndarray] = {}
         self.means: dict[str, np.ndarray] = {}
+        self.rounded: dict = {}
+        """Each layer's rounding by node and grid (`adaround`'s `chosen_before`)."""
 
     def measure(self, prepared: ir.Model, plan: QuantPlan, source: DirectorySource) -> None:
         """Measures what the plan's rounding and correctable nodes need and is not known."""
@@ -180,7 +182,9 @@ def adaround_weights(
         names = sorted({node.inputs[0].name for node in nodes})
         runs = _float_runs(prepared, names, source)
         grams = layer_grams(runs, nodes, len(source)) if names else {}
-    rounded = adaround(plan, nodes, grams, originals)
+    rounded = adaround(
+        plan, nodes, grams, originals, inputs.rounded if inputs is not None else None
+    )
     gains = [
         10 * math.log10(r.error_before / r.error_after)
         for r in rounded
