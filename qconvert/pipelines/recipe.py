@@ -592,12 +592,12 @@ def _macs(node: ir.Node) -> float:
     """Multiply-accumulates of one run of the node, from the shapes known (0 if unknown)."""
     output = node.outputs[0] if node.outputs else None
     shape = output.shape if output is not None else None
-    if shape is None or not all(isinstance(d, int) for d in shape):
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         return 0.0
     elements = float(np.prod(shape)) if len(shape) else 1.0
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     wshape = weight.shape if weight is not None else None
-    if wshape is None or not all(isinstance(d, int) for d in wshape):
+    if wshape is None or not all(isinstance(d, int) and d >= 0 for d in wshape):
         return elements
     if node.op_type == "Conv":
         return elements * float(np.prod(wshape[1:]))
