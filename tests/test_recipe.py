@@ -201,3 +201,24 @@ def test_the_markdown_and_html_reports_tell_the_recipe(tmp_path):
         for step in ("range method", "bias correction", "weight rounding", "equalization"):
             assert step in text
         assert "floor 25 dB" in text
+
+
+def test_only_batch_by_class_outputs_count_as_classifiers():
+    # A detector head ([1, 84, anchors]) is float over its last axis too; its argmax over
+    # anchors is no class, so only [batch, classes] outputs get a top-1 agreement.
+    from qconvert.pipelines.recipe import HeldOut
+
+    rng = np.random.default_rng(0)
+    k, n = 8, 6
+    model = testing.layernorm_matmul(
+        np.ones(k), np.zeros(k), rng.standard_normal((k, n)), rng.standard_normal((k, n))
+    )
+    samples = [{"input": rng.standard_normal((1, 4, k)).astype(np.float32)} for _ in range(4)]
+    held = HeldOut(model.SerializeToString(), samples)
+    assert held.score(model.SerializeToString()).top1_agreement is None
+    classifier = testing.gemm_bias(rng.standard_normal((4, k)), np.zeros(4))
+    rows = [{"input": rng.standard_normal((1, k)).astype(np.float32)} for _ in range(4)]
+    fidelity = HeldOut(classifier.SerializeToString(), rows).score(
+        classifier.SerializeToString()
+    )
+    assert fidelity.top1_agreement == 1.0

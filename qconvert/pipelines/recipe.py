@@ -237,7 +237,10 @@ class HeldOut:
         outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
         worst, agreement = math.inf, None
         for index, name in enumerate(self.output_names):
-            classify = is_classifier_like(np.asarray(self.reference[0][index]))
+            # Class scores are [batch, classes]: a detector's [1, 84, anchors] head is
+            # float over its last axis too, but its argmax over anchors means nothing.
+            first = np.asarray(self.reference[0][index])
+            classify = first.ndim == 2 and is_classifier_like(first)
             accumulator = OutputAccumulator(name, classify=classify)
             for reference, candidate in zip(self.reference, outputs, strict=True):
                 accumulator.update(reference[index], candidate[index])
