@@ -30,7 +30,7 @@ import math
 import os
 import re
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +188,19 @@ class DirectorySource:
         part = copy.copy(self)
         part._entries = self._entries[start:stop]
         return part
+
+    def select(self, indices: Sequence[int]) -> DirectorySource:
+        """The samples at `indices`, in that order: the held-out part of a recipe."""
+        chosen = copy.copy(self)
+        chosen._entries = tuple(self._entries[i] for i in indices)
+        return chosen
+
+    def without(self, indices: Sequence[int]) -> DirectorySource:
+        """The samples not at `indices`, in folder order: what a recipe calibrates on."""
+        left = set(indices)
+        rest = copy.copy(self)
+        rest._entries = tuple(e for i, e in enumerate(self._entries) if i not in left)
+        return rest
 
     def _sample(self, entry: _Entry) -> Sample:
         arrays = entry.read()

@@ -24,7 +24,7 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                         quantize_nodes, dequantize_nodes, nodes, islands_by_op {op: n},
                         unplanned_islands, islands [{planned, nodes [{name, op_type,
                         planned (true | false | null: a node onnxruntime made), reason}]}]}:
-                    what onnxruntime's CPU provider runs (`qconvert.fusion_audit`)}
+                    what onnxruntime's CPU provider runs (`qconvert.fusion_audit`),
                     nodes [{index, name, op_type, precision, reason}]: every node in
                         graph order; precision int8 | int16 | fp16 | fp16-weights | float,
                     activations [{tensor, range_min, range_max, observed_min,
@@ -32,7 +32,12 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                         activation, the range its quantization represents against the
                         calibration's extremes, and the share of calibration values outside,
                     weights [{tensor, channels, min_range, median_range, max_range,
-                        spread}]: per weight quantized per channel, widest spread first}
+                        spread}]: per weight quantized per channel, widest spread first,
+                    recipe null | {samples, scored_on, start, trials [{step, kept, before,
+                    after, seconds, detail}], raised [{name, op_type, gain_db,
+                    weight_share, work_share}], final, floor_sqnr_db, min_top1_agreement,
+                    budget, kept [step]}: what the default recipe tried and kept, each
+                    fidelity as {sqnr_db, top1_agreement} on held-out samples}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
@@ -64,6 +69,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qconvert.calibration.observers import TensorObserver
 from qconvert.compare import Comparison
@@ -80,6 +86,9 @@ from qconvert.report_detail import (
     node_rows,
     weight_spreads,
 )
+
+if TYPE_CHECKING:
+    from qconvert.pipelines.recipe import RecipeResult
 
 SCHEMA_VERSION = 1
 REPORT_SUFFIXES = (".json", ".md", ".html")
@@ -121,6 +130,8 @@ class Conversion:
     nodes: tuple[NodeRow, ...] = ()
     activations: tuple[ActivationRange, ...] = ()
     weights: tuple[WeightSpread, ...] = ()
+    recipe: RecipeResult | None = None
+    """What the default recipe tried, kept and raised (`pipelines.recipe`); None: fast."""
 
     @property
     def range_summary(self) -> str:

@@ -84,6 +84,8 @@ def render_html(report: Report) -> str:
         sections.append(
             ("audit", "What onnxruntime runs", _fusion_audit(conversion.fusion_audit))
         )
+    if conversion is not None and conversion.recipe is not None:
+        sections.append(("recipe", _recipe_title(conversion), _recipe(conversion)))
     if report.gates:
         sections.append(("gates", "Gates", _gates(report)))
     for anchor, title, header, rows in extra_sections(report):
@@ -493,6 +495,18 @@ def _notes(conversion: Conversion) -> str:
     if conversion.range_methods:
         items.append("Range methods (--method auto): " + escape(conversion.range_summary))
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _recipe_title(conversion: Conversion) -> str:
+    recipe = conversion.recipe
+    return f"Recipe default, scored on {recipe.samples} {recipe.scored_on}"
+
+
+def _recipe(conversion: Conversion) -> str:
+    """What the default recipe tried, kept and raised (`pipelines.recipe`)."""
+    from qconvert.pipelines.recipe import RECIPE_HEADER, recipe_rows
+
+    return _table(RECIPE_HEADER, recipe_rows(conversion.recipe))
 
 
 def _fusion_audit(audit: FusionAudit) -> str:

@@ -69,6 +69,12 @@ def render_markdown(report: Report) -> str:
                 fmt.island_rows(conversion.fusion_audit),
             )
         lines += _conversion_detail(conversion)
+    if conversion is not None and conversion.recipe is not None:
+        from qconvert.pipelines.recipe import RECIPE_HEADER, recipe_rows
+
+        recipe = conversion.recipe
+        title = f"Recipe default, scored on {recipe.samples} {recipe.scored_on}"
+        lines += _table(title, RECIPE_HEADER, recipe_rows(recipe))
     comparison = report.comparison
     if comparison is not None:
         rows = fmt.comparison_rows(comparison, path=lambda text: f"`{text}`")

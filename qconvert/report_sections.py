@@ -43,6 +43,7 @@ _DRAWN_CONVERSION = frozenset(
         "activations",
         "weights",
         "fusion_audit",
+        "recipe",
     }
 )
 _TITLES = {

@@ -45,7 +45,7 @@ def test_the_tail_reruns_from_a_kept_state(tiny_cnn, tmp_path):
     # the same tail on the same state writes the same model.
     stages = list(pipeline.STAGES)
     names = [stage.name for stage in stages]
-    assert names[:3] == ["check_options", "load", "equalize"]
+    assert names[:4] == ["check_options", "load", "split_samples", "equalize"]
     assert names[-4:] == ["rewrite", "verify_and_save", "evaluate", "write_report"]
     head = stages[: names.index("plan")]
     tail = stages[names.index("plan") :]

@@ -137,6 +137,8 @@ class DataSpec:
     samples: int | None = None
     seed: int = 0
     limits: LoadLimits = DEFAULT_LIMITS
+    held_out: tuple[int, ...] = ()
+    """Indices (after `samples`) a recipe holds out of calibration to score on."""
 
     def open(self) -> DirectorySource:
         """The selected samples, in the driver's order."""
@@ -145,6 +147,8 @@ class DataSpec:
         )
         if self.samples is not None and self.samples < len(source):
             source = source.subset(self.samples, seed=self.seed)
+        if self.held_out:
+            source = source.without(self.held_out)
         return source
 
 

@@ -231,6 +231,36 @@ SCHEME_HELP = (
     "labels.npy) drops by at most POINTS.",
 )
 @click.option(
+    "--recipe",
+    type=click.Choice(["default", "fast"]),
+    default="default",
+    show_default=True,
+    help="default: with --data (at least 48 samples, or --eval), hold 16 samples out, try "
+    "the other range method, bias correction, adaptive weight rounding and equalization "
+    "in turn, keep each only where the held-out output SQNR (and top-1 agreement) "
+    "improves, then keep float the nodes that buy the most fidelity per byte and "
+    "multiply-accumulate while it is below --floor-sqnr, within --raise-budget; the "
+    "report tells what was tried and kept. fast: the single pass (plan, rewrite).",
+)
+@click.option(
+    "--floor-sqnr",
+    type=float,
+    default=25.0,
+    show_default=True,
+    metavar="DB",
+    help="Recipe default: raise nodes to float while the held-out output SQNR is below DB "
+    "(or a classifier's top-1 agreement below 97%).",
+)
+@click.option(
+    "--raise-budget",
+    type=click.FloatRange(0, 100),
+    default=5.0,
+    show_default=True,
+    metavar="PCT",
+    help="Recipe default: the most of the model's weight bytes, and of its "
+    "multiply-accumulates, that raised nodes may keep float, in percent.",
+)
+@click.option(
     "--report",
     type=click.Path(path_type=Path),
     default=None,
@@ -284,6 +314,9 @@ def quantize_command(
     smooth_quant: float | None,
     target_sqnr: float | None,
     max_top1_drop: float | None,
+    recipe: str,
+    floor_sqnr: float,
+    raise_budget: float,
     report: Path | None,
     as_json: bool,
     force: bool,
@@ -316,6 +349,7 @@ def quantize_command(
     from qconvert import api, ci
     from qconvert.config import QuantizeConfig, parse_input_shape
     from qconvert.overrides import load_overrides
+    from qconvert.pipelines.recipe import RecipeOptions
     from qconvert.tracking import log_report
 
     config = QuantizeConfig(
@@ -362,6 +396,7 @@ def quantize_command(
         workers=workers,
         limits=limits,
         strict_kernels=strict_kernels,
+        recipe=RecipeOptions(name=recipe, floor_sqnr_db=floor_sqnr, budget=raise_budget / 100),
         **({"progress": progress} if progress else {}),
     )
     if as_json:

@@ -61,7 +61,16 @@ from qconvert.pipelines.mixed_precision import (
     check_mixed_precision,
     evaluator_on,
     plan_mixed_precision,
+    planner,
 )
+from qconvert.pipelines.recipe import (
+    RecipeOptions,
+    RecipeStages,
+    recipe_applies,
+    run_recipe,
+    split_samples,
+)
+from qconvert.pipelines.recipe import notes as recipe_notes
 from qconvert.pipelines.stages import (
     MICROSOFT_DOMAIN,
     PathLike,
@@ -116,6 +125,7 @@ def quantize(
     progress: Progress = SILENT,
     limits: LoadLimits = DEFAULT_LIMITS,
     strict_kernels: bool = False,
+    recipe: str | RecipeOptions = "default",
 ) -> Report:
     """Quantizes `model` as `config` says and writes `output`.
 
@@ -153,6 +163,8 @@ def quantize(
         limits: bounds the model must respect before its weights are read.
         strict_kernels: add the `strict-kernels` gate: it fails when the fusion audit
             finds a float island the plan did not mean (`qconvert.fusion_audit`).
+        recipe: `default` (measure and decide, `pipelines.recipe`) or `fast` (the single
+            pass), or `RecipeOptions` with the floor and budget of raising nodes.
 
     Returns:
         The report: sizes, what was quantized and what was not, and the comparison.
@@ -193,6 +205,7 @@ def quantize(
         progress=progress,
         limits=limits,
         strict_kernels=strict_kernels,
+        recipe=RecipeOptions(name=recipe) if isinstance(recipe, str) else recipe,
     )
     if prequantized.applies(model):  # Q/DQ pairs: finished, not quantized again
         return prequantized.finish_request(request)
@@ -305,7 +318,7 @@ def load(state: QuantizeState) -> QuantizeState:
 def equalize(state: QuantizeState) -> QuantizeState:
     """Cross-layer equalization of the float model (`--equalize`)."""
     float_model, notes = equalize_model(state.float_model)
-    return state.replace(float_model=float_model, notes=notes)
+    return state.replace(float_model=float_model, notes=(*state.notes, *notes))
 
 
 def warn_without_vnni(state: QuantizeState) -> QuantizeState:
@@ -345,6 +358,7 @@ def calibrate(state: QuantizeState) -> QuantizeState:
         specs=state.specs,
         images=request.images,
         limits=request.limits,
+        held_out=state.held_out_indices,
     )
     calibration = collect_calibration(
         request.model,
@@ -359,10 +373,14 @@ def calibrate(state: QuantizeState) -> QuantizeState:
 
 
 def prepare(state: QuantizeState) -> QuantizeState:
-    """Prepares the float model for the scheme (`passes.prepare`)."""
+    """Prepares a copy of the float model for the scheme (`passes.prepare`).
+
+    A copy: preparing changes the model in place, and a recipe re-runs stages on the
+    float model.
+    """
     config = state.config
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
-    prepared, qdq_domain = prepare_for_scheme(state.float_model, config)
+    prepared, qdq_domain = prepare_for_scheme(state.float_model.clone(), config)
     selection.warn_unmatched(prepared.graph)
     return state.replace(selection=selection, prepared=prepared, qdq_domain=qdq_domain)
 
@@ -398,6 +416,23 @@ def auto_check(state: QuantizeState) -> QuantizeState:
     )
 
 
+def search_recipe(state: QuantizeState) -> QuantizeState:
+    """The default recipe: tries each technique on held-out samples (`pipelines.recipe`)."""
+    stages = RecipeStages(
+        equalize=equalize,
+        calibrate=calibrate,
+        prepare=prepare,
+        derive_ranges=derive_ranges,
+        plan=plan,
+        auto_check=auto_check,
+        adaround=adaround,
+        correct_biases=correct_biases,
+        rewrite=rewrite,
+        plan_with=lambda s, ranges, excluded: _plan_excluding(s, ranges, excluded),
+    )
+    return run_recipe(state, stages)
+
+
 def mixed_precision(state: QuantizeState) -> QuantizeState:
     """Keeps float the fewest, most sensitive nodes until the target holds."""
     nodes = len(quantizable_nodes(state.plan))
@@ -422,7 +457,9 @@ def adaround(state: QuantizeState) -> QuantizeState:
     state before this stage still holds the float weights.
     """
     prepared, originals = state.prepared.clone(), dict(state.originals)
-    plan = adaround_weights(prepared, state.plan, state.source, originals)
+    plan = adaround_weights(
+        prepared, state.plan, state.source, originals, inputs=state.float_inputs
+    )
     return state.replace(prepared=prepared, plan=plan, originals=originals)
 
 
@@ -432,7 +469,9 @@ def correct_biases(state: QuantizeState) -> QuantizeState:
     On a copy of the prepared model, as `adaround`.
     """
     prepared = state.prepared.clone()
-    plan = correct_biases_of(prepared, state.plan, state.source, state.originals)
+    plan = correct_biases_of(
+        prepared, state.plan, state.source, state.originals, inputs=state.float_inputs
+    )
     return state.replace(prepared=prepared, plan=plan)
 
 
@@ -441,7 +480,9 @@ def add_notes(state: QuantizeState) -> QuantizeState:
     noted = _with_notes(
         state.plan, state.config, state.opset_before, state.prepared, state.qdq_domain
     )
-    return state.replace(plan=dataclasses.replace(noted, notes=(*state.notes, *noted.notes)))
+    story = recipe_notes(state.recipe) if state.recipe is not None else ()
+    notes = (*state.notes, *noted.notes, *story)
+    return state.replace(plan=dataclasses.replace(noted, notes=notes))
 
 
 def rewrite(state: QuantizeState) -> QuantizeState:
@@ -514,6 +555,10 @@ def write_report(state: QuantizeState) -> QuantizeState:
         seconds=state.timings,
         gates=kernel_gates(state.fusion_audit) if request.strict_kernels else (),
     )
+    if state.recipe is not None:
+        result = dataclasses.replace(
+            result, conversion=dataclasses.replace(result.conversion, recipe=state.recipe)
+        )
     if request.report is not None:
         result.write(request.report)
     return state.replace(report=result)
@@ -522,6 +567,7 @@ def write_report(state: QuantizeState) -> QuantizeState:
 STAGES: tuple[Stage, ...] = (
     Stage(check_options),
     Stage(load, "load"),
+    Stage(split_samples, when=recipe_applies),
     Stage(equalize, "equalize", when=lambda s: s.config.equalize),
     Stage(warn_without_vnni),
     Stage(
@@ -538,6 +584,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(plan, "plan"),
     Stage(auto_check, "auto check", when=lambda s: bool(s.range_choices)),
+    Stage(search_recipe, "recipe", when=lambda s: s.held_out is not None),
     Stage(mixed_precision, "mixed precision", when=lambda s: s.mixed),
     Stage(adaround, "adaround", when=lambda s: s.config.adaround and s.source is not None),
     Stage(
@@ -553,6 +600,13 @@ STAGES: tuple[Stage, ...] = (
 )
 """The quantize pipeline: load -> prepare -> calibrate -> plan -> rewrite -> verify ->
 save -> evaluate -> report, with the optional passes between."""
+
+
+def _plan_excluding(state: QuantizeState, ranges, excluded: frozenset[str]) -> QuantPlan:
+    """The static plan of the prepared model with `ranges`, `excluded` nodes kept float."""
+    return planner(state.prepared, state.scheme, state.config, state.selection, ranges)(
+        excluded
+    )
 
 
 def _plan_of(state: QuantizeState, ranges: dict) -> QuantPlan:

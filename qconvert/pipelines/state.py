@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from qconvert.compare import Comparison
     from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec
     from qconvert.fusion_audit import FusionAudit
+    from qconvert.pipelines.recipe import RecipeOptions, RecipeResult
+    from qconvert.pipelines.weight_passes import FloatInputs
     from qconvert.plan import QuantPlan
     from qconvert.report import Report
     from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
@@ -60,6 +62,8 @@ class QuantizeRequest:
     progress: Progress = SILENT
     limits: LoadLimits = DEFAULT_LIMITS
     strict_kernels: bool = False
+    recipe: RecipeOptions | None = None
+    """The recipe and its floor and budget; None: `fast`, the single pass."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +91,9 @@ class QuantizeState:
     source: DirectorySource | None = None
     calibration: Calibration | None = None
     evaluation: DirectorySource | None = None
+    # split samples: what the default recipe scores on, and the indices it took from data
+    held_out: DirectorySource | None = None
+    held_out_indices: tuple[int, ...] = ()
     # equalize, smooth: notes that go ahead of the plan's own
     notes: tuple[str, ...] = ()
     # calibrate
@@ -101,6 +108,10 @@ class QuantizeState:
     # plan, mixed precision, weight passes
     plan: QuantPlan | None = None
     originals: dict[str, Any] = field(default_factory=dict)
+    float_inputs: FloatInputs | None = None
+    """What the weight passes measured on this prepared model, for the recipe's re-runs."""
+    # recipe
+    recipe: RecipeResult | None = None
     # rewrite, verify and save, evaluate, report
     converted: ir.Model | None = None
     saved: bytes | str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -25,7 +26,12 @@ from qconvert.layers import expose
 from qconvert.passes import (
     prepare,
 )
-from qconvert.passes.adaround import adaround, adaround_nodes, gram_matrices
+from qconvert.passes.adaround import (
+    GramAccumulator,
+    adaround,
+    adaround_nodes,
+    layer_grams,
+)
 from qconvert.passes.bias_correct import (
     channel_means,
     correct_biases,
@@ -115,21 +121,78 @@ def _float_runs(prepared: ir.Model, names, source: DirectorySource):
         yield values
 
 
+class FloatInputs:
+    """What the weight passes measure on the float inputs of a prepared model's layers.
+
+    The default recipe tries the weight passes many times on one float model (alone,
+    together, with nodes kept float): measured once, in one float pass over the samples,
+    and shared. Keyed by node name; one `FloatInputs` serves one prepared model only.
+    """
+
+    def __init__(self) -> None:
+        self.grams: dict[str, np.ndarray] = {}
+        self.means: dict[str, np.ndarray] = {}
+        self.rounded: dict = {}
+        """Each layer's rounding by node and grid (`adaround`'s `chosen_before`)."""
+
+    def measure(self, prepared: ir.Model, plan: QuantPlan, source: DirectorySource) -> None:
+        """Measures what the plan's rounding and correctable nodes need and is not known."""
+        rounding = [n for n in adaround_nodes(prepared, plan) if n.name not in self.grams]
+        biases = [n for n in correctable_nodes(prepared, plan) if n.name not in self.means]
+        if not rounding and not biases:
+            return
+        axes = {node.inputs[0].name: input_axis(node) for node in biases}
+        names = sorted({node.inputs[0].name for node in rounding} | set(axes))
+        grams = GramAccumulator(rounding, len(source))
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for run in _float_runs(prepared, names, source):
+            grams.update(run)
+            for name, mean in channel_means([run], axes).items():
+                sums[name] = sums.get(name, 0.0) + mean * _count(run[name], axes[name])
+                counts[name] = counts.get(name, 0) + _count(run[name], axes[name])
+        self.grams.update(grams.result())
+        for node in biases:
+            name = node.inputs[0].name
+            if name in sums:
+                self.means[node.name or ""] = sums[name] / counts[name]
+
+
+def _count(values: np.ndarray, axis: int) -> int:
+    """Values per channel of one run (what `channel_means` averages over)."""
+    return int(np.asarray(values).size // np.asarray(values).shape[axis])
+
+
 def adaround_weights(
-    prepared: ir.Model, plan: QuantPlan, source: DirectorySource, originals: dict
+    prepared: ir.Model,
+    plan: QuantPlan,
+    source: DirectorySource,
+    originals: dict,
+    inputs: FloatInputs | None = None,
 ) -> QuantPlan:
-    """Rounds the weights of `plan`'s MatMul/Gemm nodes in `prepared` (passes.adaround)."""
+    """Rounds the weights of `plan`'s Conv/ConvTranspose/MatMul/Gemm nodes (adaround).
+
+    `inputs` holds (and gets) what earlier tries measured on the same float model.
+    """
     nodes = adaround_nodes(prepared, plan)
-    names = sorted({node.inputs[0].name for node in nodes})
-    grams = gram_matrices(_float_runs(prepared, names, source), names) if names else {}
-    rounded = adaround(plan, nodes, grams, originals)
+    if inputs is not None:
+        inputs.measure(prepared, plan, source)
+        grams = inputs.grams
+    else:
+        names = sorted({node.inputs[0].name for node in nodes})
+        runs = _float_runs(prepared, names, source)
+        grams = layer_grams(runs, nodes, len(source)) if names else {}
+    rounded = adaround(
+        plan, nodes, grams, originals, inputs.rounded if inputs is not None else None
+    )
     gains = [
         10 * math.log10(r.error_before / r.error_after)
         for r in rounded
         if r.error_after > 0 and r.error_before > 0
     ]
+    kinds = "/".join(sorted({node.op_type for node in nodes})) or "layer"
     note = (
-        f"Adaptive rounding: {len(rounded)} MatMul/Gemm weight(s) rounded to minimise "
+        f"Adaptive rounding: {len(rounded)} {kinds} weight(s) rounded to minimise "
         f"their layer's output error on {len(source)} calibration samples (layer error "
         f"down {max(gains, default=0.0):.1f} dB at best, {min(gains, default=0.0):.1f} dB "
         "at least)."
@@ -138,13 +201,29 @@ def adaround_weights(
 
 
 def correct_biases_of(
-    prepared: ir.Model, plan: QuantPlan, source: DirectorySource, originals: dict
+    prepared: ir.Model,
+    plan: QuantPlan,
+    source: DirectorySource,
+    originals: dict,
+    inputs: FloatInputs | None = None,
 ) -> QuantPlan:
-    """Shifts the biases of `plan`'s Conv/Gemm nodes in `prepared` (bias_correct)."""
+    """Shifts the biases of `plan`'s Conv/Gemm nodes in `prepared` (bias_correct).
+
+    `inputs` holds (and gets) what earlier tries measured on the same float model: then
+    the means are those of the float model's inputs, before any weight was rounded.
+    """
     nodes = correctable_nodes(prepared, plan)
-    axes = {node.inputs[0].name: input_axis(node) for node in nodes}
-    runs = _float_runs(prepared, list(axes), source)
-    corrections = correct_biases(plan, nodes, channel_means(runs, axes), originals)
+    if inputs is not None:
+        inputs.measure(prepared, plan, source)
+        means = {
+            node.inputs[0].name: inputs.means[node.name or ""]
+            for node in nodes
+            if (node.name or "") in inputs.means
+        }
+    else:
+        axes = {node.inputs[0].name: input_axis(node) for node in nodes}
+        means = channel_means(_float_runs(prepared, list(axes), source), axes)
+    corrections = correct_biases(plan, nodes, means, originals)
     largest = max((c.max_abs_shift for c in corrections), default=0.0)
     note = (
         f"Bias correction: {len(corrections)} Conv/Gemm bias(es) shifted by the mean error "

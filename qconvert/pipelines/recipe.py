@@ -1,0 +1,691 @@
+"""The default recipe of `quantize --data`: try each technique, keep what helps.
+
+What helps is what held-out samples say; if the fidelity is still too low, the few nodes
+that cost the most are raised to float.
+
+The samples are split: a held-out part (`HELD_OUT` of them, spread evenly over the folder,
+or the `--eval` folder) scores, the rest calibrates. Starting from the plan `--recipe
+fast` writes, the steps are tried cheap-first (`STEPS`): the other range method
+(`auto`'s per-tensor clipping against minmax), bias correction, weight rounding that
+minimises each layer's output error (AdaRound), cross-layer equalization where the graph
+has Conv pairs for it. A step is kept only when it improves the held-out fidelity
+(`Fidelity.improves`); the kept steps compose, each tried on top of those kept before.
+
+If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`, and for
+classifiers `min_top1_agreement`), nodes are raised to float: each quantized node is
+scored kept float alone, ranked by the dB it gains per share of the model's weight bytes
+and multiply-accumulates it costs in float, and raised in that order while the budget
+(`RecipeOptions.budget`) allows and while each raise still improves the held-out score,
+until the floor holds.
+
+Every trial is a re-run of the tail of the stage list on a kept state, so the search
+changes nothing it does not keep, and is deterministic: one process scores, in a fixed
+order, on fixed samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qconvert import model as model_io
+from qconvert.calibration import derive_ranges
+from qconvert.config import Format
+from qconvert.dataset import Feeds
+from qconvert.errors import ConfigError
+from qconvert.metrics import OutputAccumulator, is_classifier_like
+from qconvert.passes import prepare
+from qconvert.passes.adaround import adaround_nodes
+from qconvert.passes.bias_correct import correctable_nodes
+from qconvert.passes.equalize import EqualizePass
+from qconvert.pipelines.stages import ranges_of
+from qconvert.pipelines.state import QuantizeState
+from qconvert.pipelines.weight_passes import FloatInputs
+from qconvert.plan import QuantPlan, Role
+from qconvert.runtime import make_session
+from qconvert.schemes import StaticScheme
+from qconvert.sensitivity import quantizable_nodes
+
+StageFn = Callable[[QuantizeState], QuantizeState]
+
+RECIPES = ("default", "fast")
+"""`default` measures and decides; `fast` is the single pass of plan and rewrite."""
+
+HELD_OUT = 16
+"""Samples held out of calibration to score on: 16 tell plans 0.5 dB apart (the SQNR of
+16 images of a 224 CNN varies by about 0.2 dB from one draw of 16 to another) at the cost
+of a third of a float pass over 48 calibration samples per trial."""
+
+MIN_CALIBRATION = 32
+"""Samples left to calibrate on after holding out; with fewer, the recipe does not run
+(`fast` is used, and the report says why). Holding 16 out of fewer than 48 would take a
+third or more of the statistics the ranges come from, to score decisions of a few tenths
+of a dB."""
+
+MAX_EVAL = 64
+"""The most `--eval` samples the recipe scores on (spread over the folder): each trial
+runs them all."""
+
+MAX_RANKED = 16
+"""Nodes scored for raising at most (the cheapest that fit the budget): MobileNetV2 has
+over 60 quantized nodes, and scoring each costs a session and 16 runs."""
+
+MAX_GAIN_DB = 60.0
+"""A node's gain counts as at most this (keeping the only noisy node float gives inf)."""
+
+MIN_GAIN_DB = 0.1
+"""A step must raise the held-out SQNR by this much to be kept: what 16 samples resolve,
+and less than any technique here changes a model by when it matters."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecipeOptions:
+    """How `quantize` searches (the command line's --recipe, --floor-sqnr, --raise-budget).
+
+    Attributes:
+        name: `default` or `fast` (`RECIPES`).
+        floor_sqnr_db: raise nodes to float while the held-out output SQNR is below it.
+            25 dB: the fidelity a model needs when nothing better than SQNR says what
+            matters (issue 16's target for "anything else"); classifiers and detectors
+            of the bench hold 97% agreement from about 20-25 dB.
+        min_top1_agreement: for classifier-like outputs, raise nodes while the held-out
+            top-1 agreement with the float model is below it.
+        budget: the share of the model's weight bytes, and of its multiply-accumulates,
+            that raised nodes may keep in float (each). 5%: int8 weights take 25% of the
+            float file, and 5% more in float adds 3.75 points (28.75% <= the 30% target);
+            5% of the work on float kernels, about 2-3x slower than int8 ones, costs about
+            10% of int8 latency (0.5x float -> 0.55x <= the 0.6x target).
+    """
+
+    name: str = "default"
+    floor_sqnr_db: float = 25.0
+    min_top1_agreement: float = 0.97
+    budget: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.name not in RECIPES:
+            raise ConfigError(
+                f"Unknown recipe '{self.name}'.", hint=f"choose from {', '.join(RECIPES)}."
+            )
+        if not 0.0 <= self.budget <= 1.0:
+            raise ConfigError(
+                f"--raise-budget {self.budget * 100:g} is out of range.",
+                hint="give a percentage from 0 to 100 (5 is the default).",
+            )
+
+
+FAST = RecipeOptions(name="fast")
+
+
+def held_out_indices(count: int, held: int = HELD_OUT) -> tuple[int, ...]:
+    """`held` sample indices spread evenly over `count`, never the first.
+
+    The first sample stays in calibration: it is the one the written model is verified on.
+    Evenly spread rather than the last ones: folders are often sorted by class or source.
+    """
+    return tuple(int((i + 0.5) * count / held) for i in range(held))
+
+
+def spread(count: int, wanted: int) -> tuple[int, ...]:
+    """`wanted` indices spread evenly over `count` (all of them when fewer)."""
+    if count <= wanted:
+        return tuple(range(count))
+    return tuple(int(i * count / wanted) for i in range(wanted))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fidelity:
+    """How close a candidate's outputs are to the float model's on the held-out samples."""
+
+    sqnr_db: float
+    """The worst output's SQNR."""
+    top1_agreement: float | None
+    """The lowest top-1 agreement over classifier-like outputs (None without them)."""
+
+    def improves(self, other: Fidelity) -> bool:
+        """Whether this is better than `other`: SQNR up by `MIN_GAIN_DB`, agreement not down.
+
+        SQNR decides because it moves with every technique, where 16 samples give
+        agreement in steps of 6 points; agreement only vetoes.
+        """
+        if self.top1_agreement is not None and other.top1_agreement is not None:
+            if self.top1_agreement < other.top1_agreement:
+                return False
+        if math.isnan(self.sqnr_db):
+            return False
+        if math.isnan(other.sqnr_db):
+            return True
+        return self.sqnr_db >= other.sqnr_db + MIN_GAIN_DB
+
+    def meets(self, options: RecipeOptions) -> bool:
+        """Whether the floor holds."""
+        if not self.sqnr_db >= options.floor_sqnr_db:
+            return False
+        return self.top1_agreement is None or self.top1_agreement >= options.min_top1_agreement
+
+    def describe(self) -> str:
+        """`31.2 dB` or `31.2 dB, top-1 100%`."""
+        text = f"{self.sqnr_db:.1f} dB"
+        if self.top1_agreement is not None:
+            text += f", top-1 {self.top1_agreement * 100:.0f}%"
+        return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trial:
+    """One step the recipe tried."""
+
+    step: str
+    kept: bool
+    before: Fidelity
+    after: Fidelity | None
+    """None when the step did not apply (`detail` says why)."""
+    seconds: float
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RaisedNode:
+    """A node the recipe kept float, and what it bought and cost."""
+
+    name: str
+    op_type: str
+    gain_db: float
+    """Held-out SQNR gained by keeping this node float alone."""
+    weight_share: float
+    """Its weights' share of the model's weight bytes."""
+    work_share: float
+    """Its multiply-accumulates' share of the model's."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecipeResult:
+    """What the default recipe did: the report's `recipe` section."""
+
+    samples: int
+    """Samples scored on."""
+    scored_on: str
+    """"held-out calibration samples" or "--eval samples"."""
+    start: Fidelity
+    trials: tuple[Trial, ...]
+    raised: tuple[RaisedNode, ...]
+    final: Fidelity
+    floor_sqnr_db: float
+    min_top1_agreement: float
+    budget: float
+    kept: tuple[str, ...]
+
+
+class HeldOut:
+    """Scores converted models against the float model's outputs on fixed samples."""
+
+    def __init__(self, float_model: bytes, samples: Sequence[Feeds]) -> None:
+        self.samples = list(samples)
+        session = make_session(float_model, quiet=True)
+        self.output_names = [output.name for output in session.get_outputs()]
+        self.reference = [session.run(None, feeds) for feeds in self.samples]
+
+    def score(self, model: bytes) -> Fidelity:
+        """The fidelity of `model` (serialized)."""
+        session = make_session(model, quiet=True)
+        outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
+        worst, agreement = math.inf, None
+        for index, name in enumerate(self.output_names):
+            # Class scores are [batch, classes]: a detector's [1, 84, anchors] head is
+            # float over its last axis too, but its argmax over anchors means nothing.
+            first = np.asarray(self.reference[0][index])
+            classify = first.ndim == 2 and is_classifier_like(first)
+            accumulator = OutputAccumulator(name, classify=classify)
+            for reference, candidate in zip(self.reference, outputs, strict=True):
+                accumulator.update(reference[index], candidate[index])
+            result = accumulator.result()
+            if not math.isnan(result.sqnr_db):
+                worst = min(worst, result.sqnr_db)
+            if result.top1_agreement is not None:
+                agreement = min(agreement or 1.0, result.top1_agreement)
+        return Fidelity(sqnr_db=worst, top1_agreement=agreement)
+
+
+def recipe_applies(state: QuantizeState) -> bool:
+    """Whether the default recipe runs.
+
+    It runs when asked for, for a static scheme calibrating on --data, with no technique
+    chosen by hand (then the user's choices are the recipe).
+    """
+    options, config = state.request.recipe, state.config
+    if options is None or options.name != "default":
+        return False
+    if not isinstance(state.scheme, StaticScheme) or state.calibration is not None:
+        return False
+    if state.source is None:
+        return False
+    by_hand = (
+        config.equalize,
+        config.bias_correction,
+        config.adaround,
+        config.smooth_quant is not None,
+        state.mixed,
+    )
+    return not any(by_hand)
+
+
+def split_samples(state: QuantizeState) -> QuantizeState:
+    """Holds samples out of calibration to score on (or takes --eval's), see the module."""
+    if state.evaluation is not None:
+        indices = spread(len(state.evaluation), MAX_EVAL)
+        return state.replace(held_out=state.evaluation.select(indices))
+    count = len(state.source)
+    if count < HELD_OUT + MIN_CALIBRATION:
+        note = (
+            f"Recipe fast (the single pass): {count} samples are too few to hold "
+            f"{HELD_OUT} out for scoring and calibrate on {MIN_CALIBRATION}; give --eval "
+            f"DIR or at least {HELD_OUT + MIN_CALIBRATION} --data samples for the default "
+            "recipe."
+        )
+        return state.replace(notes=(*state.notes, note))
+    indices = held_out_indices(count)
+    return state.replace(
+        held_out=state.source.select(indices),
+        source=state.source.without(indices),
+        held_out_indices=indices,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecipeStages:
+    """The stages of `quantize` the recipe re-runs; they live with the pipeline."""
+
+    equalize: StageFn
+    calibrate: StageFn
+    prepare: StageFn
+    derive_ranges: StageFn
+    plan: StageFn
+    auto_check: StageFn
+    adaround: StageFn
+    correct_biases: StageFn
+    rewrite: StageFn
+    plan_with: Callable[[QuantizeState, Mapping, frozenset[str]], QuantPlan]
+    """Plans the state's prepared model with these ranges and these nodes kept float."""
+
+
+STEPS = ("range method", "bias correction", "weight rounding", "equalization")
+"""The steps, cheapest first: a plan variant; one float pass over the calibration samples;
+one float pass and a least-squares sweep per layer; a whole new calibration."""
+
+
+def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
+    """The default recipe (see the module docstring) from the state after planning."""
+    options = state.request.recipe
+    progress = state.request.progress
+    scorer = HeldOut(model_io.to_bytes(state.prepared), [s.feeds for s in state.held_out])
+
+    def score(candidate: QuantizeState) -> Fidelity:
+        return scorer.score(model_io.to_bytes(stages.rewrite(candidate).converted))
+
+    # The trials' stages time into a scratch dict, and share the float measurements.
+    base = state.replace(timings={}, float_inputs=FloatInputs())
+    equalized: dict[str, QuantizeState] = {}
+    built: dict[tuple[frozenset[str], frozenset[str]], QuantizeState] = {}
+
+    def build(kept: frozenset[str], excluded: frozenset[str] = frozenset()) -> QuantizeState:
+        """The tail of the pipeline re-run with the `kept` steps and `excluded` nodes."""
+        if (kept, excluded) not in built:
+            built[kept, excluded] = rebuild(kept, excluded)
+        return built[kept, excluded]
+
+    def rebuild(kept: frozenset[str], excluded: frozenset[str]) -> QuantizeState:
+        current = base
+        if "equalization" in kept:
+            if not equalized:
+                equalized["state"] = _equalized(base, stages)
+            current = equalized["state"]
+        if "range method" in kept:
+            current = _other_ranges(current, stages)
+        if excluded:
+            current = _excluding(current, stages, excluded)
+        if "weight rounding" in kept:
+            current = stages.adaround(current)
+        if "bias correction" in kept:
+            current = stages.correct_biases(current)
+        return current
+
+    checks = {
+        "range method": lambda: _ranges_refusal(base),
+        "bias correction": lambda: (
+            None
+            if correctable_nodes(base.prepared, base.plan)
+            else "no quantized Conv/Gemm with a constant bias"
+        ),
+        "weight rounding": lambda: (
+            None
+            if adaround_nodes(base.prepared, base.plan)
+            else "no quantized Conv, ConvTranspose, MatMul or Gemm weight it can round"
+        ),
+        "equalization": lambda: _equalize_refusal(base),
+    }
+    kept: frozenset[str] = frozenset()
+    start = best = score(base)
+    trials = []
+    with progress.task("Trying recipe steps", len(STEPS)) as advance:
+        for step in STEPS:
+            began = time.perf_counter()
+            reason = checks[step]()
+            after = None
+            if reason is None:
+                after = score(build(kept | {step}))
+            keep = after is not None and after.improves(best)
+            seconds = round(time.perf_counter() - began, 3)
+            trials.append(
+                Trial(
+                    step=step,
+                    kept=keep,
+                    before=best,
+                    after=after,
+                    seconds=seconds,
+                    detail=reason or "",
+                )
+            )
+            if keep:
+                kept, best = kept | {step}, after
+            advance()
+    excluded: frozenset[str] = frozenset()
+    raised: tuple[RaisedNode, ...] = ()
+    qdq = state.config.format is Format.QDQ
+    if not best.meets(options) and options.budget > 0 and qdq:
+        excluded, raised, best = _raise(build, kept, score, best, options, stages, progress)
+    final = build(kept, excluded)
+    if raised:
+        final = final.replace(plan=_with_raised_reasons(final.plan, raised))
+    result = RecipeResult(
+        samples=len(state.held_out),
+        scored_on="--eval samples"
+        if state.evaluation is not None
+        else "held-out calibration samples",
+        start=start,
+        trials=tuple(trials),
+        raised=raised,
+        final=best,
+        floor_sqnr_db=options.floor_sqnr_db,
+        min_top1_agreement=options.min_top1_agreement,
+        budget=options.budget,
+        kept=tuple(step for step in STEPS if step in kept),
+    )
+    return final.replace(timings=state.timings, recipe=result)
+
+
+def _ranges_refusal(state: QuantizeState) -> str | None:
+    if state.range_method is None or state.range_method.name != "auto":
+        name = state.range_method.name if state.range_method is not None else "none"
+        return f"--method {name} was asked for"
+    if _alternative_ranges(state) is None:
+        return "auto's per-tensor choice is minmax for every activation"
+    return None
+
+
+def _activation_clipping(state: QuantizeState) -> bool:
+    choices = state.range_choices
+    return any(
+        decision.role is Role.ACTIVATION and choices.get(name, "minmax") != "minmax"
+        for name, decision in state.plan.tensors.items()
+    )
+
+
+def _alternative_ranges(state: QuantizeState):
+    """The ranges the plan does not use: minmax if it clips, else auto's clipping."""
+    if _activation_clipping(state):
+        method = dataclasses.replace(state.range_method, name="minmax")
+        ranges = dict(derive_ranges(state.calibration.observers, method))
+        return ranges, dict.fromkeys(state.range_choices, "minmax"), "minmax everywhere"
+    ranges, choices = ranges_of(state.calibration, state.range_method)
+    clipping = [name for name, method in choices.items() if method != "minmax"]
+    if not clipping:
+        return None
+    return ranges, choices, f"auto's per-tensor choices ({len(clipping)} clipped)"
+
+
+def _other_ranges(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
+    other = _alternative_ranges(state)
+    if other is None:
+        return state
+    ranges, choices, label = other
+    plan = stages.plan_with(state, ranges, frozenset())
+    note = f"Range method: the recipe kept {label}, better on held-out samples."
+    plan = dataclasses.replace(plan, notes=(*plan.notes, note))
+    return state.replace(plan=plan, ranges=ranges, range_choices=choices)
+
+
+def _excluding(
+    state: QuantizeState, stages: RecipeStages, excluded: frozenset[str]
+) -> QuantizeState:
+    plan = stages.plan_with(state, state.ranges, excluded)
+    extra = tuple(note for note in state.plan.notes if note not in plan.notes)
+    return state.replace(plan=dataclasses.replace(plan, notes=(*plan.notes, *extra)))
+
+
+def _equalize_refusal(state: QuantizeState) -> str | None:
+    equalize = EqualizePass()
+    equalize(prepare(state.float_model.clone(), min_opset=1))
+    if not equalize.pairs:
+        return "no Conv -> [Relu] -> Conv pair it can rescale"
+    return None
+
+
+def _equalized(base: QuantizeState, stages: RecipeStages) -> QuantizeState:
+    """The stages from equalization to the plan, re-run on the float model.
+
+    The ranges follow the base plan's choice (minmax everywhere, or auto's clipping): the
+    range method has had its own trial.
+    """
+    state = base.replace(
+        float_model=base.float_model.clone(),
+        calibration=None,
+        ranges={},
+        range_choices={},
+        float_inputs=FloatInputs(),
+    )
+    for stage in (stages.equalize, stages.calibrate, stages.prepare, stages.derive_ranges):
+        state = stage(state)
+    if state.range_choices and not _activation_clipping(base):
+        method = dataclasses.replace(state.range_method, name="minmax")
+        ranges = dict(derive_ranges(state.calibration.observers, method))
+        state = state.replace(ranges=ranges, range_choices=dict.fromkeys(ranges, "minmax"))
+    return stages.plan(state)
+
+
+def _raise(build, kept, score, best, options, stages, progress):
+    """Keeps float the nodes that buy the most held-out fidelity per cost, within budget."""
+    plain = build(kept & {"equalization", "range method"})
+    plain_score = score(plain)
+    nodes = quantizable_nodes(plain.plan)
+    costs = node_costs(plain.prepared, [name for name, _ in nodes])
+    # A node that alone costs more than the budget can never be raised: not scored. Of
+    # the rest, the `MAX_RANKED` cheapest are scored: each score is a session and a pass
+    # over the held-out samples, and gain per cost favours the cheap nodes.
+    affordable = [(n, op) for n, op in nodes if max(costs[n]) <= options.budget]
+    nodes = sorted(affordable, key=lambda node: (sum(costs[node[0]]), node[0]))[:MAX_RANKED]
+    candidates = []
+    with progress.task("Ranking nodes", len(nodes)) as advance:
+        for name, op_type in nodes:
+            alone = score(_excluding(plain, stages, frozenset({name})))
+            gain = min(alone.sqnr_db - plain_score.sqnr_db, MAX_GAIN_DB)
+            weight_share, work_share = costs[name]
+            if gain > MIN_GAIN_DB:
+                candidates.append((name, op_type, gain, weight_share, work_share))
+            advance()
+    candidates.sort(key=lambda c: (-c[2] / max(c[3] + c[4], 1e-9), c[0]))
+    excluded: frozenset[str] = frozenset()
+    raised = []
+    used_weights = used_work = 0.0
+    for name, op_type, gain, weight_share, work_share in candidates:
+        if best.meets(options):
+            break
+        if used_weights + weight_share > options.budget:
+            continue
+        if used_work + work_share > options.budget:
+            continue
+        after = score(build(kept, excluded | {name}))
+        if not after.improves(best):
+            continue
+        excluded, best = excluded | {name}, after
+        used_weights += weight_share
+        used_work += work_share
+        raised.append(
+            RaisedNode(
+                name=name,
+                op_type=op_type,
+                gain_db=gain,
+                weight_share=weight_share,
+                work_share=work_share,
+            )
+        )
+    return excluded, tuple(raised), best
+
+
+def _with_raised_reasons(plan: QuantPlan, raised: tuple[RaisedNode, ...]) -> QuantPlan:
+    by_name = {node.name: node for node in raised}
+    nodes = tuple(
+        dataclasses.replace(
+            node,
+            reason=f"kept float by the recipe: +{by_name[node.name].gain_db:.1f} dB "
+            "held-out SQNR alone, the most per byte and multiply-accumulate it costs",
+        )
+        if node.name in by_name
+        else node
+        for node in plan.nodes
+    )
+    return dataclasses.replace(plan, nodes=nodes)
+
+
+def node_costs(model: ir.Model, names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """(weight share, work share) of each named node, in the model's weight bytes and MACs.
+
+    Multiply-accumulates of Conv, ConvTranspose, MatMul and Gemm; other ops count their
+    output elements.
+    """
+    work: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    total_work = total_weights = 0.0
+    for node in model.graph:
+        nbytes = sum(
+            value.const_value.nbytes
+            for value in node.inputs[1:]
+            if value is not None and value.const_value is not None
+        )
+        macs = _macs(node)
+        total_work += macs
+        total_weights += nbytes
+        work[node.name or ""] = macs
+        weights[node.name or ""] = nbytes
+    return {
+        name: (
+            weights.get(name, 0.0) / total_weights if total_weights else 0.0,
+            work.get(name, 0.0) / total_work if total_work else 0.0,
+        )
+        for name in names
+    }
+
+
+def _macs(node: ir.Node) -> float:
+    """Multiply-accumulates of one run of the node, from the shapes known (0 if unknown)."""
+    output = node.outputs[0] if node.outputs else None
+    shape = output.shape if output is not None else None
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return 0.0
+    elements = float(np.prod(shape)) if len(shape) else 1.0
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    wshape = weight.shape if weight is not None else None
+    if wshape is None or not all(isinstance(d, int) and d >= 0 for d in wshape):
+        return elements
+    if node.op_type == "Conv":
+        return elements * float(np.prod(wshape[1:]))
+    if node.op_type == "ConvTranspose":
+        return elements * wshape[0] * float(np.prod(wshape[2:])) / max(wshape[1], 1)
+    if node.op_type in ("MatMul", "Gemm") and len(wshape) >= 2:
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+        return elements * wshape[-1 if transposed else -2]
+    return elements
+
+
+def notes(result: RecipeResult) -> tuple[str, ...]:
+    """The recipe's story, one note per line of it, for every report format."""
+    lines = [
+        f"Recipe default: scored on {result.samples} {result.scored_on}; the single-pass "
+        f"plan gives {result.start.describe()}."
+    ]
+    for trial in result.trials:
+        if trial.after is None:
+            lines.append(f"Recipe step {trial.step}: not tried: {trial.detail}.")
+            continue
+        verdict = "kept" if trial.kept else "dropped"
+        lines.append(
+            f"Recipe step {trial.step}: {trial.before.describe()} -> "
+            f"{trial.after.describe()}: {verdict} ({trial.seconds:.1f} s)."
+        )
+    for node in result.raised:
+        lines.append(
+            f"Recipe raised {node.name} ({node.op_type}) to float: +{node.gain_db:.1f} dB "
+            f"alone, for {node.weight_share * 100:.2f}% of the weight bytes and "
+            f"{node.work_share * 100:.2f}% of the multiply-accumulates."
+        )
+    floor = f"floor {result.floor_sqnr_db:g} dB"
+    if result.final.top1_agreement is not None:
+        floor += f" and top-1 {result.min_top1_agreement * 100:g}%"
+    verdict = "met" if result.final.meets(_options_of(result)) else "NOT met"
+    lines.append(
+        f"Recipe result: {result.final.describe()} on the {result.scored_on} ({floor}: "
+        f"{verdict}; kept: {', '.join(result.kept) or 'nothing'}; raised "
+        f"{len(result.raised)} node(s) within a budget of {result.budget * 100:g}%)."
+    )
+    return tuple(lines)
+
+
+RECIPE_HEADER = ["step", "held-out before", "held-out after", "verdict", "seconds"]
+
+
+def recipe_rows(result: RecipeResult) -> list[list[str]]:
+    """The recipe as table rows (Markdown and HTML reports): steps, raised nodes, result."""
+    rows = [["single pass", "", result.start.describe(), "start", ""]]
+    for trial in result.trials:
+        if trial.after is None:
+            rows.append([trial.step, "", "", f"not tried: {trial.detail}", ""])
+            continue
+        verdict = "kept" if trial.kept else "dropped"
+        rows.append(
+            [
+                trial.step,
+                trial.before.describe(),
+                trial.after.describe(),
+                verdict,
+                f"{trial.seconds:.1f}",
+            ]
+        )
+    for node in result.raised:
+        rows.append(
+            [
+                f"raise {node.name} ({node.op_type})",
+                "",
+                f"+{node.gain_db:.1f} dB alone",
+                f"float: {node.weight_share * 100:.2f}% of weights, "
+                f"{node.work_share * 100:.2f}% of MACs",
+                "",
+            ]
+        )
+    met = "met" if result.final.meets(_options_of(result)) else "NOT met"
+    rows.append(
+        ["result", "", result.final.describe(), f"floor {result.floor_sqnr_db:g} dB {met}", ""]
+    )
+    return rows
+
+
+def _options_of(result: RecipeResult) -> RecipeOptions:
+    return RecipeOptions(
+        floor_sqnr_db=result.floor_sqnr_db,
+        min_top1_agreement=result.min_top1_agreement,
+        budget=result.budget,
+    )

@@ -1,0 +1,224 @@
+"""The default recipe keeps a step only where held-out samples say it helps."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from conftest import sha256
+
+import qconvert
+from qconvert import testing
+from qconvert.pipelines.recipe import HELD_OUT, RecipeOptions, held_out_indices
+
+SAMPLES = 48
+
+
+def _trial(report, step):
+    return next(t for t in report.conversion.recipe.trials if t.step == step)
+
+
+def _gemm_case(tmp_path, *, held_out_mean: float):
+    """A Gemm whose per-tensor grid is coarse (one large weight), and samples whose inputs
+    share a common component of mean 1; the held-out ones have mean `held_out_mean`."""
+    rng = np.random.default_rng(0)
+    out_channels, k = 8, 32
+    w = 0.05 * rng.standard_normal((out_channels, k))
+    w[0, 0] = 1.0
+    path = testing.save(testing.gemm_bias(w, np.zeros(out_channels)), tmp_path / "model.onnx")
+    held = set(held_out_indices(SAMPLES))
+    samples = []
+    for i in range(SAMPLES):
+        mean = held_out_mean if i in held else 1.0
+        row = mean + rng.standard_normal() + 0.05 * rng.standard_normal(k)
+        samples.append({"input": row[None].astype(np.float32)})
+    testing.write_samples(tmp_path / "calib", samples)
+    return path, samples
+
+
+def test_a_step_that_helps_on_held_out_samples_is_kept(tmp_path):
+    path, samples = _gemm_case(tmp_path, held_out_mean=1.0)
+    config = qconvert.QuantizeConfig(per_channel=False)
+    fast = qconvert.quantize(
+        path, tmp_path / "fast.onnx", data=tmp_path / "calib", config=config, recipe="fast"
+    )
+    report = qconvert.quantize(
+        path, tmp_path / "q.onnx", data=tmp_path / "calib", config=config
+    )
+    assert fast.conversion.recipe is None
+    recipe = report.conversion.recipe
+    assert recipe.samples == HELD_OUT and recipe.scored_on == "held-out calibration samples"
+    assert report.conversion.calibration_samples == SAMPLES - HELD_OUT
+    rounding = _trial(report, "weight rounding")
+    assert rounding.kept and rounding.after.sqnr_db > rounding.before.sqnr_db + 3.0
+    assert "weight rounding" in recipe.kept
+    # The kept steps are in the written model: it beats the single pass on the held-out
+    # samples by what the recipe measured.
+    held = [samples[i] for i in held_out_indices(SAMPLES)]
+    gained = testing.output_sqnr(path, tmp_path / "q.onnx", held) - testing.output_sqnr(
+        path, tmp_path / "fast.onnx", held
+    )
+    assert gained > 3.0
+    assert (
+        abs(recipe.final.sqnr_db - testing.output_sqnr(path, tmp_path / "q.onnx", held)) < 0.5
+    )
+    notes = report.conversion.notes
+    assert any(n.startswith("Recipe step weight rounding:") and "kept" in n for n in notes)
+    assert any(n.startswith("Adaptive rounding: 1 Gemm weight") for n in notes)
+
+
+def test_a_step_that_hurts_on_held_out_samples_is_dropped(tmp_path):
+    # Bias correction removes the mean error the calibration inputs (mean 1) make; the
+    # held-out inputs have mean -1, where that shift doubles the error instead.
+    path, _ = _gemm_case(tmp_path, held_out_mean=-1.0)
+    report = qconvert.quantize(
+        path,
+        tmp_path / "q.onnx",
+        data=tmp_path / "calib",
+        config=qconvert.QuantizeConfig(per_channel=False),
+    )
+    correction = _trial(report, "bias correction")
+    assert not correction.kept
+    assert correction.after.sqnr_db < correction.before.sqnr_db
+    assert "bias correction" not in report.conversion.recipe.kept
+    assert not any(n.startswith("Bias correction:") for n in report.conversion.notes)
+    assert any(
+        n.startswith("Recipe step bias correction:") and "dropped" in n
+        for n in report.conversion.notes
+    )
+
+
+def _conv_case(tmp_path):
+    model = testing.conv_bn_relu()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    return path
+
+
+def test_the_recipe_writes_the_same_bytes_whatever_the_workers(tmp_path):
+    path = _conv_case(tmp_path)
+    hashes = set()
+    for run, workers in enumerate((1, 2, 1)):
+        out = tmp_path / f"q{run}.onnx"
+        qconvert.quantize(path, out, data=tmp_path / "calib", workers=workers)
+        hashes.add(sha256(out))
+    assert len(hashes) == 1
+
+
+def test_raising_keeps_the_costliest_node_float_within_the_budget(tmp_path):
+    model = testing.sensitive_mlp()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
+    report = qconvert.quantize(
+        path, tmp_path / "q.onnx", data=tmp_path / "calib", recipe=options
+    )
+    recipe = report.conversion.recipe
+    assert recipe.raised, report.conversion.notes
+    raised = {node.name for node in recipe.raised}
+    floats = {node.name: node.reason for node in report.conversion.float_nodes}
+    assert raised <= set(floats)
+    assert all(floats[name].startswith("kept float by the recipe") for name in raised)
+    assert recipe.final.sqnr_db > max(t.after.sqnr_db for t in recipe.trials if t.after)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    # no budget: nothing is raised, whatever the floor
+    none = qconvert.quantize(
+        path,
+        tmp_path / "none.onnx",
+        data=tmp_path / "calib",
+        recipe=RecipeOptions(floor_sqnr_db=80.0, budget=0.0),
+        force=True,
+    )
+    assert none.conversion.recipe.raised == ()
+    assert len(graph.node) > 0
+
+
+def test_too_few_samples_run_the_single_pass_and_say_why(tmp_path):
+    model = testing.conv_bn_relu()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(20)]
+    )
+    report = qconvert.quantize(path, tmp_path / "q.onnx", data=tmp_path / "calib")
+    assert report.conversion.recipe is None
+    assert any(
+        n.startswith("Recipe fast (the single pass): 20 samples")
+        for n in report.conversion.notes
+    )
+    fast = qconvert.quantize(path, tmp_path / "f.onnx", data=tmp_path / "calib", recipe="fast")
+    assert sha256(tmp_path / "q.onnx") == sha256(tmp_path / "f.onnx")
+    assert not any(n.startswith("Recipe") for n in fast.conversion.notes)
+
+
+def test_recipe_options_on_the_command_line(run_cli, tmp_path):
+    path = _conv_case(tmp_path)
+    out = tmp_path / "q.onnx"
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "quantize",
+        path,
+        "--data",
+        tmp_path / "calib",
+        "-o",
+        out,
+        "--raise-budget",
+        "0",
+        "--floor-sqnr",
+        "99",
+        "--report",
+        report,
+    )
+    assert result.code == 0, result.err
+    import json
+
+    recipe = json.loads(report.read_text())["conversion"]["recipe"]
+    assert recipe["budget"] == 0.0 and recipe["floor_sqnr_db"] == 99.0
+    assert [t["step"] for t in recipe["trials"]] == [
+        "range method",
+        "bias correction",
+        "weight rounding",
+        "equalization",
+    ]
+    assert recipe["raised"] == []
+    result = run_cli(
+        "quantize", path, "--data", tmp_path / "calib", "-o", out, "--recipe", "slow"
+    )
+    assert result.code == 2 and "'slow' is not one of" in result.err
+
+
+def test_the_markdown_and_html_reports_tell_the_recipe(tmp_path):
+    path = _conv_case(tmp_path)
+    for suffix in (".md", ".html"):
+        report = tmp_path / f"r{suffix}"
+        qconvert.quantize(
+            path, tmp_path / "q.onnx", data=tmp_path / "calib", report=report, force=True
+        )
+        text = report.read_text()
+        assert "Recipe default, scored on 16 held-out calibration samples" in text
+        for step in ("range method", "bias correction", "weight rounding", "equalization"):
+            assert step in text
+        assert "floor 25 dB" in text
+
+
+def test_only_batch_by_class_outputs_count_as_classifiers():
+    # A detector head ([1, 84, anchors]) is float over its last axis too; its argmax over
+    # anchors is no class, so only [batch, classes] outputs get a top-1 agreement.
+    from qconvert.pipelines.recipe import HeldOut
+
+    rng = np.random.default_rng(0)
+    k, n = 8, 6
+    model = testing.layernorm_matmul(
+        np.ones(k), np.zeros(k), rng.standard_normal((k, n)), rng.standard_normal((k, n))
+    )
+    samples = [{"input": rng.standard_normal((1, 4, k)).astype(np.float32)} for _ in range(4)]
+    held = HeldOut(model.SerializeToString(), samples)
+    assert held.score(model.SerializeToString()).top1_agreement is None
+    classifier = testing.gemm_bias(rng.standard_normal((4, k)), np.zeros(4))
+    rows = [{"input": rng.standard_normal((1, k)).astype(np.float32)} for _ in range(4)]
+    fidelity = HeldOut(classifier.SerializeToString(), rows).score(
+        classifier.SerializeToString()
+    )
+    assert fidelity.top1_agreement == 1.0
