@@ -7,6 +7,7 @@ and a QuantizeLinear), then audited as onnxruntime's CPU provider optimizes them
 from __future__ import annotations
 
 import json
+from xml.etree import ElementTree
 
 import numpy as np
 import onnx
@@ -145,10 +146,16 @@ def test_strict_kernels_exits_1_on_an_unplanned_island(tmp_path, run_cli, monkey
     out = tmp_path / "q.onnx"
     args = ("quantize", model, "--data", tmp_path / "calib", "-o", out)
     assert run_cli(*args).code == 0  # without the flag the island is only reported
-    result = run_cli(*args, "--force", "--strict-kernels")
+    junit = tmp_path / "gates.xml"
+    result = run_cli(*args, "--force", "--strict-kernels", "--junit", junit)
     assert result.code == 1
     assert "strict-kernels: measured 1 unplanned float islands, needs <= 0" in result.err
     assert out.exists()  # the model is valid; the gate says it is slower than planned
+    suite = ElementTree.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("1", "1")
+    case = suite.find("testcase")
+    assert case.get("name") == "strict-kernels"
+    assert "1 unplanned float islands" in case.find("failure").get("message")
 
 
 def test_island_onnxruntime_rewrote_is_traced_to_the_plan_by_its_tensors(tmp_path):

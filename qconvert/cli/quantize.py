@@ -269,6 +269,14 @@ SCHEME_HELP = (
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option(
+    "--junit",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write the gates (--strict-kernels) as JUnit XML, one test case per gate "
+    "(GitLab, Jenkins).",
+)
+@click.option(
     "--strict-kernels",
     is_flag=True,
     help="Exit 1 when onnxruntime leaves a float island (DequantizeLinear -> float op -> "
@@ -320,6 +328,7 @@ def quantize_command(
     report: Path | None,
     as_json: bool,
     force: bool,
+    junit: Path | None,
     strict_kernels: bool,
     workers: int | None,
     limits: LoadLimits,
@@ -352,6 +361,8 @@ def quantize_command(
     from qconvert.pipelines.recipe import RecipeOptions
     from qconvert.tracking import log_report
 
+    if junit is not None:
+        ci.check_junit_path(junit)  # before any work, as compare does
     config = QuantizeConfig(
         scheme=scheme,
         format=format_,
@@ -403,6 +414,8 @@ def quantize_command(
         click.echo(result.to_json(), nl=False)
     else:
         _render.report(result)
+    if junit is not None:
+        ci.write_junit(result, junit)
     ci.append_step_summary(result)
     if ci.in_github_actions():
         for line in ci.gate_annotations(result):
