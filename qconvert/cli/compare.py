@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from qconvert.cli import _console, _render
+from qconvert.cli import _console
 from qconvert.cli._options import given_options, limit_options, mlflow_options
-from qconvert.errors import AccuracyGateError
+from qconvert.cli._publish import publish
 from qconvert.limits import LoadLimits
 
 if TYPE_CHECKING:
+    from qconvert.report import Report
     from qconvert.tracking import MlflowSettings
 
 
@@ -193,21 +194,12 @@ def compare_command(
         limits=limits,
         **({"progress": progress} if progress else {}),
     )
-    if as_json:
-        click.echo(result.to_json(), nl=False)
-    else:
-        _render.report(result)
-    if junit is not None:
-        ci.write_junit(result, junit)
-    ci.append_step_summary(result)
-    if ci.in_github_actions():
-        for line in ci.gate_annotations(result):
-            click.echo(line, err=as_json)  # stdout stays pure JSON under --json
-    if mlflow is not None:
+
+    def track(report: Report) -> None:
         from qconvert.tracking import log_report
 
         log_report(
-            result,
+            report,
             mlflow,
             options=given_options(click.get_current_context()),
             fingerprints={
@@ -218,7 +210,5 @@ def compare_command(
             },
             model=models[-1],
         )
-    if result.failed_gates:
-        raise AccuracyGateError(
-            "gate failed: " + "; ".join(gate.describe() for gate in result.failed_gates)
-        )
+
+    publish(result, as_json=as_json, junit=junit, track=track if mlflow is not None else None)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from qconvert.cli import _console, _render
+from qconvert.cli import _console
 from qconvert.cli._options import (
     given_options,
     image_options,
@@ -18,11 +18,12 @@ from qconvert.cli._options import (
     percentile_option,
     workers_option,
 )
-from qconvert.errors import AccuracyGateError
+from qconvert.cli._publish import publish
 from qconvert.limits import LoadLimits
 from qconvert.schemes import SCHEMES
 
 if TYPE_CHECKING:
+    from qconvert.report import Report
     from qconvert.tracking import MlflowSettings
 
 SCHEME_HELP = (
@@ -410,26 +411,15 @@ def quantize_command(
         recipe=RecipeOptions(name=recipe, floor_sqnr_db=floor_sqnr, budget=raise_budget / 100),
         **({"progress": progress} if progress else {}),
     )
-    if as_json:
-        click.echo(result.to_json(), nl=False)
-    else:
-        _render.report(result)
-    if junit is not None:
-        ci.write_junit(result, junit)
-    ci.append_step_summary(result)
-    if ci.in_github_actions():
-        for line in ci.gate_annotations(result):
-            click.echo(line, err=as_json)  # stdout stays pure JSON under --json
-    if mlflow is not None:
+
+    def track(report: Report) -> None:
         log_report(
-            result,
+            report,
             mlflow,
             params={"method": method} if SCHEMES[scheme].needs_calibration else {},
             options=given_options(click.get_current_context()),
             fingerprints={"model": model, "data": data, "calib": calib, "eval": eval_data},
             model=output,
         )
-    if result.failed_gates:
-        raise AccuracyGateError(
-            "gate failed: " + "; ".join(gate.describe() for gate in result.failed_gates)
-        )
+
+    publish(result, as_json=as_json, junit=junit, track=track if mlflow is not None else None)
