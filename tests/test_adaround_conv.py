@@ -118,3 +118,31 @@ def test_adaround_lowers_the_output_error_of_conv_layers(case, tmp_path):
         sqnr[flag] = testing.output_sqnr(path, out, samples)
     assert any(f"Adaptive rounding: 1 {op} weight" in note for note in report.conversion.notes)
     assert sqnr[True] > sqnr[False] + 1.0, sqnr
+
+
+def test_wide_depthwise_patches_are_multiplied_before_they_pile_up(monkeypatch):
+    # A depthwise 5x5 layer of many groups holds groups x rows x 25 patch values a
+    # sample: they are multiplied into H once a block passes PENDING_BYTES, not held
+    # for every layer until the last sample, and H is the same either way.
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(64, 1, 5, 5))
+    model = _layer("Conv", weight, {"pads": [2, 2, 2, 2], "group": 64}, (1, 64, 16, 16))
+    node = ir.from_proto(model).graph.node(0)
+    samples = [{"x": rng.normal(size=(1, 64, 16, 16))} for _ in range(8)]
+
+    def grams_and_peak(limit: int) -> tuple[np.ndarray, int]:
+        monkeypatch.setattr(rounding, "PENDING_BYTES", limit)
+        accumulator = rounding.GramAccumulator([node], samples=len(samples))
+        peak = 0
+        for run in samples:
+            accumulator.update(run)
+            held = sum(part.nbytes for parts in accumulator.pending.values() for part in parts)
+            peak = max(peak, held)
+        return accumulator.result()["layer"], peak
+
+    unbounded, unbounded_peak = grams_and_peak(1 << 40)
+    bounded, bounded_peak = grams_and_peak(64 << 10)
+    one_sample = 64 * (rounding.MAX_ROWS // len(samples)) * 25 * 8
+    assert unbounded_peak >= 7 * one_sample  # without the bound, every sample is held
+    assert bounded_peak < (64 << 10) + one_sample
+    np.testing.assert_allclose(bounded, unbounded, rtol=1e-12, atol=1e-9)

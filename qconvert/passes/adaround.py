@@ -49,6 +49,8 @@ MAX_ROWS = 2048
 """Conv patches H is built from, at most: as many as the largest K of `MAX_INPUTS`, so H
 is of full rank, at a bounded cost of M x K x K per layer (ResNet-18 at 224: 2048 rows
 instead of 4096 took the recipe's float measurements from 28 s to about 15 s)."""
+PENDING_BYTES = 8 << 20
+"""The most bytes of patches `GramAccumulator` holds for one layer between products."""
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 
 
@@ -131,7 +133,10 @@ class GramAccumulator:
     """Streams runs into the H of each node (see `layer_grams`).
 
     Rows are gathered and multiplied in blocks of `MAX_ROWS`: one product per sample would
-    wake BLAS's thread pool each time, which fights onnxruntime's for the cores.
+    wake BLAS's thread pool each time, which fights onnxruntime's for the cores. A block
+    is also multiplied once it holds `PENDING_BYTES`: the patches of a wide depthwise
+    layer (a few thousand groups of 25 taps) would otherwise hold hundreds of MB each,
+    for every layer at once, until the last sample.
     """
 
     def __init__(self, nodes: list[ir.Node], samples: int) -> None:
@@ -154,8 +159,12 @@ class GramAccumulator:
             if rows is None:
                 continue
             name = node.name or ""
-            self.pending.setdefault(name, []).append(rows)
-            if sum(part.shape[1] for part in self.pending[name]) >= MAX_ROWS:
+            pending = self.pending.setdefault(name, [])
+            pending.append(rows)
+            if (
+                sum(part.shape[1] for part in pending) >= MAX_ROWS
+                or sum(part.nbytes for part in pending) >= PENDING_BYTES
+            ):
                 self._flush(name)
 
     def result(self) -> dict[str, np.ndarray]:
