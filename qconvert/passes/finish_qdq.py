@@ -71,12 +71,16 @@ class TypeQuantizedValuesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
 
-class StoreQuantizedWeightsPass(ir.passes.InPlacePass):
-    """Stores each constant weight behind Q -> DQ as integers (rule 1 of the module)."""
+class _LedgerPass(ir.passes.InPlacePass):
+    """A finishing pass: records in `ledger` what it finished, kept and refused."""
 
     def __init__(self, *, ledger: Ledger) -> None:
         super().__init__()
         self.ledger = ledger
+
+
+class StoreQuantizedWeightsPass(_LedgerPass):
+    """Stores each constant weight behind Q -> DQ as integers (rule 1 of the module)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -207,12 +211,8 @@ def _quantize(
     return integers.astype(dtype.numpy()), granularity
 
 
-class FoldBatchNormIntoQuantizedPass(ir.passes.InPlacePass):
+class FoldBatchNormIntoQuantizedPass(_LedgerPass):
     """Folds BatchNormalization into a Conv/Gemm with a stored weight (rule 2 above)."""
-
-    def __init__(self, *, ledger: Ledger) -> None:
-        super().__init__()
-        self.ledger = ledger
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -344,12 +344,8 @@ def _float_bias(value: ir.Value) -> np.ndarray | None:
     return qparams.dequantize(integers, params)
 
 
-class FoldClampIntoQuantizePass(ir.passes.InPlacePass):
+class FoldClampIntoQuantizePass(_LedgerPass):
     """Drops a Relu/Clip whose QuantizeLinear already clamps there (rule 3 above)."""
-
-    def __init__(self, *, ledger: Ledger) -> None:
-        super().__init__()
-        self.ledger = ledger
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -384,12 +380,8 @@ def _clamps_exactly(quantize: ir.Node, bounds: tuple[float, float] | None) -> bo
     return clamp_is_exact(params, bounds)
 
 
-class PropagateRangePass(ir.passes.InPlacePass):
+class PropagateRangePass(_LedgerPass):
     """Gives the output of a value-moving op its input's trained range (rule 4 above)."""
-
-    def __init__(self, *, ledger: Ledger) -> None:
-        super().__init__()
-        self.ledger = ledger
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -448,12 +440,8 @@ def _per_tensor_constant(dq: ir.Node) -> bool:
     return scale is not None and scale.size == 1 and (not _has(dq, 2) or zero is not None)
 
 
-class QuantizeBiasesPass(ir.passes.InPlacePass):
+class QuantizeBiasesPass(_LedgerPass):
     """Stores float Conv/Gemm biases as int32 where both operands are 8-bit DQs (rule 5)."""
-
-    def __init__(self, *, ledger: Ledger) -> None:
-        super().__init__()
-        self.ledger = ledger
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -521,12 +509,8 @@ def _eight_bit_dq(*nodes: ir.Node | None) -> bool:
     return True
 
 
-class StandardQDQDomainPass(ir.passes.InPlacePass):
+class StandardQDQDomainPass(_LedgerPass):
     """Writes 8-bit com.microsoft Q/DQ as the equal ai.onnx ops (rule 6 above)."""
-
-    def __init__(self, *, ledger: Ledger) -> None:
-        super().__init__()
-        self.ledger = ledger
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.opset_imports.get("", 1)
