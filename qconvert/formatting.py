@@ -54,6 +54,39 @@ def milliseconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} ms"
 
 
+OUTPUT_HEADER = [
+    "output",
+    "SQNR dB",
+    "cosine",
+    "max abs err",
+    "mean abs err",
+    "rel err",
+    "top-1 agree",
+    "top-5 overlap",
+]
+"""The columns of `output_rows`."""
+
+
+def output_rows(comparison) -> list[list[str]]:
+    """The per-output fidelity table, one row per output, columns as `OUTPUT_HEADER`.
+
+    One definition for the terminal, Markdown and HTML renderings.
+    """
+    return [
+        [
+            out.name,
+            db(out.sqnr_db),
+            f"{out.cosine:.5f}",
+            number(out.max_abs_error),
+            number(out.mean_abs_error),
+            number(out.relative_error),
+            percent(out.top1_agreement),
+            percent(out.top5_overlap),
+        ]
+        for out in comparison.outputs
+    ]
+
+
 def comparison_rows(comparison, path: Callable[[str], str] = str) -> list[list[str]]:
     """The reference-vs-candidate table, rows of [what, reference, candidate, ratio].
 

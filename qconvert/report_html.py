@@ -442,29 +442,7 @@ def _comparison(comparison: Comparison) -> str:
                 svg.Bar("candidate", medians[1], svg.ORANGE, fmt.milliseconds(medians[1])),
             ],
         )
-    body += "<h3>Outputs</h3>" + _table(
-        [
-            "output",
-            "SQNR dB",
-            "cosine",
-            "max abs err",
-            "mean abs err",
-            "rel err",
-            "top-1 agree",
-        ],
-        [
-            [
-                out.name,
-                fmt.db(out.sqnr_db),
-                f"{out.cosine:.5f}",
-                fmt.number(out.max_abs_error),
-                fmt.number(out.mean_abs_error),
-                fmt.number(out.relative_error),
-                fmt.percent(out.top1_agreement),
-            ]
-            for out in comparison.outputs
-        ],
-    )
+    body += "<h3>Outputs</h3>" + _table(fmt.OUTPUT_HEADER, fmt.output_rows(comparison))
     if not comparison.layers:
         body += svg.bars(
             "SQNR of each output (dB, longer is better)",

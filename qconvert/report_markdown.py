@@ -83,32 +83,7 @@ def render_markdown(report: Report) -> str:
             ["", "reference", "candidate", "candidate / reference"],
             rows,
         )
-        lines += _table(
-            "Outputs",
-            [
-                "output",
-                "SQNR dB",
-                "cosine",
-                "max abs err",
-                "mean abs err",
-                "rel err",
-                "top-1 agree",
-                "top-5 overlap",
-            ],
-            [
-                [
-                    out.name,
-                    fmt.db(out.sqnr_db),
-                    f"{out.cosine:.5f}",
-                    fmt.number(out.max_abs_error),
-                    fmt.number(out.mean_abs_error),
-                    fmt.number(out.relative_error),
-                    fmt.percent(out.top1_agreement),
-                    fmt.percent(out.top5_overlap),
-                ]
-                for out in comparison.outputs
-            ],
-        )
+        lines += _table("Outputs", fmt.OUTPUT_HEADER, fmt.output_rows(comparison))
         if comparison.layers:
             lines += _table(
                 f"The worst {min(len(comparison.layers), 10)} layers",

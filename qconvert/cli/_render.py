@@ -87,17 +87,8 @@ def _comparison(comparison: Comparison) -> None:
     columns = ("output", "SQNR dB", "cosine", "max |err|", "mean |err|", "rel err")
     for column in (*columns, "top-1 agree", "top-5 overlap"):
         outputs.add_column(column, justify="left" if column == "output" else "right")
-    for out in comparison.outputs:
-        outputs.add_row(
-            out.name,
-            fmt.db(out.sqnr_db),
-            f"{out.cosine:.5f}",
-            fmt.number(out.max_abs_error),
-            fmt.number(out.mean_abs_error),
-            fmt.number(out.relative_error),
-            fmt.percent(out.top1_agreement),
-            fmt.percent(out.top5_overlap),
-        )
+    for row in fmt.output_rows(comparison):
+        outputs.add_row(*row)
     stdout.print(outputs)
     if comparison.layers is not None:
         layers = Table(title="Layers, worst local SQNR first", title_justify="left")
