@@ -18,7 +18,7 @@ from onnx import numpy_helper as nh
 import qconvert
 from qconvert import testing
 from qconvert.config import QuantizeConfig
-from qconvert.plan import static as plan_static
+from qconvert.plan import concat as plan_concat
 from qconvert.runtime import make_session
 
 
@@ -119,7 +119,7 @@ def test_mixed_range_concat_stays_float_and_keeps_the_top_score(tmp_path, monkey
     assert report.conversion.quantized_ops["MatMul"] == 3, reasons
     assert _detector_agreement(path, out) >= 0.99
     # A quantizer giving the concatenated tensor one scale loses the scores.
-    monkeypatch.setattr(plan_static, "MIXED_RANGE_RATIO", float("inf"))
+    monkeypatch.setattr(plan_concat, "MIXED_RANGE_RATIO", float("inf"))
     naive = tmp_path / "naive.onnx"
     qconvert.quantize(path, naive, data=tmp_path / "calib")
     assert _detector_agreement(path, naive) < 0.8

@@ -19,6 +19,7 @@ each node is or is not quantized.
 """
 
 from qconvert.plan.common import check_overrides
+from qconvert.plan.concat import MIXED_RANGE_RATIO
 from qconvert.plan.decisions import (
     ClampFold,
     NodeDecision,
@@ -29,12 +30,8 @@ from qconvert.plan.decisions import (
 )
 from qconvert.plan.dynamic import make_dynamic_plan
 from qconvert.plan.float16 import make_float16_plan
-from qconvert.plan.static import (
-    GELU_REASON,
-    HEAD_FLOAT_MAX_WEIGHTS,
-    MIXED_RANGE_RATIO,
-    make_plan,
-)
+from qconvert.plan.float_islands import HEAD_FLOAT_MAX_WEIGHTS
+from qconvert.plan.static import GELU_REASON, make_plan
 
 __all__ = [
     "GELU_REASON",

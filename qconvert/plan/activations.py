@@ -1,0 +1,233 @@
+"""Static planning rules for activations and layer outputs.
+
+An activation's parameters come from its calibrated range, widened to the bounds of the
+op that writes it where calibration covered enough of them; a layer's output absorbs the
+Relu/Clip chain after it where the quantization clamps exactly; a Mul by a positive
+constant folds into the scale; an op without weights runs quantized only where a
+quantized op reads its output (`_feeds_quantized`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx_ir as ir
+
+from qconvert import ops, qparams
+from qconvert.calibration import TensorRange
+from qconvert.errors import CalibrationDataError
+from qconvert.graph_utils import constant_array
+from qconvert.plan.decisions import (
+    ClampFold,
+    Role,
+    ScaleFold,
+    TensorDecision,
+)
+from qconvert.plan.patterns import (
+    clamp_chain,
+    clamp_is_exact,
+    combined_bounds,
+)
+from qconvert.plan.planner_state import PlannerState
+
+BOUND_COVERAGE = 0.5
+"""A tensor an op bounds (a Clip's output, a Sigmoid's) is quantized over the op's whole
+output range when calibration already covered this share of it: at most one bit of
+resolution is given up, and values the calibration set never reached (a gate that opens
+fully on other data) are not clipped."""
+
+_BOUNDED_OUTPUTS = {"Sigmoid": (0.0, 1.0)}
+"""Quantized ops whose output lies in fixed bounds, whatever their input."""
+
+
+class ActivationRules(PlannerState):
+    """Plans activation tensors: inputs, outputs, clamp folds and scale folds."""
+
+    def _plan_activation(self, value: ir.Value | None, reason: str) -> qparams.QParams | None:
+        if value is None:
+            return None
+        if value.name in self.tensors:
+            return self.tensors[value.name].qparams
+        shared = self._shared_concat_params(value)
+        if shared is not None:
+            concat, params = shared
+            reason = f"{reason}, shares the parameters of {concat}'s output"
+        else:
+            params = self._activation_params(value, value.name)
+        self.tensors[value.name] = TensorDecision(value.name, Role.ACTIVATION, params, reason)
+        return params
+
+    def _activation_params(
+        self,
+        value: ir.Value,
+        stats_name: str,
+        *,
+        bounds: tuple[float, float] | None = None,
+    ) -> qparams.QParams:
+        """Parameters from the calibrated range, widened to `bounds` where that fits.
+
+        `bounds` is the fixed output range of the op that writes the tensor; the range is
+        widened to it when calibration covered enough of it.
+        """
+        tensor_range = self.ranges.get(stats_name)
+        if tensor_range is None:
+            raise CalibrationDataError(
+                f"The calibration has no range for tensor '{stats_name}'.",
+                hint="calibrate again with this model.",
+            )
+        if bounds is not None:
+            tensor_range = _widened_to_bounds(tensor_range, bounds)
+        scheme = self._tensor_scheme(value)
+        dtype = self.overrides.tensor_dtype(value.name or "") or scheme.activation_dtype
+        return qparams.range_qparams(
+            tensor_range.min,
+            tensor_range.max,
+            dtype,
+            # 16-bit activations are symmetric, as TensorFlow Lite's 16x8 defines them.
+            symmetric=scheme.activation_symmetric or dtype.itemsize == 2,
+        )
+
+    def _plan_output(self, node: ir.Node) -> None:
+        output = node.outputs[0]
+        if (
+            output.is_graph_output()
+            or output.name in self.tensors
+            or self._overridden_float(output)
+            or self._feeds_mixed_concat(output)
+            or self._model_answer(node)
+        ):
+            return
+        # A tensor calibration never saw (a Conv output that preparation rescaled, as when
+        # it folds a HardSigmoid) can still be quantized through the clamp after it, whose
+        # output calibration did see; otherwise it is left float.
+        calibrated = output.name in self.ranges
+        shared = self._shared_concat_params(output) if calibrated else None
+        if shared is not None:
+            concat, params = shared
+            self.tensors[output.name] = TensorDecision(
+                output.name,
+                Role.ACTIVATION,
+                params,
+                f"output of {node.name}, shares the parameters of {concat}'s output",
+            )
+            return
+        chain = clamp_chain(output)
+        # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
+        # is quantized with the Clip's output range, not the Relu's wider one. An excluded
+        # clamp stays a node of its own, so the run stops before it.
+        for position, clamp in enumerate(chain):
+            if self._skip_reason(clamp) is not None or self._overridden_float(
+                clamp.outputs[0]
+            ):
+                chain = chain[:position]
+                break
+        for length in range(len(chain), 0, -1):
+            clamps = chain[:length]
+            clamped = clamps[-1].outputs[0]
+            if clamped.name not in self.ranges:
+                continue
+            bounds = combined_bounds(clamps)
+            params = self._activation_params(clamped, clamped.name, bounds=bounds)
+            if not clamp_is_exact(params, bounds):
+                continue
+            names = tuple(clamp.name or "" for clamp in clamps)
+            self.tensors[clamped.name] = TensorDecision(
+                clamped.name,
+                Role.ACTIVATION,
+                params,
+                f"output of {node.name}, absorbs {', '.join(names)}",
+            )
+            self.folds.append(ClampFold(names, output.name, clamped.name))
+            for clamp in clamps:
+                self._decide(clamp, True, f"folded into the quantization of {node.name}")
+            return
+        if not calibrated:
+            return
+        bounds = _BOUNDED_OUTPUTS.get(node.op_type)
+        params = self._activation_params(output, output.name, bounds=bounds)
+        self.tensors[output.name] = TensorDecision(
+            output.name, Role.ACTIVATION, params, f"output of {node.name}"
+        )
+
+    def _fold_scale(self, mul: ir.Node) -> bool:
+        """Drops a Mul of a quantized tensor by a positive constant scalar into its scale.
+
+        (x_q - z) * s * c is the product exactly, so the Mul needs neither a kernel nor a
+        rounding: attention's scores / sqrt(d) are the case. Float readers read the same
+        values as before (the Mul read the dequantized input), except a float Conv/Gemm,
+        which is made to read the float tensor behind a DequantizeLinear: it keeps the Mul.
+        """
+        output = mul.outputs[0]
+        if (
+            mul.op_type != "Mul"
+            or len(mul.inputs) != 2
+            or output.is_graph_output()
+            or output.name in self.tensors
+            or self._overridden_float(output)
+            or self.overrides.tensor_dtype(output.name or "") is not None
+            or any(reader.op_type in ops.REQUANTIZED_OPS for reader in output.consumers())
+        ):
+            return False
+        for source, constant in (mul.inputs, reversed(mul.inputs)):
+            factor = constant_array(constant)
+            decision = self.tensors.get(source.name) if source is not None else None
+            if factor is None or factor.size != 1 or decision is None:
+                continue
+            value = float(factor.reshape(()))
+            if decision.role is not Role.ACTIVATION or not 0.0 < value < float("inf"):
+                continue
+            scaled = (decision.qparams.scale * np.float32(value)).astype(np.float32)
+            self.tensors[output.name] = TensorDecision(
+                output.name,
+                Role.ACTIVATION,
+                replace(decision.qparams, scale=scaled),
+                f"{source.name} x {value:g}, read at the scale of {source.name} x {value:g}",
+            )
+            self.scale_folds.append(ScaleFold(mul.name or "", source.name, output.name))
+            self._decide(mul, True, f"folded into the scale of {source.name}")
+            return True
+        return False
+
+    def _feeds_quantized(self, value: ir.Value) -> bool:
+        """Whether an op that may run quantized reads `value` (looking through Relu/Clip).
+
+        Ops left float (a GELU's, a mixed-range Add) do not count, and an Add counts only
+        when its sum feeds such an op in turn, as it runs quantized only then. So the
+        residual Adds of a transformer, whose sums reach only LayerNormalization, stay
+        float, and so does the branch output they add: the residual stream keeps full
+        precision, the int8 error of each block is not carried into every later one, and
+        onnxruntime fuses bias, residual Add and LayerNormalization into one
+        SkipLayerNormalization.
+        """
+        if value.name in self.feeds_quantized:
+            return self.feeds_quantized[value.name]
+        answer = False
+        for node in value.consumers():
+            rule = ops.quantized_rule(node)
+            if node.op_type in ops.CLAMPS:
+                answer = self._feeds_quantized(node.outputs[0])
+            elif node.op_type in ops.PASS_THROUGH or (rule is not None and rule.weights):
+                answer = True
+            elif rule is None or node.name in self.gelu or self._skip_reason(node):
+                answer = False
+            elif node.op_type == "Add":
+                answer = self._feeds_quantized(node.outputs[0])
+            else:
+                answer = True
+            if answer:
+                break
+        self.feeds_quantized[value.name] = answer
+        return answer
+
+
+def _widened_to_bounds(seen: TensorRange, bounds: tuple[float, float]) -> TensorRange:
+    """`seen`, or the op's output `bounds` when it covers BOUND_COVERAGE of them."""
+    low, high = bounds
+    if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
+        return seen
+    # The integer grid always holds zero, so what widening costs is the ratio of the grids.
+    covered = min(max(seen.max, 0.0), high) - max(min(seen.min, 0.0), low)
+    if covered < BOUND_COVERAGE * (high - low):
+        return seen
+    return TensorRange(min=low, max=high)
