@@ -23,6 +23,7 @@ does worse than round-to-nearest.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,17 +109,29 @@ def block_params(
     `shrink` is a number or an array broadcasting to the blocks' leading shape. An all-zero
     block gets scale 0, which dequantizes it to zeros exactly.
     """
+    return range_params(
+        blocks.max(axis=-1), blocks.min(axis=-1), bits=bits, symmetric=symmetric, shrink=shrink
+    )
+
+
+def range_params(
+    high: npt.NDArray[np.float32],
+    low: npt.NDArray[np.float32],
+    *,
+    bits: int,
+    symmetric: bool,
+    shrink: float | npt.NDArray[np.float32] = 1.0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """Scales and zero points of blocks whose largest and smallest values are given."""
     top = levels(bits)
     middle = 1 << (bits - 1)
     if symmetric:
-        high = blocks.max(axis=-1)
-        low = blocks.min(axis=-1)
         peak = np.where(np.abs(high) > np.abs(low), high, low)
         scales = (peak * shrink / -middle).astype(np.float32)
         zero_points = np.full(scales.shape, middle, dtype=np.uint8)
         return scales, zero_points
-    low = np.minimum(blocks.min(axis=-1), 0.0) * shrink
-    high = np.maximum(blocks.max(axis=-1), 0.0) * shrink
+    low = np.minimum(low, 0.0) * shrink
+    high = np.maximum(high, 0.0) * shrink
     scales = ((high - low) / top).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         zero = np.where(scales == 0, middle, np.round(-low / scales))
@@ -151,8 +164,12 @@ def dequantize_blocks(
 
 
 CHUNK_VALUES = 1 << 22
-"""Weights are quantized this many values (16 MB of float32) at a time, so the temporaries
-stay small beside a weight of any size."""
+"""The MSE search quantizes weights this many values (16 MB of float32) at a time, so the
+temporaries stay small beside a weight of any size."""
+
+NEAREST_CHUNK_VALUES = 1 << 18
+"""Round-to-nearest works on 1 MB of float32 at a time: its half-dozen passes over a
+chunk then run in the CPU's cache instead of memory."""
 
 
 def quantize_rtn(
@@ -172,11 +189,12 @@ def quantize_rtn(
     clipping), and the search is implied. `wt` may be a strided view (a transposed,
     memory-mapped weight): it is read a few rows at a time.
     """
+    if not search and importance is None:
+        return _nearest(wt, block_size=block_size, bits=bits, symmetric=symmetric)
     n, k = wt.shape
     k_blocks = -(-k // block_size)
     weights = None
     if importance is not None:
-        search = True
         weights = np.zeros(k_blocks * block_size, dtype=np.float32)
         weights[:k] = importance
         weights = weights.reshape(k_blocks, block_size)
@@ -187,11 +205,7 @@ def quantize_rtn(
     for start in range(0, n, rows):
         end = min(start + rows, n)
         blocks = pad_blocks(np.asarray(wt[start:end], dtype=np.float32), block_size)
-        shrink = (
-            best_shrink(blocks, bits=bits, symmetric=symmetric, importance=weights)
-            if search
-            else 1.0
-        )
+        shrink = best_shrink(blocks, bits=bits, symmetric=symmetric, importance=weights)
         s, z = block_params(blocks, bits=bits, symmetric=symmetric, shrink=shrink)
         codes[start:end] = codes_for(blocks, s, z, bits=bits).reshape(end - start, -1)
         scales[start:end], zero_points[start:end] = s, z
@@ -204,6 +218,94 @@ def quantize_rtn(
         bits=bits,
         symmetric=symmetric,
     )
+
+
+def _nearest(
+    wt: npt.NDArray[np.float32], *, block_size: int, bits: int, symmetric: bool
+) -> BlockQuantized:
+    """Round-to-nearest in the layout the weight is stored in, a cache-sized chunk at a time.
+
+    A MatMul weight is stored (K, N), so `wt` is its transposed view: then the blocks are
+    runs of `block_size` rows of the stored array, reduced row against row (contiguous
+    reads, no transposed copy of the floats), and the codes are kept (K, N) as well, `codes`
+    being their transposed view; packing then transposes bytes, not floats. Each chunk is
+    copied once into a scratch buffer and rounded there in place: the same values and the
+    same float32 operations as `block_params` and `codes_for`, so the same codes.
+    """
+    n, k = wt.shape
+    k_blocks = -(-k // block_size)
+    padded = k_blocks * block_size
+    k_major = wt.T.flags.c_contiguous and not wt.flags.c_contiguous
+    if k_major:
+        stored = wt.T  # (K, N)
+        codes = np.empty((padded, n), dtype=np.uint8)
+        scales = np.empty((k_blocks, n), dtype=np.float32)
+        zero_points = np.empty((k_blocks, n), dtype=np.uint8)
+        width = min(n, max(1, NEAREST_CHUNK_VALUES // block_size))
+        step = max(1, NEAREST_CHUNK_VALUES // (block_size * width))
+        for b0 in range(0, k_blocks, step):
+            b1 = min(b0 + step, k_blocks)
+            k0, k1 = b0 * block_size, min(b1 * block_size, k)
+            for c0 in range(0, n, width):
+                c1 = min(c0 + width, n)
+                chunk = np.zeros(((b1 - b0) * block_size, c1 - c0), dtype=np.float32)
+                chunk[: k1 - k0] = stored[k0:k1, c0:c1]
+                blocks = chunk.reshape(b1 - b0, block_size, c1 - c0)
+                s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
+                scales[b0:b1, c0:c1], zero_points[b0:b1, c0:c1] = s, z
+                np.copyto(codes[b0 * block_size : b1 * block_size, c0:c1], chunk, "unsafe")
+        return BlockQuantized(
+            codes=codes.T,
+            scales=np.ascontiguousarray(scales.T),
+            zero_points=np.ascontiguousarray(zero_points.T),
+            k=k,
+            block_size=block_size,
+            bits=bits,
+            symmetric=symmetric,
+        )
+    codes = np.empty((n, padded), dtype=np.uint8)
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    zero_points = np.empty((n, k_blocks), dtype=np.uint8)
+    rows = max(1, NEAREST_CHUNK_VALUES // padded)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
+        chunk[:, :k] = wt[r0:r1]
+        blocks = chunk.reshape(r1 - r0, k_blocks, block_size)
+        scales[r0:r1], zero_points[r0:r1] = _round_blocks(
+            blocks, 2, bits=bits, symmetric=symmetric
+        )
+        np.copyto(codes[r0:r1], chunk, "unsafe")
+    return BlockQuantized(
+        codes=codes,
+        scales=scales,
+        zero_points=zero_points,
+        k=k,
+        block_size=block_size,
+        bits=bits,
+        symmetric=symmetric,
+    )
+
+
+def _round_blocks(
+    blocks: npt.NDArray[np.float32], axis: int, *, bits: int, symmetric: bool
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """Replaces `blocks` (blocks along `axis`) by their codes, as floats; returns the params.
+
+    A block of scale 0 is all zeros, so dividing it by 1 gives its zero point as code.
+    """
+    scales, zero_points = range_params(
+        blocks.max(axis=axis), blocks.min(axis=axis), bits=bits, symmetric=symmetric
+    )
+    safe = np.where(scales == 0, np.float32(1.0), scales)
+    np.divide(blocks, np.expand_dims(safe, axis), out=blocks)
+    np.rint(blocks, out=blocks)
+    if symmetric:
+        blocks += np.float32(1 << (bits - 1))
+    else:
+        blocks += np.expand_dims(zero_points, axis).astype(np.float32)
+    np.clip(blocks, 0, levels(bits), out=blocks)
+    return scales, zero_points
 
 
 def best_shrink(
@@ -234,11 +336,49 @@ def best_shrink(
     return best
 
 
-def pack_nibbles(codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """Two 4-bit codes a byte along the last axis, the first in the low nibble."""
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
-    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
+def pack_nibbles(
+    codes: npt.NDArray[np.uint8], axis: int = -1, *, flip: bool = False
+) -> npt.NDArray[np.uint8]:
+    """Two 4-bit codes (each below 16) a byte along `axis`, the first in the low nibble.
+
+    With `flip`, each code's top bit is flipped first (c ^ 8: the two's-complement nibble
+    of c - 8, an INT4 value). Pairs along a contiguous last axis are read as one
+    little-endian uint16 each, so the packing is three passes over half as many values.
+    """
+    axis = axis % codes.ndim
+    length = codes.shape[axis]
+    if length % 2:
+        pad = [(0, 0)] * codes.ndim
+        pad[axis] = (0, 1)
+        codes = np.pad(codes, pad, constant_values=8 if flip else 0)
+    last = axis == codes.ndim - 1
+    if last and codes.flags.c_contiguous and sys.byteorder == "little":
+        pairs = codes.view(np.uint16)
+        if flip:
+            pairs = pairs ^ np.uint16(0x0808)
+        packed = pairs >> 4
+        packed |= pairs
+        return packed.astype(np.uint8)
+    low = [slice(None)] * codes.ndim
+    high = list(low)
+    low[axis], high[axis] = slice(0, None, 2), slice(1, None, 2)
+    packed = np.left_shift(codes[tuple(high)], 4)
+    packed |= codes[tuple(low)]
+    if flip:
+        packed ^= np.uint8(0x88)
+    return packed
+
+
+def packed_codes(quantized: BlockQuantized) -> npt.NDArray[np.uint8]:
+    """The 4-bit codes (N, k_blocks * block_size) packed two a byte along K, contiguous.
+
+    Codes kept in the (K, N) layout (`_nearest`) are packed row pair by row pair there, and
+    only the packed bytes are transposed.
+    """
+    codes = quantized.codes
+    if codes.T.flags.c_contiguous and not codes.flags.c_contiguous:
+        return np.ascontiguousarray(pack_nibbles(codes.T, axis=0).T)
+    return np.ascontiguousarray(pack_nibbles(codes))
 
 
 def matmul_nbits_inputs(
@@ -251,12 +391,11 @@ def matmul_nbits_inputs(
     middle code), are (N * ceil(k_blocks * bits / 8),), packed the same way per column.
     """
     n, k_blocks, size = quantized.n, quantized.k_blocks, quantized.block_size
-    codes = quantized.codes.reshape(n, k_blocks, size)
     if quantized.bits == 4:
-        packed = pack_nibbles(codes)
+        packed = packed_codes(quantized).reshape(n, k_blocks, size // 2)
         zero_points = pack_nibbles(quantized.zero_points).reshape(-1)
     else:
-        packed = codes
+        packed = quantized.codes.reshape(n, k_blocks, size)
         zero_points = quantized.zero_points.reshape(-1)
     scales = quantized.scales.reshape(-1)
     return packed, scales, (None if quantized.symmetric else zero_points)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from qconvert import model as model_io
 from qconvert.blockwise import BlockQuantized, quantize_rtn
 from qconvert.gptq import gram, layer_error, quantize_gptq
 from qconvert.plan.int4 import BlockedWeight
@@ -112,12 +113,19 @@ class Rounder:
     def __call__(self, entry: BlockedWeight) -> BlockQuantized:
         """The weight of `entry` quantized, (N, K); records the rounding chosen."""
         tensor = self.tensors[entry.weight]
+        model_io.prefetch(self._this_and_next(entry.weight))
         quantized = self._quantize(tensor.numpy(), entry)
         # a weight in external data is memory-mapped: unmap it before the next one
         release = getattr(tensor, "release", None)
         if release is not None:
             release()
         return quantized
+
+    def _this_and_next(self, weight: str) -> list[ir.TensorProtocol]:
+        """The weight's tensor and the one after it (the pass writes them in this order)."""
+        names = list(self.tensors)
+        position = names.index(weight)
+        return [self.tensors[name] for name in names[position : position + 2]]
 
     def _quantize(self, array: np.ndarray, entry: BlockedWeight) -> BlockQuantized:
         wt = array if entry.transposed else array.T  # (N, K), a view

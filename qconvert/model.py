@@ -24,7 +24,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -184,6 +185,37 @@ def save_with_external_data(
             raise OutputError(f"Could not write '{path}': {exc.strerror or exc}.") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def prefetch(tensors: Iterable[ir.TensorProtocol]) -> None:
+    """Asks the kernel to read the external data of `tensors` into its page cache, in turn.
+
+    Returns at once: a background thread issues the requests (`posix_fadvise` WILLNEED),
+    so the disk reads the next weight while this process quantizes the current one. The
+    page cache is the kernel's, not this process's resident memory. A no-op for tensors
+    in memory and where the call does not exist.
+    """
+    ranges = [
+        (str(tensor.path), tensor.offset or 0, tensor.length or 0)
+        for tensor in tensors
+        if isinstance(tensor, ir.ExternalTensor)
+    ]
+    if ranges and hasattr(os, "posix_fadvise"):
+        threading.Thread(target=_will_need, args=(ranges,), daemon=True).start()
+
+
+def _will_need(ranges: list[tuple[str, int, int]]) -> None:
+    for path, offset, length in ranges:
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(handle, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
+        finally:
+            os.close(handle)
 
 
 def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:

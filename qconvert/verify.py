@@ -31,6 +31,7 @@ def verify_model(
     *,
     nonfinite_in_float: frozenset[str] = frozenset(),
     plan: QuantPlan | None = None,
+    audit: bool = True,
 ) -> FusionAudit | None:
     """Checks that the model is valid ONNX, loads in onnxruntime and runs on `feeds`.
 
@@ -38,13 +39,20 @@ def verify_model(
     must be finite, except those named in `nonfinite_in_float` (NaN or Inf in the float
     model on the same feeds already).
 
+    With `audit` off (a pipeline with nothing to audit), onnxruntime writes no optimized
+    graph: on a model of hundreds of MB that saves writing it and reading it again.
+
     Returns:
         The fusion audit of the session that ran, against `plan`; None when onnxruntime
-        could not write its optimized graph (the model is still verified).
+        could not write its optimized graph (the model is still verified), or `audit` is
+        off.
 
     Raises:
         VerificationError: with the stage that failed and onnxruntime's or the checker's words.
     """
+    if not audit:
+        _verify(model, feeds, nonfinite_in_float, None)
+        return None
     with tempfile.TemporaryDirectory(prefix="qconvert-verify-") as folder:
         optimized = Path(folder) / "optimized.onnx"
         written = _verify(model, feeds, nonfinite_in_float, optimized)
@@ -54,9 +62,15 @@ def verify_model(
 
 
 def _verify(
-    model: bytes | str, feeds: Feeds, nonfinite_in_float: frozenset[str], optimized: Path
+    model: bytes | str,
+    feeds: Feeds,
+    nonfinite_in_float: frozenset[str],
+    optimized: Path | None,
 ) -> onnx.ModelProto:
-    """Runs the checks; returns the model as written, its weights not read when a path."""
+    """Runs the checks; returns the model as written, its weights not read when a path.
+
+    `optimized`: where onnxruntime writes the graph it runs; None for no audit.
+    """
     try:
         if isinstance(model, bytes):
             written = onnx.load_model_from_string(model)
@@ -68,14 +82,17 @@ def _verify(
         raise VerificationError(
             f"The converted model fails the ONNX checker: {describe_error(exc)}"
         ) from None
-    try:
-        # The session that runs the smoke sample also writes the graph it runs, which
-        # the audit reads: one load, not two.
-        session = make_session(model, optimized_path=optimized, config=OPTIMIZED_CONFIG)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        logger.debug("optimized graph not written (%s); verifying without the audit", exc)
-        optimized.unlink(missing_ok=True)
+    if optimized is None:
         session = _plain_session(model)
+    else:
+        try:
+            # The session that runs the smoke sample also writes the graph it runs, which
+            # the audit reads: one load, not two.
+            session = make_session(model, optimized_path=optimized, config=OPTIMIZED_CONFIG)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+            logger.debug("optimized graph not written (%s); verifying without the audit", exc)
+            optimized.unlink(missing_ok=True)
+            session = _plain_session(model)
     try:
         outputs = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - as above

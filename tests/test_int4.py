@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 import qconvert
-from qconvert import testing
+from qconvert import blockwise, testing
 from qconvert.blockwise import quantize_rtn
 from qconvert.cli import cli as main
 from qconvert.config import QuantizeConfig
@@ -379,3 +379,57 @@ def test_activation_aware_clipping_lowers_held_out_layer_error_against_rtn():
         .T
     )
     assert layer_error(w, clipped, h_held) < 0.9 * layer_error(w, plain, h_held)
+
+
+def _nearest_by_hand(w_nk: np.ndarray, size: int, symmetric: bool):
+    """Round-to-nearest written out block by block: (codes, scales, zero points)."""
+    n, k = w_nk.shape
+    blocks = -(-k // size)
+    codes = np.full((n, blocks * size), 0, np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zeros = np.zeros((n, blocks), np.uint8)
+    for row in range(n):
+        for b in range(blocks):
+            block = w_nk[row, b * size : (b + 1) * size]
+            high, low = np.float32(block.max()), np.float32(block.min())
+            if symmetric:
+                peak = high if abs(high) > abs(low) else low
+                scale, zero = np.float32(peak / np.float32(-8)), 8
+            else:
+                low, high = min(low, np.float32(0)), max(high, np.float32(0))
+                scale = np.float32((high - low) / np.float32(15))
+                zero = 8 if scale == 0 else int(np.clip(np.round(-low / scale), 0, 15))
+            step = np.rint(block / (scale if scale else np.float32(1))) + zero
+            codes[row, b * size : b * size + block.size] = np.clip(step, 0, 15)
+            codes[row, b * size + block.size : (b + 1) * size] = zero
+            scales[row, b], zeros[row, b] = scale, zero
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("stored", ["K,N", "N,K"])
+def test_round_to_nearest_in_small_chunks_of_either_layout_matches_the_hand_rule(
+    monkeypatch, symmetric, stored
+):
+    # MatMul weights are stored (K, N) and rounded in that layout; Gather tables (N, K).
+    # Chunks of 64 values cut the weight into many pieces with ragged edges.
+    monkeypatch.setattr(blockwise, "NEAREST_CHUNK_VALUES", 64)
+    rng = np.random.default_rng(3)
+    w_nk = rng.standard_normal((45, 70)).astype(np.float32)
+    w_nk[3] = 0.0  # all-zero blocks get scale 0
+    wt = w_nk if stored == "N,K" else np.ascontiguousarray(w_nk.T).T
+    quantized = quantize_rtn(wt, block_size=16, symmetric=symmetric)
+    codes, scales, zeros = _nearest_by_hand(w_nk, 16, symmetric)
+    np.testing.assert_array_equal(quantized.codes, codes)
+    np.testing.assert_array_equal(quantized.scales, scales)
+    np.testing.assert_array_equal(quantized.zero_points, zeros)
+    packed = blockwise.matmul_nbits_inputs(quantized)[0]
+    np.testing.assert_array_equal(_unpack(packed).reshape(45, -1), codes)
+
+
+def test_int4_packing_flips_codes_to_twos_complement_nibbles():
+    codes = np.array([[0, 15, 8, 7, 1]], np.uint8)  # an odd count pads with a zero nibble
+    # INT4 values -8, 7, 0, -1, -7 -> nibbles 0x8, 0x7, 0x0, 0xF, 0x9
+    assert blockwise.pack_nibbles(codes, flip=True).tolist() == [[0x78, 0xF0, 0x09]]
+    assert blockwise.pack_nibbles(codes).tolist() == [[0xF0, 0x78, 0x01]]
+    assert blockwise.pack_nibbles(codes.T, axis=0).T.tolist() == [[0xF0, 0x78, 0x01]]

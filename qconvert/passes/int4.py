@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qconvert.blockwise import BlockQuantized, matmul_nbits_inputs
+from qconvert.blockwise import BlockQuantized, matmul_nbits_inputs, pack_nibbles
 from qconvert.graph_utils import constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
 from qconvert.plan.int4 import BlockedWeight, Int4Plan
@@ -110,6 +109,8 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         source = self._source
 
         def compute() -> ir.TensorProtocol:
+            if dtype in _FOUR_BIT:  # `make` gives the bytes packed already
+                return ir.PackedTensor(make(source(entry)), dtype, shape=shape, name=name)
             return ir.Tensor(make(source(entry)), dtype=dtype, name=name)
 
         tensor = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
@@ -294,7 +295,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             entry,
             code_type,
             shape,
-            lambda q: layout(_qdq_codes(q, code_type)),
+            lambda q: _qdq_codes(q, code_type, layout),
         )
         scales = self._lazy(
             graph,
@@ -313,7 +314,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
                     entry,
                     code_type,
                     scale_shape,
-                    lambda q: layout(_as_code_type(q.zero_points, code_type)),
+                    lambda q: _zero_points(layout(q.zero_points), code_type),
                 )
             )
         node = ir.Node(
@@ -350,23 +351,38 @@ def _gather_code_type(bits: int, symmetric: bool) -> ir.DataType:
     return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
 
 
-_NUMPY_TYPES = {
-    ir.DataType.INT4: ml_dtypes.int4,
-    ir.DataType.UINT4: ml_dtypes.uint4,
-    ir.DataType.INT8: np.int8,
-    ir.DataType.UINT8: np.uint8,
-}
+_FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
 
 
-def _as_code_type(values: np.ndarray, dtype: ir.DataType) -> np.ndarray:
-    return np.asarray(values).astype(_NUMPY_TYPES[dtype])
+def _pack4(codes: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    """4-bit codes (unsigned, 0..15) as the packed bytes of an INT4 or UINT4 tensor.
+
+    The INT4 value of a code c is c - 8, whose two's-complement nibble is c ^ 8. ONNX packs
+    two values a byte in flattened order, the first in the low nibble.
+    """
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    return pack_nibbles(flat, flip=dtype == ir.DataType.INT4)
 
 
-def _qdq_codes(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
-    """(N, K) codes: signed (code - middle) for INT4/INT8, else the unsigned codes."""
-    if dtype in (ir.DataType.INT4, ir.DataType.INT8):
-        return _as_code_type(quantized.signed_codes(), dtype)
-    return _as_code_type(quantized.codes[:, : quantized.k], dtype)
+def _zero_points(values: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    if dtype == ir.DataType.UINT4:
+        return _pack4(values, dtype)
+    return np.asarray(values).astype(np.int8 if dtype == ir.DataType.INT8 else np.uint8)
+
+
+def _qdq_codes(
+    quantized: BlockQuantized,
+    dtype: ir.DataType,
+    layout: Callable[[np.ndarray], np.ndarray] = lambda array: array,
+) -> np.ndarray:
+    """The codes in `layout` of (N, K).
+
+    Packed for 4 bits, signed (code - 128) for INT8, else the unsigned codes.
+    """
+    if dtype == ir.DataType.INT8:
+        return layout(quantized.signed_codes())
+    codes = layout(quantized.codes[:, : quantized.k])
+    return _pack4(codes, dtype) if dtype in _FOUR_BIT else codes
 
 
 def _gather_codes(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
@@ -376,7 +392,7 @@ def _gather_codes(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
 
 
 def _gather_zero_points(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
-    return _as_code_type(quantized.zero_points, dtype)
+    return _zero_points(quantized.zero_points, dtype)
 
 
 __all__ = ["WriteBlockedWeightsPass"]

@@ -283,7 +283,7 @@ def _verify_and_save(
     nonfinite = outputs if synthetic else frozenset()
 
     def verify(staged: bytes | str) -> None:
-        verify_model(staged, feeds, nonfinite_in_float=nonfinite)
+        verify_model(staged, feeds, nonfinite_in_float=nonfinite, audit=False)
 
     if external:
         model_io.save_with_external_data(converted, output, verify=verify)
