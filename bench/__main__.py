@@ -5,6 +5,7 @@
     python -m bench --model m.onnx --data calib/ [--eval eval/]
     python -m bench --render        # rewrite results.md from results.json
     python -m bench --parallel-only # only the parallel calibration section
+    python -m bench --only large_decoder  # only the 3 GB decoder (int4 memory and wall time)
 
 Writes results.json (every figure) and results.md (the tables) into --out (default bench/).
 """
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import cases as case_set
-from bench import measure, parallel, pretrained, real, report, runner
+from bench import large_decoder, measure, parallel, pretrained, real, report, runner
 from bench.targets import CALIBRATION_TOOLS, METHOD_TOOLS
 
 HERE = Path(__file__).resolve().parent
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-parallel", action="store_true", help="skip the parallel calibration section"
     )
     parser.add_argument(
+        "--no-large-decoder",
+        action="store_true",
+        help="skip the 3 GB decoder section (int4 peak memory and wall time)",
+    )
+    parser.add_argument(
         "--parallel-only",
         action="store_true",
         help="only the parallel calibration section",
@@ -195,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.info("parallel calibration: %s", plan["parallel"].model)
         parallel_section = parallel.run(plan["parallel"], work)
 
+    large_section = None
+    wanted_models = {name for names in args.only for name in names.split(",")}
+    if (
+        not (args.quick or args.no_large_decoder or args.parallel_only)
+        and args.model is None
+        and (not wanted_models or large_decoder.NAME in wanted_models)
+    ):
+        logging.info("%s: int4 memory and wall time", large_decoder.NAME)
+        large_section = large_decoder.run(work)
+
     results = {
         "meta": _meta(args.quick, time.perf_counter() - started, plan),
         "models": [
@@ -212,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "scaling": scaling_rows,
         "parallel": parallel_section,
+        "large_decoder": large_section,
         "notes": notes,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import audit, parallel
+from bench import audit, large_decoder, parallel
 from bench.runner import VARIANTS
 from bench.targets import evaluate_targets
 
@@ -195,6 +195,10 @@ def markdown(results: dict) -> str:
         "## Parallel calibration",
         "",
         *parallel.markdown(results.get("parallel")),
+        "",
+        "## int4 on a 3 GB decoder (issue 19)",
+        "",
+        *large_decoder.markdown(results.get("large_decoder")),
         "",
         "## Fusion audit (int8)",
         "",

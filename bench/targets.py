@@ -6,7 +6,7 @@ scheme or method is not in qconvert yet, a model was not run) is "not measurable
 
 from __future__ import annotations
 
-from bench import parallel
+from bench import large_decoder, parallel
 
 CNN_224 = ("resnet_style_224", "mobilenetv2_style_224")
 CNNS = (
@@ -324,6 +324,8 @@ def _int4_targets(results: dict, add) -> None:
             _ratio(vs_float),
             vs_float <= 0.7 if vs_float else None,
         )
+    for target, measured, verdict in large_decoder.targets(results.get("large_decoder")):
+        add("19", target, measured, verdict)
 
 
 def _agreement(fidelity: dict) -> str:
