@@ -110,6 +110,52 @@ def embedding_mlp(
     )
 
 
+def tied_decoder(
+    vocab: int = 48, d: int = 64, hidden: int = 96, *, head: str = "matmul", seed: int = 0
+) -> onnx.ModelProto:
+    """Embedding -> residual MLP -> output projection tied to the embedding table.
+
+    ids int64 [N, T]. `head="matmul"`: logits [N, T, vocab] from MatMul with a (d, vocab)
+    initializer holding the table's transpose, as exporters write a tied projection after
+    constant folding; `head="gemm"`: logits [N, vocab] of the mean token from Gemm with
+    transB on the table itself.
+    """
+    rng = np.random.default_rng(seed)
+    table = _weights(rng, vocab, d)
+    if head == "matmul":
+        tail, out, extra = (
+            "logits = MatMul (x, table_t)",
+            f"float[N,T,{vocab}]",
+            {"table_t": table.T.copy()},
+        )
+    else:
+        tail = (
+            "pooled = ReduceMean <keepdims = 0, axes = [1]> (x)\n"
+            "            logits = Gemm <transB = 1> (pooled, table)"
+        )
+        out, extra = f"float[N,{vocab}]", {}
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        tied_decoder (int64[N,T] ids) => ({out} logits) {{
+            emb = Gather <axis = 0> (table, ids)
+            h0 = MatMul (emb, w1)
+            h1 = Relu (h0)
+            h2 = MatMul (h1, w2)
+            x = Add (emb, h2)
+            {tail}
+        }}
+    """
+    return _model(
+        text,
+        {
+            "table": table,
+            "w1": _weights(rng, d, hidden, scale=0.2),
+            "w2": _weights(rng, hidden, d, scale=0.2),
+            **extra,
+        },
+    )
+
+
 def matmul_layernorm_exp(k: int = 16, *, seed: int = 0) -> onnx.ModelProto:
     """MatMul -> LayerNormalization -> Softmax, and an Exp branch: input [N,K] -> 2 outputs.
 

@@ -433,3 +433,37 @@ def test_int4_packing_flips_codes_to_twos_complement_nibbles():
     assert blockwise.pack_nibbles(codes, flip=True).tolist() == [[0x78, 0xF0, 0x09]]
     assert blockwise.pack_nibbles(codes).tolist() == [[0xF0, 0x78, 0x01]]
     assert blockwise.pack_nibbles(codes.T, axis=0).T.tolist() == [[0xF0, 0x78, 0x01]]
+
+
+@pytest.mark.parametrize("head", ["matmul", "gemm"])
+def test_a_tied_output_projection_shares_the_tables_codes_and_equals_the_untied_model(
+    tmp_path, monkeypatch, head
+):
+    path = testing.save(testing.tied_decoder(head=head), tmp_path / "model.onnx")
+    config = QuantizeConfig(scheme="int4", quantize_embeddings=True, accuracy_level=0)
+    tied = qconvert.quantize(path, tmp_path / "tied.onnx", config=config)
+    # the same conversion with the tie not looked for: table and projection apart
+    monkeypatch.setattr(
+        "qconvert.plan.int4._tie_embeddings", lambda model, w, nodes, *a: (w, nodes, [])
+    )
+    untied = qconvert.quantize(path, tmp_path / "untied.onnx", config=config)
+
+    model = onnx.load(tmp_path / "tied.onnx")
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    shared = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert [readers[t.name] for t in shared if "table" in t.name] == [
+        {"GatherBlockQuantized", "MatMulNBits"}
+    ]
+    assert not any(t.name in ("table", "table_t") for t in model.graph.initializer)
+    feeds = {"ids": np.random.default_rng(2).integers(0, 48, (2, 5)).astype(np.int64)}
+    np.testing.assert_array_equal(
+        _run(tmp_path / "tied.onnx", feeds)[0], _run(tmp_path / "untied.onnx", feeds)[0]
+    )
+    assert any("Tied embeddings" in note for note in tied.conversion.notes)
+    assert not any("Tied embeddings" in note for note in untied.conversion.notes)
+    # 48 x 64 codes are 1,536 bytes packed: stored once instead of twice
+    tied_bytes = (tmp_path / "tied.onnx").stat().st_size
+    assert tied_bytes < (tmp_path / "untied.onnx").stat().st_size - 1400

@@ -12,7 +12,13 @@ and written holding about one weight in memory at a time.
    the bias.
 2. qop, Gather: `GatherBlockQuantized(data, indices, scales[, zero_points])`, data INT4
    (symmetric) or UINT4 (V, D), blocks along D (quantize_axis 1).
-3. qdq: the weight becomes `DequantizeLinear(codes, scales[, zero_points], axis, block_size)`
+3. qop, tied embeddings (`BlockedWeight.tied_to`): the table is written once as packed
+   uint8 (V, k_blocks, block_size / 2), MatMulNBits' B layout. The Gather becomes
+   `GatherBlockQuantized(data, indices, scales (V, k_blocks, 1))` with bits 4 and
+   quantize_axis 2 (blocks along the data's last axis), whose (..., k_blocks, block_size)
+   output a Reshape flattens back to (..., D); the tied MatMul/Gemm becomes MatMulNBits
+   on the same data with its own (V * k_blocks) scales.
+4. qdq: the weight becomes `DequantizeLinear(codes, scales[, zero_points], axis, block_size)`
    (ai.onnx 21) with INT4 (symmetric) or UINT4 codes in the weight's own layout; the node
    itself is unchanged.
 
@@ -27,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert.blockwise import BlockQuantized, matmul_nbits_inputs, pack_nibbles
-from qconvert.graph_utils import constant_array, replace_keeping_name
+from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
 from qconvert.plan.int4 import BlockedWeight, Int4Plan
 
@@ -74,12 +80,27 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         names = NameAllocator(graph)
         nodes = {node.name: node for node in graph}
         written: dict[tuple, list[ir.Value | None]] = {}
+        tables = {e.weight: e for e in self.plan.weights if e.op_type == "Gather"}
+        tied = {e.tied_to for e in self.plan.weights if e.tied_to is not None}
+        shared: dict[str, ir.Value] = {}
+        # a tied table read by a Gemm (transB) is dropped once both nodes are rewritten
+        shapes = {
+            e.weight: tuple(graph.initializers[e.weight].const_value.shape)
+            for e in self.plan.weights
+        }
         for entry in self.plan.weights:
             node = nodes[entry.node]
-            weight = graph.initializers[entry.weight]
-            shape = tuple(weight.const_value.shape)
+            shape = shapes[entry.weight]
             key = (entry.weight, entry.bits, entry.transposed, entry.op_type == "Gather")
-            if self.format == "qdq":
+            table = entry.tied_to
+            if entry.op_type == "Gather" and entry.weight in tied:
+                table = entry.weight
+            if table is not None and self.format != "qdq":
+                source = tables[table]
+                if table not in shared:
+                    shared[table] = self._shared_codes(graph, names, source, shapes[table])
+                self._tied(graph, names, node, entry, source, shared[table], shapes[table])
+            elif self.format == "qdq":
                 if key not in written:
                     written[key] = [self._dequantize(graph, names, entry, shape, node)]
                 index = 0 if entry.op_type == "Gather" else 1
@@ -91,7 +112,8 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
                     self._gather(graph, names, node, entry, written[key], shape)
                 else:
                     self._matmul(graph, names, node, entry, written[key], shape)
-            if not weight.uses() and not weight.is_graph_output():
+            weight = graph.initializers.get(entry.weight)
+            if weight is not None and not weight.uses() and not weight.is_graph_output():
                 graph.initializers.pop(entry.weight)
         if self.plan.weights and self.format != "qdq":
             model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
@@ -190,6 +212,84 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
                 lambda q: matmul_nbits_inputs(q)[2],
             )
         return [codes, scales, zero_points]
+
+    def _shared_codes(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        table: BlockedWeight,
+        shape: tuple[int, ...],
+    ) -> ir.Value:
+        """A tied table's packed codes, (V, k_blocks, block_size / 2) uint8."""
+        rows, width = shape
+        blocks = width // self.plan.scheme.block_size
+        return self._lazy(
+            graph,
+            names.fresh(f"{table.weight}_q4"),
+            table,
+            ir.DataType.UINT8,
+            (rows, blocks, self.plan.scheme.block_size // 2),
+            lambda q: matmul_nbits_inputs(q)[0],
+        )
+
+    def _tied(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        node: ir.Node,
+        entry: BlockedWeight,
+        table: BlockedWeight,
+        codes: ir.Value,
+        shape: tuple[int, ...],
+    ) -> None:
+        """Rewrites the Gather of a tied table, or its output projection, onto `codes`."""
+        rows, width = shape
+        blocks = width // self.plan.scheme.block_size
+        if entry.op_type != "Gather":
+            scales = self._lazy(
+                graph,
+                names.fresh(f"{table.weight}_scales"),
+                table,
+                ir.DataType.FLOAT,
+                (rows * blocks,),
+                lambda q: q.scales.reshape(-1),
+            )
+            own = (rows, width) if entry.transposed else (width, rows)
+            self._matmul(graph, names, node, entry, [codes, scales, None], own)
+            return
+        scales = self._lazy(
+            graph,
+            names.fresh(f"{table.weight}_gather_scales"),
+            table,
+            ir.DataType.FLOAT,
+            (rows, blocks, 1),
+            lambda q: q.scales[:, :, None],
+        )
+        gathered = ir.Node(
+            MICROSOFT_DOMAIN,
+            "GatherBlockQuantized",
+            [codes, node.inputs[1], scales],
+            attributes=[
+                ir.AttrInt64("gather_axis", 0),
+                ir.AttrInt64("quantize_axis", 2),
+                ir.AttrInt64("block_size", self.plan.scheme.block_size),
+                ir.AttrInt64("bits", 4),
+            ],
+            name=names.fresh(f"{entry.node}_blocked"),
+        )
+        gathered.outputs[0].name = names.fresh(f"{entry.node}_blocks")
+        gathered.outputs[0].dtype = ir.DataType.FLOAT
+        rank = len(node.inputs[1].shape)
+        target = names.fresh(f"{entry.node}_shape")
+        add_initializer(graph, target, np.array([0] * rank + [-1], dtype=np.int64))
+        flatten = ir.Node(
+            "",
+            "Reshape",
+            [gathered.outputs[0], graph.initializers[target]],
+            name=names.fresh(f"{entry.node}_flatten"),
+        )
+        graph.insert_before(node, gathered)
+        _replace(graph, node, flatten)
 
     def _matmul(
         self,
@@ -333,6 +433,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Puts `new` before `old`, its one output standing for `old`'s."""
     graph.insert_before(old, new)
     new.outputs[0].dtype = old.outputs[0].dtype
     new.outputs[0].shape = old.outputs[0].shape

@@ -13,11 +13,17 @@ along a known reduction axis:
 
 A node an override sets to `int8` keeps 8-bit blocks; `float`, `--exclude` and
 `--include-only` keep it float. Every node is listed with its reason.
+
+Tied embeddings (qop, symmetric 4 bits): a MatMul/Gemm whose weight is the table of a
+planned Gather, transposed (Gemm with transB on the same initializer, or a (D, V) weight
+holding the table's transpose, as exporters write a tied output projection), reads the
+table's blocks along D, the same blocks MatMulNBits wants along K. Such a node is marked
+`tied_to` the table: the pass writes the packed codes once for both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -46,6 +52,8 @@ class BlockedWeight:
         bits: 4, or 8 where an override keeps the node at 8 bits.
         transposed: the initializer is (N, K), the reduction axis last (Gemm with transB,
             Gather tables); else (K, N).
+        tied_to: for an output projection tied to an embedding table, the table's
+            initializer, whose codes it shares; else None.
     """
 
     node: str
@@ -53,6 +61,7 @@ class BlockedWeight:
     weight: str
     bits: int
     transposed: bool
+    tied_to: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +104,22 @@ def make_int4_plan(
             else f"{bits}-bit weight, blocks of {scheme.block_size}"
         )
         nodes.append(NodeDecision(name, node.op_type, True, label))
+    weights, nodes, tied = _tie_embeddings(model, weights, nodes, scheme, format)
     kind = "symmetric" if scheme.symmetric else "asymmetric (a zero point per block)"
     notes = [
         f"int4: {len(weights)} weight(s) stored in {kind} blocks of {scheme.block_size} along "
         "the reduction axis; activations stay float32."
     ]
+    if tied:
+        notes.append(
+            "Tied embeddings: "
+            + ", ".join(f"{node} shares the 4-bit codes of table '{t}'" for node, t in tied)
+            + ". GatherBlockQuantized (uint8 data, bits 4) and MatMulNBits read one packed "
+            "(V, k_blocks, block_size / 2) initializer; the scales are written twice, since "
+            "MatMulNBits takes them as (V * k_blocks) or (V, k_blocks) and "
+            "GatherBlockQuantized as (V, k_blocks, 1), its data's rank. The shared codes "
+            "are the table's round-to-nearest ones."
+        )
     eight = [w.node for w in weights if w.bits == 8]
     if eight:
         notes.append(f"Kept at 8 bits by the override file: {', '.join(eight)}.")
@@ -112,6 +132,82 @@ def make_int4_plan(
         notes=tuple(notes),
     )
     return Int4Plan(scheme=scheme, weights=tuple(weights), plan=plan)
+
+
+def _tie_embeddings(
+    model: ir.Model,
+    weights: list[BlockedWeight],
+    nodes: list[NodeDecision],
+    scheme: BlockedWeightScheme,
+    format: str,
+) -> tuple[list[BlockedWeight], list[NodeDecision], list[tuple[str, str]]]:
+    """Marks output projections tied to a planned embedding table (module docstring)."""
+    if format != "qop" or not scheme.symmetric:
+        return weights, nodes, []
+    graph = model.graph
+    gathers = {
+        entry.weight: entry
+        for entry in weights
+        if entry.op_type == "Gather" and entry.bits == 4 and _known_rank(graph, entry.node)
+    }
+    tied: list[tuple[str, str]] = []
+    out: list[BlockedWeight] = []
+    for entry in weights:
+        table = None
+        if entry.op_type != "Gather" and entry.bits == 4:
+            table = _tied_table(graph, entry, gathers)
+        if table is not None:
+            entry = replace(entry, tied_to=table)
+            tied.append((entry.node, table))
+        out.append(entry)
+    if tied:
+        labels = {node: table for node, table in tied}
+        nodes = [
+            replace(d, reason=f"{d.reason}, codes shared with table '{labels[d.name]}'")
+            if d.name in labels
+            else d
+            for d in nodes
+        ]
+    return out, nodes, tied
+
+
+def _known_rank(graph: ir.Graph, node_name: str) -> bool:
+    node = next(n for n in graph if n.name == node_name)
+    indices = node.inputs[1]
+    return indices is not None and indices.shape is not None
+
+
+def _tied_table(
+    graph: ir.Graph, entry: BlockedWeight, gathers: dict[str, BlockedWeight]
+) -> str | None:
+    """The table `entry`'s weight is the transpose of, if any."""
+    if entry.transposed:
+        return entry.weight if entry.weight in gathers else None
+    weight = graph.initializers[entry.weight].const_value
+    for name in gathers:
+        table = graph.initializers[name].const_value
+        if tuple(weight.shape) == tuple(table.shape)[::-1] and _is_transpose(weight, table):
+            return name
+    return None
+
+
+_COMPARE_ROWS = 64
+
+
+def _is_transpose(weight: ir.TensorProtocol, table: ir.TensorProtocol) -> bool:
+    """weight == table.T, compared a band of rows at a time (the first band settles most)."""
+    w, t = weight.numpy(), table.numpy()
+    try:
+        for start in range(0, w.shape[0], _COMPARE_ROWS):
+            band = slice(start, start + _COMPARE_ROWS)
+            if not np.array_equal(w[band], t[:, band].T):
+                return False
+        return True
+    finally:
+        for tensor in (weight, table):
+            release = getattr(tensor, "release", None)
+            if release is not None:
+                release()  # unmap external data: the save reads it again, a tensor at a time
 
 
 def _blocked_weight(
