@@ -467,3 +467,22 @@ def test_a_tied_output_projection_shares_the_tables_codes_and_equals_the_untied_
     # 48 x 64 codes are 1,536 bytes packed: stored once instead of twice
     tied_bytes = (tmp_path / "tied.onnx").stat().st_size
     assert tied_bytes < (tmp_path / "untied.onnx").stat().st_size - 1400
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tie_is_looked_for_in_external_data_and_only_where_the_values_match(tmp_path, tied):
+    model = testing.tied_decoder()
+    if not tied:  # the same shapes, another matrix: compared, then left apart
+        for tensor in model.graph.initializer:
+            if tensor.name == "table_t":
+                values = numpy_helper.to_array(tensor).copy()
+                values[0, 0] += 1.0
+                tensor.CopyFrom(numpy_helper.from_array(values, "table_t"))
+    path = testing.save_with_external_data(model, tmp_path / "model.onnx")
+    config = QuantizeConfig(scheme="int4", quantize_embeddings=True)
+    report = qconvert.quantize(path, tmp_path / "int4.onnx", config=config)
+    notes = " ".join(report.conversion.notes)
+    assert ("shares the 4-bit codes of table 'table'" in notes) is tied
+    ops = testing.count_ops(str(tmp_path / "int4.onnx"))
+    assert ops["MatMulNBits"] == 3 and ops["GatherBlockQuantized"] == 1
+    assert ops["Reshape"] == (1 if tied else 0)

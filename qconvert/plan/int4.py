@@ -196,18 +196,19 @@ _COMPARE_ROWS = 64
 
 def _is_transpose(weight: ir.TensorProtocol, table: ir.TensorProtocol) -> bool:
     """weight == table.T, compared a band of rows at a time (the first band settles most)."""
-    w, t = weight.numpy(), table.numpy()
-    try:
-        for start in range(0, w.shape[0], _COMPARE_ROWS):
-            band = slice(start, start + _COMPARE_ROWS)
-            if not np.array_equal(w[band], t[:, band].T):
-                return False
-        return True
-    finally:
-        for tensor in (weight, table):
-            release = getattr(tensor, "release", None)
-            if release is not None:
-                release()  # unmap external data: the save reads it again, a tensor at a time
+    equal = _equal_transposed(weight.numpy(), table.numpy())
+    for tensor in (weight, table):
+        release = getattr(tensor, "release", None)
+        if release is not None:
+            release()  # unmap external data: the save reads it again, a tensor at a time
+    return equal
+
+
+def _equal_transposed(w: np.ndarray, t: np.ndarray) -> bool:
+    return all(
+        np.array_equal(w[start : start + _COMPARE_ROWS], t[:, start : start + _COMPARE_ROWS].T)
+        for start in range(0, w.shape[0], _COMPARE_ROWS)
+    )
 
 
 def _blocked_weight(
