@@ -195,7 +195,7 @@ _COMPARE_ROWS = 64
 
 
 def _is_transpose(weight: ir.TensorProtocol, table: ir.TensorProtocol) -> bool:
-    """weight == table.T, compared a band of rows at a time (the first band settles most)."""
+    """weight == table.T, compared a corner first, then a band of rows at a time."""
     equal = _equal_transposed(weight.numpy(), table.numpy())
     for tensor in (weight, table):
         release = getattr(tensor, "release", None)
@@ -205,6 +205,11 @@ def _is_transpose(weight: ir.TensorProtocol, table: ir.TensorProtocol) -> bool:
 
 
 def _equal_transposed(w: np.ndarray, t: np.ndarray) -> bool:
+    # a corner first: a few pages of each, where a band of the table's columns would read
+    # every page of it
+    corner = min(_COMPARE_ROWS, *w.shape)
+    if not np.array_equal(w[:corner, :corner], t[:corner, :corner].T):
+        return False
     return all(
         np.array_equal(w[start : start + _COMPARE_ROWS], t[:, start : start + _COMPARE_ROWS].T)
         for start in range(0, w.shape[0], _COMPARE_ROWS)
