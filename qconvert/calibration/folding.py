@@ -1,0 +1,207 @@
+"""What one run of the calibration graph returns, per tensor, and its folding into observers.
+
+A run of the calibration graph (`reducing`) returns a handful of vectors whatever the
+number of tensors: the mins, maxs, sizes and histogram subsets of the tensors reduced
+inside onnxruntime, and the values of the small tensors that leave whole. `RunReader`
+turns them into one entry per calibrated tensor with a few numpy calls, none per tensor:
+the min and max of the whole tensors by `np.minimum.reduceat` over their segments, their
+histogram subsets by one gather (the same strided subset the graph takes of a reduced
+tensor, `reducing.stride`).
+
+`Folder` gathers the runs and hands the observers one update per tensor every few runs:
+the runs of one input signature share a layout, so their subsets stack into one matrix
+and each tensor's values over all of them are one slice of it. The observers merge
+exactly, so the grouping does not change the statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qconvert.calibration import reducing
+from qconvert.calibration.observers import TensorObserver
+
+_EMPTY = np.zeros(0, np.float32)
+_LAYOUTS = 64  # histogram layouts kept; more only with sizes that depend on the data
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Layout:
+    """Where each tensor's histogram subset lies in a run's outputs.
+
+    Attributes:
+        source: per tensor, 0 for the reduced subsets (`Run.somes`), 1 for the subsets of
+            the whole tensors (`Run.subset`).
+        start: per tensor, the first of its values there.
+        count: per tensor, how many values it has there.
+        gather: the indices of the whole tensors' subsets in their values (None: every
+            value, all strides being 1).
+    """
+
+    source: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    gather: np.ndarray | None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """The reductions of one run, one entry per calibrated tensor.
+
+    Attributes:
+        mins, maxs: float32, NaN or infinite where the values were not all finite.
+        sizes: int64, the number of values.
+        somes: the reduced tensors' histogram subsets, one after the other.
+        values: the whole tensors' values, one after the other.
+        starts: per tensor, the first of its values in `values` (whole tensors only).
+        subset: the whole tensors' histogram subsets, one after the other.
+        layout: where each tensor's subset lies in `somes` and `subset`.
+        checks: the sums of the model's float outputs.
+    """
+
+    mins: np.ndarray
+    maxs: np.ndarray
+    sizes: np.ndarray
+    somes: np.ndarray
+    values: np.ndarray
+    starts: np.ndarray
+    subset: np.ndarray
+    layout: Layout
+    checks: np.ndarray
+
+
+class RunReader:
+    """Reads the outputs of a run of one calibration graph into a `Run`."""
+
+    def __init__(self, graph: reducing.ReducingGraph, tensors: tuple[str, ...]) -> None:
+        position = {name: index for index, name in enumerate(tensors)}
+        self.graph = graph
+        self.count = len(tensors)
+        self.reduced_at = np.array([position[n] for n in graph.reduced], np.intp)
+        self.whole_at = np.array([position[n] for n in graph.whole], np.intp)
+        self.whole = np.zeros(self.count, bool)
+        self.whole[self.whole_at] = True
+        self.layouts: dict[tuple, Layout] = {}
+
+    def read(self, outputs: list[np.ndarray], steps: np.ndarray | None, budget: int) -> Run:
+        """The run whose outputs (in `graph.outputs` order) are `outputs`.
+
+        `steps` are the strides fed to the reduced tensors' subsets; `budget` is the most
+        values a tensor's histogram takes in this run (`reducing.stride`).
+        """
+        named = dict(zip(self.graph.outputs, outputs, strict=True))
+        graph = self.graph
+        mins = np.full(self.count, np.inf, np.float32)
+        maxs = np.full(self.count, -np.inf, np.float32)
+        sizes = np.zeros(self.count, np.int64)
+        somes = named[graph.somes] if graph.somes is not None else _EMPTY
+        if graph.reduced:
+            mins[self.reduced_at] = named[graph.mins]
+            maxs[self.reduced_at] = named[graph.maxs]
+            sizes[self.reduced_at] = named[graph.sizes]
+        values, starts = _EMPTY, np.zeros(self.count, np.int64)
+        if graph.whole:
+            values = named[graph.values]
+            lengths = named[graph.lengths].astype(np.int64, copy=False)
+            sizes[self.whole_at] = lengths
+            offsets = np.cumsum(lengths) - lengths
+            starts[self.whole_at] = offsets
+            filled = lengths > 0
+            if filled.any():
+                # reduceat reduces from each start to the next: empty segments, which
+                # share the next one's start, are left out of the starts.
+                at = self.whole_at[filled]
+                mins[at] = np.minimum.reduceat(values, offsets[filled])
+                maxs[at] = np.maximum.reduceat(values, offsets[filled])
+        layout = self._layout(sizes, steps, budget)
+        subset = values if layout.gather is None else values[layout.gather]
+        checks = np.array([named[name] for name in graph.checks], np.float32).reshape(-1)
+        return Run(mins, maxs, sizes, somes, values, starts, subset, layout, checks)
+
+    def _layout(self, sizes: np.ndarray, steps: np.ndarray | None, budget: int) -> Layout:
+        key = (sizes.tobytes(), None if steps is None else steps.tobytes(), budget)
+        layout = self.layouts.get(key)
+        if layout is None:
+            if len(self.layouts) >= _LAYOUTS:
+                self.layouts.clear()
+            layout = self.layouts[key] = self._new_layout(sizes, steps, budget)
+        return layout
+
+    def _new_layout(self, sizes: np.ndarray, steps: np.ndarray | None, budget: int) -> Layout:
+        source = self.whole.astype(np.int8)
+        start = np.zeros(self.count, np.int64)
+        count = np.zeros(self.count, np.int64)
+        if steps is not None and self.reduced_at.size:
+            # Slice(flat, 0, end, step) keeps ceil(size / step) values.
+            taken = -(-sizes[self.reduced_at] // steps)
+            count[self.reduced_at] = taken
+            start[self.reduced_at] = np.cumsum(taken) - taken
+        gather = None
+        if budget and self.whole_at.size:
+            lengths = sizes[self.whole_at]
+            step = reducing.strides(lengths, budget)
+            taken = -(-lengths // step)
+            count[self.whole_at] = taken
+            start[self.whole_at] = np.cumsum(taken) - taken
+            if (step > 1).any():
+                offsets = np.cumsum(lengths) - lengths
+                gather = np.concatenate(
+                    [
+                        np.arange(o, o + n, s)
+                        for o, n, s in zip(offsets, lengths, step, strict=True)
+                    ]
+                )
+        return Layout(source, start, count, gather)
+
+
+class Folder:
+    """The reductions of the last runs, until the observers take them (`flush`)."""
+
+    def __init__(self, names: tuple[str, ...], observers: dict[str, TensorObserver]) -> None:
+        self.names = names
+        self.observers = observers
+        self.runs: list[tuple[Run, np.ndarray]] = []
+        self.bytes = 0
+
+    def add(self, run: Run, kept: np.ndarray) -> None:
+        """Gathers `run`'s reductions of the tensors `kept` says (the others ran raw)."""
+        self.runs.append((run, kept & (run.sizes > 0)))
+        self.bytes += run.somes.nbytes + run.subset.nbytes
+
+    def flush(self) -> None:
+        """One observer update per tensor for all the runs gathered."""
+        if not self.runs:
+            return
+        kept = np.stack([k for _, k in self.runs])
+        lows = np.where(kept, np.stack([r.mins for r, _ in self.runs]), np.inf).min(axis=0)
+        highs = np.where(kept, np.stack([r.maxs for r, _ in self.runs]), -np.inf).max(axis=0)
+        counts = np.where(kept, np.stack([r.sizes for r, _ in self.runs]), 0).sum(axis=0)
+        parts: dict[int, list[np.ndarray]] = {}
+        by_layout: dict[int, list[int]] = {}
+        for row, (run, _) in enumerate(self.runs):
+            by_layout.setdefault(id(run.layout), []).append(row)
+        for rows in by_layout.values():
+            layout = self.runs[rows[0]][0].layout
+            blocks = (
+                np.stack([self.runs[row][0].somes for row in rows]),
+                np.stack([self.runs[row][0].subset for row in rows]),
+            )
+            mine = kept[rows]
+            for index in np.flatnonzero(mine.any(axis=0) & (layout.count > 0)):
+                start, count = layout.start[index], layout.count[index]
+                block = blocks[layout.source[index]][:, start : start + count]
+                if not mine[:, index].all():
+                    block = block[mine[:, index]]
+                parts.setdefault(int(index), []).append(block.reshape(-1))
+        for index in np.flatnonzero(counts):
+            chunks = parts.get(int(index), ())
+            self.observers[self.names[index]].update_reduced(
+                float(lows[index]),
+                float(highs[index]),
+                int(counts[index]),
+                _EMPTY if not chunks else np.concatenate(chunks),
+            )
+        self.runs = []
+        self.bytes = 0
