@@ -194,12 +194,15 @@ def run_sizes(
 
 
 def whole_tensors(
-    sizes: Mapping[str, int], *, most: int = WHOLE_VALUES, total: int = WHOLE_TOTAL
+    sizes: Mapping[str, int], *, most: int | None = None, total: int | None = None
 ) -> frozenset[str]:
     """The tensors of `sizes` (values in a run, `run_sizes`) that leave a run whole.
 
-    At most `most` values each, smallest first while the sum stays within `total`.
+    At most `most` values each (`WHOLE_VALUES`), smallest first while the sum stays
+    within `total` (`WHOLE_TOTAL`).
     """
+    most = WHOLE_VALUES if most is None else most
+    total = WHOLE_TOTAL if total is None else total
     chosen: set[str] = set()
     spent = 0
     for name, size in sorted(sizes.items(), key=lambda item: (item[1], item[0])):
