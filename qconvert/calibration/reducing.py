@@ -165,10 +165,11 @@ def run_sizes(
             typed.type.tensor_type.shape.Clear()
             for size in shape:
                 typed.type.tensor_type.shape.dim.add().dim_value = size
+    listed = {value.name for value in graph.input}  # old models list weights as inputs
     for tensor in graph.initializer:
         if math.prod(tensor.dims) <= _SHAPE_VALUES:  # shape arithmetic reads these
             light.graph.initializer.append(tensor)
-        else:
+        elif tensor.name not in listed:
             light.graph.input.append(
                 helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
             )
