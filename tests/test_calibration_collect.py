@@ -381,3 +381,18 @@ def test_models_below_opset_10_are_calibrated_raw(tmp_path):
     assert observed["r"].count == relu.size
     assert observed["r"].max == float(relu.max())
     assert observed["x"].min == float(min(s.feeds["x"].min() for s in samples))
+
+
+def test_sizes_of_a_model_that_lists_its_weights_as_inputs():
+    # IR 3 models list every initializer as a graph input too.
+    from onnx import helper
+
+    from qconvert.calibration import reducing
+
+    proto = testing.conv_bn_relu()
+    for tensor in proto.graph.initializer:
+        proto.graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+        )
+    sizes = reducing.run_sizes(proto, ("input", "relu", "logits"), {"input": (2, 3, 8, 8)})
+    assert sizes == {"input": 384, "relu": 1024, "logits": 20}
