@@ -391,7 +391,7 @@ class _Runner:
         if odd.any():
             # Whole tensors hold their values here; reduced ones run again raw.
             for index in np.flatnonzero(odd & reader.whole):
-                start, size = run.starts[index], run.sizes[index]
+                start, size = run.layout.starts[index], run.sizes[index]
                 values = run.values[start : start + size]
                 self._update(folded.observers, self.tensors[index], values, budget)
             names = tuple(self.tensors[i] for i in np.flatnonzero(odd & ~reader.whole))

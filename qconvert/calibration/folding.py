@@ -39,12 +39,18 @@ class Layout:
         count: per tensor, how many values it has there.
         gather: the indices of the whole tensors' subsets in their values (None: every
             value, all strides being 1).
+        starts: per tensor, the first of its values in `Run.values` (whole tensors only).
+        blocks: the whole tensors as (offset in `Run.values`, how many, their length,
+            their positions): consecutive whole tensors of one length, non-empty (they
+            are ordered by size, `reducing.whole_tensors`, so the blocks are few).
     """
 
     source: np.ndarray
     start: np.ndarray
     count: np.ndarray
     gather: np.ndarray | None
+    starts: np.ndarray
+    blocks: tuple[tuple[int, int, int, np.ndarray], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +62,6 @@ class Run:
         sizes: int64, the number of values.
         somes: the reduced tensors' histogram subsets, one after the other.
         values: the whole tensors' values, one after the other.
-        starts: per tensor, the first of its values in `values` (whole tensors only).
         subset: the whole tensors' histogram subsets, one after the other.
         layout: where each tensor's subset lies in `somes` and `subset`.
         checks: the sums of the model's float outputs.
@@ -67,7 +72,6 @@ class Run:
     sizes: np.ndarray
     somes: np.ndarray
     values: np.ndarray
-    starts: np.ndarray
     subset: np.ndarray
     layout: Layout
     checks: np.ndarray
@@ -102,24 +106,19 @@ class RunReader:
             mins[self.reduced_at] = named[graph.mins]
             maxs[self.reduced_at] = named[graph.maxs]
             sizes[self.reduced_at] = named[graph.sizes]
-        values, starts = _EMPTY, np.zeros(self.count, np.int64)
+        values = _EMPTY
         if graph.whole:
             values = named[graph.values]
-            lengths = named[graph.lengths].astype(np.int64, copy=False)
-            sizes[self.whole_at] = lengths
-            offsets = np.cumsum(lengths) - lengths
-            starts[self.whole_at] = offsets
-            filled = lengths > 0
-            if filled.any():
-                # reduceat reduces from each start to the next: empty segments, which
-                # share the next one's start, are left out of the starts.
-                at = self.whole_at[filled]
-                mins[at] = np.minimum.reduceat(values, offsets[filled])
-                maxs[at] = np.maximum.reduceat(values, offsets[filled])
+            sizes[self.whole_at] = named[graph.lengths]
         layout = self._layout(sizes, steps, budget)
+        for offset, count, length, at in layout.blocks:
+            # Whole tensors of one length, side by side: one matrix, reduced by rows.
+            block = values[offset : offset + count * length].reshape(count, length)
+            mins[at] = block.min(axis=1)
+            maxs[at] = block.max(axis=1)
         subset = values if layout.gather is None else values[layout.gather]
         checks = np.array([named[name] for name in graph.checks], np.float32).reshape(-1)
-        return Run(mins, maxs, sizes, somes, values, starts, subset, layout, checks)
+        return Run(mins, maxs, sizes, somes, values, subset, layout, checks)
 
     def _layout(self, sizes: np.ndarray, steps: np.ndarray | None, budget: int) -> Layout:
         key = (sizes.tobytes(), None if steps is None else steps.tobytes(), budget)
@@ -140,21 +139,38 @@ class RunReader:
             count[self.reduced_at] = taken
             start[self.reduced_at] = np.cumsum(taken) - taken
         gather = None
-        if budget and self.whole_at.size:
+        starts = np.zeros(self.count, np.int64)
+        blocks = []
+        if self.whole_at.size:
             lengths = sizes[self.whole_at]
+            offsets = np.cumsum(lengths) - lengths
+            starts[self.whole_at] = offsets
+            edges = np.flatnonzero(np.diff(lengths)) + 1
+            for first, stop in zip(
+                (0, *edges.tolist()), (*edges.tolist(), lengths.size), strict=True
+            ):
+                if lengths[first] > 0:
+                    blocks.append(
+                        (
+                            int(offsets[first]),
+                            stop - first,
+                            int(lengths[first]),
+                            self.whole_at[first:stop],
+                        )
+                    )
+        if budget and self.whole_at.size:
             step = reducing.strides(lengths, budget)
             taken = -(-lengths // step)
             count[self.whole_at] = taken
             start[self.whole_at] = np.cumsum(taken) - taken
             if (step > 1).any():
-                offsets = np.cumsum(lengths) - lengths
                 gather = np.concatenate(
                     [
                         np.arange(o, o + n, s)
                         for o, n, s in zip(offsets, lengths, step, strict=True)
                     ]
                 )
-        return Layout(source, start, count, gather)
+        return Layout(source, start, count, gather, starts, tuple(blocks))
 
 
 class Folder:

@@ -196,22 +196,23 @@ def run_sizes(
 
 def whole_tensors(
     sizes: Mapping[str, int], *, most: int | None = None, total: int | None = None
-) -> frozenset[str]:
+) -> tuple[str, ...]:
     """The tensors of `sizes` (values in a run, `run_sizes`) that leave a run whole.
 
     At most `most` values each (`WHOLE_VALUES`), smallest first while the sum stays
-    within `total` (`WHOLE_TOTAL`).
+    within `total` (`WHOLE_TOTAL`); in order of size, so that numpy reduces those of one
+    size as the rows of one matrix.
     """
     most = WHOLE_VALUES if most is None else most
     total = WHOLE_TOTAL if total is None else total
-    chosen: set[str] = set()
+    chosen: list[str] = []
     spent = 0
     for name, size in sorted(sizes.items(), key=lambda item: (item[1], item[0])):
         if size > most or spent + size > total:
             break
-        chosen.add(name)
+        chosen.append(name)
         spent += size
-    return frozenset(chosen)
+    return tuple(chosen)
 
 
 def reducing_graph(
@@ -224,13 +225,13 @@ def reducing_graph(
 ) -> ReducingGraph:
     """`proto` (changed in place) with each of `tensors` reduced right after its producer.
 
-    Those also in `whole` leave the run whole instead (`whole_tensors` picks them).
+    Those also in `whole` leave the run whole instead (`whole_tensors` picks them), in
+    that order.
     Tensors inside If/Loop/Scan bodies are first passed out of their holder (`subgraphs`).
     """
     tensors = tuple(tensors)
-    whole_set = frozenset(whole)
-    whole = tuple(name for name in tensors if name in whole_set)
-    reduced = tuple(name for name in tensors if name not in whole_set)
+    whole = tuple(dict.fromkeys(name for name in whole if name in frozenset(tensors)))
+    reduced = tuple(name for name in tensors if name not in frozenset(whole))
     expose_body_tensors(proto, tensors)
     graph = proto.graph
     originals = list(graph.output)
