@@ -40,6 +40,7 @@ class Layout:
         gather: the indices of the whole tensors' subsets in their values (None: every
             value, all strides being 1).
         starts: per tensor, the first of its values in `Run.values` (whole tensors only).
+        slots: per tensor, (source, start, stop) as Python ints, for `Folder.flush`.
         blocks: the whole tensors as (offset in `Run.values`, how many, their length,
             their positions): consecutive whole tensors of one length, non-empty (they
             are ordered by size, `reducing.whole_tensors`, so the blocks are few).
@@ -50,6 +51,7 @@ class Layout:
     count: np.ndarray
     gather: np.ndarray | None
     starts: np.ndarray
+    slots: tuple[tuple[int, int, int], ...]
     blocks: tuple[tuple[int, int, int, np.ndarray], ...]
 
 
@@ -170,7 +172,10 @@ class RunReader:
                         for o, n, s in zip(offsets, lengths, step, strict=True)
                     ]
                 )
-        return Layout(source, start, count, gather, starts, tuple(blocks))
+        slots = tuple(
+            zip(source.tolist(), start.tolist(), (start + count).tolist(), strict=True)
+        )
+        return Layout(source, start, count, gather, starts, slots, tuple(blocks))
 
 
 class Folder:
@@ -201,25 +206,15 @@ class Folder:
         lows = np.where(kept, np.stack([r.mins for r, _ in self.runs]), np.inf).min(axis=0)
         highs = np.where(kept, np.stack([r.maxs for r, _ in self.runs]), -np.inf).max(axis=0)
         counts = np.where(kept, np.stack([r.sizes for r, _ in self.runs]), 0).sum(axis=0)
-        parts: dict[int, list[np.ndarray]] = {}
-        by_layout: dict[int, list[int]] = {}
-        for row, (run, _) in enumerate(self.runs):
-            by_layout.setdefault(id(run.layout), []).append(row)
-        for rows in by_layout.values():
-            layout = self.runs[rows[0]][0].layout
-            blocks = (
-                np.stack([self.runs[row][0].somes for row in rows]),
-                np.stack([self.runs[row][0].subset for row in rows]),
-            )
-            mine = kept[rows]
-            for index in np.flatnonzero(mine.any(axis=0) & (layout.count > 0)):
-                start, count = layout.start[index], layout.count[index]
-                block = blocks[layout.source[index]][:, start : start + count]
-                if not mine[:, index].all():
-                    block = block[mine[:, index]]
-                parts.setdefault(int(index), []).append(block.reshape(-1))
-        for index in np.flatnonzero(counts):
-            chunks = parts.get(int(index), ())
+        # Views into each run's subsets, one tensor at a time: a copy of all of them at
+        # once (a matrix per layout) doubled the memory the fold holds.
+        kept_by_tensor = kept.T.tolist()
+        for index in np.flatnonzero(counts).tolist():
+            chunks = []
+            for ok, (run, _) in zip(kept_by_tensor[index], self.runs, strict=True):
+                source, start, stop = run.layout.slots[index]
+                if ok and stop > start:
+                    chunks.append((run.somes, run.subset)[source][start:stop])
             self.observers[self.names[index]].update_reduced(
                 float(lows[index]),
                 float(highs[index]),
