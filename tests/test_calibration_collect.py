@@ -96,7 +96,11 @@ def test_outputs_whose_shape_depends_on_the_data(tmp_path):
     assert observed["r"].count == 36
 
 
-def test_nan_found_in_a_run_names_the_tensor(tmp_path):
+@pytest.mark.parametrize("way", ["reduced", "whole"])
+def test_nan_found_in_a_run_names_the_tensor(tmp_path, monkeypatch, way):
+    from qconvert.calibration import reducing
+
+    monkeypatch.setattr(reducing, "WHOLE_VALUES", -1 if way == "reduced" else 10**9)
     # onnxruntime's ReduceMin/ReduceMax skip a NaN that is not first: the sum tells, and
     # the raw run of that batch names the tensor.
     text = """
@@ -185,9 +189,10 @@ def _prepared(proto, tmp_path):
     return prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
 
 
-def test_the_calibration_graph_reduces_each_tensor_right_after_its_producer(tmp_path):
+@pytest.mark.parametrize("whole", ["none", "all"])
+def test_the_calibration_graph_reads_each_tensor_right_after_its_producer(tmp_path, whole):
     # Reductions next to their tensor let onnxruntime free each activation once its
-    # readers are done; only small outputs leave a run.
+    # readers are done; only a handful of vectors leave a run, whatever the tensor count.
     import onnx
     import onnx_ir as ir
 
@@ -197,25 +202,128 @@ def test_the_calibration_graph_reduces_each_tensor_right_after_its_producer(tmp_
     model = _prepared(testing.conv_bn_relu(), tmp_path)
     names = tensors_to_calibrate(model)
     graph = reducing.reducing_graph(
-        ir.serde.serialize_model(model), names, _dtypes(model), histogram=True
+        ir.serde.serialize_model(model),
+        names,
+        _dtypes(model),
+        histogram=True,
+        whole=names if whole == "all" else (),
     )
+    assert set(graph.whole if whole == "all" else graph.reduced) == set(names)
     proto = onnx.load_from_string(graph.data)
-    order = [node.output[0] for node in proto.graph.node]
-    for reduction in graph.reductions:
+    nodes = list(proto.graph.node)
+    for tensor in names:
         producer = next(
-            (i for i, node in enumerate(proto.graph.node) if reduction.tensor in node.output),
+            (i for i, node in enumerate(nodes) if tensor in node.output),
             -1,  # a graph input
         )
-        assert order[producer + 1] == reduction.min, reduction.tensor
+        assert nodes[producer + 1].op_type == "Reshape", tensor
+        assert nodes[producer + 1].input[0] == tensor
     originals = [value.name for value in model.graph.outputs]
     outputs = [output.name for output in proto.graph.output]
     assert outputs[: len(originals)] == originals
-    assert not set(outputs) & set(names) - set(originals)  # no activation leaves a run
+    vectors = 4 if whole == "none" else 2  # mins, maxs, sizes, subsets | values, lengths
+    assert len(outputs) == len(originals) + vectors + len(graph.checks)
+    assert list(graph.outputs) == outputs[len(originals) :]
     assert len(graph.checks) == len(originals)
-    assert [i.name for i in proto.graph.input][-1] == graph.steps
+    assert ([i.name for i in proto.graph.input][-1] == graph.steps) == (whole == "none")
 
 
-def test_infinite_values_count_as_no_range(tmp_path):
+def _direct(model, names, samples, budget):
+    """The statistics as the calibration graph defines them, from the tensors themselves:
+    min, max and size of every value, the histogram of every `reducing.stride`-th."""
+    from qconvert.calibration import reducing
+
+    session = make_session(_expose(model, names), threads=1)
+    expected = {name: TensorObserver() for name in names}
+    for sample in samples:
+        for name, array in zip(names, session.run(names, sample.feeds), strict=True):
+            flat = array.reshape(-1)
+            expected[name].update(flat, flat[:: reducing.stride(flat.size, budget)])
+    return expected
+
+
+@pytest.mark.parametrize("whole", ["none", "some", "all"])
+@pytest.mark.parametrize(
+    "build",
+    [testing.conv_bn_relu, testing.matmul_layernorm_exp, testing.loop_matmul_relu],
+    ids=["cnn", "matmul-layernorm", "loop-body"],
+)
+def test_statistics_do_not_depend_on_which_tensors_leave_whole(
+    tmp_path, monkeypatch, build, whole
+):
+    # Reduced inside onnxruntime or passed out whole and reduced in numpy, every tensor
+    # gets the statistics of its own values: the same min, max, count and histogram bins
+    # (a strided subset here, 20 values a sample) as the tensors exposed and observed.
+    from qconvert.calibration import reducing
+    from qconvert.calibration.collect import _Runner
+
+    # "some": the smallest tensors, 40 values a run in all.
+    monkeypatch.setattr(reducing, "WHOLE_VALUES", -1 if whole == "none" else 10**9)
+    monkeypatch.setattr(reducing, "WHOLE_TOTAL", 40 if whole == "some" else 10**9)
+    proto = build()
+    model = _prepared(proto, tmp_path)
+    names = tensors_to_calibrate(model)
+    samples = [
+        Sample(f"s{i}", testing.random_inputs(proto, batch=1 + i % 2, seed=i))
+        for i in range(9)
+    ]
+    settings = CollectSettings(histogram_values=20, fold_runs=3, concurrent_runs=2)
+    runner = _Runner(model, names, settings)
+    observed = runner.collect(samples, names, None)
+    graph = runner.reader.graph
+    expected_split = {"none": (False, True), "some": (True, True), "all": (True, False)}
+    if build is testing.loop_matmul_relu:
+        # Tensors of a Loop body are passed out stacked, in a size known at run time only.
+        expected_split = dict.fromkeys(expected_split, (False, True))
+    assert (bool(graph.whole), bool(graph.reduced)) == expected_split[whole]
+    expected = _direct(model, names, samples, budget=20)
+    for name in names:
+        a, b = observed[name], expected[name]
+        assert (a.min, a.max, a.count, a.exponent, a.first_bin) == (
+            b.min,
+            b.max,
+            b.count,
+            b.exponent,
+            b.first_bin,
+        ), name
+        np.testing.assert_array_equal(a.bins, b.bins, err_msg=name)
+
+
+def test_small_tensors_leave_whole_by_their_size_on_the_first_batch():
+    # Sizes from shape inference on the first batch's shapes: a dynamic H and W (as in
+    # an OCR classifier) are known once the data is.
+    import onnx
+
+    from qconvert.calibration import reducing
+
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        dynamic (float[N,2,H,W] x) => (float[N,2,H,W] y, float[M] picked) {
+            r = Relu (x)
+            y = Sigmoid (r)
+            flat = Reshape (r, minus_one)
+            positions = NonZero (flat)
+            idx = Reshape (positions, minus_one)
+            picked = Gather (flat, idx)
+        }
+    """
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")
+    )
+    names = ("x", "r", "y", "picked")
+    sizes = reducing.run_sizes(proto, names, {"x": (1, 2, 8, 16)})
+    assert sizes == {"x": 256, "r": 256, "y": 256}  # picked: as many as the data says
+    assert reducing.whole_tensors(sizes, most=256, total=512) == ("r", "x")
+    assert reducing.whole_tensors(sizes, most=255) == ()
+    assert reducing.run_sizes(proto, names, {"x": (1, 2, 64, 64)})["y"] == 8192
+
+
+@pytest.mark.parametrize("way", ["reduced", "whole"])
+def test_infinite_values_count_as_no_range(tmp_path, monkeypatch, way):
+    from qconvert.calibration import reducing
+
+    monkeypatch.setattr(reducing, "WHOLE_VALUES", -1 if way == "reduced" else 10**9)
     # Log(0) = -inf: the min shows it, the batch runs again raw, and the statistics are
     # those of the finite values, as the observers define them.
     text = """
@@ -265,9 +373,26 @@ def test_models_below_opset_10_are_calibrated_raw(tmp_path):
     ]
     from qconvert.calibration.collect import _Runner
 
-    assert _Runner(model, ("r",), CollectSettings()).session is None
+    runner = _Runner(model, ("r",), CollectSettings())
+    runner.collect(samples[:1], ("r",), None)
+    assert runner.session is None
     observed = collect_statistics(model, samples, ["x", "r"])
     relu = np.concatenate([np.maximum(s.feeds["x"], 0).ravel() for s in samples])
     assert observed["r"].count == relu.size
     assert observed["r"].max == float(relu.max())
     assert observed["x"].min == float(min(s.feeds["x"].min() for s in samples))
+
+
+def test_sizes_of_a_model_that_lists_its_weights_as_inputs():
+    # IR 3 models list every initializer as a graph input too.
+    from onnx import helper
+
+    from qconvert.calibration import reducing
+
+    proto = testing.conv_bn_relu()
+    for tensor in proto.graph.initializer:
+        proto.graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+        )
+    sizes = reducing.run_sizes(proto, ("input", "relu", "logits"), {"input": (2, 3, 8, 8)})
+    assert sizes == {"input": 384, "relu": 1024, "logits": 20}

@@ -2,12 +2,14 @@
 
 Calibration should cost about one float inference pass, in time and in memory. So:
 
-1. One session, set up once, on the calibration graph (`reducing`): each calibrated
-   tensor is reduced inside onnxruntime right after the node that computes it, to its
-   min, max, size, sum (finite or not) and the strided subset of its values the histogram
-   takes. Only these leave a run, so no activation outlives its readers and the session's
-   memory is a float pass's (measured on the bench's 224 MobileNetV2: every tensor exposed
-   as a graph output held about 180 MB more; see the bench's calibration rows).
+1. One session, set up on the first batch, on the calibration graph (`reducing`): each
+   large calibrated tensor is reduced inside onnxruntime right after the node that
+   computes it, to its min, max, size and the strided subset of its values the histogram
+   takes; small ones leave whole. A run returns a handful of vectors, whatever the number
+   of tensors (`folding` reads them), so no activation outlives its readers and the
+   session's memory is a float pass's (measured on the bench's 224 MobileNetV2: every
+   tensor exposed as a graph output held about 180 MB more; see the bench's calibration
+   rows), and the Python work per run does not grow with the number of tensors.
 2. Min and max see every value. The histogram sees every value of small tensors and a
    fixed stride of large ones (at most `histogram_values` values per sample and tensor,
    stride odd so it does not alias with power-of-two dims): histogramming costs a few ns a
@@ -27,7 +29,7 @@ Calibration should cost about one float inference pass, in time and in memory. S
    the NCHWc convolution layout), as a float pass does. Fusions only happen around
    tensors no other node reads, so the kernels that compute a given tensor depend on which
    other tensors are calibrated: the set is fixed, always all calibrated tensors, in every
-   process. `tensors_per_pass` only fetches a group of them per pass over the data (the
+   process. `tensors_per_pass` only folds a group of them per pass over the data (the
    graph, and so every value, stays the same).
 6. One intra-op thread per run: a kernel's last bits can depend on the thread count (MLAS
    cuts a GEMM into blocks by thread), and every process of a split calibration must
@@ -37,8 +39,8 @@ Calibration should cost about one float inference pass, in time and in memory. S
    so the statistics do not depend on how many run at once. The session's weights are
    shared; each run in flight adds only its own activations.
 7. Statistics are folded in once per `fold_runs` runs (one observer update per tensor, not
-   per run), so the Python cost per tensor is paid rarely; the observers merge exactly, so
-   the grouping does not change them.
+   per run, `folding`), so the Python cost per tensor is paid rarely; the observers merge
+   exactly, so the grouping does not change them.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import onnx
 import onnx_ir as ir
 
 from qconvert import ops
-from qconvert.calibration import reducing
+from qconvert.calibration import folding, reducing
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
 from qconvert.calibration.subgraphs import expose_body_tensors
 from qconvert.dataset import Feeds, Sample
@@ -69,7 +71,7 @@ _INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
 _FOLD_BYTES = 4 << 20
 """Histogram values gathered before the observers take them: a bound on the memory they
 hold (a run of the bench's YOLOv8n returns 1.2 MB of them; 64 runs held 75 MB)."""
-_UNKNOWN_STRIDE = np.array([np.iinfo(np.int64).max], np.int64)  # one value: a size probe
+_UNKNOWN_STRIDE = np.iinfo(np.int64).max  # one value a tensor: a size probe
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -243,24 +245,11 @@ class _Runner:
         self.inputs, _ = _interface(model)
         self.tensors = tensor_names
         self.session = None
-        self.reductions: dict[str, reducing.Reduction] = {}
-        self.steps_input: str | None = None
-        self.checks: list[str] = []
-        if tensor_names:
-            proto, dtypes = _proto(model)
-            if reducing.opset_of(proto) >= reducing.MIN_OPSET:
-                graph = reducing.reducing_graph(
-                    proto, tensor_names, dtypes, histogram=settings.histogram_values > 0
-                )
-                del proto  # the session keeps its own copy of the weights
-                self.session = _session(graph.data, settings.threads, True, ordered=True)
-                self.reductions = {r.tensor: r for r in graph.reductions}
-                self.steps_input = graph.steps
-                self.checks = list(graph.checks)
+        self.reader: folding.RunReader | None = None
+        self.opened = not tensor_names  # the session is made on the first batch
         self.raw_session = None  # made when a batch first needs it
-        self.position = {name: index for index, name in enumerate(tensor_names)}
-        # Per input signature, the stride of each tensor and the sizes they were chosen for.
-        self.strides: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # Per input signature, the strides of the reduced tensors' histogram subsets.
+        self.strides: dict[tuple, np.ndarray] = {}
 
     def collect(
         self,
@@ -270,21 +259,13 @@ class _Runner:
     ) -> dict[str, TensorObserver]:
         """The statistics of `group` over one pass on `samples`."""
         observers = {name: TensorObserver() for name in group}
-        folded = _Reductions(group, observers)
-        fetch = [
-            name
-            for tensor in group
-            for r in (self.reductions.get(tensor),)
-            if r is not None
-            for name in (r.min, r.max, r.size, r.some)
-            if name is not None
-        ]
-        fetch += self.checks
-        positions = np.array([self.position[name] for name in group], np.intp)
+        folded = folding.Folder(self.tensors, observers)
+        wanted = set(group)
+        in_group = np.array([name in wanted for name in self.tensors], bool)
         concurrent = self.settings.concurrent_runs
         pool = (
             ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="qconvert-run")
-            if concurrent > 1 and self.session is not None and group
+            if concurrent > 1 and group
             else None
         )
         in_flight: deque[tuple[_Batch, np.ndarray | None, Future]] = deque()
@@ -294,13 +275,18 @@ class _Runner:
             if group and self.session is None:
                 self._raw(batch, group, observers)
             elif group:
-                self._fold(batch, steps, future, group, fetch, positions, folded)
+                self._fold(batch, steps, future, group, in_group, folded)
             if on_sample is not None:
                 for _ in range(batch.count):
                     on_sample()
 
         try:
             for batch in _batches(samples, self.settings.batch_size):
+                if not self.opened:
+                    self._open(batch.feeds)
+                    if pool is not None and self.session is None:
+                        pool.shutdown()
+                        pool = None
                 if not group or self.session is None:
                     in_flight.append((batch, None, _done(None)))
                 else:
@@ -310,6 +296,7 @@ class _Runner:
                             finish()
                     steps = self._steps(batch)
                     feeds = self._feeds(batch, steps)
+                    fetch = self.reader.graph.outputs
                     if pool is not None and known:
                         future = pool.submit(self.session.run, fetch, feeds)
                     else:
@@ -325,27 +312,52 @@ class _Runner:
         folded.flush()
         return observers
 
-    def _steps(self, batch: _Batch) -> np.ndarray:
+    def _open(self, feeds: Feeds) -> None:
+        """Makes the session on the calibration graph, with these feeds' shapes in view.
+
+        Which tensors leave a run whole is read from their sizes in a run on these
+        shapes; it changes no value (`reducing`), so workers that start on other shapes
+        still compute the same statistics.
+        """
+        self.opened = True
+        proto, dtypes = _proto(self.model)
+        if reducing.opset_of(proto) < reducing.MIN_OPSET:
+            return
+        shapes = {name: array.shape for name, array in feeds.items()}
+        sizes = reducing.run_sizes(proto, self.tensors, shapes)
+        graph = reducing.reducing_graph(
+            proto,
+            self.tensors,
+            dtypes,
+            histogram=self.settings.histogram_values > 0,
+            whole=reducing.whole_tensors(sizes),
+        )
+        del proto  # the session keeps its own copy of the weights
+        self.session = _session(graph.data, self.settings.threads, True, ordered=True)
+        self.reader = folding.RunReader(graph, self.tensors)
+
+    def _steps(self, batch: _Batch) -> np.ndarray | None:
         """The histogram strides to feed for `batch` (size probes for a new signature)."""
+        if self.reader is None or self.reader.graph.steps is None:
+            return None
         known = self.strides.get(_signature(batch.feeds))
         if known is not None:
-            return known[0]
-        return np.full(len(self.tensors), _UNKNOWN_STRIDE[0], np.int64)
+            return known
+        return np.full(len(self.reader.graph.reduced), _UNKNOWN_STRIDE, np.int64)
 
-    def _feeds(self, batch: _Batch, steps: np.ndarray) -> dict[str, np.ndarray]:
-        if self.steps_input is None:
+    def _feeds(self, batch: _Batch, steps: np.ndarray | None) -> dict[str, np.ndarray]:
+        if steps is None:
             return batch.feeds
-        return {**batch.feeds, self.steps_input: steps}
+        return {**batch.feeds, self.reader.graph.steps: steps}
 
     def _fold(
         self,
         batch: _Batch,
-        steps: np.ndarray,
+        steps: np.ndarray | None,
         future: Future,
         group: tuple[str, ...],
-        fetch: list[str],
-        positions: np.ndarray,
-        folded: _Reductions,
+        in_group: np.ndarray,
+        folded: folding.Folder,
     ) -> None:
         """Folds the outputs of one run in; runs again raw what they cannot say."""
         try:
@@ -354,28 +366,38 @@ class _Runner:
             # A reduction onnxruntime refused, or the model itself: the raw run tells.
             self._raw(batch, group, folded.observers)
             return
-        run = _Run.of(outputs, self.steps_input is not None, len(self.checks))
-        if self.steps_input is not None:
-            wanted = reducing.strides(run.sizes, self.settings.histogram_values * batch.count)
-            if not np.array_equal(steps[positions], wanted):
+        budget = self.settings.histogram_values * batch.count
+        reader = self.reader
+        run = reader.read(outputs, steps, budget)
+        signature = _signature(batch.feeds)
+        if steps is not None:
+            wanted = reducing.strides(run.sizes[reader.reduced_at], budget)
+            if not np.array_equal(steps, wanted):
                 # The first run of a signature (or a size that depends on the data): the
                 # strides are those of these sizes, so this batch runs again with them.
-                steps = steps.copy()
-                steps[positions] = wanted
-                self.strides[_signature(batch.feeds)] = (steps, run.sizes)
-                rerun = _Batch(self._feeds(batch, steps), batch.count, batch.source)
-                run = _Run.of(_run(self.session, tuple(fetch), rerun), True, len(self.checks))
-        elif _signature(batch.feeds) not in self.strides:
-            self.strides[_signature(batch.feeds)] = (np.zeros(0, np.int64), run.sizes)
+                self.strides[signature] = wanted
+                rerun = _Batch(self._feeds(batch, wanted), batch.count, batch.source)
+                outputs = _run(self.session, reader.graph.outputs, rerun)
+                run = reader.read(outputs, wanted, budget)
+        elif signature not in self.strides:
+            self.strides[signature] = np.zeros(0, np.int64)
         if not np.isfinite(run.checks).all():
             # A NaN or infinity reached an output: the raw run finds the tensors.
             self._raw(batch, group, folded.observers)
             return
-        raw = (run.sizes > 0) & ~(np.isfinite(run.mins) & np.isfinite(run.maxs))
-        folded.add(run, ~raw)
-        if raw.any():
-            self._raw(batch, tuple(np.asarray(group)[raw]), folded.observers)
-        if folded.runs >= self.settings.fold_runs or folded.bytes >= _FOLD_BYTES:
+        finite = np.isfinite(run.mins) & np.isfinite(run.maxs)
+        folded.add(run, in_group & finite)
+        odd = in_group & ~finite & (run.sizes > 0)
+        if odd.any():
+            # Whole tensors hold their values here; reduced ones run again raw.
+            for index in np.flatnonzero(odd & reader.whole):
+                start, size = run.layout.starts[index], run.sizes[index]
+                values = run.values[start : start + size]
+                self._update(folded.observers, self.tensors[index], values, budget)
+            names = tuple(self.tensors[i] for i in np.flatnonzero(odd & ~reader.whole))
+            if names:
+                self._raw(batch, names, folded.observers)
+        if len(folded.runs) >= self.settings.fold_runs or folded.bytes >= _FOLD_BYTES:
             folded.flush()
 
     def _raw(self, batch: _Batch, group: tuple[str, ...], observers) -> None:
@@ -394,86 +416,19 @@ class _Runner:
         budget = self.settings.histogram_values * batch.count
         for name in group:
             values = batch.feeds[name] if name in self.inputs else arrays[name]
-            flat = values.reshape(-1)
-            some = flat[:: reducing.stride(flat.size, budget)] if budget else flat[:0]
-            try:
-                observers[name].update(flat, some)
-            except NonFiniteError:
-                raise CalibrationDataError(
-                    f"Tensor '{name}' took NaN values on the calibration data.",
-                    hint="check the data; the float model itself is not finite on it.",
-                ) from None
+            self._update(observers, name, values.reshape(-1), budget)
 
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    """The reductions one run returned, one entry per tensor of the group."""
-
-    mins: np.ndarray
-    maxs: np.ndarray
-    sizes: np.ndarray
-    somes: list[np.ndarray] | None
-    checks: np.ndarray  # the sums of the model's float outputs
-
-    @classmethod
-    def of(cls, outputs: list[np.ndarray], histogram: bool, checks: int) -> _Run:
-        every = 4 if histogram else 3
-        reductions = outputs[: len(outputs) - checks]
-        return cls(
-            mins=np.array(reductions[0::every], np.float32),
-            maxs=np.array(reductions[1::every], np.float32),
-            sizes=np.array(reductions[2::every], np.int64),
-            somes=reductions[3::every] if histogram else None,
-            checks=np.array(outputs[len(outputs) - checks :], np.float32),
-        )
-
-
-class _Reductions:
-    """The reductions of the last runs, per tensor, until the observers take them."""
-
-    def __init__(self, group: tuple[str, ...], observers: dict[str, TensorObserver]) -> None:
-        self.group = group
-        self.observers = observers
-        self.lows: list[np.ndarray] = []
-        self.highs: list[np.ndarray] = []
-        self.counts: list[np.ndarray] = []
-        self.somes: list[tuple[list[np.ndarray] | None, np.ndarray]] = []
-        self.runs = 0
-        self.bytes = 0
-
-    def add(self, run: _Run, kept: np.ndarray) -> None:
-        """Gathers `run`'s reductions of the tensors `kept` says (the others ran raw)."""
-        kept = kept & (run.sizes > 0)
-        self.lows.append(np.where(kept, run.mins, np.inf))
-        self.highs.append(np.where(kept, run.maxs, -np.inf))
-        self.counts.append(np.where(kept, run.sizes, 0))
-        self.somes.append((run.somes, kept))
-        self.runs += 1
-        self.bytes += sum(some.nbytes for some in run.somes or ())
-
-    def flush(self) -> None:
-        """One observer update per tensor for all the runs gathered."""
-        if not self.runs:
-            return
-        lows, highs = np.min(self.lows, axis=0), np.max(self.highs, axis=0)
-        counts = np.sum(self.counts, axis=0)
-        for index in np.flatnonzero(counts):
-            parts = [
-                somes[index].reshape(-1)
-                for somes, kept in self.somes
-                if somes is not None and kept[index]
-            ]
-            self.observers[self.group[index]].update_reduced(
-                float(lows[index]),
-                float(highs[index]),
-                int(counts[index]),
-                np.concatenate(parts) if parts else _EMPTY,
-            )
-        self.lows, self.highs, self.counts, self.somes = [], [], [], []
-        self.runs = self.bytes = 0
-
-
-_EMPTY = np.zeros(0, np.float32)
+    @staticmethod
+    def _update(observers, name: str, flat: np.ndarray, budget: int) -> None:
+        """`flat`, every value of tensor `name` in a batch, into its observer."""
+        some = flat[:: reducing.stride(flat.size, budget)] if budget else flat[:0]
+        try:
+            observers[name].update(flat, some)
+        except NonFiniteError:
+            raise CalibrationDataError(
+                f"Tensor '{name}' took NaN values on the calibration data.",
+                hint="check the data; the float model itself is not finite on it.",
+            ) from None
 
 
 def _done(value) -> Future:

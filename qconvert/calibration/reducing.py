@@ -2,22 +2,40 @@
 
 Exposing a tensor as a graph output keeps it alive, and copied out, until the run ends:
 with every calibrated tensor exposed, one run holds every activation of the model at once
-(a few hundred MB on a 224x224 CNN) and Python then reads each of them again. Instead,
-right after the node that computes a tensor, a few nodes reduce it inside onnxruntime:
+(a few hundred MB on a 224x224 CNN) and Python then reads each of them again. And each
+output of a run costs Python a few microseconds, each node onnxruntime one or two: on a
+small model that runs in 0.3 ms, four outputs and six nodes per tensor cost more than the
+model itself. So a run returns a handful of vectors, whatever the number of tensors:
 
-    min  = ReduceMin(t)          max = ReduceMax(t)          size = Size(t)
-    some = Slice(Reshape(t, [-1]), 0, end, axis 0, Gather(steps, i))  (histogram's subset)
+1. A large tensor (more than `WHOLE_VALUES` values in a run on the first batch's input
+   shapes, or a size shape inference does not know) is reduced inside onnxruntime, right
+   after the node that computes it:
 
-and, for each float output of the model, sum = ReduceSum(output) (finite exactly when no
-value is NaN or infinite).
+       flat = Reshape(t, [-1])          (an alias: no copy)
+       min  = ReduceMin(flat)           max = ReduceMax(flat)           size = Shape(flat)
+       some = Slice(flat, 0, end, axis 0, Gather(steps, i))   (the histogram's subset)
 
-Only these small outputs leave the run, so onnxruntime frees each activation once its
-readers are done, as in a plain float pass, and its memory pattern stays the float pass's.
-`step` is read from one graph input, a vector with a stride per tensor (one feed, not one
-per tensor: onnxruntime checks each feed of each run in Python): the collector feeds the
-odd stride that keeps at most
-`histogram_values` values a sample (`stride`), which depends only on the tensor's size in
-one run, so a data set gives the same statistics however it is split.
+   and the mins, maxs, sizes and subsets of all of them are concatenated, one vector each.
+2. A small tensor leaves whole: its flattened values and its size, concatenated with those
+   of the other small tensors into one vector each. Its min, max and histogram subset are
+   then taken in numpy for all of them at once (`collect`); a handful of nodes per tensor
+   would cost more than reading the few values again. The values are those onnxruntime
+   computed either way (the same kernels, see below), so the statistics are the same.
+3. For each float output of the model, sum = ReduceSum(output) (finite exactly when no
+   value is NaN or infinite).
+
+Only these small outputs leave the run, so onnxruntime frees each large activation once its
+readers are done, as in a plain float pass, and its memory pattern stays the float pass's
+(the small tensors, `WHOLE_TOTAL` values a run at most, live until the run ends).
+`step` is read from one graph input, a vector with a stride per reduced tensor (one feed,
+not one per tensor: onnxruntime checks each feed of each run in Python): the collector
+feeds the odd stride that keeps at most `histogram_values` values a sample (`stride`),
+which depends only on the tensor's size in one run, so a data set gives the same
+statistics however it is split.
+
+Every calibrated tensor is read by a node added here, whichever way it leaves: onnxruntime
+fuses only around tensors no other node reads, so the kernels that compute a tensor, and
+its values, do not depend on which way it was sorted.
 
 An infinite value shows in the min or max; the collector then runs that batch again with
 the raw tensor exposed and lets the observer sort the values (a mask written as -inf, a
@@ -35,6 +53,7 @@ order runs them while the tensor is fresh and its buffer can then be reused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -47,29 +66,56 @@ from qconvert.calibration.subgraphs import expose_body_tensors
 MIN_OPSET = 10
 """Slice takes its step as an input from opset 10: older models are calibrated raw."""
 
+WHOLE_VALUES = 4096
+"""Tensors of at most this many values in a run leave a run whole (measured on the bench's
+small models: below this, the six reduction nodes of a tensor cost onnxruntime more than
+copying its values out costs numpy)."""
+
+WHOLE_TOTAL = 1 << 20
+"""At most this many values in a run leave a run whole, all tensors together (4 MB): they
+live until the run ends."""
+
+_SHAPE_VALUES = 64  # initializers at most this large stay in shape inference's graph
 _END = np.iinfo(np.int64).max
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True, slots=True)
-class Reduction:
-    """The names of the outputs (and the step input) that reduce one tensor."""
-
-    tensor: str
-    min: str
-    max: str
-    size: str
-    some: str | None  # the histogram's subset (None: no histogram)
-
-
-@dataclass(frozen=True, slots=True)
 class ReducingGraph:
-    """The calibration graph, serialized, and what it computes for each tensor."""
+    """The calibration graph, serialized, and the outputs a run of it returns.
+
+    Attributes:
+        data: the serialized graph.
+        reduced: the tensors reduced inside the graph, in the order of `mins`, `maxs`,
+            `sizes` and `somes`.
+        whole: the tensors that leave whole, in the order of `values` and `lengths`.
+        mins, maxs, sizes: per reduced tensor, its min, max and number of values (None
+            when no tensor is reduced).
+        somes: the histogram's subsets of the reduced tensors, one after the other (None:
+            no histogram, or no reduced tensor).
+        values, lengths: the values of the whole tensors, one after the other, and how
+            many each has (None when no tensor leaves whole).
+        steps: the graph input of the strides, one per reduced tensor, in order.
+        checks: the sums of the model's float outputs.
+    """
 
     data: bytes
-    reductions: tuple[Reduction, ...]
-    steps: str | None  # the graph input of the strides, one per reduction, in order
-    checks: tuple[str, ...]  # the sums of the model's float outputs
+    reduced: tuple[str, ...]
+    whole: tuple[str, ...]
+    mins: str | None
+    maxs: str | None
+    sizes: str | None
+    somes: str | None
+    values: str | None
+    lengths: str | None
+    steps: str | None
+    checks: tuple[str, ...]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every output a run fetches: the vectors above that exist, then the checks."""
+        vectors = (self.mins, self.maxs, self.sizes, self.somes, self.values, self.lengths)
+        return (*(name for name in vectors if name is not None), *self.checks)
 
 
 def stride(size: int, budget: int) -> int:
@@ -95,18 +141,97 @@ def opset_of(proto: onnx.ModelProto) -> int:
     )
 
 
+def run_sizes(
+    proto: onnx.ModelProto, tensors: Iterable[str], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, int]:
+    """The values each of `tensors` holds in a run on inputs of these `shapes`.
+
+    ONNX shape inference on the graph with its inputs set to `shapes` and its large
+    initializers left as bare types (their values only slow it down); absent where it
+    cannot tell (a shape that depends on the data). A failure tells nothing: {}.
+    """
+    graph = proto.graph
+    light = onnx.ModelProto()
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    light.graph.node.extend(graph.node)
+    light.graph.output.extend(graph.output)
+    for value in graph.input:
+        typed = light.graph.input.add()
+        typed.CopyFrom(value)
+        shape = shapes.get(value.name)
+        if shape is not None and typed.type.HasField("tensor_type"):
+            typed.type.tensor_type.shape.Clear()
+            for size in shape:
+                typed.type.tensor_type.shape.dim.add().dim_value = size
+    listed = {value.name for value in graph.input}  # old models list weights as inputs
+    for tensor in graph.initializer:
+        if math.prod(tensor.dims) <= _SHAPE_VALUES:  # shape arithmetic reads these
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in listed:
+            light.graph.input.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001 -- onnx raises several kinds; the sizes are a hint
+        return {}
+    graph = inferred.graph
+    types = {
+        value.name: value.type.tensor_type
+        for value in (*graph.input, *graph.value_info, *graph.output)
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")
+    }
+    sizes = {}
+    for name in tensors:
+        kind = types.get(name)
+        dims = [] if kind is None else list(kind.shape.dim)
+        if kind is not None and all(
+            d.HasField("dim_value") and d.dim_value >= 0 for d in dims
+        ):
+            sizes[name] = math.prod(d.dim_value for d in dims)
+    return sizes
+
+
+def whole_tensors(
+    sizes: Mapping[str, int], *, most: int | None = None, total: int | None = None
+) -> tuple[str, ...]:
+    """The tensors of `sizes` (values in a run, `run_sizes`) that leave a run whole.
+
+    At most `most` values each (`WHOLE_VALUES`), smallest first while the sum stays
+    within `total` (`WHOLE_TOTAL`); in order of size, so that numpy reduces those of one
+    size as the rows of one matrix.
+    """
+    most = WHOLE_VALUES if most is None else most
+    total = WHOLE_TOTAL if total is None else total
+    chosen: list[str] = []
+    spent = 0
+    for name, size in sorted(sizes.items(), key=lambda item: (item[1], item[0])):
+        if size > most or spent + size > total:
+            break
+        chosen.append(name)
+        spent += size
+    return tuple(chosen)
+
+
 def reducing_graph(
     proto: onnx.ModelProto,
     tensors: Iterable[str],
     dtypes: Mapping[str, int],
     *,
     histogram: bool,
+    whole: Iterable[str] = (),
 ) -> ReducingGraph:
     """`proto` (changed in place) with each of `tensors` reduced right after its producer.
 
+    Those also in `whole` leave the run whole instead (`whole_tensors` picks them), in
+    that order.
     Tensors inside If/Loop/Scan bodies are first passed out of their holder (`subgraphs`).
     """
     tensors = tuple(tensors)
+    whole = tuple(dict.fromkeys(name for name in whole if name in frozenset(tensors)))
+    reduced = tuple(name for name in tensors if name not in frozenset(whole))
     expose_body_tensors(proto, tensors)
     graph = proto.graph
     originals = list(graph.output)
@@ -119,10 +244,10 @@ def reducing_graph(
         taken.add(name)
         return name
 
-    steps = fresh("qconvert_calibration/steps") if histogram else None
+    steps = fresh("qconvert_calibration/steps") if histogram and reduced else None
     if steps is not None:
         graph.input.append(
-            helper.make_tensor_value_info(steps, onnx.TensorProto.INT64, [len(tensors)])
+            helper.make_tensor_value_info(steps, onnx.TensorProto.INT64, [len(reduced)])
         )
     flat = fresh("qconvert_calibration/flat")
     zero = fresh("qconvert_calibration/zero")
@@ -136,41 +261,61 @@ def reducing_graph(
     )
     float32 = onnx.TensorProto.FLOAT
     after: dict[str, list[onnx.NodeProto]] = {}
-    reductions = []
-    for index, tensor in enumerate(tensors):
-        prefix = f"qconvert_calibration/{index}/"
-        nodes: list[onnx.NodeProto] = []
+    # Per output vector, the per-tensor parts it concatenates.
+    parts: dict[str, list[str]] = {kind: [] for kind in ("min", "max", "size", "some")}
+    parts |= {"values": [], "lengths": []}
+
+    def flattened(tensor: str, prefix: str) -> str:
+        """`tensor` as float32 and one dim, by nodes queued right after its producer."""
         source = tensor
         if dtypes.get(tensor, float32) != float32:
             source = fresh(prefix + "float")
-            nodes.append(helper.make_node("Cast", [tensor], [source], to=float32))
-        names = {kind: fresh(prefix + kind) for kind in ("min", "max", "size")}
-        nodes += [
-            helper.make_node("ReduceMin", [source], [names["min"]], keepdims=0),
-            helper.make_node("ReduceMax", [source], [names["max"]], keepdims=0),
-            helper.make_node("Size", [source], [names["size"]]),
-        ]
-        some = None
-        if steps is not None:
-            some, step, at, flattened = (
-                fresh(prefix + k) for k in ("some", "step", "at", "flat")
+            after.setdefault(tensor, []).append(
+                helper.make_node("Cast", [tensor], [source], to=float32)
             )
+        name = fresh(prefix + "flat")
+        after.setdefault(tensor, []).append(
+            helper.make_node("Reshape", [source, flat], [name])
+        )
+        return name
+
+    for index, tensor in enumerate(reduced):
+        prefix = f"qconvert_calibration/{index}/"
+        values = flattened(tensor, prefix)
+        names = {kind: fresh(prefix + kind) for kind in ("min", "max", "size")}
+        nodes = [
+            # keepdims: one value of shape [1], ready to be concatenated.
+            helper.make_node("ReduceMin", [values], [names["min"]], keepdims=1),
+            helper.make_node("ReduceMax", [values], [names["max"]], keepdims=1),
+            helper.make_node("Shape", [values], [names["size"]]),
+        ]
+        if steps is not None:
+            names["some"], step, at = (fresh(prefix + k) for k in ("some", "step", "at"))
             graph.initializer.append(numpy_helper.from_array(np.array([index], np.int64), at))
             nodes += [
                 helper.make_node("Gather", [steps, at], [step]),
-                helper.make_node("Reshape", [source, flat], [flattened]),
-                helper.make_node("Slice", [flattened, zero, end, zero, step], [some]),
+                helper.make_node("Slice", [values, zero, end, zero, step], [names["some"]]),
             ]
-        after.setdefault(tensor, []).extend(nodes)
-        for name, dtype in (
-            (names["min"], float32),
-            (names["max"], float32),
-            (names["size"], onnx.TensorProto.INT64),
-            (some, float32),
-        ):
-            if name is not None:
-                graph.output.append(helper.make_tensor_value_info(name, dtype, None))
-        reductions.append(Reduction(tensor, **names, some=some))
+        after[tensor].extend(nodes)
+        for kind, name in names.items():
+            parts[kind].append(name)
+    for index, tensor in enumerate(whole):
+        prefix = f"qconvert_calibration/whole/{index}/"
+        values = flattened(tensor, prefix)
+        length = fresh(prefix + "length")
+        after[tensor].append(helper.make_node("Shape", [values], [length]))
+        parts["values"].append(values)
+        parts["lengths"].append(length)
+    vectors: dict[str, str | None] = {}
+    concatenated: list[onnx.NodeProto] = []
+    for kind, names in parts.items():
+        if not names:
+            vectors[kind] = None
+            continue
+        vectors[kind] = fresh(f"qconvert_calibration/{kind}")
+        concatenated.append(helper.make_node("Concat", names, [vectors[kind]], axis=0))
+        dtype = onnx.TensorProto.INT64 if kind in ("size", "lengths") else float32
+        graph.output.append(helper.make_tensor_value_info(vectors[kind], dtype, None))
     checks = []
     for output in originals:
         if output.type.tensor_type.elem_type not in _FLOATS:
@@ -198,10 +343,17 @@ def reducing_graph(
     for nodes in after.values():  # tensors no node computes: left to the sort
         ordered += nodes
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend([*ordered, *concatenated])
     return ReducingGraph(
         data=proto.SerializeToString(),
-        reductions=tuple(reductions),
+        reduced=reduced,
+        whole=whole,
+        mins=vectors["min"],
+        maxs=vectors["max"],
+        sizes=vectors["size"],
+        somes=vectors["some"],
+        values=vectors["values"],
+        lengths=vectors["lengths"],
         steps=steps,
         checks=tuple(checks),
     )
