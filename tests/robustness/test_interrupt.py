@@ -36,6 +36,34 @@ def _slow_model(path):
     onnx.save_model(model, str(path))
 
 
+def _reads_from(pid: int, folder) -> bool:
+    """Whether the process holds a file of `folder` open or mapped right now."""
+    proc = f"/proc/{pid}"
+    try:
+        links = [os.readlink(f"{proc}/fd/{fd}") for fd in os.listdir(f"{proc}/fd")]
+        with open(f"{proc}/maps") as maps:
+            mapped = maps.read()
+    except OSError:  # the fd closed between listing and reading: look again
+        return False
+    return any(link.startswith(str(folder)) for link in links) or str(folder) in mapped
+
+
+def _wait_until_reading(process, calib, timeout_s: float = 120.0) -> None:
+    """Waits until the run reads calibration samples, so the signal lands inside calibration.
+
+    A fixed sleep was too short on a loaded machine, where importing alone can take seconds.
+    """
+    if not os.path.isdir(f"/proc/{process.pid}"):  # no procfs: the old fixed wait
+        time.sleep(4.0)
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if _reads_from(process.pid, calib):
+            return
+        time.sleep(0.005)
+    raise AssertionError("the run never started reading its calibration samples")
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "word"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
@@ -67,7 +95,7 @@ def test_signal_during_calibration_leaves_nothing(tmp_path, signum, code, word):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(4.0)  # past start-up, inside calibration
+    _wait_until_reading(process, calib)
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
