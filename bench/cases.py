@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench import builders, data, real
+from bench import builders, data, real, text_scenes
 
 log = logging.getLogger("bench")
 
@@ -162,11 +162,18 @@ def real_cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[
     if missing:
         return [], [f"real models not fetched (run `make bench`): {', '.join(missing[:3])}..."]
     photos_dir = files / real.DEBIAN_PHOTOS[0]
-    if not photos_dir.exists() or not any(photos_dir.iterdir()):
-        cases = [_ocr_classifier(files, work, sizes), _minilm(files, work, sizes)]
+    calib_photos = (
+        [data.load_rgb(p) for p in sorted(photos_dir.iterdir())] if photos_dir.exists() else []
+    )
+    cases = [
+        _ocr_classifier(files, work, sizes),
+        _text_detector(files, work, sizes, calib_photos),
+        _minilm(files, work, sizes),
+    ]
+    if not calib_photos:
         return cases, [
-            f"Debian's {real.DEBIAN_PHOTOS[0]} could not be fetched: the photo models"
-            " (ppocr_det_dbnet, nudenet_yolov8n) were left out"
+            f"Debian's {real.DEBIAN_PHOTOS[0]} could not be fetched: nudenet_yolov8n was "
+            "left out, ppocr_det_dbnet calibrates on text over plain paper"
         ]
     skimage = files / "skimage" / "data"
     eval_photos = [
@@ -182,21 +189,8 @@ def real_cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[
             "horse.png",
         )
     ]
-    calib_photos = [data.load_rgb(p) for p in sorted(photos_dir.iterdir())]
-    cases = [
-        _ocr_classifier(files, work, sizes),
-        _photo_case(
-            work,
-            "ppocr_det_dbnet",
-            files / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-            calib_photos,
-            eval_photos,
-            sizes,
-            mean=0.5,
-            std=0.5,
-            task="segment",
-            about="PP-OCRv4 DBNet text detector (rapidocr-onnxruntime), 320x320 photos",
-        ),
+    cases.insert(
+        2,
         _photo_case(
             work,
             "nudenet_yolov8n",
@@ -209,8 +203,7 @@ def real_cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[
             task="detect",
             about="YOLOv8n detector (nudenet), 320x320 photos",
         ),
-        _minilm(files, work, sizes),
-    ]
+    )
     return cases, []
 
 
@@ -249,6 +242,51 @@ def _photo_case(
         calib=folder / "calib",
         eval=folder / "eval",
         about=about + "; calib: Debian wallpaper photos, eval: scikit-image photos",
+    )
+
+
+DET_SIDE = 320  # a multiple of 32, as PP-OCR's detector resize makes its inputs
+
+
+def _text_detector(files: Path, work: Path, sizes: Sizes, backgrounds) -> Case:
+    """PP-OCR's DBNet on images with text in them: prose rendered in code over washed-out
+    photos calibrates, rescaled and rotated crops of scikit-image's two text scans (a
+    printed page, handwritten maths) evaluate; PP-OCR's own normalization."""
+    model = files / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+    name = onnx.load(model, load_external_data=False).graph.input[0].name
+    rng = np.random.default_rng(10)
+    lines = data.sentences(real.stdlib_text())
+    calib = [
+        {
+            name: text_scenes.detector_input(
+                text_scenes.rendered_page(lines, backgrounds, rng, DET_SIDE)
+            )
+        }
+        for _ in range(sizes.calib)
+    ]
+    scans = [data.load_rgb(files / "skimage/data" / n) for n in ("page.png", "text.png")]
+    evals = [
+        {
+            name: text_scenes.detector_input(
+                text_scenes.scanned_view(scans[i % 2], rng, DET_SIDE)
+            )
+        }
+        for i in range(sizes.eval)
+    ]
+    folder = work / "ppocr_det_dbnet"
+    data.write_folder(folder / "calib", calib)
+    data.write_folder(folder / "eval", evals)
+    return Case(
+        name="ppocr_det_dbnet",
+        group="real",
+        task="segment",
+        model=model,
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about=f"PP-OCRv4 DBNet text detector (rapidocr-onnxruntime), {DET_SIDE}x{DET_SIDE}, "
+        "ImageNet mean/std on /255; calib: stdlib docstrings rendered over washed-out "
+        "Debian wallpaper photos, eval: rescaled, rotated crops of scikit-image's page.png "
+        "and text.png",
     )
 
 
