@@ -49,6 +49,7 @@ def _reader(model: str, data: str):
     class FolderReader(CalibrationDataReader):
         def __init__(self) -> None:
             self.index = 0
+            self.samples = samples
 
         def get_next(self):
             if self.index >= len(samples):
@@ -62,7 +63,7 @@ def _reader(model: str, data: str):
     return FolderReader()
 
 
-def _config(recipe: str):
+def _config(recipe: str, method: str = "Percentile"):
     from quark.onnx import (
         AdaRoundConfig,
         CLEConfig,
@@ -72,9 +73,10 @@ def _config(recipe: str):
         QuantGranularity,
         UInt8Spec,
     )
+    from quark.onnx.quantization.config.spec import CalibMethod
 
     layer = QLayerConfig(
-        input_tensors=UInt8Spec(),
+        input_tensors=UInt8Spec(calibration_method=getattr(CalibMethod, method)),
         weight=Int8Spec(quant_granularity=QuantGranularity.Channel),
     )
     algorithms = []
@@ -90,23 +92,63 @@ def _config(recipe: str):
     )
 
 
-def quantize(model: str, data: str, output: str, recipe: str) -> float:
-    """Quantizes `model` into `output`; returns the seconds Quark took (upgrade included)."""
+def fixed_shapes(proto, samples: list[dict]) -> list[str]:
+    """Gives the graph inputs the shape of the first sample (the bench's samples of a model
+    all have one shape); returns the inputs that had a dynamic dimension.
+
+    Quark's AdaRound runs each layer on a fixed-shape batch, and with a dynamic input it
+    writes a model onnxruntime does not load (issue 16: YOLOv8n), so Quark gets the shape
+    the samples have, as a user would fix it by hand.
+    """
+    changed = []
+    for graph_input in proto.graph.input:
+        if graph_input.name not in samples[0]:
+            continue
+        shape = samples[0][graph_input.name].shape
+        dims = graph_input.type.tensor_type.shape.dim
+        if len(dims) != len(shape) or all(d.HasField("dim_value") for d in dims):
+            continue
+        changed.append(graph_input.name)
+        for dim, size in zip(dims, shape, strict=True):
+            dim.Clear()
+            dim.dim_value = int(size)
+    return changed
+
+
+def quantize(model: str, data: str, output: str, recipe: str) -> tuple[float, list[str]]:
+    """Quantizes `model` into `output`; returns the seconds Quark took (upgrade included)
+    and notes on what the bench changed for Quark to run."""
     import onnx
     from onnx import version_converter
     from quark.onnx import ModelQuantizer
 
     started = time.perf_counter()
+    reader = _reader(model, data)
+    notes = []
     proto = onnx.load(model)
     default = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     with tempfile.TemporaryDirectory() as folder:
-        source = model
         if default < OPSET:
             proto = version_converter.convert_version(proto, OPSET)
-            source = str(Path(folder) / "upgraded.onnx")
-            onnx.save(proto, source)
-        ModelQuantizer(_config(recipe)).quantize_model(source, output, _reader(model, data))
-    return time.perf_counter() - started
+            notes.append(f"opset {default} upgraded to {OPSET}")
+        fixed = fixed_shapes(proto, reader.samples)
+        if fixed:
+            notes.append(f"input shapes fixed to the samples' ({', '.join(fixed)})")
+        source = str(Path(folder) / "prepared.onnx")
+        onnx.save(proto, source)
+        try:
+            ModelQuantizer(_config(recipe)).quantize_model(source, output, reader)
+        except RuntimeError as exc:
+            if "calibration failed" not in str(exc):
+                raise
+            # onnxruntime's HistogramCollector (Quark's Percentile calibrator) fails on a
+            # tensor of one value above ~4,096 in magnitude: numpy widens a constant range
+            # by +-0.5, which 2,048 float32 bins cannot split (magika's LayerNorm sums).
+            # Quark's other calibrator then: MinMax, which keeps no histogram.
+            notes.append("Percentile calibration failed: MinMax ranges")
+            reader.rewind()
+            ModelQuantizer(_config(recipe, "MinMax")).quantize_model(source, output, reader)
+    return time.perf_counter() - started, notes
 
 
 def main() -> int:
@@ -116,8 +158,10 @@ def main() -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--recipe", choices=("default", "best"), default="default")
     args = parser.parse_args()
-    seconds = quantize(args.model, args.data, args.output, args.recipe)
+    seconds, notes = quantize(args.model, args.data, args.output, args.recipe)
     print(f"quark seconds {seconds:.3f}")
+    for note in notes:
+        print(f"quark note: {note}")
     return 0
 
 

@@ -143,11 +143,13 @@ def qconvert_quantize(
     scheme: str,
     fmt: str,
     with_data: bool = True,
+    recipe: str = "default",
     **flags: object,
 ) -> dict:
     """`flags` are QuantizeConfig fields (equalize, bias_correction, adaround, ...).
 
-    `with_data=False` runs without --data (int4's round-to-nearest row).
+    `with_data=False` runs without --data (int4's round-to-nearest row); `recipe` is
+    `--recipe` (default: measure and decide; fast: the single pass).
     """
     from qconvert import api
     from qconvert.config import QuantizeConfig
@@ -168,6 +170,7 @@ def qconvert_quantize(
             force=True,
             workers=None,
             report=output + ".report.json",
+            recipe=recipe,
         )
     )
 
@@ -414,6 +417,11 @@ def quark_quantize(
         if done.returncode != 0:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             raise RuntimeError(lines[-1][:200] if lines else f"exit {done.returncode}")
+        notes.extend(
+            line.removeprefix("quark note: ")
+            for line in done.stdout.splitlines()
+            if line.startswith("quark note: ")
+        )
 
     def _run(scratch: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -426,4 +434,6 @@ def quark_quantize(
             timeout=timeout_s,  # kills Quark, then raises TimeoutExpired
         )
 
-    return _timed(work)
+    notes: list[str] = []
+    result = _timed(work)
+    return {**result, "note": "; ".join(notes)} if notes else result
