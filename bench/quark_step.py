@@ -31,6 +31,37 @@ ADAROUND_ITERATIONS = 100
 OPSET = 17
 
 
+def adaround_progress(log: str) -> str:
+    """How far Quark's AdaRound got, from its log (stderr): layers done of all, and the
+    seconds a layer took (its ONNX inference over the samples, its torch training), so a
+    run cut at the time limit still says what the whole recipe would have cost."""
+    import re
+
+    tail = log[log.find("FastFinetune") :] if "FastFinetune" in log else ""
+    if not tail:
+        return "AdaRound not started"
+    # tqdm's bar: "k/N [" where N is the number of layers Quark fine-tunes.
+    totals = re.findall(r"(\d+)/(\d+) \[", tail)
+    layers = int(totals[-1][1]) if totals else None
+    seconds: dict[str, list[float]] = {"onnx inference": [], "torch training": []}
+    for kind, value in re.findall(
+        r"finetuning layer \d+, (onnx inference|torch training)[^\n]*?consumed ([\d.]+)s", tail
+    ):
+        seconds[kind].append(float(value))
+    done = len(seconds["torch training"])
+    if not done:
+        return f"AdaRound on its first of {layers or '?'} layers"
+    infer = sum(seconds["onnx inference"][:done]) / done
+    train = sum(seconds["torch training"]) / done
+    text = (
+        f"AdaRound finished {done} of {layers or '?'} layers, {infer + train:.0f} s a layer "
+        f"({infer:.0f} s ONNX inference + {train:.0f} s torch training)"
+    )
+    if layers:
+        text += f": about {(infer + train) * layers:.0f} s for all"
+    return text
+
+
 def _reader(model: str, data: str):
     import onnx
     from onnxruntime.quantization import CalibrationDataReader

@@ -398,6 +398,8 @@ def quark_quantize(
     import subprocess
     import tempfile
 
+    from bench.quark_step import adaround_progress
+
     python = quark_python()
     if not python.exists():
         raise NotSupportedYet(
@@ -412,8 +414,12 @@ def quark_quantize(
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 done = _run(scratch)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"did not finish in {timeout_s:.0f} s") from None
+            except subprocess.TimeoutExpired as exc:
+                log = exc.stderr or b""
+                log = log.decode(errors="replace") if isinstance(log, bytes) else log
+                raise RuntimeError(
+                    f"did not finish in {timeout_s:.0f} s; {adaround_progress(log)}"
+                ) from None
         if done.returncode != 0:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             raise RuntimeError(lines[-1][:200] if lines else f"exit {done.returncode}")

@@ -231,3 +231,36 @@ def test_quark_rows_say_when_quark_is_not_installed(tmp_path, monkeypatch):
     )
     assert result["ok"] is False
     assert "AMD Quark is not installed" in result["error"]
+
+
+def test_a_quark_run_cut_at_the_limit_says_how_far_adaround_got():
+    from bench.quark_step import adaround_progress
+
+    # Lines as Quark 0.13 writes them to stderr (colour codes, tqdm's carriage returns).
+    log = (
+        "[QUARK-INFO]: Start running calibration on 64 samples\r  0%|   | 0/64 [00:00<?]\n"
+        "[QUARK-INFO]: Start applying FastFinetune algorithm on the quant model...\x1b[0m\n"
+        "\r  0%|          | 0/40 [00:00<?, ?it/s]"
+        "[QUARK-INFO]: Quark_latency_profiler: finetuning layer 0, onnx inference "
+        "(quantized model + float model) time consumed 10.000000s\x1b[0m\n"
+        "[QUARK-INFO]: Quark_latency_profiler: finetuning layer 0, torch training time "
+        "consumed 30.000000s\x1b[0m\n"
+        "\r  2%|▎         | 1/40 [00:40<26:00, 40.0s/it]"
+        "[QUARK-INFO]: Quark_latency_profiler: finetuning layer 1, onnx inference "
+        "(quantized model + float model) time consumed 20.000000s\x1b[0m\n"
+        "[QUARK-INFO]: Quark_latency_profiler: finetuning layer 1, torch training time "
+        "consumed 60.000000s\x1b[0m\n"
+        "[QUARK-INFO]: Quark_latency_profiler: finetuning layer 2, onnx inference "
+        "(quantized model + float model) time consumed 12.000000s\x1b[0m\n"
+    )
+    # Two layers trained: (10 + 20) / 2 = 15 s inference, (30 + 60) / 2 = 45 s training.
+    assert adaround_progress(log) == (
+        "AdaRound finished 2 of 40 layers, 60 s a layer (15 s ONNX inference + 45 s torch "
+        "training): about 2400 s for all"
+    )
+    assert adaround_progress(log[: log.index("\r  0%|          | 0/40")]) == (
+        "AdaRound on its first of ? layers"
+    )
+    assert adaround_progress("[QUARK-INFO]: Start running calibration") == (
+        "AdaRound not started"
+    )
