@@ -37,9 +37,16 @@ def adaround_progress(log: str) -> str:
     run cut at the time limit still says what the whole recipe would have cost."""
     import re
 
+    stages = [
+        f"{name} at {at} s"
+        for at, name in re.findall(
+            r"quark at (\d+) s\n(?:[^\n]*\n)?[^\n]*?Start (?:running |applying )?(\w+)", log
+        )
+    ]
+    started = f" ({', '.join(stages)})" if stages else ""
     tail = log[log.find("FastFinetune") :] if "FastFinetune" in log else ""
     if not tail:
-        return "AdaRound not started"
+        return "AdaRound not started" + started
     # tqdm's bar: "k/N [" where N is the number of layers Quark fine-tunes.
     totals = re.findall(r"(\d+)/(\d+) \[", tail)
     layers = int(totals[-1][1]) if totals else None
@@ -50,7 +57,7 @@ def adaround_progress(log: str) -> str:
         seconds[kind].append(float(value))
     done = len(seconds["torch training"])
     if not done:
-        return f"AdaRound on its first of {layers or '?'} layers"
+        return f"AdaRound on its first of {layers or '?'} layers{started}"
     infer = sum(seconds["onnx inference"][:done]) / done
     train = sum(seconds["torch training"]) / done
     text = (
@@ -59,7 +66,7 @@ def adaround_progress(log: str) -> str:
     )
     if layers:
         text += f": about {(infer + train) * layers:.0f} s for all"
-    return text
+    return text + started
 
 
 def _reader(model: str, data: str):
@@ -182,6 +189,26 @@ def quantize(model: str, data: str, output: str, recipe: str) -> tuple[float, li
     return time.perf_counter() - started, notes
 
 
+STAGES = ("Start running calibration", "Start applying")  # Quark's log as a stage begins
+
+
+class _Stamped:
+    """sys.stderr, with `quark at N s` written before each line where a Quark stage begins
+    (calibration, each algorithm), so a run cut at the time limit shows where time went."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.started = time.perf_counter()
+
+    def write(self, text: str) -> int:
+        if any(stage in text for stage in STAGES):
+            self.stream.write(f"\nquark at {time.perf_counter() - self.started:.0f} s\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quark_step")
     parser.add_argument("--model", required=True)
@@ -189,6 +216,7 @@ def main() -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--recipe", choices=("default", "best"), default="default")
     args = parser.parse_args()
+    sys.stderr = _Stamped(sys.stderr)  # before Quark's loggers take the stream
     seconds, notes = quantize(args.model, args.data, args.output, args.recipe)
     print(f"quark seconds {seconds:.3f}")
     for note in notes:

@@ -237,8 +237,11 @@ def test_a_quark_run_cut_at_the_limit_says_how_far_adaround_got():
     from bench.quark_step import adaround_progress
 
     # Lines as Quark 0.13 writes them to stderr (colour codes, tqdm's carriage returns).
+    # bench.quark_step stamps the seconds before each stage's line ("quark at N s").
     log = (
+        "\nquark at 41 s\n\x1b[32m\n"
         "[QUARK-INFO]: Start running calibration on 64 samples\r  0%|   | 0/64 [00:00<?]\n"
+        "\nquark at 300 s\n"
         "[QUARK-INFO]: Start applying FastFinetune algorithm on the quant model...\x1b[0m\n"
         "\r  0%|          | 0/40 [00:00<?, ?it/s]"
         "[QUARK-INFO]: Quark_latency_profiler: finetuning layer 0, onnx inference "
@@ -256,11 +259,26 @@ def test_a_quark_run_cut_at_the_limit_says_how_far_adaround_got():
     # Two layers trained: (10 + 20) / 2 = 15 s inference, (30 + 60) / 2 = 45 s training.
     assert adaround_progress(log) == (
         "AdaRound finished 2 of 40 layers, 60 s a layer (15 s ONNX inference + 45 s torch "
-        "training): about 2400 s for all"
+        "training): about 2400 s for all (calibration at 41 s, FastFinetune at 300 s)"
     )
     assert adaround_progress(log[: log.index("\r  0%|          | 0/40")]) == (
-        "AdaRound on its first of ? layers"
+        "AdaRound on its first of ? layers (calibration at 41 s, FastFinetune at 300 s)"
     )
-    assert adaround_progress("[QUARK-INFO]: Start running calibration") == (
-        "AdaRound not started"
+    assert adaround_progress(log[: log.index("\nquark at 300 s")]) == (
+        "AdaRound not started (calibration at 41 s)"
     )
+
+
+def test_quark_stderr_is_stamped_where_a_stage_begins():
+    import io
+
+    from bench.quark_step import _Stamped
+
+    buffer = io.StringIO()
+    stamped = _Stamped(buffer)
+    stamped.write("[QUARK-INFO]: Checking custom ops library ...\n")
+    stamped.write("\x1b[32m\n[QUARK-INFO]: Start applying CLE algorithm on the float model\n")
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == "[QUARK-INFO]: Checking custom ops library ..."
+    assert lines[1:3] == ["", "quark at 0 s"]
+    assert lines[-1].endswith("Start applying CLE algorithm on the float model")
