@@ -106,7 +106,12 @@ def _floor(add: Add, name: str, task: str, int8: dict) -> None:
             _missing(int8)
             if value is None
             else (f"{100 * read(value):.1f}%" if task != "embed" else f"{read(value):.4f}")
-            + (f" (SQNR {fid['sqnr_db']:.1f} dB)" if fid.get("sqnr_db") is not None else ""),
+            + (f" (SQNR {fid['sqnr_db']:.1f} dB)" if fid.get("sqnr_db") is not None else "")
+            + (
+                f"; float map: {100 * int8['float_mask_share']:.1f}% of pixels > 0.3"
+                if int8.get("float_mask_share") is not None
+                else ""
+            ),
             None if value is None else read(value) >= floor,
         )
         return

@@ -142,6 +142,16 @@ def accuracy_of(
     )
 
 
+def mask_share(task: str, names: Sequence[str], outputs: list[list[np.ndarray]]) -> float:
+    """The share of the float model's dense-map pixels above the mask threshold: near zero,
+    the inputs hold nothing the model marks, and mask IoU measures noise."""
+    index = primary_output(task, names)
+    maps = [o[index] for o in outputs]
+    return float(
+        sum(int(np.sum(m > SEGMENT_THRESHOLD)) for m in maps) / sum(m.size for m in maps)
+    )
+
+
 def _agreement(
     task: str, ref: list[np.ndarray], cand: list[np.ndarray]
 ) -> tuple[str, float | None]:

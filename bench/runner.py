@@ -201,6 +201,10 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
             "float_weight_bytes": weight_bytes(case.model),
             "float_accuracy": float_accuracy,
         }
+        if case.task == "segment":
+            row["float_mask_share"] = round(
+                measure.mask_share(case.task, names, float_outputs), 4
+            )
         folder = work / "out" / case.name
         folder.mkdir(parents=True, exist_ok=True)
         ours_path = folder / f"{variant.scheme}.qconvert.onnx"

@@ -282,3 +282,12 @@ def test_quark_stderr_is_stamped_where_a_stage_begins():
     assert lines[0] == "[QUARK-INFO]: Checking custom ops library ..."
     assert lines[1:3] == ["", "quark at 0 s"]
     assert lines[-1].endswith("Start applying CLE algorithm on the float model")
+
+
+def test_mask_share_is_the_share_of_float_map_pixels_above_the_threshold():
+    from bench.measure import mask_share
+
+    empty = np.full((1, 1, 4, 4), 0.1, np.float32)
+    text = empty.copy()
+    text[0, 0, 0, :3] = 0.9  # 3 of 16 pixels
+    assert mask_share("segment", ["maps"], [[empty], [text]]) == 3 / 32

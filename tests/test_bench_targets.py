@@ -37,6 +37,7 @@ def targets():
             _model("ppocr_cls", "real", "classify"),
             _model("yolo", "real", "detect"),
             _model("dbnet", "real", "segment"),
+            _model("text_seg", "real", "segment"),
             _model("vad", "real", "vad"),
             _model("efficientnet_lite0", "real", "classify"),
         ],
@@ -66,6 +67,7 @@ def targets():
             # A detections IoU of 0.8 is an F1 of 2 * 0.8 / 1.8 = 88.9%.
             _row("yolo", "int8", weights=512 << 10, ours_fidelity=_fid(0.8, 30.0)),
             _row("vad", "int8", ours_fidelity=_fid(0.99, 26.5), ours_size_ratio=0.31),
+            _row("text_seg", "int8", ours_fidelity=_fid(0.98, 17.3), float_mask_share=0.053),
             _row(
                 "efficientnet_lite0",
                 "int8",
@@ -101,6 +103,10 @@ def test_fidelity_floor_per_task_metric(targets):
         "NOT met",
     )
     assert targets["default int8 output SQNR ≥ 25 dB (vad)"] == ("26.5 dB", "met")
+    assert targets["default int8 mask IoU ≥ 97% (text_seg)"] == (
+        "98.0% (SQNR 17.3 dB); float map: 5.3% of pixels > 0.3",
+        "met",
+    )
     measured, verdict = targets["default int8 mask IoU ≥ 97% (dbnet)"]
     assert measured.startswith("missing") and verdict == "not measurable yet"
 
