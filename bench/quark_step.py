@@ -183,7 +183,7 @@ def quantize(model: str, data: str, output: str, recipe: str) -> tuple[float, li
             # tensor of one value above ~4,096 in magnitude: numpy widens a constant range
             # by +-0.5, which 2,048 float32 bins cannot split. Magika's LayerNorm sums
             # (9,141 and 161,333) did that while its input was dynamic; with the shape
-            # fixed Quark folds them. Should another model hit it, Quark's MinMax runs.
+            # fixed the run calibrates. Should another model hit it, Quark's MinMax runs.
             notes.append("Percentile calibration failed: MinMax ranges")
             reader.rewind()
             ModelQuantizer(_config(recipe, "MinMax")).quantize_model(source, output, reader)
