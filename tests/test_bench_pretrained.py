@@ -11,6 +11,7 @@ import types
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from bench import builders, measure, pretrained, real
 from bench.cases import Sizes
@@ -291,3 +292,24 @@ def test_mask_share_is_the_share_of_float_map_pixels_above_the_threshold():
     text = empty.copy()
     text[0, 0, 0, :3] = 0.9  # 3 of 16 pixels
     assert mask_share("segment", ["maps"], [[empty], [text]]) == 3 / 32
+
+
+def test_text_scenes_hold_ink_at_the_detector_shape():
+    from bench import text_scenes
+
+    rng = np.random.default_rng(0)
+    page = text_scenes.rendered_page(["The quick brown fox jumps over the lazy dog."], [], rng)
+    assert page.shape == (320, 320, 3) and page.dtype == np.uint8
+    # paper is at least 180 in every channel, ink at most 90: some pixels are ink
+    assert (page.max(axis=2) <= 90).mean() > 0.01
+    scan = np.full((100, 200, 3), 200, np.uint8)
+    scan[40:60, 20:180] = 10  # a dark band stands for a line of text
+    view = text_scenes.scanned_view(scan, rng, side=96)
+    assert view.shape == (96, 96, 3)
+    assert (view.max(axis=2) < 100).any() and (view.min(axis=2) > 150).any()
+    x = text_scenes.detector_input(page)
+    assert x.shape == (1, 3, 320, 320) and x.dtype == np.float32
+    # ImageNet mean/std on /255: no value above a white blue channel, (1 - 0.406) / 0.225
+    assert x.max() <= (1 - 0.406) / 0.225 + 1e-5
+    with pytest.raises(ValueError, match="multiple of 32"):
+        text_scenes.detector_input(np.zeros((100, 96, 3), np.uint8))
