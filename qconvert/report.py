@@ -88,7 +88,7 @@ from qconvert.report_detail import (
 )
 
 if TYPE_CHECKING:
-    from qconvert.pipelines.recipe import RecipeResult
+    from qconvert.recipe_result import RecipeResult
 
 SCHEMA_VERSION = 1
 REPORT_SUFFIXES = (".json", ".md", ".html")
@@ -131,7 +131,7 @@ class Conversion:
     activations: tuple[ActivationRange, ...] = ()
     weights: tuple[WeightSpread, ...] = ()
     recipe: RecipeResult | None = None
-    """What the default recipe tried, kept and raised (`pipelines.recipe`); None: fast."""
+    """What the default recipe tried, kept and raised (`recipe_result`); None: fast."""
 
     @property
     def range_summary(self) -> str:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from qconvert import formatting as fmt
 from qconvert import report_svg as svg
+from qconvert.recipe_result import RECIPE_HEADER, recipe_rows
 from qconvert.report_sections import extra_sections, worst_layers
 
 if TYPE_CHECKING:
@@ -481,9 +482,7 @@ def _recipe_title(conversion: Conversion) -> str:
 
 
 def _recipe(conversion: Conversion) -> str:
-    """What the default recipe tried, kept and raised (`pipelines.recipe`)."""
-    from qconvert.pipelines.recipe import RECIPE_HEADER, recipe_rows
-
+    """What the default recipe tried, kept and raised (`recipe_result`)."""
     return _table(RECIPE_HEADER, recipe_rows(conversion.recipe))
 
 

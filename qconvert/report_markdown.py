@@ -10,6 +10,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from qconvert import formatting as fmt
+from qconvert.recipe_result import RECIPE_HEADER, recipe_rows
 from qconvert.report_sections import extra_sections, worst_layers
 
 TOP_ROWS = 30
@@ -70,8 +71,6 @@ def render_markdown(report: Report) -> str:
             )
         lines += _conversion_detail(conversion)
     if conversion is not None and conversion.recipe is not None:
-        from qconvert.pipelines.recipe import RECIPE_HEADER, recipe_rows
-
         recipe = conversion.recipe
         title = f"Recipe default, scored on {recipe.samples} {recipe.scored_on}"
         lines += _table(title, RECIPE_HEADER, recipe_rows(recipe))

@@ -8,7 +8,8 @@ from conftest import sha256
 
 import qconvert
 from qconvert import testing
-from qconvert.pipelines.recipe import HELD_OUT, RecipeOptions, held_out_indices
+from qconvert.pipelines.recipe import HELD_OUT, held_out_indices
+from qconvert.recipe_result import RecipeOptions
 
 SAMPLES = 48
 

@@ -359,7 +359,7 @@ def quantize_command(
     from qconvert import api, ci
     from qconvert.config import QuantizeConfig, parse_input_shape
     from qconvert.overrides import load_overrides
-    from qconvert.pipelines.recipe import RecipeOptions
+    from qconvert.recipe_result import RecipeOptions
     from qconvert.tracking import log_report
 
     if junit is not None:

@@ -64,13 +64,11 @@ from qconvert.pipelines.mixed_precision import (
     planner,
 )
 from qconvert.pipelines.recipe import (
-    RecipeOptions,
     RecipeStages,
     recipe_applies,
     run_recipe,
     split_samples,
 )
-from qconvert.pipelines.recipe import notes as recipe_notes
 from qconvert.pipelines.stages import (
     MICROSOFT_DOMAIN,
     PathLike,
@@ -89,6 +87,8 @@ from qconvert.pipelines.weight_passes import (
 )
 from qconvert.plan import QuantPlan, make_dynamic_plan, make_float16_plan, make_plan
 from qconvert.progress import SILENT, Progress
+from qconvert.recipe_result import RecipeOptions
+from qconvert.recipe_result import notes as recipe_notes
 from qconvert.report import Conversion, Report, check_report_path
 from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection

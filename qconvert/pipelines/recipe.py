@@ -38,7 +38,6 @@ from qconvert import model as model_io
 from qconvert.calibration import derive_ranges
 from qconvert.config import Format
 from qconvert.dataset import Feeds
-from qconvert.errors import ConfigError
 from qconvert.metrics import OutputAccumulator, is_classifier_like
 from qconvert.passes import prepare
 from qconvert.passes.adaround import adaround_nodes
@@ -48,14 +47,19 @@ from qconvert.pipelines.stages import ranges_of
 from qconvert.pipelines.state import QuantizeState
 from qconvert.pipelines.weight_passes import FloatInputs
 from qconvert.plan import QuantPlan, Role
+from qconvert.recipe_result import (
+    MIN_GAIN_DB,
+    Fidelity,
+    RaisedNode,
+    RecipeResult,
+    Trial,
+)
 from qconvert.runtime import make_session
 from qconvert.schemes import StaticScheme
 from qconvert.sensitivity import quantizable_nodes
 
 StageFn = Callable[[QuantizeState], QuantizeState]
 
-RECIPES = ("default", "fast")
-"""`default` measures and decides; `fast` is the single pass of plan and rewrite."""
 
 HELD_OUT = 16
 """Samples held out of calibration to score on: 16 tell plans 0.5 dB apart (the SQNR of
@@ -79,49 +83,6 @@ over 60 quantized nodes, and scoring each costs a session and 16 runs."""
 MAX_GAIN_DB = 60.0
 """A node's gain counts as at most this (keeping the only noisy node float gives inf)."""
 
-MIN_GAIN_DB = 0.1
-"""A step must raise the held-out SQNR by this much to be kept: what 16 samples resolve,
-and less than any technique here changes a model by when it matters."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecipeOptions:
-    """How `quantize` searches (the command line's --recipe, --floor-sqnr, --raise-budget).
-
-    Attributes:
-        name: `default` or `fast` (`RECIPES`).
-        floor_sqnr_db: raise nodes to float while the held-out output SQNR is below it.
-            25 dB: the fidelity a model needs when nothing better than SQNR says what
-            matters (issue 16's target for "anything else"); classifiers and detectors
-            of the bench hold 97% agreement from about 20-25 dB.
-        min_top1_agreement: for classifier-like outputs, raise nodes while the held-out
-            top-1 agreement with the float model is below it.
-        budget: the share of the model's weight bytes, and of its multiply-accumulates,
-            that raised nodes may keep in float (each). 5%: int8 weights take 25% of the
-            float file, and 5% more in float adds 3.75 points (28.75% <= the 30% target);
-            5% of the work on float kernels, about 2-3x slower than int8 ones, costs about
-            10% of int8 latency (0.5x float -> 0.55x <= the 0.6x target).
-    """
-
-    name: str = "default"
-    floor_sqnr_db: float = 25.0
-    min_top1_agreement: float = 0.97
-    budget: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.name not in RECIPES:
-            raise ConfigError(
-                f"Unknown recipe '{self.name}'.", hint=f"choose from {', '.join(RECIPES)}."
-            )
-        if not 0.0 <= self.budget <= 1.0:
-            raise ConfigError(
-                f"--raise-budget {self.budget * 100:g} is out of range.",
-                hint="give a percentage from 0 to 100 (5 is the default).",
-            )
-
-
-FAST = RecipeOptions(name="fast")
-
 
 def held_out_indices(count: int, held: int = HELD_OUT) -> tuple[int, ...]:
     """`held` sample indices spread evenly over `count`, never the first.
@@ -137,89 +98,6 @@ def spread(count: int, wanted: int) -> tuple[int, ...]:
     if count <= wanted:
         return tuple(range(count))
     return tuple(int(i * count / wanted) for i in range(wanted))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Fidelity:
-    """How close a candidate's outputs are to the float model's on the held-out samples."""
-
-    sqnr_db: float
-    """The worst output's SQNR."""
-    top1_agreement: float | None
-    """The lowest top-1 agreement over classifier-like outputs (None without them)."""
-
-    def improves(self, other: Fidelity) -> bool:
-        """Whether this is better than `other`: SQNR up by `MIN_GAIN_DB`, agreement not down.
-
-        SQNR decides because it moves with every technique, where 16 samples give
-        agreement in steps of 6 points; agreement only vetoes.
-        """
-        if self.top1_agreement is not None and other.top1_agreement is not None:
-            if self.top1_agreement < other.top1_agreement:
-                return False
-        if math.isnan(self.sqnr_db):
-            return False
-        if math.isnan(other.sqnr_db):
-            return True
-        return self.sqnr_db >= other.sqnr_db + MIN_GAIN_DB
-
-    def meets(self, options: RecipeOptions) -> bool:
-        """Whether the floor holds."""
-        if not self.sqnr_db >= options.floor_sqnr_db:
-            return False
-        return self.top1_agreement is None or self.top1_agreement >= options.min_top1_agreement
-
-    def describe(self) -> str:
-        """`31.2 dB` or `31.2 dB, top-1 100%`."""
-        text = f"{self.sqnr_db:.1f} dB"
-        if self.top1_agreement is not None:
-            text += f", top-1 {self.top1_agreement * 100:.0f}%"
-        return text
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Trial:
-    """One step the recipe tried."""
-
-    step: str
-    kept: bool
-    before: Fidelity
-    after: Fidelity | None
-    """None when the step did not apply (`detail` says why)."""
-    seconds: float
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RaisedNode:
-    """A node the recipe kept float, and what it bought and cost."""
-
-    name: str
-    op_type: str
-    gain_db: float
-    """Held-out SQNR gained by keeping this node float alone."""
-    weight_share: float
-    """Its weights' share of the model's weight bytes."""
-    work_share: float
-    """Its multiply-accumulates' share of the model's."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecipeResult:
-    """What the default recipe did: the report's `recipe` section."""
-
-    samples: int
-    """Samples scored on."""
-    scored_on: str
-    """"held-out calibration samples" or "--eval samples"."""
-    start: Fidelity
-    trials: tuple[Trial, ...]
-    raised: tuple[RaisedNode, ...]
-    final: Fidelity
-    floor_sqnr_db: float
-    min_top1_agreement: float
-    budget: float
-    kept: tuple[str, ...]
 
 
 class HeldOut:
@@ -610,82 +488,3 @@ def _macs(node: ir.Node) -> float:
         transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
         return elements * wshape[-1 if transposed else -2]
     return elements
-
-
-def notes(result: RecipeResult) -> tuple[str, ...]:
-    """The recipe's story, one note per line of it, for every report format."""
-    lines = [
-        f"Recipe default: scored on {result.samples} {result.scored_on}; the single-pass "
-        f"plan gives {result.start.describe()}."
-    ]
-    for trial in result.trials:
-        if trial.after is None:
-            lines.append(f"Recipe step {trial.step}: not tried: {trial.detail}.")
-            continue
-        verdict = "kept" if trial.kept else "dropped"
-        lines.append(
-            f"Recipe step {trial.step}: {trial.before.describe()} -> "
-            f"{trial.after.describe()}: {verdict} ({trial.seconds:.1f} s)."
-        )
-    for node in result.raised:
-        lines.append(
-            f"Recipe raised {node.name} ({node.op_type}) to float: +{node.gain_db:.1f} dB "
-            f"alone, for {node.weight_share * 100:.2f}% of the weight bytes and "
-            f"{node.work_share * 100:.2f}% of the multiply-accumulates."
-        )
-    floor = f"floor {result.floor_sqnr_db:g} dB"
-    if result.final.top1_agreement is not None:
-        floor += f" and top-1 {result.min_top1_agreement * 100:g}%"
-    verdict = "met" if result.final.meets(_options_of(result)) else "NOT met"
-    lines.append(
-        f"Recipe result: {result.final.describe()} on the {result.scored_on} ({floor}: "
-        f"{verdict}; kept: {', '.join(result.kept) or 'nothing'}; raised "
-        f"{len(result.raised)} node(s) within a budget of {result.budget * 100:g}%)."
-    )
-    return tuple(lines)
-
-
-RECIPE_HEADER = ["step", "held-out before", "held-out after", "verdict", "seconds"]
-
-
-def recipe_rows(result: RecipeResult) -> list[list[str]]:
-    """The recipe as table rows (Markdown and HTML reports): steps, raised nodes, result."""
-    rows = [["single pass", "", result.start.describe(), "start", ""]]
-    for trial in result.trials:
-        if trial.after is None:
-            rows.append([trial.step, "", "", f"not tried: {trial.detail}", ""])
-            continue
-        verdict = "kept" if trial.kept else "dropped"
-        rows.append(
-            [
-                trial.step,
-                trial.before.describe(),
-                trial.after.describe(),
-                verdict,
-                f"{trial.seconds:.1f}",
-            ]
-        )
-    for node in result.raised:
-        rows.append(
-            [
-                f"raise {node.name} ({node.op_type})",
-                "",
-                f"+{node.gain_db:.1f} dB alone",
-                f"float: {node.weight_share * 100:.2f}% of weights, "
-                f"{node.work_share * 100:.2f}% of MACs",
-                "",
-            ]
-        )
-    met = "met" if result.final.meets(_options_of(result)) else "NOT met"
-    rows.append(
-        ["result", "", result.final.describe(), f"floor {result.floor_sqnr_db:g} dB {met}", ""]
-    )
-    return rows
-
-
-def _options_of(result: RecipeResult) -> RecipeOptions:
-    return RecipeOptions(
-        floor_sqnr_db=result.floor_sqnr_db,
-        min_top1_agreement=result.min_top1_agreement,
-        budget=result.budget,
-    )

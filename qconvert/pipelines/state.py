@@ -29,9 +29,9 @@ if TYPE_CHECKING:
     from qconvert.compare import Comparison
     from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec
     from qconvert.fusion_audit import FusionAudit
-    from qconvert.pipelines.recipe import RecipeOptions, RecipeResult
     from qconvert.pipelines.weight_passes import FloatInputs
     from qconvert.plan import QuantPlan
+    from qconvert.recipe_result import RecipeOptions, RecipeResult
     from qconvert.report import Report
     from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
     from qconvert.selection import NodeSelection
