@@ -49,5 +49,8 @@ def test_an_excluded_clamp_is_not_folded(tiny_cnn, tmp_path):
     assert not plan.folds
     relu = next(node for node in plan.nodes if node.name == relu_name)
     assert relu.quantized is False and relu.reason == "excluded: stays float"
-    # The Conv output (named after the folded BatchNormalization) is quantized instead.
-    assert plan.tensors["bn"].reason.startswith("output of ")
+    # The Conv, whose output (named after the folded BatchNormalization) only the float
+    # Relu now reads, computes in float: as int8 nothing would read its integers.
+    assert "bn" not in plan.tensors
+    conv = next(node for node in plan.nodes if node.op_type == "Conv")
+    assert not conv.quantized and conv.reason.startswith("a node left float reads its output")

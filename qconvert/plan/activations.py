@@ -207,9 +207,11 @@ class ActivationRules(PlannerState):
             rule = ops.quantized_rule(node)
             if node.op_type in ops.CLAMPS:
                 answer = self._feeds_quantized(node.outputs[0])
+            elif self._skip_reason(node):
+                answer = False  # left float by the user or the recipe, whatever its type
             elif node.op_type in ops.PASS_THROUGH or (rule is not None and rule.weights):
                 answer = True
-            elif rule is None or node.name in self.gelu or self._skip_reason(node):
+            elif rule is None or node.name in self.gelu:
                 answer = False
             elif node.op_type == "Add":
                 answer = self._feeds_quantized(node.outputs[0])

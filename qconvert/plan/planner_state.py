@@ -64,6 +64,8 @@ class PlannerState:
         self.feeds_quantized: dict[str, bool] = {}
         self.answer_values: dict[str, bool] = {}
         self.feeds_answer: dict[str, bool] = {}
+        # Float layers that read their input's DequantizeLinear (`_plan_float_layer`).
+        self.reads_dequantized: set[str] = set()
         # Set by the driver's first walk, before any rule runs.
         self.gelu: frozenset[str] = frozenset()
         self.mixed: dict[str, str] = {}

@@ -30,6 +30,7 @@ from qconvert.plan.decisions import (
 from qconvert.plan.float_islands import (
     ANSWER_REASON,
     FEEDS_ANSWER_REASON,
+    FLOAT_READERS_REASON,
     THIN_ISLAND_REASON,
     FloatIslandRules,
 )
@@ -109,7 +110,9 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
         self.float_readers.update(
             decision.name
             for decision in self.nodes.values()
-            if not decision.quantized and decision.op_type in ops.REQUANTIZED_OPS
+            if not decision.quantized
+            and decision.op_type in ops.REQUANTIZED_OPS
+            and decision.name not in self.reads_dequantized
         )
         # Graph order, for reports: a folded clamp is decided with its producer, before
         # its own turn.
@@ -152,6 +155,9 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             return
         if self._thin_conv_island(node):
             self._plan_stored_weights(node, rule, scheme, THIN_ISLAND_REASON)
+            return
+        if self._float_readers_only(node, rule):
+            self._plan_float_layer(node, rule, scheme)
             return
         for index in activation_indices(node, rule):
             value = node.inputs[index]
@@ -253,6 +259,8 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             return "only float ops read its output: stays float"
         if not rule.weights and self._feeds_only_answer(node.outputs[0]):
             return FEEDS_ANSWER_REASON
+        if not rule.weights and rule.output and self._read_in_float(node.outputs[0]):
+            return FLOAT_READERS_REASON
         return None
 
 
