@@ -35,6 +35,7 @@ def make_session(
     external_folder: Path | None = None,
     config: Mapping[str, str] | None = None,
     priority_order: bool = False,
+    arena: bool = True,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
@@ -47,6 +48,9 @@ def make_session(
     entries (`SessionOptions.add_session_config_entry`). `priority_order` runs the nodes
     in onnxruntime's priority-based order, which keeps the graph's own order where it can:
     the calibration graph relies on it to reduce each tensor while it is fresh.
+    `arena=False` allocates each tensor on its own and frees it when done: for models with
+    many intermediate tensors exposed as outputs, which onnxruntime's arena would hold
+    in chunks grown by doubling.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
@@ -61,6 +65,9 @@ def make_session(
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(external_folder)
         )
+    if not arena:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     if priority_order:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not optimize:

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qconvert
 from qconvert import testing
 from qconvert.passes import adaround as rounding
+from qconvert.pipelines import weight_passes
 
 LAYERS = {
     "conv": ("Conv", (8, 4, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, (1, 4, 9, 9)),
@@ -146,3 +147,56 @@ def test_wide_depthwise_patches_are_multiplied_before_they_pile_up(monkeypatch):
     assert unbounded_peak >= 7 * one_sample  # without the bound, every sample is held
     assert bounded_peak < (64 << 10) + one_sample
     np.testing.assert_allclose(bounded, unbounded, rtol=1e-12, atol=1e-9)
+
+
+def test_layers_rounded_a_float_pass_at_a_time_round_as_all_at_once(monkeypatch, tmp_path):
+    # With GRAM_BYTES of one byte, each layer's H is measured in a float pass of its own,
+    # after the layers before it were rounded: H must still be that of the float model's
+    # inputs, so the written model is the one all layers measured at once give.
+    rng = np.random.default_rng(3)
+    model = testing.conv_relu_conv(
+        0.3 * rng.standard_normal((6, 3, 3, 3)),
+        0.1 * rng.standard_normal(6),
+        0.3 * rng.standard_normal((4, 6, 3, 3)),
+    )
+    path = testing.save(model, tmp_path / "model.onnx")
+    samples = [testing.random_inputs(model, seed=seed) for seed in range(40)]
+    testing.write_samples(tmp_path / "calib", samples)
+    passes, grams = [], {}
+    layer_grams = weight_passes.layer_grams
+
+    def measured(runs, nodes, samples):
+        passes.append([node.name for node in nodes])
+        found = layer_grams(runs, nodes, samples)
+        grams.update(found)
+        return found
+
+    monkeypatch.setattr(weight_passes, "layer_grams", measured)
+    written, measured_grams = {}, {}
+    for budget in (1, 1 << 30):
+        monkeypatch.setattr(rounding, "GRAM_BYTES", budget)
+        passes.clear()
+        out = tmp_path / f"q{budget}.onnx"
+        report = qconvert.quantize(
+            path,
+            out,
+            data=tmp_path / "calib",
+            config=qconvert.QuantizeConfig(per_channel=False, adaround=True),
+            recipe="fast",
+        )
+        assert any("Adaptive rounding: 2 Conv weight" in n for n in report.conversion.notes)
+        assert passes == ([["first"], ["second"]] if budget == 1 else [["first", "second"]])
+        written[budget] = out.read_bytes()
+        measured_grams[budget] = dict(grams)
+    for name in ("first", "second"):
+        np.testing.assert_allclose(measured_grams[1][name], measured_grams[1 << 30][name])
+    assert written[1] == written[1 << 30]
+    nearest = tmp_path / "nearest.onnx"
+    qconvert.quantize(
+        path,
+        nearest,
+        data=tmp_path / "calib",
+        config=qconvert.QuantizeConfig(per_channel=False),
+        recipe="fast",
+    )
+    assert nearest.read_bytes() != written[1]  # rounding chose other grid points

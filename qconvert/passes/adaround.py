@@ -30,6 +30,7 @@ per-channel, of at most `MAX_INPUTS` inputs per output.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -49,8 +50,16 @@ MAX_ROWS = 2048
 """Conv patches H is built from, at most: as many as the largest K of `MAX_INPUTS`, so H
 is of full rank, at a bounded cost of M x K x K per layer (ResNet-18 at 224: 2048 rows
 instead of 4096 took the recipe's float measurements from 28 s to about 15 s)."""
-PENDING_BYTES = 8 << 20
-"""The most bytes of patches `GramAccumulator` holds for one layer between products."""
+BLOCK = 32
+"""Weights `_descend` visits between updates of the whole H e (32: fastest of 16-128 on
+960- and 1152-wide layers)."""
+GRAM_BYTES = 24 << 20
+"""The most bytes of H measured in one float pass (one layer's at least): H of every layer
+at once held EfficientNet-Lite0's 50 layers at 104 MB, against 356 MB for the whole of
+onnxruntime's quantize_static. Each pass more costs about a float pass."""
+PENDING_BYTES = 1 << 20
+"""The most bytes of patches `GramAccumulator` holds for one layer between products: it
+holds them for every layer at once (8 MB each held MobileNetV2's recipe at 800 MB)."""
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 
 
@@ -132,11 +141,12 @@ def layer_grams(
 class GramAccumulator:
     """Streams runs into the H of each node (see `layer_grams`).
 
-    Rows are gathered and multiplied in blocks of `MAX_ROWS`: one product per sample would
-    wake BLAS's thread pool each time, which fights onnxruntime's for the cores. A block
-    is also multiplied once it holds `PENDING_BYTES`: the patches of a wide depthwise
-    layer (a few thousand groups of 25 taps) would otherwise hold hundreds of MB each,
-    for every layer at once, until the last sample.
+    Rows are gathered and multiplied in blocks of `MAX_ROWS` rows or `PENDING_BYTES`,
+    whichever comes first: few products for the narrow layers, and a bounded hold for the
+    wide ones (the patches of a wide depthwise layer, a few thousand groups of 25 taps,
+    would otherwise hold hundreds of MB each, for every layer at once, until the last
+    sample). The products run on one BLAS thread (`weight_passes.one_blas_thread`), so
+    small ones cost no thread wake-ups.
     """
 
     def __init__(self, nodes: list[ir.Node], samples: int) -> None:
@@ -151,10 +161,10 @@ class GramAccumulator:
             values = run.get(node.inputs[0].name)
             if values is None:
                 continue
-            values = np.asarray(values, dtype=np.float64)
             if node.op_type in CONV_OPS:
-                rows = _patches(node, values, self.per_sample)
+                rows = _patches(node, np.asarray(values), self.per_sample)
             else:
+                values = np.asarray(values, dtype=np.float64)
                 rows = values.reshape(1, -1, values.shape[-1])
             if rows is None:
                 continue
@@ -202,28 +212,35 @@ def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
         # The Conv of the input spread out by the stride, kernel flipped, stride 1.
         batch, channels, height, width = x.shape
         spread = np.zeros(
-            (batch, channels, (height - 1) * strides[0] + 1, (width - 1) * strides[1] + 1)
+            (batch, channels, (height - 1) * strides[0] + 1, (width - 1) * strides[1] + 1),
+            dtype=x.dtype,
         )
         spread[:, :, :: strides[0], :: strides[1]] = x
         before = [(k - 1) * d - p for k, d, p in zip(kernel, dilations, pads[:2], strict=True)]
         if min(before) < 0:
             return None
-        x = np.pad(spread, ((0, 0), (0, 0), (before[0],) * 2, (before[1],) * 2))
+        x = spread
         strides = (1, 1)
-        pads = (0, 0, 0, 0)
-    else:
-        x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        pads = (before[0], before[1], before[0], before[1])
+    # Padded coordinates are read from x shifted by the leading pads, zero outside it:
+    # only the chosen patches are gathered, never a padded copy of the whole input.
+    height, width = x.shape[2:]
     reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-    out = [(x.shape[2 + i] - reach[i]) // strides[i] + 1 for i in range(2)]
+    out = [
+        (size + pads[i] + pads[i + 2] - reach[i]) // strides[i] + 1
+        for i, size in enumerate((height, width))
+    ]
     if min(out) < 1:
         return None
     positions = out[0] * out[1]
     chosen = np.unique(np.linspace(0, positions - 1, min(wanted, positions)).astype(int))
     oy, ox = chosen // out[1], chosen % out[1]
     ky, kx = np.meshgrid(np.arange(kernel[0]), np.arange(kernel[1]), indexing="ij")
-    rows_y = oy[:, None] * strides[0] + ky.reshape(1, -1) * dilations[0]  # [P, taps]
-    rows_x = ox[:, None] * strides[1] + kx.reshape(1, -1) * dilations[1]
-    patches = x[:, :, rows_y, rows_x]  # [N, C, P, taps]
+    rows_y = oy[:, None] * strides[0] + ky.reshape(1, -1) * dilations[0] - pads[0]  # [P, taps]
+    rows_x = ox[:, None] * strides[1] + kx.reshape(1, -1) * dilations[1] - pads[1]
+    inside = (rows_y >= 0) & (rows_y < height) & (rows_x >= 0) & (rows_x < width)
+    patches = x[:, :, np.clip(rows_y, 0, height - 1), np.clip(rows_x, 0, width - 1)]
+    patches = np.where(inside, patches, 0).astype(np.float64)  # [N, C, P, taps]
     if node.op_type == "ConvTranspose":
         patches = patches[..., ::-1]  # the flipped kernel: tap t reads weight tap -1 - t
     batch, channels = patches.shape[:2]
@@ -238,6 +255,42 @@ def _ints(node: ir.Node, name: str, size: int, default: int) -> tuple[int, ...]:
     return tuple(values) if values else (default,) * size
 
 
+def rounding_key(node: ir.Node, plan: QuantPlan) -> tuple[str, str]:
+    """What a layer's rounding depends on besides H: its name, float weights and grid."""
+    weight_value = node.inputs[1]
+    params = plan.tensors[weight_value.name].qparams
+    digest = hashlib.sha256()
+    for part in (constant_array(weight_value), params.scale, params.zero_point):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    digest.update(f"{params.axis} {params.dtype} {plan.scheme.reduce_range}".encode())
+    return node.name or "", digest.hexdigest()
+
+
+def gram_bytes(node: ir.Node) -> int:
+    """Bytes of the node's H, [groups, K, K] float64 (0 where rounding cannot serve it)."""
+    weight = constant_array(node.inputs[1])
+    k = _inputs_per_output(node, weight) if weight is not None else None
+    if k is None:
+        return 0
+    groups = node.attributes.get_int("group", 1) if node.op_type in CONV_OPS else 1
+    return groups * k * k * 8
+
+
+def gram_groups(nodes: list[ir.Node]) -> list[list[ir.Node]]:
+    """`nodes` in order, cut into runs whose H together fit `GRAM_BYTES` (one at least)."""
+    budget = GRAM_BYTES
+    groups: list[list[ir.Node]] = []
+    held = 0
+    for node in nodes:
+        size = gram_bytes(node)
+        if not groups or held + size > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(node)
+        held += size
+    return groups
+
+
 def adaround(
     plan: QuantPlan,
     nodes: list[ir.Node],
@@ -250,47 +303,53 @@ def adaround(
     `grams` maps node names to H, [groups, K, K] (or the input name to a [K, K] H, as
     `gram_matrices` gives for MatMul/Gemm). The float weights it replaces are put in
     `originals` (by node name), for bias correction to measure the final rounding against.
-    `chosen_before` keeps each layer's result by node and grid: a layer rounded before on
-    the same grid and H (the recipe re-runs rounding with other nodes kept float) is not
-    swept again.
+    `chosen_before` keeps each layer's result by `rounding_key`: a layer rounded before
+    on the same grid (the recipe re-runs rounding with other nodes kept float) is not
+    swept again, and needs no H.
     """
+    chosen_before = {} if chosen_before is None else chosen_before
     results = []
     for node in nodes:
-        gram = grams.get(node.name or "")
-        if gram is None:
-            gram = grams.get(node.inputs[0].name)
-        if gram is None:
-            continue
-        gram = gram if gram.ndim == 3 else gram[None]
         weight_value = node.inputs[1]
-        weight = constant_array(weight_value).astype(np.float64)
-        params = plan.tensors[weight_value.name].qparams
-        scale = _broadcast(params.scale, params.axis, weight)
-        zero = _broadcast(params.zero_point, params.axis, weight)
-        to_columns, from_columns = _layout(node, weight.shape)
-        columns = to_columns(weight)
-        if columns.shape[:2] != gram.shape[:2]:
-            continue
-        scale, zero = to_columns(scale), to_columns(zero)
-        low, high = qparams.integer_range(
-            params.dtype, symmetric=True, reduce_range=plan.scheme.reduce_range
-        )
-        key = (node.name or "", scale.tobytes(), zero.tobytes(), weight.tobytes())
-        if chosen_before is not None and key in chosen_before:
-            values, before, after = chosen_before[key]
-        else:
-            ideal = columns / scale + zero
-            chosen = np.clip(np.round(ideal), low, high)
-            before = _energy(gram, (chosen - ideal) * scale)
-            chosen = _descend(gram, ideal, chosen, scale, low, high)
-            after = _energy(gram, (chosen - ideal) * scale)
-            values = from_columns((chosen - zero) * scale)
-            if chosen_before is not None:
-                chosen_before[key] = (values, before, after)
+        key = rounding_key(node, plan)
+        if key not in chosen_before:
+            gram = grams.get(node.name or "")
+            if gram is None:
+                gram = grams.get(node.inputs[0].name)
+            if gram is None:
+                continue
+            chosen = _round_layer(node, plan, gram if gram.ndim == 3 else gram[None])
+            if chosen is None:
+                continue
+            chosen_before[key] = chosen
+        values, before, after = chosen_before[key]
         originals[node.name or ""] = constant_array(weight_value)
-        weight_value.const_value = ir.tensor(values.astype(np.float32), name=weight_value.name)
+        weight_value.const_value = ir.tensor(values, name=weight_value.name)
         results.append(Rounded(node.name or "", before, after))
     return results
+
+
+def _round_layer(node: ir.Node, plan: QuantPlan, gram: np.ndarray):
+    """(float32 weights on the grid, error energy before, after), or None if H misfits."""
+    weight_value = node.inputs[1]
+    weight = constant_array(weight_value).astype(np.float64)
+    params = plan.tensors[weight_value.name].qparams
+    scale = _broadcast(params.scale, params.axis, weight)
+    zero = _broadcast(params.zero_point, params.axis, weight)
+    to_columns, from_columns = _layout(node, weight.shape)
+    columns = to_columns(weight)
+    if columns.shape[:2] != gram.shape[:2]:
+        return None
+    scale, zero = to_columns(scale), to_columns(zero)
+    low, high = qparams.integer_range(
+        params.dtype, symmetric=True, reduce_range=plan.scheme.reduce_range
+    )
+    ideal = columns / scale + zero
+    chosen = np.clip(np.round(ideal), low, high)
+    before = _energy(gram, (chosen - ideal) * scale)
+    chosen = _descend(gram, ideal, chosen, scale, low, high)
+    after = _energy(gram, (chosen - ideal) * scale)
+    return from_columns((chosen - zero) * scale).astype(np.float32), before, after
 
 
 def _broadcast(values, axis: int | None, weight: np.ndarray) -> np.ndarray:
@@ -338,29 +397,45 @@ def _layout(node: ir.Node, shape: tuple[int, ...]):
 def _descend(gram, ideal, chosen, scale, low, high) -> np.ndarray:
     """Coordinate descent on e^T H e over the rounding choices, all columns at once.
 
-    `gram` is [G, K, K], the others [G, K, O]: the groups are swept together.
+    `gram` is [G, K, K], the others [G, K, O]: the groups are swept together. The weights
+    are visited in order, in blocks of `BLOCK`: inside a block, a flip updates H e of the
+    block's own weights only (the decisions there need nothing else); at the end of the
+    block, one matrix product brings H e of all K weights up to date. The visits and their
+    decisions are those of updating all of H e at every flip (up to the order its sums
+    are taken in); the K x K x O multiply-adds of a sweep become K / `BLOCK` BLAS
+    products instead of K rank-one updates.
     """
     chosen = chosen.copy()
     error = (chosen - ideal) * scale
     h_error = gram @ error  # [G, K, O]
     diagonal = np.diagonal(gram, axis1=1, axis2=2)  # [G, K]
+    inputs = chosen.shape[1]
     for _ in range(SWEEPS):
         flipped = 0
-        for i in range(chosen.shape[1]):
-            # The other way of rounding weight i: floor if it went up, ceil if it went down.
-            step = np.where(chosen[:, i] > ideal[:, i], -1.0, 1.0)  # [G, O]
-            candidate = chosen[:, i] + step
-            allowed = (candidate >= low) & (candidate <= high)
-            delta = step * scale[:, i]
-            current = h_error[:, i]
-            change = 2 * delta * current + delta**2 * diagonal[:, i, None]
-            take = allowed & (change < -1e-12 * (1 + np.abs(current * delta)))
-            if not take.any():
-                continue
-            moved = np.where(take, delta, 0.0)
-            chosen[:, i] += np.where(take, step, 0.0)
-            h_error += gram[:, :, i, None] * moved[:, None, :]
-            flipped += int(take.sum())
+        for start in range(0, inputs, BLOCK):
+            stop = min(start + BLOCK, inputs)
+            local = h_error[:, start:stop].copy()  # [G, B, O]: H e of the block's weights
+            block_gram = gram[:, start:stop, start:stop]
+            moved = np.zeros_like(local)  # the error change of each flip, [G, B, O]
+            for j in range(stop - start):
+                i = start + j
+                # The other way of rounding weight i: floor if it went up, ceil if down.
+                step = np.where(chosen[:, i] > ideal[:, i], -1.0, 1.0)  # [G, O]
+                candidate = chosen[:, i] + step
+                allowed = (candidate >= low) & (candidate <= high)
+                delta = step * scale[:, i]
+                current = local[:, j]
+                change = 2 * delta * current + delta**2 * diagonal[:, i, None]
+                take = allowed & (change < -1e-12 * (1 + np.abs(current * delta)))
+                if not take.any():
+                    continue
+                moved[:, j] = np.where(take, delta, 0.0)
+                chosen[:, i] += np.where(take, step, 0.0)
+                local += block_gram[:, :, j, None] * moved[:, None, j, :]
+                flipped += int(take.sum())
+            rows = np.flatnonzero(moved.any(axis=(0, 2)))
+            if rows.size:
+                h_error += gram[:, :, start + rows] @ moved[:, rows]
         if not flipped:
             break
     return chosen

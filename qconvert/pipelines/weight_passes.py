@@ -13,6 +13,7 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 
 from qconvert import model as model_io
 from qconvert.config import QuantizeConfig
@@ -27,10 +28,11 @@ from qconvert.passes import (
     prepare,
 )
 from qconvert.passes.adaround import (
-    GramAccumulator,
     adaround,
     adaround_nodes,
+    gram_groups,
     layer_grams,
+    rounding_key,
 )
 from qconvert.passes.bias_correct import (
     channel_means,
@@ -107,12 +109,16 @@ def smooth_model(
     return prepared, (note,)
 
 
-def _float_runs(prepared: ir.Model, names, source: DirectorySource):
+def _float_runs(prepared: ir.Model | onnx.ModelProto, names, source: DirectorySource):
     """The named tensors of the float `prepared` model, one dict per sample of `source`."""
-    inputs = {value.name for value in prepared.graph.inputs}
+    proto = prepared
+    if not isinstance(proto, onnx.ModelProto):
+        proto = onnx.load_model_from_string(model_io.to_bytes(prepared))
+    inputs = {value.name for value in proto.graph.input}
     exposed = [name for name in names if name not in inputs]
-    proto = onnx.load_model_from_string(model_io.to_bytes(prepared))
-    session = make_session(expose(proto, exposed), quiet=True)
+    # No spinning: between runs the cores go to the numpy work on the outputs. No arena:
+    # it would hold every exposed tensor in chunks grown by doubling.
+    session = make_session(expose(proto, exposed), quiet=True, spin=False, arena=False)
     for sample in source:
         # run(None) would return every output: ask only when there is a tensor to see
         outputs = session.run(exposed, sample.feeds) if exposed else []
@@ -122,40 +128,76 @@ def _float_runs(prepared: ir.Model, names, source: DirectorySource):
 
 
 class FloatInputs:
-    """What the weight passes measure on the float inputs of a prepared model's layers.
+    """What the weight passes measured on the float inputs of a prepared model's layers.
 
     The default recipe tries the weight passes many times on one float model (alone,
-    together, with nodes kept float): measured once, in one float pass over the samples,
-    and shared. Keyed by node name; one `FloatInputs` serves one prepared model only.
+    together, with nodes kept float): what they measure and choose is kept here and
+    shared. Keyed by node name; one `FloatInputs` serves one prepared model only.
     """
 
     def __init__(self) -> None:
-        self.grams: dict[str, np.ndarray] = {}
         self.means: dict[str, np.ndarray] = {}
+        """The per-channel mean of each bias-corrected node's float input."""
         self.rounded: dict = {}
-        """Each layer's rounding by node and grid (`adaround`'s `chosen_before`)."""
+        """Each layer's rounding by `rounding_key` (`adaround`'s `chosen_before`): H is
+        needed once per layer and grid, and is not kept (tens of MB a model)."""
 
     def measure(self, prepared: ir.Model, plan: QuantPlan, source: DirectorySource) -> None:
-        """Measures what the plan's rounding and correctable nodes need and is not known."""
-        rounding = [n for n in adaround_nodes(prepared, plan) if n.name not in self.grams]
+        """Measures the input means the plan's correctable nodes need and are not known."""
         biases = [n for n in correctable_nodes(prepared, plan) if n.name not in self.means]
-        if not rounding and not biases:
+        if not biases:
             return
         axes = {node.inputs[0].name: input_axis(node) for node in biases}
-        names = sorted({node.inputs[0].name for node in rounding} | set(axes))
-        grams = GramAccumulator(rounding, len(source))
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
-        for run in _float_runs(prepared, names, source):
-            grams.update(run)
+        for run in _float_runs(prepared, sorted(axes), source):
             for name, mean in channel_means([run], axes).items():
                 sums[name] = sums.get(name, 0.0) + mean * _count(run[name], axes[name])
                 counts[name] = counts.get(name, 0) + _count(run[name], axes[name])
-        self.grams.update(grams.result())
         for node in biases:
             name = node.inputs[0].name
             if name in sums:
                 self.means[node.name or ""] = sums[name] / counts[name]
+
+
+def round_weights(
+    prepared: ir.Model,
+    plan: QuantPlan,
+    source: DirectorySource,
+    originals: dict,
+    rounded: dict,
+) -> list:
+    """`adaround` on the plan's layers, measuring H only for layers not in `rounded`.
+
+    The layers to measure go in runs whose H fit `adaround.GRAM_BYTES`: one float pass
+    each, on the float model as it was before any of them was rounded; each run's H is
+    dropped once its layers are rounded.
+    """
+    nodes = adaround_nodes(prepared, plan)
+    missing = [node for node in nodes if rounding_key(node, plan) not in rounded]
+    proto = onnx.load_model_from_string(model_io.to_bytes(prepared)) if missing else None
+    results = []
+    with one_blas_thread():
+        for group in gram_groups(missing):
+            names = sorted({node.inputs[0].name for node in group})
+            grams = layer_grams(_float_runs(proto, names, source), group, len(source))
+            results += adaround(plan, group, grams, originals, rounded)
+            del grams
+        done = {id(node) for node in missing}
+        results += adaround(
+            plan, [n for n in nodes if id(n) not in done], {}, originals, rounded
+        )
+    return results
+
+
+def one_blas_thread():
+    """Runs the numpy products inside on one BLAS thread.
+
+    BLAS's threads and onnxruntime's fight for the cores: on 2 busy cores the
+    [960 x 32] x [32 x 320] products of `adaround._descend` took 10x longer on two BLAS
+    threads than on one, and a 960 x 960 x 320 product is barely faster on two when idle.
+    """
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _count(values: np.ndarray, axis: int) -> int:
@@ -172,18 +214,11 @@ def adaround_weights(
 ) -> QuantPlan:
     """Rounds the weights of `plan`'s Conv/ConvTranspose/MatMul/Gemm nodes (adaround).
 
-    `inputs` holds (and gets) what earlier tries measured on the same float model.
+    `inputs` holds (and gets) the roundings earlier tries chose on the same float model.
     """
     nodes = adaround_nodes(prepared, plan)
-    if inputs is not None:
-        inputs.measure(prepared, plan, source)
-        grams = inputs.grams
-    else:
-        names = sorted({node.inputs[0].name for node in nodes})
-        runs = _float_runs(prepared, names, source)
-        grams = layer_grams(runs, nodes, len(source)) if names else {}
-    rounded = adaround(
-        plan, nodes, grams, originals, inputs.rounded if inputs is not None else None
+    rounded = round_weights(
+        prepared, plan, source, originals, inputs.rounded if inputs is not None else {}
     )
     gains = [
         10 * math.log10(r.error_before / r.error_after)
