@@ -223,3 +223,88 @@ def test_only_batch_by_class_outputs_count_as_classifiers():
         classifier.SerializeToString()
     )
     assert fidelity.top1_agreement == 1.0
+
+
+def _stem_chain(cheap: int = 20):
+    """Gemm `stem` (16 -> 64) -> Gemm 64 -> 16 -> `cheap` Gemms 16 -> 16 -> Gemm `head`.
+
+    The stem reads an input whose feature 0 is about 1000 and unused (zero weights): the
+    input's uint8 grid is then 4 wide, and the features the stem does read (about 1)
+    round to nothing. Keeping the stem float is the one cure, and it is the costliest
+    node (4 x each of the cheap Gemms' multiply-accumulates).
+    """
+    rng = np.random.default_rng(0)
+    names = ["stem", "down", *(f"g{i}" for i in range(cheap)), "head"]
+    lines, inits, current = [], {}, "input"
+    shapes = [(16, 64), (64, 16), *([(16, 16)] * cheap), (16, 4)]
+    for index, (name, (k, n)) in enumerate(zip(names, shapes, strict=True)):
+        out = "output" if name == "head" else f"h{index}"
+        lines.append(f"{out} = Gemm ({current}, w_{name}, b_{name})")
+        weight = rng.standard_normal((k, n)) / np.sqrt(k)
+        if name.startswith("g"):
+            weight *= 0.1
+        if name == "stem":
+            weight[0] = 0.0
+        elif name not in ("down", "head"):
+            weight += np.eye(k)  # a residual-like path keeps the signal alive
+        inits[f"w_{name}"] = weight.astype(np.float32)
+        inits[f"b_{name}"] = np.zeros(n, np.float32)
+        current = out
+    text = (
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "stem_chain (float[1,16] input) => (float[1,4] output) {\n" + "\n".join(lines) + "\n}"
+    )
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(array, name) for name, array in inits.items()
+    )
+    for node, name in zip(model.graph.node, names, strict=True):
+        node.name = name
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_the_first_and_last_layers_are_scored_before_the_cheapest():
+    from onnx_ir import serde
+
+    from qconvert.pipelines.recipe import MAX_RANKED, ranked_candidates
+
+    model = serde.deserialize_model(_stem_chain())
+    nodes = [(node.name, node.op_type) for node in model.graph]
+    costs = {name: (0.01, 0.01) for name, _ in nodes}
+    costs["stem"] = costs["head"] = costs["down"] = (0.04, 0.04)
+    chosen = ranked_candidates(model, nodes, costs)
+    assert len(chosen) == MAX_RANKED
+    assert chosen[:2] == [("stem", "Gemm"), ("head", "Gemm")]
+    assert ("down", "Gemm") not in chosen  # neither an end nor among the cheapest
+    # No layers: the cheapest, in name order among equals.
+    adds = [(f"a{i}", "Add") for i in range(MAX_RANKED + 2)]
+    cheapest = ranked_candidates(model, adds, {name: (0.0, 0.0) for name, _ in adds})
+    assert cheapest == sorted(adds)[:MAX_RANKED]
+
+
+def test_raising_finds_a_costly_first_layer(tmp_path):
+    model = _stem_chain()
+    path = testing.save(model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    samples = []
+    for _ in range(SAMPLES):
+        row = rng.standard_normal((1, 16)).astype(np.float32)
+        row[0, 0] = 1000.0 + rng.standard_normal()
+        samples.append({"input": row})
+    testing.write_samples(tmp_path / "calib", samples)
+    report = qconvert.quantize(
+        path,
+        tmp_path / "q.onnx",
+        data=tmp_path / "calib",
+        recipe=RecipeOptions(floor_sqnr_db=30.0, budget=0.5),
+    )
+    recipe = report.conversion.recipe
+    assert recipe.start.sqnr_db < 10.0, recipe.start
+    raised = [node.name for node in recipe.raised]
+    # The stem is the costliest of the 23 nodes, left out of the 16 cheapest.
+    assert "stem" in raised, report.conversion.notes
+    assert recipe.final.sqnr_db > recipe.start.sqnr_db + 15.0, recipe
+    held = [samples[i] for i in held_out_indices(SAMPLES)]
+    written = testing.output_sqnr(path, tmp_path / "q.onnx", held)
+    assert abs(written - recipe.final.sqnr_db) < 0.5
