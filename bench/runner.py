@@ -89,6 +89,28 @@ VARIANTS = (
         theirs_options={"block_size": 128},
         ours_options={"quantize_embeddings": True, "with_data": False, "block_size": 128},
     ),
+    # onnxruntime's GPTQ and HQQ int4 at block 32 (bench/int4_peer_step.py, in the Quark
+    # environment for their torch), each beside the qconvert row it answers: GPTQ reads the
+    # samples as --data does; HQQ is data-free. On the real models only (GPTQ takes minutes).
+    Variant(
+        scheme="int4+data-gptq",
+        ours=("int4", "qop"),
+        theirs_label="matmul_nbits_quantizer GPTQ, block 32, symmetric, MatMul, accuracy 4",
+        theirs_step="ort_int4_torch",
+        theirs_options={"algo": "gptq"},
+        ours_options={"quantize_embeddings": True},
+        groups=("real",),
+    ),
+    Variant(
+        scheme="int4-hqq",
+        ours=("int4", "qop"),
+        theirs_label="matmul_nbits_quantizer HQQ, block 32, asymmetric (float zero points), "
+        "MatMul, float compute",
+        theirs_step="ort_int4_torch",
+        theirs_options={"algo": "hqq"},
+        ours_options={"quantize_embeddings": True, "with_data": False},
+        groups=("real",),
+    ),
     Variant(
         scheme="int4+scale-search",
         ours=("int4", "qop"),

@@ -307,8 +307,8 @@ def ort_int4(
 ) -> dict:
     """onnxruntime's matmul_nbits_quantizer, RTN (DefaultWeightOnlyQuantConfig), QOperator.
 
-    Its GPTQ and HQQ configs import torch (and GPTQ neural-compressor), which the bench
-    does not install: RTN is the peer that runs here.
+    Its GPTQ and HQQ configs import torch, which the bench's environment does not install:
+    they run in the Quark environment (`ort_int4_torch`).
     """
     del data  # round-to-nearest reads no samples
     import onnx
@@ -394,6 +394,28 @@ def quark_quantize(
 ) -> dict:
     """AMD Quark's ModelQuantizer (bench/quark_step.py) in its own interpreter: the time is
     the child's wall time, interpreter start and Quark's imports included, as a user's run."""
+    arguments = ["--model", model, "--data", data, "--output", output, "--recipe", recipe]
+    return _in_quark_env("bench.quark_step", arguments, "AMD Quark", timeout_s)
+
+
+def ort_int4_torch(
+    *,
+    model: str,
+    data: str,
+    output: str,
+    algo: str,
+    block_size: int = 32,
+    timeout_s: float = QUARK_TIMEOUT_S,
+) -> dict:
+    """onnxruntime's GPTQ or HQQ int4 (bench/int4_peer_step.py): both import torch, so they
+    run in the Quark environment's interpreter, which has it; timed as `quark_quantize`."""
+    arguments = ["--algo", algo, "--model", model, "--output", output]
+    arguments += ["--data", data, "--block-size", str(block_size)]
+    return _in_quark_env("bench.int4_peer_step", arguments, "torch", timeout_s)
+
+
+def _in_quark_env(module: str, arguments: list[str], what: str, timeout_s: float) -> dict:
+    """Runs `python -m module arguments` in the Quark environment, in a scratch folder."""
     import os
     import subprocess
     import tempfile
@@ -402,12 +424,9 @@ def quark_quantize(
 
     python = quark_python()
     if not python.exists():
-        raise NotSupportedYet(
-            f"AMD Quark is not installed ({python}); `make bench` installs it"
-        )
+        raise NotSupportedYet(f"{what} is not installed ({python}); `make bench` installs it")
     root = str(Path(__file__).resolve().parents[1])
-    command = [str(python), "-m", "bench.quark_step", "--model", model, "--data", data]
-    command += ["--output", output, "--recipe", recipe]
+    command = [str(python), "-m", module, *arguments]
 
     def work() -> None:
         # Quark writes quantized_info.csv into its working folder: a scratch one.
@@ -437,7 +456,7 @@ def quark_quantize(
             capture_output=True,
             text=True,
             check=False,
-            timeout=timeout_s,  # kills Quark, then raises TimeoutExpired
+            timeout=timeout_s,  # kills the child, then raises TimeoutExpired
         )
 
     notes: list[str] = []

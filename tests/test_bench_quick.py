@@ -194,3 +194,39 @@ def test_bench_on_a_user_model_scores_labels(tmp_path):
     assert row["float_accuracy"] > 0.9  # labels.npy was read
     assert abs(row["ours_fidelity"]["accuracy"] - row["float_accuracy"]) < 0.05
     assert results["scaling"] == []  # a user model gets no scaling study
+
+
+def test_int4_data_target_reads_the_best_of_the_peers_rtn_gptq_and_hqq():
+    from bench.targets import evaluate_targets
+
+    def row(scheme: str, ours: float, theirs: float) -> dict:
+        return {
+            "model": "m",
+            "group": "real",
+            "scheme": scheme,
+            "ours_step": {"ok": True},
+            "ours_fidelity": {"agreement": ours, "agreement_kind": "cosine"},
+            "theirs_fidelity": {"agreement": theirs, "agreement_kind": "cosine"},
+        }
+
+    rows = [
+        row("int4", 0.960, 0.959),
+        row("int4+data", 0.974, 0.959),
+        row("int4+data-gptq", 0.974, 0.940),
+        row("int4-hqq", 0.960, 0.976),
+    ]
+    (target,) = [
+        t
+        for t in evaluate_targets({"rows": rows, "scaling": []})
+        if "peer's best int4" in t["target"]
+    ]
+    assert target["measured"].split(" vs ")[1].startswith("HQQ cosine 0.9760")
+    assert target["verdict"] == "NOT met"
+    rows[-1] = row("int4-hqq", 0.960, 0.970)
+    (target,) = [
+        t
+        for t in evaluate_targets({"rows": rows, "scaling": []})
+        if "peer's best int4" in t["target"]
+    ]
+    assert target["measured"].split(" vs ")[1].startswith("HQQ cosine 0.9700")
+    assert target["verdict"] == "met"
