@@ -19,6 +19,13 @@ read them, so a dequantized copy made here equals the runtime's bit for bit.
 `search` shrinks each block's range by the factor in `SHRINK_GRID` that gives the least
 squared error for that block (an MSE search of the scale); 1.0 is in the grid, so it never
 does worse than round-to-nearest.
+
+On an int8 grid (`units`), every block scale of output column n is a whole multiple
+m * u_n of one unit per column, u_n = max|w_n| / 120, with m in +-1..15 (the sign as the
+signed scale's). Then (c - 8) * m is an exact int8 (|-8 * 15| = 120 <= 127), and the weight
+is that int8 times u_n: the form an int8 GEMM with per-column scales reads
+(`passes.int4`'s int8 kernel). The block's range rounds to the nearest multiple, so a
+block's step moves by at most half a unit.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ import numpy.typing as npt
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 """Block sizes onnxruntime's MatMulNBits and GatherBlockQuantized accept (powers of two,
 at least 16); the command line offers 32, 64 and 128."""
+
+INT8_UNIT_STEPS = 120
+"""max|w| of a column spans this many units on the int8 grid: 8 codes times 15."""
+
+MAX_MULTIPLIER = 15
+"""The largest block multiplier on the int8 grid."""
 
 SHRINK_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))
 """Range factors the MSE search tries, 1.0 down to 0.6."""
@@ -50,6 +63,8 @@ class BlockQuantized:
         block_size: values per block.
         bits: 4 or 8.
         symmetric: the zero point is the middle code 2**(bits-1) everywhere.
+        units: float32 (N,) on the int8 grid (module docstring): every scale is a whole
+            multiple of its column's unit; else None.
     """
 
     codes: npt.NDArray[np.uint8]
@@ -59,6 +74,7 @@ class BlockQuantized:
     block_size: int
     bits: int
     symmetric: bool
+    units: npt.NDArray[np.float32] | None = None
 
     @property
     def n(self) -> int:
@@ -76,6 +92,19 @@ class BlockQuantized:
         shifted = codes - self.zero_points.astype(np.float32)[:, :, None]
         values = shifted * self.scales[:, :, None]
         return values.reshape(self.n, -1)[:, : self.k]
+
+    def multipliers(self) -> npt.NDArray[np.int8]:
+        """(N, k_blocks) whole multiples m with scale = m * unit (int8 grid only)."""
+        units = self.units[:, None]
+        safe = np.where(units == 0, 1.0, units)
+        return np.round(self.scales / safe).astype(np.int8)
+
+    def int8_weight(self) -> npt.NDArray[np.int8]:
+        """(N, K) int8 values (c - z) * m: the weight is these times the column's unit."""
+        codes = self.codes.reshape(self.n, self.k_blocks, self.block_size).astype(np.int16)
+        shifted = codes - self.zero_points.astype(np.int16)[:, :, None]
+        values = shifted * self.multipliers().astype(np.int16)[:, :, None]
+        return values.reshape(self.n, -1)[:, : self.k].astype(np.int8)
 
     def signed_codes(self) -> npt.NDArray[np.int8]:
         """Codes minus the zero point, (N, K): the INT4 values of a symmetric weight."""
@@ -139,6 +168,26 @@ def range_params(
     return scales, zero_points
 
 
+def column_units(wt: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The int8 grid's unit of each row of (N, K): max|w| / INT8_UNIT_STEPS."""
+    return (np.abs(wt).max(axis=1) / INT8_UNIT_STEPS).astype(np.float32)
+
+
+def snap_scales(
+    scales: npt.NDArray[np.float32], units: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """Signed scales (N, ...) moved to the nearest whole multiple of their row's unit.
+
+    The multiple is at least 1 in size (a block of tiny values keeps a step of one unit)
+    and at most MAX_MULTIPLIER; a row of zeros (unit 0) keeps scale 0.
+    """
+    units = units.reshape(units.shape + (1,) * (scales.ndim - 1))
+    safe = np.where(units == 0, 1.0, units)
+    size = np.clip(np.round(np.abs(scales) / safe), 1, MAX_MULTIPLIER)
+    sign = np.where(scales < 0, -1.0, 1.0)
+    return np.where(units == 0, 0.0, sign * size * units).astype(np.float32)
+
+
 def codes_for(
     blocks: npt.NDArray[np.float32],
     scales: npt.NDArray[np.float32],
@@ -180,8 +229,12 @@ def quantize_rtn(
     symmetric: bool = True,
     search: bool = False,
     importance: npt.NDArray[np.floating] | None = None,
+    units: npt.NDArray[np.float32] | None = None,
 ) -> BlockQuantized:
     """Round-to-nearest blocked quantization of a weight given as (N, K).
+
+    With `units` (N,), symmetric only, the scales are snapped to the int8 grid (module
+    docstring) after any search.
 
     With `search`, each block's range is first shrunk by the factor of `SHRINK_GRID` that
     gives it the least squared error; with `importance` (K,), the error of each position
@@ -207,6 +260,8 @@ def quantize_rtn(
         blocks = pad_blocks(np.asarray(wt[start:end], dtype=np.float32), block_size)
         shrink = best_shrink(blocks, bits=bits, symmetric=symmetric, importance=weights)
         s, z = block_params(blocks, bits=bits, symmetric=symmetric, shrink=shrink)
+        if units is not None:
+            s = snap_scales(s, units[start:end])
         codes[start:end] = codes_for(blocks, s, z, bits=bits).reshape(end - start, -1)
         scales[start:end], zero_points[start:end] = s, z
     return BlockQuantized(
@@ -217,6 +272,7 @@ def quantize_rtn(
         block_size=block_size,
         bits=bits,
         symmetric=symmetric,
+        units=units,
     )
 
 

@@ -15,7 +15,7 @@ from enum import Enum
 import onnx.defs
 
 from qconvert.errors import ConfigError
-from qconvert.int4_options import check_int4_options
+from qconvert.int4_options import DEFAULT_INT4_KERNEL, check_int4_options
 from qconvert.overrides import Overrides
 from qconvert.schemes import (
     ACTIVATION_TYPES,
@@ -77,6 +77,9 @@ class QuantizeConfig:
             3 bf16, 4 int8 compute); None: the default of `qconvert.int4_options`.
         scale_search: int4: shrink each block's range to its least squared error (an MSE
             search of the scale) before rounding.
+        int4_kernel: int4 qop: "nbits" (MatMulNBits) or "int8" (4-bit codes expanded to
+            int8 when onnxruntime loads the model, run by DynamicQuantizeMatMul); None: the
+            default of `qconvert.int4_options`.
     """
 
     scheme: str = "int8"
@@ -100,6 +103,7 @@ class QuantizeConfig:
     quantize_embeddings: bool = False
     accuracy_level: int | None = None
     scale_search: bool = False
+    int4_kernel: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -240,11 +244,20 @@ class QuantizeConfig:
     def min_opset(self) -> int:
         """The lowest ai.onnx opset the written model may have, overrides included."""
         needed = SCHEMES[self.scheme].min_opset
-        if self.scheme == "int4" and self.format is Format.QDQ:
-            needed = BLOCKED_DQ_MIN_OPSET
+        if self.scheme == "int4" and (
+            self.format is Format.QDQ or self.resolved_int4_kernel == "int8"
+        ):
+            needed = BLOCKED_DQ_MIN_OPSET  # INT4 initializers (DequantizeLinear, Cast)
         if self.overrides.uses_int16():
             needed = max(needed, INT16_MIN_OPSET)
         return needed
+
+    @property
+    def resolved_int4_kernel(self) -> str | None:
+        """The kernel an int4 qop run writes; None for other schemes and formats."""
+        if self.scheme != "int4" or self.format is not Format.QOP:
+            return None
+        return self.int4_kernel or DEFAULT_INT4_KERNEL
 
     @property
     def target_opset(self) -> int:

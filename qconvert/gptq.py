@@ -25,6 +25,7 @@ from qconvert.blockwise import (
     block_params,
     codes_for,
     dequantize_blocks,
+    snap_scales,
 )
 
 DAMPING = 0.01
@@ -60,11 +61,13 @@ def quantize_gptq(
     bits: int = 4,
     symmetric: bool = True,
     search: bool = False,
+    units: npt.NDArray[np.float32] | None = None,
 ) -> BlockQuantized:
     """GPTQ rounding of a MatMul weight `w` (K, N) with input Gram matrix `h` (K, K).
 
     With `search`, each block's range is shrunk by the factor of least squared error (on
-    the rows as updated when the block starts).
+    the rows as updated when the block starts). With `units` (N,), each block's scale is
+    snapped to the int8 grid (`blockwise`) when it is fixed.
     """
     k, n = w.shape
     k_blocks = -(-k // block_size)
@@ -94,6 +97,8 @@ def quantize_gptq(
                 values = chunk[:, i : i + block_size].astype(np.float32)[:, None, :]
                 shrink = best_shrink(values, bits=bits, symmetric=symmetric) if search else 1.0
                 s, z = block_params(values, bits=bits, symmetric=symmetric, shrink=shrink)
+                if units is not None:
+                    s = snap_scales(s, units)
                 scales[:, block], zero_points[:, block] = s[:, 0], z[:, 0]
             s, z = scales[:, block], zero_points[:, block]
             c = codes_for(chunk[:, i, None].astype(np.float32), s, z, bits=bits)[:, 0]
@@ -111,6 +116,7 @@ def quantize_gptq(
         block_size=block_size,
         bits=bits,
         symmetric=symmetric,
+        units=units,
     )
 
 

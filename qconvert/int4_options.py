@@ -17,6 +17,14 @@ fastest CPU path. Level 0/1 dequantizes the weights and multiplies in float32, t
 numbers as the blocked QDQ form."""
 
 
+INT4_KERNELS = ("nbits", "int8")
+"""How a qop int4 MatMul runs: com.microsoft MatMulNBits, or its 4-bit codes expanded to int8
+when onnxruntime loads the model (constant folding) and run by DynamicQuantizeMatMul, with
+activations quantized per tensor on the fly (`passes.int4`)."""
+
+DEFAULT_INT4_KERNEL = "nbits"
+
+
 def check_int4_options(config: Any) -> None:
     """Refuses int4 options on other schemes and values int4 cannot take.
 
@@ -30,6 +38,7 @@ def check_int4_options(config: Any) -> None:
         ("--quantize-embeddings", config.quantize_embeddings),
         ("--accuracy-level", config.accuracy_level is not None),
         ("--scale-search", config.scale_search),
+        ("--int4-kernel", config.int4_kernel is not None),
     ):
         if given and not int4:
             raise ConfigError(
@@ -52,6 +61,26 @@ def check_int4_options(config: Any) -> None:
         raise ConfigError(
             "--accuracy-level does not go with --format qdq.",
             hint="it is an attribute of MatMulNBits, which --format qop writes.",
+        )
+    if config.int4_kernel is not None and config.int4_kernel not in INT4_KERNELS:
+        raise ConfigError(
+            f"--int4-kernel {config.int4_kernel} is not supported.",
+            hint=f"choose from {', '.join(INT4_KERNELS)}.",
+        )
+    if config.int4_kernel is not None and config.format.value != "qop":
+        raise ConfigError(
+            "--int4-kernel does not go with --format qdq.",
+            hint="it chooses the operator --format qop writes.",
+        )
+    if config.int4_kernel == "int8" and config.asymmetric_weights:
+        raise ConfigError(
+            "--int4-kernel int8 does not go with --asymmetric-weights.",
+            hint="its int8 GEMM reads symmetric weights; leave one of them out.",
+        )
+    if config.int4_kernel == "int8" and config.accuracy_level is not None:
+        raise ConfigError(
+            "--accuracy-level does not go with --int4-kernel int8.",
+            hint="it is an attribute of MatMulNBits; the int8 kernel always computes in int8.",
         )
     if not config.per_channel:
         raise ConfigError(

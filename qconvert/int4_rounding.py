@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert import model as model_io
-from qconvert.blockwise import BlockQuantized, quantize_rtn
+from qconvert.blockwise import BlockQuantized, column_units, quantize_rtn
 from qconvert.gptq import gram, layer_error, quantize_gptq
 from qconvert.plan.int4 import BlockedWeight
 
@@ -90,6 +90,8 @@ class Rounder:
         search: shrink each block's range to its least squared error.
         grams: the layer inputs' Gram matrices, or None without data.
         inputs: per planned node, the name of its input tensor (the key into `grams`).
+        int8_grid: MatMul/Gemm weights of 4 bits get scales on the int8 grid
+            (`blockwise`), for the int8 kernel; every candidate rounding keeps to it.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Rounder:
         search: bool,
         grams: Grams | None = None,
         inputs: Mapping[str, str] | None = None,
+        int8_grid: bool = False,
     ) -> None:
         self.tensors = tensors
         self.block_size = block_size
@@ -108,6 +111,7 @@ class Rounder:
         self.search = search
         self.grams = grams
         self.inputs = inputs or {}
+        self.int8_grid = int8_grid
         self.records: dict[tuple[str, int], RoundingRecord] = {}
 
     def __call__(self, entry: BlockedWeight) -> BlockQuantized:
@@ -134,6 +138,8 @@ class Rounder:
             "bits": entry.bits,
             "symmetric": self.symmetric,
         }
+        if self.int8_grid and entry.op_type != "Gather" and entry.bits == 4:
+            options["units"] = column_units(wt)
         rtn = quantize_rtn(wt, search=self.search, **options)
         name = self.inputs.get(entry.node)
         fit = self.grams.fit.get(name) if self.grams is not None and name else None

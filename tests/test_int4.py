@@ -272,6 +272,26 @@ def _named(path, tmp_path) -> dict[str, str]:
             "of MatMulNBits, which --format qop writes.",
         ),
         (
+            ["--scheme", "int8", "--int4-kernel", "int8"],
+            "Error: --int4-kernel does not go with --scheme int8. Hint: it applies to "
+            "--scheme int4 (blocked 4-bit weights).",
+        ),
+        (
+            ["--scheme", "int4", "--format", "qdq", "--int4-kernel", "int8"],
+            "Error: --int4-kernel does not go with --format qdq. Hint: it chooses the "
+            "operator --format qop writes.",
+        ),
+        (
+            ["--scheme", "int4", "--int4-kernel", "int8", "--asymmetric-weights"],
+            "Error: --int4-kernel int8 does not go with --asymmetric-weights. Hint: its int8 "
+            "GEMM reads symmetric weights; leave one of them out.",
+        ),
+        (
+            ["--scheme", "int4", "--int4-kernel", "int8", "--accuracy-level", "4"],
+            "Error: --accuracy-level does not go with --int4-kernel int8. Hint: it is an "
+            "attribute of MatMulNBits; the int8 kernel always computes in int8.",
+        ),
+        (
             ["--scheme", "int4", "--per-tensor"],
             "Error: --per-tensor does not go with --scheme int4: its weights have one scale "
             "per block. Hint: choose the block with --block-size.",

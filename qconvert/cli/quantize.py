@@ -110,6 +110,15 @@ SCHEME_HELP = (
     "on CPU), 0 or 1 in float32 (exactly the dequantized weights). [default: 4]",
 )
 @click.option(
+    "--int4-kernel",
+    type=click.Choice(["nbits", "int8"]),
+    default=None,
+    help="int4 qop: nbits writes com.microsoft MatMulNBits; int8 stores the same 4-bit "
+    "codes so that onnxruntime expands them to int8 at load and runs DynamicQuantizeMatMul "
+    "(int8 GEMM, activations quantized per tensor: faster on CPU, 8-bit weights in memory). "
+    "[default: nbits]",
+)
+@click.option(
     "--scale-search",
     is_flag=True,
     help="int4: shrink each block's range to the least squared error before rounding.",
@@ -304,6 +313,7 @@ def quantize_command(
     asymmetric_weights: bool,
     quantize_embeddings: bool,
     accuracy_level: int | None,
+    int4_kernel: str | None,
     scale_search: bool,
     activation_type: str | None,
     symmetric_activations: bool,
@@ -384,6 +394,7 @@ def quantize_command(
         asymmetric_weights=asymmetric_weights,
         quantize_embeddings=quantize_embeddings,
         accuracy_level=accuracy_level,
+        int4_kernel=int4_kernel,
         scale_search=scale_search,
     )
     if overrides is not None:  # read after the options are known to go together

@@ -18,7 +18,14 @@ and written holding about one weight in memory at a time.
    quantize_axis 2 (blocks along the data's last axis), whose (..., k_blocks, block_size)
    output a Reshape flattens back to (..., D); the tied MatMul/Gemm becomes MatMulNBits
    on the same data with its own (V * k_blocks) scales.
-4. qdq: the weight becomes `DequantizeLinear(codes, scales[, zero_points], axis, block_size)`
+4. qop with the int8 kernel, MatMul / Gemm of 4 bits: the weight is stored as INT4 codes
+   (k_blocks, block_size, N), int8 block multipliers m (k_blocks, 1, N) and one float unit
+   per column (`blockwise`'s int8 grid), and rebuilt as
+   `Cast(Reshape(Cast(codes, int32) * Cast(m, int32)), int8)`: constants only, which
+   onnxruntime folds into one int8 weight when it loads the model. The node becomes
+   `DynamicQuantizeMatMul(A, W8, units[, , bias])`: int8 GEMM, activations quantized per
+   tensor on the fly. The file holds 4.25 bits a weight; memory at run time, 8.
+5. qdq: the weight becomes `DequantizeLinear(codes, scales[, zero_points], axis, block_size)`
    (ai.onnx 21) with INT4 (symmetric) or UINT4 codes in the weight's own layout; the node
    itself is unchanged.
 
@@ -67,12 +74,19 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
     """Rewrites the planned MatMul/Gemm/Gather weights into blocked form (module docstring)."""
 
     def __init__(
-        self, *, plan: Int4Plan, quantize: Quantizer, format: str, accuracy_level: int
+        self,
+        *,
+        plan: Int4Plan,
+        quantize: Quantizer,
+        format: str,
+        accuracy_level: int,
+        kernel: str = "nbits",
     ) -> None:
         super().__init__()
         self.plan = plan
         self.format = format
         self.accuracy_level = accuracy_level
+        self.kernel = kernel
         self._source = _LastResult(quantize)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -105,6 +119,11 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
                     written[key] = [self._dequantize(graph, names, entry, shape, node)]
                 index = 0 if entry.op_type == "Gather" else 1
                 node.replace_input_with(index, written[key][0])
+            elif self._int8_kernel(entry):
+                key = (*key, "int8")
+                if key not in written:
+                    written[key] = [self._int8_weight(graph, names, entry, shape, node)]
+                self._int8_matmul(graph, names, node, entry, written[key][0], shape)
             else:
                 if key not in written:
                     written[key] = self._initializers(graph, names, entry, shape)
@@ -302,19 +321,9 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
     ) -> None:
         n, k = shape if entry.transposed else shape[::-1]
         inputs: list[ir.Value | None] = [node.inputs[0], *values]
-        old_bias = node.inputs[2] if entry.op_type == "Gemm" and len(node.inputs) > 2 else None
-        if old_bias is not None:
-            beta = node.attributes.get_float("beta", 1.0)
-            bias = (constant_array(old_bias).reshape(-1) * beta).astype(np.float32)
-            name = names.fresh(f"{entry.node}_bias")
-            value = ir.Value(
-                name=name,
-                shape=ir.Shape(bias.shape),
-                type=ir.TensorType(ir.DataType.FLOAT),
-                const_value=ir.tensor(bias, name=name),
-            )
-            graph.register_initializer(value)
-            inputs += [None, value]  # g_idx is absent
+        old_bias, bias = _gemm_bias(graph, names, node, entry)
+        if bias is not None:
+            inputs += [None, bias]  # g_idx is absent
         while inputs and inputs[-1] is None:
             inputs.pop()
         attributes = [
@@ -333,12 +342,128 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             name=names.fresh(f"{entry.node}_nbits"),
         )
         _replace(graph, node, new)
-        if (
-            old_bias is not None
-            and not old_bias.uses()
-            and old_bias.name in graph.initializers
-        ):
-            graph.initializers.pop(old_bias.name)
+        _drop_unused(graph, old_bias)
+
+    def _int8_kernel(self, entry: BlockedWeight) -> bool:
+        return (
+            self.kernel == "int8"
+            and self.plan.scheme.symmetric
+            and entry.op_type != "Gather"
+            and entry.bits == 4
+        )
+
+    def _int8_weight(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        entry: BlockedWeight,
+        shape: tuple[int, ...],
+        before: ir.Node,
+    ) -> ir.Value:
+        """The int8 weight (K, N) rebuilt from INT4 codes and block multipliers (rule 4)."""
+        n, k = shape if entry.transposed else shape[::-1]
+        size = self.plan.scheme.block_size
+        blocks = -(-k // size)
+        base = entry.weight
+        codes = self._lazy(
+            graph,
+            names.fresh(f"{base}_q4"),
+            entry,
+            ir.DataType.INT4,
+            (blocks, size, n),
+            lambda q: _as_code_type(_padded_signed_codes(q), ir.DataType.INT4),
+        )
+        multipliers = self._lazy(
+            graph,
+            names.fresh(f"{base}_multipliers"),
+            entry,
+            ir.DataType.INT8,
+            (blocks, 1, n),
+            lambda q: np.ascontiguousarray(q.multipliers().T[:, None, :]),
+        )
+        dims = np.array([blocks * size, n], dtype=np.int64)
+        target = ir.Value(
+            name=names.fresh(f"{base}_int8_shape"),
+            shape=ir.Shape(dims.shape),
+            type=ir.TensorType(ir.DataType.INT64),
+            const_value=ir.tensor(dims),
+        )
+        graph.register_initializer(target)
+        steps = [
+            ("Cast", [codes], [ir.AttrInt64("to", ir.DataType.INT32)]),
+            ("Cast", [multipliers], [ir.AttrInt64("to", ir.DataType.INT32)]),
+        ]
+        made = [self._constant_op(graph, names, base, *step, before) for step in steps]
+        value = self._constant_op(graph, names, base, "Mul", made, [], before)
+        value = self._constant_op(graph, names, base, "Reshape", [value, target], [], before)
+        if blocks * size != k:  # the padded tail of the last block goes
+            bounds = [
+                np.array([0], np.int64),
+                np.array([k], np.int64),
+                np.array([0], np.int64),
+            ]
+            consts = []
+            for array in bounds:
+                bound = ir.Value(
+                    name=names.fresh(f"{base}_slice"),
+                    shape=ir.Shape(array.shape),
+                    type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(array),
+                )
+                graph.register_initializer(bound)
+                consts.append(bound)
+            value = self._constant_op(
+                graph, names, base, "Slice", [value, *consts], [], before
+            )
+        cast = [ir.AttrInt64("to", ir.DataType.INT8)]
+        return self._constant_op(graph, names, base, "Cast", [value], cast, before)
+
+    def _constant_op(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        base: str,
+        op_type: str,
+        inputs: list[ir.Value],
+        attributes: list,
+        before: ir.Node,
+    ) -> ir.Value:
+        node = ir.Node("", op_type, inputs, attributes=attributes, name=names.fresh(base))
+        node.outputs[0].name = names.fresh(f"{base}_{op_type.lower()}")
+        graph.insert_before(before, node)
+        return node.outputs[0]
+
+    def _int8_matmul(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        node: ir.Node,
+        entry: BlockedWeight,
+        weight: ir.Value,
+        shape: tuple[int, ...],
+    ) -> None:
+        """`DynamicQuantizeMatMul(A, W8, units[, , bias])` in place of the node (rule 4)."""
+        n = shape[0] if entry.transposed else shape[1]
+        units = self._lazy(
+            graph,
+            names.fresh(f"{entry.weight}_units"),
+            entry,
+            ir.DataType.FLOAT,
+            (n,),
+            lambda q: q.units,
+        )
+        old_bias, bias = _gemm_bias(graph, names, node, entry)
+        inputs: list[ir.Value | None] = [node.inputs[0], weight, units]
+        if bias is not None:
+            inputs += [None, bias]  # no weight zero point: symmetric
+        new = ir.Node(
+            MICROSOFT_DOMAIN,
+            "DynamicQuantizeMatMul",
+            inputs,
+            name=names.fresh(f"{entry.node}_int8"),
+        )
+        _replace(graph, node, new)
+        _drop_unused(graph, old_bias)
 
     def _gather(
         self,
@@ -430,6 +555,39 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         output.shape = ir.Shape(shape)
         graph.insert_before(before, node)
         return output
+
+
+def _gemm_bias(
+    graph: ir.Graph, names: NameAllocator, node: ir.Node, entry: BlockedWeight
+) -> tuple[ir.Value | None, ir.Value | None]:
+    """A Gemm's C times beta as a new (N,) initializer: (old C, new bias), or Nones."""
+    old_bias = node.inputs[2] if entry.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if old_bias is None:
+        return None, None
+    beta = node.attributes.get_float("beta", 1.0)
+    bias = (constant_array(old_bias).reshape(-1) * beta).astype(np.float32)
+    name = names.fresh(f"{entry.node}_bias")
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(bias.shape),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(bias, name=name),
+    )
+    graph.register_initializer(value)
+    return old_bias, value
+
+
+def _drop_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    if value is not None and not value.uses() and value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+
+
+def _padded_signed_codes(quantized: BlockQuantized) -> np.ndarray:
+    """(k_blocks, block_size, N) codes minus the middle code, the padded tail included."""
+    middle = 1 << (quantized.bits - 1)
+    signed = quantized.codes.astype(np.int16) - middle
+    blocks = signed.reshape(quantized.n, quantized.k_blocks, quantized.block_size)
+    return np.ascontiguousarray(blocks.transpose(1, 2, 0)).astype(np.int8)
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

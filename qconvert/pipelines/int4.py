@@ -122,12 +122,17 @@ def quantize_int4(
         search=config.scale_search,
         grams=grams,
         inputs=inputs,
+        int8_grid=config.resolved_int4_kernel == "int8" and scheme.symmetric,
     )
     level = config.accuracy_level
     level = DEFAULT_ACCURACY_LEVEL if level is None else level
     with timed(timings, "rewrite"):
         WriteBlockedWeightsPass(
-            plan=int4, quantize=rounder, format=config.format.value, accuracy_level=level
+            plan=int4,
+            quantize=rounder,
+            format=config.format.value,
+            accuracy_level=level,
+            kernel=config.resolved_int4_kernel or "nbits",
         )(prepared)
         DropIntermediateShapesPass()(prepared)
         prepared.producer_name = "qconvert"
@@ -188,7 +193,8 @@ def _prepare(
             f"{model.opset_imports.get('', 1)}; blocked DequantizeLinear needs "
             f"{BLOCKED_DQ_MIN_OPSET}, and the opset converter would read every weight into "
             "memory.",
-            hint="use --format qop (MatMulNBits needs no opset upgrade).",
+            hint="use --format qop with --int4-kernel nbits (MatMulNBits needs no opset "
+            "upgrade).",
         )
     return NameFixPass()(model).model
 
@@ -298,7 +304,14 @@ def _with_notes(
     int4: Int4Plan, config: QuantizeConfig, rounder: Rounder, level: int
 ) -> object:
     notes = list(int4.plan.notes)
-    if config.format is Format.QOP:
+    if config.resolved_int4_kernel == "int8":
+        notes.append(
+            "qop, int8 kernel: MatMul/Gemm weights as INT4 codes with int8 block multipliers "
+            "of one scale per column, expanded to int8 when onnxruntime loads the model, run "
+            "by com.microsoft DynamicQuantizeMatMul (activations quantized per tensor on the "
+            "fly); embedding tables as GatherBlockQuantized."
+        )
+    elif config.format is Format.QOP:
         compute = {0: "float32", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}[level]
         notes.append(
             "qop: MatMul/Gemm weights as com.microsoft MatMulNBits "
