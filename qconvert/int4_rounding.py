@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert import model as model_io
+from qconvert.awq import ScaleChoice
 from qconvert.blockwise import BlockQuantized, column_units, quantize_rtn
 from qconvert.gptq import gram, layer_error, quantize_gptq
 from qconvert.plan.int4 import BlockedWeight
@@ -79,6 +80,7 @@ class RoundingRecord:
     rtn_error: float | None = None
     chosen_error: float | None = None
     errors: dict[str, float] | None = None
+    scaled: bool = False
 
 
 class Rounder:
@@ -92,6 +94,8 @@ class Rounder:
         inputs: per planned node, the name of its input tensor (the key into `grams`).
         int8_grid: MatMul/Gemm weights of 4 bits get scales on the int8 grid
             (`blockwise`), for the int8 kernel; every candidate rounding keeps to it.
+        input_scales: per node, the AWQ-class input scale kept for it (`awq`): its weight
+            is rounded as diag(s) W, with the Gram matrices of x / s.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Rounder:
         grams: Grams | None = None,
         inputs: Mapping[str, str] | None = None,
         int8_grid: bool = False,
+        input_scales: Mapping[str, ScaleChoice] | None = None,
     ) -> None:
         self.tensors = tensors
         self.block_size = block_size
@@ -112,6 +117,7 @@ class Rounder:
         self.grams = grams
         self.inputs = inputs or {}
         self.int8_grid = int8_grid
+        self.input_scales = input_scales or {}
         self.records: dict[tuple[str, int], RoundingRecord] = {}
 
     def __call__(self, entry: BlockedWeight) -> BlockQuantized:
@@ -133,6 +139,10 @@ class Rounder:
 
     def _quantize(self, array: np.ndarray, entry: BlockedWeight) -> BlockQuantized:
         wt = array if entry.transposed else array.T  # (N, K), a view
+        choice = self.input_scales.get(entry.node)
+        scales = choice.scales if choice is not None else None
+        if scales is not None:
+            wt = wt * scales[None, :]  # diag(s) W, read by an input divided by s
         options = {
             "block_size": self.block_size,
             "bits": entry.bits,
@@ -147,9 +157,13 @@ class Rounder:
         if fit is None or entry.op_type == "Gather":
             self.records[key] = RoundingRecord(entry.weight, "rtn")
             return rtn
+        held = self.grams.held.get(name)
+        if scales is not None:  # the Gram matrices of x / s
+            inverse = 1.0 / scales.astype(np.float64)
+            fit = fit * np.outer(inverse, inverse)
+            held = held * np.outer(inverse, inverse) if held is not None else None
         w = np.ascontiguousarray(wt.T, dtype=np.float32)
         gptq = quantize_gptq(w, fit, search=self.search, **options)
-        held = self.grams.held.get(name)
         if held is None:
             self.records[key] = RoundingRecord(entry.weight, "gptq")
             return gptq
@@ -162,8 +176,15 @@ class Rounder:
             for method, result in candidates.items()
         }
         method = min(errors, key=lambda m: (errors[m], m != "rtn"))
+        # against round-to-nearest of the weight as it was, unscaled
+        rtn_error = choice.base_error if choice is not None and scales is not None else None
         self.records[key] = RoundingRecord(
-            entry.weight, method, errors["rtn"], errors[method], errors
+            entry.weight,
+            method,
+            errors["rtn"] if rtn_error is None else rtn_error,
+            errors[method],
+            errors,
+            scales is not None,
         )
         return candidates[method]
 
@@ -189,10 +210,12 @@ class Rounder:
             if r.rtn_error and r.chosen_error
         ]
         median = float(np.median(gains)) if gains else 0.0
+        scaled = sum(r.scaled for r in judged)
         return (
             f"Rounding chosen per weight by its layer's output error on "
             f"{self.grams.held_samples} held-out sample(s) (fitted on "
             f"{self.grams.fit_samples}): GPTQ on {counts['gptq']}, AWQ-class activation-"
             f"aware clipping on {counts['awq-clip']}, round-to-nearest on {counts['rtn']} "
-            f"of {len(judged)} (median {median:+.2f} dB against round-to-nearest)."
+            f"of {len(judged)} (median {median:+.2f} dB against round-to-nearest); AWQ-class "
+            f"input scaling (a Mul by 1/s before the layer) kept on {scaled} of them."
         )

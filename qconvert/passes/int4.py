@@ -29,12 +29,15 @@ and written holding about one weight in memory at a time.
    (ai.onnx 21) with INT4 (symmetric) or UINT4 codes in the weight's own layout; the node
    itself is unchanged.
 
+With `input_scales` (node -> s, `awq`), the node's input is first multiplied by 1/s (a Mul
+before it); its quantized weight then stands for diag(s) W.
+
 Nodes keep their output names; float weights no node reads any more are removed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -81,8 +84,10 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         format: str,
         accuracy_level: int,
         kernel: str = "nbits",
+        input_scales: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
+        self.input_scales = input_scales or {}
         self.plan = plan
         self.format = format
         self.accuracy_level = accuracy_level
@@ -105,6 +110,8 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         for entry in self.plan.weights:
             node = nodes[entry.node]
             shape = shapes[entry.weight]
+            if entry.node in self.input_scales:
+                self._divide_input(graph, names, node, self.input_scales[entry.node])
             key = (entry.weight, entry.bits, entry.transposed, entry.op_type == "Gather")
             table = entry.tied_to
             if entry.op_type == "Gather" and entry.weight in tied:
@@ -344,6 +351,26 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         _replace(graph, node, new)
         _drop_unused(graph, old_bias)
 
+    def _divide_input(
+        self, graph: ir.Graph, names: NameAllocator, node: ir.Node, scales: np.ndarray
+    ) -> None:
+        """`Mul(x, 1/s)` before the node, which then reads it (AWQ-class scaling)."""
+        inverse = (1.0 / scales).astype(np.float32)
+        value = ir.Value(
+            name=names.fresh(f"{node.name}_input_scale"),
+            shape=ir.Shape(inverse.shape),
+            type=ir.TensorType(ir.DataType.FLOAT),
+            const_value=ir.tensor(inverse),
+        )
+        graph.register_initializer(value)
+        mul = ir.Node(
+            "", "Mul", [node.inputs[0], value], name=names.fresh(f"{node.name}_scale")
+        )
+        mul.outputs[0].name = names.fresh(f"{node.name}_scaled_input")
+        mul.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(node, mul)
+        node.replace_input_with(0, mul.outputs[0])
+
     def _int8_kernel(self, entry: BlockedWeight) -> bool:
         return (
             self.kernel == "int8"
@@ -371,7 +398,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             entry,
             ir.DataType.INT4,
             (blocks, size, n),
-            lambda q: _as_code_type(_padded_signed_codes(q), ir.DataType.INT4),
+            lambda q: _pack4(_padded_codes(q), ir.DataType.INT4),
         )
         multipliers = self._lazy(
             graph,
@@ -582,12 +609,10 @@ def _drop_unused(graph: ir.Graph, value: ir.Value | None) -> None:
         graph.initializers.pop(value.name)
 
 
-def _padded_signed_codes(quantized: BlockQuantized) -> np.ndarray:
-    """(k_blocks, block_size, N) codes minus the middle code, the padded tail included."""
-    middle = 1 << (quantized.bits - 1)
-    signed = quantized.codes.astype(np.int16) - middle
-    blocks = signed.reshape(quantized.n, quantized.k_blocks, quantized.block_size)
-    return np.ascontiguousarray(blocks.transpose(1, 2, 0)).astype(np.int8)
+def _padded_codes(quantized: BlockQuantized) -> np.ndarray:
+    """(k_blocks, block_size, N) unsigned codes, the padded tail (zero points) included."""
+    blocks = quantized.codes.reshape(quantized.n, quantized.k_blocks, quantized.block_size)
+    return np.ascontiguousarray(blocks.transpose(1, 2, 0))
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

@@ -10,6 +10,7 @@ model in external data is handed to onnxruntime as a path beside links to its da
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from qconvert import model as model_io
+from qconvert.awq import ScaleChoice, choose_scale
 from qconvert.compare import CompareOptions, Side, compare_models, folder_labels, load_labels
 from qconvert.config import Format, QuantizeConfig
 from qconvert.dataset import DirectorySource, ImagePreprocessing, input_specs, synthetic_sample
@@ -115,6 +117,11 @@ def quantize_int4(
         entry.weight: prepared.graph.initializers[entry.weight].const_value
         for entry in int4.weights
     }
+    int8_grid = config.resolved_int4_kernel == "int8" and scheme.symmetric
+    choices: dict[str, ScaleChoice] = {}
+    if grams is not None and grams.held_samples:
+        with timed(timings, "input scales"):
+            choices = _input_scales(int4, tensors, inputs, grams, scheme, int8_grid)
     rounder = Rounder(
         tensors,
         block_size=scheme.block_size,
@@ -122,7 +129,8 @@ def quantize_int4(
         search=config.scale_search,
         grams=grams,
         inputs=inputs,
-        int8_grid=config.resolved_int4_kernel == "int8" and scheme.symmetric,
+        int8_grid=int8_grid,
+        input_scales=choices,
     )
     level = config.accuracy_level
     level = DEFAULT_ACCURACY_LEVEL if level is None else level
@@ -133,6 +141,7 @@ def quantize_int4(
             format=config.format.value,
             accuracy_level=level,
             kernel=config.resolved_int4_kernel or "nbits",
+            input_scales={n: c.scales for n, c in choices.items() if c.scales is not None},
         )(prepared)
         DropIntermediateShapesPass()(prepared)
         prepared.producer_name = "qconvert"
@@ -197,6 +206,44 @@ def _prepare(
             "upgrade).",
         )
     return NameFixPass()(model).model
+
+
+def _input_scales(
+    int4: Int4Plan,
+    tensors: dict[str, ir.TensorProtocol],
+    inputs: dict[str, str],
+    grams: Grams,
+    scheme: BlockedWeightScheme,
+    int8_grid: bool,
+) -> dict[str, ScaleChoice]:
+    """Per MatMul/Gemm of 4 bits, the AWQ-class input scale search's outcome (`awq`).
+
+    A weight two planned nodes share is left unscaled: one rounding serves both.
+    """
+    uses = Counter(entry.weight for entry in int4.weights)
+    choices = {}
+    for entry in int4.weights:
+        name = inputs.get(entry.node)
+        if entry.op_type == "Gather" or entry.bits != 4 or uses[entry.weight] > 1:
+            continue
+        if name not in grams.fit or name not in grams.held:
+            continue
+        tensor = tensors[entry.weight]
+        array = tensor.numpy()
+        w = np.array(array.T if entry.transposed else array, dtype=np.float32, order="C")
+        del array  # a memory-mapped weight unmaps only once no view of it is left
+        release = getattr(tensor, "release", None)
+        if release is not None:
+            release()
+        choices[entry.node] = choose_scale(
+            w,
+            grams.fit[name],
+            grams.held[name],
+            block_size=scheme.block_size,
+            symmetric=scheme.symmetric,
+            int8_grid=int8_grid,
+        )
+    return choices
 
 
 def _unmap_after_writing(model: ir.Model) -> None:
