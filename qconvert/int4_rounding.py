@@ -117,14 +117,45 @@ class Rounder:
         self.grams = grams
         self.inputs = inputs or {}
         self.int8_grid = int8_grid
-        self.input_scales = input_scales or {}
+        self.input_scales = dict(input_scales or {})
         self.records: dict[tuple[str, int], RoundingRecord] = {}
+        self._settled: dict[tuple[str, int], BlockQuantized] = {}
 
     def __call__(self, entry: BlockedWeight) -> BlockQuantized:
         """The weight of `entry` quantized, (N, K); records the rounding chosen."""
+        settled = self._settled.pop((entry.weight, entry.bits), None)
+        if settled is not None:
+            return settled
+        return self._read_and_quantize(entry, self.input_scales.get(entry.node))
+
+    def settle_scale(self, entry: BlockedWeight, choice: ScaleChoice) -> bool:
+        """Rounds `entry` now, with and without the input scale of `choice`.
+
+        The one whose chosen rounding has the lower held-out error is held until the save
+        asks for it. Returns whether the scale was kept (the rewrite then divides the
+        input by it).
+        """
+        key = (entry.weight, entry.bits)
+        plain = self._read_and_quantize(entry, None)
+        plain_record = self.records[key]
+        scaled = self._read_and_quantize(entry, choice)
+        scaled_record = self.records[key]
+        keep = (scaled_record.chosen_error or 0.0) < (plain_record.chosen_error or 0.0)
+        if keep:
+            self.input_scales[entry.node] = choice
+            self._settled[key] = scaled
+        else:
+            self.input_scales.pop(entry.node, None)
+            self.records[key] = plain_record
+            self._settled[key] = plain
+        return keep
+
+    def _read_and_quantize(
+        self, entry: BlockedWeight, choice: ScaleChoice | None
+    ) -> BlockQuantized:
         tensor = self.tensors[entry.weight]
         model_io.prefetch(self._this_and_next(entry.weight))
-        quantized = self._quantize(tensor.numpy(), entry)
+        quantized = self._quantize(tensor.numpy(), entry, choice)
         # a weight in external data is memory-mapped: unmap it before the next one
         release = getattr(tensor, "release", None)
         if release is not None:
@@ -137,9 +168,10 @@ class Rounder:
         position = names.index(weight)
         return [self.tensors[name] for name in names[position : position + 2]]
 
-    def _quantize(self, array: np.ndarray, entry: BlockedWeight) -> BlockQuantized:
+    def _quantize(
+        self, array: np.ndarray, entry: BlockedWeight, choice: ScaleChoice | None
+    ) -> BlockQuantized:
         wt = array if entry.transposed else array.T  # (N, K), a view
-        choice = self.input_scales.get(entry.node)
         scales = choice.scales if choice is not None else None
         if scales is not None:
             wt = wt * scales[None, :]  # diag(s) W, read by an input divided by s

@@ -118,10 +118,6 @@ def quantize_int4(
         for entry in int4.weights
     }
     int8_grid = config.resolved_int4_kernel == "int8" and scheme.symmetric
-    choices: dict[str, ScaleChoice] = {}
-    if grams is not None and grams.held_samples:
-        with timed(timings, "input scales"):
-            choices = _input_scales(int4, tensors, inputs, grams, scheme, int8_grid)
     rounder = Rounder(
         tensors,
         block_size=scheme.block_size,
@@ -130,8 +126,18 @@ def quantize_int4(
         grams=grams,
         inputs=inputs,
         int8_grid=int8_grid,
-        input_scales=choices,
     )
+    kept: dict[str, np.ndarray] = {}
+    if grams is not None and grams.held_samples:
+        with timed(timings, "input scales"):
+            choices = _input_scales(int4, tensors, inputs, grams, scheme, int8_grid)
+            # a scale the search found is kept only where the layer's chosen rounding
+            # (GPTQ included) beats the same choice without it; that rounding is kept
+            # for the save (held as one code a byte: a quarter of the weight's float size)
+            entries = {entry.node: entry for entry in int4.weights}
+            for node, choice in choices.items():
+                if choice.scales is not None and rounder.settle_scale(entries[node], choice):
+                    kept[node] = choice.scales
     level = config.accuracy_level
     level = DEFAULT_ACCURACY_LEVEL if level is None else level
     with timed(timings, "rewrite"):
@@ -141,7 +147,7 @@ def quantize_int4(
             format=config.format.value,
             accuracy_level=level,
             kernel=config.resolved_int4_kernel or "nbits",
-            input_scales={n: c.scales for n, c in choices.items() if c.scales is not None},
+            input_scales=kept,
         )(prepared)
         DropIntermediateShapesPass()(prepared)
         prepared.producer_name = "qconvert"
