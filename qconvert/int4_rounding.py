@@ -243,11 +243,16 @@ class Rounder:
         ]
         median = float(np.median(gains)) if gains else 0.0
         scaled = sum(r.scaled for r in judged)
+        scaling = (
+            f"; AWQ-class input scaling (a Mul by 1/s before the layer) kept on {scaled} of "
+            "them"
+            if self.int8_grid
+            else ""
+        )
         return (
             f"Rounding chosen per weight by its layer's output error on "
             f"{self.grams.held_samples} held-out sample(s) (fitted on "
             f"{self.grams.fit_samples}): GPTQ on {counts['gptq']}, AWQ-class activation-"
             f"aware clipping on {counts['awq-clip']}, round-to-nearest on {counts['rtn']} "
-            f"of {len(judged)} (median {median:+.2f} dB against round-to-nearest); AWQ-class "
-            f"input scaling (a Mul by 1/s before the layer) kept on {scaled} of them."
+            f"of {len(judged)} (median {median:+.2f} dB against round-to-nearest){scaling}."
         )
