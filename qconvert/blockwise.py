@@ -233,16 +233,14 @@ def quantize_rtn(
 ) -> BlockQuantized:
     """Round-to-nearest blocked quantization of a weight given as (N, K).
 
-    With `units` (N,), symmetric only, the scales are snapped to the int8 grid (module
-    docstring) after any search.
-
     With `search`, each block's range is first shrunk by the factor of `SHRINK_GRID` that
     gives it the least squared error; with `importance` (K,), the error of each position
     along K weighs that much (an input's mean square on the data: AWQ's activation-aware
     clipping), and the search is implied. `wt` may be a strided view (a transposed,
-    memory-mapped weight): it is read a few rows at a time.
+    memory-mapped weight): it is read a few rows at a time. With `units` (N,), symmetric
+    only, the scales are snapped to the int8 grid (module docstring) after any search.
     """
-    if not search and importance is None:
+    if not search and importance is None and units is None:
         return _nearest(wt, block_size=block_size, bits=bits, symmetric=symmetric)
     n, k = wt.shape
     k_blocks = -(-k // block_size)
@@ -258,7 +256,11 @@ def quantize_rtn(
     for start in range(0, n, rows):
         end = min(start + rows, n)
         blocks = pad_blocks(np.asarray(wt[start:end], dtype=np.float32), block_size)
-        shrink = best_shrink(blocks, bits=bits, symmetric=symmetric, importance=weights)
+        shrink = (
+            best_shrink(blocks, bits=bits, symmetric=symmetric, importance=weights)
+            if search or importance is not None
+            else 1.0
+        )
         s, z = block_params(blocks, bits=bits, symmetric=symmetric, shrink=shrink)
         if units is not None:
             s = snap_scales(s, units[start:end])

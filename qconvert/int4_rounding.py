@@ -180,7 +180,9 @@ class Rounder:
             "bits": entry.bits,
             "symmetric": self.symmetric,
         }
-        if self.int8_grid and entry.op_type != "Gather" and entry.bits == 4:
+        # a tied output projection shares the table's codes, so keeps its plain scales
+        int8 = entry.op_type != "Gather" and entry.bits == 4 and entry.tied_to is None
+        if self.int8_grid and int8:
             options["units"] = column_units(wt)
         rtn = quantize_rtn(wt, search=self.search, **options)
         name = self.inputs.get(entry.node)

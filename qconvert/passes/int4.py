@@ -377,6 +377,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             and self.plan.scheme.symmetric
             and entry.op_type != "Gather"
             and entry.bits == 4
+            and entry.tied_to is None
         )
 
     def _int8_weight(
