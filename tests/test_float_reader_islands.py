@@ -25,6 +25,25 @@ C = 32
 SAMPLES = 64
 
 
+def _save_with_samples(nodes, inits, name: str, shape: list[int], tmp_path):
+    """Saves a one-input, one-output graph of `shape` with SAMPLES random samples."""
+    graph = h.make_graph(
+        nodes,
+        name,
+        [h.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        [h.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    return path
+
+
 def _chain(tmp_path, *, layers: int = 4, size: int = 8, outlier: float = 1.0):
     """`layers` 3x3 Convs of C channels with a Relu between them, named conv1, conv2, ...
 
@@ -56,21 +75,7 @@ def _chain(tmp_path, *, layers: int = 4, size: int = 8, outlier: float = 1.0):
             nodes.append(h.make_node("Relu", [conv_out], [f"r{i}"], name=f"relu{i}"))
             x = f"r{i}"
     shape = [1, C, size, size]
-    graph = h.make_graph(
-        nodes,
-        "chain",
-        [h.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [h.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-        inits,
-    )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    path = testing.save(model, tmp_path / "model.onnx")
-    testing.write_samples(
-        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
-    )
-    return path
+    return _save_with_samples(nodes, inits, "chain", shape, tmp_path)
 
 
 def _quantize(run_cli, tmp_path, path, *args):
@@ -145,21 +150,7 @@ def _residual(tmp_path):
         h.make_node("Add", ["c3", "c4"], ["output"], name="out"),
     ]
     shape = [1, C, 8, 8]
-    graph = h.make_graph(
-        nodes,
-        "residual",
-        [h.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [h.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-        inits,
-    )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    path = testing.save(model, tmp_path / "model.onnx")
-    testing.write_samples(
-        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
-    )
-    return path
+    return _save_with_samples(nodes, inits, "residual", shape, tmp_path)
 
 
 def test_an_add_read_by_an_excluded_conv_beside_a_quantized_one_is_planned_float(

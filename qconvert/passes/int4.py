@@ -219,14 +219,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             (rows, blocks, blob),
             lambda q: matmul_nbits_inputs(q)[0],
         )
-        scales = self._lazy(
-            graph,
-            names.fresh(f"{base}_scales"),
-            entry,
-            ir.DataType.FLOAT,
-            (rows * blocks,),
-            lambda q: q.scales.reshape(-1),
-        )
+        scales = self._flat_scales(graph, names, base, entry, rows * blocks)
         zero_points = None
         if not symmetric:
             zero_points = self._lazy(
@@ -238,6 +231,24 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
                 lambda q: matmul_nbits_inputs(q)[2],
             )
         return [codes, scales, zero_points]
+
+    def _flat_scales(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        base: str,
+        entry: BlockedWeight,
+        count: int,
+    ) -> ir.Value:
+        """MatMulNBits' scales: one float per block, flattened row by row."""
+        return self._lazy(
+            graph,
+            names.fresh(f"{base}_scales"),
+            entry,
+            ir.DataType.FLOAT,
+            (count,),
+            lambda q: q.scales.reshape(-1),
+        )
 
     def _shared_codes(
         self,
@@ -272,14 +283,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         rows, width = shape
         blocks = width // self.plan.scheme.block_size
         if entry.op_type != "Gather":
-            scales = self._lazy(
-                graph,
-                names.fresh(f"{table.weight}_scales"),
-                table,
-                ir.DataType.FLOAT,
-                (rows * blocks,),
-                lambda q: q.scales.reshape(-1),
-            )
+            scales = self._flat_scales(graph, names, table.weight, table, rows * blocks)
             own = (rows, width) if entry.transposed else (width, rows)
             self._matmul(graph, names, node, entry, [codes, scales, None], own)
             return
