@@ -228,13 +228,37 @@ def loop_matmul_relu(trips: int = 3, *, seed: int = 0) -> onnx.ModelProto:
 
     The weight `w` is a main-graph initializer the body reads from the outer scope.
     """
+    from onnx import helper
+
+    body = [
+        helper.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
+        helper.make_node("Relu", ["y"], ["x_out"], name="body_relu"),
+    ]
+    return _loop("loop_matmul_relu", body, trips, seed, {})
+
+
+def loop_matmul_scaled_sigmoid(trips: int = 2, *, seed: int = 0) -> onnx.ModelProto:
+    """A Loop of `trips` iterations, x = Sigmoid(0.5 * (x @ w)): a Mul the planner folds."""
+    from onnx import helper
+
+    body = [
+        helper.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
+        helper.make_node("Mul", ["y", "half"], ["z"], name="body_scale"),
+        helper.make_node("Sigmoid", ["z"], ["x_out"], name="body_sigmoid"),
+    ]
+    return _loop("loop_scaled", body, trips, seed, {"half": np.array(0.5, np.float32)})
+
+
+def _loop(
+    name: str, body_nodes: list, trips: int, seed: int, constants: dict[str, np.ndarray]
+) -> onnx.ModelProto:
+    """A Loop over `body_nodes` (x_in -> x_out on [N,8]) reading outer `w` and `constants`."""
     from onnx import TensorProto, helper
 
     weights = _weights(np.random.default_rng(seed), 8, 8, scale=0.3)
     body = helper.make_graph(
         [
-            helper.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
-            helper.make_node("Relu", ["y"], ["x_out"], name="body_relu"),
+            *body_nodes,
             helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
         ],
         "body",
@@ -250,12 +274,13 @@ def loop_matmul_relu(trips: int = 3, *, seed: int = 0) -> onnx.ModelProto:
     )
     graph = helper.make_graph(
         [helper.make_node("Loop", ["trips", "", "input"], ["output"], body=body, name="loop")],
-        "loop_matmul_relu",
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8])],
         [
             onnx.numpy_helper.from_array(weights, "w"),
             onnx.numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+            *(onnx.numpy_helper.from_array(v, k) for k, v in constants.items()),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

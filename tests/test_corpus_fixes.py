@@ -29,50 +29,10 @@ def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list:
     return make_session(source).run(None, feeds)
 
 
-def _loop_with_scaled_read() -> onnx.ModelProto:
-    """A Loop body computing Sigmoid(0.5 * (x @ w)): the Mul is folded into a scale."""
-    rng = np.random.default_rng(0)
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
-            helper.make_node("Mul", ["y", "half"], ["z"], name="body_scale"),
-            helper.make_node("Sigmoid", ["z"], ["x_out"], name="body_sigmoid"),
-            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["N", 8]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", 8]),
-        ],
-    )
-    graph = helper.make_graph(
-        [helper.make_node("Loop", ["trips", "", "input"], ["output"], body=body, name="loop")],
-        "loop_scaled",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8])],
-        [
-            numpy_helper.from_array(
-                (rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "w"
-            ),
-            numpy_helper.from_array(np.array(2, np.int64), "trips"),
-            numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def test_scaled_read_inside_a_loop_body_stays_in_the_body(tmp_path):
     # The DequantizeLinear that replaces a folded Mul went to the main graph, reading a
     # value of the body: the checker refused the written model (exit 4).
-    model = _loop_with_scaled_read()
+    model = testing.loop_matmul_scaled_sigmoid()
     path = testing.save(model, tmp_path / "loop.onnx")
     rng = np.random.default_rng(1)
     samples = [{"input": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(8)]
