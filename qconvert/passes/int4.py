@@ -360,13 +360,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
     ) -> None:
         """`Mul(x, 1/s)` before the node, which then reads it (AWQ-class scaling)."""
         inverse = (1.0 / scales).astype(np.float32)
-        value = ir.Value(
-            name=names.fresh(f"{node.name}_input_scale"),
-            shape=ir.Shape(inverse.shape),
-            type=ir.TensorType(ir.DataType.FLOAT),
-            const_value=ir.tensor(inverse),
-        )
-        graph.register_initializer(value)
+        value = add_initializer(graph, names.fresh(f"{node.name}_input_scale"), inverse)
         mul = ir.Node(
             "", "Mul", [node.inputs[0], value], name=names.fresh(f"{node.name}_scale")
         )
@@ -414,13 +408,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             lambda q: np.ascontiguousarray(q.multipliers().T[:, None, :]),
         )
         dims = np.array([blocks * size, n], dtype=np.int64)
-        target = ir.Value(
-            name=names.fresh(f"{base}_int8_shape"),
-            shape=ir.Shape(dims.shape),
-            type=ir.TensorType(ir.DataType.INT64),
-            const_value=ir.tensor(dims),
-        )
-        graph.register_initializer(target)
+        target = add_initializer(graph, names.fresh(f"{base}_int8_shape"), dims)
         steps = [
             ("Cast", [codes], [ir.AttrInt64("to", ir.DataType.INT32)]),
             ("Cast", [multipliers], [ir.AttrInt64("to", ir.DataType.INT32)]),
@@ -434,16 +422,9 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
                 np.array([k], np.int64),
                 np.array([0], np.int64),
             ]
-            consts = []
-            for array in bounds:
-                bound = ir.Value(
-                    name=names.fresh(f"{base}_slice"),
-                    shape=ir.Shape(array.shape),
-                    type=ir.TensorType(ir.DataType.INT64),
-                    const_value=ir.tensor(array),
-                )
-                graph.register_initializer(bound)
-                consts.append(bound)
+            consts = [
+                add_initializer(graph, names.fresh(f"{base}_slice"), array) for array in bounds
+            ]
             value = self._constant_op(
                 graph, names, base, "Slice", [value, *consts], [], before
             )
@@ -598,15 +579,7 @@ def _gemm_bias(
         return None, None
     beta = node.attributes.get_float("beta", 1.0)
     bias = (constant_array(old_bias).reshape(-1) * beta).astype(np.float32)
-    name = names.fresh(f"{entry.node}_bias")
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(bias.shape),
-        type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.tensor(bias, name=name),
-    )
-    graph.register_initializer(value)
-    return old_bias, value
+    return old_bias, add_initializer(graph, names.fresh(f"{entry.node}_bias"), bias)
 
 
 def _drop_unused(graph: ir.Graph, value: ir.Value | None) -> None:
