@@ -87,6 +87,34 @@ def output_rows(comparison) -> list[list[str]]:
     ]
 
 
+WEIGHT_RANGE_HEADER = [
+    "weight",
+    "channels",
+    "min range",
+    "median range",
+    "max range",
+    "spread",
+]
+
+
+def weight_range_rows(rows) -> list[list[str]]:
+    """The per-channel weight range table, columns as `WEIGHT_RANGE_HEADER`.
+
+    One definition for the Markdown and HTML renderings.
+    """
+    return [
+        [
+            row.tensor,
+            str(row.channels),
+            number(row.min_range),
+            number(row.median_range),
+            number(row.max_range),
+            number(row.spread),
+        ]
+        for row in rows
+    ]
+
+
 def comparison_rows(comparison, path: Callable[[str], str] = str) -> list[list[str]]:
     """The reference-vs-candidate table, rows of [what, reference, candidate, ratio].
 

@@ -406,20 +406,7 @@ def _weights(conversion: Conversion) -> str:
         "to the widest; orange marks the median. Per-channel scales absorb the spread; one "
         "scale per tensor would leave the narrow channels few integer levels.</p>"
     )
-    table = _table(
-        ["weight", "channels", "min range", "median range", "max range", "spread"],
-        [
-            [
-                row.tensor,
-                str(row.channels),
-                fmt.number(row.min_range),
-                fmt.number(row.median_range),
-                fmt.number(row.max_range),
-                fmt.number(row.spread),
-            ]
-            for row in rows
-        ],
-    )
+    table = _table(fmt.WEIGHT_RANGE_HEADER, fmt.weight_range_rows(rows))
     return chart + explain + _folded(table, len(rows), force=True, what="weights")
 
 

@@ -180,18 +180,8 @@ def _conversion_detail(conversion) -> list[str]:
         lines += _table(
             f"Per-channel weight ranges, widest spread first ({min(len(rows), TOP_ROWS)} of "
             f"{len(rows)})",
-            ["weight", "channels", "min range", "median range", "max range", "spread"],
-            [
-                [
-                    row.tensor,
-                    str(row.channels),
-                    fmt.number(row.min_range),
-                    fmt.number(row.median_range),
-                    fmt.number(row.max_range),
-                    fmt.number(row.spread),
-                ]
-                for row in rows[:TOP_ROWS]
-            ],
+            fmt.WEIGHT_RANGE_HEADER,
+            fmt.weight_range_rows(rows[:TOP_ROWS]),
         )
     return lines
 
