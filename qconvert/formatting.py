@@ -87,6 +87,33 @@ def output_rows(comparison) -> list[list[str]]:
     ]
 
 
+def conversion_rows(conversion, output) -> list[list[str]]:
+    """The conversion summary, rows of [what, value], written to `output`.
+
+    One definition for the terminal, Markdown and HTML renderings.
+    """
+    quantized = ", ".join(f"{op} x{n}" for op, n in conversion.quantized_ops.items())
+    rows = [
+        ["scheme / format", f"{conversion.scheme} / {conversion.format}"],
+        ["opset", f"{conversion.opset_before} -> {conversion.opset_after}"],
+        ["float size", size(conversion.float_bytes)],
+        ["quantized size", size(conversion.converted_bytes)],
+        ["size ratio", f"{conversion.size_ratio:.1%}"],
+        ["calibration samples", str(conversion.calibration_samples)],
+        ["quantized nodes", quantized or "none"],
+    ]
+    if conversion.range_methods:
+        rows.append(["ranges (auto)", conversion.range_summary])
+    if conversion.folded_clamps:
+        rows.append(["clamps folded", str(len(conversion.folded_clamps))])
+    rows.append(["nodes left float", str(len(conversion.float_nodes))])
+    if conversion.fusion_audit is not None:
+        rows.append(["integer kernels (onnxruntime)", kernels(conversion.fusion_audit)])
+        rows.append(["float islands", islands(conversion.fusion_audit)])
+    rows.append(["written to", str(output)])
+    return rows
+
+
 WEIGHT_RANGE_HEADER = [
     "weight",
     "channels",

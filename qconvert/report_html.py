@@ -140,20 +140,7 @@ def _summary(report: Report) -> str:
 
 
 def _conversion(report: Report, conversion: Conversion) -> str:
-    rows = [
-        ["scheme / format", f"{conversion.scheme} / {conversion.format}"],
-        ["opset", f"{conversion.opset_before} -> {conversion.opset_after}"],
-        ["float size", fmt.size(conversion.float_bytes)],
-        ["quantized size", fmt.size(conversion.converted_bytes)],
-        ["size ratio", fmt.ratio(conversion.size_ratio)],
-        ["calibration samples", str(conversion.calibration_samples)],
-        [
-            "quantized nodes",
-            ", ".join(f"{op} x{n}" for op, n in conversion.quantized_ops.items()) or "none",
-        ],
-        ["nodes left float", str(len(conversion.float_nodes))],
-        ["written to", str(report.output)],
-    ]
+    rows = fmt.conversion_rows(conversion, report.output)
     body = _table(["", "value"], rows)
     if report.comparison is None:
         body += svg.bars(

@@ -31,37 +31,7 @@ def render_markdown(report: Report) -> str:
         lines += _table(
             "Conversion",
             ["", "value"],
-            [
-                ["scheme / format", f"{conversion.scheme} / {conversion.format}"],
-                ["opset", f"{conversion.opset_before} -> {conversion.opset_after}"],
-                ["float size", fmt.size(conversion.float_bytes)],
-                ["quantized size", fmt.size(conversion.converted_bytes)],
-                ["size ratio", fmt.ratio(conversion.size_ratio)],
-                ["calibration samples", str(conversion.calibration_samples)],
-                [
-                    "quantized nodes",
-                    ", ".join(f"{op} x{n}" for op, n in conversion.quantized_ops.items())
-                    or "none",
-                ],
-                ["nodes left float", str(len(conversion.float_nodes))],
-                *(
-                    [["ranges (auto)", conversion.range_summary]]
-                    if conversion.range_methods
-                    else []
-                ),
-                *(
-                    [
-                        [
-                            "integer kernels (onnxruntime)",
-                            fmt.kernels(conversion.fusion_audit),
-                        ],
-                        ["float islands", fmt.islands(conversion.fusion_audit)],
-                    ]
-                    if conversion.fusion_audit is not None
-                    else []
-                ),
-                ["written to", str(report.output)],
-            ],
+            fmt.conversion_rows(conversion, report.output),
         )
         if conversion.fusion_audit is not None and conversion.fusion_audit.islands:
             lines += _table(

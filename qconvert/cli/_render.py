@@ -23,24 +23,9 @@ def report(result: Report) -> None:
         table = Table(title=f"qconvert {result.command}: {result.model}", title_justify="left")
         table.add_column("")
         table.add_column("value", justify="right")
-        table.add_row("scheme / format", f"{conversion.scheme} / {conversion.format}")
-        table.add_row("opset", f"{conversion.opset_before} -> {conversion.opset_after}")
-        table.add_row("float size", _bytes(conversion.float_bytes))
-        table.add_row("quantized size", _bytes(conversion.converted_bytes))
-        table.add_row("size ratio", f"{conversion.size_ratio:.1%}")
-        table.add_row("calibration samples", str(conversion.calibration_samples))
-        quantized = ", ".join(f"{op} x{n}" for op, n in conversion.quantized_ops.items())
-        table.add_row("quantized nodes", quantized or "none")
-        if conversion.range_methods:
-            table.add_row("ranges (auto)", conversion.range_summary)
-        if conversion.folded_clamps:
-            table.add_row("clamps folded", str(len(conversion.folded_clamps)))
-        table.add_row("nodes left float", str(len(conversion.float_nodes)))
+        for what, value in fmt.conversion_rows(conversion, result.output):
+            table.add_row(what, value)
         audit = conversion.fusion_audit
-        if audit is not None:
-            table.add_row("integer kernels (onnxruntime)", fmt.kernels(audit))
-            table.add_row("float islands", fmt.islands(audit))
-        table.add_row("written to", str(result.output))
         stdout.print(table)
         if audit is not None and audit.islands:
             islands = Table(
@@ -135,7 +120,7 @@ def summary(path: Path, info: ModelSummary) -> None:
     stdout.print(table)
     opsets = ", ".join(f"{domain} {version}" for domain, version in info.opsets.items())
     stdout.print(f"opsets: {opsets}")
-    stdout.print(f"parameters: {info.parameters:,} ({_bytes(info.parameter_bytes)})")
+    stdout.print(f"parameters: {info.parameters:,} ({fmt.size(info.parameter_bytes)})")
     ops = Table(title="Ops", title_justify="left")
     ops.add_column("op")
     ops.add_column("count", justify="right")
@@ -144,11 +129,3 @@ def summary(path: Path, info: ModelSummary) -> None:
     stdout.print(ops)
     names = ", ".join(info.quantizable_nodes) or "none"
     stdout.print(f"int8 would quantize {len(info.quantizable_nodes)} nodes: {names}")
-
-
-def _bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
