@@ -184,6 +184,13 @@ def fit_weight_scale_to_bias(
        bias scale can be coarser than the bias itself, which then rounds to 0. Any scale
        represents zero weights exactly, so such channels take the finest scale the bias
        allows, |b| / (input scale x BIAS_LIMIT).
+    3. A weight scale so small that input scale x weight scale falls below the smallest
+       normal float32 (a dead channel of denormal weights and a denormal bias, as weight
+       decay leaves them) has no bias scale: `bias_qparams` would store 1.0 there, and
+       onnxruntime fuses a Conv or Gemm into its integer kernel only when the bias scale is
+       input scale x weight scale, so the layer ran in float between its Q/DQ (4 Convs of
+       PP-OCRv4's recognizer). Such channels are raised to the smallest weight scale whose
+       product is normal: every weight that small still rounds to 0.
 
     Returns `weight` itself when nothing needs to change.
     """
@@ -200,12 +207,24 @@ def fit_weight_scale_to_bias(
         zero_weights = np.all(stored_zero, axis=other_axes)
     current = weight.scale.astype(np.float64)
     scale = np.where(zero_weights & (needed > 0), needed, np.maximum(current, needed))
-    scale = np.maximum(scale, _TINY)  # a denormal bias must not make the scale 0
+    scale = np.maximum(scale, _product_floor(input_scale))
     if np.array_equal(scale, current):
         return weight
     return QParams(
         scale=scale.astype(np.float32), zero_point=weight.zero_point, axis=weight.axis
     )
+
+
+def _product_floor(input_scale: np.ndarray) -> np.float32:
+    """The smallest float32 weight scale whose product with `input_scale` is normal.
+
+    Normal in float32, and the floor is itself no smaller than the smallest normal float.
+    """
+    factor = np.float32(np.asarray(input_scale).reshape(()))
+    floor = np.float32(max(_TINY, _TINY / float(factor)))
+    while factor * floor < _TINY:
+        floor = np.nextafter(floor, np.float32(np.inf))
+    return floor
 
 
 def _broadcast_shape(qparams: QParams, ndim: int) -> tuple[int, ...]:
