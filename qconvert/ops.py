@@ -198,6 +198,12 @@ FLOAT_REASONS: dict[str, str] = {
 """Ops the static schemes leave float on purpose, each with the reason the report gives.
 Any op in none of these tables stays float as 'not in the op table'."""
 
+FLOAT_RUN_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
+"""Float ops with weights and no integer kernel in onnxruntime's static schemes, by the
+inputs that hold their weights: the recurrent layers' W and R, laid out [directions,
+gates x hidden, input or hidden]. The static schemes still store those as int8 (one
+scale per row, axis 1), dequantized once when the model loads (`passes/load_dequantize`)."""
+
 
 def float_reason(node: ir.Node) -> str:
     """Why the static schemes leave a node float when no rule quantizes it."""

@@ -103,6 +103,7 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
                 self._decide(node, False, ops.float_reason(node))
         self._plan_subgraph_weights()
         self._plan_tables_of_float_adds()
+        self._plan_weights_of_float_ops()
         self.float_readers.update(self._readers_of_float_values())
         # onnxruntime quantizes the float weights of any Conv, ConvTranspose or Gemm whose
         # first input comes from a DequantizeLinear (its WeightBiasQuantization step): a

@@ -2,7 +2,8 @@
 
 Weights per channel (or per tensor) in the weight type, biases as int32 at input scale x
 weight scale, a MatMul's bias Add taken in as one layer with it, the int8-stored weights
-of layers that compute in float, and the weights of float nodes inside If/Loop/Scan.
+of layers that compute in float (recurrent layers among them), and the weights of float
+nodes inside If/Loop/Scan.
 """
 
 from __future__ import annotations
@@ -222,3 +223,67 @@ class WeightRules(PlannerState):
             self._decide(holder, False, reason)
             if quantized or stored:
                 self.notes.append(f"{holder.name}: {reason}.")
+
+    def _plan_weights_of_float_ops(self) -> None:
+        """Stores the W and R of recurrent layers (`ops.FLOAT_RUN_WEIGHTS`) as int8, per row.
+
+        onnxruntime has no static integer LSTM, GRU or RNN, so they compute in float; their
+        weights are still stored as int8 and read through Mul(Cast(W_q), scale), which
+        onnxruntime folds into a float initializer when it loads the model: a quarter of
+        the bytes, no cost at run time (silero_vad's LSTM held 42% of its float file).
+
+        One scale per row (axis 1, per tensor under --per-tensor): a row holds the weights
+        of one gate unit, whose dot product with the input (or hidden state) is one
+        pre-activation, as an output channel's is in a Conv. A bidirectional layer shares
+        each row's scale between its two directions (one axis per tensor). Rounding is to
+        nearest on [-127, 127]: the weights run in float, so no range is kept free for an
+        integer kernel. A node the user leaves float (--exclude, an override) keeps its
+        weights float as well.
+        """
+        for node in self._nodes():
+            indices = ops.FLOAT_RUN_WEIGHTS.get(node.op_type)
+            decision = self.nodes.get(node.name or "")
+            if (
+                indices is None
+                or node.domain not in ("", "ai.onnx")
+                or decision is None
+                or decision.quantized
+                or self._skip_reason(node) is not None
+            ):
+                continue
+            stored = 0
+            for index in indices:
+                value = node.inputs[index] if index < len(node.inputs) else None
+                weights = constant_array(value)
+                if (
+                    weights is None
+                    or weights.dtype != np.float32
+                    or weights.ndim != 3
+                    or not value.is_initializer()
+                    or value.name in self.tensors
+                    or self._overridden_float(value)
+                ):
+                    continue
+                axis = 1 if self.scheme.per_channel else None
+                params = qparams.weight_qparams(
+                    weights,
+                    self.overrides.tensor_dtype(value.name or "") or self.scheme.weight_dtype,
+                    axis=axis,
+                    symmetric=True,
+                )
+                granularity = "one scale per row" if axis is not None else "per tensor"
+                self.tensors[value.name] = TensorDecision(
+                    value.name,
+                    Role.WEIGHT,
+                    params,
+                    f"weight of {node.name}, which computes in float: stored as int8, "
+                    f"{granularity}, dequantized when the model loads",
+                )
+                stored += 1
+            if stored:
+                self._decide(
+                    node,
+                    False,
+                    f"{decision.reason}; its {stored} weight tensor(s) stored as int8 "
+                    "(dequantized when the model loads: int8-stored, float-run)",
+                )
