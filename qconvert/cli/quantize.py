@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 SCHEME_HELP = (
     "int8: uint8 activations calibrated on --data, int8 weights, int32 bias (fastest on "
-    "CPU). 16x8: int16 activations, int8 weights, opset 21; closer to float than int8, "
+    "CPU; LSTM, GRU and RNN run in float from int8-stored weights). 16x8: int16 "
+    "activations, int8 weights, opset 21; closer to float than int8, "
     "but onnxruntime has no int16 kernels on CPU, so it runs SLOWER than float there. "
     "int8-dynamic: int8 MatMul/Gemm weights, activations quantized at run time, no data "
     "needed (transformers; LSTM too; Conv stays float). fp16: float16 weights and compute, "
