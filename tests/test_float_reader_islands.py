@@ -171,3 +171,68 @@ def test_an_add_read_by_an_excluded_conv_beside_a_quantized_one_is_planned_float
     assert audit["integer_kernels"].get("QLinearConv", 0) >= 1, audit
     feeds = [testing.random_inputs(onnx.load(path), seed=100 + i) for i in range(8)]
     assert testing.output_sqnr(path, out, feeds) > 25.0
+
+
+def _excluded_add(tmp_path, *, then: str):
+    """conv1 -> relu1 -> conv2; add = conv2 + relu1 (the node to exclude), then `then`:
+    a HardSwish (float: no integer kernel) before conv3, or conv3 directly."""
+    rng = np.random.default_rng(2)
+    inits = [
+        nh.from_array(
+            (rng.standard_normal((C, C, 3, 3)) * np.sqrt(2.0 / (C * 9))).astype(np.float32),
+            f"w{i}",
+        )
+        for i in (1, 2, 3)
+    ]
+
+    def conv(i, x, out):
+        return h.make_node("Conv", [x, f"w{i}"], [out], name=f"conv{i}", pads=[1] * 4)
+
+    nodes = [
+        conv(1, "input", "c1"),
+        h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv(2, "r1", "c2"),
+        h.make_node("Add", ["c2", "r1"], ["sum"], name="add"),
+    ]
+    if then == "hardswish":
+        nodes.append(h.make_node("HardSwish", ["sum"], ["act"], name="hswish"))
+        nodes.append(conv(3, "act", "output"))
+    else:
+        nodes.append(conv(3, "sum", "output"))
+    return _save_with_samples(nodes, inits, "excluded_add", [1, C, 8, 8], tmp_path)
+
+
+def test_an_excluded_add_before_a_float_op_leaves_its_producers_integer(tmp_path, run_cli):
+    # Nothing quantizes the Add's output, so onnxruntime cannot fuse it: it reads the
+    # dequantized outputs of conv2 and relu1, and both Convs keep their integer kernels.
+    path = _excluded_add(tmp_path, then="hardswish")
+    result, out, report = _quantize(run_cli, tmp_path, path, "--recipe", "fast",
+                                    "--exclude", "add")  # fmt: skip
+    assert result.code == 0, result.err
+    nodes = _nodes(report)
+    assert nodes["add"]["precision"] == "float"
+    assert nodes["conv1"]["precision"] == nodes["conv2"]["precision"] == "int8"
+    audit = report["conversion"]["fusion_audit"]
+    assert audit["unplanned_islands"] == 0, audit
+    optimized = testing.optimized_ops(out, tmp_path)
+    assert optimized["QLinearConv"] == 2, optimized
+    assert optimized["Add"] == 1 and "QLinearAdd" not in optimized, optimized
+    feeds = [testing.random_inputs(onnx.load(path), seed=100 + i) for i in range(8)]
+    assert testing.output_sqnr(path, out, feeds) > 25.0
+
+
+def test_an_excluded_add_before_a_quantized_conv_stays_float(tmp_path, run_cli):
+    # conv3 quantizes the Add's output: an Add reading DequantizeLinear nodes would become
+    # a QLinearAdd, the exclusion lost. It reads the float tensors, so its producers
+    # compute in float too.
+    path = _excluded_add(tmp_path, then="conv")
+    result, out, report = _quantize(run_cli, tmp_path, path, "--recipe", "fast",
+                                    "--exclude", "add")  # fmt: skip
+    assert result.code == 0, result.err
+    nodes = _nodes(report)
+    assert nodes["add"]["precision"] == "float"
+    assert nodes["conv2"]["precision"] == "float"
+    # onnxruntime adds it inside the float conv2 (a Conv with a sum input), in float.
+    optimized = testing.optimized_ops(out, tmp_path)
+    assert "QLinearAdd" not in optimized and optimized["Conv"] == 3, optimized
+    assert report["conversion"]["fusion_audit"]["unplanned_islands"] == 0

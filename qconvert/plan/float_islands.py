@@ -162,7 +162,9 @@ class FloatIslandRules(PlannerState):
         if value.is_graph_output():
             return False
         for reader in value.consumers():
-            if self._skip_reason(reader) is not None or reader.name in self.mixed:
+            if reader.name in self.mixed:
+                return True
+            if self._skip_reason(reader) is not None and not self._reads_dequantized(reader):
                 return True
             if (
                 reader.op_type in ops.CLAMPS
@@ -171,6 +173,26 @@ class FloatIslandRules(PlannerState):
             ):
                 return True
         return False
+
+    def _reads_dequantized(self, node: ir.Node) -> bool:
+        """Whether `node`, left float, reads its quantized inputs through DequantizeLinear.
+
+        onnxruntime requantizes a float Conv, ConvTranspose or Gemm that reads a
+        DequantizeLinear (`ops.REQUANTIZED_OPS`), and fuses any other op into an integer
+        kernel where a QuantizeLinear reads its output (an excluded Add would become a
+        QLinearAdd). An op of neither kind whose output no quantized op reads (an excluded
+        Add before a HardSwish, a LayerNormalization or a graph output) stays float on the
+        dequantized values: reading them, it leaves the layers before it their integer
+        kernels, which reading the float tensors would have planned float as well. On
+        Conv -> Relu -> Conv, with the Add of both outputs excluded before a HardSwish
+        (32 channels, 28x28, one thread, median of 300 runs): 0.49 ms at 32.7 dB, against
+        0.66 ms at 35.4 dB with both Convs planned float (float: 0.60 ms).
+        """
+        return (
+            node.op_type not in ops.REQUANTIZED_OPS
+            and bool(node.outputs)
+            and not any(self._feeds_quantized(output) for output in node.outputs)
+        )
 
     def _float_readers_only(self, node: ir.Node, rule: ops.QuantizedOpRule) -> bool:
         """Whether `node`, a layer with constant weights, has a reader that reads in float.

@@ -87,7 +87,10 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
                 continue  # a clamp already folded into its producer
             skip = self._skip_reason(node)
             rule = ops.quantized_rule(node)
-            if skip is not None or node.name in self.mixed:
+            # A node left float reads the float tensors, unless it can read them dequantized.
+            if node.name in self.mixed or (
+                skip is not None and not self._reads_dequantized(node)
+            ):
                 self.float_readers.add(node.name or "")
             if skip is not None:
                 self._decide(node, False, skip)
