@@ -11,9 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qconvert
-from qconvert import testing
+from qconvert import int4_grams, testing
 from qconvert.config import QuantizeConfig
 from qconvert.errors import VerificationError
+from qconvert.int4_grams import GroupedGrams
+from qconvert.int4_rounding import Grams
 from qconvert.streaming import Lookahead
 from qconvert.verify import verify_loads
 
@@ -157,3 +159,57 @@ def test_verify_loads_passes_a_written_int4_model(tmp_path):
     out = tmp_path / "mlp.int4.onnx"
     qconvert.quantize(path, out, config=QuantizeConfig(scheme="int4", block_size=32))
     verify_loads(str(out))
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_gram_matrices_measured_a_group_at_a_time_give_the_same_model(tmp_path, monkeypatch):
+    path = testing.save(_mlp(), tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(8)]
+    data = testing.write_samples(tmp_path / "calib", samples)
+    config = QuantizeConfig(scheme="int4", block_size=32)
+    whole = qconvert.quantize(path, tmp_path / "whole.onnx", data=data, config=config)
+    # the budget of the widest input alone: x (64), r0 (96) and h1 (32) one pass each
+    monkeypatch.setattr(int4_grams, "GRAM_BYTES", int4_grams.gram_bytes(96))
+    grouped = qconvert.quantize(path, tmp_path / "grouped.onnx", data=data, config=config)
+    expected, written = _inits(tmp_path / "whole.onnx"), _inits(tmp_path / "grouped.onnx")
+    assert expected.keys() == written.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(array, written[name])
+    note = "Layer-input Gram matrices measured a group at a time: 3 float passes"
+    assert any(note in n for n in grouped.conversion.notes)
+    assert not any(note[:40] in n for n in whole.conversion.notes)
+    rounding = [n for n in grouped.conversion.notes if n.startswith("Rounding chosen")]
+    assert rounding == [n for n in whole.conversion.notes if n.startswith("Rounding chosen")]
+    assert "2 held-out sample(s) (fitted on 6)" in rounding[0]
+
+
+def test_grouped_grams_hold_one_group_at_a_time_and_measure_each_when_first_read():
+    widths = {"a": 64, "b": 48, "c": 32}
+    measured: list[list[str]] = []
+
+    def measure(group):
+        measured.append(list(group))
+        grams = Grams(fit_samples=6, held_samples=2)
+        for name, k in group.items():
+            grams.fit[name] = np.full((k, k), 1.0)
+            grams.held[name] = np.full((k, k), 2.0)
+        return grams
+
+    budget = int4_grams.gram_bytes(64)
+    grams = GroupedGrams(measure, widths, samples=8, budget=budget)
+    assert grams.groups == [["a"], ["b", "c"]]  # 48^2 + 32^2 fit beside each other
+    assert (grams.fit_samples, grams.held_samples) == (6, 2)
+    assert measured == []  # nothing measured until read
+    assert grams.fit["a"].shape == (64, 64)
+    assert grams.held["a"][0, 0] == 2.0
+    assert grams.fit.get("b").shape == (48, 48)
+    assert "c" in grams.held
+    assert measured == [["a"], ["b", "c"]]
+    assert grams.peak_bytes <= budget
+    grams.fit["a"]  # read again after its group was dropped: measured again
+    assert grams.passes == 3
