@@ -38,6 +38,11 @@ from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 
 _HASH_CHUNK = 1 << 20
 PROTOBUF_LIMIT = 2**31 - 1
+INLINE_WEIGHTS_LIMIT = PROTOBUF_LIMIT
+"""The most bytes of external weights a model to calibrate is read into memory with: past
+it they stay in its data files, and the stages that hand onnxruntime the model as one
+protobuf (which cannot pass 2 GB) hand it the graph with references into those files
+instead (`runtime.external_weights`)."""
 OLDEST_OPSET = 7
 """onnxruntime runs ai.onnx opset 7 and later; older models are upgraded to it (and to the
 scheme's opset) with the ONNX version converter before onnxruntime sees them."""
@@ -48,11 +53,13 @@ def load_model(
     limits: LoadLimits = DEFAULT_LIMITS,
     *,
     keep_external: bool = False,
+    keep_external_past: int | None = None,
 ) -> ir.Model:
     """Reads and checks the model at `path` (see the module docstring for the checks).
 
     With `keep_external`, weights in external data stay on disk, read (memory-mapped) only
-    when a pass asks for them: models past 2 GB are converted tensor by tensor.
+    when a pass asks for them: models past 2 GB are converted tensor by tensor. With
+    `keep_external_past`, they stay there only when they declare more bytes than that.
 
     Raises:
         ModelLoadError: the file is missing, is not an ONNX model, is truncated, refers to
@@ -88,6 +95,8 @@ def load_model(
         raise ModelLoadError(
             f"Model file '{path}' fails the ONNX checker: {_first_line(exc)}"
         ) from None
+    if keep_external_past is not None:
+        keep_external = keep_external or _external_bytes(proto) > keep_external_past
     try:
         model = ir.load(path)
         if keep_external:
@@ -290,6 +299,15 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for subgraph in attribute.graphs:
                     yield from _all_tensors(subgraph)
+
+
+def _external_bytes(proto: onnx.ModelProto) -> int:
+    """The bytes the model's tensors in external data files declare."""
+    return sum(
+        math.prod(tensor.dims) * _ELEMENT_BYTES.get(tensor.data_type, 8)
+        for tensor in _all_tensors(proto.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+    )
 
 
 def _check_tensor_size(path: Path, tensor: onnx.TensorProto, limits: LoadLimits) -> None:
