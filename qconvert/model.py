@@ -95,11 +95,11 @@ def load_model(
         raise ModelLoadError(
             f"Model file '{path}' fails the ONNX checker: {_first_line(exc)}"
         ) from None
-    if keep_external_past is not None:
-        keep_external = keep_external or _external_bytes(proto) > keep_external_past
     try:
         model = ir.load(path)
-        if keep_external:
+        if keep_external or (
+            keep_external_past is not None and _external_bytes(model) > keep_external_past
+        ):
             return model
         # Weights are held in memory from here on, so the model can be handed to
         # onnxruntime as bytes and saved anywhere without dangling file references.
@@ -301,12 +301,12 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                     yield from _all_tensors(subgraph)
 
 
-def _external_bytes(proto: onnx.ModelProto) -> int:
-    """The bytes the model's tensors in external data files declare."""
+def _external_bytes(model: ir.Model) -> int:
+    """The bytes of the model's initializers in external data files (none of them read)."""
     return sum(
-        math.prod(tensor.dims) * _ELEMENT_BYTES.get(tensor.data_type, 8)
-        for tensor in _all_tensors(proto.graph)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        value.const_value.nbytes
+        for value in model.graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
     )
 
 
