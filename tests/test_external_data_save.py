@@ -102,14 +102,18 @@ def _spy_kept_external(monkeypatch) -> list[bool]:
     return kept
 
 
-@pytest.mark.parametrize("recipe", ["fast", "default"])
+@pytest.mark.parametrize(
+    ("scheme", "recipe"),
+    [("int8", "fast"), ("int8", "default"), ("16x8", "fast"), ("fp16", "fast")],
+)
 def test_static_scheme_past_the_inline_limit_calibrates_from_references(
-    external_cnn, tmp_path, monkeypatch, recipe
+    external_cnn, tmp_path, monkeypatch, scheme, recipe
 ):
     # With the limit lowered below this model's weights, it takes the path a > 2 GB model
     # takes: its weights stay in its data file, and every session onnxruntime makes from
-    # the model's bytes (calibration, the recipe's scoring, AdaRound, bias correction)
-    # maps them from there. The model written is the one the in-memory path writes.
+    # the model's bytes (calibration, the recipe's scoring, AdaRound, bias correction,
+    # fp16's range pass) maps them from there. The model written is the one the in-memory
+    # path writes.
     from qconvert import model as model_io
 
     hashes = {}
@@ -119,7 +123,13 @@ def test_static_scheme_past_the_inline_limit_calibrates_from_references(
         folder = tmp_path / name
         folder.mkdir()
         out = folder / "q.onnx"
-        qconvert.quantize(external_cnn, out, data=tmp_path / "calib", recipe=recipe)
+        qconvert.quantize(
+            external_cnn,
+            out,
+            data=tmp_path / "calib",
+            recipe=recipe,
+            config=QuantizeConfig(scheme=scheme),
+        )
         monkeypatch.undo()
         assert kept[0] is (name == "kept")
         hashes[name] = (sha256(out), sha256(folder / "q.onnx.data"))

@@ -260,8 +260,13 @@ def load(state: QuantizeState) -> QuantizeState:
     request, config, scheme = state.request, state.config, state.scheme
     model, data, limits, images = request.model, request.data, request.limits, request.images
     calibrating = scheme.needs_calibration and data is not None
+    # fp16 measures the magnitudes tensors reach when data is given, to keep float32
+    # the nodes whose values would overflow float16.
+    measuring = (
+        isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
+    )
     # past the limit, weights stay on disk for sessions to map (`runtime.external_weights`)
-    inline = model_io.INLINE_WEIGHTS_LIMIT if calibrating else None
+    inline = model_io.INLINE_WEIGHTS_LIMIT if calibrating or measuring else None
     float_model = model_io.load_model(model, limits, keep_external_past=inline)
     model_io.check_convertible(float_model, model)
     model_io.fix_input_shapes(float_model, config.input_shapes)
@@ -275,11 +280,6 @@ def load(state: QuantizeState) -> QuantizeState:
         )
     external = model_io.uses_external_data(model)
     specs = input_specs(float_model)
-    # fp16 measures the magnitudes tensors reach when data is given, to keep float32
-    # the nodes whose values would overflow float16.
-    measuring = (
-        isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
-    )
     source = (
         DirectorySource(data, specs, images=images, limits=limits)
         if calibrating or measuring
