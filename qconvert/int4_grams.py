@@ -75,6 +75,11 @@ class GroupedGrams:
         self.peak_bytes = 0
         self.total_bytes = sum(gram_bytes(k) for k in self._widths.values())
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every input, in the order their weights are quantized."""
+        return tuple(self._widths)
+
     def matrices(self, name: str, side: str) -> dict[str, np.ndarray]:
         """The fit or held-out matrices of the group holding `name` (measured if need be)."""
         index = self._group_of.get(name)
@@ -104,7 +109,7 @@ class _Side(Mapping[str, np.ndarray]):
         return isinstance(name, str) and name in self._owner.matrices(name, self._side)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._owner._widths)
+        return iter(self._owner.names)
 
     def __len__(self) -> int:
-        return len(self._owner._widths)
+        return len(self._owner.names)
