@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -39,6 +40,23 @@ class Grams:
     held: dict[str, np.ndarray] = field(default_factory=dict)
     fit_samples: int = 0
     held_samples: int = 0
+
+
+class GramSource(Protocol):
+    """What the rounding reads of the Gram matrices: `Grams`, or `int4_grams.GroupedGrams`."""
+
+    fit: Mapping[str, np.ndarray]
+    held: Mapping[str, np.ndarray]
+    fit_samples: int
+    held_samples: int
+
+
+def split_counts(samples: int) -> tuple[int, int]:
+    """(fitting, held-out) sample counts, as `accumulate_grams` splits `samples` runs."""
+    if samples < MIN_SAMPLES_TO_HOLD_OUT:
+        return samples, 0
+    held = samples // HOLD_OUT_EVERY
+    return samples - held, held
 
 
 def accumulate_grams(
@@ -90,7 +108,8 @@ class Rounder:
         tensors: the float weights by initializer name (read, then released).
         block_size, symmetric: the scheme's blocks.
         search: shrink each block's range to its least squared error.
-        grams: the layer inputs' Gram matrices, or None without data.
+        grams: the layer inputs' Gram matrices (`Grams`, or measured a group at a time:
+            `int4_grams`), or None without data.
         inputs: per planned node, the name of its input tensor (the key into `grams`).
         int8_grid: MatMul/Gemm weights of 4 bits get scales on the int8 grid
             (`blockwise`), for the int8 kernel; every candidate rounding keeps to it.
@@ -105,7 +124,7 @@ class Rounder:
         block_size: int,
         symmetric: bool,
         search: bool,
-        grams: Grams | None = None,
+        grams: GramSource | None = None,
         inputs: Mapping[str, str] | None = None,
         int8_grid: bool = False,
         input_scales: Mapping[str, ScaleChoice] | None = None,

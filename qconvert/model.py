@@ -38,6 +38,11 @@ from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 
 _HASH_CHUNK = 1 << 20
 PROTOBUF_LIMIT = 2**31 - 1
+INLINE_WEIGHTS_LIMIT = PROTOBUF_LIMIT
+"""The most bytes of external weights a model to calibrate is read into memory with: past
+it they stay in its data files, and the stages that hand onnxruntime the model as one
+protobuf (which cannot pass 2 GB) hand it the graph with references into those files
+instead (`runtime.external_weights`)."""
 OLDEST_OPSET = 7
 """onnxruntime runs ai.onnx opset 7 and later; older models are upgraded to it (and to the
 scheme's opset) with the ONNX version converter before onnxruntime sees them."""
@@ -48,11 +53,13 @@ def load_model(
     limits: LoadLimits = DEFAULT_LIMITS,
     *,
     keep_external: bool = False,
+    keep_external_past: int | None = None,
 ) -> ir.Model:
     """Reads and checks the model at `path` (see the module docstring for the checks).
 
     With `keep_external`, weights in external data stay on disk, read (memory-mapped) only
-    when a pass asks for them: models past 2 GB are converted tensor by tensor.
+    when a pass asks for them: models past 2 GB are converted tensor by tensor. With
+    `keep_external_past`, they stay there only when they declare more bytes than that.
 
     Raises:
         ModelLoadError: the file is missing, is not an ONNX model, is truncated, refers to
@@ -90,7 +97,9 @@ def load_model(
         ) from None
     try:
         model = ir.load(path)
-        if keep_external:
+        if keep_external or (
+            keep_external_past is not None and _external_bytes(model) > keep_external_past
+        ):
             return model
         # Weights are held in memory from here on, so the model can be handed to
         # onnxruntime as bytes and saved anywhere without dangling file references.
@@ -290,6 +299,15 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for subgraph in attribute.graphs:
                     yield from _all_tensors(subgraph)
+
+
+def _external_bytes(model: ir.Model) -> int:
+    """The bytes of the model's initializers in external data files (none of them read)."""
+    return sum(
+        value.const_value.nbytes
+        for value in model.graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    )
 
 
 def _check_tensor_size(path: Path, tensor: onnx.TensorProto, limits: LoadLimits) -> None:

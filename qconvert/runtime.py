@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import onnxruntime as ort
@@ -21,6 +22,33 @@ PROVIDERS = {
     "dml": "DmlExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
 }
+
+
+_weights_folder: Path | None = None
+
+
+@contextlib.contextmanager
+def external_weights(folder: str | Path | None) -> Iterator[None]:
+    """Within it, a session made from a model's bytes reads external weights from `folder`.
+
+    A model past 2 GB keeps its weights in its external data files (`model.load_model`):
+    serialized, it is its graph and references into those files, which onnxruntime resolves
+    against this folder. The stages that hand onnxruntime a model as bytes (calibration,
+    the recipe's scoring, sensitivity, AdaRound's and bias correction's float passes) then
+    work on it unchanged. A model whose tensors are all in memory is unaffected.
+    """
+    global _weights_folder
+    previous = _weights_folder
+    _weights_folder = Path(folder) if folder is not None else None
+    try:
+        yield
+    finally:
+        _weights_folder = previous
+
+
+def weights_folder() -> Path | None:
+    """The folder `external_weights` set, for work handed to other processes."""
+    return _weights_folder
 
 
 def make_session(
@@ -61,6 +89,8 @@ def make_session(
         options.add_session_config_entry(key, value)
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if external_folder is None and isinstance(model, bytes):
+        external_folder = _weights_folder
     if external_folder is not None:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(external_folder)

@@ -119,6 +119,38 @@ def _plain_session(model: bytes | str):
         ) from None
 
 
+def verify_loads(model: str) -> None:
+    """Checks a model saved with external data by the ONNX checker and an onnxruntime load.
+
+    No sample is run, and the session is made with prepacking off: onnxruntime then maps
+    the weights from the data file instead of reading and repacking every one of them, so
+    the check costs about the graph, not the weights (on the 3 GB bench decoder's 0.5 GB
+    int4 output, 0.1 s against 2.7 s for a session that runs one sample). What it checks:
+    the checker, and that onnxruntime resolves every node to a kernel with the types and
+    shapes it was given (graph optimizations on, as for a real run).
+
+    Raises:
+        VerificationError: with the check that failed and the checker's or onnxruntime's
+            words.
+    """
+    try:
+        onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(
+            f"The converted model fails the ONNX checker: {describe_error(exc)}"
+        ) from None
+    try:
+        make_session(model, quiet=True, config=NO_PREPACKING)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise VerificationError(
+            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
+        ) from None
+
+
+NO_PREPACKING = {"session.disable_prepacking": "1"}
+"""A session that maps external weights as they are (load only: running it is slow)."""
+
+
 def verify_structure(model: bytes | str, *, reference: bytes | str | None = None) -> None:
     """Checks a model that cannot be run: checker, strict shape inference, an optimized load.
 

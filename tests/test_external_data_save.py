@@ -13,7 +13,6 @@ from conftest import sha256
 
 import qconvert
 from qconvert import QuantizeConfig, testing
-from qconvert.errors import UnsupportedModelError
 from qconvert.runtime import make_session
 
 
@@ -86,23 +85,73 @@ def test_failed_verification_leaves_neither_file(external_cnn, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model"]
 
 
-def test_static_scheme_on_weights_over_the_protobuf_limit_is_refused(
-    external_cnn, tmp_path, monkeypatch
-):
-    # Calibration hands the model to onnxruntime as one protobuf: with the limit lowered
-    # below this model's weights, the refusal is the one a > 2 GB model gets.
-    from qconvert.pipelines import quantize as pipeline
+def _spy_kept_external(monkeypatch) -> list[bool]:
+    """Records, per model loaded, whether its weights stayed in external data."""
+    from qconvert import model as model_io
 
-    monkeypatch.setattr(pipeline, "CALIBRATION_LIMIT", 1000)
-    out = tmp_path / "q.onnx"
-    with pytest.raises(UnsupportedModelError, match="holds over 2 GB of weights") as info:
-        qconvert.quantize(external_cnn, out, data=tmp_path / "calib")
-    assert info.value.exit_code == 3
-    assert "int8-dynamic or fp16-weights" in str(info.value)
-    assert not out.exists()
-    dynamic = tmp_path / "d.onnx"
-    qconvert.quantize(external_cnn, dynamic, config=QuantizeConfig(scheme="int8-dynamic"))
-    assert dynamic.exists()
+    kept: list[bool] = []
+    load = model_io.load_model
+
+    def spy(*args, **kwargs):
+        model = load(*args, **kwargs)
+        values = model.graph.initializers.values()
+        kept.append(any(isinstance(v.const_value, ir.ExternalTensor) for v in values))
+        return model
+
+    monkeypatch.setattr(model_io, "load_model", spy)
+    return kept
+
+
+@pytest.mark.parametrize(
+    ("scheme", "recipe"),
+    [("int8", "fast"), ("int8", "default"), ("16x8", "fast"), ("fp16", "fast")],
+)
+def test_static_scheme_past_the_inline_limit_calibrates_from_references(
+    external_cnn, tmp_path, monkeypatch, scheme, recipe
+):
+    # With the limit lowered below this model's weights, it takes the path a > 2 GB model
+    # takes: its weights stay in its data file, and every session onnxruntime makes from
+    # the model's bytes (calibration, the recipe's scoring, AdaRound, bias correction,
+    # fp16's range pass) maps them from there. The model written is the one the in-memory
+    # path writes.
+    from qconvert import model as model_io
+
+    hashes = {}
+    for name, limit in (("inline", model_io.INLINE_WEIGHTS_LIMIT), ("kept", 1000)):
+        monkeypatch.setattr(model_io, "INLINE_WEIGHTS_LIMIT", limit)
+        kept = _spy_kept_external(monkeypatch)
+        folder = tmp_path / name
+        folder.mkdir()
+        out = folder / "q.onnx"
+        qconvert.quantize(
+            external_cnn,
+            out,
+            data=tmp_path / "calib",
+            recipe=recipe,
+            config=QuantizeConfig(scheme=scheme),
+        )
+        monkeypatch.undo()
+        assert kept[0] is (name == "kept")
+        hashes[name] = (sha256(out), sha256(folder / "q.onnx.data"))
+    assert hashes["kept"] == hashes["inline"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_calibrate_past_the_inline_limit_gives_the_same_statistics(
+    external_cnn, tmp_path, monkeypatch, workers
+):
+    from qconvert import model as model_io
+
+    inline = qconvert.calibrate(external_cnn, tmp_path / "calib", workers=workers)
+    monkeypatch.setattr(model_io, "INLINE_WEIGHTS_LIMIT", 1000)
+    kept = _spy_kept_external(monkeypatch)
+    out = tmp_path / "c.json"
+    calibration = qconvert.calibrate(
+        external_cnn, tmp_path / "calib", output=out, workers=workers
+    )
+    assert kept == [True]
+    assert calibration.to_json() == inline.to_json()
+    assert out.read_text() == inline.to_json()
 
 
 # 3 weights of 14000 x 14000 float32: 2.35 GB, past protobuf's 2 GB (2^31 - 1) limit.

@@ -66,6 +66,7 @@ from qconvert.calibration.observers import TensorObserver
 from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec, Sample
 from qconvert.errors import CalibrationWorkerError, QconvertError
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.runtime import external_weights, weights_folder
 
 if TYPE_CHECKING:
     from qconvert.calibration.ray_backend import RayCluster
@@ -160,17 +161,24 @@ class Work:
         model: the prepared float model, serialized (workers get bytes, not objects).
         tensors: the tensors to calibrate, in the file's order.
         settings: batch size, histogram sampling, threads and tensors per pass.
+        weights_folder: where the model's weights kept in external data are read from
+            (`runtime.external_weights`), for workers in other processes.
     """
 
     model: SerializedModel
     tensors: tuple[str, ...]
     settings: CollectSettings
+    weights_folder: str | None = None
 
     @classmethod
     def of(cls, model: ir.Model, tensors: tuple[str, ...], settings: CollectSettings) -> Work:
         """The work of calibrating `tensors` of `model`."""
+        folder = weights_folder()
         return cls(
-            model=SerializedModel.of(model, tensors), tensors=tensors, settings=settings
+            model=SerializedModel.of(model, tensors),
+            tensors=tensors,
+            settings=settings,
+            weights_folder=str(folder) if folder is not None else None,
         )
 
     def run(
@@ -187,9 +195,10 @@ class Work:
                 report(done)
                 last = time.monotonic()
 
-        observers = collect_statistics(
-            self.model, samples, self.tensors, settings=self.settings, on_sample=on_sample
-        )
+        with external_weights(self.weights_folder):
+            observers = collect_statistics(
+                self.model, samples, self.tensors, settings=self.settings, on_sample=on_sample
+            )
         report(done)
         return observers
 

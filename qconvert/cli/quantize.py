@@ -57,7 +57,8 @@ SCHEME_HELP = (
     help="Folder of calibration samples (see `qconvert calibrate --help` for layouts). "
     "int8 and 16x8 need it or --calib; every scheme verifies the written model on its "
     "first sample (without it: on zeros, or structurally where the float model cannot "
-    "run on those).",
+    "run on those; int4 of a model in external data: by an onnxruntime load, not a run). "
+    "A model past 2 GB is calibrated with its weights left in its data files.",
 )
 @click.option(
     "--calib",
@@ -359,7 +360,8 @@ def quantize_command(
     (Round/Clip/Mul) and integer operators are refused.
 
     The input model is never modified; the output is written only after it passes the ONNX
-    checker and runs in onnxruntime.
+    checker and runs in onnxruntime (int4 of a model in external data without --data:
+    loads in onnxruntime).
 
     In a GitHub Actions step (GITHUB_STEP_SUMMARY set), the Markdown report is appended
     to the job summary.

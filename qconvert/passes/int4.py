@@ -4,7 +4,8 @@ The pass applies an `Int4Plan`; the quantized values come from `quantize`, a fun
 one `BlockedWeight` giving its `BlockQuantized` in (N, K) layout (round-to-nearest or GPTQ,
 the pipeline's choice). Every new initializer is an `ir.LazyTensor`: the values are computed
 when the model is serialized, tensor by tensor, so a model with external data is quantized
-and written holding about one weight in memory at a time.
+and written holding about two weights in memory at a time: the one being written and the next
+one, quantized meanwhile on a second core (`streaming.Lookahead`).
 
 1. qop, MatMul / Gemm: `MatMulNBits(A, B, scales[, zero_points][, , bias])` with attributes
    K, N, bits, block_size, accuracy_level. B is (N, k_blocks, block_size * bits / 8), codes
@@ -46,31 +47,16 @@ from qconvert.blockwise import BlockQuantized, matmul_nbits_inputs, pack_nibbles
 from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
 from qconvert.plan.int4 import BlockedWeight, Int4Plan
+from qconvert.streaming import Lookahead
 
 MICROSOFT_DOMAIN = "com.microsoft"
 
 Quantizer = Callable[[BlockedWeight], BlockQuantized]
 
 
-class _LastResult:
-    """Computes a weight's quantization once for the several tensors written from it.
-
-    Serialization writes a weight's codes, scales and zero points one after the other;
-    keeping only the last result bounds memory to one weight.
-    """
-
-    def __init__(self, quantize: Quantizer) -> None:
-        self._quantize = quantize
-        self._key: tuple | None = None
-        self._value: BlockQuantized | None = None
-
-    def __call__(self, entry: BlockedWeight) -> BlockQuantized:
-        key = (entry.weight, entry.bits, entry.transposed)
-        if key != self._key:
-            self._value = None  # drop the previous weight before computing the next
-            self._value = self._quantize(entry)
-            self._key = key
-        return self._value
+def _weight_key(entry: BlockedWeight) -> tuple:
+    """Entries of one weight, bit width and layout share one quantization."""
+    return (entry.weight, entry.bits, entry.transposed)
 
 
 class WriteBlockedWeightsPass(ir.passes.InPlacePass):
@@ -92,7 +78,8 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         self.format = format
         self.accuracy_level = accuracy_level
         self.kernel = kernel
-        self._source = _LastResult(quantize)
+        # one weight's result at a time, the next one's computed while this one is written
+        self._source = Lookahead(quantize, _weight_key)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -155,6 +142,7 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
         make: Callable[[BlockQuantized], np.ndarray],
     ) -> ir.Value:
         source = self._source
+        source.expect(entry)  # tensors are serialized in the order they are registered
 
         def compute() -> ir.TensorProtocol:
             if dtype in _FOUR_BIT:  # `make` gives the bytes packed already

@@ -79,7 +79,17 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
         if upgraded.ir_version < _IR_OVERRIDABLE_INITIALIZERS:
             _drop_initializer_inputs(upgraded)
         _check_same_inputs(proto, upgraded, current, self.min_opset)
-        return ir.passes.PassResult(ir.serde.deserialize_model(upgraded), modified=True)
+        result = ir.serde.deserialize_model(upgraded)
+        # weights kept in external data come back as bare references: they are read from
+        # the folder the model's were
+        folders = {
+            value.const_value.base_dir
+            for value in model.graph.initializers.values()
+            if isinstance(value.const_value, ir.ExternalTensor)
+        }
+        if len(folders) == 1:
+            ir.external_data.set_base_dir(result.graph, folders.pop())
+        return ir.passes.PassResult(result, modified=True)
 
 
 def _check_same_inputs(

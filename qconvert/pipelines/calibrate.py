@@ -39,6 +39,7 @@ from qconvert.passes import (
 )
 from qconvert.pipelines.stages import PathLike
 from qconvert.progress import SILENT, Progress
+from qconvert.runtime import external_weights
 
 _TRT_METHOD = RangeMethod(name="entropy")  # TensorRT's own default calibrator
 
@@ -97,7 +98,10 @@ def calibrate(
     outputs = [Path(p) for p in (output, trt_cache) if p is not None]
     for path in outputs:
         model_io.check_output_path(path, force=force)
-    float_model = model_io.load_model(model, limits)
+    # past the limit, weights stay on disk for sessions to map (`runtime.external_weights`)
+    float_model = model_io.load_model(
+        model, limits, keep_external_past=model_io.INLINE_WEIGHTS_LIMIT
+    )
     specs = input_specs(float_model)
     if batch_size > 1:
         static = [spec.name for spec in specs if not spec.dims or spec.dims[0] is not None]
@@ -119,16 +123,17 @@ def calibrate(
         seed=seed,
         limits=limits,
     )
-    calibration = collect_calibration(
-        model,
-        float_model,  # no copy: nothing else reads it
-        source,
-        settings,
-        progress,
-        data=data_spec,
-        workers=workers,
-        ray=ray,
-    )
+    with external_weights(Path(model).resolve().parent):
+        calibration = collect_calibration(
+            model,
+            float_model,  # no copy: nothing else reads it
+            source,
+            settings,
+            progress,
+            data=data_spec,
+            workers=workers,
+            ray=ray,
+        )
     if output is not None:
         model_io.write_atomically(Path(output), calibration.to_json().encode("utf-8"))
     if trt_cache is not None:

@@ -2,16 +2,18 @@
 
 Weight-only, so no activation ranges: the stages are its own. Weights in external data
 stay on disk until the save writes the quantized tensors one by one (`passes.int4`), so a
-model past 2 GB is converted holding about one weight at a time. With `--data`, the float
-model runs once over the samples to sum each layer input's X^T X (`int4_rounding`); a
-model in external data is handed to onnxruntime as a path beside links to its data files.
+model past 2 GB is converted holding about two weights at a time (the one written and the
+next, `streaming`). With `--data`, the float model runs over the samples to sum each layer
+input's X^T X (`int4_rounding`), one pass per bounded group of inputs (`int4_grams`); a
+model in external data is handed to onnxruntime as its graph's bytes, the weights mapped
+from its folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +21,16 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from qconvert import int4_grams
 from qconvert import model as model_io
 from qconvert.awq import ScaleChoice, choose_scale
 from qconvert.compare import CompareOptions, Side, compare_models, folder_labels, load_labels
 from qconvert.config import Format, QuantizeConfig
 from qconvert.dataset import DirectorySource, ImagePreprocessing, input_specs, synthetic_sample
 from qconvert.errors import ConfigError, UnsupportedModelError
+from qconvert.int4_grams import GroupedGrams
 from qconvert.int4_options import DEFAULT_ACCURACY_LEVEL
-from qconvert.int4_rounding import Grams, Rounder, accumulate_grams
+from qconvert.int4_rounding import GramSource, Rounder, accumulate_grams
 from qconvert.layers import expose
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import DropIntermediateShapesPass, prepare
@@ -38,7 +42,7 @@ from qconvert.report import Conversion, Report, check_report_path
 from qconvert.runtime import make_session
 from qconvert.schemes import BLOCKED_DQ_MIN_OPSET, BlockedWeightScheme
 from qconvert.selection import NodeSelection
-from qconvert.verify import verify_model
+from qconvert.verify import verify_loads, verify_model
 
 
 def quantize_int4(
@@ -159,7 +163,9 @@ def quantize_int4(
     feeds = source.first().feeds if source is not None else synthetic_sample(specs).feeds
     with timed(timings, "quantize and save"):
         converted = _verify_and_save(prepared, output, feeds, external, source is None)
-    plan = _with_notes(int4, config, rounder, level)
+    plan = _with_notes(int4, config, rounder, level, load_only=external and source is None)
+    if isinstance(grams, GroupedGrams) and grams.passes > 1:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, _grams_note(grams)))
     comparison = None
     if evaluation is not None:
         with timed(timings, "evaluate"):
@@ -221,7 +227,7 @@ def _input_scales(
     int4: Int4Plan,
     tensors: dict[str, ir.TensorProtocol],
     inputs: dict[str, str],
-    grams: Grams,
+    grams: GramSource,
     scheme: BlockedWeightScheme,
     int8_grid: bool,
 ) -> dict[str, ScaleChoice]:
@@ -297,8 +303,11 @@ def _gram_matrices(
     external: bool,
     inputs: dict[str, str],
     source: DirectorySource,
-) -> Grams:
-    """Runs the float model over the samples and sums X^T X of each layer input."""
+) -> GroupedGrams:
+    """X^T X of each layer input, summed over the samples by runs of the float model.
+
+    One session serves every group (`int4_grams`); each group is one pass over the samples.
+    """
     graph_inputs = {value.name for value in prepared.graph.inputs}
     names = sorted(set(inputs.values()))
     widths: dict[str, int] = {}
@@ -318,14 +327,21 @@ def _gram_matrices(
     else:
         session = make_session(expose(ir.serde.serialize_model(prepared), exposed), quiet=True)
 
-    def runs() -> Iterator[dict[str, np.ndarray]]:
+    def runs(group: Mapping[str, int]) -> Iterator[dict[str, np.ndarray]]:
+        wanted = [name for name in exposed if name in group]
         for sample in source:
-            outputs = session.run(exposed, sample.feeds) if exposed else []
-            values = dict(zip(exposed, outputs, strict=True))
-            values.update({n: a for n, a in sample.feeds.items() if n in widths})
+            outputs = session.run(wanted, sample.feeds) if wanted else []
+            values = dict(zip(wanted, outputs, strict=True))
+            values.update({n: a for n, a in sample.feeds.items() if n in group})
             yield values
 
-    return accumulate_grams(runs(), widths)
+    # measured a bounded group of inputs at a time, as the rounding asks for them
+    return GroupedGrams(
+        lambda group: accumulate_grams(runs(group), group),
+        widths,
+        samples=len(source),
+        budget=int4_grams.GRAM_BYTES,
+    )
 
 
 def _verify_and_save(
@@ -334,7 +350,8 @@ def _verify_and_save(
     """Verifies on one sample and writes; returns the bytes, or the path (external data).
 
     On the zeros used without data, outputs may be NaN in float already (all-zero
-    attention masks): then only that the model runs is checked.
+    attention masks): then only that the model runs is checked, and for a model in
+    external data only that it loads (`verify.verify_loads`).
     """
     feeds = {
         value.name: feeds[value.name]
@@ -348,7 +365,11 @@ def _verify_and_save(
         verify_model(staged, feeds, nonfinite_in_float=nonfinite, audit=False)
 
     if external:
-        model_io.save_with_external_data(converted, output, verify=verify)
+        # Without data the run would be on zeros whose outputs may be NaN anyway, and its
+        # session reads and repacks every written weight (2.7 s of the 3 GB decoder's
+        # conversion): the load alone checks what that run would have.
+        check = verify_loads if synthetic else verify
+        model_io.save_with_external_data(converted, output, verify=check)
         return str(output)
     converted_bytes = model_io.to_bytes(converted)
     verify(converted_bytes)
@@ -356,10 +377,24 @@ def _verify_and_save(
     return converted_bytes
 
 
+def _grams_note(grams: GroupedGrams) -> str:
+    return (
+        f"Layer-input Gram matrices measured a group at a time: {grams.passes} float "
+        f"passes over the samples, holding at most {grams.peak_bytes / 2**20:.0f} MB of "
+        f"them at once (of {grams.total_bytes / 2**20:.0f} MB for every input)."
+    )
+
+
 def _with_notes(
-    int4: Int4Plan, config: QuantizeConfig, rounder: Rounder, level: int
+    int4: Int4Plan, config: QuantizeConfig, rounder: Rounder, level: int, *, load_only: bool
 ) -> object:
     notes = list(int4.plan.notes)
+    if load_only:
+        notes.append(
+            "Verified by the ONNX checker and an onnxruntime load, without a run: the model "
+            "keeps its weights in external data and no --data was given (pass --data to "
+            "verify on a sample)."
+        )
     if config.resolved_int4_kernel == "int8":
         notes.append(
             "qop, int8 kernel: MatMul/Gemm weights as INT4 codes with int8 block multipliers "

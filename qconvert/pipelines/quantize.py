@@ -40,7 +40,6 @@ from qconvert.dataset import (
 )
 from qconvert.errors import (
     ConfigError,
-    UnsupportedModelError,
 )
 from qconvert.fusion_audit import kernel_gates
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
@@ -90,6 +89,7 @@ from qconvert.progress import SILENT, Progress
 from qconvert.recipe_result import RecipeOptions
 from qconvert.recipe_result import notes as recipe_notes
 from qconvert.report import Conversion, Report, check_report_path
+from qconvert.runtime import external_weights
 from qconvert.schemes import INT16_MIN_OPSET, DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
 from qconvert.sensitivity import (
@@ -98,11 +98,6 @@ from qconvert.sensitivity import (
 )
 
 logger = logging.getLogger("qconvert")
-
-
-CALIBRATION_LIMIT = model_io.PROTOBUF_LIMIT
-"""The most bytes of weights a model may hold to be calibrated: the calibration stage hands
-onnxruntime the model as one protobuf."""
 
 
 def quantize(
@@ -209,7 +204,9 @@ def quantize(
     )
     if prequantized.applies(model):  # Q/DQ pairs: finished, not quantized again
         return prequantized.finish_request(request)
-    state = run_stages(STAGES, QuantizeState(request=request))
+    # sessions made from the model's bytes find any weights it keeps on disk
+    with external_weights(Path(model).resolve().parent):
+        state = run_stages(STAGES, QuantizeState(request=request))
     assert state.report is not None  # the last stage always writes it
     return state.report
 
@@ -262,7 +259,15 @@ def load(state: QuantizeState) -> QuantizeState:
     """Reads the model, and opens the data folders and the calibration file."""
     request, config, scheme = state.request, state.config, state.scheme
     model, data, limits, images = request.model, request.data, request.limits, request.images
-    float_model = model_io.load_model(model, limits)
+    calibrating = scheme.needs_calibration and data is not None
+    # fp16 measures the magnitudes tensors reach when data is given, to keep float32
+    # the nodes whose values would overflow float16.
+    measuring = (
+        isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
+    )
+    # past the limit, weights stay on disk for sessions to map (`runtime.external_weights`)
+    inline = model_io.INLINE_WEIGHTS_LIMIT if calibrating or measuring else None
+    float_model = model_io.load_model(model, limits, keep_external_past=inline)
     model_io.check_convertible(float_model, model)
     model_io.fix_input_shapes(float_model, config.input_shapes)
     opset_before = float_model.opset_imports.get("", 1)
@@ -274,20 +279,7 @@ def load(state: QuantizeState) -> QuantizeState:
             hint=f"pass --opset {opset_before} or later, or leave it out.",
         )
     external = model_io.uses_external_data(model)
-    calibrating = scheme.needs_calibration and data is not None
-    if calibrating and _tensor_bytes(float_model) > CALIBRATION_LIMIT:
-        raise UnsupportedModelError(
-            f"Model '{model}' holds over 2 GB of weights: calibration hands the model "
-            f"to onnxruntime as one protobuf, which cannot exceed 2 GB, so --scheme "
-            f"{config.scheme} cannot calibrate it yet.",
-            hint="use --scheme int8-dynamic or fp16-weights, which need no calibration.",
-        )
     specs = input_specs(float_model)
-    # fp16 measures the magnitudes tensors reach when data is given, to keep float32
-    # the nodes whose values would overflow float16.
-    measuring = (
-        isinstance(scheme, Float16Scheme) and not scheme.storage_only and data is not None
-    )
     source = (
         DirectorySource(data, specs, images=images, limits=limits)
         if calibrating or measuring
@@ -731,14 +723,6 @@ def _with_notes(
             "stay QDQ."
         )
     return dataclasses.replace(plan, notes=tuple(notes))
-
-
-def _tensor_bytes(model: ir.Model) -> int:
-    return sum(
-        value.const_value.nbytes
-        for value in model.graph.initializers.values()
-        if value.const_value is not None
-    )
 
 
 def _evaluate(
