@@ -11,6 +11,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# First, before anything imports onnx_ir (isort keeps `qconvert` ahead of `qconvert.*`):
+# importing it defers sympy, see its docstring.
+from qconvert import _lazy_imports  # noqa: F401
 from qconvert.api import analyze, calibrate, compare, inspect, quantize
 from qconvert.config import QuantizeConfig
 from qconvert.errors import QconvertError
