@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from qconvert.errors import ConfigError
@@ -64,6 +65,7 @@ def make_session(
     config: Mapping[str, str] | None = None,
     priority_order: bool = False,
     arena: bool = True,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """A session for `model` (bytes or a path); 0 threads lets onnxruntime choose.
 
@@ -78,7 +80,8 @@ def make_session(
     the calibration graph relies on it to reduce each tensor while it is fresh.
     `arena=False` allocates each tensor on its own and frees it when done: for models with
     many intermediate tensors exposed as outputs, which onnxruntime's arena would hold
-    in chunks grown by doubling.
+    in chunks grown by doubling. `weights`: the initializers `handed_weights.detach` took
+    out of `model`, by name.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
@@ -102,9 +105,14 @@ def make_session(
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    handed = [ort.OrtValue.ortvalue_from_numpy(array) for array in (weights or {}).values()]
+    if handed:
+        options.add_external_initializers(list(weights), handed)
     providers = [provider]
     if provider != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
+    # onnxruntime copies handed weights while it loads the model, and documents that the
+    # caller may free them after: they are not kept.
     return ort.InferenceSession(model, options, providers=providers)
 
 

@@ -49,13 +49,13 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qconvert import ops
+from qconvert import handed_weights, ops
 from qconvert.calibration import folding, reducing
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
 from qconvert.calibration.subgraphs import expose_body_tensors
@@ -325,6 +325,9 @@ class _Runner:
             return
         shapes = {name: array.shape for name, array in feeds.items()}
         sizes = reducing.run_sizes(proto, self.tensors, shapes)
+        # The weights go to onnxruntime as arrays, not inside the graph's bytes: see
+        # `handed_weights`.
+        weights = handed_weights.detach(proto)
         graph = reducing.reducing_graph(
             proto,
             self.tensors,
@@ -333,8 +336,12 @@ class _Runner:
             whole=reducing.whole_tensors(sizes),
         )
         del proto  # the session keeps its own copy of the weights
-        self.session = _session(graph.data, self.settings.threads, True, ordered=True)
-        self.reader = folding.RunReader(graph, self.tensors)
+        self.session = _session(
+            graph.data, self.settings.threads, True, ordered=True, weights=weights
+        )
+        del weights  # the session holds them
+        # The reader needs the graph's outputs, not its bytes.
+        self.reader = folding.RunReader(replace(graph, data=b""), self.tensors)
 
     def _steps(self, batch: _Batch) -> np.ndarray | None:
         """The histogram strides to feed for `batch` (size probes for a new signature)."""
@@ -530,7 +537,14 @@ def _dtypes(model: ir.Model) -> dict[str, int]:
     return {value.name: int(value.dtype or ir.DataType.FLOAT) for value in values}
 
 
-def _session(model: bytes, threads: int, optimize: bool, *, ordered: bool = False):
+def _session(
+    model: bytes,
+    threads: int,
+    optimize: bool,
+    *,
+    ordered: bool = False,
+    weights: Mapping[str, np.ndarray] | None = None,
+):
     try:
         # Quiet: a reduction onnxruntime refuses is handled by a raw run of the batch.
         # Ordered: in onnxruntime's default order the calibration graph's reductions ran
@@ -538,7 +552,12 @@ def _session(model: bytes, threads: int, optimize: bool, *, ordered: bool = Fals
         # 105 MB over its session, against 31 MB in priority order and 7 MB for a float
         # pass).
         return make_session(
-            model, threads=threads, optimize=optimize, quiet=True, priority_order=ordered
+            model,
+            threads=threads,
+            optimize=optimize,
+            quiet=True,
+            priority_order=ordered,
+            weights=weights,
         )
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise ModelLoadError(

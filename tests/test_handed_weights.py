@@ -1,0 +1,87 @@
+"""Large weights handed to onnxruntime as arrays (`qconvert/handed_weights.py`).
+
+The session must compute what the session on the whole model computes, bit for bit, and
+calibration must give the same statistics either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from qconvert import handed_weights, testing
+from qconvert import model as model_io
+from qconvert.calibration import CollectSettings, collect_statistics
+from qconvert.calibration.collect import tensors_to_calibrate
+from qconvert.dataset import Sample
+from qconvert.passes import prepare
+from qconvert.runtime import make_session
+
+
+def _large_mlp() -> onnx.ModelProto:
+    # w: 256 x 128 float32 = 128 KiB, over `MIN_BYTES`; b: 512 bytes, under it.
+    return testing.matmul_add(k=256, n=128)
+
+
+def test_detach_moves_only_large_weights_and_the_session_computes_the_same():
+    proto = _large_mlp()
+    whole = make_session(proto.SerializeToString(), threads=1)
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(proto)
+    weights = handed_weights.detach(stripped)
+
+    assert sorted(weights) == ["w"]
+    np.testing.assert_array_equal(
+        weights["w"], onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    )
+    size = len(stripped.SerializeToString())
+    assert size < 4096 < len(proto.SerializeToString()), size
+    handed = make_session(stripped.SerializeToString(), threads=1, weights=weights)
+    del weights  # onnxruntime copied them: the session must not need the arrays
+    for seed in range(3):
+        feeds = testing.random_inputs(proto, batch=2, seed=seed)
+        np.testing.assert_array_equal(handed.run(None, feeds)[0], whole.run(None, feeds)[0])
+
+
+def test_weights_listed_as_inputs_stay_in_the_model():
+    proto = _large_mlp()
+    weight = proto.graph.initializer[0]
+    proto.graph.input.append(
+        onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims)
+    )
+    assert handed_weights.detach(proto) == {}
+    assert proto.graph.initializer[0].raw_data
+
+
+def test_calibration_statistics_are_the_same_with_handed_weights(tmp_path, monkeypatch):
+    proto = _large_mlp()
+    path = testing.save(proto, tmp_path / "m.onnx")
+    model = prepare(model_io.load_model(path), min_opset=1)
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(6)]
+    settings = CollectSettings(histogram_values=10**9)
+    detach, moved = handed_weights.detach, []
+
+    def spy(proto, **kwargs):
+        weights = detach(proto, **kwargs)
+        moved.append(sorted(weights))
+        return weights
+
+    monkeypatch.setattr(handed_weights, "detach", spy)
+    handed = collect_statistics(model, samples, names, settings=settings)
+    monkeypatch.setattr(handed_weights, "MIN_BYTES", 1 << 40)  # nothing is handed over
+    inside = collect_statistics(model, samples, names, settings=settings)
+
+    assert moved == [["w"], []]
+
+    assert set(handed) == set(inside) == set(names)
+    for name in names:
+        a, b = handed[name], inside[name]
+        assert (a.min, a.max, a.count, a.exponent, a.first_bin) == (
+            b.min,
+            b.max,
+            b.count,
+            b.exponent,
+            b.first_bin,
+        ), name
+        np.testing.assert_array_equal(a.bins, b.bins, err_msg=name)
