@@ -15,7 +15,7 @@ from qconvert.calibration import CollectSettings, collect_statistics
 from qconvert.calibration.collect import tensors_to_calibrate
 from qconvert.dataset import Sample
 from qconvert.passes import prepare
-from qconvert.runtime import make_session
+from qconvert.runtime import external_weights, make_session
 
 
 def _large_mlp() -> onnx.ModelProto:
@@ -68,9 +68,11 @@ def test_calibration_statistics_are_the_same_with_handed_weights(tmp_path, monke
         return weights
 
     monkeypatch.setattr(handed_weights, "detach", spy)
-    handed = collect_statistics(model, samples, names, settings=settings)
-    monkeypatch.setattr(handed_weights, "MIN_BYTES", 1 << 40)  # nothing is handed over
-    inside = collect_statistics(model, samples, names, settings=settings)
+    # As `calibrate` runs it: sessions told where a model's external data files are.
+    with external_weights(tmp_path):
+        handed = collect_statistics(model, samples, names, settings=settings)
+        monkeypatch.setattr(handed_weights, "MIN_BYTES", 1 << 40)  # nothing is handed over
+        inside = collect_statistics(model, samples, names, settings=settings)
 
     assert moved == [["w"], []]
 
