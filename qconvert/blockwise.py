@@ -173,6 +173,29 @@ def column_units(wt: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return (np.abs(wt).max(axis=1) / INT8_UNIT_STEPS).astype(np.float32)
 
 
+def quantize_columns_int8(wt: npt.NDArray[np.float32]) -> BlockQuantized:
+    """A weight (N, K) as int8 with one positive scale per output column (8 bits, no blocks).
+
+    What the int8 kernel reads for a layer kept at 8 bits: max|w| of each column maps to
+    127, the codes are the int8 values plus 128, and the scale is also the column's unit
+    (every multiplier 1), so `int8_weight` gives the int8 values.
+    """
+    n, k = wt.shape
+    units = (np.abs(wt).max(axis=1) / 127).astype(np.float32)
+    safe = np.where(units == 0, np.float32(1.0), units)
+    values = np.clip(np.rint(np.asarray(wt, np.float32) / safe[:, None]), -127, 127)
+    return BlockQuantized(
+        codes=(values + 128).astype(np.uint8),
+        scales=units[:, None].copy(),
+        zero_points=np.full((n, 1), 128, dtype=np.uint8),
+        k=k,
+        block_size=k,
+        bits=8,
+        symmetric=True,
+        units=units,
+    )
+
+
 def snap_scales(
     scales: npt.NDArray[np.float32], units: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]:

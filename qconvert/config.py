@@ -80,6 +80,9 @@ class QuantizeConfig:
         int4_kernel: int4 qop: "nbits" (MatMulNBits) or "int8" (4-bit codes expanded to
             int8 when onnxruntime loads the model, run by DynamicQuantizeMatMul); None: the
             default of `qconvert.int4_options`.
+        size_budget: int4 with data: percent of the float model's file size the output may
+            reach by keeping the layers whose 4 bits cost most at 8 bits (`int4_mix`); 0
+            keeps every layer at 4 bits; None: `int4_mix.DEFAULT_SIZE_BUDGET`.
     """
 
     scheme: str = "int8"
@@ -104,6 +107,7 @@ class QuantizeConfig:
     accuracy_level: int | None = None
     scale_search: bool = False
     int4_kernel: str | None = None
+    size_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

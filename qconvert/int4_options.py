@@ -39,6 +39,7 @@ def check_int4_options(config: Any) -> None:
         ("--accuracy-level", config.accuracy_level is not None),
         ("--scale-search", config.scale_search),
         ("--int4-kernel", config.int4_kernel is not None),
+        ("--size-budget", config.size_budget is not None),
     ):
         if given and not int4:
             raise ConfigError(
@@ -51,6 +52,11 @@ def check_int4_options(config: Any) -> None:
         raise ConfigError(
             f"--block-size {config.block_size} is not supported.",
             hint=f"choose from {', '.join(str(b) for b in BLOCK_SIZE_CHOICES)}.",
+        )
+    if config.size_budget is not None and not 0 <= config.size_budget <= 100:
+        raise ConfigError(
+            f"--size-budget {config.size_budget:g} is out of range.",
+            hint="give a percent of the float model's file size, 0 to 100 (0: all 4 bits).",
         )
     if config.accuracy_level is not None and config.accuracy_level not in range(5):
         raise ConfigError(

@@ -22,7 +22,12 @@ import onnx_ir as ir
 
 from qconvert import model as model_io
 from qconvert.awq import ScaleChoice
-from qconvert.blockwise import BlockQuantized, column_units, quantize_rtn
+from qconvert.blockwise import (
+    BlockQuantized,
+    column_units,
+    quantize_columns_int8,
+    quantize_rtn,
+)
 from qconvert.gptq import gram, layer_error, quantize_gptq
 from qconvert.plan.int4 import BlockedWeight
 
@@ -169,6 +174,24 @@ class Rounder:
             self._settled[key] = plain
         return keep
 
+    def hold(self, entry: BlockedWeight) -> BlockQuantized:
+        """`entry` quantized now (its chosen rounding), held until the save asks for it."""
+        key = (entry.weight, entry.bits)
+        if key not in self._settled:
+            choice = self.input_scales.get(entry.node)
+            self._settled[key] = self._read_and_quantize(entry, choice)
+        return self._settled[key]
+
+    def forget(self, entry: BlockedWeight) -> None:
+        """Drops what was held or recorded for `entry`, and its input scale.
+
+        A layer `int4_mix` raises to 8 bits is rounded again as its new entry says.
+        """
+        key = (entry.weight, entry.bits)
+        self._settled.pop(key, None)
+        self.records.pop(key, None)
+        self.input_scales.pop(entry.node, None)
+
     def _read_and_quantize(
         self, entry: BlockedWeight, choice: ScaleChoice | None
     ) -> BlockQuantized:
@@ -200,13 +223,17 @@ class Rounder:
             "symmetric": self.symmetric,
         }
         # a tied output projection shares the table's codes, so keeps its plain scales
-        int8 = entry.op_type != "Gather" and entry.bits == 4 and entry.tied_to is None
-        if self.int8_grid and int8:
+        own = entry.op_type != "Gather" and entry.tied_to is None
+        key = (entry.weight, entry.bits)
+        if self.int8_grid and own and entry.bits == 8:
+            # kept at 8 bits on the int8 kernel: per-column int8, nothing left to round
+            self.records[key] = RoundingRecord(entry.weight, "rtn")
+            return quantize_columns_int8(wt)
+        if self.int8_grid and own:
             options["units"] = column_units(wt)
         rtn = quantize_rtn(wt, search=self.search, **options)
         name = self.inputs.get(entry.node)
         fit = self.grams.fit.get(name) if self.grams is not None and name else None
-        key = (entry.weight, entry.bits)
         if fit is None or entry.op_type == "Gather":
             self.records[key] = RoundingRecord(entry.weight, "rtn")
             return rtn

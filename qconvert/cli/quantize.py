@@ -126,6 +126,15 @@ SCHEME_HELP = (
     help="int4: shrink each block's range to the least squared error before rounding.",
 )
 @click.option(
+    "--size-budget",
+    type=float,
+    default=None,
+    metavar="PERCENT",
+    help="int4 with --data: keep at 8 bits the layers whose 4-bit weights cost the most "
+    "held-out output error per extra byte, while the file stays within this percent of "
+    "the float model's; 0 keeps every layer at 4 bits. [default: 17]",
+)
+@click.option(
     "--activation-type",
     type=click.Choice(["uint8", "int8"]),
     default=None,
@@ -317,6 +326,7 @@ def quantize_command(
     accuracy_level: int | None,
     int4_kernel: str | None,
     scale_search: bool,
+    size_budget: float | None,
     activation_type: str | None,
     symmetric_activations: bool,
     per_channel: bool,
@@ -399,6 +409,7 @@ def quantize_command(
         accuracy_level=accuracy_level,
         int4_kernel=int4_kernel,
         scale_search=scale_search,
+        size_budget=size_budget,
     )
     if overrides is not None:  # read after the options are known to go together
         config = dataclasses.replace(config, overrides=load_overrides(overrides))

@@ -25,7 +25,9 @@ one, quantized meanwhile on a second core (`streaming.Lookahead`).
    `Cast(Reshape(Cast(codes, int32) * Cast(m, int32)), int8)`: constants only, which
    onnxruntime folds into one int8 weight when it loads the model. The node becomes
    `DynamicQuantizeMatMul(A, W8, units[, , bias])`: int8 GEMM, activations quantized per
-   tensor on the fly. The file holds 4.25 bits a weight; memory at run time, 8.
+   tensor on the fly. The file holds 4.25 bits a weight; memory at run time, 8. A layer
+   kept at 8 bits is one int8 initializer (K, N) with a scale per column
+   (`blockwise.quantize_columns_int8`), read by the same DynamicQuantizeMatMul.
 5. qdq: the weight becomes `DequantizeLinear(codes, scales[, zero_points], axis, block_size)`
    (ai.onnx 21) with INT4 (symmetric) or UINT4 codes in the weight's own layout; the node
    itself is unchanged.
@@ -116,7 +118,8 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             elif self._int8_kernel(entry):
                 key = (*key, "int8")
                 if key not in written:
-                    written[key] = [self._int8_weight(graph, names, entry, shape, node)]
+                    make = self._int8_weight if entry.bits == 4 else self._plain_int8_weight
+                    written[key] = [make(graph, names, entry, shape, node)]
                 self._int8_matmul(graph, names, node, entry, written[key][0], shape)
             else:
                 if key not in written:
@@ -362,7 +365,6 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             self.kernel == "int8"
             and self.plan.scheme.symmetric
             and entry.op_type != "Gather"
-            and entry.bits == 4
             and entry.tied_to is None
         )
 
@@ -418,6 +420,26 @@ class WriteBlockedWeightsPass(ir.passes.InPlacePass):
             )
         cast = [ir.AttrInt64("to", ir.DataType.INT8)]
         return self._constant_op(graph, names, base, "Cast", [value], cast, before)
+
+    def _plain_int8_weight(
+        self,
+        graph: ir.Graph,
+        names: NameAllocator,
+        entry: BlockedWeight,
+        shape: tuple[int, ...],
+        before: ir.Node,
+    ) -> ir.Value:
+        """A layer kept at 8 bits on the int8 kernel: its int8 weight (K, N) as it is."""
+        del before  # nothing to rebuild at load
+        n, k = shape if entry.transposed else shape[::-1]
+        return self._lazy(
+            graph,
+            names.fresh(f"{entry.weight}_int8"),
+            entry,
+            ir.DataType.INT8,
+            (k, n),
+            lambda q: np.ascontiguousarray(q.int8_weight().T),
+        )
 
     def _constant_op(
         self,

@@ -29,13 +29,23 @@ from qconvert.config import Format, QuantizeConfig
 from qconvert.dataset import DirectorySource, ImagePreprocessing, input_specs, synthetic_sample
 from qconvert.errors import ConfigError, UnsupportedModelError
 from qconvert.int4_grams import GroupedGrams
+from qconvert.int4_mix import (
+    DEFAULT_SIZE_BUDGET,
+    MAX_HELD_SAMPLES,
+    Candidate,
+    choose,
+    layer_bytes,
+    output_gains,
+    structure_bytes,
+)
 from qconvert.int4_options import DEFAULT_ACCURACY_LEVEL
-from qconvert.int4_rounding import GramSource, Rounder, accumulate_grams
+from qconvert.int4_rounding import HOLD_OUT_EVERY, GramSource, Rounder, accumulate_grams
 from qconvert.layers import expose
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
 from qconvert.passes import DropIntermediateShapesPass, prepare
 from qconvert.passes.int4 import WriteBlockedWeightsPass
 from qconvert.pipelines.stages import PathLike, timed
+from qconvert.plan.decisions import NodeDecision
 from qconvert.plan.int4 import Int4Plan, make_int4_plan
 from qconvert.progress import SILENT, Progress
 from qconvert.report import Conversion, Report, check_report_path
@@ -70,6 +80,11 @@ def quantize_int4(
             "--scheme int4 does not read --calib: its rounding works from the layer inputs "
             "of the samples, which a calibration file does not hold.",
             hint="pass --data DIR (or neither, for round-to-nearest).",
+        )
+    if config.size_budget is not None and data is None:
+        raise ConfigError(
+            "--size-budget needs --data: it ranks layers by their error on held-out samples.",
+            hint="pass --data DIR, or leave --size-budget out.",
         )
     if mixed:
         raise ConfigError(
@@ -145,6 +160,23 @@ def quantize_int4(
             for node, choice in choices.items():
                 if choice.scales is not None and rounder.settle_scale(entries[node], choice):
                     kept[node] = choice.scales
+    budget = config.size_budget
+    if budget is None:
+        budget = DEFAULT_SIZE_BUDGET
+    raised: tuple[Candidate, ...] = ()
+    if grams is not None and grams.held_samples and budget > 0 and not external:
+        with timed(timings, "size budget"):
+            raised = _raise_within_budget(
+                prepared,
+                int4,
+                rounder,
+                kept,
+                source,
+                budget,
+                model_io.file_size(model),
+                config,
+            )
+            int4 = _with_raised(int4, raised, budget)
     level = config.accuracy_level
     level = DEFAULT_ACCURACY_LEVEL if level is None else level
     with timed(timings, "rewrite"):
@@ -259,6 +291,125 @@ def _input_scales(
             int8_grid=int8_grid,
         )
     return choices
+
+
+def _raise_within_budget(
+    prepared: ir.Model,
+    int4: Int4Plan,
+    rounder: Rounder,
+    kept: dict[str, np.ndarray],
+    source: DirectorySource,
+    budget: float,
+    float_bytes: int,
+    config: QuantizeConfig,
+) -> tuple[Candidate, ...]:
+    """The layers kept at 8 bits within `budget` percent of the float file (`int4_mix`).
+
+    Each candidate's chosen 4-bit rounding is held for the save; a raised layer's is
+    dropped, with its input scale (`kept` loses it too).
+    """
+    scheme = int4.scheme
+    kernel = config.resolved_int4_kernel or "nbits"
+    uses = Counter(entry.weight for entry in int4.weights)
+    shapes = {
+        entry.weight: tuple(prepared.graph.initializers[entry.weight].const_value.shape)
+        for entry in int4.weights
+    }
+    projected = float_bytes
+    seen = set()
+    for entry in int4.weights:
+        if entry.weight in seen:  # one initializer read by several nodes is written once
+            continue
+        seen.add(entry.weight)
+        n, k = shapes[entry.weight] if entry.transposed else shapes[entry.weight][::-1]
+        projected -= 4 * n * k
+        if entry.tied_to is None:  # a tied projection adds only its scales
+            own = kernel if entry.op_type != "Gather" else "nbits"
+            projected += layer_bytes(
+                n,
+                k,
+                bits=entry.bits,
+                block_size=scheme.block_size,
+                kernel=own,
+                symmetric=scheme.symmetric,
+            )
+            projected += structure_bytes(entry.weight, kernel=own)
+    projected += sum(4 * scales.size for scales in kept.values())
+    room = int(budget / 100 * float_bytes) - projected
+    candidates = [
+        entry
+        for entry in int4.weights
+        if entry.op_type != "Gather"
+        and entry.bits == 4
+        and entry.tied_to is None
+        and uses[entry.weight] == 1
+    ]
+    if room <= 0 or not candidates:
+        return ()
+    replacements = {}
+    extra = {}
+    for entry in candidates:
+        shape = shapes[entry.weight]
+        n, k = shape if entry.transposed else shape[::-1]
+        values = rounder.hold(entry).dequantize()  # (N, K)
+        if entry.node in kept:  # it stands for diag(s) W, read by x / s
+            values = values / kept[entry.node][None, :]
+        layout = values if entry.transposed else values.T
+        replacements[entry.node] = {entry.weight: np.ascontiguousarray(layout, np.float32)}
+        options = {"block_size": scheme.block_size, "kernel": kernel}
+        extra[entry.node] = layer_bytes(n, k, bits=8, **options) - layer_bytes(
+            n, k, bits=4, **options
+        )
+    held = [
+        sample.feeds
+        for index, sample in enumerate(source)
+        if index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+    ][:MAX_HELD_SAMPLES]
+    gains = output_gains(ir.serde.serialize_model(prepared), replacements, held)
+    del replacements
+    chosen = choose((Candidate(node, gains[node], extra[node]) for node in gains), room)
+    raised = {candidate.node for candidate in chosen}
+    for entry in candidates:
+        if entry.node in raised:
+            rounder.forget(entry)
+            kept.pop(entry.node, None)
+    return chosen
+
+
+def _with_raised(int4: Int4Plan, raised: tuple[Candidate, ...], budget: float) -> Int4Plan:
+    """The plan with the raised layers at 8 bits, each listed with its reason."""
+    if not raised:
+        return int4
+    by_node = {candidate.node: candidate for candidate in raised}
+    total = sum(c.gain for c in raised)
+    weights = tuple(
+        dataclasses.replace(entry, bits=8) if entry.node in by_node else entry
+        for entry in int4.weights
+    )
+    nodes = tuple(
+        NodeDecision(
+            decision.name,
+            decision.op_type,
+            True,
+            f"8-bit weight kept within the {budget:g}% size budget: its 4 bits alone cost "
+            f"{by_node[decision.name].gain:.3g} held-out output error, "
+            f"+{by_node[decision.name].extra_bytes / 1024:.0f} KiB at 8",
+        )
+        if decision.name in by_node
+        else decision
+        for decision in int4.plan.nodes
+    )
+    listed = ", ".join(
+        f"{c.node} ({c.gain:.3g}, +{c.extra_bytes / 1024:.0f} KiB)" for c in raised
+    )
+    note = (
+        f"Size budget {budget:g}% of the float file: {len(raised)} layer(s) kept at 8 bits, "
+        "those whose 4-bit weight alone adds the most held-out output error (relative "
+        f"squared error summed over samples and outputs) per extra byte: {listed}; "
+        f"together {total:.3g}."
+    )
+    plan = dataclasses.replace(int4.plan, nodes=nodes, notes=(*int4.plan.notes, note))
+    return dataclasses.replace(int4, weights=weights, plan=plan)
 
 
 def _unmap_after_writing(model: ir.Model) -> None:
