@@ -120,6 +120,14 @@ VARIANTS = (
         theirs_step="ort_int4",
         ours_options={"quantize_embeddings": True, "int4_kernel": "int8"},
     ),
+    # --size-budget 0: every layer at 4 bits, against int4+data's default budget (17%)
+    Variant(
+        scheme="int4+data-no-budget",
+        ours=("int4", "qop"),
+        theirs_label=None,
+        ours_options={"quantize_embeddings": True, "size_budget": 0.0},
+        groups=("real",),
+    ),
     Variant(
         scheme="int4+scale-search",
         ours=("int4", "qop"),

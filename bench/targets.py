@@ -325,6 +325,14 @@ def _int4_targets(results: dict, add) -> None:
             f"{_agreement(ours)} vs {_agreement(theirs)}",
             a >= b - 1e-4 if a is not None and b is not None else None,
         )
+        ratio = with_data.get(name, {}).get("ours_size_ratio")
+        add(
+            "19",
+            f"int4 --data file (layers kept at 8 bits by --size-budget) ≤ 17% of float "
+            f"({name})",
+            f"{100 * ratio:.1f}%" if ratio else "",
+            ratio <= 0.17 if ratio else None,
+        )
         ours_d = with_data.get(name, {}).get("ours_fidelity") or {}
         best = _best_int4_peer(results, name)
         a = ours_d.get("agreement")
