@@ -212,3 +212,28 @@ def test_size_budget_without_data_fails_with_one_line(tmp_path, run_cli):
     assert len(result.err.splitlines()) == 1
     assert not out.exists()
     assert path.read_bytes() == before
+
+
+def test_too_few_samples_to_hold_out_keep_every_layer_at_4_bits_and_say_so(tmp_path):
+    path = testing.save(_three_layers(), tmp_path / "model.onnx")
+    data = testing.write_samples(tmp_path / "calib", _samples(3, seed=1))
+    out = tmp_path / "out.onnx"
+    report = _quantize(path, out, data, "nbits", 50.0)
+    assert _eight_bit_nodes(onnx.load(out), "nbits") == []
+    assert (
+        "Size budget not applied (too few samples to hold any out): every layer at the "
+        "planned bits." in report.conversion.notes
+    )
+
+
+def test_a_model_in_external_data_keeps_every_layer_at_4_bits_and_says_so(tmp_path):
+    (tmp_path / "ext").mkdir()
+    path = testing.save_with_external_data(_three_layers(), tmp_path / "ext" / "m.onnx")
+    data = testing.write_samples(tmp_path / "calib", _samples(8, seed=1))
+    out = tmp_path / "out.onnx"
+    report = _quantize(path, out, data, "nbits", 50.0)
+    assert _eight_bit_nodes(onnx.load(out), "nbits") == []
+    assert any(
+        note.startswith("Size budget not applied (the model keeps its weights in external")
+        for note in report.conversion.notes
+    )

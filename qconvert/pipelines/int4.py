@@ -163,8 +163,17 @@ def quantize_int4(
     budget = config.size_budget
     if budget is None:
         budget = DEFAULT_SIZE_BUDGET
-    raised: tuple[Candidate, ...] = ()
-    if grams is not None and grams.held_samples and budget > 0 and not external:
+    skipped = None
+    if external:
+        skipped = "the model keeps its weights in external data, read one at a time"
+    elif grams is not None and not grams.held_samples:
+        skipped = "too few samples to hold any out"
+    if grams is not None and budget > 0 and skipped is not None:
+        note = f"Size budget not applied ({skipped}): every layer at the planned bits."
+        int4 = dataclasses.replace(
+            int4, plan=dataclasses.replace(int4.plan, notes=(*int4.plan.notes, note))
+        )
+    elif grams is not None and budget > 0:
         with timed(timings, "size budget"):
             raised = _raise_within_budget(
                 prepared,
