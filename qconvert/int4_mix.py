@@ -102,22 +102,24 @@ def choose(candidates: Iterable[Candidate], room: int) -> tuple[Candidate, ...]:
 
 def output_gains(
     model: onnx.ModelProto,
-    replacements: Mapping[str, Mapping[str, npt.NDArray[np.float32]]],
+    replacements: Iterable[tuple[str, Mapping[str, npt.NDArray[np.float32]]]],
+    replaced: Iterable[str],
     samples: Sequence[Mapping[str, np.ndarray]],
 ) -> dict[str, float]:
-    """Per key of `replacements`, the model's output error with those initializers replaced.
+    """Per (key, group) of `replacements`, the model's output error with `group` replaced.
 
-    `replacements` maps a name (a node) to {initializer name: its values as the quantized
-    layer stands for them}. The initializers become graph inputs of one session, so each
-    layer is measured with one run per sample and no model rebuilt. The error is summed
-    over samples and float outputs, each output's squared error relative to its energy.
+    A group maps initializer names (all among `replaced`) to the values the quantized layer
+    stands for; `replacements` may make them one at a time, so that one layer's float copy
+    is held at once. The `replaced` initializers become graph inputs of one session, so
+    each layer is measured with one run per sample and no model rebuilt. The error is
+    summed over samples and float outputs, each output's squared error relative to its
+    energy.
     """
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     listed = {value.name for value in proto.graph.input}
     inits = {tensor.name: tensor for tensor in proto.graph.initializer}
-    fed = sorted({name for group in replacements.values() for name in group} - listed)
-    for name in fed:
+    for name in sorted(set(replaced) - listed):
         tensor = inits[name]
         proto.graph.input.append(
             onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
@@ -128,7 +130,7 @@ def output_gains(
     ]
     references = [session.run(outputs, dict(sample)) for sample in samples]
     gains = {}
-    for key, group in replacements.items():
+    for key, group in replacements:
         total = 0.0
         for sample, reference in zip(samples, references, strict=True):
             results = session.run(outputs, {**sample, **group})

@@ -355,27 +355,34 @@ def _raise_within_budget(
     ]
     if room <= 0 or not candidates:
         return ()
-    replacements = {}
     extra = {}
     for entry in candidates:
         shape = shapes[entry.weight]
         n, k = shape if entry.transposed else shape[::-1]
-        values = rounder.hold(entry).dequantize()  # (N, K)
-        if entry.node in kept:  # it stands for diag(s) W, read by x / s
-            values = values / kept[entry.node][None, :]
-        layout = values if entry.transposed else values.T
-        replacements[entry.node] = {entry.weight: np.ascontiguousarray(layout, np.float32)}
         options = {"block_size": scheme.block_size, "kernel": kernel}
         extra[entry.node] = layer_bytes(n, k, bits=8, **options) - layer_bytes(
             n, k, bits=4, **options
         )
+
+    def replacements() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        for entry in candidates:
+            values = rounder.hold(entry).dequantize()  # (N, K)
+            if entry.node in kept:  # it stands for diag(s) W, read by x / s
+                values = values / kept[entry.node][None, :]
+            layout = values if entry.transposed else values.T
+            yield entry.node, {entry.weight: np.ascontiguousarray(layout, np.float32)}
+
     held = [
         sample.feeds
         for index, sample in enumerate(source)
         if index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
     ][:MAX_HELD_SAMPLES]
-    gains = output_gains(ir.serde.serialize_model(prepared), replacements, held)
-    del replacements
+    gains = output_gains(
+        ir.serde.serialize_model(prepared),
+        replacements(),
+        [entry.weight for entry in candidates],
+        held,
+    )
     chosen = choose((Candidate(node, gains[node], extra[node]) for node in gains), room)
     raised = {candidate.node for candidate in chosen}
     for entry in candidates:
