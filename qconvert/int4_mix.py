@@ -36,7 +36,7 @@ DEFAULT_SIZE_BUDGET = 17.0
 bits (`--size-budget`): 4-bit blocks of 32 come to about 15% on MatMul-dominated models,
 which leaves room for a few of the layers whose 4 bits cost most."""
 
-MAX_HELD_SAMPLES = 16
+MAX_HELD_SAMPLES = 8
 """Held-out samples the gains are measured on: one run per sample and candidate layer."""
 
 
