@@ -331,7 +331,9 @@ def test_external_data_model_gets_the_same_gptq_weights_as_one_in_memory(tmp_pat
     outputs = {}
     for name, path in (("inline", inline), ("external", external)):
         out = tmp_path / f"{name}.int4.onnx"
-        report = qconvert.quantize(path, out, data=data, config=QuantizeConfig(scheme="int4"))
+        # the same kernel on both sides: by default only the inline one would take int8's
+        config = QuantizeConfig(scheme="int4", int4_kernel="nbits")
+        report = qconvert.quantize(path, out, data=data, config=config)
         assert any("Rounding chosen per weight" in note for note in report.conversion.notes)
         outputs[name] = _inits(onnx.load(out))
     assert (tmp_path / "external.int4.onnx.data").exists()

@@ -74,6 +74,9 @@ def test_int8_kernel_with_data_divides_the_input_of_a_scaled_layer(tmp_path):
     assert scaled_sqnr > rtn_sqnr + 1.0, (scaled_sqnr, rtn_sqnr)
     # MatMulNBits does not search it (see pipelines.int4): no Mul, no note
     report = qconvert.quantize(
-        path, tmp_path / "nbits.onnx", data=data, config=QuantizeConfig(scheme="int4")
+        path,
+        tmp_path / "nbits.onnx",
+        data=data,
+        config=QuantizeConfig(scheme="int4", int4_kernel="nbits"),
     )
     assert "Mul" not in testing.count_ops(onnx.load(tmp_path / "nbits.onnx"))

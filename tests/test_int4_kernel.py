@@ -143,3 +143,34 @@ def test_int8_kernel_slices_off_the_padding_of_a_partial_last_block(tmp_path):
     assert testing.optimized_ops(out, tmp_path)["DynamicQuantizeMatMul"] == 1
     feeds = [testing.random_inputs(float_model, seed=s) for s in (1, 2)]
     assert testing.output_sqnr(float_model, out, feeds) > 15
+
+
+@pytest.mark.parametrize(
+    ("with_data", "options", "external", "kernel"),
+    [
+        (False, {}, False, "MatMulNBits"),  # nothing makes up for the activation rounding
+        (True, {}, False, "DynamicQuantizeMatMul"),
+        (True, {"asymmetric_weights": True}, False, "MatMulNBits"),  # zero points
+        (True, {"accuracy_level": 0}, False, "MatMulNBits"),
+        (True, {}, True, "MatMulNBits"),  # no size budget, no opset upgrade in place
+    ],
+)
+def test_the_default_kernel_is_int8_only_where_held_out_data_makes_up_for_it(
+    tmp_path, with_data, options, external, kernel
+):
+    float_model = testing.embedding_mlp(d=128, hidden=96)
+    if external:
+        (tmp_path / "ext").mkdir()
+        path = testing.save_with_external_data(float_model, tmp_path / "ext" / "model.onnx")
+    else:
+        path = testing.save(float_model, tmp_path / "model.onnx")
+    data = None
+    if with_data:
+        rng = np.random.default_rng(5)
+        samples = [{"ids": rng.integers(0, 50, (2, 7)).astype(np.int64)} for _ in range(8)]
+        data = testing.write_samples(tmp_path / "data", samples)
+    out = tmp_path / "model.int4.onnx"
+    qconvert.quantize(path, out, data=data, config=QuantizeConfig(scheme="int4", **options))
+    ops = testing.count_ops(onnx.load(out, load_external_data=False))
+    other = ({"MatMulNBits", "DynamicQuantizeMatMul"} - {kernel}).pop()
+    assert ops[kernel] == 3 and other not in ops

@@ -38,7 +38,7 @@ from qconvert.int4_mix import (
     output_gains,
     structure_bytes,
 )
-from qconvert.int4_options import DEFAULT_ACCURACY_LEVEL
+from qconvert.int4_options import DEFAULT_ACCURACY_LEVEL, default_int4_kernel
 from qconvert.int4_rounding import HOLD_OUT_EVERY, GramSource, Rounder, accumulate_grams
 from qconvert.layers import expose
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
@@ -107,6 +107,9 @@ def quantize_int4(
                 "qconvert only upgrades.",
                 hint=f"pass --opset {opset_before} or later, or leave it out.",
             )
+        if config.format is Format.QOP and config.int4_kernel is None:
+            kernel = default_int4_kernel(config, with_data=data is not None, external=external)
+            config = dataclasses.replace(config, int4_kernel=kernel)
         specs = input_specs(float_model)
         source = DirectorySource(data, specs, images=images, limits=limits) if data else None
         evaluation = (
