@@ -189,15 +189,19 @@ def kernels(audit) -> str:
 
 def islands(audit) -> str:
     """A fusion audit's float islands: `2 (1 not planned): Pad x1, Resize x1`."""
+    lost = f"; {len(audit.lost)} planned float, ran as integers" if audit.lost else ""
     if not audit.islands:
-        return "none"
+        return "none" + lost
     unplanned = len(audit.unplanned)
     by_op = ", ".join(f"{op} x{n}" for op, n in audit.islands_by_op().items())
-    return f"{len(audit.islands)} ({unplanned} not planned): {by_op}"
+    return f"{len(audit.islands)} ({unplanned} not planned): {by_op}{lost}"
 
 
 def island_rows(audit) -> list[list[str]]:
-    """One row per island node: node, op, whether the plan meant it, why."""
+    """One row per island node: node, op, whether the plan meant it, why.
+
+    Then one row per node planned float that onnxruntime ran on the integers.
+    """
     return [
         [
             node.name,
@@ -207,4 +211,7 @@ def island_rows(audit) -> list[list[str]]:
         ]
         for island in audit.islands
         for node in island.nodes
+    ] + [
+        [node.name, node.op_type, f"planned float, ran as {node.ran_as}", node.reason]
+        for node in audit.lost
     ]

@@ -18,11 +18,18 @@ writes the optimized graph (`SessionOptions.optimized_model_filepath`). In that 
 3. an island is *planned* when the plan meant it: its nodes are ones the plan left float
    on purpose, or ones the op table quantizes knowing onnxruntime has no integer form for
    them (`ops.QDQ_FLOAT_ISLANDS`). Any other island is a kernel the plan expected and
-   did not get: `quantize --strict-kernels` fails on it.
+   did not get: `quantize --strict-kernels` fails on it;
+4. the other way round, a node the plan keeps float next to quantized values (it reads a
+   DequantizeLinear or a QuantizeLinear reads it) is *lost* when onnxruntime did not run
+   it in float: an integer kernel carries its name or writes its output, or it is gone
+   (a Relu or Clip kept float on purpose, dropped into the QuantizeLinear or the integer
+   kernel beside it).
+   An exclusion the user asked for then does not hold, and `--strict-kernels` fails.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,6 +76,21 @@ _SHAPE_READERS = frozenset({"Shape", "Size"})
 _FUSED_PREFIXES = ("fused ",)
 """onnxruntime names a node it fuses (Conv + Relu into FusedConv) after the first one."""
 
+_RENAMED = re.compile(r"(_token_\d+|_nchwc)$")
+"""Suffixes onnxruntime's layout passes (NHWC, NCHWc) add to the names they rewrite."""
+
+
+@dataclass(frozen=True, slots=True)
+class LostNode:
+    """A node the plan keeps float that onnxruntime did not run in float."""
+
+    name: str
+    op_type: str
+    ran_as: str
+    """The integer kernel that runs it, or "dropped" where no node of it is left."""
+    reason: str
+    """The plan's reason for keeping it float."""
+
 
 @dataclass(frozen=True, slots=True)
 class IslandNode:
@@ -105,6 +127,7 @@ class FusionAudit:
         dequantize_nodes: DequantizeLinear nodes left in it (of activations and weights).
         islands: the float islands, in graph order.
         nodes: the optimized graph's node count.
+        lost: nodes planned float that run as (or inside) an integer kernel.
     """
 
     integer_kernels: dict[str, int] = field(default_factory=dict)
@@ -112,6 +135,8 @@ class FusionAudit:
     dequantize_nodes: int = 0
     islands: tuple[FloatIsland, ...] = ()
     nodes: int = 0
+    lost: tuple[LostNode, ...] = ()
+    """Nodes the plan keeps float that onnxruntime ran on the integers."""
 
     @property
     def kernel_count(self) -> int:
@@ -128,6 +153,15 @@ class FusionAudit:
             "nodes": self.nodes,
             "islands_by_op": self.islands_by_op(),
             "unplanned_islands": len(self.unplanned),
+            "lost_float": [
+                {
+                    "name": node.name,
+                    "op_type": node.op_type,
+                    "ran_as": node.ran_as,
+                    "reason": node.reason,
+                }
+                for node in self.lost
+            ],
             "islands": [
                 {
                     "planned": island.planned,
@@ -259,6 +293,7 @@ def audit_graph(
             if name in decisions and tensor not in decisions
         )
     kernels = Counter(node.op_type for node in graph.node if node.op_type in INTEGER_KERNELS)
+    lost = _lost_float(graph, plan, written) if plan is not None and written else ()
     return FusionAudit(
         integer_kernels=dict(sorted(kernels.items())),
         quantize_nodes=sum(1 for node in graph.node if node.op_type in _QUANTIZE),
@@ -268,7 +303,65 @@ def audit_graph(
             for members in islands
         ),
         nodes=len(graph.node),
+        lost=lost,
     )
+
+
+def _names(node: onnx.NodeProto) -> list[str]:
+    """The plan's names `node` may carry after onnxruntime renamed it."""
+    names = [node.name]
+    names += [node.name.removeprefix(p) for p in _FUSED_PREFIXES if node.name.startswith(p)]
+    return names + [_RENAMED.sub("", name) for name in names]
+
+
+def _lost_float(
+    graph: onnx.GraphProto, plan: QuantPlan, written: onnx.GraphProto
+) -> tuple[LostNode, ...]:
+    """Nodes the plan keeps float, beside quantized values, that do not run in float."""
+    floats = {decision.name: decision for decision in plan.nodes if not decision.quantized}
+    dequantized = {
+        output
+        for node in written.node
+        if node.op_type in _DEQUANTIZE
+        for output in node.output
+    }
+    quantized = {
+        node.input[0] for node in written.node if node.op_type in _QUANTIZE and node.input
+    }
+    # What the optimized graph runs, by the names and output tensors that trace it back.
+    runs: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type in _QUANTIZE | _DEQUANTIZE:
+            continue
+        keys = _names(node) + [
+            o for output in node.output for o in (output, _RENAMED.sub("", output))
+        ]
+        for key in keys:
+            # A float node that writes the tensor runs it in float, whatever else does.
+            if key and (key not in runs or node.op_type not in INTEGER_KERNELS):
+                runs[key] = node.op_type
+    lost = []
+    for node in written.node:
+        decision = floats.get(node.name)
+        if decision is None:
+            continue
+        beside = any(name in dequantized for name in node.input) or any(
+            name in quantized for name in node.output
+        )
+        if not beside:
+            continue  # no Q/DQ around it, nothing to fuse it into
+        ran = [runs[key] for key in (node.name, *node.output) if key in runs]
+        if ran and not any(op not in INTEGER_KERNELS for op in ran):
+            lost.append(LostNode(node.name, node.op_type, ran[0], decision.reason))
+        elif (
+            not ran
+            and node.op_type in ops.CLAMPS
+            # Left float only for want of a rule, a clamp the QuantizeLinear saturates
+            # to computes the same there: only one kept float on purpose is lost.
+            and decision.reason != ops.NOT_IN_TABLE_REASON
+        ):
+            lost.append(LostNode(node.name, node.op_type, "dropped", decision.reason))
+    return tuple(lost)
 
 
 def _components(
@@ -319,18 +412,18 @@ def _island_node(node: onnx.NodeProto, decisions: dict) -> IslandNode:
 
 
 def kernel_gates(audit: FusionAudit | None) -> tuple[GateResult, ...]:
-    """The `strict-kernels` gate: no float island the plan did not mean.
+    """The `strict-kernels` gate: no float island the plan did not mean, no exclusion lost.
 
     Without an audit (onnxruntime could not write its optimized graph) the gate fails: a
     gate that cannot be checked must not pass silently.
     """
-    measured = None if audit is None else float(len(audit.unplanned))
+    measured = None if audit is None else float(len(audit.unplanned) + len(audit.lost))
     return (
         GateResult(
             gate="strict-kernels",
             threshold=0.0,
             measured=measured,
-            unit="unplanned float islands",
+            unit="unplanned islands or lost float nodes",
             passed=measured == 0.0,
         ),
     )

@@ -205,11 +205,14 @@ gates x hidden, input or hidden]. The static schemes still store those as int8 (
 scale per row, axis 1), dequantized once when the model loads (`passes/load_dequantize`)."""
 
 
+NOT_IN_TABLE_REASON = "not in the op table: stays float"
+
+
 def float_reason(node: ir.Node) -> str:
     """Why the static schemes leave a node float when no rule quantizes it."""
     if node.domain not in ("", "ai.onnx"):
         return f"custom domain '{node.domain}': stays float"
-    return FLOAT_REASONS.get(node.op_type, "not in the op table: stays float")
+    return FLOAT_REASONS.get(node.op_type, NOT_IN_TABLE_REASON)
 
 
 CLAMPS: frozenset[str] = frozenset({"Relu", "Clip"})

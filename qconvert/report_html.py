@@ -471,7 +471,7 @@ def _fusion_audit(audit: FusionAudit) -> str:
             ],
         ),
     ]
-    if audit.islands:
+    if audit.islands or audit.lost:
         rows = fmt.island_rows(audit)
         parts.append(_folded(_table(["node", "op", "plan", "reason"], rows), len(rows)))
     return "".join(parts)

@@ -33,7 +33,9 @@ def render_markdown(report: Report) -> str:
             ["", "value"],
             fmt.conversion_rows(conversion, report.output),
         )
-        if conversion.fusion_audit is not None and conversion.fusion_audit.islands:
+        if conversion.fusion_audit is not None and (
+            conversion.fusion_audit.islands or conversion.fusion_audit.lost
+        ):
             lines += _table(
                 "Float islands (DequantizeLinear -> op -> QuantizeLinear)",
                 ["node", "op", "plan", "reason"],

@@ -27,7 +27,7 @@ def report(result: Report) -> None:
             table.add_row(what, value)
         audit = conversion.fusion_audit
         stdout.print(table)
-        if audit is not None and audit.islands:
+        if audit is not None and (audit.islands or audit.lost):
             islands = Table(
                 title="Float islands (DequantizeLinear -> op -> QuantizeLinear)",
                 title_justify="left",
