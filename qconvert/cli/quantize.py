@@ -303,7 +303,8 @@ SCHEME_HELP = (
     "--strict-kernels",
     is_flag=True,
     help="Exit 1 when onnxruntime leaves a float island (DequantizeLinear -> float op -> "
-    "QuantizeLinear) the plan did not mean; the model and report are still written. "
+    "QuantizeLinear) the plan did not mean, or runs a node the plan keeps float (an "
+    "excluded Relu) on the integers; the model and report are still written. "
     "The report's fusion audit lists every island either way.",
 )
 @workers_option(

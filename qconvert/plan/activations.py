@@ -205,7 +205,9 @@ class ActivationRules(PlannerState):
         answer = False
         for node in value.consumers():
             rule = ops.quantized_rule(node)
-            if node.op_type in ops.CLAMPS:
+            if self._excluded_clamp_reader(node) is not None:
+                answer = False  # reads an excluded clamp's float output
+            elif node.op_type in ops.CLAMPS:
                 answer = self._feeds_quantized(node.outputs[0])
             elif self._skip_reason(node):
                 answer = False  # left float by the user or the recipe, whatever its type

@@ -69,6 +69,8 @@ class PlannerState:
         # Set by the driver's first walk, before any rule runs.
         self.gelu: frozenset[str] = frozenset()
         self.mixed: dict[str, str] = {}
+        # Excluded Relu/Clip nodes whose readers read their float output (`_held_clamps`).
+        self.held_clamps: frozenset[str] = frozenset()
 
     def _nodes(self) -> Iterator[ir.Node]:
         """The main graph's nodes, each If/Loop/Scan followed by the nodes of its bodies.

@@ -82,6 +82,8 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             for node in self._nodes()
             if node.op_type == "Concat" and (reason := self._mixed_range(node)) is not None
         }
+        self.held_clamps = self._held_clamps()
+        self.feeds_quantized.clear()  # decided again, with the clamps' readers float
         for node in self._nodes():
             if node.name in self.nodes:
                 continue  # a clamp already folded into its producer
@@ -98,6 +100,8 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
                 self._hold_float(node, held)
             elif node.name in self.gelu:
                 self._decide(node, False, GELU_REASON)
+            elif (reason := self._excluded_clamp_reader(node)) is not None:
+                self._plan_excluded_clamp_reader(node, rule, reason)
             elif rule is not None:
                 self._plan_quantized(node, rule)
             elif node.op_type in ops.PASS_THROUGH:
@@ -133,6 +137,16 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             float_readers=frozenset(self.float_readers),
             scale_folds=tuple(self.scale_folds),
         )
+
+    def _plan_excluded_clamp_reader(
+        self, node: ir.Node, rule: ops.QuantizedOpRule | None, reason: str
+    ) -> None:
+        """Plans a reader of an excluded clamp's output float, reading the float tensor."""
+        if rule is not None and rule.weights:
+            self._plan_stored_weights(node, rule, self._node_scheme(node), reason)
+        else:
+            self.float_readers.add(node.name or "")
+            self._decide(node, False, reason)
 
     def _skip_reason(self, node: ir.Node) -> str | None:
         reason = skip_reason(node, self.selection, self.overrides, self.excluded)
