@@ -188,7 +188,12 @@ class FloatIslandRules(PlannerState):
         whose bounds hold the quantized range, into the QuantizeLinear (or the integer
         kernel before it), and the excluded node runs on the integers after all. So the
         readers read the float output and compute in float (`_excluded_clamp_reader`):
-        the exclusion holds.
+        the exclusion holds. The clamp itself reads its input's DequantizeLinear
+        (`_reads_dequantized`: nothing quantized reads it now), so the op before it keeps
+        its integer kernel. On four 3x3 Convs of 32 channels (28x28, one thread, median
+        of 300 runs) with the second Relu excluded: 0.53 ms at 32.5 dB, against 0.60 ms at
+        33.6 dB with the Conv before the Relu float too, and 0.46 ms at 32.8 dB when the
+        Relu was dropped into the QuantizeLinear (float: 0.58 ms).
         """
         return frozenset(
             node.name or ""
@@ -223,8 +228,6 @@ class FloatIslandRules(PlannerState):
         (32 channels, 28x28, one thread, median of 300 runs): 0.49 ms at 32.7 dB, against
         0.66 ms at 35.4 dB with both Convs planned float (float: 0.60 ms).
         """
-        if node.name in self.held_clamps:
-            return False  # its readers read its float output; it reads the float input
         return (
             node.op_type not in ops.REQUANTIZED_OPS
             and bool(node.outputs)
