@@ -50,7 +50,12 @@ def test_an_excluded_clamp_is_not_folded(tiny_cnn, tmp_path):
     relu = next(node for node in plan.nodes if node.name == relu_name)
     assert relu.quantized is False and relu.reason == "excluded: stays float"
     # The Conv, whose output (named after the folded BatchNormalization) only the float
-    # Relu now reads, computes in float: as int8 nothing would read its integers.
+    # Relu now reads, computes in float: as int8 nothing would read its integers. A thin
+    # Conv (three input channels) between float ops says so.
     assert "bn" not in plan.tensors
     conv = next(node for node in plan.nodes if node.op_type == "Conv")
-    assert not conv.quantized and conv.reason.startswith("a node left float reads its output")
+    assert not conv.quantized and conv.reason.startswith("thin Conv between float ops")
+    # The MaxPool reads the Relu's float output: a QuantizeLinear of it would have let
+    # onnxruntime drop the excluded Relu into it.
+    pool = next(node for node in plan.nodes if node.op_type == "MaxPool")
+    assert not pool.quantized and f"excluded Relu '{relu_name}'" in pool.reason
