@@ -35,7 +35,8 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                         spread}]: per weight quantized per channel, widest spread first,
                     recipe null | {samples, scored_on, start, trials [{step, kept, before,
                     after, seconds, detail}], raised [{name, op_type, gain_db,
-                    weight_share, work_share}], final, floor_sqnr_db, min_top1_agreement,
+                    work_share, weight_share (0: int8-stored weights), made_float
+                    [name]}], final, floor_sqnr_db, min_top1_agreement,
                     budget, kept [step]}: what the default recipe tried and kept, each
                     fidelity as {sqnr_db, top1_agreement} on held-out samples}
     comparison      null | {

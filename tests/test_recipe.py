@@ -122,7 +122,7 @@ def test_raising_keeps_the_costliest_node_float_within_the_budget(tmp_path):
     raised = {node.name for node in recipe.raised}
     floats = {node.name: node.reason for node in report.conversion.float_nodes}
     assert raised <= set(floats)
-    assert all(floats[name].startswith("kept float by the recipe") for name in raised)
+    assert all(floats[name].startswith("raised by the recipe") for name in raised)
     assert recipe.final.sqnr_db > max(t.after.sqnr_db for t in recipe.trials if t.after)
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     # no budget: nothing is raised, whatever the floor
@@ -271,15 +271,15 @@ def test_the_first_and_last_layers_are_scored_before_the_cheapest():
 
     model = serde.deserialize_model(_stem_chain())
     nodes = [(node.name, node.op_type) for node in model.graph]
-    costs = {name: (0.01, 0.01) for name, _ in nodes}
-    costs["stem"] = costs["head"] = costs["down"] = (0.04, 0.04)
+    costs = dict.fromkeys((name for name, _ in nodes), 0.01)
+    costs["stem"] = costs["head"] = costs["down"] = 0.04
     chosen = ranked_candidates(model, nodes, costs)
     assert len(chosen) == MAX_RANKED
     assert chosen[:2] == [("stem", "Gemm"), ("head", "Gemm")]
     assert ("down", "Gemm") not in chosen  # neither an end nor among the cheapest
     # No layers: the cheapest, in name order among equals.
     adds = [(f"a{i}", "Add") for i in range(MAX_RANKED + 2)]
-    cheapest = ranked_candidates(model, adds, {name: (0.0, 0.0) for name, _ in adds})
+    cheapest = ranked_candidates(model, adds, dict.fromkeys((name for name, _ in adds), 0.0))
     assert cheapest == sorted(adds)[:MAX_RANKED]
 
 

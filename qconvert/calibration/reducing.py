@@ -146,6 +146,18 @@ def run_sizes(
 ) -> dict[str, int]:
     """The values each of `tensors` holds in a run on inputs of these `shapes`.
 
+    Their product of `run_shapes`; absent where shape inference cannot tell.
+    """
+    return {
+        name: math.prod(shape) for name, shape in run_shapes(proto, tensors, shapes).items()
+    }
+
+
+def run_shapes(
+    proto: onnx.ModelProto, tensors: Iterable[str], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """The shape of each of `tensors` in a run on inputs of these `shapes`.
+
     ONNX shape inference on the graph with its inputs set to `shapes` and its large
     initializers left as bare types (their values only slow it down); absent where it
     cannot tell (a shape that depends on the data). A failure tells nothing: {}.
@@ -183,15 +195,15 @@ def run_sizes(
         for value in (*graph.input, *graph.value_info, *graph.output)
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")
     }
-    sizes = {}
+    known = {}
     for name in tensors:
         kind = types.get(name)
         dims = [] if kind is None else list(kind.shape.dim)
         if kind is not None and all(
             d.HasField("dim_value") and d.dim_value >= 0 for d in dims
         ):
-            sizes[name] = math.prod(d.dim_value for d in dims)
-    return sizes
+            known[name] = tuple(d.dim_value for d in dims)
+    return known
 
 
 def whole_tensors(

@@ -60,7 +60,6 @@ from qconvert.pipelines.mixed_precision import (
     check_mixed_precision,
     evaluator_on,
     plan_mixed_precision,
-    planner,
 )
 from qconvert.pipelines.recipe import (
     RecipeStages,
@@ -420,7 +419,7 @@ def search_recipe(state: QuantizeState) -> QuantizeState:
         adaround=adaround,
         correct_biases=correct_biases,
         rewrite=rewrite,
-        plan_with=lambda s, ranges, excluded: _plan_excluding(s, ranges, excluded),
+        plan_with=_plan_raising,
     )
     return run_recipe(state, stages)
 
@@ -594,10 +593,23 @@ STAGES: tuple[Stage, ...] = (
 save -> evaluate -> report, with the optional passes between."""
 
 
-def _plan_excluding(state: QuantizeState, ranges, excluded: frozenset[str]) -> QuantPlan:
-    """The static plan of the prepared model with `ranges`, `excluded` nodes kept float."""
-    return planner(state.prepared, state.scheme, state.config, state.selection, ranges)(
-        excluded
+def _plan_raising(
+    state: QuantizeState, ranges, raised: frozenset[str], excluded: frozenset[str]
+) -> QuantPlan:
+    """The static plan of the prepared model with `ranges` and the recipe's raises.
+
+    `raised` nodes compute in float from int8-stored weights (`plan.static.RAISED_REASON`),
+    `excluded` ones keep their float weights too.
+    """
+    return make_plan(
+        state.prepared,
+        state.scheme,
+        ranges,
+        raised=raised,
+        excluded=excluded,
+        selection=state.selection,
+        overrides=state.config.overrides,
+        format=state.config.format.value,
     )
 
 

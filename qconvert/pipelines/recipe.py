@@ -3,19 +3,23 @@
 What helps is what held-out samples say; if the fidelity is still too low, the few nodes
 that cost the most are raised to float.
 
-The samples are split: a held-out part (`HELD_OUT` of them, spread evenly over the folder,
-or the `--eval` folder) scores, the rest calibrates. Starting from the plan `--recipe
-fast` writes, the steps are tried cheap-first (`STEPS`): the other range method
-(`auto`'s per-tensor clipping against minmax), bias correction, weight rounding that
-minimises each layer's output error (AdaRound), cross-layer equalization where the graph
-has Conv pairs for it. A step is kept only when it improves the held-out fidelity
-(`Fidelity.improves`); the kept steps compose, each tried on top of those kept before.
+The samples are split: a held-out part (a quarter of them, from `HELD_OUT` to
+`MAX_HELD_OUT`, spread evenly over the folder, or the `--eval` folder) scores, the rest
+calibrates. Starting from the plan `--recipe fast` writes, the steps are tried
+cheap-first (`STEPS`): the other range method (`auto`'s per-tensor clipping against
+minmax), bias correction, weight rounding that minimises each layer's output error
+(AdaRound), cross-layer equalization where the graph has Conv pairs for it. A step is
+kept only when it improves the held-out fidelity (`Fidelity.improves`: SQNR up, top-1
+agreement down by at most one sample); the kept steps compose, each tried on top of those
+kept before.
 
 If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`, and for
-classifiers `min_top1_agreement`), nodes are raised to float: each candidate (the first
-and last layers, then the cheapest nodes) is scored kept float alone on top of the kept
-steps, ranked by the dB it gains per share of the model's weight bytes
-and multiply-accumulates it costs in float, and raised in that order while the budget
+classifiers `min_top1_agreement`), nodes are raised: a raised node computes in float from
+its int8-stored weights, so it costs float work, not file bytes (`raise_costs`). Each
+candidate (the first and last layers, then the cheapest nodes) is scored raised alone on
+top of the kept steps, ranked by the dB it gains per share of the model's
+multiply-accumulates it moves to float kernels (its own, and those of the nodes the plan
+makes float with it), and raised in that order while the budget
 (`RecipeOptions.budget`) allows and while each raise still improves the held-out score,
 until the floor holds.
 
@@ -44,6 +48,7 @@ from qconvert.passes import prepare
 from qconvert.passes.adaround import adaround_nodes
 from qconvert.passes.bias_correct import correctable_nodes
 from qconvert.passes.equalize import EqualizePass
+from qconvert.pipelines.raise_costs import node_work, raise_cost, weight_shares, work_shares
 from qconvert.pipelines.stages import ranges_of
 from qconvert.pipelines.state import QuantizeState
 from qconvert.pipelines.weight_passes import FloatInputs
@@ -54,6 +59,7 @@ from qconvert.recipe_result import (
     RaisedNode,
     RecipeResult,
     Trial,
+    raise_kind,
 )
 from qconvert.runtime import make_session
 from qconvert.schemes import StaticScheme
@@ -63,9 +69,14 @@ StageFn = Callable[[QuantizeState], QuantizeState]
 
 
 HELD_OUT = 16
-"""Samples held out of calibration to score on: 16 tell plans 0.5 dB apart (the SQNR of
-16 images of a 224 CNN varies by about 0.2 dB from one draw of 16 to another) at the cost
-of a third of a float pass over 48 calibration samples per trial."""
+"""Samples held out of calibration to score on, at least: 16 tell plans 0.5 dB apart (the
+SQNR of 16 images of a 224 CNN varies by about 0.2 dB from one draw of 16 to another) at
+the cost of a third of a float pass over 48 calibration samples per trial."""
+
+MAX_HELD_OUT = 64
+"""Samples held out at most: a quarter of the folder is held out when that is more than
+`HELD_OUT` (`held_out_count`), so a larger folder scores top-1 agreement in finer steps
+(1.6 points a sample on 64, against 6.25 on 16) at the same share of its float work."""
 
 MIN_CALIBRATION = 32
 """Samples left to calibrate on after holding out; with fewer, the recipe does not run
@@ -83,6 +94,11 @@ over 60 quantized nodes, and scoring each costs a session and 16 runs."""
 
 MAX_GAIN_DB = 60.0
 """A node's gain counts as at most this (keeping the only noisy node float gives inf)."""
+
+
+def held_out_count(count: int) -> int:
+    """How many of `count` samples to hold out: a quarter, `HELD_OUT` to `MAX_HELD_OUT`."""
+    return min(max(HELD_OUT, count // 4), MAX_HELD_OUT)
 
 
 def held_out_indices(count: int, held: int = HELD_OUT) -> tuple[int, ...]:
@@ -114,7 +130,7 @@ class HeldOut:
         """The fidelity of `model` (serialized)."""
         session = make_session(model, quiet=True)
         outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
-        worst, agreement = math.inf, None
+        worst, agreement, rows = math.inf, None, 0
         for index, name in enumerate(self.output_names):
             # Class scores are [batch, classes]: a detector's [1, 84, anchors] head is
             # float over its last axis too, but its argmax over anchors means nothing.
@@ -127,8 +143,9 @@ class HeldOut:
             if not math.isnan(result.sqnr_db):
                 worst = min(worst, result.sqnr_db)
             if result.top1_agreement is not None:
-                agreement = min(agreement or 1.0, result.top1_agreement)
-        return Fidelity(sqnr_db=worst, top1_agreement=agreement)
+                if agreement is None or result.top1_agreement < agreement:
+                    agreement, rows = result.top1_agreement, accumulator.rows
+        return Fidelity(sqnr_db=worst, top1_agreement=agreement, top1_rows=rows)
 
 
 def recipe_applies(state: QuantizeState) -> bool:
@@ -168,7 +185,7 @@ def split_samples(state: QuantizeState) -> QuantizeState:
             "recipe."
         )
         return state.replace(notes=(*state.notes, note))
-    indices = held_out_indices(count)
+    indices = held_out_indices(count, held_out_count(count))
     return state.replace(
         held_out=state.source.select(indices),
         source=state.source.without(indices),
@@ -189,8 +206,9 @@ class RecipeStages:
     adaround: StageFn
     correct_biases: StageFn
     rewrite: StageFn
-    plan_with: Callable[[QuantizeState, Mapping, frozenset[str]], QuantPlan]
-    """Plans the state's prepared model with these ranges and these nodes kept float."""
+    plan_with: Callable[[QuantizeState, Mapping, frozenset[str], frozenset[str]], QuantPlan]
+    """Plans the state's prepared model with these ranges, the first nodes raised (float
+    compute, int8-stored weights) and the second kept float, weights and all."""
 
 
 STEPS = ("range method", "bias correction", "weight rounding", "equalization")
@@ -212,13 +230,13 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     equalized: dict[str, QuantizeState] = {}
     built: dict[tuple[frozenset[str], frozenset[str]], QuantizeState] = {}
 
-    def build(kept: frozenset[str], excluded: frozenset[str] = frozenset()) -> QuantizeState:
-        """The tail of the pipeline re-run with the `kept` steps and `excluded` nodes."""
+    def build(kept: frozenset[str], excluded: frozenset[Raise] = frozenset()) -> QuantizeState:
+        """The tail of the pipeline re-run with the `kept` steps and `excluded` raises."""
         if (kept, excluded) not in built:
             built[kept, excluded] = rebuild(kept, excluded)
         return built[kept, excluded]
 
-    def rebuild(kept: frozenset[str], excluded: frozenset[str]) -> QuantizeState:
+    def rebuild(kept: frozenset[str], excluded: frozenset[Raise]) -> QuantizeState:
         current = base
         if "equalization" in kept:
             if not equalized:
@@ -227,7 +245,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         if "range method" in kept:
             current = _other_ranges(current, stages)
         if excluded:
-            current = _excluding(current, stages, excluded)
+            current = _raising(current, stages, excluded)
         if "weight rounding" in kept:
             current = stages.adaround(current)
         if "bias correction" in kept:
@@ -273,11 +291,14 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
             if keep:
                 kept, best = kept | {step}, after
             advance()
-    excluded: frozenset[str] = frozenset()
+    excluded: frozenset[Raise] = frozenset()
     raised: tuple[RaisedNode, ...] = ()
     qdq = state.config.format is Format.QDQ
     if not best.meets(options) and options.budget > 0 and qdq:
-        excluded, raised, best = _raise(build, rebuild, kept, score, best, options, progress)
+        work = node_work(base.prepared, scorer.samples[0] if scorer.samples else None)
+        excluded, raised, best = _raise(
+            build, rebuild, kept, score, best, options, progress, work
+        )
     final = build(kept, excluded)
     if raised:
         final = final.replace(plan=_with_raised_reasons(final.plan, raised))
@@ -333,16 +354,18 @@ def _other_ranges(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     if other is None:
         return state
     ranges, choices, label = other
-    plan = stages.plan_with(state, ranges, frozenset())
+    plan = stages.plan_with(state, ranges, frozenset(), frozenset())
     note = f"Range method: the recipe kept {label}, better on held-out samples."
     plan = dataclasses.replace(plan, notes=(*plan.notes, note))
     return state.replace(plan=plan, ranges=ranges, range_choices=choices)
 
 
-def _excluding(
-    state: QuantizeState, stages: RecipeStages, excluded: frozenset[str]
+def _raising(
+    state: QuantizeState, stages: RecipeStages, raises: frozenset[Raise]
 ) -> QuantizeState:
-    plan = stages.plan_with(state, state.ranges, excluded)
+    compute = frozenset(name for name, float_weights in raises if not float_weights)
+    floated = frozenset(name for name, float_weights in raises if float_weights)
+    plan = stages.plan_with(state, state.ranges, compute, floated)
     extra = tuple(note for note in state.plan.notes if note not in plan.notes)
     return state.replace(plan=dataclasses.replace(plan, notes=(*plan.notes, *extra)))
 
@@ -377,56 +400,102 @@ def _equalized(base: QuantizeState, stages: RecipeStages) -> QuantizeState:
     return stages.plan(state)
 
 
-def _raise(build, rebuild, kept, score, best, options, progress):
-    """Keeps float the nodes that buy the most held-out fidelity per cost, within budget.
+Raise = tuple[str, bool]
+"""A raised node: its name, and whether its weights are stored float too."""
 
-    Each candidate is scored on the kept steps (`rebuild(kept, {node})`, not cached: one
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    name: str
+    op_type: str
+    float_weights: bool
+    gain_db: float
+    work_share: float
+    weight_share: float
+    made_float: tuple[str, ...]
+
+
+def _raise(build, rebuild, kept, score, best, options, progress, work):
+    """Raises the nodes that buy the most held-out fidelity per cost, within budget.
+
+    A node is raised first as float compute on int8-stored weights: that costs no file
+    bytes, only the multiply-accumulates it (and whatever the plan makes float with it,
+    `raise_costs`) moves to float kernels, as a share of the model's (`work`). Where the
+    error is in the node's weights themselves (an outlier input channel sets a whole
+    output channel's scale), only float weights help: a node whose weights fit the
+    budget is scored that way too, at the cost of its weights' share of the weight
+    bytes. Each variant is scored alone on the kept steps (`rebuild`, not cached: one
     state a candidate), so its gain is what is left once rounding and bias correction
     have removed what they can: on EfficientNet-Lite0 the first depthwise Conv costs
     5 dB before bias correction and nothing after, while the stem Conv (the image input
-    quantized, and its weights) still costs 2.6 dB.
+    quantized, and its weights) still costs 2.6 dB. Candidates are raised best gain per
+    (work share + byte share) first.
     """
     current = build(kept)
     nodes = quantizable_nodes(current.plan)
-    costs = node_costs(current.prepared, [name for name, _ in nodes])
-    # A node that alone costs more than the budget can never be raised: not scored. Of
-    # the rest, `MAX_RANKED` are scored (each score is a session and a pass over the
+    names = [name for name, _ in nodes]
+    own = work_shares(work, names)
+    stored = weight_shares(current.prepared, names)
+    # A node whose own work is over the budget can never be raised: not scored. Of the
+    # rest, `MAX_RANKED` are scored (each score is a session and a pass over the
     # held-out samples): the model's first and last layers, then the cheapest.
-    affordable = [(n, op) for n, op in nodes if max(costs[n]) <= options.budget]
-    nodes = ranked_candidates(current.prepared, affordable, costs)
+    affordable = [(n, op) for n, op in nodes if own[n] <= options.budget]
+    nodes = ranked_candidates(current.prepared, affordable, own)
     candidates = []
     with progress.task("Ranking nodes", len(nodes)) as advance:
         for name, op_type in nodes:
-            alone = score(rebuild(kept, frozenset({name})))
-            gain = min(alone.sqnr_db - best.sqnr_db, MAX_GAIN_DB)
-            weight_share, work_share = costs[name]
-            if gain > MIN_GAIN_DB:
-                candidates.append((name, op_type, gain, weight_share, work_share))
+            for float_weights in (False, True):
+                weight_share = stored[name] if float_weights else 0.0
+                if float_weights and not 0.0 < weight_share <= options.budget:
+                    continue
+                alone = rebuild(kept, frozenset({(name, float_weights)}))
+                cost = raise_cost(current.plan, alone.plan, work)
+                if cost.work_share > options.budget:
+                    break
+                gain = min(score(alone).sqnr_db - best.sqnr_db, MAX_GAIN_DB)
+                if gain > MIN_GAIN_DB:
+                    candidates.append(
+                        _Candidate(
+                            name=name,
+                            op_type=op_type,
+                            float_weights=float_weights,
+                            gain_db=gain,
+                            work_share=cost.work_share,
+                            weight_share=weight_share,
+                            made_float=tuple(n for n in cost.made_float if n != name),
+                        )
+                    )
             advance()
-    candidates.sort(key=lambda c: (-c[2] / max(c[3] + c[4], 1e-9), c[0]))
-    excluded: frozenset[str] = frozenset()
+    candidates.sort(
+        key=lambda c: (-c.gain_db / max(c.work_share + c.weight_share, 1e-9), c.name)
+    )
+    excluded: frozenset[Raise] = frozenset()
     raised = []
-    used_weights = used_work = 0.0
-    for name, op_type, gain, weight_share, work_share in candidates:
+    used_weights = 0.0
+    for candidate in candidates:
         if best.meets(options):
             break
-        if used_weights + weight_share > options.budget:
+        if any(name == candidate.name for name, _ in excluded):
             continue
-        if used_work + work_share > options.budget:
+        if used_weights + candidate.weight_share > options.budget:
             continue
-        after = score(build(kept, excluded | {name}))
+        chosen = excluded | {(candidate.name, candidate.float_weights)}
+        trial = build(kept, chosen)
+        if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
+            continue
+        after = score(trial)
         if not after.improves(best):
             continue
-        excluded, best = excluded | {name}, after
-        used_weights += weight_share
-        used_work += work_share
+        excluded, best = chosen, after
+        used_weights += candidate.weight_share
         raised.append(
             RaisedNode(
-                name=name,
-                op_type=op_type,
-                gain_db=gain,
-                weight_share=weight_share,
-                work_share=work_share,
+                name=candidate.name,
+                op_type=candidate.op_type,
+                gain_db=candidate.gain_db,
+                work_share=candidate.work_share,
+                weight_share=candidate.weight_share,
+                made_float=candidate.made_float,
             )
         )
     return excluded, tuple(raised), best
@@ -437,9 +506,7 @@ LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 
 
 def ranked_candidates(
-    model: ir.Model,
-    nodes: Sequence[tuple[str, str]],
-    costs: Mapping[str, tuple[float, float]],
+    model: ir.Model, nodes: Sequence[tuple[str, str]], costs: Mapping[str, float]
 ) -> list[tuple[str, str]]:
     """The `MAX_RANKED` nodes the raise step scores, of `nodes` (name, op type).
 
@@ -457,7 +524,7 @@ def ranked_candidates(
     ends = list(dict.fromkeys(layers[:1] + layers[-1:]))
     rest = sorted(
         (node for node in nodes if node not in ends),
-        key=lambda node: (sum(costs[node[0]]), node[0]),
+        key=lambda node: (costs[node[0]], node[0]),
     )
     return (ends + rest)[:MAX_RANKED]
 
@@ -467,61 +534,12 @@ def _with_raised_reasons(plan: QuantPlan, raised: tuple[RaisedNode, ...]) -> Qua
     nodes = tuple(
         dataclasses.replace(
             node,
-            reason=f"kept float by the recipe: +{by_name[node.name].gain_db:.1f} dB "
-            "held-out SQNR alone, the most per byte and multiply-accumulate it costs",
+            reason=f"raised by the recipe ({raise_kind(by_name[node.name])}): "
+            f"+{by_name[node.name].gain_db:.1f} dB held-out SQNR alone, the most per "
+            "multiply-accumulate and byte it moves to float",
         )
         if node.name in by_name
         else node
         for node in plan.nodes
     )
     return dataclasses.replace(plan, nodes=nodes)
-
-
-def node_costs(model: ir.Model, names: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """(weight share, work share) of each named node, in the model's weight bytes and MACs.
-
-    Multiply-accumulates of Conv, ConvTranspose, MatMul and Gemm; other ops count their
-    output elements.
-    """
-    work: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    total_work = total_weights = 0.0
-    for node in model.graph:
-        nbytes = sum(
-            value.const_value.nbytes
-            for value in node.inputs[1:]
-            if value is not None and value.const_value is not None
-        )
-        macs = _macs(node)
-        total_work += macs
-        total_weights += nbytes
-        work[node.name or ""] = macs
-        weights[node.name or ""] = nbytes
-    return {
-        name: (
-            weights.get(name, 0.0) / total_weights if total_weights else 0.0,
-            work.get(name, 0.0) / total_work if total_work else 0.0,
-        )
-        for name in names
-    }
-
-
-def _macs(node: ir.Node) -> float:
-    """Multiply-accumulates of one run of the node, from the shapes known (0 if unknown)."""
-    output = node.outputs[0] if node.outputs else None
-    shape = output.shape if output is not None else None
-    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
-        return 0.0
-    elements = float(np.prod(shape)) if len(shape) else 1.0
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    wshape = weight.shape if weight is not None else None
-    if wshape is None or not all(isinstance(d, int) and d >= 0 for d in wshape):
-        return elements
-    if node.op_type == "Conv":
-        return elements * float(np.prod(wshape[1:]))
-    if node.op_type == "ConvTranspose":
-        return elements * wshape[0] * float(np.prod(wshape[2:])) / max(wshape[1], 1)
-    if node.op_type in ("MatMul", "Gemm") and len(wshape) >= 2:
-        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-        return elements * wshape[-1 if transposed else -2]
-    return elements

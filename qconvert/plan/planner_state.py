@@ -44,12 +44,16 @@ class PlannerState:
         selection: NodeSelection,
         overrides: Overrides,
         format: str,
+        *,
+        raised: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = model.graph
         self.format = format
         self.scheme = scheme
         self.ranges = ranges
         self.excluded = excluded
+        # Nodes the recipe raised: float compute from int8-stored weights.
+        self.raised = raised
         self.selection = selection
         self.overrides = overrides
         self.tensors: dict[str, TensorDecision] = {}

@@ -54,6 +54,7 @@ def make_plan(
     ranges: Mapping[str, TensorRange],
     *,
     excluded: frozenset[str] = frozenset(),
+    raised: frozenset[str] = frozenset(),
     selection: NodeSelection | None = None,
     overrides: Overrides | None = None,
     format: str = "qdq",
@@ -61,14 +62,18 @@ def make_plan(
     """Plans the static quantization of `model` with `scheme` and calibrated `ranges`.
 
     Nodes named in `excluded`, or left float by `selection` or `overrides`, stay float;
-    their neighbours still quantize the tensors they share with them. `format` is how
+    their neighbours still quantize the tensors they share with them. Nodes named in
+    `raised` (the recipe's) compute in float too, their weights stored as int8
+    (`RAISED_REASON`). `format` is how
     the plan will be written (qdq or qop): a MatMul and the Add of its bias make one
     layer only in QDQ, where onnxruntime fuses them into QGemm.
     """
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=True, scheme=scheme.name)
     selection = selection or NodeSelection()
-    planner = _Planner(model, scheme, ranges, excluded, selection, overrides, format)
+    planner = _Planner(
+        model, scheme, ranges, excluded, selection, overrides, format, raised=raised
+    )
     return planner.run()
 
 
@@ -94,7 +99,9 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
                 skip is not None and not self._reads_dequantized(node)
             ):
                 self.float_readers.add(node.name or "")
-            if skip is not None:
+            if skip is not None and node.name in self.raised and rule and rule.weights:
+                self._plan_stored_weights(node, rule, self._node_scheme(node), skip)
+            elif skip is not None:
                 self._decide(node, False, skip)
             elif (held := self._held_float_input(node)) is not None:
                 self._hold_float(node, held)
@@ -149,6 +156,8 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             self._decide(node, False, reason)
 
     def _skip_reason(self, node: ir.Node) -> str | None:
+        if node.name in self.raised:
+            return RAISED_REASON
         reason = skip_reason(node, self.selection, self.overrides, self.excluded)
         if reason is None and node.op_type == "Add":
             reason = self._mixed_range_add(node)
@@ -281,6 +290,10 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             return FLOAT_READERS_REASON
         return None
 
+
+RAISED_REASON = "raised by the recipe: computes in float"
+"""With `_plan_stored_weights`' suffix: its weights stay int8 in the file, dequantized when
+the model loads, so a raise costs float work, not file bytes."""
 
 GELU_REASON = (
     "part of a GELU written out as x * (1 + erf(x / sqrt 2)) / 2: stays float, as one "
