@@ -106,6 +106,27 @@ def test_a_node_of_dynamic_shape_is_costed_from_the_samples_shapes():
     assert node_work(model, None) == {"conv": 0.0, "relu": 0.0}
 
 
+def test_a_node_whose_shape_depends_on_the_data_is_costed_from_a_run():
+    # The Conv's input is reshaped by a shape given at run time: shape inference cannot
+    # tell its size (an STFT front end computes its padding from the input's length).
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        framed (float[N] input, int64[3] frames) => (float[1,6,L] output) {
+            x = Reshape (input, frames)
+            output = Conv <pads = [1,1]> (x, w)
+        }
+    """)
+    w = np.random.default_rng(0).standard_normal((6, 4, 3)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    model.graph.node[1].name = "conv"
+    prepared = prepare(ir.serde.deserialize_model(model), min_opset=13)
+    feeds = {
+        "input": np.zeros(4 * 50, np.float32),
+        "frames": np.array([1, 4, 50], np.int64),
+    }
+    assert node_work(prepared, feeds)["conv"] == 6 * 50 * 4 * 3
+
+
 def test_a_raise_on_int8_stored_weights_costs_no_file_bytes(tmp_path):
     # The stem's input has an outlier feature: its error is in the activation, so a raise
     # on int8-stored weights recovers it and the file stays as small as the single pass.
