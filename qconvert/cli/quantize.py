@@ -258,12 +258,14 @@ SCHEME_HELP = (
     type=click.Choice(["default", "fast"]),
     default="default",
     show_default=True,
-    help="default: with --data (at least 48 samples, or --eval), hold 16 samples out, try "
-    "the other range method, bias correction, adaptive weight rounding and equalization "
-    "in turn, keep each only where the held-out output SQNR (and top-1 agreement) "
-    "improves, then keep float the nodes that buy the most fidelity per byte and "
-    "multiply-accumulate while it is below --floor-sqnr, within --raise-budget; the "
-    "report tells what was tried and kept. fast: the single pass (plan, rewrite).",
+    help="default: with --data (at least 48 samples, or --eval), hold a quarter of the "
+    "samples out (16 to 64), try the other range method, bias correction, adaptive weight "
+    "rounding and equalization in turn, keep each only where the held-out output SQNR "
+    "improves (and top-1 agreement drops by one sample at most), then raise the nodes "
+    "that buy the most fidelity per multiply-accumulate (float compute on int8-stored "
+    "weights; float weights too only where their rounding is the error) while it is "
+    "below --floor-sqnr, within --raise-budget; the report tells what was tried and "
+    "kept. fast: the single pass (plan, rewrite).",
 )
 @click.option(
     "--floor-sqnr",
@@ -280,8 +282,9 @@ SCHEME_HELP = (
     default=5.0,
     show_default=True,
     metavar="PCT",
-    help="Recipe default: the most of the model's weight bytes, and of its "
-    "multiply-accumulates, that raised nodes may keep float, in percent.",
+    help="Recipe default: the most of the model's multiply-accumulates that raised nodes "
+    "(and the layers made float with them) may move to float kernels, and of its weight "
+    "bytes they may store float, in percent.",
 )
 @click.option(
     "--report",
