@@ -228,15 +228,15 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     # The trials' stages time into a scratch dict, and share the float measurements.
     base = state.replace(timings={}, float_inputs=FloatInputs())
     equalized: dict[str, QuantizeState] = {}
-    built: dict[tuple[frozenset[str], frozenset[str]], QuantizeState] = {}
+    built: dict[tuple[frozenset[str], frozenset[Raise]], QuantizeState] = {}
 
-    def build(kept: frozenset[str], excluded: frozenset[Raise] = frozenset()) -> QuantizeState:
-        """The tail of the pipeline re-run with the `kept` steps and `excluded` raises."""
-        if (kept, excluded) not in built:
-            built[kept, excluded] = rebuild(kept, excluded)
-        return built[kept, excluded]
+    def build(kept: frozenset[str], raises: frozenset[Raise] = frozenset()) -> QuantizeState:
+        """The tail of the pipeline re-run with the `kept` steps and these raises."""
+        if (kept, raises) not in built:
+            built[kept, raises] = rebuild(kept, raises)
+        return built[kept, raises]
 
-    def rebuild(kept: frozenset[str], excluded: frozenset[Raise]) -> QuantizeState:
+    def rebuild(kept: frozenset[str], raises: frozenset[Raise]) -> QuantizeState:
         current = base
         if "equalization" in kept:
             if not equalized:
@@ -244,8 +244,8 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
             current = equalized["state"]
         if "range method" in kept:
             current = _other_ranges(current, stages)
-        if excluded:
-            current = _raising(current, stages, excluded)
+        if raises:
+            current = _raising(current, stages, raises)
         if "weight rounding" in kept:
             current = stages.adaround(current)
         if "bias correction" in kept:
@@ -291,15 +291,15 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
             if keep:
                 kept, best = kept | {step}, after
             advance()
-    excluded: frozenset[Raise] = frozenset()
+    raises: frozenset[Raise] = frozenset()
     raised: tuple[RaisedNode, ...] = ()
     qdq = state.config.format is Format.QDQ
     if not best.meets(options) and options.budget > 0 and qdq:
         work = node_work(base.prepared, scorer.samples[0] if scorer.samples else None)
-        excluded, raised, best = _raise(
+        raises, raised, best = _raise(
             build, rebuild, kept, score, best, options, progress, work
         )
-    final = build(kept, excluded)
+    final = build(kept, raises)
     if raised:
         final = final.replace(plan=_with_raised_reasons(final.plan, raised))
     result = RecipeResult(
@@ -469,24 +469,24 @@ def _raise(build, rebuild, kept, score, best, options, progress, work):
     candidates.sort(
         key=lambda c: (-c.gain_db / max(c.work_share + c.weight_share, 1e-9), c.name)
     )
-    excluded: frozenset[Raise] = frozenset()
+    raises: frozenset[Raise] = frozenset()
     raised = []
     used_weights = 0.0
     for candidate in candidates:
         if best.meets(options):
             break
-        if any(name == candidate.name for name, _ in excluded):
+        if any(name == candidate.name for name, _ in raises):
             continue
         if used_weights + candidate.weight_share > options.budget:
             continue
-        chosen = excluded | {(candidate.name, candidate.float_weights)}
+        chosen = raises | {(candidate.name, candidate.float_weights)}
         trial = build(kept, chosen)
         if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
             continue
         after = score(trial)
         if not after.improves(best):
             continue
-        excluded, best = chosen, after
+        raises, best = chosen, after
         used_weights += candidate.weight_share
         raised.append(
             RaisedNode(
@@ -498,7 +498,7 @@ def _raise(build, rebuild, kept, score, best, options, progress, work):
                 made_float=candidate.made_float,
             )
         )
-    return excluded, tuple(raised), best
+    return raises, tuple(raised), best
 
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
