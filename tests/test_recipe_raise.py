@@ -78,6 +78,35 @@ def test_a_raised_node_computes_in_float_from_int8_stored_weights(tmp_path):
     assert cost.work_share > 0.99
 
 
+def test_a_raised_matmul_before_the_output_reads_its_input_dequantized(tmp_path):
+    # A float MatMul whose output no quantized op reads is not requantized by onnxruntime:
+    # it reads the DequantizeLinear, and the MatMul before it keeps its integer kernel.
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        mlp (float[N,16] input) => (float[N,8] output) {
+            h = MatMul (input, w1)
+            r = Relu (h)
+            output = MatMul (r, w2)
+        }
+    """)
+    rng = np.random.default_rng(0)
+    for name, shape in (("w1", (16, 16)), ("w2", (16, 8))):
+        w = (0.3 * rng.standard_normal(shape)).astype(np.float32)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(w, name))
+    model.graph.node[0].name, model.graph.node[2].name = "m1", "m2"
+    samples = [testing.random_inputs(model, seed=i) for i in range(8)]
+    testing.write_samples(tmp_path / "calib", samples)
+    loaded = model_io.load_model(testing.save(model, tmp_path / "model.onnx"))
+    prepared = prepare(loaded, min_opset=SCHEMES["int8"].min_opset)
+    source = DirectorySource(tmp_path / "calib", input_specs(loaded))
+    ranges = calibrate_tensors(prepared, source, tensors_to_calibrate(prepared))
+    plan = make_plan(prepared, SCHEMES["int8"], ranges, raised=frozenset({"m2"}))
+    decisions = {node.name: node for node in plan.nodes}
+    assert decisions["m1"].quantized, decisions["m1"].reason
+    assert not decisions["m2"].quantized and "m2" not in plan.float_readers
+    assert decisions["m2"].reason.endswith("from int8-stored weights")
+
+
 def _dynamic_conv() -> onnx.ModelProto:
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>

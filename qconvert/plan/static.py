@@ -101,6 +101,8 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
                 self.float_readers.add(node.name or "")
             if skip is not None and node.name in self.raised and rule and rule.weights:
                 self._plan_stored_weights(node, rule, self._node_scheme(node), skip)
+                if self._reads_dequantized(node):  # as any node left float, above
+                    self.float_readers.discard(node.name or "")
             elif skip is not None:
                 self._decide(node, False, skip)
             elif (held := self._held_float_input(node)) is not None:
