@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from qconvert.budgeted_runs import runs_within
 from qconvert.int4_rounding import Grams, split_counts
 
 GRAM_BYTES = 512 << 20
@@ -31,16 +32,7 @@ def gram_bytes(k: int) -> int:
 
 def gram_groups(widths: Mapping[str, int], budget: int) -> list[list[str]]:
     """The inputs of `widths` in order, cut into runs whose matrices fit `budget` together."""
-    groups: list[list[str]] = []
-    held = 0
-    for name, k in widths.items():
-        size = gram_bytes(k)
-        if not groups or held + size > budget:
-            groups.append([])
-            held = 0
-        groups[-1].append(name)
-        held += size
-    return groups
+    return runs_within(widths, lambda name: gram_bytes(widths[name]), budget)
 
 
 class GroupedGrams:

@@ -133,17 +133,25 @@ def verify_loads(model: str) -> None:
         VerificationError: with the check that failed and the checker's or onnxruntime's
             words.
     """
-    try:
-        onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
-    except onnx.checker.ValidationError as exc:
-        raise VerificationError(
-            f"The converted model fails the ONNX checker: {describe_error(exc)}"
-        ) from None
+    _check(model)
     try:
         make_session(model, quiet=True, config=NO_PREPACKING)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise VerificationError(
             f"onnxruntime cannot load the converted model: {describe_error(exc)}"
+        ) from None
+
+
+def _check(model: bytes | str) -> None:
+    """The ONNX checker on `model`; a path lets it read external data and pass 2 GB."""
+    try:
+        if isinstance(model, bytes):
+            onnx.checker.check_model(onnx.load_model_from_string(model))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(
+            f"The converted model fails the ONNX checker: {describe_error(exc)}"
         ) from None
 
 
@@ -164,15 +172,7 @@ def verify_structure(model: bytes | str, *, reference: bytes | str | None = None
         VerificationError: with the check that failed and the checker's or onnxruntime's
             words.
     """
-    try:
-        if isinstance(model, bytes):
-            onnx.checker.check_model(onnx.load_model_from_string(model))
-        else:
-            onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
-    except onnx.checker.ValidationError as exc:
-        raise VerificationError(
-            f"The converted model fails the ONNX checker: {describe_error(exc)}"
-        ) from None
+    _check(model)
     problem = _strict_inference_problem(model)
     if problem is not None and (
         reference is None or _strict_inference_problem(reference) is None

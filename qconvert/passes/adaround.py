@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert import qparams
+from qconvert.budgeted_runs import runs_within
 from qconvert.graph_utils import constant_array
 from qconvert.plan import QuantPlan, Role
 
@@ -278,17 +279,7 @@ def gram_bytes(node: ir.Node) -> int:
 
 def gram_groups(nodes: list[ir.Node]) -> list[list[ir.Node]]:
     """`nodes` in order, cut into runs whose H together fit `GRAM_BYTES` (one at least)."""
-    budget = GRAM_BYTES
-    groups: list[list[ir.Node]] = []
-    held = 0
-    for node in nodes:
-        size = gram_bytes(node)
-        if not groups or held + size > budget:
-            groups.append([])
-            held = 0
-        groups[-1].append(node)
-        held += size
-    return groups
+    return runs_within(nodes, gram_bytes, GRAM_BYTES)
 
 
 def adaround(
