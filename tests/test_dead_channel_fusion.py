@@ -16,9 +16,9 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
+from test_float_reader_islands import _save_with_samples
 
 from qconvert import qparams, testing
 
@@ -58,21 +58,7 @@ def _model(op: str, tmp_path):
             nodes.append(h.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
             x = f"r{i}"
     shape = [1, C, 6, 6] if op == "Conv" else [4, C]
-    graph = h.make_graph(
-        nodes,
-        "dead_channels",
-        [h.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [h.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-        inits,
-    )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    path = testing.save(model, tmp_path / "model.onnx")
-    testing.write_samples(
-        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
-    )
-    return path
+    return _save_with_samples(nodes, inits, "dead_channels", shape, tmp_path, SAMPLES)
 
 
 # The last Conv writes the graph output without a QuantizeLinear: a float Conv on its

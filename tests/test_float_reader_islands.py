@@ -25,8 +25,10 @@ C = 32
 SAMPLES = 64
 
 
-def _save_with_samples(nodes, inits, name: str, shape: list[int], tmp_path):
-    """Saves a one-input, one-output graph of `shape` with SAMPLES random samples."""
+def _save_with_samples(
+    nodes, inits, name: str, shape: list[int], tmp_path, samples: int = SAMPLES
+):
+    """Saves a one-input, one-output graph of `shape` with `samples` random samples."""
     graph = h.make_graph(
         nodes,
         name,
@@ -39,7 +41,7 @@ def _save_with_samples(nodes, inits, name: str, shape: list[int], tmp_path):
     onnx.checker.check_model(model, full_check=True)
     path = testing.save(model, tmp_path / "model.onnx")
     testing.write_samples(
-        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(samples)]
     )
     return path
 

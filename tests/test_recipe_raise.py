@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from test_recipe import SAMPLES, _stem_chain
+from test_recipe import quantize_outlier_stem
 
 import qconvert
 from qconvert import model as model_io
@@ -17,7 +17,7 @@ from qconvert.passes import InsertQDQPass, prepare
 from qconvert.pipelines.raise_costs import node_work, raise_cost
 from qconvert.pipelines.recipe import HELD_OUT, MAX_HELD_OUT, HeldOut, held_out_count
 from qconvert.plan import make_plan
-from qconvert.recipe_result import Fidelity, RecipeOptions
+from qconvert.recipe_result import Fidelity
 from qconvert.schemes import SCHEMES
 
 
@@ -159,20 +159,7 @@ def test_a_node_whose_shape_depends_on_the_data_is_costed_from_a_run():
 def test_a_raise_on_int8_stored_weights_costs_no_file_bytes(tmp_path):
     # The stem's input has an outlier feature: its error is in the activation, so a raise
     # on int8-stored weights recovers it and the file stays as small as the single pass.
-    path = testing.save(_stem_chain(), tmp_path / "model.onnx")
-    rng = np.random.default_rng(1)
-    samples = []
-    for _ in range(SAMPLES):
-        row = rng.standard_normal((1, 16)).astype(np.float32)
-        row[0, 0] = 1000.0 + rng.standard_normal()
-        samples.append({"input": row})
-    testing.write_samples(tmp_path / "calib", samples)
-    report = qconvert.quantize(
-        path,
-        tmp_path / "q.onnx",
-        data=tmp_path / "calib",
-        recipe=RecipeOptions(floor_sqnr_db=30.0, budget=0.5),
-    )
+    path, _, report = quantize_outlier_stem(tmp_path)
     recipe = report.conversion.recipe
     stem = next(node for node in recipe.raised if node.name == "stem")
     assert stem.weight_share == 0.0 and stem.work_share > 0.0
