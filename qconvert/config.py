@@ -15,7 +15,7 @@ from enum import Enum
 import onnx.defs
 
 from qconvert.errors import ConfigError
-from qconvert.int4_options import DEFAULT_INT4_KERNEL, check_int4_options
+from qconvert.int4_options import check_int4_options
 from qconvert.overrides import Overrides
 from qconvert.schemes import (
     ACTIVATION_TYPES,
@@ -78,8 +78,9 @@ class QuantizeConfig:
         scale_search: int4: shrink each block's range to its least squared error (an MSE
             search of the scale) before rounding.
         int4_kernel: int4 qop: "nbits" (MatMulNBits) or "int8" (4-bit codes expanded to
-            int8 when onnxruntime loads the model, run by DynamicQuantizeMatMul); None: the
-            default of `qconvert.int4_options`.
+            int8 when onnxruntime loads the model, run by DynamicQuantizeMatMul); None: not
+            given, until the int4 pipeline stores `int4_options.default_int4_kernel`'s
+            choice here (it needs to know whether the weights are in external data).
         size_budget: int4 with data: percent of the float model's file size the output may
             reach by keeping the layers whose 4 bits cost most at 8 bits (`int4_mix`); 0
             keeps every layer at 4 bits; None: `int4_mix.DEFAULT_SIZE_BUDGET`.
@@ -248,20 +249,11 @@ class QuantizeConfig:
     def min_opset(self) -> int:
         """The lowest ai.onnx opset the written model may have, overrides included."""
         needed = SCHEMES[self.scheme].min_opset
-        if self.scheme == "int4" and (
-            self.format is Format.QDQ or self.resolved_int4_kernel == "int8"
-        ):
+        if self.scheme == "int4" and (self.format is Format.QDQ or self.int4_kernel == "int8"):
             needed = BLOCKED_DQ_MIN_OPSET  # INT4 initializers (DequantizeLinear, Cast)
         if self.overrides.uses_int16():
             needed = max(needed, INT16_MIN_OPSET)
         return needed
-
-    @property
-    def resolved_int4_kernel(self) -> str | None:
-        """The kernel an int4 qop run writes; None for other schemes and formats."""
-        if self.scheme != "int4" or self.format is not Format.QOP:
-            return None
-        return self.int4_kernel or DEFAULT_INT4_KERNEL
 
     @property
     def target_opset(self) -> int:

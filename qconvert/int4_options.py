@@ -23,27 +23,31 @@ INT4_KERNELS = ("nbits", "int8")
 when onnxruntime loads the model (constant folding) and run by DynamicQuantizeMatMul, with
 activations quantized per tensor on the fly (`passes.int4`)."""
 
-DEFAULT_INT4_KERNEL = "nbits"
-"""Without data: MatMulNBits keeps activations in float (level 4 quantizes them per block of
-K), so its output error is only the weights'. The int8 kernel quantizes each activation row
-per tensor, a loss round-to-nearest weights cannot make up for: on all-MiniLM-L6-v2 (block
-32) it scores cosine 0.954 against MatMulNBits' 0.960."""
+DEFAULT_INT4_KERNEL = "int8"
+"""The int8 kernel, with or without data. On all-MiniLM-L6-v2 (block 32) it runs at 0.48x
+float on one thread against MatMulNBits' 0.93x. Without data its weights are rounded with a
+searched range (`grid_rounding`), which makes up for its per-tensor activation rounding:
+cosine 0.9604 against onnxruntime RTN's 0.9602 (round-to-nearest on its grid: 0.9541).
+With data the rounding and the size budget are chosen on held-out samples: cosine 0.983
+(MatMulNBits 0.984, onnxruntime's best int4 0.976)."""
 
-DEFAULT_INT4_KERNEL_WITH_DATA = "int8"
-"""With data: the rounding and the size budget are chosen on held-out samples, which make up
-for the int8 kernel's activation rounding. On all-MiniLM-L6-v2 (block 32, bench) it scores
-cosine 0.983 (MatMulNBits 0.984, onnxruntime's best int4 0.976) and runs at 0.48x float on
-one thread against MatMulNBits' 0.93x."""
+FALLBACK_INT4_KERNEL = "nbits"
+"""MatMulNBits, where an option only it reads is given or the int8 kernel cannot be written
+(`default_int4_kernel`)."""
 
 
-def default_int4_kernel(config: Any, *, with_data: bool, external: bool) -> str:
+def default_int4_kernel(config: Any, *, external: bool) -> str:
     """The kernel an int4 qop run writes when `--int4-kernel` is not given.
 
-    The int8 kernel with data, unless an option only MatMulNBits reads is given (zero points,
+    The one place that decides it: the int4 pipeline stores it in the config before
+    anything reads it.
+
+    The int8 kernel, unless an option only MatMulNBits reads is given (zero points,
     `--accuracy-level`), `--opset` is below the int8 kernel's INT4 initializers' 21, or the
-    model keeps its weights in external data: there the size budget, which makes up for the
-    int8 kernel's activation rounding, is not applied, and an opset upgrade would read every
-    weight into memory. MatMulNBits otherwise.
+    model keeps its weights in external data: an opset upgrade would read every weight into
+    memory, the size budget is not applied there, and MatMulNBits' packed bytes are
+    written without the int8 kernel's extra Cast/Mul chain (the 3 GB decoder's wall time).
+    MatMulNBits otherwise.
     """
     int8_fits = (
         not external
@@ -51,7 +55,7 @@ def default_int4_kernel(config: Any, *, with_data: bool, external: bool) -> str:
         and config.accuracy_level is None
         and (config.opset is None or config.opset >= BLOCKED_DQ_MIN_OPSET)
     )
-    return DEFAULT_INT4_KERNEL_WITH_DATA if with_data and int8_fits else DEFAULT_INT4_KERNEL
+    return DEFAULT_INT4_KERNEL if int8_fits else FALLBACK_INT4_KERNEL
 
 
 def check_int4_options(config: Any) -> None:

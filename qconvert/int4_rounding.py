@@ -1,7 +1,8 @@
 """Choosing each int4 weight's rounding: to nearest, activation-aware clipping, or GPTQ.
 
 Without samples every weight is rounded to nearest (with `search`, each block's range
-shrunk to its least squared error first). With samples, the float model runs once over
+shrunk to its least squared error first); on the int8 kernel's grid the range is always
+searched first (`grid_rounding`). With samples, the float model runs once over
 them and each MatMul/Gemm input's Gram matrix X^T X is summed (one K x K matrix per input,
 whatever the number of samples). One sample in four is held out. From the Gram matrix of
 the others each weight is rounded three ways: to nearest; with AWQ-class clipping (each
@@ -29,6 +30,7 @@ from qconvert.blockwise import (
     quantize_rtn,
 )
 from qconvert.gptq import gram, layer_error, quantize_gptq
+from qconvert.grid_rounding import quantize_grid_searched
 from qconvert.plan.int4 import BlockedWeight
 
 HOLD_OUT_EVERY = 4
@@ -229,11 +231,15 @@ class Rounder:
             # kept at 8 bits on the int8 kernel: per-column int8, nothing left to round
             self.records[key] = RoundingRecord(entry.weight, "rtn")
             return quantize_columns_int8(wt)
-        if self.int8_grid and own:
-            options["units"] = column_units(wt)
-        rtn = quantize_rtn(wt, search=self.search, **options)
         name = self.inputs.get(entry.node)
         fit = self.grams.fit.get(name) if self.grams is not None and name else None
+        if self.int8_grid and own:
+            options["units"] = column_units(wt)
+        if self.int8_grid and own and (self.search or fit is None):
+            # without data (or with --scale-search): the searched range, then the grid
+            rtn = quantize_grid_searched(wt, block_size=self.block_size)
+        else:
+            rtn = quantize_rtn(wt, search=self.search, **options)
         if fit is None or entry.op_type == "Gather":
             self.records[key] = RoundingRecord(entry.weight, "rtn")
             return rtn

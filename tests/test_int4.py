@@ -226,6 +226,8 @@ def test_exclude_and_an_8_bit_override_are_listed_with_their_reasons(tmp_path):
             str(out),
             "--scheme",
             "int4",
+            "--int4-kernel",
+            "nbits",
             "--exclude",
             "Gemm",
             "--overrides",

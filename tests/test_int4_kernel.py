@@ -148,14 +148,16 @@ def test_int8_kernel_slices_off_the_padding_of_a_partial_last_block(tmp_path):
 @pytest.mark.parametrize(
     ("with_data", "options", "external", "kernel"),
     [
-        (False, {}, False, "MatMulNBits"),  # nothing makes up for the activation rounding
+        (False, {}, False, "DynamicQuantizeMatMul"),  # the searched grid makes up for it
         (True, {}, False, "DynamicQuantizeMatMul"),
+        (False, {"asymmetric_weights": True}, False, "MatMulNBits"),
+        (False, {}, True, "MatMulNBits"),
         (True, {"asymmetric_weights": True}, False, "MatMulNBits"),  # zero points
         (True, {"accuracy_level": 0}, False, "MatMulNBits"),
         (True, {}, True, "MatMulNBits"),  # no size budget, no opset upgrade in place
     ],
 )
-def test_the_default_kernel_is_int8_only_where_held_out_data_makes_up_for_it(
+def test_the_default_kernel_is_int8_unless_an_option_or_external_data_asks_for_nbits(
     tmp_path, with_data, options, external, kernel
 ):
     float_model = testing.embedding_mlp(d=128, hidden=96)

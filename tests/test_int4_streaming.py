@@ -104,7 +104,8 @@ def test_external_data_without_data_is_written_as_in_memory_and_verified_by_a_lo
     inline = testing.save(model, tmp_path / "inline.onnx")
     (tmp_path / "ext").mkdir()
     external = testing.save_with_external_data(model, tmp_path / "ext" / "mlp.onnx")
-    config = QuantizeConfig(scheme="int4", block_size=32)
+    # MatMulNBits both ways: the default for the model in external data
+    config = QuantizeConfig(scheme="int4", block_size=32, int4_kernel="nbits")
     reports, outputs = {}, {}
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
     for name, path in (("inline", inline), ("external", external)):

@@ -118,9 +118,9 @@ SCHEME_HELP = (
     help="int4 qop: nbits writes com.microsoft MatMulNBits; int8 stores the same 4-bit "
     "codes so that onnxruntime expands them to int8 at load and runs DynamicQuantizeMatMul "
     "(int8 GEMM, activations quantized per tensor: faster on CPU, 8-bit weights in memory). "
-    "[default: int8 with --data, whose held-out samples make up for its activation "
-    "rounding; nbits without data, or with --asymmetric-weights, --accuracy-level or "
-    "--opset below 21]",
+    "[default: int8 (without data its weights' block ranges are searched first, which "
+    "makes up for its activation rounding); nbits with --asymmetric-weights, "
+    "--accuracy-level, --opset below 21 or weights in external data]",
 )
 @click.option(
     "--scale-search",

@@ -108,7 +108,7 @@ def quantize_int4(
                 hint=f"pass --opset {opset_before} or later, or leave it out.",
             )
         if config.format is Format.QOP and config.int4_kernel is None:
-            kernel = default_int4_kernel(config, with_data=data is not None, external=external)
+            kernel = default_int4_kernel(config, external=external)
             config = dataclasses.replace(config, int4_kernel=kernel)
         specs = input_specs(float_model)
         source = DirectorySource(data, specs, images=images, limits=limits) if data else None
@@ -139,7 +139,7 @@ def quantize_int4(
         entry.weight: prepared.graph.initializers[entry.weight].const_value
         for entry in int4.weights
     }
-    int8_grid = config.resolved_int4_kernel == "int8" and scheme.symmetric
+    int8_grid = config.int4_kernel == "int8" and scheme.symmetric
     rounder = Rounder(
         tensors,
         block_size=scheme.block_size,
@@ -197,7 +197,7 @@ def quantize_int4(
             quantize=rounder,
             format=config.format.value,
             accuracy_level=level,
-            kernel=config.resolved_int4_kernel or "nbits",
+            kernel=config.int4_kernel or "nbits",
             input_scales=kept,
         )(prepared)
         DropIntermediateShapesPass()(prepared)
@@ -321,7 +321,7 @@ def _raise_within_budget(
     dropped, with its input scale (`kept` loses it too).
     """
     scheme = int4.scheme
-    kernel = config.resolved_int4_kernel or "nbits"
+    kernel = config.int4_kernel or "nbits"
     uses = Counter(entry.weight for entry in int4.weights)
     shapes = {
         entry.weight: tuple(prepared.graph.initializers[entry.weight].const_value.shape)
@@ -565,7 +565,7 @@ def _with_notes(
             "keeps its weights in external data and no --data was given (pass --data to "
             "verify on a sample)."
         )
-    if config.resolved_int4_kernel == "int8":
+    if config.int4_kernel == "int8":
         notes.append(
             "qop, int8 kernel: MatMul/Gemm weights as INT4 codes with int8 block multipliers "
             "of one scale per column, expanded to int8 when onnxruntime loads the model, run "
@@ -586,7 +586,8 @@ def _with_notes(
         )
     rounding = rounder.note()
     if rounding is None:
-        kind = "with an MSE search of each block's scale" if config.scale_search else ""
+        searched = config.scale_search or config.int4_kernel == "int8"
+        kind = "with an MSE search of each block's scale" if searched else ""
         notes.append(f"Round-to-nearest {kind}".rstrip() + " (no --data).")
     else:
         notes.append(rounding)
