@@ -343,8 +343,7 @@ def _int4_targets(results: dict, add) -> None:
         vs_float = row.get("latency_1t_ours_over_float")
         add(
             "19",
-            f"int4 without data (default kernel: MatMulNBits) 1-thread latency ≤ 0.7× float "
-            f"({name})",
+            f"int4 without data (default kernel: int8) 1-thread latency ≤ 0.7× float ({name})",
             _ratio(vs_float),
             vs_float <= 0.7 if vs_float else None,
         )

@@ -125,7 +125,8 @@ SCHEME_HELP = (
 @click.option(
     "--scale-search",
     is_flag=True,
-    help="int4: shrink each block's range to the least squared error before rounding.",
+    help="int4: shrink each block's range to the least squared error before rounding "
+    "(always done for the int8 kernel's weights without --data).",
 )
 @click.option(
     "--size-budget",
