@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from qconvert import ops
@@ -292,6 +293,7 @@ def audit_graph(
             for tensor, name in producers.items()
             if name in decisions and tensor not in decisions
         )
+    expanded = _hardswish_bodies(graph, writers)
     kernels = Counter(node.op_type for node in graph.node if node.op_type in INTEGER_KERNELS)
     lost = _lost_float(graph, plan, written) if plan is not None and written else ()
     return FusionAudit(
@@ -299,7 +301,9 @@ def audit_graph(
         quantize_nodes=sum(1 for node in graph.node if node.op_type in _QUANTIZE),
         dequantize_nodes=sum(1 for node in graph.node if node.op_type in _DEQUANTIZE),
         islands=tuple(
-            FloatIsland(tuple(_island_node(graph.node[i], decisions) for i in members))
+            FloatIsland(
+                tuple(_island_node(graph.node[i], decisions, i in expanded) for i in members)
+            )
             for members in islands
         ),
         nodes=len(graph.node),
@@ -392,13 +396,50 @@ def _components(
     return groups
 
 
-def _island_node(node: onnx.NodeProto, decisions: dict) -> IslandNode:
+def _hardswish_bodies(graph: onnx.GraphProto, writers: dict[str, int]) -> set[int]:
+    """Nameless Mul(x, HardSigmoid(x; 1/6, 1/2)) pairs: HardSwish as onnxruntime expands it.
+
+    The expansion may write a tensor of its own making and read a DequantizeLinear
+    onnxruntime added, so neither its names nor its tensors lead back to the plan's node.
+    """
+    found: set[int] = set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Mul" or node.name or len(node.input) != 2:
+            continue
+        for x, gate in (node.input, reversed(node.input)):
+            writer = writers.get(gate)
+            sigmoid = graph.node[writer] if writer is not None else None
+            if (
+                sigmoid is not None
+                and sigmoid.op_type == "HardSigmoid"
+                and not sigmoid.name
+                and list(sigmoid.input) == [x]
+                and _attribute(sigmoid, "alpha", 0.2) == float(np.float32(1 / 6))
+                and _attribute(sigmoid, "beta", 0.5) == 0.5
+            ):
+                found.update((index, writer))
+    return found
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: float) -> float:
+    """A float attribute of `node`, as float32 (`default` when it is not set)."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return float(np.float32(attribute.f))
+    return float(np.float32(default))
+
+
+def _island_node(
+    node: onnx.NodeProto, decisions: dict, hardswish_body: bool = False
+) -> IslandNode:
     """The island node with the plan's word on it."""
     name = node.name
     keys = [name, *(name.removeprefix(p) for p in _FUSED_PREFIXES if name.startswith(p))]
     # By the tensors it writes: under their own names, or with the layout's suffix.
     keys += [o for output in node.output for o in (output, output.removesuffix("_nchwc"))]
     decision = next((decisions[key] for key in keys if key and key in decisions), None)
+    if decision is None and hardswish_body:
+        return IslandNode(name, node.op_type, True, ops.FLOAT_REASONS["HardSwish"])
     if decision is None:
         return IslandNode(name, node.op_type, None, "not a node of the plan")
     if not decision.quantized:

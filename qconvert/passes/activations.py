@@ -38,7 +38,7 @@ HARDSWISH_OPSET = 14
 """The first ai.onnx opset with a HardSwish op."""
 
 
-def _sole_reader(value: ir.Value, op_type: str) -> ir.Node | None:
+def sole_reader(value: ir.Value, op_type: str) -> ir.Node | None:
     """The only node that reads `value`, if it is an `op_type` and `value` is internal."""
     consumers = value.consumers()
     if value.is_graph_output() or len(consumers) != 1:
@@ -49,7 +49,7 @@ def _sole_reader(value: ir.Value, op_type: str) -> ir.Node | None:
     return node
 
 
-def _foldable_conv(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
+def foldable_conv(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The float32 weight and bias (None when absent) of a Conv or ConvTranspose."""
     if (
         node.op_type not in ("Conv", "ConvTranspose")
@@ -62,12 +62,13 @@ def _foldable_conv(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None
         return None
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     bias = constant_array(node.inputs[2]) if has_bias else None
-    if has_bias and (bias is None or bias.shape != (_output_channels(node, weight),)):
+    if has_bias and (bias is None or bias.shape != (output_channels(node, weight),)):
         return None
     return weight, bias
 
 
-def _output_channels(node: ir.Node, weight: np.ndarray) -> int:
+def output_channels(node: ir.Node, weight: np.ndarray) -> int:
+    """How many output channels a Conv or ConvTranspose with `weight` writes."""
     # Conv's weight is (C_out, C_in / group, k...);
     # ConvTranspose's (C_in, C_out / group, k...).
     if node.op_type == "ConvTranspose":
@@ -75,9 +76,10 @@ def _output_channels(node: ir.Node, weight: np.ndarray) -> int:
     return weight.shape[0]
 
 
-def _set_weight_and_bias(
+def set_weight_and_bias(
     graph: ir.Graph, names: NameAllocator, conv: ir.Node, weight: np.ndarray, bias: np.ndarray
 ) -> None:
+    """Gives `conv` new weight and bias initializers (the weight only where it changed)."""
     base = conv.name or "conv"
     if not np.array_equal(weight, constant_array(conv.inputs[1])):
         scaled = add_initializer(graph, names.fresh(f"{base}_weight"), weight)
@@ -87,7 +89,7 @@ def _set_weight_and_bias(
     conv.replace_input_with(2, add_initializer(graph, names.fresh(f"{base}_bias"), bias))
 
 
-def _channel_vector(array: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+def channel_vector(array: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
     """`array` as one value per output channel, when it broadcasts along axis 1 only."""
     if array.dtype != np.float32 or array.ndim > rank:
         return None
@@ -107,8 +109,8 @@ class FoldConvAddIntoBiasPass(ir.passes.InPlacePass):
         names = NameAllocator(graph)
         modified = False
         for conv in list(graph):
-            found = _foldable_conv(conv)
-            add = _sole_reader(conv.outputs[0], "Add") if found is not None else None
+            found = foldable_conv(conv)
+            add = sole_reader(conv.outputs[0], "Add") if found is not None else None
             if add is None:
                 continue
             weight, bias = found
@@ -116,14 +118,14 @@ class FoldConvAddIntoBiasPass(ir.passes.InPlacePass):
             array = constant_array(other)
             # A Conv's output has the rank of its weight: (N, C, spatial...).
             vector = (
-                _channel_vector(array, _output_channels(conv, weight), weight.ndim)
+                channel_vector(array, output_channels(conv, weight), weight.ndim)
                 if array is not None
                 else None
             )
             if vector is None:
                 continue
             new_bias = (np.zeros_like(vector) if bias is None else bias) + vector
-            _set_weight_and_bias(graph, names, conv, weight, new_bias.astype(np.float32))
+            set_weight_and_bias(graph, names, conv, weight, new_bias.astype(np.float32))
             replace_keeping_name(graph, add, conv.outputs[0])
             modified = True
         if modified:
@@ -140,18 +142,18 @@ class FoldHardSigmoidIntoConvPass(ir.passes.InPlacePass):
         opset = model.opset_imports.get("", 1)
         modified = False
         for conv in list(graph):
-            found = _foldable_conv(conv)
-            gate = _sole_reader(conv.outputs[0], "HardSigmoid") if found is not None else None
+            found = foldable_conv(conv)
+            gate = sole_reader(conv.outputs[0], "HardSigmoid") if found is not None else None
             if gate is None:
                 continue
             weight, bias = found
             alpha = gate.attributes.get_float("alpha", 0.2)
             beta = gate.attributes.get_float("beta", 0.5)
-            channels = _output_channels(conv, weight)
+            channels = output_channels(conv, weight)
             bias = np.zeros(channels, np.float32) if bias is None else bias
             new_weight = (weight.astype(np.float64) * alpha).astype(np.float32)
             new_bias = (bias.astype(np.float64) * alpha + beta).astype(np.float32)
-            _set_weight_and_bias(graph, names, conv, new_weight, new_bias)
+            set_weight_and_bias(graph, names, conv, new_weight, new_bias)
             # The Conv's output now holds other numbers than calibration saw under its name.
             conv.outputs[0].name = names.fresh(f"{conv.outputs[0].name}_scaled")
             clip = _clip(graph, names, opset, conv.outputs[0], 0.0, 1.0, gate.name or "gate")
@@ -269,7 +271,7 @@ def _hardswish_match(clip: ir.Node) -> tuple[ir.Value, ir.Node] | None:
     if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx"):
         return None
     x = _hardswish_input(clip)
-    mul = _sole_reader(clip.outputs[0], "Mul") if x is not None else None
+    mul = sole_reader(clip.outputs[0], "Mul") if x is not None else None
     if mul is None or _other(mul, clip.outputs[0]) is not x:
         return None
     last = _divide_by_six(mul)
@@ -285,7 +287,7 @@ def _gated_hardswish(gate: ir.Node) -> tuple[ir.Value, ir.Node] | None:
     if not (_close(alpha, 1.0 / 6.0) and _close(beta, 0.5)):
         return None
     x = gate.inputs[0]
-    mul = _sole_reader(gate.outputs[0], "Mul")
+    mul = sole_reader(gate.outputs[0], "Mul")
     if x is None or mul is None or _other(mul, gate.outputs[0]) is not x:
         return None
     return x, mul
