@@ -179,6 +179,29 @@ def comparison_rows(comparison, path: Callable[[str], str] = str) -> list[list[s
     return rows
 
 
+NAMES_SHOWN = 3
+"""Node names a grouped row shows before it counts the rest."""
+
+
+def float_node_groups(float_nodes) -> list[list[str]]:
+    """The nodes left float, one row per (op, reason): [nodes, op, reason].
+
+    A transformer leaves hundreds of Reshapes and Transposes float for one reason; a row
+    each would bury the few that matter. The nodes column names the first few and counts
+    the rest; the JSON, Markdown and HTML reports keep every node.
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for node in float_nodes:
+        groups.setdefault((node.op_type, node.reason), []).append(node.name)
+    rows = []
+    for (op_type, reason), names in groups.items():
+        shown = ", ".join(names[:NAMES_SHOWN])
+        if len(names) > NAMES_SHOWN:
+            shown += f" and {len(names) - NAMES_SHOWN} more"
+        rows.append([shown, f"{op_type} x{len(names)}", reason])
+    return rows
+
+
 def kernels(audit) -> str:
     """A fusion audit's integer kernels: `QLinearConv x10, QGemm x1 (11 in all)`."""
     if not audit.integer_kernels:

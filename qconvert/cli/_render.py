@@ -48,10 +48,10 @@ def report(result: Report) -> None:
                 stdout.print(f"{heading}: {line}")
         if conversion.float_nodes:
             floats = Table(title="Nodes left float", title_justify="left")
-            for column in ("node", "op", "reason"):
+            for column in ("nodes", "op", "reason"):
                 floats.add_column(column)
-            for node in conversion.float_nodes:
-                floats.add_row(node.name, node.op_type, node.reason)
+            for row in fmt.float_node_groups(conversion.float_nodes):
+                floats.add_row(*row)
             stdout.print(floats)
     if result.comparison is not None:
         _comparison(result.comparison)
