@@ -243,7 +243,7 @@ def test_auto_keeps_minmax_unless_clipping_halves_the_output_error(tmp_path):
             calibration=calibration,
             method=RangeMethod(name="auto"),
             plan_with=lambda ranges: plan("minmax"),
-            evaluator=Scores(clipped_db),
+            evaluator=lambda clipped_db=clipped_db: Scores(clipped_db),
             samples_from="calibration",
         )
         assert checked.plan.notes[0] == kept

@@ -78,7 +78,7 @@ def analyze(
             plan_with=lambda other: planner(prepared, scheme, config, selection, other)(
                 frozenset()
             ),
-            evaluator=evaluator,
+            evaluator=lambda: evaluator,
             samples_from="calibration",
         ).ranges
     plan_for = planner(prepared, scheme, config, selection, ranges)

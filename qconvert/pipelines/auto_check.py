@@ -58,7 +58,7 @@ def check_against_minmax(
     calibration: Calibration,
     method: RangeMethod,
     plan_with: Callable[[Mapping[str, TensorRange]], QuantPlan],
-    evaluator: Evaluator | None,
+    evaluator: Callable[[], Evaluator] | None,
     samples_from: str,
 ) -> CheckedRanges:
     """Keeps `plan` (built from `auto`'s per-tensor choices) or the minmax plan, the better.
@@ -70,7 +70,9 @@ def check_against_minmax(
         calibration: the statistics the ranges come from.
         method: the `auto` range method asked for (its bits and percentile).
         plan_with: plans the model with other ranges, as `plan` was planned.
-        evaluator: scores plans on samples; None when there are none.
+        evaluator: makes the scorer of plans on samples; None when there are none. It is
+            called only when some activation clips: its float session and runs are then
+            needed, and on a model where `auto` chose minmax everywhere they are not.
         samples_from: where the evaluator's samples come from, for the note.
     """
     clipping = [
@@ -91,6 +93,7 @@ def check_against_minmax(
             "--eval to let auto check its choices)."
         )
         return _kept(minmax_plan, minmax, all_minmax, note)
+    evaluator = evaluator()
     chosen_db = evaluator.score(plan).sqnr_db
     minmax_db = evaluator.score(minmax_plan).sqnr_db
     scores = (

@@ -166,6 +166,7 @@ def collect_calibration(
     data: DataSpec | None = None,
     workers: int | None = 1,
     ray: RayCluster | None = None,
+    prepared: bool = False,
 ) -> Calibration:
     """Statistics of `float_model` on `source`.
 
@@ -173,10 +174,11 @@ def collect_calibration(
     folded; opsets 1 to 6, which onnxruntime may lack kernels for, raised to 7): the
     tensors are those every scheme plans with, whatever opset it then needs.
     The preparation changes `float_model` in place: pass a clone if it is read later.
+    `prepared`: `float_model` is already `calibration_model`'s result.
     `workers` and `ray` split the samples (`collect_split`); the workers open them again
     as `data` says. Without `data`, this process calibrates alone.
     """
-    calibrated = prepare(float_model, min_opset=model_io.OLDEST_OPSET)
+    calibrated = float_model if prepared else calibration_model(float_model)
     tensors = checked_body_tensors(
         calibrated, tensors_to_calibrate(calibrated), source.first()
     )
@@ -205,6 +207,11 @@ def collect_calibration(
         observers=observers,
         split=split,
     )
+
+
+def calibration_model(float_model: ir.Model) -> ir.Model:
+    """`float_model` prepared as calibration runs it (changed in place)."""
+    return prepare(float_model, min_opset=model_io.OLDEST_OPSET)
 
 
 def _measurable(value: ir.Value) -> bool:

@@ -54,7 +54,11 @@ from qconvert.passes import (
 )
 from qconvert.pipelines import prequantized
 from qconvert.pipelines.auto_check import AUTO_CHECK_SAMPLES, check_against_minmax
-from qconvert.pipelines.calibrate import collect_calibration, float16_peaks
+from qconvert.pipelines.calibrate import (
+    calibration_model,
+    collect_calibration,
+    float16_peaks,
+)
 from qconvert.pipelines.int4 import quantize_int4
 from qconvert.pipelines.mixed_precision import (
     check_mixed_precision,
@@ -71,6 +75,7 @@ from qconvert.pipelines.stages import (
     MICROSOFT_DOMAIN,
     PathLike,
     prepare_for_scheme,
+    prepares_alike,
     ranges_of,
     upgrade_old_opset,
 )
@@ -351,16 +356,20 @@ def calibrate(state: QuantizeState) -> QuantizeState:
         limits=request.limits,
         held_out=state.held_out_indices,
     )
+    calibrated = calibration_model(state.float_model.clone())
+    # Kept for the prepare stage before collecting, which may change the model it runs.
+    kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
     calibration = collect_calibration(
         request.model,
-        state.float_model.clone(),
+        calibrated,
         source,
         settings,
         request.progress,
         data=spec,
         workers=request.workers,
+        prepared=True,
     )
-    return state.replace(calibration=calibration)
+    return state.replace(calibration=calibration, calibrated=kept)
 
 
 def prepare(state: QuantizeState) -> QuantizeState:
@@ -371,9 +380,14 @@ def prepare(state: QuantizeState) -> QuantizeState:
     """
     config = state.config
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
-    prepared, qdq_domain = prepare_for_scheme(state.float_model.clone(), config)
+    if state.calibrated is not None:  # calibration prepared it alike (`prepares_alike`)
+        prepared, qdq_domain = state.calibrated, ""
+    else:
+        prepared, qdq_domain = prepare_for_scheme(state.float_model.clone(), config)
     selection.warn_unmatched(prepared.graph)
-    return state.replace(selection=selection, prepared=prepared, qdq_domain=qdq_domain)
+    return state.replace(
+        selection=selection, prepared=prepared, qdq_domain=qdq_domain, calibrated=None
+    )
 
 
 def derive_ranges(state: QuantizeState) -> QuantizeState:
@@ -397,7 +411,7 @@ def auto_check(state: QuantizeState) -> QuantizeState:
         calibration=state.calibration,
         method=state.range_method,
         plan_with=lambda other: _plan_of(state, other),
-        evaluator=evaluator_on(state.prepared, checks, AUTO_CHECK_SAMPLES)
+        evaluator=(lambda: evaluator_on(state.prepared, checks, AUTO_CHECK_SAMPLES))
         if checks is not None
         else None,
         samples_from="calibration" if checks is state.source else "evaluation",

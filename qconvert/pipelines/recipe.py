@@ -237,15 +237,34 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         return built[kept, raises]
 
     def rebuild(kept: frozenset[str], raises: frozenset[Raise]) -> QuantizeState:
+        return weigh(kept, planned(kept, raises))
+
+    # The plan of the other ranges, by whether equalized: the same for every trial (its
+    # per-tensor choice costs more than a plan on EfficientNet-Lite0).
+    ranged: dict[bool, QuantizeState] = {}
+
+    def planned(kept: frozenset[str], raises: frozenset[Raise]) -> QuantizeState:
+        """The kept steps' plan with these raises, before the weight passes.
+
+        The weight passes change weights and notes, never which nodes are quantized: a
+        raise's cost (`raise_cost`) is known here, before they run.
+        """
         current = base
         if "equalization" in kept:
             if not equalized:
                 equalized["state"] = _equalized(base, stages)
             current = equalized["state"]
         if "range method" in kept:
-            current = _other_ranges(current, stages)
+            key = "equalization" in kept
+            if key not in ranged:
+                ranged[key] = _other_ranges(current, stages)
+            current = ranged[key]
         if raises:
             current = _raising(current, stages, raises)
+        return current
+
+    def weigh(kept: frozenset[str], current: QuantizeState) -> QuantizeState:
+        """The kept weight passes on a planned state."""
         if "weight rounding" in kept:
             current = stages.adaround(current)
         if "bias correction" in kept:
@@ -297,7 +316,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     if not best.meets(options) and options.budget > 0 and qdq:
         work = node_work(base.prepared, scorer.samples[0] if scorer.samples else None)
         raises, raised, best = _raise(
-            build, rebuild, kept, score, best, options, progress, work
+            build, (planned, weigh), kept, score, best, options, progress, work
         )
     final = build(kept, raises)
     if raised:
@@ -424,13 +443,14 @@ def _raise(build, rebuild, kept, score, best, options, progress, work):
     error is in the node's weights themselves (an outlier input channel sets a whole
     output channel's scale), only float weights help: a node whose weights fit the
     budget is scored that way too, at the cost of its weights' share of the weight
-    bytes. Each variant is scored alone on the kept steps (`rebuild`, not cached: one
-    state a candidate), so its gain is what is left once rounding and bias correction
-    have removed what they can: on EfficientNet-Lite0 the first depthwise Conv costs
-    5 dB before bias correction and nothing after, while the stem Conv (the image input
-    quantized, and its weights) still costs 2.6 dB. Candidates are raised best gain per
-    (work share + byte share) first.
+    bytes. Each variant is scored alone on the kept steps (`rebuild`: the plan, then the
+    weight passes, not cached: one state a candidate), so its gain is what is left once
+    rounding and bias correction have removed what they can: on EfficientNet-Lite0 the
+    first depthwise Conv costs 5 dB before bias correction and nothing after, while the
+    stem Conv (the image input quantized, and its weights) still costs 2.6 dB.
+    Candidates are raised best gain per (work share + byte share) first.
     """
+    planned, weigh = rebuild
     current = build(kept)
     nodes = quantizable_nodes(current.plan)
     names = [name for name, _ in nodes]
@@ -448,10 +468,11 @@ def _raise(build, rebuild, kept, score, best, options, progress, work):
                 weight_share = stored[name] if float_weights else 0.0
                 if float_weights and not 0.0 < weight_share <= options.budget:
                     continue
-                alone = rebuild(kept, frozenset({(name, float_weights)}))
+                alone = planned(kept, frozenset({(name, float_weights)}))
                 cost = raise_cost(current.plan, alone.plan, work)
                 if cost.work_share > options.budget:
-                    break
+                    break  # known from the plan: the weight passes are not run for it
+                alone = weigh(kept, alone)
                 gain = min(score(alone).sqnr_db - best.sqnr_db, MAX_GAIN_DB)
                 if gain > MIN_GAIN_DB:
                     candidates.append(
@@ -480,10 +501,11 @@ def _raise(build, rebuild, kept, score, best, options, progress, work):
         if used_weights + candidate.weight_share > options.budget:
             continue
         chosen = raises | {(candidate.name, candidate.float_weights)}
-        trial = build(kept, chosen)
-        if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
+        if raise_cost(current.plan, planned(kept, chosen).plan, work).work_share > (
+            options.budget
+        ):
             continue
-        after = score(trial)
+        after = score(build(kept, chosen))
         if not after.improves(best):
             continue
         raises, best = chosen, after

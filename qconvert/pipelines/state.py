@@ -98,6 +98,9 @@ class QuantizeState:
     notes: tuple[str, ...] = ()
     # calibrate
     peaks: dict[str, float] = field(default_factory=dict)
+    calibrated: ir.Model | None = None
+    """The model calibration prepared, untouched, when the prepare stage can take it as
+    its own (`stages.prepares_alike`); that stage empties it."""
     # prepare
     selection: NodeSelection | None = None
     prepared: ir.Model | None = None
