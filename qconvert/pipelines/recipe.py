@@ -232,9 +232,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
 
     def build(kept: frozenset[str], raises: frozenset[Raise] = frozenset()) -> QuantizeState:
         """The tail of the pipeline re-run with the `kept` steps and these raises."""
-        if (kept, raises) not in built:
-            built[kept, raises] = rebuild(kept, raises)
-        return built[kept, raises]
+        return _once(built, (kept, raises), lambda: rebuild(kept, raises))
 
     def rebuild(kept: frozenset[str], raises: frozenset[Raise]) -> QuantizeState:
         return weigh(kept, planned(kept, raises))
@@ -251,14 +249,12 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         """
         current = base
         if "equalization" in kept:
-            if not equalized:
-                equalized["state"] = _equalized(base, stages)
-            current = equalized["state"]
+            current = _once(equalized, "state", lambda: _equalized(base, stages))
         if "range method" in kept:
-            key = "equalization" in kept
-            if key not in ranged:
-                ranged[key] = _other_ranges(current, stages)
-            current = ranged[key]
+            start = current
+            current = _once(
+                ranged, "equalization" in kept, lambda: _other_ranges(start, stages)
+            )
         if raises:
             current = _raising(current, stages, raises)
         return current
@@ -336,6 +332,17 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         kept=tuple(step for step in STEPS if step in kept),
     )
     return final.replace(timings=state.timings, recipe=result)
+
+
+def _once(cache: dict, key, make: Callable[[], QuantizeState]) -> QuantizeState:
+    """`make()` the first time `key` is asked for, the kept result after.
+
+    The recipe's trials share states this way; every stage returns a new state and
+    changes none it is given, so a kept state is what `make()` would give again.
+    """
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def _ranges_refusal(state: QuantizeState) -> str | None:

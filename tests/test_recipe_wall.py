@@ -1,0 +1,169 @@
+"""What `quantize --data` skips or does once for its wall time changes nothing it writes.
+
+Each shortcut is checked against the same run without it: the written bytes and the
+recipe's story are the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import sha256
+
+import qconvert
+from qconvert import testing
+from qconvert.pipelines import quantize as quantize_pipeline
+from qconvert.pipelines import recipe
+from qconvert.pipelines.stages import prepares_alike
+from qconvert.recipe_result import RecipeOptions
+
+SAMPLES = 48
+
+
+def _conv_case(tmp_path):
+    model = testing.conv_bn_relu()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    return path
+
+
+def test_calibrations_preparation_serves_the_scheme_and_writes_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    path = _conv_case(tmp_path)
+    prepared = []
+    real = quantize_pipeline.prepare_for_scheme
+    monkeypatch.setattr(
+        quantize_pipeline,
+        "prepare_for_scheme",
+        lambda *args: prepared.append(1) or real(*args),
+    )
+    qconvert.quantize(path, tmp_path / "once.onnx", data=tmp_path / "calib", recipe="fast")
+    assert prepared == []  # opset 17: calibration's preparation was the scheme's
+    monkeypatch.setattr(quantize_pipeline, "prepares_alike", lambda *args: False)
+    qconvert.quantize(path, tmp_path / "twice.onnx", data=tmp_path / "calib", recipe="fast")
+    assert prepared == [1]
+    assert sha256(tmp_path / "once.onnx") == sha256(tmp_path / "twice.onnx")
+
+
+def test_a_model_the_scheme_upgrades_is_prepared_for_it_on_its_own():
+    config = qconvert.QuantizeConfig()
+    assert config.target_opset == 13
+    for opset, alike in ((11, False), (13, True), (17, True)):
+        model = ir.serde.deserialize_model(testing.matmul_add(opset=opset))
+        assert prepares_alike(model, config) is alike, opset
+    assert not prepares_alike(
+        ir.serde.deserialize_model(testing.matmul_add(opset=17)),
+        qconvert.QuantizeConfig(opset=21),
+    )
+
+
+def test_auto_check_builds_its_scorer_only_when_an_activation_clips():
+    from qconvert.calibration import Calibration, RangeMethod
+    from qconvert.calibration.observers import TensorObserver
+    from qconvert.pipelines.auto_check import check_against_minmax
+    from qconvert.plan import QuantPlan, Role, TensorDecision
+    from qconvert.qparams import range_qparams
+    from qconvert.schemes import SCHEMES
+
+    observer = TensorObserver()
+    observer.update(np.random.default_rng(0).standard_normal(1000).astype(np.float32))
+    params = range_qparams(-1.0, 1.0, np.dtype(np.uint8), symmetric=False)
+    decision = TensorDecision("t", Role.ACTIVATION, params, "input of n")
+    plan = QuantPlan(
+        scheme=SCHEMES["int8"], tensors={"t": decision}, nodes=(), folds=(), notes=()
+    )
+
+    def never():
+        raise AssertionError("nothing clips: no scorer is needed")
+
+    checked = check_against_minmax(
+        plan,
+        ranges={"t": observer.finalize()},
+        choices={"t": "minmax"},
+        calibration=Calibration(
+            model_sha256="0" * 64, model_file="m.onnx", samples=1, observers={"t": observer}
+        ),
+        method=RangeMethod(name="auto"),
+        plan_with=lambda ranges: pytest.fail("no other plan is needed"),
+        evaluator=never,
+        samples_from="calibration",
+    )
+    assert checked.plan is plan
+
+
+def _wide_case(tmp_path):
+    """Conv 1x1 -> Relu -> Conv 1x1 on [1,4,128,128], one calibration sample with four
+    inputs at 30 (the others standard normal): `auto` clips the input, and the held-out
+    samples (none of them the outlier's) score the clipping better, so the recipe keeps
+    its range method and then scores raises on top of it."""
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        wide (float[1,4,128,128] input) => (float[1,4,128,128] out) {
+            conv = Conv <kernel_shape = [1,1]> (input, conv_w, conv_b)
+            relu = Relu (conv)
+            out = Conv <kernel_shape = [1,1]> (relu, out_w, out_b)
+        }
+        """
+    )
+    for name, shape in (
+        ("conv_w", (8, 4, 1, 1)),
+        ("conv_b", (8,)),
+        ("out_w", (4, 8, 1, 1)),
+        ("out_b", (4,)),
+    ):
+        array = rng.standard_normal(shape) * (0.1 if name.endswith("_b") else 1.0)
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(array.astype(np.float32), name)
+        )
+    path = testing.save(model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    samples = []
+    for index in range(SAMPLES):
+        x = rng.standard_normal((1, 4, 128, 128)).astype(np.float32)
+        if index == 5:
+            assert index not in recipe.held_out_indices(SAMPLES)
+            x[0, 0, 0, :4] = 30.0
+        samples.append({"input": x})
+    testing.write_samples(tmp_path / "calib", samples)
+    return path
+
+
+def _story(report):
+    """The recipe's result without its timings."""
+    result = report.conversion.recipe
+    trials = tuple(dataclasses.replace(t, seconds=0.0) for t in result.trials)
+    return dataclasses.replace(result, trials=trials)
+
+
+def test_the_recipes_kept_states_write_what_recomputing_them_writes(tmp_path, monkeypatch):
+    path = _wide_case(tmp_path)
+    options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)  # raises are scored
+    other_ranges = []
+    real = recipe._other_ranges
+    monkeypatch.setattr(
+        recipe, "_other_ranges", lambda *args: other_ranges.append(1) or real(*args)
+    )
+    kept = qconvert.quantize(
+        path, tmp_path / "kept.onnx", data=tmp_path / "calib", recipe=options
+    )
+    story = _story(kept)
+    assert "range method" in story.kept and story.raised, kept.conversion.notes
+    # Once on the float model and once on the equalized one, not once per raise scored.
+    assert len(other_ranges) == 2
+    other_ranges.clear()
+    monkeypatch.setattr(recipe, "_once", lambda cache, key, make: make())
+    again = qconvert.quantize(
+        path, tmp_path / "again.onnx", data=tmp_path / "calib", recipe=options
+    )
+    assert len(other_ranges) > 2 + len(story.raised)
+    assert sha256(tmp_path / "kept.onnx") == sha256(tmp_path / "again.onnx")
+    assert _story(again) == story
