@@ -230,12 +230,21 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     equalized: dict[str, QuantizeState] = {}
     built: dict[tuple[frozenset[str], frozenset[Raise]], QuantizeState] = {}
 
-    def build(kept: frozenset[str], raises: frozenset[Raise] = frozenset()) -> QuantizeState:
-        """The tail of the pipeline re-run with the `kept` steps and these raises."""
-        return _once(built, (kept, raises), lambda: rebuild(kept, raises))
+    def build(
+        kept: frozenset[str],
+        raises: frozenset[Raise] = frozenset(),
+        plan: QuantizeState | None = None,
+    ) -> QuantizeState:
+        """The tail of the pipeline re-run with the `kept` steps and these raises.
 
-    def rebuild(kept: frozenset[str], raises: frozenset[Raise]) -> QuantizeState:
-        return weigh(kept, planned(kept, raises))
+        `plan`: their `planned` state, when the caller has it already.
+        """
+        return _once(built, (kept, raises), lambda: rebuild(kept, raises, plan))
+
+    def rebuild(
+        kept: frozenset[str], raises: frozenset[Raise], plan: QuantizeState | None = None
+    ) -> QuantizeState:
+        return weigh(kept, plan if plan is not None else planned(kept, raises))
 
     # The plan of the other ranges, by whether equalized: the same for every trial (its
     # per-tensor choice costs more than a plan on EfficientNet-Lite0).
@@ -508,11 +517,10 @@ def _raise(build, rebuild, kept, score, best, options, progress, work):
         if used_weights + candidate.weight_share > options.budget:
             continue
         chosen = raises | {(candidate.name, candidate.float_weights)}
-        if raise_cost(current.plan, planned(kept, chosen).plan, work).work_share > (
-            options.budget
-        ):
+        trial = planned(kept, chosen)
+        if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
             continue
-        after = score(build(kept, chosen))
+        after = score(build(kept, chosen, trial))
         if not after.improves(best):
             continue
         raises, best = chosen, after
