@@ -376,7 +376,8 @@ def prepare(state: QuantizeState) -> QuantizeState:
     """Prepares a copy of the float model for the scheme (`passes.prepare`).
 
     A copy: preparing changes the model in place, and a recipe re-runs stages on the
-    float model.
+    float model. Where calibration's preparation is the scheme's (`prepares_alike`), the
+    copy calibration kept of its prepared model is taken instead of preparing again.
     """
     config = state.config
     selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
