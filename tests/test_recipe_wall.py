@@ -167,3 +167,26 @@ def test_the_recipes_kept_states_write_what_recomputing_them_writes(tmp_path, mo
     assert len(other_ranges) > 2 + len(story.raised)
     assert sha256(tmp_path / "kept.onnx") == sha256(tmp_path / "again.onnx")
     assert _story(again) == story
+
+
+def test_the_weight_passes_leave_which_nodes_are_quantized_to_the_plan(tmp_path):
+    # The recipe costs a raise from its plan before the weight passes run for it
+    # (`recipe.run_recipe`'s `planned`): that holds while they change weights, not nodes.
+    path = _conv_case(tmp_path)
+    floats = {}
+    for name, config in (
+        ("plain", qconvert.QuantizeConfig()),
+        ("weighed", qconvert.QuantizeConfig(adaround=True, bias_correction=True)),
+    ):
+        report = qconvert.quantize(
+            path,
+            tmp_path / f"{name}.onnx",
+            data=tmp_path / "calib",
+            config=config,
+            recipe="fast",  # the passes as asked, not the recipe's choice
+        )
+        floats[name] = {(node.name, node.op_type) for node in report.conversion.float_nodes}
+        notes = report.conversion.notes
+        assert name == "plain" or any(n.startswith("Adaptive rounding") for n in notes)
+    assert floats["weighed"] == floats["plain"]
+    assert sha256(tmp_path / "weighed.onnx") != sha256(tmp_path / "plain.onnx")
