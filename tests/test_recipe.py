@@ -48,7 +48,8 @@ def test_a_step_that_helps_on_held_out_samples_is_kept(tmp_path):
     assert fast.conversion.recipe is None
     recipe = report.conversion.recipe
     assert recipe.samples == HELD_OUT and recipe.scored_on == "held-out calibration samples"
-    assert report.conversion.calibration_samples == SAMPLES - HELD_OUT
+    # Decided on the held-out samples, refitted on all of them.
+    assert report.conversion.calibration_samples == SAMPLES == recipe.refit_samples
     rounding = _trial(report, "weight rounding")
     assert rounding.kept and rounding.after.sqnr_db > rounding.before.sqnr_db + 3.0
     assert "weight rounding" in recipe.kept
@@ -314,4 +315,6 @@ def test_raising_finds_a_costly_first_layer(tmp_path):
     assert recipe.final.sqnr_db > recipe.start.sqnr_db + 15.0, recipe
     held = [samples[i] for i in held_out_indices(SAMPLES)]
     written = testing.output_sqnr(path, tmp_path / "q.onnx", held)
-    assert abs(written - recipe.final.sqnr_db) < 0.5
+    # The written model is refitted on every sample, the held-out ones too: at least as
+    # good on them as what the recipe measured before the refit.
+    assert written > recipe.final.sqnr_db - 0.5

@@ -94,6 +94,8 @@ class QuantizeState:
     # split samples: what the default recipe scores on, and the indices it took from data
     held_out: DirectorySource | None = None
     held_out_indices: tuple[int, ...] = ()
+    # the whole --data folder before the split: the recipe refits its choices on it
+    all_samples: DirectorySource | None = None
     # equalize, smooth: notes that go ahead of the plan's own
     notes: tuple[str, ...] = ()
     # calibrate
