@@ -9,9 +9,10 @@ calibrates. Starting from the plan `--recipe fast` writes, the steps are tried
 cheap-first (`STEPS`): the other range method (`auto`'s per-tensor clipping against
 minmax), bias correction, weight rounding that minimises each layer's output error
 (AdaRound), cross-layer equalization where the graph has Conv pairs for it. A step is
-kept only when it improves the held-out fidelity (`Fidelity.improves`: SQNR up, top-1
-agreement down by at most one sample); the kept steps compose, each tried on top of those
-kept before.
+kept only when it improves the held-out fidelity (`Fidelity.improves`: SQNR up over all
+samples and on most of them one by one, a sign test, so a gain a few samples carry is
+dropped as "gain within noise"; top-1 agreement down by at most one sample); the kept
+steps compose, each tried on top of those kept before.
 
 If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`, and for
 classifiers `min_top1_agreement`), nodes are raised: a raised node computes in float from
@@ -26,6 +27,11 @@ until the floor holds.
 Every trial is a re-run of the tail of the stage list on a kept state, so the search
 changes nothing it does not keep, and is deterministic: one process scores, in a fixed
 order, on fixed samples.
+
+Once decided, the choices are refitted on every --data sample, the held-out ones included
+(`_refit`): the single pass on all samples (`--recipe fast`'s model, byte for byte, when
+nothing was kept or raised), then the kept steps, the decided per-tensor range methods
+and the raises. The held-out samples score the choices; the statistics need them too.
 """
 
 from __future__ import annotations
