@@ -104,3 +104,30 @@ def test_the_held_out_score_knows_each_samples_sqnr(tmp_path):
     scored = HeldOut(path.read_bytes(), samples).score((tmp_path / "q.onnx").read_bytes())
     expected = [testing.output_sqnr(path, tmp_path / "q.onnx", [s]) for s in samples]
     assert np.allclose(scored.per_sample_db, expected, atol=1e-6)
+
+
+def test_adding_clipping_is_scored_only_on_eval_samples(tmp_path):
+    # Squaring after a Relu: auto would clip the one outlier of the first sample, and its
+    # model-level check falls back to minmax everywhere. The recipe's range method step
+    # would then add auto's clipping back: held-out samples of the same folder share the
+    # calibration's tails, so that is tried only on --eval samples.
+    from test_auto_method import _SHAPE, _one_op_model
+
+    model = testing.save(_one_op_model("Mul"), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal(_SHAPE).astype(np.float32)} for _ in range(SAMPLES)]
+    samples[0]["x"][0, 7] = 1000.0
+    testing.write_samples(tmp_path / "calib", samples)
+    testing.write_samples(tmp_path / "eval", samples[1:17])
+
+    def range_trial(**kwargs):
+        report = qconvert.quantize(
+            model, tmp_path / "q.onnx", data=tmp_path / "calib", force=True, **kwargs
+        )
+        return next(t for t in report.conversion.recipe.trials if t.step == "range method")
+
+    held_out = range_trial()
+    assert held_out.after is None
+    assert held_out.detail.startswith("adding auto's clipping is scored only on --eval")
+    on_eval = range_trial(eval_data=tmp_path / "eval")
+    assert on_eval.after is not None
