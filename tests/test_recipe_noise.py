@@ -16,10 +16,10 @@ from qconvert.recipe_result import Fidelity, wins_needed
 SAMPLES = 48
 
 
-def test_the_sign_test_needs_12_of_16_and_40_of_64():
-    # The one-sided sign test at 5%: P(X >= 12 | 16, 1/2) = 0.038, P(X >= 11) = 0.105.
-    assert wins_needed(16) == 12
-    assert wins_needed(64) == 40
+def test_the_sign_test_needs_13_of_16_and_41_of_64():
+    # The one-sided sign test at 2.5%: P(X >= 13 | 16, 1/2) = 0.011, P(X >= 12) = 0.038.
+    assert wins_needed(16) == 13
+    assert wins_needed(64) == 41
     assert wins_needed(4) == 5  # 4 of 4 happens by chance 1 time in 16: never enough
 
 
@@ -39,9 +39,9 @@ def test_a_gain_one_sample_carries_is_noise_and_one_on_every_sample_is_not():
     assert carried.sqnr_db > before.sqnr_db + 4.0
     assert not carried.improves(before)
     assert _fidelity([20.5] * 15 + [5.5]).improves(before)  # every sample +0.5 dB
-    # 12 of 16 better is enough, 11 is not (untied samples).
-    assert _fidelity([21.0] * 11 + [19.9] * 4 + [6.0]).improves(before)
-    assert not _fidelity([21.0] * 10 + [19.9] * 5 + [6.0]).improves(before)
+    # 13 of 16 better is enough, 12 is not (untied samples).
+    assert _fidelity([21.0] * 12 + [19.9] * 3 + [6.0]).improves(before)
+    assert not _fidelity([21.0] * 11 + [19.9] * 4 + [6.0]).improves(before)
     # Samples unknown (an older report's figures): the pooled rule alone.
     assert Fidelity(sqnr_db=21.0, top1_agreement=None).improves(
         Fidelity(sqnr_db=20.0, top1_agreement=None)

@@ -262,7 +262,7 @@ SCHEME_HELP = (
     help="default: with --data (at least 48 samples, or --eval), hold a quarter of the "
     "samples out (16 to 64), try the other range method, bias correction, adaptive weight "
     "rounding and equalization in turn, keep each only where the held-out output SQNR "
-    "improves overall and on most samples one by one (12 of 16: a sign test; top-1 "
+    "improves overall and on most samples one by one (13 of 16: a sign test; top-1 "
     "agreement may drop by one sample at most), then raise the nodes "
     "that buy the most fidelity per multiply-accumulate (float compute on int8-stored "
     "weights; float weights too only where their rounding is the error) while it is "
