@@ -100,9 +100,9 @@ def test_auto_check_builds_its_scorer_only_when_an_activation_clips():
 
 def _wide_case(tmp_path):
     """Conv 1x1 -> Relu -> Conv 1x1 on [1,4,128,128], one calibration sample with four
-    inputs at 30 (the others standard normal): `auto` clips the input, and the held-out
-    samples (none of them the outlier's) score the clipping better, so the recipe keeps
-    its range method and then scores raises on top of it."""
+    inputs at 30 (the others standard normal): `auto` clips the input, and the --eval
+    samples (the held-out ones, none of them the outlier's) score the clipping better, so
+    the recipe keeps its range method and then scores raises on top of it."""
     rng = np.random.default_rng(0)
     model = onnx.parser.parse_model(
         """
@@ -134,6 +134,11 @@ def _wide_case(tmp_path):
             x[0, 0, 0, :4] = 30.0
         samples.append({"input": x})
     testing.write_samples(tmp_path / "calib", samples)
+    # Adding clipping is scored only on --eval samples (`recipe._ranges_refusal`): the
+    # held-out ones, none of them the outlier's, go there.
+    testing.write_samples(
+        tmp_path / "eval", [samples[i] for i in recipe.held_out_indices(SAMPLES)]
+    )
     return path
 
 
@@ -153,7 +158,11 @@ def test_the_recipes_kept_states_write_what_recomputing_them_writes(tmp_path, mo
         recipe, "_other_ranges", lambda *args: other_ranges.append(1) or real(*args)
     )
     kept = qconvert.quantize(
-        path, tmp_path / "kept.onnx", data=tmp_path / "calib", recipe=options
+        path,
+        tmp_path / "kept.onnx",
+        data=tmp_path / "calib",
+        eval_data=tmp_path / "eval",
+        recipe=options,
     )
     story = _story(kept)
     assert "range method" in story.kept and story.raised, kept.conversion.notes
@@ -162,7 +171,11 @@ def test_the_recipes_kept_states_write_what_recomputing_them_writes(tmp_path, mo
     other_ranges.clear()
     monkeypatch.setattr(recipe, "_once", lambda cache, key, make: make())
     again = qconvert.quantize(
-        path, tmp_path / "again.onnx", data=tmp_path / "calib", recipe=options
+        path,
+        tmp_path / "again.onnx",
+        data=tmp_path / "calib",
+        eval_data=tmp_path / "eval",
+        recipe=options,
     )
     assert len(other_ranges) > 2 + len(story.raised)
     assert sha256(tmp_path / "kept.onnx") == sha256(tmp_path / "again.onnx")
