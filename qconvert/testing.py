@@ -433,6 +433,49 @@ def conv_relu_conv(
     return model
 
 
+def pointwise_hardswish_depthwise(
+    spread: float = 50.0, channels: int = 8, *, seed: int = 0
+) -> onnx.ModelProto:
+    """Conv 1x1 -> Mul, Add (scalars) -> HardSwish -> Mul, Add -> depthwise 3x3 -> Conv 1x1.
+
+    PP-LCNet's block: a pointwise Conv, the learnable affine a * x + b around a float
+    HardSwish, then a depthwise Conv. The pointwise Conv's output channels differ in range
+    by `spread` (channel c's weights scaled by spread**(-c / (channels - 1))), and the
+    depthwise Conv gains back what each channel lost, so every channel matters equally at
+    the output. Input [N, 4, 16, 16]; output [N, 4, 16, 16].
+    """
+    rng = np.random.default_rng(seed)
+    gains = spread ** (-np.arange(channels) / (channels - 1))
+    w1 = _weights(rng, channels, 4, 1, 1) * gains.reshape(-1, 1, 1, 1).astype(np.float32)
+    w2 = _weights(rng, channels, 1, 3, 3) / gains.reshape(-1, 1, 1, 1).astype(np.float32)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        pw_hswish_dw (float[N,4,16,16] input) => (float[N,4,16,16] output) {{
+            h = Conv <kernel_shape = [1,1]> (input, w1, b1)
+            s1 = Mul (h, a1)
+            t1 = Add (s1, c1)
+            g = HardSwish (t1)
+            s2 = Mul (g, a2)
+            t2 = Add (s2, c2)
+            d = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {channels}> (t2, w2)
+            output = Conv <kernel_shape = [1,1]> (d, w3)
+        }}
+    """
+    return _model(
+        text,
+        {
+            "w1": w1,
+            "b1": (0.1 * gains).astype(np.float32),
+            "a1": np.float32(2.0),
+            "c1": np.float32(0.5),
+            "a2": np.float32(0.7),
+            "c2": np.float32(-0.2),
+            "w2": w2.astype(np.float32),
+            "w3": _weights(rng, 4, channels, 1, 1),
+        },
+    )
+
+
 def gemm_bias(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
     """Gemm <transB = 1> (input, w, b): input [N, K] -> [N, O], w [O, K]."""
     out, k = w.shape

@@ -313,7 +313,9 @@ def load(state: QuantizeState) -> QuantizeState:
 
 def equalize(state: QuantizeState) -> QuantizeState:
     """Cross-layer equalization of the float model (`--equalize`)."""
-    float_model, notes = equalize_model(state.float_model)
+    float_model, notes = equalize_model(
+        state.float_model, state.source, per_channel=state.config.per_channel
+    )
     return state.replace(float_model=float_model, notes=(*state.notes, *notes))
 
 

@@ -54,6 +54,7 @@ from qconvert.passes import prepare
 from qconvert.passes.adaround import adaround_nodes
 from qconvert.passes.bias_correct import correctable_nodes
 from qconvert.passes.equalize import EqualizePass
+from qconvert.passes.equalize_activations import activation_sites
 from qconvert.pipelines.raise_costs import node_work, raise_cost, weight_shares, work_shares
 from qconvert.pipelines.stages import ranges_of
 from qconvert.pipelines.state import QuantizeState
@@ -538,11 +539,14 @@ def _raising(
 
 
 def _equalize_refusal(state: QuantizeState) -> str | None:
+    prepared = prepare(state.float_model.clone(), min_opset=1)
     equalize = EqualizePass()
-    equalize(prepare(state.float_model.clone(), min_opset=1))
-    if not equalize.pairs:
-        return "no Conv -> [Relu] -> Conv pair it can rescale"
-    return None
+    equalize(prepared)
+    if equalize.pairs:
+        return None
+    if state.config.per_channel and activation_sites(prepared):
+        return None
+    return "no Conv -> [Relu] -> Conv pair or activation it can rescale"
 
 
 def _equalized(base: QuantizeState, stages: RecipeStages) -> QuantizeState:

@@ -1,0 +1,98 @@
+"""Activation equalization between float islands (`passes.equalize_activations`).
+
+A pointwise Conv whose output channels differ 50x in range, read through a float
+HardSwish and its affine ops by a depthwise Conv: one per-tensor uint8 scale leaves the
+narrow channels a few levels, and the depthwise Conv passes that noise on undiluted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+import qconvert
+from qconvert import testing
+from qconvert.config import QuantizeConfig
+from qconvert.passes.equalize_activations import (
+    EqualizeActivationsPass,
+    activation_sites,
+    channel_absmax,
+)
+from qconvert.runtime import make_session
+
+
+def _samples(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"input": rng.standard_normal((1, 4, 16, 16)).astype(np.float32)} for _ in range(count)
+    ]
+
+
+def _absmax(model, names, samples):
+    proto = ir.to_proto(model)
+    for name in names:
+        proto.graph.output.add().name = name
+    session = make_session(proto.SerializeToString())
+    return channel_absmax(
+        (dict(zip(names, session.run(names, s), strict=True)) for s in samples), names
+    )
+
+
+def test_sites_are_the_tensors_both_sides_absorb_a_scale():
+    model = ir.from_proto(testing.pointwise_hardswish_depthwise())
+    names = {site.name for site in activation_sites(model)}
+    # h: Conv writes it, a Mul reads it; t2: the affine writes it, a depthwise Conv reads it.
+    # d is read by a plain Conv, which mixes channels: left alone.
+    assert names == {"h", "t2"}
+
+
+def test_equalizing_keeps_the_function_and_evens_the_channels():
+    proto = testing.pointwise_hardswish_depthwise(spread=20.0)  # within MAX_SCALE
+    model = ir.from_proto(proto)
+    samples = _samples(8, seed=1)
+    before = _absmax(model, ["h", "t2"], samples)
+    assert before["t2"].max() / before["t2"].min() > 10
+    equalize = EqualizeActivationsPass(absmax=before)
+    assert equalize(model).modified
+    assert sorted(equalize.tensors) == ["h", "t2"]
+    reference = make_session(proto.SerializeToString())
+    changed = make_session(ir.to_proto(model).SerializeToString())
+    for feeds in samples:
+        np.testing.assert_allclose(
+            changed.run(None, feeds)[0], reference.run(None, feeds)[0], rtol=1e-4, atol=1e-5
+        )
+    after = _absmax(model, ["h", "t2"], samples)
+    for name in ("h", "t2"):
+        assert after[name].max() / after[name].min() < 1.01
+
+
+def test_equalize_lifts_the_int8_output(tmp_path):
+    model = testing.save(testing.pointwise_hardswish_depthwise(), tmp_path / "m.onnx")
+    data = testing.write_samples(tmp_path / "calib", _samples(16, seed=2))
+    held_out = _samples(8, seed=3)
+    sqnr = {}
+    for equalize in (False, True):
+        out = tmp_path / f"q{int(equalize)}.onnx"
+        qconvert.quantize(
+            model,
+            out,
+            data=data,
+            method="minmax",
+            recipe="fast",
+            config=QuantizeConfig(equalize=equalize),
+        )
+        sqnr[equalize] = testing.output_sqnr(model, out, held_out)
+    assert sqnr[True] > sqnr[False] + 6.0, sqnr
+
+
+def test_per_tensor_weights_are_left_alone(tmp_path):
+    model = testing.save(testing.pointwise_hardswish_depthwise(), tmp_path / "m.onnx")
+    data = testing.write_samples(tmp_path / "calib", _samples(16, seed=2))
+    report = qconvert.quantize(
+        model,
+        tmp_path / "q.onnx",
+        data=data,
+        recipe="fast",
+        config=QuantizeConfig(equalize=True, per_channel=False),
+    )
+    assert not any("Activation equalization" in note for note in report.conversion.notes)
