@@ -216,7 +216,9 @@ SCHEME_HELP = (
     "--equalize",
     is_flag=True,
     help="Cross-layer equalization: even out the channel ranges of Conv -> Relu -> Conv "
-    "pairs (depthwise-separable nets) before calibrating; the float function is unchanged.",
+    "pairs (depthwise-separable nets) before calibrating, and with --data the activation "
+    "channels between a Conv (or constant Mul) and the depthwise Convs or Muls that read "
+    "them; the float function is unchanged.",
 )
 @click.option(
     "--bias-correction",
