@@ -476,6 +476,39 @@ def pointwise_hardswish_depthwise(
     )
 
 
+def pointwise_two_depthwise(
+    spread: float = 50.0, channels: int = 8, *, seed: int = 0
+) -> onnx.ModelProto:
+    """Conv 1x1 -> two depthwise Convs (3x3 and 5x5) -> Add -> Conv 1x1 (MixConv-style).
+
+    The pointwise Conv's output channels differ in range by `spread` and the depthwise
+    Convs gain back what each channel lost. Its output has two readers, so no Conv -> Conv
+    pair exists for weight equalization. Input [N, 4, 16, 16]; output [N, 4, 16, 16].
+    """
+    rng = np.random.default_rng(seed)
+    gains = (spread ** (-np.arange(channels) / (channels - 1))).reshape(-1, 1, 1, 1)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        pw_two_dw (float[N,4,16,16] input) => (float[N,4,16,16] output) {{
+            h = Conv <kernel_shape = [1,1]> (input, w1, b1)
+            d = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {channels}> (h, w2)
+            e = Conv <pads = [2,2,2,2], kernel_shape = [5,5], group = {channels}> (h, w4)
+            f = Add (d, e)
+            output = Conv <kernel_shape = [1,1]> (f, w3)
+        }}
+    """
+    return _model(
+        text,
+        {
+            "w1": _weights(rng, channels, 4, 1, 1) * gains.astype(np.float32),
+            "b1": (0.1 * gains.ravel() + 1.0).astype(np.float32),
+            "w2": (_weights(rng, channels, 1, 3, 3) / gains).astype(np.float32),
+            "w3": _weights(rng, 4, channels, 1, 1),
+            "w4": (_weights(rng, channels, 1, 5, 5) / gains).astype(np.float32),
+        },
+    )
+
+
 def gemm_bias(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
     """Gemm <transB = 1> (input, w, b): input [N, K] -> [N, O], w [O, K]."""
     out, k = w.shape

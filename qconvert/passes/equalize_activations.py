@@ -30,7 +30,9 @@ geometric-mean split cross-layer equalization uses there was worse on the detect
 `EqualizePass` covers Conv -> [Relu] -> Conv pairs by weights; this covers the tensors
 between float islands (HardSwish and the affine ops around it), which it cannot.
 It runs on the prepared model before calibration, so the statistics are those of the
-equalized tensors.
+equalized tensors. Preparation folds a scalar affine around a HardSwish into the Convs
+(`passes.affine`), which leaves Conv -> HardSwish -> depthwise Conv with no constant op to
+carry s: carrying it there needs per-channel Q/DQ scales at the float island's edges.
 """
 
 from __future__ import annotations
