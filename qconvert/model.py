@@ -156,6 +156,8 @@ def file_size(path: str | os.PathLike[str]) -> int:
     """Returns the bytes a model occupies on disk, its external-data files included."""
     path = Path(path)
     total = path.stat().st_size
+    if not _may_name_external_data(path):
+        return total
     proto = onnx.load_model(str(path), load_external_data=False)
     locations = {
         entry.value
@@ -169,11 +171,34 @@ def file_size(path: str | os.PathLike[str]) -> int:
 
 def uses_external_data(path: str | os.PathLike[str]) -> bool:
     """True when some tensor of the model file lives in an external data file."""
+    if not _may_name_external_data(Path(path)):
+        return False
     proto = onnx.load_model(str(path), load_external_data=False)
     return any(
         tensor.data_location == onnx.TensorProto.EXTERNAL
         for tensor in _all_tensors(proto.graph)
     )
+
+
+_LOCATION_KEY = b"location"
+
+
+def _may_name_external_data(path: Path) -> bool:
+    """False when the file cannot refer to external data: the key `location` is absent.
+
+    Every external-data reference stores the key `location` as plain bytes, so a file
+    without them has none, and parsing it (all its weights, for an inline model) is not
+    needed: on minilm that parse took 125 MB and about 0.3 s, twice per quantize. The file
+    is read in chunks, overlapping by the key's length less one.
+    """
+    overlap = len(_LOCATION_KEY) - 1
+    tail = b""
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            if _LOCATION_KEY in tail + chunk[:overlap] or _LOCATION_KEY in chunk:
+                return True
+            tail = chunk[-overlap:]
+    return False
 
 
 def save_with_external_data(
