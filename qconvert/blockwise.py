@@ -54,9 +54,11 @@ SHRINK_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))
 class BlockQuantized:
     """A weight quantized in blocks along its reduction axis.
 
+    The codes are given either plain (`code_array`) or, for 4 bits, only as MatMulNBits'
+    packed bytes (`packed`, what round-to-nearest makes: packing inside the rounding spares
+    a full-size code array and a byte transpose); `codes` unpacks those on each read.
+
     Attributes:
-        codes: uint8 (N, k_blocks * block_size), unsigned codes in [0, 2**bits); the tail
-            past K (when K is not a multiple of the block size) holds the zero point.
         scales: float32 (N, k_blocks).
         zero_points: uint8 (N, k_blocks).
         k: the reduction size K.
@@ -65,9 +67,13 @@ class BlockQuantized:
         symmetric: the zero point is the middle code 2**(bits-1) everywhere.
         units: float32 (N,) on the int8 grid (module docstring): every scale is a whole
             multiple of its column's unit; else None.
+        code_array: uint8 (N, k_blocks * block_size), unsigned codes in [0, 2**bits); the
+            tail past K (when K is not a multiple of the block size) holds the zero point.
+            None when `packed` is given.
+        packed: uint8 (N, k_blocks * block_size / 2), 4-bit codes two a byte along K, the
+            first in the low nibble; None when `code_array` is given.
     """
 
-    codes: npt.NDArray[np.uint8]
     scales: npt.NDArray[np.float32]
     zero_points: npt.NDArray[np.uint8]
     k: int
@@ -75,11 +81,20 @@ class BlockQuantized:
     bits: int
     symmetric: bool
     units: npt.NDArray[np.float32] | None = None
+    code_array: npt.NDArray[np.uint8] | None = None
+    packed: npt.NDArray[np.uint8] | None = None
+
+    @property
+    def codes(self) -> npt.NDArray[np.uint8]:
+        """uint8 (N, k_blocks * block_size) codes, the padded tail (zero points) included."""
+        if self.code_array is not None:
+            return self.code_array
+        return unpack_nibbles(self.packed)
 
     @property
     def n(self) -> int:
         """The output size N."""
-        return int(self.codes.shape[0])
+        return int(self.scales.shape[0])
 
     @property
     def k_blocks(self) -> int:
@@ -185,7 +200,7 @@ def quantize_columns_int8(wt: npt.NDArray[np.float32]) -> BlockQuantized:
     safe = np.where(units == 0, np.float32(1.0), units)
     values = np.clip(np.rint(np.asarray(wt, np.float32) / safe[:, None]), -127, 127)
     return BlockQuantized(
-        codes=(values + 128).astype(np.uint8),
+        code_array=(values + 128).astype(np.uint8),
         scales=units[:, None].copy(),
         zero_points=np.full((n, 1), 128, dtype=np.uint8),
         k=k,
@@ -290,7 +305,7 @@ def quantize_rtn(
         codes[start:end] = codes_for(blocks, s, z, bits=bits).reshape(end - start, -1)
         scales[start:end], zero_points[start:end] = s, z
     return BlockQuantized(
-        codes=codes,
+        code_array=codes,
         scales=scales,
         zero_points=zero_points,
         k=k,
@@ -308,18 +323,20 @@ def _nearest(
 
     A MatMul weight is stored (K, N), so `wt` is its transposed view: then the blocks are
     runs of `block_size` rows of the stored array, reduced row against row (contiguous
-    reads, no transposed copy of the floats), and the codes are kept (K, N) as well, `codes`
-    being their transposed view; packing then transposes bytes, not floats. Each chunk is
-    copied once into a scratch buffer and rounded there in place: the same values and the
-    same float32 operations as `block_params` and `codes_for`, so the same codes.
+    reads, no transposed copy of the floats). Each chunk is copied once into a scratch
+    buffer and rounded there in place: the same values and the same float32 operations as
+    `block_params` and `codes_for`, so the same codes. 4-bit codes are packed and turned into
+    the (N, K / 2) bytes MatMulNBits reads while the chunk is still in cache: a byte
+    transpose of the whole packed weight afterwards is a strided walk through memory that
+    costs more than the rounding itself.
     """
     n, k = wt.shape
     k_blocks = -(-k // block_size)
     padded = k_blocks * block_size
-    k_major = wt.T.flags.c_contiguous and not wt.flags.c_contiguous
-    if k_major:
+    four = bits == 4
+    codes = np.empty((n, padded // 2 if four else padded), dtype=np.uint8)
+    if wt.T.flags.c_contiguous and not wt.flags.c_contiguous:
         stored = wt.T  # (K, N)
-        codes = np.empty((padded, n), dtype=np.uint8)
         scales = np.empty((k_blocks, n), dtype=np.float32)
         zero_points = np.empty((k_blocks, n), dtype=np.uint8)
         width = min(n, max(1, NEAREST_CHUNK_VALUES // block_size))
@@ -334,37 +351,41 @@ def _nearest(
                 blocks = chunk.reshape(b1 - b0, block_size, c1 - c0)
                 s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
                 scales[b0:b1, c0:c1], zero_points[b0:b1, c0:c1] = s, z
-                np.copyto(codes[b0 * block_size : b1 * block_size, c0:c1], chunk, "unsafe")
-        return BlockQuantized(
-            codes=codes.T,
-            scales=np.ascontiguousarray(scales.T),
-            zero_points=np.ascontiguousarray(zero_points.T),
-            k=k,
-            block_size=block_size,
-            bits=bits,
-            symmetric=symmetric,
+                rows = slice(b0 * block_size, b1 * block_size)
+                if four:  # rows pair up along K; block sizes are even
+                    half = slice(rows.start // 2, rows.stop // 2)
+                    codes[c0:c1, half] = pack_nibbles(chunk.astype(np.uint8), axis=0).T
+                else:
+                    np.copyto(codes[c0:c1, rows], chunk.T, "unsafe")
+        scales, zero_points = (
+            np.ascontiguousarray(scales.T),
+            np.ascontiguousarray(zero_points.T),
         )
-    codes = np.empty((n, padded), dtype=np.uint8)
-    scales = np.empty((n, k_blocks), dtype=np.float32)
-    zero_points = np.empty((n, k_blocks), dtype=np.uint8)
-    rows = max(1, NEAREST_CHUNK_VALUES // padded)
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
-        chunk[:, :k] = wt[r0:r1]
-        blocks = chunk.reshape(r1 - r0, k_blocks, block_size)
-        scales[r0:r1], zero_points[r0:r1] = _round_blocks(
-            blocks, 2, bits=bits, symmetric=symmetric
-        )
-        np.copyto(codes[r0:r1], chunk, "unsafe")
+    else:
+        scales = np.empty((n, k_blocks), dtype=np.float32)
+        zero_points = np.empty((n, k_blocks), dtype=np.uint8)
+        rows = max(1, NEAREST_CHUNK_VALUES // padded)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
+            chunk[:, :k] = wt[r0:r1]
+            blocks = chunk.reshape(r1 - r0, k_blocks, block_size)
+            scales[r0:r1], zero_points[r0:r1] = _round_blocks(
+                blocks, 2, bits=bits, symmetric=symmetric
+            )
+            if four:
+                codes[r0:r1] = pack_nibbles(chunk.astype(np.uint8))
+            else:
+                np.copyto(codes[r0:r1], chunk, "unsafe")
     return BlockQuantized(
-        codes=codes,
         scales=scales,
         zero_points=zero_points,
         k=k,
         block_size=block_size,
         bits=bits,
         symmetric=symmetric,
+        code_array=None if four else codes,
+        packed=codes if four else None,
     )
 
 
@@ -450,12 +471,22 @@ def pack_nibbles(
     return packed
 
 
+def unpack_nibbles(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The inverse of `pack_nibbles` along the last axis: (..., P) bytes -> (..., 2P) codes."""
+    codes = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=np.uint8)
+    np.bitwise_and(packed, 15, out=codes[..., 0::2])
+    np.right_shift(packed, 4, out=codes[..., 1::2])
+    return codes
+
+
 def packed_codes(quantized: BlockQuantized) -> npt.NDArray[np.uint8]:
     """The 4-bit codes (N, k_blocks * block_size) packed two a byte along K, contiguous.
 
-    Codes kept in the (K, N) layout (`_nearest`) are packed row pair by row pair there, and
-    only the packed bytes are transposed.
+    Codes kept in the (K, N) layout (`grid_rounding`) are packed row pair by row pair
+    there, and only the packed bytes are transposed.
     """
+    if quantized.packed is not None:
+        return quantized.packed
     codes = quantized.codes
     if codes.T.flags.c_contiguous and not codes.flags.c_contiguous:
         return np.ascontiguousarray(pack_nibbles(codes.T, axis=0).T)

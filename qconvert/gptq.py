@@ -109,7 +109,7 @@ def quantize_gptq(
             errors[:, i] = error
         weights[:, end:] -= errors @ upper[start:end, end:]
     return BlockQuantized(
-        codes=codes,
+        code_array=codes,
         scales=scales,
         zero_points=zero_points,
         k=k,

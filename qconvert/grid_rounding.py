@@ -79,7 +79,7 @@ def quantize_grid_searched(wt: npt.NDArray[np.float32], *, block_size: int) -> B
             np.copyto(codes[r0:r1], chunk, "unsafe")
     scales[units == 0] = 0.0  # a column of zeros: scale 0 dequantizes it exactly
     return BlockQuantized(
-        codes=codes,
+        code_array=codes,
         scales=scales,
         zero_points=np.full(scales.shape, _MIDDLE, dtype=np.uint8),
         k=k,

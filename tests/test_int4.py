@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ from qconvert.blockwise import quantize_rtn
 from qconvert.cli import cli as main
 from qconvert.config import QuantizeConfig
 from qconvert.errors import ConfigError
+from qconvert.passes import int4 as int4_pass
 
 
 def _run(model, feeds, *, optimize: bool = True) -> list[np.ndarray]:
@@ -449,6 +451,36 @@ def test_round_to_nearest_in_small_chunks_of_either_layout_matches_the_hand_rule
     np.testing.assert_array_equal(quantized.zero_points, zeros)
     packed = blockwise.matmul_nbits_inputs(quantized)[0]
     np.testing.assert_array_equal(_unpack(packed).reshape(45, -1), codes)
+
+
+def _pack_by_hand(codes: np.ndarray) -> np.ndarray:
+    """Pairs along the last axis, the first in the low nibble (written out here)."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("stored", ["K,N", "N,K"])
+@pytest.mark.parametrize("k", [70, 96])  # a ragged last block of 32, and whole blocks
+def test_codes_packed_inside_the_rounding_are_the_bytes_packed_afterwards(
+    monkeypatch, symmetric, stored, k
+):
+    # The MatMulNBits and GatherBlockQuantized bytes of odd shapes (N odd, K ragged or not),
+    # made chunk by chunk (64 values), equal the hand rule's codes packed as one array.
+    monkeypatch.setattr(blockwise, "NEAREST_CHUNK_VALUES", 64)
+    rng = np.random.default_rng(5)
+    w_nk = rng.standard_normal((37, k)).astype(np.float32)
+    wt = w_nk if stored == "N,K" else np.ascontiguousarray(w_nk.T).T
+    quantized = quantize_rtn(wt, block_size=32, symmetric=symmetric)
+    codes = _nearest_by_hand(w_nk, 32, symmetric)[0]
+    assert quantized.code_array is None  # only the packed bytes are kept
+    packed = blockwise.matmul_nbits_inputs(quantized)[0]
+    np.testing.assert_array_equal(packed.reshape(37, -1), _pack_by_hand(codes))
+    np.testing.assert_array_equal(quantized.codes, codes)
+    if k % 32 == 0:  # a Gather table's rows are whole blocks
+        dtype = ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+        flip = 0x88 if symmetric else 0
+        table = int4_pass._gather_codes(quantized, dtype)
+        np.testing.assert_array_equal(table, _pack_by_hand(codes).reshape(-1) ^ flip)
 
 
 def test_int4_packing_flips_codes_to_twos_complement_nibbles():

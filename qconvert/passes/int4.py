@@ -660,6 +660,11 @@ def _qdq_codes(
 def _gather_codes(quantized: BlockQuantized, dtype: ir.DataType) -> np.ndarray:
     if dtype == ir.DataType.UINT8:
         return quantized.codes[:, : quantized.k]
+    whole = quantized.k == quantized.k_blocks * quantized.block_size
+    if quantized.packed is not None and whole:
+        # rows packed along K with no padded tail are the tensor's flattened packing
+        flat = quantized.packed.reshape(-1)
+        return flat ^ np.uint8(0x88) if dtype == ir.DataType.INT4 else flat
     return _qdq_codes(quantized, dtype)
 
 
