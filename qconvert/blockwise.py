@@ -352,9 +352,8 @@ def _nearest(
                 s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
                 scales[b0:b1, c0:c1], zero_points[b0:b1, c0:c1] = s, z
                 rows = slice(b0 * block_size, b1 * block_size)
-                if four:  # rows pair up along K; block sizes are even
-                    half = slice(rows.start // 2, rows.stop // 2)
-                    codes[c0:c1, half] = pack_nibbles(chunk.astype(np.uint8), axis=0).T
+                if four:
+                    _pack_transposed(chunk, codes[c0:c1, rows.start // 2 : rows.stop // 2])
                 else:
                     np.copyto(codes[c0:c1, rows], chunk.T, "unsafe")
         scales, zero_points = (
@@ -387,6 +386,24 @@ def _nearest(
         code_array=None if four else codes,
         packed=codes if four else None,
     )
+
+
+def _pack_transposed(chunk: npt.NDArray[np.float32], out: npt.NDArray[np.uint8]) -> None:
+    """Writes 4-bit codes (R, C), R a multiple of 8, packed along R into `out` (C, R / 2).
+
+    Eight codes along R make one little-endian uint32 (code j in bits 4j..4j+3: the four
+    bytes `pack_nibbles` makes of them), so the transpose moves a quarter as many elements
+    as a byte transpose would; numpy's strided copies cost per element, not per byte.
+    """
+    if sys.byteorder != "little":
+        out[...] = pack_nibbles(chunk.astype(np.uint8), axis=0).T
+        return
+    codes = chunk.astype(np.uint32)
+    words = codes[0::8].copy()
+    for j in range(1, 8):
+        shifted = codes[j::8] << np.uint32(4 * j)
+        words |= shifted
+    out.view(np.uint32)[...] = words.T
 
 
 def _round_blocks(

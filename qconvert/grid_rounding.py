@@ -41,8 +41,8 @@ def quantize_grid_searched(wt: npt.NDArray[np.float32], *, block_size: int) -> B
     """A weight (N, K) on the int8 grid, each block's range searched first (module docstring).
 
     `wt` may be the transposed view of a MatMul weight stored (K, N): it is then read in that
-    layout, a chunk of rows at a time, and its codes are kept (K, N) too (as
-    `blockwise._nearest` does), `codes` being their transposed view.
+    layout, a chunk of rows at a time (as `blockwise._nearest` reads it), and its codes are
+    kept (K, N) too, `codes` being their transposed view: the int8 kernel reads them so.
     """
     n, k = wt.shape
     units = column_units(wt)
