@@ -520,11 +520,13 @@ def matmul_nbits_inputs(
     middle code), are (N * ceil(k_blocks * bits / 8),), packed the same way per column.
     """
     n, k_blocks, size = quantized.n, quantized.k_blocks, quantized.block_size
-    if quantized.bits == 4:
+    four = quantized.bits == 4
+    if four:
         packed = packed_codes(quantized).reshape(n, k_blocks, size // 2)
-        zero_points = pack_nibbles(quantized.zero_points).reshape(-1)
     else:
         packed = quantized.codes.reshape(n, k_blocks, size)
-        zero_points = quantized.zero_points.reshape(-1)
-    scales = quantized.scales.reshape(-1)
-    return packed, scales, (None if quantized.symmetric else zero_points)
+    zero_points = None
+    if not quantized.symmetric:
+        zero_points = quantized.zero_points
+        zero_points = (pack_nibbles(zero_points) if four else zero_points).reshape(-1)
+    return packed, quantized.scales.reshape(-1), zero_points
