@@ -31,6 +31,7 @@ block's step moves by at most half a unit.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -316,6 +317,46 @@ def quantize_rtn(
     )
 
 
+def column_chunks(
+    stored: npt.NDArray[np.float32], block_size: int
+) -> Iterator[tuple[slice, slice, npt.NDArray[np.float32]]]:
+    """A (K, N) weight in cache-sized chunks: (block rows, columns, scratch copy).
+
+    Each chunk holds whole blocks of `block_size` rows (the last one zero-padded past K)
+    over a run of columns, copied once into a float32 scratch array the caller may round
+    in place; the first slice indexes the padded rows, the second the columns.
+    """
+    k, n = stored.shape
+    k_blocks = -(-k // block_size)
+    width = min(n, max(1, NEAREST_CHUNK_VALUES // block_size))
+    step = max(1, NEAREST_CHUNK_VALUES // (block_size * width))
+    for b0 in range(0, k_blocks, step):
+        b1 = min(b0 + step, k_blocks)
+        k0, k1 = b0 * block_size, min(b1 * block_size, k)
+        for c0 in range(0, n, width):
+            c1 = min(c0 + width, n)
+            chunk = np.zeros(((b1 - b0) * block_size, c1 - c0), dtype=np.float32)
+            chunk[: k1 - k0] = stored[k0:k1, c0:c1]
+            yield slice(b0 * block_size, b1 * block_size), slice(c0, c1), chunk
+
+
+def row_chunks(
+    wt: npt.NDArray[np.float32], block_size: int
+) -> Iterator[tuple[slice, npt.NDArray[np.float32]]]:
+    """An (N, K) weight in cache-sized runs of rows: (rows, scratch copy).
+
+    Each scratch copy is float32, zero-padded along K to whole blocks.
+    """
+    n, k = wt.shape
+    padded = -(-k // block_size) * block_size
+    rows = max(1, NEAREST_CHUNK_VALUES // padded)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
+        chunk[:, :k] = wt[r0:r1]
+        yield slice(r0, r1), chunk
+
+
 def _nearest(
     wt: npt.NDArray[np.float32], *, block_size: int, bits: int, symmetric: bool
 ) -> BlockQuantized:
@@ -339,23 +380,15 @@ def _nearest(
         stored = wt.T  # (K, N)
         scales = np.empty((k_blocks, n), dtype=np.float32)
         zero_points = np.empty((k_blocks, n), dtype=np.uint8)
-        width = min(n, max(1, NEAREST_CHUNK_VALUES // block_size))
-        step = max(1, NEAREST_CHUNK_VALUES // (block_size * width))
-        for b0 in range(0, k_blocks, step):
-            b1 = min(b0 + step, k_blocks)
-            k0, k1 = b0 * block_size, min(b1 * block_size, k)
-            for c0 in range(0, n, width):
-                c1 = min(c0 + width, n)
-                chunk = np.zeros(((b1 - b0) * block_size, c1 - c0), dtype=np.float32)
-                chunk[: k1 - k0] = stored[k0:k1, c0:c1]
-                blocks = chunk.reshape(b1 - b0, block_size, c1 - c0)
-                s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
-                scales[b0:b1, c0:c1], zero_points[b0:b1, c0:c1] = s, z
-                rows = slice(b0 * block_size, b1 * block_size)
-                if four:
-                    _pack_transposed(chunk, codes[c0:c1, rows.start // 2 : rows.stop // 2])
-                else:
-                    np.copyto(codes[c0:c1, rows], chunk.T, "unsafe")
+        for rows, columns, chunk in column_chunks(stored, block_size):
+            blocks = chunk.reshape(-1, block_size, chunk.shape[1])
+            in_blocks = slice(rows.start // block_size, rows.stop // block_size)
+            s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
+            scales[in_blocks, columns], zero_points[in_blocks, columns] = s, z
+            if four:
+                _pack_transposed(chunk, codes[columns, rows.start // 2 : rows.stop // 2])
+            else:
+                np.copyto(codes[columns, rows], chunk.T, "unsafe")
         scales, zero_points = (
             np.ascontiguousarray(scales.T),
             np.ascontiguousarray(zero_points.T),
@@ -363,19 +396,15 @@ def _nearest(
     else:
         scales = np.empty((n, k_blocks), dtype=np.float32)
         zero_points = np.empty((n, k_blocks), dtype=np.uint8)
-        rows = max(1, NEAREST_CHUNK_VALUES // padded)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
-            chunk[:, :k] = wt[r0:r1]
-            blocks = chunk.reshape(r1 - r0, k_blocks, block_size)
-            scales[r0:r1], zero_points[r0:r1] = _round_blocks(
+        for rows, chunk in row_chunks(wt, block_size):
+            blocks = chunk.reshape(chunk.shape[0], k_blocks, block_size)
+            scales[rows], zero_points[rows] = _round_blocks(
                 blocks, 2, bits=bits, symmetric=symmetric
             )
             if four:
-                codes[r0:r1] = pack_nibbles(chunk.astype(np.uint8))
+                codes[rows] = pack_nibbles(chunk.astype(np.uint8))
             else:
-                np.copyto(codes[r0:r1], chunk, "unsafe")
+                np.copyto(codes[rows], chunk, "unsafe")
     return BlockQuantized(
         scales=scales,
         zero_points=zero_points,

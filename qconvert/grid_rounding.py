@@ -27,10 +27,11 @@ import numpy.typing as npt
 
 from qconvert.blockwise import (
     MAX_MULTIPLIER,
-    NEAREST_CHUNK_VALUES,
     SHRINK_GRID,
     BlockQuantized,
+    column_chunks,
     column_units,
+    row_chunks,
 )
 
 _MIDDLE = 8
@@ -53,30 +54,19 @@ def quantize_grid_searched(wt: npt.NDArray[np.float32], *, block_size: int) -> B
     if stored is not None:  # (K, N): blocks are runs of rows, columns the outputs
         codes = np.empty((padded, n), dtype=np.uint8)
         scales = np.empty((k_blocks, n), dtype=np.float32)
-        width = min(n, max(1, NEAREST_CHUNK_VALUES // block_size))
-        step = max(1, NEAREST_CHUNK_VALUES // (block_size * width))
-        for b0 in range(0, k_blocks, step):
-            b1 = min(b0 + step, k_blocks)
-            k0, k1 = b0 * block_size, min(b1 * block_size, k)
-            for c0 in range(0, n, width):
-                c1 = min(c0 + width, n)
-                chunk = np.zeros(((b1 - b0) * block_size, c1 - c0), dtype=np.float32)
-                chunk[: k1 - k0] = stored[k0:k1, c0:c1]
-                blocks = chunk.reshape(b1 - b0, block_size, c1 - c0)
-                scales[b0:b1, c0:c1] = _round_searched(blocks, 1, safe_units[c0:c1])
-                np.copyto(codes[b0 * block_size : b1 * block_size, c0:c1], chunk, "unsafe")
+        for rows, columns, chunk in column_chunks(stored, block_size):
+            blocks = chunk.reshape(-1, block_size, chunk.shape[1])
+            in_blocks = slice(rows.start // block_size, rows.stop // block_size)
+            scales[in_blocks, columns] = _round_searched(blocks, 1, safe_units[columns])
+            np.copyto(codes[rows, columns], chunk, "unsafe")
         codes, scales = codes.T, np.ascontiguousarray(scales.T)
     else:
         codes = np.empty((n, padded), dtype=np.uint8)
         scales = np.empty((n, k_blocks), dtype=np.float32)
-        rows = max(1, NEAREST_CHUNK_VALUES // padded)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
-            chunk[:, :k] = wt[r0:r1]
-            blocks = chunk.reshape(r1 - r0, k_blocks, block_size)
-            scales[r0:r1] = _round_searched(blocks, 2, safe_units[r0:r1, None])
-            np.copyto(codes[r0:r1], chunk, "unsafe")
+        for rows, chunk in row_chunks(wt, block_size):
+            blocks = chunk.reshape(chunk.shape[0], k_blocks, block_size)
+            scales[rows] = _round_searched(blocks, 2, safe_units[rows, None])
+            np.copyto(codes[rows], chunk, "unsafe")
     scales[units == 0] = 0.0  # a column of zeros: scale 0 dequantizes it exactly
     return BlockQuantized(
         code_array=codes,
