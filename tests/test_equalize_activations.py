@@ -68,11 +68,7 @@ def test_equalizing_keeps_the_function_and_evens_the_channels():
 
 
 def test_equalize_lifts_the_int8_output(tmp_path, monkeypatch):
-    """A pointwise Conv read by two depthwise Convs (no pair for weight equalization).
-
-    Since preparation folds the affine a * x + b into the Convs around it (`passes.affine`),
-    the HardSwish block above has no site left after `prepare`; this graph keeps one.
-    """
+    """A pointwise Conv read by two depthwise Convs (no pair for weight equalization)."""
     model = testing.save(testing.pointwise_two_depthwise(), tmp_path / "m.onnx")
     data = testing.write_samples(tmp_path / "calib", _samples(16, seed=2))
     held_out = _samples(8, seed=3)

@@ -15,8 +15,7 @@
 5. Activations exporters spell out in elementary ops are rewritten into forms the quantizer
    serves better (`passes/activations.py`): a constant Add after a Conv becomes its bias,
    HardSigmoid after a Conv becomes a scaled Conv and Clip(0, 1), and x*Clip(x+3,0,6)/6
-   becomes HardSwish. Constant scale-and-shift layers (x * c + d) move into the Convs
-   before and after them (`passes/affine.py`).
+   becomes HardSwish.
 6. A constant Pad before a Conv, AveragePool or MaxPool is folded into the reader's pads
    where the result is identical (`passes/pad.py`), so no Pad runs between two integer
    kernels.
@@ -49,7 +48,6 @@ from qconvert.passes.activations import (
     FuseHardSwishPass,
     has_decomposed_hardswish,
 )
-from qconvert.passes.affine import FoldAffineIntoConvPass, FoldConvScaleIntoWeightsPass
 from qconvert.passes.pad import FoldPadIntoReaderPass
 
 
@@ -605,12 +603,8 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int) -> ir.Model:
             FoldConvAddIntoBiasPass(),
             FoldBatchNormPass(),
             FoldConvAddIntoBiasPass(),
-            # A scale-and-shift layer after a Conv: the Mul first, then its Add is a bias.
-            FoldConvScaleIntoWeightsPass(),
-            FoldConvAddIntoBiasPass(),
             FoldHardSigmoidIntoConvPass(),
             FuseHardSwishPass(),
-            FoldAffineIntoConvPass(),
             FoldPadIntoReaderPass(),
             ShapeInferencePass(),
             RestoreSequenceTypesPass(),
