@@ -89,7 +89,8 @@ def test_a_step_that_hurts_on_held_out_samples_is_dropped(tmp_path):
     )
 
 
-def _conv_case(tmp_path):
+def conv_case(tmp_path):
+    """conv_bn_relu saved with SAMPLES random samples in calib/; returns the model path."""
     model = testing.conv_bn_relu()
     path = testing.save(model, tmp_path / "model.onnx")
     testing.write_samples(
@@ -99,7 +100,7 @@ def _conv_case(tmp_path):
 
 
 def test_the_recipe_writes_the_same_bytes_whatever_the_workers(tmp_path):
-    path = _conv_case(tmp_path)
+    path = conv_case(tmp_path)
     hashes = set()
     for run, workers in enumerate((1, 2, 1)):
         out = tmp_path / f"q{run}.onnx"
@@ -156,7 +157,7 @@ def test_too_few_samples_run_the_single_pass_and_say_why(tmp_path):
 
 
 def test_recipe_options_on_the_command_line(run_cli, tmp_path):
-    path = _conv_case(tmp_path)
+    path = conv_case(tmp_path)
     out = tmp_path / "q.onnx"
     report = tmp_path / "r.json"
     result = run_cli(
@@ -192,7 +193,7 @@ def test_recipe_options_on_the_command_line(run_cli, tmp_path):
 
 
 def test_the_markdown_and_html_reports_tell_the_recipe(tmp_path):
-    path = _conv_case(tmp_path)
+    path = conv_case(tmp_path)
     for suffix in (".md", ".html"):
         report = tmp_path / f"r{suffix}"
         qconvert.quantize(

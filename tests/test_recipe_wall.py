@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import sha256
+from test_recipe import conv_case
 
 import qconvert
 from qconvert import testing
@@ -24,19 +25,10 @@ from qconvert.recipe_result import RecipeOptions
 SAMPLES = 48
 
 
-def _conv_case(tmp_path):
-    model = testing.conv_bn_relu()
-    path = testing.save(model, tmp_path / "model.onnx")
-    testing.write_samples(
-        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
-    )
-    return path
-
-
 def test_calibrations_preparation_serves_the_scheme_and_writes_the_same_bytes(
     tmp_path, monkeypatch
 ):
-    path = _conv_case(tmp_path)
+    path = conv_case(tmp_path)
     prepared = []
     real = quantize_pipeline.prepare_for_scheme
     monkeypatch.setattr(
@@ -185,7 +177,7 @@ def test_the_recipes_kept_states_write_what_recomputing_them_writes(tmp_path, mo
 def test_the_weight_passes_leave_which_nodes_are_quantized_to_the_plan(tmp_path):
     # The recipe costs a raise from its plan before the weight passes run for it
     # (`recipe.run_recipe`'s `planned`): that holds while they change weights, not nodes.
-    path = _conv_case(tmp_path)
+    path = conv_case(tmp_path)
     floats = {}
     for name, config in (
         ("plain", qconvert.QuantizeConfig()),
