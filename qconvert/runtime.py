@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import gc
 import re
 import signal
@@ -52,15 +53,11 @@ def external_weights(folder: str | Path | None) -> Iterator[None]:
 
 
 def _load_malloc_trim():
-    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows).
-
-    Looked up among the symbols the process already has: `ctypes.util.find_library` would
-    start `ldconfig` or a compiler to find libc, a child process as large as a small model's
-    whole calibration run (the bench counted 94 -> 159 MB on digits_cnn).
-    """
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
         return None
 
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import signal
-import subprocess
-import sys
 import weakref
 
 import numpy as np
@@ -84,16 +81,3 @@ def test_a_signal_landing_during_the_collection_is_not_lost():
     finally:
         if was_enabled:
             gc.enable()
-
-
-def test_malloc_trim_is_found_without_starting_a_process(monkeypatch):
-    """Finding libc through ctypes.util starts ldconfig or a compiler: a child process
-    whose peak the bench counted as calibration's own (94 -> 159 MB on digits_cnn)."""
-
-    def no_child(*args, **kwargs):
-        raise AssertionError("a child process was started")
-
-    monkeypatch.setattr(subprocess, "Popen", no_child)
-    trim = runtime._load_malloc_trim()
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        assert trim is not None
