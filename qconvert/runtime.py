@@ -7,8 +7,6 @@ import ctypes
 import ctypes.util
 import gc
 import re
-import signal
-import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -76,38 +74,9 @@ def release_freed_memory() -> None:
     the collection alone and 542 MB with both, for about 0.1 s a call under load; the
     model written is byte-identical.
     """
-    with _signals_deferred():
-        gc.collect()
+    gc.collect()
     if _malloc_trim is not None:
         _malloc_trim(0)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Holds SIGINT and SIGTERM back from Python code inside, then raises them as usual.
-
-    The collector runs finalizers, and a signal handler that raises (KeyboardInterrupt,
-    the CLI's Terminated) inside a finalizer is printed and lost: an interrupted
-    `quantize` went on calibrating. Handlers run only on the main thread, so only there
-    are they swapped, for one that notes the signal.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if callable(handler):
-            previous[signum] = handler
-            signal.signal(signum, lambda number, frame: caught.append(number))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if caught:
-            previous[caught[0]](caught[0], None)
 
 
 def weights_folder() -> Path | None:

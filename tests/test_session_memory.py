@@ -10,14 +10,11 @@ dropped since the last collection.
 from __future__ import annotations
 
 import gc
-import os
-import signal
 import weakref
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import pytest
 
 from qconvert import runtime, testing
 
@@ -56,28 +53,3 @@ def test_sessions_work_where_the_c_library_has_no_malloc_trim(monkeypatch):
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     expected = feeds["input"] @ weights["w"] + weights["b"]
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-
-
-class _SignalsWhenCollected:
-    """In a cycle; its finalizer sends this process `signum`, as a user's Ctrl-C can land."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        self.me = self
-
-    def __del__(self) -> None:
-        os.kill(os.getpid(), self.signum)
-        for _ in range(1000):  # bytecode to run, where Python would call the handler
-            pass
-
-
-def test_a_signal_landing_during_the_collection_is_not_lost():
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        _SignalsWhenCollected(signal.SIGINT)
-        with pytest.raises(KeyboardInterrupt):
-            runtime.release_freed_memory()
-    finally:
-        if was_enabled:
-            gc.enable()
