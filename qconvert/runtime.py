@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -50,35 +47,6 @@ def external_weights(folder: str | Path | None) -> Iterator[None]:
         _weights_folder = previous
 
 
-def _load_malloc_trim():
-    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Frees the models the pipeline dropped and hands the C heap's free pages back.
-
-    onnx_ir graphs are reference cycles (a node knows its graph, a value its producer), so
-    a dropped model (a recipe candidate, a clone, a converted model scored once) waits for
-    Python's cycle collector, which runs rarely, and a freed onnxruntime session leaves
-    heap pages that glibc keeps (`malloc_trim` returns them). Called before each session
-    is built, so the session's memory comes on top of what is alive. On the bench's 224
-    ResNet, `quantize --data` (default recipe) peaked at 653 MB without it, 558 MB with
-    the collection alone and 542 MB with both, for about 0.1 s a call under load; the
-    model written is byte-identical.
-    """
-    gc.collect()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
 def weights_folder() -> Path | None:
     """The folder `external_weights` set, for work handed to other processes."""
     return _weights_folder
@@ -115,7 +83,6 @@ def make_session(
     in chunks grown by doubling. `weights`: the initializers `handed_weights.detach` took
     out of `model`, by name.
     """
-    release_freed_memory()
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
     options.intra_op_num_threads = threads
