@@ -61,15 +61,18 @@ def _int8_weights(quantized: onnx.ModelProto) -> dict[str, np.ndarray]:
     return weights
 
 
+def _id_samples(tmp_path):
+    """Eight batches of token ids for embedding_mlp, written as a data folder."""
+    rng = np.random.default_rng(5)
+    samples = [{"ids": rng.integers(0, 50, (2, 7)).astype(np.int64)} for _ in range(8)]
+    return testing.write_samples(tmp_path / "data", samples)
+
+
 @pytest.mark.parametrize("with_data", [False, True])
 def test_int8_kernel_runs_as_dynamic_quantize_matmul_on_the_int4_weights(tmp_path, with_data):
     float_model = testing.embedding_mlp(d=128, hidden=96)
     path = testing.save(float_model, tmp_path / "model.onnx")
-    data = None
-    if with_data:
-        rng = np.random.default_rng(5)
-        samples = [{"ids": rng.integers(0, 50, (2, 7)).astype(np.int64)} for _ in range(8)]
-        data = testing.write_samples(tmp_path / "data", samples)
+    data = _id_samples(tmp_path) if with_data else None
     out = tmp_path / "model.int4.onnx"
     config = QuantizeConfig(scheme="int4", quantize_embeddings=True, int4_kernel="int8")
     report = qconvert.quantize(path, out, data=data, config=config)
@@ -166,11 +169,7 @@ def test_the_default_kernel_is_int8_unless_an_option_or_external_data_asks_for_n
         path = testing.save_with_external_data(float_model, tmp_path / "ext" / "model.onnx")
     else:
         path = testing.save(float_model, tmp_path / "model.onnx")
-    data = None
-    if with_data:
-        rng = np.random.default_rng(5)
-        samples = [{"ids": rng.integers(0, 50, (2, 7)).astype(np.int64)} for _ in range(8)]
-        data = testing.write_samples(tmp_path / "data", samples)
+    data = _id_samples(tmp_path) if with_data else None
     out = tmp_path / "model.int4.onnx"
     qconvert.quantize(path, out, data=data, config=QuantizeConfig(scheme="int4", **options))
     ops = testing.count_ops(onnx.load(out, load_external_data=False))
