@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from qconvert.split_work import run_split
+
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 """Block sizes onnxruntime's MatMulNBits and GatherBlockQuantized accept (powers of two,
 at least 16); the command line offers 32, 64 and 128."""
@@ -269,6 +271,7 @@ def quantize_rtn(
     search: bool = False,
     importance: npt.NDArray[np.floating] | None = None,
     units: npt.NDArray[np.float32] | None = None,
+    threads: int | None = None,
 ) -> BlockQuantized:
     """Round-to-nearest blocked quantization of a weight given as (N, K).
 
@@ -278,9 +281,13 @@ def quantize_rtn(
     clipping), and the search is implied. `wt` may be a strided view (a transposed,
     memory-mapped weight): it is read a few rows at a time. With `units` (N,), symmetric
     only, the scales are snapped to the int8 grid (module docstring) after any search.
+    Plain round-to-nearest runs on `threads` threads (default: `split_work`'s), with the
+    same result whatever their number.
     """
     if not search and importance is None and units is None:
-        return _nearest(wt, block_size=block_size, bits=bits, symmetric=symmetric)
+        return _nearest(
+            wt, block_size=block_size, bits=bits, symmetric=symmetric, threads=threads
+        )
     n, k = wt.shape
     k_blocks = -(-k // block_size)
     weights = None
@@ -318,19 +325,22 @@ def quantize_rtn(
 
 
 def column_chunks(
-    stored: npt.NDArray[np.float32], block_size: int
+    stored: npt.NDArray[np.float32],
+    block_size: int,
+    blocks: tuple[int, int] | None = None,
 ) -> Iterator[tuple[slice, slice, npt.NDArray[np.float32]]]:
     """A (K, N) weight in cache-sized chunks: (block rows, columns, scratch copy).
 
     Each chunk holds whole blocks of `block_size` rows (the last one zero-padded past K)
     over a run of columns, copied once into a float32 scratch array the caller may round
-    in place; the first slice indexes the padded rows, the second the columns.
+    in place; the first slice indexes the padded rows, the second the columns. With
+    `blocks` (start, stop), only those blocks along K are walked.
     """
     k, n = stored.shape
-    k_blocks = -(-k // block_size)
+    first, k_blocks = blocks if blocks is not None else (0, -(-k // block_size))
     width = min(n, max(1, NEAREST_CHUNK_VALUES // block_size))
     step = max(1, NEAREST_CHUNK_VALUES // (block_size * width))
-    for b0 in range(0, k_blocks, step):
+    for b0 in range(first, k_blocks, step):
         b1 = min(b0 + step, k_blocks)
         k0, k1 = b0 * block_size, min(b1 * block_size, k)
         for c0 in range(0, n, width):
@@ -341,24 +351,31 @@ def column_chunks(
 
 
 def row_chunks(
-    wt: npt.NDArray[np.float32], block_size: int
+    wt: npt.NDArray[np.float32], block_size: int, rows: tuple[int, int] | None = None
 ) -> Iterator[tuple[slice, npt.NDArray[np.float32]]]:
     """An (N, K) weight in cache-sized runs of rows: (rows, scratch copy).
 
-    Each scratch copy is float32, zero-padded along K to whole blocks.
+    Each scratch copy is float32, zero-padded along K to whole blocks. With `rows`
+    (start, stop), only those rows are walked.
     """
     n, k = wt.shape
+    first, last = rows if rows is not None else (0, n)
     padded = -(-k // block_size) * block_size
-    rows = max(1, NEAREST_CHUNK_VALUES // padded)
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
+    step = max(1, NEAREST_CHUNK_VALUES // padded)
+    for r0 in range(first, last, step):
+        r1 = min(r0 + step, last)
         chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
         chunk[:, :k] = wt[r0:r1]
         yield slice(r0, r1), chunk
 
 
 def _nearest(
-    wt: npt.NDArray[np.float32], *, block_size: int, bits: int, symmetric: bool
+    wt: npt.NDArray[np.float32],
+    *,
+    block_size: int,
+    bits: int,
+    symmetric: bool,
+    threads: int | None = None,
 ) -> BlockQuantized:
     """Round-to-nearest in the layout the weight is stored in, a cache-sized chunk at a time.
 
@@ -369,7 +386,9 @@ def _nearest(
     `block_params` and `codes_for`, so the same codes. 4-bit codes are packed and turned into
     the (N, K / 2) bytes MatMulNBits reads while the chunk is still in cache: a byte
     transpose of the whole packed weight afterwards is a strided walk through memory that
-    costs more than the rounding itself.
+    costs more than the rounding itself. The chunks are shared out among `threads` threads
+    (`split_work`), each a contiguous run of them: blocks along K of a stored (K, N) weight,
+    rows of an (N, K) one, so each reads its own stretch of the file.
     """
     n, k = wt.shape
     k_blocks = -(-k // block_size)
@@ -380,15 +399,19 @@ def _nearest(
         stored = wt.T  # (K, N)
         scales = np.empty((k_blocks, n), dtype=np.float32)
         zero_points = np.empty((k_blocks, n), dtype=np.uint8)
-        for rows, columns, chunk in column_chunks(stored, block_size):
-            blocks = chunk.reshape(-1, block_size, chunk.shape[1])
-            in_blocks = slice(rows.start // block_size, rows.stop // block_size)
-            s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
-            scales[in_blocks, columns], zero_points[in_blocks, columns] = s, z
-            if four:
-                _pack_transposed(chunk, codes[columns, rows.start // 2 : rows.stop // 2])
-            else:
-                np.copyto(codes[columns, rows], chunk.T, "unsafe")
+
+        def blocks_along_k(first: int, last: int) -> None:
+            for rows, columns, chunk in column_chunks(stored, block_size, (first, last)):
+                blocks = chunk.reshape(-1, block_size, chunk.shape[1])
+                in_blocks = slice(rows.start // block_size, rows.stop // block_size)
+                s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
+                scales[in_blocks, columns], zero_points[in_blocks, columns] = s, z
+                if four:
+                    _pack_transposed(chunk, codes[columns, rows.start // 2 : rows.stop // 2])
+                else:
+                    np.copyto(codes[columns, rows], chunk.T, "unsafe")
+
+        run_split(blocks_along_k, k_blocks, threads=threads)
         scales, zero_points = (
             np.ascontiguousarray(scales.T),
             np.ascontiguousarray(zero_points.T),
@@ -396,15 +419,19 @@ def _nearest(
     else:
         scales = np.empty((n, k_blocks), dtype=np.float32)
         zero_points = np.empty((n, k_blocks), dtype=np.uint8)
-        for rows, chunk in row_chunks(wt, block_size):
-            blocks = chunk.reshape(chunk.shape[0], k_blocks, block_size)
-            scales[rows], zero_points[rows] = _round_blocks(
-                blocks, 2, bits=bits, symmetric=symmetric
-            )
-            if four:
-                codes[rows] = pack_nibbles(chunk.astype(np.uint8))
-            else:
-                np.copyto(codes[rows], chunk, "unsafe")
+
+        def runs_of_rows(first: int, last: int) -> None:
+            for rows, chunk in row_chunks(wt, block_size, (first, last)):
+                blocks = chunk.reshape(chunk.shape[0], k_blocks, block_size)
+                scales[rows], zero_points[rows] = _round_blocks(
+                    blocks, 2, bits=bits, symmetric=symmetric
+                )
+                if four:
+                    codes[rows] = pack_nibbles(chunk.astype(np.uint8))
+                else:
+                    np.copyto(codes[rows], chunk, "unsafe")
+
+        run_split(runs_of_rows, n, threads=threads)
     return BlockQuantized(
         scales=scales,
         zero_points=zero_points,

@@ -432,19 +432,21 @@ def _nearest_by_hand(w_nk: np.ndarray, size: int, symmetric: bool):
     return codes, scales, zeros
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("stored", ["K,N", "N,K"])
 def test_round_to_nearest_in_small_chunks_of_either_layout_matches_the_hand_rule(
-    monkeypatch, symmetric, stored
+    monkeypatch, symmetric, stored, threads
 ):
     # MatMul weights are stored (K, N) and rounded in that layout; Gather tables (N, K).
-    # Chunks of 64 values cut the weight into many pieces with ragged edges.
+    # Chunks of 64 values cut the weight into many pieces with ragged edges, shared out
+    # among the threads: every thread count gives the hand rule's codes.
     monkeypatch.setattr(blockwise, "NEAREST_CHUNK_VALUES", 64)
     rng = np.random.default_rng(3)
     w_nk = rng.standard_normal((45, 70)).astype(np.float32)
     w_nk[3] = 0.0  # all-zero blocks get scale 0
     wt = w_nk if stored == "N,K" else np.ascontiguousarray(w_nk.T).T
-    quantized = quantize_rtn(wt, block_size=16, symmetric=symmetric)
+    quantized = quantize_rtn(wt, block_size=16, symmetric=symmetric, threads=threads)
     codes, scales, zeros = _nearest_by_hand(w_nk, 16, symmetric)
     np.testing.assert_array_equal(quantized.codes, codes)
     np.testing.assert_array_equal(quantized.scales, scales)
