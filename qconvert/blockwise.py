@@ -345,8 +345,9 @@ def column_chunks(
         k0, k1 = b0 * block_size, min(b1 * block_size, k)
         for c0 in range(0, n, width):
             c1 = min(c0 + width, n)
-            chunk = np.zeros(((b1 - b0) * block_size, c1 - c0), dtype=np.float32)
+            chunk = np.empty(((b1 - b0) * block_size, c1 - c0), dtype=np.float32)
             chunk[: k1 - k0] = stored[k0:k1, c0:c1]
+            chunk[k1 - k0 :] = 0.0  # the last block's tail past K
             yield slice(b0 * block_size, b1 * block_size), slice(c0, c1), chunk
 
 
@@ -364,8 +365,9 @@ def row_chunks(
     step = max(1, NEAREST_CHUNK_VALUES // padded)
     for r0 in range(first, last, step):
         r1 = min(r0 + step, last)
-        chunk = np.zeros((r1 - r0, padded), dtype=np.float32)
+        chunk = np.empty((r1 - r0, padded), dtype=np.float32)
         chunk[:, :k] = wt[r0:r1]
+        chunk[:, k:] = 0.0  # the last block's tail past K
         yield slice(r0, r1), chunk
 
 
@@ -404,10 +406,13 @@ def _nearest(
             for rows, columns, chunk in column_chunks(stored, block_size, (first, last)):
                 blocks = chunk.reshape(-1, block_size, chunk.shape[1])
                 in_blocks = slice(rows.start // block_size, rows.stop // block_size)
-                s, z = _round_blocks(blocks, 1, bits=bits, symmetric=symmetric)
+                s, z = _round_blocks(
+                    blocks, 1, bits=bits, symmetric=symmetric, signed=four and symmetric
+                )
                 scales[in_blocks, columns], zero_points[in_blocks, columns] = s, z
                 if four:
-                    _pack_transposed(chunk, codes[columns, rows.start // 2 : rows.stop // 2])
+                    out = codes[columns, rows.start // 2 : rows.stop // 2]
+                    _pack_transposed(chunk, out, signed=symmetric)
                 else:
                     np.copyto(codes[columns, rows], chunk.T, "unsafe")
 
@@ -444,39 +449,74 @@ def _nearest(
     )
 
 
-def _pack_transposed(chunk: npt.NDArray[np.float32], out: npt.NDArray[np.uint8]) -> None:
+_NIBBLE_EIGHTS = 0x8888
+"""Four nibbles of 8: added once to four signed codes c - 8 packed as sum (c_j - 8) 16^j,
+it gives the unsigned codes' packing sum c_j 16^j."""
+
+
+def _pack_transposed(
+    chunk: npt.NDArray[np.float32], out: npt.NDArray[np.uint8], *, signed: bool
+) -> None:
     """Writes 4-bit codes (R, C), R a multiple of 8, packed along R into `out` (C, R / 2).
 
-    Eight codes along R make one little-endian uint32 (code j in bits 4j..4j+3: the four
-    bytes `pack_nibbles` makes of them), so the transpose moves a quarter as many elements
-    as a byte transpose would; numpy's strided copies cost per element, not per byte.
+    `chunk` holds whole-number floats: the codes, or with `signed` the codes minus 8
+    (`_round_blocks`). Four codes along R are combined in float32, exact below 2**24:
+    pairs as c0 + 16 c1, then pairs of those (times 256), which the unsigned cast needs
+    only where the half-sized arrays are, never on the full chunk; the middle 8 of signed
+    codes is added there once (`_NIBBLE_EIGHTS`). Two of those make one little-endian
+    uint32 of eight codes (code j in bits 4j..4j+3: the four bytes `pack_nibbles` makes of
+    them), so the transpose moves a quarter as many elements as a byte transpose would;
+    numpy's strided copies cost per element, not per byte.
     """
     if sys.byteorder != "little":
-        out[...] = pack_nibbles(chunk.astype(np.uint8), axis=0).T
+        codes = chunk + np.float32(8) if signed else chunk
+        out[...] = pack_nibbles(codes.astype(np.uint8), axis=0).T
         return
-    codes = chunk.astype(np.uint32)
-    words = codes[0::8].copy()
-    for j in range(1, 8):
-        shifted = codes[j::8] << np.uint32(4 * j)
-        words |= shifted
+    pairs = np.multiply(chunk[1::2], np.float32(16))
+    pairs += chunk[0::2]
+    fours = np.multiply(pairs[1::2], np.float32(256))
+    fours += pairs[0::2]
+    if signed:
+        fours += np.float32(_NIBBLE_EIGHTS)
+    halves = fours.astype(np.uint32)
+    words = np.left_shift(halves[1::2], np.uint32(16))
+    words |= halves[0::2]
     out.view(np.uint32)[...] = words.T
 
 
 def _round_blocks(
-    blocks: npt.NDArray[np.float32], axis: int, *, bits: int, symmetric: bool
+    blocks: npt.NDArray[np.float32],
+    axis: int,
+    *,
+    bits: int,
+    symmetric: bool,
+    signed: bool = False,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """Replaces `blocks` (blocks along `axis`) by their codes, as floats; returns the params.
 
-    A block of scale 0 is all zeros, so dividing it by 1 gives its zero point as code.
+    With `signed` (symmetric only), the codes are left minus their zero point, in
+    [-2**(bits-1), 2**(bits-1) - 1]: the packer adds it back on fewer values. A block of
+    scale 0 is all zeros, so dividing it by 1 gives its zero point as code.
     """
-    scales, zero_points = range_params(
-        blocks.max(axis=axis), blocks.min(axis=axis), bits=bits, symmetric=symmetric
-    )
+    high, low = blocks.max(axis=axis), blocks.min(axis=axis)
+    middle = 1 << (bits - 1)
+    if symmetric:
+        # range_params' peak and scale in fewer passes over the (small) block arrays:
+        # |high| > |low| is high > -low (high >= low), and x * 1.0 is x
+        scales = np.where(high > -low, high, low)
+        scales /= np.float32(-middle)
+        zero_points = np.full(scales.shape, middle, dtype=np.uint8)
+    else:
+        scales, zero_points = range_params(high, low, bits=bits, symmetric=False)
     safe = np.where(scales == 0, np.float32(1.0), scales)
     np.divide(blocks, np.expand_dims(safe, axis), out=blocks)
     np.rint(blocks, out=blocks)
+    if symmetric and signed:
+        # not only the top: a subnormal peak's scale rounds, so a value may pass -8.5
+        np.clip(blocks, -middle, middle - 1, out=blocks)
+        return scales, zero_points
     if symmetric:
-        blocks += np.float32(1 << (bits - 1))
+        blocks += np.float32(middle)
     else:
         blocks += np.expand_dims(zero_points, axis).astype(np.float32)
     np.clip(blocks, 0, levels(bits), out=blocks)
