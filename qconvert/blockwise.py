@@ -427,6 +427,20 @@ def _nearest(
 
         def runs_of_rows(first: int, last: int) -> None:
             for rows, chunk in row_chunks(wt, block_size, (first, last)):
+                if four and block_size % 8 == 0:
+                    # one block a column: reduced across rows and packed as above; a
+                    # reduction along a short last axis costs ten times as much per value
+                    columns = np.ascontiguousarray(chunk.reshape(-1, block_size).T)
+                    s, z = _round_blocks(
+                        columns[None], 1, bits=bits, symmetric=symmetric, signed=symmetric
+                    )
+                    scales[rows], zero_points[rows] = (
+                        s.reshape(-1, k_blocks),
+                        z.reshape(-1, k_blocks),
+                    )
+                    out = codes[rows].reshape(-1, block_size // 2)
+                    _pack_transposed(columns, out, signed=symmetric)
+                    continue
                 blocks = chunk.reshape(chunk.shape[0], k_blocks, block_size)
                 scales[rows], zero_points[rows] = _round_blocks(
                     blocks, 2, bits=bits, symmetric=symmetric
