@@ -33,17 +33,22 @@ from qconvert.blockwise import (
     column_units,
     row_chunks,
 )
+from qconvert.split_work import run_split
 
 _MIDDLE = 8
 """The symmetric 4-bit zero point: codes [0, 15] stand for [-8, 7]."""
 
 
-def quantize_grid_searched(wt: npt.NDArray[np.float32], *, block_size: int) -> BlockQuantized:
+def quantize_grid_searched(
+    wt: npt.NDArray[np.float32], *, block_size: int, threads: int | None = None
+) -> BlockQuantized:
     """A weight (N, K) on the int8 grid, each block's range searched first (module docstring).
 
     `wt` may be the transposed view of a MatMul weight stored (K, N): it is then read in that
     layout, a chunk of rows at a time (as `blockwise._nearest` reads it), and its codes are
     kept (K, N) too, `codes` being their transposed view: the int8 kernel reads them so.
+    The chunks are shared out among `threads` threads (`split_work`), with the same result
+    whatever their number.
     """
     n, k = wt.shape
     units = column_units(wt)
@@ -54,19 +59,27 @@ def quantize_grid_searched(wt: npt.NDArray[np.float32], *, block_size: int) -> B
     if stored is not None:  # (K, N): blocks are runs of rows, columns the outputs
         codes = np.empty((padded, n), dtype=np.uint8)
         scales = np.empty((k_blocks, n), dtype=np.float32)
-        for rows, columns, chunk in column_chunks(stored, block_size):
-            blocks = chunk.reshape(-1, block_size, chunk.shape[1])
-            in_blocks = slice(rows.start // block_size, rows.stop // block_size)
-            scales[in_blocks, columns] = _round_searched(blocks, 1, safe_units[columns])
-            np.copyto(codes[rows, columns], chunk, "unsafe")
+
+        def blocks_along_k(first: int, last: int) -> None:
+            for rows, columns, chunk in column_chunks(stored, block_size, (first, last)):
+                blocks = chunk.reshape(-1, block_size, chunk.shape[1])
+                in_blocks = slice(rows.start // block_size, rows.stop // block_size)
+                scales[in_blocks, columns] = _round_searched(blocks, 1, safe_units[columns])
+                np.copyto(codes[rows, columns], chunk, "unsafe")
+
+        run_split(blocks_along_k, k_blocks, threads=threads)
         codes, scales = codes.T, np.ascontiguousarray(scales.T)
     else:
         codes = np.empty((n, padded), dtype=np.uint8)
         scales = np.empty((n, k_blocks), dtype=np.float32)
-        for rows, chunk in row_chunks(wt, block_size):
-            blocks = chunk.reshape(chunk.shape[0], k_blocks, block_size)
-            scales[rows] = _round_searched(blocks, 2, safe_units[rows, None])
-            np.copyto(codes[rows], chunk, "unsafe")
+
+        def runs_of_rows(first: int, last: int) -> None:
+            for rows, chunk in row_chunks(wt, block_size, (first, last)):
+                blocks = chunk.reshape(chunk.shape[0], k_blocks, block_size)
+                scales[rows] = _round_searched(blocks, 2, safe_units[rows, None])
+                np.copyto(codes[rows], chunk, "unsafe")
+
+        run_split(runs_of_rows, n, threads=threads)
     scales[units == 0] = 0.0  # a column of zeros: scale 0 dequantizes it exactly
     return BlockQuantized(
         code_array=codes,

@@ -6,7 +6,7 @@ import pytest
 from onnx import numpy_helper
 
 import qconvert
-from qconvert import testing
+from qconvert import blockwise, testing
 from qconvert.blockwise import column_units, quantize_rtn
 from qconvert.config import QuantizeConfig
 from qconvert.grid_rounding import quantize_grid_searched
@@ -19,12 +19,15 @@ def _heavy_tailed(k: int, n: int, *, seed: int = 0, df: int = 5) -> np.ndarray:
     return (rng.standard_t(df, size=(k, n)) * 0.02).astype(np.float32)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("stored_kn", [True, False])
 @pytest.mark.parametrize("k", [256, 200])  # 200: a partial last block
-def test_codes_equal_the_scale_search_on_the_grid(stored_kn, k):
+def test_codes_equal_the_scale_search_on_the_grid(monkeypatch, stored_kn, k, threads):
+    # chunks of 1,024 values, shared out among the threads
+    monkeypatch.setattr(blockwise, "NEAREST_CHUNK_VALUES", 1024)
     w = _heavy_tailed(k, 96, seed=k)
     wt = w.T if stored_kn else np.ascontiguousarray(w.T)  # the (N, K) view either way
-    fused = quantize_grid_searched(wt, block_size=32)
+    fused = quantize_grid_searched(wt, block_size=32, threads=threads)
     searched = quantize_rtn(wt, block_size=32, search=True, units=column_units(wt))
     assert np.array_equal(fused.codes, searched.codes)
     assert np.array_equal(fused.scales, searched.scales)
