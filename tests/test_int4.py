@@ -455,6 +455,29 @@ def test_round_to_nearest_in_small_chunks_of_either_layout_matches_the_hand_rule
     np.testing.assert_array_equal(_unpack(packed).reshape(45, -1), codes)
 
 
+@pytest.mark.parametrize("stored", ["K,N", "N,K"])
+def test_edge_blocks_round_and_pack_as_the_hand_rule(stored):
+    # Blocks whose peak is subnormal (its scale peak / -8 rounds, so a value may fall past
+    # -8.5 steps), whose largest and smallest values tie in size, of zeros and of -0.0:
+    # the packed symmetric bytes still equal the hand rule's codes.
+    tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+    rows = [
+        np.arange(1, 33, dtype=np.float32) * tiny * -9 / 32,  # peak -9 subnormal steps
+        np.arange(-16, 16, dtype=np.float32) * tiny,
+        np.linspace(-1.0, 1.0, 32, dtype=np.float32),  # |max| == |min|
+        np.zeros(32, np.float32),
+        np.full(32, -0.0, np.float32),
+        np.linspace(0.25, 3.0, 32, dtype=np.float32),
+    ]
+    w_nk = np.stack(rows * 3)[:, np.r_[0:32, 0:32]]  # 18 rows, two blocks each
+    wt = w_nk if stored == "N,K" else np.ascontiguousarray(w_nk.T).T
+    quantized = quantize_rtn(wt, block_size=32)
+    codes, scales, _ = _nearest_by_hand(w_nk, 32, True)
+    np.testing.assert_array_equal(quantized.scales, scales)
+    packed = blockwise.matmul_nbits_inputs(quantized)[0]
+    np.testing.assert_array_equal(packed.reshape(len(w_nk), -1), _pack_by_hand(codes))
+
+
 def _pack_by_hand(codes: np.ndarray) -> np.ndarray:
     """Pairs along the last axis, the first in the low nibble (written out here)."""
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
