@@ -7,7 +7,8 @@ rounding it and writing its bytes leave one of the machine's cores idle at every
 
 `Lookahead` keeps the writer's order: when the writer moves to a weight, the next one in
 that order is read and quantized on a worker thread while the writer packs and writes the
-current one. numpy's loops and file writes release the GIL, so the two run on two cores.
+current one. numpy's loops and file writes release the GIL, so the two run on two cores
+(the rounding itself shares a weight's chunks with one more thread: `split_work`).
 Memory: the weight being written and the next one, never more.
 """
 
