@@ -82,3 +82,45 @@ def test_sympy_imported_first_is_left_alone(tmp_path):
         tmp_path,
     )
     assert out == "True N + 1"
+
+
+def test_the_calibrate_command_imports_no_other_verbs_stages(tmp_path):
+    # The quantize, compare and analyze pipelines cost about 0.1 s of CPU and a few MB
+    # that a calibration (or `--help`) never uses.
+    model, data = _model_and_data(tmp_path)
+    out = _run(
+        f"""
+        import sys
+        from click.testing import CliRunner
+        from qconvert.cli import cli
+        loaded_by_cli = sorted(
+            name for name in ("qconvert.api", "onnxruntime", "onnx_ir") if name in sys.modules
+        )
+        result = CliRunner().invoke(
+            cli, ["calibrate", {str(model)!r}, "--data", {str(data)!r}, "-o", "c.json"]
+        )
+        assert result.exit_code == 0, result.output
+        heavy = ("qconvert.api", "qconvert.pipelines.quantize", "qconvert.pipelines.recipe",
+                 "qconvert.compare", "qconvert.report", "qconvert.fusion_audit")
+        print(loaded_by_cli, [name for name in heavy if name in sys.modules])
+        """,
+        tmp_path,
+    )
+    assert out == "[] []"
+    assert (tmp_path / "c.json").is_file()
+
+
+def test_the_verbs_keep_their_names_when_their_modules_are_imported(tmp_path):
+    # `qconvert.compare` is both a verb and a module; importing the module late must not
+    # put it in the verb's place.
+    out = _run(
+        """
+        import qconvert
+        import qconvert.compare
+        from qconvert.compare import compare_models
+        print(callable(qconvert.compare), qconvert.compare.__module__,
+              qconvert.QuantizeConfig.__name__, qconvert.quantize.__name__)
+        """,
+        tmp_path,
+    )
+    assert out == "True qconvert.pipelines.compare QuantizeConfig quantize"

@@ -127,9 +127,11 @@ def calibrate_command(
       qconvert calibrate model.onnx --data calib/ --workers 8
       qconvert calibrate --merge part1.json part2.json -o all.json
     """
-    from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
+    # deferred: onnxruntime is slow to import and --help is not; the calibrate pipeline
+    # alone, not `qconvert.api`, whose other verbs import every stage
     from qconvert.calibration import RangeMethod
     from qconvert.calibration.ray_backend import RayCluster
+    from qconvert.pipelines import calibrate as api
 
     output, force = options.pop("output"), options.pop("force")
     if options.pop("merge"):

@@ -9,7 +9,6 @@ import click
 
 from qconvert.cli import _console
 from qconvert.cli._options import given_options, limit_options, mlflow_options
-from qconvert.cli._publish import publish
 from qconvert.limits import LoadLimits
 
 if TYPE_CHECKING:
@@ -151,6 +150,7 @@ def compare_command(
         api,  # deferred: onnxruntime is slow to import and --help is not
         ci,
     )
+    from qconvert.cli._publish import publish  # deferred: it imports every stage
     from qconvert.gates import Gates, load_gates
     from qconvert.latency import LatencyConfig
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from qconvert.cli import _render
 from qconvert.cli._options import limit_options
 from qconvert.limits import LoadLimits
 
@@ -24,6 +23,7 @@ def inspect_command(model: Path, as_json: bool, limits: LoadLimits) -> None:
     int8 scheme would quantize.
     """
     from qconvert import api  # deferred: onnxruntime is slow to import and --help is not
+    from qconvert.cli import _render
 
     summary = api.inspect(model, limits=limits)
     if as_json:

@@ -18,7 +18,6 @@ from qconvert.cli._options import (
     percentile_option,
     workers_option,
 )
-from qconvert.cli._publish import publish
 from qconvert.limits import LoadLimits
 from qconvert.schemes import SCHEMES
 
@@ -390,6 +389,7 @@ def quantize_command(
     import dataclasses
 
     from qconvert import api, ci
+    from qconvert.cli._publish import publish  # deferred: it imports every stage
     from qconvert.config import QuantizeConfig, parse_input_shape
     from qconvert.overrides import load_overrides
     from qconvert.recipe_result import RecipeOptions
