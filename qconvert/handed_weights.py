@@ -17,8 +17,12 @@ session exists; the arrays are dropped then. On minilm (90 MB of weights) a whol
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 MIN_BYTES = 1 << 16
@@ -28,6 +32,17 @@ which onnxruntime's graph optimizers read before any session exists."""
 _LOCATION = "qconvert-handed-weights"  # names no file: onnxruntime gets the arrays first
 
 # Element types numpy holds natively, which `OrtValue.ortvalue_from_numpy` takes as is.
+_HANDED_DTYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.DOUBLE,
+        ir.DataType.FLOAT16,
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+    }
+)
 _HANDED_TYPES = frozenset(
     {
         onnx.TensorProto.FLOAT,
@@ -72,3 +87,57 @@ def detach(proto: onnx.ModelProto, *, min_bytes: int | None = None) -> dict[str,
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
     return weights
+
+
+def serialize_detached(
+    model: ir.Model, *, min_bytes: int | None = None
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model` serialized without its main graph's large initializers, and those as arrays.
+
+    What `detach(ir.serde.serialize_model(model))` gives, without copying the weights into
+    the protobuf and out again: the arrays are the model's own tensors (`ir.Tensor.numpy`,
+    no copy where a tensor holds an array), and the protobuf never holds them. On the
+    bench's 224 ResNet (46 MB of weights) that is two copies of the weights less, and
+    their time, before a calibration session. `model` is left as it was.
+    """
+    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
+    graph = model.graph
+    inputs = {value.name for value in graph.inputs}
+    weights: dict[str, np.ndarray] = {}
+    stand_ins: dict[ir.Value, ir.TensorProtocol] = {}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if (
+            tensor is None
+            or name in inputs
+            or tensor.dtype not in _HANDED_DTYPES
+            or isinstance(tensor, ir.ExternalTensor)
+            or (isinstance(tensor, ir.TensorProtoTensor) and _external(tensor.raw))
+            or tensor.nbytes < min_bytes
+        ):
+            continue
+        array = np.ascontiguousarray(tensor.numpy())
+        weights[name] = array
+        stand_ins[value] = ir.ExternalTensor(
+            _LOCATION, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=name
+        )
+    with _swapped(stand_ins):
+        proto = ir.serde.serialize_model(model)
+    return proto, weights
+
+
+def _external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+@contextlib.contextmanager
+def _swapped(stand_ins: dict[ir.Value, ir.TensorProtocol]) -> Iterator[None]:
+    """Each value's tensor replaced by its stand-in while the block runs."""
+    originals = {value: value.const_value for value in stand_ins}
+    try:
+        for value, stand_in in stand_ins.items():
+            value.const_value = stand_in
+        yield
+    finally:
+        for value, original in originals.items():
+            value.const_value = original

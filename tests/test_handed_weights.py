@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from qconvert import handed_weights, testing
 from qconvert import model as model_io
@@ -43,6 +44,26 @@ def test_detach_moves_only_large_weights_and_the_session_computes_the_same():
         np.testing.assert_array_equal(handed.run(None, feeds)[0], whole.run(None, feeds)[0])
 
 
+def test_an_onnx_ir_model_serializes_detached_without_a_copy_and_is_left_as_it_was():
+    model = ir.serde.deserialize_model(_large_mlp())
+    model.graph.initializers["w"].const_value = ir.tensor(  # an array, as passes make
+        model.graph.initializers["w"].const_value.numpy().copy(), name="w"
+    )
+    before = ir.serde.serialize_model(model).SerializeToString()
+    expected = ir.serde.serialize_model(model)
+    expected_weights = handed_weights.detach(expected)
+
+    proto, weights = handed_weights.serialize_detached(model)
+
+    # The same protobuf, bytes for bytes, and the same arrays as serializing then detaching.
+    assert proto.SerializeToString() == expected.SerializeToString()
+    assert sorted(weights) == sorted(expected_weights) == ["w"]
+    np.testing.assert_array_equal(weights["w"], expected_weights["w"])
+    # The array is the model's own, not a copy; and the model is as it was.
+    assert np.shares_memory(weights["w"], model.graph.initializers["w"].const_value.numpy())
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
 def test_weights_listed_as_inputs_stay_in_the_model():
     proto = _large_mlp()
     weight = proto.graph.initializer[0]
@@ -60,14 +81,14 @@ def test_calibration_statistics_are_the_same_with_handed_weights(tmp_path, monke
     names = tensors_to_calibrate(model)
     samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(6)]
     settings = CollectSettings(histogram_values=10**9)
-    detach, moved = handed_weights.detach, []
+    serialize, moved = handed_weights.serialize_detached, []
 
-    def spy(proto, **kwargs):
-        weights = detach(proto, **kwargs)
+    def spy(model, **kwargs):
+        proto, weights = serialize(model, **kwargs)
         moved.append(sorted(weights))
-        return weights
+        return proto, weights
 
-    monkeypatch.setattr(handed_weights, "detach", spy)
+    monkeypatch.setattr(handed_weights, "serialize_detached", spy)
     # As `calibrate` runs it: sessions told where a model's external data files are.
     with external_weights(tmp_path):
         handed = collect_statistics(model, samples, names, settings=settings)
@@ -87,3 +108,14 @@ def test_calibration_statistics_are_the_same_with_handed_weights(tmp_path, monke
             b.first_bin,
         ), name
         np.testing.assert_array_equal(a.bins, b.bins, err_msg=name)
+
+
+def test_an_onnx_ir_model_keeps_weights_listed_as_inputs():
+    proto = _large_mlp()
+    weight = proto.graph.initializer[0]
+    proto.graph.input.append(
+        onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims)
+    )
+    serialized, weights = handed_weights.serialize_detached(ir.serde.deserialize_model(proto))
+    assert weights == {}
+    assert serialized.graph.initializer[0].raw_data == weight.raw_data

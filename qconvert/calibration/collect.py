@@ -320,14 +320,13 @@ class _Runner:
         still compute the same statistics.
         """
         self.opened = True
-        proto, dtypes = _proto(self.model)
+        # The weights go to onnxruntime as arrays, not inside the graph's bytes: see
+        # `handed_weights`.
+        proto, dtypes, weights = _detached_proto(self.model)
         if reducing.opset_of(proto) < reducing.MIN_OPSET:
             return
         shapes = {name: array.shape for name, array in feeds.items()}
         sizes = reducing.run_sizes(proto, self.tensors, shapes)
-        # The weights go to onnxruntime as arrays, not inside the graph's bytes: see
-        # `handed_weights`.
-        weights = handed_weights.detach(proto)
         graph = reducing.reducing_graph(
             proto,
             self.tensors,
@@ -570,6 +569,20 @@ def _proto(model: ir.Model | SerializedModel) -> tuple[onnx.ModelProto, Mapping[
     if isinstance(model, SerializedModel):
         return onnx.ModelProto.FromString(model.data), model.dtypes
     return ir.serde.serialize_model(model), _dtypes(model)
+
+
+def _detached_proto(
+    model: ir.Model | SerializedModel,
+) -> tuple[onnx.ModelProto, Mapping[str, int], dict[str, np.ndarray]]:
+    """`_proto` with the large weights out of the protobuf, as arrays (`handed_weights`).
+
+    An onnx_ir model is serialized without them, never holding them in the protobuf.
+    """
+    if isinstance(model, SerializedModel):
+        proto, dtypes = _proto(model)
+        return proto, dtypes, handed_weights.detach(proto)
+    proto, weights = handed_weights.serialize_detached(model)
+    return proto, _dtypes(model), weights
 
 
 def _expose(model: ir.Model | SerializedModel, tensor_names: tuple[str, ...]) -> bytes:
