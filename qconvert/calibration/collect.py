@@ -290,13 +290,13 @@ class _Runner:
                 if not group or self.session is None:
                     in_flight.append((batch, None, _done(None)))
                 else:
-                    known = _signature(batch.feeds) in self.strides
+                    known = batch.signature in self.strides
                     if not known:
                         while in_flight:  # the sizes of a new signature come first
                             finish()
                     steps = self._steps(batch)
                     feeds = self._feeds(batch, steps)
-                    fetch = self.reader.graph.outputs
+                    fetch = self.reader.outputs
                     if pool is not None and known:
                         future = pool.submit(self.session.run, fetch, feeds)
                     else:
@@ -346,7 +346,7 @@ class _Runner:
         """The histogram strides to feed for `batch` (size probes for a new signature)."""
         if self.reader is None or self.reader.graph.steps is None:
             return None
-        known = self.strides.get(_signature(batch.feeds))
+        known = self.strides.get(batch.signature)
         if known is not None:
             return known
         return np.full(len(self.reader.graph.reduced), _UNKNOWN_STRIDE, np.int64)
@@ -375,15 +375,17 @@ class _Runner:
         budget = self.settings.histogram_values * batch.count
         reader = self.reader
         run = reader.read(outputs, steps, budget)
-        signature = _signature(batch.feeds)
+        signature = batch.signature
         if steps is not None:
             wanted = reducing.strides(run.sizes[reader.reduced_at], budget)
             if not np.array_equal(steps, wanted):
                 # The first run of a signature (or a size that depends on the data): the
                 # strides are those of these sizes, so this batch runs again with them.
                 self.strides[signature] = wanted
-                rerun = _Batch(self._feeds(batch, wanted), batch.count, batch.source)
-                outputs = _run(self.session, reader.graph.outputs, rerun)
+                rerun = _Batch(
+                    self._feeds(batch, wanted), batch.count, batch.source, signature
+                )
+                outputs = _run(self.session, reader.outputs, rerun)
                 run = reader.read(outputs, wanted, budget)
         elif signature not in self.strides:
             self.strides[signature] = np.zeros(0, np.int64)
@@ -470,6 +472,7 @@ class _Batch:
     feeds: Feeds
     count: int
     source: str
+    signature: tuple  # `_signature(feeds)`: read three times a run, made once
 
 
 def _batches(samples: Iterable[Sample], batch_size: int) -> Iterator[_Batch]:
@@ -483,12 +486,16 @@ def _batches(samples: Iterable[Sample], batch_size: int) -> Iterator[_Batch]:
 
     def joined() -> _Batch:
         if len(pending) == 1:
-            return _Batch(pending[0].feeds, 1, pending[0].source)
+            feeds = pending[0].feeds
+            return _Batch(feeds, 1, pending[0].source, _signature(feeds))
         feeds = {
             name: np.concatenate([s.feeds[name] for s in pending]) for name in pending[0].feeds
         }
         return _Batch(
-            feeds, len(pending), f"{pending[0].source} (and the next {len(pending) - 1})"
+            feeds,
+            len(pending),
+            f"{pending[0].source} (and the next {len(pending) - 1})",
+            _signature(feeds),
         )
 
     for position, sample in enumerate(samples, start=1):

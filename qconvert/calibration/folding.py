@@ -16,7 +16,6 @@ exactly, so the grouping does not change the statistics.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,9 +40,8 @@ class Layout:
             value, all strides being 1).
         starts: per tensor, the first of its values in `Run.values` (whole tensors only).
         slots: per tensor, (source, start, stop) as Python ints, for `Folder.flush`.
-        blocks: the whole tensors as (offset in `Run.values`, how many, their length,
-            their positions): consecutive whole tensors of one length, non-empty (they
-            are ordered by size, `reducing.whole_tensors`, so the blocks are few).
+        segments: the non-empty whole tensors, as their positions and their starts in
+            `Run.values` (None when there is none).
     """
 
     source: np.ndarray
@@ -52,7 +50,7 @@ class Layout:
     gather: np.ndarray | None
     starts: np.ndarray
     slots: tuple[tuple[int, int, int], ...]
-    blocks: tuple[tuple[int, int, int, np.ndarray], ...]
+    segments: tuple[np.ndarray, np.ndarray] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +83,7 @@ class RunReader:
     def __init__(self, graph: reducing.ReducingGraph, tensors: tuple[str, ...]) -> None:
         position = {name: index for index, name in enumerate(tensors)}
         self.graph = graph
+        self.outputs = graph.outputs  # a property that builds its tuple: read once
         self.count = len(tensors)
         self.reduced_at = np.array([position[n] for n in graph.reduced], np.intp)
         self.whole_at = np.array([position[n] for n in graph.whole], np.intp)
@@ -98,7 +97,7 @@ class RunReader:
         `steps` are the strides fed to the reduced tensors' subsets; `budget` is the most
         values a tensor's histogram takes in this run (`reducing.stride`).
         """
-        named = dict(zip(self.graph.outputs, outputs, strict=True))
+        named = dict(zip(self.outputs, outputs, strict=True))
         graph = self.graph
         mins = np.full(self.count, np.inf, np.float32)
         maxs = np.full(self.count, -np.inf, np.float32)
@@ -113,11 +112,12 @@ class RunReader:
             values = named[graph.values]
             sizes[self.whole_at] = named[graph.lengths]
         layout = self._layout(sizes, steps, budget)
-        for offset, count, length, at in layout.blocks:
-            # Whole tensors of one length, side by side: one matrix, reduced by rows.
-            block = values[offset : offset + count * length].reshape(count, length)
-            mins[at] = block.min(axis=1)
-            maxs[at] = block.max(axis=1)
+        if layout.segments is not None:
+            # The whole tensors lie one after the other: each non-empty one is a segment
+            # of `values` from its start to the next one's, reduced in one call for all.
+            at, starts = layout.segments
+            mins[at] = np.minimum.reduceat(values, starts)
+            maxs[at] = np.maximum.reduceat(values, starts)
         subset = values if layout.gather is None else values[layout.gather]
         checks = np.array([named[name] for name in graph.checks], np.float32).reshape(-1)
         return Run(mins, maxs, sizes, somes, values, subset, layout, checks)
@@ -142,24 +142,14 @@ class RunReader:
             start[self.reduced_at] = np.cumsum(taken) - taken
         gather = None
         starts = np.zeros(self.count, np.int64)
-        blocks = []
+        segments = None
         if self.whole_at.size:
             lengths = sizes[self.whole_at]
             offsets = np.cumsum(lengths) - lengths
             starts[self.whole_at] = offsets
-            edges = np.flatnonzero(np.diff(lengths)) + 1
-            for first, stop in zip(
-                (0, *edges.tolist()), (*edges.tolist(), lengths.size), strict=True
-            ):
-                if lengths[first] > 0:
-                    blocks.append(
-                        (
-                            int(offsets[first]),
-                            stop - first,
-                            int(lengths[first]),
-                            self.whole_at[first:stop],
-                        )
-                    )
+            filled = lengths > 0
+            if filled.any():
+                segments = (self.whole_at[filled], offsets[filled])
         if budget and self.whole_at.size:
             step = reducing.strides(lengths, budget)
             taken = -(-lengths // step)
@@ -175,7 +165,7 @@ class RunReader:
         slots = tuple(
             zip(source.tolist(), start.tolist(), (start + count).tolist(), strict=True)
         )
-        return Layout(source, start, count, gather, starts, slots, tuple(blocks))
+        return Layout(source, start, count, gather, starts, slots, segments)
 
 
 class Folder:
@@ -194,7 +184,10 @@ class Folder:
         is a copy once a stride passes over some (`values` held 38 MB over 64 runs of the
         digits transformer).
         """
-        slim = dataclasses.replace(run, values=_EMPTY, checks=_EMPTY)
+        # Built, not `dataclasses.replace`d: this runs once a run, and replace is slow.
+        slim = Run(
+            run.mins, run.maxs, run.sizes, run.somes, _EMPTY, run.subset, run.layout, _EMPTY
+        )
         self.runs.append((slim, kept & (run.sizes > 0)))
         self.bytes += run.somes.nbytes + run.subset.nbytes
 

@@ -212,8 +212,7 @@ def whole_tensors(
     """The tensors of `sizes` (values in a run, `run_sizes`) that leave a run whole.
 
     At most `most` values each (`WHOLE_VALUES`), smallest first while the sum stays
-    within `total` (`WHOLE_TOTAL`); in order of size, so that numpy reduces those of one
-    size as the rows of one matrix.
+    within `total` (`WHOLE_TOTAL`); in order of size.
     """
     most = WHOLE_VALUES if most is None else most
     total = WHOLE_TOTAL if total is None else total
