@@ -396,3 +396,45 @@ def test_sizes_of_a_model_that_lists_its_weights_as_inputs():
         )
     sizes = reducing.run_sizes(proto, ("input", "relu", "logits"), {"input": (2, 3, 8, 8)})
     assert sizes == {"input": 384, "relu": 1024, "logits": 20}
+
+
+def test_whole_tensors_are_reduced_per_tensor_whatever_their_lengths():
+    # The whole tensors leave a run as one vector; the reader reduces each one's segment,
+    # empty ones (a data-dependent size) included, and a NaN stays in its own tensor.
+    from qconvert.calibration import folding, reducing
+
+    rng = np.random.default_rng(0)
+    parts = {
+        "a": rng.standard_normal(5).astype(np.float32),
+        "b": np.zeros(0, np.float32),
+        "c": rng.standard_normal(3).astype(np.float32),
+        "d": np.array([1.0, np.nan, -2.0], np.float32),
+        "e": rng.standard_normal(7).astype(np.float32),
+        "f": np.zeros(0, np.float32),
+    }
+    graph = reducing.ReducingGraph(
+        data=b"",
+        reduced=(),
+        whole=tuple(parts),
+        mins=None,
+        maxs=None,
+        sizes=None,
+        somes=None,
+        values="values",
+        lengths="lengths",
+        steps=None,
+        checks=(),
+    )
+    reader = folding.RunReader(graph, tuple(parts))
+    values = np.concatenate(list(parts.values()))
+    lengths = np.array([p.size for p in parts.values()], np.int64)
+    run = reader.read([values, lengths], None, 1024)
+
+    for index, part in enumerate(parts.values()):
+        if part.size:
+            np.testing.assert_array_equal(run.mins[index], part.min())
+            np.testing.assert_array_equal(run.maxs[index], part.max())
+        else:
+            assert (run.mins[index], run.maxs[index]) == (np.inf, -np.inf)
+    assert np.isnan(run.mins[3]) and np.isfinite(run.mins[[0, 2, 4]]).all()
+    assert run.sizes.tolist() == lengths.tolist()
