@@ -159,3 +159,31 @@ def test_a_wide_conv_between_float_ops_stays_quantized(tmp_path):
     _path, out, floats = _quantize(model, tmp_path, _samples(16))
     assert "pw" not in floats, floats
     assert testing.optimized_ops(out, tmp_path)["QLinearConv"] == 1
+
+
+def test_a_depthwise_conv_before_a_float_affine_computes_in_float(tmp_path):
+    """Conv -> Mul, Add (scalars) -> HardSwish: PP-LCNet's learnable affine (DBNet).
+
+    The Mul by a constant could fold into the Conv's output scale, but its sum feeds only
+    the float HardSwish: the Conv would write int8 only to be read back in float. It is a
+    thin Conv between float ops, so it computes in float, and no Q/DQ pair is written.
+    """
+    rng = np.random.default_rng(0)
+    model = _model(
+        [
+            h.make_node("HardSwish", ["input"], ["a"], name="act_in"),
+            _depthwise("dw", "a", "d", kernel=3),
+            h.make_node("Mul", ["d", "gain"], ["m"], name="affine_mul"),
+            h.make_node("Add", ["m", "shift"], ["t"], name="affine_add"),
+            h.make_node("HardSwish", ["t"], ["output"], name="act_out"),
+        ],
+        {**_weights(rng, 3), "gain": 1.7, "shift": -0.3},
+    )
+    samples = _samples(16)
+    path, out, floats = _quantize(model, tmp_path, samples)
+    assert ISLAND in floats["dw"], floats
+    assert "affine_mul" in floats and "affine_add" in floats, floats
+    ops = testing.count_ops(onnx.load_model(str(out)))
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0, ops
+    assert testing.optimized_ops(out, tmp_path)["QLinearConv"] == 0
+    assert testing.output_sqnr(path, out, samples) > 35.0

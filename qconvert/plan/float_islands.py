@@ -62,6 +62,18 @@ EXCLUDED_CLAMP_READER_REASON = (
     "to), so this reads the float output: computes in float"
 )
 
+WIDENING_MAX_MACS = 64
+"""A Conv doing at most this many multiply-accumulates per output value (input channels
+per group x kernel area: a 1x1 Conv on up to 64 channels, a 5x5 depthwise Conv) is cheap
+enough that where its int8 boundary sits decides its cost (see `_float_widening_conv`)."""
+
+WIDENING_REASON = (
+    "writes at least as many values as it reads, and only float ops read them: computed in "
+    "float from its dequantized input, the int8 boundary moves to the narrower tensor (one "
+    "DequantizeLinear there instead of QuantizeLinear, DequantizeLinear and layout changes "
+    "on its output) and onnxruntime fuses the activation after it: computes in float"
+)
+
 THIN_ISLAND_REASON = (
     "thin Conv between float ops (few input channels per output): int8 would cost more in "
     "QuantizeLinear, DequantizeLinear and layout changes than it saves: computes in float"
@@ -255,7 +267,11 @@ class FloatIslandRules(PlannerState):
         return self._read_in_float(node.outputs[0])
 
     def _plan_float_layer(
-        self, node: ir.Node, rule: ops.QuantizedOpRule, scheme: StaticScheme
+        self,
+        node: ir.Node,
+        rule: ops.QuantizedOpRule,
+        scheme: StaticScheme,
+        reason: str = FLOAT_READERS_REASON,
     ) -> None:
         """Plans `node` float, from int8-stored weights, reading its input as written.
 
@@ -264,7 +280,7 @@ class FloatIslandRules(PlannerState):
         in turn. onnxruntime fuses a float Conv on a DequantizeLinear into an integer
         kernel only when a QuantizeLinear reads its output, and here none does.
         """
-        self._plan_stored_weights(node, rule, scheme, FLOAT_READERS_REASON)
+        self._plan_stored_weights(node, rule, scheme, reason)
         source = node.inputs[0] if node.inputs else None
         if source is not None and self._written_quantized(source):
             self.float_readers.discard(node.name or "")
@@ -307,6 +323,41 @@ class FloatIslandRules(PlannerState):
             and not output.is_graph_output()
             and not self._feeds_quantized(output)
         )
+
+    def _float_widening_conv(self, node: ir.Node) -> bool:
+        """Whether `node` is a cheap widening Conv from the int8 chain into float ops.
+
+        That is a Conv reading a tensor written quantized, doing at most WIDENING_MAX_MACS
+        multiply-accumulates per output value, writing at least as many values as it reads
+        (an expansion Conv, a depthwise Conv at stride 1), whose output no quantized op
+        reads (a HardSwish, then a thin Conv left float: MobileNetV3's block). Quantized,
+        its output would be written as uint8 only to be dequantized at once, in the wider
+        tensor, with a Transpose out of onnxruntime's NHWC integer layout, while the
+        activation after it runs alone. In float, reading its input's DequantizeLinear,
+        the conversions sit on the narrower input and onnxruntime fuses the Conv with the
+        activation (NCHWc Conv + HardSwish). At these sizes the int8 kernel hardly beats
+        the float one: on PP-OCR's orientation classifier (1x1 Convs of 8 to 32 input
+        channels widening 3 to 6 times) the model ran 0.79x float instead of 0.85x (one
+        thread, median of 400 interleaved runs), its nine HardSwish activations fused.
+        """
+        if node.op_type != "Conv" or len(node.inputs) < 2 or not node.outputs:
+            return False
+        weight = constant_array(node.inputs[1])
+        source, output = node.inputs[0], node.outputs[0]
+        if weight is None or weight.ndim < 3 or source is None:
+            return False
+        if int(np.prod(weight.shape[1:])) > WIDENING_MAX_MACS:
+            return False
+        if not self._written_quantized(source) or output.is_graph_output():
+            return False
+        if (node.name or "") in self.overrides.nodes or output.name in self.overrides.tensors:
+            return False  # an override file that names it decides for itself
+        written, read = _values(output), _values(source)
+        if written is None or read is None:  # shapes unknown: compare the channels
+            written, read = weight.shape[0], weight.shape[1] * _group(node)
+        if written < read:
+            return False
+        return bool(output.consumers()) and not self._feeds_quantized(output)
 
     def _readers_of_float_values(self) -> set[str]:
         """Float nodes whose quantized inputs all exist in float anyway: they read those.
@@ -381,3 +432,15 @@ class FloatIslandRules(PlannerState):
                     params,
                     f"table read by {node.name}, which stays float: stored as int8 per row",
                 )
+
+
+def _group(node: ir.Node) -> int:
+    return node.attributes.get_int("group", 1)
+
+
+def _values(value: ir.Value) -> int | None:
+    """The number of values `value` holds per sample, or None where its shape is unknown."""
+    shape = value.shape
+    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    return int(np.prod([int(d) for d in shape[1:]]))

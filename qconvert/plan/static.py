@@ -32,6 +32,7 @@ from qconvert.plan.float_islands import (
     FEEDS_ANSWER_REASON,
     FLOAT_READERS_REASON,
     THIN_ISLAND_REASON,
+    WIDENING_REASON,
     FloatIslandRules,
 )
 from qconvert.plan.patterns import (
@@ -187,6 +188,9 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             return
         if self._float_readers_only(node, rule):
             self._plan_float_layer(node, rule, scheme)
+            return
+        if self._float_widening_conv(node):
+            self._plan_float_layer(node, rule, scheme, WIDENING_REASON)
             return
         for index in activation_indices(node, rule):
             value = node.inputs[index]
