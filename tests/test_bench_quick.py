@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from conftest import ROOT
@@ -230,3 +231,14 @@ def test_int4_data_target_reads_the_best_of_the_peers_rtn_gptq_and_hqq():
     ]
     assert target["measured"].split(" vs ")[1].startswith("HQQ cosine 0.9700")
     assert target["verdict"] == "met"
+
+
+def test_the_bench_writes_qconvert_bytecode_before_timing_anything():
+    import importlib.util
+
+    from bench.__main__ import compile_sources
+
+    cached = importlib.util.cache_from_source(str(ROOT / "qconvert" / "grid_rounding.py"))
+    Path(cached).unlink(missing_ok=True)
+    compile_sources()
+    assert Path(cached).is_file()
