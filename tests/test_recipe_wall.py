@@ -18,7 +18,7 @@ from test_recipe import conv_case
 import qconvert
 from qconvert import testing
 from qconvert.pipelines import quantize as quantize_pipeline
-from qconvert.pipelines import recipe
+from qconvert.pipelines import recipe, weight_passes
 from qconvert.pipelines.stages import prepares_alike
 from qconvert.recipe_result import RecipeOptions
 
@@ -195,3 +195,51 @@ def test_the_weight_passes_leave_which_nodes_are_quantized_to_the_plan(tmp_path)
         assert name == "plain" or any(n.startswith("Adaptive rounding") for n in notes)
     assert floats["weighed"] == floats["plain"]
     assert sha256(tmp_path / "weighed.onnx") != sha256(tmp_path / "plain.onnx")
+
+
+def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    # conv_case keeps bias correction: the refit needs statistics and input means on
+    # every sample. The trials measured them on the calibration samples already.
+    path = conv_case(tmp_path)
+    calibrated, measured = [], []
+    real_calibration = quantize_pipeline.collect_calibration
+    monkeypatch.setattr(
+        quantize_pipeline,
+        "collect_calibration",
+        lambda *args, **kwargs: (
+            calibrated.append(len(args[2])) or real_calibration(*args, **kwargs)
+        ),
+    )
+    real_runs = weight_passes._float_runs
+    monkeypatch.setattr(
+        weight_passes,
+        "_float_runs",
+        lambda model, names, source: (
+            measured.append(len(source)) or real_runs(model, names, source)
+        ),
+    )
+    report = qconvert.quantize(path, tmp_path / "shared.onnx", data=tmp_path / "calib")
+    assert report.conversion.recipe.kept == ("bias correction",)
+    held = len(recipe.held_out_indices(SAMPLES))
+    assert calibrated == [SAMPLES - held, held]
+    # The trials' float passes (bias correction's means, weight rounding's inputs) run
+    # the calibration samples; the refit's the held-out ones alone.
+    assert measured[-1] == held and SAMPLES not in measured
+    # The same run, the refit calibrating and measuring every sample afresh.
+    monkeypatch.setattr(
+        recipe,
+        "_all_calibration",
+        lambda state, stages: (
+            stages.calibrate(
+                state.replace(source=state.all_samples, held_out_indices=(), calibration=None)
+            ).calibration
+        ),
+    )
+    monkeypatch.setattr(weight_passes.FloatInputs, "for_samples", lambda self: type(self)())
+    calibrated.clear()
+    measured.clear()
+    qconvert.quantize(path, tmp_path / "afresh.onnx", data=tmp_path / "calib")
+    assert calibrated == [SAMPLES - held, SAMPLES] and measured[-1] == SAMPLES
+    assert sha256(tmp_path / "shared.onnx") == sha256(tmp_path / "afresh.onnx")

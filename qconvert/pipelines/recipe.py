@@ -32,6 +32,8 @@ Once decided, the choices are refitted on every --data sample, the held-out ones
 (`_refit`): the single pass on all samples (`--recipe fast`'s model, byte for byte, when
 nothing was kept or raised), then the kept steps, the decided per-tensor range methods
 and the raises. The held-out samples score the choices; the statistics need them too.
+Only the held-out samples run again: what the trials measured on the calibration samples
+merges with them into what one pass over all of them gives, bit for bit.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qconvert import model as model_io
-from qconvert.calibration import derive_ranges
+from qconvert.calibration import Calibration, derive_ranges
+from qconvert.calibration.file import merge_calibrations
 from qconvert.config import Format
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
@@ -341,7 +344,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     final = build(kept, raises)
     refit = 0
     if state.all_samples is not None:
-        final = _refit(state, final, kept, raises, stages)
+        final = _refit(state, final, kept, raises, stages, base.float_inputs)
         refit = len(state.all_samples)
     if raised:
         final = final.replace(plan=with_raised_reasons(final.plan, raised))
@@ -409,6 +412,7 @@ def _refit(
     kept: frozenset[str],
     raises: frozenset[Raise],
     stages: RecipeStages,
+    float_inputs: FloatInputs,
 ) -> QuantizeState:
     """The decided recipe re-fitted on every --data sample, held-out ones included.
 
@@ -419,17 +423,22 @@ def _refit(
     byte for byte when nothing was kept or raised), then the kept steps, the range
     method with the per-tensor methods decided (not re-chosen on the new statistics),
     and the raises, on all samples.
+
+    What the trials measured on the calibration samples is not measured again: their
+    statistics (`_all_calibration`) and the means bias correction shifts by
+    (`float_inputs`, the trials' `FloatInputs` on the same prepared model) take in the
+    held-out samples only, and come out as one pass over every sample would give them.
     """
     start = state.replace(
         timings={},
         source=state.all_samples,
         held_out_indices=(),
-        calibration=None,
+        calibration=_all_calibration(state, stages),
         ranges={},
         range_choices={},
-        float_inputs=FloatInputs(),
+        float_inputs=float_inputs.for_samples(),
     )
-    for stage in (stages.calibrate, stages.derive_ranges, stages.plan):
+    for stage in (stages.derive_ranges, stages.plan):
         start = stage(start)
     if start.range_choices:
         start = stages.auto_check(start)
@@ -456,6 +465,28 @@ def _refit(
         )
 
     return _compose(start, kept, raises, stages, {}, decided_ranges)
+
+
+def _all_calibration(state: QuantizeState, stages: RecipeStages) -> Calibration:
+    """The statistics of every --data sample: the held-out ones' merged into the split's.
+
+    Observers merge exactly (`calibration.observers`), and with one sample a run (the
+    calibrate stage's batch size) each sample's values are those of one pass over the
+    whole folder, so the merge equals that pass bit for bit, for a quarter of its runs.
+    The held-out samples run in this process (`--workers` would re-open the folder's
+    calibration part): the statistics are the same however they are split.
+    """
+    held_out = stages.calibrate(
+        state.replace(
+            request=dataclasses.replace(state.request, workers=None),
+            source=state.held_out,
+            held_out_indices=(),
+            calibration=None,
+        )
+    )
+    return merge_calibrations(
+        [("calibration samples", state.calibration), ("held-out", held_out.calibration)]
+    )
 
 
 def _ranges_refusal(state: QuantizeState, *, on_eval: bool) -> str | None:
