@@ -7,6 +7,7 @@ recipe's story are the same.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import onnx
@@ -243,3 +244,26 @@ def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_byte
     qconvert.quantize(path, tmp_path / "afresh.onnx", data=tmp_path / "calib")
     assert calibrated == [SAMPLES - held, SAMPLES] and measured[-1] == SAMPLES
     assert sha256(tmp_path / "shared.onnx") == sha256(tmp_path / "afresh.onnx")
+
+
+def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
+    # A node raised first is the model its ranking scored alone: that score is taken,
+    # not the model rebuilt and run again.
+    model = testing.sensitive_mlp()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    scored = []
+    real = recipe.HeldOut.score
+    monkeypatch.setattr(
+        recipe.HeldOut,
+        "score",
+        lambda self, model: scored.append(hashlib.sha256(model).digest()) or real(self, model),
+    )
+    options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
+    report = qconvert.quantize(
+        path, tmp_path / "q.onnx", data=tmp_path / "calib", recipe=options
+    )
+    assert report.conversion.recipe.raised
+    assert len(scored) == len(set(scored))

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from qconvert.pipelines.raise_costs import raise_cost, weight_shares, work_shares
 from qconvert.plan import QuantPlan
-from qconvert.recipe_result import MIN_GAIN_DB, RaisedNode, raise_kind
+from qconvert.recipe_result import MIN_GAIN_DB, Fidelity, RaisedNode, raise_kind
 from qconvert.sensitivity import quantizable_nodes
 
 Raise = tuple[str, bool]
@@ -71,6 +71,8 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
     affordable = [(n, op) for n, op in nodes if own[n] <= options.budget]
     nodes = ranked_candidates(current.prepared, affordable, own)
     candidates = []
+    # Each variant's score alone: raised first, it is the very model scored here again.
+    alone_scores: dict[frozenset[Raise], Fidelity] = {}
     with progress.task("Ranking nodes", len(nodes)) as advance:
         for name, op_type in nodes:
             for float_weights in (False, True):
@@ -82,7 +84,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
                 if cost.work_share > options.budget:
                     break  # known from the plan: the weight passes are not run for it
                 alone = weigh(kept, alone)
-                gain = min(score(alone).sqnr_db - best.sqnr_db, MAX_GAIN_DB)
+                variant = frozenset({(name, float_weights)})
+                alone_scores[variant] = score(alone)
+                gain = min(alone_scores[variant].sqnr_db - best.sqnr_db, MAX_GAIN_DB)
                 if gain > MIN_GAIN_DB:
                     candidates.append(
                         _Candidate(
@@ -110,10 +114,12 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
         if used_weights + candidate.weight_share > options.budget:
             continue
         chosen = raises | {(candidate.name, candidate.float_weights)}
-        trial = planned(kept, chosen)
-        if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
-            continue
-        after = score(build(kept, chosen, trial))
+        after = alone_scores.get(chosen)  # its cost was within the budget too
+        if after is None:
+            trial = planned(kept, chosen)
+            if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
+                continue
+            after = score(build(kept, chosen, trial))
         if not after.improves(best):
             continue
         raises, best = chosen, after
