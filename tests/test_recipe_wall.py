@@ -246,6 +246,28 @@ def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_byte
     assert sha256(tmp_path / "shared.onnx") == sha256(tmp_path / "afresh.onnx")
 
 
+def test_input_means_past_their_memory_bound_are_measured_again_alike(tmp_path, monkeypatch):
+    # Per-sample parts past PARTS_BYTES are dropped for one sum: the refit then measures
+    # every sample again, and writes the same bytes.
+    path = conv_case(tmp_path)
+    measured = []
+    real_runs = weight_passes._float_runs
+    monkeypatch.setattr(
+        weight_passes,
+        "_float_runs",
+        lambda model, names, source: (
+            measured.append(len(source)) or real_runs(model, names, source)
+        ),
+    )
+    qconvert.quantize(path, tmp_path / "parts.onnx", data=tmp_path / "calib")
+    assert measured[-1] == len(recipe.held_out_indices(SAMPLES))
+    monkeypatch.setattr(weight_passes, "PARTS_BYTES", 0)
+    measured.clear()
+    qconvert.quantize(path, tmp_path / "sums.onnx", data=tmp_path / "calib")
+    assert measured[-1] == SAMPLES
+    assert sha256(tmp_path / "parts.onnx") == sha256(tmp_path / "sums.onnx")
+
+
 def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
     # A node raised first is the model its ranking scored alone: that score is taken,
     # not the model rebuilt and run again.
