@@ -122,6 +122,10 @@ class DirectorySource:
         for entry in self._entries:
             yield self._sample(entry)
 
+    def sources(self) -> tuple[str, ...]:
+        """Where each sample comes from, in order, without reading them."""
+        return tuple(entry.source for entry in self._entries)
+
     def first(self) -> Sample:
         """The first sample, for smoke runs."""
         return self._sample(self._entries[0])

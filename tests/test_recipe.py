@@ -269,7 +269,7 @@ def _stem_chain(cheap: int = 20):
 def test_the_first_and_last_layers_are_scored_before_the_cheapest():
     from onnx_ir import serde
 
-    from qconvert.pipelines.recipe import MAX_RANKED, ranked_candidates
+    from qconvert.pipelines.raise_phase import MAX_RANKED, ranked_candidates
 
     model = serde.deserialize_model(_stem_chain())
     nodes = [(node.name, node.op_type) for node in model.graph]

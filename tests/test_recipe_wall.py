@@ -7,6 +7,7 @@ recipe's story are the same.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from test_recipe import conv_case
 import qconvert
 from qconvert import testing
 from qconvert.pipelines import quantize as quantize_pipeline
-from qconvert.pipelines import recipe
+from qconvert.pipelines import recipe, weight_passes
 from qconvert.pipelines.stages import prepares_alike
 from qconvert.recipe_result import RecipeOptions
 
@@ -195,3 +196,96 @@ def test_the_weight_passes_leave_which_nodes_are_quantized_to_the_plan(tmp_path)
         assert name == "plain" or any(n.startswith("Adaptive rounding") for n in notes)
     assert floats["weighed"] == floats["plain"]
     assert sha256(tmp_path / "weighed.onnx") != sha256(tmp_path / "plain.onnx")
+
+
+def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    # conv_case keeps bias correction: the refit needs statistics and input means on
+    # every sample. The trials measured them on the calibration samples already.
+    path = conv_case(tmp_path)
+    calibrated, measured = [], []
+    real_calibration = quantize_pipeline.collect_calibration
+    monkeypatch.setattr(
+        quantize_pipeline,
+        "collect_calibration",
+        lambda *args, **kwargs: (
+            calibrated.append(len(args[2])) or real_calibration(*args, **kwargs)
+        ),
+    )
+    real_runs = weight_passes._float_runs
+    monkeypatch.setattr(
+        weight_passes,
+        "_float_runs",
+        lambda model, names, source: (
+            measured.append(len(source)) or real_runs(model, names, source)
+        ),
+    )
+    report = qconvert.quantize(path, tmp_path / "shared.onnx", data=tmp_path / "calib")
+    assert report.conversion.recipe.kept == ("bias correction",)
+    held = len(recipe.held_out_indices(SAMPLES))
+    assert calibrated == [SAMPLES - held, held]
+    # The trials' float passes (bias correction's means, weight rounding's inputs) run
+    # the calibration samples; the refit's the held-out ones alone.
+    assert measured[-1] == held and SAMPLES not in measured
+    # The same run, the refit calibrating and measuring every sample afresh.
+    monkeypatch.setattr(
+        recipe,
+        "_all_calibration",
+        lambda state, stages: (
+            stages.calibrate(
+                state.replace(source=state.all_samples, held_out_indices=(), calibration=None)
+            ).calibration
+        ),
+    )
+    monkeypatch.setattr(weight_passes.FloatInputs, "for_samples", lambda self: type(self)())
+    calibrated.clear()
+    measured.clear()
+    qconvert.quantize(path, tmp_path / "afresh.onnx", data=tmp_path / "calib")
+    assert calibrated == [SAMPLES - held, SAMPLES] and measured[-1] == SAMPLES
+    assert sha256(tmp_path / "shared.onnx") == sha256(tmp_path / "afresh.onnx")
+
+
+def test_input_means_past_their_memory_bound_are_measured_again_alike(tmp_path, monkeypatch):
+    # Per-sample parts past PARTS_BYTES are dropped for one sum: the refit then measures
+    # every sample again, and writes the same bytes.
+    path = conv_case(tmp_path)
+    measured = []
+    real_runs = weight_passes._float_runs
+    monkeypatch.setattr(
+        weight_passes,
+        "_float_runs",
+        lambda model, names, source: (
+            measured.append(len(source)) or real_runs(model, names, source)
+        ),
+    )
+    qconvert.quantize(path, tmp_path / "parts.onnx", data=tmp_path / "calib")
+    assert measured[-1] == len(recipe.held_out_indices(SAMPLES))
+    monkeypatch.setattr(weight_passes, "PARTS_BYTES", 0)
+    measured.clear()
+    qconvert.quantize(path, tmp_path / "sums.onnx", data=tmp_path / "calib")
+    assert measured[-1] == SAMPLES
+    assert sha256(tmp_path / "parts.onnx") == sha256(tmp_path / "sums.onnx")
+
+
+def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
+    # A node raised first is the model its ranking scored alone: that score is taken,
+    # not the model rebuilt and run again.
+    model = testing.sensitive_mlp()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    scored = []
+    real = recipe.HeldOut.score
+    monkeypatch.setattr(
+        recipe.HeldOut,
+        "score",
+        lambda self, model: scored.append(hashlib.sha256(model).digest()) or real(self, model),
+    )
+    options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
+    report = qconvert.quantize(
+        path, tmp_path / "q.onnx", data=tmp_path / "calib", recipe=options
+    )
+    assert report.conversion.recipe.raised
+    assert len(scored) == len(set(scored))

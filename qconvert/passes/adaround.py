@@ -54,10 +54,14 @@ instead of 4096 took the recipe's float measurements from 28 s to about 15 s).""
 BLOCK = 32
 """Weights `_descend` visits between updates of the whole H e (32: fastest of 16-128 on
 960- and 1152-wide layers)."""
-GRAM_BYTES = 24 << 20
+GRAM_BYTES = 64 << 20
 """The most bytes of H measured in one float pass (one layer's at least): H of every layer
 at once held EfficientNet-Lite0's 50 layers at 104 MB, against 356 MB for the whole of
-onnxruntime's quantize_static. Each pass more costs about a float pass."""
+onnxruntime's quantize_static. Each pass more costs about a float pass and its session:
+at 24 MB EfficientNet-Lite0 took 6 passes, the bench's 224 MobileNetV2 and ResNet 3; at
+64 MB they take 2, 1 and 1, and `--adaround` on them ran 20-30% faster (loaded machine,
+one run each) for 40-75 MB more peak memory, with byte-identical models (each layer's H
+sums its own rows in the same order whichever layers share its pass)."""
 PENDING_BYTES = 1 << 20
 """The most bytes of patches `GramAccumulator` holds for one layer between products: it
 holds them for every layer at once (8 MB each held MobileNetV2's recipe at 800 MB)."""

@@ -32,6 +32,8 @@ Once decided, the choices are refitted on every --data sample, the held-out ones
 (`_refit`): the single pass on all samples (`--recipe fast`'s model, byte for byte, when
 nothing was kept or raised), then the kept steps, the decided per-tensor range methods
 and the raises. The held-out samples score the choices; the statistics need them too.
+Only the held-out samples run again: what the trials measured on the calibration samples
+merges with them into what one pass over all of them gives, bit for bit.
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 
 from qconvert import model as model_io
-from qconvert.calibration import derive_ranges
+from qconvert.calibration import Calibration, derive_ranges
+from qconvert.calibration.file import merge_calibrations
 from qconvert.config import Format
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
@@ -55,23 +57,15 @@ from qconvert.passes.adaround import adaround_nodes
 from qconvert.passes.bias_correct import correctable_nodes
 from qconvert.passes.equalize import EqualizePass
 from qconvert.passes.equalize_activations import activation_sites
-from qconvert.pipelines.raise_costs import node_work, raise_cost, weight_shares, work_shares
+from qconvert.pipelines.raise_costs import node_work
+from qconvert.pipelines.raise_phase import Raise, raise_nodes, with_raised_reasons
 from qconvert.pipelines.stages import ranges_of
 from qconvert.pipelines.state import QuantizeState
 from qconvert.pipelines.weight_passes import FloatInputs
 from qconvert.plan import QuantPlan, Role
-from qconvert.recipe_result import (
-    MIN_GAIN_DB,
-    Fidelity,
-    RaisedNode,
-    RecipeResult,
-    Trial,
-    raise_kind,
-    verdict_detail,
-)
+from qconvert.recipe_result import Fidelity, RaisedNode, RecipeResult, Trial, verdict_detail
 from qconvert.runtime import make_session
 from qconvert.schemes import StaticScheme
-from qconvert.sensitivity import quantizable_nodes
 
 StageFn = Callable[[QuantizeState], QuantizeState]
 
@@ -95,13 +89,6 @@ of a dB."""
 MAX_EVAL = 64
 """The most `--eval` samples the recipe scores on (spread over the folder): each trial
 runs them all."""
-
-MAX_RANKED = 16
-"""Nodes scored for raising at most (the cheapest that fit the budget): MobileNetV2 has
-over 60 quantized nodes, and scoring each costs a session and 16 runs."""
-
-MAX_GAIN_DB = 60.0
-"""A node's gain counts as at most this (keeping the only noisy node float gives inf)."""
 
 
 def held_out_count(count: int) -> int:
@@ -351,16 +338,16 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     qdq = state.config.format is Format.QDQ
     if not best.meets(options) and options.budget > 0 and qdq:
         work = node_work(base.prepared, scorer.samples[0] if scorer.samples else None)
-        raises, raised, best = _raise(
+        raises, raised, best = raise_nodes(
             build, (planned, weigh), kept, score, best, options, progress, work
         )
     final = build(kept, raises)
     refit = 0
     if state.all_samples is not None:
-        final = _refit(state, final, kept, raises, stages)
+        final = _refit(state, final, kept, raises, stages, base.float_inputs)
         refit = len(state.all_samples)
     if raised:
-        final = final.replace(plan=_with_raised_reasons(final.plan, raised))
+        final = final.replace(plan=with_raised_reasons(final.plan, raised))
     result = RecipeResult(
         samples=len(state.held_out),
         scored_on="--eval samples"
@@ -425,6 +412,7 @@ def _refit(
     kept: frozenset[str],
     raises: frozenset[Raise],
     stages: RecipeStages,
+    float_inputs: FloatInputs,
 ) -> QuantizeState:
     """The decided recipe re-fitted on every --data sample, held-out ones included.
 
@@ -435,17 +423,22 @@ def _refit(
     byte for byte when nothing was kept or raised), then the kept steps, the range
     method with the per-tensor methods decided (not re-chosen on the new statistics),
     and the raises, on all samples.
+
+    What the trials measured on the calibration samples is not measured again: their
+    statistics (`_all_calibration`) and the means bias correction shifts by
+    (`float_inputs`, the trials' `FloatInputs` on the same prepared model) take in the
+    held-out samples only, and come out as one pass over every sample would give them.
     """
     start = state.replace(
         timings={},
         source=state.all_samples,
         held_out_indices=(),
-        calibration=None,
+        calibration=_all_calibration(state, stages),
         ranges={},
         range_choices={},
-        float_inputs=FloatInputs(),
+        float_inputs=float_inputs.for_samples(),
     )
-    for stage in (stages.calibrate, stages.derive_ranges, stages.plan):
+    for stage in (stages.derive_ranges, stages.plan):
         start = stage(start)
     if start.range_choices:
         start = stages.auto_check(start)
@@ -472,6 +465,28 @@ def _refit(
         )
 
     return _compose(start, kept, raises, stages, {}, decided_ranges)
+
+
+def _all_calibration(state: QuantizeState, stages: RecipeStages) -> Calibration:
+    """The statistics of every --data sample: the held-out ones' merged into the split's.
+
+    Observers merge exactly (`calibration.observers`), and with one sample a run (the
+    calibrate stage's batch size) each sample's values are those of one pass over the
+    whole folder, so the merge equals that pass bit for bit, for a quarter of its runs.
+    The held-out samples run in this process (`--workers` would re-open the folder's
+    calibration part): the statistics are the same however they are split.
+    """
+    held_out = stages.calibrate(
+        state.replace(
+            request=dataclasses.replace(state.request, workers=None),
+            source=state.held_out,
+            held_out_indices=(),
+            calibration=None,
+        )
+    )
+    return merge_calibrations(
+        [("calibration samples", state.calibration), ("held-out", held_out.calibration)]
+    )
 
 
 def _ranges_refusal(state: QuantizeState, *, on_eval: bool) -> str | None:
@@ -569,150 +584,3 @@ def _equalized(base: QuantizeState, stages: RecipeStages) -> QuantizeState:
         ranges = dict(derive_ranges(state.calibration.observers, method))
         state = state.replace(ranges=ranges, range_choices=dict.fromkeys(ranges, "minmax"))
     return stages.plan(state)
-
-
-Raise = tuple[str, bool]
-"""A raised node: its name, and whether its weights are stored float too."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    name: str
-    op_type: str
-    float_weights: bool
-    gain_db: float
-    work_share: float
-    weight_share: float
-    made_float: tuple[str, ...]
-
-
-def _raise(build, rebuild, kept, score, best, options, progress, work):
-    """Raises the nodes that buy the most held-out fidelity per cost, within budget.
-
-    A node is raised first as float compute on int8-stored weights: that costs no file
-    bytes, only the multiply-accumulates it (and whatever the plan makes float with it,
-    `raise_costs`) moves to float kernels, as a share of the model's (`work`). Where the
-    error is in the node's weights themselves (an outlier input channel sets a whole
-    output channel's scale), only float weights help: a node whose weights fit the
-    budget is scored that way too, at the cost of its weights' share of the weight
-    bytes. Each variant is scored alone on the kept steps (`rebuild`: the plan, then the
-    weight passes, not cached: one state a candidate), so its gain is what is left once
-    rounding and bias correction have removed what they can: on EfficientNet-Lite0 the
-    first depthwise Conv costs 5 dB before bias correction and nothing after, while the
-    stem Conv (the image input quantized, and its weights) still costs 2.6 dB.
-    Candidates are raised best gain per (work share + byte share) first.
-    """
-    planned, weigh = rebuild
-    current = build(kept)
-    nodes = quantizable_nodes(current.plan)
-    names = [name for name, _ in nodes]
-    own = work_shares(work, names)
-    stored = weight_shares(current.prepared, names)
-    # A node whose own work is over the budget can never be raised: not scored. Of the
-    # rest, `MAX_RANKED` are scored (each score is a session and a pass over the
-    # held-out samples): the model's first and last layers, then the cheapest.
-    affordable = [(n, op) for n, op in nodes if own[n] <= options.budget]
-    nodes = ranked_candidates(current.prepared, affordable, own)
-    candidates = []
-    with progress.task("Ranking nodes", len(nodes)) as advance:
-        for name, op_type in nodes:
-            for float_weights in (False, True):
-                weight_share = stored[name] if float_weights else 0.0
-                if float_weights and not 0.0 < weight_share <= options.budget:
-                    continue
-                alone = planned(kept, frozenset({(name, float_weights)}))
-                cost = raise_cost(current.plan, alone.plan, work)
-                if cost.work_share > options.budget:
-                    break  # known from the plan: the weight passes are not run for it
-                alone = weigh(kept, alone)
-                gain = min(score(alone).sqnr_db - best.sqnr_db, MAX_GAIN_DB)
-                if gain > MIN_GAIN_DB:
-                    candidates.append(
-                        _Candidate(
-                            name=name,
-                            op_type=op_type,
-                            float_weights=float_weights,
-                            gain_db=gain,
-                            work_share=cost.work_share,
-                            weight_share=weight_share,
-                            made_float=tuple(n for n in cost.made_float if n != name),
-                        )
-                    )
-            advance()
-    candidates.sort(
-        key=lambda c: (-c.gain_db / max(c.work_share + c.weight_share, 1e-9), c.name)
-    )
-    raises: frozenset[Raise] = frozenset()
-    raised = []
-    used_weights = 0.0
-    for candidate in candidates:
-        if best.meets(options):
-            break
-        if any(name == candidate.name for name, _ in raises):
-            continue
-        if used_weights + candidate.weight_share > options.budget:
-            continue
-        chosen = raises | {(candidate.name, candidate.float_weights)}
-        trial = planned(kept, chosen)
-        if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
-            continue
-        after = score(build(kept, chosen, trial))
-        if not after.improves(best):
-            continue
-        raises, best = chosen, after
-        used_weights += candidate.weight_share
-        raised.append(
-            RaisedNode(
-                name=candidate.name,
-                op_type=candidate.op_type,
-                gain_db=candidate.gain_db,
-                work_share=candidate.work_share,
-                weight_share=candidate.weight_share,
-                made_float=candidate.made_float,
-            )
-        )
-    return raises, tuple(raised), best
-
-
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-"""The ops whose nodes count as a model's layers (first and last)."""
-
-
-def ranked_candidates(
-    model: ir.Model, nodes: Sequence[tuple[str, str]], costs: Mapping[str, float]
-) -> list[tuple[str, str]]:
-    """The `MAX_RANKED` nodes the raise step scores, of `nodes` (name, op type).
-
-    The first and last layers (`LAYER_OPS`) in graph order come first: the first reads
-    the model's input, whose quantization no earlier layer can average out, and the
-    last writes the output the score is taken on; both are known to be the most
-    sensitive layers of a network, and a stem Conv is rarely among the cheapest (2.8% of
-    EfficientNet-Lite0's multiply-accumulates, more than 40 of its other nodes). The
-    rest are the cheapest, as gain per cost favours them.
-    """
-    order = {node.name: index for index, node in enumerate(model.graph)}
-    layers = sorted(
-        (node for node in nodes if node[1] in LAYER_OPS), key=lambda n: order.get(n[0], 0)
-    )
-    ends = list(dict.fromkeys(layers[:1] + layers[-1:]))
-    rest = sorted(
-        (node for node in nodes if node not in ends),
-        key=lambda node: (costs[node[0]], node[0]),
-    )
-    return (ends + rest)[:MAX_RANKED]
-
-
-def _with_raised_reasons(plan: QuantPlan, raised: tuple[RaisedNode, ...]) -> QuantPlan:
-    by_name = {node.name: node for node in raised}
-    nodes = tuple(
-        dataclasses.replace(
-            node,
-            reason=f"raised by the recipe ({raise_kind(by_name[node.name])}): "
-            f"+{by_name[node.name].gain_db:.1f} dB held-out SQNR alone, the most per "
-            "multiply-accumulate and byte it moves to float",
-        )
-        if node.name in by_name
-        else node
-        for node in plan.nodes
-    )
-    return dataclasses.replace(plan, nodes=nodes)

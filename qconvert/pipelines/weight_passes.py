@@ -200,37 +200,85 @@ def _float_runs(prepared: ir.Model | _Detached, names, source: DirectorySource):
         yield values
 
 
+PARTS_BYTES = 16 << 20
+"""The most bytes of per-sample sums `FloatInputs` keeps (EfficientNet-Lite0's 48
+calibration samples take about 6 MB). Past it, the means are kept by the samples they
+cover, as one sum each, and the recipe's refit measures every sample again: at 1,024
+samples a wide model's parts would take hundreds of MB."""
+
+
 class FloatInputs:
     """What the weight passes measured on the float inputs of a prepared model's layers.
 
     The default recipe tries the weight passes many times on one float model (alone,
-    together, with nodes kept float): what they measure and choose is kept here and
-    shared. Keyed by node name; one `FloatInputs` serves one prepared model only.
+    together, with nodes kept float), and then once more on every sample (its refit):
+    what they measure and choose is kept here and shared. One `FloatInputs` serves one
+    prepared model only.
     """
 
     def __init__(self) -> None:
-        self.means: dict[str, np.ndarray] = {}
-        """The per-channel mean of each bias-corrected node's float input."""
+        self.parts: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
+        """Per bias-corrected input tensor, per sample (its source): the sum of the
+        tensor's values per channel, and how many values each channel summed. Kept per
+        sample, so the refit on every sample measures only the held-out ones, and adds
+        the parts up in the order one pass over all samples does (the same bits)."""
+        self.means_by_samples: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+        """The means, by the samples they cover, once the parts outgrew `PARTS_BYTES`."""
         self.rounded: dict = {}
         """Each layer's rounding by `rounding_key` (`adaround`'s `chosen_before`): H is
         needed once per layer and grid, and is not kept (tens of MB a model)."""
 
-    def measure(self, prepared: ir.Model, plan: QuantPlan, source: DirectorySource) -> None:
-        """Measures the input means the plan's correctable nodes need and are not known."""
-        biases = [n for n in correctable_nodes(prepared, plan) if n.name not in self.means]
-        if not biases:
-            return
-        axes = {node.inputs[0].name: input_axis(node) for node in biases}
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
-        for run in _float_runs(prepared, sorted(axes), source):
-            for name, mean in channel_means([run], axes).items():
-                sums[name] = sums.get(name, 0.0) + mean * _count(run[name], axes[name])
-                counts[name] = counts.get(name, 0) + _count(run[name], axes[name])
-        for node in biases:
-            name = node.inputs[0].name
-            if name in sums:
-                self.means[node.name or ""] = sums[name] / counts[name]
+    def for_samples(self) -> FloatInputs:
+        """A `FloatInputs` that shares the per-sample parts, not the roundings.
+
+        A rounding is chosen from all the samples a layer saw; a new set of samples
+        must choose its own.
+        """
+        shared = FloatInputs()
+        shared.parts = self.parts
+        return shared
+
+    def means(
+        self, prepared: ir.Model, plan: QuantPlan, source: DirectorySource
+    ) -> dict[str, np.ndarray]:
+        """The per-channel mean of each correctable node's float input over `source`.
+
+        Keyed by the input's name; what was not measured before is run now.
+        """
+        axes = {
+            node.inputs[0].name: input_axis(node) for node in correctable_nodes(prepared, plan)
+        }
+        sources = source.sources()
+        known = self.means_by_samples.get(sources, {})
+        means = {name: known[name] for name in axes if name in known}
+        wanted = [name for name in axes if name not in known]
+        unseen = [
+            index
+            for index, sample in enumerate(sources)
+            if any(sample not in self.parts.get(name, {}) for name in wanted)
+        ]
+        if unseen:
+            names = sorted(
+                name
+                for name in wanted
+                if any(sources[i] not in self.parts.get(name, {}) for i in unseen)
+            )
+            runs = _float_runs(prepared, names, source.select(unseen))
+            for index, run in zip(unseen, runs, strict=True):
+                for name, mean in channel_means([run], {n: axes[n] for n in names}).items():
+                    count = _count(run[name], axes[name])
+                    self.parts.setdefault(name, {})[sources[index]] = (mean * count, count)
+        for name in wanted:
+            total, count = 0.0, 0
+            for sample in sources:
+                part, values = self.parts[name][sample]
+                total, count = total + part, count + values
+            means[name] = total / count
+        kept = sum(part.nbytes for parts in self.parts.values() for part, _ in parts.values())
+        if kept > PARTS_BYTES:
+            self.means_by_samples.setdefault(sources, {}).update(means)
+            self.parts.clear()
+        return means
 
 
 def round_weights(
@@ -322,12 +370,7 @@ def correct_biases_of(
     """
     nodes = correctable_nodes(prepared, plan)
     if inputs is not None:
-        inputs.measure(prepared, plan, source)
-        means = {
-            node.inputs[0].name: inputs.means[node.name or ""]
-            for node in nodes
-            if (node.name or "") in inputs.means
-        }
+        means = inputs.means(prepared, plan, source)
     else:
         axes = {node.inputs[0].name: input_axis(node) for node in nodes}
         means = channel_means(_float_runs(prepared, list(axes), source), axes)

@@ -1,0 +1,182 @@
+"""The recipe's raise phase: the nodes that buy the most held-out fidelity per cost.
+
+Once the recipe's steps are decided (`pipelines.recipe`), and while the held-out fidelity
+is below the floor, nodes are raised: scored raised alone on top of the kept steps,
+ranked by the dB each gains per share of the model's work and weight bytes it moves to
+float (`raise_costs`), and raised in that order while the budget allows and each raise
+still improves the held-out score (`raise_nodes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qconvert.pipelines.raise_costs import raise_cost, weight_shares, work_shares
+from qconvert.plan import QuantPlan
+from qconvert.recipe_result import MIN_GAIN_DB, Fidelity, RaisedNode, raise_kind
+from qconvert.sensitivity import quantizable_nodes
+
+Raise = tuple[str, bool]
+"""A raised node: its name, and whether its weights are stored float too."""
+
+
+MAX_RANKED = 16
+"""Nodes scored for raising at most (the cheapest that fit the budget): MobileNetV2 has
+over 60 quantized nodes, and scoring each costs a session and 16 runs."""
+
+MAX_GAIN_DB = 60.0
+"""A node's gain counts as at most this (keeping the only noisy node float gives inf)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    name: str
+    op_type: str
+    float_weights: bool
+    gain_db: float
+    work_share: float
+    weight_share: float
+    made_float: tuple[str, ...]
+
+
+def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
+    """Raises the nodes that buy the most held-out fidelity per cost, within budget.
+
+    A node is raised first as float compute on int8-stored weights: that costs no file
+    bytes, only the multiply-accumulates it (and whatever the plan makes float with it,
+    `raise_costs`) moves to float kernels, as a share of the model's (`work`). Where the
+    error is in the node's weights themselves (an outlier input channel sets a whole
+    output channel's scale), only float weights help: a node whose weights fit the
+    budget is scored that way too, at the cost of its weights' share of the weight
+    bytes. Each variant is scored alone on the kept steps (`rebuild`: the plan, then the
+    weight passes, not cached: one state a candidate), so its gain is what is left once
+    rounding and bias correction have removed what they can: on EfficientNet-Lite0 the
+    first depthwise Conv costs 5 dB before bias correction and nothing after, while the
+    stem Conv (the image input quantized, and its weights) still costs 2.6 dB.
+    Candidates are raised best gain per (work share + byte share) first.
+    """
+    planned, weigh = rebuild
+    current = build(kept)
+    nodes = quantizable_nodes(current.plan)
+    names = [name for name, _ in nodes]
+    own = work_shares(work, names)
+    stored = weight_shares(current.prepared, names)
+    # A node whose own work is over the budget can never be raised: not scored. Of the
+    # rest, `MAX_RANKED` are scored (each score is a session and a pass over the
+    # held-out samples): the model's first and last layers, then the cheapest.
+    affordable = [(n, op) for n, op in nodes if own[n] <= options.budget]
+    nodes = ranked_candidates(current.prepared, affordable, own)
+    candidates = []
+    # Each variant's score alone: raised first, it is the very model scored here again.
+    alone_scores: dict[frozenset[Raise], Fidelity] = {}
+    with progress.task("Ranking nodes", len(nodes)) as advance:
+        for name, op_type in nodes:
+            for float_weights in (False, True):
+                weight_share = stored[name] if float_weights else 0.0
+                if float_weights and not 0.0 < weight_share <= options.budget:
+                    continue
+                alone = planned(kept, frozenset({(name, float_weights)}))
+                cost = raise_cost(current.plan, alone.plan, work)
+                if cost.work_share > options.budget:
+                    break  # known from the plan: the weight passes are not run for it
+                alone = weigh(kept, alone)
+                variant = frozenset({(name, float_weights)})
+                alone_scores[variant] = score(alone)
+                gain = min(alone_scores[variant].sqnr_db - best.sqnr_db, MAX_GAIN_DB)
+                if gain > MIN_GAIN_DB:
+                    candidates.append(
+                        _Candidate(
+                            name=name,
+                            op_type=op_type,
+                            float_weights=float_weights,
+                            gain_db=gain,
+                            work_share=cost.work_share,
+                            weight_share=weight_share,
+                            made_float=tuple(n for n in cost.made_float if n != name),
+                        )
+                    )
+            advance()
+    candidates.sort(
+        key=lambda c: (-c.gain_db / max(c.work_share + c.weight_share, 1e-9), c.name)
+    )
+    raises: frozenset[Raise] = frozenset()
+    raised = []
+    used_weights = 0.0
+    for candidate in candidates:
+        if best.meets(options):
+            break
+        if any(name == candidate.name for name, _ in raises):
+            continue
+        if used_weights + candidate.weight_share > options.budget:
+            continue
+        chosen = raises | {(candidate.name, candidate.float_weights)}
+        after = alone_scores.get(chosen)  # its cost was within the budget too
+        if after is None:
+            trial = planned(kept, chosen)
+            if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
+                continue
+            after = score(build(kept, chosen, trial))
+        if not after.improves(best):
+            continue
+        raises, best = chosen, after
+        used_weights += candidate.weight_share
+        raised.append(
+            RaisedNode(
+                name=candidate.name,
+                op_type=candidate.op_type,
+                gain_db=candidate.gain_db,
+                work_share=candidate.work_share,
+                weight_share=candidate.weight_share,
+                made_float=candidate.made_float,
+            )
+        )
+    return raises, tuple(raised), best
+
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+"""The ops whose nodes count as a model's layers (first and last)."""
+
+
+def ranked_candidates(
+    model: ir.Model, nodes: Sequence[tuple[str, str]], costs: Mapping[str, float]
+) -> list[tuple[str, str]]:
+    """The `MAX_RANKED` nodes the raise step scores, of `nodes` (name, op type).
+
+    The first and last layers (`LAYER_OPS`) in graph order come first: the first reads
+    the model's input, whose quantization no earlier layer can average out, and the
+    last writes the output the score is taken on; both are known to be the most
+    sensitive layers of a network, and a stem Conv is rarely among the cheapest (2.8% of
+    EfficientNet-Lite0's multiply-accumulates, more than 40 of its other nodes). The
+    rest are the cheapest, as gain per cost favours them.
+    """
+    order = {node.name: index for index, node in enumerate(model.graph)}
+    layers = sorted(
+        (node for node in nodes if node[1] in LAYER_OPS), key=lambda n: order.get(n[0], 0)
+    )
+    ends = list(dict.fromkeys(layers[:1] + layers[-1:]))
+    rest = sorted(
+        (node for node in nodes if node not in ends),
+        key=lambda node: (costs[node[0]], node[0]),
+    )
+    return (ends + rest)[:MAX_RANKED]
+
+
+def with_raised_reasons(plan: QuantPlan, raised: tuple[RaisedNode, ...]) -> QuantPlan:
+    """`plan` with each raised node's reason saying what it gained and why it was picked."""
+    by_name = {node.name: node for node in raised}
+    nodes = tuple(
+        dataclasses.replace(
+            node,
+            reason=f"raised by the recipe ({raise_kind(by_name[node.name])}): "
+            f"+{by_name[node.name].gain_db:.1f} dB held-out SQNR alone, the most per "
+            "multiply-accumulate and byte it moves to float",
+        )
+        if node.name in by_name
+        else node
+        for node in plan.nodes
+    )
+    return dataclasses.replace(plan, nodes=nodes)
