@@ -52,6 +52,7 @@ from qconvert.calibration.file import merge_calibrations
 from qconvert.config import Format
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
+from qconvert.output_parts import Parts, concat_parts
 from qconvert.passes import prepare
 from qconvert.passes.adaround import adaround_nodes
 from qconvert.passes.bias_correct import correctable_nodes
@@ -113,10 +114,20 @@ def spread(count: int, wanted: int) -> tuple[int, ...]:
 
 
 class HeldOut:
-    """Scores converted models against the float model's outputs on fixed samples."""
+    """Scores converted models against the float model's outputs on fixed samples.
 
-    def __init__(self, float_model: bytes, samples: Sequence[Feeds]) -> None:
+    `parts`: the outputs a Concat assembles (`output_parts.concat_parts`); each part is
+    scored alone, and the worst counts, as for separate outputs.
+    """
+
+    def __init__(
+        self,
+        float_model: bytes,
+        samples: Sequence[Feeds],
+        parts: Mapping[str, Parts] | None = None,
+    ) -> None:
         self.samples = list(samples)
+        self.parts = dict(parts or {})
         session = make_session(float_model, quiet=True)
         self.output_names = [output.name for output in session.get_outputs()]
         self.reference = [session.run(None, feeds) for feeds in self.samples]
@@ -128,8 +139,11 @@ class HeldOut:
         per_sample = tuple(
             min(
                 (
-                    _sample_sqnr(ref, cand)
-                    for ref, cand in zip(reference, candidate, strict=True)
+                    _sample_sqnr(ref_part, cand_part)
+                    for name, ref, cand in zip(
+                        self.output_names, reference, candidate, strict=True
+                    )
+                    for ref_part, cand_part in self._split(name, ref, cand)
                 ),
                 default=math.inf,
             )
@@ -142,17 +156,33 @@ class HeldOut:
             first = np.asarray(self.reference[0][index])
             classify = first.ndim == 2 and is_classifier_like(first)
             accumulator = OutputAccumulator(name, classify=classify)
+            pieces: list[OutputAccumulator] = []
             for reference, candidate in zip(self.reference, outputs, strict=True):
                 accumulator.update(reference[index], candidate[index])
+                split = list(self._split(name, reference[index], candidate[index]))
+                if len(split) < 2:
+                    continue
+                if not pieces:
+                    pieces = [OutputAccumulator(name, classify=False) for _ in split]
+                for piece, (ref_part, cand_part) in zip(pieces, split, strict=True):
+                    piece.update(ref_part, cand_part)
             result = accumulator.result()
-            if not math.isnan(result.sqnr_db):
-                worst = min(worst, result.sqnr_db)
+            for value in (result.sqnr_db, *(piece.result().sqnr_db for piece in pieces)):
+                if not math.isnan(value):
+                    worst = min(worst, value)
             if result.top1_agreement is not None:
                 if agreement is None or result.top1_agreement < agreement:
                     agreement, rows = result.top1_agreement, accumulator.rows
         return Fidelity(
             sqnr_db=worst, top1_agreement=agreement, top1_rows=rows, per_sample_db=per_sample
         )
+
+    def _split(self, name: str, reference, candidate):
+        """(reference, candidate) pairs of each part of output `name` (one: the whole)."""
+        parts = self.parts.get(name)
+        if parts is None:
+            return [(reference, candidate)]
+        return list(zip(parts.split(reference), parts.split(candidate), strict=True))
 
 
 def _sample_sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -238,7 +268,11 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     """The default recipe (see the module docstring) from the state after planning."""
     options = state.request.recipe
     progress = state.request.progress
-    scorer = HeldOut(model_io.to_bytes(state.prepared), [s.feeds for s in state.held_out])
+    scorer = HeldOut(
+        model_io.to_bytes(state.prepared),
+        [s.feeds for s in state.held_out],
+        concat_parts(state.prepared),
+    )
 
     def score(candidate: QuantizeState) -> Fidelity:
         return scorer.score(model_io.to_bytes(stages.rewrite(candidate).converted))
