@@ -14,8 +14,10 @@ from qconvert import testing
 from qconvert.calibration import calibrate_tensors, tensors_to_calibrate
 from qconvert.dataset import DirectorySource, input_specs
 from qconvert.passes import InsertQDQPass, prepare
+from qconvert.passes.bias_correct import correctable_nodes
 from qconvert.pipelines.raise_costs import node_work, raise_cost
 from qconvert.pipelines.recipe import HELD_OUT, MAX_HELD_OUT, HeldOut, held_out_count
+from qconvert.pipelines.weight_passes import correct_biases_of
 from qconvert.plan import make_plan
 from qconvert.recipe_result import Fidelity
 from qconvert.schemes import SCHEMES
@@ -209,3 +211,34 @@ def test_larger_folders_hold_out_more_samples():
     assert held_out_count(64) == 16
     assert held_out_count(128) == 32
     assert held_out_count(10_000) == MAX_HELD_OUT == 64
+
+
+def test_a_raised_node_keeps_its_bias_correction(tmp_path):
+    # A raised node computes in float, but from int8-rounded weights: the mean shift their
+    # rounding makes is corrected as a quantized node's is. Inputs with a large mean make
+    # that shift large next to the output's spread.
+    rng = np.random.default_rng(3)
+    model = testing.gemm_bias(0.3 * rng.standard_normal((8, 64)), np.zeros(8))
+    samples = [
+        {"input": (3.0 + rng.standard_normal((4, 64))).astype(np.float32)} for _ in range(8)
+    ]
+    testing.write_samples(tmp_path / "calib", samples)
+    loaded = model_io.load_model(testing.save(model, tmp_path / "model.onnx"))
+    prepared = prepare(loaded, min_opset=SCHEMES["int8"].min_opset)
+    source = DirectorySource(tmp_path / "calib", input_specs(loaded))
+    ranges = calibrate_tensors(prepared, source, tensors_to_calibrate(prepared))
+    plan = make_plan(prepared, SCHEMES["int8"], ranges, raised=frozenset({"gemm"}))
+    assert not any(node.quantized for node in plan.nodes)
+    assert [node.name for node in correctable_nodes(prepared, plan)] == ["gemm"]
+
+    def mean_error(plan_model: ir.Model) -> np.ndarray:
+        written = model_io.to_bytes(InsertQDQPass(plan=plan)(plan_model).model)
+        errors = [_run(written, s) - _run(model, s) for s in samples]
+        return np.abs(np.mean(errors, axis=(0, 1)))  # per output
+
+    before = mean_error(prepared.clone())
+    corrected = prepared.clone()
+    correct_biases_of(corrected, plan, source, {})
+    after = mean_error(corrected)
+    assert before.max() > 1e-3  # the rounding did shift the mean
+    assert after.max() < 0.1 * before.max(), (before, after)

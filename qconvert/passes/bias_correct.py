@@ -9,8 +9,9 @@ constant, and the bias can absorb it:
 E[x] is the per-channel mean of the layer's float input on the calibration samples
 (axis 1 of a Conv input, the feature axis of a Gemm's). For a Conv the shift of output
 channel o is sum over its input channels i and taps of (W_q - W)[o, i, ...] E[x_i],
-the value at every position away from the padded border. Applies to the quantized Conv
-and Gemm nodes of a static plan that have a constant bias.
+the value at every position away from the padded border. Applies to the Conv and Gemm
+nodes of a static plan that have a constant bias and int8-stored weights, whether they
+compute quantized or in float.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ class BiasCorrection:
 
 
 def correctable_nodes(model: ir.Model, plan: QuantPlan) -> list[ir.Node]:
-    """The quantized Conv/Gemm nodes whose weight and constant bias the plan quantizes."""
-    quantized = {node.name for node in plan.quantized_nodes()}
+    """The Conv/Gemm nodes with a constant bias whose weight the plan stores as int8.
+
+    Quantized ones, and those that compute in float from int8-stored weights (a node the
+    recipe raises): their weights are rounded all the same, and so is the mean of their
+    output. Without its correction, raising EfficientNet-Lite0's first depthwise Conv
+    cost the held-out score 3.3 dB.
+    """
     nodes = []
     for node in model.graph:
-        if node.name not in quantized or node.op_type not in CORRECTED_OPS:
+        if node.op_type not in CORRECTED_OPS or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
         if len(node.inputs) < 3 or node.inputs[2] is None:
             continue
