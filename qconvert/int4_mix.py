@@ -1,6 +1,6 @@
 """Mixed precision inside a size budget: which int4 layers to keep at 8 bits (with `--data`).
 
-4-bit weights do not cost the same everywhere: on all-MiniLM-L6-v2, one layer's 4-bit
+4-bit weights do not cost the same everywhere: on a 6-layer sentence encoder, one layer's 4-bit
 weight alone moves the sentence embedding 100 times as much as another's, and a small
 384 x 384 projection can matter more than a 384 x 1536 one. So, with samples, each
 candidate layer's weight is rounded as the run rounds it (`int4_rounding`) and put alone
@@ -12,7 +12,7 @@ is what keeping that layer at 8 bits would win back (an 8-bit weight's error is 
 times smaller, so it is left out). Layers are then taken in order of gain per extra byte
 in the file while the projected file stays within the budget, a share of the float
 model's file size. The errors of single layers add up nearly exactly on transformers
-(MiniLM: 0.0294 summed against 0.0305 with every layer at 4 bits), which is what makes
+(that encoder: 0.0294 summed against 0.0305 with every layer at 4 bits), which is what makes
 the greedy choice by single-layer gains sound.
 
 A kept layer costs what its 8-bit form adds over its 4-bit one (`layer_bytes`): on the

@@ -24,12 +24,12 @@ when onnxruntime loads the model (constant folding) and run by DynamicQuantizeMa
 activations quantized per tensor on the fly (`passes.int4`)."""
 
 DEFAULT_INT4_KERNEL = "int8"
-"""The int8 kernel, with or without data. On all-MiniLM-L6-v2 (block 32) it runs at 0.48x
-float on one thread against MatMulNBits' 0.93x. Without data its weights are rounded with a
-searched range (`grid_rounding`), which makes up for its per-tensor activation rounding:
-cosine 0.9604 against onnxruntime RTN's 0.9602 (round-to-nearest on its grid: 0.9541).
-With data the rounding and the size budget are chosen on held-out samples: cosine 0.983
-(MatMulNBits 0.984, onnxruntime's best int4 0.976)."""
+"""The int8 kernel, with or without data. On a 6-layer sentence encoder (block 32) it runs at
+0.48x float on one thread against MatMulNBits' 0.93x. Without data its weights are rounded with
+a searched range (`grid_rounding`), which makes up for its per-tensor activation rounding:
+cosine 0.9604 against onnxruntime RTN's 0.9602 (round-to-nearest on its grid: 0.9541). With
+data the rounding and the size budget are chosen on held-out samples: cosine 0.983 (MatMulNBits
+0.984, onnxruntime's best int4 0.976)."""
 
 FALLBACK_INT4_KERNEL = "nbits"
 """MatMulNBits, where an option only it reads is given or the int8 kernel cannot be written
