@@ -19,7 +19,7 @@ from qconvert.pipelines.raise_costs import node_work, raise_cost
 from qconvert.pipelines.recipe import HELD_OUT, MAX_HELD_OUT, HeldOut, held_out_count
 from qconvert.pipelines.weight_passes import correct_biases_of
 from qconvert.plan import make_plan
-from qconvert.recipe_result import Fidelity
+from qconvert.recipe_result import Fidelity, verdict_detail
 from qconvert.schemes import SCHEMES
 
 
@@ -191,6 +191,17 @@ def test_one_flipped_sample_does_not_veto_a_step_that_sqnr_favours():
     # On 64 rows, one row is 1.6 points: a drop of 2 of 64 still vetoes.
     assert _fidelity(21.0, 55, 64).improves(_fidelity(20.0, 56, 64))
     assert not _fidelity(21.0, 54, 64).improves(_fidelity(20.0, 56, 64))
+
+
+def test_below_the_top1_floor_one_flipped_sample_vetoes():
+    before = _fidelity(20.0, 14)
+    assert not _fidelity(21.0, 13).improves(before, top1_floor=0.97)
+    assert _fidelity(21.0, 14).improves(before, top1_floor=0.97)  # no row lost
+    # At or above the floor the one-row slack stays: 64 of 64 -> 63 of 64 (98.4%).
+    assert _fidelity(21.0, 63, 64).improves(_fidelity(20.0, 64, 64), top1_floor=0.97)
+    assert not _fidelity(21.0, 61, 64).improves(_fidelity(20.0, 62, 64), top1_floor=0.97)
+    detail = verdict_detail(_fidelity(21.0, 13), before, top1_floor=0.97)
+    assert detail == "top-1 down 1 of 16 rows, below the 97% floor"
 
 
 def test_the_held_out_score_counts_its_rows(tmp_path):

@@ -265,7 +265,7 @@ SCHEME_HELP = (
     "rounding and equalization in turn, keep each only where the held-out output SQNR "
     "(an output a Concat assembles, part by part: a detector's class scores beside its "
     "boxes) improves overall and on most samples one by one (13 of 16: a sign test; top-1 "
-    "agreement may drop by one sample at most), then raise the nodes "
+    "agreement may drop by one sample at most, by none below 97%), then raise the nodes "
     "that buy the most fidelity per multiply-accumulate (float compute on int8-stored "
     "weights; float weights too only where their rounding is the error) while it is "
     "below --floor-sqnr, within --raise-budget, and refit the choices on all samples; "

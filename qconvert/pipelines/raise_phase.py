@@ -120,7 +120,7 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
             if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
                 continue
             after = score(build(kept, chosen, trial))
-        if not after.improves(best):
+        if not after.improves(best, top1_floor=options.min_top1_agreement):
             continue
         raises, best = chosen, after
         used_weights += candidate.weight_share

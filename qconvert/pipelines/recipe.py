@@ -11,8 +11,8 @@ minmax), bias correction, weight rounding that minimises each layer's output err
 (AdaRound), cross-layer equalization where the graph has Conv pairs for it. A step is
 kept only when it improves the held-out fidelity (`Fidelity.improves`: SQNR up over all
 samples and on most of them one by one, a sign test, so a gain a few samples carry is
-dropped as "gain within noise"; top-1 agreement down by at most one sample); the kept
-steps compose, each tried on top of those kept before.
+dropped as "gain within noise"; top-1 agreement down by at most one sample, and by none
+below the top-1 floor); the kept steps compose, each tried on top of those kept before.
 
 If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`, and for
 classifiers `min_top1_agreement`), nodes are raised: a raised node computes in float from
@@ -352,7 +352,9 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
             after = None
             if reason is None:
                 after = score(build(kept | {step}))
-            keep = after is not None and after.improves(best)
+            keep = after is not None and after.improves(
+                best, top1_floor=options.min_top1_agreement
+            )
             seconds = round(time.perf_counter() - began, 3)
             trials.append(
                 Trial(
@@ -361,7 +363,8 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
                     before=best,
                     after=after,
                     seconds=seconds,
-                    detail=reason or verdict_detail(after, best),
+                    detail=reason
+                    or verdict_detail(after, best, top1_floor=options.min_top1_agreement),
                 )
             )
             if keep:
