@@ -28,6 +28,7 @@ from qconvert.plan.patterns import (
     clamp_chain,
     clamp_is_exact,
     combined_bounds,
+    dead_below,
 )
 from qconvert.plan.planner_state import PlannerState
 
@@ -64,11 +65,14 @@ class ActivationRules(PlannerState):
         stats_name: str,
         *,
         bounds: tuple[float, float] | None = None,
+        floor: float | None = None,
     ) -> qparams.QParams:
         """Parameters from the calibrated range, widened to `bounds` where that fits.
 
         `bounds` is the fixed output range of the op that writes the tensor; the range is
-        widened to it when calibration covered enough of it.
+        widened to it when calibration covered enough of it. `floor`: the value below
+        which the tensor's readers compute the same (`patterns.dead_below`); the range
+        starts there, as the values below it need no levels.
         """
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:
@@ -78,6 +82,8 @@ class ActivationRules(PlannerState):
             )
         if bounds is not None:
             tensor_range = _widened_to_bounds(tensor_range, bounds)
+        if floor is not None and tensor_range.min < floor < tensor_range.max:
+            tensor_range = TensorRange(min=floor, max=tensor_range.max)
         scheme = self._tensor_scheme(value)
         dtype = self.overrides.tensor_dtype(value.name or "") or scheme.activation_dtype
         return qparams.range_qparams(
@@ -145,9 +151,19 @@ class ActivationRules(PlannerState):
         if not calibrated:
             return
         bounds = _BOUNDED_OUTPUTS.get(node.op_type)
-        params = self._activation_params(output, output.name, bounds=bounds)
+        # A Conv's output read through its block's scale and shift by a HardSwish: the
+        # values below where the HardSwish is 0 get no levels (on PP-OCRv4's recognizer,
+        # the lower 40% of the range of most Conv outputs).
+        floor = dead_below(output)
+        seen = self.ranges[output.name]
+        reason = f"output of {node.name}"
+        if floor is not None and seen.min < floor < seen.max and bounds is None:
+            reason += f", from {floor:.3g} up: its readers compute the same below"
+        else:
+            floor = None
+        params = self._activation_params(output, output.name, bounds=bounds, floor=floor)
         self.tensors[output.name] = TensorDecision(
-            output.name, Role.ACTIVATION, params, f"output of {node.name}"
+            output.name, Role.ACTIVATION, params, reason
         )
 
     def _fold_scale(self, mul: ir.Node) -> bool:
