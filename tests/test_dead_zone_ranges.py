@@ -1,4 +1,7 @@
-"""A Conv output read through scale, shift and HardSwish is quantized from the HardSwish's 0.
+"""Activation ranges that follow the HardSwish around them.
+
+A Conv output read through scale, shift and HardSwish is quantized from the HardSwish's 0,
+and the affine after a HardSwish down to its least value.
 
 PP-OCRv4's blocks write Conv -> Mul(a) -> Add(b) -> HardSwish: every Conv output value
 below (-3 - b) / a gives the same 0 after the HardSwish, so the quantized range starts
@@ -13,7 +16,8 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 import qconvert
-from qconvert import testing
+from qconvert import qparams, testing
+from qconvert.calibration import TensorRange
 from qconvert.plan import activations, patterns
 
 
@@ -79,3 +83,25 @@ def test_the_range_starts_where_the_hardswish_is_zero_and_the_output_gains(
     held = _samples(16, seed=2)
     gained = testing.output_sqnr(path, trimmed, held) - testing.output_sqnr(path, whole, held)
     assert gained > 0.5, gained
+
+
+def test_the_least_value_after_a_hardswish_is_found_through_scale_and_shift():
+    values = _values(ir.from_proto(testing.pointwise_hardswish_depthwise(spread=1.0)))
+    assert patterns.lowest_value(values["g"]) == -0.375
+    # t2 = 0.7 g - 0.2: at least 0.7 x -0.375 - 0.2.
+    assert abs(patterns.lowest_value(values["t2"]) - (-0.4625)) < 1e-7
+    assert patterns.lowest_value(values["h"]) is None  # a Conv output: unbounded
+
+
+def test_the_range_reaches_the_least_value_and_its_level_past_the_rounded_zero_point():
+    seen = TensorRange(min=-0.0562, max=3.53)
+    # Half a step of the widened range further down: the zero point round(4.46) = 4
+    # would otherwise leave the lowest level at -4 x 0.01409 = -0.0564, above -0.0628.
+    widened = activations._down_to_lowest(seen, -0.0628, 255)
+    assert widened.max == 3.53
+    assert abs(widened.min - (-0.0628 - 0.5 * (3.53 + 0.0628) / 255)) < 1e-12
+    params = qparams.range_qparams(widened.min, widened.max, np.uint8, symmetric=False)
+    assert (0 - int(params.zero_point)) * float(params.scale) <= -0.0628
+    # More than one bit of resolution to reach it: left as calibrated.
+    assert activations._down_to_lowest(seen, -5.0, 255) is seen
+    assert activations._down_to_lowest(seen, None, 255) is seen
