@@ -28,7 +28,6 @@ from qconvert.plan.patterns import (
     clamp_chain,
     clamp_is_exact,
     combined_bounds,
-    dead_below,
     lowest_value,
 )
 from qconvert.plan.planner_state import PlannerState
@@ -66,14 +65,12 @@ class ActivationRules(PlannerState):
         stats_name: str,
         *,
         bounds: tuple[float, float] | None = None,
-        floor: float | None = None,
     ) -> qparams.QParams:
         """Parameters from the calibrated range, widened to `bounds` where that fits.
 
         `bounds` is the fixed output range of the op that writes the tensor; the range is
-        widened to it when calibration covered enough of it. `floor`: the value below
-        which the tensor's readers compute the same (`patterns.dead_below`); the range
-        starts there, as the values below it need no levels.
+        widened to it when calibration covered enough of it; and down to the least value
+        its writer can produce (`patterns.lowest_value`) where that costs a bit at most.
         """
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:
@@ -87,8 +84,6 @@ class ActivationRules(PlannerState):
         dtype = self.overrides.tensor_dtype(value.name or "") or scheme.activation_dtype
         levels = int(np.iinfo(dtype).max) - int(np.iinfo(dtype).min)
         tensor_range = _down_to_lowest(tensor_range, lowest_value(value), levels)
-        if floor is not None and tensor_range.min < floor < tensor_range.max:
-            tensor_range = TensorRange(min=floor, max=tensor_range.max)
         return qparams.range_qparams(
             tensor_range.min,
             tensor_range.max,
@@ -154,19 +149,9 @@ class ActivationRules(PlannerState):
         if not calibrated:
             return
         bounds = _BOUNDED_OUTPUTS.get(node.op_type)
-        # A Conv's output read through its block's scale and shift by a HardSwish: the
-        # values below where the HardSwish is 0 get no levels (on PP-OCRv4's recognizer,
-        # the lower 40% of the range of most Conv outputs).
-        floor = dead_below(output)
-        seen = self.ranges[output.name]
-        reason = f"output of {node.name}"
-        if floor is not None and seen.min < floor < seen.max and bounds is None:
-            reason += f", from {floor:.3g} up: its readers compute the same below"
-        else:
-            floor = None
-        params = self._activation_params(output, output.name, bounds=bounds, floor=floor)
+        params = self._activation_params(output, output.name, bounds=bounds)
         self.tensors[output.name] = TensorDecision(
-            output.name, Role.ACTIVATION, params, reason
+            output.name, Role.ACTIVATION, params, f"output of {node.name}"
         )
 
     def _fold_scale(self, mul: ir.Node) -> bool:

@@ -1,8 +1,8 @@
 """Graph patterns the static planner looks for: pure functions of the graph.
 
 GELU written out with Erf, chains of Relu/Clip, outputs of global pooling, when a
-QuantizeLinear's saturation performs a clamp by itself, and the values below which an
-activation's readers stop changing (`dead_below`).
+QuantizeLinear's saturation performs a clamp by itself, and the least value the ops writing
+a tensor can produce (`lowest_value`).
 """
 
 from __future__ import annotations
@@ -103,62 +103,6 @@ def clamp_is_exact(params: qparams.QParams, bounds: tuple[float, float] | None) 
         low / scale < info.min - zero_point + 0.5
         and high / scale > info.max - zero_point - 0.5
     )
-
-
-_DEAD_BELOW = {"HardSwish": -3.0, "Relu": 0.0}
-"""Ops whose output stops changing below an input value: HardSwish is 0 from -3 down."""
-
-
-def dead_below(value: ir.Value) -> float | None:
-    """The input value below which nothing the model computes from `value` changes.
-
-    Every reader must reach a dead zone (`_DEAD_BELOW`, a HardSigmoid's 0 below
-    -beta/alpha, a Clip's constant min) through Muls by positive constants and Adds of
-    constants: the affine ops exporters write around activations (a BatchNorm's or a
-    MobileOne block's scale and shift, then HardSwish). With a per-channel constant the
-    lowest channel's bound counts. None when some reader sees values below any bound:
-    a graph output, a residual Add, a Conv.
-    """
-    readers = list(value.consumers())
-    if value.is_graph_output() or not readers:
-        return None
-    bounds = [_dead_below_through(node, value) for node in readers]
-    if any(bound is None for bound in bounds):
-        return None
-    return min(bounds)
-
-
-def _dead_below_through(node: ir.Node, value: ir.Value) -> float | None:
-    if node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
-        return None
-    if node.op_type in _DEAD_BELOW:
-        return _DEAD_BELOW[node.op_type]
-    if node.op_type == "HardSigmoid":
-        alpha = node.attributes.get_float("alpha", 0.2)
-        beta = node.attributes.get_float("beta", 0.5)
-        return -beta / alpha if alpha > 0 else None
-    if node.op_type == "Clip":
-        low = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        return float(low) if low is not None and low.size == 1 else None
-    if node.op_type not in ("Mul", "Add") or len(node.inputs) != 2:
-        return None
-    if node.inputs[0] is value:
-        other = node.inputs[1]
-    elif node.inputs[1] is value:
-        other = node.inputs[0]
-    else:
-        return None
-    constant = constant_array(other)
-    if constant is None or constant.size == 0 or not np.all(np.isfinite(constant)):
-        return None
-    after = dead_below(node.outputs[0])
-    if after is None:
-        return None
-    if node.op_type == "Add":  # x + b <= t where x <= t - b
-        return float(np.min(after - constant.astype(np.float64)))
-    if not np.all(constant > 0):
-        return None
-    return float(np.min(after / constant.astype(np.float64)))  # a x <= t where x <= t / a
 
 
 _LOWEST = {"HardSwish": -0.375, "Relu": 0.0, "Sigmoid": 0.0, "HardSigmoid": 0.0}
