@@ -28,7 +28,6 @@ from qconvert.plan.patterns import (
     clamp_chain,
     clamp_is_exact,
     combined_bounds,
-    lowest_value,
 )
 from qconvert.plan.planner_state import PlannerState
 
@@ -69,8 +68,7 @@ class ActivationRules(PlannerState):
         """Parameters from the calibrated range, widened to `bounds` where that fits.
 
         `bounds` is the fixed output range of the op that writes the tensor; the range is
-        widened to it when calibration covered enough of it; and down to the least value
-        its writer can produce (`patterns.lowest_value`) where that costs a bit at most.
+        widened to it when calibration covered enough of it.
         """
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:
@@ -82,8 +80,6 @@ class ActivationRules(PlannerState):
             tensor_range = _widened_to_bounds(tensor_range, bounds)
         scheme = self._tensor_scheme(value)
         dtype = self.overrides.tensor_dtype(value.name or "") or scheme.activation_dtype
-        levels = int(np.iinfo(dtype).max) - int(np.iinfo(dtype).min)
-        tensor_range = _down_to_lowest(tensor_range, lowest_value(value), levels)
         return qparams.range_qparams(
             tensor_range.min,
             tensor_range.max,
@@ -240,23 +236,6 @@ class ActivationRules(PlannerState):
 _ONLY_IN_A_CHAIN = frozenset({"Add", "Mul"})
 """Ops without weights that `_feeds_quantized` looks through: quantized, they run on the
 integers only where their result feeds an op that may run quantized."""
-
-
-def _down_to_lowest(seen: TensorRange, lowest: float | None, levels: int) -> TensorRange:
-    """`seen`, reaching down to the least value its writer can produce.
-
-    Only where that widens it by at most its own width (one bit of resolution). Half a
-    step more: the zero point is rounded, which moves the lowest level up by up to half
-    a step. On PP-OCRv4's recognizer the learnable affine after a HardSwish has its least
-    value a little below what rendered text lines reached, and a channel of the scanned
-    page's lines sits at it: clipping that tail alone cost the output 36 dB and 4 of 42
-    strings on one tensor, 29 dB and 5 strings on another.
-    """
-    if lowest is None or not lowest < seen.min or seen.max <= seen.min:
-        return seen
-    if seen.min - lowest > seen.max - seen.min:
-        return seen
-    return TensorRange(min=lowest - 0.5 * (seen.max - lowest) / levels, max=seen.max)
 
 
 def _widened_to_bounds(seen: TensorRange, bounds: tuple[float, float]) -> TensorRange:

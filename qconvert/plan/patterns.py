@@ -1,8 +1,7 @@
 """Graph patterns the static planner looks for: pure functions of the graph.
 
-GELU written out with Erf, chains of Relu/Clip, outputs of global pooling, when a
-QuantizeLinear's saturation performs a clamp by itself, and the least value the ops writing
-a tensor can produce (`lowest_value`).
+GELU written out with Erf, chains of Relu/Clip, outputs of global pooling, and when a
+QuantizeLinear's saturation performs a clamp by itself.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert import ops, qparams
-from qconvert.graph_utils import constant_array
 
 
 def gelu_nodes(graph: ir.Graph) -> frozenset[str]:
@@ -103,43 +101,3 @@ def clamp_is_exact(params: qparams.QParams, bounds: tuple[float, float] | None) 
         low / scale < info.min - zero_point + 0.5
         and high / scale > info.max - zero_point - 0.5
     )
-
-
-_LOWEST = {"HardSwish": -0.375, "Relu": 0.0, "Sigmoid": 0.0, "HardSigmoid": 0.0}
-"""The least value each op can write: HardSwish's is x (x + 3) / 6 at x = -1.5."""
-
-
-def lowest_value(value: ir.Value) -> float | None:
-    """The least value the ops writing `value` can produce, whatever the input, or None.
-
-    Through Muls by positive constants and Adds of constants after a bounded op (`_LOWEST`,
-    a Clip's constant min): the affine a * HardSwish(x) + b exporters write after an
-    activation has its least value at b - 0.375 a, which calibration data rarely reach
-    exactly (it needs x = -1.5 in the channel with the lowest b - 0.375 a).
-    """
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type in _LOWEST:
-        return _LOWEST[node.op_type]
-    if node.op_type == "Clip":
-        low = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        return float(low) if low is not None and low.size == 1 else None
-    if node.op_type not in ("Mul", "Add") or len(node.inputs) != 2:
-        return None
-    for index in (0, 1):
-        constant = constant_array(node.inputs[index])
-        other = node.inputs[1 - index]
-        if constant is None or other is None or constant_array(other) is not None:
-            continue
-        if constant.size == 0 or not np.all(np.isfinite(constant)):
-            return None
-        below = lowest_value(other)
-        if below is None:
-            return None
-        if node.op_type == "Add":
-            return float(np.min(below + constant.astype(np.float64)))
-        if not np.all(constant > 0):
-            return None
-        return float(np.min(below * constant.astype(np.float64)))
-    return None
