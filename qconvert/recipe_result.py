@@ -230,6 +230,51 @@ class RaisedNode:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RaiseSearch:
+    """How the raise phase went, so the report can say why it raised what it did.
+
+    The counts narrow down in order: the nodes on integer kernels, those whose own work
+    fits the budget, those scored raised alone (`MAX_RANKED` at most), those that gained
+    over `MIN_GAIN_DB` alone. `skipped` is why it did not run at all ('' when it ran).
+    """
+
+    skipped: str = ""
+    quantized: int = 0
+    affordable: int = 0
+    scored: int = 0
+    gaining: int = 0
+    best_alone: tuple[str, float] | None = None
+    """The node whose raise alone scored best, and its gain in dB (may be negative)."""
+    rejected: tuple[str, ...] = ()
+    """Each gaining candidate tried and not raised: `name (+g dB alone): why`."""
+    floor_met: bool = False
+    """Whether the floor held once the raises were made."""
+
+    def describe(self, budget: float) -> str:
+        """Why the phase raised what it did, in one sentence."""
+        if self.skipped:
+            return f"not run: {self.skipped}"
+        share = f"{budget * 100:g}%"
+        text = (
+            f"{self.quantized} quantized nodes, {self.affordable} of them within the "
+            f"{share} budget alone, {self.scored} scored raised alone"
+        )
+        if self.best_alone is not None:
+            name, gain = self.best_alone
+            text += f" (best: {name}, {gain:+.1f} dB)"
+        if self.floor_met:
+            return text + "; the floor holds with the raises made"
+        if not self.affordable:
+            return text + f"; no node's own work fits the {share} budget"
+        if not self.gaining:
+            return text + f"; none gained over {MIN_GAIN_DB:g} dB alone, so none was raised"
+        text += f"; {self.gaining} gained over {MIN_GAIN_DB:g} dB alone"
+        if self.rejected:
+            text += "; not raised: " + "; ".join(self.rejected)
+        return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecipeResult:
     """What the default recipe did: the report's `recipe` section."""
 
@@ -248,6 +293,8 @@ class RecipeResult:
     refit_samples: int = 0
     """The samples the decided recipe was refitted on (held-out ones included); 0 when
     it was not (the held-out samples were --eval's)."""
+    raise_search: RaiseSearch | None = None
+    """How the raise phase went (`RaiseSearch.describe`: why it raised what it did)."""
 
 
 def notes(result: RecipeResult) -> tuple[str, ...]:
@@ -272,6 +319,8 @@ def notes(result: RecipeResult) -> tuple[str, ...]:
             f"Recipe raised {node.name} ({node.op_type}): {raise_kind(node)}: "
             f"+{node.gain_db:.1f} dB alone, for {_cost(node)}."
         )
+    if result.raise_search is not None:
+        lines.append(f"Recipe raise phase: {result.raise_search.describe(result.budget)}.")
     floor = f"floor {result.floor_sqnr_db:g} dB"
     if result.final.top1_agreement is not None:
         floor += f" and top-1 {result.min_top1_agreement * 100:g}%"
@@ -321,6 +370,8 @@ def recipe_rows(result: RecipeResult) -> list[list[str]]:
                 "",
             ]
         )
+    if result.raise_search is not None:
+        rows.append(["raise phase", "", "", result.raise_search.describe(result.budget), ""])
     met = "met" if result.final.meets(_options_of(result)) else "NOT met"
     rows.append(
         ["result", "", result.final.describe(), f"floor {result.floor_sqnr_db:g} dB {met}", ""]

@@ -37,7 +37,10 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                     after, seconds, detail}], raised [{name, op_type, gain_db,
                     work_share, weight_share (0: int8-stored weights), made_float
                     [name]}], final, floor_sqnr_db, min_top1_agreement,
-                    budget, kept [step], refit_samples (0: not refitted)}: what the
+                    budget, kept [step], refit_samples (0: not refitted),
+                    raise_search {skipped ('' when it ran), quantized, affordable,
+                    scored, gaining, best_alone [name, dB] | null, rejected [why],
+                    floor_met}}: what the
                     default recipe tried and kept, each fidelity as {sqnr_db,
                     top1_agreement, top1_rows, per_sample_db [dB, one a held-out
                     sample]} on held-out samples}

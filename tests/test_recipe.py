@@ -9,7 +9,7 @@ from conftest import sha256
 import qconvert
 from qconvert import testing
 from qconvert.pipelines.recipe import HELD_OUT, held_out_indices
-from qconvert.recipe_result import RecipeOptions
+from qconvert.recipe_result import RaiseSearch, RecipeOptions
 
 SAMPLES = 48
 
@@ -126,6 +126,11 @@ def test_raising_keeps_the_costliest_node_float_within_the_budget(tmp_path):
     assert raised <= set(floats)
     assert all(floats[name].startswith("raised by the recipe") for name in raised)
     assert recipe.final.sqnr_db > max(t.after.sqnr_db for t in recipe.trials if t.after)
+    search = recipe.raise_search
+    assert search.skipped == "" and search.best_alone is not None
+    assert search.quantized >= search.affordable >= search.scored >= search.gaining
+    assert search.gaining >= len(recipe.raised)
+    assert any(n.startswith("Recipe raise phase: ") for n in report.conversion.notes)
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     # no budget: nothing is raised, whatever the floor
     none = qconvert.quantize(
@@ -136,6 +141,8 @@ def test_raising_keeps_the_costliest_node_float_within_the_budget(tmp_path):
         force=True,
     )
     assert none.conversion.recipe.raised == ()
+    assert none.conversion.recipe.raise_search.skipped == "the budget is 0"
+    assert "Recipe raise phase: not run: the budget is 0." in none.conversion.notes
     assert len(graph.node) > 0
 
 
@@ -319,3 +326,28 @@ def test_raising_finds_a_costly_first_layer(tmp_path):
     # The written model is refitted on every sample, the held-out ones too: at least as
     # good on them as what the recipe measured before the refit.
     assert written > recipe.final.sqnr_db - 0.5
+
+
+def test_the_raise_phase_says_why_it_raised_nothing():
+    search = RaiseSearch(quantized=70, affordable=62, scored=16, best_alone=("conv", 0.05))
+    assert search.describe(0.05) == (
+        "70 quantized nodes, 62 of them within the 5% budget alone, 16 scored raised alone "
+        "(best: conv, +0.1 dB); none gained over 0.1 dB alone, so none was raised"
+    )
+    tried = RaiseSearch(
+        quantized=3,
+        affordable=2,
+        scored=2,
+        gaining=1,
+        best_alone=("a", 2.0),
+        rejected=("a (+2.0 dB alone): gain within noise: better on 9/16 samples (13 needed)",),
+    )
+    assert tried.describe(0.05).endswith(
+        "; 1 gained over 0.1 dB alone; not raised: a (+2.0 dB alone): gain within noise: "
+        "better on 9/16 samples (13 needed)"
+    )
+    assert (
+        RaiseSearch(quantized=3, scored=0)
+        .describe(0.01)
+        .endswith("; no node's own work fits the 1% budget")
+    )

@@ -17,7 +17,14 @@ import onnx_ir as ir
 
 from qconvert.pipelines.raise_costs import raise_cost, weight_shares, work_shares
 from qconvert.plan import QuantPlan
-from qconvert.recipe_result import MIN_GAIN_DB, Fidelity, RaisedNode, raise_kind
+from qconvert.recipe_result import (
+    MIN_GAIN_DB,
+    Fidelity,
+    RaisedNode,
+    RaiseSearch,
+    raise_kind,
+    verdict_detail,
+)
 from qconvert.sensitivity import quantizable_nodes
 
 Raise = tuple[str, bool]
@@ -69,8 +76,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
     # rest, `MAX_RANKED` are scored (each score is a session and a pass over the
     # held-out samples): the model's first and last layers, then the cheapest.
     affordable = [(n, op) for n, op in nodes if own[n] <= options.budget]
-    nodes = ranked_candidates(current.prepared, affordable, own)
+    quantized, nodes = len(nodes), ranked_candidates(current.prepared, affordable, own)
     candidates = []
+    best_alone: tuple[str, float] | None = None
     # Each variant's score alone: raised first, it is the very model scored here again.
     alone_scores: dict[frozenset[Raise], Fidelity] = {}
     with progress.task("Ranking nodes", len(nodes)) as advance:
@@ -87,6 +95,8 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
                 variant = frozenset({(name, float_weights)})
                 alone_scores[variant] = score(alone)
                 gain = min(alone_scores[variant].sqnr_db - best.sqnr_db, MAX_GAIN_DB)
+                if best_alone is None or gain > best_alone[1]:
+                    best_alone = (name, gain)
                 if gain > MIN_GAIN_DB:
                     candidates.append(
                         _Candidate(
@@ -105,22 +115,28 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
     )
     raises: frozenset[Raise] = frozenset()
     raised = []
+    rejected = []
     used_weights = 0.0
     for candidate in candidates:
         if best.meets(options):
             break
         if any(name == candidate.name for name, _ in raises):
             continue
+        weights = ", float weights" if candidate.float_weights else ""
+        label = f"{candidate.name} ({candidate.gain_db:+.1f} dB alone{weights})"
         if used_weights + candidate.weight_share > options.budget:
+            rejected.append(f"{label}: its float weights would pass the budget")
             continue
         chosen = raises | {(candidate.name, candidate.float_weights)}
         after = alone_scores.get(chosen)  # its cost was within the budget too
         if after is None:
             trial = planned(kept, chosen)
             if raise_cost(current.plan, trial.plan, work).work_share > options.budget:
+                rejected.append(f"{label}: with the nodes raised before, over the budget")
                 continue
             after = score(build(kept, chosen, trial))
         if not after.improves(best, top1_floor=options.min_top1_agreement):
+            rejected.append(f"{label}: {_no_gain(after, best, options.min_top1_agreement)}")
             continue
         raises, best = chosen, after
         used_weights += candidate.weight_share
@@ -134,7 +150,24 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
                 made_float=candidate.made_float,
             )
         )
-    return raises, tuple(raised), best
+    search = RaiseSearch(
+        quantized=quantized,
+        affordable=len(affordable),
+        scored=len(nodes),
+        gaining=len(candidates),
+        best_alone=best_alone,
+        rejected=tuple(rejected),
+        floor_met=best.meets(options),
+    )
+    return raises, tuple(raised), best, search
+
+
+def _no_gain(after: Fidelity, best: Fidelity, top1_floor: float) -> str:
+    """Why a raise that gained alone did not improve the score with the kept raises."""
+    detail = verdict_detail(after, best, top1_floor=top1_floor)
+    if after.sqnr_db >= best.sqnr_db + MIN_GAIN_DB and detail:
+        return detail
+    return f"{after.sqnr_db - best.sqnr_db:+.1f} dB on top of the nodes raised before"
 
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})

@@ -64,7 +64,14 @@ from qconvert.pipelines.stages import ranges_of
 from qconvert.pipelines.state import QuantizeState
 from qconvert.pipelines.weight_passes import FloatInputs
 from qconvert.plan import QuantPlan, Role
-from qconvert.recipe_result import Fidelity, RaisedNode, RecipeResult, Trial, verdict_detail
+from qconvert.recipe_result import (
+    Fidelity,
+    RaisedNode,
+    RaiseSearch,
+    RecipeResult,
+    Trial,
+    verdict_detail,
+)
 from qconvert.runtime import make_session
 from qconvert.schemes import StaticScheme
 
@@ -372,10 +379,11 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
             advance()
     raises: frozenset[Raise] = frozenset()
     raised: tuple[RaisedNode, ...] = ()
-    qdq = state.config.format is Format.QDQ
-    if not best.meets(options) and options.budget > 0 and qdq:
+    skipped = _raise_refusal(best, options, state.config.format)
+    search = RaiseSearch(skipped=skipped)
+    if not skipped:
         work = node_work(base.prepared, scorer.samples[0] if scorer.samples else None)
-        raises, raised, best = raise_nodes(
+        raises, raised, best, search = raise_nodes(
             build, (planned, weigh), kept, score, best, options, progress, work
         )
     final = build(kept, raises)
@@ -399,8 +407,20 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         budget=options.budget,
         kept=tuple(step for step in STEPS if step in kept),
         refit_samples=refit,
+        raise_search=search,
     )
     return final.replace(timings=state.timings, recipe=result)
+
+
+def _raise_refusal(best: Fidelity, options, output_format: Format) -> str:
+    """Why the raise phase does not run ('' when it does)."""
+    if best.meets(options):
+        return "the floor already holds"
+    if options.budget <= 0:
+        return "the budget is 0"
+    if output_format is not Format.QDQ:
+        return f"--format {output_format.value} has no float compute on int8-stored weights"
+    return ""
 
 
 def _once(cache: dict, key, make: Callable[[], QuantizeState]) -> QuantizeState:
