@@ -79,7 +79,13 @@ from qconvert.pipelines.stages import (
     ranges_of,
     upgrade_old_opset,
 )
-from qconvert.pipelines.state import QuantizeRequest, QuantizeState, Stage, run_stages
+from qconvert.pipelines.state import (
+    QuantizeRequest,
+    QuantizeState,
+    Stage,
+    releasing,
+    run_stages,
+)
 from qconvert.pipelines.verify_save import verify_and_save_model
 from qconvert.pipelines.weight_passes import (
     adaround_weights,
@@ -426,15 +432,17 @@ def auto_check(state: QuantizeState) -> QuantizeState:
 
 def search_recipe(state: QuantizeState) -> QuantizeState:
     """The default recipe: tries each technique on held-out samples (`pipelines.recipe`)."""
+    # Its trials re-run these stages: each is a stage boundary, where what a stage
+    # dropped is freed (`state.releasing`), as between the pipeline's own stages.
     stages = RecipeStages(
-        equalize=equalize,
-        calibrate=calibrate,
-        prepare=prepare,
+        equalize=releasing(equalize),
+        calibrate=releasing(calibrate),
+        prepare=releasing(prepare),
         derive_ranges=derive_ranges,
         plan=plan,
-        auto_check=auto_check,
-        adaround=adaround,
-        correct_biases=correct_biases,
+        auto_check=releasing(auto_check),
+        adaround=releasing(adaround),
+        correct_biases=releasing(correct_biases),
         rewrite=rewrite,
         plan_with=_plan_raising,
     )

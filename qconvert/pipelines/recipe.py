@@ -51,6 +51,7 @@ from qconvert.calibration import Calibration, derive_ranges
 from qconvert.calibration.file import merge_calibrations
 from qconvert.config import Format
 from qconvert.dataset import Feeds
+from qconvert.memory import release_dropped
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts, concat_parts
 from qconvert.passes import prepare
@@ -282,7 +283,9 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     )
 
     def score(candidate: QuantizeState) -> Fidelity:
-        return scorer.score(model_io.to_bytes(stages.rewrite(candidate).converted))
+        converted = model_io.to_bytes(stages.rewrite(candidate).converted)
+        release_dropped()  # the trial's clones: its session comes on top of what is alive
+        return scorer.score(converted)
 
     # The trials' stages time into a scratch dict, and share the float measurements.
     base = state.replace(timings={}, float_inputs=FloatInputs())
@@ -389,6 +392,13 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     final = build(kept, raises)
     refit = 0
     if state.all_samples is not None:
+        # The trials' states and the float outputs scored against are done with: the
+        # refit calibrates again, and its session should come on top of what is alive.
+        built.clear()
+        equalized.clear()
+        ranged.clear()
+        scorer.reference.clear()
+        release_dropped()
         final = _refit(state, final, kept, raises, stages, base.float_inputs)
         refit = len(state.all_samples)
     if raised:

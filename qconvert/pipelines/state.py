@@ -11,6 +11,7 @@ of it from a state kept before the step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from qconvert.config import QuantizeConfig
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.memory import release_dropped
 from qconvert.pipelines.stages import PathLike, timed
 from qconvert.progress import SILENT, Progress
 
@@ -162,8 +164,26 @@ class Stage:
         return self.run.__name__
 
 
+def releasing(
+    run: Callable[[QuantizeState], QuantizeState],
+) -> Callable[[QuantizeState], QuantizeState]:
+    """`run`, then the models it dropped freed: for stages run outside `run_stages`."""
+
+    @functools.wraps(run)
+    def released(state: QuantizeState) -> QuantizeState:
+        state = run(state)
+        release_dropped()
+        return state
+
+    return released
+
+
 def run_stages(stages: Iterable[Stage], state: QuantizeState) -> QuantizeState:
-    """Runs each stage that applies, in order, timing the timed ones into `state.timings`."""
+    """Runs each stage that applies, in order, timing the timed ones into `state.timings`.
+
+    After each, the models it dropped are freed (`memory.release_dropped`), so the next
+    stage's sessions are built on what is alive, not on every clone dropped before.
+    """
     for stage in stages:
         if stage.when is not None and not stage.when(state):
             continue
@@ -173,4 +193,5 @@ def run_stages(stages: Iterable[Stage], state: QuantizeState) -> QuantizeState:
         else:
             with timed(state.timings, stage.timing):
                 state = stage.run(state)
+        release_dropped()
     return state

@@ -64,6 +64,18 @@ def _wait_until_reading(process, calib, timeout_s: float = 120.0) -> None:
     raise AssertionError("the run never started reading its calibration samples")
 
 
+def _signals_as_from_a_terminal() -> None:
+    """Gives the child SIGINT's default disposition, in the child before it starts.
+
+    A process a non-interactive shell starts in the background inherits SIGINT ignored
+    (POSIX), and so does every process it starts: a CI runner that starts the suite that
+    way would hand the quantize below an ignored SIGINT, Python would install no
+    KeyboardInterrupt handler, and the run would go on calibrating past the signal. A
+    user's Ctrl-C comes from a terminal, where SIGINT is not ignored.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "word"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
@@ -94,6 +106,7 @@ def test_signal_during_calibration_leaves_nothing(tmp_path, signum, code, word):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_signals_as_from_a_terminal,
     )
     _wait_until_reading(process, calib)
     assert process.poll() is None, "the run ended before it could be interrupted"
