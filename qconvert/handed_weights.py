@@ -141,3 +141,14 @@ def _swapped(stand_ins: dict[ir.Value, ir.TensorProtocol]) -> Iterator[None]:
     finally:
         for value, original in originals.items():
             value.const_value = original
+
+
+def serialized(model: ir.Model) -> tuple[bytes, dict[str, np.ndarray]]:
+    """`model`'s graph as bytes and its large weights as arrays, for `make_session`.
+
+    For the sessions built once per candidate (the recipe's and the range check's scoring):
+    from the whole model's bytes, onnxruntime's build held the bytes, its parse of them
+    and its own tensors at once; from these, the arrays and its tensors.
+    """
+    proto, weights = serialize_detached(model)
+    return proto.SerializeToString(), weights

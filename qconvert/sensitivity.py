@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from qconvert import model as model_io
 from qconvert import ops
 from qconvert.dataset import Feeds
+from qconvert.handed_weights import serialized
 from qconvert.latency import LatencyConfig, measure_latency
 from qconvert.metrics import OutputAccumulator
 from qconvert.passes import InsertQDQPass
 from qconvert.plan import QuantPlan
 from qconvert.runtime import make_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 LATENCY_RUNS = 30
 """Timed runs behind the latency the mixed-precision note reports."""
@@ -100,28 +104,33 @@ class Evaluator:
         prepared: ir.Model,
         samples: Sequence[Feeds],
         labels: np.ndarray | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
     ) -> None:
+        """`weights`: the large initializers `float_model` was serialized without."""
         self.prepared = prepared
         self.samples = list(samples)
         self.labels = labels
-        session = make_session(float_model, quiet=True)
+        session = make_session(float_model, quiet=True, weights=weights)
         self.output_names = [o.name for o in session.get_outputs()]
         self.reference = [session.run(None, feeds) for feeds in self.samples]
         self.reference_accuracy = self._accuracy(self.reference)
 
     def latency_ms(self, plan: QuantPlan) -> float:
         """Median latency of the model `plan` quantizes, 1 thread, on the first sample."""
-        session = make_session(self._converted(plan), threads=1, quiet=True)
+        session = self._session(plan, threads=1)
         config = LatencyConfig(runs=LATENCY_RUNS, warmup=3, threads=1)
         return measure_latency(session, self.samples[0], config).median_ms
 
-    def _converted(self, plan: QuantPlan) -> bytes:
+    def _session(self, plan: QuantPlan, threads: int = 0) -> ort.InferenceSession:
+        """A session of the model `plan` quantizes, its weights handed over as arrays."""
         converted = InsertQDQPass(plan=plan)(self.prepared.clone()).model
-        return model_io.to_bytes(converted)
+        graph, weights = serialized(converted)
+        del converted
+        return make_session(graph, threads=threads, quiet=True, weights=weights)
 
     def score(self, plan: QuantPlan) -> Score:
         """The outputs of the model `plan` quantizes, against the float ones."""
-        session = make_session(self._converted(plan), quiet=True)
+        session = self._session(plan)
         outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
         worst = math.inf
         for index, name in enumerate(self.output_names):

@@ -119,3 +119,17 @@ def test_an_onnx_ir_model_keeps_weights_listed_as_inputs():
     serialized, weights = handed_weights.serialize_detached(ir.serde.deserialize_model(proto))
     assert weights == {}
     assert serialized.graph.initializer[0].raw_data == weight.raw_data
+
+
+def test_a_model_serialized_with_its_weights_beside_it_computes_the_same():
+    # The recipe's and the range check's scoring sessions are built this way.
+    proto = _large_mlp()
+    model = ir.serde.deserialize_model(proto)
+    graph, weights = handed_weights.serialized(model)
+    assert sorted(weights) == ["w"]
+    assert len(graph) < 4096 < len(model_io.to_bytes(model)), len(graph)
+    feeds = testing.random_inputs(proto, batch=3, seed=3)
+    whole = make_session(model_io.to_bytes(model), threads=1).run(None, feeds)
+    handed = make_session(graph, threads=1, weights=weights).run(None, feeds)
+    for a, b in zip(whole, handed, strict=True):
+        np.testing.assert_array_equal(a, b)

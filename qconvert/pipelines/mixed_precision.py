@@ -7,7 +7,6 @@ import itertools
 
 import onnx_ir as ir
 
-from qconvert import model as model_io
 from qconvert.compare import (
     folder_labels,
     load_labels,
@@ -19,6 +18,7 @@ from qconvert.dataset import (
 from qconvert.errors import (
     ConfigError,
 )
+from qconvert.handed_weights import serialized
 from qconvert.plan import QuantPlan, make_plan
 from qconvert.sensitivity import (
     Evaluator,
@@ -87,7 +87,8 @@ def evaluator_on(prepared: ir.Model, source: DirectorySource, samples: int) -> E
     chosen = [sample.feeds for sample in itertools.islice(source, samples)]
     labels_path = folder_labels(source.folder)
     labels = load_labels(labels_path, len(source))[: len(chosen)] if labels_path else None
-    return Evaluator(model_io.to_bytes(prepared), prepared, chosen, labels=labels)
+    graph, weights = serialized(prepared)
+    return Evaluator(graph, prepared, chosen, labels=labels, weights=weights)
 
 
 def plan_mixed_precision(

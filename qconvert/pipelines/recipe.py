@@ -46,11 +46,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qconvert import model as model_io
 from qconvert.calibration import Calibration, derive_ranges
 from qconvert.calibration.file import merge_calibrations
 from qconvert.config import Format
 from qconvert.dataset import Feeds
+from qconvert.handed_weights import serialized
 from qconvert.memory import release_dropped
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts, concat_parts
@@ -133,16 +133,19 @@ class HeldOut:
         float_model: bytes,
         samples: Sequence[Feeds],
         parts: Mapping[str, Parts] | None = None,
+        *,
+        weights: Mapping[str, np.ndarray] | None = None,
     ) -> None:
+        """`weights`: the large initializers `float_model` was serialized without."""
         self.samples = list(samples)
         self.parts = dict(parts or {})
-        session = make_session(float_model, quiet=True)
+        session = make_session(float_model, quiet=True, weights=weights)
         self.output_names = [output.name for output in session.get_outputs()]
         self.reference = [session.run(None, feeds) for feeds in self.samples]
 
-    def score(self, model: bytes) -> Fidelity:
-        """The fidelity of `model` (serialized)."""
-        session = make_session(model, quiet=True)
+    def score(self, model: bytes, weights: Mapping[str, np.ndarray] | None = None) -> Fidelity:
+        """The fidelity of `model` (serialized, without the `weights` handed beside it)."""
+        session = make_session(model, quiet=True, weights=weights)
         outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
         per_sample = tuple(
             min(
@@ -276,16 +279,19 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     """The default recipe (see the module docstring) from the state after planning."""
     options = state.request.recipe
     progress = state.request.progress
+    graph, weights = serialized(state.prepared)
     scorer = HeldOut(
-        model_io.to_bytes(state.prepared),
+        graph,
         [s.feeds for s in state.held_out],
         concat_parts(state.prepared),
+        weights=weights,
     )
+    del graph, weights
 
     def score(candidate: QuantizeState) -> Fidelity:
-        converted = model_io.to_bytes(stages.rewrite(candidate).converted)
+        graph, weights = serialized(stages.rewrite(candidate).converted)
         release_dropped()  # the trial's clones: its session comes on top of what is alive
-        return scorer.score(converted)
+        return scorer.score(graph, weights)
 
     # The trials' stages time into a scratch dict, and share the float measurements.
     base = state.replace(timings={}, float_inputs=FloatInputs())
