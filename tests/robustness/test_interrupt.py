@@ -48,10 +48,11 @@ def _reads_from(pid: int, folder) -> bool:
     return any(link.startswith(str(folder)) for link in links) or str(folder) in mapped
 
 
-def _wait_until_reading(process, calib, timeout_s: float = 120.0) -> None:
+def _wait_until_reading(process, calib, timeout_s: float = 300.0) -> None:
     """Waits until the run reads calibration samples, so the signal lands inside calibration.
 
-    A fixed sleep was too short on a loaded machine, where importing alone can take seconds.
+    A fixed sleep was too short on a loaded machine, where importing alone can take seconds;
+    at a load average of 20 on 2 cores, 120 s did not cover importing and loading.
     """
     if not os.path.isdir(f"/proc/{process.pid}"):  # no procfs: the old fixed wait
         time.sleep(4.0)
@@ -108,10 +109,15 @@ def test_signal_during_calibration_leaves_nothing(tmp_path, signum, code, word):
         text=True,
         preexec_fn=_signals_as_from_a_terminal,
     )
-    _wait_until_reading(process, calib)
-    assert process.poll() is None, "the run ended before it could be interrupted"
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=60)
+    try:
+        _wait_until_reading(process, calib)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # a failed test leaves no run behind it, calibrating
+            process.kill()
+            process.communicate()
     assert process.returncode == code, err
     assert err.strip() == f"Error: {word}; no output was written."
     assert list(out_dir.iterdir()) == []
