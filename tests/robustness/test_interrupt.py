@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
+from robustness.signals import signals_as_from_a_terminal
+
 
 def _slow_model(path):
     """Six 1024x1024 MatMul+Relu layers: tens of milliseconds per sample."""
@@ -65,18 +67,6 @@ def _wait_until_reading(process, calib, timeout_s: float = 300.0) -> None:
     raise AssertionError("the run never started reading its calibration samples")
 
 
-def _signals_as_from_a_terminal() -> None:
-    """Gives the child SIGINT's default disposition, in the child before it starts.
-
-    A process a non-interactive shell starts in the background inherits SIGINT ignored
-    (POSIX), and so does every process it starts: a CI runner that starts the suite that
-    way would hand the quantize below an ignored SIGINT, Python would install no
-    KeyboardInterrupt handler, and the run would go on calibrating past the signal. A
-    user's Ctrl-C comes from a terminal, where SIGINT is not ignored.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize(
     ("signum", "code", "word"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
@@ -107,7 +97,7 @@ def test_signal_during_calibration_leaves_nothing(tmp_path, signum, code, word):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_signals_as_from_a_terminal,
+        preexec_fn=signals_as_from_a_terminal,
     )
     try:
         _wait_until_reading(process, calib)

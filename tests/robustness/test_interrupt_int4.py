@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qconvert import testing
+from robustness.signals import signals_as_from_a_terminal
 
 # The rounding made slow (a pause between chunks of 256 values) so that the signal lands
 # while the save's threads are busy: the writer, the lookahead and the chunk pieces.
@@ -70,6 +71,7 @@ def test_signal_during_the_threaded_int4_save_leaves_nothing(tmp_path, signum, c
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=signals_as_from_a_terminal,
     )
     deadline = time.monotonic() + 120
     # the save stages its files in a temporary folder beside the output
