@@ -9,9 +9,9 @@ numpy arrays and leaves in their place a reference to external data that names n
 any file. The bytes then hold the graph alone.
 
 onnxruntime copies the arrays into its own tensors while it loads the model (measured: its
-session grew by the weights' size with graph optimizations and pre-packing both off), and
-its documentation of `AddExternalInitializers` says the caller may free them once the
-session exists; the arrays are dropped then. On minilm (90 MB of weights) a whole
+session grew by the weights' size with graph optimizations and pre-packing both off), and its
+documentation of `AddExternalInitializers` says the caller may free them once the session
+exists; the arrays are dropped then. On a sentence encoder of 90 MB of weights a whole
 `calibrate` peaked at 443 MB before, 384 MB with this.
 """
 

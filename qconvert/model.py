@@ -77,7 +77,7 @@ def load_model(
         )
     # The checks read a protobuf of their own, dropped before the checker and onnx_ir read
     # the file again: held through them, loading peaked at three copies of the weights
-    # (minilm's 90 MB: 265 MB over the imports, 178 MB without it).
+    # (a sentence encoder's 90 MB: 265 MB over the imports, 178 MB without it).
     _check_protobuf(path, limits)
     try:
         onnx.checker.check_model(str(path))
@@ -186,10 +186,10 @@ _LOCATION_KEY = b"location"
 def _may_name_external_data(path: Path) -> bool:
     """False when the file cannot refer to external data: the key `location` is absent.
 
-    Every external-data reference stores the key `location` as plain bytes, so a file
-    without them has none, and parsing it (all its weights, for an inline model) is not
-    needed: on minilm that parse took 125 MB and about 0.3 s, twice per quantize. The file
-    is read in chunks, overlapping by the key's length less one.
+    Every external-data reference stores the key `location` as plain bytes, so a file without
+    them has none, and parsing it (all its weights, for an inline model) is not needed: on a 90
+    MB sentence encoder that parse took 125 MB and about 0.3 s, twice per quantize. The file is
+    read in chunks, overlapping by the key's length less one.
     """
     overlap = len(_LOCATION_KEY) - 1
     tail = b""
