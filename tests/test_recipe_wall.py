@@ -204,7 +204,7 @@ def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_byte
     # conv_case keeps bias correction: the refit needs statistics and input means on
     # every sample. The trials measured them on the calibration samples already.
     path = conv_case(tmp_path)
-    calibrated, measured = [], []
+    calibrated = []
     real_calibration = quantize_pipeline.collect_calibration
     monkeypatch.setattr(
         quantize_pipeline,
@@ -213,14 +213,7 @@ def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_byte
             calibrated.append(len(args[2])) or real_calibration(*args, **kwargs)
         ),
     )
-    real_runs = weight_passes._float_runs
-    monkeypatch.setattr(
-        weight_passes,
-        "_float_runs",
-        lambda model, names, source: (
-            measured.append(len(source)) or real_runs(model, names, source)
-        ),
-    )
+    measured = _count_float_runs(monkeypatch)
     report = qconvert.quantize(path, tmp_path / "shared.onnx", data=tmp_path / "calib")
     assert report.conversion.recipe.kept == ("bias correction",)
     held = len(recipe.held_out_indices(SAMPLES))
@@ -250,15 +243,7 @@ def test_input_means_past_their_memory_bound_are_measured_again_alike(tmp_path, 
     # Per-sample parts past PARTS_BYTES are dropped for one sum: the refit then measures
     # every sample again, and writes the same bytes.
     path = conv_case(tmp_path)
-    measured = []
-    real_runs = weight_passes._float_runs
-    monkeypatch.setattr(
-        weight_passes,
-        "_float_runs",
-        lambda model, names, source: (
-            measured.append(len(source)) or real_runs(model, names, source)
-        ),
-    )
+    measured = _count_float_runs(monkeypatch)
     qconvert.quantize(path, tmp_path / "parts.onnx", data=tmp_path / "calib")
     assert measured[-1] == len(recipe.held_out_indices(SAMPLES))
     monkeypatch.setattr(weight_passes, "PARTS_BYTES", 0)
@@ -295,3 +280,17 @@ def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
     )
     assert report.conversion.recipe.raised
     assert len(scored) == len(set(scored))
+
+
+def _count_float_runs(monkeypatch) -> list[int]:
+    """The sample counts of the weight passes' float runs, in the order they run."""
+    measured = []
+    real_runs = weight_passes._float_runs
+    monkeypatch.setattr(
+        weight_passes,
+        "_float_runs",
+        lambda model, names, source: (
+            measured.append(len(source)) or real_runs(model, names, source)
+        ),
+    )
+    return measured
