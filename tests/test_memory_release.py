@@ -21,6 +21,7 @@ import threading
 import time
 import weakref
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -43,8 +44,10 @@ def _raise_for_sigterm(signum, frame):
 
 
 @pytest.fixture
-def collector_off():
-    """The collector must not run on its own while a test leaves cycles for it."""
+def collector_off(monkeypatch):
+    """The collector must not run on its own while a test leaves cycles for it, and every
+    release collects, whatever the resident set did."""
+    monkeypatch.setattr(memory, "RELEASE_GROWTH_BYTES", 0)
     was_enabled = gc.isenabled()
     gc.disable()
     yield
@@ -216,3 +219,15 @@ def test_malloc_trim_is_found_without_starting_a_process(monkeypatch):
     trim = memory._find_malloc_trim()
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert trim is not None
+
+
+def test_a_release_waits_until_the_resident_set_has_grown(collector_off, monkeypatch):
+    monkeypatch.setattr(memory, "RELEASE_GROWTH_BYTES", 64 << 20)
+    memory.release_dropped()  # sets the mark: the resident set after a release
+    graph = _dropped_graph()
+    memory.release_dropped()  # a few kB dropped since: not worth a full collection
+    assert graph() is not None
+    grown = np.ones(96 << 20, np.uint8)  # the resident set grows past the mark
+    memory.release_dropped()
+    assert graph() is None
+    del grown
