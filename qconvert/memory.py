@@ -41,7 +41,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
     Looked up among the symbols the process already has: `ctypes.util.find_library` would
     start `ldconfig` or a compiler to find libc, a child process the bench counts in the
-    step's peak (calibrate on digits_cnn: 94 -> 159 MB).
+    step's peak (calibrate on a small sample CNN: 94 -> 159 MB).
     """
     try:
         return ctypes.CDLL(None).malloc_trim

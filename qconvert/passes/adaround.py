@@ -56,9 +56,9 @@ BLOCK = 32
 960- and 1152-wide layers)."""
 GRAM_BYTES = 64 << 20
 """The most bytes of H measured in one float pass (one layer's at least): H of every layer
-at once held EfficientNet-Lite0's 50 layers at 104 MB, against 356 MB for the whole of
+at once held a 50-layer depthwise-separable 224 CNN at 104 MB, against 356 MB for the whole of
 onnxruntime's quantize_static. Each pass more costs about a float pass and its session:
-at 24 MB EfficientNet-Lite0 took 6 passes, the bench's 224 MobileNetV2 and ResNet 3; at
+at 24 MB that CNN took 6 passes, the bench's other 224 CNNs 3 each; at
 64 MB they take 2, 1 and 1, and `--adaround` on them ran 20-30% faster (loaded machine,
 one run each) for 40-75 MB more peak memory, with byte-identical models (each layer's H
 sums its own rows in the same order whichever layers share its pass)."""
