@@ -200,26 +200,34 @@ def qconvert_quantize_stage(*, model: str, data: str, output: str) -> dict:
     del output
     from qconvert import model as model_io
     from qconvert.calibration import CollectSettings
+    from qconvert.calibration.collect import tensors_to_calibrate
+    from qconvert.calibration.deferral import deferrable_tensors
     from qconvert.calibration.parallel import DataSpec
     from qconvert.dataset import DirectorySource, input_specs
-    from qconvert.pipelines.calibrate import collect_calibration
+    from qconvert.pipelines.calibrate import calibration_model, collect_calibration
     from qconvert.progress import SILENT
 
     float_model = model_io.load_model(model)
     specs = input_specs(float_model)
     source = DirectorySource(data, specs)
     spec = DataSpec(folder=data, specs=specs)
-    result = _timed(
-        lambda: collect_calibration(
+
+    def stage() -> None:
+        # As the stage runs for int8: prepared, without the tensors only a clamp reads.
+        calibrated = calibration_model(float_model.clone())
+        collect_calibration(
             model,
-            float_model.clone(),
+            calibrated,
             source,
             CollectSettings(),
             SILENT,
             data=spec,
             workers=None,
+            prepared=True,
+            skip=deferrable_tensors(calibrated, tensors_to_calibrate(calibrated)),
         )
-    )
+
+    result = _timed(stage)
     return {
         **result,
         "note": "quantize --data: its calibrate stage, workers auto",

@@ -167,6 +167,7 @@ def collect_calibration(
     workers: int | None = 1,
     ray: RayCluster | None = None,
     prepared: bool = False,
+    skip: frozenset[str] = frozenset(),
 ) -> Calibration:
     """Statistics of `float_model` on `source`.
 
@@ -175,13 +176,13 @@ def collect_calibration(
     tensors are those every scheme plans with, whatever opset it then needs.
     The preparation changes `float_model` in place: pass a clone if it is read later.
     `prepared`: `float_model` is already `calibration_model`'s result.
+    `skip`: tensors not to calibrate (`calibration.deferral`).
     `workers` and `ray` split the samples (`collect_split`); the workers open them again
     as `data` says. Without `data`, this process calibrates alone.
     """
     calibrated = float_model if prepared else calibration_model(float_model)
-    tensors = checked_body_tensors(
-        calibrated, tensors_to_calibrate(calibrated), source.first()
-    )
+    candidates = tuple(n for n in tensors_to_calibrate(calibrated) if n not in skip)
+    tensors = checked_body_tensors(calibrated, candidates, source.first())
     total = len(source) * pass_count(len(tensors), settings)
     with progress.task("Calibrating", total) as advance:
         if data is None:

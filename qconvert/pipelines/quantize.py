@@ -21,6 +21,13 @@ from qconvert.calibration import (
     CollectSettings,
     RangeMethod,
     read_calibration,
+    tensors_to_calibrate,
+)
+from qconvert.calibration.deferral import (
+    DeferredTensorsNeeded,
+    RecordingRanges,
+    deferrable_tensors,
+    watched,
 )
 from qconvert.calibration.parallel import DataSpec
 from qconvert.compare import (
@@ -216,7 +223,18 @@ def quantize(
         return prequantized.finish_request(request)
     # sessions made from the model's bytes find any weights it keeps on disk
     with external_weights(Path(model).resolve().parent):
-        state = run_stages(STAGES, QuantizeState(request=request))
+        try:
+            state = run_stages(STAGES, QuantizeState(request=request))
+        except DeferredTensorsNeeded as needed:
+            # Rare: the plan reads a tensor calibration deferred (`calibration.deferral`).
+            # Nothing was written yet; the run starts over, calibrating every tensor.
+            logger.info(
+                "The plan reads %d tensor(s) calibration deferred (%s): calibrating "
+                "every tensor.",
+                len(needed.names),
+                needed,
+            )
+            state = run_stages(STAGES, QuantizeState(request=request, defer=False))
     assert state.report is not None  # the last stage always writes it
     return state.report
 
@@ -367,6 +385,7 @@ def calibrate(state: QuantizeState) -> QuantizeState:
     calibrated = calibration_model(state.float_model.clone())
     # Kept for the prepare stage before collecting, which may change the model it runs.
     kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
+    deferred = _deferred(state, calibrated)
     calibration = collect_calibration(
         request.model,
         calibrated,
@@ -376,8 +395,27 @@ def calibrate(state: QuantizeState) -> QuantizeState:
         data=spec,
         workers=request.workers,
         prepared=True,
+        skip=deferred,
     )
-    return state.replace(calibration=calibration, calibrated=kept)
+    return state.replace(calibration=calibration, calibrated=kept, deferred=deferred)
+
+
+def _deferred(state: QuantizeState, calibrated: ir.Model) -> frozenset[str]:
+    """The tensors this run's calibration leaves out (`calibration.deferral`).
+
+    None for symmetric activations, whose zero point cannot perform a Relu's clamp (every
+    plan would read them), nor for mixed precision, which keeps clamps float by trial.
+    """
+    scheme = state.scheme
+    if (
+        not state.defer
+        or state.mixed
+        or not isinstance(scheme, StaticScheme)
+        or scheme.activation_symmetric
+        or scheme.activation_dtype.itemsize != 1
+    ):
+        return frozenset()
+    return deferrable_tensors(calibrated, tensors_to_calibrate(calibrated))
 
 
 def prepare(state: QuantizeState) -> QuantizeState:
@@ -626,23 +664,35 @@ def _plan_raising(
     `raised` nodes compute in float from int8-stored weights (`plan.static.RAISED_REASON`),
     `excluded` ones keep their float weights too.
     """
-    return make_plan(
+    seen = watched(ranges, state.deferred)
+    plan = make_plan(
         state.prepared,
         state.scheme,
-        ranges,
+        seen,
         raised=raised,
         excluded=excluded,
         selection=state.selection,
         overrides=state.config.overrides,
         format=state.config.format.value,
     )
+    _check_deferred(seen)
+    return plan
 
 
 def _plan_of(state: QuantizeState, ranges: dict) -> QuantPlan:
     """`_plan` of the prepared model with `ranges`, as the state's options say."""
-    return _plan(
-        state.prepared, state.scheme, state.config, state.selection, ranges, state.peaks
+    seen = watched(ranges, state.deferred)
+    plan = _plan(
+        state.prepared, state.scheme, state.config, state.selection, seen, state.peaks
     )
+    _check_deferred(seen)
+    return plan
+
+
+def _check_deferred(ranges) -> None:
+    """Stops the run if a plan read a tensor calibration deferred (`RecordingRanges`)."""
+    if isinstance(ranges, RecordingRanges):
+        ranges.check()
 
 
 TRANSFORMER_OPS = frozenset(

@@ -78,6 +78,9 @@ class QuantizeState:
 
     request: QuantizeRequest
     timings: dict[str, float] = field(default_factory=dict)
+    defer: bool = True
+    """Whether calibration may leave out the tensors only a clamp reads
+    (`calibration.deferral`); False on the run that starts over when a plan read one."""
     # check
     scheme: StaticScheme | DynamicScheme | Float16Scheme | None = None
     range_method: RangeMethod | None = None
@@ -103,6 +106,8 @@ class QuantizeState:
     # calibrate
     peaks: dict[str, float] = field(default_factory=dict)
     calibrated: ir.Model | None = None
+    deferred: frozenset[str] = frozenset()
+    """The tensors calibration left out: a plan that reads one stops the run."""
     """The model calibration prepared, untouched, when the prepare stage can take it as
     its own (`stages.prepares_alike`); that stage empties it."""
     # prepare

@@ -101,8 +101,15 @@ class ActivationRules(PlannerState):
         # A tensor calibration never saw (a Conv output that preparation rescaled, as when
         # it folds a HardSigmoid) can still be quantized through the clamp after it, whose
         # output calibration did see; otherwise it is left float.
-        calibrated = output.name in self.ranges
-        shared = self._shared_concat_params(output) if calibrated else None
+        chain = clamp_chain(output)
+        # Only a tensor read by a Concat alone can share its parameters; one read by a
+        # clamp alone is not looked up until the clamp cannot absorb it (`quantize --data`
+        # calibrates it only then, `calibration.deferral`).
+        shared = (
+            self._shared_concat_params(output)
+            if not chain and output.name in self.ranges
+            else None
+        )
         if shared is not None:
             concat, params = shared
             self.tensors[output.name] = TensorDecision(
@@ -112,7 +119,6 @@ class ActivationRules(PlannerState):
                 f"output of {node.name}, shares the parameters of {concat}'s output",
             )
             return
-        chain = clamp_chain(output)
         # The longest run of clamps that quantization can absorb wins: Relu then Clip(0, 6)
         # is quantized with the Clip's output range, not the Relu's wider one. An excluded
         # clamp stays a node of its own, so the run stops before it.
@@ -142,7 +148,7 @@ class ActivationRules(PlannerState):
             for clamp in clamps:
                 self._decide(clamp, True, f"folded into the quantization of {node.name}")
             return
-        if not calibrated:
+        if output.name not in self.ranges:
             return
         bounds = _BOUNDED_OUTPUTS.get(node.op_type)
         params = self._activation_params(output, output.name, bounds=bounds)

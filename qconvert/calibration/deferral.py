@@ -1,0 +1,107 @@
+"""Tensors `quantize --data` need not calibrate, and the check that the plan agrees.
+
+Calibration reads every tensor it records with a node of its own (`reducing`), and
+onnxruntime fuses only around tensors no other node reads. A Conv whose output only a Relu
+or Clip reads is then two kernels, not one fused Conv+activation, and on a small
+MobileNet-style classifier a calibration run took 2.4x a float run where 1.5x is the
+bound (measured on the bench's text-orientation CNN: 145 tensors, 24 of them such Conv
+outputs).
+
+The plan reads such a tensor only where the clamp after it cannot be absorbed into the
+quantization of the clamp's output (`plan.activations._plan_output`): where the clamp is
+excluded, or a symmetric scheme's zero point cannot perform it. So `quantize --data`
+calibrates without them (`deferrable_tensors`), and every plan is made through a
+`RecordingRanges` that notes each lookup of one of them. A plan that looked one up would
+differ from the plan of a full calibration; `DeferredTensorsNeeded` then stops the run,
+and `quantize` runs again calibrating every tensor: the plan is always the one a full
+calibration gives, and only the rare run that needs them pays twice.
+
+`qconvert calibrate` keeps calibrating every tensor: its file serves every exclusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import onnx_ir as ir
+
+from qconvert import ops
+
+
+def deferrable_tensors(model: ir.Model, tensor_names: tuple[str, ...]) -> frozenset[str]:
+    """Those of `tensor_names` whose only reader is a clamp (Relu, Clip) of the main graph.
+
+    Neither the tensor nor the clamp's output may be a graph output (the plan quantizes
+    a graph output's producer differently), and the clamp's output must be calibrated
+    itself: it is what the plan quantizes in the tensor's place.
+    """
+    wanted = set(tensor_names)
+    deferred = set()
+    for node in model.graph:
+        if node.op_type not in ops.CLAMPS or not node.inputs or node.inputs[0] is None:
+            continue
+        value, clamped = node.inputs[0], node.outputs[0]
+        consumers = value.consumers()
+        if (
+            value.name in wanted
+            and clamped.name in wanted
+            and len(consumers) == 1
+            and value.producer() is not None
+            and not value.is_graph_output()
+            and not clamped.is_graph_output()
+        ):
+            deferred.add(value.name)
+    return frozenset(deferred)
+
+
+class DeferredTensorsNeeded(Exception):
+    """A plan looked up the range of a tensor calibration deferred: calibrate them all.
+
+    Attributes:
+        names: the deferred tensors it looked up.
+    """
+
+    def __init__(self, names: frozenset[str]) -> None:
+        super().__init__(", ".join(sorted(names)))
+        self.names = names
+
+
+class RecordingRanges(Mapping[str, Any]):
+    """`ranges`, noting every lookup of a name in `deferred` (which it lacks).
+
+    The planner asks `name in ranges` and `ranges.get(name)`; both come here, so after a
+    plan `check` tells whether it depended on a deferred tensor.
+    """
+
+    def __init__(self, ranges: Mapping[str, Any], deferred: frozenset[str]) -> None:
+        self._ranges = ranges
+        self._deferred = deferred
+        self.missed: set[str] = set()
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._deferred and name not in self._ranges:
+            self.missed.add(name)
+        return self._ranges[name]
+
+    def __contains__(self, name: object) -> bool:
+        if name in self._deferred and name not in self._ranges:
+            self.missed.add(name)  # type: ignore[arg-type]
+            return False
+        return name in self._ranges
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ranges)
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def check(self) -> None:
+        """Raises `DeferredTensorsNeeded` if a deferred tensor was looked up."""
+        if self.missed:
+            raise DeferredTensorsNeeded(frozenset(self.missed))
+
+
+def watched(ranges: Mapping[str, Any], deferred: frozenset[str]) -> Mapping[str, Any]:
+    """`ranges` as a `RecordingRanges` when tensors were deferred, else unchanged."""
+    return RecordingRanges(ranges, deferred) if deferred else ranges
