@@ -212,7 +212,7 @@ def collect_calibration(
 
 def calibration_model(float_model: ir.Model) -> ir.Model:
     """`float_model` prepared as calibration runs it (changed in place)."""
-    return prepare(float_model, min_opset=model_io.OLDEST_OPSET)
+    return prepare(float_model, min_opset=model_io.OLDEST_OPSET, in_place=True)
 
 
 def _measurable(value: ir.Value) -> bool:
