@@ -57,7 +57,10 @@ SCHEME_HELP = (
     "int8 and 16x8 need it or --calib; every scheme verifies the written model on its "
     "first sample (without it: on zeros, or structurally where the float model cannot "
     "run on those; int4 of a model in external data: by an onnxruntime load, not a run). "
-    "A model past 2 GB is calibrated with its weights left in its data files.",
+    "A model past 2 GB is calibrated with its weights left in its data files. With "
+    "asymmetric activations, tensors only a Relu or Clip reads are left out (onnxruntime "
+    "then fuses the clamp into the op before it); a plan that needs one calibrates "
+    "every tensor again.",
 )
 @click.option(
     "--calib",
