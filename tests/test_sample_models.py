@@ -83,7 +83,9 @@ def test_layout_has_qdq_where_expected(quantized):
 
 # What onnxruntime fuses of each sample model (QLinearConv, QGemm, QLinearMatMul, ...): a
 # plan change that costs a kernel shows here.
-MIN_KERNELS = {"digits_cnn": 4, "digits_dwsep": 9, "digits_transformer": 20}
+# digits_dwsep's stem (3x3 on the grey input, widening to 32) computes in float
+# (test_float_stem_conv): 8 of its 9 Convs run as integer kernels.
+MIN_KERNELS = {"digits_cnn": 4, "digits_dwsep": 8, "digits_transformer": 20}
 
 
 def test_every_planned_kernel_lands_on_an_integer_kernel(quantized):

@@ -74,6 +74,18 @@ WIDENING_REASON = (
     "on its output) and onnxruntime fuses the activation after it: computes in float"
 )
 
+STEM_MAX_MACS = 27
+"""A Conv on a graph input doing at most this many multiply-accumulates per output value
+(a 3x3 kernel on three colour channels, or on one grey channel) computes in float even
+where quantized Convs read it (see `_float_stem_conv`)."""
+
+STEM_REASON = (
+    "first Conv on the model's float input, with few multiply-accumulates per output, "
+    "and only Convs read its output: onnxruntime's float kernel reads it straight from "
+    "the input, while the integer kernel unfolds it into a short matrix product, so it "
+    "computes in float and the int8 boundary moves to its output"
+)
+
 THIN_ISLAND_REASON = (
     "thin Conv between float ops (few input channels per output): int8 would cost more in "
     "QuantizeLinear, DequantizeLinear and layout changes than it saves: computes in float"
@@ -359,6 +371,54 @@ class FloatIslandRules(PlannerState):
             return False
         return bool(output.consumers()) and not self._feeds_quantized(output)
 
+    def _float_stem_conv(self, node: ir.Node) -> bool:
+        """Whether `node` is a model's first Conv on its image, faster in float.
+
+        That is a Conv on a graph input (float at run time), with a spatial kernel doing
+        at most STEM_MAX_MACS multiply-accumulates per output value (3x3 on three colour
+        channels or one grey channel), writing more values than it reads, whose output
+        (through a Relu or Clip) only Convs read. onnxruntime's float NCHWc kernel has a
+        direct path for a Conv on a plain NCHW tensor of few channels; its integer kernel
+        unfolds the input (im2col) into a matrix product whose inner dimension is 9 to 27,
+        where int8 arithmetic saves nothing. So it computes in float, and the int8
+        boundary (QuantizeLinear, Transpose into NHWC) moves to its output. Measured one
+        thread, median of interleaved runs: a 3x3 Conv from 1 channel to 32 (16x16) took
+        13 us in int8 against 6 us in float; with the stem float a MobileNetV2-style 224
+        CNN ran 0.46x float instead of 0.55x, a small depthwise-separable digit CNN 0.55x
+        instead of 0.60x, and an EfficientNet-Lite0 (stem behind a Pad) was unchanged
+        (0.485x against 0.489x). A 7x7 Conv on 3 channels (147 per output, a ResNet
+        stem) runs faster in int8 (ResNet-style 224: 0.30x float, 0.46x with it float),
+        hence the bound. Only Convs may read the output: a MaxPool there takes the
+        QuantizeLinear before it and runs on uint8 NCHW values, slower than both (a small
+        digit CNN went from 0.83x to 0.93x float).
+        """
+        if node.op_type != "Conv" or len(node.inputs) < 2 or not node.outputs:
+            return False
+        weight = constant_array(node.inputs[1])
+        source, output = node.inputs[0], node.outputs[0]
+        if weight is None or weight.ndim < 3 or source is None:
+            return False
+        if int(np.prod(weight.shape[1:])) > STEM_MAX_MACS or weight.shape[2:] == (1,) * (
+            weight.ndim - 2
+        ):
+            return False
+        if (
+            not source.is_graph_input()
+            or source.name in self.tensors
+            or output.is_graph_output()
+            # An override file that names the node or its tensors decides for itself.
+            or (node.name or "") in self.overrides.nodes
+            or source.name in self.overrides.tensors
+            or output.name in self.overrides.tensors
+        ):
+            return False
+        written, read = _values(output), _values(source)
+        if written is None or read is None:  # shapes unknown: compare the channels
+            written, read = weight.shape[0], weight.shape[1] * _group(node)
+        if written <= read:
+            return False
+        return _read_by_convs_only(output) and self._feeds_quantized(output)
+
     def _readers_of_float_values(self) -> set[str]:
         """Float nodes whose quantized inputs all exist in float anyway: they read those.
 
@@ -432,6 +492,23 @@ class FloatIslandRules(PlannerState):
                     params,
                     f"table read by {node.name}, which stays float: stored as int8 per row",
                 )
+
+
+def _read_by_convs_only(value: ir.Value) -> bool:
+    """Whether only Convs read `value`, looking through a single Relu or Clip."""
+    readers = value.consumers()
+    if not readers:
+        return False
+    for reader in readers:
+        if reader.op_type in ops.CLAMPS and len(reader.outputs) == 1:
+            clamped = reader.outputs[0]
+            if clamped.is_graph_output() or not clamped.consumers():
+                return False
+            if any(after.op_type != "Conv" for after in clamped.consumers()):
+                return False
+        elif reader.op_type != "Conv":
+            return False
+    return True
 
 
 def _group(node: ir.Node) -> int:

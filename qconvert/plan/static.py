@@ -31,6 +31,7 @@ from qconvert.plan.float_islands import (
     ANSWER_REASON,
     FEEDS_ANSWER_REASON,
     FLOAT_READERS_REASON,
+    STEM_REASON,
     THIN_ISLAND_REASON,
     WIDENING_REASON,
     FloatIslandRules,
@@ -191,6 +192,9 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             return
         if self._float_widening_conv(node):
             self._plan_float_layer(node, rule, scheme, WIDENING_REASON)
+            return
+        if self._float_stem_conv(node):
+            self._plan_stored_weights(node, rule, scheme, STEM_REASON)
             return
         for index in activation_indices(node, rule):
             value = node.inputs[index]
