@@ -225,6 +225,17 @@ class ActivationRules(PlannerState):
                 answer = self._feeds_quantized(node.outputs[0])
             elif self._skip_reason(node):
                 answer = False  # left float by the user or the recipe, whatever its type
+            elif rule is not None and node.op_type in ops.QDQ_FLOAT_ISLANDS:
+                # No integer kernel (ConvTranspose on CPU): it reads a quantized input only
+                # where its own output feeds one (`_float_island_layer`).
+                answer = bool(node.outputs) and self._feeds_quantized(node.outputs[0])
+            elif (
+                rule is not None
+                and rule.output
+                and not rule.weights
+                and node.outputs[0].is_graph_output()
+            ):
+                answer = False  # refused: no integer kernel without a quantized output
             elif node.op_type in ops.PASS_THROUGH or (rule is not None and rule.weights):
                 answer = True
             elif rule is None or node.name in self.gelu:

@@ -86,6 +86,12 @@ STEM_REASON = (
     "computes in float and the int8 boundary moves to its output"
 )
 
+ISLAND_LAYER_REASON = (
+    "onnxruntime has no integer {op} on CPU, and no integer kernel reads its output: "
+    "computes in float on its input as written, with no QuantizeLinear and "
+    "DequantizeLinear pair on its output"
+)
+
 THIN_ISLAND_REASON = (
     "thin Conv between float ops (few input channels per output): int8 would cost more in "
     "QuantizeLinear, DequantizeLinear and layout changes than it saves: computes in float"
@@ -370,6 +376,28 @@ class FloatIslandRules(PlannerState):
         if written < read:
             return False
         return bool(output.consumers()) and not self._feeds_quantized(output)
+
+    def _float_island_layer(self, node: ir.Node, rule: ops.QuantizedOpRule) -> bool:
+        """Whether `node`, a layer without an integer kernel, has no integer reader either.
+
+        onnxruntime runs a quantized ConvTranspose as DequantizeLinear -> float
+        ConvTranspose -> QuantizeLinear (`ops.QDQ_FLOAT_ISLANDS`). The QuantizeLinear on
+        its output pays only where an integer kernel reads it; where float ops, another
+        such layer or a graph output read it, it is rounded and dequantized at once, on
+        the widest tensor of a decoder head (a stride-2 ConvTranspose writes four times
+        the values it reads). So the layer computes in float from int8-stored weights,
+        reading its input's DequantizeLinear where its input is written quantized, and
+        its output stays float. A detector head's two upsampling ConvTransposes before a
+        Sigmoid output (DBNet) are the case.
+        """
+        if node.op_type not in ops.QDQ_FLOAT_ISLANDS or not rule.weights or not node.outputs:
+            return False
+        if (node.name or "") in self.overrides.nodes or any(
+            value is not None and value.name in self.overrides.tensors
+            for value in (*node.inputs[:1], node.outputs[0])
+        ):
+            return False  # an override file that names it decides for itself
+        return not self._feeds_quantized(node.outputs[0])
 
     def _float_stem_conv(self, node: ir.Node) -> bool:
         """Whether `node` is a model's first Conv on its image, faster in float.

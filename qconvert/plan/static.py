@@ -31,6 +31,7 @@ from qconvert.plan.float_islands import (
     ANSWER_REASON,
     FEEDS_ANSWER_REASON,
     FLOAT_READERS_REASON,
+    ISLAND_LAYER_REASON,
     STEM_REASON,
     THIN_ISLAND_REASON,
     WIDENING_REASON,
@@ -183,6 +184,13 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
         scheme = self._node_scheme(node)
         if self._model_answer(node):
             self._plan_stored_weights(node, rule, scheme, ANSWER_REASON)
+            return
+        if self._float_island_layer(node, rule):
+            reason = ISLAND_LAYER_REASON.format(op=node.op_type)
+            if node.inputs and node.inputs[0] is not None:
+                self._plan_float_layer(node, rule, scheme, reason)
+            else:
+                self._plan_stored_weights(node, rule, scheme, reason)
             return
         if self._thin_conv_island(node):
             self._plan_stored_weights(node, rule, scheme, THIN_ISLAND_REASON)
