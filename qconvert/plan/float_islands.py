@@ -79,6 +79,11 @@ STEM_MAX_MACS = 27
 (a 3x3 kernel on three colour channels, or on one grey channel) computes in float even
 where quantized Convs read it (see `_float_stem_conv`)."""
 
+STEM_MIN_VALUES = 4096
+"""The stem rule applies where the Conv writes at least this many values a sample (or an
+unknown number: a model whose image size is left open): below it (8x8 test images) either
+kernel takes about a microsecond, and only the node count differs."""
+
 STEM_REASON = (
     "first Conv on the model's float input, with few multiply-accumulates per output, "
     "and only Convs read its output: onnxruntime's float kernel reads it straight from "
@@ -404,7 +409,8 @@ class FloatIslandRules(PlannerState):
 
         That is a Conv on a graph input (float at run time), with a spatial kernel doing
         at most STEM_MAX_MACS multiply-accumulates per output value (3x3 on three colour
-        channels or one grey channel), writing more values than it reads, whose output
+        channels or one grey channel), writing more values than it reads (and at least
+        STEM_MIN_VALUES a sample), whose output
         (through a Relu or Clip) only Convs read. onnxruntime's float NCHWc kernel has a
         direct path for a Conv on a plain NCHW tensor of few channels; its integer kernel
         unfolds the input (im2col) into a matrix product whose inner dimension is 9 to 27,
@@ -443,7 +449,7 @@ class FloatIslandRules(PlannerState):
         written, read = _values(output), _values(source)
         if written is None or read is None:  # shapes unknown: compare the channels
             written, read = weight.shape[0], weight.shape[1] * _group(node)
-        if written <= read:
+        if written <= read or (_values(output) or STEM_MIN_VALUES) < STEM_MIN_VALUES:
             return False
         return _read_by_convs_only(output) and self._feeds_quantized(output)
 
