@@ -392,8 +392,8 @@ class FloatIslandRules(PlannerState):
         the widest tensor of a decoder head (a stride-2 ConvTranspose writes four times
         the values it reads). So the layer computes in float from int8-stored weights,
         reading its input's DequantizeLinear where its input is written quantized, and
-        its output stays float. A detector head's two upsampling ConvTransposes before a
-        Sigmoid output (DBNet) are the case.
+        its output stays float. A text detector's segmentation head, two upsampling
+        ConvTransposes before a Sigmoid output, is the case.
         """
         if node.op_type not in ops.QDQ_FLOAT_ISLANDS or not rule.weights or not node.outputs:
             return False
@@ -410,18 +410,18 @@ class FloatIslandRules(PlannerState):
         That is a Conv on a graph input (float at run time), with a spatial kernel doing
         at most STEM_MAX_MACS multiply-accumulates per output value (3x3 on three colour
         channels or one grey channel), writing more values than it reads (and at least
-        STEM_MIN_VALUES a sample), whose output
-        (through a Relu or Clip) only Convs read. onnxruntime's float NCHWc kernel has a
-        direct path for a Conv on a plain NCHW tensor of few channels; its integer kernel
-        unfolds the input (im2col) into a matrix product whose inner dimension is 9 to 27,
-        where int8 arithmetic saves nothing. So it computes in float, and the int8
-        boundary (QuantizeLinear, Transpose into NHWC) moves to its output. Measured one
-        thread, median of interleaved runs: a 3x3 Conv from 1 channel to 32 (16x16) took
-        13 us in int8 against 6 us in float; with the stem float a MobileNetV2-style 224
-        CNN ran 0.46x float instead of 0.55x, a small depthwise-separable digit CNN 0.55x
-        instead of 0.60x, and an EfficientNet-Lite0 (stem behind a Pad) was unchanged
-        (0.485x against 0.489x). A 7x7 Conv on 3 channels (147 per output, a ResNet
-        stem) runs faster in int8 (ResNet-style 224: 0.30x float, 0.46x with it float),
+        STEM_MIN_VALUES a sample), whose output (through a Relu or Clip) only Convs read.
+        onnxruntime's float NCHWc kernel has a direct path for a Conv on a plain NCHW
+        tensor of few channels; its integer kernel unfolds the input (im2col) into a
+        matrix product whose inner dimension is 9 to 27, where int8 arithmetic saves
+        nothing. So it computes in float, and the int8 boundary (QuantizeLinear,
+        Transpose into NHWC) moves to its output. Measured one thread, median of
+        interleaved runs: a 3x3 Conv from 1 channel to 32 (16x16) took 13 us in int8
+        against 6 us in float; with the stem float an inverted-residual 224 CNN ran 0.46x
+        float instead of 0.55x, a small depthwise-separable digit CNN 0.55x instead of
+        0.60x, and a 50-layer depthwise-separable 224 CNN (stem behind a Pad) was
+        unchanged (0.485x against 0.489x). A 7x7 Conv on 3 channels (147 per output, a
+        residual 224 CNN's stem) runs faster in int8 (0.30x float, 0.46x with it float),
         hence the bound. Only Convs may read the output: a MaxPool there takes the
         QuantizeLinear before it and runs on uint8 NCHW values, slower than both (a small
         digit CNN went from 0.83x to 0.93x float).
