@@ -196,9 +196,7 @@ def fit_weight_scale_to_bias(
     """
     needed = np.abs(bias.astype(np.float64)) / (float(input_scale) * BIAS_LIMIT)
     # "All zero" as stored: denormal weights quantize to zero as well.
-    stored_zero = quantize(weights, weight) == weight.zero_point.reshape(
-        _broadcast_shape(weight, weights.ndim)
-    )
+    stored_zero = _stored_as_zero_point(weights, weight)
     if weight.axis is None:
         zero_weights = bool(np.all(stored_zero))
         needed = np.max(needed, initial=0.0)
@@ -213,6 +211,32 @@ def fit_weight_scale_to_bias(
     return QParams(
         scale=scale.astype(np.float32), zero_point=weight.zero_point, axis=weight.axis
     )
+
+
+def _stored_as_zero_point(weights: np.ndarray, params: QParams) -> np.ndarray:
+    """Whether `weights` are stored as their zero point: per value, or per channel.
+
+    QuantizeLinear never decreases as its input grows (a division by a positive scale,
+    rounding, saturation), so every value of a channel lands on the zero point exactly
+    when its least and greatest values do: only those two are quantized per channel, not
+    the whole weight, which the recipe's plans of every trial did once per biased layer.
+    The result broadcasts against `weights`. Where a channel's extremes are not numbers
+    (NaN weights), every value is quantized, as before.
+    """
+    zero_point = params.zero_point.reshape(_broadcast_shape(params, weights.ndim))
+    if weights.size and (params.axis is None or params.scale.ndim == 1):
+        if params.axis is None:
+            low, high = weights.min(keepdims=True), weights.max(keepdims=True)
+        else:
+            axis = params.axis % weights.ndim
+            other_axes = tuple(i for i in range(weights.ndim) if i != axis)
+            low = weights.min(axis=other_axes, keepdims=True)
+            high = weights.max(axis=other_axes, keepdims=True)
+        if not (np.isnan(low).any() or np.isnan(high).any()):
+            return (quantize(low, params) == zero_point) & (
+                quantize(high, params) == zero_point
+            )
+    return quantize(weights, params) == zero_point
 
 
 def _product_floor(input_scale: np.ndarray) -> np.float32:

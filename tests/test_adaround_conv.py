@@ -207,3 +207,46 @@ def test_layers_rounded_a_float_pass_at_a_time_round_as_all_at_once(monkeypatch,
         recipe="fast",
     )
     assert nearest.read_bytes() != written[1]  # rounding chose other grid points
+
+
+@pytest.mark.parametrize("case", ["conv", "depthwise", "grouped_1d"])
+def test_conv_patches_are_the_padded_input_under_the_kernel_exactly(case):
+    # Every output position, read by hand from a zero-padded copy of the input: the rows
+    # H is built from must be these values exactly (H is summed from them in float64,
+    # and the rounding it chooses must not move with how they are gathered).
+    op, shape, attributes, input_shape = LAYERS[case]
+    rng = np.random.default_rng(2)
+    model = _layer(op, rng.standard_normal(shape), attributes, input_shape)
+    node = next(iter(ir.serde.deserialize_model(model).graph))
+    x = rng.standard_normal((2, *input_shape[1:])).astype(np.float32)
+    one_d = len(input_shape) == 3
+    image = x[:, :, None, :] if one_d else x
+    kernel = (1, shape[2]) if one_d else shape[2:]
+    pads = attributes.get("pads", [0] * 2 * (len(input_shape) - 2))
+    pads = (0, pads[0], 0, pads[1]) if one_d else pads
+    strides = (
+        (1, *attributes.get("strides", [1])) if one_d else attributes.get("strides", [1, 1])
+    )
+    dilations = attributes.get("dilations", [1, 1])
+    group = attributes.get("group", 1)
+    padded = np.pad(image, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    out = [(padded.shape[2 + i] - reach[i]) // strides[i] + 1 for i in range(2)]
+    per_group = image.shape[1] // group
+    expected = np.zeros((group, 2 * out[0] * out[1], per_group * kernel[0] * kernel[1]))
+    for g in range(group):
+        row = 0
+        for n in range(2):
+            for oy in range(out[0]):
+                for ox in range(out[1]):
+                    window = padded[
+                        n,
+                        g * per_group : (g + 1) * per_group,
+                        oy * strides[0] : oy * strides[0] + reach[0] : dilations[0],
+                        ox * strides[1] : ox * strides[1] + reach[1] : dilations[1],
+                    ]
+                    expected[g, row] = window.reshape(-1)
+                    row += 1
+    patches = rounding._patches(node, x, out[0] * out[1])
+    assert patches.dtype == np.float64
+    np.testing.assert_array_equal(patches, expected)

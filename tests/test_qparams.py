@@ -126,3 +126,33 @@ def test_all_zero_weight_channel_takes_the_finest_scale_its_bias_allows():
         weight, weights, np.float32(0.1), np.float32([0.0, 0.2])
     )
     assert untouched is weight
+
+
+@pytest.mark.parametrize(
+    ("dtype", "symmetric", "axis"),
+    [(np.int8, True, 0), (np.int8, True, None), (np.uint8, False, 0), (np.int8, True, 1)],
+)
+def test_zero_channels_are_found_from_each_channels_extremes_as_from_every_value(
+    dtype, symmetric, axis
+):
+    # Channels of zeros, of values under half a step (they round to the zero point), of
+    # denormals, and of ordinary weights: the shortcut must agree with quantizing them all.
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(6, 5, 3, 3)).astype(np.float32)
+    weights[1] = 0.0
+    weights[2] = np.float32(1e-40)
+    weights[3] *= np.float32(1e-4)
+    weights[4, 0, 0, 0] = np.float32(0.2)  # one value a step away from the zero point
+    params = qparams.weight_qparams(weights, dtype, axis=axis, symmetric=symmetric)
+    params = qparams.QParams(
+        scale=np.maximum(params.scale, np.float32(0.05)), zero_point=params.zero_point,
+        axis=axis,
+    )  # fmt: skip
+    shape = qparams._broadcast_shape(params, weights.ndim)
+    every_value = qparams.quantize(weights, params) == params.zero_point.reshape(shape)
+    other = tuple(i for i in range(4) if axis is None or i != axis)
+    expected = np.all(every_value, axis=other)
+    found = np.all(qparams._stored_as_zero_point(weights, params), axis=other)
+    np.testing.assert_array_equal(found, expected)
+    if axis == 0:
+        assert list(expected) == [False, True, True, True, False, False]
