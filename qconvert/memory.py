@@ -98,6 +98,28 @@ def release_dropped() -> None:
     _resident_after_release = _resident_bytes() or 0
 
 
+@contextlib.contextmanager
+def older_objects_set_aside() -> Iterator[None]:
+    """Inside, collections skip every object alive on entry (`gc.freeze`).
+
+    A full collection walks every object the collector tracks, and in a quantize run most
+    of them are the modules imported before it (43,000 of 69,000 in the default recipe on
+    the bench's 224 MobileNetV2-style CNN, where the releases took 0.63 s of CPU, against
+    0.17 s with them set aside). What a run drops is made during the run, so nothing the
+    releases should free is skipped; objects of the caller that die meanwhile are
+    collected after the run, as they would be then anyway. Where objects are frozen
+    already (a server that froze them before forking), the caller's choice stands.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class _Recorder:
     """A signal handler that notes the signals it is called for, and raises nothing."""
 

@@ -231,3 +231,27 @@ def test_a_release_waits_until_the_resident_set_has_grown(collector_off, monkeyp
     memory.release_dropped()
     assert graph() is None
     del grown
+
+
+def test_collections_inside_a_run_skip_what_was_alive_before_it(collector_off):
+    before = _dropped_graph()  # garbage made before the run: set aside with the rest
+    with memory.older_objects_set_aside():
+        assert gc.get_freeze_count() > 0
+        during = _dropped_graph()  # a model the run drops
+        memory.release_dropped()
+        assert during() is None
+        assert before() is not None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert before() is None  # collected once the run is over
+
+
+def test_objects_the_caller_froze_stay_frozen(collector_off):
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with memory.older_objects_set_aside():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -50,6 +50,7 @@ from qconvert.errors import (
 )
 from qconvert.fusion_audit import kernel_gates
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.memory import older_objects_set_aside
 from qconvert.passes import (
     CastToFloat16Pass,
     DropIntermediateShapesPass,
@@ -221,8 +222,9 @@ def quantize(
     )
     if prequantized.applies(model):  # Q/DQ pairs: finished, not quantized again
         return prequantized.finish_request(request)
-    # sessions made from the model's bytes find any weights it keeps on disk
-    with external_weights(Path(model).resolve().parent):
+    # sessions made from the model's bytes find any weights it keeps on disk; the
+    # releases between stages skip the objects alive before the run (`memory`)
+    with external_weights(Path(model).resolve().parent), older_objects_set_aside():
         try:
             state = run_stages(STAGES, QuantizeState(request=request))
         except DeferredTensorsNeeded as needed:
