@@ -282,6 +282,26 @@ def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
     assert len(scored) == len(set(scored))
 
 
+def test_bias_corrections_float_pass_measures_weight_roundings_first_h(tmp_path, monkeypatch):
+    # The recipe tries bias correction, then weight rounding, on the same float model and
+    # calibration samples: the first pass measures the first layers' H as well, and the
+    # model written is the one two separate passes write.
+    path = conv_case(tmp_path)
+    measured = _count_float_runs(monkeypatch)
+    report = qconvert.quantize(path, tmp_path / "shared.onnx", data=tmp_path / "calib")
+    trials = {trial.step: trial for trial in report.conversion.recipe.trials}
+    assert trials["weight rounding"].after is not None  # rounding was tried
+    calibration = SAMPLES - len(recipe.held_out_indices(SAMPLES))
+    shared = measured.count(calibration)
+    monkeypatch.setattr(
+        weight_passes.FloatInputs, "first_grams_wanted", lambda self, prepared, plan: []
+    )
+    measured.clear()
+    qconvert.quantize(path, tmp_path / "apart.onnx", data=tmp_path / "calib")
+    assert measured.count(calibration) == shared + 1
+    assert sha256(tmp_path / "shared.onnx") == sha256(tmp_path / "apart.onnx")
+
+
 def _count_float_runs(monkeypatch) -> list[int]:
     """The sample counts of the weight passes' float runs, in the order they run."""
     measured = []

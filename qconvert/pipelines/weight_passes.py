@@ -30,6 +30,7 @@ from qconvert.passes import (
     prepare,
 )
 from qconvert.passes.adaround import (
+    GramAccumulator,
     adaround,
     adaround_nodes,
     gram_groups,
@@ -227,6 +228,11 @@ class FloatInputs:
         self.rounded: dict = {}
         """Each layer's rounding by `rounding_key` (`adaround`'s `chosen_before`): H is
         needed once per layer and grid, and is not kept (tens of MB a model)."""
+        self.grams: dict[tuple[str, str], np.ndarray] = {}
+        """H of layers measured in bias correction's float pass, by (node, input) name,
+        until weight rounding takes them (`take_grams`): the recipe tries bias correction
+        first, on the very samples and float model rounding measures H on next, so its
+        pass measures rounding's first `GRAM_BYTES` of H too, one float pass fewer."""
 
     def for_samples(self) -> FloatInputs:
         """A `FloatInputs` that shares the per-sample parts, not the roundings.
@@ -239,11 +245,18 @@ class FloatInputs:
         return shared
 
     def means(
-        self, prepared: ir.Model, plan: QuantPlan, source: DirectorySource
+        self,
+        prepared: ir.Model,
+        plan: QuantPlan,
+        source: DirectorySource,
+        grams_of: list[ir.Node] | None = None,
     ) -> dict[str, np.ndarray]:
         """The per-channel mean of each correctable node's float input over `source`.
 
-        Keyed by the input's name; what was not measured before is run now.
+        Keyed by the input's name; what was not measured before is run now. When that
+        run covers every sample of `source`, it also measures H of the `grams_of` nodes
+        whose input it exposes anyway (`grams`): the same session, so the same values,
+        summed per layer in the same order as rounding's own pass would.
         """
         axes = {
             node.inputs[0].name: input_axis(node) for node in correctable_nodes(prepared, plan)
@@ -264,10 +277,32 @@ class FloatInputs:
                 if any(sources[i] not in self.parts.get(name, {}) for i in unseen)
             )
             runs = _float_runs(prepared, names, source.select(unseen))
-            for index, run in zip(unseen, runs, strict=True):
-                for name, mean in channel_means([run], {n: axes[n] for n in names}).items():
-                    count = _count(run[name], axes[name])
-                    self.parts.setdefault(name, {})[sources[index]] = (mean * count, count)
+            exposed = set(names)
+            measured = [
+                node
+                for node in (grams_of or [])
+                if node.inputs[0].name in exposed and len(unseen) == len(sources)
+            ]
+            grams = GramAccumulator(measured, len(unseen)) if measured else None
+            with one_blas_thread():
+                for index, run in zip(unseen, runs, strict=True):
+                    for name, mean in channel_means(
+                        [run], {n: axes[n] for n in names}
+                    ).items():
+                        count = _count(run[name], axes[name])
+                        self.parts.setdefault(name, {})[sources[index]] = (
+                            mean * count,
+                            count,
+                        )
+                    if grams is not None:
+                        grams.update(run)
+            if grams is not None:
+                found = grams.result()
+                for node in measured:
+                    if (node.name or "") in found:
+                        self.grams[(node.name or "", node.inputs[0].name)] = found[
+                            node.name or ""
+                        ]
         for name in wanted:
             total, count = 0.0, 0
             for sample in sources:
@@ -280,6 +315,18 @@ class FloatInputs:
             self.parts.clear()
         return means
 
+    def take_grams(self, nodes: list[ir.Node]) -> dict[str, np.ndarray]:
+        """H measured before for these nodes, by node name; each is handed over once."""
+        keys = [(node.name or "", node.inputs[0].name) for node in nodes]
+        return {key[0]: self.grams.pop(key) for key in keys if key in self.grams}
+
+    def first_grams_wanted(self, prepared: ir.Model, plan: QuantPlan) -> list[ir.Node]:
+        """The layers weight rounding would measure in its first float pass on `plan`."""
+        nodes = adaround_nodes(prepared, plan)
+        missing = [node for node in nodes if rounding_key(node, plan) not in self.rounded]
+        groups = gram_groups(missing)
+        return groups[0] if groups else []
+
 
 def round_weights(
     prepared: ir.Model,
@@ -287,19 +334,26 @@ def round_weights(
     source: DirectorySource,
     originals: dict,
     rounded: dict,
+    inputs: FloatInputs | None = None,
 ) -> list:
     """`adaround` on the plan's layers, measuring H only for layers not in `rounded`.
 
     The layers to measure go in runs whose H fit `adaround.GRAM_BYTES`: one float pass
     each, on the float model as it was before any of them was rounded; each run's H is
-    dropped once its layers are rounded.
+    dropped once its layers are rounded. H that bias correction's pass measured on the
+    same samples (`inputs.grams`) is taken instead of measured again.
     """
     nodes = adaround_nodes(prepared, plan)
     missing = [node for node in nodes if rounding_key(node, plan) not in rounded]
-    detached = _detached(prepared) if missing else None
     results = []
+    early = inputs.take_grams(missing) if inputs is not None else {}
+    measuring = [node for node in missing if (node.name or "") not in early]
+    detached = _detached(prepared) if measuring else None
     with one_blas_thread():
-        for group in gram_groups(missing):
+        if early:
+            taken = [node for node in missing if (node.name or "") in early]
+            results += adaround(plan, taken, early, originals, rounded)
+        for group in gram_groups(measuring):
             names = sorted({node.inputs[0].name for node in group})
             grams = layer_grams(_float_runs(detached, names, source), group, len(source))
             results += adaround(plan, group, grams, originals, rounded)
@@ -339,7 +393,12 @@ def adaround_weights(
     """
     nodes = adaround_nodes(prepared, plan)
     rounded = round_weights(
-        prepared, plan, source, originals, inputs.rounded if inputs is not None else {}
+        prepared,
+        plan,
+        source,
+        originals,
+        inputs.rounded if inputs is not None else {},
+        inputs,
     )
     gains = [
         10 * math.log10(r.error_before / r.error_after)
@@ -370,7 +429,9 @@ def correct_biases_of(
     """
     nodes = correctable_nodes(prepared, plan)
     if inputs is not None:
-        means = inputs.means(prepared, plan, source)
+        means = inputs.means(
+            prepared, plan, source, grams_of=inputs.first_grams_wanted(prepared, plan)
+        )
     else:
         axes = {node.inputs[0].name: input_axis(node) for node in nodes}
         means = channel_means(_float_runs(prepared, list(axes), source), axes)
