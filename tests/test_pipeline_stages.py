@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import qconvert
 from qconvert.pipelines import quantize as pipeline
 from qconvert.pipelines.state import QuantizeRequest, QuantizeState, Stage, run_stages
@@ -38,6 +40,17 @@ def test_run_stages_runs_in_order_times_the_timed_and_skips_by_when():
     assert end.notes == ("a", "b", "a")
     assert start.notes == ()  # each stage returns a new state; the old one is unchanged
     assert list(end.timings) == ["one", "again"]
+
+
+def test_stages_that_share_a_timing_key_add_their_seconds():
+    # Planning and the notes added to the plan both time as `plan`: the second, taking
+    # no time, must not hide the first.
+    def slow(state):
+        time.sleep(0.05)
+        return state
+
+    stages = (Stage(slow, "plan"), Stage(lambda state: state, "plan"))
+    assert run_stages(stages, _state()).timings["plan"] >= 0.05
 
 
 def test_the_tail_reruns_from_a_kept_state(tiny_cnn, tmp_path):

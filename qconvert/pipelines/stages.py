@@ -97,7 +97,11 @@ def ranges_of(calibration: Calibration, method: RangeMethod) -> tuple[dict, dict
 
 @contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Records the seconds the `with` body takes as `timings[stage]`."""
+    """Adds the seconds the `with` body takes to `timings[stage]`.
+
+    Added, not set: two stages may share a key (planning, and the notes added to the plan
+    after the weight passes, both count as `plan`), and the second would hide the first.
+    """
     start = time.perf_counter()
     yield
-    timings[stage] = round(time.perf_counter() - start, 4)
+    timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 4)
