@@ -293,6 +293,15 @@ def test_bias_corrections_float_pass_measures_weight_roundings_first_h(tmp_path,
     assert trials["weight rounding"].after is not None  # rounding was tried
     calibration = SAMPLES - len(recipe.held_out_indices(SAMPLES))
     shared = measured.count(calibration)
+    asked = []
+    real_wanted = weight_passes.FloatInputs.first_grams_wanted
+    monkeypatch.setattr(
+        weight_passes.FloatInputs,
+        "first_grams_wanted",
+        lambda self, prepared, plan: asked.append(1) or real_wanted(self, prepared, plan),
+    )
+    qconvert.quantize(path, tmp_path / "asked.onnx", data=tmp_path / "calib")
+    assert len(asked) == 1  # once, for the pass over every calibration sample
     monkeypatch.setattr(
         weight_passes.FloatInputs, "first_grams_wanted", lambda self, prepared, plan: []
     )

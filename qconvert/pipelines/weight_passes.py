@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -249,14 +250,16 @@ class FloatInputs:
         prepared: ir.Model,
         plan: QuantPlan,
         source: DirectorySource,
-        grams_of: list[ir.Node] | None = None,
+        grams_of: Callable[[], list[ir.Node]] | None = None,
     ) -> dict[str, np.ndarray]:
         """The per-channel mean of each correctable node's float input over `source`.
 
         Keyed by the input's name; what was not measured before is run now. When that
-        run covers every sample of `source`, it also measures H of the `grams_of` nodes
-        whose input it exposes anyway (`grams`): the same session, so the same values,
-        summed per layer in the same order as rounding's own pass would.
+        run covers every sample of `source`, it also measures H of the nodes `grams_of`
+        names, whose input it exposes anyway (`grams`): the same session, so the same
+        values, summed per layer in the same order as rounding's own pass would. It is
+        asked only then: finding those nodes hashes every weight (`rounding_key`), and the
+        recipe corrects biases again for every raise it scores.
         """
         axes = {
             node.inputs[0].name: input_axis(node) for node in correctable_nodes(prepared, plan)
@@ -278,10 +281,11 @@ class FloatInputs:
             )
             runs = _float_runs(prepared, names, source.select(unseen))
             exposed = set(names)
+            every = grams_of is not None and len(unseen) == len(sources)
             measured = [
                 node
-                for node in (grams_of or [])
-                if node.inputs[0].name in exposed and len(unseen) == len(sources)
+                for node in (grams_of() if every else [])
+                if node.inputs[0].name in exposed
             ]
             grams = GramAccumulator(measured, len(unseen)) if measured else None
             with one_blas_thread():
@@ -430,7 +434,7 @@ def correct_biases_of(
     nodes = correctable_nodes(prepared, plan)
     if inputs is not None:
         means = inputs.means(
-            prepared, plan, source, grams_of=inputs.first_grams_wanted(prepared, plan)
+            prepared, plan, source, grams_of=lambda: inputs.first_grams_wanted(prepared, plan)
         )
     else:
         axes = {node.inputs[0].name: input_axis(node) for node in nodes}
