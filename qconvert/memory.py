@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 _GUARDED = (signal.SIGINT, signal.SIGTERM)
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -70,9 +71,6 @@ def _resident_bytes() -> int | None:
             return int(statm.read().split()[1]) * _PAGE_BYTES
     except (OSError, ValueError, IndexError):
         return None
-
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def release_dropped() -> None:
