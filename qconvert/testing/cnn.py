@@ -1,0 +1,141 @@
+"""Convolutional graphs: Conv stacks, BatchNormalization, depthwise blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from qconvert.testing._build import checked_model, random_weights
+
+
+def conv_bn_relu(channels: int = 8, *, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu -> MaxPool -> Flatten -> Gemm, input [N,3,8,8]."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        conv_bn_relu (float[N,3,8,8] input) => (float[N,10] logits) {
+            conv = Conv <pads = [1,1,1,1], kernel_shape = [3,3]> (input, conv_w, conv_b)
+            bn = BatchNormalization (conv, bn_scale, bn_bias, bn_mean, bn_var)
+            relu = Relu (bn)
+            pool = MaxPool <kernel_shape = [2,2], strides = [2,2]> (relu)
+            flat = Flatten (pool)
+            logits = Gemm <transB = 1> (flat, fc_w, fc_b)
+        }
+    """
+    return checked_model(
+        text,
+        {
+            "conv_w": random_weights(rng, c, 3, 3, 3),
+            "conv_b": random_weights(rng, c, scale=0.1),
+            "bn_scale": (1 + 0.2 * rng.standard_normal(c)).astype(np.float32),
+            "bn_bias": random_weights(rng, c, scale=0.1),
+            "bn_mean": random_weights(rng, c, scale=0.1),
+            "bn_var": (0.5 + rng.random(c)).astype(np.float32),
+            "fc_w": random_weights(rng, 10, c * 16, scale=0.1),
+            "fc_b": random_weights(rng, 10, scale=0.1),
+        },
+    )
+
+
+def conv_relu_conv(
+    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, *, clip: bool = False, group2: int = 1
+) -> onnx.ModelProto:
+    """Conv(w1, b1) -> Relu (or Clip(0, 6)) -> Conv(w2, group2), 3x3 weights.
+
+    Input [N, C, 8, 8]; the Convs are named `first` and `second`.
+    """
+    act = "Clip (h, lo, hi)" if clip else "Relu (h)"
+    c_in, c_out = w1.shape[1], w2.shape[0]
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        conv_relu_conv (float[N,{c_in},8,8] input) => (float[N,{c_out},8,8] output) {{
+            h = Conv <pads = [1,1,1,1], kernel_shape = [3,3]> (input, w1, b1)
+            a = {act}
+            output = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {group2}> (a, w2)
+        }}
+    """
+    initializers = {"w1": w1, "b1": b1, "w2": w2}
+    if clip:
+        initializers.update(lo=np.float32(0.0), hi=np.float32(6.0))
+    model = checked_model(
+        text, {k: np.asarray(v, np.float32) for k, v in initializers.items()}
+    )
+    model.graph.node[0].name, model.graph.node[2].name = "first", "second"
+    return model
+
+
+def pointwise_hardswish_depthwise(
+    spread: float = 50.0, channels: int = 8, *, seed: int = 0
+) -> onnx.ModelProto:
+    """Conv 1x1 -> Mul, Add (scalars) -> HardSwish -> Mul, Add -> depthwise 3x3 -> Conv 1x1.
+
+    PP-LCNet's block: a pointwise Conv, the learnable affine a * x + b around a float
+    HardSwish, then a depthwise Conv. The pointwise Conv's output channels differ in range
+    by `spread` (channel c's weights scaled by spread**(-c / (channels - 1))), and the
+    depthwise Conv gains back what each channel lost, so every channel matters equally at
+    the output. Input [N, 4, 16, 16]; output [N, 4, 16, 16].
+    """
+    rng = np.random.default_rng(seed)
+    gains = spread ** (-np.arange(channels) / (channels - 1))
+    w1 = random_weights(rng, channels, 4, 1, 1) * gains.reshape(-1, 1, 1, 1).astype(np.float32)
+    w2 = random_weights(rng, channels, 1, 3, 3) / gains.reshape(-1, 1, 1, 1).astype(np.float32)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        pw_hswish_dw (float[N,4,16,16] input) => (float[N,4,16,16] output) {{
+            h = Conv <kernel_shape = [1,1]> (input, w1, b1)
+            s1 = Mul (h, a1)
+            t1 = Add (s1, c1)
+            g = HardSwish (t1)
+            s2 = Mul (g, a2)
+            t2 = Add (s2, c2)
+            d = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {channels}> (t2, w2)
+            output = Conv <kernel_shape = [1,1]> (d, w3)
+        }}
+    """
+    return checked_model(
+        text,
+        {
+            "w1": w1,
+            "b1": (0.1 * gains).astype(np.float32),
+            "a1": np.float32(2.0),
+            "c1": np.float32(0.5),
+            "a2": np.float32(0.7),
+            "c2": np.float32(-0.2),
+            "w2": w2.astype(np.float32),
+            "w3": random_weights(rng, 4, channels, 1, 1),
+        },
+    )
+
+
+def pointwise_two_depthwise(
+    spread: float = 50.0, channels: int = 8, *, seed: int = 0
+) -> onnx.ModelProto:
+    """Conv 1x1 -> two depthwise Convs (3x3 and 5x5) -> Add -> Conv 1x1 (MixConv-style).
+
+    The pointwise Conv's output channels differ in range by `spread` and the depthwise
+    Convs gain back what each channel lost. Its output has two readers, so no Conv -> Conv
+    pair exists for weight equalization. Input [N, 4, 16, 16]; output [N, 4, 16, 16].
+    """
+    rng = np.random.default_rng(seed)
+    gains = (spread ** (-np.arange(channels) / (channels - 1))).reshape(-1, 1, 1, 1)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        pw_two_dw (float[N,4,16,16] input) => (float[N,4,16,16] output) {{
+            h = Conv <kernel_shape = [1,1]> (input, w1, b1)
+            d = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {channels}> (h, w2)
+            e = Conv <pads = [2,2,2,2], kernel_shape = [5,5], group = {channels}> (h, w4)
+            f = Add (d, e)
+            output = Conv <kernel_shape = [1,1]> (f, w3)
+        }}
+    """
+    return checked_model(
+        text,
+        {
+            "w1": random_weights(rng, channels, 4, 1, 1) * gains.astype(np.float32),
+            "b1": (0.1 * gains.ravel() + 1.0).astype(np.float32),
+            "w2": (random_weights(rng, channels, 1, 3, 3) / gains).astype(np.float32),
+            "w3": random_weights(rng, 4, channels, 1, 1),
+            "w4": (random_weights(rng, channels, 1, 5, 5) / gains).astype(np.float32),
+        },
+    )
