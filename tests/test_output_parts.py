@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qconvert import testing
 from qconvert.output_parts import Parts, concat_parts
 from qconvert.pipelines.recipe import HeldOut
 
@@ -14,34 +15,10 @@ CLASSES = 3
 
 
 def _head(score_weights: np.ndarray) -> onnx.ModelProto:
-    """Boxes in pixels (0..640) and class probabilities (0..1), concatenated on axis 1."""
-    rng = np.random.default_rng(0)
-    text = f"""
-        <ir_version: 8, opset_import: ["" : 17]>
-        head (float[N,8] input) => (float[N,{4 + CLASSES}] output, float[N,4] boxes) {{
-            hidden = MatMul (input, w_in)
-            act = Relu (hidden)
-            box_logits = MatMul (act, w_box)
-            box_unit = Sigmoid (box_logits)
-            boxes = Mul (box_unit, image_size)
-            score_logits = MatMul (act, w_score)
-            scores = Sigmoid (score_logits)
-            output = Concat <axis = 1> (boxes, scores)
-        }}
-    """
-    model = onnx.parser.parse_model(text)
-    arrays = {
-        "w_in": 0.5 * rng.standard_normal((8, 16)),
-        "w_box": 0.3 * rng.standard_normal((16, 4)),
-        "w_score": score_weights,
-        "image_size": np.array(640.0),
-    }
-    model.graph.initializer.extend(
-        onnx.numpy_helper.from_array(np.asarray(a, np.float32), name)
-        for name, a in arrays.items()
+    """Boxes in pixels and class probabilities concatenated into `output`; boxes alone too."""
+    return testing.detector_head(
+        8, CLASSES, hidden=16, score_weights=score_weights, flat=True, boxes_output=True
     )
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def _inferred(model: onnx.ModelProto) -> ir.Model:
