@@ -32,8 +32,9 @@ Raise = tuple[str, bool]
 
 
 MAX_RANKED = 16
-"""Nodes scored for raising at most (the cheapest that fit the budget): MobileNetV2 has
-over 60 quantized nodes, and scoring each costs a session and 16 runs."""
+"""Nodes scored for raising at most (the cheapest that fit the budget): a 224x224
+inverted-residual CNN has over 60 quantized nodes, and scoring each costs a session and 16
+runs."""
 
 MAX_GAIN_DB = 60.0
 """A node's gain counts as at most this (keeping the only noisy node float gives inf)."""
@@ -61,9 +62,10 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
     budget is scored that way too, at the cost of its weights' share of the weight
     bytes. Each variant is scored alone on the kept steps (`rebuild`: the plan, then the
     weight passes, not cached: one state a candidate), so its gain is what is left once
-    rounding and bias correction have removed what they can: on EfficientNet-Lite0 the
-    first depthwise Conv costs 5 dB before bias correction and nothing after, while the
-    stem Conv (the image input quantized, and its weights) still costs 2.6 dB.
+    rounding and bias correction have removed what they can: on a 224x224
+    depthwise-separable CNN (ReLU6, explicit Pads) the first depthwise Conv costs 5 dB
+    before bias correction and nothing after, while the stem Conv (the image input
+    quantized, and its weights) still costs 2.6 dB.
     Candidates are raised best gain per (work share + byte share) first.
     """
     planned, weigh = rebuild
@@ -183,8 +185,8 @@ def ranked_candidates(
     the model's input, whose quantization no earlier layer can average out, and the
     last writes the output the score is taken on; both are known to be the most
     sensitive layers of a network, and a stem Conv is rarely among the cheapest (2.8% of
-    EfficientNet-Lite0's multiply-accumulates, more than 40 of its other nodes). The
-    rest are the cheapest, as gain per cost favours them.
+    a 224x224 depthwise-separable CNN's multiply-accumulates, more than 40 of its other
+    nodes). The rest are the cheapest, as gain per cost favours them.
     """
     order = {node.name: index for index, node in enumerate(model.graph)}
     layers = sorted(

@@ -230,12 +230,13 @@ class WeightRules(PlannerState):
         onnxruntime has no static integer LSTM, GRU or RNN, so they compute in float; their
         weights are still stored as int8 and read through Mul(Cast(W_q), scale), which
         onnxruntime folds into a float initializer when it loads the model: a quarter of
-        the bytes, no cost at run time (silero_vad's LSTM held 42% of its float file).
+        the bytes, no cost at run time (a voice-activity detector's LSTM held 42% of its
+        float file).
 
         One scale per row (axis 1, per tensor under --per-tensor): a row holds the weights
         of one gate unit, whose dot product with the input (or hidden state) is one
-        pre-activation, as an output channel's is in a Conv. On silero_vad, with only its
-        LSTM's W and R rounded, the output kept 45.8 dB per row, against 42.3 dB with one
+        pre-activation, as an output channel's is in a Conv. On that detector, with only
+        its LSTM's W and R rounded, the output kept 45.8 dB per row, against 42.3 dB with one
         scale per input column and 39.7 dB per tensor. A bidirectional layer shares
         each row's scale between its two directions (one axis per tensor). Rounding is to
         nearest on [-127, 127]: the weights run in float, so no range is kept free for an
