@@ -16,7 +16,7 @@ from qconvert.blockwise import quantize_rtn
 from qconvert.cli import cli as main
 from qconvert.config import QuantizeConfig
 from qconvert.errors import ConfigError
-from qconvert.passes import int4 as int4_pass
+from qconvert.passes.int4 import gather as gather_writer
 
 
 def _run(model, feeds, *, optimize: bool = True) -> list[np.ndarray]:
@@ -504,7 +504,7 @@ def test_codes_packed_inside_the_rounding_are_the_bytes_packed_afterwards(
     if k % 32 == 0:  # a Gather table's rows are whole blocks
         dtype = ir.DataType.INT4 if symmetric else ir.DataType.UINT4
         flip = 0x88 if symmetric else 0
-        table = int4_pass._gather_codes(quantized, dtype)
+        table = gather_writer.gather_codes(quantized, dtype)
         np.testing.assert_array_equal(table, _pack_by_hand(codes).reshape(-1) ^ flip)
 
 
