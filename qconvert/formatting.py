@@ -87,6 +87,24 @@ def output_rows(comparison) -> list[list[str]]:
     ]
 
 
+LAYER_ERROR_HEADER = ["local SQNR dB", "SQNR dB", "cosine", "max abs err"]
+"""The columns of `layer_error_cells`."""
+
+
+def layer_error_cells(layer) -> list[str]:
+    """One layer's error figures, columns as `LAYER_ERROR_HEADER`.
+
+    One definition for the terminal, Markdown and HTML per-layer tables; each puts its own
+    columns (rank, position, node, op, tensor) before them.
+    """
+    return [
+        db(layer.local_sqnr_db),
+        db(layer.sqnr_db),
+        f"{layer.cosine:.5f}",
+        number(layer.max_abs_error),
+    ]
+
+
 def conversion_rows(conversion, output) -> list[list[str]]:
     """The conversion summary, rows of [what, value], written to `output`.
 

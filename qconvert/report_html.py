@@ -267,41 +267,21 @@ def _layers(comparison: Comparison) -> str:
         "float layers on exact inputs) are left out of the lines.</p>"
     )
     top = _table(
-        ["#", "node", "op", "local SQNR dB", "SQNR dB", "cosine", "max abs err"],
+        ["#", "node", "op", *fmt.LAYER_ERROR_HEADER],
         [
-            [
-                str(rank),
-                layer.node,
-                layer.op_type,
-                fmt.db(layer.local_sqnr_db),
-                fmt.db(layer.sqnr_db),
-                f"{layer.cosine:.5f}",
-                fmt.number(layer.max_abs_error),
-            ]
+            [str(rank), layer.node, layer.op_type, *fmt.layer_error_cells(layer)]
             for rank, layer in enumerate(worst, start=1)
         ],
     )
     full = _table(
-        [
-            "position",
-            "node",
-            "op",
-            "tensor",
-            "local SQNR dB",
-            "SQNR dB",
-            "cosine",
-            "max abs err",
-        ],
+        ["position", "node", "op", "tensor", *fmt.LAYER_ERROR_HEADER],
         [
             [
                 str(layer.position),
                 layer.node,
                 layer.op_type,
                 layer.candidate_tensor,
-                fmt.db(layer.local_sqnr_db),
-                fmt.db(layer.sqnr_db),
-                f"{layer.cosine:.5f}",
-                fmt.number(layer.max_abs_error),
+                *fmt.layer_error_cells(layer),
             ]
             for layer in layers
         ],

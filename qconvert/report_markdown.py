@@ -73,16 +73,13 @@ def render_markdown(report: Report) -> str:
         if comparison.layers is not None:
             lines += _table(
                 "Layers, worst local SQNR first",
-                ["node", "op", "tensor", "local SQNR dB", "SQNR dB", "cosine", "max abs err"],
+                ["node", "op", "tensor", *fmt.LAYER_ERROR_HEADER],
                 [
                     [
                         layer.node,
                         layer.op_type,
                         layer.candidate_tensor,
-                        fmt.db(layer.local_sqnr_db),
-                        fmt.db(layer.sqnr_db),
-                        f"{layer.cosine:.5f}",
-                        fmt.number(layer.max_abs_error),
+                        *fmt.layer_error_cells(layer),
                     ]
                     for layer in comparison.layers
                 ],

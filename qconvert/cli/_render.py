@@ -85,10 +85,7 @@ def _comparison(comparison: Comparison) -> None:
                 layer.node,
                 layer.op_type,
                 layer.candidate_tensor,
-                fmt.db(layer.local_sqnr_db),
-                fmt.db(layer.sqnr_db),
-                f"{layer.cosine:.5f}",
-                fmt.number(layer.max_abs_error),
+                *fmt.layer_error_cells(layer),
             )
         stdout.print(layers)
 
