@@ -7,7 +7,7 @@ Calibration should cost about one float inference pass, in time and in memory. S
    computes it, to its min, max, size and the strided subset of its values the histogram
    takes; small ones leave whole. A run returns a handful of vectors, whatever the number
    of tensors (`folding` reads them), so no activation outlives its readers and the
-   session's memory is a float pass's (measured on the bench's 224 MobileNetV2: every
+   session's memory is a float pass's (measured on a 224x224 inverted-residual CNN: every
    tensor exposed as a graph output held about 180 MB more; see the bench's calibration
    rows), and the Python work per run does not grow with the number of tensors.
 2. Min and max see every value. The histogram sees every value of small tensors and a
@@ -70,7 +70,8 @@ _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
 _FOLD_BYTES = 4 << 20
 """Histogram values gathered before the observers take them: a bound on the memory they
-hold (a run of the bench's YOLOv8n returns 1.2 MB of them; 64 runs held 75 MB)."""
+hold (a run of a 320x320 detector whose output concatenates boxes and class scores
+returns 1.2 MB of them; 64 runs held 75 MB)."""
 _UNKNOWN_STRIDE = np.iinfo(np.int64).max  # one value a tensor: a size probe
 
 
@@ -554,7 +555,7 @@ def _session(
     try:
         # Quiet: a reduction onnxruntime refuses is handled by a raw run of the batch.
         # Ordered: in onnxruntime's default order the calibration graph's reductions ran
-        # late and kept every activation alive (a run of the bench's 224 MobileNetV2 took
+        # late and kept every activation alive (a run of a 224x224 inverted-residual CNN took
         # 105 MB over its session, against 31 MB in priority order and 7 MB for a float
         # pass).
         return make_session(

@@ -181,8 +181,8 @@ class Folder:
         """Gathers `run`'s reductions of the tensors `kept` says (the others ran raw).
 
         Only what the observers take is kept: not the whole tensors' values, whose subset
-        is a copy once a stride passes over some (`values` held 38 MB over 64 runs of the
-        digits transformer).
+        is a copy once a stride passes over some (`values` held 38 MB over 64 runs of a
+        small sample transformer).
         """
         # Built, not `dataclasses.replace`d: this runs once a run, and replace is slow.
         slim = Run(

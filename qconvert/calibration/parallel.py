@@ -22,8 +22,8 @@ samples, so the calibration file is byte-identical:
 `--workers auto` (`workers=None`, the default) spawns no process: this process runs one
 batch per core at once on its one session (`CollectSettings.concurrent_runs`), each run
 single-threaded as in a worker, so the statistics are again those of one pass. A process
-per core would cost an interpreter, a model and a session each: on the bench's 224
-MobileNetV2 two processes peaked at 763 MB where a float pass takes 169 MB.
+per core would cost an interpreter, a model and a session each: on a 224x224
+inverted-residual CNN two processes peaked at 763 MB where a float pass takes 169 MB.
 
 Local workers (`run_local`) share the samples dynamically: the data is cut into chunks of
 a few batches (at least 16 chunks per worker, at most 32 batches a chunk); worker k starts
@@ -79,7 +79,7 @@ finishes when, few enough that taking one costs nothing next to calibrating it."
 
 MAX_CHUNK_BATCHES = 32
 """The most batches in one chunk: on a big data set, how long the others may wait for the
-last chunk stays bounded (about a second on a ResNet-18 at 224x224)."""
+last chunk stays bounded (about a second on an 18-layer residual CNN at 224x224)."""
 
 _REPORT_SECONDS = 0.1  # workers report progress at most this often
 

@@ -43,7 +43,7 @@ model that overflows: `collect`). onnxruntime's ReduceMin and ReduceMax skip a N
 not first (measured on 1.32), so a NaN is caught where it reaches the model's outputs: a
 sum there that is not finite runs the batch again raw, and the observers name the first
 tensor that holds it. (A sum on every tensor would catch a NaN that no output sees, for
-a pass more over every activation: a sixth of a float pass on the bench's YOLOv8n; such a
+a pass more over every activation: a sixth of a float pass on a 320x320 detector; such a
 NaN changes no range, as the reductions skip it.) Float16 and double tensors are cast to
 float32 first: the cast is exact or monotone, as the observers' own.
 
