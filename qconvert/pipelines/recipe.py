@@ -315,7 +315,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         return weigh(kept, plan if plan is not None else planned(kept, raises))
 
     # The plan of the other ranges, by whether equalized: the same for every trial (its
-    # per-tensor choice costs more than a plan on EfficientNet-Lite0).
+    # per-tensor choice costs more than a plan on a 224x224 depthwise-separable CNN).
     ranged: dict[bool, QuantizeState] = {}
 
     def planned(kept: frozenset[str], raises: frozenset[Raise]) -> QuantizeState:
@@ -490,7 +490,7 @@ def _refit(
     """The decided recipe re-fitted on every --data sample, held-out ones included.
 
     Holding a quarter of the samples out costs the statistics more than most steps gain
-    (magika's eval SQNR: 23.1 dB calibrated on 48 samples, 26.0 dB on 64), so the
+    (a byte classifier's eval SQNR: 23.1 dB calibrated on 48 samples, 26.0 dB on 64), so the
     held-out samples score the choices and then calibrate too. The choices are kept, the
     statistics refitted: the single pass on all samples (what `--recipe fast` writes,
     byte for byte when nothing was kept or raised), then the kept steps, the range
@@ -567,7 +567,7 @@ def _ranges_refusal(state: QuantizeState, *, on_eval: bool) -> str | None:
 
     Clipping is only added when scored on --eval: auto clips each tensor where the
     calibration folder's tails are rare, and samples held out of that same folder share
-    those tails, so they favour it where unseen data does not. On ppocr_rec auto's
+    those tails, so they favour it where unseen data does not. On a CTC text recognizer auto's
     clipping won on 12 of 16 held-out samples (+1.5 dB) and cost the eval set 1.5 dB
     and one string of 42. Removing clipping (minmax everywhere) is tried either way.
     """
