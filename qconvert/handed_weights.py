@@ -97,7 +97,7 @@ def serialize_detached(
     What `detach(ir.serde.serialize_model(model))` gives, without copying the weights into
     the protobuf and out again: the arrays are the model's own tensors (`ir.Tensor.numpy`,
     no copy where a tensor holds an array), and the protobuf never holds them. On the
-    bench's 224 ResNet (46 MB of weights) that is two copies of the weights less, and
+    bench's 224x224 residual CNN (46 MB of weights) that is two copies of the weights less, and
     their time, before a calibration session. `model` is left as it was.
     """
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes

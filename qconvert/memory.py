@@ -4,7 +4,7 @@ onnx_ir graphs are reference cycles (a node knows its graph, a value its produce
 model a stage drops (a clone, a recipe candidate, a converted model scored once) is freed
 only when Python's cycle collector runs, which it does rarely; and the heap pages a freed
 onnxruntime session leaves stay with glibc until `malloc_trim` returns them. Until then
-the next session is built on top of all of it: on the bench's 224 ResNet, `quantize
+the next session is built on top of all of it: on a 224x224 residual CNN, `quantize
 --data` (default recipe) crept to 697 MB.
 
 `release_dropped()` collects and trims. It is called between stages, on the main thread,

@@ -13,8 +13,8 @@ Work is counted from the shapes of a real run: the model's inputs set to the fir
 held-out sample's shapes and ONNX shape inference run over the graph, and what it cannot
 tell read from one float run on that sample (`node_work`). A model exported with dynamic
 axes (batch, time, image size) has no static output shapes, and counting from those
-priced every node at 0: on Silero VAD the recipe raised its STFT Conv, "0.00% of the
-work", and the model ran 3x slower.
+priced every node at 0: on a voice-activity detector the recipe raised its STFT Conv,
+"0.00% of the work", and the model ran 3x slower.
 """
 
 from __future__ import annotations
