@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -83,7 +84,7 @@ def _verify(
             f"The converted model fails the ONNX checker: {describe_error(exc)}"
         ) from None
     if optimized is None:
-        session = _plain_session(model)
+        session = _loaded(model)
     else:
         try:
             # The session that runs the smoke sample also writes the graph it runs, which
@@ -92,7 +93,7 @@ def _verify(
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
             logger.debug("optimized graph not written (%s); verifying without the audit", exc)
             optimized.unlink(missing_ok=True)
-            session = _plain_session(model)
+            session = _loaded(model)
     try:
         outputs = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - as above
@@ -110,9 +111,15 @@ def _verify(
     return written
 
 
-def _plain_session(model: bytes | str):
+def _loaded(model: bytes | str, **options: Any):
+    """An onnxruntime session of `model`, made with `make_session`'s `options`.
+
+    Raises:
+        VerificationError: onnxruntime cannot load the model (the one wording every check
+            uses).
+    """
     try:
-        return make_session(model)
+        return make_session(model, **options)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise VerificationError(
             f"onnxruntime cannot load the converted model: {describe_error(exc)}"
@@ -134,12 +141,7 @@ def verify_loads(model: str) -> None:
             words.
     """
     _check(model)
-    try:
-        make_session(model, quiet=True, config=NO_PREPACKING)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise VerificationError(
-            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
-        ) from None
+    _loaded(model, quiet=True, config=NO_PREPACKING)
 
 
 def _check(model: bytes | str) -> None:
@@ -178,12 +180,7 @@ def verify_structure(model: bytes | str, *, reference: bytes | str | None = None
         reference is None or _strict_inference_problem(reference) is None
     ):
         raise VerificationError(f"The converted model fails strict shape inference: {problem}")
-    try:
-        make_session(model, optimize=True, quiet=True)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise VerificationError(
-            f"onnxruntime cannot load the converted model: {describe_error(exc)}"
-        ) from None
+    _loaded(model, optimize=True, quiet=True)
 
 
 def _strict_inference_problem(model: bytes | str) -> str | None:
