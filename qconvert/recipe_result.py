@@ -97,6 +97,14 @@ class Fidelity:
     """The rows that agreement was counted on (held-out samples x batch); 0 unknown."""
     per_sample_db: tuple[float, ...] = ()
     """Each held-out sample's SQNR (its worst output), in sample order; empty unknown."""
+    frame_agreement: float | None = None
+    """For outputs that are sequences of class distributions (`sequence_scores`): the
+    share of their frames whose top-1 class agrees with the float model's (None
+    without them). Where it is known it decides, not the SQNR: see `improves`."""
+    frame_rows: int = 0
+    """The frames that agreement was counted on."""
+    per_sample_frames: tuple[int, ...] = ()
+    """Each held-out sample's frames that disagree, in sample order; empty unknown."""
 
     def improves(self, other: Fidelity, *, top1_floor: float = 0.0) -> bool:
         """Whether this is better than `other`: SQNR up on most samples, top-1 kept.
@@ -113,6 +121,11 @@ class Fidelity:
         rows on unseen data (a text-orientation classifier: +2 dB, and 2 of 64 eval rows
         lost). A one-row slack per kept step can add up only while SQNR keeps rising by
         `MIN_GAIN_DB` a step.
+
+        Where both know their frame agreement (sequences of class distributions), frames
+        decide instead of SQNR: fewer frames must disagree over all samples, and on
+        enough samples one by one (the same sign test). The SQNR of such an output
+        barely moves with what changes its frames' classes (`sequence_scores`).
         """
         if self.top1_agreement is not None and other.top1_agreement is not None:
             slack = 0.0
@@ -120,6 +133,8 @@ class Fidelity:
                 slack = 1.0 / self.top1_rows
             if self.top1_agreement < other.top1_agreement - slack - 1e-9:
                 return False
+        if self.scored_by_frames(other):
+            return self.pooled_better(other) and self.holds_on_samples(other)
         if math.isnan(self.sqnr_db):
             return False
         if math.isnan(other.sqnr_db):
@@ -128,38 +143,104 @@ class Fidelity:
             return False
         return self.holds_on_samples(other)
 
+    def scored_by_frames(self, other: Fidelity) -> bool:
+        """Whether both know their frame agreement, so frames decide between them."""
+        return self.frame_agreement is not None and other.frame_agreement is not None
+
+    def pooled_better(self, other: Fidelity) -> bool:
+        """Better over all samples together.
+
+        Fewer frames disagree where both know them, else SQNR up by `MIN_GAIN_DB`.
+        """
+        if self.scored_by_frames(other):
+            return self.frame_agreement > other.frame_agreement + 1e-12
+        return self.sqnr_db >= other.sqnr_db + MIN_GAIN_DB
+
+    def gain_db(self, other: Fidelity) -> float:
+        """How much better than `other`, in dB.
+
+        Of SQNR, or where frames decide, of the frames that disagree (10 log10 of their
+        ratio: a third fewer is +1.8 dB).
+        """
+        if not self.scored_by_frames(other):
+            return self.sqnr_db - other.sqnr_db
+        mine, theirs = 1.0 - self.frame_agreement, 1.0 - other.frame_agreement
+        if mine <= 0.0:
+            return 0.0 if theirs <= 0.0 else math.inf
+        if theirs <= 0.0:
+            return -math.inf
+        return 10.0 * math.log10(theirs / mine)
+
+    def _paired(self, other: Fidelity) -> list[tuple[float, float]]:
+        """Each sample's score here and in `other`, higher better; empty unknown."""
+        if self.scored_by_frames(other):
+            mine = tuple(-float(n) for n in self.per_sample_frames)
+            theirs = tuple(-float(n) for n in other.per_sample_frames)
+        else:
+            mine, theirs = self.per_sample_db, other.per_sample_db
+        if not mine or len(mine) != len(theirs):
+            return []
+        return list(zip(mine, theirs, strict=True))
+
     def holds_on_samples(self, other: Fidelity) -> bool:
         """Whether this beats `other` on enough samples one by one (`wins_needed`).
 
-        Paired: sample i against sample i. Ties (the same SQNR, both exact) count for
+        Paired: sample i against sample i, by SQNR or, where frames decide, by the frames
+        that disagree. Ties (the same SQNR, both exact; as many frames) count for
         neither side. True when the samples are unknown on either side.
         """
-        mine, theirs = self.per_sample_db, other.per_sample_db
-        if not mine or len(mine) != len(theirs):
+        pairs = self._paired(other)
+        if not pairs:
             return True
-        wins = sum(1 for a, b in zip(mine, theirs, strict=True) if a > b)
-        losses = sum(1 for a, b in zip(mine, theirs, strict=True) if a < b)
+        wins = sum(1 for a, b in pairs if a > b)
+        losses = sum(1 for a, b in pairs if a < b)
         return wins >= wins_needed(wins + losses)
 
     def wins_over(self, other: Fidelity) -> str:
         """`12/16 samples`: on how many samples this beats `other` ('' unknown)."""
-        if not self.per_sample_db or len(self.per_sample_db) != len(other.per_sample_db):
+        pairs = self._paired(other)
+        if not pairs:
             return ""
-        pairs = zip(self.per_sample_db, other.per_sample_db, strict=True)
         wins = sum(1 for a, b in pairs if a > b)
-        return f"{wins}/{len(self.per_sample_db)} samples"
+        return f"{wins}/{len(pairs)} samples"
+
+    def untied(self, other: Fidelity) -> int:
+        """On how many samples this and `other` differ (0 unknown)."""
+        return sum(1 for a, b in self._paired(other) if a != b)
+
+    @property
+    def sequence_agreement(self) -> float | None:
+        """The share of samples whose every frame agrees (None without frames)."""
+        if self.frame_agreement is None or not self.per_sample_frames:
+            return self.frame_agreement if self.frame_agreement == 1.0 else None
+        whole = sum(1 for n in self.per_sample_frames if n == 0)
+        return whole / len(self.per_sample_frames)
 
     def meets(self, options: RecipeOptions) -> bool:
-        """Whether the floor holds."""
-        if not self.sqnr_db >= options.floor_sqnr_db:
+        """Whether the floor holds.
+
+        Where frames are scored, the floor is that of top-1 agreement, counted over
+        whole sequences (every frame agreeing: what a decoded string needs), and the
+        SQNR floor does not apply: it is not what such an output is scored by.
+        """
+        if self.frame_agreement is not None:
+            whole = self.sequence_agreement
+            if whole is None or whole < options.min_top1_agreement - 1e-9:
+                return False
+        elif not self.sqnr_db >= options.floor_sqnr_db:
             return False
         return self.top1_agreement is None or self.top1_agreement >= options.min_top1_agreement
 
     def describe(self) -> str:
-        """`31.2 dB` or `31.2 dB, top-1 100%`."""
+        """`31.2 dB`, `31.2 dB, top-1 100%` or `11.4 dB, frames 93.8%, sequences 25%`."""
         text = f"{self.sqnr_db:.1f} dB"
         if self.top1_agreement is not None:
             text += f", top-1 {self.top1_agreement * 100:.0f}%"
+        if self.frame_agreement is not None:
+            text += f", frames {self.frame_agreement * 100:.1f}%"
+            whole = self.sequence_agreement
+            if whole is not None:
+                text += f", sequences {whole * 100:.0f}%"
         return text
 
 
@@ -199,11 +280,8 @@ def verdict_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0
     wins = after.wins_over(before)
     if not wins:
         return ""
-    pairs = sum(
-        1 for a, b in zip(after.per_sample_db, before.per_sample_db, strict=True) if a != b
-    )
-    needed = f"{wins_needed(pairs)} needed"
-    if not after.sqnr_db >= before.sqnr_db + MIN_GAIN_DB:
+    needed = f"{wins_needed(after.untied(before))} needed"
+    if not after.pooled_better(before):
         return f"better on {wins} ({needed})"
     if after.holds_on_samples(before):
         return f"better on {wins} ({needed})"
@@ -321,9 +399,7 @@ def notes(result: RecipeResult) -> tuple[str, ...]:
         )
     if result.raise_search is not None:
         lines.append(f"Recipe raise phase: {result.raise_search.describe(result.budget)}.")
-    floor = f"floor {result.floor_sqnr_db:g} dB"
-    if result.final.top1_agreement is not None:
-        floor += f" and top-1 {result.min_top1_agreement * 100:g}%"
+    floor = _floor(result)
     verdict = "met" if result.final.meets(_options_of(result)) else "NOT met"
     lines.append(
         f"Recipe result: {result.final.describe()} on the {result.scored_on} ({floor}: "
@@ -373,10 +449,23 @@ def recipe_rows(result: RecipeResult) -> list[list[str]]:
     if result.raise_search is not None:
         rows.append(["raise phase", "", "", result.raise_search.describe(result.budget), ""])
     met = "met" if result.final.meets(_options_of(result)) else "NOT met"
-    rows.append(
-        ["result", "", result.final.describe(), f"floor {result.floor_sqnr_db:g} dB {met}", ""]
-    )
+    rows.append(["result", "", result.final.describe(), f"{_floor(result)} {met}", ""])
     return rows
+
+
+def _floor(result: RecipeResult) -> str:
+    """The floor, as the notes and the result row say it.
+
+    `floor 25 dB`, `floor 25 dB and top-1 97%`, or for sequences of class distributions
+    `floor top-1 97% of sequences` (`Fidelity.meets`).
+    """
+    if result.final.frame_agreement is not None:
+        floor = f"floor top-1 {result.min_top1_agreement * 100:g}% of sequences"
+    else:
+        floor = f"floor {result.floor_sqnr_db:g} dB"
+    if result.final.top1_agreement is not None:
+        floor += f" and top-1 {result.min_top1_agreement * 100:g}%"
+    return floor
 
 
 def raise_kind(node: RaisedNode) -> str:

@@ -96,7 +96,7 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
                 alone = weigh(kept, alone)
                 variant = frozenset({(name, float_weights)})
                 alone_scores[variant] = score(alone)
-                gain = min(alone_scores[variant].sqnr_db - best.sqnr_db, MAX_GAIN_DB)
+                gain = min(alone_scores[variant].gain_db(best), MAX_GAIN_DB)
                 if best_alone is None or gain > best_alone[1]:
                     best_alone = (name, gain)
                 if gain > MIN_GAIN_DB:
@@ -167,9 +167,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
 def _no_gain(after: Fidelity, best: Fidelity, top1_floor: float) -> str:
     """Why a raise that gained alone did not improve the score with the kept raises."""
     detail = verdict_detail(after, best, top1_floor=top1_floor)
-    if after.sqnr_db >= best.sqnr_db + MIN_GAIN_DB and detail:
+    if after.pooled_better(best) and detail:
         return detail
-    return f"{after.sqnr_db - best.sqnr_db:+.1f} dB on top of the nodes raised before"
+    return f"{after.gain_db(best):+.1f} dB on top of the nodes raised before"
 
 
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
@@ -207,7 +207,7 @@ def with_raised_reasons(plan: QuantPlan, raised: tuple[RaisedNode, ...]) -> Quan
         dataclasses.replace(
             node,
             reason=f"raised by the recipe ({raise_kind(by_name[node.name])}): "
-            f"+{by_name[node.name].gain_db:.1f} dB held-out SQNR alone, the most per "
+            f"+{by_name[node.name].gain_db:.1f} dB held-out alone, the most per "
             "multiply-accumulate and byte it moves to float",
         )
         if node.name in by_name

@@ -75,6 +75,7 @@ from qconvert.recipe_result import (
 )
 from qconvert.runtime import make_session
 from qconvert.schemes import StaticScheme
+from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
 
 StageFn = Callable[[QuantizeState], QuantizeState]
 
@@ -142,6 +143,14 @@ class HeldOut:
         session = make_session(float_model, quiet=True, weights=weights)
         self.output_names = [output.name for output in session.get_outputs()]
         self.reference = [session.run(None, feeds) for feeds in self.samples]
+        # Outputs that are sequences of class distributions on every sample are scored
+        # by their frames' top-1 agreement (`sequence_scores`).
+        self.sequences = frozenset(
+            index
+            for index in range(len(self.output_names))
+            if self.reference
+            and all(is_distribution_sequence(ref[index]) for ref in self.reference)
+        )
 
     def score(self, model: bytes, weights: Mapping[str, np.ndarray] | None = None) -> Fidelity:
         """The fidelity of `model` (serialized, without the `weights` handed beside it)."""
@@ -161,7 +170,15 @@ class HeldOut:
             for reference, candidate in zip(self.reference, outputs, strict=True)
         )
         worst, agreement, rows = math.inf, None, 0
+        disagreeing, frames = [0] * len(outputs), 0
         for index, name in enumerate(self.output_names):
+            if index in self.sequences:
+                for sample, (reference, candidate) in enumerate(
+                    zip(self.reference, outputs, strict=True)
+                ):
+                    wrong, count = frames_disagreeing(reference[index], candidate[index])
+                    disagreeing[sample] += wrong
+                    frames += count
             # Class scores are [batch, classes]: a detector's [1, 84, anchors] head is
             # float over its last axis too, but its argmax over anchors means nothing.
             first = np.asarray(self.reference[0][index])
@@ -184,8 +201,21 @@ class HeldOut:
             if result.top1_agreement is not None:
                 if agreement is None or result.top1_agreement < agreement:
                     agreement, rows = result.top1_agreement, accumulator.rows
+        if not frames:
+            return Fidelity(
+                sqnr_db=worst,
+                top1_agreement=agreement,
+                top1_rows=rows,
+                per_sample_db=per_sample,
+            )
         return Fidelity(
-            sqnr_db=worst, top1_agreement=agreement, top1_rows=rows, per_sample_db=per_sample
+            sqnr_db=worst,
+            top1_agreement=agreement,
+            top1_rows=rows,
+            per_sample_db=per_sample,
+            frame_agreement=1.0 - sum(disagreeing) / frames,
+            frame_rows=frames,
+            per_sample_frames=tuple(disagreeing),
         )
 
     def _split(self, name: str, reference, candidate):
