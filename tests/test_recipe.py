@@ -187,6 +187,7 @@ def test_recipe_options_on_the_command_line(run_cli, tmp_path):
     recipe = json.loads(report.read_text())["conversion"]["recipe"]
     assert recipe["budget"] == 0.0 and recipe["floor_sqnr_db"] == 99.0
     assert [t["step"] for t in recipe["trials"]] == [
+        "float input",
         "range method",
         "bias correction",
         "weight rounding",

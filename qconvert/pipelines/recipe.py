@@ -51,6 +51,7 @@ from qconvert.calibration.file import merge_calibrations
 from qconvert.config import Format
 from qconvert.dataset import Feeds
 from qconvert.handed_weights import serialized
+from qconvert.input_grid import first_readers, off_grid_inputs
 from qconvert.memory import release_dropped
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts, concat_parts
@@ -59,7 +60,7 @@ from qconvert.passes.adaround import adaround_nodes
 from qconvert.passes.bias_correct import correctable_nodes
 from qconvert.passes.equalize import EqualizePass
 from qconvert.passes.equalize_activations import activation_sites
-from qconvert.pipelines.raise_costs import node_work
+from qconvert.pipelines.raise_costs import node_work, raise_cost
 from qconvert.pipelines.raise_phase import Raise, raise_nodes, with_raised_reasons
 from qconvert.pipelines.stages import ranges_of
 from qconvert.pipelines.state import QuantizeState
@@ -300,9 +301,11 @@ class RecipeStages:
     compute, int8-stored weights) and the second kept float, weights and all."""
 
 
-STEPS = ("range method", "bias correction", "weight rounding", "equalization")
-"""The steps, cheapest first: a plan variant; one float pass over the calibration samples;
-one float pass and a least-squares sweep per layer; a whole new calibration."""
+STEPS = ("float input", "range method", "bias correction", "weight rounding", "equalization")
+"""The steps, cheapest first: two plan variants; one float pass over the calibration
+samples; one float pass and a least-squares sweep per layer; a whole new calibration.
+"float input" raises the first layers reading a graph input whose values lie on a
+lattice the 8-bit grid misses (`input_grid`)."""
 
 
 def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
@@ -325,6 +328,13 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
 
     # The trials' stages time into a scratch dict, and share the float measurements.
     base = state.replace(timings={}, float_inputs=FloatInputs())
+    work = node_work(base.prepared, scorer.samples[0] if scorer.samples else None)
+    # The first layers reading an input off the 8-bit grid: raised while "float input"
+    # is kept, in every trial after it and in the model written.
+    off_grid = off_grid_inputs(base.prepared, base.plan, scorer.samples)
+    input_raises = frozenset(
+        (name, False) for name in first_readers(base.prepared, off_grid) if name
+    )
     equalized: dict[str, QuantizeState] = {}
     built: dict[tuple[frozenset[str], frozenset[Raise]], QuantizeState] = {}
 
@@ -355,6 +365,8 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         raise's cost (`raise_cost`) is known here, before they run.
         """
         current = base
+        if "float input" in kept:
+            raises = raises | input_raises
         if "equalization" in kept:
             current = _once(equalized, "state", lambda: _equalized(base, stages))
         if "range method" in kept:
@@ -375,6 +387,9 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         return current
 
     checks = {
+        "float input": lambda: _float_input_refusal(
+            base, off_grid, planned(frozenset({"float input"}), frozenset()), work, options
+        ),
         "range method": lambda: _ranges_refusal(base, on_eval=state.evaluation is not None),
         "bias correction": lambda: (
             None
@@ -421,11 +436,12 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     skipped = _raise_refusal(best, options, state.config.format)
     search = RaiseSearch(skipped=skipped)
     if not skipped:
-        work = node_work(base.prepared, scorer.samples[0] if scorer.samples else None)
         raises, raised, best, search = raise_nodes(
             build, (planned, weigh), kept, score, best, options, progress, work
         )
     final = build(kept, raises)
+    if "float input" in kept:
+        raises = raises | input_raises  # what `planned` added, for the refit
     refit = 0
     if state.all_samples is not None:
         # The trials' states and the float outputs scored against are done with: the
@@ -456,6 +472,28 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         raise_search=search,
     )
     return final.replace(timings=state.timings, recipe=result)
+
+
+def _float_input_refusal(
+    base: QuantizeState,
+    off_grid: Sequence[str],
+    trial: QuantizeState,
+    work: Mapping[str, float],
+    options,
+) -> str | None:
+    """Why the float input step is not tried, or None (`input_grid`)."""
+    if not off_grid:
+        return "no graph input on a lattice the 8-bit grid misses"
+    cost = raise_cost(base.plan, trial.plan, work)
+    if not cost.made_float:
+        return f"the layers reading {', '.join(off_grid)} compute in float already"
+    if cost.work_share > options.budget:
+        return (
+            f"the layers reading {', '.join(off_grid)} hold "
+            f"{cost.work_share * 100:.1f}% of the multiply-accumulates, over the "
+            f"{options.budget * 100:g}% budget"
+        )
+    return None
 
 
 def _raise_refusal(best: Fidelity, options, output_format: Format) -> str:
