@@ -264,10 +264,12 @@ SCHEME_HELP = (
     default="default",
     show_default=True,
     help="default: with --data (at least 48 samples, or --eval), hold a quarter of the "
-    "samples out (16 to 64), try the other range method, bias correction, adaptive weight "
-    "rounding and equalization in turn, keep each only where the held-out output SQNR "
-    "(an output a Concat assembles, part by part: a detector's class scores beside its "
-    "boxes) improves overall and on most samples one by one (13 of 16: a sign test; top-1 "
+    "samples out (16 to 64), try reading an input whose values lie off the 8-bit grid in "
+    "float, the other range method, bias correction, adaptive weight rounding and "
+    "equalization in turn, keep each only where the held-out output SQNR (an output a "
+    "Concat assembles, part by part: a detector's class scores beside its boxes; for a "
+    "sequence of class distributions, a CTC recognizer's, the frames whose top-1 class "
+    "agrees) improves overall and on most samples one by one (13 of 16: a sign test; top-1 "
     "agreement may drop by one sample at most, by none below 97%), then raise the nodes "
     "that buy the most fidelity per multiply-accumulate (float compute on int8-stored "
     "weights; float weights too only where their rounding is the error) while it is "
@@ -281,7 +283,8 @@ SCHEME_HELP = (
     show_default=True,
     metavar="DB",
     help="Recipe default: raise nodes to float while the held-out output SQNR is below DB "
-    "(or a classifier's top-1 agreement below 97%).",
+    "(or a classifier's top-1 agreement below 97%; for a sequence of class distributions, "
+    "while fewer than 97% of the held-out sequences agree in every frame).",
 )
 @click.option(
     "--raise-budget",
