@@ -127,12 +127,8 @@ class Fidelity:
         enough samples one by one (the same sign test). The SQNR of such an output
         barely moves with what changes its frames' classes (`sequence_scores`).
         """
-        if self.top1_agreement is not None and other.top1_agreement is not None:
-            slack = 0.0
-            if self.top1_rows and self.top1_agreement >= top1_floor - 1e-9:
-                slack = 1.0 / self.top1_rows
-            if self.top1_agreement < other.top1_agreement - slack - 1e-9:
-                return False
+        if not self.keeps_top1(other, top1_floor=top1_floor):
+            return False
         if self.scored_by_frames(other):
             return self.pooled_better(other) and self.holds_on_samples(other)
         if math.isnan(self.sqnr_db):
@@ -171,7 +167,7 @@ class Fidelity:
             return -math.inf
         return 10.0 * math.log10(theirs / mine)
 
-    def _paired(self, other: Fidelity) -> list[tuple[float, float]]:
+    def paired(self, other: Fidelity) -> list[tuple[float, float]]:
         """Each sample's score here and in `other`, higher better; empty unknown."""
         if self.scored_by_frames(other):
             mine = tuple(-float(n) for n in self.per_sample_frames)
@@ -182,6 +178,31 @@ class Fidelity:
             return []
         return list(zip(mine, theirs, strict=True))
 
+    def keeps_top1(self, other: Fidelity, *, top1_floor: float = 0.0) -> bool:
+        """Whether top-1 agreement fell by one row at most, by none below `top1_floor`."""
+        if self.top1_agreement is None or other.top1_agreement is None:
+            return True
+        slack = 0.0
+        if self.top1_rows and self.top1_agreement >= top1_floor - 1e-9:
+            slack = 1.0 / self.top1_rows
+        return self.top1_agreement >= other.top1_agreement - slack - 1e-9
+
+    def removes_error(self, other: Fidelity, *, top1_floor: float = 0.0) -> bool:
+        """Whether a step that only takes a rounding away is no worse than `other`.
+
+        Better over all samples (`pooled_better`), worse on no more samples than it is
+        better on, and top-1 agreement kept as `improves` keeps it. Such a step fits
+        nothing to the samples, so it has no gain that held-out samples favour and unseen
+        ones do not: the sign test, which guards against that, would only drop a gain
+        too small for 16 samples to resolve.
+        """
+        if not self.keeps_top1(other, top1_floor=top1_floor):
+            return False
+        if math.isnan(self.sqnr_db) or not self.pooled_better(other):
+            return False
+        pairs = self.paired(other)
+        return sum(a > b for a, b in pairs) >= sum(a < b for a, b in pairs)
+
     def holds_on_samples(self, other: Fidelity) -> bool:
         """Whether this beats `other` on enough samples one by one (`wins_needed`).
 
@@ -189,7 +210,7 @@ class Fidelity:
         that disagree. Ties (the same SQNR, both exact; as many frames) count for
         neither side. True when the samples are unknown on either side.
         """
-        pairs = self._paired(other)
+        pairs = self.paired(other)
         if not pairs:
             return True
         wins = sum(1 for a, b in pairs if a > b)
@@ -198,7 +219,7 @@ class Fidelity:
 
     def wins_over(self, other: Fidelity) -> str:
         """`12/16 samples`: on how many samples this beats `other` ('' unknown)."""
-        pairs = self._paired(other)
+        pairs = self.paired(other)
         if not pairs:
             return ""
         wins = sum(1 for a, b in pairs if a > b)
@@ -206,7 +227,7 @@ class Fidelity:
 
     def untied(self, other: Fidelity) -> int:
         """On how many samples this and `other` differ (0 unknown)."""
-        return sum(1 for a, b in self._paired(other) if a != b)
+        return sum(1 for a, b in self.paired(other) if a != b)
 
     @property
     def sequence_agreement(self) -> float | None:
@@ -286,6 +307,16 @@ def verdict_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0
     if after.holds_on_samples(before):
         return f"better on {wins} ({needed})"
     return f"gain within noise: better on {wins} ({needed})"
+
+
+def removed_error_detail(after: Fidelity, before: Fidelity) -> str:
+    """`better on 6/16 samples, worse on 5`: what decided a step `removes_error` judges."""
+    pairs = after.paired(before)
+    if not pairs:
+        return ""
+    wins = sum(a > b for a, b in pairs)
+    losses = sum(a < b for a, b in pairs)
+    return f"better on {wins}/{len(pairs)} samples, worse on {losses}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,7 +13,7 @@ from qconvert.input_grid import first_readers, off_grid_inputs
 from qconvert.pipelines.recipe import held_out_indices
 from qconvert.plan import QuantPlan, Role, TensorDecision
 from qconvert.qparams import QParams
-from qconvert.recipe_result import RecipeOptions
+from qconvert.recipe_result import Fidelity, RecipeOptions, removed_error_detail
 
 SAMPLES = 48
 
@@ -124,3 +124,22 @@ def test_an_input_on_the_grid_is_not_tried(tmp_path):
     step = next(t for t in report.conversion.recipe.trials if t.step == "float input")
     assert step.after is None
     assert step.detail == "no graph input on a lattice the 8-bit grid misses"
+
+
+def _sqnrs(values: list[float]) -> Fidelity:
+    return Fidelity(
+        sqnr_db=float(np.mean(values)), top1_agreement=None, per_sample_db=tuple(values)
+    )
+
+
+def test_a_removed_rounding_is_kept_unless_it_loses_more_samples_than_it_wins():
+    before = _sqnrs([10.0] * 16)
+    # Better over all, on 6 samples, worse on 5: too few for the sign test (10 of 11),
+    # enough for a step that only takes a rounding away.
+    mixed = _sqnrs([11.0] * 6 + [9.9] * 5 + [10.0] * 5)
+    assert not mixed.improves(before)
+    assert mixed.removes_error(before)
+    assert removed_error_detail(mixed, before) == "better on 6/16 samples, worse on 5"
+    # Worse on more samples than better, or worse over all: dropped.
+    assert not _sqnrs([12.0] * 5 + [9.9] * 6 + [10.0] * 5).removes_error(before)
+    assert not _sqnrs([10.05] * 16).removes_error(before)

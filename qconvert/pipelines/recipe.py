@@ -72,6 +72,7 @@ from qconvert.recipe_result import (
     RaiseSearch,
     RecipeResult,
     Trial,
+    removed_error_detail,
     verdict_detail,
 )
 from qconvert.runtime import make_session
@@ -308,6 +309,16 @@ samples; one float pass and a least-squares sweep per layer; a whole new calibra
 lattice the 8-bit grid misses (`input_grid`)."""
 
 
+ROUNDING_REMOVED = frozenset({"float input"})
+"""Steps that only take a rounding away (a value read in float where it was rounded to
+the grid), with nothing fitted that could suit the held-out samples and not unseen data:
+kept when the held-out score is better over all samples and on at least as many samples
+as it is worse (`Fidelity.removes_error`), not by the sign test. On a CTC recognizer
+whose input is half a step off the grid, reading it in float gained 0.5 points of frames
+held out (better on 6 samples, worse on 5, of 16: the sign test wants 10 of 11) and
+4.1 dB, 3.4 points of frames and 6 of 42 strings on its eval set."""
+
+
 def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     """The default recipe (see the module docstring) from the state after planning."""
     options = state.request.recipe
@@ -413,9 +424,13 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
             after = None
             if reason is None:
                 after = score(build(kept | {step}))
-            keep = after is not None and after.improves(
-                best, top1_floor=options.min_top1_agreement
-            )
+            floor = options.min_top1_agreement
+            if step in ROUNDING_REMOVED:
+                keep = after is not None and after.removes_error(best, top1_floor=floor)
+                detail = reason or removed_error_detail(after, best)
+            else:
+                keep = after is not None and after.improves(best, top1_floor=floor)
+                detail = reason or verdict_detail(after, best, top1_floor=floor)
             seconds = round(time.perf_counter() - began, 3)
             trials.append(
                 Trial(
@@ -424,8 +439,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
                     before=best,
                     after=after,
                     seconds=seconds,
-                    detail=reason
-                    or verdict_detail(after, best, top1_floor=options.min_top1_agreement),
+                    detail=detail,
                 )
             )
             if keep:
