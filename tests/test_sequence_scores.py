@@ -9,7 +9,7 @@ import pytest
 
 import qconvert
 from qconvert import testing
-from qconvert.pipelines.recipe import HeldOut
+from qconvert.pipelines.held_out import HeldOut
 from qconvert.recipe_result import Fidelity, RecipeOptions, verdict_detail
 from qconvert.runtime import make_session
 from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence

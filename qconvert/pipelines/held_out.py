@@ -1,0 +1,135 @@
+"""Scores converted models against the float model on the recipe's held-out samples.
+
+Each output counts by its worst part (`output_parts`), classifier-like [batch, classes]
+outputs by their top-1 agreement too, and sequences of class distributions by their
+frames (`sequence_scores`). The recipe (`pipelines.recipe`) keeps or drops each step by
+what this measures (`recipe_result.Fidelity`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from qconvert.dataset import Feeds
+from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
+from qconvert.output_parts import Parts
+from qconvert.recipe_result import Fidelity
+from qconvert.runtime import make_session
+from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
+
+
+class HeldOut:
+    """Scores converted models against the float model's outputs on fixed samples.
+
+    `parts`: the outputs a Concat assembles (`output_parts.concat_parts`); each part is
+    scored alone, and the worst counts, as for separate outputs.
+    """
+
+    def __init__(
+        self,
+        float_model: bytes,
+        samples: Sequence[Feeds],
+        parts: Mapping[str, Parts] | None = None,
+        *,
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """`weights`: the large initializers `float_model` was serialized without."""
+        self.samples = list(samples)
+        self.parts = dict(parts or {})
+        session = make_session(float_model, quiet=True, weights=weights)
+        self.output_names = [output.name for output in session.get_outputs()]
+        self.reference = [session.run(None, feeds) for feeds in self.samples]
+        # Outputs that are sequences of class distributions on every sample are scored
+        # by their frames' top-1 agreement (`sequence_scores`).
+        self.sequences = frozenset(
+            index
+            for index in range(len(self.output_names))
+            if self.reference
+            and all(is_distribution_sequence(ref[index]) for ref in self.reference)
+        )
+
+    def score(self, model: bytes, weights: Mapping[str, np.ndarray] | None = None) -> Fidelity:
+        """The fidelity of `model` (serialized, without the `weights` handed beside it)."""
+        session = make_session(model, quiet=True, weights=weights)
+        outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
+        per_sample = tuple(
+            min(
+                (
+                    _sample_sqnr(ref_part, cand_part)
+                    for name, ref, cand in zip(
+                        self.output_names, reference, candidate, strict=True
+                    )
+                    for ref_part, cand_part in self._split(name, ref, cand)
+                ),
+                default=math.inf,
+            )
+            for reference, candidate in zip(self.reference, outputs, strict=True)
+        )
+        worst, agreement, rows = math.inf, None, 0
+        disagreeing, frames = [0] * len(outputs), 0
+        for index, name in enumerate(self.output_names):
+            if index in self.sequences:
+                for sample, (reference, candidate) in enumerate(
+                    zip(self.reference, outputs, strict=True)
+                ):
+                    wrong, count = frames_disagreeing(reference[index], candidate[index])
+                    disagreeing[sample] += wrong
+                    frames += count
+            # Class scores are [batch, classes]: a detector's [1, 84, anchors] head is
+            # float over its last axis too, but its argmax over anchors means nothing.
+            first = np.asarray(self.reference[0][index])
+            classify = first.ndim == 2 and is_classifier_like(first)
+            accumulator = OutputAccumulator(name, classify=classify)
+            pieces: list[OutputAccumulator] = []
+            for reference, candidate in zip(self.reference, outputs, strict=True):
+                accumulator.update(reference[index], candidate[index])
+                split = list(self._split(name, reference[index], candidate[index]))
+                if len(split) < 2:
+                    continue
+                if not pieces:
+                    pieces = [OutputAccumulator(name, classify=False) for _ in split]
+                for piece, (ref_part, cand_part) in zip(pieces, split, strict=True):
+                    piece.update(ref_part, cand_part)
+            result = accumulator.result()
+            for value in (result.sqnr_db, *(piece.result().sqnr_db for piece in pieces)):
+                if not math.isnan(value):
+                    worst = min(worst, value)
+            if result.top1_agreement is not None:
+                if agreement is None or result.top1_agreement < agreement:
+                    agreement, rows = result.top1_agreement, accumulator.rows
+        if not frames:
+            return Fidelity(
+                sqnr_db=worst,
+                top1_agreement=agreement,
+                top1_rows=rows,
+                per_sample_db=per_sample,
+            )
+        return Fidelity(
+            sqnr_db=worst,
+            top1_agreement=agreement,
+            top1_rows=rows,
+            per_sample_db=per_sample,
+            frame_agreement=1.0 - sum(disagreeing) / frames,
+            frame_rows=frames,
+            per_sample_frames=tuple(disagreeing),
+        )
+
+    def _split(self, name: str, reference, candidate):
+        """(reference, candidate) pairs of each part of output `name` (one: the whole)."""
+        parts = self.parts.get(name)
+        if parts is None:
+            return [(reference, candidate)]
+        return list(zip(parts.split(reference), parts.split(candidate), strict=True))
+
+
+def _sample_sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """One sample's SQNR of one output (nan where it has no finite measure)."""
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    error = ref - np.asarray(candidate, dtype=np.float64).reshape(-1)
+    # einsum, not `@`: see `metrics.OutputAccumulator.update`.
+    return sqnr_db(
+        float(np.einsum("i,i->", ref, ref)), float(np.einsum("i,i->", error, error))
+    )
