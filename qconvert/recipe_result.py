@@ -231,9 +231,14 @@ class Fidelity:
 
     @property
     def sequence_agreement(self) -> float | None:
-        """The share of samples whose every frame agrees (None without frames)."""
-        if self.frame_agreement is None or not self.per_sample_frames:
-            return self.frame_agreement if self.frame_agreement == 1.0 else None
+        """The share of samples whose every frame agrees (None without frames).
+
+        Without the samples' counts, known only when every frame agrees (1.0).
+        """
+        if self.frame_agreement is None:
+            return None
+        if not self.per_sample_frames:
+            return 1.0 if self.frame_agreement == 1.0 else None
         whole = sum(1 for n in self.per_sample_frames if n == 0)
         return whole / len(self.per_sample_frames)
 

@@ -43,7 +43,10 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                     floor_met}}: what the
                     default recipe tried and kept, each fidelity as {sqnr_db,
                     top1_agreement, top1_rows, per_sample_db [dB, one a held-out
-                    sample]} on held-out samples}
+                    sample], frame_agreement (null: no sequence of class
+                    distributions among the outputs), frame_rows,
+                    per_sample_frames [frames disagreeing, one a held-out sample]}
+                    on held-out samples}
     comparison      null | {
         samples       int
         labels        str | null: the labels file accuracy was scored with
