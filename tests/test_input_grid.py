@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -99,6 +101,8 @@ def test_the_recipe_reads_an_off_grid_input_in_float(tmp_path):
     recipe = report.conversion.recipe
     step = next(t for t in recipe.trials if t.step == "float input")
     assert step.kept, report.conversion.notes
+    # The report names the layers that read the input in float, and what they cost.
+    assert re.search(r"; read in float by \S+.*\(\d+\.\d\d% of the MACs\)$", step.detail)
     assert "float input" in recipe.kept
     # The written model reads the input in float: no QuantizeLinear on it, and it beats
     # the single pass on the held-out samples.

@@ -56,7 +56,7 @@ from qconvert.passes.bias_correct import correctable_nodes
 from qconvert.passes.equalize import EqualizePass
 from qconvert.passes.equalize_activations import activation_sites
 from qconvert.pipelines.held_out import HeldOut
-from qconvert.pipelines.raise_costs import node_work, raise_cost
+from qconvert.pipelines.raise_costs import RaiseCost, node_work, raise_cost
 from qconvert.pipelines.raise_phase import Raise, raise_nodes, with_raised_reasons
 from qconvert.pipelines.stages import ranges_of
 from qconvert.pipelines.state import QuantizeState
@@ -226,6 +226,16 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     input_raises = frozenset(
         (name, False) for name in first_readers(base.prepared, off_grid) if name
     )
+
+    costs: dict[str, RaiseCost] = {}
+
+    def input_cost() -> RaiseCost:
+        """What the float input step moves to float kernels (the report names it)."""
+        if "float input" not in costs:
+            trial = planned(frozenset({"float input"}), frozenset())
+            costs["float input"] = raise_cost(base.plan, trial.plan, work)
+        return costs["float input"]
+
     equalized: dict[str, QuantizeState] = {}
     built: dict[tuple[frozenset[str], frozenset[Raise]], QuantizeState] = {}
 
@@ -278,9 +288,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         return current
 
     checks = {
-        "float input": lambda: _float_input_refusal(
-            base, off_grid, planned(frozenset({"float input"}), frozenset()), work, options
-        ),
+        "float input": lambda: _float_input_refusal(off_grid, input_cost, options),
         "range method": lambda: _ranges_refusal(base, on_eval=state.evaluation is not None),
         "bias correction": lambda: (
             None
@@ -307,7 +315,11 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
             floor = options.min_top1_agreement
             if step in ROUNDING_REMOVED:
                 keep = after is not None and after.removes_error(best, top1_floor=floor)
-                detail = reason or removed_error_detail(after, best)
+                detail = reason or (
+                    f"{removed_error_detail(after, best)}; read in float by "
+                    f"{', '.join(input_cost().made_float)} "
+                    f"({input_cost().work_share * 100:.2f}% of the MACs)"
+                )
             else:
                 keep = after is not None and after.improves(best, top1_floor=floor)
                 detail = reason or verdict_detail(after, best, top1_floor=floor)
@@ -369,16 +381,12 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
 
 
 def _float_input_refusal(
-    base: QuantizeState,
-    off_grid: Sequence[str],
-    trial: QuantizeState,
-    work: Mapping[str, float],
-    options,
+    off_grid: Sequence[str], input_cost: Callable[[], RaiseCost], options
 ) -> str | None:
     """Why the float input step is not tried, or None (`input_grid`)."""
     if not off_grid:
         return "no graph input on a lattice the 8-bit grid misses"
-    cost = raise_cost(base.plan, trial.plan, work)
+    cost = input_cost()
     if not cost.made_float:
         return f"the layers reading {', '.join(off_grid)} compute in float already"
     if cost.work_share > options.budget:
