@@ -127,7 +127,7 @@ def test_an_input_on_the_grid_is_not_tried(tmp_path):
     report = qconvert.quantize(path, tmp_path / "q.onnx", data=tmp_path / "calib")
     step = next(t for t in report.conversion.recipe.trials if t.step == "float input")
     assert step.after is None
-    assert step.detail == "no graph input on a lattice the 8-bit grid misses"
+    assert step.detail == "no quantized graph input on a lattice the 8-bit grid misses"
 
 
 def _sqnrs(values: list[float]) -> Fidelity:

@@ -385,7 +385,7 @@ def _float_input_refusal(
 ) -> str | None:
     """Why the float input step is not tried, or None (`input_grid`)."""
     if not off_grid:
-        return "no graph input on a lattice the 8-bit grid misses"
+        return "no quantized graph input on a lattice the 8-bit grid misses"
     cost = input_cost()
     if not cost.made_float:
         return f"the layers reading {', '.join(off_grid)} compute in float already"
