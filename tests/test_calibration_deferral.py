@@ -18,7 +18,7 @@ from qconvert.calibration.deferral import (
     deferrable_tensors,
 )
 from qconvert.config import QuantizeConfig
-from qconvert.pipelines import quantize as quantize_pipeline
+from qconvert.pipelines import quantize_stages as quantize_pipeline
 
 BRANCHED = """
     <ir_version: 8, opset_import: ["" : 17]>

@@ -188,7 +188,7 @@ def test_override_scheme_the_run_cannot_apply_exits_3(run_cli, tiny_cnn, tmp_pat
 
 
 def test_warns_without_vnni_unless_reduce_range(run_cli, tiny_cnn, tmp_path, monkeypatch):
-    from qconvert.pipelines import quantize as pipeline
+    from qconvert.pipelines import quantize_stages as pipeline
 
     monkeypatch.setattr(pipeline, "lacks_vnni", lambda: True)
     _, result = _quantize(run_cli, tiny_cnn, tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import qconvert
-from qconvert.pipelines import quantize as pipeline
+from qconvert.pipelines import quantize_stages as pipeline
 from qconvert.pipelines.state import QuantizeRequest, QuantizeState, Stage, run_stages
 
 

@@ -18,7 +18,7 @@ from test_recipe import conv_case
 
 import qconvert
 from qconvert import testing
-from qconvert.pipelines import quantize as quantize_pipeline
+from qconvert.pipelines import quantize_stages as quantize_pipeline
 from qconvert.pipelines import recipe, weight_passes
 from qconvert.pipelines.stages import prepares_alike
 from qconvert.recipe_result import RecipeOptions
