@@ -100,8 +100,9 @@ def test_the_calibrate_command_imports_no_other_verbs_stages(tmp_path):
             cli, ["calibrate", {str(model)!r}, "--data", {str(data)!r}, "-o", "c.json"]
         )
         assert result.exit_code == 0, result.output
-        heavy = ("qconvert.api", "qconvert.pipelines.quantize_stages", "qconvert.pipelines.recipe",
-                 "qconvert.compare", "qconvert.report", "qconvert.fusion_audit")
+        heavy = ("qconvert.api", "qconvert.pipelines.quantize_stages",
+                 "qconvert.pipelines.recipe", "qconvert.compare", "qconvert.report",
+                 "qconvert.fusion_audit")
         print(loaded_by_cli, [name for name in heavy if name in sys.modules])
         """,
         tmp_path,

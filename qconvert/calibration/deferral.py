@@ -9,19 +9,20 @@ outputs).
 
 The plan reads such a tensor only where the clamp after it cannot be absorbed into the
 quantization of the clamp's output (`plan.activations._plan_output`): where the clamp is
-excluded, or a symmetric scheme's zero point cannot perform it. So `quantize --data`
-calibrates without them (`deferrable_tensors`), and every plan is made through a
-`RecordingRanges` that notes each lookup of one of them. A plan that looked one up would
-differ from the plan of a full calibration; `DeferredTensorsNeeded` then stops the run,
-and `quantize` runs again calibrating every tensor: the plan is always the one a full
-calibration gives, and only the rare run that needs them pays twice.
+excluded, or a symmetric scheme's zero point cannot perform it. Both are known before
+calibrating, so `quantize --data` calibrates without the others (`deferrable_tensors`).
+Every plan is made through a `RecordingRanges` that notes each lookup of one of them, in
+case some other rule reads one: such a plan would differ from the plan of a full
+calibration, so `DeferredTensorsNeeded` stops the run and `quantize` runs again
+calibrating every tensor. The plan is always the one a full calibration gives, and only a
+run that needs them pays twice.
 
 `qconvert calibrate` keeps calibrating every tensor: its file serves every exclusion.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -29,12 +30,17 @@ import onnx_ir as ir
 from qconvert import ops
 
 
-def deferrable_tensors(model: ir.Model, tensor_names: tuple[str, ...]) -> frozenset[str]:
+def deferrable_tensors(
+    model: ir.Model,
+    tensor_names: tuple[str, ...],
+    clamp_kept: Callable[[ir.Node], bool] = lambda node: True,
+) -> frozenset[str]:
     """Those of `tensor_names` whose only reader is a clamp (Relu, Clip) of the main graph.
 
     Neither the tensor nor the clamp's output may be a graph output (the plan quantizes
     a graph output's producer differently), and the clamp's output must be calibrated
-    itself: it is what the plan quantizes in the tensor's place.
+    itself: it is what the plan quantizes in the tensor's place. `clamp_kept` says
+    whether the plan may absorb a clamp (false where the options keep it float).
     """
     wanted = set(tensor_names)
     deferred = set()
@@ -50,6 +56,7 @@ def deferrable_tensors(model: ir.Model, tensor_names: tuple[str, ...]) -> frozen
             and value.producer() is not None
             and not value.is_graph_output()
             and not clamped.is_graph_output()
+            and clamp_kept(node)
         ):
             deferred.add(value.name)
     return frozenset(deferred)

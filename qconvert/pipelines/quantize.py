@@ -2,8 +2,9 @@
 
 The pipeline is `STAGES` (`pipelines.quantize_stages`), a literal list of small stages
 over one `QuantizeState` (`pipelines.state`): each takes the state and returns the next,
-and is timed into the report. This module turns a call into a request and runs them. The weight passes and mixed precision, when asked for, run between planning and
-rewriting (`weight_passes`, `mixed_precision`).
+and is timed into the report. The weight passes and mixed precision, when asked for, run
+between planning and rewriting (`weight_passes`, `mixed_precision`). This module turns a
+call into a request and runs the stages on it.
 """
 
 from __future__ import annotations

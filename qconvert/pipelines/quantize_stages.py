@@ -265,8 +265,11 @@ def _deferred(state: QuantizeState, calibrated: ir.Model) -> frozenset[str]:
 
     None for symmetric activations, whose zero point cannot perform a Relu's clamp (every
     plan would read them), nor for mixed precision, which keeps clamps float by trial.
+    A clamp the options keep float or override (`--exclude`, `--include-only`, per-node
+    and per-tensor schemes) is known now to need its input's range, so that input is
+    calibrated rather than found missing by the plan, which would calibrate again.
     """
-    scheme = state.scheme
+    scheme, config = state.scheme, state.config
     if (
         not state.defer
         or state.mixed
@@ -275,7 +278,21 @@ def _deferred(state: QuantizeState, calibrated: ir.Model) -> frozenset[str]:
         or scheme.activation_dtype.itemsize != 1
     ):
         return frozenset()
-    return deferrable_tensors(calibrated, tensors_to_calibrate(calibrated))
+    selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
+    overrides = config.overrides
+
+    def planned_as_usual(clamp: ir.Node) -> bool:
+        return (
+            selection.skip_reason(clamp) is None
+            and (clamp.name or "") not in overrides.nodes
+            and not any(
+                v.name in overrides.tensors for v in (*clamp.inputs, *clamp.outputs) if v
+            )
+        )
+
+    return deferrable_tensors(
+        calibrated, tensors_to_calibrate(calibrated), clamp_kept=planned_as_usual
+    )
 
 
 def prepare(state: QuantizeState) -> QuantizeState:
