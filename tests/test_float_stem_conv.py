@@ -16,10 +16,7 @@ from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-import qconvert
 from qconvert import testing
-from qconvert.config import QuantizeConfig
-from qconvert.overrides import load_overrides
 
 CHANNELS, WIDE, SIZE = 3, 32, 16
 STEM = "first Conv on the model's float input, with few multiply-accumulates per output"
@@ -88,19 +85,7 @@ def _samples(count: int) -> list[dict]:
 
 
 def _quantize(model, tmp_path, name, overrides=None):
-    path = testing.save(model, tmp_path / f"{name}.model.onnx")
-    calib = tmp_path / "calib"
-    if not calib.exists():
-        testing.write_samples(calib, _samples(16))
-    out = tmp_path / f"{name}.onnx"
-    config = QuantizeConfig()
-    if overrides is not None:
-        file = tmp_path / f"{name}.toml"
-        file.write_text(overrides)
-        config = QuantizeConfig(overrides=load_overrides(file))
-    report = qconvert.quantize(path, out, data=calib, config=config, recipe="fast")
-    floats = {node.name: node.reason for node in report.conversion.float_nodes}
-    return path, out, floats, report
+    return testing.quantize_fast(model, tmp_path, name, _samples(16), overrides)
 
 
 def test_a_cheap_conv_on_the_float_input_computes_in_float_before_quantized_convs(tmp_path):

@@ -58,8 +58,8 @@ SCHEME_HELP = (
     "first sample (without it: on zeros, or structurally where the float model cannot "
     "run on those; int4 of a model in external data: by an onnxruntime load, not a run). "
     "A model past 2 GB is calibrated with its weights left in its data files. With "
-    "asymmetric activations, tensors only a Relu or Clip reads are left out (onnxruntime "
-    "then fuses the clamp into the op before it); a plan that needs one calibrates "
+    "asymmetric activations, tensors only a Relu reads are left out (onnxruntime "
+    "then fuses the Relu into the op before it); a plan that needs one calibrates "
     "every tensor again.",
 )
 @click.option(

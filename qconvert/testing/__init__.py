@@ -7,7 +7,8 @@ Example::
     testing.save(model, tmp_path / "model.onnx")
 
 The builders live by family (`cnn`, `dense`, `transformer`, `recurrent`, `control_flow`,
-`detectors`, `edge_cases`); writing to disk in `files`, checks on models in `checks`. Every
+`detectors`, `edge_cases`); writing to disk in `files`, checks on models in `checks`, a
+quantize run of a built model in `runs`. Every
 name is re-exported here, so `testing.NAME` is the one way to reach them.
 """
 
@@ -33,6 +34,7 @@ from qconvert.testing.detectors import detector_head
 from qconvert.testing.edge_cases import conv_and_matmul_outputs, integer_only
 from qconvert.testing.files import random_inputs, save, save_with_external_data, write_samples
 from qconvert.testing.recurrent import lstm, recurrent
+from qconvert.testing.runs import quantize_fast
 from qconvert.testing.transformer import (
     embedding_mlp,
     layernorm_matmul,
@@ -61,6 +63,7 @@ __all__ = [
     "output_sqnr",
     "pointwise_hardswish_depthwise",
     "pointwise_two_depthwise",
+    "quantize_fast",
     "random_inputs",
     "recurrent",
     "save",
