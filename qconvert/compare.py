@@ -326,6 +326,35 @@ class _PerLayer:
         return self.layers.result()
 
 
+def compare_on_folder(
+    reference: Side,
+    candidate: Side,
+    evaluation,
+    *,
+    per_layer: bool = False,
+    on_sample: Callable[[], None] | None = None,
+) -> Comparison:
+    """`compare_models` on every sample of an evaluation folder, with its labels if any.
+
+    The labels are the folder's own (`folder_labels`): how `quantize --eval` scores the
+    model it wrote.
+    """
+    labels_path = folder_labels(evaluation.folder)
+    labels = load_labels(labels_path, len(evaluation)) if labels_path else None
+    return compare_models(
+        reference,
+        candidate,
+        evaluation,
+        len(evaluation),
+        options=CompareOptions(
+            labels=labels,
+            labels_path=str(labels_path) if labels_path else None,
+            per_layer=per_layer,
+        ),
+        on_sample=on_sample,
+    )
+
+
 def _session(side: Side, role: str, model: bytes | None = None):
     try:
         return make_session(

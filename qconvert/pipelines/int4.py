@@ -24,7 +24,7 @@ from onnx_ir.passes.common import NameFixPass
 from qconvert import int4_grams
 from qconvert import model as model_io
 from qconvert.awq import ScaleChoice, choose_scale
-from qconvert.compare import CompareOptions, Side, compare_models, folder_labels, load_labels
+from qconvert.compare import Side, compare_on_folder
 from qconvert.config import Format, QuantizeConfig
 from qconvert.dataset import DirectorySource, ImagePreprocessing, input_specs, synthetic_sample
 from qconvert.errors import ConfigError, UnsupportedModelError
@@ -214,18 +214,11 @@ def quantize_int4(
     comparison = None
     if evaluation is not None:
         with timed(timings, "evaluate"):
-            labels_path = folder_labels(evaluation.folder)
-            labels = load_labels(labels_path, len(evaluation)) if labels_path else None
-            comparison = compare_models(
+            comparison = compare_on_folder(
                 Side(model=str(model), path=str(model), bytes=model_io.file_size(model)),
                 Side(model=converted, path=str(output), bytes=model_io.file_size(output)),
                 evaluation,
-                len(evaluation),
-                options=CompareOptions(
-                    labels=labels,
-                    labels_path=str(labels_path) if labels_path else None,
-                    per_layer=per_layer,
-                ),
+                per_layer=per_layer,
             )
     result = Report(
         command="quantize",

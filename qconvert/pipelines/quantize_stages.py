@@ -27,12 +27,9 @@ from qconvert.calibration.deferral import (
 )
 from qconvert.calibration.parallel import DataSpec
 from qconvert.compare import (
-    CompareOptions,
     Comparison,
     Side,
-    compare_models,
-    folder_labels,
-    load_labels,
+    compare_on_folder,
 )
 from qconvert.cpu import lacks_vnni
 from qconvert.dataset import (
@@ -570,17 +567,10 @@ def _evaluate(
     `converted` is the serialized model, or its path when it was saved with external data;
     `reference` is the float model onnxruntime runs (its bytes when its opset was raised).
     """
-    labels_path = folder_labels(evaluation.folder)
-    labels = load_labels(labels_path, len(evaluation)) if labels_path else None
-    return compare_models(
+    return compare_on_folder(
         Side(model=reference, path=str(model), bytes=model_io.file_size(model)),
         Side(model=converted, path=str(output), bytes=model_io.file_size(output)),
         evaluation,
-        len(evaluation),
-        options=CompareOptions(
-            labels=labels,
-            labels_path=str(labels_path) if labels_path else None,
-            per_layer=per_layer,
-        ),
+        per_layer=per_layer,
         on_sample=advance,
     )
