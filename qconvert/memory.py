@@ -102,7 +102,7 @@ def older_objects_set_aside() -> Iterator[None]:
 
     A full collection walks every object the collector tracks, and in a quantize run most
     of them are the modules imported before it (43,000 of 69,000 in the default recipe on
-    the bench's 224 MobileNetV2-style CNN, where the releases took 0.63 s of CPU, against
+    a 224x224 depthwise-separable CNN, where the releases took 0.63 s of CPU, against
     0.17 s with them set aside). What a run drops is made during the run, so nothing the
     releases should free is skipped; objects of the caller that die meanwhile are
     collected after the run, as they would be then anyway. Where objects are frozen

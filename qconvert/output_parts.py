@@ -1,9 +1,9 @@
 """The parts of a graph output that a Concat assembles, so each is scored alone.
 
-A detector's head writes one tensor from parts on unrelated scales: a YOLO-style head
+A detector's head writes one tensor from parts on unrelated scales: an anchor-free head
 concatenates box coordinates in pixels (0 to 320) with class probabilities (0 to 1) along
 axis 1. The SQNR of the whole tensor is the SQNR of its boxes, whose energy is 10^5 times
-the classes': on a 320x320 YOLO-style detector the default int8 model scores 29.8 dB on the
+the classes': on a 320x320 detector of that kind the default int8 model scores 29.8 dB on the
 whole output, its boxes 29.8 dB and its class probabilities 10.7 dB, and the class
 probabilities are what decides a detection (detection F1 73.8% against the float model). A
 score on the whole output calls that model good. Scoring each part alone and counting the

@@ -2,16 +2,15 @@
 
 Calibration reads every tensor it records with a node of its own (`reducing`), and
 onnxruntime fuses only around tensors no other node reads. A Conv whose output only a Relu
-or Clip reads is then two kernels, not one fused Conv+activation, and on a small
-MobileNet-style classifier a calibration run took 2.4x a float run where 1.5x is the
-bound (measured on the bench's text-orientation CNN: 145 tensors, 24 of them such Conv
-outputs).
+or Clip reads is then two kernels, not one fused Conv+activation: on a small depthwise
+classifier (145 calibrated tensors, 24 of them such Conv outputs) a calibration run took
+2.4x a float run where 1.5x is the bound.
 
 Only a Relu's input is left out, not a Clip's. Measured on the calibration stage of two
 224x224 depthwise CNNs whose clamps are Clip(0, 6): leaving out the Clips' inputs raised
-its peak by 55-70 MB (MobileNetV2-style 183 -> 240-255 MB, EfficientNet-Lite0 197-205 ->
-260-264 MB, over the bound of twice a float pass's) and saved no time, where leaving out
-the Relus' inputs of a ResNet-18-style CNN saved 15 MB (362 -> 347) and 7-10% of the time.
+its peak by 55-70 MB (183 -> 240-255 MB and 197-205 -> 260-264 MB, over the bound of
+twice a float pass's) and saved no time, where leaving out the Relus' inputs of an
+18-layer residual CNN saved 15 MB (362 -> 347) and 7-10% of the time.
 
 The plan reads such a tensor only where the clamp after it cannot be absorbed into the
 quantization of the clamp's output (`plan.activations._plan_output`): where the clamp is

@@ -36,8 +36,8 @@ _SHAPE_READERS = frozenset({"Shape", "Size"})
 HEAD_FLOAT_MAX_WEIGHTS = 1 << 16
 """The largest classifier head (in weights) computed in float: beyond it the arithmetic
 an int8 kernel saves counts (a 1000-class head of 1.28 M weights added 6 % of the float
-model's latency to mobilenetv2_style_224's int8 run, measured when a float head still
-dequantized its weights at every run)."""
+model's latency to the int8 run of a 224x224 depthwise-separable CNN, measured when a
+float head still dequantized its weights at every run)."""
 
 THIN_CONV_MAX_CHANNELS = 8
 """A Conv reading at most this many input channels per output (a depthwise Conv reads one,
@@ -119,8 +119,8 @@ class FloatIslandRules(PlannerState):
         most exposed to data unlike the calibration set: a mean over the whole image grows
         with the evidence in it, and logits grow with the model's confidence (clipped, two
         classes saturate to a tie).
-        On PP-OCR's orientation classifier, calibrated on rendered lines and evaluated on
-        a scanned page, the pooled features reach 1.9x and the logits 6x their calibrated
+        On a small text-orientation classifier, calibrated on rendered lines and evaluated
+        on a scanned page, the pooled features reach 1.9x and the logits 6x their calibrated
         range; keeping them float raised top-1 agreement from 87.5 % to 92.2 %.
         """
         rule = ops.quantized_rule(node)
@@ -319,7 +319,7 @@ class FloatIslandRules(PlannerState):
         does too little arithmetic to pay for that: measured one onnxruntime thread, such
         islands ran 1.9x (3x3 depthwise, 32 channels) to 2.9x (5x5 depthwise, 88 channels)
         and 2.2x (3x3 on 3 channels) slower than the float Conv, while islands of 32 input
-        channels and more ran faster in int8. PP-OCR's MobileNetV3 classifier, whose 5x5
+        channels and more ran faster in int8. A small depthwise classifier whose 5x5
         depthwise Convs sit between HardSwish activations, runs in 0.65x of the time with
         them float. Inside an int8 chain the same Convs stay quantized: there the island
         costs are not paid.
@@ -351,33 +351,29 @@ class FloatIslandRules(PlannerState):
         """Whether `node` is a cheap widening Conv from the int8 chain into float ops.
 
         That is a Conv reading a tensor written quantized, doing at most WIDENING_MAX_MACS
-        multiply-accumulates per output value, writing at least as many values as it reads
-        (an expansion Conv, a depthwise Conv at stride 1), whose output no quantized op
-        reads (a HardSwish, then a thin Conv left float: MobileNetV3's block). Quantized,
-        its output would be written as uint8 only to be dequantized at once, in the wider
-        tensor, with a Transpose out of onnxruntime's NHWC integer layout, while the
-        activation after it runs alone. In float, reading its input's DequantizeLinear,
-        the conversions sit on the narrower input and onnxruntime fuses the Conv with the
-        activation (NCHWc Conv + HardSwish). At these sizes the int8 kernel hardly beats
-        the float one: on PP-OCR's orientation classifier (1x1 Convs of 8 to 32 input
-        channels widening 3 to 6 times) the model ran 0.79x float instead of 0.85x (one
-        thread, median of 400 interleaved runs), its nine HardSwish activations fused.
+        multiply-accumulates per output value, writing at least as many values as it reads (an
+        expansion Conv, a depthwise Conv at stride 1), whose output no quantized op reads (a
+        HardSwish, then a thin Conv left float, as in an inverted-residual block with
+        HardSwish). Quantized, its output would be written as uint8 only to be dequantized at
+        once, in the wider tensor, with a Transpose out of onnxruntime's NHWC integer layout,
+        while the activation after it runs alone. In float, reading its input's
+        DequantizeLinear, the conversions sit on the narrower input and onnxruntime fuses the
+        Conv with the activation (NCHWc Conv + HardSwish). At these sizes the int8 kernel
+        hardly beats the float one: on a small text-orientation classifier (1x1 Convs of 8 to
+        32 input channels widening 3 to 6 times) the model ran 0.79x float instead of 0.85x
+        (one thread, median of 400 interleaved runs), its nine HardSwish activations fused.
         """
-        if node.op_type != "Conv" or len(node.inputs) < 2 or not node.outputs:
+        parts = _conv_parts(node)
+        if parts is None:
             return False
-        weight = constant_array(node.inputs[1])
-        source, output = node.inputs[0], node.outputs[0]
-        if weight is None or weight.ndim < 3 or source is None:
-            return False
+        weight, source, output = parts
         if int(np.prod(weight.shape[1:])) > WIDENING_MAX_MACS:
             return False
         if not self._written_quantized(source) or output.is_graph_output():
             return False
         if (node.name or "") in self.overrides.nodes or output.name in self.overrides.tensors:
             return False  # an override file that names it decides for itself
-        written, read = _values(output), _values(source)
-        if written is None or read is None:  # shapes unknown: compare the channels
-            written, read = weight.shape[0], weight.shape[1] * _group(node)
+        written, read = _written_and_read(node, weight)
         if written < read:
             return False
         return bool(output.consumers()) and not self._feeds_quantized(output)
@@ -426,12 +422,10 @@ class FloatIslandRules(PlannerState):
         QuantizeLinear before it and runs on uint8 NCHW values, slower than both (a small
         digit CNN went from 0.83x to 0.93x float).
         """
-        if node.op_type != "Conv" or len(node.inputs) < 2 or not node.outputs:
+        parts = _conv_parts(node)
+        if parts is None:
             return False
-        weight = constant_array(node.inputs[1])
-        source, output = node.inputs[0], node.outputs[0]
-        if weight is None or weight.ndim < 3 or source is None:
-            return False
+        weight, source, output = parts
         if int(np.prod(weight.shape[1:])) > STEM_MAX_MACS or weight.shape[2:] == (1,) * (
             weight.ndim - 2
         ):
@@ -446,9 +440,7 @@ class FloatIslandRules(PlannerState):
             or output.name in self.overrides.tensors
         ):
             return False
-        written, read = _values(output), _values(source)
-        if written is None or read is None:  # shapes unknown: compare the channels
-            written, read = weight.shape[0], weight.shape[1] * _group(node)
+        written, read = _written_and_read(node, weight)
         if written <= read or (_values(output) or STEM_MIN_VALUES) < STEM_MIN_VALUES:
             return False
         return _read_by_convs_only(output) and self._feeds_quantized(output)
@@ -547,6 +539,25 @@ def _read_by_convs_only(value: ir.Value) -> bool:
 
 def _group(node: ir.Node) -> int:
     return node.attributes.get_int("group", 1)
+
+
+def _conv_parts(node: ir.Node) -> tuple[np.ndarray, ir.Value, ir.Value] | None:
+    """(weight, input, output) of a Conv with a constant weight of rank 3 or more."""
+    if node.op_type != "Conv" or len(node.inputs) < 2 or not node.outputs:
+        return None
+    weight = constant_array(node.inputs[1])
+    source = node.inputs[0]
+    if weight is None or weight.ndim < 3 or source is None:
+        return None
+    return weight, source, node.outputs[0]
+
+
+def _written_and_read(node: ir.Node, weight: np.ndarray) -> tuple[int, int]:
+    """The values a Conv writes and reads a sample; its channels when shapes are unknown."""
+    written, read = _values(node.outputs[0]), _values(node.inputs[0])
+    if written is None or read is None:
+        return weight.shape[0], weight.shape[1] * _group(node)
+    return written, read
 
 
 def _values(value: ir.Value) -> int | None:
