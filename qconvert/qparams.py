@@ -189,7 +189,7 @@ def fit_weight_scale_to_bias(
        decay leaves them) has no bias scale: `bias_qparams` would store 1.0 there, and
        onnxruntime fuses a Conv or Gemm into its integer kernel only when the bias scale is
        input scale x weight scale, so the layer ran in float between its Q/DQ (4 Convs of
-       PP-OCRv4's recognizer). Such channels are raised to the smallest weight scale whose
+       a CTC text recognizer). Such channels are raised to the smallest weight scale whose
        product is normal: every weight that small still rounds to 0.
 
     Returns `weight` itself when nothing needs to change.

@@ -21,12 +21,12 @@ and less than any technique here changes a model by when it matters."""
 
 SIGN_TEST_ALPHA = 0.025
 """A step must also raise the SQNR on so many held-out samples, one by one, that a step
-changing nothing but noise would do so with a chance of at most 2.5% (a one-sided sign
-test, the two-sided 5% one; `wins_needed`): 13 of 16 samples, 41 of 64. The pooled SQNR
-is a mean a few samples can carry: on ppocr_cls weight rounding gained 1.8 dB held-out
-while helping only 9 of 16 samples, and won on only 28 of 64 eval samples. At 5% (12 of
-16) DBNet kept bias correction on 12 of 16 (+0.2 dB) and lost 0.6 dB on eval against
-the single pass."""
+changing nothing but noise would do so with a chance of at most 2.5% (a one-sided sign test,
+the two-sided 5% one; `wins_needed`): 13 of 16 samples, 41 of 64. The pooled SQNR is a mean a
+few samples can carry: on a small text-orientation classifier weight rounding gained 1.8 dB
+held-out while helping only 9 of 16 samples, and won on only 28 of 64 eval samples. At 5% (12
+of 16) a text-probability-map detector kept bias correction on 12 of 16 (+0.2 dB) and lost 0.6
+dB on eval against the single pass."""
 
 
 def wins_needed(pairs: int) -> int:

@@ -3,7 +3,7 @@
 One per-tensor activation scale serves every channel. Where a tensor's channels differ in
 range by 10-100x (PP-LCNet's pointwise Convs, MobileOne-style blocks), the narrow channels
 get a handful of levels, and a depthwise Conv that reads them (one channel in, one out)
-cannot average that noise away. On PP-OCRv4's text detector one such tensor quantized
+cannot average that noise away. On a text-probability-map detector one such tensor quantized
 alone costs the output 20 dB.
 
 For a tensor T (channels on axis 1) with a_c = max |T_c| over calibration samples and
@@ -29,10 +29,10 @@ which per-output-channel weights do not absorb: such tensors are left alone (try
 geometric-mean split cross-layer equalization uses there was worse on the detector).
 `EqualizePass` covers Conv -> [Relu] -> Conv pairs by weights; this covers the tensors
 between float islands (HardSwish and the affine ops around it), which it cannot.
-It runs on the prepared model before calibration, so the statistics are those of the
-equalized tensors. It needs the constant ops: folding the affine around a HardSwish into
-the Convs (branch `affinefold`, not merged: it cost DBNet 3.8 -> 0.8 dB) would leave no op
-to carry s, short of per-channel Q/DQ scales at the float island's edges.
+It runs on the prepared model before calibration, so the statistics are those of the equalized
+tensors. It needs the constant ops: folding the affine around a HardSwish into the Convs
+(branch `affinefold`, not merged: it cost that detector 3.8 -> 0.8 dB) would leave no op to
+carry s, short of per-channel Q/DQ scales at the float island's edges.
 """
 
 from __future__ import annotations

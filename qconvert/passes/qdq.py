@@ -264,7 +264,7 @@ def _store_decompressed_at_load(
 ) -> None:
     """Stores a weight of float arithmetic as integers dequantized at load time.
 
-    See `load_dequantize`: PP-OCR's classifier, whose float 5x5 depthwise Convs read
+    See `load_dequantize`: a small depthwise classifier, whose float 5x5 depthwise Convs read
     DequantizeLinear, ran 1.33 ms instead of 0.69 ms.
     """
     integers = qparams.quantize(value.const_value.numpy(), decision.qparams)

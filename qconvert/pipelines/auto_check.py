@@ -4,18 +4,18 @@
 estimate counts each tensor alone, and the two kinds of error do not travel alike: rounding
 noise is zero-mean and averages out over the many inputs of the next layer, while clipping
 always pulls the largest values inwards, so its errors add up coherently layer after layer.
-Per-tensor choices can therefore lose at the output what they win per tensor (ResNet-style
-in `make bench`, 2026-11-23: 27.7 dB output SQNR against minmax's 34.4 dB), and win big
-where outliers stretch the grid (a 6-layer sentence encoder: 4.6 dB against 3.0 dB).
+Per-tensor choices can therefore lose at the output what they win per tensor (an 18-layer
+residual CNN in `make bench`, 2026-11-23: 27.7 dB output SQNR against minmax's 34.4 dB), and
+win big where outliers stretch the grid (a 6-layer sentence encoder: 4.6 dB against 3.0 dB).
 
-So the plan of per-tensor choices is scored against the plan of minmax ranges on a few
-samples (the worst output's SQNR against the float model). As per tensor (`MIN_GAIN`),
-clipping must halve minmax's error to be kept: here its output noise energy, 3 dB of
-SQNR. The margin covers what the score cannot see: both plans are scored on calibration
-samples, the very ones the clipping thresholds were fitted to, and clipped ranges fare
-worse on data unlike them (PP-OCR's classifier, calibrated on rendered lines and run on a
-scanned page: clipping 6 activations scored +1.5 dB on the calibration samples and lost
-4.7 points of top-1 agreement on the page).
+So the plan of per-tensor choices is scored against the plan of minmax ranges on a few samples
+(the worst output's SQNR against the float model). As per tensor (`MIN_GAIN`), clipping must
+halve minmax's error to be kept: here its output noise energy, 3 dB of SQNR. The margin covers
+what the score cannot see: both plans are scored on calibration samples, the very ones the
+clipping thresholds were fitted to, and clipped ranges fare worse on data unlike them (a small
+text-orientation classifier, calibrated on rendered lines and run on a scanned page: clipping 6
+activations scored +1.5 dB on the calibration samples and lost 4.7 points of top-1 agreement on
+the page).
 Without samples to score on (`--calib` without `--eval`) nothing can be checked, and
 minmax, the choice that never clips, is kept.
 """
