@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 import qconvert
-from qconvert import blockwise, testing
+from qconvert import blockwise, nibbles, testing
 from qconvert.blockwise import quantize_rtn
 from qconvert.cli import cli as main
 from qconvert.config import QuantizeConfig
@@ -511,9 +511,9 @@ def test_codes_packed_inside_the_rounding_are_the_bytes_packed_afterwards(
 def test_int4_packing_flips_codes_to_twos_complement_nibbles():
     codes = np.array([[0, 15, 8, 7, 1]], np.uint8)  # an odd count pads with a zero nibble
     # INT4 values -8, 7, 0, -1, -7 -> nibbles 0x8, 0x7, 0x0, 0xF, 0x9
-    assert blockwise.pack_nibbles(codes, flip=True).tolist() == [[0x78, 0xF0, 0x09]]
-    assert blockwise.pack_nibbles(codes).tolist() == [[0xF0, 0x78, 0x01]]
-    assert blockwise.pack_nibbles(codes.T, axis=0).T.tolist() == [[0xF0, 0x78, 0x01]]
+    assert nibbles.pack_nibbles(codes, flip=True).tolist() == [[0x78, 0xF0, 0x09]]
+    assert nibbles.pack_nibbles(codes).tolist() == [[0xF0, 0x78, 0x01]]
+    assert nibbles.pack_nibbles(codes.T, axis=0).T.tolist() == [[0xF0, 0x78, 0x01]]
 
 
 @pytest.mark.parametrize("head", ["matmul", "gemm"])

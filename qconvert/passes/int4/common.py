@@ -12,9 +12,10 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from qconvert.blockwise import BlockQuantized, pack_nibbles
+from qconvert.blockwise import BlockQuantized
 from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
+from qconvert.nibbles import pack_nibbles
 from qconvert.plan.int4 import BlockedWeight
 from qconvert.schemes import BlockedWeightScheme
 from qconvert.streaming import Lookahead
