@@ -22,17 +22,6 @@ whose numbers change gets a fresh name.
    Q/DQ pairs (an integer Add, two dequantized operands, a float Mul and Div) become one
    float op between one DequantizeLinear and one QuantizeLinear: fewer roundings and
    fewer passes over the tensor.
-4. `Mul(Conv(x), c)` (or ConvTranspose with group 1), with `c` constant along the output
-   channels only (a per-channel or scalar scale: the learnable affine layers some mobile
-   backbones put after each Conv, `scale * y + bias` written as a Mul and an Add), becomes
-   the Conv's weight and bias:  W'[o] = c[o] W[o],  b' = c b.  The Add after it then
-   folds by rule 1. Two float passes over the Conv's output (or, after a quantized Conv,
-   two float ops between its DequantizeLinear and the next QuantizeLinear) are gone.
-5. `Conv(x * a + b)` with scalar constants a and b (either alone too), where every reader
-   is a Conv with no padding (each output sums whole kernels of real inputs), folds into
-   each reader:  W' = a W,  b'[o] = b_conv[o] + b * sum(W[o]).  With padding the border
-   outputs would sum `b` where the Conv pads zeros, so padded readers keep the ops. The
-   affine layer after an activation is this (its Conv the next block's 1x1).
 """
 
 from __future__ import annotations
@@ -142,115 +131,6 @@ class FoldConvAddIntoBiasPass(ir.passes.InPlacePass):
         if modified:
             RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=modified)
-
-
-class FoldConvMulIntoWeightPass(ir.passes.InPlacePass):
-    """Rule 4: a constant per-channel Mul after a Conv scales the Conv's weight and bias."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        names = NameAllocator(graph)
-        modified = False
-        for conv in list(graph):
-            found = foldable_conv(conv)
-            mul = sole_reader(conv.outputs[0], "Mul") if found is not None else None
-            if mul is None:
-                continue
-            weight, bias = found
-            # ConvTranspose's output channels are a whole axis of its weight with group 1.
-            axis = 0 if conv.op_type == "Conv" else 1
-            if axis == 1 and conv.attributes.get_int("group", 1) != 1:
-                continue
-            other = mul.inputs[1] if mul.inputs[0] is conv.outputs[0] else mul.inputs[0]
-            array = constant_array(other)
-            channels = output_channels(conv, weight)
-            vector = (
-                channel_vector(array, channels, weight.ndim) if array is not None else None
-            )
-            if vector is None or other is conv.outputs[0]:
-                continue
-            shape = [1] * weight.ndim
-            shape[axis] = channels
-            scale = vector.astype(np.float64)
-            new_weight = (weight.astype(np.float64) * scale.reshape(shape)).astype(np.float32)
-            bias = np.zeros(channels, np.float32) if bias is None else bias
-            new_bias = (bias.astype(np.float64) * scale).astype(np.float32)
-            set_weight_and_bias(graph, names, conv, new_weight, new_bias)
-            replace_keeping_name(graph, mul, conv.outputs[0])
-            modified = True
-        if modified:
-            RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified=modified)
-
-
-class FoldScalarAffineIntoConvPass(ir.passes.InPlacePass):
-    """Rule 5: a scalar Mul or Add read only by unpadded Convs folds into each of them."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        names = NameAllocator(graph)
-        modified, changed = False, True
-        # An Add folds first; the Mul before it is then read by the Convs, and folds next.
-        while changed:
-            changed = False
-            for node in list(graph):
-                split = _scalar_operand(node)
-                if split is None:
-                    continue
-                source, constant = split
-                readers = node.outputs[0].consumers()
-                if node.outputs[0].is_graph_output() or not readers:
-                    continue
-                if not all(_unpadded_conv_of(reader, node.outputs[0]) for reader in readers):
-                    continue
-                for conv in set(readers):
-                    weight, bias = foldable_conv(conv)
-                    bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
-                    wide = weight.astype(np.float64)
-                    if node.op_type == "Mul":
-                        wide = wide * constant
-                        new_bias = bias.astype(np.float64)
-                    else:
-                        sums = wide.sum(axis=tuple(range(1, wide.ndim)))
-                        new_bias = bias.astype(np.float64) + constant * sums
-                    set_weight_and_bias(
-                        graph,
-                        names,
-                        conv,
-                        wide.astype(np.float32),
-                        new_bias.astype(np.float32),
-                    )
-                    conv.replace_input_with(0, source)
-                graph.remove(node, safe=True)
-                modified = changed = True
-        return ir.passes.PassResult(model, modified=modified)
-
-
-def _scalar_operand(node: ir.Node) -> tuple[ir.Value, float] | None:
-    """(the other input, the constant) of an Add or Mul with one float32 scalar constant."""
-    if node.op_type not in ("Add", "Mul") or node.domain not in ("", "ai.onnx"):
-        return None
-    if len(node.inputs) != 2 or len(node.outputs) != 1 or None in node.inputs:
-        return None
-    for index in (0, 1):
-        array = constant_array(node.inputs[index])
-        other = node.inputs[1 - index]
-        if array is None or other.const_value is not None:
-            continue
-        if array.dtype == np.float32 and array.size == 1 and array.ndim <= 1:
-            return other, float(array.reshape(()))
-    return None
-
-
-def _unpadded_conv_of(node: ir.Node, value: ir.Value) -> bool:
-    """Whether `node` is a Conv reading `value` as its data only, with no padding."""
-    if node.op_type != "Conv" or foldable_conv(node) is None:
-        return False
-    if node.inputs[0] is not value or any(v is value for v in node.inputs[1:]):
-        return False
-    if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        return False
-    return not any(node.attributes.get_ints("pads", []))
 
 
 class FoldHardSigmoidIntoConvPass(ir.passes.InPlacePass):
