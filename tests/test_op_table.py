@@ -205,7 +205,18 @@ def _cases() -> dict[str, Case]:
         ),
         "Resize": Case(
             _feature_model(
-                [h.make_node("Resize", ["a", "", "scales"], ["m"], name="op", mode="nearest")],
+                # align_corners: not a whole-factor repeat, which runs as a broadcast of
+                # the integers instead (tests/test_resize_on_integers.py).
+                [
+                    h.make_node(
+                        "Resize",
+                        ["a", "", "scales"],
+                        ["m"],
+                        name="op",
+                        mode="nearest",
+                        coordinate_transformation_mode="align_corners",
+                    )
+                ],
                 [nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
                 C,
             ),

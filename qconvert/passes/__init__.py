@@ -7,6 +7,7 @@ from qconvert.passes.pad import FoldPadIntoReaderPass, PadOnIntegersPass
 from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
 from qconvert.passes.qop import QDQToQOperatorPass
+from qconvert.passes.resize import ResizeOnIntegersPass
 
 __all__ = [
     "CastToFloat16Pass",
@@ -17,6 +18,7 @@ __all__ = [
     "InsertQDQPass",
     "PadOnIntegersPass",
     "QDQToQOperatorPass",
+    "ResizeOnIntegersPass",
     "StoreWeightsAsFloat16Pass",
     "UpgradeOpsetPass",
     "prepare",

@@ -223,7 +223,7 @@ class PadOnIntegersPass(ir.passes.InPlacePass):
         for pad in list(graph):
             if pad.op_type != "Pad" or not _standard(pad) or not pad.inputs:
                 continue
-            match = _qdq_around(pad)
+            match = qdq_around(pad)
             if match is None:
                 continue
             dequantize, quantize, integers, dtype = match
@@ -259,25 +259,26 @@ class PadOnIntegersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
 
-def _qdq_around(pad: ir.Node) -> tuple[ir.Node, ir.Node, ir.Value, np.dtype] | None:
-    """(DQ before, Q after, the integers, their type) around `pad`, or None.
+def qdq_around(node: ir.Node) -> tuple[ir.Node, ir.Node, ir.Value, np.dtype] | None:
+    """(DQ before, Q after, the integers, their type) around `node`, or None.
 
-    That is a matching per-tensor 8-bit DequantizeLinear/QuantizeLinear pair, the Q the
-    Pad's only reader.
+    That is a matching per-tensor 8-bit DequantizeLinear/QuantizeLinear pair on the node's
+    first input and output, the Q its only reader (a node that only moves or copies
+    values, as Pad and Resize, then writes the integers the Q wrote).
     """
-    dequantize = pad.inputs[0].producer() if pad.inputs[0] is not None else None
-    readers = pad.outputs[0].consumers()
+    dequantize = node.inputs[0].producer() if node.inputs[0] is not None else None
+    readers = node.outputs[0].consumers()
     if (
         dequantize is None
         or dequantize.op_type != "DequantizeLinear"
-        or pad.outputs[0].is_graph_output()
+        or node.outputs[0].is_graph_output()
         or len(readers) != 1
         or readers[0].op_type != "QuantizeLinear"
         or readers[0].domain != dequantize.domain
     ):
         return None
     quantize = readers[0]
-    if quantize.inputs[0] is not pad.outputs[0] or len(dequantize.inputs) < 3:
+    if quantize.inputs[0] is not node.outputs[0] or len(dequantize.inputs) < 3:
         return None
     if len(quantize.inputs) < 3:
         return None

@@ -23,6 +23,7 @@ from qconvert.passes import (
     InsertQDQPass,
     PadOnIntegersPass,
     QDQToQOperatorPass,
+    ResizeOnIntegersPass,
     StoreWeightsAsFloat16Pass,
 )
 from qconvert.pipelines.stages import (
@@ -117,7 +118,11 @@ def apply_plan(
     """`model` rewritten by the passes of the plan's scheme (in place, and returned)."""
     scheme = plan.scheme
     if isinstance(scheme, StaticScheme):
-        passes = [InsertQDQPass(plan=plan, domain=qdq_domain), PadOnIntegersPass()]
+        passes = [
+            InsertQDQPass(plan=plan, domain=qdq_domain),
+            PadOnIntegersPass(),
+            ResizeOnIntegersPass(),
+        ]
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
     elif isinstance(scheme, DynamicScheme):

@@ -20,6 +20,7 @@ from qconvert.testing.cnn import (
     conv_relu_conv,
     pointwise_hardswish_depthwise,
     pointwise_two_depthwise,
+    upsample_add,
 )
 from qconvert.testing.control_flow import loop_matmul_relu, loop_matmul_scaled_sigmoid
 from qconvert.testing.dense import (
@@ -72,5 +73,6 @@ __all__ = [
     "sequence_mlp",
     "tied_decoder",
     "two_inputs",
+    "upsample_add",
     "write_samples",
 ]

@@ -139,3 +139,48 @@ def pointwise_two_depthwise(
             "w4": (random_weights(rng, channels, 1, 5, 5) / gains).astype(np.float32),
         },
     )
+
+
+def upsample_add(
+    factor: int = 2,
+    channels: int = 8,
+    *,
+    coordinate_mode: str = "asymmetric",
+    nearest_mode: str = "floor",
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """One top-down step of a feature pyramid: nearest upsampling, then a lateral Add.
+
+    Conv 3x3 -> Relu (the lateral map, [N, C, H, W]) -> Conv 3x3 with stride `factor` ->
+    Relu -> Resize nearest x`factor` -> Add (lateral) -> Conv 1x1. H and W are dynamic
+    (multiples of `factor`), as in a text detector's head. Input [N, 3, H, W]; output
+    [N, 4, H, W].
+    """
+    rng = np.random.default_rng(seed)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        upsample_add (float[N,3,H,W] input) => (float[N,4,H,W] output) {{
+            c1 = Conv <pads = [1,1,1,1], kernel_shape = [3,3]> (input, w1, b1)
+            lateral = Relu (c1)
+            c2 = Conv <pads = [1,1,1,1], kernel_shape = [3,3], strides = [{factor},{factor}]>
+                (lateral, w2, b2)
+            top = Relu (c2)
+            up = Resize <mode = "nearest", nearest_mode = "{nearest_mode}",
+                coordinate_transformation_mode = "{coordinate_mode}"> (top, roi, scales)
+            merged = Add (up, lateral)
+            output = Conv <kernel_shape = [1,1]> (merged, w3, b3)
+        }}
+    """
+    return checked_model(
+        text,
+        {
+            "w1": random_weights(rng, channels, 3, 3, 3),
+            "b1": random_weights(rng, channels, scale=0.1),
+            "w2": random_weights(rng, channels, channels, 3, 3, scale=0.2),
+            "b2": random_weights(rng, channels, scale=0.1),
+            "roi": np.zeros(0, np.float32),
+            "scales": np.array([1, 1, factor, factor], np.float32),
+            "w3": random_weights(rng, 4, channels, 1, 1),
+            "b3": random_weights(rng, 4, scale=0.1),
+        },
+    )
