@@ -12,7 +12,9 @@ minmax), bias correction, weight rounding that minimises each layer's output err
 kept only when it improves the held-out fidelity (`Fidelity.improves`: SQNR up over all
 samples and on most of them one by one, a sign test, so a gain a few samples carry is
 dropped as "gain within noise"; top-1 agreement down by at most one sample, and by none
-below the top-1 floor); the kept steps compose, each tried on top of those kept before.
+below the top-1 floor; bias correction, weight rounding and the float input step are
+judged on balance instead, `ON_BALANCE`); the kept steps compose, each tried on top of
+those kept before.
 
 If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`, and for
 classifiers `min_top1_agreement`), nodes are raised: a raised node computes in float from
