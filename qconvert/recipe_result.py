@@ -187,10 +187,13 @@ class Fidelity:
             slack = 1.0 / self.top1_rows
         return self.top1_agreement >= other.top1_agreement - slack - 1e-9
 
-    def better_on_balance(self, other: Fidelity, *, top1_floor: float = 0.0) -> bool:
+    def better_on_balance(
+        self, other: Fidelity, *, top1_floor: float = 0.0, min_gain_db: float = 0.0
+    ) -> bool:
         """Whether a step the held-out samples need not prove is no worse than `other`.
 
-        Better over all samples (`pooled_better`), worse on no more samples than it is
+        Better over all samples (`pooled_better`, and by `min_gain_db` at least,
+        `gain_db`), worse on no more samples than it is
         better on, still better on the per-sample mean without the sample it helps most,
         and top-1 agreement kept as `improves` keeps it. For steps that fit nothing to
         the samples (a rounding taken away) or that are nearly always right on average
@@ -202,6 +205,8 @@ class Fidelity:
         if not self.keeps_top1(other, top1_floor=top1_floor):
             return False
         if math.isnan(self.sqnr_db) or not self.pooled_better(other):
+            return False
+        if self.gain_db(other) < min_gain_db:
             return False
         pairs = self.paired(other)
         if not pairs:
@@ -322,11 +327,14 @@ def verdict_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0
     return f"gain within noise: better on {wins} ({needed})"
 
 
-def balance_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0) -> str:
+def balance_detail(
+    after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0, min_gain_db: float = 0.0
+) -> str:
     """What decided a step `Fidelity.better_on_balance` judges.
 
-    `better on 6/16 samples, worse on 5`, or `top-1 down 1 of 16 rows, below the 97%
-    floor` for one agreement vetoed.
+    `better on 6/16 samples, worse on 5`; `gain under 0.5 dB: better on 12/16 samples,
+    worse on 4`; `gain within noise: ...` where the samples but the one it helps most
+    lose; `top-1 down 1 of 16 rows, below the 97% floor` for one agreement vetoed.
     """
     if not after.keeps_top1(before, top1_floor=top1_floor) and after.keeps_top1(before):
         lost = round((before.top1_agreement - after.top1_agreement) * after.top1_rows)
@@ -340,7 +348,11 @@ def balance_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0
     wins = sum(a > b for a, b in pairs)
     losses = sum(a < b for a, b in pairs)
     text = f"better on {wins}/{len(pairs)} samples, worse on {losses}"
-    if after.pooled_better(before) and not after.better_on_balance(before):
+    if not after.pooled_better(before) or not after.keeps_top1(before, top1_floor=top1_floor):
+        return text
+    if after.gain_db(before) < min_gain_db:
+        return f"gain under {min_gain_db:g} dB: {text}"
+    if not after.better_on_balance(before, top1_floor=top1_floor):
         return f"gain within noise: {text}"
     return text
 

@@ -12,7 +12,7 @@ from conftest import sha256
 import qconvert
 from qconvert import testing
 from qconvert.pipelines.recipe import HeldOut, held_out_indices
-from qconvert.recipe_result import Fidelity, wins_needed
+from qconvert.recipe_result import Fidelity, balance_detail, wins_needed
 
 SAMPLES = 48
 
@@ -65,6 +65,15 @@ def test_bias_correction_and_weight_rounding_are_judged_on_balance():
     assert not carried.better_on_balance(before)
     # Worse over all samples: dropped.
     assert not _fidelity([20.05] * 16).better_on_balance(before)
+    # Bias correction and weight rounding must gain 0.5 dB over all (`ON_BALANCE`).
+    small = _fidelity([20.6] * 10 + [19.9] * 6)
+    assert 0.1 < small.gain_db(before) < 0.5
+    assert small.better_on_balance(before)
+    assert not small.better_on_balance(before, min_gain_db=0.5)
+    assert balance_detail(small, before, min_gain_db=0.5) == (
+        "gain under 0.5 dB: better on 10/16 samples, worse on 6"
+    )
+    assert mostly.better_on_balance(before, min_gain_db=0.5)
     # Frames decide for sequences: fewer disagreeing frames over all and on balance.
     frames_before = Fidelity(
         sqnr_db=15.0,
