@@ -641,8 +641,7 @@ def _equalized(base: QuantizeState, stages: RecipeStages, *, rounding: bool) -> 
     The ranges follow the base plan's choice (minmax everywhere, or auto's clipping): the
     range method has had its own trial. `rounding`: whether weight rounding is kept, and
     will run on the equalized model; where it is not, bias correction's float pass on it
-    measures no H for rounding (the MobileNetV2-style CNN's equalization trial, bias
-    correction kept: 13.4 s, most of it H no step used).
+    measures no H for rounding (`FloatInputs.grams`), which no step would use.
     """
     state = base.replace(
         float_model=base.float_model.clone(),
