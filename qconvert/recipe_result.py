@@ -193,9 +193,9 @@ class Fidelity:
         """Whether a step the held-out samples need not prove is no worse than `other`.
 
         Better over all samples (`pooled_better`, and by `min_gain_db` at least,
-        `gain_db`), worse on no more samples than it is
-        better on, still better on the per-sample mean without the sample it helps most,
-        and top-1 agreement kept as `improves` keeps it. For steps that fit nothing to
+        `gain_db`), worse on no more samples than it is better on, still better on the
+        per-sample mean without the sample it helps most, and top-1 agreement kept as
+        `improves` keeps it. For steps that fit nothing to
         the samples (a rounding taken away) or that are nearly always right on average
         (bias correction, weight rounding: `pipelines.recipe.ON_BALANCE`): the sign test
         would drop gains too small for 16 samples to resolve, and the samples need only
