@@ -187,21 +187,34 @@ class Fidelity:
             slack = 1.0 / self.top1_rows
         return self.top1_agreement >= other.top1_agreement - slack - 1e-9
 
-    def removes_error(self, other: Fidelity, *, top1_floor: float = 0.0) -> bool:
-        """Whether a step that only takes a rounding away is no worse than `other`.
+    def better_on_balance(
+        self, other: Fidelity, *, top1_floor: float = 0.0, min_gain_db: float = 0.0
+    ) -> bool:
+        """Whether a step the held-out samples need not prove is no worse than `other`.
 
-        Better over all samples (`pooled_better`), worse on no more samples than it is
-        better on, and top-1 agreement kept as `improves` keeps it. Such a step fits
-        nothing to the samples, so it has no gain that held-out samples favour and unseen
-        ones do not: the sign test, which guards against that, would only drop a gain
-        too small for 16 samples to resolve.
+        Better over all samples (`pooled_better`, and by `min_gain_db` at least,
+        `gain_db`), worse on no more samples than it is better on, still better on the
+        per-sample mean without the sample it helps most, and top-1 agreement kept as
+        `improves` keeps it. For steps that fit nothing to
+        the samples (a rounding taken away) or that are nearly always right on average
+        (bias correction, weight rounding: `pipelines.recipe.ON_BALANCE`): the sign test
+        would drop gains too small for 16 samples to resolve, and the samples need only
+        not say it is worse. Leaving the best sample out keeps what the sign test guards
+        against out too: a pooled gain one sample carries while the others lose.
         """
         if not self.keeps_top1(other, top1_floor=top1_floor):
             return False
         if math.isnan(self.sqnr_db) or not self.pooled_better(other):
             return False
+        if self.gain_db(other) < min_gain_db:
+            return False
         pairs = self.paired(other)
-        return sum(a > b for a, b in pairs) >= sum(a < b for a, b in pairs)
+        if not pairs:
+            return True
+        gains = sorted(a - b for a, b in pairs)
+        if sum(gains[:-1]) <= 0.0:
+            return False
+        return sum(g > 0 for g in gains) >= sum(g < 0 for g in gains)
 
     def holds_on_samples(self, other: Fidelity) -> bool:
         """Whether this beats `other` on enough samples one by one (`wins_needed`).
@@ -314,14 +327,34 @@ def verdict_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0
     return f"gain within noise: better on {wins} ({needed})"
 
 
-def removed_error_detail(after: Fidelity, before: Fidelity) -> str:
-    """`better on 6/16 samples, worse on 5`: what decided a step `removes_error` judges."""
+def balance_detail(
+    after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0, min_gain_db: float = 0.0
+) -> str:
+    """What decided a step `Fidelity.better_on_balance` judges.
+
+    `better on 6/16 samples, worse on 5`; `gain under 0.5 dB: better on 12/16 samples,
+    worse on 4`; `gain within noise: ...` where the samples but the one it helps most
+    lose; `top-1 down 1 of 16 rows, below the 97% floor` for one agreement vetoed.
+    """
+    if not after.keeps_top1(before, top1_floor=top1_floor) and after.keeps_top1(before):
+        lost = round((before.top1_agreement - after.top1_agreement) * after.top1_rows)
+        return (
+            f"top-1 down {lost} of {after.top1_rows} rows, below the "
+            f"{top1_floor * 100:g}% floor"
+        )
     pairs = after.paired(before)
     if not pairs:
         return ""
     wins = sum(a > b for a, b in pairs)
     losses = sum(a < b for a, b in pairs)
-    return f"better on {wins}/{len(pairs)} samples, worse on {losses}"
+    text = f"better on {wins}/{len(pairs)} samples, worse on {losses}"
+    if not after.pooled_better(before) or not after.keeps_top1(before, top1_floor=top1_floor):
+        return text
+    if after.gain_db(before) < min_gain_db:
+        return f"gain under {min_gain_db:g} dB: {text}"
+    if not after.better_on_balance(before, top1_floor=top1_floor):
+        return f"gain within noise: {text}"
+    return text
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

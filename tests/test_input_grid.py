@@ -15,7 +15,7 @@ from qconvert.input_grid import first_readers, off_grid_inputs
 from qconvert.pipelines.recipe import held_out_indices
 from qconvert.plan import QuantPlan, Role, TensorDecision
 from qconvert.qparams import QParams
-from qconvert.recipe_result import Fidelity, RecipeOptions, removed_error_detail
+from qconvert.recipe_result import Fidelity, RecipeOptions, balance_detail
 
 SAMPLES = 48
 
@@ -142,8 +142,8 @@ def test_a_removed_rounding_is_kept_unless_it_loses_more_samples_than_it_wins():
     # enough for a step that only takes a rounding away.
     mixed = _sqnrs([11.0] * 6 + [9.9] * 5 + [10.0] * 5)
     assert not mixed.improves(before)
-    assert mixed.removes_error(before)
-    assert removed_error_detail(mixed, before) == "better on 6/16 samples, worse on 5"
+    assert mixed.better_on_balance(before)
+    assert balance_detail(mixed, before) == "better on 6/16 samples, worse on 5"
     # Worse on more samples than better, or worse over all: dropped.
-    assert not _sqnrs([12.0] * 5 + [9.9] * 6 + [10.0] * 5).removes_error(before)
-    assert not _sqnrs([10.05] * 16).removes_error(before)
+    assert not _sqnrs([12.0] * 5 + [9.9] * 6 + [10.0] * 5).better_on_balance(before)
+    assert not _sqnrs([10.05] * 16).better_on_balance(before)

@@ -89,6 +89,62 @@ def test_a_step_that_hurts_on_held_out_samples_is_dropped(tmp_path):
     )
 
 
+def _mixed_means_case(tmp_path, *, seed: int = 0, count: int = SAMPLES, first: int = 0):
+    """The `_gemm_case` Gemm, on samples whose common component has mean 1, or 0.3 on
+    three of every eight (spread so that 6 of the 16 held out are such); returns the model
+    path and the samples, numbered from `first`."""
+    rng = np.random.default_rng(0)
+    w = 0.05 * rng.standard_normal((8, 32))
+    w[0, 0] = 1.0
+    path = testing.save(testing.gemm_bias(w, np.zeros(8)), tmp_path / "model.onnx")
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(first, first + count):
+        mean = 0.3 if i % 8 in (1, 4, 7) else 1.0
+        row = mean + 0.05 * rng.standard_normal() + 0.05 * rng.standard_normal(32)
+        samples.append({"input": row[None].astype(np.float32)})
+    return path, samples
+
+
+def test_bias_correction_that_helps_most_samples_a_lot_is_kept_without_the_sign_test(
+    tmp_path,
+):
+    # Bias correction shifts by the calibration mean (about 0.78): the samples of mean 1
+    # gain 10-14 dB, those of mean 0.3 lose 2-10 dB. 10 of 16 held out win: the sign test
+    # wants 13, but bias correction is kept on balance (`ON_BALANCE`), and it is right to:
+    # unseen samples of the same mixture gain too.
+    path, samples = _mixed_means_case(tmp_path)
+    testing.write_samples(tmp_path / "calib", samples)
+    config = qconvert.QuantizeConfig(per_channel=False)
+    report = qconvert.quantize(
+        path, tmp_path / "q.onnx", data=tmp_path / "calib", config=config
+    )
+    correction = _trial(report, "bias correction")
+    gains = np.subtract(correction.after.per_sample_db, correction.before.per_sample_db)
+    assert 4 <= int(np.sum(gains < 0)) <= 6 and int(np.sum(gains > 0)) < 13
+    assert not correction.after.improves(correction.before)  # the sign test's verdict
+    assert correction.kept and "bias correction" in report.conversion.recipe.kept
+    assert correction.detail.startswith("better on 10/16 samples, worse on 6")
+    fast, corrected = tmp_path / "fast.onnx", tmp_path / "bc.onnx"
+    qconvert.quantize(path, fast, data=tmp_path / "calib", config=config, recipe="fast")
+    qconvert.quantize(
+        path,
+        corrected,
+        data=tmp_path / "calib",
+        config=qconvert.QuantizeConfig(per_channel=False, bias_correction=True),
+    )
+    (tmp_path / "unseen").mkdir()
+    _, unseen = _mixed_means_case(tmp_path / "unseen", seed=1, count=32, first=3)
+    assert (
+        testing.output_sqnr(path, corrected, unseen)
+        > testing.output_sqnr(path, fast, unseen) + 3.0
+    )
+    # The decision is deterministic: a second run writes the same bytes.
+    again = tmp_path / "again.onnx"
+    qconvert.quantize(path, again, data=tmp_path / "calib", config=config)
+    assert sha256(again) == sha256(tmp_path / "q.onnx")
+
+
 def conv_case(tmp_path):
     """conv_bn_relu saved with SAMPLES random samples in calib/; returns the model path."""
     model = testing.conv_bn_relu()

@@ -3,6 +3,7 @@ carry; the decided recipe is refitted on every sample."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import sha256
 import qconvert
 from qconvert import testing
 from qconvert.pipelines.recipe import HeldOut, held_out_indices
-from qconvert.recipe_result import Fidelity, wins_needed
+from qconvert.recipe_result import Fidelity, balance_detail, wins_needed
 
 SAMPLES = 48
 
@@ -46,6 +47,46 @@ def test_a_gain_one_sample_carries_is_noise_and_one_on_every_sample_is_not():
     assert Fidelity(sqnr_db=21.0, top1_agreement=None).improves(
         Fidelity(sqnr_db=20.0, top1_agreement=None)
     )
+
+
+def test_bias_correction_and_weight_rounding_are_judged_on_balance():
+    before = _fidelity([20.0] * 16)
+    # Most samples gain a lot, a few lose a little: better on 10 of 16, which the sign
+    # test (13) calls noise, and kept on balance.
+    mostly = _fidelity([23.0] * 10 + [19.5] * 6)
+    assert not mostly.improves(before)
+    assert mostly.better_on_balance(before)
+    # Better on fewer samples than worse: dropped, however large the pooled gain.
+    assert not _fidelity([26.0] * 7 + [19.8] * 9).better_on_balance(before)
+    # A pooled gain one sample carries, the others losing more than they gain (though
+    # better on 9 and worse on 7): dropped.
+    carried = _fidelity([40.0] + [20.1] * 8 + [19.8] * 7)
+    assert carried.sqnr_db >= before.sqnr_db + 0.1
+    assert not carried.better_on_balance(before)
+    # Worse over all samples: dropped.
+    assert not _fidelity([20.05] * 16).better_on_balance(before)
+    # Bias correction and weight rounding must gain 0.5 dB over all (`ON_BALANCE`).
+    small = _fidelity([20.6] * 10 + [19.9] * 6)
+    assert 0.1 < small.gain_db(before) < 0.5
+    assert small.better_on_balance(before)
+    assert not small.better_on_balance(before, min_gain_db=0.5)
+    assert balance_detail(small, before, min_gain_db=0.5) == (
+        "gain under 0.5 dB: better on 10/16 samples, worse on 6"
+    )
+    assert mostly.better_on_balance(before, min_gain_db=0.5)
+    # Frames decide for sequences: fewer disagreeing frames over all and on balance.
+    frames_before = Fidelity(
+        sqnr_db=15.0,
+        top1_agreement=None,
+        frame_agreement=0.9,
+        frame_rows=160,
+        per_sample_frames=(1,) * 16,
+    )
+    frames_after = dataclasses.replace(
+        frames_before, frame_agreement=0.925, per_sample_frames=(0,) * 9 + (1,) * 3 + (2,) * 4
+    )
+    assert not frames_after.improves(frames_before)  # 9 of 13 untied: the sign test wants 11
+    assert frames_after.better_on_balance(frames_before)
 
 
 def _one_large_sample_case(tmp_path):

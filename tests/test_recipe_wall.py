@@ -311,6 +311,42 @@ def test_bias_corrections_float_pass_measures_weight_roundings_first_h(tmp_path,
     assert sha256(tmp_path / "shared.onnx") == sha256(tmp_path / "apart.onnx")
 
 
+def test_bias_correction_measures_no_h_where_rounding_does_not_follow(tmp_path, monkeypatch):
+    # The recipe's equalized model is corrected (bias correction kept) but not rounded
+    # when weight rounding was dropped: its float pass then measures no H for rounding.
+    path = conv_case(tmp_path)
+    seen = []
+    real = quantize_pipeline.correct_biases_of
+    monkeypatch.setattr(
+        quantize_pipeline,
+        "correct_biases_of",
+        lambda prepared, plan, source, originals, inputs=None: (
+            seen.append((prepared, plan, source))
+            or real(prepared, plan, source, originals, inputs)
+        ),
+    )
+    config = qconvert.QuantizeConfig(bias_correction=True)
+    qconvert.quantize(path, tmp_path / "q.onnx", data=tmp_path / "calib", config=config)
+    prepared, plan, source = seen[0]
+    asked = []
+
+    def grams_of():
+        asked.append(1)
+        return weight_passes.FloatInputs().first_grams_wanted(prepared, plan)
+
+    rounding = weight_passes.FloatInputs()
+    means = rounding.means(prepared, plan, source, grams_of=grams_of)
+    assert asked and rounding.grams  # H of the first layers, for rounding to take
+    asked.clear()
+    alone = weight_passes.FloatInputs(rounding_follows=False)
+    assert not asked
+    alone_means = alone.means(prepared, plan, source, grams_of=grams_of)
+    assert not asked and not alone.grams
+    assert means.keys() == alone_means.keys()
+    for name, mean in means.items():
+        assert np.array_equal(mean, alone_means[name])  # the same means either way
+
+
 def _count_float_runs(monkeypatch) -> list[int]:
     """The sample counts of the weight passes' float runs, in the order they run."""
     measured = []

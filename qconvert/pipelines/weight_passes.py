@@ -218,7 +218,13 @@ class FloatInputs:
     prepared model only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, rounding_follows: bool = True) -> None:
+        """Nothing measured yet.
+
+        `rounding_follows`: False where weight rounding will not run on this model, so
+        bias correction's float pass has no H to measure for it (`grams`).
+        """
+        self.rounding_follows = rounding_follows
         self.parts: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
         """Per bias-corrected input tensor, per sample (its source): the sum of the
         tensor's values per channel, and how many values each channel summed. Kept per
@@ -281,7 +287,9 @@ class FloatInputs:
             )
             runs = _float_runs(prepared, names, source.select(unseen))
             exposed = set(names)
-            every = grams_of is not None and len(unseen) == len(sources)
+            every = (
+                grams_of is not None and self.rounding_follows and len(unseen) == len(sources)
+            )
             measured = [
                 node
                 for node in (grams_of() if every else [])
