@@ -1,8 +1,9 @@
 """What the weight passes hold while their float runs build a session (`weight_passes`).
 
 The float model is handed to onnxruntime as its graph's bytes beside the model's own
-weight arrays, never a copy of them; and each run of weight rounding's layers is freed
-before the next run's session is built on top of it.
+weight arrays, never a copy of them; each run of weight rounding's layers is freed before
+the next run's session is built on top of it, and bias correction's float pass before the
+corrections are computed.
 """
 
 from __future__ import annotations
@@ -50,3 +51,32 @@ def test_each_run_of_weight_rounding_is_freed_before_the_next_session(tmp_path, 
     )
 
     assert events == ["session", "release", "session", "release"]
+
+
+def test_bias_corrections_float_pass_is_freed_before_the_corrections(tmp_path, monkeypatch):
+    model = testing.conv_bn_relu(channels=8)
+    path = testing.save(model, tmp_path / "model.onnx")
+    calib = testing.write_samples(
+        tmp_path / "calib",
+        [testing.random_inputs(model, batch=1, seed=seed) for seed in range(8)],
+    )
+    events = []
+    make_session = weight_passes.make_session
+    correct = weight_passes.correct_biases
+    monkeypatch.setattr(
+        weight_passes,
+        "make_session",
+        lambda *args, **kwargs: events.append("session") or make_session(*args, **kwargs),
+    )
+    monkeypatch.setattr(weight_passes, "release_dropped", lambda: events.append("release"))
+    monkeypatch.setattr(
+        weight_passes,
+        "correct_biases",
+        lambda *args, **kwargs: events.append("correct") or correct(*args, **kwargs),
+    )
+
+    qconvert.quantize(
+        path, tmp_path / "out.onnx", data=calib, config=QuantizeConfig(bias_correction=True)
+    )
+
+    assert events == ["session", "release", "correct"]
