@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 from qconvert import ops
 from qconvert.errors import ConfigError, ModelLoadError, OutputError, UnsupportedModelError
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
+from qconvert.owned_tensors import own_tensors
 
 _HASH_CHUNK = 1 << 20
 PROTOBUF_LIMIT = 2**31 - 1
@@ -87,6 +88,9 @@ def load_model(
         ) from None
     try:
         model = ir.load(path)
+        # One copy of the weights, owned by the model's tensors: not the parsed file
+        # behind them, copied out again at each read (`owned_tensors`).
+        own_tensors(model)
         if keep_external or (
             keep_external_past is not None and _external_bytes(model) > keep_external_past
         ):

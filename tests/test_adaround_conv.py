@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -154,6 +156,30 @@ def test_wide_depthwise_patches_are_multiplied_before_they_pile_up(monkeypatch):
     assert unbounded_peak >= 7 * one_sample  # without the bound, every sample is held
     assert bounded_peak < (64 << 10) + one_sample
     np.testing.assert_allclose(bounded, unbounded, rtol=1e-12, atol=1e-9)
+
+
+def test_a_wide_layers_h_is_summed_in_place():
+    # A 1,024-wide MatMul's H is 8 MB; each block of rows adds its product to it. Summed
+    # into a new array, three H were held at once (H, the product, the sum); in place, two.
+    rng = np.random.default_rng(4)
+    k = 1024
+    model = _layer("MatMul", rng.normal(size=(k, 8)), {}, (1, 256, k))
+    node = ir.from_proto(model).graph.node(0)
+    runs = [{"x": rng.normal(size=(1, 256, k))} for _ in range(4)]  # 2 MB a run: a block
+    accumulator = rounding.GramAccumulator([node], samples=len(runs))
+    h_bytes = k * k * 8
+    tracemalloc.start()
+    try:
+        for run in runs:
+            accumulator.update(run)
+        gram = accumulator.result()["layer"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rows = np.concatenate([run["x"].reshape(-1, k) for run in runs])
+    np.testing.assert_allclose(gram[0], rows.T @ rows, rtol=1e-9, atol=1e-9)
+    run_bytes = 256 * k * 8
+    assert peak < 2 * h_bytes + 3 * run_bytes, (peak, h_bytes)
 
 
 def test_layers_rounded_a_float_pass_at_a_time_round_as_all_at_once(monkeypatch, tmp_path):
