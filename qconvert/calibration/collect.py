@@ -384,10 +384,11 @@ class _Runner:
         run = reader.read(outputs, steps, budget)
         signature = batch.signature
         if steps is not None:
-            wanted = reducing.strides(run.sizes[reader.reduced_at], budget)
-            if not np.array_equal(steps, wanted):
+            # The layout knows whether `steps` are the strides of these sizes.
+            if not run.layout.steps_fit:
                 # The first run of a signature (or a size that depends on the data): the
                 # strides are those of these sizes, so this batch runs again with them.
+                wanted = reducing.strides(run.sizes[reader.reduced_at], budget)
                 self.strides[signature] = wanted
                 rerun = _Batch(
                     self._feeds(batch, wanted), batch.count, batch.source, signature
