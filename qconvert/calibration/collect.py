@@ -30,7 +30,9 @@ Calibration should cost about one float inference pass, in time and in memory. S
    tensors no other node reads, so the kernels that compute a given tensor depend on which
    other tensors are calibrated: the set is fixed, always all calibrated tensors, in every
    process. `tensors_per_pass` only folds a group of them per pass over the data (the
-   graph, and so every value, stays the same).
+   graph, and so every value, stays the same). The graph reads all of them but those
+   whose statistics follow exactly from another's (a Relu's or Clip's output, a reshape:
+   `derived`), a set the model and the tensors fix alike.
 6. One intra-op thread per run: a kernel's last bits can depend on the thread count (MLAS
    cuts a GEMM into blocks by thread), and every process of a split calibration must
    compute the same values (`parallel`). Cores are used by runs instead:
@@ -57,6 +59,7 @@ import onnx_ir as ir
 
 from qconvert import handed_weights, ops
 from qconvert.calibration import folding, reducing
+from qconvert.calibration.derived import derived_tensors
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
 from qconvert.calibration.subgraphs import expose_body_tensors
 from qconvert.dataset import Feeds, Sample
@@ -327,10 +330,13 @@ class _Runner:
         if reducing.opset_of(proto) < reducing.MIN_OPSET:
             return
         shapes = {name: array.shape for name, array in feeds.items()}
-        sizes = reducing.run_sizes(proto, self.tensors, shapes)
+        # The tensors whose statistics follow from another's are not read (`derived`).
+        derived = derived_tensors(proto, self.tensors, dtypes)
+        read = tuple(name for name in self.tensors if name not in derived)
+        sizes = reducing.run_sizes(proto, read, shapes)
         graph = reducing.reducing_graph(
             proto,
-            self.tensors,
+            read,
             dtypes,
             histogram=self.settings.histogram_values > 0,
             whole=reducing.whole_tensors(sizes),
@@ -341,7 +347,7 @@ class _Runner:
         )
         del weights  # the session holds them
         # The reader needs the graph's outputs, not its bytes.
-        self.reader = folding.RunReader(replace(graph, data=b""), self.tensors)
+        self.reader = folding.RunReader(replace(graph, data=b""), self.tensors, derived)
 
     def _steps(self, batch: _Batch) -> np.ndarray | None:
         """The histogram strides to feed for `batch` (size probes for a new signature)."""
@@ -378,10 +384,11 @@ class _Runner:
         run = reader.read(outputs, steps, budget)
         signature = batch.signature
         if steps is not None:
-            wanted = reducing.strides(run.sizes[reader.reduced_at], budget)
-            if not np.array_equal(steps, wanted):
+            # The layout knows whether `steps` are the strides of these sizes.
+            if not run.layout.steps_fit:
                 # The first run of a signature (or a size that depends on the data): the
                 # strides are those of these sizes, so this batch runs again with them.
+                wanted = reducing.strides(run.sizes[reader.reduced_at], budget)
                 self.strides[signature] = wanted
                 rerun = _Batch(
                     self._feeds(batch, wanted), batch.count, batch.source, signature

@@ -16,11 +16,13 @@ exactly, so the grouping does not change the statistics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from qconvert.calibration import reducing
+from qconvert.calibration.derived import Derived
 from qconvert.calibration.observers import TensorObserver
 
 _EMPTY = np.zeros(0, np.float32)
@@ -42,6 +44,10 @@ class Layout:
         slots: per tensor, (source, start, stop) as Python ints, for `Folder.flush`.
         segments: the non-empty whole tensors, as their positions and their starts in
             `Run.values` (None when there is none).
+        clamps: per tensor, the [low, high] its subset is clamped to (a tensor derived
+            from a Relu's or Clip's input, `derived`), else None.
+        steps_fit: whether the strides fed are those of these sizes (`reducing.strides`):
+            known once per layout, not checked again every run.
     """
 
     source: np.ndarray
@@ -51,6 +57,8 @@ class Layout:
     starts: np.ndarray
     slots: tuple[tuple[int, int, int], ...]
     segments: tuple[np.ndarray, np.ndarray] | None
+    clamps: tuple[tuple[np.float32, np.float32] | None, ...]
+    steps_fit: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +86,20 @@ class Run:
 
 
 class RunReader:
-    """Reads the outputs of a run of one calibration graph into a `Run`."""
+    """Reads the outputs of a run of one calibration graph into a `Run`.
 
-    def __init__(self, graph: reducing.ReducingGraph, tensors: tuple[str, ...]) -> None:
+    The tensors in `derived` are not in the graph: each takes its source's entries,
+    clamped (`derived`), which a read of its own would give bit for bit.
+    """
+
+    def __init__(
+        self,
+        graph: reducing.ReducingGraph,
+        tensors: tuple[str, ...],
+        derived: Mapping[str, Derived] | None = None,
+    ) -> None:
         position = {name: index for index, name in enumerate(tensors)}
+        derived = derived or {}
         self.graph = graph
         self.outputs = graph.outputs  # a property that builds its tuple: read once
         self.count = len(tensors)
@@ -89,6 +107,15 @@ class RunReader:
         self.whole_at = np.array([position[n] for n in graph.whole], np.intp)
         self.whole = np.zeros(self.count, bool)
         self.whole[self.whole_at] = True
+        self.derived_at = np.array([position[n] for n in derived], np.intp)
+        self.derived_from = np.array([position[d.source] for d in derived.values()], np.intp)
+        self.lows = np.array([d.low for d in derived.values()], np.float32)
+        self.highs = np.array([d.high for d in derived.values()], np.float32)
+        clamps: list[tuple[np.float32, np.float32] | None] = [None] * self.count
+        for name, entry in derived.items():
+            if entry.clamped:
+                clamps[position[name]] = (np.float32(entry.low), np.float32(entry.high))
+        self.clamps = tuple(clamps)
         self.layouts: dict[tuple, Layout] = {}
 
     def read(self, outputs: list[np.ndarray], steps: np.ndarray | None, budget: int) -> Run:
@@ -118,6 +145,13 @@ class RunReader:
             at, starts = layout.segments
             mins[at] = np.minimum.reduceat(values, starts)
             maxs[at] = np.maximum.reduceat(values, starts)
+        if self.derived_at.size:
+            # Clamping is monotone: the clamped min and max are those of the clamped values.
+            source = self.derived_from
+            # (np.clip's wrapper costs more than these two ufuncs on a few values.)
+            mins[self.derived_at] = np.minimum(np.maximum(mins[source], self.lows), self.highs)
+            maxs[self.derived_at] = np.minimum(np.maximum(maxs[source], self.lows), self.highs)
+            sizes[self.derived_at] = sizes[source]
         subset = values if layout.gather is None else values[layout.gather]
         checks = np.array([named[name] for name in graph.checks], np.float32).reshape(-1)
         return Run(mins, maxs, sizes, somes, values, subset, layout, checks)
@@ -162,10 +196,19 @@ class RunReader:
                         for o, n, s in zip(offsets, lengths, step, strict=True)
                     ]
                 )
+        # A derived tensor's subset is its source's (same size, same stride), clamped.
+        source[self.derived_at] = source[self.derived_from]
+        start[self.derived_at] = start[self.derived_from]
+        count[self.derived_at] = count[self.derived_from]
         slots = tuple(
             zip(source.tolist(), start.tolist(), (start + count).tolist(), strict=True)
         )
-        return Layout(source, start, count, gather, starts, slots, segments)
+        steps_fit = steps is None or np.array_equal(
+            steps, reducing.strides(sizes[self.reduced_at], budget)
+        )
+        return Layout(
+            source, start, count, gather, starts, slots, segments, self.clamps, steps_fit
+        )
 
 
 class Folder:
@@ -202,17 +245,18 @@ class Folder:
         # Views into each run's subsets, one tensor at a time: a copy of all of them at
         # once (a matrix per layout) doubled the memory the fold holds.
         kept_by_tensor = kept.T.tolist()
+        clamps = self.runs[0][0].layout.clamps
         for index in np.flatnonzero(counts).tolist():
             chunks = []
             for ok, (run, _) in zip(kept_by_tensor[index], self.runs, strict=True):
                 source, start, stop = run.layout.slots[index]
                 if ok and stop > start:
                     chunks.append((run.somes, run.subset)[source][start:stop])
+            values = _EMPTY if not chunks else np.concatenate(chunks)
+            if clamps[index] is not None:
+                values = np.clip(values, *clamps[index])
             self.observers[self.names[index]].update_reduced(
-                float(lows[index]),
-                float(highs[index]),
-                int(counts[index]),
-                _EMPTY if not chunks else np.concatenate(chunks),
+                float(lows[index]), float(highs[index]), int(counts[index]), values
             )
         self.runs = []
         self.bytes = 0

@@ -32,7 +32,6 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 from onnx_ir.passes.common import (
-    LiftConstantsToInitializersPass,
     NameFixPass,
     RemoveUnusedNodesPass,
     ShapeInferencePass,
@@ -48,6 +47,7 @@ from qconvert.passes.activations import (
     FuseHardSwishPass,
     has_decomposed_hardswish,
 )
+from qconvert.passes.constants import LiftConstantsPass
 from qconvert.passes.pad import FoldPadIntoReaderPass
 
 
@@ -563,7 +563,7 @@ def prepare(model: ir.Model, *, min_opset: int, in_place: bool = False) -> ir.Mo
     lifted = ir.passes.PassManager(
         [
             NameFixPass(),
-            LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            LiftConstantsPass(),
             HoistSubgraphInitializersPass(),
         ]
     )(model).model
@@ -605,7 +605,7 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int, *, in_place: bool = False
             NameFixPass(),  # values the opset converter added have no names
             # nor do its Constants (Upsample's scales, when it becomes Resize) start as
             # initializers, which is how planning recognises constants.
-            LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            LiftConstantsPass(),
             FoldConstantChainsPass(),
             # A bias Add between a Conv and its BatchNormalization would stop the BN fold;
             # one after the BN fold is an Add the fold left behind it.
