@@ -128,8 +128,9 @@ def test_a_hardswish_input_is_gridded_from_minus_three(tmp_path, monkeypatch):
 
 
 def test_the_edge_is_carried_back_through_increasing_scalar_affine_ops(tmp_path, monkeypatch):
-    # HardSwish(2 c + 0.5) is flat where 2 c + 0.5 <= -3: c <= -1.75.
-    model = _model([("Mul", 2.0), ("Add", 0.5)], "HardSwish")
+    # HardSwish(c / 0.5 - (-0.5)) is flat where 2 c + 0.5 <= -3: c <= -1.75. (A Mul and
+    # an Add right after a Conv fold into its weight and bias when the model is prepared.)
+    model = _model([("Div", 0.5), ("Sub", -0.5)], "HardSwish")
     _, cut, _ = _quantize_both(tmp_path, model, monkeypatch)
     low, high = _grid_of(cut, "c")
     step = (high - low) / 255
