@@ -132,6 +132,66 @@ def test_an_add_whose_constant_varies_in_space_is_not_a_bias():
     assert testing.count_ops(prepared)["Add"] == 1
 
 
+def test_affine_scale_and_shift_after_conv_fold_into_its_weight_and_bias(tmp_path):
+    # scale * Conv(x) + shift, per channel then scalar, before the activation: the
+    # learnable affine layer some mobile backbones put after each Conv.
+    scale = np.array([0.5, -2.0, 1.5, 3.0], np.float32).reshape(C, 1, 1)
+    model = _model(
+        [
+            _conv("conv", "input", "c"),
+            h.make_node("Mul", ["scale", "c"], ["scaled"], name="affine_scale"),
+            h.make_node("Add", ["scaled", "shift"], ["shifted"], name="affine_shift"),
+            h.make_node("Relu", ["shifted"], ["r"], name="relu"),
+            _conv("conv2", "r", "output"),
+        ],
+        {
+            "conv_w": _conv_weights(C, 3, 0),
+            "conv_b": np.arange(C) * 0.1,
+            "scale": scale,
+            "shift": np.array([0.25]),
+            "conv2_w": _conv_weights(C, C, 1),
+            "conv2_b": np.zeros(C),
+        },
+    )
+    samples = _samples(16)
+    prepared, pairs = _prepared_outputs(model, samples)
+    assert testing.count_ops(prepared) == {"Conv": 2, "Relu": 1}
+    conv = next(n for n in prepared.graph.node if n.name == "conv")
+    inits = {t.name: nh.to_array(t) for t in prepared.graph.initializer}
+    np.testing.assert_allclose(
+        inits[conv.input[1]], _conv_weights(C, 3, 0) * scale.reshape(C, 1, 1, 1), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        inits[conv.input[2]], np.arange(C) * 0.1 * scale.reshape(C) + 0.25, rtol=1e-6
+    )
+    assert conv.output[0] == "shifted"  # the name calibration saw
+    for before, after in pairs:
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+    path, out, _ = _quantize(model, tmp_path, samples)
+    assert testing.count_ops(out)["Mul"] == 0
+    assert testing.count_ops(out)["Add"] == 0
+    assert testing.output_sqnr(path, out, samples) > 30.0
+
+
+def test_a_mul_by_a_spatial_map_after_conv_is_not_a_scale():
+    model = _model(
+        [
+            _conv("conv", "input", "c"),
+            h.make_node("Mul", ["c", "plane"], ["output"], name="mul"),
+        ],
+        {
+            "conv_w": _conv_weights(C, 3, 0),
+            "conv_b": np.zeros(C),
+            "plane": np.linspace(0, 1, 64).reshape(1, 1, 8, 8),
+        },
+    )
+    prepared, pairs = _prepared_outputs(model, _samples(2))
+    assert testing.count_ops(prepared)["Mul"] == 1
+    for before, after in pairs:
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
 def _squeeze_excite(opset: int = 17) -> onnx.ModelProto:
     """conv -> Relu -> GAP -> se conv -> HardSigmoid (the gate) -> Mul with the map -> conv."""
     return _model(

@@ -22,6 +22,12 @@ whose numbers change gets a fresh name.
    Q/DQ pairs (an integer Add, two dequantized operands, a float Mul and Div) become one
    float op between one DequantizeLinear and one QuantizeLinear: fewer roundings and
    fewer passes over the tensor.
+4. `Mul(Conv(x), c)` (or ConvTranspose with group 1), with `c` constant along the output
+   channels only (a per-channel or scalar scale: the learnable affine layers some mobile
+   backbones put after each Conv, `scale * y + bias` written as a Mul and an Add), becomes
+   the Conv's weight and bias:  W'[o] = c[o] W[o],  b' = c b.  The Add after it then
+   folds by rule 1. Two float passes over the Conv's output (or, after a quantized Conv,
+   two float ops between its DequantizeLinear and the next QuantizeLinear) are gone.
 """
 
 from __future__ import annotations
@@ -127,6 +133,45 @@ class FoldConvAddIntoBiasPass(ir.passes.InPlacePass):
             new_bias = (np.zeros_like(vector) if bias is None else bias) + vector
             set_weight_and_bias(graph, names, conv, weight, new_bias.astype(np.float32))
             replace_keeping_name(graph, add, conv.outputs[0])
+            modified = True
+        if modified:
+            RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+
+class FoldConvMulIntoWeightPass(ir.passes.InPlacePass):
+    """Rule 4: a constant per-channel Mul after a Conv scales the Conv's weight and bias."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = NameAllocator(graph)
+        modified = False
+        for conv in list(graph):
+            found = foldable_conv(conv)
+            mul = sole_reader(conv.outputs[0], "Mul") if found is not None else None
+            if mul is None:
+                continue
+            weight, bias = found
+            # ConvTranspose's output channels are a whole axis of its weight with group 1.
+            axis = 0 if conv.op_type == "Conv" else 1
+            if axis == 1 and conv.attributes.get_int("group", 1) != 1:
+                continue
+            other = mul.inputs[1] if mul.inputs[0] is conv.outputs[0] else mul.inputs[0]
+            array = constant_array(other)
+            channels = output_channels(conv, weight)
+            vector = (
+                channel_vector(array, channels, weight.ndim) if array is not None else None
+            )
+            if vector is None or other is conv.outputs[0]:
+                continue
+            shape = [1] * weight.ndim
+            shape[axis] = channels
+            scale = vector.astype(np.float64)
+            new_weight = (weight.astype(np.float64) * scale.reshape(shape)).astype(np.float32)
+            bias = np.zeros(channels, np.float32) if bias is None else bias
+            new_bias = (bias.astype(np.float64) * scale).astype(np.float32)
+            set_weight_and_bias(graph, names, conv, new_weight, new_bias)
+            replace_keeping_name(graph, mul, conv.outputs[0])
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)

@@ -43,6 +43,7 @@ from qconvert.names import NameAllocator
 from qconvert.passes.activations import (
     HARDSWISH_OPSET,
     FoldConvAddIntoBiasPass,
+    FoldConvMulIntoWeightPass,
     FoldHardSigmoidIntoConvPass,
     FuseHardSwishPass,
     has_decomposed_hardswish,
@@ -611,6 +612,8 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int, *, in_place: bool = False
             # one after the BN fold is an Add the fold left behind it.
             FoldConvAddIntoBiasPass(),
             FoldBatchNormPass(),
+            # A scale after the Conv (BN's, folded, or an affine layer's) before its Add.
+            FoldConvMulIntoWeightPass(),
             FoldConvAddIntoBiasPass(),
             FoldHardSigmoidIntoConvPass(),
             FuseHardSwishPass(),

@@ -24,6 +24,7 @@ from qconvert.plan.decisions import (
     ScaleFold,
     TensorDecision,
 )
+from qconvert.plan.flat_ranges import cut_range, flat_bounds
 from qconvert.plan.patterns import (
     clamp_chain,
     clamp_is_exact,
@@ -68,7 +69,9 @@ class ActivationRules(PlannerState):
         """Parameters from the calibrated range, widened to `bounds` where that fits.
 
         `bounds` is the fixed output range of the op that writes the tensor; the range is
-        widened to it when calibration covered enough of it.
+        widened to it when calibration covered enough of it. What its readers cannot
+        tell apart (below a HardSwish's -3, outside a Clip's bounds) is left off the grid
+        (`plan.flat_ranges`).
         """
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:
@@ -80,6 +83,10 @@ class ActivationRules(PlannerState):
             tensor_range = _widened_to_bounds(tensor_range, bounds)
         scheme = self._tensor_scheme(value)
         dtype = self.overrides.tensor_dtype(value.name or "") or scheme.activation_dtype
+        flat = flat_bounds(value)
+        if flat is not None:
+            levels = int(np.iinfo(dtype).max) - int(np.iinfo(dtype).min)
+            tensor_range = cut_range(tensor_range, flat, levels)
         return qparams.range_qparams(
             tensor_range.min,
             tensor_range.max,
