@@ -678,7 +678,8 @@ def _equalized(
             )
         )
     else:
-        state = stages.calibrate(state)
+        # No auto check follows: the float outputs calibration kept for one can go.
+        state = stages.calibrate(state).replace(float_outputs=None)
     for stage in (stages.prepare, stages.derive_ranges):
         state = stage(state)
     if state.range_choices and not _activation_clipping(base):
