@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from conftest import sha256
@@ -63,6 +64,29 @@ def test_outputs_past_their_bound_or_in_batches_are_not_kept(tmp_path, monkeypat
     bounded = KeptOutputs(2)
     collect_statistics(calibrated, samples, tensors, kept=bounded)
     assert bounded.complete() is None and bounded.runs == {}
+
+
+def test_a_sequence_output_is_not_kept(tmp_path):
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[4,3] x) => (seq(float[?,3]) y) {
+            m = MatMul (x, w)
+            y = SplitToSequence <axis = 0> (m, parts)
+        }"""
+    )
+    model.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.eye(3, dtype=np.float32), "w"),
+            onnx.numpy_helper.from_array(np.array([1, 3], np.int64), "parts"),
+        ]
+    )
+    calibrated = calibration_model(ir.serde.deserialize_model(model))
+    samples = [Sample(f"s{i}", {"x": np.full((4, 3), i, np.float32)}) for i in range(3)]
+    kept = KeptOutputs(2)
+    observers = collect_statistics(
+        calibrated, samples, tensors_to_calibrate(calibrated), kept=kept
+    )
+    assert observers and kept.complete() is None
 
 
 def test_auto_check_takes_calibrations_float_outputs_and_writes_the_same_bytes(

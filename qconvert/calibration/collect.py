@@ -344,7 +344,7 @@ class _Runner:
                     steps = self._steps(batch)
                     feeds = self._feeds(batch, steps)
                     fetch = self.reader.outputs
-                    if kept is not None and position < kept.samples:
+                    if kept is not None and position < kept.samples and self.outputs:
                         kept.names = self.outputs
                         fetch = [*fetch, *self.outputs]
                     if pool is not None and known:
@@ -376,7 +376,11 @@ class _Runner:
         proto, dtypes, weights = _detached_proto(self.model)
         if reducing.opset_of(proto) < reducing.MIN_OPSET:
             return
+        # The outputs a scorer compares (`KeptOutputs`): none kept if any is not a tensor
+        # (a sequence comes back as a list).
         model_outputs = tuple(output.name for output in proto.graph.output)
+        if not all(output.type.HasField("tensor_type") for output in proto.graph.output):
+            model_outputs = ()
         shapes = {name: array.shape for name, array in feeds.items()}
         # The tensors whose statistics follow from another's are not read (`derived`).
         derived = derived_tensors(proto, self.tensors, dtypes)
