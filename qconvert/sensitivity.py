@@ -95,24 +95,44 @@ class MixedPrecision:
     was kept float."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FloatOutputs:
+    """The float model's outputs on some samples, run already (by calibration)."""
+
+    sources: tuple[str, ...]
+    """Where each sample came from (`DirectorySource.sources`), in order."""
+    names: tuple[str, ...]
+    runs: tuple[list[np.ndarray], ...]
+    """Per sample, its outputs in the order of `names`."""
+
+
 class Evaluator:
     """Scores plan variants of one prepared model against the float model's outputs."""
 
     def __init__(
         self,
-        float_model: bytes | str,
+        float_model: bytes | str | None,
         prepared: ir.Model,
         samples: Sequence[Feeds],
         labels: np.ndarray | None = None,
         weights: Mapping[str, np.ndarray] | None = None,
+        reference: FloatOutputs | None = None,
     ) -> None:
-        """`weights`: the large initializers `float_model` was serialized without."""
+        """`weights`: the large initializers `float_model` was serialized without.
+
+        `reference`: the float model's outputs on `samples`, when they were run already;
+        then `float_model` is not run (and may be None).
+        """
         self.prepared = prepared
         self.samples = list(samples)
         self.labels = labels
-        session = make_session(float_model, quiet=True, weights=weights)
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.reference = [session.run(None, feeds) for feeds in self.samples]
+        if reference is not None:
+            self.output_names = list(reference.names)
+            self.reference = list(reference.runs)
+        else:
+            session = make_session(float_model, quiet=True, weights=weights)
+            self.output_names = [o.name for o in session.get_outputs()]
+            self.reference = [session.run(None, feeds) for feeds in self.samples]
         self.reference_accuracy = self._accuracy(self.reference)
 
     def latency_ms(self, plan: QuantPlan) -> float:

@@ -100,6 +100,36 @@ def test_numpy_quantize_matches_onnxruntime_quantize_linear(dtype):
     assert np.max(np.abs(roundtrip - x[:200])[inside]) <= p.scale / 2 + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
+def test_numpy_dequantize_matches_onnxruntime_dequantize_linear_bit_for_bit(dtype):
+    # Per channel, with odd scales and zero points across the type's whole range: the
+    # float32 arithmetic dequantize takes for 8- and 16-bit values gives the bits
+    # DequantizeLinear gives.
+    rng = np.random.default_rng(1)
+    info = np.iinfo(dtype)
+    q = rng.integers(info.min, info.max + 1, size=(6, 5, 3, 3)).astype(dtype)
+    scale = (rng.random(6) * 1e-2 + 1e-7).astype(np.float32)
+    zero_point = rng.integers(info.min, info.max + 1, size=6).astype(dtype)
+    p = qparams.QParams(scale=scale, zero_point=zero_point, axis=0)
+    onnx_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)],
+        "dq",
+        [onnx.helper.make_tensor_value_info("q", onnx_type, list(q.shape))],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(q.shape))],
+        [
+            onnx.numpy_helper.from_array(scale, "s"),
+            onnx.numpy_helper.from_array(zero_point, "z"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    (expected,) = make_session(model.SerializeToString()).run(None, {"q": q})
+    got = qparams.dequantize(q, p)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
 def test_weight_scale_is_raised_so_a_large_bias_fits_int32():
     # Input scale 1e-8 and weight scale 0.01 would store the bias 0.5 as 5e9: over int32.
     weights = np.array([[1.27, -0.5]], np.float32)

@@ -118,6 +118,41 @@ class CollectSettings:
             raise ConfigError("concurrent_runs and fold_runs must be at least 1.")
 
 
+class KeptOutputs:
+    """The float model's outputs on the first samples of a calibration run.
+
+    The session runs the float model on every sample anyway; fetching its outputs too
+    costs a copy of them, where a scorer of quantized variants (`auto`'s check) would
+    otherwise build a float session and run those samples again. Only one-sample runs
+    in this process keep them; `runs` holds them by sample position, and is emptied if
+    they would pass `MAX_BYTES`.
+    """
+
+    MAX_BYTES = 64 << 20
+    """The most output bytes kept (16 samples of a 640x640 probability map take 26 MB)."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+        self.names: tuple[str, ...] = ()
+        self.runs: dict[int, list[np.ndarray]] = {}
+        self.bytes = 0
+
+    def complete(self) -> list[list[np.ndarray]] | None:
+        """The outputs of samples 0 to `samples` - 1, in order, or None if any is missing."""
+        if not self.samples or any(index not in self.runs for index in range(self.samples)):
+            return None
+        return [self.runs[index] for index in range(self.samples)]
+
+    def add(self, position: int, outputs: list[np.ndarray]) -> None:
+        """Keeps the outputs of the sample at `position` (all dropped past `MAX_BYTES`)."""
+        self.bytes += sum(array.nbytes for array in outputs)
+        if self.bytes > self.MAX_BYTES:
+            self.samples = 0
+            self.runs.clear()
+            return
+        self.runs[position] = outputs
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SerializedModel:
     """A model as bytes, with the little `collect_statistics` needs to expose its tensors.
@@ -210,15 +245,17 @@ def collect_statistics(
     *,
     settings: CollectSettings = CollectSettings(),
     on_sample: Callable[[], None] | None = None,
+    kept: KeptOutputs | None = None,
 ) -> dict[str, TensorObserver]:
     """Streams `samples` through `model`; returns the statistics of each named tensor.
 
     With `settings.tensors_per_pass`, `samples` is iterated once per group of tensors, so
     it must be re-iterable (a `DirectorySource` or a list), and `on_sample` is called once
-    per sample and pass.
+    per sample and pass. `kept` gets the model's outputs on the first samples.
     """
     tensor_names = tuple(tensor_names)
     runner = _Runner(model, tensor_names, settings)
+    runner.kept = kept if settings.batch_size == 1 else None
     per_pass = settings.tensors_per_pass or max(1, len(tensor_names))
     observers: dict[str, TensorObserver] = {}
     # One pass even with no tensor: the samples are still read and checked.
@@ -254,6 +291,8 @@ class _Runner:
         self.raw_session = None  # made when a batch first needs it
         # Per input signature, the strides of the reduced tensors' histogram subsets.
         self.strides: dict[tuple, np.ndarray] = {}
+        self.kept: KeptOutputs | None = None  # filled on the first pass only
+        self.outputs: tuple[str, ...] = ()  # the model's own, set with the session
 
     def collect(
         self,
@@ -273,13 +312,17 @@ class _Runner:
             else None
         )
         in_flight: deque[tuple[_Batch, np.ndarray | None, Future]] = deque()
+        kept, self.kept = self.kept, None
+        position = 0  # of the next batch to run
+        finished = [0]  # samples whose batch is done: `in_flight` finishes in order
 
         def finish() -> None:
             batch, steps, future = in_flight.popleft()
             if group and self.session is None:
                 self._raw(batch, group, observers)
             elif group:
-                self._fold(batch, steps, future, group, in_group, folded)
+                self._fold(batch, steps, future, group, in_group, folded, kept, finished[0])
+            finished[0] += batch.count
             if on_sample is not None:
                 for _ in range(batch.count):
                     on_sample()
@@ -301,11 +344,15 @@ class _Runner:
                     steps = self._steps(batch)
                     feeds = self._feeds(batch, steps)
                     fetch = self.reader.outputs
+                    if kept is not None and position < kept.samples and self.outputs:
+                        kept.names = self.outputs
+                        fetch = [*fetch, *self.outputs]
                     if pool is not None and known:
                         future = pool.submit(self.session.run, fetch, feeds)
                     else:
                         future = _call(self.session.run, fetch, feeds)
                     in_flight.append((batch, steps, future))
+                position += batch.count
                 while len(in_flight) > 2 * concurrent or (in_flight and pool is None):
                     finish()
             while in_flight:
@@ -329,6 +376,11 @@ class _Runner:
         proto, dtypes, weights = _detached_proto(self.model)
         if reducing.opset_of(proto) < reducing.MIN_OPSET:
             return
+        # The outputs a scorer compares (`KeptOutputs`): none kept if any is not a tensor
+        # (a sequence comes back as a list).
+        model_outputs = tuple(output.name for output in proto.graph.output)
+        if not all(output.type.HasField("tensor_type") for output in proto.graph.output):
+            model_outputs = ()
         shapes = {name: array.shape for name, array in feeds.items()}
         # The tensors whose statistics follow from another's are not read (`derived`).
         derived = derived_tensors(proto, self.tensors, dtypes)
@@ -348,6 +400,7 @@ class _Runner:
         del weights  # the session holds them
         # The reader needs the graph's outputs, not its bytes.
         self.reader = folding.RunReader(replace(graph, data=b""), self.tensors, derived)
+        self.outputs = model_outputs
 
     def _steps(self, batch: _Batch) -> np.ndarray | None:
         """The histogram strides to feed for `batch` (size probes for a new signature)."""
@@ -371,14 +424,24 @@ class _Runner:
         group: tuple[str, ...],
         in_group: np.ndarray,
         folded: folding.Folder,
+        kept: KeptOutputs | None = None,
+        position: int = 0,
     ) -> None:
-        """Folds the outputs of one run in; runs again raw what they cannot say."""
+        """Folds the outputs of one run in; runs again raw what they cannot say.
+
+        Outputs past the reader's are the model's own, for `kept` (sample `position`).
+        """
         try:
             outputs = future.result()
         except Exception:  # noqa: BLE001 -- onnxruntime raises bare RuntimeErrors
             # A reduction onnxruntime refused, or the model itself: the raw run tells.
             self._raw(batch, group, folded.observers)
             return
+        fetched = len(self.reader.outputs)
+        if len(outputs) > fetched:
+            if kept is not None:
+                kept.add(position, list(outputs[fetched:]))
+            outputs = outputs[:fetched]
         budget = self.settings.histogram_values * batch.count
         reader = self.reader
         run = reader.read(outputs, steps, budget)

@@ -58,6 +58,7 @@ import onnx_ir as ir
 
 from qconvert.calibration.collect import (
     CollectSettings,
+    KeptOutputs,
     SerializedModel,
     collect_statistics,
     pass_count,
@@ -596,6 +597,7 @@ def collect_split(
     workers: int | None = 1,
     ray: RayCluster | None = None,
     advance: Callable[[], None],
+    kept: KeptOutputs | None = None,
 ) -> tuple[dict[str, TensorObserver], Split]:
     """The statistics of `tensors` on `source`, in this process, local workers or Ray.
 
@@ -603,7 +605,8 @@ def collect_split(
     is called once per sample and pass over the data. With `ray`, `workers` > 1 sets the
     number of shards (else one per CPU of the cluster). `workers` None is `--workers
     auto`: this process starts alone and spawns one worker per further core when the
-    work turns out long enough (`run_local`).
+    work turns out long enough (`run_local`). `kept` gets the model's outputs on the
+    first samples where they run in this process (`KeptOutputs`).
     """
     passes = pass_count(len(tensors), settings)
     auto = workers is None and ray is None
@@ -619,6 +622,7 @@ def collect_split(
             tensors,
             settings=dataclasses.replace(settings, concurrent_runs=runs),
             on_sample=advance,
+            kept=kept,
         )
         record = ShardRecord(
             shard=Shard(index=0, start=0, stop=len(source)),

@@ -57,6 +57,25 @@ class EqualizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(pairs))
 
 
+def rescaled_values(model: ir.Model) -> frozenset[str]:
+    """The tensors whose channels `EqualizePass` rescales: each pair's middle.
+
+    A's output (and the Relu's after it) carries A's scaled channels until B undoes them;
+    every other tensor keeps its values (B's output is B's float function as before).
+    """
+    names = set()
+    for node in model.graph:
+        pair = _pair(node)
+        if pair is None:
+            continue
+        value = pair[0].outputs[0]
+        while value is not pair[1].inputs[0]:
+            names.add(value.name or "")
+            value = _only_reader(value).outputs[0]
+        names.add(value.name or "")
+    return frozenset(names)
+
+
 def _pair(first: ir.Node) -> tuple[ir.Node, ir.Node] | None:
     if first.op_type != "Conv" or not _conv_weights_constant(first):
         return None

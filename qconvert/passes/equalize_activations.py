@@ -82,6 +82,19 @@ def activation_sites(model: ir.Model) -> list[ActivationSite]:
     return sites
 
 
+def rescaled_values(model: ir.Model) -> frozenset[str]:
+    """The tensors whose channels `EqualizeActivationsPass` may rescale.
+
+    Every producer it scales writes scaled channels (the site, and the terms of an Add
+    chain before it); the readers undo them, so every other tensor keeps its values.
+    """
+    return frozenset(
+        node.outputs[0].name or ""
+        for site in activation_sites(model)
+        for node, _ in site.producer
+    )
+
+
 def _site(value: ir.Value) -> ActivationSite | None:
     readers = list(value.consumers())
     if value.is_graph_output() or not readers:

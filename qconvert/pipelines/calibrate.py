@@ -22,7 +22,7 @@ from qconvert.calibration import (
     tensors_to_calibrate,
     write_trt_cache,
 )
-from qconvert.calibration.collect import pass_count
+from qconvert.calibration.collect import KeptOutputs, pass_count
 from qconvert.calibration.parallel import DataSpec, collect_split
 from qconvert.calibration.ray_backend import RayCluster
 from qconvert.dataset import (
@@ -168,6 +168,7 @@ def collect_calibration(
     ray: RayCluster | None = None,
     prepared: bool = False,
     skip: frozenset[str] = frozenset(),
+    kept: KeptOutputs | None = None,
 ) -> Calibration:
     """Statistics of `float_model` on `source`.
 
@@ -177,6 +178,7 @@ def collect_calibration(
     The preparation changes `float_model` in place: pass a clone if it is read later.
     `prepared`: `float_model` is already `calibration_model`'s result.
     `skip`: tensors not to calibrate (`calibration.deferral`).
+    `kept` gets the model's outputs on the first samples (`KeptOutputs`).
     `workers` and `ray` split the samples (`collect_split`); the workers open them again
     as `data` says. Without `data`, this process calibrates alone.
     """
@@ -187,7 +189,7 @@ def collect_calibration(
     with progress.task("Calibrating", total) as advance:
         if data is None:
             observers = collect_statistics(
-                calibrated, source, tensors, settings=settings, on_sample=advance
+                calibrated, source, tensors, settings=settings, on_sample=advance, kept=kept
             )
             split = None
         else:
@@ -200,6 +202,7 @@ def collect_calibration(
                 workers=workers,
                 ray=ray,
                 advance=advance,
+                kept=kept,
             )
     return Calibration(
         model_sha256=model_io.fingerprint(path),

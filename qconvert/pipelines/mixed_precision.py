@@ -22,6 +22,7 @@ from qconvert.handed_weights import serialized
 from qconvert.plan import QuantPlan, make_plan
 from qconvert.sensitivity import (
     Evaluator,
+    FloatOutputs,
     MixedPrecision,
     Score,
     Target,
@@ -78,15 +79,29 @@ def planner(prepared, scheme, config, selection, ranges):
     return plan_for
 
 
-def evaluator_on(prepared: ir.Model, source: DirectorySource, samples: int) -> Evaluator:
+def evaluator_on(
+    prepared: ir.Model,
+    source: DirectorySource,
+    samples: int,
+    reference: FloatOutputs | None = None,
+) -> Evaluator:
     """Scores variants on the first `samples` samples of `source` (and their labels).
 
     The reference is the prepared float model: the same function as the model given, and one
     onnxruntime always loads (preparing fixed duplicate or empty node names, for one).
+    `reference`: its outputs, run already (by calibration); taken when they are those of
+    these samples and of the prepared model's outputs, else the float model runs here.
     """
     chosen = [sample.feeds for sample in itertools.islice(source, samples)]
     labels_path = folder_labels(source.folder)
     labels = load_labels(labels_path, len(source))[: len(chosen)] if labels_path else None
+    names = tuple(value.name for value in prepared.graph.outputs)
+    if (
+        reference is not None
+        and reference.sources == source.sources()[: len(chosen)]
+        and reference.names == names
+    ):
+        return Evaluator(None, prepared, chosen, labels=labels, reference=reference)
     graph, weights = serialized(prepared)
     return Evaluator(graph, prepared, chosen, labels=labels, weights=weights)
 

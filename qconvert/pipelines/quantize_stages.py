@@ -22,6 +22,7 @@ from qconvert.calibration import (
     read_calibration,
     tensors_to_calibrate,
 )
+from qconvert.calibration.collect import KeptOutputs
 from qconvert.calibration.deferral import (
     deferrable_tensors,
 )
@@ -92,6 +93,7 @@ from qconvert.report import Conversion, Report, check_report_path
 from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
 from qconvert.sensitivity import (
+    FloatOutputs,
     Target,
     quantizable_nodes,
 )
@@ -243,6 +245,13 @@ def calibrate(state: QuantizeState) -> QuantizeState:
     # Kept for the prepare stage before collecting, which may change the model it runs.
     kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
     deferred = _deferred(state, calibrated)
+    # `auto`'s check scores plans against the float outputs of the first samples: the
+    # calibration session computes them anyway.
+    outputs = (
+        KeptOutputs(min(AUTO_CHECK_SAMPLES, len(source)))
+        if state.range_method is not None and state.range_method.name == "auto"
+        else None
+    )
     calibration = collect_calibration(
         request.model,
         calibrated,
@@ -253,7 +262,62 @@ def calibrate(state: QuantizeState) -> QuantizeState:
         workers=request.workers,
         prepared=True,
         skip=deferred,
+        kept=outputs,
     )
+    runs = outputs.complete() if outputs is not None else None
+    float_outputs = (
+        FloatOutputs(
+            sources=source.sources()[: outputs.samples], names=outputs.names, runs=tuple(runs)
+        )
+        if runs
+        else None
+    )
+    return state.replace(
+        calibration=calibration,
+        calibrated=kept,
+        deferred=deferred,
+        float_outputs=float_outputs,
+    )
+
+
+def recalibrate(state: QuantizeState, tensors: frozenset[str]) -> QuantizeState:
+    """Calibrates `tensors` of a changed float model; keeps the state's other statistics.
+
+    For a change that leaves every other tensor's values as they were (equalization
+    rescales only the tensors between its pairs): one float pass that reduces those few
+    tensors, where calibrating afresh reduces them all, on the same samples.
+    """
+    request = state.request
+    settings = CollectSettings()
+    if request.method == "minmax":
+        settings = CollectSettings(histogram_values=0)
+    calibrated = calibration_model(state.float_model.clone())
+    kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
+    deferred = _deferred(state, calibrated)
+    others = frozenset(tensors_to_calibrate(calibrated)) - (tensors - deferred)
+    fresh = collect_calibration(
+        request.model,
+        calibrated,
+        state.source,
+        settings,
+        request.progress,
+        # `--workers auto`: this process, a batch per core; a pass this small is not
+        # worth spawning workers for.
+        data=DataSpec(
+            folder=str(request.data),
+            specs=state.specs,
+            images=request.images,
+            limits=request.limits,
+            held_out=state.held_out_indices,
+        ),
+        workers=None,
+        prepared=True,
+        skip=others | deferred,
+    ).observers
+    before = state.calibration.observers
+    observers = {name: fresh.get(name, observer) for name, observer in before.items()}
+    observers.update({name: fresh[name] for name in fresh if name not in before})
+    calibration = dataclasses.replace(state.calibration, observers=observers)
     return state.replace(calibration=calibration, calibrated=kept, deferred=deferred)
 
 
@@ -332,13 +396,20 @@ def auto_check(state: QuantizeState) -> QuantizeState:
         calibration=state.calibration,
         method=state.range_method,
         plan_with=lambda other: plan_of(state, other),
-        evaluator=(lambda: evaluator_on(state.prepared, checks, AUTO_CHECK_SAMPLES))
+        evaluator=(
+            lambda: evaluator_on(
+                state.prepared, checks, AUTO_CHECK_SAMPLES, reference=state.float_outputs
+            )
+        )
         if checks is not None
         else None,
         samples_from="calibration" if checks is state.source else "evaluation",
     )
     return state.replace(
-        plan=checked.plan, ranges=checked.ranges, range_choices=checked.choices
+        plan=checked.plan,
+        ranges=checked.ranges,
+        range_choices=checked.choices,
+        float_outputs=None,  # taken or not, not needed again
     )
 
 
@@ -349,6 +420,7 @@ def search_recipe(state: QuantizeState) -> QuantizeState:
     stages = RecipeStages(
         equalize=releasing(equalize),
         calibrate=releasing(calibrate),
+        recalibrate=recalibrate,
         prepare=releasing(prepare),
         derive_ranges=derive_ranges,
         plan=plan,

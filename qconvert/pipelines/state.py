@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from qconvert.report import Report
     from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
     from qconvert.selection import NodeSelection
-    from qconvert.sensitivity import Target
+    from qconvert.sensitivity import FloatOutputs, Target
 
 logger = logging.getLogger("qconvert")
 
@@ -108,6 +108,8 @@ class QuantizeState:
     calibrated: ir.Model | None = None
     deferred: frozenset[str] = frozenset()
     """The tensors calibration left out: a plan that reads one stops the run."""
+    float_outputs: FloatOutputs | None = None
+    """The float model's outputs on the first calibration samples, for `auto`'s check."""
     """The model calibration prepared, untouched, when the prepare stage can take it as
     its own (`stages.prepares_alike`); that stage empties it."""
     # prepare

@@ -28,6 +28,8 @@ from qconvert.errors import (
 )
 from qconvert.layers import expose
 from qconvert.memory import release_dropped
+from qconvert.passes import equalize as pair_equalization
+from qconvert.passes import equalize_activations as activation_equalization
 from qconvert.passes import (
     prepare,
 )
@@ -119,6 +121,22 @@ def equalize_model(
                 f"that reads them ({', '.join(tensors)})."
             )
     return prepared, tuple(notes)
+
+
+def rescaled_by_equalization(
+    prepared: ir.Model, *, per_channel: bool = True
+) -> frozenset[str]:
+    """The tensors of an `equalize_model` result whose values equalization rescaled.
+
+    Equalization changes weights so that only the tensors between the two sides of a
+    pair or site carry rescaled channels; every other tensor is the float function it
+    was (up to float rounding). The pairs and sites are found on the graph, which the
+    passes leave as it was, so the equalized model tells them as well as the original.
+    """
+    rescaled = pair_equalization.rescaled_values(prepared)
+    if per_channel:
+        rescaled |= activation_equalization.rescaled_values(prepared)
+    return rescaled
 
 
 def equalize_activations(prepared: ir.Model, source: DirectorySource) -> list[str]:
@@ -256,6 +274,30 @@ class FloatInputs:
         """
         shared = FloatInputs()
         shared.parts = self.parts
+        return shared
+
+    def unchanged_on(
+        self, prepared: ir.Model, rescaled: frozenset[str], *, rounding_follows: bool = True
+    ) -> FloatInputs:
+        """What this one measured, for `prepared`: its model with `rescaled` tensors changed.
+
+        `rescaled` is what `rescaled_by_equalization` finds; `rounding_follows` is as
+        for `FloatInputs`. The input means of every other tensor, and the rounding of
+        every layer that reads none of them, are those of the same float function; a
+        layer whose weights changed has another `rounding_key` and is rounded again.
+        """
+        readers = {
+            node.name or ""
+            for node in prepared.graph
+            if any(value is not None and value.name in rescaled for value in node.inputs)
+        }
+        shared = FloatInputs(rounding_follows=rounding_follows)
+        shared.parts = {n: dict(p) for n, p in self.parts.items() if n not in rescaled}
+        shared.means_by_samples = {
+            sources: {n: m for n, m in means.items() if n not in rescaled}
+            for sources, means in self.means_by_samples.items()
+        }
+        shared.rounded = {k: v for k, v in self.rounded.items() if k[0] not in readers}
         return shared
 
     def means(
