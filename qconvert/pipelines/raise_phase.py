@@ -160,7 +160,13 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
     frontier = [node.name for node in raised]
     while frontier and not best.meets(options):
         feeder = feeding_layer(current.prepared, frontier.pop(0))
-        if feeder is None or feeder not in own or any(name == feeder for name, _ in raises):
+        if (
+            feeder is None
+            or feeder not in own
+            or any(name == feeder for name, _ in raises)
+            # Already float with a raised node (the float-reader rule): the same model.
+            or any(feeder in node.made_float for node in raised)
+        ):
             continue
         label = f"{feeder} (the layer writing a raised layer's input)"
         chosen = raises | {(feeder, False)}
