@@ -330,7 +330,7 @@ def _stem_chain(cheap: int = 20):
     return model
 
 
-def test_the_first_and_last_layers_are_scored_before_the_cheapest():
+def test_the_first_and_last_layers_are_scored_before_the_cheapest_and_early_ones_after():
     from onnx_ir import serde
 
     from qconvert.pipelines.raise_phase import MAX_RANKED, ranked_candidates
@@ -340,9 +340,12 @@ def test_the_first_and_last_layers_are_scored_before_the_cheapest():
     costs = dict.fromkeys((name for name, _ in nodes), 0.01)
     costs["stem"] = costs["head"] = costs["down"] = 0.04
     chosen = ranked_candidates(model, nodes, costs)
-    assert len(chosen) == MAX_RANKED
     assert chosen[:2] == [("stem", "Gemm"), ("head", "Gemm")]
-    assert ("down", "Gemm") not in chosen  # neither an end nor among the cheapest
+    # Neither an end nor among the cheapest, but the second layer: scored beyond
+    # MAX_RANKED (the next two early layers, g0 and g1, are among the cheapest already).
+    assert len(chosen) == MAX_RANKED + 1
+    assert ("down", "Gemm") not in chosen[:MAX_RANKED]
+    assert chosen[-1] == ("down", "Gemm")
     # No layers: the cheapest, in name order among equals.
     adds = [(f"a{i}", "Add") for i in range(MAX_RANKED + 2)]
     cheapest = ranked_candidates(model, adds, dict.fromkeys((name for name, _ in adds), 0.0))

@@ -122,7 +122,7 @@ class HeldOut:
         parts = self.parts.get(name)
         if parts is None:
             return [(reference, candidate)]
-        return list(zip(parts.split(reference), parts.split(candidate), strict=True))
+        return parts.pairs(reference, candidate)
 
 
 def _sample_sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -55,6 +55,7 @@ def plan_raising(
         selection=state.selection,
         overrides=state.config.overrides,
         format=state.config.format.value,
+        histograms=_histograms(state),
     )
     _check_deferred(seen)
     return plan
@@ -64,10 +65,21 @@ def plan_of(state: QuantizeState, ranges: dict) -> QuantPlan:
     """`plan_for_scheme` of the prepared model with `ranges`, as the state's options say."""
     seen = watched(ranges, state.deferred)
     plan = plan_for_scheme(
-        state.prepared, state.scheme, state.config, state.selection, seen, state.peaks
+        state.prepared,
+        state.scheme,
+        state.config,
+        state.selection,
+        seen,
+        state.peaks,
+        histograms=_histograms(state),
     )
     _check_deferred(seen)
     return plan
+
+
+def _histograms(state: QuantizeState):
+    """The statistics `ranges` came from, for the plan rules that weigh a range by them."""
+    return state.calibration.observers if state.calibration is not None else None
 
 
 def _check_deferred(ranges) -> None:
@@ -92,8 +104,13 @@ def plan_for_scheme(
     selection: NodeSelection,
     ranges: dict,
     peaks: dict[str, float],
+    *,
+    histograms=None,
 ) -> QuantPlan:
-    """The plan of `model` for a static, dynamic or float16 scheme."""
+    """The plan of `model` for a static, dynamic or float16 scheme.
+
+    `histograms` are the calibration statistics behind `ranges` (`plan.static.make_plan`).
+    """
     if isinstance(scheme, StaticScheme):
         return make_plan(
             model,
@@ -102,6 +119,7 @@ def plan_for_scheme(
             selection=selection,
             overrides=config.overrides,
             format=config.format.value,
+            histograms=histograms,
         )
     if isinstance(scheme, DynamicScheme):
         return make_dynamic_plan(

@@ -31,6 +31,7 @@ from qconvert.plan.patterns import (
     combined_bounds,
 )
 from qconvert.plan.planner_state import PlannerState
+from qconvert.plan.silu import silu_input, silu_input_range
 
 BOUND_COVERAGE = 0.5
 """A tensor an op bounds (a Clip's output, a Sigmoid's) is quantized over the op's whole
@@ -71,7 +72,8 @@ class ActivationRules(PlannerState):
         `bounds` is the fixed output range of the op that writes the tensor; the range is
         widened to it when calibration covered enough of it. What its readers cannot
         tell apart (below a HardSwish's -3, outside a Clip's bounds) is left off the grid
-        (`plan.flat_ranges`).
+        (`plan.flat_ranges`), and a tensor only a SiLU reads may start above its
+        calibrated minimum (`plan.silu`).
         """
         tensor_range = self.ranges.get(stats_name)
         if tensor_range is None:
@@ -83,16 +85,19 @@ class ActivationRules(PlannerState):
             tensor_range = _widened_to_bounds(tensor_range, bounds)
         scheme = self._tensor_scheme(value)
         dtype = self.overrides.tensor_dtype(value.name or "") or scheme.activation_dtype
+        # 16-bit activations are symmetric, as TensorFlow Lite's 16x8 defines them.
+        symmetric = scheme.activation_symmetric or dtype.itemsize == 2
+        levels = int(np.iinfo(dtype).max) - int(np.iinfo(dtype).min)
         flat = flat_bounds(value)
         if flat is not None:
-            levels = int(np.iinfo(dtype).max) - int(np.iinfo(dtype).min)
             tensor_range = cut_range(tensor_range, flat, levels)
+        histogram = self.histograms.get(stats_name)
+        if histogram is not None and silu_input(value):
+            tensor_range = silu_input_range(
+                tensor_range, histogram, levels, symmetric=symmetric
+            )
         return qparams.range_qparams(
-            tensor_range.min,
-            tensor_range.max,
-            dtype,
-            # 16-bit activations are symmetric, as TensorFlow Lite's 16x8 defines them.
-            symmetric=scheme.activation_symmetric or dtype.itemsize == 2,
+            tensor_range.min, tensor_range.max, dtype, symmetric=symmetric
         )
 
     def _plan_output(self, node: ir.Node) -> None:

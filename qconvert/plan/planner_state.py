@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 import onnx_ir as ir
 
 from qconvert.calibration import TensorRange
+from qconvert.calibration.observers import TensorObserver
 from qconvert.graph_utils import HOLDERS, body_nodes
 from qconvert.overrides import FLOAT, Overrides
 from qconvert.plan.decisions import (
@@ -46,11 +47,14 @@ class PlannerState:
         format: str,
         *,
         raised: frozenset[str] = frozenset(),
+        histograms: Mapping[str, TensorObserver] | None = None,
     ) -> None:
         self.graph = model.graph
         self.format = format
         self.scheme = scheme
         self.ranges = ranges
+        # Calibration statistics, for the rules that weigh a range by the values in it.
+        self.histograms = histograms or {}
         self.excluded = excluded
         # Nodes the recipe raised: float compute from int8-stored weights.
         self.raised = raised

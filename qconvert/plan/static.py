@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from qconvert import ops, qparams
 from qconvert.calibration import TensorRange
+from qconvert.calibration.observers import TensorObserver
 from qconvert.graph_utils import constant_array
 from qconvert.overrides import Overrides
 from qconvert.plan.activations import ActivationRules
@@ -61,6 +62,7 @@ def make_plan(
     selection: NodeSelection | None = None,
     overrides: Overrides | None = None,
     format: str = "qdq",
+    histograms: Mapping[str, TensorObserver] | None = None,
 ) -> QuantPlan:
     """Plans the static quantization of `model` with `scheme` and calibrated `ranges`.
 
@@ -69,13 +71,23 @@ def make_plan(
     `raised` (the recipe's) compute in float too, their weights stored as int8
     (`RAISED_REASON`). `format` is how
     the plan will be written (qdq or qop): a MatMul and the Add of its bias make one
-    layer only in QDQ, where onnxruntime fuses them into QGemm.
+    layer only in QDQ, where onnxruntime fuses them into QGemm. `histograms` (the
+    calibration's statistics) let a tensor only a SiLU reads drop the tail SiLU flattens
+    (`plan.silu`); without them every range is the calibrated one.
     """
     overrides = overrides or Overrides()
     check_overrides(model, overrides, static=True, scheme=scheme.name)
     selection = selection or NodeSelection()
     planner = _Planner(
-        model, scheme, ranges, excluded, selection, overrides, format, raised=raised
+        model,
+        scheme,
+        ranges,
+        excluded,
+        selection,
+        overrides,
+        format,
+        raised=raised,
+        histograms=histograms,
     )
     return planner.run()
 
