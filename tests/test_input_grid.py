@@ -12,7 +12,7 @@ import onnx_ir as ir
 import qconvert
 from qconvert import testing
 from qconvert.input_grid import first_readers, off_grid_inputs
-from qconvert.pipelines.recipe import held_out_indices
+from qconvert.pipelines.recipe_samples import held_out_indices
 from qconvert.plan import QuantPlan, Role, TensorDecision
 from qconvert.qparams import QParams
 from qconvert.recipe_result import Fidelity, RecipeOptions, balance_detail

@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from qconvert import testing
 from qconvert.output_parts import Parts, concat_parts
-from qconvert.pipelines.recipe import HeldOut
+from qconvert.pipelines.held_out import HeldOut
 from qconvert.testing._build import checked_model
 
 CLASSES = 3

@@ -8,7 +8,7 @@ from conftest import sha256
 
 import qconvert
 from qconvert import testing
-from qconvert.pipelines.recipe import HELD_OUT, held_out_indices
+from qconvert.pipelines.recipe_samples import HELD_OUT, held_out_indices
 from qconvert.recipe_result import RaiseSearch, RecipeOptions
 
 SAMPLES = 48
@@ -273,7 +273,7 @@ def test_the_markdown_and_html_reports_tell_the_recipe(tmp_path):
 def test_only_batch_by_class_outputs_count_as_classifiers():
     # A detector head ([1, 84, anchors]) is float over its last axis too; its argmax over
     # anchors is no class, so only [batch, classes] outputs get a top-1 agreement.
-    from qconvert.pipelines.recipe import HeldOut
+    from qconvert.pipelines.held_out import HeldOut
 
     rng = np.random.default_rng(0)
     k, n = 8, 6

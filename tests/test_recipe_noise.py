@@ -11,7 +11,8 @@ from conftest import sha256
 
 import qconvert
 from qconvert import testing
-from qconvert.pipelines.recipe import HeldOut, held_out_indices
+from qconvert.pipelines.held_out import HeldOut
+from qconvert.pipelines.recipe_samples import held_out_indices
 from qconvert.recipe_result import Fidelity, balance_detail, wins_needed
 
 SAMPLES = 48

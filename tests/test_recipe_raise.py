@@ -15,8 +15,9 @@ from qconvert.calibration import calibrate_tensors, tensors_to_calibrate
 from qconvert.dataset import DirectorySource, input_specs
 from qconvert.passes import InsertQDQPass, prepare
 from qconvert.passes.bias_correct import correctable_nodes
+from qconvert.pipelines.held_out import HeldOut
 from qconvert.pipelines.raise_costs import node_work, raise_cost
-from qconvert.pipelines.recipe import HELD_OUT, MAX_HELD_OUT, HeldOut, held_out_count
+from qconvert.pipelines.recipe_samples import HELD_OUT, MAX_HELD_OUT, held_out_count
 from qconvert.pipelines.weight_passes import correct_biases_of
 from qconvert.plan import make_plan
 from qconvert.recipe_result import Fidelity, verdict_detail

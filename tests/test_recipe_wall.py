@@ -19,7 +19,7 @@ from test_recipe import conv_case
 import qconvert
 from qconvert import testing
 from qconvert.pipelines import quantize_stages as quantize_pipeline
-from qconvert.pipelines import recipe, weight_passes
+from qconvert.pipelines import recipe, recipe_samples, weight_passes
 from qconvert.pipelines.stages import prepares_alike
 from qconvert.recipe_result import RecipeOptions
 
@@ -123,14 +123,14 @@ def _wide_case(tmp_path):
     for index in range(SAMPLES):
         x = rng.standard_normal((1, 4, 128, 128)).astype(np.float32)
         if index == 5:
-            assert index not in recipe.held_out_indices(SAMPLES)
+            assert index not in recipe_samples.held_out_indices(SAMPLES)
             x[0, 0, 0, :4] = 30.0
         samples.append({"input": x})
     testing.write_samples(tmp_path / "calib", samples)
     # Adding clipping is scored only on --eval samples (`recipe._ranges_refusal`): the
     # held-out ones, none of them the outlier's, go there.
     testing.write_samples(
-        tmp_path / "eval", [samples[i] for i in recipe.held_out_indices(SAMPLES)]
+        tmp_path / "eval", [samples[i] for i in recipe_samples.held_out_indices(SAMPLES)]
     )
     return path
 
@@ -216,7 +216,7 @@ def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_byte
     measured = _count_float_runs(monkeypatch)
     report = qconvert.quantize(path, tmp_path / "shared.onnx", data=tmp_path / "calib")
     assert report.conversion.recipe.kept == ("bias correction",)
-    held = len(recipe.held_out_indices(SAMPLES))
+    held = len(recipe_samples.held_out_indices(SAMPLES))
     assert calibrated == [SAMPLES - held, held]
     # The trials' float passes (bias correction's means, weight rounding's inputs) run
     # the calibration samples; the refit's the held-out ones alone.
@@ -245,7 +245,7 @@ def test_input_means_past_their_memory_bound_are_measured_again_alike(tmp_path, 
     path = conv_case(tmp_path)
     measured = _count_float_runs(monkeypatch)
     qconvert.quantize(path, tmp_path / "parts.onnx", data=tmp_path / "calib")
-    assert measured[-1] == len(recipe.held_out_indices(SAMPLES))
+    assert measured[-1] == len(recipe_samples.held_out_indices(SAMPLES))
     monkeypatch.setattr(weight_passes, "PARTS_BYTES", 0)
     measured.clear()
     qconvert.quantize(path, tmp_path / "sums.onnx", data=tmp_path / "calib")
@@ -291,7 +291,7 @@ def test_bias_corrections_float_pass_measures_weight_roundings_first_h(tmp_path,
     report = qconvert.quantize(path, tmp_path / "shared.onnx", data=tmp_path / "calib")
     trials = {trial.step: trial for trial in report.conversion.recipe.trials}
     assert trials["weight rounding"].after is not None  # rounding was tried
-    calibration = SAMPLES - len(recipe.held_out_indices(SAMPLES))
+    calibration = SAMPLES - len(recipe_samples.held_out_indices(SAMPLES))
     shared = measured.count(calibration)
     asked = []
     real_wanted = weight_passes.FloatInputs.first_grams_wanted

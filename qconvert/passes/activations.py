@@ -107,6 +107,34 @@ def channel_vector(array: np.ndarray, channels: int, rank: int) -> np.ndarray | 
     return array.reshape(channels)
 
 
+def _constant_channel_reader(
+    conv: ir.Node, op_type: str
+) -> tuple[np.ndarray, np.ndarray | None, ir.Node, np.ndarray] | None:
+    """The Conv's weight and bias, its reader and the reader's per-channel constant.
+
+    Found where `op_type` alone reads the Conv's output, with a constant along the output
+    channels (or a scalar) as its other operand; else None.
+    """
+    found = foldable_conv(conv)
+    reader = sole_reader(conv.outputs[0], op_type) if found is not None else None
+    if reader is None:
+        return None
+    weight, bias = found
+    other = reader.inputs[1] if reader.inputs[0] is conv.outputs[0] else reader.inputs[0]
+    if other is conv.outputs[0]:
+        return None
+    array = constant_array(other)
+    # A Conv's output has the rank of its weight: (N, C, spatial...).
+    vector = (
+        channel_vector(array, output_channels(conv, weight), weight.ndim)
+        if array is not None
+        else None
+    )
+    if vector is None:
+        return None
+    return weight, bias, reader, vector
+
+
 class FoldConvAddIntoBiasPass(ir.passes.InPlacePass):
     """Rule 1: a constant per-channel Add after a Conv becomes the Conv's bias."""
 
@@ -115,21 +143,10 @@ class FoldConvAddIntoBiasPass(ir.passes.InPlacePass):
         names = NameAllocator(graph)
         modified = False
         for conv in list(graph):
-            found = foldable_conv(conv)
-            add = sole_reader(conv.outputs[0], "Add") if found is not None else None
-            if add is None:
+            found = _constant_channel_reader(conv, "Add")
+            if found is None:
                 continue
-            weight, bias = found
-            other = add.inputs[1] if add.inputs[0] is conv.outputs[0] else add.inputs[0]
-            array = constant_array(other)
-            # A Conv's output has the rank of its weight: (N, C, spatial...).
-            vector = (
-                channel_vector(array, output_channels(conv, weight), weight.ndim)
-                if array is not None
-                else None
-            )
-            if vector is None:
-                continue
+            weight, bias, add, vector = found
             new_bias = (np.zeros_like(vector) if bias is None else bias) + vector
             set_weight_and_bias(graph, names, conv, weight, new_bias.astype(np.float32))
             replace_keeping_name(graph, add, conv.outputs[0])
@@ -147,23 +164,15 @@ class FoldConvMulIntoWeightPass(ir.passes.InPlacePass):
         names = NameAllocator(graph)
         modified = False
         for conv in list(graph):
-            found = foldable_conv(conv)
-            mul = sole_reader(conv.outputs[0], "Mul") if found is not None else None
-            if mul is None:
+            found = _constant_channel_reader(conv, "Mul")
+            if found is None:
                 continue
-            weight, bias = found
+            weight, bias, mul, vector = found
             # ConvTranspose's output channels are a whole axis of its weight with group 1.
             axis = 0 if conv.op_type == "Conv" else 1
             if axis == 1 and conv.attributes.get_int("group", 1) != 1:
                 continue
-            other = mul.inputs[1] if mul.inputs[0] is conv.outputs[0] else mul.inputs[0]
-            array = constant_array(other)
-            channels = output_channels(conv, weight)
-            vector = (
-                channel_vector(array, channels, weight.ndim) if array is not None else None
-            )
-            if vector is None or other is conv.outputs[0]:
-                continue
+            channels = vector.size
             shape = [1] * weight.ndim
             shape[axis] = channels
             scale = vector.astype(np.float64)

@@ -245,18 +245,26 @@ class PadOnIntegersPass(ir.passes.InPlacePass):
                 pad.resize_inputs(3)
             pad.replace_input_with(0, integers)
             pad.replace_input_with(2, fill)
-            written = quantize.outputs[0]
-            name = written.name
-            output = pad.outputs[0]
-            written.replace_all_uses_with(output, replace_graph_outputs=True)
-            graph.remove(quantize, safe=True)
-            output.name = name
-            output.type = written.type
-            output.shape = written.shape
+            take_place_of(graph, quantize, pad.outputs[0])
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def take_place_of(graph: ir.Graph, quantize: ir.Node, output: ir.Value) -> None:
+    """`output`, the same integers computed another way, replaces `quantize`'s output.
+
+    It takes the name, type and shape of what the QuantizeLinear wrote, so its readers
+    and the graph's outputs see no change; the QuantizeLinear goes.
+    """
+    written = quantize.outputs[0]
+    name = written.name
+    written.replace_all_uses_with(output, replace_graph_outputs=True)
+    graph.remove(quantize, safe=True)
+    output.name = name
+    output.type = written.type
+    output.shape = written.shape
 
 
 def qdq_around(node: ir.Node) -> tuple[ir.Node, ir.Node, ir.Value, np.dtype] | None:

@@ -47,7 +47,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qconvert.graph_utils import add_initializer, constant_array
 from qconvert.names import NameAllocator
-from qconvert.passes.pad import qdq_around
+from qconvert.passes.pad import qdq_around, take_place_of
 
 _EXACT_MAPPINGS = frozenset(
     {
@@ -123,14 +123,7 @@ class ResizeOnIntegersPass(ir.passes.InPlacePass):
                 graph, names, integers, factors, resize.name or "resize", opset
             )
             graph.insert_before(resize, chain)
-            written = quantize.outputs[0]
-            name = written.name
-            output = chain[-1].outputs[0]
-            written.replace_all_uses_with(output, replace_graph_outputs=True)
-            graph.remove(quantize, safe=True)
-            output.name = name
-            output.type = written.type
-            output.shape = written.shape
+            take_place_of(graph, quantize, chain[-1].outputs[0])
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)

@@ -62,12 +62,8 @@ from qconvert.pipelines.planning import (
     used_range_choices,
     with_report_notes,
 )
-from qconvert.pipelines.recipe import (
-    RecipeStages,
-    recipe_applies,
-    run_recipe,
-    split_samples,
-)
+from qconvert.pipelines.recipe import RecipeStages, run_recipe
+from qconvert.pipelines.recipe_samples import recipe_applies, split_samples
 from qconvert.pipelines.stages import (
     PathLike,
     prepare_for_scheme,

@@ -3,8 +3,9 @@
 What helps is what held-out samples say; if the fidelity is still too low, the few nodes
 that cost the most are raised to float.
 
-The samples are split: a held-out part (a quarter of them, from `HELD_OUT` to
-`MAX_HELD_OUT`, spread evenly over the folder, or the `--eval` folder) scores, the rest
+The samples are split (`recipe_samples`): a held-out part (a quarter of them, from
+`HELD_OUT` to `MAX_HELD_OUT`, spread evenly over the folder, or the `--eval` folder)
+scores, the rest
 calibrates. Starting from the plan `--recipe fast` writes, the steps are tried
 cheap-first (`STEPS`): the other range method (`auto`'s per-tensor clipping against
 minmax), bias correction, weight rounding that minimises each layer's output error
@@ -73,97 +74,8 @@ from qconvert.recipe_result import (
     balance_detail,
     verdict_detail,
 )
-from qconvert.schemes import StaticScheme
 
 StageFn = Callable[[QuantizeState], QuantizeState]
-
-
-HELD_OUT = 16
-"""Samples held out of calibration to score on, at least: 16 tell plans 0.5 dB apart (the
-SQNR of 16 images of a 224 CNN varies by about 0.2 dB from one draw of 16 to another) at
-the cost of a third of a float pass over 48 calibration samples per trial."""
-
-MAX_HELD_OUT = 64
-"""Samples held out at most: a quarter of the folder is held out when that is more than
-`HELD_OUT` (`held_out_count`), so a larger folder scores top-1 agreement in finer steps
-(1.6 points a sample on 64, against 6.25 on 16) at the same share of its float work."""
-
-MIN_CALIBRATION = 32
-"""Samples left to calibrate on after holding out; with fewer, the recipe does not run
-(`fast` is used, and the report says why). Holding 16 out of fewer than 48 would take a
-third or more of the statistics the ranges come from, to score decisions of a few tenths
-of a dB."""
-
-MAX_EVAL = 64
-"""The most `--eval` samples the recipe scores on (spread over the folder): each trial
-runs them all."""
-
-
-def held_out_count(count: int) -> int:
-    """How many of `count` samples to hold out: a quarter, `HELD_OUT` to `MAX_HELD_OUT`."""
-    return min(max(HELD_OUT, count // 4), MAX_HELD_OUT)
-
-
-def held_out_indices(count: int, held: int = HELD_OUT) -> tuple[int, ...]:
-    """`held` sample indices spread evenly over `count`, never the first.
-
-    The first sample stays in calibration: it is the one the written model is verified on.
-    Evenly spread rather than the last ones: folders are often sorted by class or source.
-    """
-    return tuple(int((i + 0.5) * count / held) for i in range(held))
-
-
-def spread(count: int, wanted: int) -> tuple[int, ...]:
-    """`wanted` indices spread evenly over `count` (all of them when fewer)."""
-    if count <= wanted:
-        return tuple(range(count))
-    return tuple(int(i * count / wanted) for i in range(wanted))
-
-
-def recipe_applies(state: QuantizeState) -> bool:
-    """Whether the default recipe runs.
-
-    It runs when asked for, for a static scheme calibrating on --data, with no technique
-    chosen by hand (then the user's choices are the recipe).
-    """
-    options, config = state.request.recipe, state.config
-    if options is None or options.name != "default":
-        return False
-    if not isinstance(state.scheme, StaticScheme) or state.calibration is not None:
-        return False
-    if state.source is None:
-        return False
-    by_hand = (
-        config.equalize,
-        config.bias_correction,
-        config.adaround,
-        config.smooth_quant is not None,
-        state.mixed,
-    )
-    return not any(by_hand)
-
-
-def split_samples(state: QuantizeState) -> QuantizeState:
-    """Holds samples out of calibration to score on (or takes --eval's), see the module."""
-    if state.evaluation is not None:
-        indices = spread(len(state.evaluation), MAX_EVAL)
-        return state.replace(held_out=state.evaluation.select(indices))
-    count = len(state.source)
-    if count < HELD_OUT + MIN_CALIBRATION:
-        note = (
-            f"Recipe fast (the single pass): {count} samples are too few to hold "
-            f"{HELD_OUT} out for scoring and calibrate on {MIN_CALIBRATION}; give --eval "
-            f"DIR or at least {HELD_OUT + MIN_CALIBRATION} --data samples for the default "
-            "recipe."
-        )
-        return state.replace(notes=(*state.notes, note))
-    indices = held_out_indices(count, held_out_count(count))
-    return state.replace(
-        held_out=state.source.select(indices),
-        source=state.source.without(indices),
-        held_out_indices=indices,
-        all_samples=state.source,
-    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,11 +126,11 @@ recognizer's bias correction was better on 9 of 16 held-out lines and worse on 4
 sign test wants 11; 0.6 dB fewer disagreeing frames), and on the 42 eval lines it took
 exact strings from 47.6% to 57.1%. A one-sided paired signed-rank test on the per-sample
 gains does not keep it either (p = 0.15). They must gain 0.5 dB over all, what 16
-samples tell apart (`HELD_OUT`): smaller gains did not reach the eval sets and cost time
-(every later trial corrects or rounds too): a MobileNetV2-style CNN's bias correction,
-+0.44 dB held-out, gave +0.01 dB on eval for 45% more recipe CPU time. A step that wins
-on fewer samples than it loses is dropped: a text detector's bias correction (better on
-7, worse on 9, +0.12 dB over all)."""
+samples tell apart (`recipe_samples.HELD_OUT`): smaller gains did not reach the eval sets
+and cost time (every later trial corrects or rounds too): a MobileNetV2-style CNN's bias
+correction, +0.44 dB held-out, gave +0.01 dB on eval for 45% more recipe CPU time. A step
+that wins on fewer samples than it loses is dropped: a text detector's bias correction
+(better on 7, worse on 9, +0.12 dB over all)."""
 
 
 def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
