@@ -1,10 +1,10 @@
 """Activation equalization: even out the channel ranges of a tensor where it costs nothing.
 
 One per-tensor activation scale serves every channel. Where a tensor's channels differ in
-range by 10-100x (PP-LCNet's pointwise Convs, MobileOne-style blocks), the narrow channels
-get a handful of levels, and a depthwise Conv that reads them (one channel in, one out)
-cannot average that noise away. On a text-probability-map detector one such tensor quantized
-alone costs the output 20 dB.
+range by 10-100x (pointwise Convs between learnable affine layers, re-parameterised
+blocks), the narrow channels get a handful of levels, and a depthwise Conv that reads
+them (one channel in, one out) cannot average that noise away. On a text-probability-map
+detector one such tensor quantized alone costs the output 20 dB.
 
 For a tensor T (channels on axis 1) with a_c = max |T_c| over calibration samples and
 R = max_c a_c, each channel is scaled up to the widest:

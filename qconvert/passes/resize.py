@@ -3,7 +3,7 @@
 A quantized nearest `Resize` is `DequantizeLinear -> Resize -> QuantizeLinear` with one
 pair of parameters; onnxruntime drops the pair and runs the Resize on the uint8 values.
 Next to its QLinearConvs that Resize runs in the NHWC layout, where onnxruntime's 8-bit
-nearest kernel computes an index for each output value: on a PP-OCR DBNet head (six 2x,
+nearest kernel computes an index for each output value: on a text-probability-map head (six 2x,
 4x and 8x upsamplings to 80x80) it took 1.13 ms of one thread, against 0.42-0.68 ms for
 the float model's NCHW Resizes.
 
@@ -21,7 +21,7 @@ DequantizeLinear read, where the QuantizeLinear after the Resize has the same pa
 (so the integers it wrote are the input's integers, repeated). The output is the same
 number for number; the Reshape's target comes from the Shape, so H and W may be dynamic.
 The chain is written in NHWC because there Expand copies runs of C values; in NCHW it
-would copy one value at a time (measured 1.4x slower over the whole DBNet). onnxruntime's
+would copy one value at a time (measured 1.4x slower over that whole detector). onnxruntime's
 layout pass cancels the two Transposes against the ones it puts around its NHWC integer
 kernels; next to NCHW kernels they stay, on the small input and the upsampled output.
 

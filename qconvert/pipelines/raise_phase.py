@@ -281,7 +281,7 @@ def ranked_candidates(
     ranked = (ends + rest)[:MAX_RANKED]
     # And the next EARLY_LAYERS layers, beyond MAX_RANKED: raised, a layer keeps the
     # tensor it reads float, and an early layer's input error passes through every later
-    # layer (a 320x320 YOLOv8n detector's third Conv reads the SiLU output of its second,
+    # layer (a 320x320 SiLU detector's third Conv reads the SiLU output of its second,
     # [-0.28, 206] on one uint8 grid, median 0: float, its class logits gain 6 dB on
     # held-out photos for 0.6% of the work). None of them is among the cheapest there.
     early = [node for node in layers[1 : 1 + EARLY_LAYERS] if node not in ranked]

@@ -121,13 +121,13 @@ of 11) and 4.1 dB, 3.4 points of frames and 6 of 42 strings on its eval set.
 Bias correction and weight rounding fit each layer's mean error and rounding to the
 calibration samples' statistics, which is nearly always right on average, so the burden
 of proof is on the held-out samples to say they are worse. 16 held-out samples resolve
-too little for the sign test to keep them where unseen data favours them: PP-OCRv4's
+too little for the sign test to keep them where unseen data favours them: a CTC text
 recognizer's bias correction was better on 9 of 16 held-out lines and worse on 4 (the
 sign test wants 11; 0.6 dB fewer disagreeing frames), and on the 42 eval lines it took
 exact strings from 47.6% to 57.1%. A one-sided paired signed-rank test on the per-sample
 gains does not keep it either (p = 0.15). They must gain 0.5 dB over all, what 16
 samples tell apart (`recipe_samples.HELD_OUT`): smaller gains did not reach the eval sets
-and cost time (every later trial corrects or rounds too): a MobileNetV2-style CNN's bias
+and cost time (every later trial corrects or rounds too): an inverted-residual CNN's bias
 correction, +0.44 dB held-out, gave +0.01 dB on eval for 45% more recipe CPU time. A step
 that wins on fewer samples than it loses is dropped: a text detector's bias correction
 (better on 7, worse on 9, +0.12 dB over all)."""

@@ -10,7 +10,7 @@ Sub of one: the learnable affine layer some mobile backbones put after each Conv
 inverse carries the edge back to the tensor.
 
 A batch-normalised Conv in front of a HardSwish writes about as much below zero as above
-it: on a PP-OCRv4 text detector's first blocks [-207, 178], where only [-3, 178] reaches
+it: on a text-probability-map detector's first blocks [-207, 178], where only [-3, 178] reaches
 the HardSwish's output apart from 0. Cutting at -3 there halves the step of the values that
 matter (1.51 -> 0.71).
 

@@ -3,7 +3,7 @@
 SiLU(x) = x * sigmoid(x) is exported as Sigmoid(x) and Mul(x, Sigmoid(x)). Every
 negative x gives a value in [-0.28, 0], and below -6 within 0.02 of zero. A
 batch-normalised Conv in front of it writes a range about as wide on the negative side as
-on the positive one (a 320x320 YOLOv8n detector's second Conv: [-201, 206]), so half of
+on the positive one (a 320x320 SiLU detector's second Conv: [-201, 206]), so half of
 the uint8 grid, or more, holds values the SiLU maps to almost the same output, and the
 step on the positive side, where SiLU is nearly the identity, is twice what it needs be.
 
