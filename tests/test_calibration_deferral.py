@@ -18,7 +18,7 @@ from qconvert.calibration.deferral import (
     deferrable_tensors,
 )
 from qconvert.config import QuantizeConfig
-from qconvert.pipelines import quantize_stages as quantize_pipeline
+from qconvert.pipelines import calibration_stages
 
 BRANCHED = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -85,14 +85,14 @@ def test_recording_ranges_notes_lookups_of_deferred_tensors_only():
 def calibrations(monkeypatch):
     """The tensors each calibration of `quantize` recorded, in order."""
     recorded: list[set[str]] = []
-    collect = quantize_pipeline.collect_calibration
+    collect = calibration_stages.collect_calibration
 
     def recording(*args, **kwargs):
         calibration = collect(*args, **kwargs)
         recorded.append(set(calibration.observers))
         return calibration
 
-    monkeypatch.setattr(quantize_pipeline, "collect_calibration", recording)
+    monkeypatch.setattr(calibration_stages, "collect_calibration", recording)
     return recorded
 
 
@@ -133,9 +133,9 @@ def test_a_plan_that_reads_a_deferred_tensor_calibrates_every_tensor(
     model, data = _case(tmp_path, _conv_clamp_conv())
     calib = tmp_path / "model.calib.json"
     api.calibrate(model, data, output=calib)
-    deferred = quantize_pipeline._deferred
+    deferred = calibration_stages._deferred
     monkeypatch.setattr(
-        quantize_pipeline,
+        calibration_stages,
         "_deferred",
         lambda state, calibrated: (
             deferred(state, calibrated) | {"a"} if state.defer else frozenset()

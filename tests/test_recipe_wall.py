@@ -18,8 +18,8 @@ from test_recipe import conv_case
 
 import qconvert
 from qconvert import testing
+from qconvert.pipelines import calibration_stages, recipe, recipe_samples, weight_passes
 from qconvert.pipelines import quantize_stages as quantize_pipeline
-from qconvert.pipelines import recipe, recipe_samples, weight_passes
 from qconvert.pipelines.stages import prepares_alike
 from qconvert.recipe_result import RecipeOptions
 
@@ -39,7 +39,7 @@ def test_calibrations_preparation_serves_the_scheme_and_writes_the_same_bytes(
     )
     qconvert.quantize(path, tmp_path / "once.onnx", data=tmp_path / "calib", recipe="fast")
     assert prepared == []  # opset 17: calibration's preparation was the scheme's
-    monkeypatch.setattr(quantize_pipeline, "prepares_alike", lambda *args: False)
+    monkeypatch.setattr(calibration_stages, "prepares_alike", lambda *args: False)
     qconvert.quantize(path, tmp_path / "twice.onnx", data=tmp_path / "calib", recipe="fast")
     assert prepared == [1]
     assert sha256(tmp_path / "once.onnx") == sha256(tmp_path / "twice.onnx")
@@ -205,9 +205,9 @@ def test_the_refit_runs_only_the_held_out_samples_again_and_writes_the_same_byte
     # every sample. The trials measured them on the calibration samples already.
     path = conv_case(tmp_path)
     calibrated = []
-    real_calibration = quantize_pipeline.collect_calibration
+    real_calibration = calibration_stages.collect_calibration
     monkeypatch.setattr(
-        quantize_pipeline,
+        calibration_stages,
         "collect_calibration",
         lambda *args, **kwargs: (
             calibrated.append(len(args[2])) or real_calibration(*args, **kwargs)

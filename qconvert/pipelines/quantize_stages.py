@@ -13,20 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 
 from qconvert import model as model_io
 from qconvert.calibration import (
-    CollectSettings,
     RangeMethod,
     read_calibration,
-    tensors_to_calibrate,
 )
-from qconvert.calibration.collect import KeptOutputs
-from qconvert.calibration.deferral import (
-    deferrable_tensors,
-)
-from qconvert.calibration.parallel import DataSpec
 from qconvert.compare import (
     Comparison,
     Side,
@@ -45,11 +37,7 @@ from qconvert.passes import (
     DropIntermediateShapesPass,
 )
 from qconvert.pipelines.auto_check import AUTO_CHECK_SAMPLES, check_against_minmax
-from qconvert.pipelines.calibrate import (
-    calibration_model,
-    collect_calibration,
-    float16_peaks,
-)
+from qconvert.pipelines.calibration_stages import calibrate, recalibrate
 from qconvert.pipelines.mixed_precision import (
     check_mixed_precision,
     evaluator_on,
@@ -67,7 +55,6 @@ from qconvert.pipelines.recipe_samples import recipe_applies, split_samples
 from qconvert.pipelines.stages import (
     PathLike,
     prepare_for_scheme,
-    prepares_alike,
     ranges_of,
     upgrade_old_opset,
 )
@@ -89,7 +76,6 @@ from qconvert.report import Conversion, Report, check_report_path
 from qconvert.schemes import DynamicScheme, Float16Scheme, StaticScheme
 from qconvert.selection import NodeSelection
 from qconvert.sensitivity import (
-    FloatOutputs,
     Target,
     quantizable_nodes,
 )
@@ -216,140 +202,6 @@ def smooth(state: QuantizeState) -> QuantizeState:
         state.float_model, state.source, state.config.smooth_quant
     )
     return state.replace(float_model=float_model, notes=(*state.notes, *notes))
-
-
-def calibrate(state: QuantizeState) -> QuantizeState:
-    """Runs the float model over the samples: statistics, or fp16's magnitudes."""
-    request, source = state.request, state.source
-    if state.measuring:
-        with request.progress.task("Measuring ranges", len(source)) as advance:
-            return state.replace(peaks=float16_peaks(state.float_model, source, advance))
-    # minmax needs no histogram; skipping it makes on-the-fly calibration cheaper. The
-    # other methods (auto, the default, too) histogram exactly as `calibrate` does, so
-    # --data equals --calib.
-    settings = CollectSettings()
-    if request.method == "minmax":
-        settings = CollectSettings(histogram_values=0)
-    spec = DataSpec(
-        folder=str(request.data),
-        specs=state.specs,
-        images=request.images,
-        limits=request.limits,
-        held_out=state.held_out_indices,
-    )
-    calibrated = calibration_model(state.float_model.clone())
-    # Kept for the prepare stage before collecting, which may change the model it runs.
-    kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
-    deferred = _deferred(state, calibrated)
-    # `auto`'s check scores plans against the float outputs of the first samples: the
-    # calibration session computes them anyway.
-    outputs = (
-        KeptOutputs(min(AUTO_CHECK_SAMPLES, len(source)))
-        if state.range_method is not None and state.range_method.name == "auto"
-        else None
-    )
-    calibration = collect_calibration(
-        request.model,
-        calibrated,
-        source,
-        settings,
-        request.progress,
-        data=spec,
-        workers=request.workers,
-        prepared=True,
-        skip=deferred,
-        kept=outputs,
-    )
-    runs = outputs.complete() if outputs is not None else None
-    float_outputs = (
-        FloatOutputs(
-            sources=source.sources()[: outputs.samples], names=outputs.names, runs=tuple(runs)
-        )
-        if runs
-        else None
-    )
-    return state.replace(
-        calibration=calibration,
-        calibrated=kept,
-        deferred=deferred,
-        float_outputs=float_outputs,
-    )
-
-
-def recalibrate(state: QuantizeState, tensors: frozenset[str]) -> QuantizeState:
-    """Calibrates `tensors` of a changed float model; keeps the state's other statistics.
-
-    For a change that leaves every other tensor's values as they were (equalization
-    rescales only the tensors between its pairs): one float pass that reduces those few
-    tensors, where calibrating afresh reduces them all, on the same samples.
-    """
-    request = state.request
-    settings = CollectSettings()
-    if request.method == "minmax":
-        settings = CollectSettings(histogram_values=0)
-    calibrated = calibration_model(state.float_model.clone())
-    kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
-    deferred = _deferred(state, calibrated)
-    others = frozenset(tensors_to_calibrate(calibrated)) - (tensors - deferred)
-    fresh = collect_calibration(
-        request.model,
-        calibrated,
-        state.source,
-        settings,
-        request.progress,
-        # `--workers auto`: this process, a batch per core; a pass this small is not
-        # worth spawning workers for.
-        data=DataSpec(
-            folder=str(request.data),
-            specs=state.specs,
-            images=request.images,
-            limits=request.limits,
-            held_out=state.held_out_indices,
-        ),
-        workers=None,
-        prepared=True,
-        skip=others | deferred,
-    ).observers
-    before = state.calibration.observers
-    observers = {name: fresh.get(name, observer) for name, observer in before.items()}
-    observers.update({name: fresh[name] for name in fresh if name not in before})
-    calibration = dataclasses.replace(state.calibration, observers=observers)
-    return state.replace(calibration=calibration, calibrated=kept, deferred=deferred)
-
-
-def _deferred(state: QuantizeState, calibrated: ir.Model) -> frozenset[str]:
-    """The tensors this run's calibration leaves out (`calibration.deferral`).
-
-    None for symmetric activations, whose zero point cannot perform a Relu's clamp (every
-    plan would read them), nor for mixed precision, which keeps clamps float by trial.
-    A clamp the options keep float or override (`--exclude`, `--include-only`, per-node
-    and per-tensor schemes) is known now to need its input's range, so that input is
-    calibrated rather than found missing by the plan, which would calibrate again.
-    """
-    scheme, config = state.scheme, state.config
-    if (
-        not state.defer
-        or state.mixed
-        or not isinstance(scheme, StaticScheme)
-        or scheme.activation_symmetric
-        or scheme.activation_dtype.itemsize != 1
-    ):
-        return frozenset()
-    selection = NodeSelection(exclude=config.exclude, include_only=config.include_only)
-    overrides = config.overrides
-
-    def planned_as_usual(clamp: ir.Node) -> bool:
-        return (
-            selection.skip_reason(clamp) is None
-            and (clamp.name or "") not in overrides.nodes
-            and not any(
-                v.name in overrides.tensors for v in (*clamp.inputs, *clamp.outputs) if v
-            )
-        )
-
-    return deferrable_tensors(
-        calibrated, tensors_to_calibrate(calibrated), clamp_kept=planned_as_usual
-    )
 
 
 def prepare(state: QuantizeState) -> QuantizeState:
