@@ -75,17 +75,21 @@ def test_bias_correction_and_weight_rounding_are_judged_on_balance():
         "gain under 0.5 dB: better on 10/16 samples, worse on 6"
     )
     assert mostly.better_on_balance(before, min_gain_db=0.5)
-    # Frames decide for sequences: fewer disagreeing frames over all and on balance.
+    # Frames decide for sequences, where their counts resolve (32 -> 18 wrong, past the
+    # spread of sqrt(50)): fewer disagreeing frames over all and on balance.
     frames_before = Fidelity(
         sqnr_db=15.0,
         top1_agreement=None,
-        frame_agreement=0.9,
+        frame_agreement=0.8,
         frame_rows=160,
-        per_sample_frames=(1,) * 16,
+        per_sample_frames=(2,) * 16,
     )
     frames_after = dataclasses.replace(
-        frames_before, frame_agreement=0.925, per_sample_frames=(0,) * 9 + (1,) * 3 + (2,) * 4
+        frames_before,
+        frame_agreement=1 - 18 / 160,
+        per_sample_frames=(0,) * 9 + (3,) * 4 + (2,) * 3,
     )
+    assert frames_after.scored_by_frames(frames_before)
     assert not frames_after.improves(frames_before)  # 9 of 13 untied: the sign test wants 11
     assert frames_after.better_on_balance(frames_before)
 

@@ -10,7 +10,13 @@ import pytest
 import qconvert
 from qconvert import testing
 from qconvert.pipelines.held_out import HeldOut
-from qconvert.recipe_result import Fidelity, RecipeOptions, verdict_detail
+from qconvert.recipe_result import (
+    Fidelity,
+    RecipeOptions,
+    frames_resolve,
+    verdict_detail,
+    wins_needed,
+)
 from qconvert.runtime import make_session
 from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
 
@@ -125,14 +131,52 @@ def test_frames_decide_a_step_not_the_sqnr():
     assert fewer.improves(before)
     assert fewer.gain_db(before) == pytest.approx(10 * np.log10(32 / 18))
     assert verdict_detail(fewer, before) == "better on 14/16 samples (12 needed)"
-    # The SQNR up by 3 dB, the frames unchanged: dropped.
-    louder = _frames(23.0, [2] * 16)
+    # The SQNR up by 3 dB, but 16 frames more wrong (48 against 32, past the spread of
+    # 8.9 two such counts have): dropped.
+    louder = _frames(23.0, [3] * 16)
+    assert louder.scored_by_frames(before)
     assert not louder.improves(before)
-    # Fewer frames wrong over all, but carried by 3 samples: within noise.
-    carried = _frames(20.0, [0] * 3 + [2] * 12 + [3])
+    # Fewer frames wrong over all, but carried by 3 samples: a sign test of frames
+    # resolved over all (22 against 32, spread 7.3) still drops it.
+    carried = _frames(20.0, [0] * 5 + [2] * 11)
+    assert carried.scored_by_frames(before)
     assert not carried.improves(before)
     detail = verdict_detail(carried, before)
-    assert detail == "gain within noise: better on 3/16 samples (5 needed)"
+    # 5 untied samples: even 5 of 5 (p = 1/32) is not 2.5%.
+    assert detail == "gain within noise: better on 5/16 samples (6 needed)"
+
+
+def test_frames_within_their_counting_noise_leave_the_decision_to_the_sqnr():
+    before = _frames(20.0, [2] * 16)  # 32 frames wrong
+    # 29 frames wrong (3 fewer, against a spread of sqrt(61) = 7.8): the counts do not
+    # tell the two apart, and the SQNR, up 2 dB on every sample, decides: kept.
+    louder = _frames(22.0, [2] * 13 + [1] * 3)
+    assert not louder.scored_by_frames(before)
+    assert louder.improves(before)
+    assert louder.gain_db(before) == pytest.approx(2.0)
+    assert louder.better_on_balance(before, min_gain_db=0.5)
+    # The same frames with the SQNR down: dropped, the frames' 3 notwithstanding.
+    quieter = _frames(19.0, [2] * 13 + [1] * 3)
+    assert not quieter.improves(before)
+    assert not quieter.better_on_balance(before)
+    # 4 more frames wrong (also within the noise) and the SQNR up: kept.
+    assert _frames(22.0, [2] * 12 + [3] * 4).improves(before)
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "resolved"),
+    [(0, 0, False), (0, 1, False), (0, 2, True), (53, 56, False), (72, 56, True)],
+)
+def test_counts_resolve_past_one_standard_deviation_of_their_difference(
+    mine, theirs, resolved
+):
+    assert frames_resolve(mine, theirs) is resolved
+
+
+def test_frames_decide_when_their_counts_are_unknown():
+    before = Fidelity(sqnr_db=20.0, top1_agreement=None, frame_agreement=0.9)
+    louder = Fidelity(sqnr_db=23.0, top1_agreement=None, frame_agreement=0.9)
+    assert louder.scored_by_frames(before) and not louder.improves(before)
 
 
 def test_the_floor_of_a_sequence_output_is_whole_sequences_agreeing():
@@ -156,3 +200,26 @@ def test_the_recipe_scores_a_ctc_model_by_frames(tmp_path):
     assert recipe.final.frame_agreement >= recipe.start.frame_agreement
     notes = "\n".join(report.conversion.notes)
     assert "frames" in notes and "of sequences" in notes
+
+
+def test_a_ctc_head_with_less_weight_error_is_kept_by_sqnr_when_frames_cannot_tell():
+    # Two candidates of one CTC head run in onnxruntime: one with an extra weight error
+    # (as a rounding bias correction removes), one without it.
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((FEATURES, CLASSES))
+    scorer = HeldOut(ctc_head(w).SerializeToString(), _samples(16, seed=5))
+    shared, extra = rng.standard_normal((2, *w.shape))
+    worse = scorer.score(ctc_head(w + 0.1 * shared + 0.1 * extra).SerializeToString())
+    better = scorer.score(ctc_head(w + 0.1 * shared).SerializeToString())
+    wrong = (better.disagreeing_frames, worse.disagreeing_frames)
+    # Frames within their counting noise (a frame or so apart, against a spread of 7).
+    assert abs(wrong[0] - wrong[1]) < np.sqrt(sum(wrong))
+    # Frames alone could not keep it: their sign test needs more samples than it wins.
+    pairs = list(zip(better.per_sample_frames, worse.per_sample_frames, strict=True))
+    wins, untied = sum(a < b for a, b in pairs), sum(a != b for a, b in pairs)
+    assert wins < wins_needed(untied)
+    # The SQNR sees the error gone on nearly every sample: it decides, and keeps it.
+    assert better.sqnr_db > worse.sqnr_db + 1.0
+    assert not better.scored_by_frames(worse)
+    assert better.improves(worse)
+    assert better.better_on_balance(worse, min_gain_db=0.5)
