@@ -135,3 +135,90 @@ def test_verify_passes_bytes_the_checker_takes():
     feeds = testing.random_inputs(model)
     audit = verify_model(model.SerializeToString(), feeds)
     assert audit is not None
+
+
+def _calibrate_counting_runs(model, calib, output, monkeypatch) -> int:
+    """`calibrate` in this process; returns how many runs onnxruntime made."""
+    import onnxruntime as ort
+
+    runs = []
+    original = ort.InferenceSession.run
+    monkeypatch.setattr(
+        ort.InferenceSession,
+        "run",
+        lambda self, *a, **k: runs.append(1) or original(self, *a, **k),
+    )
+    api.calibrate(model, calib, output=output, workers=1)
+    monkeypatch.setattr(ort.InferenceSession, "run", original)
+    return len(runs)
+
+
+def _without_inferred_strides(monkeypatch) -> None:
+    """The collector as it was: every new input signature's first run a size probe."""
+    from qconvert.calibration import collect
+
+    opened = collect._Runner._open
+
+    def probing(self, feeds):
+        opened(self, feeds)
+        self.inferred.clear()
+
+    monkeypatch.setattr(collect._Runner, "_open", probing)
+
+
+def test_first_run_takes_the_inferred_strides(tmp_path, monkeypatch):
+    # 128 channels of 8x8: 8,192 values a run, past `reducing.WHOLE_VALUES`, so the Conv's
+    # output is reduced in the graph and its histogram subset takes a stride.
+    model = testing.conv_bn_relu(128)
+    path = testing.save(model, tmp_path / "m.onnx")
+    samples = 12
+    calib = testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(samples)]
+    )
+    guessed = _calibrate_counting_runs(path, calib, tmp_path / "a.json", monkeypatch)
+    _without_inferred_strides(monkeypatch)
+    probed = _calibrate_counting_runs(path, calib, tmp_path / "b.json", monkeypatch)
+    assert (guessed, probed) == (samples, samples + 1)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def _data_dependent_sizes() -> onnx.ModelProto:
+    """A Tile whose repeats come from the data: shape inference cannot size its output."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("ReduceMax", ["r"], ["m"], keepdims=0),
+            helper.make_node("Ceil", ["m"], ["c"]),
+            helper.make_node("Cast", ["c"], ["n"], to=onnx.TensorProto.INT64),
+            helper.make_node("Add", ["n", "one"], ["n1"]),
+            helper.make_node("Reshape", ["n1", "one"], ["reps"]),
+            helper.make_node("Reshape", ["r", "flat"], ["rf"]),
+            helper.make_node("Tile", ["rf", "reps"], ["t"]),
+            helper.make_node("Sigmoid", ["t"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2048])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n"])],
+        [
+            helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]),
+            helper.make_tensor("flat", onnx.TensorProto.INT64, [1], [-1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_sizes_from_the_data_still_probe(tmp_path, monkeypatch):
+    model = _data_dependent_sizes()
+    path = testing.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    calib = testing.write_samples(
+        tmp_path / "calib",
+        [{"x": (rng.normal(size=(1, 2048)) * (i + 1)).astype(np.float32)} for i in range(6)],
+    )
+    api.calibrate(path, calib, output=tmp_path / "a.json", workers=1)
+    _without_inferred_strides(monkeypatch)
+    api.calibrate(path, calib, output=tmp_path / "b.json", workers=1)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert "t" in json.loads((tmp_path / "a.json").read_text())["tensors"]
