@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from qconvert.class_shift import ClassShift, class_shift
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts
@@ -70,6 +71,7 @@ class HeldOut:
         )
         worst, agreement, rows = math.inf, None, 0
         disagreeing, frames = [0] * len(outputs), 0
+        shifts = []
         for index, name in enumerate(self.output_names):
             if index in self.sequences:
                 for sample, (reference, candidate) in enumerate(
@@ -94,6 +96,8 @@ class HeldOut:
                 for piece, (ref_part, cand_part) in zip(pieces, split, strict=True):
                     piece.update(ref_part, cand_part)
             result = accumulator.result()
+            if classify:
+                shifts.append(self._shift(index, outputs))
             for value in (result.sqnr_db, *(piece.result().sqnr_db for piece in pieces)):
                 if not math.isnan(value):
                     worst = min(worst, value)
@@ -106,6 +110,7 @@ class HeldOut:
                 top1_agreement=agreement,
                 top1_rows=rows,
                 per_sample_db=per_sample,
+                class_shifts=tuple(shifts),
             )
         return Fidelity(
             sqnr_db=worst,
@@ -115,7 +120,22 @@ class HeldOut:
             frame_agreement=1.0 - sum(disagreeing) / frames,
             frame_rows=frames,
             per_sample_frames=tuple(disagreeing),
+            class_shifts=tuple(shifts),
         )
+
+    def _shift(self, index: int, outputs) -> ClassShift | None:
+        """Output `index`'s mean class-score shift over every held-out row."""
+        classes = np.asarray(self.reference[0][index]).shape[-1]
+        try:
+            reference = np.concatenate(
+                [np.reshape(ref[index], (-1, classes)) for ref in self.reference]
+            )
+            candidate = np.concatenate(
+                [np.reshape(cand[index], (-1, classes)) for cand in outputs]
+            )
+        except ValueError:  # a sample of another class count
+            return None
+        return class_shift(reference, candidate)
 
     def _split(self, name: str, reference, candidate):
         """(reference, candidate) pairs of each part of output `name` (one: the whole)."""

@@ -141,6 +141,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
         if not after.improves(best, top1_floor=options.min_top1_agreement):
             rejected.append(f"{label}: {_no_gain(after, best, options.min_top1_agreement)}")
             continue
+        if after.leans_more(best):
+            rejected.append(f"{label}: {after.lean_detail(best)}")
+            continue
         raises, best = chosen, after
         used_weights += candidate.weight_share
         raised.append(
@@ -178,6 +181,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
         after = score(build(kept, chosen, trial))
         if not after.improves(best, top1_floor=options.min_top1_agreement):
             rejected.append(f"{label}: {_no_gain(after, best, options.min_top1_agreement)}")
+            continue
+        if after.leans_more(best):
+            rejected.append(f"{label}: {after.lean_detail(best)}")
             continue
         variant = frozenset({(feeder, False)})
         if variant not in alone_scores:
