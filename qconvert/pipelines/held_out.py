@@ -17,7 +17,7 @@ from qconvert.class_shift import ClassShift, class_shift
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts
-from qconvert.recipe_result import Fidelity
+from qconvert.recipe_result import Fidelity, can_still_hold
 from qconvert.runtime import make_session
 from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
 
@@ -52,21 +52,33 @@ class HeldOut:
             and all(is_distribution_sequence(ref[index]) for ref in self.reference)
         )
 
-    def score(self, model: bytes, weights: Mapping[str, np.ndarray] | None = None) -> Fidelity:
-        """The fidelity of `model` (serialized, without the `weights` handed beside it)."""
+    def score(
+        self,
+        model: bytes,
+        weights: Mapping[str, np.ndarray] | None = None,
+        *,
+        against: Fidelity | None = None,
+    ) -> Fidelity | None:
+        """The fidelity of `model` (serialized, without the `weights` handed beside it).
+
+        `against`: stop, and give None, as soon as `model` can no longer beat it on
+        enough samples one by one (`Fidelity.holds_on_samples`), so it cannot improve on
+        it (`Fidelity.improves`): the samples left are not run.
+        """
         session = make_session(model, quiet=True, weights=weights)
-        outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
+        theirs = self._sample_values(against) if against is not None else None
+        outputs = []
+        wins = losses = 0
+        for index, feeds in enumerate(self.samples):
+            outputs.append(session.run(self.output_names, feeds))
+            if theirs is None:
+                continue
+            mine = self._sample_value(self.reference[index], outputs[-1])
+            wins, losses = wins + (mine > theirs[index]), losses + (mine < theirs[index])
+            if not can_still_hold(wins, losses, len(self.samples) - index - 1):
+                return None
         per_sample = tuple(
-            min(
-                (
-                    _sample_sqnr(ref_part, cand_part)
-                    for name, ref, cand in zip(
-                        self.output_names, reference, candidate, strict=True
-                    )
-                    for ref_part, cand_part in self._split(name, ref, cand)
-                ),
-                default=math.inf,
-            )
+            self._worst_sqnr(reference, candidate)
             for reference, candidate in zip(self.reference, outputs, strict=True)
         )
         worst, agreement, rows = math.inf, None, 0
@@ -121,6 +133,42 @@ class HeldOut:
             frame_rows=frames,
             per_sample_frames=tuple(disagreeing),
             class_shifts=tuple(shifts),
+        )
+
+    def _sample_values(self, fidelity: Fidelity) -> tuple[float, ...] | None:
+        """`fidelity`'s per-sample scores as `Fidelity.paired` pairs them (None unknown)."""
+        if self.sequences and fidelity.frame_agreement is not None:
+            values = tuple(-float(n) for n in fidelity.per_sample_frames)
+        else:
+            values = fidelity.per_sample_db
+        return values if len(values) == len(self.samples) else None
+
+    def _sample_value(self, reference: Sequence[np.ndarray], candidate) -> float:
+        """One sample's score as `Fidelity.paired` counts it.
+
+        Minus its disagreeing frames where frames decide, else its SQNR (the worst
+        output's worst part).
+        """
+        if self.sequences:
+            return -float(
+                sum(
+                    frames_disagreeing(reference[index], candidate[index])[0]
+                    for index in self.sequences
+                )
+            )
+        return self._worst_sqnr(reference, candidate)
+
+    def _worst_sqnr(self, reference: Sequence[np.ndarray], candidate) -> float:
+        """One sample's SQNR: its worst output's worst part (inf: none measurable)."""
+        return min(
+            (
+                _sample_sqnr(ref_part, cand_part)
+                for name, ref, cand in zip(
+                    self.output_names, reference, candidate, strict=True
+                )
+                for ref_part, cand_part in self._split(name, ref, cand)
+            ),
+            default=math.inf,
         )
 
     def _shift(self, index: int, outputs) -> ClassShift | None:
