@@ -524,7 +524,9 @@ class RaiseSearch:
         if not self.affordable:
             return text + f"; no node's own work fits the {share} budget"
         if not self.gaining:
-            return text + f"; none gained {MIN_RAISE_GAIN_DB:g} dB alone, so none was raised"
+            return (
+                text + f"; none improved by {MIN_RAISE_GAIN_DB:g} dB alone, so none was raised"
+            )
         text += f"; {self.gaining} improved by {MIN_RAISE_GAIN_DB:g} dB alone"
         if self.rejected:
             text += "; not raised: " + "; ".join(self.rejected)
