@@ -63,19 +63,29 @@ class HeldOut:
 
         `against`: stop, and give None, as soon as `model` can no longer beat it on
         enough samples one by one (`Fidelity.holds_on_samples`), so it cannot improve on
-        it (`Fidelity.improves`): the samples left are not run.
+        it (`Fidelity.improves`): the samples left are not run. Where frames may decide
+        (sequences of class distributions: whether they do depends on both final
+        counts, `Fidelity.scored_by_frames`), it stops only once neither the frames nor
+        the SQNR could win.
         """
         session = make_session(model, quiet=True, weights=weights)
-        theirs = self._sample_values(against) if against is not None else None
+        theirs = self._sample_values(against) if against is not None else []
         outputs = []
-        wins = losses = 0
+        wins, losses = [0] * len(theirs), [0] * len(theirs)
         for index, feeds in enumerate(self.samples):
             outputs.append(session.run(self.output_names, feeds))
-            if theirs is None:
+            if not theirs:
                 continue
-            mine = self._sample_value(self.reference[index], outputs[-1])
-            wins, losses = wins + (mine > theirs[index]), losses + (mine < theirs[index])
-            if not can_still_hold(wins, losses, len(self.samples) - index - 1):
+            left = len(self.samples) - index - 1
+            held = False
+            for measure, mine in enumerate(
+                self._sample_value(self.reference[index], outputs[-1])
+            ):
+                other = theirs[measure][index]
+                wins[measure] += mine > other
+                losses[measure] += mine < other
+                held = held or can_still_hold(wins[measure], losses[measure], left)
+            if not held:
                 return None
         per_sample = tuple(
             self._worst_sqnr(reference, candidate)
@@ -135,28 +145,32 @@ class HeldOut:
             class_shifts=tuple(shifts),
         )
 
-    def _sample_values(self, fidelity: Fidelity) -> tuple[float, ...] | None:
-        """`fidelity`'s per-sample scores as `Fidelity.paired` pairs them (None unknown)."""
-        if self.sequences and fidelity.frame_agreement is not None:
-            values = tuple(-float(n) for n in fidelity.per_sample_frames)
-        else:
-            values = fidelity.per_sample_db
-        return values if len(values) == len(self.samples) else None
+    def _sample_values(self, fidelity: Fidelity) -> list[tuple[float, ...]]:
+        """`fidelity`'s per-sample scores as `Fidelity.paired` may pair them.
 
-    def _sample_value(self, reference: Sequence[np.ndarray], candidate) -> float:
-        """One sample's score as `Fidelity.paired` counts it.
-
-        Minus its disagreeing frames where frames decide, else its SQNR (the worst
-        output's worst part).
+        By SQNR, and by minus the disagreeing frames where frames may decide; empty
+        where unknown.
         """
+        measures = [fidelity.per_sample_db]
+        if self.sequences and fidelity.frame_agreement is not None:
+            measures.append(tuple(-float(n) for n in fidelity.per_sample_frames))
+        if any(len(values) != len(self.samples) for values in measures):
+            return []
+        return measures
+
+    def _sample_value(self, reference: Sequence[np.ndarray], candidate) -> list[float]:
+        """One sample's scores, as `_sample_values` lists them."""
+        values = [self._worst_sqnr(reference, candidate)]
         if self.sequences:
-            return -float(
-                sum(
-                    frames_disagreeing(reference[index], candidate[index])[0]
-                    for index in self.sequences
+            values.append(
+                -float(
+                    sum(
+                        frames_disagreeing(reference[index], candidate[index])[0]
+                        for index in self.sequences
+                    )
                 )
             )
-        return self._worst_sqnr(reference, candidate)
+        return values
 
     def _worst_sqnr(self, reference: Sequence[np.ndarray], candidate) -> float:
         """One sample's SQNR: its worst output's worst part (inf: none measurable)."""
