@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qconvert.class_shift import ClassShift
 from qconvert.errors import ConfigError
 
 RECIPES = ("default", "fast")
@@ -18,6 +19,14 @@ RECIPES = ("default", "fast")
 MIN_GAIN_DB = 0.1
 """A step must raise the held-out SQNR by this much to be kept: what 16 samples resolve,
 and less than any technique here changes a model by when it matters."""
+
+MIN_RAISE_GAIN_DB = 0.5
+"""A node must gain this much raised alone to be tried as a raise: what 16 held-out samples
+tell apart (the on-balance steps' threshold, `pipelines.recipe.ON_BALANCE`). Each one
+tried costs a scoring on top of the raises before it, and smaller raises did not reach the
+eval sets: an inverted-residual CNN raised an Add for +0.3 dB held out and scored 20.3 dB
+on eval before and after, while 7 other candidates of 0.1-0.4 dB were each scored again on
+top of it: 7 of the raise phase's 28 scorings."""
 
 SIGN_TEST_ALPHA = 0.025
 """A step must also raise the SQNR on so many held-out samples, one by one, that a step
@@ -43,6 +52,25 @@ def frames_resolve(mine: float, theirs: float) -> bool:
     return abs(mine - theirs) > math.sqrt(mine + theirs) + 1e-9
 
 
+SHIFT_RATIO = 3.0
+"""A raise is refused where it leaves a classifier output's class scores leaning beyond
+noise: by a mean shift at least this many times the energy noise alone would leave in a
+mean of as many rows (`class_shift.ClassShift.ratio`), and `SHIFT_GROWTH` times the lean
+before it (`Fidelity.leans_more`). For two classes the ratio is the shift's t statistic
+squared, t >= 1.73: a lean that noise gives 1 time in 10 on 16 rows. A raise wrongly
+refused costs the dB it would have gained; a lean kept costs agreement on any data whose
+class mix differs from the held-out samples', where neither SQNR nor the top-1 veto sees
+it (`class_shift`)."""
+
+SHIFT_GROWTH = 2.0
+"""How many times a raise must multiply the lean's energy (3 dB) to be refused for it: a
+model may lean before the raise phase (its bias correction leaves some), and a raise that
+leaves that lean as it was is no cause. On a two-class text-orientation classifier the
+raised squeeze-excitation Conv took the lean from 0.004 (0.5x noise) to 0.014 (4.0x noise,
+3.6 times) and cost 7 of 64 eval rows; on a 1000-class CNN the best raise took it from
+0.080 (2.0x) to 0.087 (3.2x, 1.09 times) and gained 1 eval row."""
+
+
 def wins_needed(pairs: int) -> int:
     """The fewest of `pairs` untied samples a step must improve (`SIGN_TEST_ALPHA`).
 
@@ -55,6 +83,17 @@ def wins_needed(pairs: int) -> int:
         if tail > SIGN_TEST_ALPHA:
             return k + 1
     return 0
+
+
+def can_still_hold(wins: int, losses: int, remaining: int) -> bool:
+    """Whether `wins` and `losses` so far can still pass the sign test (`wins_needed`).
+
+    `remaining` samples are to go: each split of them into wins and ties is tried (a tie
+    lowers the wins needed too).
+    """
+    return any(
+        wins + won >= wins_needed(wins + losses + won) for won in range(remaining, -1, -1)
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +158,43 @@ class Fidelity:
     """The frames that agreement was counted on."""
     per_sample_frames: tuple[int, ...] = ()
     """Each held-out sample's frames that disagree, in sample order; empty unknown."""
+    class_shifts: tuple[ClassShift | None, ...] = ()
+    """Each classifier-like output's mean shift of its class scores against the float
+    model's (`class_shift`), in output order (None: not measurable); empty unknown."""
+
+    def leans_more(self, other: Fidelity) -> bool:
+        """Whether some classifier output leans toward some classes more than in `other`.
+
+        Its mean shift beyond noise (`SHIFT_RATIO`) and `SHIFT_GROWTH` times `other`'s
+        on that output. False when either side does not know its shifts.
+        """
+        if len(self.class_shifts) != len(other.class_shifts):
+            return False
+        return any(
+            mine is not None
+            and theirs is not None
+            and mine.ratio >= SHIFT_RATIO
+            and mine.energy >= SHIFT_GROWTH * theirs.energy
+            for mine, theirs in zip(self.class_shifts, other.class_shifts, strict=True)
+        )
+
+    def lean_detail(self, other: Fidelity) -> str:
+        """`class scores lean: shift 4.0x noise (was 0.5x)`, for a refused raise."""
+        worst = max(
+            (
+                (mine, theirs)
+                for mine, theirs in zip(self.class_shifts, other.class_shifts, strict=True)
+                if mine is not None and theirs is not None
+            ),
+            key=lambda pair: pair[0].ratio,
+            default=None,
+        )
+        if worst is None:
+            return "class scores lean"
+        mine, theirs = worst
+        return (
+            f"class scores lean: mean shift {mine.ratio:.1f}x noise (was {theirs.ratio:.1f}x)"
+        )
 
     def improves(self, other: Fidelity, *, top1_floor: float = 0.0) -> bool:
         """Whether this is better than `other`: SQNR up on most samples, top-1 kept.
@@ -414,8 +490,9 @@ class RaiseSearch:
     """How the raise phase went, so the report can say why it raised what it did.
 
     The counts narrow down in order: the nodes on integer kernels, those whose own work
-    fits the budget, those scored raised alone (`MAX_RANKED` at most), those that gained
-    over `MIN_GAIN_DB` alone. `skipped` is why it did not run at all ('' when it ran).
+    fits the budget, those scored raised alone (`MAX_RANKED` at most), those that improved
+    on the kept steps alone (`Fidelity.improves`) by `MIN_RAISE_GAIN_DB`. `skipped` is
+    why it did not run at all ('' when it ran).
     """
 
     skipped: str = ""
@@ -447,8 +524,10 @@ class RaiseSearch:
         if not self.affordable:
             return text + f"; no node's own work fits the {share} budget"
         if not self.gaining:
-            return text + f"; none gained over {MIN_GAIN_DB:g} dB alone, so none was raised"
-        text += f"; {self.gaining} gained over {MIN_GAIN_DB:g} dB alone"
+            return (
+                text + f"; none improved by {MIN_RAISE_GAIN_DB:g} dB alone, so none was raised"
+            )
+        text += f"; {self.gaining} improved by {MIN_RAISE_GAIN_DB:g} dB alone"
         if self.rejected:
             text += "; not raised: " + "; ".join(self.rejected)
         return text

@@ -45,7 +45,9 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                     top1_agreement, top1_rows, per_sample_db [dB, one a held-out
                     sample], frame_agreement (null: no sequence of class
                     distributions among the outputs), frame_rows,
-                    per_sample_frames [frames disagreeing, one a held-out sample]}
+                    per_sample_frames [frames disagreeing, one a held-out sample],
+                    class_shifts [{energy, ratio, rows} | null, one a classifier
+                    output: the mean lean of its class scores, `class_shift`]}
                     on held-out samples}
     comparison      null | {
         samples       int

@@ -392,7 +392,7 @@ def test_the_raise_phase_says_why_it_raised_nothing():
     search = RaiseSearch(quantized=70, affordable=62, scored=16, best_alone=("conv", 0.05))
     assert search.describe(0.05) == (
         "70 quantized nodes, 62 of them within the 5% budget alone, 16 scored raised alone "
-        "(best: conv, +0.1 dB); none gained over 0.1 dB alone, so none was raised"
+        "(best: conv, +0.1 dB); none improved by 0.5 dB alone, so none was raised"
     )
     tried = RaiseSearch(
         quantized=3,
@@ -403,7 +403,7 @@ def test_the_raise_phase_says_why_it_raised_nothing():
         rejected=("a (+2.0 dB alone): gain within noise: better on 9/16 samples (13 needed)",),
     )
     assert tried.describe(0.05).endswith(
-        "; 1 gained over 0.1 dB alone; not raised: a (+2.0 dB alone): gain within noise: "
+        "; 1 improved by 0.5 dB alone; not raised: a (+2.0 dB alone): gain within noise: "
         "better on 9/16 samples (13 needed)"
     )
     assert (

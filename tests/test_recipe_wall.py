@@ -264,14 +264,14 @@ def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
     scored = []
     real = recipe.HeldOut.score
 
-    def counted(self, model, weights=None):
+    def counted(self, model, weights=None, *, against=None):
         # The model is its graph's bytes and the weights handed beside them.
         digest = hashlib.sha256(model)
         for name in sorted(weights or {}):
             digest.update(name.encode())
             digest.update(weights[name].tobytes())
         scored.append(digest.digest())
-        return real(self, model, weights)
+        return real(self, model, weights, against=against)
 
     monkeypatch.setattr(recipe.HeldOut, "score", counted)
     options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)

@@ -275,8 +275,10 @@ SCHEME_HELP = (
     "as worse, and without the sample they help most; top-1 "
     "agreement may drop by one sample at most, by none below 97%), then raise the nodes "
     "that buy the most fidelity per multiply-accumulate (float compute on int8-stored "
-    "weights; float weights too only where their rounding is the error) while it is "
-    "below --floor-sqnr, within --raise-budget, and refit the choices on all samples; "
+    "weights; float weights too only where their rounding is the error; each gaining "
+    "0.5 dB alone, and none that leans a classifier's scores toward some classes) while "
+    "it is below --floor-sqnr, within --raise-budget, and refit the choices on all "
+    "samples; "
     "the report tells what was tried and kept. fast: the single pass (plan, rewrite).",
 )
 @click.option(

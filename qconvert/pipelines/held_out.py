@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from qconvert.class_shift import ClassShift, class_shift
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts
-from qconvert.recipe_result import Fidelity
+from qconvert.recipe_result import Fidelity, can_still_hold
 from qconvert.runtime import make_session
 from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
 
@@ -51,25 +52,48 @@ class HeldOut:
             and all(is_distribution_sequence(ref[index]) for ref in self.reference)
         )
 
-    def score(self, model: bytes, weights: Mapping[str, np.ndarray] | None = None) -> Fidelity:
-        """The fidelity of `model` (serialized, without the `weights` handed beside it)."""
+    def score(
+        self,
+        model: bytes,
+        weights: Mapping[str, np.ndarray] | None = None,
+        *,
+        against: Fidelity | None = None,
+    ) -> Fidelity | None:
+        """The fidelity of `model` (serialized, without the `weights` handed beside it).
+
+        `against`: stop, and give None, as soon as `model` can no longer beat it on
+        enough samples one by one (`Fidelity.holds_on_samples`), so it cannot improve on
+        it (`Fidelity.improves`): the samples left are not run. Where frames may decide
+        (sequences of class distributions: whether they do depends on both final
+        counts, `Fidelity.scored_by_frames`), it stops only once neither the frames nor
+        the SQNR could win.
+        """
         session = make_session(model, quiet=True, weights=weights)
-        outputs = [session.run(self.output_names, feeds) for feeds in self.samples]
+        theirs = self._sample_values(against) if against is not None else []
+        outputs = []
+        wins, losses = [0] * len(theirs), [0] * len(theirs)
+        for index, feeds in enumerate(self.samples):
+            outputs.append(session.run(self.output_names, feeds))
+            if not theirs:
+                continue
+            left = len(self.samples) - index - 1
+            held = False
+            for measure, mine in enumerate(
+                self._sample_value(self.reference[index], outputs[-1])
+            ):
+                other = theirs[measure][index]
+                wins[measure] += mine > other
+                losses[measure] += mine < other
+                held = held or can_still_hold(wins[measure], losses[measure], left)
+            if not held:
+                return None
         per_sample = tuple(
-            min(
-                (
-                    _sample_sqnr(ref_part, cand_part)
-                    for name, ref, cand in zip(
-                        self.output_names, reference, candidate, strict=True
-                    )
-                    for ref_part, cand_part in self._split(name, ref, cand)
-                ),
-                default=math.inf,
-            )
+            self._worst_sqnr(reference, candidate)
             for reference, candidate in zip(self.reference, outputs, strict=True)
         )
         worst, agreement, rows = math.inf, None, 0
         disagreeing, frames = [0] * len(outputs), 0
+        shifts = []
         for index, name in enumerate(self.output_names):
             if index in self.sequences:
                 for sample, (reference, candidate) in enumerate(
@@ -94,6 +118,8 @@ class HeldOut:
                 for piece, (ref_part, cand_part) in zip(pieces, split, strict=True):
                     piece.update(ref_part, cand_part)
             result = accumulator.result()
+            if classify:
+                shifts.append(self._shift(index, outputs))
             for value in (result.sqnr_db, *(piece.result().sqnr_db for piece in pieces)):
                 if not math.isnan(value):
                     worst = min(worst, value)
@@ -106,6 +132,7 @@ class HeldOut:
                 top1_agreement=agreement,
                 top1_rows=rows,
                 per_sample_db=per_sample,
+                class_shifts=tuple(shifts),
             )
         return Fidelity(
             sqnr_db=worst,
@@ -115,7 +142,62 @@ class HeldOut:
             frame_agreement=1.0 - sum(disagreeing) / frames,
             frame_rows=frames,
             per_sample_frames=tuple(disagreeing),
+            class_shifts=tuple(shifts),
         )
+
+    def _sample_values(self, fidelity: Fidelity) -> list[tuple[float, ...]]:
+        """`fidelity`'s per-sample scores as `Fidelity.paired` may pair them.
+
+        By SQNR, and by minus the disagreeing frames where frames may decide; empty
+        where unknown.
+        """
+        measures = [fidelity.per_sample_db]
+        if self.sequences and fidelity.frame_agreement is not None:
+            measures.append(tuple(-float(n) for n in fidelity.per_sample_frames))
+        if any(len(values) != len(self.samples) for values in measures):
+            return []
+        return measures
+
+    def _sample_value(self, reference: Sequence[np.ndarray], candidate) -> list[float]:
+        """One sample's scores, as `_sample_values` lists them."""
+        values = [self._worst_sqnr(reference, candidate)]
+        if self.sequences:
+            values.append(
+                -float(
+                    sum(
+                        frames_disagreeing(reference[index], candidate[index])[0]
+                        for index in self.sequences
+                    )
+                )
+            )
+        return values
+
+    def _worst_sqnr(self, reference: Sequence[np.ndarray], candidate) -> float:
+        """One sample's SQNR: its worst output's worst part (inf: none measurable)."""
+        return min(
+            (
+                _sample_sqnr(ref_part, cand_part)
+                for name, ref, cand in zip(
+                    self.output_names, reference, candidate, strict=True
+                )
+                for ref_part, cand_part in self._split(name, ref, cand)
+            ),
+            default=math.inf,
+        )
+
+    def _shift(self, index: int, outputs) -> ClassShift | None:
+        """Output `index`'s mean class-score shift over every held-out row."""
+        classes = np.asarray(self.reference[0][index]).shape[-1]
+        try:
+            reference = np.concatenate(
+                [np.reshape(ref[index], (-1, classes)) for ref in self.reference]
+            )
+            candidate = np.concatenate(
+                [np.reshape(cand[index], (-1, classes)) for cand in outputs]
+            )
+        except ValueError:  # a sample of another class count
+            return None
+        return class_shift(reference, candidate)
 
     def _split(self, name: str, reference, candidate):
         """(reference, candidate) pairs of each part of output `name` (one: the whole)."""

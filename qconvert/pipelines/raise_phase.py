@@ -18,7 +18,7 @@ import onnx_ir as ir
 from qconvert.pipelines.raise_costs import raise_cost, weight_shares, work_shares
 from qconvert.plan import QuantPlan
 from qconvert.recipe_result import (
-    MIN_GAIN_DB,
+    MIN_RAISE_GAIN_DB,
     Fidelity,
     RaisedNode,
     RaiseSearch,
@@ -96,11 +96,17 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
                     break  # known from the plan: the weight passes are not run for it
                 alone = weigh(kept, alone)
                 variant = frozenset({(name, float_weights)})
-                alone_scores[variant] = score(alone)
-                gain = min(alone_scores[variant].gain_db(best), MAX_GAIN_DB)
+                # Not run past the sample where it can no longer win on enough of them:
+                # a raise that alone does not improve on the kept steps is no candidate.
+                fidelity = score(alone, best)
+                if fidelity is None:
+                    continue
+                alone_scores[variant] = fidelity
+                gain = min(fidelity.gain_db(best), MAX_GAIN_DB)
                 if best_alone is None or gain > best_alone[1]:
                     best_alone = (name, gain)
-                if gain > MIN_GAIN_DB:
+                floor = options.min_top1_agreement
+                if gain >= MIN_RAISE_GAIN_DB and fidelity.improves(best, top1_floor=floor):
                     candidates.append(
                         _Candidate(
                             name=name,
@@ -141,6 +147,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
         if not after.improves(best, top1_floor=options.min_top1_agreement):
             rejected.append(f"{label}: {_no_gain(after, best, options.min_top1_agreement)}")
             continue
+        if after.leans_more(best):
+            rejected.append(f"{label}: {after.lean_detail(best)}")
+            continue
         raises, best = chosen, after
         used_weights += candidate.weight_share
         raised.append(
@@ -178,6 +187,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
         after = score(build(kept, chosen, trial))
         if not after.improves(best, top1_floor=options.min_top1_agreement):
             rejected.append(f"{label}: {_no_gain(after, best, options.min_top1_agreement)}")
+            continue
+        if after.leans_more(best):
+            rejected.append(f"{label}: {after.lean_detail(best)}")
             continue
         variant = frozenset({(feeder, False)})
         if variant not in alone_scores:

@@ -146,10 +146,11 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     )
     del graph, weights
 
-    def score(candidate: QuantizeState) -> Fidelity:
+    def score(candidate: QuantizeState, against: Fidelity | None = None) -> Fidelity | None:
+        """`candidate`'s fidelity; None once it cannot improve on `against` (if given)."""
         graph, weights = serialized(stages.rewrite(candidate).converted)
         release_dropped()  # the trial's clones: its session comes on top of what is alive
-        return scorer.score(graph, weights)
+        return scorer.score(graph, weights, against=against)
 
     # The trials' stages time into a scratch dict, and share the float measurements.
     base = state.replace(timings={}, float_inputs=FloatInputs())
