@@ -102,6 +102,12 @@ REQUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 first input comes from a DequantizeLinear, its WeightBiasQuantization step: a node of
 these types left float must read the float tensor, not a dequantized copy."""
 
+FLOAT_OUTPUT_KERNELS = frozenset({"Gemm", "MatMul"})
+"""Ops whose integer kernel can write its output in float: onnxruntime fuses a
+DequantizeLinear -> Gemm or MatMul with constant weights and no QuantizeLinear after it
+into QGemm or MatMulIntegerToFloat. (QLinearConv has no such form: a Conv needs its
+output quantized to run on the integers.)"""
+
 QUANTIZED: dict[str, QuantizedOpRule] = {
     "Conv": QuantizedOpRule(_UNARY, {1: _first_axis}, bias=(2, 0, 1), kernel="QLinearConv"),
     "ConvTranspose": QuantizedOpRule(

@@ -205,9 +205,10 @@ def test_qop_matmul(tiny_matmul, tmp_path):
     qconvert.quantize(
         tiny_matmul, out, data=tmp_path / "calib", config=QuantizeConfig(format="qop")
     )
-    # MatMul writes the Add's input; the Add stays float, so QLinearMatMul feeds a DQ.
+    # MatMul writes the Add's input; the Add stays float, so the MatMul writes float from
+    # the integers (`_writes_float`): MatMulInteger, then its scales.
     ops = testing.count_ops(out)
-    assert ops["QLinearMatMul"] == 1 and "MatMul" not in ops
+    assert ops["MatMulInteger"] == 1 and "MatMul" not in ops
     assert testing.output_sqnr(tiny_matmul, out, _feeds(testing.matmul_add(k=32, n=16))) >= 25
 
 

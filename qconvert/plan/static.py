@@ -245,7 +245,7 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
                 self._plan_int32_bias(
                     node, bias, node.inputs[0], node.inputs[1], weight_params.get(1)
                 )
-        elif rule.output:
+        elif rule.output and not self._writes_float(node, weight_params):
             self._plan_output(node)
         label = "quantized" if scheme is self.scheme else f"quantized as {scheme.name}"
         self._decide(node, True, label)

@@ -23,11 +23,16 @@ def loop_matmul_relu(trips: int = 3, *, seed: int = 0) -> onnx.ModelProto:
 
 
 def loop_matmul_scaled_sigmoid(trips: int = 2, *, seed: int = 0) -> onnx.ModelProto:
-    """A Loop of `trips` iterations, x = Sigmoid(0.5 * (x @ w)): a Mul the planner folds."""
+    """A Loop of `trips` iterations, x = Sigmoid(0.5 * (x @ w)): a Mul the planner folds.
+
+    An Identity writes the carried value, so the Sigmoid (not a graph output) runs
+    quantized and the MatMul's output, which it reads through the Mul, is quantized too.
+    """
     body = [
         helper.make_node("MatMul", ["x_in", "w"], ["y"], name="body_mm"),
         helper.make_node("Mul", ["y", "half"], ["z"], name="body_scale"),
-        helper.make_node("Sigmoid", ["z"], ["x_out"], name="body_sigmoid"),
+        helper.make_node("Sigmoid", ["z"], ["s"], name="body_sigmoid"),
+        helper.make_node("Identity", ["s"], ["x_out"], name="body_out"),
     ]
     return _loop("loop_scaled", body, trips, seed, {"half": np.array(0.5, np.float32)})
 
