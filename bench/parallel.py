@@ -108,7 +108,8 @@ def run(plan: ParallelPlan, work: Path, timeout_s: float = 1800.0) -> dict:
 def _measure(model_path: str, calib: str, small: str, repeats: int) -> dict:
     from qconvert import model as model_io
     from qconvert.calibration import CollectSettings, tensors_to_calibrate
-    from qconvert.calibration.parallel import DataSpec, collect_split, merge_shards
+    from qconvert.calibration.parallel import collect_split
+    from qconvert.calibration.shards import DataSpec, merge_shards
     from qconvert.dataset import DirectorySource, input_specs
     from qconvert.passes import prepare
 

@@ -200,9 +200,9 @@ def qconvert_quantize_stage(*, model: str, data: str, output: str) -> dict:
     del output
     from qconvert import model as model_io
     from qconvert.calibration import CollectSettings
-    from qconvert.calibration.collect import tensors_to_calibrate
     from qconvert.calibration.deferral import deferrable_tensors
-    from qconvert.calibration.parallel import DataSpec
+    from qconvert.calibration.graphs import tensors_to_calibrate
+    from qconvert.calibration.shards import DataSpec
     from qconvert.dataset import DirectorySource, input_specs
     from qconvert.pipelines.calibrate import calibration_model, collect_calibration
     from qconvert.progress import SILENT

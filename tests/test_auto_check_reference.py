@@ -20,7 +20,8 @@ from test_auto_method import _one_op_model, _samples_with_one_outlier
 import qconvert
 from qconvert import testing
 from qconvert.calibration import CollectSettings
-from qconvert.calibration.collect import KeptOutputs, collect_statistics, tensors_to_calibrate
+from qconvert.calibration.collect import KeptOutputs, collect_statistics
+from qconvert.calibration.graphs import tensors_to_calibrate
 from qconvert.dataset import Sample
 from qconvert.pipelines.calibrate import calibration_model
 from qconvert.sensitivity import Evaluator

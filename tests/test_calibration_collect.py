@@ -8,7 +8,7 @@ import pytest
 from qconvert import model as model_io
 from qconvert import testing
 from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics
-from qconvert.calibration.collect import _expose, tensors_to_calibrate
+from qconvert.calibration.graphs import exposed_model, tensors_to_calibrate
 from qconvert.dataset import Sample
 from qconvert.passes import prepare
 from qconvert.runtime import make_session
@@ -31,7 +31,7 @@ def test_statistics_equal_a_direct_computation(tmp_path, batch_size, fold_runs):
 
     # Optimized with every tensor read by a node other than its own readers, and one
     # thread, as the collector runs it: same kernels, so the same numbers.
-    session = make_session(_expose(model, names), threads=1)
+    session = make_session(exposed_model(model, names), threads=1)
     expected = {name: TensorObserver() for name in names}
     for sample in samples:
         for name, array in zip(names, session.run(names, sample.feeds), strict=True):
@@ -179,7 +179,7 @@ def test_the_session_exposes_exactly_the_calibrated_tensors(tmp_path):
     names = tensors_to_calibrate(model)
     inputs = {value.name for value in model.graph.inputs}
     exposed = tuple(name for name in names if name not in inputs)
-    session = make_session(_expose(model, exposed), threads=1)
+    session = make_session(exposed_model(model, exposed), threads=1)
     outputs = [output.name for output in session.get_outputs()]
     originals = [value.name for value in model.graph.outputs]
     assert set(outputs) == set(originals) | set(exposed)
@@ -197,7 +197,7 @@ def test_the_calibration_graph_reads_each_tensor_right_after_its_producer(tmp_pa
     import onnx_ir as ir
 
     from qconvert.calibration import reducing
-    from qconvert.calibration.collect import _dtypes
+    from qconvert.calibration.graphs import _dtypes
 
     model = _prepared(testing.conv_bn_relu(), tmp_path)
     names = tensors_to_calibrate(model)
@@ -233,7 +233,7 @@ def _direct(model, names, samples, budget):
     min, max and size of every value, the histogram of every `reducing.stride`-th."""
     from qconvert.calibration import reducing
 
-    session = make_session(_expose(model, names), threads=1)
+    session = make_session(exposed_model(model, names), threads=1)
     expected = {name: TensorObserver() for name in names}
     for sample in samples:
         for name, array in zip(names, session.run(names, sample.feeds), strict=True):

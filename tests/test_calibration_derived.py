@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from qconvert.calibration import CollectSettings, collect, collect_statistics, reducing
+from qconvert.calibration import CollectSettings, collect_statistics, graphs, reducing
 from qconvert.calibration.derived import derived_tensors
 from qconvert.calibration.file import count_list
 from qconvert.testing._build import checked_model, random_weights
@@ -89,7 +89,7 @@ def test_the_outputs_of_relus_clips_and_reshapes_of_read_tensors_are_derived():
 
 def _observed(monkeypatch, derive: bool, settings: CollectSettings) -> dict:
     if not derive:
-        monkeypatch.setattr(collect, "derived_tensors", lambda *args: {})
+        monkeypatch.setattr(graphs, "derived_tensors", lambda *args: {})
     model = ir.serde.deserialize_model(_clamps_model())
     return collect_statistics(model, _samples(), NAMES, settings=settings)
 

@@ -16,8 +16,10 @@ import qconvert
 from qconvert import api, testing
 from qconvert import model as model_io
 from qconvert.calibration import CollectSettings, TensorObserver, collect_statistics, parallel
-from qconvert.calibration.collect import _batches, tensors_to_calibrate
-from qconvert.calibration.parallel import chunk, merge_shards, split
+from qconvert.calibration.collect import _batches
+from qconvert.calibration.graphs import tensors_to_calibrate
+from qconvert.calibration.parallel import chunk
+from qconvert.calibration.shards import merge_shards, split
 from qconvert.dataset import Sample
 from qconvert.passes import prepare
 

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qconvert import handed_weights, testing
 from qconvert import model as model_io
 from qconvert.calibration import CollectSettings, collect_statistics
-from qconvert.calibration.collect import tensors_to_calibrate
+from qconvert.calibration.graphs import tensors_to_calibrate
 from qconvert.dataset import Sample
 from qconvert.passes import prepare
 from qconvert.runtime import external_weights, make_session

@@ -5,14 +5,9 @@ memory does not grow with the number of samples. They merge exactly (`observers`
 saved as JSON (`file`), and turn into ranges by any method at quantize time (`ranges`).
 """
 
-from qconvert.calibration.collect import (
-    CollectSettings,
-    calibrate_tensors,
-    checked_body_tensors,
-    collect_statistics,
-    tensors_to_calibrate,
-)
+from qconvert.calibration.collect import CollectSettings, calibrate_tensors, collect_statistics
 from qconvert.calibration.file import Calibration, merge_calibrations, read_calibration
+from qconvert.calibration.graphs import checked_body_tensors, tensors_to_calibrate
 from qconvert.calibration.observers import MinMaxObserver, TensorObserver, TensorRange
 from qconvert.calibration.ranges import METHODS, RangeMethod, derive_ranges, tensor_range
 from qconvert.calibration.trt import trt_cache_text, write_trt_cache

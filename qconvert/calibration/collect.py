@@ -2,7 +2,7 @@
 
 Calibration should cost about one float inference pass, in time and in memory. So:
 
-1. One session, set up on the first batch, on the calibration graph (`reducing`): each
+1. One session, set up on the first batch, on the calibration graph (`graphs`): each
    large calibrated tensor is reduced inside onnxruntime right after the node that
    computes it, to its min, max, size and the strided subset of its values the histogram
    takes; small ones leave whole. A run returns a handful of vectors, whatever the number
@@ -24,7 +24,7 @@ Calibration should cost about one float inference pass, in time and in memory. S
    batch axis; samples whose dynamic dims differ run in separate batches. A batch never
    crosses a multiple of `batch_size` samples, so any contiguous part of the data that
    starts at such a multiple runs in the very batches one pass over all of it runs: the
-   base of exact parallel calibration (`parallel`).
+   base of exact parallel calibration (`shards`).
 5. The session runs onnxruntime's full graph optimizations (constant folding, fusions,
    the NCHWc convolution layout), as a float pass does. Fusions only happen around
    tensors no other node reads, so the kernels that compute a given tensor depend on which
@@ -35,7 +35,7 @@ Calibration should cost about one float inference pass, in time and in memory. S
    `derived`), a set the model and the tensors fix alike.
 6. One intra-op thread per run: a kernel's last bits can depend on the thread count (MLAS
    cuts a GEMM into blocks by thread), and every process of a split calibration must
-   compute the same values (`parallel`). Cores are used by runs instead:
+   compute the same values (`shards`). Cores are used by runs instead:
    `concurrent_runs` batches run at once on the one session (onnxruntime runs are
    thread-safe and each runs on its caller's thread), each exactly as it would run alone,
    so the statistics do not depend on how many run at once. The session's weights are
@@ -47,30 +47,27 @@ Calibration should cost about one float inference pass, in time and in memory. S
 
 from __future__ import annotations
 
-import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from qconvert import handed_weights, ops
 from qconvert.calibration import folding, reducing
-from qconvert.calibration.derived import derived_tensors
+from qconvert.calibration.graphs import (
+    SerializedModel,
+    calibration_graph,
+    exposed_model,
+    model_interface,
+    open_session,
+)
 from qconvert.calibration.observers import NonFiniteError, TensorObserver, TensorRange
-from qconvert.calibration.subgraphs import expose_body_tensors
 from qconvert.dataset import Feeds, Sample
-from qconvert.errors import CalibrationDataError, ConfigError, ModelLoadError
-from qconvert.graph_utils import HOLDERS, body_nodes
-from qconvert.runtime import describe_error, make_session
+from qconvert.errors import CalibrationDataError, ConfigError
+from qconvert.runtime import describe_error
 
-logger = logging.getLogger("qconvert")
-
-_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
-_INVOLVED_OPS = set(ops.QUANTIZED) | ops.PASS_THROUGH | ops.CLAMPS
 _FOLD_BYTES = 4 << 20
 """Histogram values gathered before the observers take them: a bound on the memory they
 hold (a run of a 320x320 detector whose output concatenates boxes and class scores
@@ -153,91 +150,6 @@ class KeptOutputs:
         self.runs[position] = outputs
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SerializedModel:
-    """A model as bytes, with the little `collect_statistics` needs to expose its tensors.
-
-    What calibration workers get: adding graph outputs to the parsed protobuf costs a
-    fraction of a round trip through onnx_ir, and every worker pays it before its first
-    sample.
-
-    Attributes:
-        data: the serialized model.
-        inputs: the names of its graph inputs.
-        outputs: the names of its graph outputs.
-        dtypes: the element type (an onnx TensorProto type) of each tensor to calibrate.
-    """
-
-    data: bytes
-    inputs: frozenset[str]
-    outputs: frozenset[str]
-    dtypes: Mapping[str, int]
-
-    @classmethod
-    def of(cls, model: ir.Model, tensor_names: Iterable[str]) -> SerializedModel:
-        """`model` serialized, ready to expose any of `tensor_names`."""
-        dtypes = _dtypes(model)
-        return cls(
-            data=ir.serde.serialize_model(model).SerializeToString(),
-            inputs=frozenset(value.name for value in model.graph.inputs),
-            outputs=frozenset(value.name for value in model.graph.outputs),
-            dtypes={name: dtypes.get(name, int(ir.DataType.FLOAT)) for name in tensor_names},
-        )
-
-
-def tensors_to_calibrate(model: ir.Model) -> tuple[str, ...]:
-    """Names of the float activations that any scheme might quantize.
-
-    These are the non-constant inputs and outputs of every node whose op type the policy
-    table knows, in the main graph and in the bodies of its If/Loop/Scan nodes (passed out
-    of their holder when exposed, see `subgraphs`). Calibrating all of them once lets one
-    calibration serve every scheme and every exclusion.
-    """
-    names: dict[str, None] = {}
-    nodes = list(model.graph)
-    for holder in model.graph:
-        if holder.op_type in HOLDERS:
-            nodes += body_nodes(holder)
-    for node in nodes:
-        if node.op_type not in _INVOLVED_OPS:
-            continue
-        for value in (*node.inputs, *node.outputs):
-            if value is None or not value.name or value.const_value is not None:
-                continue
-            if value.dtype is not None and value.dtype not in _FLOAT_TYPES:
-                continue
-            names[value.name] = None
-    return tuple(names)
-
-
-def checked_body_tensors(
-    model: ir.Model, tensor_names: Iterable[str], sample: Sample
-) -> tuple[str, ...]:
-    """`tensor_names`, less those inside If/Loop/Scan bodies if they cannot be passed out.
-
-    A Loop body tensor whose shape changes from one iteration to the next cannot be
-    stacked over the iterations; onnxruntime then refuses the run. One run on `sample`
-    tells; without the body tensors the nodes there stay float, and a warning says so.
-    """
-    names = tuple(tensor_names)
-    main = {value.name for value in model.graph.inputs}
-    main.update(value.name for node in model.graph for value in node.outputs)
-    inside = tuple(name for name in names if name not in main)
-    if not inside:
-        return names
-    try:
-        session = make_session(_expose(model, inside), threads=1, optimize=False, quiet=True)
-        session.run(list(inside), sample.feeds)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        logger.warning(
-            "The tensors inside If/Loop/Scan bodies cannot be passed out for calibration "
-            "(%s); the nodes there stay float.",
-            describe_error(exc),
-        )
-        return tuple(name for name in names if name in main)
-    return names
-
-
 def collect_statistics(
     model: ir.Model | SerializedModel,
     samples: Iterable[Sample],
@@ -283,7 +195,7 @@ class _Runner:
     ) -> None:
         self.model = model
         self.settings = settings
-        self.inputs, _ = _interface(model)
+        self.inputs, _ = model_interface(model)
         self.tensors = tensor_names
         self.session = None
         self.reader: folding.RunReader | None = None
@@ -367,47 +279,31 @@ class _Runner:
         return observers
 
     def _open(self, feeds: Feeds) -> None:
-        """Makes the session on the calibration graph, with these feeds' shapes in view.
+        """Makes the session on the calibration graph built for these feeds' shapes.
 
-        Which tensors leave a run whole is read from their sizes in a run on these
-        shapes; it changes no value (`reducing`), so workers that start on other shapes
-        still compute the same statistics.
+        The sizes shape inference tells on them save their signature's size probe
+        (`_steps`); no session below `reducing.MIN_OPSET`, where every batch runs raw.
         """
         self.opened = True
-        # The weights go to onnxruntime as arrays, not inside the graph's bytes: see
-        # `handed_weights`.
-        proto, dtypes, weights = _detached_proto(self.model)
-        if reducing.opset_of(proto) < reducing.MIN_OPSET:
-            return
-        # The outputs a scorer compares (`KeptOutputs`): none kept if any is not a tensor
-        # (a sequence comes back as a list).
-        model_outputs = tuple(output.name for output in proto.graph.output)
-        if not all(output.type.HasField("tensor_type") for output in proto.graph.output):
-            model_outputs = ()
         shapes = {name: array.shape for name, array in feeds.items()}
-        # The tensors whose statistics follow from another's are not read (`derived`).
-        derived = derived_tensors(proto, self.tensors, dtypes)
-        read = tuple(name for name in self.tensors if name not in derived)
-        sizes = reducing.run_sizes(proto, read, shapes)
-        graph = reducing.reducing_graph(
-            proto,
-            read,
-            dtypes,
+        built = calibration_graph(
+            self.model,
+            self.tensors,
+            shapes,
             histogram=self.settings.histogram_values > 0,
-            whole=reducing.whole_tensors(sizes),
         )
-        del proto  # the session keeps its own copy of the weights
-        if all(name in sizes for name in graph.reduced):
-            self.inferred[_signature(feeds)] = np.array(
-                [sizes[name] for name in graph.reduced], np.int64
-            )
-        self.session = _session(
-            graph.data, self.settings.threads, True, ordered=True, weights=weights
+        if built is None:
+            return
+        if built.sizes is not None:
+            self.inferred[_signature(feeds)] = built.sizes
+        self.session = open_session(
+            built.graph.data, self.settings.threads, True, ordered=True, weights=built.weights
         )
-        del weights  # the session holds them
         # The reader needs the graph's outputs, not its bytes.
-        self.reader = folding.RunReader(replace(graph, data=b""), self.tensors, derived)
-        self.outputs = model_outputs
+        self.reader = folding.RunReader(
+            replace(built.graph, data=b""), self.tensors, built.derived
+        )
+        self.outputs = built.outputs
 
     def _steps(self, batch: _Batch) -> np.ndarray | None:
         """The histogram strides to feed for `batch`.
@@ -502,8 +398,8 @@ class _Runner:
         """Runs `batch` with the raw tensors of `group` exposed; the observers sort them."""
         exposed = tuple(name for name in self.tensors if name not in self.inputs)
         if self.raw_session is None and exposed:
-            self.raw_session = _session(
-                _expose(self.model, exposed), self.settings.threads, True
+            self.raw_session = open_session(
+                exposed_model(self.model, exposed), self.settings.threads, True
             )
         names = tuple(name for name in group if name not in self.inputs)
         arrays = (
@@ -615,81 +511,3 @@ def _run(session, names: tuple[str, ...], batch: _Batch) -> list[np.ndarray]:
         raise CalibrationDataError(
             f"onnxruntime failed on sample '{batch.source}': {describe_error(exc)}"
         ) from None
-
-
-def _interface(model: ir.Model | SerializedModel) -> tuple[frozenset[str], frozenset[str]]:
-    """The names of the model's graph inputs and graph outputs."""
-    if isinstance(model, SerializedModel):
-        return model.inputs, model.outputs
-    return (
-        frozenset(value.name for value in model.graph.inputs),
-        frozenset(value.name for value in model.graph.outputs),
-    )
-
-
-def _dtypes(model: ir.Model) -> dict[str, int]:
-    """The element type of every graph input and node output (FLOAT where unknown)."""
-    values = (*model.graph.inputs, *(out for node in model.graph for out in node.outputs))
-    return {value.name: int(value.dtype or ir.DataType.FLOAT) for value in values}
-
-
-def _session(
-    model: bytes,
-    threads: int,
-    optimize: bool,
-    *,
-    ordered: bool = False,
-    weights: Mapping[str, np.ndarray] | None = None,
-):
-    try:
-        # Quiet: a reduction onnxruntime refuses is handled by a raw run of the batch.
-        # Ordered: in onnxruntime's default order the calibration graph's reductions ran
-        # late and kept every activation alive (a run of a 224x224 inverted-residual CNN took
-        # 105 MB over its session, against 31 MB in priority order and 7 MB for a float
-        # pass).
-        return make_session(
-            model,
-            threads=threads,
-            optimize=optimize,
-            quiet=True,
-            priority_order=ordered,
-            weights=weights,
-        )
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
-        raise ModelLoadError(
-            f"onnxruntime cannot load the model: {describe_error(exc)}"
-        ) from None
-
-
-def _proto(model: ir.Model | SerializedModel) -> tuple[onnx.ModelProto, Mapping[str, int]]:
-    """The model as a protobuf of its own, and the element type of each value."""
-    if isinstance(model, SerializedModel):
-        return onnx.ModelProto.FromString(model.data), model.dtypes
-    return ir.serde.serialize_model(model), _dtypes(model)
-
-
-def _detached_proto(
-    model: ir.Model | SerializedModel,
-) -> tuple[onnx.ModelProto, Mapping[str, int], dict[str, np.ndarray]]:
-    """`_proto` with the large weights out of the protobuf, as arrays (`handed_weights`).
-
-    An onnx_ir model is serialized without them, never holding them in the protobuf.
-    """
-    if isinstance(model, SerializedModel):
-        proto, dtypes = _proto(model)
-        return proto, dtypes, handed_weights.detach(proto)
-    proto, weights = handed_weights.serialize_detached(model)
-    return proto, _dtypes(model), weights
-
-
-def _expose(model: ir.Model | SerializedModel, tensor_names: tuple[str, ...]) -> bytes:
-    """The model's bytes with `tensor_names` added as graph outputs."""
-    proto, dtypes = _proto(model)
-    expose_body_tensors(proto, tensor_names)
-    existing = {output.name for output in proto.graph.output}
-    for name in tensor_names:
-        if name not in existing:
-            # An output needs only its name and element type; onnxruntime infers the shape.
-            dtype = dtypes.get(name, int(ir.DataType.FLOAT))
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-    return proto.SerializeToString()

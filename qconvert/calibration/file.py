@@ -35,7 +35,7 @@ from qconvert.calibration.observers import MAX_BINS, TensorObserver, histogram_l
 from qconvert.errors import CalibrationFileError
 
 if TYPE_CHECKING:
-    from qconvert.calibration.parallel import Split
+    from qconvert.calibration.shards import Split
 
 FORMAT = "qconvert-calibration"
 VERSION = 1

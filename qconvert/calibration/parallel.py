@@ -1,23 +1,10 @@
-"""Calibration split over workers: parts of the samples, statistics merged exactly.
+"""Calibration split over workers: this process, local processes or a Ray cluster.
 
-Each worker opens its own onnxruntime session, streams its part of the samples through
-`collect_statistics` and returns its observers; the driver merges them with
-`TensorObserver.merge`. The merged statistics are bit-identical to one pass over all
-samples, so the calibration file is byte-identical:
-
-- min and max are order-free; counts and histogram bins are integers, so their sums are
-  exact in any order and grouping; the bin layout is a function of [min, max] alone
-  (`observers`).
-- Each value a worker computes is the value one process computes: parts start at
-  multiples of the batch size, and a batch never crosses such a multiple (`collect`), so
-  every part runs exactly the batches of the single pass (same inputs, same kernels), and
-  the histogram's sampling stride depends only on the size of one run.
-- Every session, in every worker, optimizes the same graph (every calibrated tensor
-  exposed, `collect`) and runs on the same number of intra-op threads
-  (`CollectSettings.threads`, one by default): onnxruntime's fusions and MLAS's thread
-  partitioning can change a tensor's last bits, so neither may differ between a worker
-  and the single process. Cores are used by workers (or concurrent runs), not intra-op
-  threads: with N workers on C cores, use N = C.
+`collect_split` runs the work where the user asked; every way computes the statistics of
+one pass over all samples, bit for bit (`shards` says why): every session, in every
+worker, optimizes the same graph and runs on the same number of intra-op threads. Cores
+are used by workers (or concurrent runs), not intra-op threads: with N workers on C
+cores, use N = C.
 
 `--workers auto` (`workers=None`, the default) spawns no process: this process runs one
 batch per core at once on its one session (`CollectSettings.concurrent_runs`), each run
@@ -42,7 +29,6 @@ contiguous shard each instead, which Ray can retry as a unit.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import multiprocessing
 import os
@@ -50,8 +36,7 @@ import queue as queue_module
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import onnx_ir as ir
@@ -59,15 +44,23 @@ import onnx_ir as ir
 from qconvert.calibration.collect import (
     CollectSettings,
     KeptOutputs,
-    SerializedModel,
     collect_statistics,
     pass_count,
 )
 from qconvert.calibration.observers import TensorObserver
-from qconvert.dataset import DirectorySource, ImagePreprocessing, InputSpec, Sample
+from qconvert.calibration.shards import (
+    REPORT_SECONDS,
+    DataSpec,
+    Shard,
+    ShardRecord,
+    Split,
+    Work,
+    WorkerRecord,
+    merge_shards,
+    split,
+)
+from qconvert.dataset import DirectorySource, Sample
 from qconvert.errors import CalibrationWorkerError, QconvertError
-from qconvert.limits import DEFAULT_LIMITS, LoadLimits
-from qconvert.runtime import external_weights, weights_folder
 
 if TYPE_CHECKING:
     from qconvert.calibration.ray_backend import RayCluster
@@ -82,37 +75,8 @@ MAX_CHUNK_BATCHES = 32
 """The most batches in one chunk: on a big data set, how long the others may wait for the
 last chunk stays bounded (about a second on an 18-layer residual CNN at 224x224)."""
 
-_REPORT_SECONDS = 0.1  # workers report progress at most this often
-
 MAX_AUTO_WORKERS = 8
 """The most batches `--workers auto` runs at once: each holds a run's activations."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Shard:
-    """Samples `start` to `stop` - 1 of the (selected) data set."""
-
-    index: int
-    start: int
-    stop: int
-
-    def describe(self) -> str:
-        """e.g. `shard 2 (samples 100-199)`."""
-        return f"shard {self.index + 1} (samples {self.start}-{self.stop - 1})"
-
-
-def split(total: int, parts: int, *, batch_size: int = 1) -> tuple[Shard, ...]:
-    """`parts` contiguous shards of about equal size, cut at multiples of `batch_size`.
-
-    Fewer shards when there are fewer batches than parts; never an empty shard.
-    """
-    batches = -(-total // batch_size)
-    parts = max(1, min(parts, batches))
-    cuts = [min(total, batch_size * (batches * k // parts)) for k in range(parts + 1)]
-    return tuple(
-        Shard(index=k, start=start, stop=stop)
-        for k, (start, stop) in enumerate(itertools.pairwise(cuts))
-    )
 
 
 def chunk(total: int, workers: int, *, batch_size: int = 1) -> tuple[Shard, ...]:
@@ -123,164 +87,6 @@ def chunk(total: int, workers: int, *, batch_size: int = 1) -> tuple[Shard, ...]
     batches = -(-total // batch_size)
     count = max(workers * CHUNKS_PER_WORKER, -(-batches // MAX_CHUNK_BATCHES))
     return split(total, count, batch_size=batch_size)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DataSpec:
-    """How a worker opens the same samples as the driver.
-
-    The folder, the selection, and the user's load limits: a worker refuses what the driver
-    would refuse.
-    """
-
-    folder: str
-    specs: tuple[InputSpec, ...]
-    images: ImagePreprocessing | None = None
-    samples: int | None = None
-    seed: int = 0
-    limits: LoadLimits = DEFAULT_LIMITS
-    held_out: tuple[int, ...] = ()
-    """Indices (after `samples`) a recipe holds out of calibration to score on."""
-
-    def open(self) -> DirectorySource:
-        """The selected samples, in the driver's order."""
-        source = DirectorySource(
-            self.folder, self.specs, images=self.images, limits=self.limits
-        )
-        if self.samples is not None and self.samples < len(source):
-            source = source.subset(self.samples, seed=self.seed)
-        if self.held_out:
-            source = source.without(self.held_out)
-        return source
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Work:
-    """What every worker computes: the statistics of `tensors` of `model`.
-
-    Attributes:
-        model: the prepared float model, serialized (workers get bytes, not objects).
-        tensors: the tensors to calibrate, in the file's order.
-        settings: batch size, histogram sampling, threads and tensors per pass.
-        weights_folder: where the model's weights kept in external data are read from
-            (`runtime.external_weights`), for workers in other processes.
-    """
-
-    model: SerializedModel
-    tensors: tuple[str, ...]
-    settings: CollectSettings
-    weights_folder: str | None = None
-
-    @classmethod
-    def of(cls, model: ir.Model, tensors: tuple[str, ...], settings: CollectSettings) -> Work:
-        """The work of calibrating `tensors` of `model`."""
-        folder = weights_folder()
-        return cls(
-            model=SerializedModel.of(model, tensors),
-            tensors=tensors,
-            settings=settings,
-            weights_folder=str(folder) if folder is not None else None,
-        )
-
-    def run(
-        self, samples: Iterable[Sample], report: Callable[[int], None]
-    ) -> dict[str, TensorObserver]:
-        """The statistics of `samples`; `report(n)` gets the samples done so far."""
-        done = 0
-        last = time.monotonic()
-
-        def on_sample() -> None:
-            nonlocal done, last
-            done += 1
-            if time.monotonic() - last >= _REPORT_SECONDS:
-                report(done)
-                last = time.monotonic()
-
-        with external_weights(self.weights_folder):
-            observers = collect_statistics(
-                self.model, samples, self.tensors, settings=self.settings, on_sample=on_sample
-            )
-        report(done)
-        return observers
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardRecord:
-    """Where and how fast one contiguous shard ran, for the report."""
-
-    shard: Shard
-    worker: str
-    seconds: float
-
-    def describe(self) -> str:
-        """e.g. `shard 2: samples 100-199, Ray node 10.0.0.2, 3.10 s`."""
-        return (
-            f"shard {self.shard.index + 1}: samples {self.shard.start}-{self.shard.stop - 1}, "
-            f"{self.worker}, {self.seconds:.2f} s"
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerRecord:
-    """What one local worker took of the shared chunks, for the report.
-
-    Attributes:
-        index: 0 for the driver process, 1 to N - 1 for the spawned ones.
-        worker: which process.
-        samples: the samples it calibrated, counted once per pass over the data.
-        chunks: the chunks it took, likewise.
-        seconds: from its start (the driver's, or the spawned process's first line) to
-            its last statistic.
-    """
-
-    index: int
-    worker: str
-    samples: int
-    chunks: int
-    seconds: float
-
-    def describe(self) -> str:
-        """e.g. `worker 2: 130 samples in 9 chunks, local process 4242, 1.20 s`."""
-        return (
-            f"worker {self.index + 1}: {self.samples} samples in {self.chunks} chunks, "
-            f"{self.worker}, {self.seconds:.2f} s"
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Split:
-    """How calibration work was split: the backend, threads, passes and workers."""
-
-    backend: str
-    threads: int
-    passes: int
-    shards: tuple[ShardRecord | WorkerRecord, ...]
-
-    def describe(self) -> list[str]:
-        """One line for the split, then one per shard or worker."""
-        if self.threads == 0:
-            threads = "onnxruntime's default threads"
-        else:
-            threads = (
-                f"{self.threads} onnxruntime thread{'s' if self.threads > 1 else ''} each"
-            )
-        passes = f", {self.passes} passes over the data" if self.passes > 1 else ""
-        return [f"split: {self.backend}, {threads}{passes}"] + [
-            f"  {record.describe()}" for record in self.shards
-        ]
-
-
-def merge_shards(
-    results: Sequence[Mapping[str, TensorObserver]], tensors: Iterable[str]
-) -> dict[str, TensorObserver]:
-    """Per tensor, the workers' observers merged, in order (exact, see above)."""
-    merged = {}
-    for name in tensors:
-        observer = TensorObserver()
-        for result in results:
-            observer.merge(result[name])
-        merged[name] = observer
-    return merged
 
 
 class _Chunks:
@@ -447,7 +253,7 @@ class _LocalRun:
                 ),
             )
             while not self.processes.keys() <= self.results.keys():
-                self._receive(_REPORT_SECONDS)
+                self._receive(REPORT_SECONDS)
         finally:
             self._stop()
         ordered = [self.results[index] for index in sorted(self.results)]
@@ -496,7 +302,7 @@ class _LocalRun:
 
     def _on_sample(self) -> None:
         self.advance()
-        if self.processes and time.monotonic() - self.last_poll >= _REPORT_SECONDS:
+        if self.processes and time.monotonic() - self.last_poll >= REPORT_SECONDS:
             self._receive(None)
             self.last_poll = time.monotonic()
 

@@ -2,7 +2,7 @@
 
 Each shard is one Ray task (one CPU, one onnxruntime thread) computing the statistics of
 its contiguous part of the samples; the driver merges them in shard order exactly as with
-local workers (see `parallel` for why the result is bit-identical to one process).
+local workers (see `shards` for why the result is bit-identical to one process).
 
 A task gets its samples one of two ways:
 
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from qconvert.calibration.observers import TensorObserver
-from qconvert.calibration.parallel import (
+from qconvert.calibration.shards import (
     DataSpec,
     Shard,
     ShardRecord,

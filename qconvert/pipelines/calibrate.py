@@ -23,8 +23,9 @@ from qconvert.calibration import (
     write_trt_cache,
 )
 from qconvert.calibration.collect import KeptOutputs, pass_count
-from qconvert.calibration.parallel import DataSpec, collect_split
+from qconvert.calibration.parallel import collect_split
 from qconvert.calibration.ray_backend import RayCluster
+from qconvert.calibration.shards import DataSpec
 from qconvert.dataset import (
     DirectorySource,
     ImagePreprocessing,

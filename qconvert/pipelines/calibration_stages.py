@@ -14,7 +14,7 @@ import onnx_ir as ir
 from qconvert.calibration import CollectSettings, tensors_to_calibrate
 from qconvert.calibration.collect import KeptOutputs
 from qconvert.calibration.deferral import deferrable_tensors
-from qconvert.calibration.parallel import DataSpec
+from qconvert.calibration.shards import DataSpec
 from qconvert.pipelines.auto_check import AUTO_CHECK_SAMPLES
 from qconvert.pipelines.calibrate import (
     calibration_model,
