@@ -14,7 +14,7 @@ from conftest import sha256
 from test_recipe import conv_case
 
 import qconvert
-from qconvert.pipelines import recipe
+from qconvert.pipelines import calibration_stages, recipe
 
 
 def test_states_of_passed_steps_are_freed_and_the_bytes_stay(tmp_path, monkeypatch):
@@ -46,3 +46,24 @@ def test_states_of_passed_steps_are_freed_and_the_bytes_stay(tmp_path, monkeypat
     freed = [model for _, _, dropped in calls for model in dropped if model is None]
     assert freed
     assert sha256(tmp_path / "kept.onnx") == sha256(tmp_path / "all.onnx")
+
+
+def test_the_refit_calibrates_the_prepared_model_and_writes_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    path = conv_case(tmp_path)
+    prepared = []
+    real = calibration_stages.calibration_model
+    monkeypatch.setattr(
+        calibration_stages,
+        "calibration_model",
+        lambda model: prepared.append(1) or real(model),
+    )
+    qconvert.quantize(path, tmp_path / "reused.onnx", data=tmp_path / "calib")
+    reused = len(prepared)
+    # As before: the refit's held-out samples prepared the float model again.
+    monkeypatch.setattr(recipe, "prepares_alike", lambda model, config: False)
+    qconvert.quantize(path, tmp_path / "again.onnx", data=tmp_path / "calib")
+
+    assert len(prepared) - reused == reused + 1  # one preparation fewer in the refit
+    assert sha256(tmp_path / "reused.onnx") == sha256(tmp_path / "again.onnx")

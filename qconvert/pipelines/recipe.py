@@ -61,7 +61,7 @@ from qconvert.passes.equalize_activations import activation_sites
 from qconvert.pipelines.held_out import HeldOut
 from qconvert.pipelines.raise_costs import RaiseCost, node_work, raise_cost
 from qconvert.pipelines.raise_phase import Raise, raise_nodes, with_raised_reasons
-from qconvert.pipelines.stages import ranges_of
+from qconvert.pipelines.stages import prepares_alike, ranges_of
 from qconvert.pipelines.state import QuantizeState
 from qconvert.pipelines.weight_passes import FloatInputs, rescaled_by_equalization
 from qconvert.plan import QuantPlan, Role
@@ -499,12 +499,16 @@ def _all_calibration(state: QuantizeState, stages: RecipeStages) -> Calibration:
     The held-out samples run in this process (`--workers` would re-open the folder's
     calibration part): the statistics are the same however they are split.
     """
+    # Where the scheme's preparation is calibration's, the prepared model is the model
+    # calibration runs (`prepares_alike`), and is not prepared again from the float one.
+    alike = prepares_alike(state.float_model, state.config)
     held_out = stages.calibrate(
         state.replace(
             request=dataclasses.replace(state.request, workers=None),
             source=state.held_out,
             held_out_indices=(),
             calibration=None,
+            calibrated=state.prepared if alike else None,
         )
     )
     return merge_calibrations(
