@@ -52,6 +52,48 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 _malloc_trim = _find_malloc_trim()
 
+
+def _find_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's `mallopt`, or None where the C library has none (as `_find_malloc_trim`)."""
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_mallopt = _find_mallopt()
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 128 << 10
+"""Blocks from this size up are mapped on their own, and unmapped when freed.
+
+glibc's own starting value; what changes is that it stays there (see
+`return_large_blocks`)."""
+_large_blocks_returned = False
+
+
+def return_large_blocks() -> None:
+    """Makes every freed block of `MMAP_THRESHOLD_BYTES` or more go back to the system.
+
+    glibc maps a large block on its own and unmaps it when freed, but each time one is
+    freed it raises that threshold to the block's size (up to 32 MB), so later blocks that
+    large come from the heap, whose free pages it keeps. onnxruntime builds a session from
+    short-lived copies of the weights (the parsed model, the optimizer's rewritten and
+    prepacked tensors): on a 224x224 residual CNN with 46 MB of weights, a float session
+    at full optimization held 180 MB after it was built, 53 MB with the threshold fixed
+    (its peak while building: 180 -> 122 MB), the same outputs bit for bit, at the same
+    speed. Fixing the threshold is what glibc's `MALLOC_MMAP_THRESHOLD_` does at start-up;
+    a value a user set there is left alone. Process-wide and lasting, once per process;
+    nothing where the C library is not glibc.
+    """
+    global _large_blocks_returned
+    if _large_blocks_returned:
+        return
+    _large_blocks_returned = True
+    if _mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 RELEASE_GROWTH_BYTES = 32 << 20
 """How far the resident set must have grown since the last release for another to run (0:
 every call releases).

@@ -34,7 +34,14 @@ def calibrate(state: QuantizeState) -> QuantizeState:
     if state.measuring:
         with request.progress.task("Measuring ranges", len(source)) as advance:
             return state.replace(peaks=float16_peaks(state.float_model, source, advance))
-    calibrated = calibration_model(state.float_model.clone())
+    # A state that has the model prepared as calibration runs it already (the recipe's
+    # refit, where the scheme's preparation is calibration's) is not prepared again: on a
+    # 224x224 residual CNN that was 46 MB of folded weights more under the session.
+    calibrated = (
+        state.calibrated.clone()
+        if state.calibrated is not None
+        else calibration_model(state.float_model.clone())
+    )
     # Kept for the prepare stage before collecting, which may change the model it runs.
     kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
     deferred = _deferred(state, calibrated)
@@ -82,7 +89,14 @@ def recalibrate(state: QuantizeState, tensors: frozenset[str]) -> QuantizeState:
     tensors, where calibrating afresh reduces them all, on the same samples.
     """
     request = state.request
-    calibrated = calibration_model(state.float_model.clone())
+    # A state that has the model prepared as calibration runs it already (the recipe's
+    # refit, where the scheme's preparation is calibration's) is not prepared again: on a
+    # 224x224 residual CNN that was 46 MB of folded weights more under the session.
+    calibrated = (
+        state.calibrated.clone()
+        if state.calibrated is not None
+        else calibration_model(state.float_model.clone())
+    )
     kept = calibrated.clone() if prepares_alike(state.float_model, state.config) else None
     deferred = _deferred(state, calibrated)
     others = frozenset(tensors_to_calibrate(calibrated)) - (tensors - deferred)
