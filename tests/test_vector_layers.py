@@ -84,3 +84,36 @@ def test_a_large_layer_on_a_float_vector_stays_int8(tmp_path):
     model = testing.squeeze_excitation(channels, gate="Sigmoid", squeeze=2)
     _, _, floats, _ = testing.quantize_fast(model, tmp_path, "large", samples)
     assert "squeeze" not in floats and "excite" not in floats, floats
+
+
+THIN = "thin Conv between float ops"
+
+
+def _thin_samples(count: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    return [
+        {"input": rng.standard_normal((1, 8, 24, 48)).astype(np.float32)} for _ in range(count)
+    ]
+
+
+def test_a_run_of_thin_convs_before_a_gate_computes_in_float(tmp_path):
+    """The int8 boundary moves past the thin Convs and the gate, to the first wide Conv."""
+    samples = _thin_samples()
+    model = testing.thin_chain(gate=True)
+    path, out, floats, report = testing.quantize_fast(model, tmp_path, "gate", samples)
+    for name in ("pointwise", "depthwise"):
+        assert THIN in floats[name] and "int8-stored weights" in floats[name], floats
+    assert "no quantized input flows into it" in floats["scale"], floats
+    assert "widen" in {n.name for n in report.conversion.nodes if n.precision == "int8"}
+    optimized = testing.optimized_ops(out, tmp_path)
+    # One QuantizeLinear, of the gated tensor, where the integer chain starts.
+    assert optimized["QLinearMul"] == 0 and optimized["QuantizeLinear"] == 1, optimized
+    assert testing.output_sqnr(path, out, samples[:4]) > 30.0
+
+
+def test_a_run_of_thin_convs_into_a_wide_conv_stays_int8(tmp_path):
+    """Without the gate the thin Convs feed the integer chain: their int8 kernels stay."""
+    samples = _thin_samples()
+    model = testing.thin_chain(gate=False)
+    _, _, floats, _ = testing.quantize_fast(model, tmp_path, "chain", samples)
+    assert "pointwise" not in floats and "depthwise" not in floats, floats

@@ -21,6 +21,7 @@ from qconvert.testing.cnn import (
     pointwise_hardswish_depthwise,
     pointwise_two_depthwise,
     squeeze_excitation,
+    thin_chain,
     upsample_add,
 )
 from qconvert.testing.control_flow import loop_matmul_relu, loop_matmul_scaled_sigmoid
@@ -73,6 +74,7 @@ __all__ = [
     "sensitive_mlp",
     "sequence_mlp",
     "squeeze_excitation",
+    "thin_chain",
     "tied_decoder",
     "two_inputs",
     "upsample_add",
