@@ -23,13 +23,11 @@ from qconvert.runtime import make_session
 C = 4
 
 
-def _model(
-    nodes, inits, *, opset=17, out_shape=("N", C, 8, 8), in_shape=("N", 3, 8, 8)
-) -> onnx.ModelProto:
+def _model(nodes, inits, *, opset=17, out_shape=("N", C, 8, 8)) -> onnx.ModelProto:
     graph = h.make_graph(
         nodes,
         "rules",
-        [h.make_tensor_value_info("input", TensorProto.FLOAT, list(in_shape))],
+        [h.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [h.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))],
         [nh.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
     )
@@ -375,9 +373,6 @@ def _classifier(classes: int = 8) -> onnx.ModelProto:
             "fc_b": np.zeros(classes),
         },
         out_shape=("N", classes),
-        # Images of any size: with the map's size known, preparation would fold the
-        # pooling into the head (`passes.pooled_head`, tested there on the same data).
-        in_shape=("N", 3, "H", "W"),
     )
 
 
