@@ -50,7 +50,6 @@ from qconvert.passes.activations import (
 )
 from qconvert.passes.constants import LiftConstantsPass
 from qconvert.passes.pad import FoldPadIntoReaderPass
-from qconvert.passes.pooled_head import FoldPoolIntoHeadPass
 
 
 class UpgradeOpsetPass(ir.passes.FunctionalPass):
@@ -621,8 +620,6 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int, *, in_place: bool = False
             FoldPadIntoReaderPass(),
             ShapeInferencePass(),
             RestoreSequenceTypesPass(),
-            # Needs the pooled map's shape; writes the shapes of what it adds itself.
-            FoldPoolIntoHeadPass(),
         ]
     )
     return passes(model).model
