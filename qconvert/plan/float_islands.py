@@ -344,7 +344,11 @@ class FloatIslandRules(PlannerState):
         return (
             bool(readers)
             and not output.is_graph_output()
-            and not self._feeds_quantized(output)
+            and (
+                not self._feeds_quantized(output)
+                # A run of thin Convs ending at float ops and a gate (`plan.vectors`).
+                or self._only_float_readers_behind(output)
+            )
         )
 
     def _float_widening_conv(self, node: ir.Node) -> bool:

@@ -42,6 +42,7 @@ from qconvert.plan.patterns import (
     activation_indices,
     gelu_nodes,
 )
+from qconvert.plan.vectors import VECTOR_REASON, VectorLayerRules
 from qconvert.plan.weights import WeightRules
 from qconvert.schemes import StaticScheme
 from qconvert.selection import NodeSelection
@@ -92,7 +93,7 @@ def make_plan(
     return planner.run()
 
 
-class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
+class _Planner(ConcatRules, FloatIslandRules, VectorLayerRules, ActivationRules, WeightRules):
     """Plans one model: picks, for each node, the rule family that decides it."""
 
     def run(self) -> QuantPlan:
@@ -206,6 +207,9 @@ class _Planner(ConcatRules, FloatIslandRules, ActivationRules, WeightRules):
             return
         if self._thin_conv_island(node):
             self._plan_stored_weights(node, rule, scheme, THIN_ISLAND_REASON)
+            return
+        if self._float_vector_layer(node, rule):
+            self._plan_stored_weights(node, rule, scheme, VECTOR_REASON)
             return
         if self._float_readers_only(node, rule):
             self._plan_float_layer(node, rule, scheme)

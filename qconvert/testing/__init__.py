@@ -20,6 +20,8 @@ from qconvert.testing.cnn import (
     conv_relu_conv,
     pointwise_hardswish_depthwise,
     pointwise_two_depthwise,
+    squeeze_excitation,
+    thin_chain,
     upsample_add,
 )
 from qconvert.testing.control_flow import loop_matmul_relu, loop_matmul_scaled_sigmoid
@@ -71,6 +73,8 @@ __all__ = [
     "save_with_external_data",
     "sensitive_mlp",
     "sequence_mlp",
+    "squeeze_excitation",
+    "thin_chain",
     "tied_decoder",
     "two_inputs",
     "upsample_add",

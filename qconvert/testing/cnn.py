@@ -184,3 +184,127 @@ def upsample_add(
             "b3": random_weights(rng, 4, scale=0.1),
         },
     )
+
+
+def squeeze_excitation(
+    channels: int = 32,
+    *,
+    activation: str = "HardSwish",
+    gate: str = "HardSigmoid",
+    squeeze: int = 4,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """Conv 1x1 -> activation -> squeeze-excitation gate -> Mul -> Conv 1x1 (MobileNetV3).
+
+    The gate: GlobalAveragePool -> Conv 1x1 (channels / squeeze) -> Relu -> Conv 1x1 ->
+    `gate` (HardSigmoid or Sigmoid), multiplied into the activation's output, which the
+    last Conv reads.
+    `activation` is HardSwish (a float op: the gate reads a vector that exists in float)
+    or Relu (folded into the first Conv, which runs quantized). The gate's Convs are named
+    `squeeze` and `excite`, the Mul `scale`. Input [N, 16, 12, 24]; output [N, 16, 12, 24].
+    """
+    rng = np.random.default_rng(seed)
+    c, r = channels, channels // squeeze
+    gate_op = "HardSigmoid <alpha = 0.1666667, beta = 0.5>" if gate == "HardSigmoid" else gate
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        squeeze_excitation (float[N,16,12,24] input) => (float[N,16,12,24] output) {{
+            h = Conv <kernel_shape = [1,1]> (input, w1, b1)
+            x = {activation} (h)
+            p = GlobalAveragePool (x)
+            s = Conv <kernel_shape = [1,1]> (p, ws, bs)
+            t = Relu (s)
+            e = Conv <kernel_shape = [1,1]> (t, we, be)
+            gate = {gate_op} (e)
+            y = Mul (x, gate)
+            output = Conv <kernel_shape = [1,1]> (y, w2, b2)
+        }}
+    """
+    model = checked_model(
+        text,
+        {
+            "w1": random_weights(rng, c, 16, 1, 1, scale=0.5),
+            "b1": random_weights(rng, c, scale=0.5),
+            "ws": random_weights(rng, r, c, 1, 1, scale=0.5),
+            "bs": random_weights(rng, r, scale=0.1),
+            "we": random_weights(rng, c, r, 1, 1, scale=0.5),
+            "be": random_weights(rng, c, scale=0.1),
+            "w2": random_weights(rng, 16, c, 1, 1, scale=0.3),
+            "b2": random_weights(rng, 16, scale=0.1),
+        },
+    )
+    names = {"s": "squeeze", "e": "excite", "y": "scale"}
+    for node in model.graph.node:
+        if node.output[0] in names:
+            node.name = names[node.output[0]]
+    return model
+
+
+def thin_chain(*, gate: bool = True, seed: int = 0) -> onnx.ModelProto:
+    """HardSwish -> Conv 1x1 (8 to 8) -> Relu -> depthwise 3x3 -> Relu -> [gate] -> wide Convs.
+
+    MobileNetV3-small's first block after its stem: thin Convs (at most 8 input channels per
+    output) on a float tensor. With `gate`, a squeeze-excitation gate (GlobalAveragePool,
+    Conv 8 -> 2, Relu, Conv 2 -> 8, HardSigmoid) scales the depthwise output (Mul `scale`);
+    then Conv 1x1 8 -> 16 and Relu and Conv 1x1 16 -> 16, the first with more than 8 input
+    channels. The thin Convs are named `pointwise` and `depthwise`. Input [N, 8, 24, 48].
+    """
+    rng = np.random.default_rng(seed)
+    scaled = "y" if gate else "d"
+    gate_text = (
+        """
+            p = GlobalAveragePool (d)
+            s = Conv <kernel_shape = [1,1]> (p, ws, bs)
+            t = Relu (s)
+            e = Conv <kernel_shape = [1,1]> (t, we, be)
+            g = HardSigmoid <alpha = 0.1666667, beta = 0.5> (e)
+            y = Mul (d, g)"""
+        if gate
+        else ""
+    )
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        thin_chain (float[N,8,24,48] input) => (float[N,16,24,48] output) {{
+            x = HardSwish (input)
+            h = Conv <kernel_shape = [1,1]> (x, w1, b1)
+            a = Relu (h)
+            c = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = 8> (a, wd, bd)
+            d = Relu (c){gate_text}
+            k = Conv <kernel_shape = [1,1]> ({scaled}, w2, b2)
+            r = Relu (k)
+            output = Conv <kernel_shape = [1,1]> (r, w3, b3)
+        }}
+    """
+    model = checked_model(
+        text,
+        {
+            "w1": random_weights(rng, 8, 8, 1, 1),
+            "b1": random_weights(rng, 8, scale=0.2),
+            "wd": random_weights(rng, 8, 1, 3, 3),
+            "bd": random_weights(rng, 8, scale=0.2),
+            "ws": random_weights(rng, 2, 8, 1, 1),
+            "bs": random_weights(rng, 2, scale=0.1),
+            "we": random_weights(rng, 8, 2, 1, 1),
+            "be": random_weights(rng, 8, scale=0.1),
+            "w2": random_weights(rng, 16, 8, 1, 1),
+            "b2": random_weights(rng, 16, scale=0.2),
+            "w3": random_weights(rng, 16, 16, 1, 1, scale=0.3),
+            "b3": random_weights(rng, 16, scale=0.1),
+        }
+        if gate
+        else {
+            "w1": random_weights(rng, 8, 8, 1, 1),
+            "b1": random_weights(rng, 8, scale=0.2),
+            "wd": random_weights(rng, 8, 1, 3, 3),
+            "bd": random_weights(rng, 8, scale=0.2),
+            "w2": random_weights(rng, 16, 8, 1, 1),
+            "b2": random_weights(rng, 16, scale=0.2),
+            "w3": random_weights(rng, 16, 16, 1, 1, scale=0.3),
+            "b3": random_weights(rng, 16, scale=0.1),
+        },
+    )
+    names = {"h": "pointwise", "c": "depthwise", "y": "scale", "k": "widen"}
+    for node in model.graph.node:
+        if node.output[0] in names:
+            node.name = names[node.output[0]]
+    return model
