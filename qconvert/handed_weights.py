@@ -66,10 +66,12 @@ def detach(proto: onnx.ModelProto, *, min_bytes: int | None = None) -> dict[str,
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     graph = proto.graph
     inputs = {value.name for value in graph.input}
+    read = _names_read(graph)
     weights: dict[str, np.ndarray] = {}
     for tensor in graph.initializer:
         if (
             tensor.name in inputs
+            or tensor.name not in read
             or tensor.data_type not in _HANDED_TYPES
             or tensor.data_location == onnx.TensorProto.EXTERNAL
             or len(tensor.raw_data) < min_bytes
@@ -110,6 +112,7 @@ def serialize_detached(
         if (
             tensor is None
             or name in inputs
+            or not (value.uses() or value.is_graph_output())
             or tensor.dtype not in _HANDED_DTYPES
             or isinstance(tensor, ir.ExternalTensor)
             or (isinstance(tensor, ir.TensorProtoTensor) and _external(tensor.raw))
@@ -124,6 +127,26 @@ def serialize_detached(
     with _swapped(stand_ins):
         proto = ir.serde.serialize_model(model)
     return proto, weights
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of `graph` or of its subgraphs reads, and the graph's outputs.
+
+    An initializer nothing reads is not handed over: onnxruntime drops it from the graph
+    before it takes the handed arrays, and then fails on the name it no longer has
+    ("Failed to find existing initializer"). Preparation's folds leave such initializers
+    (a weight replaced by its folded copy), and so do some exporters.
+    """
+    names = {value.name for value in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in (
+                *attribute.graphs,
+                *([attribute.g] if attribute.HasField("g") else []),
+            ):
+                names |= _names_read(subgraph)
+    return names
 
 
 def _external(tensor: onnx.TensorProto) -> bool:

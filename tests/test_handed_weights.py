@@ -133,3 +133,43 @@ def test_a_model_serialized_with_its_weights_beside_it_computes_the_same():
     handed = make_session(graph, threads=1, weights=weights).run(None, feeds)
     for a, b in zip(whole, handed, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _with_unused_weight(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with a 128 KiB initializer no node reads, as a fold or an exporter leaves."""
+    unused = np.ones((256, 128), np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(unused, "dead_weight"))
+    return proto
+
+
+def test_an_initializer_nothing_reads_is_not_handed_over():
+    # onnxruntime drops an unread initializer before it takes the handed arrays, then
+    # fails on the name it dropped ("Failed to find existing initializer").
+    proto = _with_unused_weight(_large_mlp())
+    whole = make_session(proto.SerializeToString(), threads=1)
+
+    weights = handed_weights.detach(proto)
+    assert sorted(weights) == ["w"]
+    handed = make_session(proto.SerializeToString(), threads=1, weights=weights)
+
+    model = ir.serde.deserialize_model(_with_unused_weight(_large_mlp()))
+    detached, ir_weights = handed_weights.serialize_detached(model)
+    assert sorted(ir_weights) == ["w"]
+    from_ir = make_session(detached.SerializeToString(), threads=1, weights=ir_weights)
+    feeds = testing.random_inputs(_large_mlp(), batch=2, seed=0)
+    expected = whole.run(None, feeds)[0]
+    np.testing.assert_array_equal(handed.run(None, feeds)[0], expected)
+    np.testing.assert_array_equal(from_ir.run(None, feeds)[0], expected)
+
+
+def test_a_gate_whose_weight_preparation_replaces_quantizes(tmp_path):
+    # Preparation folds the HardSigmoid's affine into the excite Conv and leaves the old,
+    # now unread weight (128 KiB at 256 channels, over `MIN_BYTES`) in the graph:
+    # calibration's session failed on it.
+    rng = np.random.default_rng(3)
+    samples = [
+        {"input": rng.standard_normal((1, 16, 12, 24)).astype(np.float32)} for _ in range(8)
+    ]
+    model = testing.squeeze_excitation(256, squeeze=4)
+    path, out, _, _ = testing.quantize_fast(model, tmp_path, "se", samples)
+    assert testing.output_sqnr(path, out, samples) > 20.0
