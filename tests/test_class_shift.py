@@ -12,7 +12,7 @@ import pytest
 
 from qconvert.class_shift import class_shift
 from qconvert.pipelines.held_out import HeldOut
-from qconvert.recipe_result import SHIFT_GROWTH, SHIFT_RATIO, Fidelity
+from qconvert.recipe_fidelity import SHIFT_GROWTH, SHIFT_RATIO, Fidelity
 from qconvert.testing._build import checked_model
 
 

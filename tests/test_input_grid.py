@@ -15,7 +15,8 @@ from qconvert.input_grid import first_readers, off_grid_inputs
 from qconvert.pipelines.recipe_samples import held_out_indices
 from qconvert.plan import QuantPlan, Role, TensorDecision
 from qconvert.qparams import QParams
-from qconvert.recipe_result import Fidelity, RecipeOptions, balance_detail
+from qconvert.recipe_fidelity import Fidelity, balance_detail
+from qconvert.recipe_result import RecipeOptions
 
 SAMPLES = 48
 

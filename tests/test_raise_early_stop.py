@@ -12,7 +12,7 @@ import numpy as np
 from test_class_shift import _classifier
 
 from qconvert.pipelines.held_out import HeldOut
-from qconvert.recipe_result import can_still_hold, wins_needed
+from qconvert.recipe_fidelity import can_still_hold, wins_needed
 
 
 def test_the_sign_test_is_given_up_only_when_no_remaining_samples_could_pass_it():

@@ -22,7 +22,7 @@ from qconvert.layers import expose
 from qconvert.passes import adaround as adaround_pass
 from qconvert.pipelines import quantize_stages as quantize_pipeline
 from qconvert.pipelines import recipe, weight_passes
-from qconvert.recipe_result import Fidelity
+from qconvert.recipe_fidelity import Fidelity
 from qconvert.testing._build import checked_model
 
 SAMPLES = 48

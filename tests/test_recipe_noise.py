@@ -13,7 +13,7 @@ import qconvert
 from qconvert import testing
 from qconvert.pipelines.held_out import HeldOut
 from qconvert.pipelines.recipe_samples import held_out_indices
-from qconvert.recipe_result import Fidelity, balance_detail, wins_needed
+from qconvert.recipe_fidelity import Fidelity, balance_detail, wins_needed
 
 SAMPLES = 48
 

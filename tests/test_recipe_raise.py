@@ -20,7 +20,7 @@ from qconvert.pipelines.raise_costs import node_work, raise_cost
 from qconvert.pipelines.recipe_samples import HELD_OUT, MAX_HELD_OUT, held_out_count
 from qconvert.pipelines.weight_passes import correct_biases_of
 from qconvert.plan import make_plan
-from qconvert.recipe_result import Fidelity, verdict_detail
+from qconvert.recipe_fidelity import Fidelity, verdict_detail
 from qconvert.schemes import SCHEMES
 
 

@@ -10,13 +10,8 @@ import pytest
 import qconvert
 from qconvert import testing
 from qconvert.pipelines.held_out import HeldOut
-from qconvert.recipe_result import (
-    Fidelity,
-    RecipeOptions,
-    frames_resolve,
-    verdict_detail,
-    wins_needed,
-)
+from qconvert.recipe_fidelity import Fidelity, frames_resolve, verdict_detail, wins_needed
+from qconvert.recipe_result import RecipeOptions
 from qconvert.runtime import make_session
 from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
 

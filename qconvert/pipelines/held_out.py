@@ -3,7 +3,7 @@
 Each output counts by its worst part (`output_parts`), classifier-like [batch, classes]
 outputs by their top-1 agreement too, and sequences of class distributions by their
 frames (`sequence_scores`). The recipe (`pipelines.recipe`) keeps or drops each step by
-what this measures (`recipe_result.Fidelity`).
+what this measures (`recipe_fidelity.Fidelity`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from qconvert.class_shift import ClassShift, class_shift
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts
-from qconvert.recipe_result import Fidelity, can_still_hold
+from qconvert.recipe_fidelity import Fidelity, can_still_hold
 from qconvert.runtime import make_session
 from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
 

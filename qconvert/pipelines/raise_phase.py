@@ -17,14 +17,8 @@ import onnx_ir as ir
 
 from qconvert.pipelines.raise_costs import raise_cost, weight_shares, work_shares
 from qconvert.plan import QuantPlan
-from qconvert.recipe_result import (
-    MIN_RAISE_GAIN_DB,
-    Fidelity,
-    RaisedNode,
-    RaiseSearch,
-    raise_kind,
-    verdict_detail,
-)
+from qconvert.recipe_fidelity import MIN_RAISE_GAIN_DB, Fidelity, verdict_detail
+from qconvert.recipe_result import RaisedNode, RaiseSearch, raise_kind
 from qconvert.sensitivity import quantizable_nodes
 
 Raise = tuple[str, bool]

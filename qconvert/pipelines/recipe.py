@@ -65,15 +65,8 @@ from qconvert.pipelines.stages import prepares_alike, ranges_of
 from qconvert.pipelines.state import QuantizeState
 from qconvert.pipelines.weight_passes import FloatInputs, rescaled_by_equalization
 from qconvert.plan import QuantPlan, Role
-from qconvert.recipe_result import (
-    Fidelity,
-    RaisedNode,
-    RaiseSearch,
-    RecipeResult,
-    Trial,
-    balance_detail,
-    verdict_detail,
-)
+from qconvert.recipe_fidelity import Fidelity, balance_detail, verdict_detail
+from qconvert.recipe_result import RaisedNode, RaiseSearch, RecipeResult, Trial
 
 StageFn = Callable[[QuantizeState], QuantizeState]
 

@@ -275,34 +275,27 @@ def thin_chain(*, gate: bool = True, seed: int = 0) -> onnx.ModelProto:
             output = Conv <kernel_shape = [1,1]> (r, w3, b3)
         }}
     """
-    model = checked_model(
-        text,
-        {
-            "w1": random_weights(rng, 8, 8, 1, 1),
-            "b1": random_weights(rng, 8, scale=0.2),
-            "wd": random_weights(rng, 8, 1, 3, 3),
-            "bd": random_weights(rng, 8, scale=0.2),
+    # Drawn in graph order, so the same seed gives the same weights with or without a gate.
+    weights = {
+        "w1": random_weights(rng, 8, 8, 1, 1),
+        "b1": random_weights(rng, 8, scale=0.2),
+        "wd": random_weights(rng, 8, 1, 3, 3),
+        "bd": random_weights(rng, 8, scale=0.2),
+    }
+    if gate:
+        weights |= {
             "ws": random_weights(rng, 2, 8, 1, 1),
             "bs": random_weights(rng, 2, scale=0.1),
             "we": random_weights(rng, 8, 2, 1, 1),
             "be": random_weights(rng, 8, scale=0.1),
-            "w2": random_weights(rng, 16, 8, 1, 1),
-            "b2": random_weights(rng, 16, scale=0.2),
-            "w3": random_weights(rng, 16, 16, 1, 1, scale=0.3),
-            "b3": random_weights(rng, 16, scale=0.1),
         }
-        if gate
-        else {
-            "w1": random_weights(rng, 8, 8, 1, 1),
-            "b1": random_weights(rng, 8, scale=0.2),
-            "wd": random_weights(rng, 8, 1, 3, 3),
-            "bd": random_weights(rng, 8, scale=0.2),
-            "w2": random_weights(rng, 16, 8, 1, 1),
-            "b2": random_weights(rng, 16, scale=0.2),
-            "w3": random_weights(rng, 16, 16, 1, 1, scale=0.3),
-            "b3": random_weights(rng, 16, scale=0.1),
-        },
-    )
+    weights |= {
+        "w2": random_weights(rng, 16, 8, 1, 1),
+        "b2": random_weights(rng, 16, scale=0.2),
+        "w3": random_weights(rng, 16, 16, 1, 1, scale=0.3),
+        "b3": random_weights(rng, 16, scale=0.1),
+    }
+    model = checked_model(text, weights)
     names = {"h": "pointwise", "c": "depthwise", "y": "scale", "k": "widen"}
     for node in model.graph.node:
         if node.output[0] in names:
