@@ -62,21 +62,17 @@ def _find_mallopt() -> Callable[[int, int], int] | None:
 
 
 _mallopt = _find_mallopt()
-_M_TRIM_THRESHOLD = -1  # glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 128 << 10
-"""While a session is built, blocks from this size up are mapped on their own, and
-unmapped when freed: glibc's own starting value (see `large_blocks_returned`)."""
-HEAP_MMAP_THRESHOLD_BYTES = 32 << 20
-"""Outside a session's build, blocks below this come from the heap: the ceiling glibc's
-moving threshold reaches on 64-bit, where numpy's large temporaries would take it anyway."""
-HEAP_TRIM_THRESHOLD_BYTES = 64 << 20
-"""The free heap top kept outside a build: twice the mmap threshold, as glibc sets it."""
+"""Blocks from this size up are mapped on their own, and unmapped when freed.
+
+glibc's own starting value; what changes is that it stays there (see
+`return_large_blocks`)."""
+_large_blocks_returned = False
 
 
-@contextlib.contextmanager
-def large_blocks_returned() -> Iterator[None]:
-    """While the block runs, every freed block of `MMAP_THRESHOLD_BYTES` or more is unmapped.
+def return_large_blocks() -> None:
+    """Makes every freed block of `MMAP_THRESHOLD_BYTES` or more go back to the system.
 
     glibc maps a large block on its own and unmaps it when freed, but each time one is
     freed it raises that threshold to the block's size (up to 32 MB), so later blocks that
@@ -84,24 +80,18 @@ def large_blocks_returned() -> Iterator[None]:
     short-lived copies of the weights (the parsed model, the optimizer's rewritten and
     prepacked tensors): on a 224x224 residual CNN with 46 MB of weights, a float session
     at full optimization held 180 MB after it was built, 53 MB with the threshold fixed
-    low (its peak while building: 180 -> 122 MB), the same outputs bit for bit.
-
-    Only while a session is built: fixed low for a whole run, every large numpy
-    temporary of the weight passes was mapped, zeroed by the kernel and unmapped again,
-    and a depthwise-separable CNN's default recipe took 20 s instead of 15 (system time
-    3 -> 10 s). After the block the thresholds are those glibc's moving threshold ends at
-    (`HEAP_MMAP_THRESHOLD_BYTES`, `HEAP_TRIM_THRESHOLD_BYTES`). A `MALLOC_MMAP_THRESHOLD_`
-    a user set is left alone; nothing where the C library is not glibc.
+    (its peak while building: 180 -> 122 MB), the same outputs bit for bit, at the same
+    speed. Fixing the threshold is what glibc's `MALLOC_MMAP_THRESHOLD_` does at start-up;
+    a value a user set there is left alone. Process-wide and lasting, once per process;
+    nothing where the C library is not glibc.
     """
+    global _large_blocks_returned
+    if _large_blocks_returned:
+        return
+    _large_blocks_returned = True
     if _mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        yield
         return
     _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    try:
-        yield
-    finally:
-        _mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD_BYTES)
-        _mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD_BYTES)
 
 
 RELEASE_GROWTH_BYTES = 32 << 20

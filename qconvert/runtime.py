@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qconvert.errors import ConfigError
-from qconvert.memory import large_blocks_returned
+from qconvert.memory import return_large_blocks
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
@@ -84,6 +84,7 @@ def make_session(
     in chunks grown by doubling. `weights`: the initializers `handed_weights.detach` took
     out of `model`, by name.
     """
+    return_large_blocks()  # the session's build copies go back to the system once freed
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
     options.intra_op_num_threads = threads
@@ -114,8 +115,7 @@ def make_session(
         providers.append("CPUExecutionProvider")
     # onnxruntime copies handed weights while it loads the model, and documents that the
     # caller may free them after: they are not kept.
-    with large_blocks_returned():  # the build's copies go back to the system once freed
-        return ort.InferenceSession(model, options, providers=providers)
+    return ort.InferenceSession(model, options, providers=providers)
 
 
 def resolve_provider(name: str) -> str:

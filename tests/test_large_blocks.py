@@ -1,5 +1,4 @@
-"""Freed large blocks go back to the system while a session is built
-(`memory.large_blocks_returned`).
+"""Freed large blocks go back to the system (`memory.return_large_blocks`).
 
 glibc raises its mmap threshold each time a mapped block is freed, so the copies
 onnxruntime makes while it builds a session come back from the heap and stay resident
@@ -79,24 +78,16 @@ def test_sessions_built_and_dropped_leave_their_copies_behind_no_more():
     assert fixed["output"] == moving["output"]  # the same numbers, bit for bit
 
 
-def test_the_threshold_is_low_only_while_a_session_is_built(monkeypatch):
-    calls = []
-    monkeypatch.setattr(memory, "_mallopt", lambda *args: calls.append(args) or 1)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    with memory.large_blocks_returned():
-        assert calls == [(memory._M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)]
-    # After the build, the heap serves numpy's temporaries again: mapping each one cost
-    # a weight pass its page faults (system time 3 -> 10 s on a default recipe).
-    assert calls[1:] == [
-        (memory._M_MMAP_THRESHOLD, memory.HEAP_MMAP_THRESHOLD_BYTES),
-        (memory._M_TRIM_THRESHOLD, memory.HEAP_TRIM_THRESHOLD_BYTES),
-    ]
-
-
 def test_a_threshold_the_user_set_is_left_alone(monkeypatch):
     calls = []
     monkeypatch.setattr(memory, "_mallopt", lambda *args: calls.append(args) or 1)
+    monkeypatch.setattr(memory, "_large_blocks_returned", False)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    with memory.large_blocks_returned():
-        pass
+    memory.return_large_blocks()
     assert calls == []
+
+    monkeypatch.setattr(memory, "_large_blocks_returned", False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    memory.return_large_blocks()
+    memory.return_large_blocks()  # once per process
+    assert calls == [(memory._M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)]

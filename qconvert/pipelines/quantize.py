@@ -23,7 +23,7 @@ from qconvert.errors import (
     ConfigError,
 )
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
-from qconvert.memory import older_objects_set_aside
+from qconvert.memory import older_objects_set_aside, return_large_blocks
 from qconvert.pipelines import prequantized
 from qconvert.pipelines.int4 import quantize_int4
 from qconvert.pipelines.quantize_stages import STAGES
@@ -148,7 +148,9 @@ def quantize(
     if prequantized.applies(model):  # Q/DQ pairs: finished, not quantized again
         return prequantized.finish_request(request)
     # sessions made from the model's bytes find any weights it keeps on disk; the
-    # releases between stages skip the objects alive before the run (`memory`)
+    # releases between stages skip the objects alive before the run; the copies loading
+    # and sessions make go back to the system once freed (`memory`)
+    return_large_blocks()
     with external_weights(Path(model).resolve().parent), older_objects_set_aside():
         try:
             state = run_stages(STAGES, QuantizeState(request=request))
