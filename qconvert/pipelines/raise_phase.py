@@ -18,7 +18,7 @@ import onnx_ir as ir
 from qconvert.pipelines.raise_costs import raise_cost, weight_shares, work_shares
 from qconvert.plan import QuantPlan
 from qconvert.recipe_fidelity import MIN_RAISE_GAIN_DB, Fidelity, verdict_detail
-from qconvert.recipe_result import RaisedNode, RaiseSearch, raise_kind
+from qconvert.recipe_result import RaisedNode, RaiseSearch, RecipeOptions, raise_kind
 from qconvert.sensitivity import quantizable_nodes
 
 Raise = tuple[str, bool]
@@ -138,11 +138,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
                 rejected.append(f"{label}: with the nodes raised before, over the budget")
                 continue
             after = score(build(kept, chosen, trial))
-        if not after.improves(best, top1_floor=options.min_top1_agreement):
-            rejected.append(f"{label}: {_no_gain(after, best, options.min_top1_agreement)}")
-            continue
-        if after.leans_more(best):
-            rejected.append(f"{label}: {after.lean_detail(best)}")
+        refusal = _refusal(after, best, options)
+        if refusal:
+            rejected.append(f"{label}: {refusal}")
             continue
         raises, best = chosen, after
         used_weights += candidate.weight_share
@@ -179,16 +177,15 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
             rejected.append(f"{label}: with the nodes raised before, over the budget")
             continue
         after = score(build(kept, chosen, trial))
-        if not after.improves(best, top1_floor=options.min_top1_agreement):
-            rejected.append(f"{label}: {_no_gain(after, best, options.min_top1_agreement)}")
-            continue
-        if after.leans_more(best):
-            rejected.append(f"{label}: {after.lean_detail(best)}")
+        refusal = _refusal(after, best, options)
+        if refusal:
+            rejected.append(f"{label}: {refusal}")
             continue
         variant = frozenset({(feeder, False)})
+        variant_trial = planned(kept, variant)
         if variant not in alone_scores:
-            alone_scores[variant] = score(weigh(kept, planned(kept, variant)))
-        alone = raise_cost(current.plan, planned(kept, variant).plan, work)
+            alone_scores[variant] = score(weigh(kept, variant_trial))
+        alone = raise_cost(current.plan, variant_trial.plan, work)
         raises, best = chosen, after
         raised.append(
             RaisedNode(
@@ -210,6 +207,15 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
         floor_met=best.meets(options),
     )
     return raises, tuple(raised), best, search
+
+
+def _refusal(after: Fidelity, best: Fidelity, options: RecipeOptions) -> str | None:
+    """Why a raise scored `after` on top of `best` is refused, or None to keep it."""
+    if not after.improves(best, top1_floor=options.min_top1_agreement):
+        return _no_gain(after, best, options.min_top1_agreement)
+    if after.leans_more(best):
+        return after.lean_detail(best)
+    return None
 
 
 def _no_gain(after: Fidelity, best: Fidelity, top1_floor: float) -> str:

@@ -194,7 +194,7 @@ def squeeze_excitation(
     squeeze: int = 4,
     seed: int = 0,
 ) -> onnx.ModelProto:
-    """Conv 1x1 -> activation -> squeeze-excitation gate -> Mul -> Conv 1x1 (MobileNetV3).
+    """Conv 1x1 -> activation -> squeeze-excitation gate -> Mul -> Conv 1x1.
 
     The gate: GlobalAveragePool -> Conv 1x1 (channels / squeeze) -> Relu -> Conv 1x1 ->
     `gate` (HardSigmoid or Sigmoid), multiplied into the activation's output, which the
@@ -243,7 +243,7 @@ def squeeze_excitation(
 def thin_chain(*, gate: bool = True, seed: int = 0) -> onnx.ModelProto:
     """HardSwish -> Conv 1x1 (8 to 8) -> Relu -> depthwise 3x3 -> Relu -> [gate] -> wide Convs.
 
-    MobileNetV3-small's first block after its stem: thin Convs (at most 8 input channels per
+    A small inverted-residual block after a stem: thin Convs (at most 8 input channels per
     output) on a float tensor. With `gate`, a squeeze-excitation gate (GlobalAveragePool,
     Conv 8 -> 2, Relu, Conv 2 -> 8, HardSigmoid) scales the depthwise output (Mul `scale`);
     then Conv 1x1 8 -> 16 and Relu and Conv 1x1 16 -> 16, the first with more than 8 input
