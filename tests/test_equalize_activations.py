@@ -1,14 +1,16 @@
 """Activation equalization between float islands (`passes.equalize_activations`).
 
 A pointwise Conv whose output channels differ 50x in range, read through a float
-HardSwish and its affine ops by a depthwise Conv: one per-tensor uint8 scale leaves the
-narrow channels a few levels, and the depthwise Conv passes that noise on undiluted.
+HardSwish and its affine ops, or through a Relu, by a depthwise Conv: one per-tensor
+uint8 scale leaves the narrow channels a few levels, and the depthwise Conv passes that
+noise on undiluted.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 import qconvert
 from qconvert import testing
@@ -18,8 +20,10 @@ from qconvert.passes.equalize_activations import (
     EqualizeActivationsPass,
     activation_sites,
     channel_absmax,
+    rescaled_values,
 )
 from qconvert.runtime import make_session
+from qconvert.testing._build import checked_model, random_weights
 
 
 def _samples(count: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -47,6 +51,44 @@ def test_sites_are_the_tensors_both_sides_absorb_a_scale():
     assert names == {"h", "t2"}
 
 
+def test_a_relu_carries_the_scale_to_the_conv_before_it():
+    # Relu(x * s) = Relu(x) * s for s > 0: the Conv before the Relu takes s, the depthwise
+    # Convs after it undo it; both the Conv's output and the Relu's carry scaled channels.
+    model = ir.from_proto(testing.pointwise_two_depthwise(activation="Relu"))
+    sites = activation_sites(model)
+    assert [site.name for site in sites] == ["a"]
+    assert [node.op_type for node, _ in sites[0].producer] == ["Conv", "Conv"]
+    assert rescaled_values(model) == {"h", "a"}
+    # A Sigmoid is not positively homogeneous: no site.
+    assert (
+        activation_sites(ir.from_proto(testing.pointwise_two_depthwise(activation="Sigmoid")))
+        == []
+    )
+
+
+def test_a_relu_whose_input_is_read_elsewhere_stops_the_scale():
+    # h is read by the Relu and by the Add: scaling h's channels would reach the Add.
+    rng = np.random.default_rng(0)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        relu_skip (float[N,4,8,8] input) => (float[N,4,8,8] output) {
+            h = Conv <kernel_shape = [1,1]> (input, w1, b1)
+            a = Relu (h)
+            d = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = 4> (a, w2)
+            output = Add (d, h)
+        }
+    """
+    proto = checked_model(
+        text,
+        {
+            "w1": random_weights(rng, 4, 4, 1, 1),
+            "b1": random_weights(rng, 4),
+            "w2": random_weights(rng, 4, 1, 3, 3),
+        },
+    )
+    assert activation_sites(ir.from_proto(proto)) == []
+
+
 def test_equalizing_keeps_the_function_and_evens_the_channels():
     proto = testing.pointwise_hardswish_depthwise(spread=20.0)  # within MAX_SCALE
     model = ir.from_proto(proto)
@@ -67,9 +109,15 @@ def test_equalizing_keeps_the_function_and_evens_the_channels():
         assert after[name].max() / after[name].min() < 1.01
 
 
-def test_equalize_lifts_the_int8_output(tmp_path, monkeypatch):
-    """A pointwise Conv read by two depthwise Convs (no pair for weight equalization)."""
-    model = testing.save(testing.pointwise_two_depthwise(), tmp_path / "m.onnx")
+@pytest.mark.parametrize("activation", ["", "Relu"])
+def test_equalize_lifts_the_int8_output(tmp_path, monkeypatch, activation):
+    """A pointwise Conv read by two depthwise Convs (no pair for weight equalization).
+
+    Through a Relu, the Relu's output is the tensor quantized (the Relu fuses into the
+    Conv before it) and the one whose channels equalization evens.
+    """
+    proto = testing.pointwise_two_depthwise(activation=activation)
+    model = testing.save(proto, tmp_path / "m.onnx")
     data = testing.write_samples(tmp_path / "calib", _samples(16, seed=2))
     held_out = _samples(8, seed=3)
 
@@ -89,7 +137,7 @@ def test_equalize_lifts_the_int8_output(tmp_path, monkeypatch):
     monkeypatch.setattr(equalize_activations, "channel_scales", np.ones_like)
     weights_only = quantized("weights_only")
     assert weights_only == plain  # no Conv -> Conv pair: weight equalization does nothing
-    assert equalized > plain + 1.0, (plain, equalized)
+    assert equalized > plain + 5.0, (plain, equalized)
 
 
 def test_per_tensor_weights_are_left_alone(tmp_path):

@@ -219,8 +219,8 @@ SCHEME_HELP = (
     is_flag=True,
     help="Cross-layer equalization: even out the channel ranges of Conv -> Relu -> Conv "
     "pairs (depthwise-separable nets) before calibrating, and with --data the activation "
-    "channels between a Conv (or constant Mul) and the depthwise Convs or Muls that read "
-    "them; the float function is unchanged.",
+    "channels between a Conv (or constant Mul), directly or through a Relu, and the "
+    "depthwise Convs or Muls that read them; the float function is unchanged.",
 )
 @click.option(
     "--bias-correction",

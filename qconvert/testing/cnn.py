@@ -109,22 +109,27 @@ def pointwise_hardswish_depthwise(
 
 
 def pointwise_two_depthwise(
-    spread: float = 50.0, channels: int = 8, *, seed: int = 0
+    spread: float = 50.0, channels: int = 8, *, activation: str = "", seed: int = 0
 ) -> onnx.ModelProto:
     """Conv 1x1 -> two depthwise Convs (3x3 and 5x5) -> Add -> Conv 1x1 (MixConv-style).
 
     The pointwise Conv's output channels differ in range by `spread` and the depthwise
     Convs gain back what each channel lost. Its output has two readers, so no Conv -> Conv
-    pair exists for weight equalization. Input [N, 4, 16, 16]; output [N, 4, 16, 16].
+    pair exists for weight equalization. `activation` (an op type such as "Relu"): the
+    depthwise Convs read the pointwise Conv through it (tensor `a`) instead of directly.
+    Input [N, 4, 16, 16]; output [N, 4, 16, 16].
     """
     rng = np.random.default_rng(seed)
     gains = (spread ** (-np.arange(channels) / (channels - 1))).reshape(-1, 1, 1, 1)
+    read = "a" if activation else "h"
+    applied = f"a = {activation} (h)" if activation else ""
     text = f"""
         <ir_version: 8, opset_import: ["" : 17]>
         pw_two_dw (float[N,4,16,16] input) => (float[N,4,16,16] output) {{
             h = Conv <kernel_shape = [1,1]> (input, w1, b1)
-            d = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {channels}> (h, w2)
-            e = Conv <pads = [2,2,2,2], kernel_shape = [5,5], group = {channels}> (h, w4)
+            {applied}
+            d = Conv <pads = [1,1,1,1], kernel_shape = [3,3], group = {channels}> ({read}, w2)
+            e = Conv <pads = [2,2,2,2], kernel_shape = [5,5], group = {channels}> ({read}, w4)
             f = Add (d, e)
             output = Conv <kernel_shape = [1,1]> (f, w3)
         }}
@@ -133,7 +138,7 @@ def pointwise_two_depthwise(
         text,
         {
             "w1": random_weights(rng, channels, 4, 1, 1) * gains.astype(np.float32),
-            "b1": (0.1 * gains.ravel() + 1.0).astype(np.float32),
+            "b1": (0.5 * gains.ravel()).astype(np.float32),
             "w2": (random_weights(rng, channels, 1, 3, 3) / gains).astype(np.float32),
             "w3": random_weights(rng, 4, channels, 1, 1),
             "w4": (random_weights(rng, channels, 1, 5, 5) / gains).astype(np.float32),
