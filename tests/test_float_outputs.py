@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from qconvert import testing
+from qconvert.passes import matmul_bias
 from qconvert.runtime import make_session
 
 ROWS = 8
@@ -29,17 +31,22 @@ def _flat_classifier(op: str, reader: str) -> onnx.ModelProto:
     rng = np.random.default_rng(5)
     features = 4 * ROWS * ROWS
     if op == "Gemm":
-        last = h.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)
+        last = [h.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
         fc_w = rng.standard_normal((CLASSES, features)) * 0.3
     else:
-        last = h.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="fc")
+        last = [h.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="fc")]
         fc_w = rng.standard_normal((features, CLASSES)) * 0.3
+    if op == "MatMul+Add":  # a Dense layer as TensorFlow exporters write it: bias (1, N)
+        last = [
+            h.make_node("MatMul", ["flat", "fc_w"], ["product"], name="fc"),
+            h.make_node("Add", ["product", "fc_b"], ["logits"], name="fc_bias"),
+        ]
     extra = {"axis": 1} if reader == "Softmax" else {}
     nodes = [
         h.make_node("Conv", ["input", "conv_w", "conv_b"], ["x"], name="conv", pads=[1] * 4),
         h.make_node("Relu", ["x"], ["r"], name="relu"),
         h.make_node("Flatten", ["r"], ["flat"], name="flatten"),
-        last,
+        *last,
         h.make_node(reader, ["logits"], ["output"], name="reader", **extra),
     ]
     inits = {
@@ -48,8 +55,10 @@ def _flat_classifier(op: str, reader: str) -> onnx.ModelProto:
         "fc_w": fc_w,
         "fc_b": rng.standard_normal(CLASSES) * 0.1,
     }
-    if op != "Gemm":
+    if op == "MatMul":
         del inits["fc_b"]
+    elif op == "MatMul+Add":
+        inits["fc_b"] = inits["fc_b"].reshape(1, CLASSES)
     graph = h.make_graph(
         nodes,
         "flat_classifier",
@@ -133,6 +142,36 @@ def test_a_matmul_read_by_a_float_softmax_writes_float_on_an_integer_kernel(tmp_
     assert runs["MatMulIntegerToFloat"] == 1 and runs["MatMul"] == 0
     agree, _ = _logits_agreement(path, out, _samples(64, one_row=False, seed=1))
     assert agree >= 0.95
+
+
+def test_a_matmul_with_a_row_bias_writes_float_on_one_qgemm(tmp_path, monkeypatch):
+    # MatMul -> Add with a (1, N) bias, only a float Softmax after: the bias becomes the
+    # vector it stands for, stored int32, and onnxruntime runs the pair as one QGemm.
+    model = _flat_classifier("MatMul+Add", "Softmax")
+    calib = _samples(32, one_row=True, seed=0)
+    path, out, _, report = testing.quantize_fast(model, tmp_path, "row", calib)
+    assert report.conversion.quantized_ops.get("MatMul") == 1
+    assert report.conversion.quantized_ops.get("Add") == 1
+    biases = [t for t in onnx.load_model(str(out)).graph.initializer if t.name == "fc_b_q"]
+    assert [(b.data_type, list(b.dims)) for b in biases] == [(TensorProto.INT32, [CLASSES])]
+    runs = testing.optimized_ops(out, tmp_path)
+    assert runs["QGemm"] == 1 and not {"Gemm", "MatMul", "Add"} & set(runs)
+    whole = _samples(64, one_row=False, seed=1)
+    agree, sqnr = _logits_agreement(path, out, whole)
+
+    # Without the reshape the bias stays float, and onnxruntime's float MatMul+Add fusion
+    # (before its QDQ fusions) leaves a float Gemm on weights dequantized at every run.
+    monkeypatch.setattr(
+        matmul_bias.FlattenMatMulBiasPass,
+        "call",
+        lambda self, model: ir.passes.PassResult(model, modified=False),
+    )
+    _, row, _, _ = testing.quantize_fast(model, tmp_path, "row_kept", calib)
+    assert testing.optimized_ops(row, tmp_path)["Gemm"] == 1
+    row_agree, row_sqnr = _logits_agreement(path, row, whole)
+    # The int32 bias rounds at a step of input scale x weight scale: the same numbers.
+    assert agree >= 0.95 and agree >= row_agree
+    assert abs(sqnr - row_sqnr) < 0.5, (sqnr, row_sqnr)
 
 
 def test_a_gemm_read_by_a_quantized_op_keeps_its_output_quantized(tmp_path):

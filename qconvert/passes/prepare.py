@@ -49,6 +49,7 @@ from qconvert.passes.activations import (
     has_decomposed_hardswish,
 )
 from qconvert.passes.constants import LiftConstantsPass
+from qconvert.passes.matmul_bias import FlattenMatMulBiasPass
 from qconvert.passes.pad import FoldPadIntoReaderPass
 
 
@@ -620,6 +621,8 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int, *, in_place: bool = False
             FoldPadIntoReaderPass(),
             ShapeInferencePass(),
             RestoreSequenceTypesPass(),
+            # Needs the MatMul outputs' ranks, which shape inference gives.
+            FlattenMatMulBiasPass(),
         ]
     )
     return passes(model).model
