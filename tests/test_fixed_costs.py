@@ -3,7 +3,7 @@
 - `model.load_model` parses the file once and hands that protobuf to onnx_ir: the model it
   returns is the one onnx_ir's own loader reads, external data included.
 - `quantize --data` does not hash the model file (its statistics are never written);
-  `calibrate`'s file still carries the file's SHA-256.
+  `calibrate`'s file still carries the file's SHA-256, hashed on a thread beside the load.
 - Verification hands the checker the model's bytes, not a protobuf it would serialize
   again: a model the checker refuses is still refused, in the same words.
 """
@@ -104,6 +104,16 @@ def test_quantize_data_does_not_hash_the_model(tiny_cnn, tmp_path, monkeypatch):
     written = json.loads((tmp_path / "c.json").read_text())
     assert written["model"]["sha256"] == hashlib.sha256(tiny_cnn.read_bytes()).hexdigest()
     assert len(hashed) == 1
+
+
+def test_the_hash_started_ahead_is_the_files(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(256)) * 9000)  # a few 1 MB chunks, the last one short
+    assert model_io.fingerprint_ahead(path)() == hashlib.sha256(path.read_bytes()).hexdigest()
+    # A file that is not there: the error is raised where the digest is asked for.
+    waiting = model_io.fingerprint_ahead(tmp_path / "missing.onnx")
+    with pytest.raises(FileNotFoundError):
+        waiting()
 
 
 def test_quantize_data_and_calib_write_the_same_bytes(tiny_cnn, tmp_path):

@@ -99,3 +99,14 @@ def test_quantize_writes_the_same_bytes_as_from_the_parsed_file(tmp_path, monkey
 
     written = (tmp_path / "owned.onnx").read_bytes()
     assert written == (tmp_path / "parsed.onnx").read_bytes()
+
+
+def test_the_fields_a_tensor_holds_are_told_without_reading_its_bytes():
+    model = _mixed_tensors()
+    tensors = [*model.graph.initializer, model.graph.node[0].attribute[0].t]
+    external = onnx.TensorProto(name="e", data_type=onnx.TensorProto.FLOAT, dims=[2])
+    external.data_location = onnx.TensorProto.EXTERNAL
+    external.external_data.add(key="location", value="weights.bin")
+    for tensor in (*tensors, external, onnx.TensorProto()):
+        listed = {field.name for field, _ in tensor.ListFields()}
+        assert owned_tensors._present_fields(tensor) == listed

@@ -12,6 +12,20 @@ its peak by 55-70 MB (183 -> 240-255 MB and 197-205 -> 260-264 MB, over the boun
 twice a float pass's) and saved no time, where leaving out the Relus' inputs of an
 18-layer residual CNN saved 15 MB (362 -> 347) and 7-10% of the time.
 
+Why (onnxruntime 1.32; its profiler, and thread CPU time on the inverted-residual CNN,
+one thread): with the Clips' inputs read, each Conv's output goes to a plain Clip, which
+the blocked (NCHWc) layout lacks, so it is reordered out and the Clip's output back in,
+and the reductions read the reordered tensor while it is fresh (11.2 ms a run against
+7.6 for the float model). With them left out, Conv and Clip fuse and nothing is
+reordered in, but the reorders out that the reductions now need are nodes the layout
+pass adds last, with the highest indices, and onnxruntime's priority order runs the
+ready node of lowest index first: every one of them ran after the whole network, each
+activation held until then and read back cold (13.0-13.7 ms a run, and the peak above).
+The default order is no better (14.8 ms), and reading the Clips' outputs through
+GlobalMaxPool, which stays blocked, cost 10.2 ms for the maxima alone. So when a
+tensor's reorder runs matters more than which tensor is read, and the graph cannot set
+it.
+
 The plan reads such a tensor only where the clamp after it cannot be absorbed into the
 quantization of the clamp's output (`plan.activations._plan_output`): where the clamp is
 excluded, or a symmetric scheme's zero point cannot perform it. Both are known before

@@ -5,6 +5,7 @@ Also the peak magnitudes that fp16 conversion measures the same way (`float16_pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
@@ -99,6 +100,8 @@ def calibrate(
     outputs = [Path(p) for p in (output, trt_cache) if p is not None]
     for path in outputs:
         model_io.check_output_path(path, force=force)
+    # The file's hash is computed beside the load and the runs, not after them.
+    digest = model_io.fingerprint_ahead(model)
     # past the limit, weights stay on disk for sessions to map (`runtime.external_weights`)
     float_model = model_io.load_model(
         model, limits, keep_external_past=model_io.INLINE_WEIGHTS_LIMIT
@@ -134,6 +137,7 @@ def calibrate(
             data=data_spec,
             workers=workers,
             ray=ray,
+            fingerprint=digest,
         )
     if output is not None:
         model_io.write_atomically(Path(output), calibration.to_json().encode("utf-8"))
@@ -170,7 +174,7 @@ def collect_calibration(
     prepared: bool = False,
     skip: frozenset[str] = frozenset(),
     kept: KeptOutputs | None = None,
-    fingerprint: bool = True,
+    fingerprint: bool | Callable[[], str] = True,
 ) -> Calibration:
     """Statistics of `float_model` on `source`.
 
@@ -183,10 +187,12 @@ def collect_calibration(
     `kept` gets the model's outputs on the first samples (`KeptOutputs`).
     `fingerprint`: hash the model file into the statistics; off for statistics that are
     never written to a file (`quantize --data`'s own: the hash took 40 ms of CPU on a
-    45 MB model, 3% of a 64-sample float pass over it).
+    45 MB model, 3% of a 64-sample float pass over it). A hash already started
+    (`model_io.fingerprint_ahead`) is waited for; True starts one here, beside the work.
     `workers` and `ray` split the samples (`collect_split`); the workers open them again
     as `data` says. Without `data`, this process calibrates alone.
     """
+    digest = model_io.fingerprint_ahead(path) if fingerprint is True else fingerprint
     calibrated = float_model if prepared else calibration_model(float_model)
     candidates = tuple(n for n in tensors_to_calibrate(calibrated) if n not in skip)
     tensors = checked_body_tensors(calibrated, candidates, source.first())
@@ -210,7 +216,7 @@ def collect_calibration(
                 kept=kept,
             )
     return Calibration(
-        model_sha256=model_io.fingerprint(path) if fingerprint else "",
+        model_sha256=digest() if digest else "",
         model_file=Path(path).name,
         samples=len(source),
         observers=observers,
