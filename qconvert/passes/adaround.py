@@ -413,19 +413,25 @@ def _descend(gram, ideal, chosen, scale, low, high) -> np.ndarray:
     decisions are those of updating all of H e at every flip (up to the order its sums
     are taken in); the K x K x O multiply-adds of a sweep become K / `BLOCK` BLAS
     products instead of K rank-one updates.
+
+    The block's arrays and the product's are written into buffers made once per layer
+    (`_Blocks`): made anew for every block, each was mapped and zeroed by the kernel (a
+    960-wide layer's H e of 320 outputs is 2.4 MB, its block 245 KB, past glibc's fixed
+    mmap threshold, `memory`), with the same values and products.
     """
     chosen = chosen.copy()
     error = (chosen - ideal) * scale
     h_error = gram @ error  # [G, K, O]
     diagonal = np.diagonal(gram, axis1=1, axis2=2)  # [G, K]
     inputs = chosen.shape[1]
+    blocks = _Blocks(gram, h_error)
     for _ in range(SWEEPS):
         flipped = 0
         for start in range(0, inputs, BLOCK):
             stop = min(start + BLOCK, inputs)
-            local = h_error[:, start:stop].copy()  # [G, B, O]: H e of the block's weights
+            local = blocks.local(h_error[:, start:stop])  # [G, B, O]: H e of the block
             block_gram = gram[:, start:stop, start:stop]
-            moved = np.zeros_like(local)  # the error change of each flip, [G, B, O]
+            moved = blocks.moved(stop - start)  # the error change of each flip, [G, B, O]
             for j in range(stop - start):
                 i = start + j
                 # The other way of rounding weight i: floor if it went up, ceil if down.
@@ -444,10 +450,52 @@ def _descend(gram, ideal, chosen, scale, low, high) -> np.ndarray:
                 flipped += int(take.sum())
             rows = np.flatnonzero(moved.any(axis=(0, 2)))
             if rows.size:
-                h_error += gram[:, :, start + rows] @ moved[:, rows]
+                h_error += blocks.product(start + rows, moved, rows)
         if not flipped:
             break
     return chosen
+
+
+class _Blocks:
+    """The reused buffers of `_descend`'s blocks, for one H [G, K, K] and H e [G, K, O].
+
+    Each view handed out is C-contiguous and of the shape a fresh array would have, so
+    the products are computed as on fresh arrays.
+    """
+
+    def __init__(self, gram: np.ndarray, h_error: np.ndarray) -> None:
+        groups, inputs, outputs = h_error.shape
+        width = min(BLOCK, inputs)
+        self.shape = (groups, inputs, outputs)
+        self.local_buffer = np.empty(groups * width * outputs)
+        self.moved_buffer = np.empty(groups * width * outputs)
+        self.rows_buffer = np.empty(groups * width * outputs)
+        self.columns_buffer = np.empty(groups * inputs * width, dtype=gram.dtype)
+        self.product_buffer = np.empty(h_error.shape)
+        self.gram = gram
+
+    def local(self, h_block: np.ndarray) -> np.ndarray:
+        """A copy of H e of the block's weights, [G, B, O]."""
+        local = self.local_buffer[: h_block.size].reshape(h_block.shape)
+        np.copyto(local, h_block)
+        return local
+
+    def moved(self, width: int) -> np.ndarray:
+        """Zeros, [G, width, O]."""
+        groups, _, outputs = self.shape
+        moved = self.moved_buffer[: groups * width * outputs].reshape(groups, width, outputs)
+        moved.fill(0.0)
+        return moved
+
+    def product(self, columns: np.ndarray, moved: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """H[:, :, columns] @ moved[:, rows], [G, K, O] (valid until the next call)."""
+        groups, inputs, outputs = self.shape
+        count = rows.size
+        left = self.columns_buffer[: groups * inputs * count].reshape(groups, inputs, count)
+        np.take(self.gram, columns, axis=2, out=left)
+        right = self.rows_buffer[: groups * count * outputs].reshape(groups, count, outputs)
+        np.take(moved, rows, axis=1, out=right)
+        return np.matmul(left, right, out=self.product_buffer)
 
 
 def _energy(gram: np.ndarray, error: np.ndarray) -> float:
