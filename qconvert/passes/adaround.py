@@ -30,6 +30,7 @@ per-channel, of at most `MAX_INPUTS` inputs per output.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -160,6 +161,9 @@ class GramAccumulator:
         self.per_sample = max(1, -(-MAX_ROWS // max(samples, 1)))
         self.grams: dict[str, np.ndarray] = {}
         self.pending: dict[str, list[np.ndarray]] = {}
+        self.scratch = np.empty(0)
+        """Where a product to add to an H already begun is written: made anew for each,
+        an H of a 960-wide layer (7.4 MB) was mapped and zeroed by the kernel per flush."""
 
     def update(self, run: Mapping[str, np.ndarray]) -> None:
         """Adds one sample's float inputs."""
@@ -187,16 +191,22 @@ class GramAccumulator:
         """H of each node seen."""
         for name in list(self.pending):
             self._flush(name)
+        self.scratch = np.empty(0)
         return self.grams
 
     def _flush(self, name: str) -> None:
         rows = np.concatenate(self.pending.pop(name), axis=1)
-        gram = np.matmul(rows.transpose(0, 2, 1), rows)
-        if name in self.grams:
-            # In place: `H + gram` held a third H (19 MB of a 1,568-wide Gemm) per product.
-            np.add(self.grams[name], gram, out=self.grams[name])
-        else:
-            self.grams[name] = gram
+        if name not in self.grams:
+            self.grams[name] = np.matmul(rows.transpose(0, 2, 1), rows)
+            return
+        groups, _, inputs = rows.shape
+        size = groups * inputs * inputs
+        if self.scratch.size < size:
+            self.scratch = np.empty(size)
+        gram = self.scratch[:size].reshape(groups, inputs, inputs)
+        np.matmul(rows.transpose(0, 2, 1), rows, out=gram)
+        # In place: `H + gram` held a third H (19 MB of a 1,568-wide Gemm) per product.
+        np.add(self.grams[name], gram, out=self.grams[name])
 
 
 def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
@@ -232,9 +242,43 @@ def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
         x = spread
         strides = (1, 1)
         pads = (before[0], before[1], before[0], before[1])
-    # Padded coordinates are read from x shifted by the leading pads, zero outside it:
-    # only the chosen patches are gathered, never a padded copy of the whole input.
     height, width = x.shape[2:]
+    index = _patch_index(
+        tuple(kernel), tuple(dilations), tuple(strides), tuple(pads), height, width, wanted
+    )
+    if index is None:
+        return None
+    flat, inside = index
+    chosen = flat.shape[0]
+    # One gather by flat position, zeros written in place, and one copy that both
+    # reorders and widens to float64: the same values as gathering in 2-D, masking,
+    # casting and reordering, in two passes over the patches instead of four (the
+    # recipe's weight rounding gathers patches of every layer for every sample).
+    batch, channels = x.shape[:2]
+    gathered = np.take(x.reshape(batch, channels, height * width), flat, axis=2)
+    if not inside.all():
+        np.copyto(gathered, 0, where=~inside)  # [N, C, P, taps]
+    if node.op_type == "ConvTranspose":
+        gathered = gathered[..., ::-1]  # the flipped kernel: tap t reads weight tap -1 - t
+    per_group = channels // group
+    taps = flat.shape[1]
+    patches = np.empty((group, batch, chosen, per_group, taps), np.float64)
+    patches[...] = gathered.reshape(batch, group, per_group, chosen, taps).transpose(
+        1, 0, 3, 2, 4
+    )  # [G, N, P, C/G, taps]
+    return patches.reshape(group, batch * chosen, -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _patch_index(kernel, dilations, strides, pads, height, width, wanted):
+    """Where `_patches` gathers: (flat input position, inside the unpadded input), [P, taps].
+
+    None where the layer has no output position.
+    Padded coordinates are read from the input shifted by the leading pads, zero outside
+    it: only the chosen patches are gathered, never a padded copy of the whole input. Kept
+    by shape (read-only): weight rounding gathers every layer's patches for every sample,
+    and working the same positions out again took a third of the gathering.
+    """
     reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     out = [
         (size + pads[i] + pads[i + 2] - reach[i]) // strides[i] + 1
@@ -249,24 +293,10 @@ def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
     rows_y = oy[:, None] * strides[0] + ky.reshape(1, -1) * dilations[0] - pads[0]  # [P, taps]
     rows_x = ox[:, None] * strides[1] + kx.reshape(1, -1) * dilations[1] - pads[1]
     inside = (rows_y >= 0) & (rows_y < height) & (rows_x >= 0) & (rows_x < width)
-    # One gather by flat position, zeros written in place, and one copy that both
-    # reorders and widens to float64: the same values as gathering in 2-D, masking,
-    # casting and reordering, in two passes over the patches instead of four (the
-    # recipe's weight rounding gathers patches of every layer for every sample).
     flat = np.clip(rows_y, 0, height - 1) * width + np.clip(rows_x, 0, width - 1)
-    batch, channels = x.shape[:2]
-    gathered = np.take(x.reshape(batch, channels, height * width), flat, axis=2)
-    if not inside.all():
-        np.copyto(gathered, 0, where=~inside)  # [N, C, P, taps]
-    if node.op_type == "ConvTranspose":
-        gathered = gathered[..., ::-1]  # the flipped kernel: tap t reads weight tap -1 - t
-    per_group = channels // group
-    taps = flat.shape[1]
-    patches = np.empty((group, batch, len(chosen), per_group, taps), np.float64)
-    patches[...] = gathered.reshape(batch, group, per_group, len(chosen), taps).transpose(
-        1, 0, 3, 2, 4
-    )  # [G, N, P, C/G, taps]
-    return patches.reshape(group, batch * len(chosen), -1)
+    flat.flags.writeable = False
+    inside.flags.writeable = False
+    return flat, inside
 
 
 def _ints(node: ir.Node, name: str, size: int, default: int) -> tuple[int, ...]:
