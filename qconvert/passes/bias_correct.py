@@ -141,10 +141,14 @@ def correct_biases(
         if mean is None:
             continue
         current = constant_array(node.inputs[1])
-        weight = np.asarray(originals.get(node.name or "", current), dtype=np.float64)
         params = plan.tensors[node.inputs[1].name].qparams
         rounded = qparams.dequantize(qparams.quantize(current, params), params)
-        error = rounded.astype(np.float64) - weight
+        # In place, the float weights widened value by value as they are subtracted: the
+        # same float64 differences as subtracting a widened copy, without the copy (the
+        # recipe corrects every bias again for each raise it scores).
+        error = rounded.astype(np.float64)
+        del rounded
+        np.subtract(error, originals.get(node.name or "", current), out=error)
         shift = _output_shift(node, error, mean)
         if shift is None:
             continue
@@ -165,7 +169,11 @@ def _output_shift(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndar
     out_channels, per_group = error.shape[0], error.shape[1]
     if per_group * group != mean.size:
         return None
-    taps = error.reshape(out_channels, per_group, -1).sum(axis=2)  # [O, I/g]
-    group_of = np.arange(out_channels) // (out_channels // group)
-    group_means = mean.reshape(group, per_group)[group_of]  # [O, I/g]
-    return (taps * group_means).sum(axis=1)
+    taps = error.reshape(out_channels, per_group, -1).sum(axis=2)  # [O, I/g], a new array
+    if group == 1:  # every output reads every channel: the means broadcast, no [O, I] copy
+        group_means = mean.reshape(1, per_group)
+    else:
+        group_of = np.arange(out_channels) // (out_channels // group)
+        group_means = mean.reshape(group, per_group)[group_of]  # [O, I/g]
+    np.multiply(taps, group_means, out=taps)
+    return taps.sum(axis=1)
