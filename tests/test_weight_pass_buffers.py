@@ -157,3 +157,75 @@ def test_auto_folds_each_tensors_histogram_once_and_chooses_as_each_method_alone
         choice = choose_range(observer, method)
         assert choice.range == expected[choice.method]
     assert len(folds) == len(observers)
+
+
+def _corrected_conv(out_channels, in_channels, group, kernel, seed):
+    """A Conv node of int8 per-channel weights, its plan entry and its input means."""
+    from types import SimpleNamespace
+
+    from qconvert import qparams
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((out_channels, in_channels // group, kernel, kernel))
+    b = rng.standard_normal(out_channels)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=group)],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(w.astype(np.float32), "w"),
+            numpy_helper.from_array(b.astype(np.float32), "b"),
+        ],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    node = next(iter(model.graph))
+    params = qparams.weight_qparams(w.astype(np.float32), np.int8, axis=0)
+    plan = SimpleNamespace(tensors={"w": SimpleNamespace(qparams=params)})
+    return node, plan, {"x": rng.standard_normal(in_channels) + 2.0}, w, b
+
+
+@pytest.mark.parametrize(
+    ("out_channels", "in_channels", "group", "kernel"),
+    [(64, 48, 1, 1), (32, 32, 32, 3), (16, 8, 2, 3)],
+)
+def test_bias_correction_subtracts_the_rounding_error_times_the_input_means(
+    out_channels, in_channels, group, kernel
+):
+    from qconvert import qparams
+    from qconvert.passes.bias_correct import correct_biases
+
+    node, plan, means, w, b = _corrected_conv(out_channels, in_channels, group, kernel, 1)
+    params = plan.tensors["w"].qparams
+    w32 = w.astype(np.float32)
+    error = qparams.dequantize(qparams.quantize(w32, params), params).astype(
+        np.float64
+    ) - w32.astype(np.float64)
+    per_group = in_channels // group
+    expected = b.astype(np.float32).astype(np.float64).copy()
+    for o in range(out_channels):
+        g = o // (out_channels // group)
+        channel_means = means["x"][g * per_group : (g + 1) * per_group]
+        expected[o] -= float(np.sum(error[o] * channel_means[:, None, None]))
+    correct_biases(plan, [node], means)
+    got = node.inputs[2].const_value.numpy()
+    np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, b.astype(np.float32))
+
+
+def test_bias_correction_holds_no_float64_copy_of_the_weight_beside_its_error():
+    from qconvert.passes.bias_correct import correct_biases
+
+    node, plan, means, w, _ = _corrected_conv(640, 480, 1, 1, 2)
+    weight_f64 = w.size * 8  # 2.5 MB
+    tracemalloc.start()
+    try:
+        correct_biases(plan, [node], means)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The error and its per-tap sums (float64), the rounding's float32 copies: about 2.6
+    # weights in float64; widening the weight and indexing the means out took 4.5.
+    assert peak < 3 * weight_f64
