@@ -108,9 +108,13 @@ def test_descent_blocks_share_buffers_made_once_per_layer(monkeypatch):
     assert len(products) > 5 and len(set(products)) == 1  # one product buffer, reused
 
 
-def test_patch_positions_are_worked_out_once_per_shape():
+def test_patch_positions_are_worked_out_once_per_shape(monkeypatch):
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 1])],
+        [
+            helper.make_node(
+                "Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1], strides=[2, 1]
+            )
+        ],
         "conv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 17, 19])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
@@ -120,16 +124,21 @@ def test_patch_positions_are_worked_out_once_per_shape():
     node = next(iter(ir.serde.deserialize_model(model).graph))
     rng = np.random.default_rng(0)
     samples = [rng.standard_normal((1, 3, 17, 19)).astype(np.float32) for _ in range(3)]
-    cold = []
+    worked_out = []
+    real = adaround._patch_index
+    monkeypatch.setattr(
+        adaround, "_patch_index", lambda *key: worked_out.append(key) or real(*key)
+    )
+    grams = adaround.GramAccumulator([node], samples=len(samples))
     for x in samples:
-        adaround._patch_index.cache_clear()
-        cold.append(adaround._patches(node, x, 40))
-    adaround._patch_index.cache_clear()
-    warm = [adaround._patches(node, x, 40) for x in samples]
-    info = adaround._patch_index.cache_info()
-    assert (info.misses, info.hits) == (1, 2)
-    for a, b in zip(cold, warm, strict=True):
-        assert a.tobytes() == b.tobytes()
+        grams.update({"x": x})
+    assert len(worked_out) == 1
+    fresh = sum(
+        np.matmul(p.transpose(0, 2, 1), p)
+        for p in (adaround._patches(node, x, grams.per_sample) for x in samples)
+    )
+    assert len(worked_out) == 4  # without the accumulator's keeping: once a sample
+    np.testing.assert_allclose(grams.result()["conv"], fresh, rtol=1e-12)
 
 
 def _observer(values: np.ndarray) -> TensorObserver:

@@ -30,7 +30,6 @@ per-channel, of at most `MAX_INPUTS` inputs per output.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -161,6 +160,8 @@ class GramAccumulator:
         self.per_sample = max(1, -(-MAX_ROWS // max(samples, 1)))
         self.grams: dict[str, np.ndarray] = {}
         self.pending: dict[str, list[np.ndarray]] = {}
+        self.positions: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {}
+        """`_patch_index` by its arguments: the same positions for every sample."""
         self.scratch = np.empty(0)
         """Where a product to add to an H already begun is written: made anew for each,
         an H of a 960-wide layer (7.4 MB) was mapped and zeroed by the kernel per flush."""
@@ -172,7 +173,7 @@ class GramAccumulator:
             if values is None:
                 continue
             if node.op_type in CONV_OPS:
-                rows = _patches(node, np.asarray(values), self.per_sample)
+                rows = _patches(node, np.asarray(values), self.per_sample, self.positions)
             else:
                 values = np.asarray(values, dtype=np.float64)
                 rows = values.reshape(1, -1, values.shape[-1])
@@ -209,10 +210,13 @@ class GramAccumulator:
         np.add(self.grams[name], gram, out=self.grams[name])
 
 
-def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
+def _patches(
+    node: ir.Node, x: np.ndarray, wanted: int, positions: dict | None = None
+) -> np.ndarray | None:
     """[groups, rows, K] input patches of a Conv/ConvTranspose: `wanted` positions a sample.
 
-    K is ordered as the weight's input channels, then its taps.
+    K is ordered as the weight's input channels, then its taps. `positions` keeps the
+    gather positions worked out (`_patch_index`) for the next sample of the same shape.
     """
     weight = constant_array(node.inputs[1])
     spatial = weight.ndim - 2
@@ -243,9 +247,13 @@ def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
         strides = (1, 1)
         pads = (before[0], before[1], before[0], before[1])
     height, width = x.shape[2:]
-    index = _patch_index(
-        tuple(kernel), tuple(dilations), tuple(strides), tuple(pads), height, width, wanted
-    )
+    key = (tuple(kernel), tuple(dilations), tuple(strides), tuple(pads), height, width, wanted)
+    if positions is None:
+        index = _patch_index(*key)
+    else:
+        if key not in positions:
+            positions[key] = _patch_index(*key)
+        index = positions[key]
     if index is None:
         return None
     flat, inside = index
@@ -269,15 +277,15 @@ def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
     return patches.reshape(group, batch * chosen, -1)
 
 
-@functools.lru_cache(maxsize=256)
 def _patch_index(kernel, dilations, strides, pads, height, width, wanted):
     """Where `_patches` gathers: (flat input position, inside the unpadded input), [P, taps].
 
     None where the layer has no output position.
     Padded coordinates are read from the input shifted by the leading pads, zero outside
-    it: only the chosen patches are gathered, never a padded copy of the whole input. Kept
-    by shape (read-only): weight rounding gathers every layer's patches for every sample,
-    and working the same positions out again took a third of the gathering.
+    it: only the chosen patches are gathered, never a padded copy of the whole input.
+    `GramAccumulator` keeps them by shape (read-only) while it runs: it gathers every
+    layer's patches for every sample, and working the same positions out again took a
+    third of the gathering.
     """
     reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     out = [
