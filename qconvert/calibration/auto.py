@@ -47,12 +47,15 @@ def choose_range(observer: TensorObserver, method) -> RangeChoice:
 
     `method` is the `RangeMethod` asked for (its percentile and bits are used).
     """
-    from qconvert.calibration.ranges import tensor_range
+    from qconvert.calibration.ranges import abs_histogram, tensor_range
 
     observed = observer.finalize()
     if observer.count == 0 or observer.bins.sum() == 0 or observed.min == observed.max:
         return RangeChoice(method="minmax", range=observed, errors={"minmax": 0.0})
-    ranges = {name: tensor_range(observer, replace(method, name=name)) for name in CANDIDATES}
+    counts = abs_histogram(observer)  # the same for every candidate: folded once
+    ranges = {
+        name: tensor_range(observer, replace(method, name=name), counts) for name in CANDIDATES
+    }
     errors = {name: expected_error(observer, r, method.bits) for name, r in ranges.items()}
     best = min(CANDIDATES, key=lambda name: errors[name])
     if errors[best] > errors["minmax"] * (1.0 - MIN_GAIN):

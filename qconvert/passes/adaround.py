@@ -160,6 +160,11 @@ class GramAccumulator:
         self.per_sample = max(1, -(-MAX_ROWS // max(samples, 1)))
         self.grams: dict[str, np.ndarray] = {}
         self.pending: dict[str, list[np.ndarray]] = {}
+        self.positions: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {}
+        """`_patch_index` by its arguments: the same positions for every sample."""
+        self.scratch = np.empty(0)
+        """Where a product to add to an H already begun is written: made anew for each,
+        an H of a 960-wide layer (7.4 MB) was mapped and zeroed by the kernel per flush."""
 
     def update(self, run: Mapping[str, np.ndarray]) -> None:
         """Adds one sample's float inputs."""
@@ -168,7 +173,7 @@ class GramAccumulator:
             if values is None:
                 continue
             if node.op_type in CONV_OPS:
-                rows = _patches(node, np.asarray(values), self.per_sample)
+                rows = _patches(node, np.asarray(values), self.per_sample, self.positions)
             else:
                 values = np.asarray(values, dtype=np.float64)
                 rows = values.reshape(1, -1, values.shape[-1])
@@ -187,22 +192,31 @@ class GramAccumulator:
         """H of each node seen."""
         for name in list(self.pending):
             self._flush(name)
+        self.scratch = np.empty(0)
         return self.grams
 
     def _flush(self, name: str) -> None:
         rows = np.concatenate(self.pending.pop(name), axis=1)
-        gram = np.matmul(rows.transpose(0, 2, 1), rows)
-        if name in self.grams:
-            # In place: `H + gram` held a third H (19 MB of a 1,568-wide Gemm) per product.
-            np.add(self.grams[name], gram, out=self.grams[name])
-        else:
-            self.grams[name] = gram
+        if name not in self.grams:
+            self.grams[name] = np.matmul(rows.transpose(0, 2, 1), rows)
+            return
+        groups, _, inputs = rows.shape
+        size = groups * inputs * inputs
+        if self.scratch.size < size:
+            self.scratch = np.empty(size)
+        gram = self.scratch[:size].reshape(groups, inputs, inputs)
+        np.matmul(rows.transpose(0, 2, 1), rows, out=gram)
+        # In place: `H + gram` held a third H (19 MB of a 1,568-wide Gemm) per product.
+        np.add(self.grams[name], gram, out=self.grams[name])
 
 
-def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
+def _patches(
+    node: ir.Node, x: np.ndarray, wanted: int, positions: dict | None = None
+) -> np.ndarray | None:
     """[groups, rows, K] input patches of a Conv/ConvTranspose: `wanted` positions a sample.
 
-    K is ordered as the weight's input channels, then its taps.
+    K is ordered as the weight's input channels, then its taps. `positions` keeps the
+    gather positions worked out (`_patch_index`) for the next sample of the same shape.
     """
     weight = constant_array(node.inputs[1])
     spatial = weight.ndim - 2
@@ -232,9 +246,47 @@ def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
         x = spread
         strides = (1, 1)
         pads = (before[0], before[1], before[0], before[1])
-    # Padded coordinates are read from x shifted by the leading pads, zero outside it:
-    # only the chosen patches are gathered, never a padded copy of the whole input.
     height, width = x.shape[2:]
+    key = (tuple(kernel), tuple(dilations), tuple(strides), tuple(pads), height, width, wanted)
+    if positions is None:
+        index = _patch_index(*key)
+    else:
+        if key not in positions:
+            positions[key] = _patch_index(*key)
+        index = positions[key]
+    if index is None:
+        return None
+    flat, inside = index
+    chosen = flat.shape[0]
+    # One gather by flat position, zeros written in place, and one copy that both
+    # reorders and widens to float64: the same values as gathering in 2-D, masking,
+    # casting and reordering, in two passes over the patches instead of four (the
+    # recipe's weight rounding gathers patches of every layer for every sample).
+    batch, channels = x.shape[:2]
+    gathered = np.take(x.reshape(batch, channels, height * width), flat, axis=2)
+    if not inside.all():
+        np.copyto(gathered, 0, where=~inside)  # [N, C, P, taps]
+    if node.op_type == "ConvTranspose":
+        gathered = gathered[..., ::-1]  # the flipped kernel: tap t reads weight tap -1 - t
+    per_group = channels // group
+    taps = flat.shape[1]
+    patches = np.empty((group, batch, chosen, per_group, taps), np.float64)
+    patches[...] = gathered.reshape(batch, group, per_group, chosen, taps).transpose(
+        1, 0, 3, 2, 4
+    )  # [G, N, P, C/G, taps]
+    return patches.reshape(group, batch * chosen, -1)
+
+
+def _patch_index(kernel, dilations, strides, pads, height, width, wanted):
+    """Where `_patches` gathers: (flat input position, inside the unpadded input), [P, taps].
+
+    None where the layer has no output position.
+    Padded coordinates are read from the input shifted by the leading pads, zero outside
+    it: only the chosen patches are gathered, never a padded copy of the whole input.
+    `GramAccumulator` keeps them by shape (read-only) while it runs: it gathers every
+    layer's patches for every sample, and working the same positions out again took a
+    third of the gathering.
+    """
     reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     out = [
         (size + pads[i] + pads[i + 2] - reach[i]) // strides[i] + 1
@@ -249,24 +301,10 @@ def _patches(node: ir.Node, x: np.ndarray, wanted: int) -> np.ndarray | None:
     rows_y = oy[:, None] * strides[0] + ky.reshape(1, -1) * dilations[0] - pads[0]  # [P, taps]
     rows_x = ox[:, None] * strides[1] + kx.reshape(1, -1) * dilations[1] - pads[1]
     inside = (rows_y >= 0) & (rows_y < height) & (rows_x >= 0) & (rows_x < width)
-    # One gather by flat position, zeros written in place, and one copy that both
-    # reorders and widens to float64: the same values as gathering in 2-D, masking,
-    # casting and reordering, in two passes over the patches instead of four (the
-    # recipe's weight rounding gathers patches of every layer for every sample).
     flat = np.clip(rows_y, 0, height - 1) * width + np.clip(rows_x, 0, width - 1)
-    batch, channels = x.shape[:2]
-    gathered = np.take(x.reshape(batch, channels, height * width), flat, axis=2)
-    if not inside.all():
-        np.copyto(gathered, 0, where=~inside)  # [N, C, P, taps]
-    if node.op_type == "ConvTranspose":
-        gathered = gathered[..., ::-1]  # the flipped kernel: tap t reads weight tap -1 - t
-    per_group = channels // group
-    taps = flat.shape[1]
-    patches = np.empty((group, batch, len(chosen), per_group, taps), np.float64)
-    patches[...] = gathered.reshape(batch, group, per_group, len(chosen), taps).transpose(
-        1, 0, 3, 2, 4
-    )  # [G, N, P, C/G, taps]
-    return patches.reshape(group, batch * len(chosen), -1)
+    flat.flags.writeable = False
+    inside.flags.writeable = False
+    return flat, inside
 
 
 def _ints(node: ir.Node, name: str, size: int, default: int) -> tuple[int, ...]:
@@ -413,19 +451,25 @@ def _descend(gram, ideal, chosen, scale, low, high) -> np.ndarray:
     decisions are those of updating all of H e at every flip (up to the order its sums
     are taken in); the K x K x O multiply-adds of a sweep become K / `BLOCK` BLAS
     products instead of K rank-one updates.
+
+    The block's arrays and the product's are written into buffers made once per layer
+    (`_Blocks`): made anew for every block, each was mapped and zeroed by the kernel (a
+    960-wide layer's H e of 320 outputs is 2.4 MB, its block 245 KB, past glibc's fixed
+    mmap threshold, `memory`), with the same values and products.
     """
     chosen = chosen.copy()
     error = (chosen - ideal) * scale
     h_error = gram @ error  # [G, K, O]
     diagonal = np.diagonal(gram, axis1=1, axis2=2)  # [G, K]
     inputs = chosen.shape[1]
+    blocks = _Blocks(gram, h_error)
     for _ in range(SWEEPS):
         flipped = 0
         for start in range(0, inputs, BLOCK):
             stop = min(start + BLOCK, inputs)
-            local = h_error[:, start:stop].copy()  # [G, B, O]: H e of the block's weights
+            local = blocks.local(h_error[:, start:stop])  # [G, B, O]: H e of the block
             block_gram = gram[:, start:stop, start:stop]
-            moved = np.zeros_like(local)  # the error change of each flip, [G, B, O]
+            moved = blocks.moved(stop - start)  # the error change of each flip, [G, B, O]
             for j in range(stop - start):
                 i = start + j
                 # The other way of rounding weight i: floor if it went up, ceil if down.
@@ -444,10 +488,52 @@ def _descend(gram, ideal, chosen, scale, low, high) -> np.ndarray:
                 flipped += int(take.sum())
             rows = np.flatnonzero(moved.any(axis=(0, 2)))
             if rows.size:
-                h_error += gram[:, :, start + rows] @ moved[:, rows]
+                h_error += blocks.product(start + rows, moved, rows)
         if not flipped:
             break
     return chosen
+
+
+class _Blocks:
+    """The reused buffers of `_descend`'s blocks, for one H [G, K, K] and H e [G, K, O].
+
+    Each view handed out is C-contiguous and of the shape a fresh array would have, so
+    the products are computed as on fresh arrays.
+    """
+
+    def __init__(self, gram: np.ndarray, h_error: np.ndarray) -> None:
+        groups, inputs, outputs = h_error.shape
+        width = min(BLOCK, inputs)
+        self.shape = (groups, inputs, outputs)
+        self.local_buffer = np.empty(groups * width * outputs)
+        self.moved_buffer = np.empty(groups * width * outputs)
+        self.rows_buffer = np.empty(groups * width * outputs)
+        self.columns_buffer = np.empty(groups * inputs * width, dtype=gram.dtype)
+        self.product_buffer = np.empty(h_error.shape)
+        self.gram = gram
+
+    def local(self, h_block: np.ndarray) -> np.ndarray:
+        """A copy of H e of the block's weights, [G, B, O]."""
+        local = self.local_buffer[: h_block.size].reshape(h_block.shape)
+        np.copyto(local, h_block)
+        return local
+
+    def moved(self, width: int) -> np.ndarray:
+        """Zeros, [G, width, O]."""
+        groups, _, outputs = self.shape
+        moved = self.moved_buffer[: groups * width * outputs].reshape(groups, width, outputs)
+        moved.fill(0.0)
+        return moved
+
+    def product(self, columns: np.ndarray, moved: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """H[:, :, columns] @ moved[:, rows], [G, K, O] (valid until the next call)."""
+        groups, inputs, outputs = self.shape
+        count = rows.size
+        left = self.columns_buffer[: groups * inputs * count].reshape(groups, inputs, count)
+        np.take(self.gram, columns, axis=2, out=left)
+        right = self.rows_buffer[: groups * count * outputs].reshape(groups, count, outputs)
+        np.take(moved, rows, axis=1, out=right)
+        return np.matmul(left, right, out=self.product_buffer)
 
 
 def _energy(gram: np.ndarray, error: np.ndarray) -> float:
