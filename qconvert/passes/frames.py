@@ -1,0 +1,174 @@
+"""A one-channel strided Conv1d becomes a MatMul over frames (an STFT front end).
+
+Audio models often start with a Conv over the raw signal: one input channel, a kernel of m
+hops, a stride of one hop (an STFT's basis, a learned filterbank). Run quantized, a Conv
+must write uint8 (QLinearConv has no float output), and a spectrum has one range per
+frequency: one per-tensor grid over all of them is what costs a voice-activity detector
+most. Its STFT Conv's output alone on that grid cost its output 14.7 dB; float there took
+the model from 13.8 to 18.5 dB.
+
+With F output frames, stride S and kernel K = m * S, the rewrite (same numbers up to the
+order of a float sum):
+
+    blocks = Reshape(x[:, :, :(F + m - 1) * S], (-1, F + m - 1, S))
+    frames = Concat(blocks[:, 0:F], ..., blocks[:, m-1:m-1+F], axis=2)     (N, F, K)
+    y      = Transpose(MatMul(frames, W^T) [+ b], (0, 2, 1))                (N, C, F)
+
+A MatMul no quantized op reads writes float (`ActivationRules._writes_float`):
+onnxruntime runs it as MatMulIntegerToFloat, each output channel on its own weight scale
+and no output grid, and the frames move as uint8 (Slice, Reshape, Concat). Measured on
+that detector's STFT shape (64 x 704 samples, 258 channels, K 256, S 128; one thread):
+QLinearConv 168 us, frames + MatMulIntegerToFloat 142 us; in float, Conv 1,523 us and
+MatMul 370 us, so the float model gains too. ConvInteger (int32 output) took 1,632 us.
+
+Only where the frames are plain slices: 1-D, one input channel, one group, no dilation, no
+padding (a Pad before it stays: reflect padding is not a Conv's), K a multiple of S, and
+the signal's length known.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
+from qconvert.names import NameAllocator
+
+
+class ConvAsFramesPass(ir.passes.InPlacePass):
+    """Rewrites every qualifying Conv of the main graph (module docstring)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = NameAllocator(graph)
+        modified = False
+        for node in list(graph):
+            shape = frame_shape(node)
+            if shape is None:
+                continue
+            _rewrite(graph, names, node, *shape)
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def frame_shape(node: ir.Node) -> tuple[int | None, int, int] | None:
+    """(frames F, stride S, hops per kernel m) when `node` qualifies, else None.
+
+    F is None where the signal's length is known only when the model runs.
+    """
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    weight = constant_array(node.inputs[1])
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if weight is None or weight.ndim != 3 or weight.shape[1] != 1:
+        return None
+    if bias is not None and constant_array(bias) is None:
+        return None
+    attrs = node.attributes
+    kernel = weight.shape[2]
+    strides = attrs.get_ints("strides", [1])
+    if (
+        attrs.get_int("group", 1) != 1
+        or attrs.get_string("auto_pad", "NOTSET") != "NOTSET"
+        or any(d != 1 for d in attrs.get_ints("dilations", [1]))
+        or any(p != 0 for p in attrs.get_ints("pads", [0, 0]))
+        or len(strides) != 1
+        or kernel % strides[0] != 0
+    ):
+        return None
+    x = node.inputs[0]
+    dims = x.shape if x is not None else None
+    if dims is None or len(dims) != 3 or dims[1] != 1:
+        return None
+    stride = strides[0]
+    length = dims[2] if isinstance(dims[2], int) else None
+    if length is not None and length < kernel:
+        return None
+    frames = None if length is None else (length - kernel) // stride + 1
+    return frames, stride, kernel // stride
+
+
+def _rewrite(
+    graph: ir.Graph,
+    names: NameAllocator,
+    conv: ir.Node,
+    frames: int | None,
+    stride: int,
+    hops: int,
+) -> None:
+    x = conv.inputs[0]
+    weight = constant_array(conv.inputs[1])
+    channels = weight.shape[0]
+    base = conv.name or "conv"
+    batch = x.shape[0]
+
+    def const(label: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(graph, names.fresh(f"{base}_{label}"), array)
+
+    def add(
+        op: str,
+        inputs: list[ir.Value],
+        shape: list,
+        attributes: dict | None = None,
+        dtype: ir.DataType | None = None,
+    ) -> ir.Value:
+        node = ir.node(op, inputs, attributes or {}, name=names.fresh(f"{base}_{op.lower()}"))
+        out = node.outputs[0]
+        out.name = names.fresh(f"{base}_{op.lower()}_output")
+        out.shape = ir.Shape(shape)
+        out.type = x.type if dtype is None else ir.TensorType(dtype)
+        graph.insert_before(conv, node)
+        return out
+
+    # With L samples the frames span L // S whole hops (F + m - 1 = (L - K) // S + m);
+    # the samples past the last whole hop no frame reads.
+    blocks = None if frames is None else frames + hops - 1
+    axis = const("axis", np.array([2], np.int64))
+    signal = x
+    if frames is None:
+        dims = add("Shape", [x], [3], dtype=ir.DataType.INT64)
+        index = const("length_index", np.array([2], np.int64))
+        length = add("Gather", [dims, index], [1], dtype=ir.DataType.INT64)
+        hop = const("hop", np.array([stride], np.int64))
+        hops_in = add("Div", [length, hop], [1], dtype=ir.DataType.INT64)
+        end = add("Mul", [hops_in, hop], [1], dtype=ir.DataType.INT64)
+        start = const("start", np.array([0], np.int64))
+        signal = add("Slice", [x, start, end, axis], [batch, 1, None])
+    elif blocks * stride != x.shape[2]:
+        start = const("start", np.array([0], np.int64))
+        end = const("end", np.array([blocks * stride], np.int64))
+        signal = add("Slice", [x, start, end, axis], [batch, 1, blocks * stride])
+    shape = const("blocks_shape", np.array([0, -1, stride], np.int64))
+    chunks = add("Reshape", [signal, shape], [batch, blocks, stride])
+    pieces = [chunks]
+    if hops > 1:
+        one = const("frames_axis", np.array([1], np.int64))
+        last = np.iinfo(np.int64).max
+        pieces = [
+            add(
+                "Slice",
+                [
+                    chunks,
+                    const("hop_start", np.array([hop], np.int64)),
+                    const("hop_end", np.array([hop - hops + 1 if hop < hops - 1 else last])),
+                    one,
+                ],
+                [batch, frames, stride],
+            )
+            for hop in range(hops)
+        ]
+    kernel = hops * stride
+    framed = (
+        pieces[0] if hops == 1 else add("Concat", pieces, [batch, frames, kernel], {"axis": 2})
+    )
+    matrix = const("weight", np.ascontiguousarray(weight.reshape(channels, kernel).T))
+    y = add("MatMul", [framed, matrix], [batch, frames, channels])
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+        bias = constant_array(conv.inputs[2]).astype(weight.dtype)
+        y = add("Add", [y, const("bias", bias)], [batch, frames, channels])
+    out = add("Transpose", [y], [batch, channels, frames], {"perm": [0, 2, 1]})
+    replaced = [v for v in conv.inputs[1:] if v is not None]
+    replace_keeping_name(graph, conv, out)
+    for value in replaced:  # the Conv's own weights, now read by no one
+        if not value.uses() and value.name in graph.initializers:
+            del graph.initializers[value.name]
