@@ -8,6 +8,7 @@ magnitude (`ActivationRules._writes_float`, looking through the Transpose and Sl
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -23,6 +24,12 @@ def _run(model, samples):
 
 def _prepared(model):
     return ir.to_proto(prepare(ir.from_proto(model), min_opset=13))
+
+
+def _quantized_in_runtime(path, folder) -> set[str]:
+    """The float tensors onnxruntime quantizes, after its fusions."""
+    optimized = testing.optimized_model(path, folder)
+    return {n.input[0] for n in optimized.graph.node if n.op_type == "QuantizeLinear"}
 
 
 def _one_channel_convs(model) -> int:
@@ -71,6 +78,10 @@ def test_the_quantized_spectrum_is_written_in_float_on_an_integer_kernel(tmp_pat
     runs = testing.optimized_ops(out, tmp_path)
     assert runs["MatMulIntegerToFloat"] == 1
     assert runs["MatMul"] == 0 and runs["QLinearMatMul"] == 0 and runs["Conv"] == 0
+    # The signal is quantized before it is cut into frames (`plan/moves.py`): the frames
+    # are copied as uint8, the Concat copies integers on one grid.
+    assert "signal" in _quantized_in_runtime(out, tmp_path)
+    assert runs["QLinearConcat"] == 1 and runs["Concat"] == 0
     # The same plan with the spectrum forced onto one uint8 grid (an override): its quiet
     # high bins get a handful of levels.
     _, forced, _, _ = testing.quantize_fast(
@@ -84,3 +95,24 @@ def test_the_quantized_spectrum_is_written_in_float_on_an_integer_kernel(tmp_pat
     sqnr = testing.output_sqnr(path, out, held_out)
     forced_sqnr = testing.output_sqnr(path, forced, held_out)
     assert sqnr > forced_sqnr + 2.5, (sqnr, forced_sqnr)
+
+
+def test_the_signal_is_quantized_after_the_last_copy_a_float_op_reads(tmp_path):
+    # A float op reads the blocks too: they stay float for it (exactly), and the
+    # QuantizeLinear moves up to them, not to the signal.
+    model = testing.stft_front_end(length=152)
+    prepared = _prepared(model)
+    blocks = next(n.output[0] for n in prepared.graph.node if n.op_type == "Reshape")
+    prepared.graph.node.append(onnx.helper.make_node("Neg", [blocks], ["blocks_neg"]))
+    prepared.graph.output.append(
+        onnx.helper.make_tensor_value_info("blocks_neg", onnx.TensorProto.FLOAT, ["N", 9, 16])
+    )
+    path, out, _, _ = testing.quantize_fast(prepared, tmp_path, "read", testing.tones(8))
+    quantized = _quantized_in_runtime(out, tmp_path)
+    assert blocks in quantized and "signal" not in quantized
+    assert testing.optimized_ops(out, tmp_path)["QLinearConcat"] == 1
+    samples = testing.tones(2, seed=5)
+    reference, candidate = (make_session(str(p)) for p in (path, out))
+    for sample in samples:
+        want = reference.run(["blocks_neg"], sample)[0]
+        np.testing.assert_array_equal(candidate.run(["blocks_neg"], sample)[0], want)
