@@ -89,7 +89,7 @@ def test_the_quantized_spectrum_is_written_in_float_on_an_integer_kernel(tmp_pat
         tmp_path,
         "forced",
         calib,
-        overrides='[tensors]\n"stft_matmul_output" = "uint8"\n',
+        overrides='[tensors]\n"stft_matmul" = "uint8"\n',
     )
     assert testing.optimized_ops(forced, tmp_path)["QLinearMatMul"] == 1
     sqnr = testing.output_sqnr(path, out, held_out)

@@ -102,8 +102,17 @@ def _rewrite(
     base = conv.name or "conv"
     batch = x.shape[0]
 
+    # The file is the product: the index constants are shared by value, and each value
+    # takes its node's name (the QuantizeLinear pairs the plan puts around the moves
+    # repeat it six times). On silero_vad that is 0.04% of its float size, across the
+    # 27% line.
+    shared: dict[bytes, ir.Value] = {}
+
     def const(label: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(graph, names.fresh(f"{base}_{label}"), array)
+        key = array.dtype.str.encode() + repr(array.shape).encode() + array.tobytes()
+        if key not in shared:
+            shared[key] = add_initializer(graph, names.fresh(f"{base}_{label}"), array)
+        return shared[key]
 
     def add(
         op: str,
@@ -112,9 +121,10 @@ def _rewrite(
         attributes: dict | None = None,
         dtype: ir.DataType | None = None,
     ) -> ir.Value:
-        node = ir.node(op, inputs, attributes or {}, name=names.fresh(f"{base}_{op.lower()}"))
+        name = names.fresh(f"{base}_{op.lower()}")
+        node = ir.node(op, inputs, attributes or {}, name=name)
         out = node.outputs[0]
-        out.name = names.fresh(f"{base}_{op.lower()}_output")
+        out.name = name
         out.shape = ir.Shape(shape)
         out.type = x.type if dtype is None else ir.TensorType(dtype)
         graph.insert_before(conv, node)
