@@ -62,6 +62,19 @@ def test_prepare_computes_the_conv_as_a_matmul_over_frames(length, hop, kernel, 
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_length_constants_decide_is_cut_without_shape_ops():
+    # The reflect padding's amounts come from a Concat and a Cast of constants, which
+    # shape inference leaves unevaluated; preparation evaluates them, so no Shape op cuts
+    # the frames at run time.
+    model = testing.stft_front_end(length=152, reflect=16)
+    prepared = _prepared(model)
+    ops_run = [n.op_type for n in prepared.graph.node]
+    assert "MatMul" in ops_run and "Shape" not in ops_run
+    samples = testing.tones(2, length=152, seed=4)
+    for want, got in zip(_run(model, samples), _run(prepared, samples), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("what", "options"),
     [("padded", {"pads": 2}), ("kernel not whole hops", {"kernel": 24})],

@@ -29,7 +29,9 @@ the signal's length known.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
 
 from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
@@ -42,13 +44,77 @@ class ConvAsFramesPass(ir.passes.InPlacePass):
         graph = model.graph
         names = NameAllocator(graph)
         modified = False
+        lengths: dict[str, int] | None = None
         for node in list(graph):
             shape = frame_shape(node)
             if shape is None:
                 continue
-            _rewrite(graph, names, node, *shape)
+            frames, stride, hops = shape
+            if frames is None:
+                if lengths is None:
+                    lengths = constant_lengths(model)
+                length = lengths.get(node.inputs[0].name or "")
+                if length is not None and length >= stride * hops:
+                    frames = (length - stride * hops) // stride + 1
+            _rewrite(graph, names, node, frames, stride, hops)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
+
+
+def constant_lengths(model: ir.Model) -> dict[str, int]:
+    """The last dimension of every value whose shape constants alone decide.
+
+    Exporters compute a reflect Pad's amounts from ConstantOfShape, Concat and Slice ops on
+    constants, which shape inference does not evaluate: the padded length stays symbolic,
+    and the frames would need Shape -> Gather -> Div -> Mul -> Slice when the model runs
+    (11 us of one thread on silero_vad). Here those ops are evaluated (onnx's reference
+    evaluator) into initializers of a copy, and its shapes inferred again. Empty where
+    anything fails: the frames then cut at run time.
+    """
+    try:
+        proto = ir.to_proto(model)
+        known = {t.name for t in proto.graph.initializer}
+        folded, rest = [], []
+        for node in proto.graph.node:
+            holds_graphs = any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in node.attribute
+            )
+            if not holds_graphs and all(i == "" or i in known for i in node.input):
+                folded.append(node)
+                known.update(node.output)
+            else:
+                rest.append(node)
+        if not folded:
+            return {}
+        wanted = {i for node in rest for i in node.input}
+        outputs = [o for node in folded for o in node.output if o in wanted]
+        constants = onnx.helper.make_graph(
+            folded,
+            "constants",
+            [],
+            [onnx.helper.make_empty_tensor_value_info(o) for o in outputs],
+            list(proto.graph.initializer),
+        )
+        evaluated = ReferenceEvaluator(
+            onnx.helper.make_model(constants, opset_imports=proto.opset_import)
+        ).run(None, {})
+        del proto.graph.node[:]
+        proto.graph.node.extend(rest)
+        proto.graph.initializer.extend(
+            onnx.numpy_helper.from_array(np.asarray(a), o)
+            for o, a in zip(outputs, evaluated, strict=True)
+        )
+        del proto.graph.value_info[:]
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - any failure only means the length stays unknown
+        return {}
+    lengths = {}
+    for info in inferred.graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            lengths[info.name] = dims[-1].dim_value
+    return lengths
 
 
 def frame_shape(node: ir.Node) -> tuple[int | None, int, int] | None:

@@ -17,12 +17,15 @@ def stft_front_end(
     bins: int = 9,
     pads: int = 0,
     bias: bool = False,
+    reflect: int = 0,
 ) -> onnx.ModelProto:
     """Unsqueeze -> Conv (STFT basis) -> real, imaginary Slices -> magnitude -> Conv -> Relu.
 
     The STFT Conv has one input channel, `2 * bins` output channels (Hann-windowed cosines
     then sines), kernel `kernel` and stride `hop`, as a voice-activity detector's front end.
-    `length` None leaves the signal's length symbolic.
+    `length` None leaves the signal's length symbolic. `reflect` pads the signal by that
+    many samples each side first, with amounts computed by ops on constants (Concat, Cast)
+    as exporters write them, which shape inference does not evaluate.
     """
     rng = np.random.default_rng(11)
     t = np.arange(kernel)
@@ -46,8 +49,19 @@ def stft_front_end(
     if bias:
         inits["basis_b"] = rng.standard_normal(2 * bins) * 0.01
         stft_inputs.append("basis_b")
-    nodes = [
-        h.make_node("Unsqueeze", ["input", "axis1"], ["signal"], name="unsqueeze"),
+    nodes = [h.make_node("Unsqueeze", ["input", "axis1"], ["signal"], name="unsqueeze")]
+    if reflect:
+        inits["pad_before"] = np.array([0, reflect], np.int32)
+        inits["pad_after"] = np.array([0, reflect], np.int32)
+        nodes = [
+            h.make_node(
+                "Concat", ["pad_before", "pad_after"], ["pads32"], name="pads", axis=0
+            ),
+            h.make_node("Cast", ["pads32"], ["pads"], name="pads_cast", to=TensorProto.INT64),
+            h.make_node("Pad", ["input", "pads"], ["padded"], name="reflect", mode="reflect"),
+            h.make_node("Unsqueeze", ["padded", "axis1"], ["signal"], name="unsqueeze"),
+        ]
+    nodes += [
         h.make_node(
             "Conv", stft_inputs, ["spec"], name="stft", strides=[hop], pads=[pads, pads]
         ),
@@ -66,7 +80,7 @@ def stft_front_end(
         [h.make_tensor_value_info("input", TensorProto.FLOAT, ["N", length or "L"])],
         [h.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, "F"])],
         [
-            nh.from_array(np.asarray(v, np.int64 if v.dtype == np.int64 else np.float32), k)
+            nh.from_array(v if v.dtype.kind == "i" else np.asarray(v, np.float32), k)
             for k, v in inits.items()
         ],
     )
