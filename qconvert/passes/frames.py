@@ -4,8 +4,8 @@ Audio models often start with a Conv over the raw signal: one input channel, a k
 hops, a stride of one hop (an STFT's basis, a learned filterbank). Run quantized, a Conv
 must write uint8 (QLinearConv has no float output), and a spectrum has one range per
 frequency: one per-tensor grid over all of them is what costs a voice-activity detector
-most. Its STFT Conv's output alone on that grid cost its output 14.7 dB; float there took
-the model from 13.8 to 18.5 dB.
+most. Its STFT Conv's output alone on that grid cost its output 14.7 dB; written in float
+it takes the model from 13.8 to 18.1 dB.
 
 With F output frames, stride S and kernel K = m * S, the rewrite (same numbers up to the
 order of a float sum):
@@ -22,8 +22,9 @@ QLinearConv 168 us, frames + MatMulIntegerToFloat 142 us; in float, Conv 1,523 u
 MatMul 370 us, so the float model gains too. ConvInteger (int32 output) took 1,632 us.
 
 Only where the frames are plain slices: 1-D, one input channel, one group, no dilation, no
-padding (a Pad before it stays: reflect padding is not a Conv's), K a multiple of S, and
-the signal's length known.
+padding (a Pad before it stays: reflect padding is not a Conv's), K a multiple of S. A
+symbolic length is evaluated where constants decide it (`constant_lengths`); otherwise the
+frames are cut at run time.
 """
 
 from __future__ import annotations
@@ -205,9 +206,9 @@ def _rewrite(
         dims = add("Shape", [x], [3], dtype=ir.DataType.INT64)
         index = const("length_index", np.array([2], np.int64))
         length = add("Gather", [dims, index], [1], dtype=ir.DataType.INT64)
-        hop = const("hop", np.array([stride], np.int64))
-        hops_in = add("Div", [length, hop], [1], dtype=ir.DataType.INT64)
-        end = add("Mul", [hops_in, hop], [1], dtype=ir.DataType.INT64)
+        hop_size = const("hop", np.array([stride], np.int64))
+        whole = add("Div", [length, hop_size], [1], dtype=ir.DataType.INT64)
+        end = add("Mul", [whole, hop_size], [1], dtype=ir.DataType.INT64)
         start = const("start", np.array([0], np.int64))
         signal = add("Slice", [x, start, end, axis], [batch, 1, None])
     elif blocks * stride != x.shape[2]:
@@ -226,7 +227,10 @@ def _rewrite(
                 [
                     chunks,
                     const("hop_start", np.array([hop], np.int64)),
-                    const("hop_end", np.array([hop - hops + 1 if hop < hops - 1 else last])),
+                    const(
+                        "hop_end",
+                        np.array([hop - hops + 1 if hop < hops - 1 else last], np.int64),
+                    ),
                     one,
                 ],
                 [batch, frames, stride],
