@@ -32,7 +32,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx.reference import ReferenceEvaluator
 
 from qconvert.graph_utils import add_initializer, constant_array, replace_keeping_name
 from qconvert.names import NameAllocator
@@ -68,43 +67,34 @@ def constant_lengths(model: ir.Model) -> dict[str, int]:
     Exporters compute a reflect Pad's amounts from ConstantOfShape, Concat and Slice ops on
     constants, which shape inference does not evaluate: the padded length stays symbolic,
     and the frames would need Shape -> Gather -> Div -> Mul -> Slice when the model runs
-    (11 us of one thread on silero_vad). Here those ops are evaluated (onnx's reference
-    evaluator) into initializers of a copy, and its shapes inferred again. Empty where
-    anything fails: the frames then cut at run time.
+    (11 us of one thread on silero_vad). Here the shape ops on constants are evaluated
+    (`_fold`, numpy; onnx's reference evaluator costs 12 MB to import) into initializers
+    of a copy, and its shapes inferred again. Empty where anything fails: the frames are
+    then cut at run time.
     """
     try:
         proto = ir.to_proto(model)
-        known = {t.name for t in proto.graph.initializer}
-        folded, rest = [], []
+        arrays = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        rest = []
         for node in proto.graph.node:
-            holds_graphs = any(
-                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                for a in node.attribute
+            inputs = [arrays.get(name) if name else None for name in node.input]
+            known = all(
+                a is not None for a, name in zip(inputs, node.input, strict=True) if name
             )
-            if not holds_graphs and all(i == "" or i in known for i in node.input):
-                folded.append(node)
-                known.update(node.output)
-            else:
+            outputs = _fold(node, inputs) if known else None
+            if outputs is None:
                 rest.append(node)
-        if not folded:
-            return {}
-        wanted = {i for node in rest for i in node.input}
-        outputs = [o for node in folded for o in node.output if o in wanted]
-        constants = onnx.helper.make_graph(
-            folded,
-            "constants",
-            [],
-            [onnx.helper.make_empty_tensor_value_info(o) for o in outputs],
-            list(proto.graph.initializer),
-        )
-        evaluated = ReferenceEvaluator(
-            onnx.helper.make_model(constants, opset_imports=proto.opset_import)
-        ).run(None, {})
+                continue
+            arrays.update(zip(node.output, outputs, strict=True))
+        wanted = {name for node in rest for name in node.input}
+        wanted.update(output.name for output in proto.graph.output)
+        have = {t.name for t in proto.graph.initializer}
         del proto.graph.node[:]
         proto.graph.node.extend(rest)
         proto.graph.initializer.extend(
-            onnx.numpy_helper.from_array(np.asarray(a), o)
-            for o, a in zip(outputs, evaluated, strict=True)
+            onnx.numpy_helper.from_array(np.asarray(array), name)
+            for name, array in arrays.items()
+            if name in wanted and name not in have
         )
         del proto.graph.value_info[:]
         inferred = onnx.shape_inference.infer_shapes(proto)
@@ -116,6 +106,46 @@ def constant_lengths(model: ir.Model) -> dict[str, int]:
         if dims and dims[-1].HasField("dim_value"):
             lengths[info.name] = dims[-1].dim_value
     return lengths
+
+
+def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+    """What a shape op on constants computes, or None for any other op."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    op, data = node.op_type, inputs[0] if inputs else None
+    if op == "ConstantOfShape":
+        fill = attrs.get("value")
+        value = (
+            onnx.numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
+        )
+        return [np.full(tuple(int(d) for d in data), value.reshape(-1)[0], value.dtype)]
+    if op == "Concat":
+        return [np.concatenate(inputs, axis=attrs["axis"])]
+    if op == "Cast":
+        return [data.astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))]
+    if op == "Reshape" and not attrs.get("allowzero", 0):
+        shape = [data.shape[i] if d == 0 else int(d) for i, d in enumerate(inputs[1])]
+        return [data.reshape(shape)]
+    if op == "Transpose":
+        return [np.transpose(data, attrs.get("perm"))]
+    if op == "Slice":
+        axes = (
+            inputs[3] if len(inputs) > 3 and inputs[3] is not None else range(len(inputs[1]))
+        )
+        steps = (
+            inputs[4] if len(inputs) > 4 and inputs[4] is not None else [1] * len(inputs[1])
+        )
+        index = [slice(None)] * data.ndim
+        for start, end, axis, step in zip(inputs[1], inputs[2], axes, steps, strict=True):
+            index[int(axis)] = slice(int(start), int(end), int(step))
+        return [data[tuple(index)]]
+    if op in ("Unsqueeze", "Squeeze") and len(inputs) > 1:
+        axes = tuple(int(a) for a in inputs[1])
+        if op == "Squeeze":
+            return [np.squeeze(data, axis=axes)]
+        return [np.expand_dims(data, tuple(sorted(a % (data.ndim + len(axes)) for a in axes)))]
+    return None
 
 
 def frame_shape(node: ir.Node) -> tuple[int | None, int, int] | None:
