@@ -20,6 +20,8 @@
    where the result is identical (`passes/pad.py`), so no Pad runs between two integer
    kernels.
 7. Shapes and types are inferred, so planning knows which tensors are float.
+8. A one-channel strided Conv1d (an STFT front end) becomes a MatMul over frames
+   (`passes/frames.py`), whose integer kernel can write its output in float.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from qconvert.passes.activations import (
     has_decomposed_hardswish,
 )
 from qconvert.passes.constants import LiftConstantsPass
+from qconvert.passes.frames import ConvAsFramesPass
 from qconvert.passes.matmul_bias import FlattenMatMulBiasPass
 from qconvert.passes.pad import FoldPadIntoReaderPass
 
@@ -621,6 +624,8 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int, *, in_place: bool = False
             FoldPadIntoReaderPass(),
             ShapeInferencePass(),
             RestoreSequenceTypesPass(),
+            # After shape inference: it needs the signal's length. It types what it adds.
+            ConvAsFramesPass(),
             # Needs the MatMul outputs' ranks, which shape inference gives.
             FlattenMatMulBiasPass(),
         ]

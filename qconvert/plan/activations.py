@@ -117,6 +117,11 @@ class ActivationRules(PlannerState):
         photos), the calibrated range clipped the top logit on 25 of 64 eval photos, all 7
         that changed their top-1 among them; the same model with float logits agreed on 62
         of 64 instead of 57.
+
+        Readers that only move or select values (a Transpose, a Slice: `ops.PASS_THROUGH`)
+        are looked through: an STFT computed as a MatMul over frames (`passes/frames.py`)
+        is transposed and sliced into real and imaginary parts before float ops square
+        them, and its spectrum is what loses most on one per-tensor grid.
         """
         output = node.outputs[0] if node.outputs else None
         return (
@@ -124,8 +129,23 @@ class ActivationRules(PlannerState):
             and output is not None
             and node.op_type in ops.FLOAT_OUTPUT_KERNELS
             and self.overrides.tensor_dtype(output.name or "") is None
-            and not self._feeds_quantized(output)
+            and not self._moved_to_quantized(output)
         )
+
+    def _moved_to_quantized(self, value: ir.Value) -> bool:
+        """`_feeds_quantized`, looking through the pass-through ops that read `value`."""
+        for node in value.consumers():
+            if (
+                node.op_type in ops.PASS_THROUGH
+                and node.domain in ("", "ai.onnx")
+                and len(node.outputs) == 1
+                and not self._skip_reason(node)
+            ):
+                if self._moved_to_quantized(node.outputs[0]):
+                    return True
+            elif self._reads_quantized(node):
+                return True
+        return False
 
     def _plan_output(self, node: ir.Node) -> None:
         output = node.outputs[0]
@@ -255,38 +275,37 @@ class ActivationRules(PlannerState):
         """
         if value.name in self.feeds_quantized:
             return self.feeds_quantized[value.name]
-        answer = False
-        for node in value.consumers():
-            rule = ops.quantized_rule(node)
-            if self._excluded_clamp_reader(node) is not None:
-                answer = False  # reads an excluded clamp's float output
-            elif node.op_type in ops.CLAMPS:
-                answer = self._feeds_quantized(node.outputs[0])
-            elif self._skip_reason(node):
-                answer = False  # left float by the user or the recipe, whatever its type
-            elif rule is not None and node.op_type in ops.QDQ_FLOAT_ISLANDS:
-                # No integer kernel (ConvTranspose on CPU): it reads a quantized input only
-                # where its own output feeds one (`_float_island_layer`).
-                answer = bool(node.outputs) and self._feeds_quantized(node.outputs[0])
-            elif (
-                rule is not None
-                and rule.output
-                and not rule.weights
-                and node.outputs[0].is_graph_output()
-            ):
-                answer = False  # refused: no integer kernel without a quantized output
-            elif node.op_type in ops.PASS_THROUGH or (rule is not None and rule.weights):
-                answer = True
-            elif rule is None or node.name in self.gelu:
-                answer = False
-            elif node.op_type in _ONLY_IN_A_CHAIN:
-                answer = self._feeds_quantized(node.outputs[0])
-            else:
-                answer = True
-            if answer:
-                break
+        answer = any(self._reads_quantized(node) for node in value.consumers())
         self.feeds_quantized[value.name] = answer
         return answer
+
+    def _reads_quantized(self, node: ir.Node) -> bool:
+        """Whether `node` may run quantized on the value it reads (`_feeds_quantized`)."""
+        rule = ops.quantized_rule(node)
+        if self._excluded_clamp_reader(node) is not None:
+            return False  # reads an excluded clamp's float output
+        if node.op_type in ops.CLAMPS:
+            return self._feeds_quantized(node.outputs[0])
+        if self._skip_reason(node):
+            return False  # left float by the user or the recipe, whatever its type
+        if rule is not None and node.op_type in ops.QDQ_FLOAT_ISLANDS:
+            # No integer kernel (ConvTranspose on CPU): it reads a quantized input only
+            # where its own output feeds one (`_float_island_layer`).
+            return bool(node.outputs) and self._feeds_quantized(node.outputs[0])
+        if (
+            rule is not None
+            and rule.output
+            and not rule.weights
+            and node.outputs[0].is_graph_output()
+        ):
+            return False  # refused: no integer kernel without a quantized output
+        if node.op_type in ops.PASS_THROUGH or (rule is not None and rule.weights):
+            return True
+        if rule is None or node.name in self.gelu:
+            return False
+        if node.op_type in _ONLY_IN_A_CHAIN:
+            return self._feeds_quantized(node.outputs[0])
+        return True
 
 
 _ONLY_IN_A_CHAIN = frozenset({"Add", "Mul"})

@@ -38,6 +38,7 @@ from qconvert.plan.float_islands import (
     WIDENING_REASON,
     FloatIslandRules,
 )
+from qconvert.plan.moves import MovedInputRules
 from qconvert.plan.patterns import (
     activation_indices,
     gelu_nodes,
@@ -93,7 +94,14 @@ def make_plan(
     return planner.run()
 
 
-class _Planner(ConcatRules, FloatIslandRules, VectorLayerRules, ActivationRules, WeightRules):
+class _Planner(
+    ConcatRules,
+    FloatIslandRules,
+    VectorLayerRules,
+    MovedInputRules,
+    ActivationRules,
+    WeightRules,
+):
     """Plans one model: picks, for each node, the rule family that decides it."""
 
     def run(self) -> QuantPlan:
@@ -225,14 +233,14 @@ class _Planner(ConcatRules, FloatIslandRules, VectorLayerRules, ActivationRules,
             if constant_array(value) is not None:
                 self._plan_constant_operand(node, value)
             else:
-                self._plan_activation(value, f"input of {node.name}")
+                self._plan_moved_activation(value, f"input of {node.name}")
         weight_params: dict[int, qparams.QParams] = {}
         for index, axis_of in rule.weights.items():
             value = node.inputs[index] if index < len(node.inputs) else None
             if value is None:
                 continue
             if constant_array(value) is None:
-                self._plan_activation(value, f"input of {node.name}")
+                self._plan_moved_activation(value, f"input of {node.name}")
             else:
                 weight_params[index] = self._plan_weight(node, value, axis_of, scheme)
         if rule.bias is not None:

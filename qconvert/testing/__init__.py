@@ -6,14 +6,15 @@ Example::
     model = testing.conv_bn_relu()
     testing.save(model, tmp_path / "model.onnx")
 
-The builders live by family (`cnn`, `dense`, `transformer`, `recurrent`, `control_flow`,
-`detectors`, `edge_cases`); writing to disk in `files`, checks on models in `checks`, a
-quantize run of a built model in `runs`. Every
-name is re-exported here, so `testing.NAME` is the one way to reach them.
+The builders live by family (`audio`, `cnn`, `dense`, `transformer`, `recurrent`,
+`control_flow`, `detectors`, `edge_cases`); writing to disk in `files`, checks on models
+in `checks`, a quantize run of a built model in `runs`. Every name is re-exported here,
+so `testing.NAME` is the one way to reach them.
 """
 
 from __future__ import annotations
 
+from qconvert.testing.audio import stft_front_end, tones
 from qconvert.testing.checks import count_ops, optimized_model, optimized_ops, output_sqnr
 from qconvert.testing.cnn import (
     conv_bn_relu,
@@ -74,8 +75,10 @@ __all__ = [
     "sensitive_mlp",
     "sequence_mlp",
     "squeeze_excitation",
+    "stft_front_end",
     "thin_chain",
     "tied_decoder",
+    "tones",
     "two_inputs",
     "upsample_add",
     "write_samples",
