@@ -16,6 +16,9 @@ from qconvert import testing
 from qconvert.overrides import Overrides
 from qconvert.passes import adaround as rounding
 from qconvert.pipelines import weight_passes
+from qconvert.plan import QuantPlan, Role, TensorDecision
+from qconvert.qparams import quantize, weight_qparams
+from qconvert.schemes import INT8
 
 LAYERS = {
     "conv": ("Conv", (8, 4, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, (1, 4, 9, 9)),
@@ -180,6 +183,41 @@ def test_a_wide_layers_h_is_summed_in_place():
     np.testing.assert_allclose(gram[0], rows.T @ rows, rtol=1e-9, atol=1e-9)
     run_bytes = 256 * k * 8
     assert peak < 2 * h_bytes + 3 * run_bytes, (peak, h_bytes)
+
+
+@pytest.mark.parametrize("axis", [0, None])
+def test_rounding_a_layer_holds_no_weight_sized_scale_or_float64_weight(axis):
+    # A layer's rounding holds weight-sized float64 arrays at once (its ideal values, its
+    # choices, their errors, H e). The scale and zero point are views of their vectors
+    # and the weight is read as the model's float32. Here 9.6 weight-sized arrays at
+    # most before, 7.1 now (a 1-D Conv of 512 x 256 x 5 weights: 46 -> 33 MB).
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((128, 64, 5)).astype(np.float32)
+    model = _layer("Conv", weight, {"pads": [2, 2]}, (1, 64, 16))
+    node = ir.from_proto(model).graph.node(0)
+    rows = rng.standard_normal((512, 64 * 5))
+    gram = (rows.T @ rows)[None]
+    params = weight_qparams(weight, np.int8, axis=axis)
+    plan = QuantPlan(
+        scheme=INT8,
+        tensors={"w": TensorDecision(name="w", role=Role.WEIGHT, qparams=params, reason="")},
+        nodes=(),
+        folds=(),
+    )
+    tracemalloc.start()
+    try:
+        values, before, after = rounding._round_layer(node, plan, gram)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * weight.size * 8, peak / (weight.size * 8)
+    # The choices are grid points, at most one step from nearest, and lower e^T H e.
+    assert after < before
+    levels = quantize(values, params).astype(np.int64)
+    nearest = quantize(weight, params).astype(np.int64)
+    scale = params.scale.reshape(-1, 1, 1) if axis == 0 else params.scale
+    np.testing.assert_allclose(values, levels * scale, rtol=1e-6, atol=0)
+    assert np.abs(levels - nearest).max() == 1
 
 
 def test_layers_rounded_a_float_pass_at_a_time_round_as_all_at_once(monkeypatch, tmp_path):
