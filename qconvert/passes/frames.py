@@ -67,10 +67,10 @@ def constant_lengths(model: ir.Model) -> dict[str, int]:
     Exporters compute a reflect Pad's amounts from ConstantOfShape, Concat and Slice ops on
     constants, which shape inference does not evaluate: the padded length stays symbolic,
     and the frames would need Shape -> Gather -> Div -> Mul -> Slice when the model runs
-    (11 us of one thread on silero_vad). Here the shape ops on constants are evaluated
-    (`_fold`, numpy; onnx's reference evaluator costs 12 MB to import) into initializers
-    of a copy, and its shapes inferred again. Empty where anything fails: the frames are
-    then cut at run time.
+    (11 us of one thread on a voice-activity detector). Here the shape ops on constants
+    are evaluated (`_fold`, numpy; onnx's reference evaluator costs 12 MB to import) into
+    initializers of a copy, and its shapes inferred again. Empty where anything fails: the
+    frames are then cut at run time.
     """
     try:
         proto = ir.to_proto(model)
@@ -201,8 +201,8 @@ def _rewrite(
 
     # The file is the product: the index constants are shared by value, and each value
     # takes its node's name (the QuantizeLinear pairs the plan puts around the moves
-    # repeat it six times). On silero_vad that is 0.04% of its float size, across the
-    # 27% line.
+    # repeat it six times). On a voice-activity detector that is 0.04% of its float size,
+    # across the 27% line.
     shared: dict[bytes, ir.Value] = {}
 
     def const(label: str, array: np.ndarray) -> ir.Value:
