@@ -13,6 +13,8 @@ source and the reader is read by the moves alone, and calibration saw the source
 
 from __future__ import annotations
 
+import functools
+
 import onnx_ir as ir
 
 from qconvert import ops, qparams
@@ -23,6 +25,11 @@ from qconvert.plan.planner_state import PlannerState
 
 class MovedInputRules(PlannerState):
     """Plans a quantized op's input at the float tensor its moves copy (module docstring)."""
+
+    @functools.cached_property
+    def _node_positions(self) -> dict[int, int]:
+        """Each node's position in the graph, by id: to walk up latest first (once a plan)."""
+        return {id(node): index for index, node in enumerate(self._nodes())}
 
     def _plan_moved_activation(self, value: ir.Value, reason: str) -> qparams.QParams | None:
         """`_plan_activation`, at the source of the moves that write `value` where they pay."""
@@ -52,10 +59,7 @@ class MovedInputRules(PlannerState):
         """
         if not _movable(value.producer()):
             return None  # most inputs: written by a computing op
-        order = self.__dict__.get("_move_order")
-        if order is None:  # once per plan: graph positions, to walk up latest first
-            order = {id(node): index for index, node in enumerate(self._nodes())}
-            self.__dict__["_move_order"] = order
+        order = self._node_positions
         moves: dict[int, ir.Node] = {}
         sources: set[str] = set()
         found: dict[str, ir.Value] = {}
