@@ -5,7 +5,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from qconvert.passes.prepare import STRIPPED_PAYLOAD_BYTES, UpgradeOpsetPass
+from qconvert.passes.opset_upgrade import STRIPPED_PAYLOAD_BYTES, UpgradeOpsetPass
 from qconvert.runtime import make_session
 
 

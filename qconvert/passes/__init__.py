@@ -3,8 +3,9 @@
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
+from qconvert.passes.opset_upgrade import UpgradeOpsetPass
 from qconvert.passes.pad import FoldPadIntoReaderPass, PadOnIntegersPass
-from qconvert.passes.prepare import FoldBatchNormPass, UpgradeOpsetPass, prepare
+from qconvert.passes.prepare import FoldBatchNormPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
 from qconvert.passes.qop import QDQToQOperatorPass
 from qconvert.passes.resize import ResizeOnIntegersPass
