@@ -367,11 +367,7 @@ def verdict_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0
         and not after.improves(before, top1_floor=top1_floor)
         and after.improves(before, top1_floor=0.0)
     ):
-        lost = round((before.top1_agreement - after.top1_agreement) * after.top1_rows)
-        return (
-            f"top-1 down {lost} of {after.top1_rows} rows, below the "
-            f"{top1_floor * 100:g}% floor"
-        )
+        return _top1_veto(after, before, top1_floor)
     wins = after.wins_over(before)
     if not wins:
         return ""
@@ -381,6 +377,13 @@ def verdict_detail(after: Fidelity, before: Fidelity, *, top1_floor: float = 0.0
     if after.holds_on_samples(before):
         return f"better on {wins} ({needed})"
     return f"gain within noise: better on {wins} ({needed})"
+
+
+def _top1_veto(after: Fidelity, before: Fidelity, top1_floor: float) -> str:
+    """`top-1 down 1 of 16 rows, below the 97% floor`: why an agreement was vetoed."""
+    lost = round((before.top1_agreement - after.top1_agreement) * after.top1_rows)
+    floor = f"{top1_floor * 100:g}%"
+    return f"top-1 down {lost} of {after.top1_rows} rows, below the {floor} floor"
 
 
 def balance_detail(
@@ -393,11 +396,7 @@ def balance_detail(
     lose; `top-1 down 1 of 16 rows, below the 97% floor` for one agreement vetoed.
     """
     if not after.keeps_top1(before, top1_floor=top1_floor) and after.keeps_top1(before):
-        lost = round((before.top1_agreement - after.top1_agreement) * after.top1_rows)
-        return (
-            f"top-1 down {lost} of {after.top1_rows} rows, below the "
-            f"{top1_floor * 100:g}% floor"
-        )
+        return _top1_veto(after, before, top1_floor)
     pairs = after.paired(before)
     if not pairs:
         return ""

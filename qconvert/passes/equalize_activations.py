@@ -33,9 +33,9 @@ geometric-mean split cross-layer equalization uses there was worse on the detect
 `EqualizePass` covers Conv -> [Relu] -> Conv pairs by weights; this covers the tensors
 between float islands (HardSwish and the affine ops around it), which it cannot, and
 evens a Relu's channels into a depthwise Conv by their measured ranges (with per-channel
-weights, the pair's weight ranges say nothing of them). On a MobileNetV3-style text
-orientation classifier one such Relu output (24 channels, widest 15.0, median 4.5) cost
-its logits 4 dB quantized alone.
+weights, the pair's weight ranges say nothing of them). On a two-class depthwise-separable
+image classifier one such Relu output (24 channels, widest 15.0, median 4.5) cost its
+logits 4 dB quantized alone.
 It runs on the prepared model before calibration, so the statistics are those of the equalized
 tensors. It needs the constant ops: folding the affine around a HardSwish into the Convs
 (branch `affinefold`, not merged: it cost that detector 3.8 -> 0.8 dB) would leave no op to
