@@ -108,6 +108,11 @@ def test_the_equalization_trial_reuses_what_it_leaves_and_writes_the_same_bytes(
     # Every step is kept, so equalization is tried on top of weight rounding and bias
     # correction, and the refit writes the equalized model.
     monkeypatch.setattr(Fidelity, "improves", lambda self, other, top1_floor=0.0: True)
+    monkeypatch.setattr(
+        Fidelity,
+        "better_on_balance",
+        lambda self, other, top1_floor=0.0, min_gain_db=0.0: True,
+    )
     path = _case(tmp_path)
     swept, recalibrated = [], []
     real_round = adaround_pass._round_layer

@@ -203,6 +203,9 @@ class _Planner(
                 self.float_readers.add(node.name or "")
             return
         scheme = self._node_scheme(node)
+        if self._integer_pooled_head(node):
+            self._plan_pooled_head(node)
+            return
         if self._model_answer(node):
             self._plan_stored_weights(node, rule, scheme, ANSWER_REASON)
             return
@@ -323,6 +326,8 @@ class _Planner(
             # An attention mask computed in float from the inputs, say: a Q of its own
             # would round the mask and the scores onto one grid.
             return "an input comes from a float op: stays float"
+        if self._integer_pooled_head(node):
+            return None
         if not rule.weights and rule.output and not self._feeds_quantized(node.outputs[0]):
             # Its output would be dequantized at once for a float reader: no integer chain.
             return "only float ops read its output: stays float"
