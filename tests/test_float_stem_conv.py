@@ -22,16 +22,22 @@ CHANNELS, WIDE, SIZE = 3, 32, 16
 STEM = "first Conv on the model's float input, with few multiply-accumulates per output"
 
 
-def _model(stem_kernel: int = 3, pool: bool = False) -> onnx.ModelProto:
-    """stem (CHANNELS -> WIDE) -> Clip -> [MaxPool] -> depthwise 3x3 -> Clip ->
+def _model(stem_kernel: int = 3, pool: bool = False, silu: bool = False) -> onnx.ModelProto:
+    """stem (CHANNELS -> WIDE) -> Clip (or SiLU) -> [MaxPool] -> depthwise 3x3 -> Clip ->
     pointwise 1x1 (WIDE -> 16) -> Relu -> 3x3 (16 -> 8)."""
     rng = np.random.default_rng(0)
     pad = stem_kernel // 2
     size = SIZE // 2 if pool else SIZE
     nodes = [
         h.make_node("Conv", ["input", "stem_w", "stem_b"], ["s"], name="stem", pads=[pad] * 4),
-        h.make_node("Clip", ["s", "lo", "hi"], ["sc"], name="stem_act"),
     ]
+    if silu:
+        nodes += [
+            h.make_node("Sigmoid", ["s"], ["sg"], name="stem_gate"),
+            h.make_node("Mul", ["s", "sg"], ["sc"], name="stem_act"),
+        ]
+    else:
+        nodes.append(h.make_node("Clip", ["s", "lo", "hi"], ["sc"], name="stem_act"))
     source = "sc"
     if pool:
         nodes.append(
@@ -122,6 +128,50 @@ def test_a_cheap_conv_on_the_float_input_computes_in_float_before_quantized_conv
     ours = testing.output_sqnr(path, out, samples)
     quantized = testing.output_sqnr(path, kept, samples)
     assert ours > 25.0 and ours >= quantized - 0.5, (ours, quantized)
+
+
+def test_a_stem_before_a_silu_computes_in_float_with_it(tmp_path):
+    """SiLU (Sigmoid and Mul) between the stem and its Convs computes in float too.
+
+    onnxruntime fuses the pair into one QuickGelu on the float Conv's output; quantized,
+    the stem would run as an integer kernel on the rounded image, and the SiLU as
+    QLinearSigmoid and QLinearMul.
+    """
+    path, out, floats, report = _quantize(_model(silu=True), tmp_path, "silu")
+    assert STEM in floats["stem"], floats
+    assert {"stem_gate", "stem_act"} <= floats.keys(), floats
+    assert "dw" not in floats and "pw" not in floats and "head" not in floats, floats
+
+    written = onnx.load_model(str(out))
+    producers = {o: n for n in written.graph.node for o in n.output}
+    stem = next(n for n in written.graph.node if n.name == "stem")
+    assert stem.input[0] == "input"
+    dw = next(n for n in written.graph.node if n.name == "dw")
+    assert producers[producers[dw.input[0]].input[0]].input[0] == "sc"  # Q of the Mul
+    optimized = testing.optimized_ops(out, tmp_path)
+    assert optimized["QuickGelu"] == 1 and optimized["QLinearSigmoid"] == 0, optimized
+    assert optimized["QLinearConv"] == 2 and optimized["Conv"] == 2, optimized
+    assert not report.conversion.fusion_audit.unplanned
+
+    # Against the stem and its SiLU kept quantized by the override file.
+    _, kept, kept_floats, _ = _quantize(
+        _model(silu=True),
+        tmp_path,
+        "silu_kept",
+        overrides='[nodes]\n"stem" = "int8"\n',
+    )
+    assert "stem" not in kept_floats and "stem_act" not in kept_floats, kept_floats
+    assert testing.optimized_ops(kept, tmp_path)["QLinearSigmoid"] == 1
+    samples = _samples(8)
+    ours = testing.output_sqnr(path, out, samples)
+    quantized = testing.output_sqnr(path, kept, samples)
+    assert ours > 25.0 and ours >= quantized - 0.5, (ours, quantized)
+
+
+def test_a_stem_before_a_silu_read_by_a_pool_stays_quantized(tmp_path):
+    _, out, floats, _ = _quantize(_model(pool=True, silu=True), tmp_path, "silu_pooled")
+    assert "stem" not in floats, floats
+    assert testing.optimized_ops(out, tmp_path)["QLinearConv"] == 3
 
 
 def test_a_stem_with_much_arithmetic_stays_quantized(tmp_path):
