@@ -52,3 +52,33 @@ def test_report_sizes_are_the_files_on_disk(tmp_path, monkeypatch, external):
     assert (report.comparison.reference.bytes, report.comparison.candidate.bytes) == sizes
     if not external:  # the float file is read once for references (at load), the output never
         assert scanned == [path]
+
+
+def test_plans_scored_side_by_side_score_as_one_after_the_other(tmp_path):
+    """`auto`'s check scores its two plans at once, each session on its share of the cores."""
+    from qconvert.calibration import RangeMethod, derive_ranges, read_calibration
+    from qconvert.config import QuantizeConfig
+    from qconvert.pipelines.mixed_precision import planner
+    from qconvert.pipelines.stages import prepare_for_scheme
+    from qconvert.schemes import SCHEMES
+    from qconvert.selection import NodeSelection
+    from qconvert.sensitivity import Evaluator
+
+    model = testing.conv_bn_relu(channels=16)
+    path = testing.save(model, tmp_path / "model.onnx")
+    samples = [testing.random_inputs(model, seed=i) for i in range(8)]
+    testing.write_samples(tmp_path / "calib", samples)
+    api.calibrate(path, tmp_path / "calib", output=tmp_path / "c.json")
+    ranges = derive_ranges(
+        read_calibration(tmp_path / "c.json").observers, RangeMethod(name="minmax")
+    )
+    prepared, _ = prepare_for_scheme(model_io.load_model(path), QuantizeConfig())
+    plan_for = planner(prepared, SCHEMES["int8"], QuantizeConfig(), NodeSelection(), ranges)
+    full = plan_for(frozenset())
+    first = next(node.name for node in full.quantized_nodes() if node.op_type == "Conv")
+    plans = (full, plan_for(frozenset({first})))
+    evaluator = Evaluator(path.read_bytes(), prepared, samples)
+    one_after_the_other = [evaluator.score(plan) for plan in plans]
+    # the two plans score apart, so an order mixed up would show
+    assert one_after_the_other[0].sqnr_db != one_after_the_other[1].sqnr_db
+    assert evaluator.score_each(plans) == one_after_the_other
