@@ -3,6 +3,8 @@
 - The report's sizes come from what the run knows: the float model's file alone when it
   keeps no external data, and the bytes written for the model saved whole. The files are
   not read through again, and the sizes are those on disk, data files included.
+- `auto`'s check scores its two plans side by side (`Evaluator.score_each`): each plan
+  scores as it does alone, in the order given.
 """
 
 from __future__ import annotations
