@@ -56,8 +56,13 @@ def test_report_sizes_are_the_files_on_disk(tmp_path, monkeypatch, external):
         assert scanned == [path]
 
 
-def test_plans_scored_side_by_side_score_as_one_after_the_other(tmp_path):
-    """`auto`'s check scores its two plans at once, each session on its share of the cores."""
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["side-by-side", "past-the-cap"])
+def test_plans_scored_side_by_side_score_as_one_after_the_other(
+    tmp_path, monkeypatch, side_by_side
+):
+    """`auto`'s check scores its two plans at once, each session on its share of the cores;
+    past `SIDE_BY_SIDE_BYTES` of weights one after the other."""
+    from qconvert import sensitivity
     from qconvert.calibration import RangeMethod, derive_ranges, read_calibration
     from qconvert.config import QuantizeConfig
     from qconvert.pipelines.mixed_precision import planner
@@ -83,4 +88,15 @@ def test_plans_scored_side_by_side_score_as_one_after_the_other(tmp_path):
     one_after_the_other = [evaluator.score(plan) for plan in plans]
     # the two plans score apart, so an order mixed up would show
     assert one_after_the_other[0].sqnr_db != one_after_the_other[1].sqnr_db
+    if not side_by_side:
+        monkeypatch.setattr(sensitivity, "SIDE_BY_SIDE_BYTES", 0)
+    spins = []
+    make_session = sensitivity.make_session
+    monkeypatch.setattr(
+        sensitivity,
+        "make_session",
+        lambda *a, spin=True, **k: spins.append(spin) or make_session(*a, spin=spin, **k),
+    )
     assert evaluator.score_each(plans) == one_after_the_other
+    # side by side, the sessions' idle threads do not spin
+    assert spins == [not side_by_side] * 2
