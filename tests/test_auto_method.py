@@ -231,8 +231,8 @@ def test_auto_keeps_minmax_unless_clipping_halves_the_output_error(tmp_path):
         def __init__(self, clipped_db):
             self.db = {"clipped": clipped_db, "minmax": 20.0}
 
-        def score(self, scored):
-            return Score(sqnr_db=self.db[scored.notes[0]], top1_drop_points=None)
+        def score_each(self, scored):
+            return [Score(sqnr_db=self.db[p.notes[0]], top1_drop_points=None) for p in scored]
 
     assert np.isclose(MIN_OUTPUT_GAIN_DB, 10 * np.log10(2))
     for clipped_db, kept in ((22.9, "minmax"), (23.1, "clipped")):

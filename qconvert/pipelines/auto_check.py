@@ -94,8 +94,8 @@ def check_against_minmax(
         )
         return _kept(minmax_plan, minmax, all_minmax, note)
     evaluator = evaluator()
-    chosen_db = evaluator.score(plan).sqnr_db
-    minmax_db = evaluator.score(minmax_plan).sqnr_db
+    chosen, minmax_score = evaluator.score_each((plan, minmax_plan))
+    chosen_db, minmax_db = chosen.sqnr_db, minmax_score.sqnr_db
     scores = (
         f"{chosen_db:.1f} dB output SQNR against minmax's {minmax_db:.1f} dB on "
         f"{len(evaluator.samples)} {samples_from} samples"
