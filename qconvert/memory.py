@@ -104,8 +104,8 @@ there is too little dropped to be worth it; a dropped model that matters (a sess
 150 MB, a clone of the weights) grows the resident set past it."""
 
 RELEASE_GROWTH_SHARE = 32
-"""A release also runs once the resident set has grown by this fraction of itself (1/32),
-where that is less than `RELEASE_GROWTH_BYTES`.
+"""A release also runs once the resident set has grown by 1/`RELEASE_GROWTH_SHARE` of
+itself, where that is less than `RELEASE_GROWTH_BYTES`.
 
 A `quantize` run of a small model is about 120 MB in all, and none of its stages grows
 that by 32 MB: past the imports, no release ran, and the heap pages the stages' many
@@ -133,8 +133,8 @@ def release_dropped() -> None:
     without it (see the module docstring). Off the main thread it does nothing: signal
     handlers cannot be swapped there, and the pipeline's stages run on the main thread. It
     also does nothing until the resident set has grown by `RELEASE_GROWTH_BYTES`, or by
-    `RELEASE_GROWTH_SHARE` of itself if that is less, since the last release (where /proc
-    tells; 0 releases every time).
+    1/`RELEASE_GROWTH_SHARE` of itself if that is less, since the last release (where
+    /proc tells; 0 releases every time).
     """
     global _resident_after_release
     if threading.current_thread() is not threading.main_thread():
