@@ -314,3 +314,47 @@ def test_conv_patches_are_the_padded_input_under_the_kernel_exactly(case):
     patches = rounding._patches(node, x, out[0] * out[1])
     assert patches.dtype == np.float64
     np.testing.assert_array_equal(patches, expected)
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul"])
+def test_float32_rows_wait_as_float32_and_give_the_float64_rows_h(monkeypatch, op):
+    # Rows waiting for their product were held as float64: twice the bytes of the
+    # float32 tensor they come from, for every layer at once. Held as float32 and
+    # widened when multiplied, H is the same bits, in one block or in many.
+    rng = np.random.default_rng(5)
+    if op == "Conv":
+        model = _layer(
+            "Conv", rng.normal(size=(8, 6, 3, 3)), {"pads": [1, 1, 1, 1]}, (1, 6, 12, 12)
+        )
+        shape = (1, 6, 12, 12)
+    else:
+        model = _layer("MatMul", rng.normal(size=(40, 8)), {}, (1, 30, 40))
+        shape = (1, 30, 40)
+    node = ir.from_proto(model).graph.node(0)
+    runs = [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(5)]
+
+    def rows_of(x: np.ndarray) -> np.ndarray:  # one sample's rows, widened first
+        if op == "Conv":
+            return rounding._patches(node, x.astype(np.float64), per_sample)
+        return x.astype(np.float64).reshape(1, -1, shape[-1])
+
+    per_sample = rounding.GramAccumulator([node], samples=len(runs)).per_sample
+    for limit, blocks in ((1 << 40, [runs]), (1, [[run] for run in runs])):
+        monkeypatch.setattr(rounding, "PENDING_BYTES", limit)
+        accumulator = rounding.GramAccumulator([node], samples=len(runs))
+        held = []
+        for run in runs:
+            accumulator.update(run)
+            held.append(sum(p.nbytes for ps in accumulator.pending.values() for p in ps))
+        gram = accumulator.result()["layer"]
+        expected = None
+        for block in blocks:
+            rows = np.concatenate([rows_of(run["x"]) for run in block], axis=1)
+            product = np.matmul(rows.transpose(0, 2, 1), rows)
+            expected = product if expected is None else expected + product
+        assert np.array_equal(gram, expected)
+        if len(blocks) == 1:
+            float64_bytes = sum(rows_of(run["x"]).nbytes for run in runs)
+            assert held[-1] * 2 == float64_bytes, (held, float64_bytes)
+        else:
+            assert max(held) == 0

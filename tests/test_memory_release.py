@@ -233,6 +233,22 @@ def test_a_release_waits_until_the_resident_set_has_grown(collector_off, monkeyp
     del grown
 
 
+def test_a_small_process_releases_after_a_share_of_its_resident_set(
+    collector_off, monkeypatch
+):
+    # A small model's run never grows by 32 MB: it releases once it grew by 1/32 of
+    # itself. Without the share this release waited for the full RELEASE_GROWTH_BYTES.
+    monkeypatch.setattr(memory, "RELEASE_GROWTH_BYTES", 1 << 40)
+    monkeypatch.setattr(memory, "_resident_after_release", 0)  # another test's mark
+    memory.release_dropped()  # sets the mark
+    graph = _dropped_graph()
+    resident = memory._resident_bytes()
+    grown = np.ones(resident // memory.RELEASE_GROWTH_SHARE + (4 << 20), np.uint8)
+    memory.release_dropped()
+    assert graph() is None
+    del grown
+
+
 def test_collections_inside_a_run_skip_what_was_alive_before_it(collector_off):
     before = _dropped_graph()  # garbage made before the run: set aside with the rest
     with memory.older_objects_set_aside():
