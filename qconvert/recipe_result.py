@@ -243,15 +243,23 @@ def recipe_rows(result: RecipeResult) -> list[list[str]]:
 def _floor(result: RecipeResult) -> str:
     """The floor, as the notes and the result row say it.
 
-    `floor 25 dB`, `floor 25 dB and top-1 97%`, or for sequences of class distributions
-    `floor top-1 97% of sequences` (`Fidelity.meets`).
+    `floor 25 dB`, `floor 25 dB and top-1 97%`, for sequences of class distributions
+    `floor top-1 97% of sequences`, and for classifiers whose flips are expected from
+    their margins `floor top-1 97%, counted and expected` (and `, 25 dB on the other
+    outputs` beside them) (`Fidelity.meets`).
     """
+    top1 = f"top-1 {result.min_top1_agreement * 100:g}%"
     if result.final.frame_agreement is not None:
         floor = f"floor top-1 {result.min_top1_agreement * 100:g}% of sequences"
+    elif result.final.flip_rate is not None:
+        floor = f"floor {top1}, counted and expected"
+        if result.final.rest_sqnr_db is not None:
+            floor += f", {result.floor_sqnr_db:g} dB on the other outputs"
+        return floor
     else:
         floor = f"floor {result.floor_sqnr_db:g} dB"
     if result.final.top1_agreement is not None:
-        floor += f" and top-1 {result.min_top1_agreement * 100:g}%"
+        floor += f" and {top1}"
     return floor
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 from qconvert.calibration import Calibration, derive_ranges
 from qconvert.calibration.file import merge_calibrations
+from qconvert.class_outputs import class_score_outputs
 from qconvert.config import Format
 from qconvert.handed_weights import serialized
 from qconvert.input_grid import first_readers, off_grid_inputs
@@ -136,6 +137,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         [s.feeds for s in state.held_out],
         concat_parts(state.prepared),
         weights=weights,
+        classifiers=class_score_outputs(state.prepared),
     )
     del graph, weights
 
