@@ -24,10 +24,13 @@ class RecipeOptions:
         name: `default` or `fast` (`RECIPES`).
         floor_sqnr_db: raise nodes to float while the held-out output SQNR is below it.
             25 dB: the fidelity a model needs when nothing better than SQNR says what
-            matters (issue 16's target for "anything else"); classifiers and detectors
-            of the bench hold 97% agreement from about 20-25 dB.
+            matters (issue 16's target for "anything else"); detectors of the bench
+            hold their agreement from about 20-25 dB. Classifier outputs are not held
+            to it: their floor is `min_top1_agreement`, on the flips their margins
+            predict (`Fidelity.meets`).
         min_top1_agreement: for classifier-like outputs, raise nodes while the held-out
-            top-1 agreement with the float model is below it.
+            top-1 agreement with the float model is below it, counted or expected from
+            the rows' margins (`class_flips`).
         budget: the share of the model's multiply-accumulates that raised nodes (and the
             nodes the plan makes float with them) may move to float kernels, and the
             share of its weight bytes they may store float (each). A raise keeps its

@@ -17,8 +17,9 @@ below the top-1 floor; bias correction, weight rounding and the float input step
 judged on balance instead, `ON_BALANCE`); the kept steps compose, each tried on top of
 those kept before.
 
-If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`, and for
-classifiers `min_top1_agreement`), nodes are raised: a raised node computes in float from
+If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`; for
+classifier outputs `min_top1_agreement`, counted and expected from their margins,
+`Fidelity.meets`), nodes are raised: a raised node computes in float from
 its int8-stored weights, so it costs float work, not file bytes (`raise_costs`). Each
 candidate (the first and last layers, then the cheapest nodes) is scored raised alone on
 top of the kept steps, ranked by the dB it gains per share of the model's
