@@ -29,8 +29,8 @@ class RecipeOptions:
             to it: their floor is `min_top1_agreement`, on the flips their margins
             predict (`Fidelity.meets`).
         min_top1_agreement: for classifier-like outputs, raise nodes while the held-out
-            top-1 agreement with the float model is below it, counted or expected from
-            the rows' margins (`class_flips`).
+            top-1 agreement with the float model is below it: expected from the rows'
+            margins where they are known (`class_flips`), else counted.
         budget: the share of the model's multiply-accumulates that raised nodes (and the
             nodes the plan makes float with them) may move to float kernels, and the
             share of its weight bytes they may store float (each). A raise keeps its
@@ -248,14 +248,14 @@ def _floor(result: RecipeResult) -> str:
 
     `floor 25 dB`, `floor 25 dB and top-1 97%`, for sequences of class distributions
     `floor top-1 97% of sequences`, and for classifiers whose flips are expected from
-    their margins `floor top-1 97%, counted and expected` (and `, 25 dB on the other
+    their margins `floor top-1 97%, expected from the margins` (and `, 25 dB on the other
     outputs` beside them) (`Fidelity.meets`).
     """
     top1 = f"top-1 {result.min_top1_agreement * 100:g}%"
     if result.final.frame_agreement is not None:
         floor = f"floor top-1 {result.min_top1_agreement * 100:g}% of sequences"
     elif result.final.flip_rate is not None:
-        floor = f"floor {top1}, counted and expected"
+        floor = f"floor {top1}, expected from the margins"
         if result.final.rest_sqnr_db is not None:
             floor += f", {result.floor_sqnr_db:g} dB on the other outputs"
         return floor

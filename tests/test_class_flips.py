@@ -85,7 +85,19 @@ def test_the_floor_holds_on_expected_flips_not_on_sqnr():
     assert 0.48 < near.flips < 0.5
     close = Fidelity(sqnr_db=40.0, top1_agreement=1.0, top1_rows=16, expected_flips=(near,))
     assert not close.meets(options)
-    # Without flips (none measured), the SQNR floor as before.
+    # One row of 16 counted flipping is a 100% floor, not 97%: the expected count decides.
+    # Row 0 leads by 0.2 and flips (its margin error is -0.3); the others lead by 30 with
+    # errors of +-0.3 too: sigma 0.3, and row 0 flips with a chance of Phi(-2/3).
+    one_flipped = expected_flips(
+        np.array([[0.2, 0.0]] + [[30.0, 0.0]] * 15),
+        np.array([[0.0, 0.1]] + [[30.3, 0.0], [29.7, 0.0]] * 7 + [[30.3, 0.0]]),
+    )
+    assert one_flipped.flips == pytest.approx(NormalDist().cdf(-2 / 3))
+    assert Fidelity(
+        sqnr_db=40.0, top1_agreement=15 / 16, top1_rows=16, expected_flips=(one_flipped,)
+    ).meets(options)
+    # Without flips (none measured), the SQNR floor and the count as before.
+    assert not Fidelity(sqnr_db=40.0, top1_agreement=15 / 16, top1_rows=16).meets(options)
     assert not Fidelity(sqnr_db=14.0, top1_agreement=1.0, top1_rows=16).meets(options)
 
 

@@ -288,8 +288,8 @@ SCHEME_HELP = (
     show_default=True,
     metavar="DB",
     help="Recipe default: raise nodes to float while the held-out output SQNR is below DB; "
-    "a classifier's outputs instead while its top-1 agreement is below 97%, counted or "
-    "expected from its rows' margins; for a sequence of class distributions, while "
+    "for a classifier's outputs, while the top-1 agreement expected from its rows' "
+    "margins is below 97%; for a sequence of class distributions, while "
     "fewer than 97% of the held-out sequences agree in every frame.",
 )
 @click.option(

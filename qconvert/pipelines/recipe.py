@@ -18,7 +18,7 @@ judged on balance instead, `ON_BALANCE`); the kept steps compose, each tried on 
 those kept before.
 
 If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`; for
-classifier outputs `min_top1_agreement`, counted and expected from their margins,
+classifier outputs `min_top1_agreement` on the rows expected to flip from their margins,
 `Fidelity.meets`), nodes are raised: a raised node computes in float from
 its int8-stored weights, so it costs float work, not file bytes (`raise_costs`). Each
 candidate (the first and last layers, then the cheapest nodes) is scored raised alone on
