@@ -54,19 +54,34 @@ class ClassShift:
     rows: int
 
 
+def log_scores(
+    reference: np.ndarray, candidate: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both [rows, classes] score arrays as the log-scores a decision compares, in float64.
+
+    Logits as they are; probabilities (every reference row non-negative and summing to
+    1) as their logarithms. None unless both are [rows, classes] of the same shape.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape != cand.shape:
+        return None
+    if np.all(ref >= 0.0) and np.all(np.abs(ref.sum(axis=1) - 1.0) <= _SUMS_TO_ONE):
+        ref = np.log(np.maximum(ref, PROBABILITY_FLOOR))
+        cand = np.log(np.maximum(cand, PROBABILITY_FLOOR))
+    return ref, cand
+
+
 def class_shift(reference: np.ndarray, candidate: np.ndarray) -> ClassShift | None:
     """The mean shift of `candidate`'s class scores against `reference`'s.
 
     Both are [rows, classes]: probabilities (every reference row non-negative and
     summing to 1) or logits. None with fewer than 2 rows or 2 classes.
     """
-    ref = np.asarray(reference, dtype=np.float64)
-    cand = np.asarray(candidate, dtype=np.float64)
-    if ref.ndim != 2 or ref.shape != cand.shape or ref.shape[0] < 2 or ref.shape[1] < 2:
+    scores = log_scores(reference, candidate)
+    if scores is None or scores[0].shape[0] < 2 or scores[0].shape[1] < 2:
         return None
-    if np.all(ref >= 0.0) and np.all(np.abs(ref.sum(axis=1) - 1.0) <= _SUMS_TO_ONE):
-        ref = np.log(np.maximum(ref, PROBABILITY_FLOOR))
-        cand = np.log(np.maximum(cand, PROBABILITY_FLOOR))
+    ref, cand = scores
     # The classes the float model ranks first or second on some row.
     ranked = np.argsort(-ref, axis=1, kind="stable")[:, :2]
     classes = np.unique(ranked)

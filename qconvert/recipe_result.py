@@ -24,10 +24,13 @@ class RecipeOptions:
         name: `default` or `fast` (`RECIPES`).
         floor_sqnr_db: raise nodes to float while the held-out output SQNR is below it.
             25 dB: the fidelity a model needs when nothing better than SQNR says what
-            matters (issue 16's target for "anything else"); classifiers and detectors
-            of the bench hold 97% agreement from about 20-25 dB.
+            matters (issue 16's target for "anything else"); detectors of the bench
+            hold their agreement from about 20-25 dB. Classifier outputs are not held
+            to it: their floor is `min_top1_agreement`, on the flips their margins
+            predict (`Fidelity.meets`).
         min_top1_agreement: for classifier-like outputs, raise nodes while the held-out
-            top-1 agreement with the float model is below it.
+            top-1 agreement with the float model is below it: expected from the rows'
+            margins where they are known (`class_flips`), else counted.
         budget: the share of the model's multiply-accumulates that raised nodes (and the
             nodes the plan makes float with them) may move to float kernels, and the
             share of its weight bytes they may store float (each). A raise keeps its
@@ -243,15 +246,23 @@ def recipe_rows(result: RecipeResult) -> list[list[str]]:
 def _floor(result: RecipeResult) -> str:
     """The floor, as the notes and the result row say it.
 
-    `floor 25 dB`, `floor 25 dB and top-1 97%`, or for sequences of class distributions
-    `floor top-1 97% of sequences` (`Fidelity.meets`).
+    `floor 25 dB`, `floor 25 dB and top-1 97%`, for sequences of class distributions
+    `floor top-1 97% of sequences`, and for classifiers whose flips are expected from
+    their margins `floor top-1 97%, expected from the margins` (and `, 25 dB on the other
+    outputs` beside them) (`Fidelity.meets`).
     """
+    top1 = f"top-1 {result.min_top1_agreement * 100:g}%"
     if result.final.frame_agreement is not None:
         floor = f"floor top-1 {result.min_top1_agreement * 100:g}% of sequences"
+    elif result.final.flip_rate is not None:
+        floor = f"floor {top1}, expected from the margins"
+        if result.final.rest_sqnr_db is not None:
+            floor += f", {result.floor_sqnr_db:g} dB on the other outputs"
+        return floor
     else:
         floor = f"floor {result.floor_sqnr_db:g} dB"
     if result.final.top1_agreement is not None:
-        floor += f" and top-1 {result.min_top1_agreement * 100:g}%"
+        floor += f" and {top1}"
     return floor
 
 

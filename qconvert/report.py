@@ -47,7 +47,12 @@ JSON schema, version 1 (`schema_version`; fields are only ever added within a ve
                     distributions among the outputs), frame_rows,
                     per_sample_frames [frames disagreeing, one a held-out sample],
                     class_shifts [{energy, ratio, rows} | null, one a classifier
-                    output: the mean lean of its class scores, `class_shift`]}
+                    output: the mean lean of its class scores, `class_shift`],
+                    expected_flips [{flips, rows, sigma} | null, one a classifier
+                    output: the rows its margins and margin error predict to flip,
+                    `class_flips`], rest_sqnr_db (null: every output a
+                    classifier's, or no flips measured): the worst SQNR of the
+                    other outputs}
                     on held-out samples}
     comparison      null | {
         samples       int

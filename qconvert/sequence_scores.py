@@ -30,7 +30,17 @@ def is_distribution_sequence(array: np.ndarray) -> bool:
     sequence of classes; its SQNR is its score.
     """
     array = np.asarray(array)
-    if array.ndim != 3 or array.shape[-1] < 2 or array.size == 0:
+    return array.ndim == 3 and are_distributions(array)
+
+
+def are_distributions(array: np.ndarray) -> bool:
+    """Whether every row over the last axis of `array` is a distribution.
+
+    Float, 2 or more classes, every row non-negative and summing to 1, or at most 0 with
+    its exponentials summing to 1.
+    """
+    array = np.asarray(array)
+    if array.ndim < 1 or array.shape[-1] < 2 or array.size == 0:
         return False
     if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
         return False

@@ -267,7 +267,7 @@ def test_the_markdown_and_html_reports_tell_the_recipe(tmp_path):
         assert "Recipe default, scored on 16 held-out calibration samples" in text
         for step in ("range method", "bias correction", "weight rounding", "equalization"):
             assert step in text
-        assert "floor 25 dB" in text
+        assert "floor top-1 97%, expected from the margins" in text  # a classifier
 
 
 def test_only_batch_by_class_outputs_count_as_classifiers():

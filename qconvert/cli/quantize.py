@@ -287,9 +287,10 @@ SCHEME_HELP = (
     default=25.0,
     show_default=True,
     metavar="DB",
-    help="Recipe default: raise nodes to float while the held-out output SQNR is below DB "
-    "(or a classifier's top-1 agreement below 97%; for a sequence of class distributions, "
-    "while fewer than 97% of the held-out sequences agree in every frame).",
+    help="Recipe default: raise nodes to float while the held-out output SQNR is below DB; "
+    "for a classifier's outputs, while the top-1 agreement expected from its rows' "
+    "margins is below 97%; for a sequence of class distributions, while "
+    "fewer than 97% of the held-out sequences agree in every frame.",
 )
 @click.option(
     "--raise-budget",

@@ -8,25 +8,34 @@ what this measures (`recipe_fidelity.Fidelity`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from qconvert.class_flips import ExpectedFlips, expected_flips
 from qconvert.class_shift import ClassShift, class_shift
 from qconvert.dataset import Feeds
 from qconvert.metrics import OutputAccumulator, is_classifier_like, sqnr_db
 from qconvert.output_parts import Parts
 from qconvert.recipe_fidelity import Fidelity, can_still_hold
 from qconvert.runtime import make_session
-from qconvert.sequence_scores import frames_disagreeing, is_distribution_sequence
+from qconvert.sequence_scores import (
+    are_distributions,
+    frames_disagreeing,
+    is_distribution_sequence,
+)
 
 
 class HeldOut:
     """Scores converted models against the float model's outputs on fixed samples.
 
     `parts`: the outputs a Concat assembles (`output_parts.concat_parts`); each part is
-    scored alone, and the worst counts, as for separate outputs.
+    scored alone, and the worst counts, as for separate outputs. `classifiers`: the
+    outputs the graph writes as class scores (`class_outputs.class_score_outputs`); a
+    [batch, classes] output is scored as a classifier's when it is one of them, or when
+    its rows are probability distributions. None: every [batch, classes] float output.
     """
 
     def __init__(
@@ -36,10 +45,12 @@ class HeldOut:
         parts: Mapping[str, Parts] | None = None,
         *,
         weights: Mapping[str, np.ndarray] | None = None,
+        classifiers: frozenset[str] | None = None,
     ) -> None:
         """`weights`: the large initializers `float_model` was serialized without."""
         self.samples = list(samples)
         self.parts = dict(parts or {})
+        self.classifiers = classifiers
         session = make_session(float_model, quiet=True, weights=weights)
         self.output_names = [output.name for output in session.get_outputs()]
         self.reference = [session.run(None, feeds) for feeds in self.samples]
@@ -92,8 +103,10 @@ class HeldOut:
             for reference, candidate in zip(self.reference, outputs, strict=True)
         )
         worst, agreement, rows = math.inf, None, 0
+        rest: float | None = None  # the worst output the flip floor does not cover
         disagreeing, frames = [0] * len(outputs), 0
-        shifts = []
+        shifts: list[ClassShift | None] = []
+        flips: list[ExpectedFlips | None] = []
         for index, name in enumerate(self.output_names):
             if index in self.sequences:
                 for sample, (reference, candidate) in enumerate(
@@ -104,8 +117,7 @@ class HeldOut:
                     frames += count
             # Class scores are [batch, classes]: a detector's [1, 84, anchors] head is
             # float over its last axis too, but its argmax over anchors means nothing.
-            first = np.asarray(self.reference[0][index])
-            classify = first.ndim == 2 and is_classifier_like(first)
+            classify = self._classifies(index)
             accumulator = OutputAccumulator(name, classify=classify)
             pieces: list[OutputAccumulator] = []
             for reference, candidate in zip(self.reference, outputs, strict=True):
@@ -120,29 +132,31 @@ class HeldOut:
             result = accumulator.result()
             if classify:
                 shifts.append(self._shift(index, outputs))
+                flips.append(self._flips(index, outputs))
             for value in (result.sqnr_db, *(piece.result().sqnr_db for piece in pieces)):
                 if not math.isnan(value):
                     worst = min(worst, value)
+                    if not classify:
+                        rest = value if rest is None else min(rest, value)
             if result.top1_agreement is not None:
                 if agreement is None or result.top1_agreement < agreement:
                     agreement, rows = result.top1_agreement, accumulator.rows
-        if not frames:
-            return Fidelity(
-                sqnr_db=worst,
-                top1_agreement=agreement,
-                top1_rows=rows,
-                per_sample_db=per_sample,
-                class_shifts=tuple(shifts),
-            )
-        return Fidelity(
+        scores = Fidelity(
             sqnr_db=worst,
             top1_agreement=agreement,
             top1_rows=rows,
             per_sample_db=per_sample,
+            class_shifts=tuple(shifts),
+            expected_flips=tuple(flips),
+            rest_sqnr_db=rest if flips else None,
+        )
+        if not frames:
+            return scores
+        return dataclasses.replace(
+            scores,
             frame_agreement=1.0 - sum(disagreeing) / frames,
             frame_rows=frames,
             per_sample_frames=tuple(disagreeing),
-            class_shifts=tuple(shifts),
         )
 
     def _sample_values(self, fidelity: Fidelity) -> list[tuple[float, ...]]:
@@ -185,8 +199,26 @@ class HeldOut:
             default=math.inf,
         )
 
-    def _shift(self, index: int, outputs) -> ClassShift | None:
-        """Output `index`'s mean class-score shift over every held-out row."""
+    def _classifies(self, index: int) -> bool:
+        """Whether output `index` is scored as a classifier's: top-1, lean and flips.
+
+        Class scores are [batch, classes]: a detector's [1, 84, anchors] head is float
+        over its last axis too, but its argmax over anchors means nothing. And they are
+        what the graph writes as class scores, or probabilities on every held-out row
+        (a Softmax spelled out as Exp and Div): a pooled embedding is neither.
+        """
+        first = np.asarray(self.reference[0][index])
+        if not (first.ndim == 2 and is_classifier_like(first)):
+            return False
+        if self.classifiers is None or self.output_names[index] in self.classifiers:
+            return True
+        return all(are_distributions(ref[index]) for ref in self.reference)
+
+    def _rows(self, index: int, outputs) -> tuple[np.ndarray, np.ndarray] | None:
+        """Output `index`'s [rows, classes] on every held-out sample, float and candidate.
+
+        None where samples differ in their class count.
+        """
         classes = np.asarray(self.reference[0][index]).shape[-1]
         try:
             reference = np.concatenate(
@@ -195,9 +227,19 @@ class HeldOut:
             candidate = np.concatenate(
                 [np.reshape(cand[index], (-1, classes)) for cand in outputs]
             )
-        except ValueError:  # a sample of another class count
+        except ValueError:
             return None
-        return class_shift(reference, candidate)
+        return reference, candidate
+
+    def _shift(self, index: int, outputs) -> ClassShift | None:
+        """Output `index`'s mean class-score shift over every held-out row."""
+        rows = self._rows(index, outputs)
+        return class_shift(*rows) if rows is not None else None
+
+    def _flips(self, index: int, outputs) -> ExpectedFlips | None:
+        """The flips output `index`'s error is expected to make on the held-out rows."""
+        rows = self._rows(index, outputs)
+        return expected_flips(*rows) if rows is not None else None
 
     def _split(self, name: str, reference, candidate):
         """(reference, candidate) pairs of each part of output `name` (one: the whole)."""

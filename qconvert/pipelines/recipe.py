@@ -17,8 +17,9 @@ below the top-1 floor; bias correction, weight rounding and the float input step
 judged on balance instead, `ON_BALANCE`); the kept steps compose, each tried on top of
 those kept before.
 
-If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`, and for
-classifiers `min_top1_agreement`), nodes are raised: a raised node computes in float from
+If the fidelity is still below the floor (`RecipeOptions.floor_sqnr_db`; for
+classifier outputs `min_top1_agreement` on the rows expected to flip from their margins,
+`Fidelity.meets`), nodes are raised: a raised node computes in float from
 its int8-stored weights, so it costs float work, not file bytes (`raise_costs`). Each
 candidate (the first and last layers, then the cheapest nodes) is scored raised alone on
 top of the kept steps, ranked by the dB it gains per share of the model's
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 
 from qconvert.calibration import Calibration, derive_ranges
 from qconvert.calibration.file import merge_calibrations
+from qconvert.class_outputs import class_score_outputs
 from qconvert.config import Format
 from qconvert.handed_weights import serialized
 from qconvert.input_grid import first_readers, off_grid_inputs
@@ -136,6 +138,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         [s.feeds for s in state.held_out],
         concat_parts(state.prepared),
         weights=weights,
+        classifiers=class_score_outputs(state.prepared),
     )
     del graph, weights
 
