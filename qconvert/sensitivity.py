@@ -136,25 +136,44 @@ class Evaluator:
             self.output_names = list(reference.names)
             self.reference = list(reference.runs)
         else:
-            session = make_session(float_model, quiet=True, weights=weights)
+            # Scores only (`runtime.NCHWC_TRANSFORMER`), as the candidates' sessions.
+            session = make_session(
+                float_model, quiet=True, weights=weights, reorder_layout=False
+            )
             self.output_names = [o.name for o in session.get_outputs()]
             self.reference = [session.run(None, feeds) for feeds in self.samples]
         self.reference_accuracy = self._accuracy(self.reference)
 
     def latency_ms(self, plan: QuantPlan) -> float:
         """Median latency of the model `plan` quantizes, 1 thread, on the first sample."""
-        session = self._session(plan, threads=1)
+        # timed as a user's session runs it, blocked layout and all
+        session = self._session(plan, threads=1, reorder_layout=True)
         config = LatencyConfig(runs=LATENCY_RUNS, warmup=3, threads=1)
         return measure_latency(session, self.samples[0], config).median_ms
 
     def _session(
-        self, plan: QuantPlan, threads: int = 0, spin: bool = True
+        self,
+        plan: QuantPlan,
+        threads: int = 0,
+        spin: bool = True,
+        *,
+        reorder_layout: bool = False,
     ) -> ort.InferenceSession:
-        """A session of the model `plan` quantizes, its weights handed over as arrays."""
+        """A session of the model `plan` quantizes, its weights handed over as arrays.
+
+        Without the blocked layout by default: it scores, against a reference made so.
+        """
         converted = InsertQDQPass(plan=plan)(self.prepared.clone()).model
         graph, weights = serialized(converted)
         del converted
-        return make_session(graph, threads=threads, spin=spin, quiet=True, weights=weights)
+        return make_session(
+            graph,
+            threads=threads,
+            spin=spin,
+            quiet=True,
+            weights=weights,
+            reorder_layout=reorder_layout,
+        )
 
     def _run(self, session: ort.InferenceSession) -> list[list[np.ndarray]]:
         return [session.run(self.output_names, feeds) for feeds in self.samples]

@@ -51,7 +51,9 @@ class HeldOut:
         self.samples = list(samples)
         self.parts = dict(parts or {})
         self.classifiers = classifiers
-        session = make_session(float_model, quiet=True, weights=weights)
+        # Scores only: no blocked-layout copy of the weights (`runtime.NCHWC_TRANSFORMER`),
+        # here and in the candidates' sessions, which it is compared against.
+        session = make_session(float_model, quiet=True, weights=weights, reorder_layout=False)
         self.output_names = [output.name for output in session.get_outputs()]
         self.reference = [session.run(None, feeds) for feeds in self.samples]
         # Outputs that are sequences of class distributions on every sample are scored
@@ -79,7 +81,7 @@ class HeldOut:
         counts, `Fidelity.scored_by_frames`), it stops only once neither the frames nor
         the SQNR could win.
         """
-        session = make_session(model, quiet=True, weights=weights)
+        session = make_session(model, quiet=True, weights=weights, reorder_layout=False)
         theirs = self._sample_values(against) if against is not None else []
         outputs = []
         wins, losses = [0] * len(theirs), [0] * len(theirs)

@@ -32,6 +32,7 @@ from qconvert.dataset import (
 from qconvert.errors import (
     ConfigError,
 )
+from qconvert.file_weights import read_from_file
 from qconvert.fusion_audit import kernel_gates
 from qconvert.passes import (
     DropIntermediateShapesPass,
@@ -218,6 +219,8 @@ def prepare(state: QuantizeState) -> QuantizeState:
     else:
         prepared, qdq_domain = prepare_for_scheme(state.float_model.clone(), config)
     selection.warn_unmatched(prepared.graph)
+    # What preparation replaced is read from the file again if a stage asks for it.
+    read_from_file(state.float_model, state.request.model, prepared)
     return state.replace(
         selection=selection, prepared=prepared, qdq_domain=qdq_domain, calibrated=None
     )
