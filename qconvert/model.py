@@ -296,13 +296,29 @@ def _will_need(ranges: list[tuple[str, int, int]]) -> None:
             os.close(handle)
 
 
-def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    force: bool,
+    source: str | os.PathLike[str] | None = None,
+) -> Path:
     """Fails early, before any work, if `path` cannot be written.
 
+    `source` is the model being converted: the run reads it again after writing (the
+    comparison's float reference, weights read back from the file), so writing over it
+    would compare the converted model with itself, and is refused even with `force`.
+
     Raises:
-        OutputError: the file exists and `force` is off, or its folder does not exist.
+        OutputError: the file exists and `force` is off, it is `source`, or its folder
+            does not exist.
     """
     path = Path(path)
+    if source is not None and path.exists() and Path(source).exists():
+        if os.path.samefile(path, source):
+            raise OutputError(
+                f"Output file '{path}' is the input model.",
+                hint="write the converted model to another file with -o.",
+            )
     if path.exists() and not force:
         raise OutputError(
             f"Output file '{path}' already exists.", hint="pass --force to overwrite it."

@@ -67,6 +67,24 @@ def test_existing_output_is_refused_without_force(run_cli, tiny_cnn, tmp_path):
     assert out.read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_writing_over_the_input_model_is_refused_even_with_force(
+    run_cli, tiny_cnn, tmp_path, scheme
+):
+    # The run reads its input again after writing (the comparison's float reference):
+    # written over, the converted model would be compared with itself.
+    before = sha256(tiny_cnn)
+    result = run_cli(
+        "quantize", tiny_cnn, "--scheme", scheme, "--data", tmp_path / "calib",
+        "-o", tiny_cnn, "--force",
+    )  # fmt: skip
+    assert result.code == 3, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and "is the input model" in lines[0], result.err
+    assert "Traceback" not in result.err
+    assert sha256(tiny_cnn) == before
+
+
 def test_empty_data_folder(run_cli, tiny_cnn, tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out.onnx"

@@ -91,7 +91,7 @@ def quantize_int4(
             "--target-sqnr and --max-top1-drop do not go with --scheme int4.",
             hint="keep layers at 8 bits or float with --overrides or --exclude.",
         )
-    output = model_io.check_output_path(output, force=force)
+    output = model_io.check_output_path(output, force=force, source=model)
     if report is not None:
         check_report_path(report)
     timings: dict[str, float] = {}

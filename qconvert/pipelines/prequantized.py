@@ -84,7 +84,7 @@ def finish(
     refused as a usage error.
     """
     config = config if config is not None else QuantizeConfig()
-    output = model_io.check_output_path(output, force=force)
+    output = model_io.check_output_path(output, force=force, source=model)
     if report is not None:
         check_report_path(report)
     timings: dict[str, float] = {}

@@ -119,7 +119,9 @@ def check_options(state: QuantizeState) -> QuantizeState:
     if state.mixed:
         check_mixed_precision(config, target, request.data, request.eval_data)
     check_weight_passes(config, request.data, request.calib)
-    output = model_io.check_output_path(request.output, force=request.force)
+    output = model_io.check_output_path(
+        request.output, force=request.force, source=request.model
+    )
     if request.report is not None:
         check_report_path(request.report)
     return state.replace(output=output)
