@@ -19,7 +19,7 @@ points on 16 rows): the expected count is its mean given the margins, so it reso
 what the count cannot. A classifier whose rows lie far from a tie keeps its top-1 class
 at a low SQNR (a 1000-class CNN at 20 dB: no margin under 1, 0.28 rms of error, 1e-6
 flips expected on 16 rows), and one with rows near a tie loses them at a high one (a
-two-class text-orientation classifier at 26 dB: 11 of 64 eval rows within 0.37 of a tie,
+two-class classifier of text crops at 26 dB: 11 of 64 eval rows within 0.37 of a tie,
 error 0.28 rms, 2.4 flips expected and 3 flipped).
 """
 

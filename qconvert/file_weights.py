@@ -34,27 +34,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert.errors import ModelLoadError
+from qconvert.owned_tensors import ARRAY_DTYPES
 
 MIN_BYTES = 1 << 16
 """Smaller initializers stay held: shape constants and biases, read often and worth little."""
-
-_DTYPES = frozenset(
-    {
-        ir.DataType.FLOAT,
-        ir.DataType.DOUBLE,
-        ir.DataType.FLOAT16,
-        ir.DataType.INT8,
-        ir.DataType.UINT8,
-        ir.DataType.INT16,
-        ir.DataType.UINT16,
-        ir.DataType.INT32,
-        ir.DataType.UINT32,
-        ir.DataType.INT64,
-        ir.DataType.UINT64,
-        ir.DataType.BOOL,
-    }
-)
-"""Element types whose raw data is the numpy array's bytes (little-endian hosts)."""
 
 _LEN, _VARINT, _FIXED64, _FIXED32 = 2, 0, 1, 5
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
@@ -87,7 +70,7 @@ def read_from_file(
             tensor = value.const_value
             if (
                 type(tensor) is not ir.Tensor
-                or tensor.dtype not in _DTYPES
+                or tensor.dtype not in ARRAY_DTYPES
                 or tensor.nbytes < MIN_BYTES
                 or name not in spans
                 or id(tensor) in shared

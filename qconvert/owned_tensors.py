@@ -32,7 +32,7 @@ import onnx_ir as ir
 _PLAIN_FIELDS = frozenset({"dims", "data_type", "name", "raw_data"})
 """The fields an `ir.Tensor` of an array writes back exactly as they were read."""
 
-_ARRAY_DTYPES = frozenset(
+ARRAY_DTYPES = frozenset(
     {
         ir.DataType.FLOAT,
         ir.DataType.DOUBLE,
@@ -81,7 +81,7 @@ def owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     proto = tensor.raw
     fields = _present_fields(proto)
     plain = fields <= _PLAIN_FIELDS and "raw_data" in fields
-    if plain and tensor.dtype in _ARRAY_DTYPES and (proto.name or "name" not in fields):
+    if plain and tensor.dtype in ARRAY_DTYPES and (proto.name or "name" not in fields):
         # numpy() reads raw_data into bytes of its own: the array is the one copy.
         return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=proto.name or None)
     own = onnx.TensorProto()

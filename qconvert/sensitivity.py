@@ -189,17 +189,17 @@ class Evaluator:
         runs its samples on a thread of its own while the next plan's model is built:
         onnxruntime lets go of the GIL while it runs. On 2 cores two one-thread sessions
         run the samples of `auto`'s check in 0.36 s of CPU where one two-thread session
-        after the other took 0.54 s (EfficientNet-Lite0, 2 x 16 samples), and the second
-        model is built while the first runs. Threads that wait for work do not spin:
-        they would take the cores the other session computes on. The outputs are those of
-        `score`'s sessions where the share is the cores onnxruntime takes by default (one
-        per physical core); with fewer threads a float kernel's last bits may differ
-        (MLAS cuts a GEMM into blocks by thread), as they already do from one machine to
-        another.
+        after the other took 0.54 s (a 224x224 depthwise-separable CNN, 2 x 16 samples),
+        and the second model is built while the first runs. Threads that wait for work do
+        not spin: they would take the cores the other session computes on. The outputs are
+        those of `score`'s sessions where the share is the cores onnxruntime takes by
+        default (one per physical core); with fewer threads a float kernel's last bits may
+        differ (MLAS cuts a GEMM into blocks by thread), as they already do from one
+        machine to another.
 
         Two sessions alive at once hold a second copy of the quantized weights and an
         arena: on a 90 MB sentence encoder the run's peak went from 436 to 513 MB (on
-        EfficientNet-Lite0, 18 MB of weights, 203 to 213 MB). Past `SIDE_BY_SIDE_BYTES`
+        that CNN, 18 MB of weights, 203 to 213 MB). Past `SIDE_BY_SIDE_BYTES`
         of weights the plans are scored one after the other, as `score` does.
         """
         if _weight_bytes(self.prepared) > SIDE_BY_SIDE_BYTES:

@@ -461,7 +461,7 @@ def _sizes(state: QuantizeState) -> tuple[int, int]:
 
     A model without external data is its file alone, and the model written whole is the
     bytes saved: `model.file_size` would read each file through for external-data
-    references (18 MB for a 224x224 MobileNetV2-style CNN and its int8 output, 17 ms of
+    references (18 MB for a 224x224 inverted-residual CNN and its int8 output, 17 ms of
     CPU after calibration). Models with external data still add up their data files.
     """
     model = state.request.model
