@@ -18,6 +18,7 @@ The rewrite pass only applies the plan, and the report shows it, so a user can s
 each node is or is not quantized.
 """
 
+from qconvert.plan.answer_head import HEAD_FLOAT_MAX_WEIGHTS
 from qconvert.plan.common import check_overrides
 from qconvert.plan.concat import MIXED_RANGE_RATIO
 from qconvert.plan.decisions import (
@@ -30,7 +31,6 @@ from qconvert.plan.decisions import (
 )
 from qconvert.plan.dynamic import make_dynamic_plan
 from qconvert.plan.float16 import make_float16_plan
-from qconvert.plan.float_islands import HEAD_FLOAT_MAX_WEIGHTS
 from qconvert.plan.static import GELU_REASON, make_plan
 
 __all__ = [

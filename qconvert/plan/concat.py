@@ -11,11 +11,11 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qconvert import ops, qparams
+from qconvert.plan.answer_head import FEEDS_ANSWER_REASON
 from qconvert.plan.decisions import (
     Role,
     TensorDecision,
 )
-from qconvert.plan.float_islands import FEEDS_ANSWER_REASON
 from qconvert.plan.planner_state import PlannerState
 
 MIXED_RANGE_RATIO = 100.0

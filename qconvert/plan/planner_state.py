@@ -2,7 +2,8 @@
 
 `PlannerState` holds the plan being built (tensors, nodes, folds, notes) and the memo
 tables of the graph walks. The rule families (`weights`, `activations`, `concat`,
-`float_islands`) are mixins over it, and `static._Planner` drives them.
+`answer_head`, `float_islands`, `vectors`, `moves`) are mixins over it, and
+`static._Planner` drives them.
 """
 
 from __future__ import annotations

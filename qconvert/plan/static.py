@@ -5,8 +5,9 @@ nodes of its bodies) and reads the op policy table (`ops.py`), the scheme and th
 calibrated ranges. This module decides, node by node, which rule family plans it; the
 families are mixins, one module each: `weights` (weights, biases), `activations`
 (activations, outputs, clamp and scale folds), `concat` (Concat, pass-through, mixed
-ranges) and `float_islands` (layers that compute in float). The graph patterns they look
-for (GELU, Relu/Clip chains, global pooling) are pure functions in `patterns`.
+ranges), `answer_head` (a classifier's head), `float_islands` (other layers that compute in
+float), `vectors` and `moves`. The graph patterns they look for (GELU, Relu/Clip chains,
+global pooling) are pure functions in `patterns`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from qconvert.calibration.observers import TensorObserver
 from qconvert.graph_utils import constant_array
 from qconvert.overrides import Overrides
 from qconvert.plan.activations import ActivationRules
+from qconvert.plan.answer_head import ANSWER_REASON, FEEDS_ANSWER_REASON, AnswerHeadRules
 from qconvert.plan.common import check_overrides, skip_reason
 from qconvert.plan.concat import ConcatRules
 from qconvert.plan.decisions import (
@@ -29,8 +31,6 @@ from qconvert.plan.decisions import (
     Role,
 )
 from qconvert.plan.float_islands import (
-    ANSWER_REASON,
-    FEEDS_ANSWER_REASON,
     FLOAT_READERS_REASON,
     ISLAND_LAYER_REASON,
     STEM_REASON,
@@ -96,6 +96,7 @@ def make_plan(
 
 class _Planner(
     ConcatRules,
+    AnswerHeadRules,
     FloatIslandRules,
     VectorLayerRules,
     MovedInputRules,
