@@ -64,6 +64,17 @@ class HeldOut:
             if self.reference
             and all(is_distribution_sequence(ref[index]) for ref in self.reference)
         )
+        # Which outputs are scored as a classifier's, and their float rows: fixed by the
+        # reference, so decided once, not at every candidate scored.
+        self.classifying = frozenset(
+            index
+            for index in range(len(self.output_names))
+            if self.reference and self._classifies(index)
+        )
+        self._reference_rows = {
+            index: _stacked_rows(self.reference, index, self._classes(index))
+            for index in self.classifying
+        }
 
     def score(
         self,
@@ -119,7 +130,7 @@ class HeldOut:
                     frames += count
             # Class scores are [batch, classes]: a detector's [1, 84, anchors] head is
             # float over its last axis too, but its argmax over anchors means nothing.
-            classify = self._classifies(index)
+            classify = index in self.classifying
             accumulator = OutputAccumulator(name, classify=classify)
             pieces: list[OutputAccumulator] = []
             for reference, candidate in zip(self.reference, outputs, strict=True):
@@ -133,8 +144,9 @@ class HeldOut:
                     piece.update(ref_part, cand_part)
             result = accumulator.result()
             if classify:
-                shifts.append(self._shift(index, outputs))
-                flips.append(self._flips(index, outputs))
+                rows = self._rows(index, outputs)
+                shifts.append(class_shift(*rows) if rows is not None else None)
+                flips.append(expected_flips(*rows) if rows is not None else None)
             for value in (result.sqnr_db, *(piece.result().sqnr_db for piece in pieces)):
                 if not math.isnan(value):
                     worst = min(worst, value)
@@ -216,32 +228,19 @@ class HeldOut:
             return True
         return all(are_distributions(ref[index]) for ref in self.reference)
 
+    def _classes(self, index: int) -> int:
+        return np.asarray(self.reference[0][index]).shape[-1]
+
     def _rows(self, index: int, outputs) -> tuple[np.ndarray, np.ndarray] | None:
         """Output `index`'s [rows, classes] on every held-out sample, float and candidate.
 
         None where samples differ in their class count.
         """
-        classes = np.asarray(self.reference[0][index]).shape[-1]
-        try:
-            reference = np.concatenate(
-                [np.reshape(ref[index], (-1, classes)) for ref in self.reference]
-            )
-            candidate = np.concatenate(
-                [np.reshape(cand[index], (-1, classes)) for cand in outputs]
-            )
-        except ValueError:
+        reference = self._reference_rows[index]
+        if reference is None:
             return None
-        return reference, candidate
-
-    def _shift(self, index: int, outputs) -> ClassShift | None:
-        """Output `index`'s mean class-score shift over every held-out row."""
-        rows = self._rows(index, outputs)
-        return class_shift(*rows) if rows is not None else None
-
-    def _flips(self, index: int, outputs) -> ExpectedFlips | None:
-        """The flips output `index`'s error is expected to make on the held-out rows."""
-        rows = self._rows(index, outputs)
-        return expected_flips(*rows) if rows is not None else None
+        candidate = _stacked_rows(outputs, index, self._classes(index))
+        return (reference, candidate) if candidate is not None else None
 
     def _split(self, name: str, reference, candidate):
         """(reference, candidate) pairs of each part of output `name` (one: the whole)."""
@@ -249,6 +248,14 @@ class HeldOut:
         if parts is None:
             return [(reference, candidate)]
         return parts.pairs(reference, candidate)
+
+
+def _stacked_rows(samples, index: int, classes: int) -> np.ndarray | None:
+    """Output `index` of every sample as one [rows, classes] array (None: counts differ)."""
+    try:
+        return np.concatenate([np.reshape(sample[index], (-1, classes)) for sample in samples])
+    except ValueError:
+        return None
 
 
 def _sample_sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
