@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cpu_flags() -> frozenset[str] | None:

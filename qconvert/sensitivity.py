@@ -18,7 +18,6 @@ model rarely needs more than a handful of float nodes.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qconvert import ops
+from qconvert.cpu import usable_cores
 from qconvert.dataset import Feeds
 from qconvert.handed_weights import serialized
 from qconvert.latency import LatencyConfig, measure_latency
@@ -204,7 +204,7 @@ class Evaluator:
         """
         if _weight_bytes(self.prepared) > SIDE_BY_SIDE_BYTES:
             return [self.score(plan) for plan in plans]
-        share = max(1, _usable_cores() // max(1, len(plans)))
+        share = max(1, usable_cores() // max(1, len(plans)))
         with ThreadPoolExecutor(max_workers=max(1, len(plans))) as pool:
             running = [
                 pool.submit(self._run, self._session(plan, threads=share, spin=False))
@@ -239,14 +239,6 @@ def _weight_bytes(model: ir.Model) -> int:
         for value in model.graph.initializers.values()
         if value.const_value is not None
     )
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def quantizable_nodes(plan: QuantPlan) -> list[tuple[str, str]]:

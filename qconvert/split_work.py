@@ -9,10 +9,11 @@ whichever thread runs it: the result does not depend on the thread count.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+
+from qconvert.cpu import usable_cores
 
 MAX_THREADS = 2
 """At most this many threads share one job. The int4 save already keeps a writer thread and
@@ -25,10 +26,7 @@ _pool_lock = threading.Lock()
 
 def default_threads() -> int:
     """The threads a job uses: the cores this process may run on, at most MAX_THREADS."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(MAX_THREADS, cores))
 
 

@@ -59,6 +59,7 @@ from qconvert.calibration.shards import (
     merge_shards,
     split,
 )
+from qconvert.cpu import usable_cores
 from qconvert.dataset import DirectorySource, Sample
 from qconvert.errors import CalibrationWorkerError, QconvertError
 
@@ -345,10 +346,7 @@ class _LocalRun:
 
 def auto_workers() -> int:
     """The processes `--workers auto` may use: one per core this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
