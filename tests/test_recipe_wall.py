@@ -127,7 +127,7 @@ def _wide_case(tmp_path):
             x[0, 0, 0, :4] = 30.0
         samples.append({"input": x})
     testing.write_samples(tmp_path / "calib", samples)
-    # Adding clipping is scored only on --eval samples (`recipe._ranges_refusal`): the
+    # Adding clipping is scored only on --eval samples (`recipe_ranges.ranges_refusal`): the
     # held-out ones, none of them the outlier's, go there.
     testing.write_samples(
         tmp_path / "eval", [samples[i] for i in recipe_samples.held_out_indices(SAMPLES)]
@@ -146,9 +146,9 @@ def test_the_recipes_kept_states_write_what_recomputing_them_writes(tmp_path, mo
     path = _wide_case(tmp_path)
     options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)  # raises are scored
     other_ranges = []
-    real = recipe._other_ranges
+    real = recipe.other_ranges
     monkeypatch.setattr(
-        recipe, "_other_ranges", lambda *args: other_ranges.append(1) or real(*args)
+        recipe, "other_ranges", lambda *args: other_ranges.append(1) or real(*args)
     )
     kept = qconvert.quantize(
         path,

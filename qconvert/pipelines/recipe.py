@@ -63,10 +63,11 @@ from qconvert.passes.equalize_activations import activation_sites
 from qconvert.pipelines.held_out import HeldOut
 from qconvert.pipelines.raise_costs import RaiseCost, node_work, raise_cost
 from qconvert.pipelines.raise_phase import Raise, raise_nodes, with_raised_reasons
-from qconvert.pipelines.stages import prepares_alike, ranges_of
+from qconvert.pipelines.recipe_ranges import activation_clipping, other_ranges, ranges_refusal
+from qconvert.pipelines.stages import prepares_alike
 from qconvert.pipelines.state import QuantizeState
 from qconvert.pipelines.weight_passes import FloatInputs, rescaled_by_equalization
-from qconvert.plan import QuantPlan, Role
+from qconvert.plan import QuantPlan
 from qconvert.recipe_fidelity import Fidelity, balance_detail, verdict_detail
 from qconvert.recipe_result import RaisedNode, RaiseSearch, RecipeResult, Trial
 
@@ -209,7 +210,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         if "range method" in kept:
             start = current
             current = _once(
-                ranged, "equalization" in kept, lambda: _other_ranges(start, stages)
+                ranged, "equalization" in kept, lambda: other_ranges(start, stages)
             )
         if raises:
             current = _raising(current, stages, raises)
@@ -225,7 +226,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
 
     checks = {
         "float input": lambda: _float_input_refusal(off_grid, input_cost, options),
-        "range method": lambda: _ranges_refusal(base, on_eval=state.evaluation is not None),
+        "range method": lambda: ranges_refusal(base, on_eval=state.evaluation is not None),
         "bias correction": lambda: (
             None
             if correctable_nodes(base.prepared, base.plan)
@@ -512,60 +513,6 @@ def _all_calibration(state: QuantizeState, stages: RecipeStages) -> Calibration:
     )
 
 
-def _ranges_refusal(state: QuantizeState, *, on_eval: bool) -> str | None:
-    """Why the range method step is not tried, or None.
-
-    Clipping is only added when scored on --eval: auto clips each tensor where the
-    calibration folder's tails are rare, and samples held out of that same folder share
-    those tails, so they favour it where unseen data does not. On a CTC text recognizer auto's
-    clipping won on 12 of 16 held-out samples (+1.5 dB) and cost the eval set 1.5 dB
-    and one string of 42. Removing clipping (minmax everywhere) is tried either way.
-    """
-    if state.range_method is None or state.range_method.name != "auto":
-        name = state.range_method.name if state.range_method is not None else "none"
-        return f"--method {name} was asked for"
-    if _alternative_ranges(state) is None:
-        return "auto's per-tensor choice is minmax for every activation"
-    if not on_eval and not _activation_clipping(state):
-        return (
-            "adding auto's clipping is scored only on --eval samples: samples held out "
-            "of the --data folder share the tails it clips"
-        )
-    return None
-
-
-def _activation_clipping(state: QuantizeState) -> bool:
-    choices = state.range_choices
-    return any(
-        decision.role is Role.ACTIVATION and choices.get(name, "minmax") != "minmax"
-        for name, decision in state.plan.tensors.items()
-    )
-
-
-def _alternative_ranges(state: QuantizeState):
-    """The ranges the plan does not use: minmax if it clips, else auto's clipping."""
-    if _activation_clipping(state):
-        method = dataclasses.replace(state.range_method, name="minmax")
-        ranges = dict(derive_ranges(state.calibration.observers, method))
-        return ranges, dict.fromkeys(state.range_choices, "minmax"), "minmax everywhere"
-    ranges, choices = ranges_of(state.calibration, state.range_method)
-    clipping = [name for name, method in choices.items() if method != "minmax"]
-    if not clipping:
-        return None
-    return ranges, choices, f"auto's per-tensor choices ({len(clipping)} clipped)"
-
-
-def _other_ranges(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
-    other = _alternative_ranges(state)
-    if other is None:
-        return state
-    ranges, choices, label = other
-    plan = stages.plan_with(state, ranges, frozenset(), frozenset())
-    note = f"Range method: the recipe kept {label}, better on held-out samples."
-    plan = dataclasses.replace(plan, notes=(*plan.notes, note))
-    return state.replace(plan=plan, ranges=ranges, range_choices=choices)
-
-
 def _raising(
     state: QuantizeState, stages: RecipeStages, raises: frozenset[Raise]
 ) -> QuantizeState:
@@ -629,7 +576,7 @@ def _equalized(
         state = stages.calibrate(state).replace(float_outputs=None)
     for stage in (stages.prepare, stages.derive_ranges):
         state = stage(state)
-    if state.range_choices and not _activation_clipping(base):
+    if state.range_choices and not activation_clipping(base):
         method = dataclasses.replace(state.range_method, name="minmax")
         ranges = dict(derive_ranges(state.calibration.observers, method))
         state = state.replace(ranges=ranges, range_choices=dict.fromkeys(ranges, "minmax"))
