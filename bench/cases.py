@@ -380,6 +380,9 @@ def _line_windows(
 WORD_GAP = 0.4
 """Ink-free columns at least this share of a line's ink height part words: inter-letter
 gaps on the bench's page are 1-3 px on 9-13 px lines, word spaces 5-10 px."""
+BLOCK_GAP = 2.0
+"""A gap at least this many ink heights wide parts text blocks (columns, table cells),
+which a detector boxes apart: no crop spans it."""
 
 
 def _line_crops(page: np.ndarray, max_aspect: float) -> list[np.ndarray]:
@@ -393,7 +396,8 @@ def line_crop_boxes(page: np.ndarray, max_aspect: float) -> list[tuple[int, int,
     a glyph cut. A detector's box is a whole line; a line wider than `max_aspect` (the
     recognizer's fixed input) is cut at word gaps instead of squeezed. One box per word:
     the longest run of whole words from it that fits, left out where it ends with the
-    run before it (a suffix of it). A single word wider than that is one box. The
+    run before it (a suffix of it), and never across a block gap (`BLOCK_GAP`). A single
+    word wider than that is one box. The
     horizontal margin is the band's, at most half the gap to the next ink, so no
     neighbour's glyph enters the box."""
     ink, bands = _line_bands(page)
@@ -412,6 +416,8 @@ def line_crop_boxes(page: np.ndarray, max_aspect: float) -> list[tuple[int, int,
         for first in range(len(words)):
             end = first
             while end + 1 < len(words):
+                if words[end + 1][0] - words[end][1] >= BLOCK_GAP * height:
+                    break
                 left, right = _crop_span(words, first, end + 1, pad, ink.shape[1])
                 if right - left > max_aspect * (bottom - top):
                     break

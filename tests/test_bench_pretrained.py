@@ -315,22 +315,16 @@ def test_text_scenes_hold_ink_at_the_detector_shape():
         text_scenes.detector_input(np.zeros((100, 96, 3), np.uint8))
 
 
-def _drawn_page():
-    """A page of three text lines drawn word by word, and each word's ink box (top,
-    bottom, left, right) found by drawing it alone."""
+def _drawn_page(size, phrases):
+    """A page with `phrases` ((x, y, text)) drawn word by word, and each word's ink box
+    (top, bottom, left, right) found by drawing it alone."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=16)
-    lines = [
-        "Let us first determine markers of the coins and",
-        "the background. These are pixels that we can label",
-        "unambiguously as either object or background.",
-    ]
-    page = Image.new("L", (420, 120), 215)
+    page = Image.new("L", size, 215)
     words = []
-    for row, line in enumerate(lines):
-        x, y = 6, 12 + 34 * row
-        for word in line.split():
+    for x, y, phrase in phrases:
+        for word in phrase.split():
             alone = Image.new("L", page.size, 0)
             ImageDraw.Draw(alone).text((x, y), word, fill=255, font=font)
             ys, xs = np.nonzero(np.asarray(alone))
@@ -343,7 +337,12 @@ def _drawn_page():
 def test_line_crops_hold_whole_words_with_a_margin():
     from bench.cases import line_crop_boxes
 
-    page, words = _drawn_page()
+    lines = [
+        "Let us first determine markers of the coins and",
+        "the background. These are pixels that we can label",
+        "unambiguously as either object or background.",
+    ]
+    page, words = _drawn_page((420, 120), [(6, 12 + 34 * i, t) for i, t in enumerate(lines)])
     aspect = pretrained.REC_WIDTH / pretrained.REC_HEIGHT
     boxes = line_crop_boxes(page, aspect)
     held = set()
@@ -367,3 +366,16 @@ def test_line_crops_hold_whole_words_with_a_margin():
     assert held == set(range(len(words)))
     # one crop per word's run, none a suffix of the one before: fewer crops than words
     assert len(words) // 3 < len(boxes) < len(words)
+
+
+def test_line_crops_keep_text_blocks_apart():
+    from bench.cases import line_crop_boxes
+
+    # Two columns on one line: together they would fit one crop, but the gutter (over
+    # twice the line's height) parts them, as a detector boxes them apart.
+    page, words = _drawn_page((120, 40), [(6, 10, "cut at"), (80, 10, "it")])
+    boxes = line_crop_boxes(page, pretrained.REC_WIDTH / pretrained.REC_HEIGHT)
+    spans = sorted((left, right) for _, _, left, right in boxes)
+    assert len(spans) == 2
+    assert spans[0][0] < words[0][2] and words[1][3] < spans[0][1] < words[2][2]
+    assert words[2][2] > spans[1][0] > words[1][3] and spans[1][1] > words[2][3]
