@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ class Case:
     calib: Path
     eval: Path
     about: str
+    # (label, folder): eval sets reported in a table of their own beside the main one
+    also_eval: tuple[tuple[str, Path], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,11 +53,17 @@ def write_case(
     model: Path,
     about: str,
     labels: list[int] | None = None,
+    also_evals: dict[str, list[data.Feeds]] | None = None,
 ) -> Case:
-    """Writes the case's calibration and evaluation folders under `work/name`."""
+    """Writes the case's calibration and evaluation folders under `work/name`, and one
+    folder per labelled second eval set (`also_evals`)."""
     folder = work / name
     data.write_folder(folder / "calib", calib)
     data.write_folder(folder / "eval", evals, labels)
+    also = tuple(
+        (label, data.write_folder(folder / f"eval-{index}", samples))
+        for index, (label, samples) in enumerate((also_evals or {}).items())
+    )
     return Case(
         name=name,
         group=group,
@@ -64,6 +72,7 @@ def write_case(
         calib=folder / "calib",
         eval=folder / "eval",
         about=about,
+        also_eval=also,
     )
 
 
@@ -112,7 +121,7 @@ def _built(
 
 
 def quick_case(work: Path) -> Case:
-    return _built(
+    case = _built(
         work,
         "tiny_cnn",
         builders.tiny_cnn,
@@ -121,6 +130,11 @@ def quick_case(work: Path) -> Case:
         "classify",
         "3x32x32 Conv/BN/ReLU net built in code (the --quick model)",
     )
+    # A second eval set, so that the quick run carries its table too.
+    folder = data.write_folder(
+        work / "tiny_cnn" / "eval-0", data.synthetic_images(8, 32, seed=3)
+    )
+    return replace(case, also_eval=(("other seed", folder),))
 
 
 def synthetic_cases(work: Path, sizes: Sizes) -> list[Case]:
@@ -328,29 +342,118 @@ def _ocr_classifier(files: Path, work: Path, sizes: Sizes) -> Case:
     )
 
 
-def _line_windows(
-    page: np.ndarray, count: int, rng: np.random.Generator, aspect: int = 4
-) -> list[np.ndarray]:
-    """Windows on the text lines of a scanned page: rows with ink (against a local
-    background, the scan is unevenly lit) form line bands; each band, padded, is cut into
-    `aspect`:1 windows (4:1 is the orientation classifier's aspect)."""
+def _line_bands(page: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The page's ink map and its text-line bands (top, bottom, ink height): rows with
+    ink (against a local background, the scan is unevenly lit), each band padded above
+    and below by a third of its ink height."""
     from PIL import Image, ImageFilter
 
     gray = Image.fromarray(page).convert("L")
     background = np.asarray(gray.filter(ImageFilter.BoxBlur(12)), np.float32)
-    ink = (np.asarray(gray, np.float32) < background - 20).mean(1) > 0.1
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], ink.astype(int), [0]])))
-    windows = []
+    ink = np.asarray(gray, np.float32) < background - 20
+    rows = ink.mean(1) > 0.1
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], rows.astype(int), [0]])))
+    bands = []
     for top, bottom in zip(edges[::2], edges[1::2], strict=True):
         if bottom - top < 6:
             continue
         pad = (bottom - top) // 3
-        top, bottom = max(0, top - pad), min(page.shape[0], bottom + pad)
+        bands.append((max(0, top - pad), min(page.shape[0], bottom + pad), bottom - top))
+    return ink, bands
+
+
+def _line_windows(
+    page: np.ndarray, count: int, rng: np.random.Generator, aspect: int = 4
+) -> list[np.ndarray]:
+    """Windows on the text lines of a scanned page: each line band is cut into
+    `aspect`:1 windows at a stride of half a window (4:1 is the orientation classifier's
+    aspect), so most windows cut a glyph at one edge or both: the stress set."""
+    windows = []
+    for top, bottom, _ in _line_bands(page)[1]:
         width = aspect * (bottom - top)
         for left in range(0, page.shape[1] - width + 1, width // 2):
             windows.append(page[top:bottom, left : left + width])
     chosen = rng.choice(len(windows), size=min(count, len(windows)), replace=False)
     return [windows[int(i)] for i in sorted(chosen)]
+
+
+WORD_GAP = 0.4
+"""Ink-free columns at least this share of a line's ink height part words: inter-letter
+gaps on the bench's page are 1-3 px on 9-13 px lines, word spaces 5-10 px."""
+BLOCK_GAP = 2.0
+"""A gap at least this many ink heights wide parts text blocks (columns, table cells),
+which a detector boxes apart: no crop spans it."""
+
+
+def _line_crops(page: np.ndarray, max_aspect: float) -> list[np.ndarray]:
+    """The page's pixels in each of `line_crop_boxes`."""
+    return [page[t:b, left:right] for t, b, left, right in line_crop_boxes(page, max_aspect)]
+
+
+def line_crop_boxes(page: np.ndarray, max_aspect: float) -> list[tuple[int, int, int, int]]:
+    """Boxes (top, bottom, left, right) on a scanned page's text lines, cut as an OCR
+    pipeline crops its recognizer's input: whole words with a margin of background, never
+    a glyph cut. A detector's box is a whole line; a line wider than `max_aspect` (the
+    recognizer's fixed input) is cut at word gaps instead of squeezed. One box per word:
+    the longest run of whole words from it that fits, left out where it ends with the
+    run before it (a suffix of it), and never across a block gap (`BLOCK_GAP`). A single
+    word wider than that is one box. The
+    horizontal margin is the band's, at most half the gap to the next ink, so no
+    neighbour's glyph enters the box."""
+    ink, bands = _line_bands(page)
+    boxes = []
+    for top, bottom, height in bands:
+        pad = height // 3
+        columns = ink[top:bottom].any(0)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], columns.astype(int), [0]])))
+        words: list[list[int]] = []
+        for left, right in zip(edges[::2], edges[1::2], strict=True):
+            if words and left - words[-1][1] < WORD_GAP * height:
+                words[-1][1] = right
+            else:
+                words.append([left, right])
+        last_end = -1
+        for first in range(len(words)):
+            end = first
+            while end + 1 < len(words):
+                if words[end + 1][0] - words[end][1] >= BLOCK_GAP * height:
+                    break
+                left, right = _crop_span(words, first, end + 1, pad, ink.shape[1])
+                if right - left > max_aspect * (bottom - top):
+                    break
+                end += 1
+            if end == last_end:
+                continue
+            last_end = end
+            left, right = _crop_span(words, first, end, pad, ink.shape[1])
+            rows = _crop_rows(ink[:, left:right], top + pad, bottom - pad, height)
+            boxes.append((*rows, left, right))
+    return boxes
+
+
+def _crop_rows(ink: np.ndarray, top: int, bottom: int, height: int) -> tuple[int, int]:
+    """Rows of a crop: the line's ink rows grown while the crop's own columns hold ink
+    (a slanted scan lifts a line's ascenders out of its band), at most half the ink
+    height, then a third of it in margin."""
+    reach, pad = height // 2, height // 3
+    inked = ink.any(1)
+    while top > 0 and reach and inked[top - 1]:
+        top, reach = top - 1, reach - 1
+    reach = height // 2
+    while bottom < len(inked) and reach and inked[bottom]:
+        bottom, reach = bottom + 1, reach - 1
+    return max(0, top - pad), min(len(inked), bottom + pad)
+
+
+def _crop_span(
+    words: list[list[int]], first: int, last: int, pad: int, width: int
+) -> tuple[int, int]:
+    """Columns of the crop holding words first..last: `pad` of margin each side, at most
+    half the gap to the neighbouring word, within the page."""
+    left, right = words[first][0], words[last][1]
+    before = (left - words[first - 1][1]) // 2 if first > 0 else pad
+    after = (words[last + 1][0] - right) // 2 if last + 1 < len(words) else pad
+    return max(0, left - min(pad, before)), min(width, right + min(pad, after))
 
 
 def _cls_input(image: np.ndarray) -> np.ndarray:

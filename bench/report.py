@@ -73,6 +73,26 @@ def main_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def also_table(rows: list[dict]) -> list[str]:
+    """The second eval sets of the models that have them: the same written models scored
+    on other inputs, so a figure's dependence on its eval set stays in sight."""
+    lines = [
+        "| model | scheme | eval set | samples | agreement: ours / theirs"
+        " | SQNR dB: ours / theirs |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for row in rows:
+        for label, fids in (row.get("also_fidelity") or {}).items():
+            ours, theirs = fids.get("ours") or {}, fids.get("theirs") or {}
+            kind = ours.get("agreement_kind") or theirs.get("agreement_kind") or ""
+            lines.append(
+                f"| {row['model']} | {row['scheme']} | {label} | {fids.get('samples', '—')} "
+                f"| {_pair(ours.get('agreement'), theirs.get('agreement'), 3)} {_short(kind)} "
+                f"| {_pair(ours.get('sqnr_db'), theirs.get('sqnr_db'), 1)} |"
+            )
+    return lines if len(lines) > 2 else ["- none in this run"]
+
+
 def _short_status(status: str) -> str:
     return (
         status
@@ -179,6 +199,10 @@ def markdown(results: dict) -> str:
         "Peers (*theirs*) per scheme: "
         + "; ".join(f"{v.scheme}: {v.theirs_label or 'none'}" for v in VARIANTS)
         + ". The peer runs with its defaults otherwise (no quant_pre_process).",
+        "",
+        "### Second eval sets",
+        "",
+        *also_table(results["rows"]),
         "",
         "### Variants that failed",
         "",

@@ -227,6 +227,12 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
         if labels is not None
         else None
     )
+    also = {
+        label: (samples, measure.run_all(str(case.model), samples))
+        for label, samples in (
+            (label, data.read_folder(folder, ranks)) for label, folder in case.also_eval
+        )
+    }
     float_size = case.model.stat().st_size
     rows = []
     variants = [v for v in variants if v.groups is None or case.group in v.groups]
@@ -297,6 +303,12 @@ def bench_case(case: Case, variants, settings: Settings, work: Path, index: int)
                 continue
             fid = measure.fidelity(case.task, names, float_outputs, outputs, labels)
             row[f"{tool}_fidelity"] = asdict(fid)
+            for label, (samples, reference) in also.items():
+                fid = measure.fidelity(
+                    case.task, names, reference, measure.run_all(path, samples), None
+                )
+                scores = row.setdefault("also_fidelity", {})
+                scores.setdefault(label, {"samples": len(samples)})[tool] = asdict(fid)
         timed = {
             "float": str(case.model),
             **{t: p for t, p in runnable.items() if f"{t}_run_error" not in row},

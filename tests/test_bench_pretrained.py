@@ -313,3 +313,69 @@ def test_text_scenes_hold_ink_at_the_detector_shape():
     assert x.max() <= (1 - 0.406) / 0.225 + 1e-5
     with pytest.raises(ValueError, match="multiple of 32"):
         text_scenes.detector_input(np.zeros((100, 96, 3), np.uint8))
+
+
+def _drawn_page(size, phrases):
+    """A page with `phrases` ((x, y, text)) drawn word by word, and each word's ink box
+    (top, bottom, left, right) found by drawing it alone."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=16)
+    page = Image.new("L", size, 215)
+    words = []
+    for x, y, phrase in phrases:
+        for word in phrase.split():
+            alone = Image.new("L", page.size, 0)
+            ImageDraw.Draw(alone).text((x, y), word, fill=255, font=font)
+            ys, xs = np.nonzero(np.asarray(alone))
+            words.append((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1))
+            ImageDraw.Draw(page).text((x, y), word, fill=40, font=font)
+            x = ImageDraw.Draw(page).textbbox((x, y), word + " ", font=font)[2]
+    return np.asarray(page.convert("RGB")), words
+
+
+def test_line_crops_hold_whole_words_with_a_margin():
+    from bench.cases import line_crop_boxes
+
+    lines = [
+        "Let us first determine markers of the coins and",
+        "the background. These are pixels that we can label",
+        "unambiguously as either object or background.",
+    ]
+    page, words = _drawn_page((420, 120), [(6, 12 + 34 * i, t) for i, t in enumerate(lines)])
+    aspect = pretrained.REC_WIDTH / pretrained.REC_HEIGHT
+    boxes = line_crop_boxes(page, aspect)
+    held = set()
+    for top, bottom, left, right in boxes:
+        inside = [
+            i
+            for i, (t, b, lo, hi) in enumerate(words)
+            if t < bottom and b > top and lo < right and hi > left
+        ]
+        assert inside
+        for i in inside:
+            t, b, lo, hi = words[i]
+            # every word the crop touches lies whole in it, ascenders and descenders too
+            assert top <= t and b <= bottom and left <= lo and hi <= right, (words[i], right)
+        held.update(inside)
+        if len(inside) > 1:
+            assert right - left <= aspect * (bottom - top)
+        # background on both sides of the outer words
+        assert left < min(words[i][2] for i in inside)
+        assert right > max(words[i][3] for i in inside)
+    assert held == set(range(len(words)))
+    # one crop per word's run, none a suffix of the one before: fewer crops than words
+    assert len(words) // 3 < len(boxes) < len(words)
+
+
+def test_line_crops_keep_text_blocks_apart():
+    from bench.cases import line_crop_boxes
+
+    # Two columns on one line: together they would fit one crop, but the gutter (over
+    # twice the line's height) parts them, as a detector boxes them apart.
+    page, words = _drawn_page((120, 40), [(6, 10, "cut at"), (80, 10, "it")])
+    boxes = line_crop_boxes(page, pretrained.REC_WIDTH / pretrained.REC_HEIGHT)
+    spans = sorted((left, right) for _, _, left, right in boxes)
+    assert len(spans) == 2
+    assert spans[0][0] < words[0][2] and words[1][3] < spans[0][1] < words[2][2]
+    assert words[2][2] > spans[1][0] > words[1][3] and spans[1][1] > words[2][3]

@@ -40,6 +40,11 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
         for key in ("latency_1t", "latency_all"):
             assert int8[key][tool] > 0.0
     assert int8["latency_1t_ours_over_theirs"] > 0.0
+    other = int8["also_fidelity"]["other seed"]  # the second eval set, scored apart
+    assert other["samples"] == 8
+    for tool in ("ours", "theirs"):
+        assert other[tool]["sqnr_db"] > 20.0
+        assert other[tool]["sqnr_db"] != int8[f"{tool}_fidelity"]["sqnr_db"]
     for row in results["rows"]:  # a scheme qconvert lacks is a row, not a crash
         assert (
             row["status"] == "ok"
@@ -71,6 +76,7 @@ def test_quick_bench_writes_tables_with_measured_figures(tmp_path):
     assert "| tiny_cnn | int8 |" in text
     assert "## Parallel calibration" in text and "| 2 workers, 1 thread each |" in text
     assert "## Targets from the issues" in text
+    assert "| tiny_cnn | int8 | other seed | 8 |" in text
     histogram_target = next(line for line in text.splitlines() if "on top of minmax" in line)
     assert "percentile" in histogram_target and "not measurable" not in histogram_target
 
