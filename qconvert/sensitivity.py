@@ -266,7 +266,9 @@ class Evaluator:
             )
             if bound < floor_db:
                 return BoundedScore(sqnr_db=bound, samples=count, exact=False)
-        worst = min((a.result().sqnr_db for a in accumulators), default=math.inf)
+        worst = math.inf  # as `_scored` takes the least, NaN and all
+        for accumulator in accumulators:
+            worst = min(worst, accumulator.result().sqnr_db)
         return BoundedScore(sqnr_db=worst, samples=len(self.samples), exact=True)
 
     def _scored(self, outputs: list[list[np.ndarray]]) -> Score:
