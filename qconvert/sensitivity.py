@@ -32,7 +32,7 @@ from qconvert.cpu import usable_cores
 from qconvert.dataset import Feeds
 from qconvert.handed_weights import serialized
 from qconvert.latency import LatencyConfig, measure_latency
-from qconvert.metrics import OutputAccumulator
+from qconvert.metrics import OutputAccumulator, sqnr_db
 from qconvert.passes import InsertQDQPass
 from qconvert.plan import QuantPlan
 from qconvert.runtime import make_session
@@ -69,6 +69,18 @@ class Score:
     """The worst output's SQNR."""
     top1_drop_points: float | None
     """Float top-1 accuracy minus the variant's, in points (None without labels)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BoundedScore:
+    """A variant's worst-output SQNR, or a bound on it (`Evaluator.score_unless_below`)."""
+
+    sqnr_db: float
+    """The SQNR when `exact`, else the most the remaining samples could leave it at."""
+    samples: int
+    """The samples run."""
+    exact: bool
+    """Whether every sample ran."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,7 +214,7 @@ class Evaluator:
         that CNN, 18 MB of weights, 203 to 213 MB). Past `SIDE_BY_SIDE_BYTES`
         of weights the plans are scored one after the other, as `score` does.
         """
-        if _weight_bytes(self.prepared) > SIDE_BY_SIDE_BYTES:
+        if not self.scores_side_by_side():
             return [self.score(plan) for plan in plans]
         share = max(1, usable_cores() // max(1, len(plans)))
         with ThreadPoolExecutor(max_workers=max(1, len(plans))) as pool:
@@ -211,6 +223,53 @@ class Evaluator:
                 for plan in plans
             ]
             return [self._scored(run.result()) for run in running]
+
+    def scores_side_by_side(self) -> bool:
+        """Whether `score_each` runs its plans at once: weights within `SIDE_BY_SIDE_BYTES`."""
+        return _weight_bytes(self.prepared) <= SIDE_BY_SIDE_BYTES
+
+    def score_unless_below(self, plan: QuantPlan, floor_db: float) -> BoundedScore:
+        """`score` of `plan`, run sample by sample until its SQNR cannot reach `floor_db`.
+
+        A sample's error only adds noise energy to each output, while the signal energy
+        over all the samples is known from the float outputs. So after some samples each
+        output's SQNR is at most its signal energy over the noise so far, and the worst
+        output's at most the least of those. Once that bound falls below `floor_db` the
+        full score would too, and the rest of the samples are not run. The sums are
+        those `OutputAccumulator` makes, in its order: non-negative terms added in
+        floating point never make a sum smaller, so the bound holds on the computed
+        score as well.
+        """
+        signal = [0.0] * len(self.output_names)
+        for reference in self.reference:
+            for index, array in enumerate(reference):
+                flat = np.asarray(array, dtype=np.float64).reshape(-1)
+                signal[index] += float(np.einsum("i,i->", flat, flat))
+        session = self._session(plan)
+        accumulators = [OutputAccumulator(name, classify=False) for name in self.output_names]
+        for count, (feeds, reference) in enumerate(
+            zip(self.samples, self.reference, strict=True), start=1
+        ):
+            outputs = session.run(self.output_names, feeds)
+            for accumulator, expected, actual in zip(
+                accumulators, reference, outputs, strict=True
+            ):
+                accumulator.update(expected, actual)
+            if count == len(self.samples):
+                break
+            bound = min(
+                (
+                    sqnr_db(total, accumulator.noise)
+                    for total, accumulator in zip(signal, accumulators, strict=True)
+                ),
+                default=math.inf,
+            )
+            if bound < floor_db:
+                return BoundedScore(sqnr_db=bound, samples=count, exact=False)
+        worst = math.inf  # as `_scored` takes the least, NaN and all
+        for accumulator in accumulators:
+            worst = min(worst, accumulator.result().sqnr_db)
+        return BoundedScore(sqnr_db=worst, samples=len(self.samples), exact=True)
 
     def _scored(self, outputs: list[list[np.ndarray]]) -> Score:
         """The score of a variant's outputs on the samples, against the float ones."""

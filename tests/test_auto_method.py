@@ -231,6 +231,9 @@ def test_auto_keeps_minmax_unless_clipping_halves_the_output_error(tmp_path):
         def __init__(self, clipped_db):
             self.db = {"clipped": clipped_db, "minmax": 20.0}
 
+        def scores_side_by_side(self):
+            return True
+
         def score_each(self, scored):
             return [Score(sqnr_db=self.db[p.notes[0]], top1_drop_points=None) for p in scored]
 

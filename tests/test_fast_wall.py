@@ -100,3 +100,67 @@ def test_plans_scored_side_by_side_score_as_one_after_the_other(
     assert evaluator.score_each(plans) == one_after_the_other
     # side by side, the sessions' idle threads do not spin
     assert spins == [not side_by_side] * 2
+
+
+def test_a_score_cut_short_bounds_the_full_score_from_above(tmp_path):
+    """`score_unless_below` stops once the SQNR cannot reach the floor; its bound is
+    never below the score all the samples give, and without a stop it is that score."""
+    from qconvert.calibration import RangeMethod, derive_ranges, read_calibration
+    from qconvert.config import QuantizeConfig
+    from qconvert.pipelines.mixed_precision import planner
+    from qconvert.pipelines.stages import prepare_for_scheme
+    from qconvert.schemes import SCHEMES
+    from qconvert.selection import NodeSelection
+    from qconvert.sensitivity import Evaluator
+
+    model = testing.conv_bn_relu(channels=16)
+    path = testing.save(model, tmp_path / "model.onnx")
+    samples = [testing.random_inputs(model, seed=i) for i in range(8)]
+    testing.write_samples(tmp_path / "calib", samples)
+    api.calibrate(path, tmp_path / "calib", output=tmp_path / "c.json")
+    ranges = derive_ranges(
+        read_calibration(tmp_path / "c.json").observers, RangeMethod(name="minmax")
+    )
+    prepared, _ = prepare_for_scheme(model_io.load_model(path), QuantizeConfig())
+    plan = planner(prepared, SCHEMES["int8"], QuantizeConfig(), NodeSelection(), ranges)(
+        frozenset()
+    )
+    evaluator = Evaluator(path.read_bytes(), prepared, samples)
+    full = evaluator.score(plan).sqnr_db
+    assert 10.0 < full < 80.0  # quantized, so noisy, and still close to the float model
+
+    reached = evaluator.score_unless_below(plan, full - 0.5)
+    assert (reached.exact, reached.samples, reached.sqnr_db) == (True, 8, full)
+    short = evaluator.score_unless_below(plan, full + 0.5)
+    assert not short.exact and short.samples < 8
+    assert full <= short.sqnr_db < full + 0.5
+    first = evaluator.score_unless_below(plan, float("inf"))
+    assert not first.exact and first.samples == 1
+    assert first.sqnr_db >= short.sqnr_db
+
+
+def test_past_the_cap_the_clipping_plan_stops_early_and_writes_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    """Past `SIDE_BY_SIDE_BYTES`, `auto`'s check scores minmax first and stops scoring the
+    clipping plan once it cannot gain the 3 dB: the same choice and bytes as side by side."""
+    from test_auto_method import _one_op_model, _samples_with_one_outlier
+
+    from qconvert import sensitivity
+
+    # Squaring makes the first sample's outlier, clipped, ruin the output at once.
+    model = testing.save(_one_op_model("Mul"), tmp_path / "model.onnx")
+    data = _samples_with_one_outlier(tmp_path / "data")
+    written, notes = [], []
+    for capped in (False, True):
+        if capped:
+            monkeypatch.setattr(sensitivity, "SIDE_BY_SIDE_BYTES", 0)
+        out = tmp_path / f"q{int(capped)}.onnx"
+        report = api.quantize(model, out, data=data, recipe="fast")
+        written.append(out.read_bytes())
+        notes.append([n for n in report.conversion.notes if n.startswith("Range method")])
+    assert written[0] == written[1]
+    assert "so every range is minmax" in notes[0][0] and "bound" not in notes[0][0]
+    assert "(bound after 1 of 16)" in notes[1][0] and "so every range is minmax" in notes[1][0]
+    # minmax's score is the same either way
+    assert notes[0][0].split("against")[1] == notes[1][0].split("against")[1]

@@ -93,9 +93,13 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             factor = gamma / np.sqrt(var + epsilon)
             shape = [1] * weight.ndim
             shape[axis] = -1
-            new_weight = (weight.astype(np.float64) * factor.reshape(shape)).astype(
-                weight.dtype
-            )
+            # Scaled in place in the one float64 copy: the same products, without a
+            # second weight-sized float64 temporary (its fresh pages were most of the
+            # fold's time on a 46 MB CNN).
+            scaled = weight.astype(np.float64)
+            scaled *= factor.reshape(shape)
+            new_weight = scaled.astype(weight.dtype)
+            del scaled
             old_bias = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
             new_bias = ((old_bias - mean) * factor + beta).astype(weight.dtype)
             weight_value = add_initializer(

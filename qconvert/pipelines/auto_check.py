@@ -94,11 +94,25 @@ def check_against_minmax(
         )
         return _kept(minmax_plan, minmax, all_minmax, note)
     evaluator = evaluator()
-    chosen, minmax_score = evaluator.score_each((plan, minmax_plan))
-    chosen_db, minmax_db = chosen.sqnr_db, minmax_score.sqnr_db
+    samples = len(evaluator.samples)
+    if evaluator.scores_side_by_side():
+        chosen, minmax_score = evaluator.score_each((plan, minmax_plan))
+        chosen_db, minmax_db = chosen.sqnr_db, minmax_score.sqnr_db
+        gave = f"{chosen_db:.1f} dB"
+    else:
+        # One after the other: minmax's score sets the bar, and the clipping plan's
+        # samples stop once its SQNR can no longer clear it (`score_unless_below`).
+        minmax_db = evaluator.score(minmax_plan).sqnr_db
+        bounded = evaluator.score_unless_below(plan, minmax_db + MIN_OUTPUT_GAIN_DB)
+        chosen_db = bounded.sqnr_db
+        gave = (
+            f"{chosen_db:.1f} dB"
+            if bounded.exact
+            else f"at most {chosen_db:.1f} dB (bound after {bounded.samples} of {samples})"
+        )
     scores = (
-        f"{chosen_db:.1f} dB output SQNR against minmax's {minmax_db:.1f} dB on "
-        f"{len(evaluator.samples)} {samples_from} samples"
+        f"{gave} output SQNR against minmax's {minmax_db:.1f} dB on {samples} "
+        f"{samples_from} samples"
     )
     if chosen_db >= minmax_db + MIN_OUTPUT_GAIN_DB:
         note = f"Range method auto: {len(clipping)} activation(s) clipped: {scores}."
