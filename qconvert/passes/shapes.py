@@ -29,7 +29,12 @@ import logging
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+
+# `_c_api_utils` is onnx_ir's own (private) helper, imported at the top so that a move
+# fails loudly rather than in `call`'s fallback: the large initializers become typed
+# inputs for the call and the model is restored after it, so onnx sees the protobuf the
+# stock pass hands it.
+from onnx_ir.passes.common import ShapeInferencePass, _c_api_utils
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +69,6 @@ class InferShapesPass(ir.passes.InPlacePass):
 
 
 def _inferred_proto(model: ir.Model) -> onnx.ModelProto:
-    # onnx_ir's own helper: the large initializers become typed inputs for the call, and
-    # the model is restored after it (the stock pass's protobuf, byte for byte).
-    from onnx_ir.passes.common import _c_api_utils
-
     return _c_api_utils.call_onnx_api(
         lambda proto: onnx.shape_inference.infer_shapes(
             proto, check_type=True, strict_mode=True, data_prop=True
