@@ -6,7 +6,8 @@ into a second onnx_ir model (every node, attribute and small initializer) only t
 each value's shape and dtype from it by name. It was the costliest step of preparation,
 which runs before every calibration: 15.6 of the 56 ms of CPU it took on the bench's
 text-orientation CNN, 13.2 of 34 ms on a 224x224 inverted-residual CNN. Reading the
-protobuf instead took preparation to 51 and 29 ms (PP-OCRv4's recognizer 84 -> 68 ms).
+protobuf instead took preparation to 51 and 29 ms (a text-line recognizer, a CNN then
+transformer blocks: 84 -> 68 ms).
 
 `InferShapesPass` reads the inferred types straight from the protobuf's value infos and
 merges them by the same rules, so the model it leaves is the same, value for value:
