@@ -289,6 +289,44 @@ def test_statistics_do_not_depend_on_which_tensors_leave_whole(
         np.testing.assert_array_equal(a.bins, b.bins, err_msg=name)
 
 
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_one_split_hands_each_reduced_tensor_its_own_stride(tmp_path, monkeypatch, opset):
+    # Split's even form takes no sizes up to opset 17 and its number of outputs from 18.
+    # Tensors of different sizes take different strides: each histogram is that of its own.
+    import onnx
+    import onnx_ir as ir
+
+    from qconvert.calibration import reducing
+    from qconvert.calibration.collect import _Runner
+    from qconvert.calibration.graphs import _dtypes
+
+    monkeypatch.setattr(reducing, "WHOLE_VALUES", -1)  # every tensor reduced in the graph
+    proto = testing.conv_bn_relu()
+    if opset < proto.opset_import[0].version:  # its ops read the same at these opsets
+        del proto.opset_import[:]
+        proto.opset_import.add(domain="", version=opset)
+    model = prepare(
+        model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=opset
+    )
+    assert model.opset_imports[""] == opset
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(4)]
+    runner = _Runner(model, names, CollectSettings(histogram_values=20))
+    observed = runner.collect(samples, names, None)
+    built = reducing.reducing_graph(
+        ir.serde.serialize_model(model), names, _dtypes(model), histogram=True
+    )
+    ops = [node.op_type for node in onnx.load_from_string(built.data).graph.node]
+    assert ops.count("Split") == 1 and "Gather" not in ops
+    strides = reducing.strides(runner.inferred[next(iter(runner.inferred))], 20)
+    assert len(set(strides.tolist())) > 1
+    expected = _direct(model, names, samples, budget=20)
+    for name in names:
+        a, b = observed[name], expected[name]
+        assert (a.min, a.max, a.count, a.first_bin) == (b.min, b.max, b.count, b.first_bin)
+        np.testing.assert_array_equal(a.bins, b.bins, err_msg=name)
+
+
 def test_small_tensors_leave_whole_by_their_size_on_the_first_batch():
     # Sizes from shape inference on the first batch's shapes: a dynamic H and W (as in
     # an OCR classifier) are known once the data is.

@@ -13,7 +13,7 @@ model itself. So a run returns a handful of vectors, whatever the number of tens
 
        flat = Reshape(t, [-1])          (an alias: no copy)
        min  = ReduceMin(flat)           max = ReduceMax(flat)           size = Shape(flat)
-       some = Slice(flat, 0, end, axis 0, Gather(steps, i))   (the histogram's subset)
+       some = Slice(flat, 0, end, axis 0, step_i)   (the histogram's subset)
 
    and the mins, maxs, sizes and subsets of all of them are concatenated, one vector each.
 2. A small tensor leaves whole: its flattened values and its size, concatenated with those
@@ -27,11 +27,11 @@ model itself. So a run returns a handful of vectors, whatever the number of tens
 Only these small outputs leave the run, so onnxruntime frees each large activation once its
 readers are done, as in a plain float pass, and its memory pattern stays the float pass's
 (the small tensors, `WHOLE_TOTAL` values a run at most, live until the run ends).
-`step` is read from one graph input, a vector with a stride per reduced tensor (one feed,
-not one per tensor: onnxruntime checks each feed of each run in Python): the collector
-feeds the odd stride that keeps at most `histogram_values` values a sample (`stride`),
-which depends only on the tensor's size in one run, so a data set gives the same
-statistics however it is split.
+`step_i` is read from one graph input, a vector with a stride per reduced tensor (one feed,
+not one per tensor: onnxruntime checks each feed of each run in Python) that one Split
+cuts into one stride per tensor: the collector feeds the odd stride that keeps at most
+`histogram_values` values a sample (`stride`), which depends only on the tensor's size in
+one run, so a data set gives the same statistics however it is split.
 
 Every calibrated tensor is read by a node added here, whichever way it leaves: onnxruntime
 fuses only around tensors no other node reads, so the kernels that compute a tensor, and
@@ -256,10 +256,20 @@ def reducing_graph(
         return name
 
     steps = fresh("qconvert_calibration/steps") if histogram and reduced else None
+    after: dict[str, list[onnx.NodeProto]] = {}
+    step_of: list[str] = []
     if steps is not None:
         graph.input.append(
             helper.make_tensor_value_info(steps, onnx.TensorProto.INT64, [len(reduced)])
         )
+        # One Split hands each tensor its stride: a Gather a tensor (and an index
+        # initializer each) made the graph onnxruntime optimizes that much larger.
+        step_of = [
+            fresh(f"qconvert_calibration/{index}/step") for index in range(len(reduced))
+        ]
+        # From opset 18 an even Split names its number of outputs.
+        counted = {"num_outputs": len(reduced)} if opset_of(proto) >= 18 else {}
+        after[steps] = [helper.make_node("Split", [steps], step_of, axis=0, **counted)]
     flat = fresh("qconvert_calibration/flat")
     zero = fresh("qconvert_calibration/zero")
     end = fresh("qconvert_calibration/end")
@@ -271,7 +281,6 @@ def reducing_graph(
         ]
     )
     float32 = onnx.TensorProto.FLOAT
-    after: dict[str, list[onnx.NodeProto]] = {}
     # Per output vector, the per-tensor parts it concatenates.
     parts: dict[str, list[str]] = {kind: [] for kind in ("min", "max", "size", "some")}
     parts |= {"values": [], "lengths": []}
@@ -301,12 +310,12 @@ def reducing_graph(
             helper.make_node("Shape", [values], [names["size"]]),
         ]
         if steps is not None:
-            names["some"], step, at = (fresh(prefix + k) for k in ("some", "step", "at"))
-            graph.initializer.append(numpy_helper.from_array(np.array([index], np.int64), at))
-            nodes += [
-                helper.make_node("Gather", [steps, at], [step]),
-                helper.make_node("Slice", [values, zero, end, zero, step], [names["some"]]),
-            ]
+            names["some"] = fresh(prefix + "some")
+            nodes.append(
+                helper.make_node(
+                    "Slice", [values, zero, end, zero, step_of[index]], [names["some"]]
+                )
+            )
         after[tensor].extend(nodes)
         for kind, name in names.items():
             parts[kind].append(name)

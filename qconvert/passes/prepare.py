@@ -35,7 +35,6 @@ import onnx_ir as ir
 from onnx_ir.passes.common import (
     NameFixPass,
     RemoveUnusedNodesPass,
-    ShapeInferencePass,
 )
 
 from qconvert.errors import UnsupportedModelError
@@ -54,6 +53,7 @@ from qconvert.passes.frames import ConvAsFramesPass
 from qconvert.passes.matmul_bias import FlattenMatMulBiasPass
 from qconvert.passes.opset_upgrade import UpgradeOpsetPass
 from qconvert.passes.pad import FoldPadIntoReaderPass
+from qconvert.passes.shapes import InferShapesPass
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
@@ -224,11 +224,12 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | No
 class RestoreSequenceTypesPass(ir.passes.InPlacePass):
     """Gives sequence and optional values back the type onnx_ir's shape inference drops.
 
-    `ShapeInferencePass` merges only a dtype and a shape into each value, which makes a
-    sequence of float tensors a float tensor; onnxruntime then refuses the model ("Type
-    (tensor(float)) ... does not match expected type (seq(tensor(float)))"). An output
-    whose op schema allows only sequences (SplitToSequence, SequenceConstruct, ...) or
-    only optionals (Optional) gets that type around the element type it was given.
+    Shape inference (`InferShapesPass`, as onnx_ir's `ShapeInferencePass`) merges only a
+    dtype and a shape into each value, which makes a sequence of float tensors a float
+    tensor; onnxruntime then refuses the model ("Type (tensor(float)) ... does not match
+    expected type (seq(tensor(float)))"). An output whose op schema allows only sequences
+    (SplitToSequence, SequenceConstruct, ...) or only optionals (Optional) gets that type
+    around the element type it was given.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -405,7 +406,7 @@ def _upgrade_and_fold(model: ir.Model, min_opset: int, *, in_place: bool = False
             FoldHardSigmoidIntoConvPass(),
             FuseHardSwishPass(),
             FoldPadIntoReaderPass(),
-            ShapeInferencePass(),
+            InferShapesPass(),
             RestoreSequenceTypesPass(),
             # After shape inference: it needs the signal's length. It types what it adds.
             ConvAsFramesPass(),
