@@ -188,8 +188,8 @@ FLOAT_REASONS: dict[str, str] = {
     "InstanceNormalization": "normalizes by per-sample statistics and has no integer "
     "kernel in onnxruntime: stays float",
     "BatchNormalization": "not after a foldable Conv/Gemm/ConvTranspose: stays float",
-    "LSTM": "recurrent: quantized by --scheme int8-dynamic (DynamicQuantizeLSTM); stays "
-    "float in the static schemes",
+    "LSTM": "recurrent, no static integer kernel in onnxruntime: its W and R are stored as "
+    "int8; 8-bit schemes run them on DynamicQuantizeLSTM, 16x8 in float",
     "GRU": "recurrent, and onnxruntime has no quantized GRU kernel: stays float",
     "If": "holds subgraphs, and stays float itself: the nodes of its branches are planned",
     "Loop": "holds a subgraph, and stays float itself: the nodes of its body are planned",

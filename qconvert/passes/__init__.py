@@ -8,6 +8,7 @@ from qconvert.passes.pad import FoldPadIntoReaderPass, PadOnIntegersPass
 from qconvert.passes.prepare import FoldBatchNormPass, prepare
 from qconvert.passes.qdq import InsertQDQPass
 from qconvert.passes.qop import QDQToQOperatorPass
+from qconvert.passes.recurrent import LstmOnIntegersPass
 from qconvert.passes.resize import ResizeOnIntegersPass
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "FoldBatchNormPass",
     "FoldPadIntoReaderPass",
     "InsertQDQPass",
+    "LstmOnIntegersPass",
     "PadOnIntegersPass",
     "QDQToQOperatorPass",
     "ResizeOnIntegersPass",

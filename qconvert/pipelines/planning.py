@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from qconvert.calibration.deferral import (
@@ -21,6 +22,7 @@ from qconvert.passes import (
     CastToFloat16Pass,
     DynamicQuantizePass,
     InsertQDQPass,
+    LstmOnIntegersPass,
     PadOnIntegersPass,
     QDQToQOperatorPass,
     ResizeOnIntegersPass,
@@ -141,6 +143,9 @@ def apply_plan(
             PadOnIntegersPass(),
             ResizeOnIntegersPass(),
         ]
+        if np.dtype(scheme.activation_dtype).itemsize == 1:
+            # The integer LSTM quantizes X and H to 8 bits; a 16-bit scheme keeps it float.
+            passes.append(LstmOnIntegersPass())
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
     elif isinstance(scheme, DynamicScheme):

@@ -283,7 +283,17 @@ class WeightRules(PlannerState):
                     f"{granularity}, dequantized when the model loads",
                 )
                 stored += 1
-            if stored:
+            eight_bit = np.dtype(self.scheme.activation_dtype).itemsize == 1
+            if stored and node.op_type == "LSTM" and eight_bit:
+                # `passes/recurrent`: the integer LSTM kernel reads the stored integers.
+                self._decide(
+                    node,
+                    False,
+                    f"{decision.reason}; its {stored} weight tensor(s) stored as int8 and "
+                    "run on onnxruntime's integer LSTM (com.microsoft DynamicQuantizeLSTM: "
+                    "X and H quantized at every step)",
+                )
+            elif stored:
                 self._decide(
                     node,
                     False,
