@@ -6,8 +6,10 @@ recipe's story are the same.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
+import threading
 
 import numpy as np
 import onnx
@@ -264,14 +266,14 @@ def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
     scored = []
     real = recipe.HeldOut.score
 
-    def counted(self, model, weights=None, *, against=None):
+    def counted(self, model, weights=None, **options):
         # The model is its graph's bytes and the weights handed beside them.
         digest = hashlib.sha256(model)
         for name in sorted(weights or {}):
             digest.update(name.encode())
             digest.update(weights[name].tobytes())
         scored.append(digest.digest())
-        return real(self, model, weights, against=against)
+        return real(self, model, weights, **options)
 
     monkeypatch.setattr(recipe.HeldOut, "score", counted)
     options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
@@ -359,3 +361,55 @@ def _count_float_runs(monkeypatch) -> list[int]:
         ),
     )
     return measured
+
+
+class _InTurn:
+    """An executor that runs each job when it is submitted: scoring one at a time."""
+
+    def __init__(self, max_workers=None):
+        del max_workers
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, job, *args, **kwargs):
+        future = concurrent.futures.Future()
+        future.set_result(job(*args, **kwargs))
+        return future
+
+
+def test_raise_candidates_scored_beside_the_next_build_write_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    # The ranking scores each candidate on a thread while the next one is built; the
+    # scores, and so the raises and the bytes, are those of scoring one at a time.
+    model = testing.sensitive_mlp()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    threads = []
+    real = recipe.HeldOut.score
+
+    def noted(self, model, weights=None, **options):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(self, model, weights, **options)
+
+    monkeypatch.setattr(recipe.HeldOut, "score", noted)
+    options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
+    stories = []
+    for name in ("beside", "in_turn"):
+        report = qconvert.quantize(
+            path, tmp_path / f"{name}.onnx", data=tmp_path / "calib", recipe=options
+        )
+        story = report.conversion.recipe
+        trials = tuple(dataclasses.replace(trial, seconds=0.0) for trial in story.trials)
+        stories.append(dataclasses.replace(story, trials=trials))  # all but the times
+        monkeypatch.setattr(recipe, "ThreadPoolExecutor", _InTurn)
+    assert stories[0].raised and stories[0] == stories[1]
+    assert sha256(tmp_path / "beside.onnx") == sha256(tmp_path / "in_turn.onnx")
+    beside = threads[: len(threads) // 2]
+    assert threads.count(False) > 0 and beside.count(False) == threads.count(False)

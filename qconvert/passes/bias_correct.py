@@ -123,16 +123,33 @@ def input_axis(node: ir.Node) -> int:
     return 1 if node.op_type == "Conv" else -1
 
 
+@dataclass(frozen=True, slots=True)
+class _Shift:
+    """One node's output shift, and what it was computed from (`correct_biases`' `known`)."""
+
+    weight: object
+    original: object
+    params: qparams.QParams
+    mean: np.ndarray
+    shift: np.ndarray | None
+
+
 def correct_biases(
     plan: QuantPlan,
     nodes: list[ir.Node],
     means: Mapping[str, np.ndarray],
     originals: Mapping[str, np.ndarray] | None = None,
+    known: dict[str, _Shift] | None = None,
 ) -> list[BiasCorrection]:
     """Subtracts each node's expected output shift from its bias, in place.
 
     `originals` holds the float weights of nodes whose weights a pass already moved onto
-    the grid (adaptive rounding): the shift is measured against those.
+    the grid (adaptive rounding): the shift is measured against those. `known` keeps each
+    node's shift by name, and gives it back while its weight and original are the same
+    objects and its weight's quantization and input mean the same values: the recipe
+    corrects every bias again for each raise it scores, and a raise changes the plan of
+    one node and those made float with it (the same bits: the same computation). Only
+    shifts of weights not rounded by a pass are kept.
     """
     originals = originals or {}
     corrections = []
@@ -140,16 +157,23 @@ def correct_biases(
         mean = means.get(node.inputs[0].name)
         if mean is None:
             continue
-        current = constant_array(node.inputs[1])
         params = plan.tensors[node.inputs[1].name].qparams
-        rounded = qparams.dequantize(qparams.quantize(current, params), params)
-        # In place, the float weights widened value by value as they are subtracted: the
-        # same float64 differences as subtracting a widened copy, without the copy (the
-        # recipe corrects every bias again for each raise it scores).
-        error = rounded.astype(np.float64)
-        del rounded
-        np.subtract(error, originals.get(node.name or "", current), out=error)
-        shift = _output_shift(node, error, mean)
+        name = node.name or ""
+        weight, original = node.inputs[1].const_value, originals.get(name)
+        entry = known.get(name) if known is not None else None
+        if not (
+            entry is not None
+            and entry.weight is weight
+            and entry.original is original
+            and entry.params.same_as(params)
+            and np.array_equal(entry.mean, mean)
+        ):
+            shift = _shift(node, params, mean, original)
+            entry = _Shift(weight, original, params, mean, shift)
+            # Only a float weight's: a rounded one (a trial's) would be held past its trial.
+            if known is not None and original is None:
+                known[name] = entry
+        shift = entry.shift
         if shift is None:
             continue
         bias = node.inputs[2]
@@ -157,6 +181,20 @@ def correct_biases(
         bias.const_value = ir.tensor(corrected.astype(np.float32), name=bias.name)
         corrections.append(BiasCorrection(node.name or "", float(np.abs(shift).max())))
     return corrections
+
+
+def _shift(
+    node: ir.Node, params: qparams.QParams, mean: np.ndarray, original: np.ndarray | None
+) -> np.ndarray | None:
+    """The mean output shift of `node`'s weights quantized with `params`."""
+    current = constant_array(node.inputs[1])
+    rounded = qparams.dequantize(qparams.quantize(current, params), params)
+    # In place, the float weights widened value by value as they are subtracted: the
+    # same float64 differences as subtracting a widened copy, without the copy.
+    error = rounded.astype(np.float64)
+    del rounded
+    np.subtract(error, current if original is None else original, out=error)
+    return _output_shift(node, error, mean)
 
 
 def _output_shift(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:

@@ -82,6 +82,7 @@ class HeldOut:
         weights: Mapping[str, np.ndarray] | None = None,
         *,
         against: Fidelity | None = None,
+        spin: bool = True,
     ) -> Fidelity | None:
         """The fidelity of `model` (serialized, without the `weights` handed beside it).
 
@@ -90,9 +91,12 @@ class HeldOut:
         it (`Fidelity.improves`): the samples left are not run. Where frames may decide
         (sequences of class distributions: whether they do depends on both final
         counts, `Fidelity.scored_by_frames`), it stops only once neither the frames nor
-        the SQNR could win.
+        the SQNR could win. `spin=False`: the session's idle threads do not busy-wait (for
+        a scoring that runs beside other work); the outputs are the same.
         """
-        session = make_session(model, quiet=True, weights=weights, reorder_layout=False)
+        session = make_session(
+            model, quiet=True, weights=weights, reorder_layout=False, spin=spin
+        )
         theirs = self._sample_values(against) if against is not None else []
         outputs = []
         wins, losses = [0] * len(theirs), [0] * len(theirs)

@@ -45,7 +45,7 @@ class _Candidate:
     made_float: tuple[str, ...]
 
 
-def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
+def raise_nodes(build, rebuild, kept, scoring, best, options, progress, work):
     """Raises the nodes that buy the most held-out fidelity per cost, within budget.
 
     A node is raised first as float compute on int8-stored weights: that costs no file
@@ -61,8 +61,12 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
     before bias correction and nothing after, while the stem Conv (the image input
     quantized, and its weights) still costs 2.6 dB.
     Candidates are raised best gain per (work share + byte share) first.
+
+    `scoring`: `score(candidate, against=None)`, and `score_each(items, against)`, which
+    scores each (key, candidate) pair's candidate against `against`, in order.
     """
     planned, weigh = rebuild
+    score, score_each = scoring
     search_start = best
     current = build(kept)
     nodes = quantizable_nodes(current.plan)
@@ -78,7 +82,9 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
     best_alone: tuple[str, float] | None = None
     # Each variant's score alone: raised first, it is the very model scored here again.
     alone_scores: dict[frozenset[Raise], Fidelity] = {}
-    with progress.task("Ranking nodes", len(nodes)) as advance:
+
+    def variants(advance):
+        """Each variant to score, built: (its candidate, as far as known), its state."""
         for name, op_type in nodes:
             for float_weights in (False, True):
                 weight_share = stored[name] if float_weights else 0.0
@@ -88,31 +94,33 @@ def raise_nodes(build, rebuild, kept, score, best, options, progress, work):
                 cost = raise_cost(current.plan, alone.plan, work)
                 if cost.work_share > options.budget:
                     break  # known from the plan: the weight passes are not run for it
-                alone = weigh(kept, alone)
-                variant = frozenset({(name, float_weights)})
-                # Not run past the sample where it can no longer win on enough of them:
-                # a raise that alone does not improve on the kept steps is no candidate.
-                fidelity = score(alone, best)
-                if fidelity is None:
-                    continue
-                alone_scores[variant] = fidelity
-                gain = min(fidelity.gain_db(best), MAX_GAIN_DB)
-                if best_alone is None or gain > best_alone[1]:
-                    best_alone = (name, gain)
-                floor = options.min_top1_agreement
-                if gain >= MIN_RAISE_GAIN_DB and fidelity.improves(best, top1_floor=floor):
-                    candidates.append(
-                        _Candidate(
-                            name=name,
-                            op_type=op_type,
-                            float_weights=float_weights,
-                            gain_db=gain,
-                            work_share=cost.work_share,
-                            weight_share=weight_share,
-                            made_float=tuple(n for n in cost.made_float if n != name),
-                        )
-                    )
+                candidate = _Candidate(
+                    name=name,
+                    op_type=op_type,
+                    float_weights=float_weights,
+                    gain_db=0.0,
+                    work_share=cost.work_share,
+                    weight_share=weight_share,
+                    made_float=tuple(n for n in cost.made_float if n != name),
+                )
+                yield candidate, weigh(kept, alone)
             advance()
+
+    with progress.task("Ranking nodes", len(nodes)) as advance:
+        # Not run past the sample where it can no longer win on enough of them: a raise
+        # that alone does not improve on the kept steps is no candidate. Scored while
+        # the next variant is built (`score_each`), in the same order.
+        for candidate, fidelity in score_each(variants(advance), best):
+            if fidelity is None:
+                continue
+            variant = frozenset({(candidate.name, candidate.float_weights)})
+            alone_scores[variant] = fidelity
+            gain = min(fidelity.gain_db(best), MAX_GAIN_DB)
+            if best_alone is None or gain > best_alone[1]:
+                best_alone = (candidate.name, gain)
+            floor = options.min_top1_agreement
+            if gain >= MIN_RAISE_GAIN_DB and fidelity.improves(best, top1_floor=floor):
+                candidates.append(dataclasses.replace(candidate, gain_db=gain))
     candidates.sort(
         key=lambda c: (-c.gain_db / max(c.work_share + c.weight_share, 1e-9), c.name)
     )

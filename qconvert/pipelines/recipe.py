@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from qconvert.calibration import Calibration, derive_ranges
 from qconvert.calibration.file import merge_calibrations
@@ -72,6 +74,7 @@ from qconvert.recipe_fidelity import Fidelity, balance_detail, verdict_detail
 from qconvert.recipe_result import RaisedNode, RaiseSearch, RecipeResult, Trial
 
 StageFn = Callable[[QuantizeState], QuantizeState]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +151,32 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
         graph, weights = serialized(stages.rewrite(candidate).converted)
         release_dropped()  # the trial's clones: its session comes on top of what is alive
         return scorer.score(graph, weights, against=against)
+
+    def score_each(
+        items: Iterable[tuple[T, QuantizeState]], against: Fidelity
+    ) -> Iterator[tuple[T, Fidelity | None]]:
+        """`score(candidate, against)` of each item's candidate, in order, with its key.
+
+        Each candidate is scored on a thread of its own while the next one is built
+        (planned, weighed, rewritten: Python, one core) in this one: onnxruntime lets go
+        of the GIL while it builds a session and runs it. The items are drawn one at a
+        time, so at most two converted candidates are alive. The session has the cores
+        `score`'s has (the same outputs); its idle threads do not spin, which would take
+        the core the next candidate is built on.
+        """
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for key, candidate in items:
+                graph, weights = serialized(stages.rewrite(candidate).converted)
+                del candidate
+                release_dropped()
+                job = pool.submit(scorer.score, graph, weights, against=against, spin=False)
+                del graph, weights
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                pending = (key, job)
+            if pending is not None:
+                yield pending[0], pending[1].result()
 
     # The trials' stages time into a scratch dict, and share the float measurements.
     base = state.replace(timings={}, float_inputs=FloatInputs())
@@ -289,7 +318,7 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     search = RaiseSearch(skipped=skipped)
     if not skipped:
         raises, raised, best, search = raise_nodes(
-            build, (planned, weigh), kept, score, best, options, progress, work
+            build, (planned, weigh), kept, (score, score_each), best, options, progress, work
         )
     final = build(kept, raises)
     if "float input" in kept:

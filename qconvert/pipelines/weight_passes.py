@@ -265,6 +265,11 @@ class FloatInputs:
         until weight rounding takes them (`take_grams`): the recipe tries bias correction
         first, on the very samples and float model rounding measures H on next, so its
         pass measures rounding's first `GRAM_BYTES` of H too, one float pass fewer."""
+        self.shifts: dict = {}
+        """Each bias-corrected node's output shift (`bias_correct.correct_biases`'
+        `known`): the raise phase corrects every bias again for each node it scores
+        raised, and a raise leaves the other nodes' weights and quantization as they
+        were."""
 
     def for_samples(self) -> FloatInputs:
         """A `FloatInputs` that shares the per-sample parts, not the roundings.
@@ -502,7 +507,8 @@ def correct_biases_of(
     # The float pass's session is dropped: freed before the corrections' float64 copies
     # of each weight come on top (the default recipe's peak on a 224 residual CNN).
     release_dropped()
-    corrections = correct_biases(plan, nodes, means, originals)
+    known = inputs.shifts if inputs is not None else None
+    corrections = correct_biases(plan, nodes, means, originals, known)
     largest = max((c.max_abs_shift for c in corrections), default=0.0)
     note = (
         f"Bias correction: {len(corrections)} Conv/Gemm bias(es) shifted by the mean error "
