@@ -168,8 +168,9 @@ class GramAccumulator:
         self.positions: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {}
         """`_patch_index` by its arguments: the same positions for every sample."""
         self.scratch = np.empty(0)
-        """Where a product to add to an H already begun is written: made anew for each,
-        an H of a 960-wide layer (7.4 MB) was mapped and zeroed by the kernel per flush."""
+        """Where a block of columns of a product to add to an H already begun is written
+        (at most `PENDING_BYTES`): kept from one product to the next, as one made anew
+        for each was mapped and zeroed by the kernel per flush."""
 
     def update(self, run: Mapping[str, np.ndarray]) -> None:
         """Adds one sample's float inputs."""
@@ -210,14 +211,20 @@ class GramAccumulator:
         if name not in self.grams:
             self.grams[name] = np.matmul(rows.transpose(0, 2, 1), rows)
             return
+        # Added to H a block of columns at a time: the product whole took a scratch as
+        # large as H (12.5 MB of a 1,280-wide Conv) beside it. Its sums are those of
+        # another BLAS routine, so H may differ from the whole product's in the last bits.
         groups, _, inputs = rows.shape
-        size = groups * inputs * inputs
-        if self.scratch.size < size:
-            self.scratch = np.empty(size)
-        gram = self.scratch[:size].reshape(groups, inputs, inputs)
-        np.matmul(rows.transpose(0, 2, 1), rows, out=gram)
-        # In place: `H + gram` held a third H (19 MB of a 1,568-wide Gemm) per product.
-        np.add(self.grams[name], gram, out=self.grams[name])
+        width = max(1, min(inputs, PENDING_BYTES // (groups * inputs * 8)))
+        if self.scratch.size < groups * inputs * width:
+            self.scratch = np.empty(groups * inputs * width)
+        gram = self.grams[name]
+        for start in range(0, inputs, width):
+            stop = min(inputs, start + width)
+            block = self.scratch[: groups * inputs * (stop - start)]
+            block = block.reshape(groups, inputs, stop - start)
+            np.matmul(rows.transpose(0, 2, 1), rows[:, :, start:stop], out=block)
+            gram[:, :, start:stop] += block
 
 
 def _patches(
