@@ -163,7 +163,9 @@ def test_wide_depthwise_patches_are_multiplied_before_they_pile_up(monkeypatch):
 
 def test_a_wide_layers_h_is_summed_in_place():
     # A 1,024-wide MatMul's H is 8 MB; each block of rows adds its product to it. Summed
-    # into a new array, three H were held at once (H, the product, the sum); in place, two.
+    # into a new array, three H were held at once (H, the product, the sum); the product
+    # whole in a scratch, two; added a block of columns at a time, one H and a scratch of
+    # at most PENDING_BYTES.
     rng = np.random.default_rng(4)
     k = 1024
     model = _layer("MatMul", rng.normal(size=(k, 8)), {}, (1, 256, k))
@@ -182,7 +184,7 @@ def test_a_wide_layers_h_is_summed_in_place():
     rows = np.concatenate([run["x"].reshape(-1, k) for run in runs])
     np.testing.assert_allclose(gram[0], rows.T @ rows, rtol=1e-9, atol=1e-9)
     run_bytes = 256 * k * 8
-    assert peak < 2 * h_bytes + 3 * run_bytes, (peak, h_bytes)
+    assert peak < h_bytes + rounding.PENDING_BYTES + 3 * run_bytes, (peak, h_bytes)
 
 
 @pytest.mark.parametrize("axis", [0, None])
@@ -320,7 +322,8 @@ def test_conv_patches_are_the_padded_input_under_the_kernel_exactly(case):
 def test_float32_rows_wait_as_float32_and_give_the_float64_rows_h(monkeypatch, op):
     # Rows waiting for their product were held as float64: twice the bytes of the
     # float32 tensor they come from, for every layer at once. Held as float32 and
-    # widened when multiplied, H is the same bits, in one block or in many.
+    # widened when multiplied, H is the same bits in one block; in many, the sum of the
+    # blocks' float64 products (added a block of columns at a time: not the same bits).
     rng = np.random.default_rng(5)
     if op == "Conv":
         model = _layer(
@@ -352,9 +355,10 @@ def test_float32_rows_wait_as_float32_and_give_the_float64_rows_h(monkeypatch, o
             rows = np.concatenate([rows_of(run["x"]) for run in block], axis=1)
             product = np.matmul(rows.transpose(0, 2, 1), rows)
             expected = product if expected is None else expected + product
-        assert np.array_equal(gram, expected)
         if len(blocks) == 1:
+            assert np.array_equal(gram, expected)
             float64_bytes = sum(rows_of(run["x"]).nbytes for run in runs)
             assert held[-1] * 2 == float64_bytes, (held, float64_bytes)
         else:
+            np.testing.assert_allclose(gram, expected, rtol=1e-13, atol=1e-12)
             assert max(held) == 0

@@ -54,14 +54,17 @@ instead of 4096 took the recipe's float measurements from 28 s to about 15 s).""
 BLOCK = 32
 """Weights `_descend` visits between updates of the whole H e (32: fastest of 16-128 on
 960- and 1152-wide layers)."""
-GRAM_BYTES = 64 << 20
-"""The most bytes of H measured in one float pass (one layer's at least): H of every layer
-at once held a 50-layer depthwise-separable 224 CNN at 104 MB, against 356 MB for the whole of
-onnxruntime's quantize_static. Each pass more costs about a float pass and its session:
-at 24 MB that CNN took 6 passes, the bench's other 224 CNNs 3 each; at
-64 MB they take 2, 1 and 1, and `--adaround` on them ran 20-30% faster (loaded machine,
-one run each) for 40-75 MB more peak memory, with byte-identical models (each layer's H
-sums its own rows in the same order whichever layers share its pass)."""
+GRAM_BYTES = 24 << 20
+"""The most bytes of H measured in one float pass (one layer's at least). The models are
+byte-identical whatever it is (each layer's H sums its own rows in the same order whichever
+layers share its pass); it trades passes for memory. H of every layer at once held a
+50-layer depthwise-separable 224 CNN at 104 MB, against 356 MB for the whole of
+onnxruntime's quantize_static. At 64 MB the bench's 224 CNNs took 2, 1 and 1 passes, at
+24 MB 6, 3 and 3, and `--adaround` on them ran 20-30% faster at 64 MB. But a pass's H is
+held beside its session and patches, and the first pass's is measured in bias correction's
+float pass and kept until rounding takes it (`FloatInputs.grams`): on a 320x320 detector
+(141 MB of H in all) the default recipe peaked at 344 MB with 64 MB and 274 MB with 24 MB
+(onnxruntime's quantize_static: 264-276 MB), for 20% more CPU time."""
 PENDING_BYTES = 1 << 20
 """The most bytes of patches `GramAccumulator` holds for one layer between products: it
 holds them for every layer at once (8 MB each held the recipe of a 224 inverted-residual
@@ -168,8 +171,9 @@ class GramAccumulator:
         self.positions: dict[tuple, tuple[np.ndarray, np.ndarray] | None] = {}
         """`_patch_index` by its arguments: the same positions for every sample."""
         self.scratch = np.empty(0)
-        """Where a product to add to an H already begun is written: made anew for each,
-        an H of a 960-wide layer (7.4 MB) was mapped and zeroed by the kernel per flush."""
+        """Where a block of columns of a product to add to an H already begun is written
+        (at most `PENDING_BYTES`): kept from one product to the next, as one made anew
+        for each was mapped and zeroed by the kernel per flush."""
 
     def update(self, run: Mapping[str, np.ndarray]) -> None:
         """Adds one sample's float inputs."""
@@ -210,14 +214,20 @@ class GramAccumulator:
         if name not in self.grams:
             self.grams[name] = np.matmul(rows.transpose(0, 2, 1), rows)
             return
+        # Added to H a block of columns at a time: the product whole took a scratch as
+        # large as H (12.5 MB of a 1,280-wide Conv) beside it. Its sums are those of
+        # another BLAS routine, so H may differ from the whole product's in the last bits.
         groups, _, inputs = rows.shape
-        size = groups * inputs * inputs
-        if self.scratch.size < size:
-            self.scratch = np.empty(size)
-        gram = self.scratch[:size].reshape(groups, inputs, inputs)
-        np.matmul(rows.transpose(0, 2, 1), rows, out=gram)
-        # In place: `H + gram` held a third H (19 MB of a 1,568-wide Gemm) per product.
-        np.add(self.grams[name], gram, out=self.grams[name])
+        width = max(1, min(inputs, PENDING_BYTES // (groups * inputs * 8)))
+        if self.scratch.size < groups * inputs * width:
+            self.scratch = np.empty(groups * inputs * width)
+        gram = self.grams[name]
+        for start in range(0, inputs, width):
+            stop = min(inputs, start + width)
+            block = self.scratch[: groups * inputs * (stop - start)]
+            block = block.reshape(groups, inputs, stop - start)
+            np.matmul(rows.transpose(0, 2, 1), rows[:, :, start:stop], out=block)
+            gram[:, :, start:stop] += block
 
 
 def _patches(
