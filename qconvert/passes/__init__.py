@@ -2,6 +2,7 @@
 
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
+from qconvert.passes.flatten import FlattenChannelsLastPass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.opset_upgrade import UpgradeOpsetPass
 from qconvert.passes.pad import FoldPadIntoReaderPass, PadOnIntegersPass
@@ -14,6 +15,7 @@ __all__ = [
     "CastToFloat16Pass",
     "DropIntermediateShapesPass",
     "DynamicQuantizePass",
+    "FlattenChannelsLastPass",
     "FoldBatchNormPass",
     "FoldPadIntoReaderPass",
     "InsertQDQPass",

@@ -20,6 +20,7 @@ from qconvert.config import Format, QuantizeConfig
 from qconvert.passes import (
     CastToFloat16Pass,
     DynamicQuantizePass,
+    FlattenChannelsLastPass,
     InsertQDQPass,
     PadOnIntegersPass,
     QDQToQOperatorPass,
@@ -143,6 +144,8 @@ def apply_plan(
         ]
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
+        else:
+            passes.append(FlattenChannelsLastPass())
     elif isinstance(scheme, DynamicScheme):
         passes = [DynamicQuantizePass(plan=plan)]
     elif scheme.storage_only:
