@@ -1,8 +1,8 @@
 """Graph passes on onnx_ir models: each one transformation, no I/O."""
 
+from qconvert.passes.channels_last import FlattenChannelsLastPass, SingleChannelInputPass
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
-from qconvert.passes.flatten import FlattenChannelsLastPass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
 from qconvert.passes.opset_upgrade import UpgradeOpsetPass
 from qconvert.passes.pad import FoldPadIntoReaderPass, PadOnIntegersPass
@@ -22,6 +22,7 @@ __all__ = [
     "PadOnIntegersPass",
     "QDQToQOperatorPass",
     "ResizeOnIntegersPass",
+    "SingleChannelInputPass",
     "StoreWeightsAsFloat16Pass",
     "UpgradeOpsetPass",
     "prepare",

@@ -25,6 +25,7 @@ from qconvert.passes import (
     PadOnIntegersPass,
     QDQToQOperatorPass,
     ResizeOnIntegersPass,
+    SingleChannelInputPass,
     StoreWeightsAsFloat16Pass,
 )
 from qconvert.pipelines.stages import (
@@ -145,7 +146,7 @@ def apply_plan(
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
         else:
-            passes.append(FlattenChannelsLastPass())
+            passes += [FlattenChannelsLastPass(), SingleChannelInputPass()]
     elif isinstance(scheme, DynamicScheme):
         passes = [DynamicQuantizePass(plan=plan)]
     elif scheme.storage_only:
