@@ -68,6 +68,7 @@ def _model(
     shared: bool = False,
     channels_in: int = 1,
     pooled_input: bool = False,
+    zero_type: type = np.uint8,
 ) -> onnx.ModelProto:
     """x -> Q/DQ -> Conv -> Q/DQ -> MaxPool -> Q/DQ -> Flatten -> Q/DQ -> dense -> y."""
     rng = np.random.default_rng(7)
@@ -102,7 +103,7 @@ def _model(
         outputs.append(h.make_tensor_value_info("other", TensorProto.FLOAT, None))
     inits += [
         nh.from_array(np.array(1 / 255, np.float32), "a_s"),
-        nh.from_array(np.array(0, np.uint8), "a_z"),
+        nh.from_array(np.array(0, zero_type), "a_z"),
         nh.from_array(np.array(0.05, np.float32), "c_s"),
         nh.from_array(
             rng.integers(-127, 128, (CHANNELS, channels_in, 3, 3)).astype(np.int8), "k_q"
@@ -117,7 +118,8 @@ def _model(
         outputs,
         inits,
     )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    opset = 17 if zero_type is np.uint8 else 21  # 16-bit QuantizeLinear from opset 21
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
     model.ir_version = 8
     return onnx.shape_inference.infer_shapes(model)
 
@@ -158,8 +160,13 @@ def test_head_reads_the_nhwc_map_with_the_same_outputs(kind, tmp_path):
     assert np.abs(before).max() > 0.1  # the head computes something
 
 
-def test_map_of_float_kernels_is_left_alone():
-    _, modified = _rewritten(_model("gemm_per_row", float_conv=True))
+@pytest.mark.parametrize("change", ["float_kernels", "sixteen_bit"])
+def test_other_maps_are_left_alone(change):
+    if change == "float_kernels":
+        built = _model("gemm_per_row", float_conv=True)
+    else:  # no integer kernels for 16-bit values: the maps stay NCHW
+        built = _model("gemm_per_row", zero_type=np.uint16)
+    _, modified = _rewritten(built)
     assert not modified
 
 
@@ -184,10 +191,12 @@ def test_one_channel_input_is_quantized_as_nhwc(tmp_path):
     assert np.abs(before).max() > 0.1
 
 
-@pytest.mark.parametrize("change", ["three_channels", "float_reader"])
+@pytest.mark.parametrize("change", ["three_channels", "float_reader", "sixteen_bit"])
 def test_other_inputs_are_left_alone(change):
     if change == "three_channels":
         built = _model("gemm_per_row", channels_in=3)
+    elif change == "sixteen_bit":
+        built = _model("gemm_per_row", zero_type=np.uint16)
     else:
         built = _model("gemm_per_row", pooled_input=True)
     _, modified = _rewritten(built, SingleChannelInputPass)

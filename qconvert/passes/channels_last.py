@@ -301,16 +301,17 @@ def _permute(value: ir.Value, axis: int, order: np.ndarray) -> None:
 
 
 def _per_tensor(node: ir.Node | None, op_type: str) -> bool:
-    """True for a QuantizeLinear/DequantizeLinear with scalar constant parameters."""
-    if node is None or node.op_type != op_type or len(node.inputs) < 2:
+    """True for an 8-bit QuantizeLinear/DequantizeLinear with scalar constant parameters.
+
+    8-bit only: onnxruntime has no integer kernels for 16-bit values, so their maps stay
+    NCHW and a Transpose written for them would be one more copy.
+    """
+    if node is None or node.op_type != op_type or len(node.inputs) < 3:
         return False
-    for value in node.inputs[1:3]:
-        if value is None:
-            continue
-        array = constant_array(value)
-        if array is None or array.size != 1:
-            return False
-    return True
+    arrays = [constant_array(value) for value in node.inputs[1:3]]
+    if any(array is None or array.size != 1 for array in arrays):
+        return False
+    return arrays[1].dtype in (np.uint8, np.int8)
 
 
 def _dequantized(value: ir.Value | None) -> bool:
