@@ -1,9 +1,9 @@
-"""Graph forms that meet onnxruntime's NHWC integer kernels (`passes.channels_last`).
+"""A Flatten of an NHWC integer map is read in onnxruntime's stored order.
 
 On QDQ graphs built here (Conv -> MaxPool -> Flatten -> dense layer), the rewritten model
 must give onnxruntime's outputs of the model as built, and its optimized graph must hold
-one Transpose less. Maps a float kernel writes, weights another node reads, inputs of
-more than one channel and integers a float op reads are left alone.
+one Transpose less. Maps float kernels write, 16-bit maps and weights another node reads
+are left alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from qconvert.passes import FlattenChannelsLastPass, SingleChannelInputPass
+from qconvert.passes import FlattenChannelsLastPass
 from qconvert.runtime import make_session
 
 CHANNELS, SIDE, OUTPUTS = 4, 6, 5
@@ -66,8 +66,6 @@ def _model(
     *,
     float_conv: bool = False,
     shared: bool = False,
-    channels_in: int = 1,
-    pooled_input: bool = False,
     zero_type: type = np.uint8,
 ) -> onnx.ModelProto:
     """x -> Q/DQ -> Conv -> Q/DQ -> MaxPool -> Q/DQ -> Flatten -> Q/DQ -> dense -> y."""
@@ -76,13 +74,6 @@ def _model(
     nodes = [
         h.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["x_q"]),
         h.make_node("DequantizeLinear", ["x_q", "a_s", "a_z"], ["x_dq"]),
-    ]
-    if pooled_input:  # a float op reads the input's integers too
-        nodes.append(h.make_node("MaxPool", ["x_dq"], ["x_pool"], kernel_shape=[2, 2]))
-        outputs_extra = [h.make_tensor_value_info("x_pool", TensorProto.FLOAT, None)]
-    else:
-        outputs_extra = []
-    nodes += [
         h.make_node("DequantizeLinear", ["k_q", "k_s", "k_z"], ["k"], axis=0),
         h.make_node("Conv", [conv_input, "k"], ["c"], pads=[1, 1, 1, 1]),
         h.make_node("QuantizeLinear", ["c", "c_s", "a_z"], ["c_q"]),
@@ -97,7 +88,6 @@ def _model(
     head, inits = _head(kind, rng)
     nodes += head
     outputs = [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", OUTPUTS])]
-    outputs += outputs_extra
     if shared:  # a second layer reads the same stored weight
         nodes.append(h.make_node("Identity", ["w"], ["other"]))
         outputs.append(h.make_tensor_value_info("other", TensorProto.FLOAT, None))
@@ -105,16 +95,14 @@ def _model(
         nh.from_array(np.array(1 / 255, np.float32), "a_s"),
         nh.from_array(np.array(0, zero_type), "a_z"),
         nh.from_array(np.array(0.05, np.float32), "c_s"),
-        nh.from_array(
-            rng.integers(-127, 128, (CHANNELS, channels_in, 3, 3)).astype(np.int8), "k_q"
-        ),
+        nh.from_array(rng.integers(-127, 128, (CHANNELS, 1, 3, 3)).astype(np.int8), "k_q"),
         nh.from_array(np.full(CHANNELS, 0.02, np.float32), "k_s"),
         nh.from_array(np.zeros(CHANNELS, np.int8), "k_z"),
     ]
     graph = h.make_graph(
         nodes,
         "flatten_head",
-        [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels_in, SIDE, SIDE])],
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, SIDE, SIDE])],
         outputs,
         inits,
     )
@@ -124,11 +112,9 @@ def _model(
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _rewritten(
-    proto: onnx.ModelProto, rule=FlattenChannelsLastPass
-) -> tuple[onnx.ModelProto, bool]:
+def _rewritten(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     model = ir.serde.deserialize_model(proto)
-    modified = rule()(model).modified
+    modified = FlattenChannelsLastPass()(model).modified
     return ir.serde.serialize_model(model), modified
 
 
@@ -146,7 +132,7 @@ def test_head_reads_the_nhwc_map_with_the_same_outputs(kind, tmp_path):
     built = _model(kind)
     rewritten, modified = _rewritten(built)
     assert modified
-    x = np.random.default_rng(3).uniform(0, 1, (1, 1, SIDE, SIDE)).astype(np.float32)
+    x = np.random.default_rng(3).uniform(0, 1, (2, 1, SIDE, SIDE)).astype(np.float32)
     before, kept_before = _run(built, x, tmp_path, "before")
     after, kept_after = _run(rewritten, x, tmp_path, "after")
     # onnxruntime transposes the input to NHWC, and the map back to NCHW for the Flatten.
@@ -175,29 +161,3 @@ def test_weight_read_by_another_node_is_left_alone():
     rewritten, modified = _rewritten(built)
     assert not modified
     assert [n.op_type for n in rewritten.graph.node] == [n.op_type for n in built.graph.node]
-
-
-def test_one_channel_input_is_quantized_as_nhwc(tmp_path):
-    built = _model("gemm_per_row")
-    rewritten, modified = _rewritten(built, SingleChannelInputPass)
-    assert modified
-    x = np.random.default_rng(4).uniform(0, 1, (3, 1, SIDE, SIDE)).astype(np.float32)
-    before, kept_before = _run(built, x, tmp_path, "before")
-    after, kept_after = _run(rewritten, x, tmp_path, "after")
-    # Before: to NHWC for the QLinearConv, and back to NCHW for the Flatten.
-    assert kept_before.count("Transpose") == 2
-    assert kept_after.count("Transpose") == 1
-    assert np.array_equal(after, before)  # a batch of 3: the Reshape keeps the batch
-    assert np.abs(before).max() > 0.1
-
-
-@pytest.mark.parametrize("change", ["three_channels", "float_reader", "sixteen_bit"])
-def test_other_inputs_are_left_alone(change):
-    if change == "three_channels":
-        built = _model("gemm_per_row", channels_in=3)
-    elif change == "sixteen_bit":
-        built = _model("gemm_per_row", zero_type=np.uint16)
-    else:
-        built = _model("gemm_per_row", pooled_input=True)
-    _, modified = _rewritten(built, SingleChannelInputPass)
-    assert not modified

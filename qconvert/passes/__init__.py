@@ -1,6 +1,6 @@
 """Graph passes on onnx_ir models: each one transformation, no I/O."""
 
-from qconvert.passes.channels_last import FlattenChannelsLastPass, SingleChannelInputPass
+from qconvert.passes.channels_last import FlattenChannelsLastPass
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
@@ -22,7 +22,6 @@ __all__ = [
     "PadOnIntegersPass",
     "QDQToQOperatorPass",
     "ResizeOnIntegersPass",
-    "SingleChannelInputPass",
     "StoreWeightsAsFloat16Pass",
     "UpgradeOpsetPass",
     "prepare",

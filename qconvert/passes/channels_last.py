@@ -1,37 +1,28 @@
-"""Graph forms that meet onnxruntime's NHWC integer kernels where they lie.
+"""A Flatten of an integer kernel's map, read in the order onnxruntime stores the map.
 
-onnxruntime runs its integer Conv and pooling kernels on CPU in the NHWC layout: it puts
-a Transpose to NHWC before the first of a run of them and one back to NCHW after the
-last. Two of those Transposes only serve the NCHW order of the ONNX graph, and a form of
-the graph that computes the same numbers lets its layout pass cancel them.
+onnxruntime runs its integer Conv and pooling kernels on CPU in the NHWC layout, and puts
+a Transpose back to NCHW after the last of them. Where that map is flattened for a dense
+layer (`Conv/MaxPool -> Q -> DQ -> Flatten -> Gemm`, a classifier's head), the Transpose
+runs on every inference only so the Flatten sees channels first. A dense layer does not
+care in which order it reads its inputs if its weight's input rows are put in the same
+order:
 
-1. `FlattenChannelsLastPass`: a Flatten of an integer kernel's map for a dense layer
-   (`Conv/MaxPool -> Q -> DQ -> Flatten -> Gemm`, a classifier's head). A dense layer
-   does not care in which order it reads its inputs if its weight's input rows are put
-   in the same order:
+    Flatten(x)[n, c*H*W + h*W + w] @ B[c*H*W + h*W + w, :]
+      = Flatten(Transpose(x, 0, 2, 3, 1))[n, h*W*C + w*C + c] @ B'[h*W*C + w*C + c, :]
 
-       Flatten(x)[n, c*H*W + h*W + w] @ B[c*H*W + h*W + w, :]
-         = Flatten(Transpose(x, 0, 2, 3, 1))[n, h*W*C + w*C + c] @ B'[h*W*C + w*C + c, :]
+`FlattenChannelsLastPass` (after the QDQ rewrite) writes that Transpose before the
+Flatten and permutes the weight's stored constants (the integers, and a scale or zero
+point that runs along the input axis). onnxruntime's layout pass cancels it against its
+own, so the integer head reads the NHWC map as it lies; the products and their int32
+sums are the same numbers. On a float head the sum only changes its order.
 
-   The pass writes that Transpose before the Flatten and permutes the weight's stored
-   constants (the integers, and a scale or zero point that runs along the input axis).
-   onnxruntime cancels it against its own, so the integer head reads the NHWC map as it
-   lies; the products and their int32 sums are the same numbers. On a float head the
-   sum only changes its order. It applies where the Flatten (axis 1) reads a per-tensor
-   DequantizeLinear of a rank-4 map with known C, H, W, written through a QuantizeLinear
-   by an op onnxruntime runs as an NHWC integer kernel (a Conv, MaxPool, AveragePool or
-   GlobalAveragePool reading a DequantizeLinear), and every reader of the Flatten,
-   directly or through a per-tensor QuantizeLinear -> DequantizeLinear, is a Gemm
-   (transA 0) or MatMul reading it as A with a constant B read by nothing else. A map
-   that stays NCHW (a float kernel) is left alone: there the Transpose would be a copy.
-
-2. `SingleChannelInputPass`: a one-channel map quantized for integer Convs (a grey image
-   at a model's input). [N, 1, H, W] and [N, H, W, 1] hold the same values in the same
-   order, so `Reshape([N, 1, H, W] -> [N, H, W, 1]) -> Transpose(0, 3, 1, 2)` is the
-   identity; written before the QuantizeLinear, the Transpose cancels against
-   onnxruntime's own to NHWC and only the Reshape, which copies nothing, stays. It
-   applies where H and W are known and every reader of the QuantizeLinear's integers is
-   a per-tensor DequantizeLinear read only by Convs with a DequantizeLinear weight.
+It applies where the Flatten (axis 1) reads a per-tensor 8-bit DequantizeLinear of a
+rank-4 map with known C, H, W, written through a QuantizeLinear by an op onnxruntime runs
+as an NHWC integer kernel (a Conv, MaxPool, AveragePool or GlobalAveragePool reading a
+DequantizeLinear), and every reader of the Flatten, directly or through a per-tensor
+QuantizeLinear -> DequantizeLinear, is a Gemm (transA 0) or MatMul reading it as A with a
+constant B read by nothing else. A map that stays NCHW (a float kernel, 16-bit values) is
+left alone: there the Transpose would be one more copy.
 """
 
 from __future__ import annotations
@@ -39,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qconvert.graph_utils import add_initializer, constant_array
+from qconvert.graph_utils import constant_array
 from qconvert.names import NameAllocator
 
 _NHWC_INTEGER_KERNELS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalAveragePool"})
@@ -50,7 +41,7 @@ _WEIGHT_CHAIN_OPS = frozenset({"DequantizeLinear", "Cast", "Mul"})
 
 
 class FlattenChannelsLastPass(ir.passes.InPlacePass):
-    """Flattens an NHWC integer map in its stored order (case 1 of the module docstring)."""
+    """Flattens an NHWC integer map in its stored order (see the module docstring)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -83,72 +74,6 @@ class FlattenChannelsLastPass(ir.passes.InPlacePass):
             flatten.replace_input_with(0, transpose.outputs[0])
             modified = True
         return ir.passes.PassResult(model, modified=modified)
-
-
-class SingleChannelInputPass(ir.passes.InPlacePass):
-    """Quantizes a one-channel map for integer Convs as NHWC (case 2 of the module doc)."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        names = NameAllocator(graph)
-        modified = False
-        for quantize in list(graph):
-            if not _per_tensor(quantize, "QuantizeLinear"):
-                continue
-            if quantize.domain not in ("", "ai.onnx"):
-                continue
-            x = quantize.inputs[0]
-            shape = x.shape if x is not None else None
-            if shape is None or shape.rank() != 4 or shape[1] != 1:
-                continue
-            height, width = shape[2], shape[3]
-            if not (isinstance(height, int) and isinstance(width, int)):
-                continue
-            if not _read_by_integer_convs(quantize):
-                continue
-            base = quantize.name or "quantize"
-            # Reshape's 0 copies the batch dimension, which may be dynamic.
-            nhwc = np.array([0, height, width, 1], np.int64)
-            target = add_initializer(graph, names.fresh(f"{base}_nhwc_shape"), nhwc)
-            reshape = ir.node(
-                "Reshape",
-                [x, target],
-                name=names.fresh(f"{base}_nhwc"),
-                outputs=[ir.Value(name=names.fresh(f"{x.name}_nhwc"), type=x.type)],
-            )
-            transpose = ir.node(
-                "Transpose",
-                [reshape.outputs[0]],
-                {"perm": [0, 3, 1, 2]},
-                name=names.fresh(f"{base}_nchw"),
-                outputs=[ir.Value(name=names.fresh(f"{x.name}_nchw"), type=x.type)],
-            )
-            graph.insert_before(quantize, [reshape, transpose])
-            quantize.replace_input_with(0, transpose.outputs[0])
-            modified = True
-        return ir.passes.PassResult(model, modified=modified)
-
-
-def _read_by_integer_convs(quantize: ir.Node) -> bool:
-    """True when `quantize`'s integers are only dequantized for integer Convs' data."""
-    integers = quantize.outputs[0]
-    if integers.is_graph_output() or not integers.consumers():
-        return False
-    for dequantize in integers.consumers():
-        if not _per_tensor(dequantize, "DequantizeLinear"):
-            return False
-        value = dequantize.outputs[0]
-        if value.is_graph_output() or not value.consumers():
-            return False
-        for conv in value.consumers():
-            if (
-                conv.op_type != "Conv"
-                or conv.domain not in ("", "ai.onnx")
-                or conv.inputs[0] is not value
-                or not _dequantized(conv.inputs[1])
-            ):
-                return False
-    return True
 
 
 def _channels_last_map(flatten: ir.Node) -> tuple[int, int, int] | None:

@@ -25,7 +25,6 @@ from qconvert.passes import (
     PadOnIntegersPass,
     QDQToQOperatorPass,
     ResizeOnIntegersPass,
-    SingleChannelInputPass,
     StoreWeightsAsFloat16Pass,
 )
 from qconvert.pipelines.stages import (
@@ -146,7 +145,7 @@ def apply_plan(
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
         else:
-            passes += [FlattenChannelsLastPass(), SingleChannelInputPass()]
+            passes.append(FlattenChannelsLastPass())
     elif isinstance(scheme, DynamicScheme):
         passes = [DynamicQuantizePass(plan=plan)]
     elif scheme.storage_only:

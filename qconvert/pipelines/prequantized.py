@@ -37,7 +37,6 @@ from qconvert.passes import (
     DropIntermediateShapesPass,
     FlattenChannelsLastPass,
     QDQToQOperatorPass,
-    SingleChannelInputPass,
 )
 from qconvert.passes.fill_ranges import FillRangesPass, float_compute, missing_ranges
 from qconvert.passes.finish_qdq import (
@@ -124,11 +123,10 @@ def finish(
             StandardQDQDomainPass(ledger=ledger)(finished)
             QDQToQOperatorPass()(finished)
     else:
-        if any(node.op_type in ("Flatten", "QuantizeLinear") for node in finished.graph):
-            # The layout rules read maps' C, H and W; exporters write no shapes.
+        if any(node.op_type == "Flatten" for node in finished.graph):
+            # The Flatten rule reads its map's C, H and W; exporters write no shapes.
             ShapeInferencePass(check_type=False, strict_mode=False)(finished)
         FlattenChannelsLastPass()(finished)
-        SingleChannelInputPass()(finished)
     DropIntermediateShapesPass()(finished)
     finished.producer_name = "qconvert"
     with timed(timings, "verify"):
