@@ -10,19 +10,20 @@ order:
     Flatten(x)[n, c*H*W + h*W + w] @ B[c*H*W + h*W + w, :]
       = Flatten(Transpose(x, 0, 2, 3, 1))[n, h*W*C + w*C + c] @ B'[h*W*C + w*C + c, :]
 
-`FlattenChannelsLastPass` (after the QDQ rewrite) writes that Transpose before the
-Flatten and permutes the weight's stored constants (the integers, and a scale or zero
-point that runs along the input axis). onnxruntime's layout pass cancels it against its
-own, so the integer head reads the NHWC map as it lies; the products and their int32
-sums are the same numbers. On a float head the sum only changes its order.
+`FlattenChannelsLastPass` (after the QDQ rewrite) writes that Transpose on the map's
+integers, between its QuantizeLinear and DequantizeLinear, and permutes the weight's
+stored constants (the integers, and a scale or zero point that runs along the input
+axis). onnxruntime's layout pass cancels it against its own, so the integer head reads
+the NHWC map as it lies; the products and their int32 sums are the same numbers. On a
+float head the sum only changes its order.
 
-It applies where the Flatten (axis 1) reads a per-tensor 8-bit DequantizeLinear of a
-rank-4 map with known C, H, W, written through a QuantizeLinear by an op onnxruntime runs
-as an NHWC integer kernel (a Conv, MaxPool, AveragePool or GlobalAveragePool reading a
-DequantizeLinear), and every reader of the Flatten, directly or through a per-tensor
-QuantizeLinear -> DequantizeLinear, is a Gemm (transA 0) or MatMul reading it as A with a
-constant B read by nothing else. A map that stays NCHW (a float kernel, 16-bit values) is
-left alone: there the Transpose would be one more copy.
+It applies where the Flatten (axis 1) reads a per-tensor 8-bit DequantizeLinear (its only
+reader) of a rank-4 map with known C, H, W, written through a QuantizeLinear by an op
+onnxruntime runs as an NHWC integer kernel (a Conv, MaxPool, AveragePool or
+GlobalAveragePool reading a DequantizeLinear), and every reader of the Flatten, directly
+or through a per-tensor QuantizeLinear -> DequantizeLinear, is a Gemm (transA 0) or
+MatMul reading it as A with a constant B read by nothing else. A map that stays NCHW (a
+float kernel, 16-bit values) is left alone: there the Transpose would be one more copy.
 """
 
 from __future__ import annotations
@@ -62,16 +63,21 @@ class FlattenChannelsLastPass(ir.passes.InPlacePass):
                 for found in weights:
                     for value, axis in found:
                         _permute(value, axis, order)
+            # On the integers, between the map's QuantizeLinear and DequantizeLinear: there
+            # it meets onnxruntime's own Transpose, and a later finishing pass sees no
+            # dequantized value moved without a range.
+            dequantize = flatten.inputs[0].producer()
+            integers = dequantize.inputs[0]
             transpose = ir.node(
                 "Transpose",
-                [flatten.inputs[0]],
+                [integers],
                 {"perm": [0, 2, 3, 1]},
                 name=names.fresh(f"{flatten.name or 'flatten'}_channels_last"),
-                outputs=[ir.Value(name=names.fresh(f"{flatten.inputs[0].name}_nhwc"))],
+                outputs=[ir.Value(name=names.fresh(f"{integers.name}_nhwc"))],
             )
-            transpose.outputs[0].type = flatten.inputs[0].type
-            graph.insert_before(flatten, transpose)
-            flatten.replace_input_with(0, transpose.outputs[0])
+            transpose.outputs[0].type = integers.type
+            graph.insert_before(dequantize, transpose)
+            dequantize.replace_input_with(0, transpose.outputs[0])
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -92,7 +98,10 @@ def _channels_last_map(flatten: ir.Node) -> tuple[int, int, int] | None:
     dequantize = x.producer()
     if not _per_tensor(dequantize, "DequantizeLinear"):
         return None
-    quantize = dequantize.inputs[0].producer()
+    integers = dequantize.inputs[0]
+    if integers.is_graph_output() or len(integers.consumers()) != 1:
+        return None
+    quantize = integers.producer()
     if not _per_tensor(quantize, "QuantizeLinear"):
         return None
     kernel = quantize.inputs[0].producer()
