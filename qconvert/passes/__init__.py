@@ -1,5 +1,6 @@
 """Graph passes on onnx_ir models: each one transformation, no I/O."""
 
+from qconvert.passes.channels_last import FlattenChannelsLastPass
 from qconvert.passes.cleanup import DropIntermediateShapesPass
 from qconvert.passes.dynamic import DynamicQuantizePass
 from qconvert.passes.fp16 import CastToFloat16Pass, StoreWeightsAsFloat16Pass
@@ -15,6 +16,7 @@ __all__ = [
     "CastToFloat16Pass",
     "DropIntermediateShapesPass",
     "DynamicQuantizePass",
+    "FlattenChannelsLastPass",
     "FoldBatchNormPass",
     "FoldPadIntoReaderPass",
     "InsertQDQPass",

@@ -21,6 +21,7 @@ from qconvert.config import Format, QuantizeConfig
 from qconvert.passes import (
     CastToFloat16Pass,
     DynamicQuantizePass,
+    FlattenChannelsLastPass,
     InsertQDQPass,
     LstmOnIntegersPass,
     PadOnIntegersPass,
@@ -148,6 +149,8 @@ def apply_plan(
             passes.append(LstmOnIntegersPass())
         if config.format is Format.QOP:
             passes.append(QDQToQOperatorPass())
+        else:
+            passes.append(FlattenChannelsLastPass())
     elif isinstance(scheme, DynamicScheme):
         passes = [DynamicQuantizePass(plan=plan)]
     elif scheme.storage_only:

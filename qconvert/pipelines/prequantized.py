@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
+from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 
 from qconvert import model as model_io
 from qconvert import prequantized
@@ -33,7 +33,11 @@ from qconvert.dataset import DirectorySource, ImagePreprocessing, input_specs, s
 from qconvert.errors import ConfigError, UnsupportedModelError, VerificationError
 from qconvert.graph_utils import constant_array
 from qconvert.limits import DEFAULT_LIMITS, LoadLimits
-from qconvert.passes import DropIntermediateShapesPass, QDQToQOperatorPass
+from qconvert.passes import (
+    DropIntermediateShapesPass,
+    FlattenChannelsLastPass,
+    QDQToQOperatorPass,
+)
 from qconvert.passes.fill_ranges import FillRangesPass, float_compute, missing_ranges
 from qconvert.passes.finish_qdq import (
     FoldBatchNormIntoQuantizedPass,
@@ -118,6 +122,11 @@ def finish(
         with timed(timings, "rewrite"):
             StandardQDQDomainPass(ledger=ledger)(finished)
             QDQToQOperatorPass()(finished)
+    else:
+        if any(node.op_type == "Flatten" for node in finished.graph):
+            # The Flatten rule reads its map's C, H and W; exporters write no shapes.
+            ShapeInferencePass(check_type=False, strict_mode=False)(finished)
+        FlattenChannelsLastPass()(finished)
     DropIntermediateShapesPass()(finished)
     finished.producer_name = "qconvert"
     with timed(timings, "verify"):
