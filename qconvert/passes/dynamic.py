@@ -34,6 +34,7 @@ from qconvert import qparams
 from qconvert.graph_utils import add_initializer
 from qconvert.names import NameAllocator
 from qconvert.passes.load_dequantize import dequantized_at_load
+from qconvert.passes.recurrent import replace_with_integer_lstm
 from qconvert.plan import QuantPlan
 
 _MICROSOFT = "com.microsoft"
@@ -196,23 +197,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                     ),
                 )
             )
-        (w_q, w_scale, w_zero), (r_q, r_scale, r_zero) = quantized
-        rest = [node.inputs[i] if i < len(node.inputs) else None for i in range(3, 8)]
-        lstm = ir.node(
-            "DynamicQuantizeLSTM",
-            [node.inputs[0], w_q, r_q, *rest, w_scale, w_zero, r_scale, r_zero],
-            attributes=dict(node.attributes),
-            domain=_MICROSOFT,
-            name=names.fresh(f"{node.name}_quant"),
-            num_outputs=len(node.outputs),
-        )
-        graph.insert_after(node, lstm)
-        for old, new in zip(node.outputs, lstm.outputs, strict=True):
-            name, shape, type_ = old.name, old.shape, old.type
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            old.name = None
-            new.name, new.shape, new.type = name, shape, type_
-        graph.remove(node, safe=True)
+        replace_with_integer_lstm(graph, names, node, quantized, suffix="quant")
 
     def _store_weight(
         self, graph: ir.Graph, names: NameAllocator, weight: ir.Value, transposed: bool

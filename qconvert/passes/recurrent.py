@@ -103,6 +103,21 @@ def _rewrite(
                 ),
             )
         )
+    replace_with_integer_lstm(graph, names, node, weights, suffix="integer")
+
+
+def replace_with_integer_lstm(
+    graph: ir.Graph,
+    names: NameAllocator,
+    node: ir.Node,
+    weights: list[tuple[ir.Value, ir.Value, ir.Value]],
+    suffix: str,
+) -> None:
+    """Puts a DynamicQuantizeLSTM in `node`'s place.
+
+    `weights` holds the (integers, scale, zero point) of W, then of R; the new node's
+    outputs keep the LSTM's names and types.
+    """
     (w_q, w_scale, w_zero), (r_q, r_scale, r_zero) = weights
     rest = [node.inputs[i] if i < len(node.inputs) else None for i in range(3, 8)]
     lstm = ir.node(
@@ -110,7 +125,7 @@ def _rewrite(
         [node.inputs[0], w_q, r_q, *rest, w_scale, w_zero, r_scale, r_zero],
         attributes=dict(node.attributes),
         domain=_MICROSOFT,
-        name=names.fresh(f"{node.name}_integer"),
+        name=names.fresh(f"{node.name}_{suffix}"),
         num_outputs=len(node.outputs),
     )
     graph.insert_after(node, lstm)
