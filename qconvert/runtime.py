@@ -77,6 +77,7 @@ def make_session(
     config: Mapping[str, str] | None = None,
     priority_order: bool = False,
     arena: bool = True,
+    memory_pattern: bool = True,
     weights: Mapping[str, np.ndarray] | None = None,
     reorder_layout: bool = True,
 ) -> ort.InferenceSession:
@@ -93,10 +94,12 @@ def make_session(
     the calibration graph relies on it to reduce each tensor while it is fresh.
     `arena=False` allocates each tensor on its own and frees it when done: for models with
     many intermediate tensors exposed as outputs, which onnxruntime's arena would hold
-    in chunks grown by doubling. `weights`: the initializers `handed_weights.detach` took
-    out of `model`, by name. `reorder_layout=False` leaves out onnxruntime's blocked-layout
-    rewrite of float Convs (`NCHWC_TRANSFORMER`), for sessions whose outputs only score
-    (see there).
+    in chunks grown by doubling. `memory_pattern=False` keeps the arena but lets each run
+    take its tensors one by one rather than as the one block onnxruntime plans after the
+    first run on a shape (see `calibration.graphs.open_session`). `weights`: the
+    initializers `handed_weights.detach` took out of `model`, by name.
+    `reorder_layout=False` leaves out onnxruntime's blocked-layout rewrite of float Convs
+    (`NCHWC_TRANSFORMER`), for sessions whose outputs only score (see there).
     """
     return_large_blocks()  # the session's build copies go back to the system once freed
     options = ort.SessionOptions()
@@ -116,6 +119,7 @@ def make_session(
         )
     if not arena:
         options.enable_cpu_mem_arena = False
+    if not arena or not memory_pattern:
         options.enable_mem_pattern = False
     if priority_order:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED

@@ -173,6 +173,44 @@ def test_concurrent_runs_give_the_statistics_of_one_run_at_a_time(tmp_path):
         np.testing.assert_array_equal(a.bins, b.bins)
 
 
+def test_the_calibration_session_keeps_its_arena_without_a_memory_pattern(
+    tmp_path, monkeypatch
+):
+    # A planned block per run would need an arena region of its own beside the first run's
+    # tensors, and concurrent runs place their blocks as they interleave; without the
+    # pattern each run takes its tensors one by one, and every value stays the same.
+    import qconvert.calibration.collect as collect
+    import qconvert.calibration.graphs as graphs
+
+    proto = testing.conv_bn_relu()
+    model = _prepared(proto, tmp_path)
+    names = tensors_to_calibrate(model)
+    samples = [Sample(f"s{i}", testing.random_inputs(proto, seed=i)) for i in range(8)]
+    settings = CollectSettings(concurrent_runs=2, fold_runs=3)
+    opened = []
+
+    def recording(*args, **kwargs):
+        opened.append(graphs.open_session(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(collect, "open_session", recording)
+    without = collect_statistics(model, samples, names, settings=settings)
+    options = opened[0].get_session_options()
+    assert (options.enable_cpu_mem_arena, options.enable_mem_pattern) == (True, False)
+
+    def with_pattern(*args, memory_pattern=True, **kwargs):
+        return make_session(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "make_session", with_pattern)
+    opened.clear()
+    patterned = collect_statistics(model, samples, names, settings=settings)
+    assert opened[0].get_session_options().enable_mem_pattern
+    for name in names:
+        a, b = without[name], patterned[name]
+        assert (a.min, a.max, a.count, a.exponent) == (b.min, b.max, b.count, b.exponent)
+        np.testing.assert_array_equal(a.bins, b.bins)
+
+
 def test_the_session_exposes_exactly_the_calibrated_tensors(tmp_path):
     proto = testing.conv_bn_relu()
     model = prepare(model_io.load_model(testing.save(proto, tmp_path / "m.onnx")), min_opset=1)
