@@ -226,7 +226,7 @@ class Evaluator:
 
     def scores_side_by_side(self) -> bool:
         """Whether `score_each` runs its plans at once: weights within `SIDE_BY_SIDE_BYTES`."""
-        return _weight_bytes(self.prepared) <= SIDE_BY_SIDE_BYTES
+        return fits_side_by_side(self.prepared)
 
     def score_unless_below(self, plan: QuantPlan, floor_db: float) -> BoundedScore:
         """`score` of `plan`, run sample by sample until its SQNR cannot reach `floor_db`.
@@ -289,6 +289,14 @@ class Evaluator:
             return None
         predictions = np.array([int(np.argmax(run[0])) for run in outputs])
         return float(np.mean(predictions == self.labels[: len(predictions)]))
+
+
+def fits_side_by_side(model: ir.Model) -> bool:
+    """Whether its weights are within `SIDE_BY_SIDE_BYTES`.
+
+    Two quantized copies of such a model, each with a session, may be alive at once.
+    """
+    return _weight_bytes(model) <= SIDE_BY_SIDE_BYTES
 
 
 def _weight_bytes(model: ir.Model) -> int:

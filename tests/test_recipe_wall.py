@@ -19,7 +19,7 @@ from conftest import sha256
 from test_recipe import conv_case
 
 import qconvert
-from qconvert import testing
+from qconvert import sensitivity, testing
 from qconvert.pipelines import calibration_stages, recipe, recipe_samples, weight_passes
 from qconvert.pipelines import quantize_stages as quantize_pipeline
 from qconvert.pipelines.stages import prepares_alike
@@ -413,3 +413,33 @@ def test_raise_candidates_scored_beside_the_next_build_write_the_same_bytes(
     assert sha256(tmp_path / "beside.onnx") == sha256(tmp_path / "in_turn.onnx")
     beside = threads[: len(threads) // 2]
     assert threads.count(False) > 0 and beside.count(False) == threads.count(False)
+
+
+def test_raise_candidates_past_the_side_by_side_cap_are_scored_one_at_a_time(
+    tmp_path, monkeypatch
+):
+    # Past `SIDE_BY_SIDE_BYTES` of weights no second candidate and session are alive
+    # beside the next build: every score runs on the main thread, and the bytes are those
+    # of the candidates scored beside the next build.
+    model = testing.sensitive_mlp()
+    path = testing.save(model, tmp_path / "model.onnx")
+    testing.write_samples(
+        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
+    )
+    options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
+    qconvert.quantize(path, tmp_path / "beside.onnx", data=tmp_path / "calib", recipe=options)
+    on_main = []
+    real = recipe.HeldOut.score
+
+    def noted(self, model, weights=None, **options):
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return real(self, model, weights, **options)
+
+    monkeypatch.setattr(recipe.HeldOut, "score", noted)
+    monkeypatch.setattr(sensitivity, "SIDE_BY_SIDE_BYTES", 0)
+    report = qconvert.quantize(
+        path, tmp_path / "capped.onnx", data=tmp_path / "calib", recipe=options
+    )
+    assert report.conversion.recipe.raised
+    assert on_main and all(on_main)
+    assert sha256(tmp_path / "capped.onnx") == sha256(tmp_path / "beside.onnx")
