@@ -166,3 +166,20 @@ def test_issue18_rows_for_every_model_say_what_is_missing(targets):
     assert targets[f"int8 1-thread latency ≤ 1.0{X} peer's quantize_static (dbnet)"][0] == (
         "missing: no int8 row in this run"
     )
+
+
+def test_a_repeated_scaling_step_keeps_the_median_time_and_the_median_peak():
+    # The peak comes from the runs' median, not from the run of median time: one
+    # process's peak moves with where its concurrent runs' tensors land.
+    from bench.runner import median_run
+    from bench.steps import StepResult
+
+    runs = [
+        StepResult(ok=True, seconds=1.0, peak_mb=186.0),
+        StepResult(ok=True, seconds=3.0, peak_mb=180.0),
+        StepResult(ok=False, error="timed out"),
+        StepResult(ok=True, seconds=2.0, peak_mb=228.0),
+    ]
+    kept = median_run(runs)
+    assert (kept.seconds, kept.peak_mb) == (2.0, 186.0)
+    assert median_run([StepResult(ok=False, error="died")]).error == "died"
