@@ -381,24 +381,36 @@ class _InTurn:
         return future
 
 
-def test_raise_candidates_scored_beside_the_next_build_write_the_same_bytes(
-    tmp_path, monkeypatch
-):
-    # The ranking scores each candidate on a thread while the next one is built; the
-    # scores, and so the raises and the bytes, are those of scoring one at a time.
+def _sensitive_mlp_with_samples(tmp_path):
+    """An MLP the raise phase raises a node of, saved, with its calibration folder."""
     model = testing.sensitive_mlp()
     path = testing.save(model, tmp_path / "model.onnx")
     testing.write_samples(
         tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
     )
-    threads = []
+    return path
+
+
+def _scoring_threads(monkeypatch) -> list[bool]:
+    """Whether each held-out scoring ran on the main thread, in order, as it happens."""
+    on_main = []
     real = recipe.HeldOut.score
 
     def noted(self, model, weights=None, **options):
-        threads.append(threading.current_thread() is threading.main_thread())
+        on_main.append(threading.current_thread() is threading.main_thread())
         return real(self, model, weights, **options)
 
     monkeypatch.setattr(recipe.HeldOut, "score", noted)
+    return on_main
+
+
+def test_raise_candidates_scored_beside_the_next_build_write_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    # The ranking scores each candidate on a thread while the next one is built; the
+    # scores, and so the raises and the bytes, are those of scoring one at a time.
+    path = _sensitive_mlp_with_samples(tmp_path)
+    threads = _scoring_threads(monkeypatch)
     options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
     stories = []
     for name in ("beside", "in_turn"):
@@ -421,21 +433,10 @@ def test_raise_candidates_past_the_side_by_side_cap_are_scored_one_at_a_time(
     # Past `SIDE_BY_SIDE_BYTES` of weights no second candidate and session are alive
     # beside the next build: every score runs on the main thread, and the bytes are those
     # of the candidates scored beside the next build.
-    model = testing.sensitive_mlp()
-    path = testing.save(model, tmp_path / "model.onnx")
-    testing.write_samples(
-        tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
-    )
+    path = _sensitive_mlp_with_samples(tmp_path)
     options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
     qconvert.quantize(path, tmp_path / "beside.onnx", data=tmp_path / "calib", recipe=options)
-    on_main = []
-    real = recipe.HeldOut.score
-
-    def noted(self, model, weights=None, **options):
-        on_main.append(threading.current_thread() is threading.main_thread())
-        return real(self, model, weights, **options)
-
-    monkeypatch.setattr(recipe.HeldOut, "score", noted)
+    on_main = _scoring_threads(monkeypatch)
     monkeypatch.setattr(sensitivity, "SIDE_BY_SIDE_BYTES", 0)
     report = qconvert.quantize(
         path, tmp_path / "capped.onnx", data=tmp_path / "calib", recipe=options
