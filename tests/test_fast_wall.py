@@ -56,13 +56,9 @@ def test_report_sizes_are_the_files_on_disk(tmp_path, monkeypatch, external):
         assert scanned == [path]
 
 
-@pytest.mark.parametrize("side_by_side", [True, False], ids=["side-by-side", "past-the-cap"])
-def test_plans_scored_side_by_side_score_as_one_after_the_other(
-    tmp_path, monkeypatch, side_by_side
-):
-    """`auto`'s check scores its two plans at once, each session on its share of the cores;
-    past `SIDE_BY_SIDE_BYTES` of weights one after the other."""
-    from qconvert import sensitivity
+def _planner_and_evaluator(tmp_path):
+    """A Conv-BN-Relu CNN calibrated on 8 samples: its int8 planner (raised nodes ->
+    plan, minmax ranges) and an evaluator on those samples."""
     from qconvert.calibration import RangeMethod, derive_ranges, read_calibration
     from qconvert.config import QuantizeConfig
     from qconvert.pipelines.mixed_precision import planner
@@ -81,10 +77,21 @@ def test_plans_scored_side_by_side_score_as_one_after_the_other(
     )
     prepared, _ = prepare_for_scheme(model_io.load_model(path), QuantizeConfig())
     plan_for = planner(prepared, SCHEMES["int8"], QuantizeConfig(), NodeSelection(), ranges)
+    return plan_for, Evaluator(path.read_bytes(), prepared, samples)
+
+
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["side-by-side", "past-the-cap"])
+def test_plans_scored_side_by_side_score_as_one_after_the_other(
+    tmp_path, monkeypatch, side_by_side
+):
+    """`auto`'s check scores its two plans at once, each session on its share of the cores;
+    past `SIDE_BY_SIDE_BYTES` of weights one after the other."""
+    from qconvert import sensitivity
+
+    plan_for, evaluator = _planner_and_evaluator(tmp_path)
     full = plan_for(frozenset())
     first = next(node.name for node in full.quantized_nodes() if node.op_type == "Conv")
     plans = (full, plan_for(frozenset({first})))
-    evaluator = Evaluator(path.read_bytes(), prepared, samples)
     one_after_the_other = [evaluator.score(plan) for plan in plans]
     # the two plans score apart, so an order mixed up would show
     assert one_after_the_other[0].sqnr_db != one_after_the_other[1].sqnr_db
@@ -105,27 +112,8 @@ def test_plans_scored_side_by_side_score_as_one_after_the_other(
 def test_a_score_cut_short_bounds_the_full_score_from_above(tmp_path):
     """`score_unless_below` stops once the SQNR cannot reach the floor; its bound is
     never below the score all the samples give, and without a stop it is that score."""
-    from qconvert.calibration import RangeMethod, derive_ranges, read_calibration
-    from qconvert.config import QuantizeConfig
-    from qconvert.pipelines.mixed_precision import planner
-    from qconvert.pipelines.stages import prepare_for_scheme
-    from qconvert.schemes import SCHEMES
-    from qconvert.selection import NodeSelection
-    from qconvert.sensitivity import Evaluator
-
-    model = testing.conv_bn_relu(channels=16)
-    path = testing.save(model, tmp_path / "model.onnx")
-    samples = [testing.random_inputs(model, seed=i) for i in range(8)]
-    testing.write_samples(tmp_path / "calib", samples)
-    api.calibrate(path, tmp_path / "calib", output=tmp_path / "c.json")
-    ranges = derive_ranges(
-        read_calibration(tmp_path / "c.json").observers, RangeMethod(name="minmax")
-    )
-    prepared, _ = prepare_for_scheme(model_io.load_model(path), QuantizeConfig())
-    plan = planner(prepared, SCHEMES["int8"], QuantizeConfig(), NodeSelection(), ranges)(
-        frozenset()
-    )
-    evaluator = Evaluator(path.read_bytes(), prepared, samples)
+    plan_for, evaluator = _planner_and_evaluator(tmp_path)
+    plan = plan_for(frozenset())
     full = evaluator.score(plan).sqnr_db
     assert 10.0 < full < 80.0  # quantized, so noisy, and still close to the float model
 
