@@ -20,7 +20,13 @@ from test_recipe import conv_case
 
 import qconvert
 from qconvert import sensitivity, testing
-from qconvert.pipelines import calibration_stages, recipe, recipe_samples, weight_passes
+from qconvert.pipelines import (
+    calibration_stages,
+    candidate_scoring,
+    recipe,
+    recipe_samples,
+    weight_passes,
+)
 from qconvert.pipelines import quantize_stages as quantize_pipeline
 from qconvert.pipelines.stages import prepares_alike
 from qconvert.recipe_result import RecipeOptions
@@ -264,7 +270,7 @@ def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
         tmp_path / "calib", [testing.random_inputs(model, seed=i) for i in range(SAMPLES)]
     )
     scored = []
-    real = recipe.HeldOut.score
+    real = candidate_scoring.HeldOut.score
 
     def counted(self, model, weights=None, **options):
         # The model is its graph's bytes and the weights handed beside them.
@@ -275,7 +281,7 @@ def test_the_raise_phase_scores_no_model_twice(tmp_path, monkeypatch):
         scored.append(digest.digest())
         return real(self, model, weights, **options)
 
-    monkeypatch.setattr(recipe.HeldOut, "score", counted)
+    monkeypatch.setattr(candidate_scoring.HeldOut, "score", counted)
     options = RecipeOptions(floor_sqnr_db=80.0, budget=1.0)
     report = qconvert.quantize(
         path, tmp_path / "q.onnx", data=tmp_path / "calib", recipe=options
@@ -394,13 +400,13 @@ def _sensitive_mlp_with_samples(tmp_path):
 def _scoring_threads(monkeypatch) -> list[bool]:
     """Whether each held-out scoring ran on the main thread, in order, as it happens."""
     on_main = []
-    real = recipe.HeldOut.score
+    real = candidate_scoring.HeldOut.score
 
     def noted(self, model, weights=None, **options):
         on_main.append(threading.current_thread() is threading.main_thread())
         return real(self, model, weights, **options)
 
-    monkeypatch.setattr(recipe.HeldOut, "score", noted)
+    monkeypatch.setattr(candidate_scoring.HeldOut, "score", noted)
     return on_main
 
 
@@ -420,7 +426,7 @@ def test_raise_candidates_scored_beside_the_next_build_write_the_same_bytes(
         story = report.conversion.recipe
         trials = tuple(dataclasses.replace(trial, seconds=0.0) for trial in story.trials)
         stories.append(dataclasses.replace(story, trials=trials))  # all but the times
-        monkeypatch.setattr(recipe, "ThreadPoolExecutor", _InTurn)
+        monkeypatch.setattr(candidate_scoring, "ThreadPoolExecutor", _InTurn)
     assert stories[0].raised and stories[0] == stories[1]
     assert sha256(tmp_path / "beside.onnx") == sha256(tmp_path / "in_turn.onnx")
     beside = threads[: len(threads) // 2]

@@ -44,25 +44,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from qconvert.calibration import Calibration, derive_ranges
 from qconvert.calibration.file import merge_calibrations
-from qconvert.class_outputs import class_score_outputs
 from qconvert.config import Format
-from qconvert.handed_weights import serialized
 from qconvert.input_grid import first_readers, off_grid_inputs
 from qconvert.memory import release_dropped
-from qconvert.output_parts import concat_parts
 from qconvert.passes import prepare
 from qconvert.passes.adaround import adaround_nodes
 from qconvert.passes.bias_correct import correctable_nodes
 from qconvert.passes.equalize import EqualizePass
 from qconvert.passes.equalize_activations import activation_sites
-from qconvert.pipelines.held_out import HeldOut
+from qconvert.pipelines.candidate_scoring import CandidateScorer
 from qconvert.pipelines.raise_costs import RaiseCost, node_work, raise_cost
 from qconvert.pipelines.raise_phase import Raise, raise_nodes, with_raised_reasons
 from qconvert.pipelines.recipe_ranges import activation_clipping, other_ranges, ranges_refusal
@@ -72,10 +67,8 @@ from qconvert.pipelines.weight_passes import FloatInputs, rescaled_by_equalizati
 from qconvert.plan import QuantPlan
 from qconvert.recipe_fidelity import Fidelity, balance_detail, verdict_detail
 from qconvert.recipe_result import RaisedNode, RaiseSearch, RecipeResult, Trial
-from qconvert.sensitivity import fits_side_by_side
 
 StageFn = Callable[[QuantizeState], QuantizeState]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,55 +130,9 @@ def run_recipe(state: QuantizeState, stages: RecipeStages) -> QuantizeState:
     """The default recipe (see the module docstring) from the state after planning."""
     options = state.request.recipe
     progress = state.request.progress
-    graph, weights = serialized(state.prepared)
-    scorer = HeldOut(
-        graph,
-        [s.feeds for s in state.held_out],
-        concat_parts(state.prepared),
-        weights=weights,
-        classifiers=class_score_outputs(state.prepared),
-    )
-    del graph, weights
-    side_by_side = fits_side_by_side(state.prepared)
-
-    def score(candidate: QuantizeState, against: Fidelity | None = None) -> Fidelity | None:
-        """`candidate`'s fidelity; None once it cannot improve on `against` (if given)."""
-        graph, weights = serialized(stages.rewrite(candidate).converted)
-        release_dropped()  # the trial's clones: its session comes on top of what is alive
-        return scorer.score(graph, weights, against=against)
-
-    def score_each(
-        items: Iterable[tuple[T, QuantizeState]], against: Fidelity
-    ) -> Iterator[tuple[T, Fidelity | None]]:
-        """`score(candidate, against)` of each item's candidate, in order, with its key.
-
-        Each candidate is scored on a thread of its own while the next one is built
-        (planned, weighed, rewritten: Python, one core) in this one: onnxruntime lets go
-        of the GIL while it builds a session and runs it. The items are drawn one at a
-        time, so at most two converted candidates are alive. The session has the cores
-        `score`'s has (the same outputs); its idle threads do not spin, which would take
-        the core the next candidate is built on. Past `SIDE_BY_SIDE_BYTES` of weights
-        the candidates are scored one after the other, as `score` does: a second
-        candidate and its session alive took a 90 MB sentence encoder's run from 467 to
-        584 MB.
-        """
-        if not side_by_side:
-            for key, candidate in items:
-                yield key, score(candidate, against)
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = None
-            for key, candidate in items:
-                graph, weights = serialized(stages.rewrite(candidate).converted)
-                del candidate
-                release_dropped()
-                job = pool.submit(scorer.score, graph, weights, against=against, spin=False)
-                del graph, weights
-                if pending is not None:
-                    yield pending[0], pending[1].result()
-                pending = (key, job)
-            if pending is not None:
-                yield pending[0], pending[1].result()
+    candidates = CandidateScorer(state, stages.rewrite)
+    scorer = candidates.held_out
+    score, score_each = candidates.score, candidates.score_each
 
     # The trials' stages time into a scratch dict, and share the float measurements.
     base = state.replace(timings={}, float_inputs=FloatInputs())
